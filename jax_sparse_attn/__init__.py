@@ -1,0 +1,13 @@
+"""jax-sparse-attn: block-sparse and neighborhood flash attention for JAX.
+
+Pipeline: mask spec (`masks`) -> block map (`block_map`) -> backend kernel (`xla_backend`,
+`pallas_kernels.gpu`, `pallas_kernels.tpu`) -> custom_vjp op (`ops`).
+"""
+from . import block_map, masks
+from .block_map import BlockMap
+from .ops import attention, na, na1d, na2d, na3d, register_backend, resolve_backend
+from .simulate import simulate
+
+__all__ = ["attention", "na", "na1d", "na2d", "na3d", "masks", "block_map", "BlockMap",
+           "simulate", "register_backend", "resolve_backend"]
+__version__ = "0.1.0"

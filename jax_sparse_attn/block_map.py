@@ -1,0 +1,323 @@
+"""Block maps: for each Q block, the KV blocks it visits (full or partial), and the transpose.
+
+This is the contract every backend consumes. Built once per (mask, layouts, block sizes) at
+trace time with numpy, cached, and handed to kernels as small int32 arrays:
+
+* ``kv_ids   [num_q_blocks, max_kv]``: visited KV block ids, **full blocks first**, then
+  partial ones, each group ascending; the tail repeats the last valid id (a TPU grid step on a
+  padding entry re-uses the block already in VMEM: no DMA).
+* ``kv_counts [num_q_blocks]`` and ``kv_full_counts [num_q_blocks]``.
+* ``q_ids / q_counts / q_full_counts``: the same for each KV block (the Q blocks that visit
+  it), used by the dK/dV kernels.
+
+A *full* block needs no per-element mask (every pair attends, no padded key); a *partial*
+block gets the exact element mask in-kernel. Visited blocks are never empty.
+
+The fields are arrays (numpy here; jax arrays for content-routed maps built at run time), so
+a `BlockMap` is a pytree with static block sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import masks as masks_lib
+from .layout import SequenceLayout, TiledLayout
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# Dense element evaluation budget (pairs) for exact refinement / generic masks.
+_REFINE_BUDGET = 1 << 28
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["kv_ids", "kv_counts", "kv_full_counts", "q_ids", "q_counts",
+                                "q_full_counts"],
+                   meta_fields=["block_q", "block_kv", "num_q_blocks", "num_kv_blocks"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockMap:
+  kv_ids: Any
+  kv_counts: Any
+  kv_full_counts: Any
+  q_ids: Any
+  q_counts: Any
+  q_full_counts: Any
+  block_q: int
+  block_kv: int
+  num_q_blocks: int
+  num_kv_blocks: int
+
+  @property
+  def max_kv(self) -> int:
+    return self.kv_ids.shape[1]
+
+  @property
+  def max_q(self) -> int:
+    return self.q_ids.shape[1]
+
+  @property
+  def num_visited(self) -> int:
+    return int(np.sum(self.kv_counts))
+
+  @property
+  def num_full(self) -> int:
+    return int(np.sum(self.kv_full_counts))
+
+  def dense_classes(self) -> np.ndarray:
+    """[num_q_blocks, num_kv_blocks] of EMPTY/PARTIAL/FULL (for tests and plots; small maps)."""
+    out = np.zeros((self.num_q_blocks, self.num_kv_blocks), np.int8)
+    ids, counts, full = map(np.asarray, (self.kv_ids, self.kv_counts, self.kv_full_counts))
+    for i in range(self.num_q_blocks):
+      for j in range(counts[i]):
+        out[i, ids[i, j]] = FULL if j < full[i] else PARTIAL
+    return out
+
+  def stats(self) -> dict:
+    dense = self.num_q_blocks * self.num_kv_blocks
+    return dict(num_q_blocks=self.num_q_blocks, num_kv_blocks=self.num_kv_blocks,
+                visited=self.num_visited, full=self.num_full,
+                partial=self.num_visited - self.num_full,
+                density=self.num_visited / max(dense, 1),
+                bound=dense / max(self.num_visited, 1))
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def _pack_rows(rows_ids: list[np.ndarray], rows_cls: list[np.ndarray], pad_pow2: bool):
+  """Per-row (ids, classes) -> padded id matrix with full blocks first, counts."""
+  n = len(rows_ids)
+  counts = np.array([len(r) for r in rows_ids], np.int32)
+  width = max(int(counts.max()) if n else 0, 1)
+  if pad_pow2:
+    width = _pow2_at_least(width)
+  ids = np.zeros((n, width), np.int32)
+  full_counts = np.zeros(n, np.int32)
+  for i, (r, c) in enumerate(zip(rows_ids, rows_cls)):
+    order = np.lexsort((r, c != FULL))  # full first, then ascending id
+    r = r[order]
+    full_counts[i] = int(np.sum(c == FULL))
+    ids[i, : len(r)] = r
+    if len(r):
+      ids[i, len(r):] = r[-1]
+  return ids, counts, full_counts
+
+
+def from_classes_rows(q_rows: list[tuple[np.ndarray, np.ndarray]], num_kv_blocks: int,
+                      block_q: int, block_kv: int, pad_pow2: bool = True) -> BlockMap:
+  """Build a BlockMap from, per Q block, (visited kv ids, their classes)."""
+  kv_ids, kv_counts, kv_full = _pack_rows([r[0] for r in q_rows], [r[1] for r in q_rows], pad_pow2)
+  # Transpose.
+  t_ids: list[list[int]] = [[] for _ in range(num_kv_blocks)]
+  t_cls: list[list[int]] = [[] for _ in range(num_kv_blocks)]
+  all_q = np.concatenate([np.full(len(r[0]), i, np.int32) for i, r in enumerate(q_rows)] or [np.zeros(0, np.int32)])
+  all_kv = np.concatenate([r[0] for r in q_rows] or [np.zeros(0, np.int32)]).astype(np.int64)
+  all_c = np.concatenate([r[1] for r in q_rows] or [np.zeros(0, np.int8)])
+  order = np.argsort(all_kv, kind="stable")
+  splits = np.searchsorted(all_kv[order], np.arange(num_kv_blocks + 1))
+  t_ids = [all_q[order[splits[j]:splits[j + 1]]] for j in range(num_kv_blocks)]
+  t_cls = [all_c[order[splits[j]:splits[j + 1]]] for j in range(num_kv_blocks)]
+  q_ids, q_counts, q_full = _pack_rows(t_ids, t_cls, pad_pow2)
+  return BlockMap(kv_ids, kv_counts, kv_full, q_ids, q_counts, q_full,
+                  block_q, block_kv, len(q_rows), num_kv_blocks)
+
+
+def from_dense_classes(classes: np.ndarray, block_q: int, block_kv: int,
+                       pad_pow2: bool = True) -> BlockMap:
+  rows = []
+  for i in range(classes.shape[0]):
+    (ids,) = np.nonzero(classes[i])
+    rows.append((ids.astype(np.int32), classes[i, ids].astype(np.int8)))
+  return from_classes_rows(rows, classes.shape[1], block_q, block_kv, pad_pow2)
+
+
+# --------------------------------------------------------------------------------------------
+# Classification.
+
+
+def _classify_dense(mask_fn, q_idx, q_valid, kv_idx, kv_valid, bq, bk, q_blocks=None):
+  """Exact classes by element evaluation, chunked by Q block rows. Returns [nq, nk] int8."""
+  nq, nk = len(q_idx) // bq, len(kv_idx) // bk
+  out = np.zeros((nq, nk), np.int8)
+  rows_per_chunk = max(1, (1 << 22) // max(bq * len(kv_idx), 1))
+  for start in range(0, nq, rows_per_chunk):
+    stop = min(nq, start + rows_per_chunk)
+    qi = q_idx[start * bq: stop * bq]
+    qv = q_valid[start * bq: stop * bq]
+    m = np.asarray(mask_fn(qi[:, None], kv_idx[None, :])).astype(bool)
+    m &= qv[:, None] & kv_valid[None, :]
+    m = m.reshape(stop - start, bq, nk, bk)
+    anyv = m.any(axis=(1, 3))
+    # Full: every valid query row sees every key (all keys must be real).
+    qv_b = qv.reshape(stop - start, bq)
+    rows_ok = (m | ~qv_b[:, :, None, None]).all(axis=(1, 3))
+    kv_all_valid = kv_valid.reshape(nk, bk).all(axis=1)
+    full = rows_ok & kv_all_valid[None, :] & qv_b.any(axis=1)[:, None]
+    out[start:stop] = np.where(full, FULL, np.where(anyv, PARTIAL, EMPTY))
+  return out
+
+
+def _block_stats(x: np.ndarray, valid: np.ndarray, block: int, fill_min, fill_max):
+  xv_min = np.where(valid[None], x, fill_min).reshape(x.shape[0], -1, block)
+  xv_max = np.where(valid[None], x, fill_max).reshape(x.shape[0], -1, block)
+  return xv_min.min(-1), xv_max.max(-1)
+
+
+def _classify_interval_1d(lo, hi, c, q_valid, kv_valid, bq, bk):
+  """Interval mask on sequence layouts: per-row candidate band + exact refinement.
+
+  Returns a list of (kv ids, classes) per Q block. Work and memory are O(visited blocks)
+  when the key coordinates are monotone (every 1-D mask here), else O(nq * nk) booleans.
+  """
+  nd = lo.shape[0]
+  nq, nk = lo.shape[1] // bq, c.shape[1] // bk
+  big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+  lo64, hi64, c64 = lo.astype(np.int64), hi.astype(np.int64), c.astype(np.int64)
+  lo_min, lo_max = _block_stats(lo64, q_valid, bq, big, small)
+  hi_min, hi_max = _block_stats(hi64, q_valid, bq, big, small)
+  c_min, c_max = _block_stats(c64, kv_valid, bk, big, small)
+  kv_all_valid = kv_valid.reshape(nk, bk).all(axis=1)
+  q_any = q_valid.reshape(nq, bq).any(axis=1)
+
+  monotone = all(np.all(np.diff(c64[d][kv_valid]) >= 0) for d in range(nd))
+  if monotone:
+    # Candidate KV block range per Q block, intersected over mask dims.
+    lo_blk = np.zeros(nq, np.int64)
+    hi_blk = np.full(nq, nk - 1, np.int64)
+    valid_c = [c64[d][kv_valid] for d in range(nd)]
+    valid_pos = np.nonzero(kv_valid)[0]
+    for d in range(nd):
+      first = np.searchsorted(valid_c[d], lo_min[d], side="left")
+      last = np.searchsorted(valid_c[d], hi_max[d], side="right") - 1
+      ok = (first <= last) & (first < len(valid_pos))
+      first_tok = valid_pos[np.minimum(first, len(valid_pos) - 1)]
+      last_tok = valid_pos[np.clip(last, 0, len(valid_pos) - 1)]
+      lo_blk = np.where(ok, np.maximum(lo_blk, first_tok // bk), nk)
+      hi_blk = np.where(ok, np.minimum(hi_blk, last_tok // bk), -1)
+    width = int(max(np.max(hi_blk - lo_blk + 1), 0)) if nq else 0
+    cand = lo_blk[:, None] + np.arange(width)[None, :]
+    in_band = cand <= hi_blk[:, None]
+    cand = np.where(in_band, cand, 0)
+  else:
+    cand = np.broadcast_to(np.arange(nk)[None, :], (nq, nk))
+    in_band = np.ones((nq, nk), bool)
+  in_band &= q_any[:, None]
+
+  nonempty = in_band.copy()
+  full = in_band & kv_all_valid[cand]
+  for d in range(nd):
+    cmin, cmax = c_min[d][cand], c_max[d][cand]
+    nonempty &= (lo_min[d][:, None] <= cmax) & (cmin <= hi_max[d][:, None])
+    full &= (lo_max[d][:, None] <= cmin) & (cmax <= hi_min[d][:, None])
+  partial = nonempty & ~full
+
+  # Exact refinement of partial candidates (bounds over-approximate with several dims).
+  qi_list, kj_list = np.nonzero(partial)
+  if len(qi_list) * bq * bk <= _REFINE_BUDGET and len(qi_list):
+    chunk = max(1, (1 << 24) // (bq * bk))
+    for s in range(0, len(qi_list), chunk):
+      qi, kj = qi_list[s:s + chunk], kj_list[s:s + chunk]
+      kb = cand[qi, kj]
+      q_tok = qi[:, None] * bq + np.arange(bq)[None, :]
+      k_tok = kb[:, None] * bk + np.arange(bk)[None, :]
+      m = np.ones((len(qi), bq, bk), bool)
+      for d in range(nd):
+        cc = c64[d][k_tok][:, None, :]
+        m &= (lo64[d][q_tok][:, :, None] <= cc) & (cc <= hi64[d][q_tok][:, :, None])
+      m &= q_valid[q_tok][:, :, None] & kv_valid[k_tok][:, None, :]
+      partial[qi, kj] = m.any(axis=(1, 2))
+  rows = []
+  for i in range(nq):
+    sel = partial[i] | full[i]
+    ids = cand[i][sel].astype(np.int32)
+    cls = np.where(full[i][sel], FULL, PARTIAL).astype(np.int8)
+    rows.append((ids, cls))
+  return rows
+
+
+def per_dim_classes(mask: masks_lib.Neighborhood, q_layout: TiledLayout,
+                    kv_layout: TiledLayout) -> list[np.ndarray]:
+  """Exact [q_tiles_d, kv_tiles_d] classes per spatial dimension (blocks are products)."""
+  return [_dim_classes(mask, dim, q_layout.spatial_shape, q_layout.dilation,
+                       q_layout.tile_shape[dim], kv_layout.tile_shape[dim])
+          for dim in range(q_layout.ndim)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _dim_classes(mask, dim, spatial_shape, dilation, tile_q, tile_kv):
+  def one_dim_layout(tile):
+    shape = [1] * len(spatial_shape)
+    shape[dim] = tile
+    return TiledLayout(spatial_shape, dilation, tuple(shape))
+  xq, vq = one_dim_layout(tile_q).dim_coords(dim)
+  xk, vk = one_dim_layout(tile_kv).dim_coords(dim)
+  args = (mask.spatial_shape[dim], mask.kernel_size[dim], mask.stride[dim],
+          mask.dilation[dim], mask.is_causal[dim])
+  lo, hi = masks_lib.gna_bounds_1d(xq, *args)
+  ck = masks_lib.gna_coord_1d(xk, mask.spatial_shape[dim], mask.dilation[dim])
+  return _classify_dense(lambda a, b: (lo[a] <= ck[b]) & (ck[b] <= hi[a]),
+                         np.arange(len(xq)), vq, np.arange(len(xk)), vk, tile_q, tile_kv)
+
+
+def _classify_tiled(mask: masks_lib.Neighborhood, q_layout: TiledLayout, kv_layout: TiledLayout):
+  """Neighborhood masks on tiled layouts: exact per-dimension classes, combined by product."""
+  n = q_layout.ndim
+  per_dim = []  # (ids [q_tiles, m], classes [q_tiles, m]) with -1 padding
+  for cls in per_dim_classes(mask, q_layout, kv_layout):
+    m = max(int((cls > 0).sum(axis=1).max()), 1)
+    ids = np.full((cls.shape[0], m), -1, np.int64)
+    cl = np.zeros((cls.shape[0], m), np.int8)
+    for a in range(cls.shape[0]):
+      (nz,) = np.nonzero(cls[a])
+      ids[a, : len(nz)] = nz
+      cl[a, : len(nz)] = cls[a, nz]
+    per_dim.append((ids, cl))
+  # Every Q block = a tuple of per-dim tile coordinates (row-major over the tile grid).
+  kv_grid = kv_layout.tile_grid
+  q_coords = np.stack(np.unravel_index(np.arange(q_layout.num_blocks), q_layout.tile_grid), axis=1)
+  ids = np.zeros((q_layout.num_blocks, 1), np.int64)
+  cls = np.full((q_layout.num_blocks, 1), FULL, np.int8)
+  valid = np.ones((q_layout.num_blocks, 1), bool)
+  for dim in range(n):
+    d_ids, d_cls = per_dim[dim]
+    row_ids, row_cls = d_ids[q_coords[:, dim]], d_cls[q_coords[:, dim]]
+    ids = (ids[:, :, None] * kv_grid[dim] + np.maximum(row_ids, 0)[:, None, :]).reshape(len(ids), -1)
+    cls = np.minimum(cls[:, :, None], row_cls[:, None, :]).reshape(len(ids), -1)
+    valid = (valid[:, :, None] & (row_ids >= 0)[:, None, :]).reshape(len(ids), -1)
+  valid &= cls > EMPTY
+  return [(ids[i][valid[i]].astype(np.int32), cls[i][valid[i]]) for i in range(len(ids))]
+
+
+@functools.lru_cache(maxsize=256)
+def build(mask: masks_lib.Mask, q_layout, kv_layout, pad_pow2: bool = True) -> BlockMap:
+  """The block map of `mask` for the given Q and KV layouts (block sizes come from them)."""
+  bq, bk = q_layout.block, kv_layout.block
+  if (isinstance(mask, masks_lib.Neighborhood) and isinstance(q_layout, TiledLayout)
+      and isinstance(kv_layout, TiledLayout)):
+    rows = _classify_tiled(mask, q_layout, kv_layout)
+    return from_classes_rows(rows, kv_layout.num_blocks, bq, bk, pad_pow2)
+  q_idx, q_valid = q_layout.token_index()
+  kv_idx, kv_valid = kv_layout.token_index()
+  if mask.is_interval:
+    lo, hi, c = masks_lib.per_token_intervals(mask, q_idx, kv_idx, q_valid, kv_valid)
+    rows = _classify_interval_1d(lo, hi, c, q_valid, kv_valid, bq, bk)
+    return from_classes_rows(rows, kv_layout.num_blocks, bq, bk, pad_pow2)
+  pairs = len(q_idx) * len(kv_idx)
+  if pairs > (1 << 34):
+    raise ValueError(
+        f"mask {type(mask).__name__} has no analytic block map and {pairs} token pairs are too "
+        "many to evaluate; express it with interval masks (causal, sliding_window, "
+        "block_local, neighborhood and their '&')")
+  classes = _classify_dense(mask, q_idx, q_valid, kv_idx, kv_valid, bq, bk)
+  return from_dense_classes(classes, bq, bk, pad_pow2)
+
+
+def for_sequences(mask: masks_lib.Mask, seq_q: int, seq_kv: int, block_q: int,
+                  block_kv: int) -> BlockMap:
+  return build(mask, SequenceLayout(seq_q, block_q), SequenceLayout(seq_kv, block_kv))

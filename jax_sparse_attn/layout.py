@@ -1,0 +1,175 @@
+"""Token layouts: how the caller's tokens are ordered and padded for the kernels.
+
+* `SequenceLayout`: 1-D sequences, identity order, padded at the end to a block multiple.
+* `TiledLayout`: N-D token grids (neighborhood attention). Per dimension, tokens are first
+  split into dilation groups (``x -> (x % d, x // d)``, each group padded to a multiple of the
+  tile), then the padded grid is cut into tiles of ``tile_shape`` and ordered tile-major, so
+  every kernel block is one spatial tile. A 2-D window then touches few KV blocks, and a
+  block is the product of per-dimension ranges (block maps factorize per dimension).
+
+Both expose per-dimension original coordinates of every kernel position (``-1`` for padding)
+and jnp functions that move tensors in and out of kernel order (one reshape/transpose copy).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+def cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+  seq_len: int
+  block: int
+
+  @property
+  def padded_len(self) -> int:
+    return cdiv(self.seq_len, self.block) * self.block
+
+  @property
+  def num_blocks(self) -> int:
+    return self.padded_len // self.block
+
+  def token_index(self) -> tuple[np.ndarray, np.ndarray]:
+    """(original flat index, valid) for every kernel position."""
+    idx = np.arange(self.padded_len, dtype=np.int64)
+    return np.minimum(idx, self.seq_len - 1), idx < self.seq_len
+
+  def to_kernel(self, x):
+    """[batch, seq, ...] -> [batch, padded_len, ...] (zero padding)."""
+    import jax.numpy as jnp
+    pad = self.padded_len - self.seq_len
+    if pad == 0:
+      return x
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+  def from_kernel(self, x):
+    return x[:, : self.seq_len]
+
+
+@dataclasses.dataclass(frozen=True)
+class TiledLayout:
+  spatial_shape: tuple[int, ...]
+  dilation: tuple[int, ...]
+  tile_shape: tuple[int, ...]
+
+  def __post_init__(self):
+    if len(self.tile_shape) != len(self.spatial_shape):
+      raise ValueError(f"tile shape {self.tile_shape} must have one entry per spatial dimension "
+                       f"of {self.spatial_shape}")
+    if any(t <= 0 for t in self.tile_shape):
+      raise ValueError(f"tile shape entries must be positive, got {self.tile_shape}")
+
+  @property
+  def ndim(self) -> int:
+    return len(self.spatial_shape)
+
+  @property
+  def block(self) -> int:
+    return math.prod(self.tile_shape)
+
+  def group_padded(self, dim: int) -> int:
+    """Padded length P of each dilation group along `dim` (a multiple of the tile)."""
+    length, d, t = self.spatial_shape[dim], self.dilation[dim], self.tile_shape[dim]
+    return cdiv(cdiv(length, d), t) * t
+
+  def dim_padded(self, dim: int) -> int:
+    return self.dilation[dim] * self.group_padded(dim)
+
+  @property
+  def tile_grid(self) -> tuple[int, ...]:
+    return tuple(self.dim_padded(i) // self.tile_shape[i] for i in range(self.ndim))
+
+  @property
+  def num_blocks(self) -> int:
+    return math.prod(self.tile_grid)
+
+  @property
+  def padded_len(self) -> int:
+    return self.num_blocks * self.block
+
+  @property
+  def seq_len(self) -> int:
+    return math.prod(self.spatial_shape)
+
+  def dim_coords(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Original coordinate along `dim` of each padded position, and whether it is real."""
+    p = np.arange(self.dim_padded(dim), dtype=np.int64)
+    big = self.group_padded(dim)
+    d = self.dilation[dim]
+    x = (p % big) * d + p // big
+    valid = x < self.spatial_shape[dim]
+    return np.where(valid, x, 0), valid
+
+  def token_index(self) -> tuple[np.ndarray, np.ndarray]:
+    """(original row-major flat index, valid) for every kernel position."""
+    per_dim = [self.per_token(self.dim_coords(i)[0], i) for i in range(self.ndim)]
+    valid_dim = [self.per_token(self.dim_coords(i)[1], i) for i in range(self.ndim)]
+    flat = np.zeros(self.padded_len, np.int64)
+    for i, coord in enumerate(per_dim):
+      flat = flat * self.spatial_shape[i] + coord
+    return flat, np.logical_and.reduce(valid_dim)
+
+  def per_token(self, dim_values: np.ndarray, dim: int) -> np.ndarray:
+    """Broadcast a per-padded-position vector along `dim` to every kernel position."""
+    t = self.tile_shape[dim]
+    grid = self.tile_grid
+    vals = dim_values.reshape(grid[dim], t)
+    # Kernel order is [tile_0 .. tile_{n-1}, within_0 .. within_{n-1}], row-major.
+    shape = [1] * (2 * self.ndim)
+    shape[dim], shape[self.ndim + dim] = grid[dim], t
+    out = np.broadcast_to(vals.reshape(shape), grid + self.tile_shape)
+    return out.reshape(-1)
+
+  def to_kernel(self, x):
+    """[batch, *spatial, *rest] -> [batch, padded_len, *rest] in tiled order."""
+    import jax.numpy as jnp
+    n = self.ndim
+    rest = x.shape[1 + n:]
+    pads = [(0, 0)] + [(0, self.dim_padded(i) - s) for i, s in enumerate(self.spatial_shape)]
+    x = jnp.pad(x, pads + [(0, 0)] * len(rest))
+    # Split each padded dim into (group position, dilation group), then into tiles.
+    shape = [x.shape[0]]
+    for i in range(n):
+      shape += [self.group_padded(i), self.dilation[i]]
+    x = x.reshape(shape + list(rest))
+    # -> (dilation group, group position) per dim.
+    perm = [0]
+    for i in range(n):
+      perm += [2 + 2 * i, 1 + 2 * i]
+    perm += list(range(1 + 2 * n, x.ndim))
+    x = x.transpose(perm)
+    shape = [x.shape[0]]
+    for i in range(n):
+      shape += [self.tile_grid[i], self.tile_shape[i]]
+    x = x.reshape(shape + list(rest))
+    perm = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)]
+    perm += list(range(1 + 2 * n, x.ndim))
+    return x.transpose(perm).reshape((x.shape[0], self.padded_len) + tuple(rest))
+
+  def from_kernel(self, y):
+    """Inverse of `to_kernel`: [batch, padded_len, *rest] -> [batch, *spatial, *rest]."""
+    n = self.ndim
+    rest = y.shape[2:]
+    y = y.reshape((y.shape[0],) + self.tile_grid + self.tile_shape + tuple(rest))
+    perm = [0]
+    for i in range(n):
+      perm += [1 + i, 1 + n + i]
+    perm += list(range(1 + 2 * n, y.ndim))
+    y = y.transpose(perm)
+    shape = [y.shape[0]]
+    for i in range(n):
+      shape += [self.dilation[i], self.group_padded(i)]
+    y = y.reshape(shape + list(rest))
+    perm = [0]
+    for i in range(n):
+      perm += [2 + 2 * i, 1 + 2 * i]
+    perm += list(range(1 + 2 * n, y.ndim))
+    y = y.transpose(perm)
+    y = y.reshape((y.shape[0],) + tuple(self.dim_padded(i) for i in range(n)) + tuple(rest))
+    return y[(slice(None),) + tuple(slice(0, s) for s in self.spatial_shape)]

@@ -1,0 +1,425 @@
+"""Mask specifications: lazy, hashable descriptions of which (query, key) pairs attend.
+
+A mask is evaluated on *flat token indices in the caller's order* (`q_idx`, `kv_idx`,
+broadcastable int arrays) and returns a boolean array: ``mask(q_idx, kv_idx)``.
+
+Most masks in this field are *interval masks*: for every query there is, per "mask
+dimension", an interval ``[lo, hi]`` and every key has a coordinate ``c``; the pair attends
+when ``lo <= c <= hi`` in every dimension. Causal, sliding-window, block-local and every
+generalized-neighborhood (GNA) mask have this form, and so does their intersection. Kernels
+evaluate interval masks from three small per-token int32 vectors (no integer division in
+the kernel, no N x N tensor anywhere), and block maps are derived from per-block minima and
+maxima of those vectors. Masks that are not interval masks (``from_function``,
+``from_array``, ``|``) are evaluated elementwise.
+
+Nothing in this file knows about Pallas; kernels consume the arrays these objects produce.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+Array = Any
+
+# Query rows that must see nothing (padding) get the empty interval [1, 0]; padded keys get
+# coordinate -1. Every real lower bound is clamped to >= 0, so -1 never attends.
+EMPTY_LO, EMPTY_HI, PAD_COORD = 1, 0, -1
+
+
+def _xp(*arrays):
+  """numpy for numpy inputs (trace-time block maps), jax.numpy otherwise (kernels)."""
+  if all(isinstance(a, (np.ndarray, np.generic, int)) for a in arrays):
+    return np
+  import jax.numpy as jnp
+  return jnp
+
+
+class Mask:
+  """Base class. Subclasses are frozen dataclasses (hashable: block maps are cached by them)."""
+
+  def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+    raise NotImplementedError
+
+  # Interval-mask protocol. `num_dims` is None for masks that are not interval masks.
+  num_dims: int | None = None
+
+  def q_bounds(self, q_idx: Array) -> tuple[list[Array], list[Array]]:
+    raise NotImplementedError(f"{type(self).__name__} is not an interval mask")
+
+  def kv_coords(self, kv_idx: Array) -> list[Array]:
+    raise NotImplementedError(f"{type(self).__name__} is not an interval mask")
+
+  @property
+  def is_interval(self) -> bool:
+    return self.num_dims is not None
+
+  def __and__(self, other: "Mask") -> "Mask":
+    _check_mask(other, "other")
+    if self.is_interval and other.is_interval:
+      return IntervalAnd(_interval_parts(self) + _interval_parts(other))
+    return And(self, other)
+
+  def __or__(self, other: "Mask") -> "Mask":
+    _check_mask(other, "other")
+    return Or(self, other)
+
+
+def _check_mask(mask, name):
+  if not isinstance(mask, Mask):
+    raise ValueError(f"{name} must be a jax_sparse_attn.masks.Mask, got {type(mask).__name__}")
+
+
+class IntervalMask(Mask):
+  """A mask of the form AND_d lo_d(q) <= c_d(kv) <= hi_d(q)."""
+
+  def __call__(self, q_idx, kv_idx):
+    xp = _xp(q_idx, kv_idx)
+    los, his = self.q_bounds(q_idx)
+    cs = self.kv_coords(kv_idx)
+    out = None
+    for lo, hi, c in zip(los, his, cs):
+      term = (lo <= c) & (c <= hi)
+      out = term if out is None else out & term
+    return xp.asarray(out)
+
+
+def _interval_parts(mask: Mask) -> tuple[Mask, ...]:
+  return mask.parts if isinstance(mask, IntervalAnd) else (mask,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(IntervalMask):
+  """Every pair attends (dense attention)."""
+  num_dims = 1
+
+  def q_bounds(self, q_idx):
+    xp = _xp(q_idx)
+    return [xp.zeros_like(q_idx)], [xp.full_like(q_idx, np.iinfo(np.int32).max)]
+
+  def kv_coords(self, kv_idx):
+    return [kv_idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class Causal(IntervalMask):
+  """Key ``kv`` is visible to query ``q`` when ``kv <= q + offset``.
+
+  ``offset=0`` aligns the first query with the first key (top-left); use
+  ``offset=seq_kv - seq_q`` for the bottom-right alignment of decoding with a KV cache.
+  """
+  offset: int = 0
+  num_dims = 1
+
+  def q_bounds(self, q_idx):
+    xp = _xp(q_idx)
+    return [xp.zeros_like(q_idx)], [q_idx + self.offset]
+
+  def kv_coords(self, kv_idx):
+    return [kv_idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow(IntervalMask):
+  """Query ``q`` sees keys ``q - left .. q + right`` (inclusive).
+
+  ``sliding_window(2047)`` is a causal window of 2048 keys (the query itself and 2047 before
+  it), the same as ``jax.nn.dot_product_attention(local_window_size=(2047, 0))``.
+  """
+  left: int
+  right: int = 0
+  num_dims = 1
+
+  def q_bounds(self, q_idx):
+    xp = _xp(q_idx)
+    return [xp.maximum(q_idx - self.left, 0)], [q_idx + self.right]
+
+  def kv_coords(self, kv_idx):
+    return [kv_idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLocal(IntervalMask):
+  """HaloNet-style local blocks: a query in block ``b = q // block_size`` sees keys of block
+  ``b`` plus ``halo`` keys on each side."""
+  block_size: int
+  halo: int = 0
+  num_dims = 1
+
+  def q_bounds(self, q_idx):
+    xp = _xp(q_idx)
+    start = (q_idx // self.block_size) * self.block_size
+    return [xp.maximum(start - self.halo, 0)], [start + self.block_size - 1 + self.halo]
+
+  def kv_coords(self, kv_idx):
+    return [kv_idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalAnd(IntervalMask):
+  """Intersection of interval masks: the concatenation of their mask dimensions."""
+  parts: tuple[Mask, ...]
+
+  @property
+  def num_dims(self):  # type: ignore[override]
+    return sum(p.num_dims for p in self.parts)
+
+  def q_bounds(self, q_idx):
+    los, his = [], []
+    for p in self.parts:
+      lo, hi = p.q_bounds(q_idx)
+      los += lo
+      his += hi
+    return los, his
+
+  def kv_coords(self, kv_idx):
+    return [c for p in self.parts for c in p.kv_coords(kv_idx)]
+
+
+# --------------------------------------------------------------------------------------------
+# Generalized neighborhood attention (NATTEN semantics), one spatial dimension at a time.
+
+
+def gna_bounds_1d(x, length: int, kernel: int, stride: int, dilation: int, causal: bool):
+  """Interval of visible keys, for queries at coordinates ``x`` along one dimension.
+
+  Returns ``(lo, hi)`` in *encoded* coordinates ``group * length + position_in_group`` (see
+  `gna_coord_1d`), so "same dilation group" and "inside the window" are one interval test.
+  """
+  xp = _xp(x)
+  group, pos = x % dilation, x // dilation
+  group_len = length // dilation + (group < length % dilation).astype(x.dtype)
+  start = (pos // stride) * stride
+  if causal:
+    leader = xp.minimum(start + stride - 1, group_len - 1)
+    lo = xp.maximum(leader - kernel + 1, 0)
+    hi = pos
+  else:
+    leader = xp.minimum(start + stride // 2, group_len - 1)
+    lo = xp.clip(leader - kernel // 2, 0, group_len - kernel)
+    hi = lo + kernel - 1
+  base = group * length
+  return base + lo, base + hi
+
+
+def gna_coord_1d(x, length: int, dilation: int):
+  return (x % dilation) * length + x // dilation
+
+
+def _as_tuple(value, ndim: int, name: str, kind=int) -> tuple:
+  if isinstance(value, (list, tuple)):
+    if len(value) != ndim:
+      raise ValueError(f"{name} must have {ndim} entries (one per spatial dimension), got {value!r}")
+    out = tuple(value)
+  else:
+    out = (value,) * ndim
+  for v in out:
+    if kind is bool:
+      if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool or a tuple of bools, got {value!r}")
+    elif isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+      raise ValueError(f"{name} must be an int or a tuple of ints, got {value!r}")
+  return tuple(kind(v) for v in out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighborhood(IntervalMask):
+  """Generalized neighborhood attention over a row-major flattened N-D token grid.
+
+  Per dimension of length L with kernel k, stride s, dilation d: a query attends only within
+  its dilation group (``q % d == kv % d``), in group coordinates (``x // d``). Non-causal:
+  the leader of the query's stride group is its centre (right of centre for even s), clamped
+  to the group; the k-wide window is centred on the leader and shifted inside the group, so
+  every query sees exactly k keys per dimension. Causal: the leader is the last query of the
+  stride group and keys satisfy ``kv <= q`` and ``kv > leader - k``. N-D is the product.
+  """
+  spatial_shape: tuple[int, ...]
+  kernel_size: tuple[int, ...]
+  stride: tuple[int, ...]
+  dilation: tuple[int, ...]
+  is_causal: tuple[bool, ...]
+
+  @property
+  def num_dims(self):  # type: ignore[override]
+    return len(self.spatial_shape)
+
+  def _coords(self, flat):
+    xp = _xp(flat)
+    coords = []
+    rest = flat
+    for size in reversed(self.spatial_shape):
+      coords.append(rest % size)
+      rest = rest // size
+    return coords[::-1], xp
+
+  def q_bounds(self, q_idx):
+    coords, _ = self._coords(q_idx)
+    los, his = [], []
+    for x, length, k, s, d, c in zip(coords, self.spatial_shape, self.kernel_size, self.stride,
+                                     self.dilation, self.is_causal):
+      lo, hi = gna_bounds_1d(x, length, k, s, d, c)
+      los.append(lo)
+      his.append(hi)
+    return los, his
+
+  def kv_coords(self, kv_idx):
+    coords, _ = self._coords(kv_idx)
+    return [gna_coord_1d(x, length, d)
+            for x, length, d in zip(coords, self.spatial_shape, self.dilation)]
+
+  @property
+  def num_tokens(self) -> int:
+    return math.prod(self.spatial_shape)
+
+  @property
+  def visible_per_query(self) -> int:
+    """Keys per (non-causal) query: prod(kernel_size)."""
+    return math.prod(self.kernel_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic (elementwise) masks.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FromFunction(Mask):
+  """A jnp-traceable ``fn(q_idx, kv_idx) -> bool`` (FlexAttention's ``mask_mod``).
+
+  Hashed by identity of ``fn``: reuse one function object so block maps are cached.
+  """
+  fn: Callable[[Array, Array], Array]
+
+  def __call__(self, q_idx, kv_idx):
+    import jax.numpy as jnp
+    out = self.fn(q_idx, kv_idx)
+    return np.asarray(out) if _xp(q_idx, kv_idx) is np else jnp.asarray(out)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FromArray(Mask):
+  """An explicit boolean ``[seq_q, seq_kv]`` mask (small problems, tests, odd patterns)."""
+  array: Any
+
+  def __post_init__(self):
+    arr = np.asarray(self.array)
+    if arr.ndim != 2 or arr.dtype != np.bool_:
+      raise ValueError(f"from_array expects a 2-D boolean array, got shape {arr.shape} dtype {arr.dtype}")
+    object.__setattr__(self, "array", arr)
+
+  def __call__(self, q_idx, kv_idx):
+    xp = _xp(q_idx, kv_idx)
+    sq, skv = self.array.shape
+    inside = (q_idx < sq) & (kv_idx < skv)
+    arr = xp.asarray(self.array)
+    return inside & arr[xp.minimum(q_idx, sq - 1), xp.minimum(kv_idx, skv - 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class And(Mask):
+  a: Mask
+  b: Mask
+
+  def __call__(self, q_idx, kv_idx):
+    return self.a(q_idx, kv_idx) & self.b(q_idx, kv_idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class Or(Mask):
+  a: Mask
+  b: Mask
+
+  def __call__(self, q_idx, kv_idx):
+    return self.a(q_idx, kv_idx) | self.b(q_idx, kv_idx)
+
+
+# --------------------------------------------------------------------------------------------
+# Public constructors.
+
+
+def _check_nonneg_int(value, name):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def full() -> Mask:
+  return Full()
+
+
+def causal(offset: int = 0) -> Mask:
+  if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+    raise ValueError(f"offset must be an int, got {offset!r}")
+  return Causal(int(offset))
+
+
+def sliding_window(left: int, right: int = 0) -> Mask:
+  _check_nonneg_int(left, "left")
+  _check_nonneg_int(right, "right")
+  return SlidingWindow(int(left), int(right))
+
+
+def block_local(block_size: int, halo: int = 0) -> Mask:
+  _check_nonneg_int(block_size, "block_size")
+  if block_size == 0:
+    raise ValueError("block_size must be positive, got 0")
+  _check_nonneg_int(halo, "halo")
+  return BlockLocal(int(block_size), int(halo))
+
+
+def neighborhood(spatial_shape: Sequence[int], kernel_size, stride=1, dilation=1,
+                 is_causal=False) -> Neighborhood:
+  """GNA mask over a row-major flattened grid of ``spatial_shape`` (see `Neighborhood`)."""
+  if isinstance(spatial_shape, int):
+    spatial_shape = (spatial_shape,)
+  spatial_shape = tuple(int(s) for s in spatial_shape)
+  ndim = len(spatial_shape)
+  if ndim not in (1, 2, 3):
+    raise ValueError(f"spatial_shape must have 1, 2 or 3 dimensions, got {spatial_shape}")
+  kernel_size = _as_tuple(kernel_size, ndim, "kernel_size")
+  stride = _as_tuple(stride, ndim, "stride")
+  dilation = _as_tuple(dilation, ndim, "dilation")
+  is_causal = _as_tuple(is_causal, ndim, "is_causal", kind=bool)
+  for name, vals in (("spatial_shape", spatial_shape), ("kernel_size", kernel_size),
+                     ("stride", stride), ("dilation", dilation)):
+    if any(v <= 0 for v in vals):
+      raise ValueError(f"{name} must be positive, got {vals}")
+  for i, (length, k, s, d) in enumerate(zip(spatial_shape, kernel_size, stride, dilation)):
+    if k * d > length:
+      raise ValueError(
+          f"kernel_size * dilation must not exceed the input size in every dimension: dimension "
+          f"{i} has kernel_size={k}, dilation={d} but size {length}")
+    if s > k:
+      raise ValueError(f"stride must not exceed kernel_size: dimension {i} has stride={s} > "
+                       f"kernel_size={k}")
+  return Neighborhood(spatial_shape, kernel_size, stride, dilation, is_causal)
+
+
+def from_function(fn: Callable[[Array, Array], Array]) -> Mask:
+  if not callable(fn):
+    raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+  return FromFunction(fn)
+
+
+def from_array(array) -> Mask:
+  return FromArray(array)
+
+
+def per_token_intervals(mask: Mask, q_idx: np.ndarray, kv_idx: np.ndarray,
+                        q_valid: np.ndarray, kv_valid: np.ndarray):
+  """Evaluate an interval mask's per-token vectors, with padding folded in.
+
+  Returns int32 arrays ``lo, hi: [num_dims, len(q_idx)]`` and ``c: [num_dims, len(kv_idx)]``.
+  Padded queries get the empty interval, padded keys coordinate -1.
+  """
+  los, his = mask.q_bounds(q_idx)
+  cs = mask.kv_coords(kv_idx)
+  lo = np.stack([np.broadcast_to(x, q_idx.shape) for x in los]).astype(np.int64)
+  hi = np.stack([np.broadcast_to(x, q_idx.shape) for x in his]).astype(np.int64)
+  c = np.stack([np.broadcast_to(x, kv_idx.shape) for x in cs]).astype(np.int64)
+  lo = np.where(q_valid[None], lo, EMPTY_LO)
+  hi = np.where(q_valid[None], hi, EMPTY_HI)
+  c = np.where(kv_valid[None], c, PAD_COORD)
+  big = np.iinfo(np.int32).max
+  return (np.clip(lo, 0, big).astype(np.int32), np.clip(hi, -1, big).astype(np.int32),
+          np.clip(c, PAD_COORD, big).astype(np.int32))

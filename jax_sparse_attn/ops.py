@@ -1,0 +1,338 @@
+"""The public ops: `attention` (1-D sequences, any mask) and `na1d/na2d/na3d` (GNA).
+
+One op, several backends (tokamax style): every backend implements
+``forward(q, k, v, q_seg, kv_seg, plan, scale, config) -> (out, lse)`` and
+``backward(..., out, lse, d_out, d_lse, plan, scale, config) -> (dq, dk, dv)`` on arrays in
+kernel order; this file validates, builds the plan, pads/permutes, and wraps the backend in
+one `jax.custom_vjp` whose residuals are (q, k, v, out, lse).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import masks as masks_lib
+from . import reference as reference_lib
+from . import xla_backend
+from .layout import SequenceLayout, TiledLayout
+from .plan import AttentionPlan, make_plan
+
+BACKENDS = ("auto", "reference", "xla", "triton", "mosaic", "mosaic_gpu")
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class Backend(NamedTuple):
+  """A registered implementation: pure functions on kernel-order arrays."""
+  forward: Callable
+  backward: Callable
+  default_blocks: Callable[[int, Any], tuple[int, int]]  # (head_dim, dtype) -> (bq, bk)
+
+
+def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret):
+  del config, interpret
+  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale)
+
+
+def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret):
+  del config, interpret
+  return xla_backend.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale)
+
+
+_REGISTRY: dict[str, Backend] = {
+    "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64)),
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+  _REGISTRY[name] = backend
+
+
+def _get_backend(name: str) -> Backend:
+  if name not in _REGISTRY:
+    # Kernel backends register themselves on import.
+    if name == "triton":
+      import pallas_kernels.gpu  # noqa: F401
+    elif name == "mosaic":
+      import pallas_kernels.tpu  # noqa: F401
+    if name not in _REGISTRY:
+      raise ValueError(f"backend={name!r} is not available in this installation")
+  return _REGISTRY[name]
+
+
+def resolve_backend(backend: str, mask: masks_lib.Mask | None = None) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "mosaic_gpu":
+    raise ValueError("backend='mosaic_gpu' (Hopper kernels) is not implemented yet; use 'triton'")
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  has_array = mask is not None and _has_array_mask(mask)
+  if platform == "gpu" and not has_array:
+    return "triton"
+  if platform == "tpu" and not has_array:
+    return "mosaic"
+  return "xla"
+
+
+def _has_array_mask(mask) -> bool:
+  if isinstance(mask, masks_lib.FromArray):
+    return True
+  if isinstance(mask, (masks_lib.And, masks_lib.Or)):
+    return _has_array_mask(mask.a) or _has_array_mask(mask.b)
+  return False
+
+
+# --------------------------------------------------------------------------------------------
+# The custom_vjp op on kernel-order arrays.
+
+
+@functools.lru_cache(maxsize=512)
+def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpret):
+  impl = _get_backend(backend)
+
+  @jax.custom_vjp
+  def core(q, k, v, q_seg, kv_seg):
+    return impl.forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret)
+
+  def fwd(q, k, v, q_seg, kv_seg):
+    out, lse = impl.forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret)
+    return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
+
+  def bwd(res, cotangents):
+    q, k, v, q_seg, kv_seg, out, lse = res
+    d_out, d_lse = cotangents
+    dq, dk, dv = impl.backward(q, k, v, q_seg, kv_seg, out, lse, d_out.astype(q.dtype),
+                               d_lse.astype(jnp.float32), plan, scale, config, interpret)
+    return dq, dk, dv, None, None
+
+  core.defvjp(fwd, bwd)
+  return core
+
+
+def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg):
+  core = _make_core(backend, plan, float(scale), config, interpret)
+  return core(q, k, v, q_seg, kv_seg)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_qkv(query, key, value, spatial_rank: int | None):
+  names = ("query", "key", "value")
+  for name, x in zip(names, (query, key, value)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+    want = 4 if spatial_rank is None else 3 + spatial_rank
+    if x.ndim != want:
+      layout = ("[batch, seq, heads, head_dim]" if spatial_rank is None else
+                f"[batch, {', '.join(f'x{i}' for i in range(spatial_rank))}, heads, head_dim]")
+      raise ValueError(f"{name} must have rank {want} ({layout}), got shape {x.shape}")
+    if x.dtype not in _FLOAT_DTYPES:
+      raise ValueError(f"{name} dtype must be float32, bfloat16 or float16, got {x.dtype}")
+  if not (query.dtype == key.dtype == value.dtype):
+    raise ValueError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+                     f"{value.dtype}")
+  if key.shape != value.shape:
+    raise ValueError(f"key and value must have the same shape, got {key.shape} and {value.shape}")
+  if query.shape[0] != key.shape[0]:
+    raise ValueError(f"query and key must have the same batch size, got {query.shape[0]} and "
+                     f"{key.shape[0]}")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(f"query and key must have the same head_dim, got {query.shape[-1]} and "
+                     f"{key.shape[-1]}")
+  heads, kv_heads = query.shape[-2], key.shape[-2]
+  if kv_heads == 0 or heads % kv_heads:
+    raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads}) (GQA/MQA)")
+  if spatial_rank is not None and query.shape[1:-2] != key.shape[1:-2]:
+    raise ValueError(f"query and key must have the same spatial shape, got {query.shape[1:-2]} "
+                     f"and {key.shape[1:-2]}")
+
+
+def _check_scale(scale, head_dim):
+  if scale is None:
+    return 1.0 / math.sqrt(head_dim)
+  if isinstance(scale, jax.core.Tracer):
+    raise ValueError("scale must be a Python float (it is compiled into the kernels)")
+  scale = float(scale)
+  if not math.isfinite(scale):
+    raise ValueError(f"scale must be finite, got {scale}")
+  return scale
+
+
+def _block_sizes(backend: str, head_dim: int, dtype, block_q, block_kv, seq_q=None, seq_kv=None):
+  if backend == "reference":
+    return 1, 1
+  dq, dk = _get_backend(backend).default_blocks(head_dim, dtype)
+  bq = block_q or dq
+  bk = block_kv or dk
+  for name, b in (("block_q", bq), ("block_kv", bk)):
+    if b <= 0 or b & (b - 1):
+      raise ValueError(f"{name} must be a positive power of two, got {b}")
+  # Small problems: don't pad a 40-token sequence to 128.
+  if seq_q is not None and block_q is None:
+    bq = min(bq, max(16, 1 << max(0, (seq_q - 1).bit_length())))
+  if seq_kv is not None and block_kv is None:
+    bk = min(bk, max(16, 1 << max(0, (seq_kv - 1).bit_length())))
+  return bq, bk
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+
+
+def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: float | None = None,
+              segment_ids=None, backend: str = "auto", interpret: bool = False,
+              return_lse: bool = False, block_q: int | None = None, block_kv: int | None = None,
+              config=None):
+  """Block-sparse attention over 1-D sequences.
+
+  Args:
+    query: [batch, seq_q, heads, head_dim], float32/bfloat16/float16.
+    key, value: [batch, seq_kv, kv_heads, head_dim]; ``heads % kv_heads == 0`` (GQA/MQA).
+    mask: a `jax_sparse_attn.masks` spec (None = dense). Evaluated on token indices.
+    scale: softmax scale, default ``head_dim ** -0.5``.
+    segment_ids: [batch, seq] int32 (self-attention, packed documents) or a pair
+      ``(q_segment_ids [batch, seq_q], kv_segment_ids [batch, seq_kv])``; tokens attend only
+      within equal ids. Combines with any mask.
+    backend: "auto" | "reference" | "xla" | "triton" | "mosaic".
+    interpret: run Pallas kernels in interpret mode (CPU testing).
+    return_lse: also return the log-sum-exp [batch, seq_q, heads] float32 (-inf where a row
+      sees no key).
+    block_q, block_kv: override the backend's block sizes (powers of two).
+    config: backend-specific tuning config (e.g. `pallas_kernels.gpu.TritonConfig`).
+
+  Returns:
+    out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
+    lse if ``return_lse``.
+  """
+  _check_qkv(query, key, value, None)
+  if mask is None:
+    mask = masks_lib.Full()
+  masks_lib._check_mask(mask, "mask")
+  if isinstance(mask, masks_lib.FromArray) and mask.array.shape != (query.shape[1], key.shape[1]):
+    raise ValueError(f"mask array shape {mask.array.shape} must be (seq_q, seq_kv) = "
+                     f"{(query.shape[1], key.shape[1])}")
+  if isinstance(mask, masks_lib.Neighborhood) and (
+      mask.num_tokens != query.shape[1] or mask.num_tokens != key.shape[1]):
+    raise ValueError(f"neighborhood mask covers {mask.num_tokens} tokens "
+                     f"({mask.spatial_shape}) but seq_q={query.shape[1]}, seq_kv={key.shape[1]}")
+  scale = _check_scale(scale, query.shape[-1])
+  b, sq = query.shape[:2]
+  skv = key.shape[1]
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      q_seg, kv_seg = segment_ids
+    else:
+      q_seg = kv_seg = segment_ids
+      if sq != skv:
+        raise ValueError("a single segment_ids array needs seq_q == seq_kv; pass "
+                         "(q_segment_ids, kv_segment_ids)")
+    for name, seg, s in (("q segment_ids", q_seg, sq), ("kv segment_ids", kv_seg, skv)):
+      if seg.shape != (b, s) or not jnp.issubdtype(seg.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of shape {(b, s)}, got "
+                         f"{seg.shape} {seg.dtype}")
+    q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+  backend = resolve_backend(backend, mask)
+  if backend == "reference":
+    out, lse = reference_lib.attention(query, key, value, mask, scale=scale,
+                                       q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    return (out, lse) if return_lse else out
+  if backend != "xla" and _has_array_mask(mask):
+    raise ValueError(f"from_array masks run on backend='xla' or 'reference', not {backend!r}")
+
+  bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
+  q_layout, kv_layout = SequenceLayout(sq, bq), SequenceLayout(skv, bk)
+  plan = make_plan(mask, q_layout, kv_layout)
+  q = q_layout.to_kernel(query)
+  k = kv_layout.to_kernel(key)
+  v = kv_layout.to_kernel(value)
+  if q_seg is not None:
+    q_seg, kv_seg = q_layout.to_kernel(q_seg), kv_layout.to_kernel(kv_seg)
+  out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg)
+  out = q_layout.from_kernel(out)
+  if not return_lse:
+    return out
+  return out, q_layout.from_kernel(lse.transpose(0, 2, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Neighborhood attention
+
+
+def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
+       scale: float | None = None, backend: str = "auto", interpret: bool = False,
+       return_lse: bool = False, q_tile_shape=None, kv_tile_shape=None,
+       block_q: int | None = None, block_kv: int | None = None, config=None):
+  """Generalized neighborhood attention on [batch, *spatial, heads, head_dim] (1-3 spatial dims).
+
+  kernel_size/stride/dilation: int or one int per spatial dim; is_causal: bool or per-dim.
+  Tokens are permuted into spatial tiles (``q_tile_shape``/``kv_tile_shape``, chosen by the
+  simulator when None) so the kernels' blocks are tiles. Returns out (and lse
+  [batch, *spatial, heads]) in the input layout.
+  """
+  if not hasattr(query, "ndim") or query.ndim not in (4, 5, 6):
+    raise ValueError("query must be [batch, *spatial, heads, head_dim] with 1 to 3 spatial "
+                     f"dims, got shape {getattr(query, 'shape', None)}")
+  ndim = query.ndim - 3
+  _check_qkv(query, key, value, ndim)
+  spatial = tuple(query.shape[1:1 + ndim])
+  mask = masks_lib.neighborhood(spatial, kernel_size, stride, dilation, is_causal)
+  scale = _check_scale(scale, query.shape[-1])
+  backend = resolve_backend(backend)
+  b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
+  hkv = key.shape[-2]
+  if backend == "reference":
+    n = math.prod(spatial)
+    out, lse = reference_lib.attention(query.reshape(b, n, h, d), key.reshape(b, n, hkv, d),
+                                       value.reshape(b, n, hkv, d), mask, scale=scale)
+    out = out.reshape(query.shape)
+    return (out, lse.reshape(query.shape[:-1])) if return_lse else out
+
+  from .simulate import best_tile_shapes
+  bq, bk = _block_sizes(backend, d, query.dtype, block_q, block_kv)
+  if q_tile_shape is None or kv_tile_shape is None:
+    best_q, best_kv = best_tile_shapes(mask, bq, bk)
+    q_tile_shape = tuple(q_tile_shape or best_q)
+    kv_tile_shape = tuple(kv_tile_shape or best_kv)
+  q_tile_shape = masks_lib._as_tuple(q_tile_shape, ndim, "q_tile_shape")
+  kv_tile_shape = masks_lib._as_tuple(kv_tile_shape, ndim, "kv_tile_shape")
+  for name, tile in (("q_tile_shape", q_tile_shape), ("kv_tile_shape", kv_tile_shape)):
+    n = math.prod(tile)
+    if any(t <= 0 for t in tile) or n & (n - 1):
+      raise ValueError(f"{name} must be positive with a power-of-two product, got {tile}")
+  q_layout = TiledLayout(spatial, mask.dilation, q_tile_shape)
+  kv_layout = TiledLayout(spatial, mask.dilation, kv_tile_shape)
+  plan = make_plan(mask, q_layout, kv_layout)
+  q = q_layout.to_kernel(query)
+  k = kv_layout.to_kernel(key)
+  v = kv_layout.to_kernel(value)
+  out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, None, None)
+  out = q_layout.from_kernel(out)
+  if not return_lse:
+    return out
+  return out, q_layout.from_kernel(lse.transpose(0, 2, 1))
+
+
+def _na_fixed(ndim):
+  def fn(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, **kwargs):
+    if not hasattr(query, "ndim") or query.ndim != ndim + 3:
+      raise ValueError(f"na{ndim}d expects query of rank {ndim + 3} "
+                       f"([batch, {ndim} spatial dims, heads, head_dim]), got shape "
+                       f"{getattr(query, 'shape', None)}")
+    return na(query, key, value, kernel_size, stride, dilation, is_causal, **kwargs)
+  fn.__name__ = f"na{ndim}d"
+  fn.__doc__ = f"{ndim}-D generalized neighborhood attention; see `na`."
+  return fn
+
+
+na1d, na2d, na3d = _na_fixed(1), _na_fixed(2), _na_fixed(3)

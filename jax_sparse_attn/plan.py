@@ -1,0 +1,99 @@
+"""An attention plan: everything a backend needs that is known at trace time.
+
+``make_plan(mask, q_layout, kv_layout)`` produces (and caches) the block map and the
+per-token int32 vectors from which kernels rebuild the element mask of partial blocks:
+
+* ``q_lo, q_hi [num_dims, padded_q]`` and ``kv_c [num_dims, padded_kv]``: the interval form
+  (`masks.IntervalMask`); padding is folded in (empty interval / coordinate -1).
+* ``mask_fn``: for masks with no interval form, the mask itself, evaluated in-kernel on the
+  original flat indices ``q_index / kv_index`` (the interval vectors then only encode padding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from . import block_map as block_map_lib
+from . import masks as masks_lib
+from .layout import SequenceLayout, TiledLayout
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionPlan:
+  q_layout: SequenceLayout | TiledLayout
+  kv_layout: SequenceLayout | TiledLayout
+  block_map: block_map_lib.BlockMap
+  q_lo: np.ndarray
+  q_hi: np.ndarray
+  kv_c: np.ndarray
+  q_index: np.ndarray
+  kv_index: np.ndarray
+  mask_fn: masks_lib.Mask | None
+
+  @property
+  def num_mask_dims(self) -> int:
+    return self.q_lo.shape[0]
+
+  @property
+  def block_q(self) -> int:
+    return self.q_layout.block
+
+  @property
+  def block_kv(self) -> int:
+    return self.kv_layout.block
+
+
+def _tiled_intervals(mask: masks_lib.Neighborhood, q_layout: TiledLayout, kv_layout: TiledLayout):
+  los, his, cs = [], [], []
+  for dim in range(q_layout.ndim):
+    args = (mask.spatial_shape[dim], mask.kernel_size[dim], mask.stride[dim],
+            mask.dilation[dim], mask.is_causal[dim])
+    xq, vq = q_layout.dim_coords(dim)
+    lo, hi = masks_lib.gna_bounds_1d(xq, *args)
+    lo = np.where(vq, lo, masks_lib.EMPTY_LO)
+    hi = np.where(vq, hi, masks_lib.EMPTY_HI)
+    xk, vk = kv_layout.dim_coords(dim)
+    c = np.where(vk, masks_lib.gna_coord_1d(xk, mask.spatial_shape[dim], mask.dilation[dim]),
+                 masks_lib.PAD_COORD)
+    los.append(q_layout.per_token(lo, dim))
+    his.append(q_layout.per_token(hi, dim))
+    cs.append(kv_layout.per_token(c, dim))
+  return (np.stack(los).astype(np.int32), np.stack(his).astype(np.int32),
+          np.stack(cs).astype(np.int32))
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
+  bmap = block_map_lib.build(mask, q_layout, kv_layout)
+  q_index, q_valid = q_layout.token_index()
+  kv_index, kv_valid = kv_layout.token_index()
+  mask_fn = None
+  if isinstance(mask, masks_lib.Neighborhood) and isinstance(q_layout, TiledLayout):
+    lo, hi, c = _tiled_intervals(mask, q_layout, kv_layout)
+  elif mask.is_interval:
+    lo, hi, c = masks_lib.per_token_intervals(mask, q_index, kv_index, q_valid, kv_valid)
+  else:
+    # Validity only; the mask itself runs elementwise.
+    lo, hi, c = masks_lib.per_token_intervals(masks_lib.Causal(0), np.zeros_like(q_index),
+                                              np.zeros_like(kv_index), q_valid, kv_valid)
+    mask_fn = mask
+  return AttentionPlan(q_layout, kv_layout, bmap, lo, hi, c, q_index.astype(np.int32),
+                       kv_index.astype(np.int32), mask_fn)
+
+
+def element_mask(plan: AttentionPlan, q_pos, kv_pos, xp):
+  """Element mask for kernel positions ``q_pos`` x ``kv_pos`` (broadcastable int arrays).
+
+  Used by the XLA backend; Pallas kernels do the same on loaded slices.
+  """
+  lo, hi, c = xp.asarray(plan.q_lo), xp.asarray(plan.q_hi), xp.asarray(plan.kv_c)
+  out = None
+  for d in range(plan.num_mask_dims):
+    cd = c[d][kv_pos]
+    term = (lo[d][q_pos] <= cd) & (cd <= hi[d][q_pos])
+    out = term if out is None else out & term
+  if plan.mask_fn is not None:
+    out = out & plan.mask_fn(xp.asarray(plan.q_index)[q_pos], xp.asarray(plan.kv_index)[kv_pos])
+  return out

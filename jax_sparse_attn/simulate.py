@@ -1,0 +1,172 @@
+"""Speedup simulator for (generalized) neighborhood attention: the GNA paper's analytical model.
+
+For a problem and a tiling it reports the useful-FLOP density and ideal speedup over dense
+attention, and the block-level bound: dense blocks / visited blocks, with full and partial
+block counts. Tiled blocks are products of per-dimension tile ranges, so every count is a
+product of exact one-dimensional counts: the simulator is exact and fast.
+
+    python -m jax_sparse_attn.simulate --shape 128 128 --kernel 33 33
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import math
+
+import numpy as np
+
+from . import block_map as block_map_lib
+from . import masks as masks_lib
+from .layout import TiledLayout, cdiv
+
+# A partial block costs a little more than a full one (element mask arithmetic).
+PARTIAL_BLOCK_COST = 1.1
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+  spatial_shape: tuple
+  kernel_size: tuple
+  stride: tuple
+  dilation: tuple
+  is_causal: tuple
+  block_q: int
+  block_kv: int
+  q_tile_shape: tuple
+  kv_tile_shape: tuple
+  tokens: int
+  attended_pairs: int
+  density: float
+  ideal_speedup: float
+  dense_blocks: int
+  visited_blocks: int
+  full_blocks: int
+  partial_blocks: int
+  block_speedup_bound: float
+
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
+
+def _pow2_factorizations(total: int, ndim: int, limits):
+  exp = int(math.log2(total))
+  for parts in itertools.product(range(exp + 1), repeat=ndim):
+    if sum(parts) == exp:
+      tile = tuple(1 << p for p in parts)
+      if all(t <= lim for t, lim in zip(tile, limits)):
+        yield tile
+
+
+def _tile_limits(mask: masks_lib.Neighborhood):
+  return [1 << max(0, (cdiv(s, d) - 1).bit_length())
+          for s, d in zip(mask.spatial_shape, mask.dilation)]
+
+
+def _counts(mask, q_tile, kv_tile):
+  q_layout = TiledLayout(mask.spatial_shape, mask.dilation, q_tile)
+  kv_layout = TiledLayout(mask.spatial_shape, mask.dilation, kv_tile)
+  per_dim = block_map_lib.per_dim_classes(mask, q_layout, kv_layout)
+  visited = math.prod(int((c > 0).sum()) for c in per_dim)
+  full = math.prod(int((c == block_map_lib.FULL).sum()) for c in per_dim)
+  return visited, full
+
+
+@functools.lru_cache(maxsize=256)
+def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int):
+  """Tile shapes (products block_q and block_kv) that minimise the simulated block cost."""
+  limits = _tile_limits(mask)
+  q_cands = list(_pow2_factorizations(block_q, mask.num_dims, [max(l, 1) for l in limits]))
+  kv_cands = list(_pow2_factorizations(block_kv, mask.num_dims, [max(l, 1) for l in limits]))
+  if not q_cands:
+    q_cands = [tuple(1 << int(math.log2(block_q)) if i == mask.num_dims - 1 else 1
+                     for i in range(mask.num_dims))]
+  if not kv_cands:
+    kv_cands = [tuple(1 << int(math.log2(block_kv)) if i == mask.num_dims - 1 else 1
+                      for i in range(mask.num_dims))]
+  best, best_cost = None, None
+  for qt in q_cands:
+    for kt in kv_cands:
+      visited, full = _counts(mask, qt, kt)
+      cost = full + PARTIAL_BLOCK_COST * (visited - full)
+      # Prefer squarer tiles on ties (fewer partial blocks under other masks).
+      key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
+      if best_cost is None or key < best_cost:
+        best, best_cost = (qt, kt), key
+  return best
+
+
+def _attended_pairs(mask: masks_lib.Neighborhood) -> int:
+  total = 1
+  for dim, length in enumerate(mask.spatial_shape):
+    x = np.arange(length)
+    lo, hi = masks_lib.gna_bounds_1d(x, length, mask.kernel_size[dim], mask.stride[dim],
+                                     mask.dilation[dim], mask.is_causal[dim])
+    c = masks_lib.gna_coord_1d(x, length, mask.dilation[dim])
+    total *= int(((lo[:, None] <= c[None, :]) & (c[None, :] <= hi[:, None])).sum())
+  return total
+
+
+def simulate(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False, *,
+             block_q: int = 128, block_kv: int = 128, q_tile_shape=None,
+             kv_tile_shape=None) -> SimResult:
+  """Simulate one problem. Tile shapes default to the best ones for the block sizes."""
+  mask = masks_lib.neighborhood(spatial_shape, kernel_size, stride, dilation, is_causal)
+  if q_tile_shape is None or kv_tile_shape is None:
+    bq_t, bk_t = best_tile_shapes(mask, block_q, block_kv)
+    q_tile_shape = tuple(q_tile_shape or bq_t)
+    kv_tile_shape = tuple(kv_tile_shape or bk_t)
+  q_tile_shape, kv_tile_shape = tuple(q_tile_shape), tuple(kv_tile_shape)
+  visited, full = _counts(mask, q_tile_shape, kv_tile_shape)
+  n = mask.num_tokens
+  pairs = _attended_pairs(mask)
+  dense_blocks = cdiv(n, math.prod(q_tile_shape)) * cdiv(n, math.prod(kv_tile_shape))
+  return SimResult(
+      mask.spatial_shape, mask.kernel_size, mask.stride, mask.dilation, mask.is_causal,
+      math.prod(q_tile_shape), math.prod(kv_tile_shape), q_tile_shape, kv_tile_shape, n, pairs,
+      pairs / (n * n), n * n / pairs, dense_blocks, visited, full, visited - full,
+      dense_blocks / visited)
+
+
+def format_table(results) -> str:
+  head = ("shape", "kernel", "stride", "dil", "causal", "Q tile", "KV tile", "density",
+          "ideal", "visited", "full", "partial", "bound")
+  rows = [head]
+  for r in results:
+    rows.append((
+        "x".join(map(str, r.spatial_shape)), "x".join(map(str, r.kernel_size)),
+        "x".join(map(str, r.stride)), "x".join(map(str, r.dilation)),
+        "".join("T" if c else "F" for c in r.is_causal), "x".join(map(str, r.q_tile_shape)),
+        "x".join(map(str, r.kv_tile_shape)), f"{r.density:.3f}", f"{r.ideal_speedup:.1f}x",
+        str(r.visited_blocks), str(r.full_blocks), str(r.partial_blocks),
+        f"{r.block_speedup_bound:.1f}x"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--shape", type=int, nargs="+", required=True, help="spatial shape")
+  parser.add_argument("--kernel", type=int, nargs="+", required=True)
+  parser.add_argument("--stride", type=int, nargs="+", default=[1])
+  parser.add_argument("--dilation", type=int, nargs="+", default=[1])
+  parser.add_argument("--causal", type=int, nargs="+", default=[0])
+  parser.add_argument("--block-q", type=int, default=128)
+  parser.add_argument("--block-kv", type=int, default=128)
+  parser.add_argument("--json", help="write results to this JSON file")
+  args = parser.parse_args(argv)
+  nd = len(args.shape)
+  expand = lambda v: tuple(v) if len(v) == nd else tuple(v) * nd
+  res = simulate(tuple(args.shape), expand(args.kernel), expand(args.stride),
+                 expand(args.dilation), tuple(bool(c) for c in expand(args.causal)),
+                 block_q=args.block_q, block_kv=args.block_kv)
+  print(format_table([res]))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(res.as_dict(), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

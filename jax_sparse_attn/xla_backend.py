@@ -1,0 +1,122 @@
+"""The XLA backend: block-sparse flash attention in plain JAX.
+
+Runs on every device (the CPU default). It walks the block map: step ``t`` gathers, for every
+Q block at once, the ``t``-th KV block it visits, and folds it into an online softmax. Memory
+is O(seq * block) per step and O(seq * window) overall; no N x N tensor is formed. The
+backward pass recomputes probabilities block by block (dQ in place, dK/dV by scatter-add
+into the visited KV blocks).
+
+Arrays are in kernel order and padded (see `plan.AttentionPlan`):
+q [batch, padded_q, heads, head_dim]; k, v [batch, padded_kv, kv_heads, head_dim];
+segment ids [batch, padded] int32 or None; lse [batch, heads, padded_q] float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .plan import AttentionPlan, element_mask
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _split(q, k, plan: AttentionPlan):
+  b, sq, h, d = q.shape
+  hkv = k.shape[2]
+  bq, bk = plan.block_q, plan.block_kv
+  nq, nk = sq // bq, k.shape[1] // bk
+  return b, h, hkv, h // hkv, d, bq, bk, nq, nk
+
+
+def _step_mask(plan: AttentionPlan, t, q_seg, kv_seg):
+  """[batch|1, nq, bq, bk] mask for the t-th visited KV block of every Q block."""
+  bmap = plan.block_map
+  nq, bq, bk = bmap.num_q_blocks, plan.block_q, plan.block_kv
+  kv_ids = jnp.asarray(bmap.kv_ids)[:, t]
+  valid = t < jnp.asarray(bmap.kv_counts)
+  q_pos = jnp.arange(nq * bq).reshape(nq, bq)
+  kv_pos = kv_ids[:, None] * bk + jnp.arange(bk)[None, :]
+  m = element_mask(plan, q_pos[:, :, None], kv_pos[:, None, :], jnp)
+  m = (m & valid[:, None, None])[None]
+  if q_seg is not None:
+    qs = q_seg.reshape(-1, nq, bq)
+    ks = kv_seg.reshape(kv_seg.shape[0], -1, bk)[:, kv_ids]
+    m = m & (qs[:, :, :, None] == ks[:, :, None, :])
+  return kv_ids, m
+
+
+def _scores(qb, kb, m, scale):
+  # qb [b, nq, bq, hkv, g, d], kb [b, nq, bk, hkv, d] -> s [b, nq, hkv, g, bq, bk]
+  s = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, kb, preferred_element_type=jnp.float32,
+                 precision=_HI) * scale
+  return jnp.where(m[:, :, None, None], s, -jnp.inf)
+
+
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float):
+  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
+  qb = q.reshape(b, nq, bq, hkv, g, d)
+  kb_all = k.reshape(b, nk, bk, hkv, d)
+  vb_all = v.reshape(b, nk, bk, hkv, d)
+
+  def step(carry, t):
+    m_prev, l_prev, acc = carry
+    kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
+    s = _scores(qb, kb_all[:, kv_ids], m, scale)
+    m_new = jnp.maximum(m_prev, s.max(-1))
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m_prev - m_safe)
+    l_new = alpha * l_prev + p.sum(-1)
+    pv = jnp.einsum("bnhgqk,bnkhd->bnhgqd", p.astype(v.dtype), vb_all[:, kv_ids],
+                    preferred_element_type=jnp.float32, precision=_HI)
+    return (m_new, l_new, alpha[..., None] * acc + pv), None
+
+  shape = (b, nq, hkv, g, bq)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (d,), jnp.float32))
+  (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, jnp.arange(plan.block_map.max_kv))
+  seen = l_fin > 0
+  out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
+  lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
+  out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
+  lse = lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
+  return out, lse
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float):
+  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
+  qb = q.reshape(b, nq, bq, hkv, g, d)
+  dob = d_out.reshape(b, nq, bq, hkv, g, d)
+  kb_all = k.reshape(b, nk, bk, hkv, d)
+  vb_all = v.reshape(b, nk, bk, hkv, d)
+  # delta = rowsum(dO * O) - dLSE  (the lse cotangent folds into the same term).
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, sq, h]
+  delta = delta.transpose(0, 2, 1) - d_lse
+  delta = delta.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
+  lse_b = lse.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
+  lse_safe = jnp.where(jnp.isneginf(lse_b), jnp.inf, lse_b)
+
+  def step(carry, t):
+    dq, dk, dv = carry
+    kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
+    kb, vb = kb_all[:, kv_ids], vb_all[:, kv_ids]
+    s = _scores(qb, kb, m, scale)
+    p = jnp.exp(s - lse_safe[..., None])
+    dv_blk = jnp.einsum("bnhgqk,bnqhgd->bnkhd", p.astype(d_out.dtype), dob,
+                        preferred_element_type=jnp.float32, precision=_HI)
+    dp = jnp.einsum("bnqhgd,bnkhd->bnhgqk", dob, vb, preferred_element_type=jnp.float32,
+                    precision=_HI)
+    ds = p * (dp - delta[..., None])
+    dq = dq + jnp.einsum("bnhgqk,bnkhd->bnqhgd", ds.astype(k.dtype), kb,
+                         preferred_element_type=jnp.float32, precision=_HI)
+    dk_blk = jnp.einsum("bnhgqk,bnqhgd->bnkhd", ds.astype(q.dtype), qb,
+                        preferred_element_type=jnp.float32, precision=_HI)
+    return (dq, dk.at[:, kv_ids].add(dk_blk), dv.at[:, kv_ids].add(dv_blk)), None
+
+  init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb_all.shape, jnp.float32),
+          jnp.zeros(vb_all.shape, jnp.float32))
+  (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(plan.block_map.max_kv))
+  dq = (dq * scale).reshape(q.shape).astype(q.dtype)
+  dk = (dk * scale).reshape(k.shape).astype(k.dtype)
+  return dq, dk, dv.reshape(v.shape).astype(v.dtype)

@@ -1,0 +1,1 @@
+"""Flax models built from jax_sparse_attn layers."""

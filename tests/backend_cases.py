@@ -1,0 +1,142 @@
+"""Shared randomized checks of a backend against the float64 brute force (used by every
+backend's test file)."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+import brute_force
+from strategies import gna_problems
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+
+TOL = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
+
+SEQ_MASKS = {
+    "full": lambda sq, skv: masks.full(),
+    "causal": lambda sq, skv: masks.causal(),
+    "causal_bottom_right": lambda sq, skv: masks.causal(offset=skv - sq),
+    "window": lambda sq, skv: masks.sliding_window(7, 2),
+    "causal_window": lambda sq, skv: masks.causal() & masks.sliding_window(11),
+    "block_local": lambda sq, skv: masks.block_local(8, 3),
+    "function": lambda sq, skv: masks.from_function(lambda q, k: (q + 2 * k) % 3 != 0),
+    "or": lambda sq, skv: masks.causal() | masks.sliding_window(0, 4),
+    "masked_rows": lambda sq, skv: masks.causal(offset=-5),  # first rows see nothing
+}
+# A stable function object, so block maps are cached across examples.
+SEQ_MASKS_CACHE: dict = {}
+
+
+def seq_mask(name, sq, skv):
+  key = (name, sq, skv)
+  if key not in SEQ_MASKS_CACHE:
+    SEQ_MASKS_CACHE[key] = SEQ_MASKS[name](sq, skv)
+  return SEQ_MASKS_CACHE[key]
+
+
+@st.composite
+def seq_problems(draw, max_len=70, dtypes=(jnp.float32,)):
+  sq = draw(st.integers(1, max_len))
+  self_attn = draw(st.booleans())
+  skv = sq if self_attn else draw(st.integers(1, max_len))
+  kv_heads = draw(st.sampled_from([1, 2]))
+  heads = kv_heads * draw(st.sampled_from([1, 2]))
+  return dict(
+      batch=draw(st.integers(1, 2)), sq=sq, skv=skv, heads=heads, kv_heads=kv_heads,
+      head_dim=draw(st.sampled_from([16, 32])), mask=draw(st.sampled_from(sorted(SEQ_MASKS))),
+      segments=self_attn and draw(st.booleans()), dtype=draw(st.sampled_from(dtypes)),
+      seed=draw(st.integers(0, 2**16)))
+
+
+def _small(got, ref, tol):
+  """Gradients that are exactly zero in theory (one visible key) are judged absolutely."""
+  diff = np.asarray(got, np.float64) - ref
+  return np.linalg.norm(ref) < 1e-6 and np.abs(diff).max() < tol
+
+
+def make_inputs(p, spatial=None):
+  rng = np.random.default_rng(p["seed"])
+  qshape = (p["batch"],) + (spatial or (p["sq"],)) + (p["heads"], p["head_dim"])
+  kshape = (p["batch"],) + (spatial or (p["skv"],)) + (p["kv_heads"], p["head_dim"])
+  q = jnp.asarray(rng.standard_normal(qshape), p["dtype"])
+  k = jnp.asarray(rng.standard_normal(kshape), p["dtype"])
+  v = jnp.asarray(rng.standard_normal(kshape), p["dtype"])
+  d_out = jnp.asarray(rng.standard_normal(qshape), p["dtype"])
+  return q, k, v, d_out, rng
+
+
+def check_attention(p, backend, **kwargs):
+  """Forward, lse and gradients of `attention` vs the float64 brute force."""
+  q, k, v, d_out, rng = make_inputs(p)
+  sq, skv = p["sq"], p["skv"]
+  mask = seq_mask(p["mask"], sq, skv)
+  seg = None
+  if p["segments"]:
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (p["batch"], sq)), axis=1), jnp.int32)
+  scale = 1.0 / math.sqrt(p["head_dim"])
+  dense = np.asarray(mask(np.arange(sq)[:, None], np.arange(skv)[None, :]))
+  want, want_lse = brute_force.attention(q, k, v, dense, scale, seg, seg)
+
+  def run(q, k, v):
+    return jsa.attention(q, k, v, mask, segment_ids=seg, backend=backend, return_lse=True,
+                         **kwargs)
+
+  out, lse = jax.jit(run)(q, k, v)
+  tol = TOL[p["dtype"]]
+  assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == (p["batch"], sq, p["heads"])
+  assert brute_force.rel_err(out, want) < tol
+  finite = np.isfinite(want_lse)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=tol * 10, rtol=tol)
+  assert np.all(np.asarray(out, np.float32)[~finite.transpose(0, 1, 2)] == 0)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0].astype(jnp.float32) *
+                                              d_out.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
+  want_grads = brute_force.attention_grads(q, k, v, dense, scale, d_out, seg, seg)
+  for name, got, ref in zip("qkv", grads, want_grads):
+    assert got.dtype == q.dtype
+    err = brute_force.rel_err(got, ref)
+    assert err < tol * 5 or _small(got, ref, tol), (name, err)
+
+
+@st.composite
+def na_problems(draw, dtypes=(jnp.float32,)):
+  problem = draw(gna_problems(max_ndim=3, max_len=9))
+  kv_heads = draw(st.sampled_from([1, 2]))
+  return dict(problem=problem, batch=1, heads=kv_heads * draw(st.sampled_from([1, 2])),
+              kv_heads=kv_heads, head_dim=16, dtype=draw(st.sampled_from(dtypes)),
+              seed=draw(st.integers(0, 2**16)),
+              tile_q=tuple(draw(st.sampled_from([1, 2, 4])) for _ in problem[0]),
+              tile_kv=tuple(draw(st.sampled_from([1, 2, 4])) for _ in problem[0]))
+
+
+def check_na(p, backend, **kwargs):
+  spatial, kernel, stride, dilation, causal = p["problem"]
+  q, k, v, d_out, _ = make_inputs(p, spatial)
+  dense = brute_force.gna_mask(*p["problem"])
+  n = int(np.prod(spatial))
+  flat = lambda x: x.reshape(x.shape[0], n, *x.shape[-2:])
+  scale = 1.0 / math.sqrt(p["head_dim"])
+  want, want_lse = brute_force.attention(flat(q), flat(k), flat(v), dense, scale)
+  if backend != "reference":
+    kwargs = dict(q_tile_shape=p["tile_q"], kv_tile_shape=p["tile_kv"], **kwargs)
+
+  def run(q, k, v):
+    return jsa.na(q, k, v, kernel, stride, dilation, causal, backend=backend,
+                  return_lse=True, **kwargs)
+
+  out, lse = jax.jit(run)(q, k, v)
+  tol = TOL[p["dtype"]]
+  assert out.shape == q.shape and lse.shape == q.shape[:-1]
+  assert brute_force.rel_err(flat(out), want) < tol
+  np.testing.assert_allclose(np.asarray(lse).reshape(want_lse.shape), want_lse,
+                             atol=tol * 10, rtol=tol)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0].astype(jnp.float32) *
+                                              d_out.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
+  want_grads = brute_force.attention_grads(flat(q), flat(k), flat(v), dense, scale, flat(d_out))
+  for name, got, ref in zip("qkv", grads, want_grads):
+    err = brute_force.rel_err(flat(got), ref)
+    assert err < tol * 5 or _small(flat(got), ref, tol), (name, err)

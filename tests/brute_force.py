@@ -1,0 +1,98 @@
+"""Float64 brute force of the semantics, written independently of the package (loops)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def gna_keys_1d(q: int, length: int, kernel: int, stride: int, dilation: int, causal: bool):
+  """Keys visible to query coordinate `q` along one dimension (NATTEN's GNA definition)."""
+  group = q % dilation
+  members = list(range(group, length, dilation))  # the dilation group, in order
+  glen = len(members)
+  y = q // dilation
+  first = (y // stride) * stride
+  if causal:
+    leader = min(first + stride - 1, glen - 1)
+    keep = [j for j in range(glen) if j <= y and j > leader - kernel]
+  else:
+    leader = min(first + stride // 2, glen - 1)
+    start = leader - kernel // 2
+    start = max(0, min(start, glen - kernel))
+    keep = list(range(start, start + kernel))
+  return {members[j] for j in keep}
+
+
+def gna_mask(spatial, kernel, stride, dilation, causal) -> np.ndarray:
+  """Dense [N, N] boolean mask over the row-major flattened grid."""
+  n = int(np.prod(spatial))
+  per_dim = []
+  for dim, length in enumerate(spatial):
+    m = np.zeros((length, length), bool)
+    for x in range(length):
+      for kv in gna_keys_1d(x, length, kernel[dim], stride[dim], dilation[dim], causal[dim]):
+        m[x, kv] = True
+    per_dim.append(m)
+  coords = list(itertools.product(*[range(s) for s in spatial]))
+  out = np.ones((n, n), bool)
+  for dim in range(len(spatial)):
+    c = np.array([cc[dim] for cc in coords])
+    out &= per_dim[dim][c[:, None], c[None, :]]
+  return out
+
+
+def attention(q, k, v, mask, scale, q_seg=None, kv_seg=None):
+  """q [b, sq, h, d], k/v [b, skv, hkv, d], mask [sq, skv] -> (out, lse [b, sq, h]) float64."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, sq, h, d = q.shape
+  hkv = k.shape[2]
+  g = h // hkv
+  k = np.repeat(k, g, axis=2)
+  v = np.repeat(v, g, axis=2)
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  m = np.broadcast_to(mask[None, None], s.shape).copy()
+  if q_seg is not None:
+    m &= (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
+  s = np.where(m, s, -np.inf)
+  mx = s.max(-1, keepdims=True)
+  mx = np.where(np.isfinite(mx), mx, 0.0)
+  p = np.where(m, np.exp(s - mx), 0.0)
+  den = p.sum(-1, keepdims=True)
+  out = np.einsum("bhqk,bkhd->bqhd", p / np.where(den == 0, 1, den), v)
+  with np.errstate(divide="ignore"):
+    lse = np.where(den[..., 0] > 0, np.log(den[..., 0]) + mx[..., 0], -np.inf)
+  return out, lse.transpose(0, 2, 1)
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert not np.any(np.isnan(a)), "NaN in result"
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None):
+  """Float64 gradients of sum(out * d_out) w.r.t. q, k, v (GQA summed over the group)."""
+  q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+  b, sq, h, d = q.shape
+  hkv = k.shape[2]
+  g = h // hkv
+  kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+  m = np.broadcast_to(mask[None, None], s.shape).copy()
+  if q_seg is not None:
+    m &= (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
+  s = np.where(m, s, -np.inf)
+  mx = s.max(-1, keepdims=True)
+  mx = np.where(np.isfinite(mx), mx, 0.0)
+  p = np.where(m, np.exp(s - mx), 0.0)
+  den = p.sum(-1, keepdims=True)
+  p = p / np.where(den == 0, 1, den)
+  dp = np.einsum("bqhd,bkhd->bhqk", d_out, vr)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
+  dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+  dv = np.einsum("bhqk,bqhd->bkhd", p, d_out)
+  dk = dk.reshape(b, -1, hkv, g, d).sum(3)
+  dv = dv.reshape(b, -1, hkv, g, d).sum(3)
+  return dq, dk, dv

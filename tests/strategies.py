@@ -1,0 +1,19 @@
+"""Hypothesis strategies shared by the test files."""
+from hypothesis import strategies as st
+
+
+@st.composite
+def gna_problems(draw, max_ndim=3, max_len=12):
+  ndim = draw(st.integers(1, max_ndim))
+  spatial, kernel, stride, dilation, causal = [], [], [], [], []
+  for _ in range(ndim):
+    length = draw(st.integers(2, max_len))
+    d = draw(st.integers(1, max(1, length // 2)))
+    k = draw(st.integers(1, length // d))
+    s = draw(st.integers(1, k))
+    spatial.append(length)
+    kernel.append(k)
+    stride.append(s)
+    dilation.append(d)
+    causal.append(draw(st.booleans()))
+  return tuple(spatial), tuple(kernel), tuple(stride), tuple(dilation), tuple(causal)

@@ -1,0 +1,113 @@
+"""Block maps: every attended pair is covered, no visited block is empty, full is full."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from jax_sparse_attn import block_map, masks, simulate
+from jax_sparse_attn.layout import SequenceLayout, TiledLayout
+from jax_sparse_attn.plan import make_plan
+from strategies import gna_problems
+
+BLOCKS = st.sampled_from([1, 2, 4, 8, 16])
+
+
+def _check_map(bmap, dense_pairs, q_valid):
+  """dense_pairs: [padded_q, padded_kv] bool in kernel order (padding rows/cols False)."""
+  bq, bk = bmap.block_q, bmap.block_kv
+  nq, nk = bmap.num_q_blocks, bmap.num_kv_blocks
+  blocks = dense_pairs.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)
+  classes = bmap.dense_classes()
+  any_pair = blocks.any(axis=(2, 3))
+  # Covered: every block with an attended pair is visited; visited blocks are non-empty.
+  np.testing.assert_array_equal(classes > 0, any_pair)
+  # Full blocks really are full for every real query row.
+  for i, j in zip(*np.nonzero(classes == block_map.FULL)):
+    rows = blocks[i, j]
+    assert rows[q_valid.reshape(nq, bq)[i]].all(), (i, j)
+  # Transposed map is the transpose.
+  t = np.zeros((nk, nq), np.int8)
+  for j in range(nk):
+    for r in range(bmap.q_counts[j]):
+      t[j, bmap.q_ids[j, r]] = block_map.FULL if r < bmap.q_full_counts[j] else block_map.PARTIAL
+  np.testing.assert_array_equal(t.T, classes)
+  # Full first, padding repeats the last id.
+  for i in range(nq):
+    c = bmap.kv_counts[i]
+    if c:
+      assert np.all(bmap.kv_ids[i, c:] == bmap.kv_ids[i, c - 1])
+
+
+def _kernel_order_pairs(plan, mask):
+  q_idx, q_valid = plan.q_layout.token_index()
+  kv_idx, kv_valid = plan.kv_layout.token_index()
+  m = np.asarray(mask(q_idx[:, None], kv_idx[None, :]))
+  return m & q_valid[:, None] & kv_valid[None, :], q_valid
+
+
+MASKS_1D = [
+    lambda n: masks.causal(),
+    lambda n: masks.causal(offset=-3),
+    lambda n: masks.sliding_window(5),
+    lambda n: masks.sliding_window(3, 7),
+    lambda n: masks.block_local(6, 2),
+    lambda n: masks.causal() & masks.sliding_window(9),
+    lambda n: masks.full(),
+    lambda n: masks.from_function(lambda q, k: (q // 3) % 2 == (k // 3) % 2),
+    lambda n: masks.causal() | masks.sliding_window(2, 2),
+    lambda n: masks.from_array(np.random.default_rng(n).random((n, n)) < 0.1),
+]
+
+
+@given(st.integers(1, 70), BLOCKS, BLOCKS, st.integers(0, len(MASKS_1D) - 1))
+def test_sequence_block_maps(n, bq, bk, which):
+  mask = MASKS_1D[which](n)
+  plan = make_plan(mask, SequenceLayout(n, bq), SequenceLayout(n, bk))
+  _check_map(plan.block_map, *_kernel_order_pairs(plan, mask))
+
+
+@given(gna_problems(max_len=10), st.data())
+def test_tiled_neighborhood_block_maps(problem, data):
+  mask = masks.neighborhood(*problem)
+  nd = len(problem[0])
+  q_tile = tuple(data.draw(st.sampled_from([1, 2, 4])) for _ in range(nd))
+  kv_tile = tuple(data.draw(st.sampled_from([1, 2, 4])) for _ in range(nd))
+  plan = make_plan(mask, TiledLayout(problem[0], problem[3], q_tile),
+                   TiledLayout(problem[0], problem[3], kv_tile))
+  _check_map(plan.block_map, *_kernel_order_pairs(plan, mask))
+
+
+def test_sliding_window_map_is_banded_and_linear():
+  # 32k tokens, window 2048, 128 blocks: 17 visited per row at most (16 full + diagonal).
+  bmap = block_map.for_sequences(masks.sliding_window(2047), 32768, 32768, 128, 128)
+  assert bmap.max_kv <= 32 and int(bmap.kv_counts.max()) == 17
+  assert bmap.num_visited < 256 * 18
+
+
+def test_layout_roundtrip():
+  import jax.numpy as jnp
+  lay = TiledLayout((5, 7, 6), (2, 1, 3), (2, 4, 2))
+  x = jnp.arange(2 * 5 * 7 * 6 * 3, dtype=jnp.float32).reshape(2, 5, 7, 6, 3)
+  y = lay.to_kernel(x)
+  assert y.shape == (2, lay.padded_len, 3)
+  np.testing.assert_array_equal(lay.from_kernel(y), x)
+  # token_index agrees with the permutation.
+  idx, valid = lay.token_index()
+  flat = np.asarray(x).reshape(2, -1, 3)
+  np.testing.assert_array_equal(np.asarray(y)[:, valid], flat[:, idx[valid]])
+  assert np.all(np.asarray(y)[:, ~valid] == 0)
+
+
+def test_simulator_matches_block_map_and_perf_md():
+  r = simulate((128, 128), (33, 33), block_q=128, block_kv=128)
+  assert abs(r.ideal_speedup - 15.04) < 0.01
+  assert r.block_speedup_bound >= 8.5
+  mask = masks.neighborhood((128, 128), 33)
+  plan = make_plan(mask, TiledLayout((128, 128), (1, 1), r.q_tile_shape),
+                   TiledLayout((128, 128), (1, 1), r.kv_tile_shape))
+  assert plan.block_map.num_visited == r.visited_blocks
+  assert plan.block_map.num_full == r.full_blocks
+  r3 = simulate((16, 64, 64), (8, 16, 16))
+  assert r3.ideal_speedup == 32.0 and r3.block_speedup_bound > 15.5
+  # Stride = kernel (blocked attention) with matching tiles is perfectly block-sparse.
+  rs = simulate((64, 64), (8, 16), stride=(8, 16), q_tile_shape=(8, 16), kv_tile_shape=(8, 16))
+  assert rs.partial_blocks == 0 and rs.block_speedup_bound == pytest.approx(rs.ideal_speedup)

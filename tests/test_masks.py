@@ -1,0 +1,90 @@
+"""Mask semantics against the float64/loop brute force, and argument validation."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import brute_force
+from strategies import gna_problems
+from jax_sparse_attn import masks
+
+
+def _dense(mask, n_q, n_kv):
+  return np.asarray(mask(np.arange(n_q)[:, None], np.arange(n_kv)[None, :]))
+
+
+@given(gna_problems())
+def test_neighborhood_matches_brute_force(problem):
+  mask = masks.neighborhood(*problem)
+  n = mask.num_tokens
+  np.testing.assert_array_equal(_dense(mask, n, n), brute_force.gna_mask(*problem))
+
+
+@given(gna_problems())
+def test_noncausal_neighborhood_sees_exactly_prod_kernel(problem):
+  spatial, kernel, stride, dilation, _ = problem
+  mask = masks.neighborhood(spatial, kernel, stride, dilation, False)
+  dense = _dense(mask, mask.num_tokens, mask.num_tokens)
+  assert np.all(dense.sum(1) == np.prod(kernel))
+
+
+def test_classic_na_window_is_clamped_not_truncated():
+  # 1-D, L=10, k=5: query 0 sees keys 0..4, query 9 sees 5..9, query 4 sees 2..6.
+  d = _dense(masks.neighborhood((10,), 5), 10, 10)
+  assert np.flatnonzero(d[0]).tolist() == [0, 1, 2, 3, 4]
+  assert np.flatnonzero(d[9]).tolist() == [5, 6, 7, 8, 9]
+  assert np.flatnonzero(d[4]).tolist() == [2, 3, 4, 5, 6]
+
+
+def test_causal_stride1_neighborhood_is_sliding_window():
+  a = _dense(masks.neighborhood((50,), 8, is_causal=True), 50, 50)
+  b = _dense(masks.sliding_window(7), 50, 50)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_stride_equal_kernel_is_blocked_attention():
+  a = _dense(masks.neighborhood((24,), 6, stride=6), 24, 24)
+  b = _dense(masks.block_local(6), 24, 24)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_1d_masks_against_formulas():
+  q, kv = np.arange(40)[:, None], np.arange(40)[None, :]
+  np.testing.assert_array_equal(_dense(masks.causal(), 40, 40), kv <= q)
+  np.testing.assert_array_equal(_dense(masks.causal(offset=3), 40, 40), kv <= q + 3)
+  np.testing.assert_array_equal(_dense(masks.sliding_window(5, 2), 40, 40),
+                                (kv >= q - 5) & (kv <= q + 2))
+  np.testing.assert_array_equal(_dense(masks.block_local(8, 2), 40, 40),
+                                (kv >= (q // 8) * 8 - 2) & (kv < (q // 8 + 1) * 8 + 2))
+  np.testing.assert_array_equal(_dense(masks.full(), 40, 40), np.ones((40, 40), bool))
+
+
+def test_combinators():
+  c, w = masks.causal(), masks.sliding_window(3, 3)
+  f = masks.from_function(lambda q, k: (q - k) % 5 == 0)
+  arr = np.random.default_rng(0).random((40, 40)) < 0.3
+  a = masks.from_array(arr)
+  q, kv = np.arange(40)[:, None], np.arange(40)[None, :]
+  assert (c & w).is_interval and not (c | w).is_interval and not (c & f).is_interval
+  np.testing.assert_array_equal(_dense(c & w, 40, 40), (kv <= q) & (kv >= q - 3))
+  np.testing.assert_array_equal(_dense(c | w, 40, 40), (kv <= q) | (abs(kv - q) <= 3))
+  np.testing.assert_array_equal(_dense(c & f, 40, 40), (kv <= q) & ((q - kv) % 5 == 0))
+  np.testing.assert_array_equal(_dense(a | c, 40, 40), arr | (kv <= q))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: masks.neighborhood((10,), 11), "kernel_size \\* dilation"),
+    (lambda: masks.neighborhood((10,), 5, dilation=3), "kernel_size \\* dilation"),
+    (lambda: masks.neighborhood((10,), 3, stride=4), "stride must not exceed kernel_size"),
+    (lambda: masks.neighborhood((10, 10), (3, 3, 3)), "kernel_size must have 2 entries"),
+    (lambda: masks.neighborhood((10,), 0), "kernel_size must be positive"),
+    (lambda: masks.neighborhood((10,), 3, is_causal=1), "is_causal must be a bool"),
+    (lambda: masks.neighborhood((10,), 2.5), "kernel_size must be an int"),
+    (lambda: masks.sliding_window(-1), "left must be a non-negative int"),
+    (lambda: masks.block_local(0), "block_size must be positive"),
+    (lambda: masks.from_function(3), "fn must be callable"),
+    (lambda: masks.from_array(np.zeros((3, 3))), "2-D boolean array"),
+    (lambda: masks.causal() & 3, "other must be a jax_sparse_attn.masks.Mask"),
+])
+def test_bad_arguments(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

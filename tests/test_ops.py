@@ -1,0 +1,107 @@
+"""The public ops on the reference and XLA backends vs the float64 brute force."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import backend_cases
+import brute_force
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+@given(p=backend_cases.seq_problems())
+def test_attention_fp32(backend, p):
+  kwargs = {} if backend == "reference" else dict(block_q=16, block_kv=16)
+  backend_cases.check_attention(p, backend, **kwargs)
+
+
+@settings(max_examples=6)
+@given(p=backend_cases.seq_problems(max_len=40, dtypes=(jnp.bfloat16, jnp.float16)))
+def test_attention_low_precision_xla(p):
+  backend_cases.check_attention(p, "xla", block_q=16, block_kv=16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+@given(p=backend_cases.na_problems())
+def test_na(backend, p):
+  backend_cases.check_na(p, backend)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+  q = k = v = jnp.ones((1, 20, 2, 16))
+  mask = masks.causal(offset=-5)
+  for backend in ("reference", "xla"):
+    out, lse = jsa.attention(q, k, v, mask, backend=backend, return_lse=True)
+    assert np.all(np.asarray(out[:, :5]) == 0) and np.all(np.isneginf(np.asarray(lse[:, :5])))
+    g = jax.grad(lambda q: jnp.sum(jsa.attention(q, k, v, mask, backend=backend)))(q)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_lse_gradient_matches_reference():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 33, 2, 16)), jnp.float32) for _ in range(3))
+  mask = masks.sliding_window(5, 5)
+
+  def loss(backend):
+    def f(q, k, v):
+      out, lse = jsa.attention(q, k, v, mask, backend=backend, return_lse=True)
+      return jnp.sum(out) + jnp.sum(jnp.sin(lse))
+    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+  for a, b in zip(loss("xla"), loss("reference")):
+    assert brute_force.rel_err(a, b) < 1e-4
+
+
+def test_na_functions_dispatch_on_rank():
+  x = jnp.ones((1, 8, 8, 2, 16))
+  assert jsa.na2d(x, x, x, 3, backend="xla").shape == x.shape
+  with pytest.raises(ValueError, match="na1d expects query of rank 4"):
+    jsa.na1d(x, x, x, 3)
+
+
+def test_works_under_jit_and_vmap_free_grad_of_model():
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.standard_normal((16, 48)) * 0.1, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 16)), jnp.float32)
+
+  @jax.jit
+  def loss(w, x):
+    qkv = (x @ w).reshape(2, 6, 6, 3, 2, 8)
+    out = jsa.na2d(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], 3, backend="xla")
+    return jnp.mean(out ** 2)
+
+  g = jax.grad(loss)(w, x)
+  assert g.shape == w.shape and np.all(np.isfinite(np.asarray(g)))
+
+
+X = jnp.ones((1, 16, 4, 32))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: jsa.attention(X[0], X, X), "query must have rank 4"),
+    (lambda: jsa.attention(X, X[..., :3, :], X[..., :3, :]), "multiple of kv_heads"),
+    (lambda: jsa.attention(X, X, X[:, :8]), "key and value must have the same shape"),
+    (lambda: jsa.attention(X, X[..., :16], X[..., :16]), "same head_dim"),
+    (lambda: jsa.attention(X.astype(jnp.int32), X, X), "query dtype must be"),
+    (lambda: jsa.attention(X, X.astype(jnp.bfloat16), X.astype(jnp.bfloat16)), "share a dtype"),
+    (lambda: jsa.attention(X, X, X, masks.from_array(np.ones((3, 3), bool))), "mask array shape"),
+    (lambda: jsa.attention(X, X, X, "causal"), "mask must be a jax_sparse_attn.masks.Mask"),
+    (lambda: jsa.attention(X, X, X, backend="cuda"), "backend must be one of"),
+    (lambda: jsa.attention(X, X, X, segment_ids=jnp.zeros((1, 15), jnp.int32)), "segment_ids must be"),
+    (lambda: jsa.attention(X, X, X, block_q=48, backend="xla"), "block_q must be a positive power of two"),
+    (lambda: jsa.attention(X, X, X, masks.neighborhood((4, 5), 3)), "neighborhood mask covers 20"),
+    (lambda: jsa.na2d(jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 6, 2, 8)),
+                      jnp.ones((1, 6, 6, 2, 8)), 7), "kernel_size \\* dilation"),
+    (lambda: jsa.na2d(jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 5, 2, 8)),
+                      jnp.ones((1, 6, 5, 2, 8)), 3), "same spatial shape"),
+    (lambda: jsa.na2d(jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 6, 2, 8)),
+                      jnp.ones((1, 6, 6, 2, 8)), 3, q_tile_shape=(3, 1)), "power-of-two product"),
+    (lambda: jsa.attention(jnp.ones((1, 4096, 64, 64)), jnp.ones((1, 4096, 64, 64)),
+                           jnp.ones((1, 4096, 64, 64)), backend="reference"), "materializes"),
+])
+def test_bad_input_raises_value_error(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
