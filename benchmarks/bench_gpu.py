@@ -1,0 +1,283 @@
+"""GPU correctness-at-scale and timing of the Triton kernels beside cuDNN and jax's Pallas `mha`.
+
+    python -m benchmarks.bench_gpu --suite check     # correctness at real sizes
+    python -m benchmarks.bench_gpu --suite perf      # timings vs peers (PERF.md shapes)
+    python -m benchmarks.bench_gpu --suite sweep     # TritonConfig sweep on dense S=16k
+    python -m benchmarks.bench_gpu --suite all --out results.json
+
+Prints a table and writes JSON (device, date, every figure). Timings: jitted, warm-up, then
+the median of --iters runs with block_until_ready.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+from pallas_kernels.gpu import TritonConfig
+
+RESULTS: list[dict] = []
+
+
+def timeit(fn, *args, iters=20, warmup=3):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)) * 1e3
+
+
+def rel(a, b):
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(b.ravel()), 1e-30))
+
+
+def inputs(shape_q, shape_kv, dtype, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], shape_q, dtype)
+  k = jax.random.normal(ks[1], shape_kv, dtype)
+  v = jax.random.normal(ks[2], shape_kv, dtype)
+  do = jax.random.normal(ks[3], shape_q, dtype)
+  return q, k, v, do
+
+
+def fwd_bwd(fn):
+  """f(q, k, v, do) -> (out, dq, dk, dv) via vjp."""
+  def run(q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out,) + vjp(do)
+  return jax.jit(run)
+
+
+def record(**kw):
+  kw = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in kw.items()}
+  RESULTS.append(kw)
+  print(json.dumps(kw), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def check_case(name, ours, ref, q, k, v, do, tol):
+  got = fwd_bwd(ours)(q, k, v, do)
+  want = fwd_bwd(ref)(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                      do.astype(jnp.float32))
+  errs = [rel(a, b) for a, b in zip(got, want)]
+  nan = any(bool(jnp.any(jnp.isnan(x))) for x in got)
+  record(suite="check", case=name, err_out=errs[0], err_dq=errs[1], err_dk=errs[2],
+         err_dv=errs[3], nan=nan, ok=(not nan) and all(e < tol for e in errs))
+
+
+def suite_check(dtype):
+  tol = 2e-2
+  # Dense and causal at 4k (reference: cuDNN-free f32 XLA dense attention).
+  for name, mask, h, hkv, d, s in [
+      ("dense S=4096 D=128", None, 16, 16, 128, 4096),
+      ("causal S=4096 D=128", masks.causal(), 16, 16, 128, 4096),
+      ("causal GQA 16/4 S=4096 D=64", masks.causal(), 16, 4, 64, 4096),
+      ("window 512 S=8191 D=96 (odd, padded D)", masks.sliding_window(511), 8, 8, 96, 8191),
+      ("segments+causal S=4096", "seg", 8, 8, 128, 4096),
+  ]:
+    q, k, v, do = inputs((2, s, h, d), (2, s, hkv, d), dtype)
+    seg = None
+    if mask == "seg":
+      seg = jnp.asarray(np.repeat(np.arange(4), s // 4)[None].repeat(2, 0), jnp.int32)
+      mask = masks.causal()
+    ours = lambda q, k, v, m=mask, seg=seg: jsa.attention(q, k, v, m, segment_ids=seg,
+                                                          backend="triton")
+    ref = lambda q, k, v, m=mask, seg=seg: jsa.attention(q, k, v, m, segment_ids=seg,
+                                                         backend="xla", block_q=128, block_kv=128)
+    try:
+      check_case(name, ours, ref, q, k, v, do, tol)
+    except Exception as e:  # keep going: one failure must not hide the others
+      record(suite="check", case=name, error=repr(e)[:500])
+      traceback.print_exc()
+  for name, spatial, kern, stride, dil, causal in [
+      ("na2d 64x64 k13", (64, 64), 13, 1, 1, False),
+      ("na2d 48x40 k(7,9) s(2,3) d(2,1)", (48, 40), (7, 9), (2, 3), (2, 1), False),
+      ("na3d 8x24x24 k(4,7,7) causal-t", (8, 24, 24), (4, 7, 7), 1, 1, (True, False, False)),
+  ]:
+    q, k, v, do = inputs((1,) + spatial + (8, 128), (1,) + spatial + (8, 128), dtype)
+    ours = lambda q, k, v, a=(kern, stride, dil, causal): jsa.na(q, k, v, *a, backend="triton")
+    ref = lambda q, k, v, a=(kern, stride, dil, causal): jsa.na(q, k, v, *a, backend="xla")
+    try:
+      check_case(name, ours, ref, q, k, v, do, tol)
+    except Exception as e:
+      record(suite="check", case=name, error=repr(e)[:500])
+      traceback.print_exc()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _perf(name, fn, q, k, v, do, flops_fwd, iters, **extra):
+  fwd = jax.jit(fn)
+  both = fwd_bwd(fn)
+  try:
+    t_f = timeit(fwd, q, k, v, iters=iters)
+    t_b = timeit(both, q, k, v, do, iters=iters)
+    record(suite="perf", case=name, fwd_ms=t_f, fwd_bwd_ms=t_b,
+           fwd_tflops=flops_fwd / t_f / 1e9, fwd_bwd_tflops=3.5 * flops_fwd / t_b / 1e9, **extra)
+  except Exception as e:
+    record(suite="perf", case=name, error=repr(e)[:500], **extra)
+    traceback.print_exc()
+
+
+def suite_perf(dtype, iters, only=None):
+  b, h, d = 2, 16, 128
+  cudnn = lambda causal, window=None: (lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation="cudnn", local_window_size=window))
+
+  def want(tag):
+    return only is None or tag in only
+
+  if want("dense"):
+    for s in (4096, 16384):
+      q, k, v, do = inputs((b, s, h, d), (b, s, h, d), dtype)
+      flops = 4 * b * h * s * s * d
+      _perf(f"dense S={s}", lambda q, k, v: jsa.attention(q, k, v, backend="triton"),
+            q, k, v, do, flops, iters, impl="ours-triton")
+      _perf(f"dense S={s}", cudnn(False), q, k, v, do, flops, iters, impl="cudnn")
+      _perf(f"causal S={s}", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
+                                                           backend="triton"),
+            q, k, v, do, flops / 2, iters, impl="ours-triton")
+      _perf(f"causal S={s}", cudnn(True), q, k, v, do, flops / 2, iters, impl="cudnn")
+  if want("window"):
+    s, w = 32768, 2048
+    q, k, v, do = inputs((1, s, h, d), (1, s, h, d), dtype)
+    useful = 4 * h * d * sum(min(i + 1, w) for i in range(s))
+    _perf("sliding window 2048 S=32768 B=1",
+          lambda q, k, v: jsa.attention(q, k, v, masks.sliding_window(w - 1), backend="triton"),
+          q, k, v, do, useful, iters, impl="ours-triton")
+    _perf("sliding window 2048 S=32768 B=1", cudnn(True, (w - 1, 0)), q, k, v, do, useful, iters,
+          impl="cudnn")
+    _perf("causal S=32768 B=1", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
+                                                              backend="triton"),
+          q, k, v, do, 2 * h * d * s * s, iters, impl="ours-triton")
+  if want("na2d"):
+    spatial, kern = (128, 128), (33, 33)
+    q, k, v, do = inputs((2,) + spatial + (h, d), (2,) + spatial + (h, d), dtype)
+    n = math.prod(spatial)
+    sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64)
+    useful = 4 * 2 * h * d * sim.attended_pairs
+    _perf("na2d 128x128 k33 B=2", lambda q, k, v: jsa.na2d(q, k, v, kern, backend="triton"),
+          q, k, v, do, useful, iters, impl="ours-triton", bound=sim.block_speedup_bound,
+          tiles=str(sim.q_tile_shape) + "/" + str(sim.kv_tile_shape))
+    from jax_sparse_attn.layout import TiledLayout
+    lq = TiledLayout(spatial, (1, 1), sim.q_tile_shape)
+    lk = TiledLayout(spatial, (1, 1), sim.kv_tile_shape)
+    permute = jax.jit(lambda q, k, v: (lq.from_kernel(lq.to_kernel(q) + 1), lk.to_kernel(k),
+                                       lk.to_kernel(v)))
+    record(suite="perf", case="na2d 128x128 token permutation only (q,k,v in + o out)",
+           fwd_ms=timeit(permute, q, k, v, iters=iters), impl="xla")
+    flat = lambda x: x.reshape(2, n, h, d)
+    _perf("na2d 128x128 dense baseline", lambda q, k, v: jsa.attention(
+        flat(q), flat(k), flat(v), backend="triton").reshape(q.shape), q, k, v, do,
+        4 * 2 * h * d * n * n, iters, impl="ours-triton")
+    _perf("na2d 128x128 dense baseline", lambda q, k, v: jax.nn.dot_product_attention(
+        flat(q), flat(k), flat(v), implementation="cudnn").reshape(q.shape), q, k, v, do,
+        4 * 2 * h * d * n * n, iters, impl="cudnn")
+  if want("na3d"):
+    spatial, kern = (16, 64, 64), (8, 16, 16)
+    q, k, v, do = inputs((1,) + spatial + (h, d), (1,) + spatial + (h, d), dtype)
+    n = math.prod(spatial)
+    sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64)
+    useful = 4 * h * d * sim.attended_pairs
+    _perf("na3d 16x64x64 k8x16x16 B=1", lambda q, k, v: jsa.na3d(q, k, v, kern,
+                                                               backend="triton"),
+          q, k, v, do, useful, iters, impl="ours-triton", bound=sim.block_speedup_bound,
+          tiles=str(sim.q_tile_shape) + "/" + str(sim.kv_tile_shape))
+    flat = lambda x: x.reshape(1, n, h, d)
+    _perf("na3d 16x64x64 dense baseline", lambda q, k, v: jsa.attention(
+        flat(q), flat(k), flat(v), backend="triton").reshape(q.shape), q, k, v, do,
+        4 * h * d * n * n, iters, impl="ours-triton")
+
+
+def suite_sweep(dtype, iters):
+  b, h, d, s = 2, 16, 128, 16384
+  q, k, v, do = inputs((b, s, h, d), (b, s, h, d), dtype)
+  flops = 4 * b * h * s * s * d
+  for map_q, map_kv, tq, tk, warps, stages in [
+      (128, 64, 128, 64, 4, 2), (128, 128, 128, 64, 4, 2), (128, 128, 128, 128, 8, 2),
+  ]:
+    cfg = TritonConfig(block_q=tq, block_kv=tk, num_warps=warps, num_stages=stages)
+    fn = lambda q, k, v, cfg=cfg: jsa.attention(q, k, v, backend="triton", block_q=map_q,
+                                                block_kv=map_kv, config=cfg)
+    try:
+      t = timeit(jax.jit(fn), q, k, v, iters=iters)
+      record(suite="sweep", case="dense S=16384 fwd", map=f"{map_q}x{map_kv}",
+             tile=f"{tq}x{tk}", warps=warps, stages=stages, fwd_ms=t,
+             fwd_tflops=flops / t / 1e9)
+    except Exception as e:
+      record(suite="sweep", case="dense fwd", tile=f"{tq}x{tk}", error=repr(e)[:300])
+  # Backward kernels separately: vary one kernel's config, keep the other fixed; the
+  # difference between configs is that kernel's difference.
+  for kind, tq, tk, warps, stages in [
+      ("base", 64, 64, 4, 2),
+      ("dq", 128, 64, 4, 2), ("dq", 128, 64, 8, 2), ("dq", 64, 128, 4, 2), ("dq", 128, 32, 4, 2),
+      ("dq", 64, 64, 4, 3),
+      ("dkv", 64, 128, 4, 2), ("dkv", 64, 128, 8, 2), ("dkv", 128, 128, 8, 2), ("dkv", 32, 128, 4, 2),
+      ("dkv", 64, 64, 4, 3), ("dkv", 32, 64, 4, 3),
+  ]:
+    if kind == "dq":
+      cfg = TritonConfig(dq_block_q=tq, dq_block_kv=tk, dq_num_warps=warps, dq_num_stages=stages)
+    elif kind == "dkv":
+      cfg = TritonConfig(bwd_block_q=tq, bwd_block_kv=tk, bwd_num_warps=warps,
+                         bwd_num_stages=stages)
+    else:
+      cfg = TritonConfig()
+    mq, mk = max(128, tq), max(128 if kind == "dkv" and tk == 128 else 64, tk)
+    fn = lambda q, k, v, cfg=cfg, mq=mq, mk=mk: jsa.attention(
+        q, k, v, backend="triton", block_q=mq, block_kv=mk, config=cfg)
+    try:
+      t = timeit(fwd_bwd(fn), q, k, v, do, iters=max(iters // 2, 5))
+      record(suite="sweep", case="dense S=16384 fwd+bwd", kernel=kind, map=f"{mq}x{mk}",
+             tile=f"{tq}x{tk}", warps=warps, stages=stages, fwd_bwd_ms=t,
+             fwd_bwd_tflops=3.5 * flops / t / 1e9)
+    except Exception as e:
+      record(suite="sweep", case="dense fwd+bwd", kernel=kind, tile=f"{tq}x{tk}",
+             error=repr(e)[:300])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--suite", default="all", help="check | perf | sweep | all (comma list)")
+  parser.add_argument("--only", default=None, help="perf cases: dense,window,na2d,na3d")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  suites = args.suite.split(",")
+  dev = jax.devices()[0]
+  header = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                date=datetime.date.today().isoformat(), dtype=args.dtype)
+  print(json.dumps(header), flush=True)
+  if "check" in suites or "all" in suites:
+    suite_check(dtype)
+  if "perf" in suites or "all" in suites:
+    suite_perf(dtype, args.iters, args.only.split(",") if args.only else None)
+  if "sweep" in suites or "all" in suites:
+    suite_sweep(dtype, args.iters)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(header, results=RESULTS), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

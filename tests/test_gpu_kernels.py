@@ -1,0 +1,57 @@
+"""Pallas Triton kernels in interpret mode (CPU) vs the float64 brute force."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import backend_cases
+import brute_force
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+from pallas_kernels.gpu import TritonConfig
+
+KW = dict(interpret=True, block_q=32, block_kv=32)
+
+
+@settings(max_examples=8)
+@given(p=backend_cases.seq_problems(max_len=70))
+def test_attention(p):
+  if p["mask"] == "or":  # generic masks: covered by the function case below (slow in interpret)
+    p = dict(p, mask="function")
+  backend_cases.check_attention(p, "triton", **KW)
+
+
+@settings(max_examples=5)
+@given(p=backend_cases.na_problems())
+def test_na(p):
+  backend_cases.check_na(p, "triton", interpret=True, block_q=16, block_kv=16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision(dtype):
+  p = dict(batch=1, sq=45, skv=45, heads=4, kv_heads=2, head_dim=32, mask="causal_window",
+           segments=False, dtype=dtype, seed=3)
+  backend_cases.check_attention(p, "triton", **KW)
+
+
+def test_kernel_tiles_smaller_than_map_blocks():
+  # Block-map blocks of 32, kernel tiles of 16 (two programs per Q block, two tiles per entry).
+  p = dict(batch=1, sq=70, skv=70, heads=2, kv_heads=1, head_dim=16, mask="window",
+           segments=True, dtype=jnp.float32, seed=5)
+  cfg = TritonConfig(block_q=16, block_kv=16, bwd_block_q=16, bwd_block_kv=16, dq_block_q=16,
+                     dq_block_kv=16)
+  backend_cases.check_attention(p, "triton", config=cfg, **KW)
+
+
+def test_head_dim_padding_and_masked_rows():
+  p = dict(batch=1, sq=40, skv=40, heads=2, kv_heads=2, head_dim=24, mask="masked_rows",
+           segments=False, dtype=jnp.float32, seed=7)
+  backend_cases.check_attention(p, "triton", **KW)
+
+
+def test_bad_config():
+  x = jnp.ones((1, 64, 2, 16))
+  with pytest.raises(ValueError, match="TritonConfig.block_q=48 must be a power of two"):
+    jsa.attention(x, x, x, backend="triton", interpret=True, block_q=32,
+                  config=TritonConfig(block_q=48))
