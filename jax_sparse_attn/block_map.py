@@ -308,14 +308,57 @@ def build(mask: masks_lib.Mask, q_layout, kv_layout, pad_pow2: bool = True) -> B
     lo, hi, c = masks_lib.per_token_intervals(mask, q_idx, kv_idx, q_valid, kv_valid)
     rows = _classify_interval_1d(lo, hi, c, q_valid, kv_valid, bq, bk)
     return from_classes_rows(rows, kv_layout.num_blocks, bq, bk, pad_pow2)
+  classes = _composed_classes(mask, q_layout, kv_layout, q_idx, q_valid, kv_idx, kv_valid)
+  classes = _refine_partial(mask, classes, q_idx, q_valid, kv_idx, kv_valid, bq, bk)
+  return from_dense_classes(classes, bq, bk, pad_pow2)
+
+
+def _composed_classes(mask, q_layout, kv_layout, q_idx, q_valid, kv_idx, kv_valid):
+  """[nq, nk] classes: interval parts analytically, `&`/`|` by composition, the rest by
+  element evaluation. Composition is conservative (a `|` of two partial blocks may be full,
+  an `&` of two partial blocks may be empty); `_refine_partial` makes it exact."""
+  bq, bk = q_layout.block, kv_layout.block
+  nq, nk = len(q_idx) // bq, len(kv_idx) // bk
+  if mask.is_interval:
+    lo, hi, c = masks_lib.per_token_intervals(mask, q_idx, kv_idx, q_valid, kv_valid)
+    out = np.zeros((nq, nk), np.int8)
+    for i, (ids, cls) in enumerate(_classify_interval_1d(lo, hi, c, q_valid, kv_valid, bq, bk)):
+      out[i, ids] = cls
+    return out
+  if isinstance(mask, (masks_lib.And, masks_lib.Or)):
+    a = _composed_classes(mask.a, q_layout, kv_layout, q_idx, q_valid, kv_idx, kv_valid)
+    b = _composed_classes(mask.b, q_layout, kv_layout, q_idx, q_valid, kv_idx, kv_valid)
+    if isinstance(mask, masks_lib.And):
+      return np.where((a == FULL) & (b == FULL), FULL,
+                      np.where((a == EMPTY) | (b == EMPTY), EMPTY, PARTIAL)).astype(np.int8)
+    return np.where((a == FULL) | (b == FULL), FULL, np.maximum(a, b)).astype(np.int8)
   pairs = len(q_idx) * len(kv_idx)
   if pairs > (1 << 34):
     raise ValueError(
         f"mask {type(mask).__name__} has no analytic block map and {pairs} token pairs are too "
         "many to evaluate; express it with interval masks (causal, sliding_window, "
-        "block_local, neighborhood and their '&')")
-  classes = _classify_dense(mask, q_idx, q_valid, kv_idx, kv_valid, bq, bk)
-  return from_dense_classes(classes, bq, bk, pad_pow2)
+        "block_local, neighborhood, sink and their '&' / '|')")
+  return _classify_dense(mask, q_idx, q_valid, kv_idx, kv_valid, bq, bk)
+
+
+def _refine_partial(mask, classes, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
+  """Exact classes for the PARTIAL blocks (element evaluation, chunked), within a budget."""
+  qi_list, kj_list = np.nonzero(classes == PARTIAL)
+  if not len(qi_list) or len(qi_list) * bq * bk > _REFINE_BUDGET:
+    return classes
+  classes = classes.copy()
+  chunk = max(1, (1 << 22) // (bq * bk))
+  kv_all_valid = kv_valid.reshape(-1, bk).all(axis=1)
+  for s in range(0, len(qi_list), chunk):
+    qi, kj = qi_list[s:s + chunk], kj_list[s:s + chunk]
+    q_tok = qi[:, None] * bq + np.arange(bq)[None, :]
+    k_tok = kj[:, None] * bk + np.arange(bk)[None, :]
+    m = np.asarray(mask(q_idx[q_tok][:, :, None], kv_idx[k_tok][:, None, :])).astype(bool)
+    qv, kvv = q_valid[q_tok][:, :, None], kv_valid[k_tok][:, None, :]
+    m &= qv & kvv
+    full = (m | ~qv).all(axis=(1, 2)) & kv_all_valid[kj]
+    classes[qi, kj] = np.where(full, FULL, np.where(m.any(axis=(1, 2)), PARTIAL, EMPTY))
+  return classes
 
 
 def for_sequences(mask: masks_lib.Mask, seq_q: int, seq_kv: int, block_q: int,

@@ -178,6 +178,23 @@ class IntervalAnd(IntervalMask):
     return [c for p in self.parts for c in p.kv_coords(kv_idx)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Sink(IntervalMask):
+  """The first ``num_tokens`` keys are visible to every query (attention sinks / global keys).
+
+  Combine with ``|``: ``causal() & (sliding_window(w) | sink(4))`` is StreamingLLM's pattern.
+  """
+  num_tokens: int
+  num_dims = 1
+
+  def q_bounds(self, q_idx):
+    xp = _xp(q_idx)
+    return [xp.zeros_like(q_idx)], [xp.full_like(q_idx, self.num_tokens - 1)]
+
+  def kv_coords(self, kv_idx):
+    return [kv_idx]
+
+
 # --------------------------------------------------------------------------------------------
 # Generalized neighborhood attention (NATTEN semantics), one spatial dimension at a time.
 
@@ -393,6 +410,11 @@ def neighborhood(spatial_shape: Sequence[int], kernel_size, stride=1, dilation=1
       raise ValueError(f"stride must not exceed kernel_size: dimension {i} has stride={s} > "
                        f"kernel_size={k}")
   return Neighborhood(spatial_shape, kernel_size, stride, dilation, is_causal)
+
+
+def sink(num_tokens: int) -> Mask:
+  _check_nonneg_int(num_tokens, "num_tokens")
+  return Sink(int(num_tokens))
 
 
 def from_function(fn: Callable[[Array, Array], Array]) -> Mask:

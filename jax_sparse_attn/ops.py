@@ -32,6 +32,7 @@ class Backend(NamedTuple):
   forward: Callable
   backward: Callable
   default_blocks: Callable[[int, Any], tuple[int, int]]  # (head_dim, dtype) -> (bq, bk)
+  min_block: int = 16  # small sequences shrink the default blocks down to this
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret):
@@ -170,7 +171,8 @@ def _check_scale(scale, head_dim):
 def _block_sizes(backend: str, head_dim: int, dtype, block_q, block_kv, seq_q=None, seq_kv=None):
   if backend == "reference":
     return 1, 1
-  dq, dk = _get_backend(backend).default_blocks(head_dim, dtype)
+  impl = _get_backend(backend)
+  dq, dk = impl.default_blocks(head_dim, dtype)
   bq = block_q or dq
   bk = block_kv or dk
   for name, b in (("block_q", bq), ("block_kv", bk)):
@@ -178,9 +180,9 @@ def _block_sizes(backend: str, head_dim: int, dtype, block_q, block_kv, seq_q=No
       raise ValueError(f"{name} must be a positive power of two, got {b}")
   # Small problems: don't pad a 40-token sequence to 128.
   if seq_q is not None and block_q is None:
-    bq = min(bq, max(16, 1 << max(0, (seq_q - 1).bit_length())))
+    bq = min(bq, max(impl.min_block, 1 << max(0, (seq_q - 1).bit_length())))
   if seq_kv is not None and block_kv is None:
-    bk = min(bk, max(16, 1 << max(0, (seq_kv - 1).bit_length())))
+    bk = min(bk, max(impl.min_block, 1 << max(0, (seq_kv - 1).bit_length())))
   return bq, bk
 
 
@@ -272,14 +274,25 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
 def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
        scale: float | None = None, backend: str = "auto", interpret: bool = False,
        return_lse: bool = False, q_tile_shape=None, kv_tile_shape=None,
-       block_q: int | None = None, block_kv: int | None = None, config=None):
+       block_q: int | None = None, block_kv: int | None = None, config=None,
+       tiling: "NATiling | None" = None):
   """Generalized neighborhood attention on [batch, *spatial, heads, head_dim] (1-3 spatial dims).
 
   kernel_size/stride/dilation: int or one int per spatial dim; is_causal: bool or per-dim.
   Tokens are permuted into spatial tiles (``q_tile_shape``/``kv_tile_shape``, chosen by the
   simulator when None) so the kernels' blocks are tiles. Returns out (and lse
   [batch, *spatial, heads]) in the input layout.
+
+  With ``tiling=na_tiling(...)`` the inputs are already in tiled order,
+  ``[batch, tiling.num_tokens, heads, head_dim]``, and so is the output: no permutation per
+  call (kernel_size etc. must equal the tiling's).
   """
+  if tiling is not None:
+    want = masks_lib.neighborhood(tiling.mask.spatial_shape, kernel_size, stride, dilation,
+                                  is_causal)
+    if want != tiling.mask:
+      raise ValueError("kernel_size/stride/dilation/is_causal differ from the tiling's mask")
+    return _na_tiled(query, key, value, tiling, scale, backend, interpret, return_lse, config)
   if not hasattr(query, "ndim") or query.ndim not in (4, 5, 6):
     raise ValueError("query must be [batch, *spatial, heads, head_dim] with 1 to 3 spatial "
                      f"dims, got shape {getattr(query, 'shape', None)}")
@@ -321,6 +334,64 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   if not return_lse:
     return out
   return out, q_layout.from_kernel(lse.transpose(0, 2, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class NATiling:
+  """One token order for q, k, v and the output of neighborhood attention: spatial tiles.
+
+  Models that keep activations tiled across many layers permute once (`tile`) before the
+  first layer and once back (`untile`) after the last, and call ``na(..., tiling=t)`` on
+  ``[batch, t.num_tokens, heads, head_dim]`` inputs; token-wise layers (projections, MLPs,
+  norms) do not care about the order. Padding tokens (``t.num_tokens >= prod(spatial)``) are
+  masked out of attention and dropped by `untile`.
+  """
+  mask: masks_lib.Neighborhood
+  layout: TiledLayout
+
+  @property
+  def num_tokens(self) -> int:
+    return self.layout.padded_len
+
+  def tile(self, x):
+    """[batch, *spatial, ...] -> [batch, num_tokens, ...]."""
+    return self.layout.to_kernel(x)
+
+  def untile(self, y):
+    """[batch, num_tokens, ...] -> [batch, *spatial, ...]."""
+    return self.layout.from_kernel(y)
+
+
+def na_tiling(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False, *,
+              block: int = 128, tile_shape=None) -> NATiling:
+  """The tiling `na(..., tiling=)` uses; tile_shape (product `block`) is chosen by the
+  simulator when None."""
+  from .simulate import best_tile_shapes
+  mask = masks_lib.neighborhood(spatial_shape, kernel_size, stride, dilation, is_causal)
+  if tile_shape is None:
+    tile_shape = best_tile_shapes(mask, block, block, same=True)[0]
+  tile_shape = masks_lib._as_tuple(tile_shape, mask.num_dims, "tile_shape")
+  n = math.prod(tile_shape)
+  if any(t <= 0 for t in tile_shape) or n & (n - 1):
+    raise ValueError(f"tile_shape must be positive with a power-of-two product, got {tile_shape}")
+  return NATiling(mask, TiledLayout(mask.spatial_shape, mask.dilation, tile_shape))
+
+
+def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, return_lse, config):
+  if not isinstance(tiling, NATiling):
+    raise ValueError(f"tiling must come from jax_sparse_attn.na_tiling, got {type(tiling).__name__}")
+  _check_qkv(query, key, value, None)
+  if query.shape[1] != tiling.num_tokens or key.shape[1] != tiling.num_tokens:
+    raise ValueError(f"with tiling=, inputs must be [batch, {tiling.num_tokens} (tiling.num_tokens),"
+                     f" heads, head_dim]; got query {query.shape}, key {key.shape}")
+  scale = _check_scale(scale, query.shape[-1])
+  backend = resolve_backend(backend)
+  if backend == "reference":
+    raise ValueError("tiling= runs on the block-sparse backends; use the spatial layout with "
+                     "backend='reference'")
+  plan = make_plan(tiling.mask, tiling.layout, tiling.layout)
+  out, lse = _run_core(backend, plan, scale, config, interpret, query, key, value, None, None)
+  return (out, lse.transpose(0, 2, 1)) if return_lse else out
 
 
 def _na_fixed(ndim):

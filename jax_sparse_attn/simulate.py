@@ -22,8 +22,9 @@ from . import block_map as block_map_lib
 from . import masks as masks_lib
 from .layout import TiledLayout, cdiv
 
-# A partial block costs a little more than a full one (element mask arithmetic).
-PARTIAL_BLOCK_COST = 1.1
+# A partial block costs more than a full one (element-mask arithmetic beside the softmax):
+# 1.6x, fitted to the Triton kernels on the H100 (2-D NA 128x128 k33, 2026-11-23).
+PARTIAL_BLOCK_COST = 1.6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +76,10 @@ def _counts(mask, q_tile, kv_tile):
 
 
 @functools.lru_cache(maxsize=256)
-def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int):
-  """Tile shapes (products block_q and block_kv) that minimise the simulated block cost."""
+def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
+                     same: bool = False):
+  """Tile shapes (products block_q and block_kv) that minimise the simulated block cost.
+  ``same=True`` (needs block_q == block_kv) returns one tile shape for Q and KV."""
   limits = _tile_limits(mask)
   q_cands = list(_pow2_factorizations(block_q, mask.num_dims, [max(l, 1) for l in limits]))
   kv_cands = list(_pow2_factorizations(block_kv, mask.num_dims, [max(l, 1) for l in limits]))
@@ -89,6 +92,8 @@ def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int):
   best, best_cost = None, None
   for qt in q_cands:
     for kt in kv_cands:
+      if same and qt != kt:
+        continue
       visited, full = _counts(mask, qt, kt)
       cost = full + PARTIAL_BLOCK_COST * (visited - full)
       # Prefer squarer tiles on ties (fewer partial blocks under other masks).

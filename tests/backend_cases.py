@@ -14,7 +14,7 @@ from strategies import gna_problems
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 
-TOL = {jnp.float32: 2e-4, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
+TOL = {jnp.float32: 2e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 SEQ_MASKS = {
     "full": lambda sq, skv: masks.full(),
@@ -26,6 +26,7 @@ SEQ_MASKS = {
     "function": lambda sq, skv: masks.from_function(lambda q, k: (q + 2 * k) % 3 != 0),
     "or": lambda sq, skv: masks.causal() | masks.sliding_window(0, 4),
     "masked_rows": lambda sq, skv: masks.causal(offset=-5),  # first rows see nothing
+    "window_sink": lambda sq, skv: masks.causal() & (masks.sliding_window(5) | masks.sink(2)),
 }
 # A stable function object, so block maps are cached across examples.
 SEQ_MASKS_CACHE: dict = {}
@@ -99,7 +100,7 @@ def check_attention(p, backend, **kwargs):
   for name, got, ref in zip("qkv", grads, want_grads):
     assert got.dtype == q.dtype
     err = brute_force.rel_err(got, ref)
-    assert err < tol * 5 or _small(got, ref, tol), (name, err)
+    assert err < tol * 2 or _small(got, ref, tol), (name, err)
 
 
 @st.composite
@@ -121,7 +122,7 @@ def check_na(p, backend, **kwargs):
   flat = lambda x: x.reshape(x.shape[0], n, *x.shape[-2:])
   scale = 1.0 / math.sqrt(p["head_dim"])
   want, want_lse = brute_force.attention(flat(q), flat(k), flat(v), dense, scale)
-  if backend != "reference":
+  if backend != "reference" and p["tile_q"] is not None:
     kwargs = dict(q_tile_shape=p["tile_q"], kv_tile_shape=p["tile_kv"], **kwargs)
 
   def run(q, k, v):
@@ -139,4 +140,4 @@ def check_na(p, backend, **kwargs):
   want_grads = brute_force.attention_grads(flat(q), flat(k), flat(v), dense, scale, flat(d_out))
   for name, got, ref in zip("qkv", grads, want_grads):
     err = brute_force.rel_err(flat(got), ref)
-    assert err < tol * 5 or _small(flat(got), ref, tol), (name, err)
+    assert err < tol * 2 or _small(flat(got), ref, tol), (name, err)

@@ -55,6 +55,8 @@ MASKS_1D = [
     lambda n: masks.from_function(lambda q, k: (q // 3) % 2 == (k // 3) % 2),
     lambda n: masks.causal() | masks.sliding_window(2, 2),
     lambda n: masks.from_array(np.random.default_rng(n).random((n, n)) < 0.1),
+    lambda n: masks.causal() & (masks.sliding_window(6) | masks.sink(3)),
+    lambda n: masks.causal() & masks.from_function(lambda q, k: (q - k) % 4 != 1),
 ]
 
 
@@ -81,6 +83,16 @@ def test_sliding_window_map_is_banded_and_linear():
   bmap = block_map.for_sequences(masks.sliding_window(2047), 32768, 32768, 128, 128)
   assert bmap.max_kv <= 32 and int(bmap.kv_counts.max()) == 17
   assert bmap.num_visited < 256 * 18
+
+
+def test_sink_window_map_is_composed_not_dense():
+  import time
+  t = time.perf_counter()
+  mask = masks.causal() & (masks.sliding_window(2047) | masks.sink(4))
+  bmap = block_map.for_sequences(mask, 32768, 32768, 128, 128)
+  assert time.perf_counter() - t < 20
+  # Window rows plus the sink column (block 0) once the window has moved past it.
+  assert int(bmap.kv_counts.max()) == 18 and 0 in bmap.kv_ids[-1, : bmap.kv_counts[-1]]
 
 
 def test_layout_roundtrip():

@@ -56,6 +56,7 @@ def test_1d_masks_against_formulas():
   np.testing.assert_array_equal(_dense(masks.block_local(8, 2), 40, 40),
                                 (kv >= (q // 8) * 8 - 2) & (kv < (q // 8 + 1) * 8 + 2))
   np.testing.assert_array_equal(_dense(masks.full(), 40, 40), np.ones((40, 40), bool))
+  np.testing.assert_array_equal(_dense(masks.sink(3), 40, 40), np.broadcast_to(kv < 3, (40, 40)))
 
 
 def test_combinators():

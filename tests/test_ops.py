@@ -105,3 +105,23 @@ X = jnp.ones((1, 16, 4, 32))
 def test_bad_input_raises_value_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton"])
+def test_na_tiled_order_skips_permutation(backend):
+  rng = np.random.default_rng(4)
+  spatial = (9, 13)
+  q, k, v = (jnp.asarray(rng.standard_normal((1,) + spatial + (2, 16)), jnp.float32)
+             for _ in range(3))
+  t = jsa.na_tiling(spatial, (3, 5), dilation=(2, 1), block=16)
+  assert t.num_tokens >= 9 * 13 and t.num_tokens % 16 == 0
+  kw = dict(interpret=True) if backend == "triton" else {}
+  out_t = jsa.na(t.tile(q), t.tile(k), t.tile(v), (3, 5), dilation=(2, 1), tiling=t,
+                 backend=backend, **kw)
+  want = jsa.na(q, k, v, (3, 5), dilation=(2, 1), backend="reference")
+  assert brute_force.rel_err(t.untile(out_t), want) < 1e-4
+  with pytest.raises(ValueError, match="differ from the tiling"):
+    jsa.na(t.tile(q), t.tile(k), t.tile(v), 3, tiling=t, backend=backend)
+  with pytest.raises(ValueError, match="tiling.num_tokens"):
+    jsa.na(q.reshape(1, -1, 2, 16), k.reshape(1, -1, 2, 16), v.reshape(1, -1, 2, 16),
+           (3, 5), dilation=(2, 1), tiling=t, backend=backend)

@@ -160,30 +160,31 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec
   qk_scale = scale * LOG2E
   n_full, n_total = counts_ref[0], counts_ref[1]
 
+  sub = block_kv // tk  # kernel tiles per block-map block: one flat loop keeps pipelining
+
   def body(t, carry, masked):
-    kv_block = ids_ref[t]
-    for c in range(block_kv // tk):  # kernel tiles inside one block-map block
-      acc, m_prev, l_prev = carry
-      kv_start = pl.multiple_of(kv_block * block_kv + c * tk, tk)
-      kv_slice = pl.ds(kv_start, tk)
-      k = _load_rows(k_ref, kv_slice, dmask)
-      s = _dot(q, k, allow_tf32, trans_b=True) * qk_scale
-      if masked:
-        s = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk), s, -jnp.inf)
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-      p = jnp.exp2(s - m_safe[:, None])
-      alpha = jnp.exp2(m_prev - m_safe)
-      v = _load_rows(v_ref, kv_slice, dmask)
-      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, allow_tf32)
-      carry = (acc, m_new, l_prev * alpha + jnp.sum(p, axis=1))
+    acc, m_prev, l_prev = carry
+    kv_start = pl.multiple_of(_block_start(ids_ref, t, sub, block_kv, tk), tk)
+    kv_slice = pl.ds(kv_start, tk)
+    k = _load_rows(k_ref, kv_slice, dmask)
+    s = _dot(q, k, allow_tf32, trans_b=True) * qk_scale
+    if masked:
+      s = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk), s, -jnp.inf)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    p = jnp.exp2(s - m_safe[:, None])
+    alpha = jnp.exp2(m_prev - m_safe)
+    v = _load_rows(v_ref, kv_slice, dmask)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, allow_tf32)
+    carry = (acc, m_new, l_prev * alpha + jnp.sum(p, axis=1))
     return carry
 
   init = (jnp.zeros((tq, dpad), jnp.float32), jnp.full((tq,), -jnp.inf, jnp.float32),
           jnp.zeros((tq,), jnp.float32))
   unmasked = not spec.has_segments
-  carry = jax.lax.fori_loop(0, n_full, functools.partial(body, masked=not unmasked), init)
-  acc, m, l = jax.lax.fori_loop(n_full, n_total, functools.partial(body, masked=True), carry)
+  carry = jax.lax.fori_loop(0, n_full * sub, functools.partial(body, masked=not unmasked), init)
+  acc, m, l = jax.lax.fori_loop(n_full * sub, n_total * sub, functools.partial(body, masked=True),
+                                carry)
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   out = acc / l_safe[:, None]
@@ -192,6 +193,14 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec
     o_ref[...] = out.astype(o_ref.dtype)
   else:
     plgpu.store(o_ref, out.astype(o_ref.dtype), mask=dmask)
+
+
+def _block_start(ids_ref, t, sub: int, block: int, tile: int):
+  """Start row of the t-th kernel tile of a map row (`sub` tiles per map block)."""
+  if sub == 1:
+    return ids_ref[t] * block
+  # lax.div/rem: t >= 0, and Triton lowers them directly (jnp's floor division adds selects).
+  return ids_ref[jax.lax.div(t, sub)] * block + jax.lax.rem(t, sub) * tile
 
 
 def _load_rows(ref, rows, dmask):
@@ -294,25 +303,25 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
   qk_scale = scale * LOG2E
   n_full, n_total = counts_ref[0], counts_ref[1]
 
+  sub = block_kv // tk
+
   def body(t, dq, masked):
-    kv_block = ids_ref[t]
-    for c in range(block_kv // tk):
-      kv_start = pl.multiple_of(kv_block * block_kv + c * tk, tk)
-      kv_slice = pl.ds(kv_start, tk)
-      k = _load_rows(k_ref, kv_slice, dmask)
-      v = _load_rows(v_ref, kv_slice, dmask)
-      s = _dot(q, k, allow_tf32, trans_b=True) * qk_scale
-      p = jnp.exp2(s - lse2[:, None])
-      if masked:
-        p = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk), p, 0.0)
-      dp = _dot(do, v, allow_tf32, trans_b=True)
-      ds = p * (dp - delta[:, None])
-      dq = dq + _dot(ds.astype(k.dtype), k, allow_tf32)
+    kv_start = pl.multiple_of(_block_start(ids_ref, t, sub, block_kv, tk), tk)
+    kv_slice = pl.ds(kv_start, tk)
+    k = _load_rows(k_ref, kv_slice, dmask)
+    v = _load_rows(v_ref, kv_slice, dmask)
+    s = _dot(q, k, allow_tf32, trans_b=True) * qk_scale
+    p = jnp.exp2(s - lse2[:, None])
+    if masked:
+      p = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk), p, 0.0)
+    dp = _dot(do, v, allow_tf32, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    dq = dq + _dot(ds.astype(k.dtype), k, allow_tf32)
     return dq
 
   dq = jnp.zeros((tq, dpad), jnp.float32)
-  dq = jax.lax.fori_loop(0, n_full, functools.partial(body, masked=spec.has_segments), dq)
-  dq = jax.lax.fori_loop(n_full, n_total, functools.partial(body, masked=True), dq)
+  dq = jax.lax.fori_loop(0, n_full * sub, functools.partial(body, masked=spec.has_segments), dq)
+  dq = jax.lax.fori_loop(n_full * sub, n_total * sub, functools.partial(body, masked=True), dq)
   dq = (dq * scale).astype(dq_ref.dtype)
   if dmask is None:
     dq_ref[...] = dq
@@ -336,36 +345,36 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   qk_scale = scale * LOG2E
   n_full, n_total = counts_ref[0], counts_ref[1]
 
+  sub = block_q // tq
+
   def body(t, carry, masked, head):
     head = jnp.int32(head)  # a traced index (static ints trip the interpret-mode discharge)
-    q_block = ids_ref[t]
-    for c in range(block_q // tq):
-      dk, dv = carry
-      q_start = pl.multiple_of(q_block * block_q + c * tq, tq)
-      rows = pl.ds(q_start, tq)
-      q = _load_head_rows(q_ref, rows, head, group, dmask)
-      do = _load_head_rows(do_ref, rows, head, group, dmask)
-      lse = lse_ref[head, rows] if group > 1 else lse_ref[rows]
-      delta = delta_ref[head, rows] if group > 1 else delta_ref[rows]
-      lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
-      # Work in the transposed domain (rows = keys) so every dot is A @ B or A @ B^T.
-      s_t = _dot(k, q, allow_tf32, trans_b=True) * qk_scale  # [tk, tq]
-      p_t = jnp.exp2(s_t - lse2[None, :])
-      if masked:
-        p_t = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk, transposed=True),
-                        p_t, 0.0)
-      dv = dv + _dot(p_t.astype(do.dtype), do, allow_tf32)
-      dp_t = _dot(v, do, allow_tf32, trans_b=True)
-      ds_t = p_t * (dp_t - delta[None, :])
-      dk = dk + _dot(ds_t.astype(q.dtype), q, allow_tf32)
-      carry = (dk, dv)
+    dk, dv = carry
+    q_start = pl.multiple_of(_block_start(ids_ref, t, sub, block_q, tq), tq)
+    rows = pl.ds(q_start, tq)
+    q = _load_head_rows(q_ref, rows, head, group, dmask)
+    do = _load_head_rows(do_ref, rows, head, group, dmask)
+    lse = lse_ref[head, rows] if group > 1 else lse_ref[rows]
+    delta = delta_ref[head, rows] if group > 1 else delta_ref[rows]
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+    # Work in the transposed domain (rows = keys) so every dot is A @ B or A @ B^T.
+    s_t = _dot(k, q, allow_tf32, trans_b=True) * qk_scale  # [tk, tq]
+    p_t = jnp.exp2(s_t - lse2[None, :])
+    if masked:
+      p_t = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk, transposed=True),
+                      p_t, 0.0)
+    dv = dv + _dot(p_t.astype(do.dtype), do, allow_tf32)
+    dp_t = _dot(v, do, allow_tf32, trans_b=True)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = dk + _dot(ds_t.astype(q.dtype), q, allow_tf32)
+    carry = (dk, dv)
     return carry
 
   carry = (jnp.zeros((tk, dpad), jnp.float32), jnp.zeros((tk, dpad), jnp.float32))
   for head in range(group):  # GQA: the query heads sharing this KV head
-    carry = jax.lax.fori_loop(0, n_full, functools.partial(
+    carry = jax.lax.fori_loop(0, n_full * sub, functools.partial(
         body, masked=spec.has_segments, head=head), carry)
-    carry = jax.lax.fori_loop(n_full, n_total, functools.partial(
+    carry = jax.lax.fori_loop(n_full * sub, n_total * sub, functools.partial(
         body, masked=True, head=head), carry)
   dk, dv = carry
   dk = (dk * scale).astype(dk_ref.dtype)

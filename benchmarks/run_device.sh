@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: our correctness + timings, then the peers in the same session.
+#   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
+# Writes everything under $OUT. Usage: bash benchmarks/run_device.sh [ours|peers|all]
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+what=${1:-all}
+OUT=${OUT:-/tmp/out}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee $OUT/gpu.txt
+if [ "$what" = ours ] || [ "$what" = all ]; then
+  timeout 420 python3 -m benchmarks.bench_gpu --suite ${SUITES:-check,perf} --iters 10 \
+    --out $OUT/ours.json 2>&1 | grep '^{' | tee $OUT/ours.log
+fi
+if [ "$what" = peers ] || [ "$what" = all ]; then
+  (cd $OUT && timeout 200 python3 $OLDPWD/.peers/anchor_probe.py > $OUT/anchor_dense.log 2>&1)
+  (cd $OUT && timeout 150 python3 $OLDPWD/.peers/anchor_probe_sparse.py > $OUT/anchor_sparse.log 2>&1)
+  if ls .peer-wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/peers .peer-wheels/*.whl
+    (cd $OUT && PYTHONPATH=/tmp/peers:$OLDPWD/.peers/stubs timeout 200 python3 \
+      $OLDPWD/.peers/tokamax_probe.py > $OUT/tokamax.log 2>&1)
+  fi
+  tail -n 40 $OUT/anchor_dense.log $OUT/anchor_sparse.log $OUT/tokamax.log 2>/dev/null | grep -v "^$"
+fi

@@ -1,0 +1,321 @@
+"""Flax modules: NNX first (`NeighborhoodAttention1D/2D/3D`, `SparseAttention`), and thin
+Linen equivalents (`linen.NeighborhoodAttention`, `linen.SparseAttention`).
+
+Modules own parameters and call the functional ops (`jax_sparse_attn.na`, `.attention`),
+which work without Flax. Every parameter carries logical partitioning names
+(``("embed", "heads")`` for the fused ``heads*head_dim`` axis); activations are constrained
+with logical axes ``("batch", "length", "heads", "head_dim")``. `DEFAULT_RULES` maps them to
+a mesh with axes ``data``, ``context``, ``model``; with no mesh in context the constraints are
+no-ops, so layers construct and run anywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from . import masks as masks_lib
+from .ops import attention, na
+
+# logical axis -> mesh axis
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "data"),
+    ("length", "context"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("embed", None),
+    ("mlp", "model"),
+)
+
+
+def logical_spec(names: Sequence[str | None], rules=DEFAULT_RULES, mesh_axes=None) -> PartitionSpec:
+  """PartitionSpec for logical axis names; axes absent from `mesh_axes` are replicated."""
+  table = dict(rules)
+  out = []
+  for n in names:
+    axis = table.get(n) if n is not None else None
+    out.append(axis if (mesh_axes is None or axis in mesh_axes) else None)
+  return PartitionSpec(*out)
+
+
+def constrain(x, names: Sequence[str | None], rules=DEFAULT_RULES):
+  """`with_sharding_constraint` by logical names under the current mesh; no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  spec = logical_spec(names, rules, mesh.axis_names)
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, spec)  # explicit-sharding meshes
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def shard_model(model, mesh, rules=DEFAULT_RULES):
+  """Place an NNX model's parameters on `mesh` following their logical partitioning names."""
+  from flax import linen as ln
+  state = nnx.state(model)
+  with ln.logical_axis_rules(rules):
+    specs = nnx.get_partition_spec(state)
+  axes = set(mesh.axis_names)
+  keep = lambda spec: PartitionSpec(*[a if a in axes else None for a in spec])
+  shardings = jax.tree.map(
+      lambda s: jax.sharding.NamedSharding(mesh, keep(s) if isinstance(s, PartitionSpec)
+                                           else PartitionSpec()),
+      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  nnx.update(model, jax.device_put(state, shardings))
+  return model
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings (1-D and axial N-D).
+
+
+def rope(x, positions, base: float = 10000.0):
+  """Rotary embedding. x: [..., heads, head_dim]; positions: [..., n_axes] (broadcast over
+  heads). With n axes (axial RoPE) the head_dim/2 rotation pairs are split evenly between the
+  axes; pairs left over by the split are not rotated."""
+  d = x.shape[-1]
+  n_axes = positions.shape[-1]
+  per_axis = (d // 2) // n_axes
+  if per_axis == 0:
+    raise ValueError(f"head_dim={d} is too small for RoPE over {n_axes} axes (needs >= {2 * n_axes})")
+  freqs = base ** (-jnp.arange(per_axis, dtype=jnp.float32) / per_axis)  # [per_axis]
+  angles = positions[..., None, :, None].astype(jnp.float32) * freqs  # [..., 1, n, per_axis]
+  angles = angles.reshape(angles.shape[:-2] + (n_axes * per_axis,))
+  rotated = 2 * n_axes * per_axis
+  xs = x[..., :rotated].astype(jnp.float32).reshape(x.shape[:-1] + (rotated // 2, 2))
+  x0, x1 = xs[..., 0], xs[..., 1]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(
+      x.shape[:-1] + (rotated,))
+  return jnp.concatenate([out.astype(x.dtype), x[..., rotated:]], axis=-1)
+
+
+def _grid_positions(spatial):
+  grids = jnp.meshgrid(*[jnp.arange(s) for s in spatial], indexing="ij")
+  return jnp.stack(grids, axis=-1)  # [*spatial, n]
+
+
+# --------------------------------------------------------------------------------------------
+# NNX
+
+
+def _dense(rngs, din, dout, names, use_bias, dtype, param_dtype):
+  return nnx.Linear(
+      din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+      # eager_sharding=False: shard when a mesh is in context, never fail without one.
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names,
+                                        eager_sharding=False),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],),
+                                      eager_sharding=False))
+
+
+class _AttentionBase(nnx.Module):
+  def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None,
+               head_dim: int | None, qkv_bias: bool, out_bias: bool, use_rope: bool,
+               rope_base: float, qk_norm: bool, backend: str, interpret: bool,
+               context_axis: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+    num_kv_heads = num_kv_heads or num_heads
+    if embed_dim <= 0 or num_heads <= 0:
+      raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                       f"({num_kv_heads})")
+    if head_dim is None:
+      if embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) "
+                         "unless head_dim is given")
+      head_dim = embed_dim // num_heads
+    if context_axis is not None:
+      raise NotImplementedError("context parallelism (context_axis=) is not implemented yet")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.use_rope, self.rope_base, self.backend, self.interpret = use_rope, rope_base, backend, interpret
+    self.query = _dense(rngs, embed_dim, num_heads * head_dim, ("embed", "heads"), qkv_bias,
+                        dtype, param_dtype)
+    self.key = _dense(rngs, embed_dim, num_kv_heads * head_dim, ("embed", "kv_heads"), qkv_bias,
+                      dtype, param_dtype)
+    self.value = _dense(rngs, embed_dim, num_kv_heads * head_dim, ("embed", "kv_heads"),
+                        qkv_bias, dtype, param_dtype)
+    self.out = _dense(rngs, num_heads * head_dim, embed_dim, ("heads", "embed"), out_bias, dtype,
+                      param_dtype)
+    self.q_norm = nnx.RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype) if qk_norm else None
+    self.k_norm = nnx.RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype) if qk_norm else None
+
+  def _project(self, x, positions):
+    lead = x.shape[:-1]
+    q = self.query(x).reshape(lead + (self.num_heads, self.head_dim))
+    k = self.key(x).reshape(lead + (self.num_kv_heads, self.head_dim))
+    v = self.value(x).reshape(lead + (self.num_kv_heads, self.head_dim))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.use_rope:
+      q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+    # The leading spatial (or sequence) dim is the context-parallel one (time in video).
+    names = ("batch", "length") + (None,) * (len(lead) - 2)
+    q = constrain(q, names + ("heads", "head_dim"))
+    k = constrain(k, names + ("kv_heads", "head_dim"))
+    v = constrain(v, names + ("kv_heads", "head_dim"))
+    return q, k, v
+
+  def _output(self, o):
+    o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
+    return self.out(o)
+
+
+class NeighborhoodAttention(nnx.Module):
+  """N-D (generalized) neighborhood attention layer on ``[batch, *spatial, embed_dim]``.
+
+  Args mirror `jax_sparse_attn.na` (kernel_size/stride/dilation/is_causal: int/bool or one
+  per spatial dim) plus: num_kv_heads (GQA), head_dim (default embed_dim // num_heads),
+  qkv_bias, use_rope (axial RoPE over the spatial coordinates), qk_norm (RMSNorm on q, k),
+  backend, tile shapes.
+  """
+
+  def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1,
+               is_causal=False, *, spatial_dims: int, num_kv_heads: int | None = None,
+               head_dim: int | None = None, qkv_bias: bool = True, out_bias: bool = True,
+               use_rope: bool = False, rope_base: float = 10000.0, qk_norm: bool = False,
+               backend: str = "auto", interpret: bool = False, context_axis: str | None = None,
+               q_tile_shape=None, kv_tile_shape=None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
+                               head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                               use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
+                               backend=backend, interpret=interpret, context_axis=context_axis,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.spatial_dims = spatial_dims
+    self.kernel_size, self.stride, self.dilation, self.is_causal = (kernel_size, stride,
+                                                                    dilation, is_causal)
+    self.q_tile_shape, self.kv_tile_shape = q_tile_shape, kv_tile_shape
+
+  def __call__(self, x):
+    if x.ndim != self.spatial_dims + 2:
+      raise ValueError(f"x must be [batch, {self.spatial_dims} spatial dims, embed_dim], got "
+                       f"shape {x.shape}")
+    positions = _grid_positions(x.shape[1:-1])[None] if self.core.use_rope else None
+    q, k, v = self.core._project(x, positions)
+    o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
+           backend=self.core.backend, interpret=self.core.interpret,
+           q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape)
+    return self.core._output(o)
+
+
+def _fixed_dims(n):
+  class Fixed(NeighborhoodAttention):
+    def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False,
+                 **kwargs):
+      super().__init__(embed_dim, num_heads, kernel_size, stride, dilation, is_causal,
+                       spatial_dims=n, **kwargs)
+  Fixed.__name__ = Fixed.__qualname__ = f"NeighborhoodAttention{n}D"
+  Fixed.__doc__ = f"{n}-D neighborhood attention on [batch, {n} spatial dims, embed_dim]."
+  return Fixed
+
+
+NeighborhoodAttention1D = _fixed_dims(1)
+NeighborhoodAttention2D = _fixed_dims(2)
+NeighborhoodAttention3D = _fixed_dims(3)
+
+
+class SparseAttention(nnx.Module):
+  """Attention over 1-D sequences with any mask, on ``[batch, seq, embed_dim]``.
+
+  ``mask``: a `jax_sparse_attn.masks` spec, e.g. ``causal() & (sliding_window(w) | sink(4))``.
+  ``__call__(x, segment_ids=None)``; segment ids [batch, seq] restrict attention to packed
+  documents (and restart RoPE positions per document when ``positions`` is not given).
+  """
+
+  def __init__(self, embed_dim: int, num_heads: int, mask: masks_lib.Mask | None = None, *,
+               num_kv_heads: int | None = None, head_dim: int | None = None,
+               qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
+               rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
+               interpret: bool = False, context_axis: str | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
+                               head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                               use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
+                               backend=backend, interpret=interpret, context_axis=context_axis,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mask = mask
+
+  def __call__(self, x, segment_ids=None, positions=None):
+    if x.ndim != 3:
+      raise ValueError(f"x must be [batch, seq, embed_dim], got shape {x.shape}")
+    if positions is None and self.core.use_rope:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    pos = positions[..., None] if positions is not None else None
+    q, k, v = self.core._project(x, pos)
+    o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
+                  interpret=self.core.interpret)
+    return self.core._output(o)
+
+
+# --------------------------------------------------------------------------------------------
+# Linen
+
+
+from flax import linen as _ln  # noqa: E402
+
+
+class _LinenBase(_ln.Module):
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  use_bias: bool = True
+  backend: str = "auto"
+  interpret: bool = False
+  dtype: object = None
+
+  def _qkv(self, x):
+    h, hkv = self.num_heads, self.num_kv_heads or self.num_heads
+    d = self.head_dim or self.embed_dim // self.num_heads
+    init = _ln.initializers.lecun_normal()
+    dense = lambda n, names, name: _ln.DenseGeneral(
+        (n, d), use_bias=self.use_bias, dtype=self.dtype, name=name,
+        kernel_init=_ln.with_logical_partitioning(init, ("embed",) + names))
+    q = dense(h, ("heads", "head_dim"), "query")(x)
+    k = dense(hkv, ("kv_heads", "head_dim"), "key")(x)
+    v = dense(hkv, ("kv_heads", "head_dim"), "value")(x)
+    return q, k, v
+
+  def _out(self, o):
+    return _ln.DenseGeneral(
+        self.embed_dim, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
+        kernel_init=_ln.with_logical_partitioning(_ln.initializers.lecun_normal(),
+                                                  ("heads", "head_dim", "embed")))(o)
+
+
+class LinenNeighborhoodAttention(_LinenBase):
+  """Linen neighborhood attention on [batch, *spatial, embed_dim]."""
+  kernel_size: object = 7
+  stride: object = 1
+  dilation: object = 1
+  is_causal: object = False
+
+  @_ln.compact
+  def __call__(self, x):
+    q, k, v = self._qkv(x)
+    o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
+           backend=self.backend, interpret=self.interpret)
+    return self._out(o)
+
+
+class LinenSparseAttention(_LinenBase):
+  """Linen masked attention on [batch, seq, embed_dim]."""
+  mask: object = None
+
+  @_ln.compact
+  def __call__(self, x, segment_ids=None):
+    q, k, v = self._qkv(x)
+    o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.backend,
+                  interpret=self.interpret)
+    return self._out(o)
+
+
+class linen:  # noqa: N801  (a namespace: nn.linen.NeighborhoodAttention, ...)
+  NeighborhoodAttention = LinenNeighborhoodAttention
+  SparseAttention = LinenSparseAttention

@@ -1,0 +1,72 @@
+"""Shared training loop: optax AdamW with linear warmup + cosine decay, NNX models.
+
+State is `nnx.state(model)` / `nnx.state(optimizer)`: plain pytrees, so orbax's
+`StandardCheckpointer` saves and restores them (`--checkpoint DIR` does it when orbax is
+installed; it is not a dependency).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+
+def make_optimizer(model, steps: int, lr: float = 1e-3, warmup: int | None = None,
+                   weight_decay: float = 0.05):
+  warmup = max(1, steps // 10) if warmup is None else warmup
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
+                                                end_value=lr * 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+  return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def train(model, loss_fn: Callable, batches: Iterator, steps: int, lr: float = 1e-3,
+          log_every: int = 10, checkpoint: str | None = None, verbose: bool = True):
+  """Runs `steps` AdamW steps of `loss_fn(model, batch) -> scalar`. Returns the loss history."""
+  optimizer = make_optimizer(model, steps, lr)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = []
+  t0 = time.perf_counter()
+  for i in range(steps):
+    loss = float(step(model, optimizer, next(batches)))
+    losses.append(loss)
+    if verbose and (i % log_every == 0 or i == steps - 1):
+      print(f"step {i:5d}  loss {loss:.4f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+  if checkpoint:
+    save(checkpoint, model)
+  return losses
+
+
+def save(path: str, model) -> None:
+  import orbax.checkpoint as ocp  # optional
+  ocp.StandardCheckpointer().save(path, nnx.state(model))
+
+
+def cli(description: str, defaults: dict) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--steps", type=int, default=defaults.get("steps", 100))
+  parser.add_argument("--batch", type=int, default=defaults.get("batch", 8))
+  parser.add_argument("--size", type=int, default=defaults.get("size", 32),
+                      help="spatial side / sequence length")
+  parser.add_argument("--lr", type=float, default=defaults.get("lr", 1e-3))
+  parser.add_argument("--backend", default="auto")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--checkpoint", default=None, help="save the final state here (orbax)")
+  return parser.parse_args()
+
+
+def mlp(rngs, dim, hidden):
+  return nnx.Sequential(nnx.Linear(dim, hidden, rngs=rngs), nnx.gelu,
+                        nnx.Linear(hidden, dim, rngs=rngs))

@@ -1,0 +1,8 @@
+"""TPU kernels. `mosaic_attention`: Pallas with the Mosaic lowering (registered as "mosaic")."""
+from jax_sparse_attn.ops import Backend, register_backend
+
+from .mosaic_attention import backward, default_map_blocks, export_for_tpu, forward, tpu_target
+
+register_backend("mosaic", Backend(forward, backward, default_map_blocks, min_block=128))
+
+__all__ = ["forward", "backward", "export_for_tpu", "tpu_target"]

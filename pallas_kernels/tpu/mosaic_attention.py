@@ -1,0 +1,373 @@
+"""Block-sparse flash attention in Pallas for TPU (Mosaic), splash-attention style.
+
+The block map is passed by scalar prefetch (SMEM). The grid is
+(batch, heads, Q blocks, KV steps); the K/V `index_map` reads the visited-block id of step
+``j`` from the prefetched map, so padding steps (``j >= count``) re-use the block already in
+VMEM (the map repeats the last id: no DMA) and `pl.when` skips their compute. Full blocks take
+a path with no mask arithmetic; partial blocks rebuild the element mask from the per-token
+interval vectors (or the `from_function` mask) in-kernel. Running max / sum / accumulator live
+in VMEM scratch across the KV steps.
+
+Backward: a dQ kernel over the forward map and a dK/dV kernel over the transposed map whose
+reduction axis walks (visiting Q block, query head of the GQA group): no atomics.
+
+Mosaic tiling: the last two dims of every block must be multiples of (8, 128) or span the
+array. So tensors are moved to [batch, heads, seq, head_dim] (head_dim is the full last dim),
+block sizes are multiples of 128, query-side vectors are laid out [seq, dims] (sublane
+columns) and key-side vectors [dims, seq] (lane rows), and row statistics are [.., seq, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from jax_sparse_attn.plan import AttentionPlan
+
+NUM_LANES = 128
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+NN = (((1,), (0,)), ((), ()))  # a @ b
+TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Block sizes of the block map used on TPU (multiples of 128)."""
+  block_q: int = 128
+  block_kv: int = 128
+
+
+def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
+  return 128, 128
+
+
+def _check_blocks(plan: AttentionPlan):
+  for name, b in (("block_q", plan.block_q), ("block_kv", plan.block_kv)):
+    if b % NUM_LANES:
+      raise ValueError(
+          f"backend='mosaic' needs {name} to be a multiple of 128 (Mosaic tiles the last two "
+          f"block dims by (8, 128): key-side mask vectors and lse rows put the sequence on "
+          f"lanes), got {b}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskSpec:
+  num_dims: int
+  mask_fn: object
+  has_segments: bool
+
+
+def _tile_mask(spec: _MaskSpec, q_lo_ref, q_hi_ref, kv_c_ref, q_seg_ref, kv_seg_ref, q_start,
+               kv_start, bq, bk):
+  out = None
+  for d in range(spec.num_dims):
+    lo = q_lo_ref[:, d:d + 1]  # [bq, 1]
+    hi = q_hi_ref[:, d:d + 1]
+    c = kv_c_ref[d:d + 1, :]  # [1, bk]
+    term = (lo <= c) & (c <= hi)
+    out = term if out is None else out & term
+  if spec.mask_fn is not None:
+    qi = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    ki = kv_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    out = out & spec.mask_fn(qi, ki)
+  if spec.has_segments:
+    out = out & (q_seg_ref[...] == kv_seg_ref[...])  # [bq, 1] == [1, bk]
+  return out
+
+
+def _interpret(interpret):
+  return pltpu.InterpretParams() if interpret is True else (interpret or False)
+
+
+def _to_bhsd(x):
+  return x.transpose(0, 2, 1, 3)
+
+
+def _mask_operands(plan: AttentionPlan, q_seg, kv_seg, q_index, kv_index, bq, bk, b_of, g_of=None):
+  """Mask vectors and their BlockSpecs. `q_index(grid, refs)`/`kv_index` give block ids."""
+  nd = plan.num_mask_dims
+  arrays = [jnp.asarray(plan.q_lo.T), jnp.asarray(plan.q_hi.T), jnp.asarray(plan.kv_c)]
+  specs = [pl.BlockSpec((bq, nd), lambda *a: (q_index(*a), 0)),
+           pl.BlockSpec((bq, nd), lambda *a: (q_index(*a), 0)),
+           pl.BlockSpec((nd, bk), lambda *a: (0, kv_index(*a)))]
+  if q_seg is not None:
+    arrays += [q_seg[:, :, None], kv_seg[:, None, :]]
+    specs += [pl.BlockSpec((None, bq, 1), lambda *a: (b_of(*a), q_index(*a), 0)),
+              pl.BlockSpec((None, 1, bk), lambda *a: (b_of(*a), 0, kv_index(*a)))]
+  return arrays, specs
+
+
+def _split_refs(refs, has_segments):
+  n = 5 if has_segments else 3
+  mask = list(refs[:n]) + ([None, None] if not has_segments else [])
+  return mask, refs[n:]
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq, bk,
+                max_kv):
+  (q_lo, q_hi, kv_c, q_seg, kv_seg), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(
+      refs, spec.has_segments)
+  i, j = pl.program_id(2), pl.program_id(3)
+  count, n_full = counts_ref[i], full_ref[i]
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full_like(m_sc, -jnp.inf)
+    l_sc[...] = jnp.zeros_like(l_sc)
+    acc_sc[...] = jnp.zeros_like(acc_sc)
+
+  def update(masked):
+    s = jax.lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
+    s = s * scale
+    if masked:
+      kv_block = ids_ref[i * max_kv + j]
+      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, i * bq, kv_block * bk, bq, bk)
+      s = jnp.where(keep, s, -jnp.inf)
+    m_prev = m_sc[...]  # [bq, 128], lane-replicated
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[:, :1])
+    alpha = jnp.exp(m_prev - m_safe)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+    m_sc[...] = m_new
+    pv = jax.lax.dot_general(p.astype(v_ref.dtype), v_ref[...], NN,
+                             preferred_element_type=jnp.float32)
+    acc_sc[...] = alpha[:, :1] * acc_sc[...] + pv
+
+  @pl.when(j < n_full)
+  def _full():
+    update(masked=spec.has_segments)
+
+  @pl.when((j >= n_full) & (j < count))
+  def _partial():
+    update(masked=True)
+
+  @pl.when(j == max_kv - 1)
+  def _finish():
+    l = l_sc[...][:, :1]
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m_sc[...][:, :1] + jnp.log(l_safe), -jnp.inf)
+
+
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret):
+  del config
+  _check_blocks(plan)
+  b, sq, h, d = q.shape
+  skv, hkv = k.shape[1], k.shape[2]
+  g = h // hkv
+  bq, bk = plan.block_q, plan.block_kv
+  bmap = plan.block_map
+  max_kv = bmap.max_kv
+  spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
+  kv_of = lambda bb, hh, i, j, ids, *_: ids[i * max_kv + j]
+  mask_arrays, mask_specs = _mask_operands(
+      plan, q_seg, kv_seg, lambda bb, hh, i, j, *_: i, kv_of, bq, bk,
+      lambda bb, *_: bb)
+  kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(b, h, sq // bq, max_kv),
+          in_specs=[
+              pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
+              pl.BlockSpec((None, None, bk, d),
+                           lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0)),
+              pl.BlockSpec((None, None, bk, d),
+                           lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0)),
+          ] + mask_specs,
+          out_specs=[
+              pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
+              pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
+          ],
+          scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((bq, d), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), q.dtype),
+                 jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=_interpret(interpret),
+      name="sparse_attention_fwd_tpu",
+  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts),
+    jnp.asarray(bmap.kv_full_counts), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), *mask_arrays)
+  return _to_bhsd(out), lse[..., 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Backward.
+
+
+def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               *refs, spec, scale, bq, bk, max_kv):
+  (q_lo, q_hi, kv_c, q_seg, kv_seg), (dq_ref, dq_sc) = _split_refs(refs, spec.has_segments)
+  i, j = pl.program_id(2), pl.program_id(3)
+  count, n_full = counts_ref[i], full_ref[i]
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros_like(dq_sc)
+
+  def update(masked):
+    k = k_ref[...]
+    s = jax.lax.dot_general(q_ref[...], k, NT, preferred_element_type=jnp.float32) * scale
+    lse = lse_ref[...]
+    p = jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
+    if masked:
+      kv_block = ids_ref[i * max_kv + j]
+      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, i * bq, kv_block * bk, bq, bk)
+      p = jnp.where(keep, p, 0.0)
+    dp = jax.lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...])
+    dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, NN,
+                                      preferred_element_type=jnp.float32)
+
+  @pl.when(j < n_full)
+  def _full():
+    update(masked=spec.has_segments)
+
+  @pl.when((j >= n_full) & (j < count))
+  def _partial():
+    update(masked=True)
+
+  @pl.when(j == max_kv - 1)
+  def _finish():
+    dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                *refs, spec, scale, bq, bk, max_q, group):
+  (q_lo, q_hi, kv_c, q_seg, kv_seg), (dk_ref, dv_ref, dk_sc, dv_sc) = _split_refs(
+      refs, spec.has_segments)
+  i, t = pl.program_id(2), pl.program_id(3)
+  entry = t // group
+  count, n_full = counts_ref[i], full_ref[i]
+
+  @pl.when(t == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros_like(dk_sc)
+    dv_sc[...] = jnp.zeros_like(dv_sc)
+
+  def update(masked):
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
+    lse = lse_ref[...]
+    p = jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
+    if masked:
+      q_block = ids_ref[i * max_q + entry]
+      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, q_block * bq, i * bk, bq, bk)
+      p = jnp.where(keep, p, 0.0)
+    dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, TN,
+                                      preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta_ref[...])
+    dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, TN,
+                                      preferred_element_type=jnp.float32)
+
+  @pl.when(entry < n_full)
+  def _full():
+    update(masked=spec.has_segments)
+
+  @pl.when((entry >= n_full) & (entry < count))
+  def _partial():
+    update(masked=True)
+
+  @pl.when(t == max_q * group - 1)
+  def _finish():
+    dk_ref[...] = (dk_sc[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
+             config, interpret):
+  del config
+  _check_blocks(plan)
+  b, sq, h, d = q.shape
+  skv, hkv = k.shape[1], k.shape[2]
+  g = h // hkv
+  bq, bk = plan.block_q, plan.block_kv
+  bmap = plan.block_map
+  spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = (delta.transpose(0, 2, 1) - d_lse)[..., None]  # [b, h, sq, 1]
+  lse4 = lse[..., None]
+  qt, kt, vt, dot_ = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), _to_bhsd(d_out)
+  params = pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+  # dQ over the forward map.
+  max_kv = bmap.max_kv
+  kv_of = lambda bb, hh, i, j, ids, *_: ids[i * max_kv + j]
+  mask_arrays, mask_specs = _mask_operands(
+      plan, q_seg, kv_seg, lambda bb, hh, i, j, *_: i, kv_of, bq, bk, lambda bb, *_: bb)
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *_: (bb, hh, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, d),
+                         lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3, grid=(b, h, sq // bq, max_kv),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + mask_specs,
+          out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct((b, h, sq, d), q.dtype),
+      compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dq_tpu",
+  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts),
+    jnp.asarray(bmap.kv_full_counts), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
+
+  # dK/dV over the transposed map; the reduction axis walks (Q block entry, group head).
+  max_q = bmap.max_q
+  q_of = lambda bb, hh, i, t, ids, *_: ids[i * max_q + t // g]
+  head_of = lambda hh, t: hh * g + t % g
+  mask_arrays, mask_specs = _mask_operands(
+      plan, q_seg, kv_seg, q_of, lambda bb, hh, i, t, *_: i, bq, bk, lambda bb, *_: bb)
+  qg_spec = pl.BlockSpec((None, None, bq, d),
+                         lambda bb, hh, i, t, *r: (bb, head_of(hh, t), q_of(bb, hh, i, t, *r), 0))
+  rowg_spec = pl.BlockSpec((None, None, bq, 1),
+                           lambda bb, hh, i, t, *r: (bb, head_of(hh, t), q_of(bb, hh, i, t, *r), 0))
+  own_kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, t, *_: (bb, hh, i, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_q=max_q, group=g),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3, grid=(b, hkv, skv // bk, max_q * g),
+          in_specs=[qg_spec, own_kv, own_kv, qg_spec, rowg_spec, rowg_spec] + mask_specs,
+          out_specs=[own_kv, own_kv],
+          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, skv, d), k.dtype),
+                 jax.ShapeDtypeStruct((b, hkv, skv, d), v.dtype)],
+      compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dkv_tpu",
+  )(jnp.asarray(bmap.q_ids).reshape(-1), jnp.asarray(bmap.q_counts),
+    jnp.asarray(bmap.q_full_counts), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
+  return _to_bhsd(dq), _to_bhsd(dk), _to_bhsd(dv)
+
+
+# --------------------------------------------------------------------------------------------
+# Lowering without a TPU.
+
+
+def tpu_target(device_kind: str = "TPU v5e", num_cores: int = 1):
+  """Context manager that makes Mosaic lower for `device_kind` on a machine with no TPU.
+
+  Use with ``jax.export.export(jax.jit(f), platforms=("tpu",))`` to check that kernels lower.
+  """
+  from jax._src import mesh as mesh_lib
+  device = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="tpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+def export_for_tpu(fn, *args, device_kind: str = "TPU v5e"):
+  """Export `fn` (jitted) for TPU; returns the `jax.export.Exported`. Args: ShapeDtypeStructs."""
+  with tpu_target(device_kind):
+    return jax.export.export(jax.jit(fn), platforms=("tpu",))(*args)

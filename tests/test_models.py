@@ -1,0 +1,26 @@
+"""Each model trains for a few steps on CPU and its loss falls."""
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import causal_lm, nat_classifier, video_dit
+from models.train import train
+
+
+@pytest.mark.parametrize("name", ["nat", "dit", "lm"])
+def test_model_trains(name):
+  if name == "nat":
+    model = nat_classifier.NATClassifier(image_size=16, backend="xla", rngs=nnx.Rngs(0))
+    batches = nat_classifier.synthetic_batches(8, 16)
+    loss_fn, steps, lr = nat_classifier.loss_fn, 25, 1e-3
+  elif name == "dit":
+    model = video_dit.VideoDiT(dim=32, backend="xla", rngs=nnx.Rngs(0))
+    batches = video_dit.synthetic_batches(2, 8)
+    loss_fn, steps, lr = video_dit.loss_fn, 25, 2e-3
+  else:
+    model = causal_lm.CausalLM(dim=32, backend="xla", rngs=nnx.Rngs(0))
+    batches = causal_lm.synthetic_batches(4, 48)
+    loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
+  losses = train(model, loss_fn, batches, steps, lr, verbose=False)
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])

@@ -1,0 +1,104 @@
+"""Flax modules: shapes, partitioning metadata, sharding under a mesh, Linen equivalents."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import brute_force
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks, nn
+
+
+def test_neighborhood_module_matches_functional_op():
+  m = nn.NeighborhoodAttention2D(32, 4, (3, 5), dilation=(1, 2), num_kv_heads=2,
+                                 backend="xla", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 11, 32))
+  q = m.core.query(x).reshape(2, 7, 11, 4, 8)
+  k = m.core.key(x).reshape(2, 7, 11, 2, 8)
+  v = m.core.value(x).reshape(2, 7, 11, 2, 8)
+  want = m.core.out(jsa.na2d(q, k, v, (3, 5), dilation=(1, 2), backend="reference")
+                    .reshape(2, 7, 11, 32))
+  assert brute_force.rel_err(m(x), want) < 1e-4
+
+
+@pytest.mark.parametrize("cls, shape", [(nn.NeighborhoodAttention1D, (2, 17, 32)),
+                                        (nn.NeighborhoodAttention3D, (1, 4, 6, 5, 32))])
+def test_rope_qknorm_shapes(cls, shape):
+  kernel = 3
+  m = cls(32, 2, kernel, use_rope=True, qk_norm=True, backend="xla", rngs=nnx.Rngs(0),
+          head_dim=12 if cls is nn.NeighborhoodAttention3D else None)
+  assert m(jnp.ones(shape)).shape == shape
+
+
+def test_rope_is_relative():
+  # <rope(q, p), rope(k, p')> depends only on p - p'.
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 16))
+  k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 16))
+  dot = lambda a, b: float(jnp.sum(nn.rope(q, jnp.array([[a]])) * nn.rope(k, jnp.array([[b]]))))
+  assert dot(3, 1) == pytest.approx(dot(10, 8), rel=1e-4)
+  assert dot(3, 1) != pytest.approx(dot(3, 2), rel=1e-3)
+
+
+def test_sparse_attention_module_with_segments():
+  mask = masks.causal() & (masks.sliding_window(7) | masks.sink(2))
+  m = nn.SparseAttention(32, 4, mask, num_kv_heads=1, use_rope=True, backend="xla",
+                         rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 40, 32))
+  seg = jnp.asarray(np.repeat([[0, 1]], 20, axis=1).repeat(2, 0), jnp.int32)
+  out = m(x, seg)
+  assert out.shape == x.shape
+  # Documents are independent: changing document 1 leaves document 0's outputs unchanged.
+  x2 = x.at[:, 25].add(5.0)
+  np.testing.assert_allclose(m(x2, seg)[:, :20], out[:, :20], atol=1e-5)
+
+
+def test_partitioning_metadata():
+  m = nn.NeighborhoodAttention2D(32, 4, 3, rngs=nnx.Rngs(0), backend="xla")
+  specs = nnx.get_partition_spec(nnx.state(m, nnx.Param))
+  assert specs["core"]["query"]["kernel"].value == P("embed", "heads")
+  assert specs["core"]["out"]["kernel"].value == P("heads", "embed")
+  assert nn.logical_spec(("batch", "length", "heads", "head_dim")) == P("data", "context",
+                                                                          "model", None)
+
+
+def test_sharded_model_under_jit_matches_unsharded():
+  assert len(jax.devices()) >= 8, "conftest forces 8 host devices"
+  mesh = jax.make_mesh((2, 1, 4), ("data", "context", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 64))
+  ref_model = nn.NeighborhoodAttention2D(64, 4, 3, backend="xla", rngs=nnx.Rngs(0))
+  want = ref_model(x)
+  with jax.set_mesh(mesh):
+    model = nn.NeighborhoodAttention2D(64, 4, 3, backend="xla", rngs=nnx.Rngs(0))
+    nn.shard_model(model, mesh)
+    assert model.core.query.kernel.value.sharding.spec == P(None, "model")
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    out = nnx.jit(lambda m, x: m(x))(model, xs)
+  assert brute_force.rel_err(out, want) < 1e-5
+
+
+def test_linen_modules():
+  x = jnp.ones((2, 9, 9, 32))
+  m = nn.linen.NeighborhoodAttention(embed_dim=32, num_heads=4, kernel_size=3, backend="xla")
+  params = m.init(jax.random.PRNGKey(0), x)
+  assert m.apply(params, x).shape == x.shape
+  s = nn.linen.SparseAttention(embed_dim=32, num_heads=4, num_kv_heads=2, mask=masks.causal(),
+                               backend="xla")
+  y = jnp.ones((2, 21, 32))
+  assert s.apply(s.init(jax.random.PRNGKey(0), y), y).shape == y.shape
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(embed_dim=30, num_heads=4), "divisible by num_heads"),
+    (dict(embed_dim=32, num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"),
+    (dict(embed_dim=32, num_heads=4, context_axis="context"), None),
+])
+def test_module_validation(kwargs, match):
+  if match is None:
+    with pytest.raises(NotImplementedError):
+      nn.SparseAttention(rngs=nnx.Rngs(0), **kwargs)
+  else:
+    with pytest.raises(ValueError, match=match):
+      nn.SparseAttention(rngs=nnx.Rngs(0), **kwargs)

@@ -1,0 +1,77 @@
+"""Pallas TPU (Mosaic) kernels: interpret mode vs the brute force, and TPU lowering on CPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import backend_cases
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+from pallas_kernels.tpu import export_for_tpu
+
+
+@settings(max_examples=5)
+@given(p=backend_cases.seq_problems(max_len=150))
+def test_attention_interpret(p):
+  if p["mask"] == "or":
+    p = dict(p, mask="function")
+  backend_cases.check_attention(p, "mosaic", interpret=True)
+
+
+@settings(max_examples=3)
+@given(p=backend_cases.na_problems())
+def test_na_interpret(p):
+  # Tiles must multiply to 128 on TPU: let the simulator choose them.
+  spatial = p["problem"][0]
+  p = dict(p, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic", interpret=True)
+
+
+def test_gqa_segments_bf16_interpret():
+  p = dict(batch=1, sq=200, skv=200, heads=4, kv_heads=2, head_dim=32, mask="causal_window",
+           segments=True, dtype=jnp.bfloat16, seed=11)
+  backend_cases.check_attention(p, "mosaic", interpret=True)
+
+
+def _custom_calls(fn, *shapes):
+  args = [jax.ShapeDtypeStruct(s, dt) for s, dt in shapes]
+  return export_for_tpu(fn, *args).mlir_module().count("tpu_custom_call")
+
+
+def _fwd_bwd(f):
+  return lambda *a: jax.grad(lambda *b: jnp.sum(f(*b).astype(jnp.float32)), (0, 1, 2))(*a)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("mask", ["causal", "window_segments"])
+def test_lowers_for_tpu(head_dim, dtype, mask):
+  q = ((2, 1000, 8, head_dim), dtype)
+  kv = ((2, 1000, 2, head_dim), dtype)
+  if mask == "causal":
+    f = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic")
+  else:
+    seg = jnp.zeros((2, 1000), jnp.int32)
+    f = lambda q, k, v: jsa.attention(q, k, v, masks.sliding_window(255), segment_ids=seg,
+                                      backend="mosaic")
+  assert _custom_calls(f, q, kv, kv) == 1
+  assert _custom_calls(_fwd_bwd(f), q, kv, kv) == 3  # forward + dQ + dK/dV
+
+
+@pytest.mark.parametrize("spatial, kernel, stride, dilation, causal", [
+    ((300,), 31, 1, 1, True),
+    ((32, 40), (7, 9), (2, 3), (2, 1), False),
+    ((8, 16, 16), (3, 5, 5), 1, (1, 2, 1), (True, False, False)),
+])
+def test_na_lowers_for_tpu(spatial, kernel, stride, dilation, causal):
+  shape = ((1,) + spatial + (4, 128), jnp.bfloat16)
+  f = lambda q, k, v: jsa.na(q, k, v, kernel, stride, dilation, causal, backend="mosaic")
+  assert _custom_calls(f, shape, shape, shape) == 1
+  assert _custom_calls(_fwd_bwd(f), shape, shape, shape) == 3
+
+
+def test_block_size_rule_is_explained():
+  x = jnp.ones((1, 256, 2, 64))
+  with pytest.raises(ValueError, match="multiple of 128"):
+    jsa.attention(x, x, x, backend="mosaic", interpret=True, block_q=64)
