@@ -9,6 +9,11 @@ trace time with numpy, cached, and handed to kernels as small int32 arrays:
 * ``kv_counts [num_q_blocks]`` and ``kv_full_counts [num_q_blocks]``.
 * ``q_ids / q_counts / q_full_counts``: the same for each KV block (the Q blocks that visit
   it), used by the dK/dV kernels.
+* ``kv_group_ends / q_group_ends [rows, num_groups]``: partial blocks are further grouped by
+  which mask dimensions are partial (``partial_groups[g]``: the dims to test, None = all), so
+  kernels run one specialised loop per group: a 2-D neighborhood block that is full along
+  rows and partial along columns tests only the column interval. Group g's entries end at
+  ``group_ends[:, g]`` (the last group ends at ``counts``).
 
 A *full* block needs no per-element mask (every pair attends, no padded key); a *partial*
 block gets the exact element mask in-kernel. Visited blocks are never empty.
@@ -36,21 +41,25 @@ _REFINE_BUDGET = 1 << 28
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["kv_ids", "kv_counts", "kv_full_counts", "q_ids", "q_counts",
-                                "q_full_counts"],
-                   meta_fields=["block_q", "block_kv", "num_q_blocks", "num_kv_blocks"])
+                   data_fields=["kv_ids", "kv_counts", "kv_full_counts", "kv_group_ends",
+                                "q_ids", "q_counts", "q_full_counts", "q_group_ends"],
+                   meta_fields=["block_q", "block_kv", "num_q_blocks", "num_kv_blocks",
+                                "partial_groups"])
 @dataclasses.dataclass(frozen=True, eq=False)
 class BlockMap:
   kv_ids: Any
   kv_counts: Any
   kv_full_counts: Any
+  kv_group_ends: Any
   q_ids: Any
   q_counts: Any
   q_full_counts: Any
+  q_group_ends: Any
   block_q: int
   block_kv: int
   num_q_blocks: int
   num_kv_blocks: int
+  partial_groups: tuple = (None,)
 
   @property
   def max_kv(self) -> int:
@@ -90,8 +99,10 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(0, (max(n, 1) - 1).bit_length())
 
 
-def _pack_rows(rows_ids: list[np.ndarray], rows_cls: list[np.ndarray], pad_pow2: bool):
-  """Per-row (ids, classes) -> padded id matrix with full blocks first, counts."""
+def _pack_rows(rows_ids: list[np.ndarray], rows_group: list[np.ndarray], num_groups: int,
+               pad_pow2: bool):
+  """Per-row (ids, group: 0 full, g >= 1 partial group g) -> padded ids sorted by (group, id),
+  counts, full counts and the cumulative end of each partial group."""
   n = len(rows_ids)
   counts = np.array([len(r) for r in rows_ids], np.int32)
   width = max(int(counts.max()) if n else 0, 1)
@@ -99,23 +110,32 @@ def _pack_rows(rows_ids: list[np.ndarray], rows_cls: list[np.ndarray], pad_pow2:
     width = _pow2_at_least(width)
   ids = np.zeros((n, width), np.int32)
   full_counts = np.zeros(n, np.int32)
-  for i, (r, c) in enumerate(zip(rows_ids, rows_cls)):
-    order = np.lexsort((r, c != FULL))  # full first, then ascending id
+  group_ends = np.zeros((n, num_groups), np.int32)
+  for i, (r, g) in enumerate(zip(rows_ids, rows_group)):
+    order = np.lexsort((r, g))
     r = r[order]
-    full_counts[i] = int(np.sum(c == FULL))
+    full_counts[i] = int(np.sum(g == 0))
+    group_ends[i] = np.cumsum(np.bincount(g, minlength=num_groups + 1))[1:]
     ids[i, : len(r)] = r
     if len(r):
       ids[i, len(r):] = r[-1]
-  return ids, counts, full_counts
+  return ids, counts, full_counts, group_ends
 
 
 def from_classes_rows(q_rows: list[tuple[np.ndarray, np.ndarray]], num_kv_blocks: int,
-                      block_q: int, block_kv: int, pad_pow2: bool = True) -> BlockMap:
-  """Build a BlockMap from, per Q block, (visited kv ids, their classes)."""
-  kv_ids, kv_counts, kv_full = _pack_rows([r[0] for r in q_rows], [r[1] for r in q_rows], pad_pow2)
+                      block_q: int, block_kv: int, pad_pow2: bool = True,
+                      partial_groups: tuple = (None,)) -> BlockMap:
+  """Build a BlockMap from, per Q block, (visited kv ids, their classes).
+
+  Classes are FULL / PARTIAL, or with several `partial_groups`, group numbers: 0 for full and
+  g >= 1 for a block of partial group g (`partial_groups[g - 1]` lists the dims to test).
+  """
+  if partial_groups == (None,):
+    q_rows = [(ids, np.where(cls == FULL, 0, 1).astype(np.int8)) for ids, cls in q_rows]
+  groups = len(partial_groups)
+  kv_ids, kv_counts, kv_full, kv_ends = _pack_rows(
+      [r[0] for r in q_rows], [r[1] for r in q_rows], groups, pad_pow2)
   # Transpose.
-  t_ids: list[list[int]] = [[] for _ in range(num_kv_blocks)]
-  t_cls: list[list[int]] = [[] for _ in range(num_kv_blocks)]
   all_q = np.concatenate([np.full(len(r[0]), i, np.int32) for i, r in enumerate(q_rows)] or [np.zeros(0, np.int32)])
   all_kv = np.concatenate([r[0] for r in q_rows] or [np.zeros(0, np.int32)]).astype(np.int64)
   all_c = np.concatenate([r[1] for r in q_rows] or [np.zeros(0, np.int8)])
@@ -123,9 +143,9 @@ def from_classes_rows(q_rows: list[tuple[np.ndarray, np.ndarray]], num_kv_blocks
   splits = np.searchsorted(all_kv[order], np.arange(num_kv_blocks + 1))
   t_ids = [all_q[order[splits[j]:splits[j + 1]]] for j in range(num_kv_blocks)]
   t_cls = [all_c[order[splits[j]:splits[j + 1]]] for j in range(num_kv_blocks)]
-  q_ids, q_counts, q_full = _pack_rows(t_ids, t_cls, pad_pow2)
-  return BlockMap(kv_ids, kv_counts, kv_full, q_ids, q_counts, q_full,
-                  block_q, block_kv, len(q_rows), num_kv_blocks)
+  q_ids, q_counts, q_full, q_ends = _pack_rows(t_ids, t_cls, groups, pad_pow2)
+  return BlockMap(kv_ids, kv_counts, kv_full, kv_ends, q_ids, q_counts, q_full, q_ends,
+                  block_q, block_kv, len(q_rows), num_kv_blocks, tuple(partial_groups))
 
 
 def from_dense_classes(classes: np.ndarray, block_q: int, block_kv: int,
@@ -282,16 +302,22 @@ def _classify_tiled(mask: masks_lib.Neighborhood, q_layout: TiledLayout, kv_layo
   kv_grid = kv_layout.tile_grid
   q_coords = np.stack(np.unravel_index(np.arange(q_layout.num_blocks), q_layout.tile_grid), axis=1)
   ids = np.zeros((q_layout.num_blocks, 1), np.int64)
-  cls = np.full((q_layout.num_blocks, 1), FULL, np.int8)
+  pattern = np.zeros((q_layout.num_blocks, 1), np.int8)  # bit d: partial along dim d
   valid = np.ones((q_layout.num_blocks, 1), bool)
   for dim in range(n):
     d_ids, d_cls = per_dim[dim]
     row_ids, row_cls = d_ids[q_coords[:, dim]], d_cls[q_coords[:, dim]]
     ids = (ids[:, :, None] * kv_grid[dim] + np.maximum(row_ids, 0)[:, None, :]).reshape(len(ids), -1)
-    cls = np.minimum(cls[:, :, None], row_cls[:, None, :]).reshape(len(ids), -1)
-    valid = (valid[:, :, None] & (row_ids >= 0)[:, None, :]).reshape(len(ids), -1)
-  valid &= cls > EMPTY
-  return [(ids[i][valid[i]].astype(np.int32), cls[i][valid[i]]) for i in range(len(ids))]
+    bit = ((row_cls == PARTIAL).astype(np.int8) << dim)[:, None, :]
+    pattern = (pattern[:, :, None] | bit).reshape(len(ids), -1)
+    valid = (valid[:, :, None] & (row_cls > EMPTY)[:, None, :]).reshape(len(ids), -1)
+  # Group number = the pattern (0: full; g: partial exactly along the dims of bitmask g).
+  return [(ids[i][valid[i]].astype(np.int32), pattern[i][valid[i]]) for i in range(len(ids))]
+
+
+def pattern_groups(ndim: int) -> tuple:
+  """partial_groups for tiled neighborhoods: group g tests the dims in bitmask g."""
+  return tuple(tuple(d for d in range(ndim) if g >> d & 1) for g in range(1, 1 << ndim))
 
 
 @functools.lru_cache(maxsize=256)
@@ -301,7 +327,8 @@ def build(mask: masks_lib.Mask, q_layout, kv_layout, pad_pow2: bool = True) -> B
   if (isinstance(mask, masks_lib.Neighborhood) and isinstance(q_layout, TiledLayout)
       and isinstance(kv_layout, TiledLayout)):
     rows = _classify_tiled(mask, q_layout, kv_layout)
-    return from_classes_rows(rows, kv_layout.num_blocks, bq, bk, pad_pow2)
+    return from_classes_rows(rows, kv_layout.num_blocks, bq, bk, pad_pow2,
+                             pattern_groups(q_layout.ndim))
   q_idx, q_valid = q_layout.token_index()
   kv_idx, kv_valid = kv_layout.token_index()
   if mask.is_interval:

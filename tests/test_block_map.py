@@ -123,3 +123,32 @@ def test_simulator_matches_block_map_and_perf_md():
   # Stride = kernel (blocked attention) with matching tiles is perfectly block-sparse.
   rs = simulate((64, 64), (8, 16), stride=(8, 16), q_tile_shape=(8, 16), kv_tile_shape=(8, 16))
   assert rs.partial_blocks == 0 and rs.block_speedup_bound == pytest.approx(rs.ideal_speedup)
+
+
+@given(gna_problems(max_len=10), st.data())
+def test_partial_groups_only_skip_dims_that_are_full(problem, data):
+  """Every partial entry of group g is exactly masked by testing only partial_groups[g]."""
+  mask = masks.neighborhood(*problem)
+  nd = len(problem[0])
+  tile = tuple(data.draw(st.sampled_from([1, 2, 4])) for _ in range(nd))
+  lay = TiledLayout(problem[0], problem[3], tile)
+  plan = make_plan(mask, lay, lay)
+  bmap = plan.block_map
+  assert len(bmap.partial_groups) == 2 ** nd - 1
+  pairs, q_valid = _kernel_order_pairs(plan, mask)
+  bq = bk = lay.block
+  for i in range(bmap.num_q_blocks):
+    start = bmap.kv_full_counts[i]
+    for g, dims in enumerate(bmap.partial_groups):
+      end = bmap.kv_group_ends[i, g]
+      for j in bmap.kv_ids[i, start:end]:
+        q = np.arange(i * bq, (i + 1) * bq)
+        k = np.arange(j * bk, (j + 1) * bk)
+        m = np.ones((bq, bk), bool)
+        for d in dims:
+          c = plan.kv_c[d][k][None, :]
+          m &= (plan.q_lo[d][q][:, None] <= c) & (c <= plan.q_hi[d][q][:, None])
+        rows = q_valid[q]
+        np.testing.assert_array_equal(m[rows], pairs[np.ix_(q, k)][rows])
+      start = end
+    assert start == bmap.kv_counts[i]

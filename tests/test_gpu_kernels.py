@@ -55,3 +55,12 @@ def test_bad_config():
   with pytest.raises(ValueError, match="TritonConfig.block_q=48 must be a power of two"):
     jsa.attention(x, x, x, backend="triton", interpret=True, block_q=32,
                   config=TritonConfig(block_q=48))
+
+
+def test_split_partial_groups_matches():
+  p = dict(problem=((9, 11), (3, 5), (1, 2), (2, 1), (False, True)), batch=1, heads=2,
+           kv_heads=1, head_dim=16, dtype=jnp.float32, seed=9, tile_q=(2, 4), tile_kv=(2, 2))
+  backend_cases.check_na(p, "triton", interpret=True,
+                         config=TritonConfig(block_q=8, block_kv=4, bwd_block_q=8,
+                                             bwd_block_kv=4, dq_block_q=8, dq_block_kv=4,
+                                             split_partial_groups=True))
