@@ -176,58 +176,89 @@ def suite_perf(dtype, iters, only=None):
                                                               backend="triton"),
           q, k, v, do, 2 * h * d * s * s, iters, impl="ours-triton")
   if want("na2d"):
-    spatial, kern = (128, 128), (33, 33)
-    q, k, v, do = inputs((2,) + spatial + (h, d), (2,) + spatial + (h, d), dtype)
-    n = math.prod(spatial)
-    sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64)
-    useful = 4 * 2 * h * d * sim.attended_pairs
-    _perf("na2d 128x128 k33 B=2", lambda q, k, v: jsa.na2d(q, k, v, kern, backend="triton"),
-          q, k, v, do, useful, iters, impl="ours-triton", bound=sim.block_speedup_bound,
-          tiles=str(sim.q_tile_shape) + "/" + str(sim.kv_tile_shape))
-    t = jsa.na_tiling(spatial, kern, block=128)
-    tq, tk, tv, tdo = (t.tile(x) for x in (q, k, v, do))
-    sim128 = jsa.simulate(spatial, kern, q_tile_shape=t.layout.tile_shape,
-                          kv_tile_shape=t.layout.tile_shape)
-    _perf("na2d 128x128 k33 B=2 tiled order (no permutation)",
-          lambda q, k, v: jsa.na(q, k, v, kern, backend="triton", tiling=t), tq, tk, tv, tdo,
-          useful, iters, impl="ours-triton", bound=sim128.block_speedup_bound,
-          tiles=str(t.layout.tile_shape))
+    _perf_na(h, d, dtype, iters, (128, 128), (33, 33), 2, permute_probe=True, cudnn_dense=True)
+  if want("strided"):
+    # Strided GNA: stride = kernel (blocked) and stride = kernel / 2, tiles aligned with the
+    # stride groups: perfectly block-sparse, so the bound is the ideal FLOP ratio.
+    for spatial, kern, stride, b, bq, bk in [
+        ((128, 128), (16, 16), (16, 16), 2, 128, 64),
+        ((128, 128), (16, 16), (8, 8), 2, 128, 64),
+        ((128, 128), (16, 16), (8, 8), 2, 64, 64),
+        ((16, 64, 64), (8, 16, 16), (8, 16, 16), 1, 128, 64),
+        ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, 128, 64)]:
+      q, k, v, do = inputs((b,) + spatial + (h, d), (b,) + spatial + (h, d), dtype)
+      sim = jsa.simulate(spatial, kern, stride, block_q=bq, block_kv=bk)
+      useful = 4 * b * h * d * sim.attended_pairs
+      name = (f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{kern} s{stride} B={b} "
+              f"blocks {bq}x{bk}")
+      _perf(name, lambda q, k, v, a=(kern, stride), bq=bq, bk=bk: jsa.na(
+                q, k, v, *a, backend="triton", block_q=bq, block_kv=bk),
+            q, k, v, do, useful, iters, impl="ours-triton", bound=sim.block_speedup_bound,
+            ideal=sim.ideal_speedup, partial=sim.partial_blocks,
+            tiles=str(sim.q_tile_shape) + "/" + str(sim.kv_tile_shape))
+  if want("na3d"):
+    _perf_na(h, d, dtype, iters, (16, 64, 64), (8, 16, 16), 1)
+
+
+def _perf_na(h, d, dtype, iters, spatial, kern, b, permute_probe=False, cudnn_dense=False):
+  """NA end to end, in tiled order (no permutation), and our dense kernel on the same tokens."""
+  tag = f"na{len(spatial)}d {'x'.join(map(str, spatial))}"
+  q, k, v, do = inputs((b,) + spatial + (h, d), (b,) + spatial + (h, d), dtype)
+  n = math.prod(spatial)
+  sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64)
+  useful = 4 * b * h * d * sim.attended_pairs
+  _perf(f"{tag} k{'x'.join(map(str, kern))} B={b}",
+        lambda q, k, v: jsa.na(q, k, v, kern, backend="triton"),
+        q, k, v, do, useful, iters, impl="ours-triton", bound=sim.block_speedup_bound,
+        tiles=str(sim.q_tile_shape) + "/" + str(sim.kv_tile_shape))
+  t = jsa.na_tiling(spatial, kern, block=128)
+  tq, tk, tv, tdo = (t.tile(x) for x in (q, k, v, do))
+  sim128 = jsa.simulate(spatial, kern, q_tile_shape=t.layout.tile_shape,
+                        kv_tile_shape=t.layout.tile_shape)
+  _perf(f"{tag} k{'x'.join(map(str, kern))} B={b} tiled order (no permutation)",
+        lambda q, k, v: jsa.na(q, k, v, kern, backend="triton", tiling=t), tq, tk, tv, tdo,
+        useful, iters, impl="ours-triton", bound=sim128.block_speedup_bound,
+        tiles=str(t.layout.tile_shape))
+  if permute_probe:
     from jax_sparse_attn.layout import TiledLayout
-    lq = TiledLayout(spatial, (1, 1), sim.q_tile_shape)
-    lk = TiledLayout(spatial, (1, 1), sim.kv_tile_shape)
+    ones = (1,) * len(spatial)
+    lq = TiledLayout(spatial, ones, sim.q_tile_shape)
+    lk = TiledLayout(spatial, ones, sim.kv_tile_shape)
     permute = jax.jit(lambda q, k, v: (lq.from_kernel(lq.to_kernel(q) + 1), lk.to_kernel(k),
                                        lk.to_kernel(v)))
-    record(suite="perf", case="na2d 128x128 token permutation only (q,k,v in + o out)",
+    record(suite="perf", case=f"{tag} token permutation only (q,k,v in + o out)",
            fwd_ms=timeit(permute, q, k, v, iters=iters), impl="xla")
-    flat = lambda x: x.reshape(2, n, h, d)
-    _perf("na2d 128x128 dense baseline", lambda q, k, v: jsa.attention(
-        flat(q), flat(k), flat(v), backend="triton").reshape(q.shape), q, k, v, do,
-        4 * 2 * h * d * n * n, iters, impl="ours-triton")
-    _perf("na2d 128x128 dense baseline", lambda q, k, v: jax.nn.dot_product_attention(
+  flat = lambda x: x.reshape(b, n, h, d)
+  dense_flops = 4 * b * h * d * n * n
+  _perf(f"{tag} dense baseline", lambda q, k, v: jsa.attention(
+      flat(q), flat(k), flat(v), backend="triton").reshape(q.shape), q, k, v, do,
+      dense_flops, iters, impl="ours-triton")
+  if cudnn_dense:
+    _perf(f"{tag} dense baseline", lambda q, k, v: jax.nn.dot_product_attention(
         flat(q), flat(k), flat(v), implementation="cudnn").reshape(q.shape), q, k, v, do,
-        4 * 2 * h * d * n * n, iters, impl="cudnn")
-  if want("na3d"):
-    spatial, kern = (16, 64, 64), (8, 16, 16)
-    q, k, v, do = inputs((1,) + spatial + (h, d), (1,) + spatial + (h, d), dtype)
-    n = math.prod(spatial)
-    sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64)
-    useful = 4 * h * d * sim.attended_pairs
-    _perf("na3d 16x64x64 k8x16x16 B=1", lambda q, k, v: jsa.na3d(q, k, v, kern,
-                                                               backend="triton"),
-          q, k, v, do, useful, iters, impl="ours-triton", bound=sim.block_speedup_bound,
-          tiles=str(sim.q_tile_shape) + "/" + str(sim.kv_tile_shape))
-    t = jsa.na_tiling(spatial, kern, block=128)
-    tq, tk, tv, tdo = (t.tile(x) for x in (q, k, v, do))
-    sim128 = jsa.simulate(spatial, kern, q_tile_shape=t.layout.tile_shape,
-                          kv_tile_shape=t.layout.tile_shape)
-    _perf("na3d 16x64x64 k8x16x16 B=1 tiled order (no permutation)",
-          lambda q, k, v: jsa.na(q, k, v, kern, backend="triton", tiling=t), tq, tk, tv, tdo,
-          useful, iters, impl="ours-triton", bound=sim128.block_speedup_bound,
-          tiles=str(t.layout.tile_shape))
-    flat = lambda x: x.reshape(1, n, h, d)
-    _perf("na3d 16x64x64 dense baseline", lambda q, k, v: jsa.attention(
-        flat(q), flat(k), flat(v), backend="triton").reshape(q.shape), q, k, v, do,
-        4 * h * d * n * n, iters, impl="ours-triton")
+        dense_flops, iters, impl="cudnn")
+
+
+def suite_loops(dtype, iters):
+  """Loop structure variants on the sparse workloads (TritonConfig flags)."""
+  h, d = 16, 128
+  variants = {"default": TritonConfig(), "single_loop": TritonConfig(single_loop=True),
+              "unsigned_intervals": TritonConfig(unsigned_intervals=True)}
+  for name, cfg in variants.items():
+    for spatial, kern, b in (((128, 128), (33, 33), 2), ((16, 64, 64), (8, 16, 16), 1)):
+      q, k, v, do = inputs((b,) + spatial + (h, d), (b,) + spatial + (h, d), dtype)
+      t = jsa.na_tiling(spatial, kern, block=128)
+      tq, tk, tv = (t.tile(x) for x in (q, k, v))
+      fn = jax.jit(lambda q, k, v, cfg=cfg, t=t, kern=kern: jsa.na(
+          q, k, v, kern, backend="triton", tiling=t, config=cfg))
+      record(suite="loops", case=f"na{len(spatial)}d tiled fwd", variant=name,
+             fwd_ms=timeit(fn, tq, tk, tv, iters=iters))
+    s = 32768
+    q, k, v, do = inputs((1, s, h, d), (1, s, h, d), dtype)
+    fn = jax.jit(lambda q, k, v, cfg=cfg: jsa.attention(q, k, v, masks.sliding_window(2047),
+                                                        backend="triton", config=cfg))
+    record(suite="loops", case="window 2048 S=32768 fwd", variant=name,
+           fwd_ms=timeit(fn, q, k, v, iters=iters))
 
 
 def suite_sweep(dtype, iters):
@@ -294,6 +325,8 @@ def main(argv=None):
     suite_check(dtype)
   if "perf" in suites or "all" in suites:
     suite_perf(dtype, args.iters, args.only.split(",") if args.only else None)
+  if "loops" in suites:
+    suite_loops(dtype, args.iters)
   if "sweep" in suites or "all" in suites:
     suite_sweep(dtype, args.iters)
   if args.out:

@@ -7,7 +7,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee $OUT/gpu.txt
-if [ "$what" = ours ] || [ "$what" = all ]; then
+if [ "$what" = ours ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 420 python3 -m benchmarks.bench_gpu --suite ${SUITES:-check,perf} --iters 10 \
     --out $OUT/ours.json 2>&1 | grep '^{' | tee $OUT/ours.log
 fi
@@ -20,4 +20,7 @@ if [ "$what" = peers ] || [ "$what" = all ]; then
       $OLDPWD/.peers/tokamax_probe.py > $OUT/tokamax.log 2>&1)
   fi
   tail -n 40 $OUT/anchor_dense.log $OUT/anchor_sparse.log $OUT/tokamax.log 2>/dev/null | grep -v "^$"
+fi
+if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
+  timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi

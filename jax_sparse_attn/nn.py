@@ -100,6 +100,17 @@ def _grid_positions(spatial):
   return jnp.stack(grids, axis=-1)  # [*spatial, n]
 
 
+def _dense_baseline(q, k, v, causal: bool):
+  """backend="dense": `jax.nn.dot_product_attention` over all tokens (no sparsity; plain
+  causal for sequences). A speed baseline for benchmarks, not the same function."""
+  shape = q.shape
+  flat = lambda x: x.reshape(x.shape[0], -1, *x.shape[-2:])
+  impl = "cudnn" if jax.default_backend() == "gpu" and q.dtype != jnp.float32 else None
+  o = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), is_causal=causal,
+                                   implementation=impl)
+  return o.reshape(shape)
+
+
 # --------------------------------------------------------------------------------------------
 # NNX
 
@@ -154,6 +165,7 @@ class _AttentionBase(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     if self.use_rope:
       q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+    q, k = q.astype(v.dtype), k.astype(v.dtype)  # norms may promote; kernels want one dtype
     # The leading spatial (or sequence) dim is the context-parallel one (time in video).
     names = ("batch", "length") + (None,) * (len(lead) - 2)
     q = constrain(q, names + ("heads", "head_dim"))
@@ -172,7 +184,8 @@ class NeighborhoodAttention(nnx.Module):
   Args mirror `jax_sparse_attn.na` (kernel_size/stride/dilation/is_causal: int/bool or one
   per spatial dim) plus: num_kv_heads (GQA), head_dim (default embed_dim // num_heads),
   qkv_bias, use_rope (axial RoPE over the spatial coordinates), qk_norm (RMSNorm on q, k),
-  backend, tile shapes.
+  backend (any of `attention`'s, or "dense": full `jax.nn.dot_product_attention`, a speed
+  baseline), tile shapes.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1,
@@ -198,9 +211,12 @@ class NeighborhoodAttention(nnx.Module):
                        f"shape {x.shape}")
     positions = _grid_positions(x.shape[1:-1])[None] if self.core.use_rope else None
     q, k, v = self.core._project(x, positions)
-    o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
-           backend=self.core.backend, interpret=self.core.interpret,
-           q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape)
+    if self.core.backend == "dense":
+      o = _dense_baseline(q, k, v, causal=False)
+    else:
+      o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
+             backend=self.core.backend, interpret=self.core.interpret,
+             q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape)
     return self.core._output(o)
 
 
@@ -248,8 +264,11 @@ class SparseAttention(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     pos = positions[..., None] if positions is not None else None
     q, k, v = self.core._project(x, pos)
-    o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
-                  interpret=self.core.interpret)
+    if self.core.backend == "dense":
+      o = _dense_baseline(q, k, v, causal=True)
+    else:
+      o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
+                    interpret=self.core.interpret)
     return self.core._output(o)
 
 

@@ -23,8 +23,8 @@ from . import masks as masks_lib
 from .layout import TiledLayout, cdiv
 
 # A partial block costs more than a full one (element-mask arithmetic beside the softmax):
-# 1.6x, fitted to the Triton kernels on the H100 (2-D NA 128x128 k33, 2026-11-23).
-PARTIAL_BLOCK_COST = 1.6
+# 1.4-1.55x fitted to the Triton kernels on the H100 (2-D and 3-D NA, 2026-11-23).
+PARTIAL_BLOCK_COST = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +151,35 @@ def format_table(results) -> str:
   return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
 
+def plot_tiles(res: SimResult, path: str) -> None:
+  """Bar chart: block-level bound for every (Q tile, KV tile) candidate, best marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  mask = masks_lib.neighborhood(res.spatial_shape, res.kernel_size, res.stride, res.dilation,
+                                res.is_causal)
+  limits = [max(l, 1) for l in _tile_limits(mask)]
+  rows = []
+  for qt in _pow2_factorizations(res.block_q, mask.num_dims, limits):
+    for kt in _pow2_factorizations(res.block_kv, mask.num_dims, limits):
+      visited, full = _counts(mask, qt, kt)
+      rows.append((f"{'x'.join(map(str, qt))}/{'x'.join(map(str, kt))}",
+                   res.dense_blocks / visited, (qt, kt) == (res.q_tile_shape, res.kv_tile_shape)))
+  rows.sort(key=lambda r: -r[1])
+  rows = rows[:30]
+  fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(rows)), 4))
+  ax.bar(range(len(rows)), [r[1] for r in rows],
+         color=["tab:orange" if r[2] else "tab:blue" for r in rows])
+  ax.axhline(res.ideal_speedup, color="k", ls="--", lw=1, label=f"ideal {res.ideal_speedup:.1f}x")
+  ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=90, fontsize=7)
+  ax.set_ylabel("block bound (dense / visited blocks)")
+  ax.set_title(f"{'x'.join(map(str, res.spatial_shape))} kernel "
+               f"{'x'.join(map(str, res.kernel_size))}: Q/KV tiles (chosen in orange)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--shape", type=int, nargs="+", required=True, help="spatial shape")
@@ -161,6 +190,8 @@ def main(argv=None):
   parser.add_argument("--block-q", type=int, default=128)
   parser.add_argument("--block-kv", type=int, default=128)
   parser.add_argument("--json", help="write results to this JSON file")
+  parser.add_argument("--plot", help="PNG: block bound of every candidate tile shape "
+                      "(needs matplotlib)")
   args = parser.parse_args(argv)
   nd = len(args.shape)
   expand = lambda v: tuple(v) if len(v) == nd else tuple(v) * nd
@@ -168,6 +199,8 @@ def main(argv=None):
                  expand(args.dilation), tuple(bool(c) for c in expand(args.causal)),
                  block_q=args.block_q, block_kv=args.block_kv)
   print(format_table([res]))
+  if args.plot:
+    plot_tiles(res, args.plot)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(res.as_dict(), f, indent=1)

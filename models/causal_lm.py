@@ -20,10 +20,10 @@ from models.train import cli, mlp, train
 
 
 class Block(nnx.Module):
-  def __init__(self, dim, heads, kv_heads, mask, backend, rngs):
+  def __init__(self, dim, heads, kv_heads, mask, backend, rngs, attn_dtype=None):
     self.norm1 = nnx.RMSNorm(dim, rngs=rngs)
     self.attn = SparseAttention(dim, heads, mask, num_kv_heads=kv_heads, use_rope=True,
-                                backend=backend, rngs=rngs)
+                                backend=backend, dtype=attn_dtype, rngs=rngs)
     self.norm2 = nnx.RMSNorm(dim, rngs=rngs)
     self.mlp = mlp(rngs, dim, 4 * dim)
 
@@ -34,10 +34,10 @@ class Block(nnx.Module):
 
 class CausalLM(nnx.Module):
   def __init__(self, vocab=64, dim=64, depth=2, heads=4, kv_heads=2, window=32, sinks=4,
-               backend="auto", *, rngs: nnx.Rngs):
+               backend="auto", attn_dtype=None, *, rngs: nnx.Rngs):
     mask = masks.causal() & (masks.sliding_window(window - 1) | masks.sink(sinks))
     self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-    self.blocks = nnx.List([Block(dim, heads, kv_heads, mask, backend, rngs)
+    self.blocks = nnx.List([Block(dim, heads, kv_heads, mask, backend, rngs, attn_dtype)
                             for _ in range(depth)])
     self.norm = nnx.RMSNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)

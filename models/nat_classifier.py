@@ -18,10 +18,10 @@ from models.train import cli, mlp, train
 
 
 class NABlock(nnx.Module):
-  def __init__(self, dim, heads, kernel, dilation, backend, rngs):
+  def __init__(self, dim, heads, kernel, dilation, backend, rngs, attn_dtype=None):
     self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
     self.attn = NeighborhoodAttention2D(dim, heads, kernel, dilation=dilation, backend=backend,
-                                        rngs=rngs)
+                                        dtype=attn_dtype, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
     self.mlp = mlp(rngs, dim, 2 * dim)
 
@@ -32,7 +32,7 @@ class NABlock(nnx.Module):
 
 class NATClassifier(nnx.Module):
   def __init__(self, num_classes=4, dims=(32, 64), depths=(2, 2), heads=(2, 4), kernel=5,
-               patch=2, image_size=32, backend="auto", *, rngs: nnx.Rngs):
+               patch=2, image_size=32, backend="auto", attn_dtype=None, *, rngs: nnx.Rngs):
     self.embed = nnx.Conv(3, dims[0], (patch, patch), strides=(patch, patch), rngs=rngs)
     stages, downs = [], []
     side = image_size // patch
@@ -42,7 +42,7 @@ class NATClassifier(nnx.Module):
       for b in range(depth):
         # DiNAT: alternate dense-local and dilated neighborhoods (when the map is big enough).
         dil = 2 if b % 2 and k * 2 <= side else 1
-        blocks.append(NABlock(dim, h, k, dil, backend, rngs))
+        blocks.append(NABlock(dim, h, k, dil, backend, rngs, attn_dtype))
       stages.append(nnx.List(blocks))
       if s + 1 < len(dims):
         downs.append(nnx.Conv(dim, dims[s + 1], (2, 2), strides=(2, 2), rngs=rngs))

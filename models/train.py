@@ -61,7 +61,8 @@ def cli(description: str, defaults: dict) -> argparse.Namespace:
   parser.add_argument("--size", type=int, default=defaults.get("size", 32),
                       help="spatial side / sequence length")
   parser.add_argument("--lr", type=float, default=defaults.get("lr", 1e-3))
-  parser.add_argument("--backend", default="auto")
+  parser.add_argument("--backend", default="auto",
+                      help='attention backend, or "dense" for the jax.nn.dot_product_attention baseline')
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--checkpoint", default=None, help="save the final state here (orbax)")
   return parser.parse_args()

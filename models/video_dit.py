@@ -23,10 +23,11 @@ def timestep_embedding(t, dim):
 
 
 class DiTBlock(nnx.Module):
-  def __init__(self, dim, heads, kernel, causal_time, backend, rngs):
+  def __init__(self, dim, heads, kernel, causal_time, backend, rngs, attn_dtype=None):
     self.norm1 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, rngs=rngs)
     self.attn = NeighborhoodAttention3D(dim, heads, kernel, is_causal=(causal_time, False, False),
-                                        use_rope=True, qk_norm=True, backend=backend, rngs=rngs)
+                                        use_rope=True, qk_norm=True, backend=backend,
+                                        dtype=attn_dtype, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, rngs=rngs)
     self.mlp = mlp(rngs, dim, 4 * dim)
     self.ada = nnx.Linear(dim, 6 * dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
@@ -39,11 +40,11 @@ class DiTBlock(nnx.Module):
 
 class VideoDiT(nnx.Module):
   def __init__(self, channels=4, dim=48, depth=2, heads=4, kernel=(3, 5, 5), causal_time=True,
-               backend="auto", *, rngs: nnx.Rngs):
+               backend="auto", attn_dtype=None, *, rngs: nnx.Rngs):
     self.proj_in = nnx.Linear(channels, dim, rngs=rngs)
     self.time = nnx.Sequential(nnx.Linear(dim, dim, rngs=rngs), nnx.silu,
                                nnx.Linear(dim, dim, rngs=rngs))
-    self.blocks = nnx.List([DiTBlock(dim, heads, kernel, causal_time, backend, rngs)
+    self.blocks = nnx.List([DiTBlock(dim, heads, kernel, causal_time, backend, rngs, attn_dtype)
                             for _ in range(depth)])
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.proj_out = nnx.Linear(dim, channels, rngs=rngs)

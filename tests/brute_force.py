@@ -42,14 +42,13 @@ def gna_mask(spatial, kernel, stride, dilation, causal) -> np.ndarray:
   return out
 
 
-def attention(q, k, v, mask, scale, q_seg=None, kv_seg=None):
-  """q [b, sq, h, d], k/v [b, skv, hkv, d], mask [sq, skv] -> (out, lse [b, sq, h]) float64."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, sq, h, d = q.shape
-  hkv = k.shape[2]
-  g = h // hkv
-  k = np.repeat(k, g, axis=2)
-  v = np.repeat(v, g, axis=2)
+def _repeat_kv(q, x):
+  return np.repeat(x, q.shape[2] // x.shape[2], axis=2)
+
+
+def _probs(q, k, mask, scale, q_seg, kv_seg):
+  """Softmax probabilities [b, h, sq, skv] (zero rows where nothing is visible), the
+  denominators and row maxima (for the LSE)."""
   s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
   m = np.broadcast_to(mask[None, None], s.shape).copy()
   if q_seg is not None:
@@ -59,7 +58,15 @@ def attention(q, k, v, mask, scale, q_seg=None, kv_seg=None):
   mx = np.where(np.isfinite(mx), mx, 0.0)
   p = np.where(m, np.exp(s - mx), 0.0)
   den = p.sum(-1, keepdims=True)
-  out = np.einsum("bhqk,bkhd->bqhd", p / np.where(den == 0, 1, den), v)
+  return p / np.where(den == 0, 1, den), den, mx
+
+
+def attention(q, k, v, mask, scale, q_seg=None, kv_seg=None):
+  """q [b, sq, h, d], k/v [b, skv, hkv, d], mask [sq, skv] -> (out, lse [b, sq, h]) float64."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  k, v = _repeat_kv(q, k), _repeat_kv(q, v)
+  p, den, mx = _probs(q, k, mask, scale, q_seg, kv_seg)
+  out = np.einsum("bhqk,bkhd->bqhd", p, v)
   with np.errstate(divide="ignore"):
     lse = np.where(den[..., 0] > 0, np.log(den[..., 0]) + mx[..., 0], -np.inf)
   return out, lse.transpose(0, 2, 1)
@@ -77,17 +84,8 @@ def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None):
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
-  kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-  s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
-  m = np.broadcast_to(mask[None, None], s.shape).copy()
-  if q_seg is not None:
-    m &= (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
-  s = np.where(m, s, -np.inf)
-  mx = s.max(-1, keepdims=True)
-  mx = np.where(np.isfinite(mx), mx, 0.0)
-  p = np.where(m, np.exp(s - mx), 0.0)
-  den = p.sum(-1, keepdims=True)
-  p = p / np.where(den == 0, 1, den)
+  kr, vr = _repeat_kv(q, k), _repeat_kv(q, v)
+  p, _, _ = _probs(q, kr, mask, scale, q_seg, kv_seg)
   dp = np.einsum("bqhd,bkhd->bhqk", d_out, vr)
   ds = p * (dp - (dp * p).sum(-1, keepdims=True))
   dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale

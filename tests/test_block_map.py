@@ -152,3 +152,16 @@ def test_partial_groups_only_skip_dims_that_are_full(problem, data):
         np.testing.assert_array_equal(m[rows], pairs[np.ix_(q, k)][rows])
       start = end
     assert start == bmap.kv_counts[i]
+
+
+def test_simulate_cli_writes_json(tmp_path, capsys):
+  import json
+  import sys
+  sim_module = sys.modules["jax_sparse_attn.simulate"]
+  out = tmp_path / "sim.json"
+  sim_module.main(["--shape", "32", "48", "--kernel", "7", "--stride", "1", "2",
+                   "--block-q", "64", "--block-kv", "64", "--json", str(out)])
+  printed = capsys.readouterr().out
+  data = json.loads(out.read_text())
+  assert data["stride"] == [1, 2] and data["visited_blocks"] > 0
+  assert "bound" in printed and f"{data['block_speedup_bound']:.1f}x" in printed

@@ -40,7 +40,7 @@ def test_kernel_tiles_smaller_than_map_blocks():
   p = dict(batch=1, sq=70, skv=70, heads=2, kv_heads=1, head_dim=16, mask="window",
            segments=True, dtype=jnp.float32, seed=5)
   cfg = TritonConfig(block_q=16, block_kv=16, bwd_block_q=16, bwd_block_kv=16, dq_block_q=16,
-                     dq_block_kv=16)
+                     dq_block_kv=16, unsigned_intervals=False)  # the signed interval test
   backend_cases.check_attention(p, "triton", config=cfg, **KW)
 
 
@@ -64,3 +64,9 @@ def test_split_partial_groups_matches():
                          config=TritonConfig(block_q=8, block_kv=4, bwd_block_q=8,
                                              bwd_block_kv=4, dq_block_q=8, dq_block_kv=4,
                                              split_partial_groups=True))
+
+
+def test_single_loop_matches():
+  p = dict(batch=1, sq=53, skv=53, heads=2, kv_heads=2, head_dim=16, mask="masked_rows",
+           segments=True, dtype=jnp.float32, seed=12)
+  backend_cases.check_attention(p, "triton", config=TritonConfig(single_loop=True), **KW)

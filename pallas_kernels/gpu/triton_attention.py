@@ -59,6 +59,12 @@ class TritonConfig:
   # testing every dim. Measured slower on the H100 (2-D NA 128x128 k33, tiled order: 1.80 ms vs
   # 1.62 ms; 3-D: 10.6 vs 7.96 ms): each extra pipelined loop costs more than the masks saved.
   split_partial_groups: bool = False
+  # One loop over every visited block with the element mask always applied (no separate
+  # full-block loop): fewer pipelined loops per row, more mask arithmetic.
+  single_loop: bool = False
+  # Test each mask interval with one unsigned compare, (c - lo) <=u (hi - lo), instead of two
+  # signed compares and an AND.
+  unsigned_intervals: bool = True
 
 
 # Block-map block sizes (the sparsity granularity) per head_dim.
@@ -89,7 +95,8 @@ def default_config(head_dim: int, dtype, plan: AttentionPlan, config: TritonConf
       dq_block_kv=fill(config.dq_block_kv, min(bk, 64)),
       dq_num_warps=fill(config.dq_num_warps, 8 if big else 4),
       dq_num_stages=fill(config.dq_num_stages, 2),
-      allow_tf32=config.allow_tf32, split_partial_groups=config.split_partial_groups)
+      allow_tf32=config.allow_tf32, split_partial_groups=config.split_partial_groups,
+      single_loop=config.single_loop, unsigned_intervals=config.unsigned_intervals)
   for name, tile, block in (("block_q", cfg.block_q, bq), ("block_kv", cfg.block_kv, bk),
                             ("bwd_block_q", cfg.bwd_block_q, bq),
                             ("bwd_block_kv", cfg.bwd_block_kv, bk),
@@ -114,17 +121,23 @@ class _MaskSpec:
   mask_fn: object  # Mask or None, evaluated on positions (sequence layouts only)
   has_segments: bool
   partial_groups: tuple = (None,)  # per partial group, the interval dims to test
+  single_loop: bool = False
+  unsigned: bool = False  # q vectors hold (lo, hi - lo) for the unsigned test
 
 
-def _mask_spec(plan: AttentionPlan, has_segments: bool, split: bool) -> _MaskSpec:
-  groups = tuple(plan.block_map.partial_groups) if split else (None,)
-  return _MaskSpec(plan.num_mask_dims, plan.mask_fn, has_segments, groups)
+def _mask_spec(plan: AttentionPlan, has_segments: bool, cfg: TritonConfig) -> _MaskSpec:
+  groups = tuple(plan.block_map.partial_groups) if cfg.split_partial_groups else (None,)
+  return _MaskSpec(plan.num_mask_dims, plan.mask_fn, has_segments, groups, cfg.single_loop,
+                   cfg.unsigned_intervals)
 
 
 def _run_groups(spec: _MaskSpec, counts_ref, sub: int, body, carry):
   """Full blocks (no element mask unless segments), then each partial group with its dims.
 
   counts_ref: [n_full, total, end of group 1, ..., end of group G] for this row."""
+  if spec.single_loop:
+    return jax.lax.fori_loop(0, counts_ref[1] * sub, functools.partial(
+        body, masked=True, dims=None), carry)
   start = counts_ref[0] * sub
   carry = jax.lax.fori_loop(0, start, functools.partial(
       body, masked=spec.has_segments, dims=()), carry)
@@ -151,7 +164,10 @@ def _tile_mask(spec: _MaskSpec, refs, q_start, kv_start, tq: int, tk: int,
     lo = qv(q_lo[d][pl.ds(q_start, tq)])
     hi = qv(q_hi[d][pl.ds(q_start, tq)])
     c = kv(kv_c[d][pl.ds(kv_start, tk)])
-    term = (lo <= c) & (c <= hi)
+    if spec.unsigned:  # `hi` holds the width; empty intervals have lo = 2**30, width 0
+      term = (c - lo).astype(jnp.uint32) <= hi.astype(jnp.uint32)
+    else:
+      term = (lo <= c) & (c <= hi)
     out = term if out is None else out & term
   if out is None:
     out = jnp.ones((tk, tq) if transposed else (tq, tk), jnp.bool_)
@@ -244,10 +260,14 @@ def _split_mask_refs(rest, spec: _MaskSpec):
   return q_lo, q_hi, kv_c, q_seg, kv_seg
 
 
-def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, for_dkv=False):
+def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, unsigned=False):
   """Arrays and BlockSpecs for the mask vectors; `b_of(j)` maps grid axis 1 to the batch."""
   arrays, specs = [], []
-  for vec in (plan.q_lo, plan.q_hi, plan.kv_c):
+  q_lo, q_hi = plan.q_lo, plan.q_hi
+  if unsigned:
+    empty = q_hi < q_lo
+    q_lo, q_hi = np.where(empty, 1 << 30, q_lo), np.where(empty, 0, q_hi - q_lo)
+  for vec in (q_lo, q_hi, plan.kv_c):
     for d in range(vec.shape[0]):
       arrays.append(jnp.asarray(vec[d]))
       specs.append(pl.BlockSpec((vec.shape[1],), lambda i, j: (0,)))
@@ -282,12 +302,12 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   cfg = default_config(d, q.dtype, plan, config)
   tq, tk = cfg.block_q, cfg.block_kv
   bmap = plan.block_map
-  spec = _mask_spec(plan, q_seg is not None, cfg.split_partial_groups)
+  spec = _mask_spec(plan, q_seg is not None, cfg)
   n_cols = pl.next_power_of_2(2 + len(bmap.partial_groups))
   qp, kp, vp = _pad_head_dim(q, k, v)
   dpad = qp.shape[-1]
   skv = k.shape[1]
-  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h)
+  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec.unsigned)
   sub = plan.block_q // tq
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                              block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d,
@@ -425,7 +445,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   g = h // hkv
   cfg = default_config(d, q.dtype, plan, config)
   bmap = plan.block_map
-  spec = _mask_spec(plan, q_seg is not None, cfg.split_partial_groups)
+  spec = _mask_spec(plan, q_seg is not None, cfg)
   n_cols = pl.next_power_of_2(2 + len(bmap.partial_groups))
   # delta = rowsum(dO * O) - dLSE: one fused elementwise pass.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -437,7 +457,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # dQ over the forward map.
   tq, tk = cfg.dq_block_q, cfg.dq_block_kv
   sub = plan.block_q // tq
-  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h)
+  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec.unsigned)
   q_spec = pl.BlockSpec((None, tq, None, dpad), lambda i, j: (j // h, i, j % h, 0))
   kv_full = pl.BlockSpec((None, skv, None, dpad), lambda i, j: (j // h, 0, (j % h) // g, 0))
   row_spec = pl.BlockSpec((None, None, tq), lambda i, j: (j // h, j % h, i))
@@ -459,7 +479,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   params = plgpu.CompilerParams(num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
   tq, tk = cfg.bwd_block_q, cfg.bwd_block_kv
   sub_kv = plan.block_kv // tk
-  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv)
+  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec.unsigned)
   if g == 1:
     q_all = pl.BlockSpec((None, sq, None, dpad), lambda i, j: (j // hkv, 0, j % hkv, 0))
     rows_all = pl.BlockSpec((None, None, sq), lambda i, j: (j // hkv, j % hkv, 0))

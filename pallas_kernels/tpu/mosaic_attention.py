@@ -108,6 +108,18 @@ def _split_refs(refs, has_segments):
   return mask, refs[n:]
 
 
+def _full_then_partial(step, n_full, count, update, has_segments):
+  """Grid step `step` of a map row: full blocks (masked only for segments), then partial ones;
+  padding steps (step >= count) do nothing."""
+  @pl.when(step < n_full)
+  def _full():
+    update(masked=has_segments)
+
+  @pl.when((step >= n_full) & (step < count))
+  def _partial():
+    update(masked=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 
@@ -143,13 +155,7 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
                              preferred_element_type=jnp.float32)
     acc_sc[...] = alpha[:, :1] * acc_sc[...] + pv
 
-  @pl.when(j < n_full)
-  def _full():
-    update(masked=spec.has_segments)
-
-  @pl.when((j >= n_full) & (j < count))
-  def _partial():
-    update(masked=True)
+  _full_then_partial(j, n_full, count, update, spec.has_segments)
 
   @pl.when(j == max_kv - 1)
   def _finish():
@@ -233,13 +239,7 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
     dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, NN,
                                       preferred_element_type=jnp.float32)
 
-  @pl.when(j < n_full)
-  def _full():
-    update(masked=spec.has_segments)
-
-  @pl.when((j >= n_full) & (j < count))
-  def _partial():
-    update(masked=True)
+  _full_then_partial(j, n_full, count, update, spec.has_segments)
 
   @pl.when(j == max_kv - 1)
   def _finish():
@@ -275,13 +275,7 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
     dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, TN,
                                       preferred_element_type=jnp.float32)
 
-  @pl.when(entry < n_full)
-  def _full():
-    update(masked=spec.has_segments)
-
-  @pl.when((entry >= n_full) & (entry < count))
-  def _partial():
-    update(masked=True)
+  _full_then_partial(entry, n_full, count, update, spec.has_segments)
 
   @pl.when(t == max_q * group - 1)
   def _finish():
