@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import math
-import sys
 import time
 import traceback
 

@@ -10,7 +10,6 @@ no-ops, so layers construct and run anywhere.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax

@@ -15,7 +15,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import masks as masks_lib
 from . import reference as reference_lib

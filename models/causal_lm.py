@@ -9,7 +9,6 @@ of repeated random motifs, so a model that attends within its window learns to c
 from __future__ import annotations
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx

@@ -9,8 +9,8 @@ shape-classification task (made here, no downloads).
 from __future__ import annotations
 
 import numpy as np
-import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jax_sparse_attn.nn import NeighborhoodAttention2D
@@ -82,13 +82,7 @@ def synthetic_batches(batch, size, seed=0, num_classes=4):
 
 def loss_fn(model, batch):
   images, labels = batch
-  logits = model(images)
-  return jnp.mean(optax_xent(logits, labels))
-
-
-def optax_xent(logits, labels):
-  import optax
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model(images), labels))
 
 
 def main():

@@ -10,9 +10,6 @@ import argparse
 import time
 from typing import Callable, Iterator
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 

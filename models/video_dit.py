@@ -8,7 +8,6 @@ MLP. Objective: predict the noise added to synthetic videos of moving blobs (mad
 from __future__ import annotations
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

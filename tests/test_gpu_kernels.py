@@ -1,14 +1,10 @@
 """Pallas Triton kernels in interpret mode (CPU) vs the float64 brute force."""
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import given, settings
 
 import backend_cases
-import brute_force
 import jax_sparse_attn as jsa
-from jax_sparse_attn import masks
 from pallas_kernels.gpu import TritonConfig
 
 KW = dict(interpret=True, block_q=32, block_kv=32)

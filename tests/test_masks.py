@@ -1,7 +1,7 @@
 """Mask semantics against the float64/loop brute force, and argument validation."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 import brute_force
 from strategies import gna_problems

@@ -1,7 +1,6 @@
 """Pallas TPU (Mosaic) kernels: interpret mode vs the brute force, and TPU lowering on CPU."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import given, settings
 
@@ -23,7 +22,6 @@ def test_attention_interpret(p):
 @given(p=backend_cases.na_problems())
 def test_na_interpret(p):
   # Tiles must multiply to 128 on TPU: let the simulator choose them.
-  spatial = p["problem"][0]
   p = dict(p, tile_q=None, tile_kv=None)
   backend_cases.check_na(p, "mosaic", interpret=True)
 

@@ -197,9 +197,7 @@ def _dot(a, b, allow_tf32, trans_b=False):
 def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec, scale: float,
                 block_q: int, block_kv: int, tq: int, tk: int, head_dim: int, allow_tf32: bool):
   mask_refs, (o_ref, lse_ref) = _split_mask_refs(rest, spec), rest[-2:]
-  q_sub = pl.program_id(0)
-  q_block = q_sub // (block_q // tq)
-  q_start = q_sub * tq
+  q_start = pl.program_id(0) * tq
   dpad = q_ref.shape[-1]
   dmask = (jnp.arange(dpad) < head_dim)[None, :] if dpad != head_dim else None
   q = q_ref[...] if dmask is None else plgpu.load(q_ref, mask=dmask, other=0.0)

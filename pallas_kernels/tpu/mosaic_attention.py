@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -170,8 +169,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   del config
   _check_blocks(plan)
   b, sq, h, d = q.shape
-  skv, hkv = k.shape[1], k.shape[2]
-  g = h // hkv
+  g = h // k.shape[2]
   bq, bk = plan.block_q, plan.block_kv
   bmap = plan.block_map
   max_kv = bmap.max_kv
