@@ -259,6 +259,39 @@ def suite_loops(dtype, iters):
            fwd_ms=timeit(fn, q, k, v, iters=iters))
 
 
+def suite_sweep_d(dtype, iters, d):
+  """Tile/warp/stage sweep for another head_dim (dense S=16384, B=2, H=16)."""
+  b, h, s = 2, 16, 16384
+  q, k, v, do = inputs((b, s, h, d), (b, s, h, d), dtype)
+  flops = 4 * b * h * s * s * d
+  for map_q, map_kv, tq, tk, warps, stages in [
+      (128, 64, 128, 64, 4, 2), (128, 64, 128, 64, 4, 3), (128, 128, 128, 128, 4, 2),
+      (128, 128, 128, 128, 8, 2), (64, 64, 64, 64, 4, 2)]:
+    cfg = TritonConfig(block_q=tq, block_kv=tk, num_warps=warps, num_stages=stages)
+    fn = lambda q, k, v, cfg=cfg, mq=map_q, mk=map_kv: jsa.attention(
+        q, k, v, backend="triton", block_q=mq, block_kv=mk, config=cfg)
+    try:
+      t = timeit(jax.jit(fn), q, k, v, iters=iters)
+      record(suite="sweep", case=f"dense S=16384 D={d} fwd", map=f"{map_q}x{map_kv}",
+             tile=f"{tq}x{tk}", warps=warps, stages=stages, fwd_ms=t, fwd_tflops=flops / t / 1e9)
+    except Exception as e:
+      record(suite="sweep", case=f"dense D={d} fwd", tile=f"{tq}x{tk}", error=repr(e)[:300])
+  for tq, tk, warps, stages in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2),
+                                (64, 128, 4, 2)]:
+    cfg = TritonConfig(bwd_block_q=tq, bwd_block_kv=tk, bwd_num_warps=warps,
+                       bwd_num_stages=stages, dq_block_q=tq, dq_block_kv=tk, dq_num_warps=warps,
+                       dq_num_stages=stages)
+    mk = max(64, tk)
+    fn = lambda q, k, v, cfg=cfg, mk=mk: jsa.attention(q, k, v, backend="triton", block_q=128,
+                                                       block_kv=mk, config=cfg)
+    try:
+      t = timeit(fwd_bwd(fn), q, k, v, do, iters=max(iters // 2, 5))
+      record(suite="sweep", case=f"dense S=16384 D={d} fwd+bwd", tile=f"{tq}x{tk}", warps=warps,
+             stages=stages, fwd_bwd_ms=t, fwd_bwd_tflops=3.5 * flops / t / 1e9)
+    except Exception as e:
+      record(suite="sweep", case=f"dense D={d} fwd+bwd", tile=f"{tq}x{tk}", error=repr(e)[:300])
+
+
 def suite_sweep(dtype, iters):
   b, h, d, s = 2, 16, 128, 16384
   q, k, v, do = inputs((b, s, h, d), (b, s, h, d), dtype)
@@ -323,6 +356,8 @@ def main(argv=None):
     suite_check(dtype)
   if "perf" in suites or "all" in suites:
     suite_perf(dtype, args.iters, args.only.split(",") if args.only else None)
+  if "sweep64" in suites:
+    suite_sweep_d(dtype, args.iters, 64)
   if "loops" in suites:
     suite_loops(dtype, args.iters)
   if "sweep" in suites or "all" in suites:

@@ -67,34 +67,44 @@ class TritonConfig:
   unsigned_intervals: bool = True
 
 
-# Block-map block sizes (the sparsity granularity) per head_dim.
-MAP_BLOCKS = {64: (128, 64), 128: (128, 64), 256: (64, 64)}
+# Measured on the H100 (bf16, dense S=16384; benchmarks/results/h100-2026-11-23-triton-sweep*.json):
+# padded head_dim -> block-map blocks and (tile_q, tile_kv, warps, stages) per kernel.
+# 256 is not tuned (smaller tiles, 8 warps, to fit registers).
+TUNED = {
+    64: dict(map=(128, 128), fwd=(128, 128, 4, 2), dq=(128, 64, 4, 2), dkv=(128, 64, 4, 2)),
+    128: dict(map=(128, 64), fwd=(128, 64, 4, 2), dq=(64, 64, 4, 2), dkv=(64, 64, 4, 2)),
+    256: dict(map=(64, 64), fwd=(64, 64, 8, 2), dq=(64, 64, 8, 2), dkv=(64, 64, 8, 2)),
+}
+
+
+def _tuned(head_dim: int) -> dict:
+  d = _padded_head_dim(head_dim)
+  return TUNED[min(max(d, 64), 256)]
 
 
 def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
-  d = _padded_head_dim(head_dim)
-  return MAP_BLOCKS.get(d, (64, 64) if d > 128 else (128, 64))
+  return _tuned(head_dim)["map"]
 
 
 def default_config(head_dim: int, dtype, plan: AttentionPlan, config: TritonConfig | None):
   config = config or TritonConfig()
-  d = _padded_head_dim(head_dim)
+  table = _tuned(head_dim)
   bq, bk = plan.block_q, plan.block_kv
-  big = d > 128
   fill = lambda v, default: default if v is None else v
+  fwd, dq, dkv = table["fwd"], table["dq"], table["dkv"]
   cfg = TritonConfig(
-      block_q=fill(config.block_q, min(bq, 64 if big else 128)),
-      block_kv=fill(config.block_kv, min(bk, 64)),
-      num_warps=fill(config.num_warps, 8 if big else 4),
-      num_stages=fill(config.num_stages, 2),
-      bwd_block_q=fill(config.bwd_block_q, min(bq, 64)),
-      bwd_block_kv=fill(config.bwd_block_kv, min(bk, 64)),
-      bwd_num_warps=fill(config.bwd_num_warps, 8 if big else 4),
-      bwd_num_stages=fill(config.bwd_num_stages, 2),
-      dq_block_q=fill(config.dq_block_q, min(bq, 64)),
-      dq_block_kv=fill(config.dq_block_kv, min(bk, 64)),
-      dq_num_warps=fill(config.dq_num_warps, 8 if big else 4),
-      dq_num_stages=fill(config.dq_num_stages, 2),
+      block_q=fill(config.block_q, min(bq, fwd[0])),
+      block_kv=fill(config.block_kv, min(bk, fwd[1])),
+      num_warps=fill(config.num_warps, fwd[2]),
+      num_stages=fill(config.num_stages, fwd[3]),
+      bwd_block_q=fill(config.bwd_block_q, min(bq, dkv[0])),
+      bwd_block_kv=fill(config.bwd_block_kv, min(bk, dkv[1])),
+      bwd_num_warps=fill(config.bwd_num_warps, dkv[2]),
+      bwd_num_stages=fill(config.bwd_num_stages, dkv[3]),
+      dq_block_q=fill(config.dq_block_q, min(bq, dq[0])),
+      dq_block_kv=fill(config.dq_block_kv, min(bk, dq[1])),
+      dq_num_warps=fill(config.dq_num_warps, dq[2]),
+      dq_num_stages=fill(config.dq_num_stages, dq[3]),
       allow_tf32=config.allow_tf32, split_partial_groups=config.split_partial_groups,
       single_loop=config.single_loop, unsigned_intervals=config.unsigned_intervals)
   for name, tile, block in (("block_q", cfg.block_q, bq), ("block_kv", cfg.block_kv, bk),
