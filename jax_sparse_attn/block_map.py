@@ -160,7 +160,7 @@ def from_dense_classes(classes: np.ndarray, block_q: int, block_kv: int,
 # Classification.
 
 
-def _classify_dense(mask_fn, q_idx, q_valid, kv_idx, kv_valid, bq, bk, q_blocks=None):
+def _classify_dense(mask_fn, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
   """Exact classes by element evaluation, chunked by Q block rows. Returns [nq, nk] int8."""
   nq, nk = len(q_idx) // bq, len(kv_idx) // bk
   out = np.zeros((nq, nk), np.int8)
