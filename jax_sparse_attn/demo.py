@@ -16,14 +16,17 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 
 
-def _time(fn, *args, iters=5):
+def _time(fn, *args, iters=10, repeats=3):
+  """Median over `repeats` of the mean of `iters` back-to-back calls (after a warm-up)."""
   jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
+  means = []
+  for _ in range(repeats):
     t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    means.append((time.perf_counter() - t) / iters)
+  return float(np.median(means)) * 1e3
 
 
 def _rel(a, b):
