@@ -102,3 +102,15 @@ def test_module_validation(kwargs, match):
   else:
     with pytest.raises(ValueError, match=match):
       nn.SparseAttention(rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_dense_baseline_backend_equals_full_neighborhood():
+  # A kernel as large as the map is full attention: the "dense" speed baseline must agree.
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 7, 32))
+  dense = nn.NeighborhoodAttention2D(32, 4, (6, 7), backend="dense", rngs=nnx.Rngs(0))
+  sparse = nn.NeighborhoodAttention2D(32, 4, (6, 7), backend="xla", rngs=nnx.Rngs(0))
+  assert brute_force.rel_err(dense(x), sparse(x)) < 1e-4
+  lm_dense = nn.SparseAttention(32, 4, masks.causal(), backend="dense", rngs=nnx.Rngs(0))
+  lm_sparse = nn.SparseAttention(32, 4, masks.causal(), backend="xla", rngs=nnx.Rngs(0))
+  y = jax.random.normal(jax.random.PRNGKey(6), (2, 19, 32))
+  assert brute_force.rel_err(lm_dense(y), lm_sparse(y)) < 1e-4
