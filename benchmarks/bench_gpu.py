@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import math
-import time
 import traceback
 
 import jax
@@ -24,25 +23,14 @@ import numpy as np
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
+from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import TritonConfig
 
 RESULTS: list[dict] = []
 
 
 def timeit(fn, *args, iters=20, warmup=3, repeats=5):
-  """Median over `repeats` of the mean time of `iters` back-to-back calls (dispatch is
-  asynchronous, so host overhead overlaps the GPU work as in a training loop)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  means = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    out = None
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    means.append((time.perf_counter() - t) / iters)
-  return float(np.median(means)) * 1e3
+  return time_ms(fn, *args, iters=iters, repeats=repeats, warmup=warmup)
 
 
 def rel(a, b):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from models import causal_lm, nat_classifier, video_dit
+from jax_sparse_attn.demo import time_ms
 from models.train import make_optimizer
 
 BF16 = jax.numpy.bfloat16
@@ -32,16 +31,7 @@ def step_time(model, loss_fn, batch, iters=10):
     optimizer.update(model, grads)
     return loss
 
-  for _ in range(3):
-    jax.block_until_ready(step(model, optimizer, batch))
-  times = []
-  for _ in range(3):
-    t = time.perf_counter()
-    for _ in range(iters):
-      out = step(model, optimizer, batch)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / iters)
-  return float(np.median(times)) * 1e3
+  return time_ms(step, model, optimizer, batch, iters=iters, repeats=3, warmup=3)
 
 
 def cases(backend):

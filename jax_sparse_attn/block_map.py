@@ -85,14 +85,6 @@ class BlockMap:
         out[i, ids[i, j]] = FULL if j < full[i] else PARTIAL
     return out
 
-  def stats(self) -> dict:
-    dense = self.num_q_blocks * self.num_kv_blocks
-    return dict(num_q_blocks=self.num_q_blocks, num_kv_blocks=self.num_kv_blocks,
-                visited=self.num_visited, full=self.num_full,
-                partial=self.num_visited - self.num_full,
-                density=self.num_visited / max(dense, 1),
-                bound=dense / max(self.num_visited, 1))
-
 
 def _pow2_at_least(n: int) -> int:
   return 1 << max(0, (max(n, 1) - 1).bit_length())

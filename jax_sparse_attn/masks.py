@@ -290,11 +290,6 @@ class Neighborhood(IntervalMask):
   def num_tokens(self) -> int:
     return math.prod(self.spatial_shape)
 
-  @property
-  def visible_per_query(self) -> int:
-    """Keys per (non-causal) query: prod(kernel_size)."""
-    return math.prod(self.kernel_size)
-
 
 # --------------------------------------------------------------------------------------------
 # Generic (elementwise) masks.

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jax_sparse_attn import masks
 from jax_sparse_attn.nn import SparseAttention
-from models.train import cli, mlp, train
+from models.train import mlp, run_cli
 
 
 class Block(nnx.Module):
@@ -72,11 +72,9 @@ def loss_fn(model, batch):
 
 
 def main():
-  args = cli(__doc__.split("\n\n")[0], dict(steps=200, batch=8, size=128, lr=3e-3))
-  model = CausalLM(backend=args.backend, rngs=nnx.Rngs(args.seed))
-  losses = train(model, loss_fn, synthetic_batches(args.batch, args.size, seed=args.seed),
-                 args.steps, args.lr, checkpoint=args.checkpoint)
-  print(f"loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
+  run_cli(__doc__, dict(steps=200, batch=8, size=128, lr=3e-3),
+          lambda a: CausalLM(backend=a.backend, rngs=nnx.Rngs(a.seed)), loss_fn,
+          lambda a: synthetic_batches(a.batch, a.size, seed=a.seed))
 
 
 if __name__ == "__main__":

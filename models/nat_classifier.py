@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from jax_sparse_attn.nn import NeighborhoodAttention2D
-from models.train import cli, mlp, train
+from models.train import mlp, run_cli
 
 
 class NABlock(nnx.Module):
@@ -86,11 +86,9 @@ def loss_fn(model, batch):
 
 
 def main():
-  args = cli(__doc__.split("\n\n")[0], dict(steps=200, batch=16, size=32))
-  model = NATClassifier(image_size=args.size, backend=args.backend, rngs=nnx.Rngs(args.seed))
-  losses = train(model, loss_fn, synthetic_batches(args.batch, args.size, args.seed), args.steps,
-                 args.lr, checkpoint=args.checkpoint)
-  print(f"loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
+  run_cli(__doc__, dict(steps=200, batch=16, size=32),
+          lambda a: NATClassifier(image_size=a.size, backend=a.backend, rngs=nnx.Rngs(a.seed)),
+          loss_fn, lambda a: synthetic_batches(a.batch, a.size, a.seed))
 
 
 if __name__ == "__main__":

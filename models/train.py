@@ -65,6 +65,15 @@ def cli(description: str, defaults: dict) -> argparse.Namespace:
   return parser.parse_args()
 
 
+def run_cli(doc: str, defaults: dict, make_model, loss_fn, make_batches) -> None:
+  """The models' shared entry point: parse the CLI, build, train, print the loss change."""
+  args = cli(doc.split("\n\n")[0], defaults)
+  model = make_model(args)
+  losses = train(model, loss_fn, make_batches(args), args.steps, args.lr,
+                 checkpoint=args.checkpoint)
+  print(f"loss {sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+
+
 def mlp(rngs, dim, hidden):
   return nnx.Sequential(nnx.Linear(dim, hidden, rngs=rngs), nnx.gelu,
                         nnx.Linear(hidden, dim, rngs=rngs))

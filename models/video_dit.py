@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_sparse_attn.nn import NeighborhoodAttention3D
-from models.train import cli, mlp, train
+from models.train import mlp, run_cli
 
 
 def timestep_embedding(t, dim):
@@ -84,11 +84,9 @@ def loss_fn(model, batch):
 
 
 def main():
-  args = cli(__doc__.split("\n\n")[0], dict(steps=200, batch=4, size=16))
-  model = VideoDiT(backend=args.backend, rngs=nnx.Rngs(args.seed))
-  losses = train(model, loss_fn, synthetic_batches(args.batch, args.size, seed=args.seed),
-                 args.steps, args.lr, checkpoint=args.checkpoint)
-  print(f"loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
+  run_cli(__doc__, dict(steps=200, batch=4, size=16),
+          lambda a: VideoDiT(backend=a.backend, rngs=nnx.Rngs(a.seed)), loss_fn,
+          lambda a: synthetic_batches(a.batch, a.size, seed=a.seed))
 
 
 if __name__ == "__main__":

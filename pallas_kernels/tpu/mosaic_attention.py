@@ -34,13 +34,6 @@ NN = (((1,), (0,)), ((), ()))  # a @ b
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-@dataclasses.dataclass(frozen=True)
-class MosaicConfig:
-  """Block sizes of the block map used on TPU (multiples of 128)."""
-  block_q: int = 128
-  block_kv: int = 128
-
-
 def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
   return 128, 128
 
@@ -99,6 +92,12 @@ def _mask_operands(plan: AttentionPlan, q_seg, kv_seg, q_index, kv_index, bq, bk
     specs += [pl.BlockSpec((None, bq, 1), lambda *a: (b_of(*a), q_index(*a), 0)),
               pl.BlockSpec((None, 1, bk), lambda *a: (b_of(*a), 0, kv_index(*a)))]
   return arrays, specs
+
+
+def _recompute_p(q, k, lse, scale):
+  """P = exp(q k^T * scale - lse), zero on rows that saw nothing (lse = -inf)."""
+  s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
+  return jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
 
 
 def _split_refs(refs, has_segments):
@@ -225,9 +224,7 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
   def update(masked):
     k = k_ref[...]
-    s = jax.lax.dot_general(q_ref[...], k, NT, preferred_element_type=jnp.float32) * scale
-    lse = lse_ref[...]
-    p = jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
+    p = _recompute_p(q_ref[...], k, lse_ref[...], scale)
     if masked:
       kv_block = ids_ref[i * max_kv + j]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, i * bq, kv_block * bk, bq, bk)
@@ -259,9 +256,7 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
   def update(masked):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
-    lse = lse_ref[...]
-    p = jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
+    p = _recompute_p(q, k, lse_ref[...], scale)
     if masked:
       q_block = ids_ref[i * max_q + entry]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, q_block * bq, i * bk, bq, bk)
