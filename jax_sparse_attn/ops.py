@@ -20,6 +20,7 @@ from . import masks as masks_lib
 from . import reference as reference_lib
 from . import xla_backend
 from .layout import SequenceLayout, TiledLayout
+from . import plan as plan_lib
 from .plan import AttentionPlan, make_plan
 
 BACKENDS = ("auto", "reference", "xla", "triton", "mosaic", "mosaic_gpu")
@@ -32,6 +33,9 @@ class Backend(NamedTuple):
   backward: Callable
   default_blocks: Callable[[int, Any], tuple[int, int]]  # (head_dim, dtype) -> (bq, bk)
   min_block: int = 16  # small sequences shrink the default blocks down to this
+  # Takes `plan_lib.gathered` plans: neighborhood attention hands it q/k/v in the caller's
+  # order (no permuted copies); the kernels gather rows.
+  gathers: bool = False
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret):
@@ -313,7 +317,9 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   from .simulate import best_tile_shapes
   bq, bk = _block_sizes(backend, d, query.dtype, block_q, block_kv)
   if q_tile_shape is None or kv_tile_shape is None:
-    best_q, best_kv = best_tile_shapes(mask, bq, bk)
+    # The Triton kernels also run 64-row query tiles well (finer tiles, narrower MMA masks).
+    options = (bq // 2,) if backend == "triton" and block_q is None and bq >= 128 else ()
+    best_q, best_kv = best_tile_shapes(mask, bq, bk, block_q_options=options)
     q_tile_shape = tuple(q_tile_shape or best_q)
     kv_tile_shape = tuple(kv_tile_shape or best_kv)
   q_tile_shape = masks_lib._as_tuple(q_tile_shape, ndim, "q_tile_shape")
@@ -325,6 +331,16 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   q_layout = TiledLayout(spatial, mask.dilation, q_tile_shape)
   kv_layout = TiledLayout(spatial, mask.dilation, kv_tile_shape)
   plan = make_plan(mask, q_layout, kv_layout)
+  if _get_backend(backend).gathers:
+    # The kernels read and write the caller's rows through plan.q_rows/kv_rows.
+    n = math.prod(spatial)
+    out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
+                         query.reshape(b, n, h, d), key.reshape(b, n, hkv, d),
+                         value.reshape(b, n, hkv, d), None, None)
+    out = out.reshape(query.shape)
+    if not return_lse:
+      return out
+    return out, lse.transpose(0, 2, 1).reshape(query.shape[:-1])
   q = q_layout.to_kernel(query)
   k = kv_layout.to_kernel(key)
   v = kv_layout.to_kernel(value)

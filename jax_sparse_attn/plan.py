@@ -7,6 +7,10 @@ per-token int32 vectors from which kernels rebuild the element mask of partial b
   (`masks.IntervalMask`); padding is folded in (empty interval / coordinate -1).
 * ``mask_fn``: for masks with no interval form, the mask itself, evaluated in-kernel on the
   original flat indices ``q_index / kv_index`` (the interval vectors then only encode padding).
+* ``q_rows, kv_rows [padded]``: the caller's flat row of every kernel position, -1 for
+  padding. A ``gathered`` plan (`gathered`) tells a backend that q/k/v and the outputs stay in
+  the caller's order and the kernels read and write rows through these vectors: no permuted
+  copies of the tensors (neighborhood attention on the GPU).
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ class AttentionPlan:
   q_index: np.ndarray
   kv_index: np.ndarray
   mask_fn: masks_lib.Mask | None
+  q_rows: np.ndarray
+  kv_rows: np.ndarray
+  gathered: bool = False
 
   @property
   def num_mask_dims(self) -> int:
@@ -80,7 +87,15 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
                                               np.zeros_like(kv_index), q_valid, kv_valid)
     mask_fn = mask
   return AttentionPlan(q_layout, kv_layout, bmap, lo, hi, c, q_index.astype(np.int32),
-                       kv_index.astype(np.int32), mask_fn)
+                       kv_index.astype(np.int32), mask_fn,
+                       np.where(q_valid, q_index, -1).astype(np.int32),
+                       np.where(kv_valid, kv_index, -1).astype(np.int32))
+
+
+@functools.lru_cache(maxsize=256)
+def gathered(plan: AttentionPlan) -> AttentionPlan:
+  """The same plan, with q/k/v/outputs in the caller's flat order (see the module doc)."""
+  return dataclasses.replace(plan, gathered=True)
 
 
 def element_mask(plan: AttentionPlan, q_pos, kv_pos, xp):

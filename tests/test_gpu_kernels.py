@@ -1,11 +1,15 @@
 """Pallas Triton kernels in interpret mode (CPU) vs the float64 brute force."""
+import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings
 
 import backend_cases
 import jax_sparse_attn as jsa
-from pallas_kernels.gpu import TritonConfig
+from jax_sparse_attn import masks
+from jax_sparse_attn.layout import TiledLayout
+from jax_sparse_attn.plan import make_plan
+from pallas_kernels.gpu import TritonConfig, export_for_gpu, triton_attention
 
 KW = dict(interpret=True, block_q=32, block_kv=32)
 
@@ -66,3 +70,81 @@ def test_single_loop_matches():
   p = dict(batch=1, sq=53, skv=53, heads=2, kv_heads=2, head_dim=16, mask="masked_rows",
            segments=True, dtype=jnp.float32, seed=12)
   backend_cases.check_attention(p, "triton", config=TritonConfig(single_loop=True), **KW)
+
+
+@settings(max_examples=4)
+@given(p=backend_cases.na_problems(dtypes=(jnp.float32, jnp.bfloat16)))
+def test_na_element_masks(p):
+  # Partial blocks through the per-element interval test instead of the MMA bias.
+  backend_cases.check_na(p, "triton", interpret=True, block_q=16, block_kv=16,
+                         config=TritonConfig(mask_mma=False))
+
+
+@settings(max_examples=3)
+@given(p=backend_cases.na_problems(dtypes=(jnp.bfloat16, jnp.float16)))
+def test_na_low_precision(p):
+  backend_cases.check_na(p, "triton", interpret=True, block_q=16, block_kv=16)
+
+
+@pytest.mark.parametrize("tile, rows, cols, width", [
+    ((8, 16), 128, ((0, 8, 16), (8, 16, 1)), 32),
+    ((8, 16), 64, ((0, 4, 16), (4, 16, 1)), 32),  # a kernel tile of half a map tile
+    ((4, 4, 8), 128, ((0, 4, 32), (4, 4, 8), (8, 8, 1)), 16),
+    ((2, 8, 8), 64, ((-1, 1, 64), (0, 8, 8), (8, 8, 1)), 16),  # extent 1: folded
+    ((1, 8, 8), 1, ((-1, 1, 64), (-1, 1, 8), (0, 1, 1)), 16),
+    ((64,), 64, ((0, 64, 1),), 64),
+])
+def test_mma_columns(tile, rows, cols, width):
+  assert triton_attention._mma_columns(tile, rows) == (cols, width)
+
+
+def test_wide_tiles_use_element_masks():
+  # Tiles of 64 tokens in 1-D need 64 bias columns (> 32): the element test runs instead.
+  p = dict(problem=((150,), (21,), (1,), (2,), (True,)), batch=1, heads=2, kv_heads=1,
+           head_dim=16, dtype=jnp.float32, seed=3, tile_q=(64,), tile_kv=(32,))
+  mask = masks.neighborhood((150,), 21, 1, 2, True)
+  plan = make_plan(mask, TiledLayout((150,), (2,), (64,)), TiledLayout((150,), (2,), (32,)))
+  cfg = triton_attention.default_config(16, jnp.float32, plan, None)
+  spec = lambda *a, **kw: triton_attention._mask_spec(plan, False, cfg, *a, 0.25, **kw)
+  assert spec(64, 32).mma_cols is None  # one-hot over a query tile of 64
+  assert spec(32, 64, loop_is_kv=False).mma_cols is not None  # over a key tile of 32
+  backend_cases.check_na(p, "triton", interpret=True)
+
+
+def _fwd_bwd(f):
+  return lambda *a: jax.grad(lambda *b: jnp.sum(f(*b).astype(jnp.float32)), (0, 1, 2))(*a)
+
+
+@pytest.mark.parametrize("case", ["causal_gqa", "window_segments_d96", "na1d_causal", "na2d",
+                                  "na3d_dilated"])
+def test_lowers_for_gpu(case):
+  # The Pallas -> Triton lowering of forward, dQ and dK/dV, on a machine with no GPU.
+  bf16 = jnp.bfloat16
+  if case == "causal_gqa":
+    q, kv = ((2, 1000, 8, 128), bf16), ((2, 1000, 2, 128), bf16)
+    f = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="triton")
+  elif case == "window_segments_d96":
+    q = kv = ((2, 777, 4, 96), bf16)
+    seg = jnp.zeros((2, 777), jnp.int32)
+    f = lambda q, k, v: jsa.attention(q, k, v, masks.sliding_window(100), segment_ids=seg,
+                                      backend="triton")
+  else:
+    spatial, kernel, dilation, causal = {
+        "na1d_causal": ((300,), 31, 1, True), "na2d": ((64, 64), (17, 17), 1, False),
+        "na3d_dilated": ((8, 16, 16), (3, 5, 5), (1, 2, 1), (True, False, False))}[case]
+    q = kv = ((1,) + spatial + (4, 128), bf16)
+    f = lambda q, k, v: jsa.na(q, k, v, kernel, 1, dilation, causal, backend="triton")
+  args = [jax.ShapeDtypeStruct(*x) for x in (q, kv, kv)]
+  for fn, calls in ((f, 1), (_fwd_bwd(f), 3)):
+    text = export_for_gpu(fn, *args).mlir_module()
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == calls
+
+
+@pytest.mark.parametrize("onehot", ["rows", "loop"])
+@pytest.mark.parametrize("tile_q, tile_kv", [((1, 4, 4), (1, 2, 8)), ((2, 2, 4), (1, 1, 16))])
+def test_na_folded_dims(tile_q, tile_kv, onehot):
+  # Tiles with one coordinate along a dim: that dim's test is folded into another's columns.
+  p = dict(problem=((5, 9, 10), (3, 5, 3), (1, 2, 1), (1, 1, 2), (True, False, False)),
+           batch=1, heads=2, kv_heads=1, head_dim=16, dtype=jnp.float32, seed=21,
+           tile_q=tile_q, tile_kv=tile_kv)
+  backend_cases.check_na(p, "triton", interpret=True, config=TritonConfig(mma_onehot=onehot))
