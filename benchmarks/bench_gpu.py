@@ -3,6 +3,7 @@
     python -m benchmarks.bench_gpu --suite check     # correctness at real sizes
     python -m benchmarks.bench_gpu --suite perf      # timings vs peers (PERF.md shapes)
     python -m benchmarks.bench_gpu --suite sweep     # TritonConfig sweep on dense S=16k
+    python -m benchmarks.bench_gpu --suite na        # NA: mask construction, order, tiles
     python -m benchmarks.bench_gpu --suite all --out results.json
 
 Prints a table and writes JSON (device, date, every figure). Timings: jitted, warm-up, then
@@ -103,15 +104,18 @@ def suite_check(dtype):
       ("na2d 64x64 k13", (64, 64), 13, 1, 1, False),
       ("na2d 48x40 k(7,9) s(2,3) d(2,1)", (48, 40), (7, 9), (2, 3), (2, 1), False),
       ("na3d 8x24x24 k(4,7,7) causal-t", (8, 24, 24), (4, 7, 7), 1, 1, (True, False, False)),
+      ("na2d 100x90 k(33,17) odd (padded tiles)", (100, 90), (33, 17), 1, 1, False),
   ]:
     q, k, v, do = inputs((1,) + spatial + (8, 128), (1,) + spatial + (8, 128), dtype)
-    ours = lambda q, k, v, a=(kern, stride, dil, causal): jsa.na(q, k, v, *a, backend="triton")
     ref = lambda q, k, v, a=(kern, stride, dil, causal): jsa.na(q, k, v, *a, backend="xla")
-    try:
-      check_case(name, ours, ref, q, k, v, do, tol)
-    except Exception as e:
-      record(suite="check", case=name, error=repr(e)[:500])
-      traceback.print_exc()
+    for variant, cfg in (("", None), (" element masks", TritonConfig(mask_mma=False))):
+      ours = lambda q, k, v, a=(kern, stride, dil, causal), cfg=cfg: jsa.na(
+          q, k, v, *a, backend="triton", config=cfg)
+      try:
+        check_case(name + variant, ours, ref, q, k, v, do, tol)
+      except Exception as e:
+        record(suite="check", case=name + variant, error=repr(e)[:500])
+        traceback.print_exc()
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ def _perf_na(h, d, dtype, iters, spatial, kern, b, permute_probe=False, cudnn_de
   tag = f"na{len(spatial)}d {'x'.join(map(str, spatial))}"
   q, k, v, do = inputs((b,) + spatial + (h, d), (b,) + spatial + (h, d), dtype)
   n = math.prod(spatial)
-  sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64)
+  sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64, block_q_options=(64,))
   useful = 4 * b * h * d * sim.attended_pairs
   _perf(f"{tag} k{'x'.join(map(str, kern))} B={b}",
         lambda q, k, v: jsa.na(q, k, v, kern, backend="triton"),
@@ -223,6 +227,47 @@ def _perf_na(h, d, dtype, iters, spatial, kern, b, permute_probe=False, cudnn_de
     _perf(f"{tag} dense baseline", lambda q, k, v: jax.nn.dot_product_attention(
         flat(q), flat(k), flat(v), implementation="cudnn").reshape(q.shape), q, k, v, do,
         dense_flops, iters, impl="cudnn")
+
+
+def suite_na(dtype, iters):
+  """Neighborhood-attention variants: mask construction (MMA bias vs element test), token
+  order (gathered rows vs tiled order), and tile shapes (forward only)."""
+  h, d = 16, 128
+  for spatial, kern, b, tiles in [
+      ((128, 128), (33, 33), 2, [((8, 16), (8, 8)), ((8, 8), (8, 8)), ((8, 8), (8, 16)),
+                                 ((8, 8), (4, 16)), ((4, 16), (8, 8))]),
+      ((16, 64, 64), (8, 16, 16), 1, [((2, 8, 8), (1, 8, 8)), ((4, 4, 8), (4, 4, 4)),
+                                      ((2, 4, 8), (4, 4, 4)), ((2, 4, 8), (2, 4, 8))])]:
+    tag = f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{'x'.join(map(str, kern))} B={b}"
+    q, k, v, do = inputs((b,) + spatial + (h, d), (b,) + spatial + (h, d), dtype)
+    sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64, block_q_options=(64,))
+    useful = 4 * b * h * d * sim.attended_pairs
+    for name, cfg in (("mma", TritonConfig()), ("element", TritonConfig(mask_mma=False)),
+                      ("mma stages=3", TritonConfig(num_stages=3)),
+                      ("mma warps=8", TritonConfig(num_warps=8))):
+      _perf(tag, lambda q, k, v, cfg=cfg: jsa.na(q, k, v, kern, backend="triton", config=cfg),
+            q, k, v, do, useful, iters, impl="ours-triton", variant=name,
+            bound=sim.block_speedup_bound, tiles=f"{sim.q_tile_shape}/{sim.kv_tile_shape}")
+    t = jsa.na_tiling(spatial, kern, block=128)
+    tq, tk, tv, tdo = (t.tile(x) for x in (q, k, v, do))
+    for name, cfg in (("mma", TritonConfig()),):
+      _perf(tag + " tiled order", lambda q, k, v, cfg=cfg: jsa.na(
+          q, k, v, kern, backend="triton", tiling=t, config=cfg), tq, tk, tv, tdo, useful, iters,
+          impl="ours-triton", variant=name, tiles=str(t.layout.tile_shape))
+    for qt, kt in tiles:
+      bq, bk = math.prod(qt), math.prod(kt)
+      st = jsa.simulate(spatial, kern, block_q=bq, block_kv=bk, q_tile_shape=qt,
+                        kv_tile_shape=kt)
+      fn = jax.jit(lambda q, k, v, qt=qt, kt=kt, bq=bq, bk=bk: jsa.na(
+          q, k, v, kern, backend="triton", q_tile_shape=qt, kv_tile_shape=kt, block_q=bq,
+          block_kv=bk))
+      try:
+        t_f = timeit(fn, q, k, v, iters=iters)
+        record(suite="na", case=tag + " fwd", tiles=f"{qt}/{kt}", fwd_ms=t_f,
+               fwd_tflops=useful / t_f / 1e9, bound=st.block_speedup_bound,
+               full=st.full_blocks, partial=st.partial_blocks)
+      except Exception as e:
+        record(suite="na", case=tag + " fwd", tiles=f"{qt}/{kt}", error=repr(e)[:300])
 
 
 def suite_loops(dtype, iters):
@@ -328,8 +373,8 @@ def suite_sweep(dtype, iters):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--suite", default="all", help="check | perf | sweep | all (comma list)")
-  parser.add_argument("--only", default=None, help="perf cases: dense,window,na2d,na3d")
+  parser.add_argument("--suite", default="all", help="check | perf | na | sweep | sweep64 | loops | all (comma list)")
+  parser.add_argument("--only", default=None, help="perf cases: dense,window,na2d,strided,na3d")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--out", default=None)
@@ -348,6 +393,8 @@ def main(argv=None):
     suite_sweep_d(dtype, args.iters, 64)
   if "loops" in suites:
     suite_loops(dtype, args.iters)
+  if "na" in suites:
+    suite_na(dtype, args.iters)
   if "sweep" in suites or "all" in suites:
     suite_sweep(dtype, args.iters)
   if args.out:

@@ -22,9 +22,28 @@ from . import block_map as block_map_lib
 from . import masks as masks_lib
 from .layout import TiledLayout, cdiv
 
-# A partial block costs more than a full one (element-mask arithmetic beside the softmax):
-# 1.4-1.55x fitted to the Triton kernels on the H100 (2-D and 3-D NA, 2026-11-23).
-PARTIAL_BLOCK_COST = 1.5
+# The cost model that picks tile shapes, fitted to the Triton kernels on the H100 (bf16, 2-D
+# and 3-D NA forward, 2026-11-23; benchmarks/results/h100-2026-11-23-na-*.json). A partial
+# block costs more than a full one: ~1.25x when its mask is an MMA bias of width 16 (query
+# tiles whose per-dim coordinate counts, over dims longer than 1, sum to <= 16; see
+# pallas_kernels.gpu.triton_attention), ~1.55x with the per-element test. Query tiles of 64
+# rows cost ~1.33x more per element than tiles of 128 rows.
+PARTIAL_BLOCK_COST = 1.55
+PARTIAL_BLOCK_COST_MMA16 = 1.25
+SMALL_Q_TILE_COST = 1.33
+
+
+def partial_block_cost(q_tile_shape) -> float:
+  width = sum(t for t in q_tile_shape if t > 1) or 1
+  return PARTIAL_BLOCK_COST_MMA16 if width <= 16 else PARTIAL_BLOCK_COST
+
+
+def tile_cost(mask: masks_lib.Neighborhood, q_tile_shape, kv_tile_shape) -> float:
+  """Simulated time of a tiling, in units of one dense 128x64 block."""
+  visited, full = _counts(mask, tuple(q_tile_shape), tuple(kv_tile_shape))
+  bq, bk = math.prod(q_tile_shape), math.prod(kv_tile_shape)
+  blocks = full + partial_block_cost(q_tile_shape) * (visited - full)
+  return blocks * bq * bk / (128 * 64) * (SMALL_Q_TILE_COST if bq < 128 else 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,29 +96,30 @@ def _counts(mask, q_tile, kv_tile):
 
 @functools.lru_cache(maxsize=256)
 def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
-                     same: bool = False):
-  """Tile shapes (products block_q and block_kv) that minimise the simulated block cost.
-  ``same=True`` (needs block_q == block_kv) returns one tile shape for Q and KV."""
-  limits = _tile_limits(mask)
-  q_cands = list(_pow2_factorizations(block_q, mask.num_dims, [max(l, 1) for l in limits]))
-  kv_cands = list(_pow2_factorizations(block_kv, mask.num_dims, [max(l, 1) for l in limits]))
-  if not q_cands:
-    q_cands = [tuple(1 << int(math.log2(block_q)) if i == mask.num_dims - 1 else 1
-                     for i in range(mask.num_dims))]
-  if not kv_cands:
-    kv_cands = [tuple(1 << int(math.log2(block_kv)) if i == mask.num_dims - 1 else 1
-                      for i in range(mask.num_dims))]
-  best, best_cost = None, None
-  for qt in q_cands:
-    for kt in kv_cands:
-      if same and qt != kt:
-        continue
-      visited, full = _counts(mask, qt, kt)
-      cost = full + PARTIAL_BLOCK_COST * (visited - full)
-      # Prefer squarer tiles on ties (fewer partial blocks under other masks).
-      key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
-      if best_cost is None or key < best_cost:
-        best, best_cost = (qt, kt), key
+                     same: bool = False, block_q_options: tuple = ()):
+  """Tile shapes (products block_q and block_kv) that minimise `tile_cost`.
+
+  ``same=True`` (needs block_q == block_kv) returns one tile shape for Q and KV.
+  ``block_q_options``: other query block sizes to consider (the product of the returned
+  query tile says which won)."""
+  limits = [max(l, 1) for l in _tile_limits(mask)]
+
+  def cands(block):
+    out = list(_pow2_factorizations(block, mask.num_dims, limits))
+    return out or [tuple(1 << int(math.log2(block)) if i == mask.num_dims - 1 else 1
+                         for i in range(mask.num_dims))]
+
+  kv_cands = cands(block_kv)
+  best, best_key = None, None
+  for bq in (block_q,) + tuple(b for b in block_q_options if b != block_q):
+    for qt in cands(bq):
+      for kt in kv_cands:
+        if same and qt != kt:
+          continue
+        # Prefer squarer tiles on ties (fewer partial blocks under other masks).
+        key = (tile_cost(mask, qt, kt), max(qt) / min(qt) + max(kt) / min(kt))
+        if best_key is None or key < best_key:
+          best, best_key = (qt, kt), key
   return best
 
 
@@ -116,11 +136,12 @@ def _attended_pairs(mask: masks_lib.Neighborhood) -> int:
 
 def simulate(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False, *,
              block_q: int = 128, block_kv: int = 128, q_tile_shape=None,
-             kv_tile_shape=None) -> SimResult:
-  """Simulate one problem. Tile shapes default to the best ones for the block sizes."""
+             kv_tile_shape=None, block_q_options: tuple = ()) -> SimResult:
+  """Simulate one problem. Tile shapes default to the best ones for the block sizes
+  (`best_tile_shapes`; ``block_q_options`` as there)."""
   mask = masks_lib.neighborhood(spatial_shape, kernel_size, stride, dilation, is_causal)
   if q_tile_shape is None or kv_tile_shape is None:
-    bq_t, bk_t = best_tile_shapes(mask, block_q, block_kv)
+    bq_t, bk_t = best_tile_shapes(mask, block_q, block_kv, block_q_options=tuple(block_q_options))
     q_tile_shape = tuple(q_tile_shape or bq_t)
     kv_tile_shape = tuple(kv_tile_shape or bk_t)
   q_tile_shape, kv_tile_shape = tuple(q_tile_shape), tuple(kv_tile_shape)
