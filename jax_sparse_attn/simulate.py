@@ -141,7 +141,8 @@ def simulate(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False, 
   (`best_tile_shapes`; ``block_q_options`` as there)."""
   mask = masks_lib.neighborhood(spatial_shape, kernel_size, stride, dilation, is_causal)
   if q_tile_shape is None or kv_tile_shape is None:
-    bq_t, bk_t = best_tile_shapes(mask, block_q, block_kv, block_q_options=tuple(block_q_options))
+    bq_t, bk_t = best_tile_shapes(mask, block_q, block_kv,
+                                  block_q_options=tuple(block_q_options))
     q_tile_shape = tuple(q_tile_shape or bq_t)
     kv_tile_shape = tuple(kv_tile_shape or bk_t)
   q_tile_shape, kv_tile_shape = tuple(q_tile_shape), tuple(kv_tile_shape)

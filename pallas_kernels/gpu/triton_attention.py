@@ -67,11 +67,12 @@ class TritonConfig:
   # signed compares and an AND.
   unsigned_intervals: bool = True
   # Neighborhood masks: build the partial-block mask as an additive bias from one small matmul
-  # (`_mma_bias`) instead of testing every element; used where the bias width is <= 32.
+  # (`_MMABias`) instead of testing every element; used where the bias width is <= 32.
   mask_mma: bool = True
   # Which tile the MMA bias's one-hot matrix describes: "rows" (the program's own tile; the
   # per-step test is the matmul's B operand) or "loop" (the visited tile; the test is A).
-  # Measured on the H100 (3-D NA fwd): "rows" 5.98 ms, "loop" 7.49 ms.
+  # Measured on the H100 (3-D NA 16x64x64 fwd, tiles (2,8,8)/(1,8,8)): "rows" 6.58 ms,
+  # "loop" 7.33 ms (benchmarks/results/h100-2026-11-23-na-onehot-side.json).
   mma_onehot: str = "rows"
 
 
@@ -258,14 +259,16 @@ def _tile_mask(spec: _MaskSpec, refs, q_start, kv_start, tq: int, tk: int,
 # MMA-bias masks (neighborhood masks on tiled layouts). A GNA test along one dim compares a
 # key's coordinate with an interval that depends on the query's coordinate along that dim,
 # and a spatial tile has few distinct coordinates per dim (8 + 8 for an 8x8 tile). With one
-# column u per (dim, coordinate) of the tile the kernel loops over:
-#   bias[r, l] = sum_u test[r, u] * onehot[u, l],
-#   onehot[u, l] = 1 if column u is loop element l's coordinate along u's dim (a constant),
-#   test[r, u]   = 0 if the pair (row r, coordinate u) passes u's dim, else -2**20 / qk_scale,
-# is 0 exactly when every dim passes. Per loop tile the test runs on [rows, W] instead of
-# [rows, tile]; the matmul (K = W) runs on the tensor cores with `test` from registers and a
-# loop-invariant `onehot`; the bias joins the scores before the scale (no select). Dims where
-# the loop tile has one coordinate give one test per row, folded into the first column dim.
+# column u per (dim, coordinate) of the program's own tile (the default, "rows"):
+#   bias[r, l] = sum_u onehot[r, u] * test[u, l],
+#   onehot[r, u] = 1 if column u is row r's coordinate along u's dim (constant per program),
+#   test[u, l]   = 0 if the pair (coordinate u, loop element l) passes u's dim,
+#                  else -2**20 / qk_scale,
+# is 0 exactly when every dim passes. Per loop tile the test runs on [W, tile] instead of
+# [rows, tile] and the matmul (K = W) runs on the tensor cores; the bias joins the scores
+# before the scale (no select). Dims where the one-hot tile has one coordinate give one test
+# per loop element, folded into the first column dim. ``mma_onehot="loop"`` swaps the roles
+# (one-hot over the visited tile, test on [rows, W]): measured slower, kept for comparison.
 
 
 class _MMABias:
@@ -293,6 +296,7 @@ class _MMABias:
     self.col_dims = [d for d, c in enumerate(spec.mma_cols) if c[0] >= 0]
     self.folded = [d for d, c in enumerate(spec.mma_cols) if c[0] < 0]
     self.dim, self.rel = dim, rel
+    self.first = dim == self.col_dims[0]  # the columns folded dims join
     self.onehot = self._onehot(rows if self.onehot_rows else loop_size)
     q_lo, q_hi, kv_c = refs[:3]
     if self.onehot_rows:
@@ -344,7 +348,7 @@ class _MMABias:
     """Score bias [rows, loop tile] float32 for the loop tile starting at `loop_start`."""
     q_lo, q_hi, kv_c = self.refs[:3]
     test = lambda c, lo, hi: (c - lo).astype(jnp.uint32) <= hi.astype(jnp.uint32)
-    first = self.dim == self.col_dims[0]
+    first = self.first
     if self.onehot_rows:  # test [W, loop]
       ds = pl.ds(loop_start, self.loop_size)
       per_col = lambda vecs: self._pick({d: vecs[d][ds][None, :] for d in self.col_dims},
