@@ -102,6 +102,10 @@ def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
   ``same=True`` (needs block_q == block_kv) returns one tile shape for Q and KV.
   ``block_q_options``: other query block sizes to consider (the product of the returned
   query tile says which won)."""
+  for b in (block_q, block_kv) + tuple(block_q_options):
+    if not isinstance(b, int) or b <= 0 or b & (b - 1):
+      raise ValueError(f"block sizes (block_q, block_kv, block_q_options) must be positive "
+                       f"powers of two, got {b!r}")
   limits = [max(l, 1) for l in _tile_limits(mask)]
 
   def cands(block):

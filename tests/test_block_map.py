@@ -125,6 +125,18 @@ def test_simulator_matches_block_map_and_perf_md():
   assert rs.partial_blocks == 0 and rs.block_speedup_bound == pytest.approx(rs.ideal_speedup)
 
 
+def test_simulator_block_q_options():
+  # 2-D k33: 8x8 query tiles (64 rows, MMA width 16) beat 8x16 ones under the cost model.
+  r = simulate((128, 128), (33, 33), block_q=128, block_kv=64, block_q_options=(64,))
+  assert r.q_tile_shape == (8, 8) and r.block_q == 64
+  assert simulate((128, 128), (33, 33), block_q=128, block_kv=64).block_q == 128
+  # A 3-D problem keeps 128-row tiles (width 16 already).
+  assert simulate((16, 64, 64), (8, 16, 16), block_q=128, block_kv=64,
+                  block_q_options=(64,)).q_tile_shape == (4, 4, 8)
+  with pytest.raises(ValueError, match="powers of two, got 48"):
+    simulate((32, 32), 5, block_q_options=(48,))
+
+
 @given(gna_problems(max_len=10), st.data())
 def test_partial_groups_only_skip_dims_that_are_full(problem, data):
   """Every partial entry of group g is exactly masked by testing only partial_groups[g]."""
