@@ -234,17 +234,17 @@ def suite_na(dtype, iters):
   order (gathered rows vs tiled order), and tile shapes (forward only)."""
   h, d = 16, 128
   for spatial, kern, b, tiles in [
-      ((128, 128), (33, 33), 2, [((8, 16), (8, 8)), ((8, 8), (8, 8)), ((8, 8), (8, 16)),
-                                 ((8, 8), (4, 16)), ((4, 16), (8, 8))]),
+      ((128, 128), (33, 33), 2, [((8, 16), (8, 8)), ((16, 8), (8, 8)), ((8, 8), (8, 8))]),
       ((16, 64, 64), (8, 16, 16), 1, [((2, 8, 8), (1, 8, 8)), ((4, 4, 8), (4, 4, 4)),
                                       ((2, 4, 8), (4, 4, 4)), ((2, 4, 8), (2, 4, 8))])]:
     tag = f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{'x'.join(map(str, kern))} B={b}"
     q, k, v, do = inputs((b,) + spatial + (h, d), (b,) + spatial + (h, d), dtype)
     sim = jsa.simulate(spatial, kern, block_q=128, block_kv=64, block_q_options=(64,))
     useful = 4 * b * h * d * sim.attended_pairs
-    for name, cfg in (("mma", TritonConfig()), ("element", TritonConfig(mask_mma=False)),
-                      ("mma stages=3", TritonConfig(num_stages=3)),
-                      ("mma warps=8", TritonConfig(num_warps=8))):
+    for name, cfg in (("mma", TritonConfig()),
+                      ("mma computed tests", TritonConfig(mask_tables=False)),
+                      ("element", TritonConfig(mask_mma=False)),
+                      ("mma two loops", TritonConfig(single_loop=False))):
       _perf(tag, lambda q, k, v, cfg=cfg: jsa.na(q, k, v, kern, backend="triton", config=cfg),
             q, k, v, do, useful, iters, impl="ours-triton", variant=name,
             bound=sim.block_speedup_bound, tiles=f"{sim.q_tile_shape}/{sim.kv_tile_shape}")
@@ -263,6 +263,11 @@ def suite_na(dtype, iters):
           block_kv=bk))
       try:
         t_f = timeit(fn, q, k, v, iters=iters)
+        fn_c = jax.jit(lambda q, k, v, qt=qt, kt=kt, bq=bq, bk=bk: jsa.na(
+            q, k, v, kern, backend="triton", q_tile_shape=qt, kv_tile_shape=kt, block_q=bq,
+            block_kv=bk, config=TritonConfig(mask_tables=False)))
+        record(suite="na", case=tag + " fwd", tiles=f"{qt}/{kt}", variant="mma computed tests",
+               fwd_ms=timeit(fn_c, q, k, v, iters=iters))
         record(suite="na", case=tag + " fwd", tiles=f"{qt}/{kt}", fwd_ms=t_f,
                fwd_tflops=useful / t_f / 1e9, bound=st.block_speedup_bound,
                full=st.full_blocks, partial=st.partial_blocks)

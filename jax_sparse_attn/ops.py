@@ -36,6 +36,10 @@ class Backend(NamedTuple):
   # Takes `plan_lib.gathered` plans: neighborhood attention hands it q/k/v in the caller's
   # order (no permuted copies); the kernels gather rows.
   gathers: bool = False
+  # (head_dim, dtype, config) -> map blocks for the backward kernels of gathered plans (whose
+  # token order does not depend on the tiling: the backward may tile differently from the
+  # forward), or None: the forward's.
+  backward_blocks: Callable[[int, Any, Any], tuple[int, int] | None] | None = None
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret):
@@ -98,8 +102,11 @@ def _has_array_mask(mask) -> bool:
 
 
 @functools.lru_cache(maxsize=512)
-def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpret):
+def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpret,
+               bwd_plan: AttentionPlan | None = None):
+  """`bwd_plan`: the backward's plan if it differs (gathered plans over the same tokens)."""
   impl = _get_backend(backend)
+  bwd_plan = bwd_plan or plan
 
   @jax.custom_vjp
   def core(q, k, v, q_seg, kv_seg):
@@ -113,15 +120,15 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
     q, k, v, q_seg, kv_seg, out, lse = res
     d_out, d_lse = cotangents
     dq, dk, dv = impl.backward(q, k, v, q_seg, kv_seg, out, lse, d_out.astype(q.dtype),
-                               d_lse.astype(jnp.float32), plan, scale, config, interpret)
+                               d_lse.astype(jnp.float32), bwd_plan, scale, config, interpret)
     return dq, dk, dv, None, None
 
   core.defvjp(fwd, bwd)
   return core
 
 
-def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg):
-  core = _make_core(backend, plan, float(scale), config, interpret)
+def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg, bwd_plan=None):
+  core = _make_core(backend, plan, float(scale), config, interpret, bwd_plan)
   return core(q, k, v, q_seg, kv_seg)
 
 
@@ -316,6 +323,9 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
 
   from .simulate import best_tile_shapes
   bq, bk = _block_sizes(backend, d, query.dtype, block_q, block_kv)
+  impl = _get_backend(backend)
+  auto_tiles = (q_tile_shape is None and kv_tile_shape is None and block_q is None
+                and block_kv is None)
   if q_tile_shape is None or kv_tile_shape is None:
     # The Triton kernels also run 64-row query tiles well (finer tiles, narrower MMA masks).
     options = (bq // 2,) if backend == "triton" and block_q is None and bq >= 128 else ()
@@ -331,12 +341,14 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   q_layout = TiledLayout(spatial, mask.dilation, q_tile_shape)
   kv_layout = TiledLayout(spatial, mask.dilation, kv_tile_shape)
   plan = make_plan(mask, q_layout, kv_layout)
-  if _get_backend(backend).gathers:
-    # The kernels read and write the caller's rows through plan.q_rows/kv_rows.
+  if impl.gathers:
+    # The kernels read and write the caller's rows through plan.q_rows/kv_rows, so the
+    # backward may use its own tiling (its kernels' tiles differ from the forward's).
+    bwd_plan = _backward_plan(impl, mask, plan, d, query.dtype, config) if auto_tiles else None
     n = math.prod(spatial)
     out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
                          query.reshape(b, n, h, d), key.reshape(b, n, hkv, d),
-                         value.reshape(b, n, hkv, d), None, None)
+                         value.reshape(b, n, hkv, d), None, None, bwd_plan)
     out = out.reshape(query.shape)
     if not return_lse:
       return out
@@ -349,6 +361,21 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   if not return_lse:
     return out
   return out, q_layout.from_kernel(lse.transpose(0, 2, 1))
+
+
+def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionPlan,
+                   head_dim: int, dtype, config) -> AttentionPlan | None:
+  """The gathered plan for the backward kernels when their best tiles differ from the
+  forward plan's, else None."""
+  from .simulate import best_tile_shapes
+  blocks = impl.backward_blocks(head_dim, dtype, config) if impl.backward_blocks else None
+  if blocks is None:
+    return None
+  bwd_q, bwd_kv = best_tile_shapes(mask, *blocks)
+  if (bwd_q, bwd_kv) == (plan.q_layout.tile_shape, plan.kv_layout.tile_shape):
+    return None
+  return plan_lib.gathered(make_plan(mask, TiledLayout(mask.spatial_shape, mask.dilation, bwd_q),
+                                     TiledLayout(mask.spatial_shape, mask.dilation, bwd_kv)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,25 +24,33 @@ from .layout import TiledLayout, cdiv
 
 # The cost model that picks tile shapes, fitted to the Triton kernels on the H100 (bf16, 2-D
 # and 3-D NA forward, 2026-11-23; benchmarks/results/h100-2026-11-23-na-*.json). A partial
-# block costs more than a full one: ~1.25x when its mask is an MMA bias of width 16 (query
-# tiles whose per-dim coordinate counts, over dims longer than 1, sum to <= 16; see
-# pallas_kernels.gpu.triton_attention), ~1.55x with the per-element test. Query tiles of 64
-# rows cost ~1.33x more per element than tiles of 128 rows.
+# block costs more than a full one: ~1.06x when its mask is an MMA bias read from tables
+# (one-hot over the query or the key tile, whichever has <= 32 coordinate columns; see
+# pallas_kernels.gpu.triton_attention; na-overhead.json: 1.294 ms vs 1.241 with the bias
+# zeroed), ~1.55x with the per-element test. Query tiles of 64 rows cost ~1.25x more per
+# element than tiles of 128 rows (same file, bias zeroed: 1.347 ms for 26.2M pairs of 64-row
+# tiles vs 1.241 ms for 30.1M of 128-row tiles).
 PARTIAL_BLOCK_COST = 1.55
-PARTIAL_BLOCK_COST_MMA16 = 1.25
-SMALL_Q_TILE_COST = 1.33
+PARTIAL_BLOCK_COST_MMA = 1.06
+SMALL_Q_TILE_COST = 1.25
+MMA_MAX_COLUMNS = 32
 
 
-def partial_block_cost(q_tile_shape) -> float:
-  width = sum(t for t in q_tile_shape if t > 1) or 1
-  return PARTIAL_BLOCK_COST_MMA16 if width <= 16 else PARTIAL_BLOCK_COST
+def _mma_columns(tile_shape) -> int:
+  width = sum(t for t in tile_shape if t > 1) or 1
+  return max(16, 1 << (width - 1).bit_length())
+
+
+def partial_block_cost(q_tile_shape, kv_tile_shape=None) -> float:
+  width = min(_mma_columns(t) for t in (q_tile_shape, kv_tile_shape or q_tile_shape))
+  return PARTIAL_BLOCK_COST_MMA if width <= MMA_MAX_COLUMNS else PARTIAL_BLOCK_COST
 
 
 def tile_cost(mask: masks_lib.Neighborhood, q_tile_shape, kv_tile_shape) -> float:
   """Simulated time of a tiling, in units of one dense 128x64 block."""
   visited, full = _counts(mask, tuple(q_tile_shape), tuple(kv_tile_shape))
   bq, bk = math.prod(q_tile_shape), math.prod(kv_tile_shape)
-  blocks = full + partial_block_cost(q_tile_shape) * (visited - full)
+  blocks = full + partial_block_cost(q_tile_shape, kv_tile_shape) * (visited - full)
   return blocks * bq * bk / (128 * 64) * (SMALL_Q_TILE_COST if bq < 128 else 1.0)
 
 

@@ -6,6 +6,7 @@ from hypothesis import given, strategies as st
 from jax_sparse_attn import block_map, masks, simulate
 from jax_sparse_attn.layout import SequenceLayout, TiledLayout
 from jax_sparse_attn.plan import make_plan
+from jax_sparse_attn.simulate import partial_block_cost
 from strategies import gna_problems
 
 BLOCKS = st.sampled_from([1, 2, 4, 8, 16])
@@ -126,13 +127,17 @@ def test_simulator_matches_block_map_and_perf_md():
 
 
 def test_simulator_block_q_options():
-  # 2-D k33: 8x8 query tiles (64 rows, MMA width 16) beat 8x16 ones under the cost model.
-  r = simulate((128, 128), (33, 33), block_q=128, block_kv=64, block_q_options=(64,))
+  # 2-D k13: 8x8 query tiles (64 rows) beat 128-row ones under the cost model (their extra
+  # per-element cost is smaller than the visits saved); k33: 128-row tiles win.
+  r = simulate((128, 128), 13, block_q=128, block_kv=64, block_q_options=(64,))
   assert r.q_tile_shape == (8, 8) and r.block_q == 64
-  assert simulate((128, 128), (33, 33), block_q=128, block_kv=64).block_q == 128
-  # A 3-D problem keeps 128-row tiles (width 16 already).
-  assert simulate((16, 64, 64), (8, 16, 16), block_q=128, block_kv=64,
-                  block_q_options=(64,)).q_tile_shape == (4, 4, 8)
+  assert simulate((128, 128), 13, block_q=128, block_kv=64).block_q == 128
+  r = simulate((128, 128), (33, 33), block_q=128, block_kv=64, block_q_options=(64,))
+  assert r.block_q == 128 and sorted(r.q_tile_shape) == [8, 16]
+  # Partial blocks cost 1.06x with an MMA bias of <= 32 columns on either side, else 1.55x.
+  assert partial_block_cost((4, 4, 8), (4, 4, 4)) == 1.06
+  assert partial_block_cost((64,), (32,)) == 1.06
+  assert partial_block_cost((64,), (64,)) == 1.55
   with pytest.raises(ValueError, match="powers of two, got 48"):
     simulate((32, 32), 5, block_q_options=(48,))
 

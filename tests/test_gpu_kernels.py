@@ -99,16 +99,21 @@ def test_mma_columns(tile, rows, cols, width):
 
 
 def test_wide_tiles_use_element_masks():
-  # Tiles of 64 tokens in 1-D need 64 bias columns (> 32): the element test runs instead.
+  # Tiles of 64 tokens in 1-D need 64 bias columns (> 32) on the query side. With tables the
+  # forward takes the one-hot over the key tile (32 columns); computing the tests in the loop
+  # (one-hot over the program's own tile) it falls back to the element test.
   p = dict(problem=((150,), (21,), (1,), (2,), (True,)), batch=1, heads=2, kv_heads=1,
            head_dim=16, dtype=jnp.float32, seed=3, tile_q=(64,), tile_kv=(32,))
   mask = masks.neighborhood((150,), 21, 1, 2, True)
   plan = make_plan(mask, TiledLayout((150,), (2,), (64,)), TiledLayout((150,), (2,), (32,)))
-  cfg = triton_attention.default_config(16, jnp.float32, plan, None)
-  spec = lambda *a, **kw: triton_attention._mask_spec(plan, False, cfg, *a, 0.25, **kw)
-  assert spec(64, 32).mma_cols is None  # one-hot over a query tile of 64
-  assert spec(32, 64, loop_is_kv=False).mma_cols is not None  # over a key tile of 32
-  backend_cases.check_na(p, "triton", interpret=True)
+  for tables in (True, False):
+    config = TritonConfig(mask_tables=tables)
+    cfg = triton_attention.default_config(16, jnp.float32, plan, config)
+    spec = lambda *a, **kw: triton_attention._mask_spec(plan, False, cfg, *a, 0.25, **kw)
+    fwd = spec(64, 32)
+    assert (fwd.mma_width, fwd.mma_onehot_rows) == ((32, False) if tables else (0, True))
+    assert spec(32, 64, loop_is_kv=False).mma_cols is not None  # over a key tile of 32
+    backend_cases.check_na(p, "triton", interpret=True, config=config)
 
 
 def _fwd_bwd(f):
@@ -140,11 +145,33 @@ def test_lowers_for_gpu(case):
     assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == calls
 
 
-@pytest.mark.parametrize("onehot", ["rows", "loop"])
+@pytest.mark.parametrize("onehot, tables", [("rows", True), ("loop", True), ("rows", False),
+                                            ("loop", False)])
 @pytest.mark.parametrize("tile_q, tile_kv", [((1, 4, 4), (1, 2, 8)), ((2, 2, 4), (1, 1, 16))])
-def test_na_folded_dims(tile_q, tile_kv, onehot):
+def test_na_folded_dims(tile_q, tile_kv, onehot, tables):
   # Tiles with one coordinate along a dim: that dim's test is folded into another's columns.
+  # Both one-hot sides, test matrices from tables and computed in the loop.
   p = dict(problem=((5, 9, 10), (3, 5, 3), (1, 2, 1), (1, 1, 2), (True, False, False)),
            batch=1, heads=2, kv_heads=1, head_dim=16, dtype=jnp.float32, seed=21,
            tile_q=tile_q, tile_kv=tile_kv)
-  backend_cases.check_na(p, "triton", interpret=True, config=TritonConfig(mma_onehot=onehot))
+  backend_cases.check_na(p, "triton", interpret=True,
+                         config=TritonConfig(mma_onehot=onehot, mask_tables=tables))
+
+
+def test_backward_tiles_differ_from_forward():
+  # Auto tiles on the gathering backend: the backward runs its own plan (tiles matching its
+  # kernels' blocks) over the same caller-order tokens; gradients still match.
+  from jax_sparse_attn import ops
+  problem = ((30, 27), (7, 9), (1, 1), (1, 2), (False, True))
+  mask = masks.neighborhood(*problem)
+  impl = ops._get_backend("triton")
+  fwd = make_plan(mask, TiledLayout((30, 27), (1, 2), (8, 16)), TiledLayout((30, 27), (1, 2), (8, 8)))
+  bwd = ops._backward_plan(impl, mask, fwd, 16, jnp.float32, None)
+  assert bwd is not None and bwd.gathered and bwd.block_q == 128 and bwd.block_kv == 64
+  assert bwd.q_layout.tile_shape != fwd.q_layout.tile_shape or (
+      bwd.kv_layout.tile_shape != fwd.kv_layout.tile_shape)
+  # Explicit backward tiles in the config keep the forward's plan.
+  assert ops._backward_plan(impl, mask, fwd, 16, jnp.float32, TritonConfig(dq_block_q=16)) is None
+  p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=16, dtype=jnp.float32,
+           seed=4, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "triton", interpret=True)

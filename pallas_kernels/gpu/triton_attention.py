@@ -60,9 +60,12 @@ class TritonConfig:
   # testing every dim. Measured slower on the H100 (2-D NA 128x128 k33, tiled order: 1.80 ms vs
   # 1.62 ms; 3-D: 10.6 vs 7.96 ms): each extra pipelined loop costs more than the masks saved.
   split_partial_groups: bool = False
-  # One loop over every visited block with the element mask always applied (no separate
-  # full-block loop): fewer pipelined loops per row, more mask arithmetic.
-  single_loop: bool = False
+  # One loop over every visited block with the mask always applied (no separate full-block
+  # loop): one pipelined loop per program, mask work on full blocks too. None: only in the
+  # forward with 128-row query tiles and table masks (H100, 2-D NA 128x128 k33, (16,8)/(8,8)
+  # tiles: 1.26 vs 1.29 ms; 3-D 5.60 vs 5.58; 64-row tiles 1.45 vs 1.41; element masks
+  # slower: benchmarks/results/h100-2026-11-23-na-variants-single-loop.json, -loop-variants).
+  single_loop: bool | None = None
   # Test each mask interval with one unsigned compare, (c - lo) <=u (hi - lo), instead of two
   # signed compares and an AND.
   unsigned_intervals: bool = True
@@ -71,9 +74,14 @@ class TritonConfig:
   mask_mma: bool = True
   # Which tile the MMA bias's one-hot matrix describes: "rows" (the program's own tile; the
   # per-step test is the matmul's B operand) or "loop" (the visited tile; the test is A).
-  # Measured on the H100 (3-D NA 16x64x64 fwd, tiles (2,8,8)/(1,8,8)): "rows" 6.58 ms,
-  # "loop" 7.33 ms (benchmarks/results/h100-2026-11-23-na-onehot-side.json).
-  mma_onehot: str = "rows"
+  # With tests computed in the loop, "rows" measured faster on the H100 (3-D NA 16x64x64 fwd,
+  # tiles (2,8,8)/(1,8,8): 6.58 vs 7.33 ms, benchmarks/results/h100-2026-11-23-na-onehot-side.json).
+  # "auto": with tables (`mask_tables`) the side with fewer columns (the matmul's K), else "rows".
+  mma_onehot: str = "auto"
+  # MMA-bias masks with one-hot rows: read each partial step's [W, loop tile] test matrix
+  # from a table built once at trace time (deduplicated: shift-invariant neighborhoods need
+  # few distinct ones) instead of computing it in the loop. Static block maps only.
+  mask_tables: bool = True
 
 
 # Measured on the H100 (bf16, dense S=16384; benchmarks/results/h100-2026-11-23-triton-sweep*.json):
@@ -93,6 +101,17 @@ def _tuned(head_dim: int) -> dict:
 
 def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
   return _tuned(head_dim)["map"]
+
+
+def default_backward_map_blocks(head_dim: int, dtype, config: TritonConfig | None):
+  """Map blocks matching the backward kernels' tiles: the dQ query tile, the dK/dV key tile
+  (a 128-row map under 64-row dQ programs visits the whole row's blocks twice). None when
+  `config` sets backward tiles (they must divide the forward's map)."""
+  if config is not None and any(x is not None for x in (
+      config.dq_block_q, config.dq_block_kv, config.bwd_block_q, config.bwd_block_kv)):
+    return None
+  table = _tuned(head_dim)
+  return table["dq"][0], table["dkv"][1]
 
 
 def default_config(head_dim: int, dtype, plan: AttentionPlan, config: TritonConfig | None):
@@ -116,9 +135,10 @@ def default_config(head_dim: int, dtype, plan: AttentionPlan, config: TritonConf
       dq_num_stages=fill(config.dq_num_stages, dq[3]),
       allow_tf32=config.allow_tf32, split_partial_groups=config.split_partial_groups,
       single_loop=config.single_loop, unsigned_intervals=config.unsigned_intervals,
-      mask_mma=config.mask_mma, mma_onehot=config.mma_onehot)
-  if cfg.mma_onehot not in ("rows", "loop"):
-    raise ValueError(f"TritonConfig.mma_onehot must be 'rows' or 'loop', got {cfg.mma_onehot!r}")
+      mask_mma=config.mask_mma, mma_onehot=config.mma_onehot, mask_tables=config.mask_tables)
+  if cfg.mma_onehot not in ("auto", "rows", "loop"):
+    raise ValueError("TritonConfig.mma_onehot must be 'auto', 'rows' or 'loop', got "
+                     f"{cfg.mma_onehot!r}")
   for name, tile, block in (("block_q", cfg.block_q, bq), ("block_kv", cfg.block_kv, bk),
                             ("bwd_block_q", cfg.bwd_block_q, bq),
                             ("bwd_block_kv", cfg.bwd_block_kv, bk),
@@ -158,6 +178,7 @@ class _MaskSpec:
   mma_width: int = 0
   mma_value: float = 0.0
   mma_onehot_rows: bool = True
+  mma_tables: bool = False  # the test matrices come from `_mma_tables` (two extra inputs)
 
 
 def _mma_columns(tile_shape, rows: int):
@@ -186,24 +207,152 @@ def _mma_columns(tile_shape, rows: int):
 
 
 def _mask_spec(plan: AttentionPlan, has_segments: bool, cfg: TritonConfig, rows: int,
-               loop_rows: int, scale: float, loop_is_kv: bool = True) -> _MaskSpec:
+               loop_rows: int, scale: float, loop_is_kv: bool = True,
+               forward: bool = False) -> _MaskSpec:
   """Mask handling of one kernel: its programs own tiles of `rows` queries (forward, dQ) or
   keys (dK/dV, ``loop_is_kv=False``) and loop over tiles of `loop_rows` of the other side."""
   groups = tuple(plan.block_map.partial_groups) if cfg.split_partial_groups else (None,)
-  cols, width, value = None, 0, 0.0
-  onehot_rows = cfg.mma_onehot == "rows"
+  cols, width, value, onehot_rows, tables = None, 0, 0.0, True, False
   tiled = isinstance(plan.q_layout, TiledLayout) and isinstance(plan.kv_layout, TiledLayout)
   if (cfg.mask_mma and tiled and plan.mask_fn is None and not has_segments
       and cfg.unsigned_intervals and abs(scale) * LOG2E > 2.0 ** -60):
-    # The one-hot side's tile: the program's own or the visited one.
-    side_is_q = loop_is_kv == onehot_rows
-    layout = plan.q_layout if side_is_q else plan.kv_layout
-    cols, width = _mma_columns(layout.tile_shape, rows if onehot_rows else loop_rows)
+    tables = cfg.mask_tables and isinstance(plan.block_map.kv_ids, np.ndarray)
+
+    def columns(onehot_rows):  # the one-hot side's tile: the program's own or the visited one
+      layout = plan.q_layout if loop_is_kv == onehot_rows else plan.kv_layout
+      return _mma_columns(layout.tile_shape, rows if onehot_rows else loop_rows)
+
+    if cfg.mma_onehot == "auto":  # computed tests: rows (measured faster); tables: narrower
+      onehot_rows = not tables or columns(True)[1] <= columns(False)[1]
+    else:
+      onehot_rows = cfg.mma_onehot == "rows"
+    cols, width = columns(onehot_rows)
     value = _MMA_MASKED / (scale * LOG2E)  # scaled by qk_scale in-kernel: -2**20
     if width > _MMA_MAX_WIDTH:
-      cols, width = None, 0
-  return _MaskSpec(plan.num_mask_dims, plan.mask_fn, has_segments, groups, cfg.single_loop,
-                   cfg.unsigned_intervals, plan.gathered, cols, width, value, onehot_rows)
+      cols, width, tables = None, 0, False
+  single_loop = cfg.single_loop
+  if single_loop is None:
+    single_loop = forward and tables and rows >= 128
+  return _MaskSpec(plan.num_mask_dims, plan.mask_fn, has_segments, groups, single_loop,
+                   cfg.unsigned_intervals, plan.gathered, cols, width, value, onehot_rows,
+                   tables)
+
+
+# Pairs x bias columns x loop elements evaluated on the host for one set of tables; beyond it
+# the kernels compute the test matrices in the loop instead.
+_TABLE_BUDGET = 1 << 27
+
+
+def _unsigned_intervals(plan: AttentionPlan):
+  """(lo, hi - lo) per query, empty intervals as (2**30, 0): the unsigned test's operands."""
+  empty = plan.q_hi < plan.q_lo
+  return (np.where(empty, 1 << 30, plan.q_lo), np.where(empty, 0, plan.q_hi - plan.q_lo))
+
+
+@functools.lru_cache(maxsize=64)
+def _mma_tables(plan: AttentionPlan, spec: _MaskSpec, rows: int, loop_size: int,
+                loop_is_kv: bool):
+  """The MMA bias's test matrices of every masked step, deduplicated, or None (over budget).
+
+  Mirrors `_MMABias.__call__` on the host. Returns (tables: bool, True where the pair passes
+  the column's dim, [n, W, loop_size] with one-hot rows or [n, rows, W] with one-hot loop
+  tiles; ids [programs, steps] int32: the table of step t of program i, 0 if unmasked)."""
+  bmap = plan.block_map
+  if loop_is_kv:
+    ids, counts, full = bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts
+    block_rows, block_loop, n_rows = plan.block_q, plan.block_kv, plan.q_layout.padded_len
+  else:
+    ids, counts, full = bmap.q_ids, bmap.q_counts, bmap.q_full_counts
+    block_rows, block_loop, n_rows = plan.block_kv, plan.block_q, plan.kv_layout.padded_len
+  sub_rows, sub = block_rows // rows, block_loop // loop_size
+  n_prog, steps = n_rows // rows, ids.shape[1] * sub
+  row = np.arange(n_prog) // sub_rows
+  t = np.arange(steps)[None, :]
+  first_masked = 0 if spec.single_loop else full[row] * sub
+  masked = (t >= np.asarray(first_masked).reshape(-1, 1)) & (t < counts[row][:, None] * sub)
+  prog, step = np.nonzero(masked)
+  w = spec.mma_width
+  n_elems = loop_size if spec.mma_onehot_rows else rows
+  if len(prog) * w * n_elems > _TABLE_BUDGET:
+    return None
+  row_start = prog * rows
+  loop_start = ids[row[prog], step // sub] * block_loop + (step % sub) * loop_size
+  # Columns (the one-hot side) and elements (the other side) of each table.
+  col_start, elem_start = ((row_start, loop_start) if spec.mma_onehot_rows
+                           else (loop_start, row_start))
+  cols_are_queries = loop_is_kv == spec.mma_onehot_rows
+
+  dim, rel = np.full(w, -1), np.zeros(w, np.int64)
+  for d, (offset, extent, stride) in enumerate(spec.mma_cols):
+    if offset >= 0:
+      dim[offset:offset + extent] = d
+      rel[offset:offset + extent] = np.arange(extent) * stride
+  col_dims = [d for d, c in enumerate(spec.mma_cols) if c[0] >= 0]
+  folded = [d for d, c in enumerate(spec.mma_cols) if c[0] < 0]
+  dsafe = np.where(dim >= 0, dim, col_dims[0])
+  lo, width = (x.astype(np.int64) for x in _unsigned_intervals(plan))
+  coord = plan.kv_c.astype(np.int64)
+  test = lambda c, lo, width: ((c - lo) & 0xFFFFFFFF) <= width
+
+  packed = []
+  for c0 in range(0, len(prog), 4096):
+    cs, es = col_start[c0:c0 + 4096], elem_start[c0:c0 + 4096]
+    cols = cs[:, None] + rel[None, :]  # [n, W]: each column's representative position
+    elems = es[:, None] + np.arange(n_elems)[None, :]  # [n, E]
+    at_cols = lambda x: x[dsafe[None, :], cols][..., None]  # [n, W, 1]
+    at_elems = lambda x: x[dsafe[None, :, None], elems[:, None, :]]  # [n, W, E]
+    if cols_are_queries:
+      ok = test(at_elems(coord), at_cols(lo), at_cols(width))
+      fold = [test(coord[f][elems], lo[f][cs][:, None], width[f][cs][:, None]) for f in folded]
+    else:
+      ok = test(at_cols(coord), at_elems(lo), at_elems(width))
+      fold = [test(coord[f][cs][:, None], lo[f][elems], width[f][elems]) for f in folded]
+    ok |= (dim < 0)[None, :, None]  # padding columns: the one-hot never selects them
+    if fold:
+      ok &= functools.reduce(np.logical_and, fold)[:, None, :] | (dim != col_dims[0])[None, :, None]
+    if not spec.mma_onehot_rows:
+      ok = ok.transpose(0, 2, 1)  # [n, rows, W]: the matmul's A operand
+    packed.append(np.packbits(ok.reshape(len(cs), -1), axis=1))
+  size = w * n_elems
+  packed = np.concatenate(packed) if packed else np.zeros((0, (size + 7) // 8), np.uint8)
+  uniq, inverse = _unique_rows(packed)
+  shape = (w, n_elems) if spec.mma_onehot_rows else (n_elems, w)
+  tables = np.unpackbits(uniq, axis=1, count=size).astype(bool).reshape((-1,) + shape)
+  if not len(tables):
+    tables = np.ones((1,) + shape, bool)
+  table_ids = np.zeros((n_prog, steps), np.int32)
+  table_ids[prog, step] = inverse
+  return tables, table_ids
+
+
+def _unique_rows(rows: np.ndarray):
+  """np.unique(rows, axis=0, return_inverse=True) for uint8 rows, through a 64-bit hash per
+  row (sorting the rows themselves is slow); a hash collision is detected and falls back."""
+  words = np.pad(rows, ((0, 0), (0, -rows.shape[1] % 8))).view(np.uint64)
+  mult = np.random.default_rng(0).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | 1
+  with np.errstate(over="ignore"):
+    keys = np.sum(words * mult, axis=1, dtype=np.uint64)  # mod 2**64
+  _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+  uniq = rows[first]
+  if not np.array_equal(uniq[inverse.reshape(-1)], rows):
+    uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+  return uniq, inverse.reshape(-1)
+
+
+def _table_inputs(plan: AttentionPlan, spec: _MaskSpec, rows: int, loop_size: int,
+                  loop_is_kv: bool):
+  """(spec, arrays, BlockSpecs) of the MMA test tables; the spec loses `mma_tables` when
+  there are none (over budget)."""
+  if not spec.mma_tables:
+    return spec, [], []
+  built = _mma_tables(plan, spec, rows, loop_size, loop_is_kv)
+  if built is None:
+    return dataclasses.replace(spec, mma_tables=False), [], []
+  tables, table_ids = built
+  tables = jnp.where(jnp.asarray(tables), 0.0, spec.mma_value).astype(jnp.bfloat16)
+  return spec, [tables, jnp.asarray(table_ids)], [
+      pl.BlockSpec(tables.shape, lambda i, j: (0, 0, 0)),
+      pl.BlockSpec((None, table_ids.shape[1]), lambda i, j: (i, 0))]
 
 
 def _run_groups(spec: _MaskSpec, counts_ref, sub: int, body, carry):
@@ -268,7 +417,9 @@ def _tile_mask(spec: _MaskSpec, refs, q_start, kv_start, tq: int, tk: int,
 # [rows, tile] and the matmul (K = W) runs on the tensor cores; the bias joins the scores
 # before the scale (no select). Dims where the one-hot tile has one coordinate give one test
 # per loop element, folded into the first column dim. ``mma_onehot="loop"`` swaps the roles
-# (one-hot over the visited tile, test on [rows, W]): measured slower, kept for comparison.
+# (one-hot over the visited tile, test on [rows, W]). With static maps the test matrices come
+# from deduplicated tables built on the host (`_mma_tables`), and "auto" takes the side with
+# fewer columns; computing them in the loop, "rows" measured faster.
 
 
 class _MMABias:
@@ -280,9 +431,11 @@ class _MMABias:
   describes the rows' tile: bias = onehot [rows, W] @ test [W, loop]; otherwise the loop's:
   bias = test [rows, W] @ onehot [W, loop]."""
 
-  def __init__(self, spec: _MaskSpec, refs, row_start, rows: int, loop_size: int,
+  def __init__(self, spec: _MaskSpec, refs, tables, row_start, rows: int, loop_size: int,
                loop_is_kv: bool):
-    self.spec, self.refs, self.loop_is_kv, self.loop_size = spec, refs, loop_is_kv, loop_size
+    self.spec, self.refs, self.loop_is_kv = spec, refs, loop_is_kv
+    self.rows, self.loop_size = rows, loop_size
+    self.tables, self.table_ids = tables
     self.onehot_rows = spec.mma_onehot_rows
     w = spec.mma_width
     u = jax.lax.broadcasted_iota(jnp.int32, (w,), 0)
@@ -299,6 +452,8 @@ class _MMABias:
     self.first = dim == self.col_dims[0]  # the columns folded dims join
     self.onehot = self._onehot(rows if self.onehot_rows else loop_size)
     q_lo, q_hi, kv_c = refs[:3]
+    if spec.mma_tables:
+      return
     if self.onehot_rows:
       # Each column's value, read at a representative row: [W] vectors (scalars if folded).
       idx = row_start + rel
@@ -344,8 +499,13 @@ class _MMABias:
       out = jnp.where(dim == d, per_dim[d], out)
     return out
 
-  def __call__(self, loop_start):
-    """Score bias [rows, loop tile] float32 for the loop tile starting at `loop_start`."""
+  def __call__(self, loop_start, step):
+    """Score bias [rows, loop tile] float32 for the loop tile starting at `loop_start`, the
+    program's `step`-th."""
+    if self.spec.mma_tables:
+      table = self.tables[self.table_ids[step]]
+      return _dot(self.onehot, table, False) if self.onehot_rows else _dot(table, self.onehot,
+                                                                             False)
     q_lo, q_hi, kv_c = self.refs[:3]
     test = lambda c, lo, hi: (c - lo).astype(jnp.uint32) <= hi.astype(jnp.uint32)
     first = self.first
@@ -458,7 +618,8 @@ def _block_start(ids_ref, t, sub: int, block: int, tile: int):
 
 
 def _split_refs(rest, spec: _MaskSpec):
-  """(q_rows, kv_rows) index refs (None unless gathered), mask refs, the rest (outputs)."""
+  """(q_rows, kv_rows) index refs (None unless gathered), mask refs, (tables, table ids) of
+  the MMA bias (None unless `mma_tables`), the rest (outputs)."""
   rows = (None, None)
   if spec.gathered:
     rows, rest = tuple(rest[:2]), rest[2:]
@@ -469,7 +630,11 @@ def _split_refs(rest, spec: _MaskSpec):
   if spec.has_segments:
     q_seg, kv_seg = rest[n], rest[n + 1]
     n += 2
-  return rows, (q_lo, q_hi, kv_c, q_seg, kv_seg), rest[n:]
+  tables = (None, None)
+  if spec.mma_tables:
+    tables = tuple(rest[n:n + 2])
+    n += 2
+  return rows, (q_lo, q_hi, kv_c, q_seg, kv_seg), tables, rest[n:]
 
 
 def _head_dim_mask(dpad: int, head_dim: int):
@@ -482,7 +647,7 @@ def _head_dim_mask(dpad: int, head_dim: int):
 
 def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec, scale: float,
                 block_q: int, block_kv: int, tq: int, tk: int, head_dim: int, allow_tf32: bool):
-  (q_rows_ref, kv_rows_ref), mask_refs, (o_ref, lse_ref) = _split_refs(rest, spec)
+  (q_rows_ref, kv_rows_ref), mask_refs, tables, (o_ref, lse_ref) = _split_refs(rest, spec)
   q_start = pl.program_id(0) * tq
   dmask = _head_dim_mask(q_ref.shape[-1], head_dim)
   q_rows, q_ok = _rows(q_rows_ref, q_start, tq) if spec.gathered else (None, None)
@@ -490,7 +655,7 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec
   qk_scale = scale * LOG2E
   sub = block_kv // tk  # kernel tiles per block-map block: one flat loop keeps pipelining
   mma = spec.mma_cols is not None
-  bias = _MMABias(spec, mask_refs, q_start, tq, tk, loop_is_kv=True) if mma else None
+  bias = _MMABias(spec, mask_refs, tables, q_start, tq, tk, loop_is_kv=True) if mma else None
 
   def body(t, carry, masked, dims):
     acc, m_prev, l_prev = carry
@@ -499,7 +664,7 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec
     k = _load_rows(k_ref, kv_rows, dmask)
     s = _dot(q, k, allow_tf32, trans_b=True)
     if masked and mma:
-      s = (s + bias(kv_start)) * qk_scale
+      s = (s + bias(kv_start, t)) * qk_scale
     else:
       s = s * qk_scale
       if masked:
@@ -532,10 +697,7 @@ def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, spec: _MaskSpec):
   grid axis 1 to the batch."""
   arrays, specs = [], []
   vectors = [plan.q_rows, plan.kv_rows] if spec.gathered else []
-  q_lo, q_hi = plan.q_lo, plan.q_hi
-  if spec.unsigned:
-    empty = q_hi < q_lo
-    q_lo, q_hi = np.where(empty, 1 << 30, q_lo), np.where(empty, 0, q_hi - q_lo)
+  q_lo, q_hi = _unsigned_intervals(plan) if spec.unsigned else (plan.q_lo, plan.q_hi)
   for vec in (q_lo, q_hi, plan.kv_c):
     vectors += list(vec)
   for vec in vectors:
@@ -599,11 +761,13 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   cfg = default_config(d, q.dtype, plan, config)
   tq, tk = cfg.block_q, cfg.block_kv
   bmap = plan.block_map
-  spec = _mask_spec(plan, q_seg is not None, cfg, tq, tk, scale)
+  spec = _mask_spec(plan, q_seg is not None, cfg, tq, tk, scale, forward=True)
   qp, kp, vp = _pad_head_dim(q, k, v)
   dpad = qp.shape[-1]
   skv = k.shape[1]
+  spec, table_arrays, table_specs = _table_inputs(plan, spec, tq, tk, True)
   mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec)
+  mask_arrays, mask_specs = mask_arrays + table_arrays, mask_specs + table_specs
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
                                       bmap.kv_group_ends, plan.block_q // tq)
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, block_q=plan.block_q,
@@ -631,7 +795,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
 
 def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                spec, scale, block_q, block_kv, tq, tk, head_dim, allow_tf32):
-  (q_rows_ref, kv_rows_ref), mask_refs, (dq_ref,) = _split_refs(rest, spec)
+  (q_rows_ref, kv_rows_ref), mask_refs, tables, (dq_ref,) = _split_refs(rest, spec)
   q_start = pl.program_id(0) * tq
   dmask = _head_dim_mask(q_ref.shape[-1], head_dim)
   q_rows, q_ok = _rows(q_rows_ref, q_start, tq) if spec.gathered else (None, None)
@@ -643,7 +807,7 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
   qk_scale = scale * LOG2E
   sub = block_kv // tk
   mma = spec.mma_cols is not None
-  bias = _MMABias(spec, mask_refs, q_start, tq, tk, loop_is_kv=True) if mma else None
+  bias = _MMABias(spec, mask_refs, tables, q_start, tq, tk, loop_is_kv=True) if mma else None
 
   def body(t, dq, masked, dims):
     kv_start = pl.multiple_of(_block_start(ids_ref, t, sub, block_kv, tk), tk)
@@ -652,7 +816,7 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     v = _load_rows(v_ref, kv_rows, dmask)
     s = _dot(q, k, allow_tf32, trans_b=True)
     if masked and mma:
-      s = s + bias(kv_start)
+      s = s + bias(kv_start, t)
     p = jnp.exp2(s * qk_scale - lse2[:, None])
     if masked and not mma:
       p = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk, dims=dims), p, 0.0)
@@ -670,7 +834,7 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 
 def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                 spec, scale, block_q, block_kv, tq, tk, head_dim, group, allow_tf32):
-  (q_rows_ref, kv_rows_ref), mask_refs, (dk_ref, dv_ref) = _split_refs(rest, spec)
+  (q_rows_ref, kv_rows_ref), mask_refs, tables, (dk_ref, dv_ref) = _split_refs(rest, spec)
   kv_start = pl.program_id(0) * tk
   dmask = _head_dim_mask(k_ref.shape[-1], head_dim)
   kv_rows, kv_ok = _rows(kv_rows_ref, kv_start, tk) if spec.gathered else (None, None)
@@ -679,7 +843,8 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   qk_scale = scale * LOG2E
   sub = block_q // tq
   mma = spec.mma_cols is not None
-  bias = _MMABias(spec, mask_refs, kv_start, tk, tq, loop_is_kv=False) if mma else None
+  bias = (_MMABias(spec, mask_refs, tables, kv_start, tk, tq, loop_is_kv=False) if mma
+          else None)
 
   def body(t, carry, masked, dims, head):
     head = jnp.int32(head)  # a traced index (static ints trip the interpret-mode discharge)
@@ -696,7 +861,7 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     # Work in the transposed domain (rows = keys) so every dot is A @ B or A @ B^T.
     s_t = _dot(k, q, allow_tf32, trans_b=True)  # [tk, tq]
     if masked and mma:
-      s_t = s_t + bias(q_start)
+      s_t = s_t + bias(q_start, t)
     p_t = jnp.exp2(s_t * qk_scale - lse2[None, :])
     if masked and not mma:
       p_t = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk, transposed=True,
@@ -731,7 +896,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # dQ over the forward map.
   tq, tk = cfg.dq_block_q, cfg.dq_block_kv
   spec = _mask_spec(plan, q_seg is not None, cfg, tq, tk, scale)
+  spec, table_arrays, table_specs = _table_inputs(plan, spec, tq, tk, True)
   mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec)
+  mask_arrays, mask_specs = mask_arrays + table_arrays, mask_specs + table_specs
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
                                       bmap.kv_group_ends, plan.block_q // tq)
   bh = lambda j: (j // h, j % h)
@@ -754,7 +921,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # dK/dV over the transposed map; the GQA group's query heads in one program.
   tq, tk = cfg.bwd_block_q, cfg.bwd_block_kv
   spec = _mask_spec(plan, q_seg is not None, cfg, tk, tq, scale, loop_is_kv=False)
+  spec, table_arrays, table_specs = _table_inputs(plan, spec, tk, tq, False)
   mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec)
+  mask_arrays, mask_specs = mask_arrays + table_arrays, mask_specs + table_specs
   map_arrays, map_specs = _map_inputs(bmap.q_ids, bmap.q_counts, bmap.q_full_counts,
                                       bmap.q_group_ends, plan.block_kv // tk)
   if g == 1:
