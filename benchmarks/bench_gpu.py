@@ -61,6 +61,21 @@ def record(**kw):
   kw = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in kw.items()}
   RESULTS.append(kw)
   print(json.dumps(kw), flush=True)
+  return kw
+
+
+def header(dtype: str = "bfloat16") -> dict:
+  """What every results file starts with: device, jax version, date, dtype."""
+  dev = jax.devices()[0]
+  return dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+              date=datetime.date.today().isoformat(), dtype=dtype)
+
+
+def write_results(path, head: dict):
+  """The recorded results under `head` (see `header`) as JSON at `path` (None: nothing)."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(dict(head, results=RESULTS), f, indent=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,10 +401,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   suites = args.suite.split(",")
-  dev = jax.devices()[0]
-  header = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                date=datetime.date.today().isoformat(), dtype=args.dtype)
-  print(json.dumps(header), flush=True)
+  head = header(args.dtype)
+  print(json.dumps(head), flush=True)
   if "check" in suites or "all" in suites:
     suite_check(dtype)
   if "perf" in suites or "all" in suites:
@@ -402,9 +415,7 @@ def main(argv=None):
     suite_na(dtype, args.iters)
   if "sweep" in suites or "all" in suites:
     suite_sweep(dtype, args.iters)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(dict(header, results=RESULTS), f, indent=1)
+  write_results(args.out, head)
 
 
 if __name__ == "__main__":

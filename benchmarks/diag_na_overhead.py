@@ -5,14 +5,13 @@ instead of full + partial loops, beside the real kernel. Prints JSON lines.
     PYTHONPATH=. python -m benchmarks.diag_na_overhead --out results.json
 """
 import argparse
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
-from benchmarks.bench_gpu import inputs
+from benchmarks.bench_gpu import header, inputs, record, write_results
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import TritonConfig, triton_attention as ta
 
@@ -25,7 +24,6 @@ def main():
   q, k, v, _ = inputs((b,) + spatial + (16, 128), (b,) + spatial + (16, 128), jnp.bfloat16)
   real_call = ta._MMABias.__call__
   zero = lambda self, start, step: jnp.zeros((self.rows, self.loop_size), jnp.float32)
-  rows = []
   for qt, kt in (((8, 16), (8, 8)), ((8, 8), (8, 8))):
     for name, cfg, patch in (("real", TritonConfig(), False),
                              ("zero bias", TritonConfig(), True),
@@ -35,22 +33,15 @@ def main():
       f = jax.jit(lambda q, k, v, qt=qt, kt=kt, cfg=cfg: jsa.na(
           q, k, v, kern, backend="triton", q_tile_shape=qt, kv_tile_shape=kt,
           block_q=math.prod(qt), block_kv=math.prod(kt), config=cfg))
-      r = dict(case="na2d 128x128 k33 B=2 fwd", tiles=f"{qt}/{kt}", variant=name,
-               fwd_ms=round(time_ms(f, q, k, v, iters=20, repeats=5), 4))
+      record(case="na2d 128x128 k33 B=2 fwd", tiles=f"{qt}/{kt}", variant=name,
+             fwd_ms=time_ms(f, q, k, v, iters=20, repeats=5))
       ta._MMABias.__call__ = real_call
-      rows.append(r)
-      print(json.dumps(r), flush=True)
   t = jsa.na_tiling(spatial, kern, block=128)
   tq, tk, tv = (t.tile(x) for x in (q, k, v))
   f = jax.jit(lambda q, k, v: jsa.na(q, k, v, kern, backend="triton", tiling=t))
-  r = dict(case="na2d 128x128 k33 B=2 fwd", tiles=str(t.layout.tile_shape),
-           variant="tiled order", fwd_ms=round(time_ms(f, tq, tk, tv, iters=20, repeats=5), 4))
-  rows.append(r)
-  print(json.dumps(r), flush=True)
-  if args.out:
-    with open(args.out, "w") as fh:
-      json.dump(dict(device=jax.devices()[0].device_kind, date="2026-11-23", results=rows), fh,
-                indent=1)
+  record(case="na2d 128x128 k33 B=2 fwd", tiles=str(t.layout.tile_shape), variant="tiled order",
+         fwd_ms=time_ms(f, tq, tk, tv, iters=20, repeats=5))
+  write_results(args.out, header())
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ at the issue's target shapes (H100, bf16). Prints JSON lines; `--out` also write
     PYTHONPATH=. python -m benchmarks.diag_na_variants --out results.json
 """
 import argparse
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
-from benchmarks.bench_gpu import fwd_bwd, inputs
+from benchmarks.bench_gpu import fwd_bwd, header, inputs, record, write_results
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import TritonConfig
 
@@ -38,7 +37,6 @@ def main():
   parser.add_argument("--out", default=None)
   parser.add_argument("--iters", type=int, default=10)
   args = parser.parse_args()
-  rows = []
   for spatial, kern, b, variants in CASES:
     q, k, v, do = inputs((b,) + spatial + (16, 128), (b,) + spatial + (16, 128), jnp.bfloat16)
     for (qt, kt), names, with_bwd in variants:
@@ -49,20 +47,16 @@ def main():
             q, k, v, kern, backend="triton", q_tile_shape=qt, kv_tile_shape=kt,
             block_q=math.prod(qt), block_kv=math.prod(kt), config=cfg)
         r = dict(case=f"na{len(spatial)}d {spatial} k{kern} B={b}", tiles=f"{qt}/{kt}",
-                 variant=name, bound=round(sim.block_speedup_bound, 3),
-                 full=sim.full_blocks, partial=sim.partial_blocks)
+                 variant=name, bound=sim.block_speedup_bound, full=sim.full_blocks,
+                 partial=sim.partial_blocks)
         try:
-          r["fwd_ms"] = round(time_ms(jax.jit(f), q, k, v, iters=args.iters), 4)
+          r["fwd_ms"] = time_ms(jax.jit(f), q, k, v, iters=args.iters)
           if with_bwd and name in ("default", "single_loop"):
-            r["fwd_bwd_ms"] = round(time_ms(fwd_bwd(f), q, k, v, do, iters=args.iters), 4)
+            r["fwd_bwd_ms"] = time_ms(fwd_bwd(f), q, k, v, do, iters=args.iters)
         except Exception as e:  # record and go on
           r["error"] = repr(e)[:300]
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-  if args.out:
-    with open(args.out, "w") as fh:
-      json.dump(dict(device=jax.devices()[0].device_kind, date="2026-11-23", results=rows), fh,
-                indent=1)
+        record(**r)
+  write_results(args.out, header())
 
 
 if __name__ == "__main__":

@@ -206,6 +206,11 @@ def _mma_columns(tile_shape, rows: int):
   return tuple(cols), max(16, pl.next_power_of_2(offset))
 
 
+def _column_dims(cols):
+  """(dims with bias columns, dims folded into the first of them) of `_mma_columns` output."""
+  return ([d for d, c in enumerate(cols) if c[0] >= 0], [d for d, c in enumerate(cols) if c[0] < 0])
+
+
 def _mask_spec(plan: AttentionPlan, has_segments: bool, cfg: TritonConfig, rows: int,
                loop_rows: int, scale: float, loop_is_kv: bool = True,
                forward: bool = False) -> _MaskSpec:
@@ -287,8 +292,7 @@ def _mma_tables(plan: AttentionPlan, spec: _MaskSpec, rows: int, loop_size: int,
     if offset >= 0:
       dim[offset:offset + extent] = d
       rel[offset:offset + extent] = np.arange(extent) * stride
-  col_dims = [d for d, c in enumerate(spec.mma_cols) if c[0] >= 0]
-  folded = [d for d, c in enumerate(spec.mma_cols) if c[0] < 0]
+  col_dims, folded = _column_dims(spec.mma_cols)
   dsafe = np.where(dim >= 0, dim, col_dims[0])
   lo, width = (x.astype(np.int64) for x in _unsigned_intervals(plan))
   coord = plan.kv_c.astype(np.int64)
@@ -446,8 +450,7 @@ class _MMABias:
         inside = (u >= offset) & (u < offset + extent)
         dim = jnp.where(inside, d, dim)
         rel = jnp.where(inside, (u - offset) * stride, rel)
-    self.col_dims = [d for d, c in enumerate(spec.mma_cols) if c[0] >= 0]
-    self.folded = [d for d, c in enumerate(spec.mma_cols) if c[0] < 0]
+    self.col_dims, self.folded = _column_dims(spec.mma_cols)
     self.dim, self.rel = dim, rel
     self.first = dim == self.col_dims[0]  # the columns folded dims join
     self.onehot = self._onehot(rows if self.onehot_rows else loop_size)
@@ -503,9 +506,7 @@ class _MMABias:
     """Score bias [rows, loop tile] float32 for the loop tile starting at `loop_start`, the
     program's `step`-th."""
     if self.spec.mma_tables:
-      table = self.tables[self.table_ids[step]]
-      return _dot(self.onehot, table, False) if self.onehot_rows else _dot(table, self.onehot,
-                                                                             False)
+      return self._matmul(self.tables[self.table_ids[step]])
     q_lo, q_hi, kv_c = self.refs[:3]
     test = lambda c, lo, hi: (c - lo).astype(jnp.uint32) <= hi.astype(jnp.uint32)
     first = self.first
@@ -522,8 +523,7 @@ class _MMABias:
         fold = [test(self.fold[f], q_lo[f][ds], q_hi[f][ds]) for f in self.folded]
       if fold:
         ok = ok & (functools.reduce(jnp.logical_and, fold)[None, :] | ~first[:, None])
-      t = jnp.where(ok, 0.0, self.spec.mma_value).astype(jnp.bfloat16)
-      return _dot(self.onehot, t, False)
+      return self._matmul(jnp.where(ok, 0.0, self.spec.mma_value).astype(jnp.bfloat16))
     idx = loop_start + self.rel  # test [rows, W]
     if self.loop_is_kv:
       c = self._pick({d: kv_c[d][idx] for d in self.col_dims})
@@ -537,8 +537,11 @@ class _MMABias:
               for f in self.folded]
     if fold:
       ok = ok & (functools.reduce(jnp.logical_and, fold)[:, None] | ~first[None, :])
-    t = jnp.where(ok, 0.0, self.spec.mma_value).astype(jnp.bfloat16)
-    return _dot(t, self.onehot, False)
+    return self._matmul(jnp.where(ok, 0.0, self.spec.mma_value).astype(jnp.bfloat16))
+
+  def _matmul(self, test):
+    """onehot [rows, W] @ test [W, loop], or test [rows, W] @ onehot [W, loop]."""
+    return _dot(self.onehot, test, False) if self.onehot_rows else _dot(test, self.onehot, False)
 
 
 def _dot(a, b, allow_tf32, trans_b=False):
@@ -692,9 +695,13 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec
     plgpu.store(lse_ref.at[_store_rows(lse_ref, q_rows, q_ok)], lse, mask=q_ok)
 
 
-def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, spec: _MaskSpec):
-  """Arrays and BlockSpecs for the row indices (gathered) and mask vectors; `b_of(j)` maps
-  grid axis 1 to the batch."""
+def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, spec: _MaskSpec, rows: int,
+                 loop_size: int, loop_is_kv: bool):
+  """(spec, arrays, BlockSpecs) for the row indices (gathered), mask vectors, segments and
+  MMA test tables of a kernel whose programs own `rows` and loop over `loop_size` (see
+  `_mask_spec`); `b_of(j)` maps grid axis 1 to the batch. The spec loses `mma_tables` when
+  the tables are over budget."""
+  spec, table_arrays, table_specs = _table_inputs(plan, spec, rows, loop_size, loop_is_kv)
   arrays, specs = [], []
   vectors = [plan.q_rows, plan.kv_rows] if spec.gathered else []
   q_lo, q_hi = _unsigned_intervals(plan) if spec.unsigned else (plan.q_lo, plan.q_hi)
@@ -707,7 +714,7 @@ def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, spec: _MaskSpec):
     for seg in (q_seg, kv_seg):
       arrays.append(seg)
       specs.append(pl.BlockSpec((None, seg.shape[1]), lambda i, j: (b_of(j), 0)))
-  return arrays, specs
+  return spec, arrays + table_arrays, specs + table_specs  # the order `_split_refs` reads
 
 
 def _counts_array(counts, full_counts, group_ends):
@@ -765,9 +772,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   qp, kp, vp = _pad_head_dim(q, k, v)
   dpad = qp.shape[-1]
   skv = k.shape[1]
-  spec, table_arrays, table_specs = _table_inputs(plan, spec, tq, tk, True)
-  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec)
-  mask_arrays, mask_specs = mask_arrays + table_arrays, mask_specs + table_specs
+  spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec,
+                                               tq, tk, True)
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
                                       bmap.kv_group_ends, plan.block_q // tq)
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, block_q=plan.block_q,
@@ -896,9 +902,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # dQ over the forward map.
   tq, tk = cfg.dq_block_q, cfg.dq_block_kv
   spec = _mask_spec(plan, q_seg is not None, cfg, tq, tk, scale)
-  spec, table_arrays, table_specs = _table_inputs(plan, spec, tq, tk, True)
-  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec)
-  mask_arrays, mask_specs = mask_arrays + table_arrays, mask_specs + table_specs
+  spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec,
+                                               tq, tk, True)
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
                                       bmap.kv_group_ends, plan.block_q // tq)
   bh = lambda j: (j // h, j % h)
@@ -921,9 +926,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # dK/dV over the transposed map; the GQA group's query heads in one program.
   tq, tk = cfg.bwd_block_q, cfg.bwd_block_kv
   spec = _mask_spec(plan, q_seg is not None, cfg, tk, tq, scale, loop_is_kv=False)
-  spec, table_arrays, table_specs = _table_inputs(plan, spec, tk, tq, False)
-  mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec)
-  mask_arrays, mask_specs = mask_arrays + table_arrays, mask_specs + table_specs
+  spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec,
+                                               tk, tq, False)
   map_arrays, map_specs = _map_inputs(bmap.q_ids, bmap.q_counts, bmap.q_full_counts,
                                       bmap.q_group_ends, plan.block_kv // tk)
   if g == 1:
