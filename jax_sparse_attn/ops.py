@@ -64,7 +64,7 @@ def register_backend(name: str, backend: Backend) -> None:
 def _get_backend(name: str) -> Backend:
   if name not in _REGISTRY:
     # Kernel backends register themselves on import.
-    if name == "triton":
+    if name in ("triton", "mosaic_gpu"):
       import pallas_kernels.gpu  # noqa: F401
     elif name == "mosaic":
       import pallas_kernels.tpu  # noqa: F401
@@ -76,8 +76,6 @@ def _get_backend(name: str) -> Backend:
 def resolve_backend(backend: str, mask: masks_lib.Mask | None = None) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend == "mosaic_gpu":
-    raise ValueError("backend='mosaic_gpu' (Hopper kernels) is not implemented yet; use 'triton'")
   if backend != "auto":
     return backend
   platform = jax.default_backend()
@@ -214,7 +212,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     segment_ids: [batch, seq] int32 (self-attention, packed documents) or a pair
       ``(q_segment_ids [batch, seq_q], kv_segment_ids [batch, seq_kv])``; tokens attend only
       within equal ids. Combines with any mask.
-    backend: "auto" | "reference" | "xla" | "triton" | "mosaic".
+    backend: "auto" | "reference" | "xla" | "triton" | "mosaic_gpu" | "mosaic".
     interpret: run Pallas kernels in interpret mode (CPU testing).
     return_lse: also return the log-sum-exp [batch, seq_q, heads] float32 (-inf where a row
       sees no key).
@@ -329,7 +327,10 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   if q_tile_shape is None or kv_tile_shape is None:
     # The Triton kernels also run 64-row query tiles well (finer tiles, narrower MMA masks).
     options = (bq // 2,) if backend == "triton" and block_q is None and bq >= 128 else ()
-    best_q, best_kv = best_tile_shapes(mask, bq, bk, block_q_options=options)
+    # Mosaic GPU reads tiles as TMA boxes: rows of a multiple of 8 tokens.
+    multiple = 8 if backend == "mosaic_gpu" else 1
+    best_q, best_kv = best_tile_shapes(mask, bq, bk, block_q_options=options,
+                                       last_multiple=multiple)
     q_tile_shape = tuple(q_tile_shape or best_q)
     kv_tile_shape = tuple(kv_tile_shape or best_kv)
   q_tile_shape = masks_lib._as_tuple(q_tile_shape, ndim, "q_tile_shape")

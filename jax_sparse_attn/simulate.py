@@ -104,12 +104,13 @@ def _counts(mask, q_tile, kv_tile):
 
 @functools.lru_cache(maxsize=256)
 def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
-                     same: bool = False, block_q_options: tuple = ()):
+                     same: bool = False, block_q_options: tuple = (), last_multiple: int = 1):
   """Tile shapes (products block_q and block_kv) that minimise `tile_cost`.
 
   ``same=True`` (needs block_q == block_kv) returns one tile shape for Q and KV.
   ``block_q_options``: other query block sizes to consider (the product of the returned
-  query tile says which won)."""
+  query tile says which won). ``last_multiple``: prefer tiles whose last dim is a multiple
+  of it (TMA rows of the Mosaic GPU kernels); ignored where no tile qualifies."""
   for b in (block_q, block_kv) + tuple(block_q_options):
     if not isinstance(b, int) or b <= 0 or b & (b - 1):
       raise ValueError(f"block sizes (block_q, block_kv, block_q_options) must be positive "
@@ -118,6 +119,7 @@ def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
 
   def cands(block):
     out = list(_pow2_factorizations(block, mask.num_dims, limits))
+    out = [t for t in out if t[-1] % last_multiple == 0] or out
     return out or [tuple(1 << int(math.log2(block)) if i == mask.num_dims - 1 else 1
                          for i in range(mask.num_dims))]
 

@@ -1,10 +1,19 @@
-"""GPU kernels. `triton_attention`: Pallas with the Triton lowering (registered as "triton")."""
+"""GPU kernels. `triton_attention`: Pallas with the Triton lowering (registered as "triton");
+`mosaic_gpu_attention`: the Hopper forward in Pallas Mosaic GPU ("mosaic_gpu", backward on
+the Triton kernels)."""
 from jax_sparse_attn.ops import Backend, register_backend
 
 from .triton_attention import (TritonConfig, backward, default_backward_map_blocks,
                                default_map_blocks, export_for_gpu, forward)
+from . import mosaic_gpu_attention
+from .mosaic_gpu_attention import MosaicGPUConfig
 
 register_backend("triton", Backend(forward, backward, default_map_blocks, gathers=True,
                                    backward_blocks=default_backward_map_blocks))
 
-__all__ = ["TritonConfig", "forward", "backward", "export_for_gpu"]
+register_backend("mosaic_gpu", Backend(
+    mosaic_gpu_attention.forward, mosaic_gpu_attention.backward,
+    mosaic_gpu_attention.default_map_blocks, min_block=128, gathers=True,
+    backward_blocks=mosaic_gpu_attention.default_backward_map_blocks))
+
+__all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

@@ -958,11 +958,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
 
 def export_for_gpu(fn, *args, device_kind: str = "NVIDIA H100 80GB HBM3"):
-  """Export jitted `fn` for CUDA on a machine with no GPU: runs the Pallas -> Triton lowering
-  of every kernel (compiling Triton to PTX happens on the GPU). Args: ShapeDtypeStructs."""
+  """Export jitted `fn` for CUDA on a machine with no GPU: runs the Pallas -> Triton and
+  Pallas -> Mosaic GPU lowering of every kernel (compiling to PTX happens on the GPU).
+  Args: ShapeDtypeStructs."""
   from jax._src import mesh as mesh_lib
   device = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  check = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  checks = [jax.export.DisabledSafetyCheck.custom_call(name)
+            for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")]
   with jax.sharding.use_abstract_mesh(mesh):
-    return jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[check])(*args)
+    return jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=checks)(*args)

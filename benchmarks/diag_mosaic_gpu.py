@@ -1,0 +1,129 @@
+"""The Hopper forward (backend="mosaic_gpu") on the GPU: correctness at real sizes (forward
+and gradients vs the float32 XLA backend), then forward (and forward+backward) timings beside
+the Triton kernels in the same process. Prints JSON lines; `--out` also writes them.
+
+    PYTHONPATH=. python -m benchmarks.diag_mosaic_gpu --out results.json
+"""
+import argparse
+import math
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from benchmarks.bench_gpu import (check_case, fwd_bwd, header, inputs, record, timeit,
+                                  write_results)
+from jax_sparse_attn import masks
+from pallas_kernels.gpu import MosaicGPUConfig
+
+H, D = 16, 128
+
+
+def checks(dtype):
+  tol = 2e-2
+  cases = [
+      ("na2d 64x64 k13", (64, 64), (13, 13), 1, 1, False, 8),
+      ("na2d 100x90 k(33,17) odd (TMA edges)", (100, 90), (33, 17), 1, 1, False, 8),
+      ("na3d 8x24x24 k(4,7,7) causal-t", (8, 24, 24), (4, 7, 7), 1, 1, (True, False, False), 8),
+      ("na2d 48x40 k(7,9) s(2,3) d(2,1) (permuted)", (48, 40), (7, 9), (2, 3), (2, 1), False, 8),
+  ]
+  for name, spatial, kern, stride, dil, causal, h in cases:
+    q, k, v, do = inputs((1,) + spatial + (h, D), (1,) + spatial + (h, D), dtype)
+    args = (kern, stride, dil, causal)
+    ref = lambda q, k, v, a=args: jsa.na(q, k, v, *a, backend="xla")
+    for variant, cfg in (("", None), (" unfused P·V (interpret form)",
+                                      MosaicGPUConfig(fused_pv=False)),
+                         (" element masks", MosaicGPUConfig(mask_mma=False))):
+      ours = lambda q, k, v, a=args, cfg=cfg: jsa.na(q, k, v, *a, backend="mosaic_gpu",
+                                                     config=cfg)
+      try:
+        check_case("mosaic_gpu " + name + variant, ours, ref, q, k, v, do, tol)
+      except Exception as e:  # keep going
+        record(suite="check", case=name + variant, error=repr(e)[:800])
+        traceback.print_exc()
+  for name, mask, h, hkv, d, s in [
+      ("causal GQA 16/4 S=4096 D=64", masks.causal(), 16, 4, 64, 4096),
+      ("window 512 S=8191 D=96 (odd, padded D)", masks.sliding_window(511), 8, 8, 96, 8191)]:
+    q, k, v, do = inputs((2, s, h, d), (2, s, hkv, d), dtype)
+    ours = lambda q, k, v, m=mask: jsa.attention(q, k, v, m, backend="mosaic_gpu")
+    ref = lambda q, k, v, m=mask: jsa.attention(q, k, v, m, backend="xla", block_q=128,
+                                                block_kv=128)
+    try:
+      check_case("mosaic_gpu " + name, ours, ref, q, k, v, do, tol)
+    except Exception as e:
+      record(suite="check", case=name, error=repr(e)[:800])
+      traceback.print_exc()
+
+
+def perf(name, fn, q, k, v, do, iters, with_bwd=False, **extra):
+  try:
+    r = dict(suite="mgpu", case=name, fwd_ms=timeit(jax.jit(fn), q, k, v, iters=iters), **extra)
+    if with_bwd:
+      r["fwd_bwd_ms"] = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
+    record(**r)
+  except Exception as e:
+    record(suite="mgpu", case=name, error=repr(e)[:800], **extra)
+    traceback.print_exc()
+
+
+def timings(dtype, iters):
+  """Auto tiles on both backends (the defaults), then mosaic_gpu variants."""
+  for spatial, kern, stride, b, variants in [
+      ((128, 128), (33, 33), 1, 2, [("(8, 16)", "(8, 16)", 3), ("(8, 16)", "(8, 8)", 3)]),
+      ((16, 64, 64), (8, 16, 16), 1, 1, [("(2, 8, 8)", "(1, 8, 8)", 3),
+                                         ("(2, 8, 8)", "(2, 8, 8)", 3)]),
+      ((16, 64, 64), (8, 16, 16), (8, 16, 16), 1, []),
+      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, [("(4, 4, 8)", "(4, 4, 4)", 2)]),
+      ((128, 128), (16, 16), (16, 16), 2, []),
+      ((128, 128), (16, 16), (8, 8), 2, []),
+  ]:
+    tag = (f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{'x'.join(map(str, kern))} "
+           f"s{stride} B={b}")
+    q, k, v, do = inputs((b,) + spatial + (H, D), (b,) + spatial + (H, D), dtype)
+    for impl in ("mosaic_gpu", "triton"):
+      f = lambda q, k, v, impl=impl: jsa.na(q, k, v, kern, stride, backend=impl)
+      perf(tag, f, q, k, v, do, iters, with_bwd=True, impl=impl + " (auto tiles)")
+    for stages in (3,):
+      f = lambda q, k, v, st=stages: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu",
+                                            config=MosaicGPUConfig(stages=st))
+      perf(tag, f, q, k, v, do, iters, impl="mosaic_gpu (auto tiles)", stages=stages)
+    for qt, kt, stages in variants:
+      qt, kt = eval(qt), eval(kt)
+      f = lambda q, k, v, qt=qt, kt=kt, st=stages: jsa.na(
+          q, k, v, kern, stride, backend="mosaic_gpu", q_tile_shape=qt, kv_tile_shape=kt,
+          config=MosaicGPUConfig(stages=st))
+      perf(tag, f, q, k, v, do, iters, impl="mosaic_gpu", tiles=f"{qt}/{kt}", stages=stages)
+    write_results(ARGS.out, header())
+  if ARGS.skip_dense:
+    return
+  for s, mask, b in [(16384, None, 2), (16384, masks.causal(), 2),
+                     (32768, masks.sliding_window(2047), 1)]:
+    q, k, v, do = inputs((b, s, H, D), (b, s, H, D), dtype)
+    name = f"{'dense' if mask is None else mask} S={s} B={b}"
+    for impl in ("mosaic_gpu", "triton"):
+      perf(name, lambda q, k, v, m=mask, impl=impl: jsa.attention(q, k, v, m, backend=impl),
+           q, k, v, do, iters, with_bwd=True, impl=impl)
+    perf(name, lambda q, k, v, m=mask: jsa.attention(
+        q, k, v, m, backend="mosaic_gpu", config=MosaicGPUConfig(stages=3)), q, k, v, do,
+        iters, impl="mosaic_gpu", stages=3)
+    write_results(ARGS.out, header())
+
+
+def main():
+  global ARGS
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", default=None)
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--skip-checks", action="store_true")
+  parser.add_argument("--skip-dense", action="store_true")
+  ARGS = parser.parse_args()
+  if not ARGS.skip_checks:
+    checks(jnp.bfloat16)
+    write_results(ARGS.out, header())
+  timings(jnp.bfloat16, ARGS.iters)
+  write_results(ARGS.out, header())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,495 @@
+"""Block-sparse flash attention forward for Hopper in Pallas Mosaic GPU ("mosaic_gpu").
+
+FlashAttention-3 structure over a block map: one CTA per (Q block of 128 rows, head, batch)
+with three warpgroups. Two compute warpgroups own 64 query rows each and take turns on the
+tensor cores (a shared "schedule" barrier: one runs QKᵀ while the other runs its softmax);
+the third is the memory warpgroup, which walks the row's visited KV blocks (``kv_ids``) and
+TMA-loads K, V and the block's key coordinates into a ring of shared-memory slots.
+
+Tiles are TMA boxes in the caller's layout: for neighborhood attention (gathered plans) a Q
+block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight from
+``[batch, *spatial, heads, head_dim]`` (no permuted copies, no index vectors); the edges of
+the grid are the TMA's out-of-bounds handling (zero fill on load, clipped on store). Plans in
+kernel order (1-D sequences, `tiling=`) are the 1-D case of the same.
+
+Full blocks run with no mask arithmetic; partial blocks test every element against the
+per-row intervals ``[lo, hi]`` of each mask dimension (loaded once per warpgroup) and the
+key coordinates of the block (loaded with K). The backward runs on the Triton kernels (same
+plan, same log-sum-exp convention: natural log, ``[batch, heads, n_q]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax_sparse_attn.layout import SequenceLayout, TiledLayout
+from jax_sparse_attn.plan import AttentionPlan
+
+from . import triton_attention
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_ROWS = 64  # query rows per compute warpgroup (one wgmma M)
+_COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+  """``stages``: K/V shared-memory slots (TMA pipeline depth). ``triton``: the config of the
+  Triton kernels that run the backward."""
+  stages: int = 2
+  # The GPU form (FlashAttention-3): P stays in registers as the P·V wgmma's A operand and
+  # the product accumulates into the running output. The other form, for interpret mode
+  # (which has neither register operands nor `run_state` over accumulators): P goes through
+  # shared memory into a fresh accumulator, added afterwards. None: GPU form unless
+  # interpreting.
+  fused_pv: bool | None = None
+  # Neighborhood masks as an MMA bias read from host tables (as the Triton kernels do) where
+  # the one-hot is <= 32 columns; False: the per-element interval test.
+  mask_mma: bool = True
+  triton: triton_attention.TritonConfig | None = None
+
+
+def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
+  # H100, bf16 (benchmarks/results/h100-2026-11-23-mgpu-*.json): 128-token KV blocks beat 64
+  # for dense (7.80 vs 9.01 ms at S=16384), the sliding window (0.98 vs 1.14 ms) and 2-D NA
+  # (8x16 KV tiles: 1.09 vs 1.27 ms), and tie in 3-D.
+  return 2 * _ROWS, 128
+
+
+def default_backward_map_blocks(head_dim: int, dtype, config):
+  tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
+  return triton_attention.default_backward_map_blocks(head_dim, dtype, tconf)
+
+
+def _config(config) -> MosaicGPUConfig:
+  if config is None:
+    return MosaicGPUConfig()
+  if not isinstance(config, MosaicGPUConfig):
+    raise ValueError("config for backend='mosaic_gpu' must be a MosaicGPUConfig, got "
+                     f"{type(config).__name__}")
+  if config.stages < 2:
+    raise ValueError(f"MosaicGPUConfig.stages must be >= 2, got {config.stages}")
+  return config
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: which TMA box a block is.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Boxes:
+  """Blocks of a plan side as boxes of a [batch, *spatial, heads, head_dim] view."""
+  spatial: tuple[int, ...]   # the view's spatial shape
+  tile: tuple[int, ...]      # one block
+  grid: tuple[int, ...]      # blocks per dim (row-major block ids)
+
+  def origin(self, block_id):
+    """Spatial origin of block `block_id` (a traced int32 scalar)."""
+    coords, rest = [], block_id
+    for n, t in zip(reversed(self.grid), reversed(self.tile)):
+      coords.append(lax.rem(rest, n) * t)
+      rest = lax.div(rest, n)
+    return coords[::-1]
+
+  def rows(self, origin, tile=None):
+    """The box at `origin` as TMA copies of contiguous rows: (first row in the box, the
+    row's index into the spatial dims) per leading coordinate (interpret mode has no
+    reshaped shared-memory refs, so one copy per row of the last dim)."""
+    tile = tile or self.tile
+    out = []
+    for i, lead in enumerate(np.ndindex(*tile[:-1])):
+      index = tuple(o + c for o, c in zip(origin, lead)) + (pl.ds(origin[-1], tile[-1]),)
+      out.append((i * tile[-1], index))
+    return out
+
+
+def _boxes(layout) -> _Boxes | None:
+  """The box geometry of a layout, or None if its blocks are not boxes (dilation)."""
+  if isinstance(layout, SequenceLayout):
+    return _Boxes((layout.padded_len,), (layout.block,), (layout.num_blocks,))
+  if any(d != 1 for d in layout.dilation):
+    return None
+  return _Boxes(tuple(layout.spatial_shape), tuple(layout.tile_shape), tuple(layout.tile_grid))
+
+
+def _half_tile(tile: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+  """A 128-row tile as two 64-row boxes: the tile with its first non-unit dim halved."""
+  dim = next(i for i, t in enumerate(tile) if t > 1)
+  half = list(tile)
+  half[dim] //= 2
+  return tuple(half), dim
+
+
+def _padded_head_dim(d: int) -> int | None:
+  return 64 if d <= 64 else 128 if d <= 128 else None
+
+
+def _box_layout(layout) -> bool:
+  """Whether a gathered plan's blocks can be read as TMA boxes of the caller's layout (else
+  the forward permutes into kernel order: dilation, tiles or a last spatial dim that is not
+  a multiple of 8 tokens)."""
+  boxes = _boxes(layout)
+  # Mosaic tiles the last spatial dim of the caller's array by 8 rows for these copies.
+  return (boxes is not None and boxes.spatial[-1] % 8 == 0 and boxes.tile[-1] % 8 == 0
+          and _half_tile(boxes.tile)[0][-1] % 8 == 0)
+
+
+def unsupported(plan: AttentionPlan, head_dim: int, dtype, has_segments: bool,
+                scale: float) -> str | None:
+  """Why this backend cannot run `plan` (None if it can)."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name} (bfloat16 or float16 only)"
+  if _padded_head_dim(head_dim) is None:
+    return f"head_dim {head_dim} (at most 128)"
+  if has_segments:
+    return "segment ids (use the triton backend)"
+  if plan.mask_fn is not None:
+    return "masks with no interval form (use the triton backend)"
+  if scale <= 0:
+    return f"scale {scale} (must be positive)"
+  if plan.block_q != 2 * _ROWS:
+    return f"block_q {plan.block_q} (must be {2 * _ROWS})"
+  if plan.block_kv not in (64, 128):
+    return f"block_kv {plan.block_kv} (64 or 128)"
+  return None
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel.
+
+
+def _kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Boxes, kb: _Boxes,
+            half: tuple[int, ...], half_dim: int, head_dim: int, groups: int, dims: int,
+            stages: int, scale: float, dtype, fused_pv: bool, mma_width: int):
+  """Element masks (``mma_width == 0``): refs are q_lo, q_hi [dims, n_q], kv_c [dims, n_kv]
+  (kernel positions). MMA-bias masks: onehot [128, W], tables [n, W, block_kv] and
+  table_ids [q blocks, steps] (`_mma_inputs`). Then out, lse."""
+  mma = mma_width > 0
+  if mma:
+    onehot_ref, tables_ref, table_ids_ref, out_ref, lse_ref = refs
+  else:
+    lo_ref, hi_ref, c_ref, out_ref, lse_ref = refs
+  block_kv = math.prod(kb.tile)
+  qi = lax.axis_index("q")
+  head = lax.axis_index("heads")
+  batch = lax.axis_index("batch")
+  n_full = counts_ref[qi, 0]
+  n_all = counts_ref[qi, 1]
+  q_origin = qb.origin(qi)
+  qk_scale = scale * LOG2E
+
+  def body(q_smem, k_smem, v_smem, row_smem, step_smem, lse_smem, p_smem, q_bar, row_bar,
+           k_bar, v_bar, k_free, v_free, turn):
+    """row_smem: per warpgroup, (lo, hi) [2, dims, 64] or the one-hot [64, W]; step_smem:
+    per slot, the key coordinates [dims, block_kv] or the test matrix [W, block_kv]."""
+    wg = lax.axis_index("wg")
+
+    def rendezvous():
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    @pl.when(wg < _COMPUTE_WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      origin = list(q_origin)
+      origin[half_dim] = origin[half_dim] + wg * half[half_dim]
+      qo = q_smem.at[wg]
+      q_rows = qb.rows(origin, half)
+      for r, index in q_rows:
+        plgpu.copy_gmem_to_smem(q_ref.at[(batch, *index, head)], qo.at[pl.ds(r, half[-1])],
+                                q_bar.at[wg])
+      if mma:
+        plgpu.copy_gmem_to_smem(onehot_ref.at[pl.ds(wg * _ROWS, _ROWS)], row_smem.at[wg],
+                                row_bar.at[wg])
+      else:
+        row0 = qi * (2 * _ROWS) + wg * _ROWS
+        for i, ref in enumerate((lo_ref, hi_ref)):
+          plgpu.copy_gmem_to_smem(ref.at[:, pl.ds(row0, _ROWS)], row_smem.at[wg, i],
+                                  row_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      @pl.when(n_all > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[0])
+
+      pl.when(wg == 1)(rendezvous)
+
+      def step(t, carry, masked: bool):
+        acc, m_i, l_i = carry
+        slot = lax.rem(t, stages)
+
+        def qk(acc_ref):
+          if masked and mma:  # the bias first: onehot [64, W] @ test [W, block_kv]
+            plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot])
+          plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+          rendezvous()
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
+        elementwise = masked and not mma
+        if elementwise:
+          ok = None
+          for d in range(dims):
+            c = plgpu.load(step_smem.at[slot, d], layout=plgpu.Layout.WGMMA.reduce(0))
+            c = lax.broadcast_in_dim(c, (_ROWS, block_kv), [1])
+            lo, hi = (plgpu.load(row_smem.at[wg, i, d], layout=plgpu.Layout.WGMMA.reduce(1))
+                      for i in range(2))
+            term = ((c >= lax.broadcast_in_dim(lo, (_ROWS, block_kv), [0]))
+                    & (c <= lax.broadcast_in_dim(hi, (_ROWS, block_kv), [0])))
+            ok = term if ok is None else ok & term
+        plgpu.barrier_arrive(k_free.at[slot])
+        if elementwise:
+          s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(turn)
+
+        if p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+          p16 = p_smem.at[wg]
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          nxt = t + 1  # wait for the next K while this wgmma runs
+
+          @pl.when(nxt < n_all)
+          def _():
+            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, stages)])
+
+          if not fused_pv:
+            return acc_ref[...]
+
+        if fused_pv:  # accumulate into acc (interpret mode has no run_state)
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:
+          acc = acc + pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+      plgpu.barrier_wait(row_bar.at[wg])
+      acc, m_i, l_i = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
+      pl.when(wg == 0)(rendezvous)
+
+      # MMA bias: masked scores sit near -2**20 (log2 units), so a row that saw no key has
+      # its max below half of that; element masks leave such a row at l == 0.
+      seen = m_i > 0.5 * triton_attention._MMA_MASKED if mma else l_i > 0.0
+      l_safe = jnp.where(seen, l_i, 1.0)
+      out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+      qo[...] = out.astype(dtype)
+      lse = jnp.where(seen, (m_i + jnp.log(l_safe) * LOG2E) * LN2, -jnp.inf)
+      lse_smem.at[wg][...] = lse
+      plgpu.commit_smem()
+      for r, index in q_rows:
+        plgpu.copy_smem_to_gmem(qo.at[pl.ds(r, half[-1])], out_ref.at[(batch, *index, head)])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(r, half[-1])],
+                                lse_ref.at[(batch, head, *index)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(head, groups)
+
+      def load(t, slot, first: bool):
+        j = ids_ref[qi, t]
+        rows = kb.rows(kb.origin(j))
+        if not first:
+          plgpu.barrier_wait(k_free.at[slot])
+        for r, index in rows:
+          plgpu.copy_gmem_to_smem(k_ref.at[(batch, *index, kv_head)],
+                                  k_smem.at[slot, pl.ds(r, kb.tile[-1])], k_bar.at[slot])
+        if mma:  # unmasked steps load table 0 too: a fixed arrival count
+          plgpu.copy_gmem_to_smem(tables_ref.at[table_ids_ref[qi, t]], step_smem.at[slot],
+                                  k_bar.at[slot])
+        else:
+          plgpu.copy_gmem_to_smem(c_ref.at[:, pl.ds(j * block_kv, block_kv)],
+                                  step_smem.at[slot], k_bar.at[slot])
+        if not first:
+          plgpu.barrier_wait(v_free.at[slot])
+        for r, index in rows:
+          plgpu.copy_gmem_to_smem(v_ref.at[(batch, *index, kv_head)],
+                                  v_smem.at[slot, pl.ds(r, kb.tile[-1])], v_bar.at[slot])
+
+      for s in range(stages):
+        pl.when(s < n_all)(functools.partial(load, s, s, True))
+
+      @pl.loop(stages, jnp.maximum(n_all, stages))
+      def _(t):
+        load(t, lax.rem(t, stages), False)
+
+      # Observe the slots' last release before the barriers are freed.
+      for s in range(stages):
+        @pl.when(s < n_all)
+        def _():
+          plgpu.barrier_wait(k_free.at[s])
+          plgpu.barrier_wait(v_free.at[s])
+
+  q_rows_per_wg = list(np.ndindex(*half[:-1]))
+  kv_rows = math.prod(kb.tile[:-1])
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
+    narrow = (plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
+    row_smem = plgpu.SMEM((_COMPUTE_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow)
+    step_smem = plgpu.SMEM((stages, mma_width, block_kv), jnp.bfloat16, transforms=narrow)
+  else:
+    row_smem = plgpu.SMEM((_COMPUTE_WGS, 2, dims, _ROWS), jnp.int32)
+    step_smem = plgpu.SMEM((stages, dims, block_kv), jnp.int32)
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((_COMPUTE_WGS, _ROWS, head_dim), dtype, transforms=swizzled),
+      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=swizzled),
+      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=swizzled),
+      row_smem,
+      step_smem,
+      plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
+      None if fused_pv else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype, transforms=swizzled),
+      plgpu.Barrier(num_arrivals=len(q_rows_per_wg), num_barriers=_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=1 if mma else 2, num_barriers=_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=kv_rows + 1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=kv_rows, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+      collective_axes="wg",
+  )
+
+
+def _mma_inputs(plan: AttentionPlan, scale: float):
+  """MMA-bias masks for neighborhood plans (`triton_attention._MMABias`, one-hot on the
+  query side): (onehot [128, W] bf16, tables [n, W, block_kv] bf16 of 0 / the masked value,
+  table_ids [q blocks, steps] int32), or None where they do not apply (1-D sequences,
+  W > 32, tables over budget). Both compute warpgroups share a step's table: its columns
+  are the coordinates of the whole 128-row tile."""
+  rows = 2 * _ROWS
+  cfg = triton_attention.TritonConfig(mma_onehot="rows", single_loop=False)
+  spec = triton_attention._mask_spec(plan, False, cfg, rows, plan.block_kv, scale,
+                                     forward=True)
+  if spec.mma_cols is None or not spec.mma_tables:
+    return None
+  built = triton_attention._mma_tables(plan, spec, rows, plan.block_kv, True)
+  if built is None:
+    return None
+  tables, table_ids = built
+  width = spec.mma_width
+  r, u = np.arange(rows)[:, None], np.arange(width)[None, :]
+  hit = np.zeros((rows, width), bool)
+  for offset, extent, stride in spec.mma_cols:
+    if offset >= 0:
+      hit |= (u - offset) == (r // stride) % extent
+  tables = np.where(tables, 0.0, spec.mma_value)
+  return (hit.astype(jnp.bfloat16), tables.astype(jnp.bfloat16), table_ids.astype(np.int32))
+
+
+_SMEM_LIMIT = 232448  # bytes per block on Hopper (227 KiB)
+
+
+def _smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int) -> int:
+  """Shared memory of the kernel, bounded above (the mask buffers at their widest, plus the
+  interpret-mode P buffer's share of slack)."""
+  q = _COMPUTE_WGS * _ROWS * head_dim * itemsize
+  kv = 2 * stages * block_kv * head_dim * itemsize
+  masks = _COMPUTE_WGS * _ROWS * 32 * 2 + stages * 32 * block_kv * 2 + 1024
+  return q + kv + masks + _COMPUTE_WGS * _ROWS * 4 + 1024
+
+
+def _view(x, boxes: _Boxes):
+  """[batch, n, heads, d] -> [batch, *spatial, heads, d]."""
+  return x.reshape((x.shape[0], *boxes.spatial, *x.shape[2:]))
+
+
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret):
+  """Arrays as `triton_attention.forward` (kernel order, or the caller's flat order for
+  gathered plans). Returns out like q and lse [batch, heads, n_q] float32 (natural log)."""
+  cfg = _config(config)
+  b, sq, h, d = q.shape
+  why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
+  if why is not None:
+    raise ValueError(f"backend='mosaic_gpu' does not support {why}")
+  if plan.gathered and not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout)):
+    # Blocks that are not boxes of the caller's layout (dilation, narrow tiles): permute.
+    ql, kl = plan.q_layout, plan.kv_layout
+    view = lambda x: x.reshape((b, *ql.spatial_shape, *x.shape[2:]))
+    out, lse = forward(ql.to_kernel(view(q)), kl.to_kernel(view(k)), kl.to_kernel(view(v)),
+                       None, None, dataclasses.replace(plan, gathered=False), scale, cfg,
+                       interpret)
+    out = ql.from_kernel(out).reshape(q.shape)
+    lse = ql.from_kernel(lse.transpose(0, 2, 1)).reshape(b, sq, h).transpose(0, 2, 1)
+    return out, lse
+  dpad = _padded_head_dim(d)
+  if dpad != d:
+    pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
+    out, lse = forward(pad(q), pad(k), pad(v), None, None, plan, scale, cfg, interpret)
+    return out[..., :d], lse
+  hkv = k.shape[2]
+  smem = _smem_bytes(d, plan.block_kv, cfg.stages, jnp.dtype(q.dtype).itemsize)
+  if smem > _SMEM_LIMIT:
+    raise ValueError(f"MosaicGPUConfig.stages={cfg.stages} needs {smem} bytes of shared memory "
+                     f"with head_dim {d} and block_kv {plan.block_kv} (at most {_SMEM_LIMIT}"
+                     f" on Hopper): use fewer stages or block_kv=64")
+  if plan.gathered:
+    qb, kb = _boxes(plan.q_layout), _boxes(plan.kv_layout)
+  else:  # kernel order: 1-D blocks
+    qb = _boxes(SequenceLayout(plan.q_layout.padded_len, plan.block_q))
+    kb = _boxes(SequenceLayout(plan.kv_layout.padded_len, plan.block_kv))
+  half, half_dim = _half_tile(qb.tile)
+  bmap = plan.block_map
+  ids = jnp.asarray(bmap.kv_ids, jnp.int32)
+  counts = jnp.stack([jnp.asarray(bmap.kv_full_counts, jnp.int32),
+                      jnp.asarray(bmap.kv_counts, jnp.int32)], axis=1)
+  mma = _mma_inputs(plan, scale) if cfg.mask_mma else None
+  if mma is None:
+    mask_arrays = [jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c)]
+    width = 0
+  else:
+    onehot, tables, table_ids = mma
+    mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables), jnp.asarray(table_ids)]
+    width = onehot.shape[1]
+  padded = tuple(g * t for g, t in zip(qb.grid, qb.tile))
+  kernel = functools.partial(
+      _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, groups=h // hkv,
+      dims=plan.num_mask_dims, stages=cfg.stages, scale=scale, dtype=q.dtype,
+      fused_pv=cfg.fused_pv if cfg.fused_pv is not None else not interpret, mma_width=width)
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
+                jax.ShapeDtypeStruct((b, h, *padded), jnp.float32)),
+      grid=(bmap.num_q_blocks, h, b),
+      grid_names=("q", "heads", "batch"),
+      num_threads=_COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else False,
+  )(ids, counts, _view(q, qb), _view(k, kb), _view(v, kb), *mask_arrays)
+  lse = lse[(slice(None), slice(None), *(slice(0, s) for s in qb.spatial))]
+  return out.reshape(q.shape), lse.reshape(b, h, sq)
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret):
+  tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
+  return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale,
+                                   tconf, interpret)

@@ -1,0 +1,143 @@
+"""The Hopper forward (Pallas Mosaic GPU) in GPU interpret mode (CPU) vs the float64 brute
+force; gradients run the Triton backward kernels (interpret mode) on the same plan."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import backend_cases
+import jax_sparse_attn as jsa
+from jax_sparse_attn.layout import TiledLayout
+from jax_sparse_attn.plan import gathered, make_plan
+from jax_sparse_attn import masks
+from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu, mosaic_gpu_attention as mg
+
+
+@st.composite
+def na_problems(draw):
+  """Small grids whose Q blocks are 128-token tiles (64 rows per compute warpgroup) and KV
+  blocks 64-token tiles, with odd sizes (TMA out-of-bounds edges)."""
+  ndim = draw(st.sampled_from([1, 2, 3]))
+  if ndim == 1:
+    spatial = (draw(st.integers(70, 300)),)
+    tile_q, tile_kv = (128,), (64,)
+  elif ndim == 2:
+    spatial = (draw(st.integers(5, 20)), draw(st.integers(9, 24)))
+    tile_q, tile_kv = draw(st.sampled_from([((8, 16), (8, 8)), ((16, 8), (8, 8)),
+                                            ((4, 32), (4, 16)), ((8, 16), (4, 16))]))
+  else:
+    spatial = (draw(st.integers(1, 4)), draw(st.integers(5, 12)), draw(st.integers(8, 12)))
+    tile_q, tile_kv = draw(st.sampled_from([((2, 8, 8), (1, 8, 8)), ((1, 16, 8), (1, 8, 8)),
+                                            ((2, 4, 16), (2, 4, 8))]))
+  kernel = tuple(draw(st.integers(1, max(1, min(s, 9)))) for s in spatial)
+  stride = tuple(draw(st.integers(1, k)) for k in kernel)
+  dilation = tuple(draw(st.sampled_from([1, 1, 2])) if s >= 2 * k else 1
+                   for s, k in zip(spatial, kernel))
+  causal = tuple(draw(st.booleans()) for _ in spatial)
+  kv_heads = draw(st.sampled_from([1, 2]))
+  return dict(problem=(spatial, kernel, stride, dilation, causal), batch=1,
+              heads=kv_heads * draw(st.sampled_from([1, 2])), kv_heads=kv_heads,
+              head_dim=draw(st.sampled_from([32, 64])),
+              dtype=draw(st.sampled_from([jnp.bfloat16, jnp.float16])),
+              seed=draw(st.integers(0, 2**16)), tile_q=tile_q, tile_kv=tile_kv)
+
+
+@settings(max_examples=5, deadline=None)
+@given(p=na_problems(), mask_mma=st.booleans())
+def test_na(p, mask_mma):
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True,
+                         config=MosaicGPUConfig(mask_mma=mask_mma))
+
+
+def test_mma_masks_where_narrow():
+  """MMA-bias tables for 2-D/3-D tiles with <= 32 one-hot columns; 1-D and wide tiles use
+  the element test. The one-hot has one 1 per (column dim) in each row."""
+  mask = masks.neighborhood((32, 32), (7, 7))
+  plan = gathered(make_plan(mask, TiledLayout((32, 32), (1, 1), (8, 16)),
+                            TiledLayout((32, 32), (1, 1), (8, 8))))
+  onehot, tables, ids = mg._mma_inputs(plan, 0.125)
+  assert onehot.shape == (128, 32) and tables.shape[1:] == (32, 64)
+  np.testing.assert_array_equal(np.asarray(onehot, np.float32).sum(1), 2)
+  assert ids.shape == plan.block_map.kv_ids.shape
+  wide = gathered(make_plan(mask, TiledLayout((32, 32), (1, 1), (2, 64)),
+                            TiledLayout((32, 32), (1, 1), (8, 8))))
+  assert mg._mma_inputs(wide, 0.125) is None  # 2 + 64 columns
+  seq = make_plan(masks.causal(), jsa.layout.SequenceLayout(300, 128),
+                  jsa.layout.SequenceLayout(300, 64))
+  assert mg._mma_inputs(seq, 0.125) is None
+
+
+@pytest.mark.parametrize("mask, sq, skv", [("causal", 200, 200), ("masked_rows", 150, 150),
+                                           ("causal_window", 131, 131), ("full", 100, 260),
+                                           ("block_local", 70, 70)])
+def test_attention(mask, sq, skv):
+  p = dict(batch=2, sq=sq, skv=skv, heads=4, kv_heads=2, head_dim=64, mask=mask,
+           segments=False, dtype=jnp.bfloat16, seed=sq + skv)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
+
+
+def test_head_dim_128_and_kv_blocks_128():
+  p = dict(batch=1, sq=300, skv=300, heads=2, kv_heads=1, head_dim=128, mask="window",
+           segments=False, dtype=jnp.float16, seed=1)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, block_kv=128,
+                                config=MosaicGPUConfig(stages=3))
+
+
+def test_tiles_are_boxes_or_permuted():
+  """Gathered plans read TMA boxes of the caller's layout when every tile row is a multiple
+  of 8 tokens; dilation or narrow tiles fall back to a permuted copy (checked by test_na)."""
+  mask = masks.neighborhood((32, 32), (7, 7))
+  box = gathered(make_plan(mask, TiledLayout((32, 32), (1, 1), (8, 16)),
+                           TiledLayout((32, 32), (1, 1), (8, 8))))
+  assert mg._box_layout(box.q_layout) and mg._box_layout(box.kv_layout)
+  assert not mg._box_layout(TiledLayout((32, 32), (1, 1), (32, 4)))
+  assert not mg._box_layout(TiledLayout((32, 32), (2, 1), (8, 16)))
+  assert not mg._box_layout(TiledLayout((32, 30), (1, 1), (8, 16)))  # 30 % 8
+  # A tile whose 64-row half would be narrower than 8 tokens: (2, 64) -> (1, 64) is fine,
+  # (16, 8) -> (8, 8) is fine, (128, 1) is not.
+  assert mg._box_layout(TiledLayout((32, 128), (1, 1), (2, 64)))
+  assert not mg._box_layout(TiledLayout((256, 4), (1, 1), (128, 1)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype=jnp.float32), "dtype float32"),
+    (dict(head_dim=192), "head_dim 192"),
+    (dict(segments=True), "segment ids"),
+    (dict(mask=masks.from_function(lambda q, k: q >= k)), "no interval form"),
+    (dict(block_q=64), "block_q 64"),
+    (dict(config="fast"), "must be a MosaicGPUConfig"),
+    (dict(config=MosaicGPUConfig(stages=1)), "stages must be >= 2"),
+    (dict(head_dim=128, block_kv=128, config=MosaicGPUConfig(stages=3)),
+     "stages=3 needs .* bytes of shared memory"),
+])
+def test_rejects(kwargs, match):
+  dtype = kwargs.pop("dtype", jnp.bfloat16)
+  d = kwargs.pop("head_dim", 64)
+  x = jnp.ones((1, 128, 2, d), dtype)
+  if kwargs.pop("segments", False):
+    kwargs["segment_ids"] = jnp.zeros((1, 128), jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    jsa.attention(x, x, x, kwargs.pop("mask", masks.causal()), backend="mosaic_gpu",
+                  interpret=True, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa"])
+def test_lowers_for_gpu(case):
+  """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
+  backward (Triton kernels)."""
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  if case == "na2d":
+    f = lambda q, k, v: jsa.na2d(q, k, v, 33, backend="mosaic_gpu")
+    args = (S(2, 128, 128, 16, 128),) * 3
+  elif case == "na3d_strided":
+    f = lambda q, k, v: jsa.na3d(q, k, v, (8, 16, 16), stride=(4, 8, 8), backend="mosaic_gpu")
+    args = (S(1, 16, 64, 64, 4, 128),) * 3
+  else:
+    f = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu")
+    args = (S(2, 1000, 8, 64), S(2, 1000, 2, 64), S(2, 1000, 2, 64))
+  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), *args).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 1
+  assert text.count("__gpu$xla.gpu.triton") >= 2  # dQ and dK/dV
