@@ -5,7 +5,6 @@ the Triton kernels in the same process. Prints JSON lines; `--out` also writes t
     PYTHONPATH=. python -m benchmarks.diag_mosaic_gpu --out results.json
 """
 import argparse
-import math
 import traceback
 
 import jax

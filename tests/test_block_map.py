@@ -142,6 +142,18 @@ def test_simulator_block_q_options():
     simulate((32, 32), 5, block_q_options=(48,))
 
 
+def test_best_tiles_last_multiple():
+  """Mosaic GPU's TMA rows: tiles whose last dim is a multiple of 8 when any qualifies."""
+  from jax_sparse_attn.simulate import best_tile_shapes
+  mask = masks.neighborhood((128, 128), (33, 3))  # a tall window: free choice (128, 1)
+  assert best_tile_shapes(mask, 128, 128) == ((128, 1), (128, 1))
+  q, kv = best_tile_shapes(mask, 128, 128, last_multiple=8)
+  assert q[-1] % 8 == 0 and kv[-1] % 8 == 0
+  # A last dim of 4 tokens cannot qualify: the constraint is dropped, not an error.
+  q, kv = best_tile_shapes(masks.neighborhood((64, 4), (5, 3)), 128, 64, last_multiple=8)
+  assert q[-1] <= 4
+
+
 @given(gna_problems(max_len=10), st.data())
 def test_partial_groups_only_skip_dims_that_are_full(problem, data):
   """Every partial entry of group g is exactly masked by testing only partial_groups[g]."""

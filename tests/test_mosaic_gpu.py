@@ -78,11 +78,12 @@ def test_attention(mask, sq, skv):
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
 
 
-def test_head_dim_128_and_kv_blocks_128():
+@pytest.mark.parametrize("block_kv, stages", [(128, 2), (64, 3)])
+def test_head_dim_128(block_kv, stages):
   p = dict(batch=1, sq=300, skv=300, heads=2, kv_heads=1, head_dim=128, mask="window",
-           segments=False, dtype=jnp.float16, seed=1)
-  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, block_kv=128,
-                                config=MosaicGPUConfig(stages=3))
+           segments=False, dtype=jnp.float16, seed=block_kv + stages)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, block_kv=block_kv,
+                                config=MosaicGPUConfig(stages=stages))
 
 
 def test_tiles_are_boxes_or_permuted():

@@ -4,7 +4,7 @@ FlashAttention-3 structure over a block map: one CTA per (Q block of 128 rows, h
 with three warpgroups. Two compute warpgroups own 64 query rows each and take turns on the
 tensor cores (a shared "schedule" barrier: one runs QKᵀ while the other runs its softmax);
 the third is the memory warpgroup, which walks the row's visited KV blocks (``kv_ids``) and
-TMA-loads K, V and the block's key coordinates into a ring of shared-memory slots.
+TMA-loads K, V and the step's mask data into a ring of shared-memory slots.
 
 Tiles are TMA boxes in the caller's layout: for neighborhood attention (gathered plans) a Q
 block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight from
@@ -12,10 +12,13 @@ block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight fro
 the grid are the TMA's out-of-bounds handling (zero fill on load, clipped on store). Plans in
 kernel order (1-D sequences, `tiling=`) are the 1-D case of the same.
 
-Full blocks run with no mask arithmetic; partial blocks test every element against the
-per-row intervals ``[lo, hi]`` of each mask dimension (loaded once per warpgroup) and the
-key coordinates of the block (loaded with K). The backward runs on the Triton kernels (same
-plan, same log-sum-exp convention: natural log, ``[batch, heads, n_q]``).
+Full blocks run with no mask arithmetic. Partial blocks of neighborhoods get the MMA bias
+of the Triton kernels as one more wgmma into the score accumulator (a one-hot of the
+warpgroup's query coordinates times the step's test matrix, read from deduplicated host
+tables, TMA-loaded with K); other interval masks test every element against the per-row
+intervals ``[lo, hi]`` of each mask dimension (loaded once per warpgroup) and the block's
+key coordinates (loaded with K). The backward runs on the Triton kernels (same plan, same
+log-sum-exp convention: natural log, ``[batch, heads, n_q]``).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jax_sparse_attn.layout import SequenceLayout, TiledLayout
+from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import AttentionPlan
 
 from . import triton_attention
