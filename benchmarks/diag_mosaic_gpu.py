@@ -69,11 +69,10 @@ def perf(name, fn, q, k, v, do, iters, with_bwd=False, **extra):
 def timings(dtype, iters):
   """Auto tiles on both backends (the defaults), then mosaic_gpu variants."""
   for spatial, kern, stride, b, variants in [
-      ((128, 128), (33, 33), 1, 2, [("(8, 16)", "(8, 16)", 3), ("(8, 16)", "(8, 8)", 3)]),
-      ((16, 64, 64), (8, 16, 16), 1, 1, [("(2, 8, 8)", "(1, 8, 8)", 3),
-                                         ("(2, 8, 8)", "(2, 8, 8)", 3)]),
+      ((128, 128), (33, 33), 1, 2, [((8, 16), (8, 8), 3)]),
+      ((16, 64, 64), (8, 16, 16), 1, 1, [((2, 8, 8), (1, 8, 8), 3)]),
       ((16, 64, 64), (8, 16, 16), (8, 16, 16), 1, []),
-      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, [("(4, 4, 8)", "(4, 4, 4)", 2)]),
+      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, [((4, 4, 8), (4, 4, 4), 2)]),
       ((128, 128), (16, 16), (16, 16), 2, []),
       ((128, 128), (16, 16), (8, 8), 2, []),
   ]:
@@ -83,12 +82,7 @@ def timings(dtype, iters):
     for impl in ("mosaic_gpu", "triton"):
       f = lambda q, k, v, impl=impl: jsa.na(q, k, v, kern, stride, backend=impl)
       perf(tag, f, q, k, v, do, iters, with_bwd=True, impl=impl + " (auto tiles)")
-    for stages in (3,):
-      f = lambda q, k, v, st=stages: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu",
-                                            config=MosaicGPUConfig(stages=st))
-      perf(tag, f, q, k, v, do, iters, impl="mosaic_gpu (auto tiles)", stages=stages)
-    for qt, kt, stages in variants:
-      qt, kt = eval(qt), eval(kt)
+    for qt, kt, stages in variants:  # 64-token KV tiles: room for 3 stages
       f = lambda q, k, v, qt=qt, kt=kt, st=stages: jsa.na(
           q, k, v, kern, stride, backend="mosaic_gpu", q_tile_shape=qt, kv_tile_shape=kt,
           config=MosaicGPUConfig(stages=st))
@@ -103,9 +97,6 @@ def timings(dtype, iters):
     for impl in ("mosaic_gpu", "triton"):
       perf(name, lambda q, k, v, m=mask, impl=impl: jsa.attention(q, k, v, m, backend=impl),
            q, k, v, do, iters, with_bwd=True, impl=impl)
-    perf(name, lambda q, k, v, m=mask: jsa.attention(
-        q, k, v, m, backend="mosaic_gpu", config=MosaicGPUConfig(stages=3)), q, k, v, do,
-        iters, impl="mosaic_gpu", stages=3)
     write_results(ARGS.out, header())
 
 

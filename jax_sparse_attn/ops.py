@@ -40,6 +40,10 @@ class Backend(NamedTuple):
   # token order does not depend on the tiling: the backward may tile differently from the
   # forward), or None: the forward's.
   backward_blocks: Callable[[int, Any, Any], tuple[int, int] | None] | None = None
+  # Neighborhood tile choice: also consider query tiles of half the default block (when no
+  # block_q is given), and prefer tiles whose last dim is a multiple of this.
+  half_q_tiles: bool = False
+  tile_last_multiple: int = 1
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret):
@@ -325,12 +329,9 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   auto_tiles = (q_tile_shape is None and kv_tile_shape is None and block_q is None
                 and block_kv is None)
   if q_tile_shape is None or kv_tile_shape is None:
-    # The Triton kernels also run 64-row query tiles well (finer tiles, narrower MMA masks).
-    options = (bq // 2,) if backend == "triton" and block_q is None and bq >= 128 else ()
-    # Mosaic GPU reads tiles as TMA boxes: rows of a multiple of 8 tokens.
-    multiple = 8 if backend == "mosaic_gpu" else 1
+    options = (bq // 2,) if impl.half_q_tiles and block_q is None and bq >= 128 else ()
     best_q, best_kv = best_tile_shapes(mask, bq, bk, block_q_options=options,
-                                       last_multiple=multiple)
+                                       last_multiple=impl.tile_last_multiple)
     q_tile_shape = tuple(q_tile_shape or best_q)
     kv_tile_shape = tuple(kv_tile_shape or best_kv)
   q_tile_shape = masks_lib._as_tuple(q_tile_shape, ndim, "q_tile_shape")

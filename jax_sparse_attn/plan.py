@@ -93,9 +93,10 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def gathered(plan: AttentionPlan) -> AttentionPlan:
-  """The same plan, with q/k/v/outputs in the caller's flat order (see the module doc)."""
-  return dataclasses.replace(plan, gathered=True)
+def gathered(plan: AttentionPlan, value: bool = True) -> AttentionPlan:
+  """The same plan, with q/k/v/outputs in the caller's flat order (see the module doc), or
+  back in kernel order (``value=False``). Cached: kernels cache host work per plan."""
+  return dataclasses.replace(plan, gathered=value)
 
 
 def element_mask(plan: AttentionPlan, q_pos, kv_pos, xp):

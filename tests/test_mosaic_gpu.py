@@ -108,10 +108,16 @@ def test_tiles_are_boxes_or_permuted():
     (dict(segments=True), "segment ids"),
     (dict(mask=masks.from_function(lambda q, k: q >= k)), "no interval form"),
     (dict(block_q=64), "block_q 64"),
+    (dict(block_kv=32), "block_kv 32"),
+    (dict(scale=-0.125), "scale -0.125 .must be positive"),
+    (dict(config=MosaicGPUConfig(triton="fast")), "triton must be a TritonConfig"),
     (dict(config="fast"), "must be a MosaicGPUConfig"),
     (dict(config=MosaicGPUConfig(stages=1)), "stages must be >= 2"),
     (dict(head_dim=128, block_kv=128, config=MosaicGPUConfig(stages=3)),
      "stages=3 needs .* bytes of shared memory"),
+    # The unfused P·V form keeps P in shared memory too: 5 stages of 64 fit only without it.
+    (dict(head_dim=128, block_kv=64, config=MosaicGPUConfig(stages=5, fused_pv=False)),
+     "stages=5 needs .* bytes of shared memory"),
 ])
 def test_rejects(kwargs, match):
   dtype = kwargs.pop("dtype", jnp.bfloat16)

@@ -8,12 +8,15 @@ from .triton_attention import (TritonConfig, backward, default_backward_map_bloc
 from . import mosaic_gpu_attention
 from .mosaic_gpu_attention import MosaicGPUConfig
 
+# The Triton kernels also run 64-row query tiles well (finer tiles, narrower MMA masks);
+# Mosaic GPU reads tiles as TMA boxes with rows of a multiple of 8 tokens.
 register_backend("triton", Backend(forward, backward, default_map_blocks, gathers=True,
-                                   backward_blocks=default_backward_map_blocks))
+                                   backward_blocks=default_backward_map_blocks,
+                                   half_q_tiles=True))
 
 register_backend("mosaic_gpu", Backend(
     mosaic_gpu_attention.forward, mosaic_gpu_attention.backward,
     mosaic_gpu_attention.default_map_blocks, min_block=128, gathers=True,
-    backward_blocks=mosaic_gpu_attention.default_backward_map_blocks))
+    backward_blocks=mosaic_gpu_attention.default_backward_map_blocks, tile_last_multiple=8))
 
 __all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_sparse_attn.layout import SequenceLayout
-from jax_sparse_attn.plan import AttentionPlan
+from jax_sparse_attn.plan import AttentionPlan, gathered
 
 from . import triton_attention
 
@@ -81,6 +81,9 @@ def _config(config) -> MosaicGPUConfig:
                      f"{type(config).__name__}")
   if config.stages < 2:
     raise ValueError(f"MosaicGPUConfig.stages must be >= 2, got {config.stages}")
+  if config.triton is not None and not isinstance(config.triton, triton_attention.TritonConfig):
+    raise ValueError("MosaicGPUConfig.triton must be a TritonConfig or None, got "
+                     f"{type(config.triton).__name__}")
   return config
 
 
@@ -411,13 +414,15 @@ def _mma_inputs(plan: AttentionPlan, scale: float):
 _SMEM_LIMIT = 232448  # bytes per block on Hopper (227 KiB)
 
 
-def _smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int) -> int:
-  """Shared memory of the kernel, bounded above (the mask buffers at their widest, plus the
-  interpret-mode P buffer's share of slack)."""
+def _smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int,
+                fused_pv: bool) -> int:
+  """Shared memory of the kernel, bounded above (the mask buffers at their widest, 1 KiB of
+  slack for barriers and alignment): Q, the K/V slots, masks, LSE and the unfused form's P."""
   q = _COMPUTE_WGS * _ROWS * head_dim * itemsize
   kv = 2 * stages * block_kv * head_dim * itemsize
   masks = _COMPUTE_WGS * _ROWS * 32 * 2 + stages * 32 * block_kv * 2 + 1024
-  return q + kv + masks + _COMPUTE_WGS * _ROWS * 4 + 1024
+  p = 0 if fused_pv else _COMPUTE_WGS * _ROWS * block_kv * itemsize
+  return q + kv + masks + p + _COMPUTE_WGS * _ROWS * 4 + 1024
 
 
 def _view(x, boxes: _Boxes):
@@ -434,12 +439,11 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   if why is not None:
     raise ValueError(f"backend='mosaic_gpu' does not support {why}")
   if plan.gathered and not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout)):
-    # Blocks that are not boxes of the caller's layout (dilation, narrow tiles): permute.
+    # Blocks that are not boxes of the caller's layout (`_box_layout`): permute.
     ql, kl = plan.q_layout, plan.kv_layout
     view = lambda x: x.reshape((b, *ql.spatial_shape, *x.shape[2:]))
     out, lse = forward(ql.to_kernel(view(q)), kl.to_kernel(view(k)), kl.to_kernel(view(v)),
-                       None, None, dataclasses.replace(plan, gathered=False), scale, cfg,
-                       interpret)
+                       None, None, gathered(plan, False), scale, cfg, interpret)
     out = ql.from_kernel(out).reshape(q.shape)
     lse = ql.from_kernel(lse.transpose(0, 2, 1)).reshape(b, sq, h).transpose(0, 2, 1)
     return out, lse
@@ -449,7 +453,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     out, lse = forward(pad(q), pad(k), pad(v), None, None, plan, scale, cfg, interpret)
     return out[..., :d], lse
   hkv = k.shape[2]
-  smem = _smem_bytes(d, plan.block_kv, cfg.stages, jnp.dtype(q.dtype).itemsize)
+  fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
+  smem = _smem_bytes(d, plan.block_kv, cfg.stages, jnp.dtype(q.dtype).itemsize, fused_pv)
   if smem > _SMEM_LIMIT:
     raise ValueError(f"MosaicGPUConfig.stages={cfg.stages} needs {smem} bytes of shared memory "
                      f"with head_dim {d} and block_kv {plan.block_kv} (at most {_SMEM_LIMIT}"
@@ -476,7 +481,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   kernel = functools.partial(
       _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, groups=h // hkv,
       dims=plan.num_mask_dims, stages=cfg.stages, scale=scale, dtype=q.dtype,
-      fused_pv=cfg.fused_pv if cfg.fused_pv is not None else not interpret, mma_width=width)
+      fused_pv=fused_pv, mma_width=width)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
