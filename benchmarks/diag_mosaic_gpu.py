@@ -33,7 +33,8 @@ def checks(dtype):
     ref = lambda q, k, v, a=args: jsa.na(q, k, v, *a, backend="xla")
     for variant, cfg in (("", None), (" unfused P·V (interpret form)",
                                       MosaicGPUConfig(fused_pv=False)),
-                         (" element masks", MosaicGPUConfig(mask_mma=False))):
+                         (" element masks", MosaicGPUConfig(mask_mma=False)),
+                         (" one program per item", MosaicGPUConfig(persistent=False))):
       ours = lambda q, k, v, a=args, cfg=cfg: jsa.na(q, k, v, *a, backend="mosaic_gpu",
                                                      config=cfg)
       try:
@@ -66,27 +67,35 @@ def perf(name, fn, q, k, v, do, iters, with_bwd=False, **extra):
     traceback.print_exc()
 
 
+# Scheduling variants of the mosaic_gpu forward, timed beside the default.
+SCHEDULES = [("one program per item", MosaicGPUConfig(persistent=False)),
+             ("one program per item, numbered order",
+              MosaicGPUConfig(persistent=False, longest_first=False)),
+             ("persistent, numbered order", MosaicGPUConfig(longest_first=False))]
+
+
 def timings(dtype, iters):
-  """Auto tiles on both backends (the defaults), then mosaic_gpu variants."""
-  for spatial, kern, stride, b, variants in [
-      ((128, 128), (33, 33), 1, 2, [((8, 16), (8, 8), 3)]),
-      ((16, 64, 64), (8, 16, 16), 1, 1, [((2, 8, 8), (1, 8, 8), 3)]),
-      ((16, 64, 64), (8, 16, 16), (8, 16, 16), 1, []),
-      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, [((4, 4, 8), (4, 4, 4), 2)]),
-      ((128, 128), (16, 16), (16, 16), 2, []),
-      ((128, 128), (16, 16), (8, 8), 2, []),
+  """Default tiles on both backends, then mosaic_gpu scheduling variants (forward only)."""
+  for spatial, kern, stride, b in [
+      ((128, 128), (33, 33), 1, 2),
+      ((16, 64, 64), (8, 16, 16), 1, 1),
+      ((16, 64, 64), (8, 16, 16), (8, 16, 16), 1),
+      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1),
+      ((128, 128), (16, 16), (16, 16), 2),
+      ((128, 128), (16, 16), (8, 8), 2),
   ]:
+    if ARGS.only_dense:
+      break
     tag = (f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{'x'.join(map(str, kern))} "
            f"s{stride} B={b}")
     q, k, v, do = inputs((b,) + spatial + (H, D), (b,) + spatial + (H, D), dtype)
     for impl in ("mosaic_gpu", "triton"):
       f = lambda q, k, v, impl=impl: jsa.na(q, k, v, kern, stride, backend=impl)
       perf(tag, f, q, k, v, do, iters, with_bwd=True, impl=impl + " (auto tiles)")
-    for qt, kt, stages in variants:  # 64-token KV tiles: room for 3 stages
-      f = lambda q, k, v, qt=qt, kt=kt, st=stages: jsa.na(
-          q, k, v, kern, stride, backend="mosaic_gpu", q_tile_shape=qt, kv_tile_shape=kt,
-          config=MosaicGPUConfig(stages=st))
-      perf(tag, f, q, k, v, do, iters, impl="mosaic_gpu", tiles=f"{qt}/{kt}", stages=stages)
+    for sched, cfg in SCHEDULES:
+      f = lambda q, k, v, cfg=cfg: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu",
+                                          config=cfg)
+      perf(tag, f, q, k, v, do, iters, impl="mosaic_gpu", schedule=sched)
     write_results(ARGS.out, header())
   if ARGS.skip_dense:
     return
@@ -97,6 +106,23 @@ def timings(dtype, iters):
     for impl in ("mosaic_gpu", "triton"):
       perf(name, lambda q, k, v, m=mask, impl=impl: jsa.attention(q, k, v, m, backend=impl),
            q, k, v, do, iters, with_bwd=True, impl=impl)
+    for sched, cfg in SCHEDULES:
+      perf(name, lambda q, k, v, m=mask, cfg=cfg: jsa.attention(
+          q, k, v, m, backend="mosaic_gpu", config=cfg), q, k, v, do, iters,
+           impl="mosaic_gpu", schedule=sched)
+    write_results(ARGS.out, header())
+
+
+def baselines(dtype, iters):
+  """Dense forwards the sparse rows' speedups are taken over (the token counts of the 2-D and
+  3-D problems)."""
+  for n, b in [(16384, 2), (65536, 1)]:
+    q, k, v, do = inputs((b, n, H, D), (b, n, H, D), dtype)
+    for impl in ("mosaic_gpu", "triton"):
+      f = lambda q, k, v, impl=impl: jsa.attention(q, k, v, backend=impl)
+      ms = timeit(jax.jit(f), q, k, v, iters=iters)
+      record(suite="dense baseline", case=f"dense {n} tokens B={b}", impl=impl, fwd_ms=ms,
+             fwd_tflops=4 * b * H * n * n * D / ms / 1e9)
     write_results(ARGS.out, header())
 
 
@@ -107,7 +133,11 @@ def main():
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--skip-checks", action="store_true")
   parser.add_argument("--skip-dense", action="store_true")
+  parser.add_argument("--only-dense", action="store_true")
+  parser.add_argument("--baselines", action="store_true", help="only the dense baselines")
   ARGS = parser.parse_args()
+  if ARGS.baselines:
+    return baselines(jnp.bfloat16, ARGS.iters)
   if not ARGS.skip_checks:
     checks(jnp.bfloat16)
     write_results(ARGS.out, header())

@@ -58,8 +58,8 @@ def main(argv=None):
   parser.add_argument("--seq", type=int, default=1024)
   parser.add_argument("--window", type=int, default=128)
   args = parser.parse_args(argv)
-  backend = jsa.resolve_backend("auto")
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  backend = jsa.resolve_backend("auto", masks.full(), dtype=dtype, head_dim=64)
   tol = 2e-3 if dtype == jnp.float32 else 3e-2
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), backend={backend}, "
         f"dtype={jnp.dtype(dtype).name}")

@@ -77,7 +77,13 @@ def _get_backend(name: str) -> Backend:
   return _REGISTRY[name]
 
 
-def resolve_backend(backend: str, mask: masks_lib.Mask | None = None) -> str:
+def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=None,
+                    head_dim: int | None = None, segments: bool = False, block_q=None,
+                    block_kv=None, config=None, scale=None) -> str:
+  """The backend `backend="auto"` runs: on Hopper GPUs "mosaic_gpu" where it supports the
+  call (`pallas_kernels.gpu.mosaic_gpu_attention.supports`: bf16/f16, head_dim <= 128, no
+  segment ids, interval masks, its block sizes and config), other GPUs and the rest
+  "triton"; "mosaic" on TPU; "xla" elsewhere and for array masks."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend != "auto":
@@ -85,6 +91,10 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None) -> str:
   platform = jax.default_backend()
   has_array = mask is not None and _has_array_mask(mask)
   if platform == "gpu" and not has_array:
+    from pallas_kernels.gpu import mosaic_gpu_attention as mg
+    if (dtype is not None and head_dim is not None and mg.is_hopper()
+        and mg.supports(mask, dtype, head_dim, segments, block_q, block_kv, config, scale)):
+      return "mosaic_gpu"
     return "triton"
   if platform == "tpu" and not has_array:
     return "mosaic"
@@ -256,7 +266,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
                          f"{seg.shape} {seg.dtype}")
     q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
-  backend = resolve_backend(backend, mask)
+  backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
+                            segments=q_seg is not None, block_q=block_q, block_kv=block_kv,
+                            config=config, scale=scale)
   if backend == "reference":
     out, lse = reference_lib.attention(query, key, value, mask, scale=scale,
                                        q_segment_ids=q_seg, kv_segment_ids=kv_seg)
@@ -313,7 +325,12 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   spatial = tuple(query.shape[1:1 + ndim])
   mask = masks_lib.neighborhood(spatial, kernel_size, stride, dilation, is_causal)
   scale = _check_scale(scale, query.shape[-1])
-  backend = resolve_backend(backend)
+  tile_block = lambda tile, name: (None if tile is None else
+                                   math.prod(masks_lib._as_tuple(tile, ndim, name)))
+  backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
+                            block_q=block_q or tile_block(q_tile_shape, "q_tile_shape"),
+                            block_kv=block_kv or tile_block(kv_tile_shape, "kv_tile_shape"),
+                            config=config, scale=scale)
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
   hkv = key.shape[-2]
   if backend == "reference":
@@ -429,7 +446,9 @@ def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, re
     raise ValueError(f"with tiling=, inputs must be [batch, {tiling.num_tokens} (tiling.num_tokens),"
                      f" heads, head_dim]; got query {query.shape}, key {key.shape}")
   scale = _check_scale(scale, query.shape[-1])
-  backend = resolve_backend(backend)
+  backend = resolve_backend(backend, tiling.mask, dtype=query.dtype, head_dim=query.shape[-1],
+                            block_q=tiling.layout.block, block_kv=tiling.layout.block,
+                            config=config, scale=scale)
   if backend == "reference":
     raise ValueError("tiling= runs on the block-sparse backends; use the spatial layout with "
                      "backend='reference'")

@@ -78,8 +78,71 @@ def test_attention(mask, sq, skv):
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
 
 
+def test_schedules_agree():
+  """Every scheduling (one program per work item, persistent programs looping over several
+  items, numbered or longest-first order) computes each item the
+  same way: outputs and lse are bit-identical to the default, which test_attention checks
+  against the brute force. Causal rows have different lengths, so the orders differ."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 333, 4, 64)), jnp.bfloat16) for _ in range(3))
+  run = lambda cfg, **kw: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
+                                        interpret=True, return_lse=True, config=cfg, **kw)
+  want = run(None)
+  for cfg, kw in [(MosaicGPUConfig(persistent=False), {}),
+                  (MosaicGPUConfig(persistent=False, longest_first=False), {}),
+                  (MosaicGPUConfig(programs=1), {}),
+                  (MosaicGPUConfig(programs=5, longest_first=False), {}),
+                  (MosaicGPUConfig(programs=2), dict(block_kv=128))]:
+    got = run(cfg, **kw)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                    err_msg=str(cfg))
+
+
+def test_order_is_longest_first_and_stable():
+  counts = np.array([3, 5, 5, 1, 5, 0])
+  np.testing.assert_array_equal(mg._order(counts, True), [1, 2, 4, 0, 3, 5])
+  np.testing.assert_array_equal(mg._order(jnp.asarray(counts), True), [1, 2, 4, 0, 3, 5])
+  np.testing.assert_array_equal(mg._order(counts, False), np.arange(6))
+
+
+def test_persistent_where_rows_are_even_or_short():
+  assert mg._persistent_default(np.full(40, 15))  # 2-D NA interior, dense
+  assert mg._persistent_default(np.minimum(np.arange(1, 257), 17))  # sliding window
+  assert mg._persistent_default(np.array([4, 6, 8, 8, 8]))  # short rows
+  assert not mg._persistent_default(np.arange(1, 129))  # causal
+  assert not mg._persistent_default(np.array([16, 30, 45, 30, 16, 24]))  # 3-D borders
+  assert not mg._persistent_default(jnp.full(40, 15))  # known at run time only
+
+
+@pytest.mark.parametrize("hopper, kwargs, want", [
+    (True, {}, "mosaic_gpu"),
+    (False, {}, "triton"),
+    (True, dict(dtype=jnp.float32), "triton"),
+    (True, dict(head_dim=256), "triton"),
+    (True, dict(segments=True), "triton"),
+    (True, dict(mask=masks.from_function(lambda q, k: q >= k)), "triton"),
+    (True, dict(block_q=64), "triton"),
+    (True, dict(block_kv=128), "mosaic_gpu"),
+    (True, dict(config=MosaicGPUConfig(stages=3)), "mosaic_gpu"),
+    (True, dict(config="triton-config"), "triton"),
+    (True, dict(mask=masks.from_array(np.ones((4, 4), bool))), "xla"),
+])
+def test_auto_backend_on_gpus(monkeypatch, hopper, kwargs, want):
+  """backend="auto" on a GPU: mosaic_gpu on Hopper where it supports the call, else triton."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(mg, "is_hopper", lambda: hopper)
+  args = dict(mask=masks.causal(), dtype=jnp.bfloat16, head_dim=128)
+  args.update(kwargs)
+  assert jsa.resolve_backend("auto", args.pop("mask"), **args) == want
+
+
 @pytest.mark.parametrize("block_kv, stages", [(128, 2), (64, 3)])
 def test_head_dim_128(block_kv, stages):
+  """With 128-token KV blocks the unfused form has room for one Q buffer only: 3 programs
+  over 6 work items reuse it."""
+  if block_kv == 128:
+    assert mg._smem_bytes(128, 128, stages, 2, False, q_bufs=2) > mg._SMEM_LIMIT
   p = dict(batch=1, sq=300, skv=300, heads=2, kv_heads=1, head_dim=128, mask="window",
            segments=False, dtype=jnp.float16, seed=block_kv + stages)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, block_kv=block_kv,
@@ -113,6 +176,7 @@ def test_tiles_are_boxes_or_permuted():
     (dict(config=MosaicGPUConfig(triton="fast")), "triton must be a TritonConfig"),
     (dict(config="fast"), "must be a MosaicGPUConfig"),
     (dict(config=MosaicGPUConfig(stages=1)), "stages must be >= 2"),
+    (dict(config=MosaicGPUConfig(programs=0)), "programs must be >= 1"),
     (dict(head_dim=128, block_kv=128, config=MosaicGPUConfig(stages=3)),
      "stages=3 needs .* bytes of shared memory"),
     # The unfused P·V form keeps P in shared memory too: 5 stages of 64 fit only without it.
