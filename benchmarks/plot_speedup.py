@@ -1,12 +1,18 @@
 """Plot measured sparse speedup over our dense kernel against the simulator's block bound.
 
-    python -m benchmarks.plot_speedup benchmarks/results/h100-2026-11-23-ours.json out.png
+    python -m benchmarks.plot_speedup benchmarks/results/h100-2026-11-23-ours.json out.png \
+        [--mosaic DIAG.json BASELINES.json]
 
-Needs matplotlib (not a dependency of the package).
+The first file is a `bench_gpu` run (Triton kernels; rows carry their bound). With
+`--mosaic` the points come instead from a `diag_mosaic_gpu` run: the default rows of both
+backends, each over its own dense kernel (the same run's S=16384 row, else the baselines
+file), beside the bound of the tiles `na` picks for that backend (computed here). Needs matplotlib (not a dependency of the package).
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 
 
@@ -24,21 +30,77 @@ def points(results):
   return out
 
 
+def _problem(case: str):
+  """'na3d 16x64x64 k8x16x16 s(4, 8, 8) B=1' -> (spatial, kernel, stride)."""
+  m = re.match(r"na\dd ([\dx]+) k([\dx]+) s(\d+|\([\d, ]+\)) B=\d+$", case)
+  if not m:
+    return None
+  dims = lambda s: tuple(int(x) for x in s.split("x"))
+  stride = m.group(3)
+  stride = int(stride) if stride.isdigit() else tuple(int(x) for x in stride[1:-1].split(","))
+  return dims(m.group(1)), dims(m.group(2)), stride
+
+
+def diag_points(results, baselines, impl_name: str):
+  """(case, bound, measured) for one backend's default NA rows of a diag_mosaic_gpu run:
+  speedup over the same backend's dense kernel, bound of the tiles `na` picks for it."""
+  import jax.numpy as jnp
+  from jax_sparse_attn import masks, ops, simulate
+  from jax_sparse_attn.simulate import best_tile_shapes
+  impl = ops._get_backend(impl_name)
+  bq, bk = impl.default_blocks(128, jnp.bfloat16)
+  options = (bq // 2,) if impl.half_q_tiles and bq >= 128 else ()
+  dense = {}
+  for r in baselines + results:
+    if r.get("impl") == impl_name and "fwd_ms" in r and "schedule" not in r:
+      m = re.match(r"dense (\d+) tokens B=\d|dense S=(\d+) B=\d", r["case"])
+      if m:
+        dense[int(m.group(1) or m.group(2))] = r["fwd_ms"]
+  out = []
+  for r in results:
+    prob = _problem(r["case"])
+    if r.get("impl") != f"{impl_name} (auto tiles)" or prob is None or "fwd_ms" not in r:
+      continue
+    spatial, kernel, stride = prob
+    base = dense.get(math.prod(spatial))
+    if base is None:
+      continue
+    mask = masks.neighborhood(spatial, kernel, stride)
+    qt, kt = best_tile_shapes(mask, bq, bk, block_q_options=options,
+                              last_multiple=impl.tile_last_multiple)
+    bound = simulate(spatial, kernel, stride, q_tile_shape=qt, kv_tile_shape=kt)
+    out.append((r["case"], bound.block_speedup_bound, base / r["fwd_ms"]))
+  return out
+
+
 def main(argv=None):
-  argv = argv or sys.argv[1:]
+  argv = list(argv or sys.argv[1:])
+  mosaic = None
+  if "--mosaic" in argv:
+    i = argv.index("--mosaic")
+    mosaic = argv[i + 1:i + 3]
+    del argv[i:i + 3]
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   data = json.load(open(argv[0]))
-  pts = points(data["results"])
-  fig, ax = plt.subplots(figsize=(10, 5))
+  if mosaic:  # both backends from the diag run
+    import pallas_kernels.gpu  # noqa: F401  (registers the backends)
+    diag, base = (json.load(open(f))["results"] for f in mosaic)
+    data = json.load(open(mosaic[0]))
+    series = [(name, marker, diag_points(diag, base, name))
+              for name, marker in (("triton", "o"), ("mosaic_gpu", "^"))]
+  else:
+    series = [("triton", "o", points(data["results"]))]
+  pts = [p for _, _, s in series for p in s]
+  fig, ax = plt.subplots(figsize=(11, 5.5))
   top = max(b for _, b, _ in pts) * 1.1
   ax.plot([1, top], [1, top], "k--", lw=1, label="measured = bound")
   ax.plot([1, top], [0.85, 0.85 * top], ":", color="gray", lw=1, label="0.85 x bound (target)")
-  markers = "osD^vP*Xh"
-  for i, (name, bound, measured) in enumerate(pts):
-    ax.scatter(bound, measured, s=45, marker=markers[i % len(markers)],
-               label=f"{name} ({measured / bound:.2f} of bound)")
+  for impl, marker, s in series:
+    for name, bound, measured in s:
+      ax.scatter(bound, measured, s=45, marker=marker,
+                 label=f"{impl}: {name} ({measured / bound:.2f} of bound)")
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("simulator block bound (dense blocks / visited blocks)")
@@ -47,8 +109,10 @@ def main(argv=None):
   ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
   fig.tight_layout()
   fig.savefig(argv[1], dpi=110)
-  for p in pts:
-    print(f"{p[0]:<60} bound {p[1]:6.2f}  measured {p[2]:6.2f}  ({p[2] / p[1]:.2f})")
+  for impl, _, s in series:
+    for p in s:
+      print(f"{impl:<11} {p[0]:<60} bound {p[1]:6.2f}  measured {p[2]:6.2f}  "
+            f"({p[2] / p[1]:.2f})")
 
 
 if __name__ == "__main__":
