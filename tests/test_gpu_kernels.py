@@ -9,7 +9,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from jax_sparse_attn.layout import TiledLayout
 from jax_sparse_attn.plan import make_plan
-from pallas_kernels.gpu import TritonConfig, export_for_gpu, triton_attention
+from pallas_kernels.gpu import TritonConfig, export_for_gpu, mma_masks, triton_attention
 
 KW = dict(interpret=True, block_q=32, block_kv=32)
 
@@ -95,7 +95,7 @@ def test_na_low_precision(p):
     ((64,), 64, ((0, 64, 1),), 64),
 ])
 def test_mma_columns(tile, rows, cols, width):
-  assert triton_attention._mma_columns(tile, rows) == (cols, width)
+  assert mma_masks.onehot_columns(tile, rows) == (cols, width)
 
 
 def test_wide_tiles_use_element_masks():
@@ -109,7 +109,7 @@ def test_wide_tiles_use_element_masks():
   for tables in (True, False):
     config = TritonConfig(mask_tables=tables)
     cfg = triton_attention.default_config(16, jnp.float32, plan, config)
-    spec = lambda *a, **kw: triton_attention._mask_spec(plan, False, cfg, *a, 0.25, **kw)
+    spec = lambda *a, **kw: mma_masks.mask_spec(plan, False, cfg, *a, 0.25, **kw)
     fwd = spec(64, 32)
     assert (fwd.mma_width, fwd.mma_onehot_rows) == ((32, False) if tables else (0, True))
     assert spec(32, 64, loop_is_kv=False).mma_cols is not None  # over a key tile of 32

@@ -38,7 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import AttentionPlan, gathered
 
-from . import triton_attention
+from . import mma_masks, triton_attention
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -350,7 +350,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
         # MMA bias: masked scores sit near -2**20 (log2 units), so a row that saw no key has
         # its max below half of that; element masks leave such a row at l == 0.
-        seen = m_i > 0.5 * triton_attention._MMA_MASKED if mma else l_i > 0.0
+        seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
         l_safe = jnp.where(seen, l_i, 1.0)
         out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
         qo[...] = out.astype(dtype)
@@ -474,11 +474,11 @@ def _mma_inputs(plan: AttentionPlan, scale: float):
   are the coordinates of the whole 128-row tile."""
   rows = 2 * _ROWS
   cfg = triton_attention.TritonConfig(mma_onehot="rows", single_loop=False)
-  spec = triton_attention._mask_spec(plan, False, cfg, rows, plan.block_kv, scale,
+  spec = mma_masks.mask_spec(plan, False, cfg, rows, plan.block_kv, scale,
                                      forward=True)
   if spec.mma_cols is None or not spec.mma_tables:
     return None
-  built = triton_attention._mma_tables(plan, spec, rows, plan.block_kv, True)
+  built = mma_masks.tables(plan, spec, rows, plan.block_kv, True)
   if built is None:
     return None
   tables, table_ids = built

@@ -23,12 +23,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jax_sparse_attn.layout import TiledLayout
 from jax_sparse_attn.plan import AttentionPlan
+
+from . import mma_masks
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -156,200 +156,13 @@ def _padded_head_dim(d: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Element masks of partial blocks.
 
-# MMA-bias masks put masked scores near -2**20 (log2 units): exp2 of that is exactly 0 against
-# any real row max, and a row whose max stays below half of it has seen no key.
-_MMA_MASKED = -2.0 ** 20
-_MMA_MAX_WIDTH = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class _MaskSpec:
-  num_dims: int
-  mask_fn: object  # Mask or None, evaluated on positions (sequence layouts only)
-  has_segments: bool
-  partial_groups: tuple = (None,)  # per partial group, the interval dims to test
-  single_loop: bool = False
-  unsigned: bool = False  # q vectors hold (lo, hi - lo) for the unsigned test
-  gathered: bool = False  # q/k/v/outputs in the caller's token order, rows via index vectors
-  # MMA-bias masks (`_MMABias`): per interval dim, (column offset or -1 if folded, extent,
-  # row stride) of the loop side's kernel tile inside its spatial map tile; the padded column
-  # count; the bias operand of a masked pair. None: element masks.
-  mma_cols: tuple | None = None
-  mma_width: int = 0
-  mma_value: float = 0.0
-  mma_onehot_rows: bool = True
-  mma_tables: bool = False  # the test matrices come from `_mma_tables` (two extra inputs)
-
-
-def _mma_columns(tile_shape, rows: int):
-  """Columns of the MMA bias for an aligned chunk of `rows` rows of a row-major spatial tile.
-
-  Tile extents are powers of two (their product is), so the chunk is a box: per dim its
-  extent and the row stride of one step along it. Column ``offset + a`` stands for "this
-  dim's coordinate is a" (relative to the chunk). Dims of extent 1 get no columns (offset -1):
-  their test is one value per row, folded into the first column dim. Returns (cols, width)
-  with the width padded to a power of two >= 16 (the smallest matmul K)."""
-  nd = len(tile_shape)
-  extents, left = [1] * nd, rows
-  for d in reversed(range(nd)):
-    extents[d] = min(tile_shape[d], left)
-    left //= extents[d]
-  keep = [d for d in range(nd) if extents[d] > 1] or [nd - 1]
-  cols, offset = [], 0
-  for d in range(nd):
-    stride = math.prod(tile_shape[d + 1:])
-    if d in keep:
-      cols.append((offset, extents[d], stride))
-      offset += extents[d]
-    else:
-      cols.append((-1, 1, stride))
-  return tuple(cols), max(16, pl.next_power_of_2(offset))
-
-
-def _column_dims(cols):
-  """(dims with bias columns, dims folded into the first of them) of `_mma_columns` output."""
-  return ([d for d, c in enumerate(cols) if c[0] >= 0], [d for d, c in enumerate(cols) if c[0] < 0])
-
-
-def _mask_spec(plan: AttentionPlan, has_segments: bool, cfg: TritonConfig, rows: int,
-               loop_rows: int, scale: float, loop_is_kv: bool = True,
-               forward: bool = False) -> _MaskSpec:
-  """Mask handling of one kernel: its programs own tiles of `rows` queries (forward, dQ) or
-  keys (dK/dV, ``loop_is_kv=False``) and loop over tiles of `loop_rows` of the other side."""
-  groups = tuple(plan.block_map.partial_groups) if cfg.split_partial_groups else (None,)
-  cols, width, value, onehot_rows, tables = None, 0, 0.0, True, False
-  tiled = isinstance(plan.q_layout, TiledLayout) and isinstance(plan.kv_layout, TiledLayout)
-  if (cfg.mask_mma and tiled and plan.mask_fn is None and not has_segments
-      and cfg.unsigned_intervals and abs(scale) * LOG2E > 2.0 ** -60):
-    tables = cfg.mask_tables and isinstance(plan.block_map.kv_ids, np.ndarray)
-
-    def columns(onehot_rows):  # the one-hot side's tile: the program's own or the visited one
-      layout = plan.q_layout if loop_is_kv == onehot_rows else plan.kv_layout
-      return _mma_columns(layout.tile_shape, rows if onehot_rows else loop_rows)
-
-    if cfg.mma_onehot == "auto":  # computed tests: rows (measured faster); tables: narrower
-      onehot_rows = not tables or columns(True)[1] <= columns(False)[1]
-    else:
-      onehot_rows = cfg.mma_onehot == "rows"
-    cols, width = columns(onehot_rows)
-    value = _MMA_MASKED / (scale * LOG2E)  # scaled by qk_scale in-kernel: -2**20
-    if width > _MMA_MAX_WIDTH:
-      cols, width, tables = None, 0, False
-  single_loop = cfg.single_loop
-  if single_loop is None:
-    single_loop = forward and tables and rows >= 128
-  return _MaskSpec(plan.num_mask_dims, plan.mask_fn, has_segments, groups, single_loop,
-                   cfg.unsigned_intervals, plan.gathered, cols, width, value, onehot_rows,
-                   tables)
-
-
-# Pairs x bias columns x loop elements evaluated on the host for one set of tables; beyond it
-# the kernels compute the test matrices in the loop instead.
-_TABLE_BUDGET = 1 << 27
-
-
-def _unsigned_intervals(plan: AttentionPlan):
-  """(lo, hi - lo) per query, empty intervals as (2**30, 0): the unsigned test's operands."""
-  empty = plan.q_hi < plan.q_lo
-  return (np.where(empty, 1 << 30, plan.q_lo), np.where(empty, 0, plan.q_hi - plan.q_lo))
-
-
-@functools.lru_cache(maxsize=64)
-def _mma_tables(plan: AttentionPlan, spec: _MaskSpec, rows: int, loop_size: int,
-                loop_is_kv: bool):
-  """The MMA bias's test matrices of every masked step, deduplicated, or None (over budget).
-
-  Mirrors `_MMABias.__call__` on the host. Returns (tables: bool, True where the pair passes
-  the column's dim, [n, W, loop_size] with one-hot rows or [n, rows, W] with one-hot loop
-  tiles; ids [programs, steps] int32: the table of step t of program i, 0 if unmasked)."""
-  bmap = plan.block_map
-  if loop_is_kv:
-    ids, counts, full = bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts
-    block_rows, block_loop, n_rows = plan.block_q, plan.block_kv, plan.q_layout.padded_len
-  else:
-    ids, counts, full = bmap.q_ids, bmap.q_counts, bmap.q_full_counts
-    block_rows, block_loop, n_rows = plan.block_kv, plan.block_q, plan.kv_layout.padded_len
-  sub_rows, sub = block_rows // rows, block_loop // loop_size
-  n_prog, steps = n_rows // rows, ids.shape[1] * sub
-  row = np.arange(n_prog) // sub_rows
-  t = np.arange(steps)[None, :]
-  first_masked = 0 if spec.single_loop else full[row] * sub
-  masked = (t >= np.asarray(first_masked).reshape(-1, 1)) & (t < counts[row][:, None] * sub)
-  prog, step = np.nonzero(masked)
-  w = spec.mma_width
-  n_elems = loop_size if spec.mma_onehot_rows else rows
-  if len(prog) * w * n_elems > _TABLE_BUDGET:
-    return None
-  row_start = prog * rows
-  loop_start = ids[row[prog], step // sub] * block_loop + (step % sub) * loop_size
-  # Columns (the one-hot side) and elements (the other side) of each table.
-  col_start, elem_start = ((row_start, loop_start) if spec.mma_onehot_rows
-                           else (loop_start, row_start))
-  cols_are_queries = loop_is_kv == spec.mma_onehot_rows
-
-  dim, rel = np.full(w, -1), np.zeros(w, np.int64)
-  for d, (offset, extent, stride) in enumerate(spec.mma_cols):
-    if offset >= 0:
-      dim[offset:offset + extent] = d
-      rel[offset:offset + extent] = np.arange(extent) * stride
-  col_dims, folded = _column_dims(spec.mma_cols)
-  dsafe = np.where(dim >= 0, dim, col_dims[0])
-  lo, width = (x.astype(np.int64) for x in _unsigned_intervals(plan))
-  coord = plan.kv_c.astype(np.int64)
-  test = lambda c, lo, width: ((c - lo) & 0xFFFFFFFF) <= width
-
-  packed = []
-  for c0 in range(0, len(prog), 4096):
-    cs, es = col_start[c0:c0 + 4096], elem_start[c0:c0 + 4096]
-    cols = cs[:, None] + rel[None, :]  # [n, W]: each column's representative position
-    elems = es[:, None] + np.arange(n_elems)[None, :]  # [n, E]
-    at_cols = lambda x: x[dsafe[None, :], cols][..., None]  # [n, W, 1]
-    at_elems = lambda x: x[dsafe[None, :, None], elems[:, None, :]]  # [n, W, E]
-    if cols_are_queries:
-      ok = test(at_elems(coord), at_cols(lo), at_cols(width))
-      fold = [test(coord[f][elems], lo[f][cs][:, None], width[f][cs][:, None]) for f in folded]
-    else:
-      ok = test(at_cols(coord), at_elems(lo), at_elems(width))
-      fold = [test(coord[f][cs][:, None], lo[f][elems], width[f][elems]) for f in folded]
-    ok |= (dim < 0)[None, :, None]  # padding columns: the one-hot never selects them
-    if fold:
-      ok &= functools.reduce(np.logical_and, fold)[:, None, :] | (dim != col_dims[0])[None, :, None]
-    if not spec.mma_onehot_rows:
-      ok = ok.transpose(0, 2, 1)  # [n, rows, W]: the matmul's A operand
-    packed.append(np.packbits(ok.reshape(len(cs), -1), axis=1))
-  size = w * n_elems
-  packed = np.concatenate(packed) if packed else np.zeros((0, (size + 7) // 8), np.uint8)
-  uniq, inverse = _unique_rows(packed)
-  shape = (w, n_elems) if spec.mma_onehot_rows else (n_elems, w)
-  tables = np.unpackbits(uniq, axis=1, count=size).astype(bool).reshape((-1,) + shape)
-  if not len(tables):
-    tables = np.ones((1,) + shape, bool)
-  table_ids = np.zeros((n_prog, steps), np.int32)
-  table_ids[prog, step] = inverse
-  return tables, table_ids
-
-
-def _unique_rows(rows: np.ndarray):
-  """np.unique(rows, axis=0, return_inverse=True) for uint8 rows, through a 64-bit hash per
-  row (sorting the rows themselves is slow); a hash collision is detected and falls back."""
-  words = np.pad(rows, ((0, 0), (0, -rows.shape[1] % 8))).view(np.uint64)
-  mult = np.random.default_rng(0).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | 1
-  with np.errstate(over="ignore"):
-    keys = np.sum(words * mult, axis=1, dtype=np.uint64)  # mod 2**64
-  _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-  uniq = rows[first]
-  if not np.array_equal(uniq[inverse.reshape(-1)], rows):
-    uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
-  return uniq, inverse.reshape(-1)
-
-
-def _table_inputs(plan: AttentionPlan, spec: _MaskSpec, rows: int, loop_size: int,
+def _table_inputs(plan: AttentionPlan, spec: mma_masks.MaskSpec, rows: int, loop_size: int,
                   loop_is_kv: bool):
   """(spec, arrays, BlockSpecs) of the MMA test tables; the spec loses `mma_tables` when
   there are none (over budget)."""
   if not spec.mma_tables:
     return spec, [], []
-  built = _mma_tables(plan, spec, rows, loop_size, loop_is_kv)
+  built = mma_masks.tables(plan, spec, rows, loop_size, loop_is_kv)
   if built is None:
     return dataclasses.replace(spec, mma_tables=False), [], []
   tables, table_ids = built
@@ -359,7 +172,7 @@ def _table_inputs(plan: AttentionPlan, spec: _MaskSpec, rows: int, loop_size: in
       pl.BlockSpec((None, table_ids.shape[1]), lambda i, j: (i, 0))]
 
 
-def _run_groups(spec: _MaskSpec, counts_ref, sub: int, body, carry):
+def _run_groups(spec: mma_masks.MaskSpec, counts_ref, sub: int, body, carry):
   """Full blocks (no element mask unless segments), then each partial group with its dims.
 
   counts_ref: [n_full, total, end of group 1, ..., end of group G] for this row."""
@@ -377,7 +190,7 @@ def _run_groups(spec: _MaskSpec, counts_ref, sub: int, body, carry):
   return carry
 
 
-def _tile_mask(spec: _MaskSpec, refs, q_start, kv_start, tq: int, tk: int,
+def _tile_mask(spec: mma_masks.MaskSpec, refs, q_start, kv_start, tq: int, tk: int,
                transposed: bool = False, dims=None):
   """Boolean [tq, tk] (or [tk, tq] if `transposed`): interval dims AND mask_fn AND segments.
 
@@ -422,7 +235,7 @@ def _tile_mask(spec: _MaskSpec, refs, q_start, kv_start, tq: int, tk: int,
 # before the scale (no select). Dims where the one-hot tile has one coordinate give one test
 # per loop element, folded into the first column dim. ``mma_onehot="loop"`` swaps the roles
 # (one-hot over the visited tile, test on [rows, W]). With static maps the test matrices come
-# from deduplicated tables built on the host (`_mma_tables`), and "auto" takes the side with
+# from deduplicated tables built on the host (`mma_masks.tables`), and "auto" takes the side with
 # fewer columns; computing them in the loop, "rows" measured faster.
 
 
@@ -435,7 +248,7 @@ class _MMABias:
   describes the rows' tile: bias = onehot [rows, W] @ test [W, loop]; otherwise the loop's:
   bias = test [rows, W] @ onehot [W, loop]."""
 
-  def __init__(self, spec: _MaskSpec, refs, tables, row_start, rows: int, loop_size: int,
+  def __init__(self, spec: mma_masks.MaskSpec, refs, tables, row_start, rows: int, loop_size: int,
                loop_is_kv: bool):
     self.spec, self.refs, self.loop_is_kv = spec, refs, loop_is_kv
     self.rows, self.loop_size = rows, loop_size
@@ -450,7 +263,7 @@ class _MMABias:
         inside = (u >= offset) & (u < offset + extent)
         dim = jnp.where(inside, d, dim)
         rel = jnp.where(inside, (u - offset) * stride, rel)
-    self.col_dims, self.folded = _column_dims(spec.mma_cols)
+    self.col_dims, self.folded = mma_masks.column_dims(spec.mma_cols)
     self.dim, self.rel = dim, rel
     self.first = dim == self.col_dims[0]  # the columns folded dims join
     self.onehot = self._onehot(rows if self.onehot_rows else loop_size)
@@ -620,7 +433,7 @@ def _block_start(ids_ref, t, sub: int, block: int, tile: int):
   return ids_ref[jax.lax.div(t, sub)] * block + jax.lax.rem(t, sub) * tile
 
 
-def _split_refs(rest, spec: _MaskSpec):
+def _split_refs(rest, spec: mma_masks.MaskSpec):
   """(q_rows, kv_rows) index refs (None unless gathered), mask refs, (tables, table ids) of
   the MMA bias (None unless `mma_tables`), the rest (outputs)."""
   rows = (None, None)
@@ -648,7 +461,7 @@ def _head_dim_mask(dpad: int, head_dim: int):
 # Forward.
 
 
-def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec, scale: float,
+def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks.MaskSpec, scale: float,
                 block_q: int, block_kv: int, tq: int, tk: int, head_dim: int, allow_tf32: bool):
   (q_rows_ref, kv_rows_ref), mask_refs, tables, (o_ref, lse_ref) = _split_refs(rest, spec)
   q_start = pl.program_id(0) * tq
@@ -684,7 +497,7 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec
   init = (jnp.zeros((tq, q.shape[-1]), jnp.float32), jnp.full((tq,), -jnp.inf, jnp.float32),
           jnp.zeros((tq,), jnp.float32))
   acc, m, l = _run_groups(spec, counts_ref, sub, body, init)
-  seen = (m > 0.5 * _MMA_MASKED) if mma else (l > 0)
+  seen = (m > 0.5 * mma_masks.MASKED) if mma else (l > 0)
   l_safe = jnp.where(seen, l, 1.0)
   out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
   lse = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
@@ -695,16 +508,16 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: _MaskSpec
     plgpu.store(lse_ref.at[_store_rows(lse_ref, q_rows, q_ok)], lse, mask=q_ok)
 
 
-def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, spec: _MaskSpec, rows: int,
+def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, spec: mma_masks.MaskSpec, rows: int,
                  loop_size: int, loop_is_kv: bool):
   """(spec, arrays, BlockSpecs) for the row indices (gathered), mask vectors, segments and
   MMA test tables of a kernel whose programs own `rows` and loop over `loop_size` (see
-  `_mask_spec`); `b_of(j)` maps grid axis 1 to the batch. The spec loses `mma_tables` when
+  `mma_masks.mask_spec`); `b_of(j)` maps grid axis 1 to the batch. The spec loses `mma_tables` when
   the tables are over budget."""
   spec, table_arrays, table_specs = _table_inputs(plan, spec, rows, loop_size, loop_is_kv)
   arrays, specs = [], []
   vectors = [plan.q_rows, plan.kv_rows] if spec.gathered else []
-  q_lo, q_hi = _unsigned_intervals(plan) if spec.unsigned else (plan.q_lo, plan.q_hi)
+  q_lo, q_hi = mma_masks.unsigned_intervals(plan) if spec.unsigned else (plan.q_lo, plan.q_hi)
   for vec in (q_lo, q_hi, plan.kv_c):
     vectors += list(vec)
   for vec in vectors:
@@ -742,7 +555,7 @@ def _pad_head_dim(*xs):
   return tuple(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dpad - d)]) for x in xs)
 
 
-def _tile_spec(spec: _MaskSpec, n: int, tile: int, dpad: int, index):
+def _tile_spec(spec: mma_masks.MaskSpec, n: int, tile: int, dpad: int, index):
   """BlockSpec of a [batch, n, heads, dpad] array for a program's own tile: its block
   (kernel order), or the whole sequence of its (batch, head), read by gathered rows.
   `index(j) -> (batch, head)`."""
@@ -751,7 +564,7 @@ def _tile_spec(spec: _MaskSpec, n: int, tile: int, dpad: int, index):
   return pl.BlockSpec((None, tile, None, dpad), lambda i, j: (index(j)[0], i, index(j)[1], 0))
 
 
-def _vector_spec(spec: _MaskSpec, n: int, tile: int, index):
+def _vector_spec(spec: mma_masks.MaskSpec, n: int, tile: int, index):
   """BlockSpec of a [batch, heads, n] per-query vector (lse, delta) for a program's tile."""
   if spec.gathered:
     return pl.BlockSpec((None, None, n), lambda i, j: (index(j)[0], index(j)[1], 0))
@@ -768,7 +581,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   cfg = default_config(d, q.dtype, plan, config)
   tq, tk = cfg.block_q, cfg.block_kv
   bmap = plan.block_map
-  spec = _mask_spec(plan, q_seg is not None, cfg, tq, tk, scale, forward=True)
+  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale, forward=True)
   qp, kp, vp = _pad_head_dim(q, k, v)
   dpad = qp.shape[-1]
   skv = k.shape[1]
@@ -901,7 +714,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
   # dQ over the forward map.
   tq, tk = cfg.dq_block_q, cfg.dq_block_kv
-  spec = _mask_spec(plan, q_seg is not None, cfg, tq, tk, scale)
+  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale)
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec,
                                                tq, tk, True)
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
@@ -925,7 +738,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
   # dK/dV over the transposed map; the GQA group's query heads in one program.
   tq, tk = cfg.bwd_block_q, cfg.bwd_block_kv
-  spec = _mask_spec(plan, q_seg is not None, cfg, tk, tq, scale, loop_is_kv=False)
+  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tk, tq, scale, loop_is_kv=False)
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec,
                                                tk, tq, False)
   map_arrays, map_specs = _map_inputs(bmap.q_ids, bmap.q_counts, bmap.q_full_counts,
