@@ -6,7 +6,8 @@
 The first file is a `bench_gpu` run (Triton kernels; rows carry their bound). With
 `--mosaic` the points come instead from a `diag_mosaic_gpu` run: the default rows of both
 backends, each over its own dense kernel (the same run's S=16384 row, else the baselines
-file), beside the bound of the tiles `na` picks for that backend (computed here). Needs matplotlib (not a dependency of the package).
+file), beside the bound of the tiles `na` picks for that backend (computed here). Needs
+matplotlib (not a dependency of the package).
 """
 from __future__ import annotations
 
@@ -46,10 +47,8 @@ def diag_points(results, baselines, impl_name: str):
   speedup over the same backend's dense kernel, bound of the tiles `na` picks for it."""
   import jax.numpy as jnp
   from jax_sparse_attn import masks, ops, simulate
-  from jax_sparse_attn.simulate import best_tile_shapes
   impl = ops._get_backend(impl_name)
   bq, bk = impl.default_blocks(128, jnp.bfloat16)
-  options = (bq // 2,) if impl.half_q_tiles and bq >= 128 else ()
   dense = {}
   for r in baselines + results:
     if r.get("impl") == impl_name and "fwd_ms" in r and "schedule" not in r:
@@ -66,8 +65,7 @@ def diag_points(results, baselines, impl_name: str):
     if base is None:
       continue
     mask = masks.neighborhood(spatial, kernel, stride)
-    qt, kt = best_tile_shapes(mask, bq, bk, block_q_options=options,
-                              last_multiple=impl.tile_last_multiple)
+    qt, kt = ops.auto_tiles(impl, mask, bq, bk)
     bound = simulate(spatial, kernel, stride, q_tile_shape=qt, kv_tile_shape=kt)
     out.append((r["case"], bound.block_speedup_bound, base / r["fwd_ms"]))
   return out

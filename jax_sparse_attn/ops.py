@@ -340,15 +340,12 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     out = out.reshape(query.shape)
     return (out, lse.reshape(query.shape[:-1])) if return_lse else out
 
-  from .simulate import best_tile_shapes
   bq, bk = _block_sizes(backend, d, query.dtype, block_q, block_kv)
   impl = _get_backend(backend)
-  auto_tiles = (q_tile_shape is None and kv_tile_shape is None and block_q is None
-                and block_kv is None)
+  default_tiles = (q_tile_shape is None and kv_tile_shape is None and block_q is None
+                   and block_kv is None)
   if q_tile_shape is None or kv_tile_shape is None:
-    options = (bq // 2,) if impl.half_q_tiles and block_q is None and bq >= 128 else ()
-    best_q, best_kv = best_tile_shapes(mask, bq, bk, block_q_options=options,
-                                       last_multiple=impl.tile_last_multiple)
+    best_q, best_kv = auto_tiles(impl, mask, bq, bk, half_q=block_q is None)
     q_tile_shape = tuple(q_tile_shape or best_q)
     kv_tile_shape = tuple(kv_tile_shape or best_kv)
   q_tile_shape = masks_lib._as_tuple(q_tile_shape, ndim, "q_tile_shape")
@@ -363,7 +360,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   if impl.gathers:
     # The kernels read and write the caller's rows through plan.q_rows/kv_rows, so the
     # backward may use its own tiling (its kernels' tiles differ from the forward's).
-    bwd_plan = _backward_plan(impl, mask, plan, d, query.dtype, config) if auto_tiles else None
+    bwd_plan = _backward_plan(impl, mask, plan, d, query.dtype, config) if default_tiles else None
     n = math.prod(spatial)
     out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
                          query.reshape(b, n, h, d), key.reshape(b, n, hkv, d),
@@ -380,6 +377,17 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   if not return_lse:
     return out
   return out, q_layout.from_kernel(lse.transpose(0, 2, 1))
+
+
+def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
+               half_q: bool = True):
+  """The (query, key) tile shapes `na` picks for a backend's blocks: the simulator's best,
+  also over half-height query tiles where the backend runs them well (``half_q``: no
+  block_q was given)."""
+  from .simulate import best_tile_shapes
+  options = (block_q // 2,) if impl.half_q_tiles and half_q and block_q >= 128 else ()
+  return best_tile_shapes(mask, block_q, block_kv, block_q_options=options,
+                          last_multiple=impl.tile_last_multiple)
 
 
 def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionPlan,

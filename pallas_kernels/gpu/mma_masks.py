@@ -37,9 +37,9 @@ class MaskSpec:
   single_loop: bool = False
   unsigned: bool = False  # q vectors hold (lo, hi - lo) for the unsigned test
   gathered: bool = False  # q/k/v/outputs in the caller's token order, rows via index vectors
-  # MMA-bias masks (`triton_attention._MMABias`): per interval dim, (column offset or -1 if folded, extent,
-  # row stride) of the loop side's kernel tile inside its spatial map tile; the padded column
-  # count; the bias operand of a masked pair. None: element masks.
+  # MMA-bias masks (`triton_attention._MMABias`): per interval dim, (column offset or -1 if
+  # folded, extent, row stride) of the loop side's kernel tile inside its spatial map tile;
+  # the padded column count; the bias operand of a masked pair. None: element masks.
   mma_cols: tuple | None = None
   mma_width: int = 0
   mma_value: float = 0.0
@@ -121,13 +121,13 @@ def unsigned_intervals(plan: AttentionPlan):
 
 
 @functools.lru_cache(maxsize=64)
-def tables(plan: AttentionPlan, spec: MaskSpec, rows: int, loop_size: int,
-                loop_is_kv: bool):
+def tables(plan: AttentionPlan, spec: MaskSpec, rows: int, loop_size: int, loop_is_kv: bool):
   """The MMA bias's test matrices of every masked step, deduplicated, or None (over budget).
 
-  Mirrors `triton_attention._MMABias.__call__` on the host. Returns (tables: bool, True where the pair passes
-  the column's dim, [n, W, loop_size] with one-hot rows or [n, rows, W] with one-hot loop
-  tiles; ids [programs, steps] int32: the table of step t of program i, 0 if unmasked)."""
+  Mirrors `triton_attention._MMABias.__call__` on the host. Returns (tables: bool, True
+  where the pair passes the column's dim, [n, W, loop_size] with one-hot rows or [n, rows, W]
+  with one-hot loop tiles; ids [programs, steps] int32: the table of step t of program i, 0
+  if unmasked)."""
   bmap = plan.block_map
   if loop_is_kv:
     ids, counts, full = bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts

@@ -160,18 +160,6 @@ def is_hopper() -> bool:
   return any(n in getattr(dev, "device_kind", "") for n in ("H100", "H200", "H800", "H20"))
 
 
-def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, config,
-             scale) -> bool:
-  """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
-  the conditions of `unsupported`, and no Triton-only config or block sizes."""
-  if config is not None and not isinstance(config, MosaicGPUConfig):
-    return False
-  return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-          and _padded_head_dim(head_dim) is not None and not has_segments
-          and (mask is None or mask.is_interval) and (scale is None or scale > 0)
-          and block_q in (None, 2 * _ROWS) and block_kv in (None, 64, 128))
-
-
 def _padded_head_dim(d: int) -> int | None:
   return 64 if d <= 64 else 128 if d <= 128 else None
 
@@ -186,24 +174,42 @@ def _box_layout(layout) -> bool:
           and _half_tile(boxes.tile)[0][-1] % 8 == 0)
 
 
-def unsupported(plan: AttentionPlan, head_dim: int, dtype, has_segments: bool,
-                scale: float) -> str | None:
-  """Why this backend cannot run `plan` (None if it can)."""
+def _why_not(dtype, head_dim: int, has_segments: bool, interval: bool, scale: float,
+             block_q: int, block_kv: int) -> str | None:
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name} (bfloat16 or float16 only)"
   if _padded_head_dim(head_dim) is None:
     return f"head_dim {head_dim} (at most 128)"
   if has_segments:
     return "segment ids (use the triton backend)"
-  if plan.mask_fn is not None:
+  if not interval:
     return "masks with no interval form (use the triton backend)"
   if scale <= 0:
     return f"scale {scale} (must be positive)"
-  if plan.block_q != 2 * _ROWS:
-    return f"block_q {plan.block_q} (must be {2 * _ROWS})"
-  if plan.block_kv not in (64, 128):
-    return f"block_kv {plan.block_kv} (64 or 128)"
+  if block_q != 2 * _ROWS:
+    return f"block_q {block_q} (must be {2 * _ROWS})"
+  if block_kv not in (64, 128):
+    return f"block_kv {block_kv} (64 or 128)"
   return None
+
+
+def unsupported(plan: AttentionPlan, head_dim: int, dtype, has_segments: bool,
+                scale: float) -> str | None:
+  """Why this backend cannot run `plan` (None if it can)."""
+  return _why_not(dtype, head_dim, has_segments, plan.mask_fn is None, scale, plan.block_q,
+                  plan.block_kv)
+
+
+def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, config,
+             scale) -> bool:
+  """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
+  `unsupported`'s conditions on the call's facts (None: the defaults), and no Triton-only
+  config."""
+  if config is not None and not isinstance(config, MosaicGPUConfig):
+    return False
+  return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
+                  1.0 if scale is None else scale, block_q or 2 * _ROWS,
+                  block_kv or default_map_blocks(head_dim, dtype)[1]) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,13 +406,16 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           slot = lax.rem(g + t, stages)
           reuse = g + t >= stages
 
+          def copy_rows(src, dst, bar):  # the step's KV tile, one TMA copy per row
+            for r, index in rows:
+              plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head)],
+                                      dst.at[slot, pl.ds(r, kb.tile[-1])], bar.at[slot])
+
           @pl.when(reuse)
           def _():
             plgpu.barrier_wait(k_free.at[slot])
 
-          for r, index in rows:
-            plgpu.copy_gmem_to_smem(k_ref.at[(batch, *index, kv_head)],
-                                    k_smem.at[slot, pl.ds(r, kb.tile[-1])], k_bar.at[slot])
+          copy_rows(k_ref, k_smem, k_bar)
           if mma:  # unmasked steps load table 0 too: a fixed arrival count
             plgpu.copy_gmem_to_smem(tables_ref.at[table_ids_ref[qi, t]], step_smem.at[slot],
                                     k_bar.at[slot])
@@ -418,9 +427,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           def _():
             plgpu.barrier_wait(v_free.at[slot])
 
-          for r, index in rows:
-            plgpu.copy_gmem_to_smem(v_ref.at[(batch, *index, kv_head)],
-                                    v_smem.at[slot, pl.ds(r, kb.tile[-1])], v_bar.at[slot])
+          copy_rows(v_ref, v_smem, v_bar)
 
         return g + n_all
 
@@ -434,7 +441,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       for b in range(q_bufs):
         pl.when(b < mine)(lambda: plgpu.barrier_wait(q_free.at[b]))
 
-  q_rows = len(list(np.ndindex(*half[:-1])))
+  q_rows = math.prod(half[:-1])
   kv_rows = math.prod(kb.tile[:-1])
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
@@ -578,7 +585,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   itemsize = jnp.dtype(q.dtype).itemsize
   smem = _smem_bytes(d, plan.block_kv, cfg.stages, itemsize, fused_pv)
   # A second Q buffer, where it fits, lets the next item's Q load during this one.
-  q_bufs = 2 if _smem_bytes(d, plan.block_kv, cfg.stages, itemsize, fused_pv, 2) <= _SMEM_LIMIT else 1
+  two_q = _smem_bytes(d, plan.block_kv, cfg.stages, itemsize, fused_pv, q_bufs=2)
+  q_bufs = 2 if two_q <= _SMEM_LIMIT else 1
   if smem > _SMEM_LIMIT:
     raise ValueError(f"MosaicGPUConfig.stages={cfg.stages} needs {smem} bytes of shared memory "
                      f"with head_dim {d} and block_kv {plan.block_kv} (at most {_SMEM_LIMIT}"

@@ -461,8 +461,9 @@ def _head_dim_mask(dpad: int, head_dim: int):
 # Forward.
 
 
-def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks.MaskSpec, scale: float,
-                block_q: int, block_kv: int, tq: int, tk: int, head_dim: int, allow_tf32: bool):
+def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks.MaskSpec,
+                scale: float, block_q: int, block_kv: int, tq: int, tk: int, head_dim: int,
+                allow_tf32: bool):
   (q_rows_ref, kv_rows_ref), mask_refs, tables, (o_ref, lse_ref) = _split_refs(rest, spec)
   q_start = pl.program_id(0) * tq
   dmask = _head_dim_mask(q_ref.shape[-1], head_dim)
