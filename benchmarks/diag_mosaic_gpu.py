@@ -1,6 +1,7 @@
 """The Hopper forward (backend="mosaic_gpu") on the GPU: correctness at real sizes (forward
 and gradients vs the float32 XLA backend), then forward (and forward+backward) timings beside
-the Triton kernels in the same process. Prints JSON lines; `--out` also writes them.
+the Triton kernels in the same process. Prints JSON lines; `--out` also writes them. `--split`: per-warpgroup KV lists against
+one list per tile on the same tiles (`split_timings`).
 
     PYTHONPATH=. python -m benchmarks.diag_mosaic_gpu --out results.json
 """
@@ -11,10 +12,11 @@ import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
-from benchmarks.bench_gpu import (check_case, fwd_bwd, header, inputs, record, timeit,
+from benchmarks.bench_gpu import (check_case, fwd_bwd, header, inputs, record, rel, timeit,
                                   write_results)
-from jax_sparse_attn import masks
+from jax_sparse_attn import masks, simulate
 from pallas_kernels.gpu import MosaicGPUConfig
+from pallas_kernels.gpu import mosaic_gpu_attention as mg
 
 H, D = 16, 128
 
@@ -126,6 +128,67 @@ def baselines(dtype, iters):
     write_results(ARGS.out, header())
 
 
+def split_checks(dtype):
+  """Per-warpgroup KV lists (`MosaicGPUConfig.split`): forward and lse vs the float32 XLA
+  backend at real sizes, split forced and by default."""
+  for name, spatial, kern, stride, causal, qt, kt in [
+      ("na2d 128x128 k33", (128, 128), (33, 33), 1, False, (16, 8), (8, 8)),
+      ("na2d 100x90 k(33,17) odd", (100, 90), (33, 17), 1, False, (16, 8), (8, 8)),
+      ("na3d 8x24x24 k(4,7,7) causal-t", (8, 24, 24), (4, 7, 7), 1, (True, False, False),
+       (4, 4, 8), (2, 4, 8)),
+      ("na3d 16x32x32 k8x16x16 s(4,8,8)", (16, 32, 32), (8, 16, 16), (4, 8, 8), False,
+       (4, 4, 8), (2, 4, 8)),
+  ]:
+    q, k, v, _ = inputs((1,) + spatial + (8, D), (1,) + spatial + (8, D), dtype)
+    want, want_lse = jsa.na(*(x.astype(jnp.float32) for x in (q, k, v)), kern, stride,
+                            is_causal=causal, backend="xla", return_lse=True)
+    for split in (True, None):
+      try:
+        got, lse = jax.jit(lambda q, k, v: jsa.na(
+            q, k, v, kern, stride, is_causal=causal, backend="mosaic_gpu", q_tile_shape=qt,
+            kv_tile_shape=kt, config=MosaicGPUConfig(split=split), return_lse=True))(q, k, v)
+        err, err_lse = rel(got, want), rel(lse, want_lse)
+        nan = bool(jnp.isnan(got).any())
+        record(suite="check", case=name, split=split, err_out=err, err_lse=err_lse,
+               nan=nan, ok=(not nan) and err < 2e-2 and err_lse < 1e-3)
+      except Exception as e:
+        record(suite="check", case=name, split=split, error=repr(e)[:1500])
+        traceback.print_exc()
+
+
+def bound(spatial, kern, stride, qt, kt, split):
+  q = mg._half_tile(qt)[0] if split else qt
+  return simulate(spatial, kern, stride, q_tile_shape=q, kv_tile_shape=kt).block_speedup_bound
+
+
+def split_timings(dtype, iters):
+  """Split vs one list per 128-row tile on the same tiles, beside both backends' defaults
+  (each row with the simulator's bound of its granularity), then the dense baselines."""
+  for spatial, kern, stride, b, variants in [
+      ((128, 128), (33, 33), 1, 2, [((16, 8), (8, 8)), ((8, 16), (4, 16))]),
+      ((16, 64, 64), (8, 16, 16), 1, 1, [((4, 4, 8), (2, 4, 8)), ((2, 8, 8), (1, 8, 8))]),
+      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, [((4, 4, 8), (2, 4, 8)),
+                                                  ((1, 16, 8), (2, 4, 8))]),
+      ((128, 128), (16, 16), (8, 8), 2, [((16, 8), (4, 16)), ((8, 16), (8, 8))]),
+  ]:
+    tag = (f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{'x'.join(map(str, kern))} "
+           f"s{stride} B={b}")
+    q, k, v, _ = inputs((b,) + spatial + (H, D), (b,) + spatial + (H, D), dtype)
+    for impl in ("mosaic_gpu", "triton"):
+      perf(tag, lambda q, k, v, impl=impl: jsa.na(q, k, v, kern, stride, backend=impl), q, k, v,
+           None, iters, impl=impl, variant="defaults")
+    for qt, kt in variants:
+      for split in (True, False):
+        cfg = MosaicGPUConfig(split=split)
+        f = lambda q, k, v, cfg=cfg, qt=qt, kt=kt: jsa.na(
+            q, k, v, kern, stride, backend="mosaic_gpu", q_tile_shape=qt, kv_tile_shape=kt,
+            config=cfg)
+        perf(tag, f, q, k, v, None, iters, impl="mosaic_gpu", q_tile=qt, kv_tile=kt,
+             split=split, bound=bound(spatial, kern, stride, qt, kt, split))
+    write_results(ARGS.out, header())
+  baselines(dtype, iters)
+
+
 def main():
   global ARGS
   parser = argparse.ArgumentParser()
@@ -135,9 +198,16 @@ def main():
   parser.add_argument("--skip-dense", action="store_true")
   parser.add_argument("--only-dense", action="store_true")
   parser.add_argument("--baselines", action="store_true", help="only the dense baselines")
+  parser.add_argument("--split", action="store_true",
+                      help="per-warpgroup KV lists vs one list per tile (then the baselines)")
   ARGS = parser.parse_args()
   if ARGS.baselines:
     return baselines(jnp.bfloat16, ARGS.iters)
+  if ARGS.split:
+    if not ARGS.skip_checks:
+      split_checks(jnp.bfloat16)
+      write_results(ARGS.out, header())
+    return split_timings(jnp.bfloat16, ARGS.iters)
   if not ARGS.skip_checks:
     checks(jnp.bfloat16)
     write_results(ARGS.out, header())

@@ -44,6 +44,9 @@ class Backend(NamedTuple):
   # block_q is given), and prefer tiles whose last dim is a multiple of this.
   half_q_tiles: bool = False
   tile_last_multiple: int = 1
+  # (mask, block_q, block_kv) -> (q tile, kv tile): the backend's own tile choice for `na`'s
+  # defaults (None: the simulator's `best_tile_shapes` with the fields above).
+  choose_tiles: Callable | None = None
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret):
@@ -385,6 +388,8 @@ def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_
   also over half-height query tiles where the backend runs them well (``half_q``: no
   block_q was given)."""
   from .simulate import best_tile_shapes
+  if impl.choose_tiles is not None:
+    return impl.choose_tiles(mask, block_q, block_kv)
   options = (block_q // 2,) if impl.half_q_tiles and half_q and block_q >= 128 else ()
   return best_tile_shapes(mask, block_q, block_kv, block_q_options=options,
                           last_multiple=impl.tile_last_multiple)

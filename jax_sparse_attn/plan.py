@@ -38,6 +38,9 @@ class AttentionPlan:
   q_rows: np.ndarray
   kv_rows: np.ndarray
   gathered: bool = False
+  # The mask the plan was made for (kernels that re-tile a plan, e.g. per-warpgroup query
+  # rows of the Mosaic GPU forward, build block maps of their own from it).
+  mask: masks_lib.Mask | None = None
 
   @property
   def num_mask_dims(self) -> int:
@@ -89,7 +92,7 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
   return AttentionPlan(q_layout, kv_layout, bmap, lo, hi, c, q_index.astype(np.int32),
                        kv_index.astype(np.int32), mask_fn,
                        np.where(q_valid, q_index, -1).astype(np.int32),
-                       np.where(kv_valid, kv_index, -1).astype(np.int32))
+                       np.where(kv_valid, kv_index, -1).astype(np.int32), mask=mask)
 
 
 @functools.lru_cache(maxsize=256)

@@ -102,6 +102,24 @@ def _counts(mask, q_tile, kv_tile):
   return visited, full
 
 
+def visited_blocks(mask: masks_lib.Neighborhood, q_tile_shape, kv_tile_shape) -> tuple[int, int]:
+  """(visited, full) blocks of a tiling: exact, as products of per-dim counts."""
+  return _counts(mask, tuple(q_tile_shape), tuple(kv_tile_shape))
+
+
+def candidate_tiles(mask: masks_lib.Neighborhood, block: int, last_multiple: int = 1):
+  """Power-of-two tile shapes of `block` tokens that fit the spatial shape (not far past
+  it), whose last dim is a multiple of `last_multiple`."""
+  limits = [max(l, 1) for l in _tile_limits(mask)]
+  return [t for t in _pow2_factorizations(block, mask.num_dims, limits)
+          if t[-1] % last_multiple == 0]
+
+
+def mma_columns(tile_shape) -> int:
+  """One-hot columns of the MMA-bias mask for a tile (padded to a power of two >= 16)."""
+  return _mma_columns(tile_shape)
+
+
 @functools.lru_cache(maxsize=256)
 def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
                      same: bool = False, block_q_options: tuple = (), last_multiple: int = 1):

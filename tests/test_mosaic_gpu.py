@@ -194,13 +194,92 @@ def test_rejects(kwargs, match):
                   interpret=True, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa"])
+def _split_plan(spatial, kernel, stride=1, causal=False, q_tile=(16, 8), kv_tile=(8, 8)):
+  mask = masks.neighborhood(spatial, kernel, stride, 1, causal)
+  ones = (1,) * len(spatial)
+  return gathered(make_plan(mask, TiledLayout(spatial, ones, q_tile),
+                            TiledLayout(spatial, ones, kv_tile)))
+
+
+def test_split_lists_are_the_half_tiles_maps():
+  """Per-warpgroup lists: each warpgroup's active steps visit exactly the KV blocks its
+  64-row half tile's block map visits (brute force over the element mask), with a partial
+  block's table and table 0 (all zeros: no bias) on full ones; shared blocks come first,
+  then pairs (two loads), then the longer list's leftovers; loads cover the tile's map."""
+  plan = _split_plan((37, 21), (9, 5))  # odd sizes: padded half tiles at the borders
+  onehot, tables, loads, counts = mg._split_inputs(plan, 0.125)
+  assert onehot.shape == (128, 16) and tables.shape[1:] == (16, 64)
+  assert not np.asarray(tables[0], np.float32).any()
+  assert (counts[:, 5] > 0).any() and (counts[:, 2] != counts[:, 3]).any()  # pairs, leftovers
+  lo, hi, c = plan.q_lo, plan.q_hi, plan.kv_c
+  bmap = plan.block_map
+  for qi in range(bmap.num_q_blocks):
+    steps, n_loads, act0, act1, shared, pairs = counts[qi]
+    assert steps == max(act0, act1) and n_loads == shared + 2 * pairs + (steps - shared - pairs)
+    assert set(loads[qi, :n_loads, 0]) == set(bmap.kv_ids[qi, :bmap.kv_counts[qi]])
+    for w, active in ((0, act0), (1, act1)):
+      rows = np.arange(qi * 128 + w * 64, qi * 128 + w * 64 + 64)
+      mine = []
+      for t in range(active):
+        first = t + min(max(t - shared, 0), pairs)
+        first += w if shared <= t < shared + pairs else 0
+        mine.append((loads[qi, first, 0], loads[qi, first, 1 + w]))
+      want = {}
+      for j in range(bmap.num_kv_blocks):
+        keys = np.arange(j * 64, j * 64 + 64)
+        ok = np.ones((64, 64), bool)
+        for d in range(lo.shape[0]):
+          ok &= (lo[d][rows, None] <= c[d][None, keys]) & (c[d][None, keys] <= hi[d][rows, None])
+        if ok.any():
+          want[j] = ok.all()
+      assert sorted(j for j, _ in mine) == sorted(want), (qi, w)
+      for j, table in mine:
+        assert (table == 0) == want[j], (qi, w, j)
+
+
+def test_split_forward():
+  """Per-warpgroup lists vs the brute force (forward, lse and gradients) where tiles have
+  pairs and leftovers, with GQA, padded borders and a causal dim."""
+  p = dict(problem=((37, 21), (9, 5), (1, 1), (1, 1), (False, False)), batch=1, heads=4, kv_heads=2,
+           head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=(16, 8), tile_kv=(8, 8))
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(split=True))
+  p = dict(p, problem=((19, 16), (5, 7), (2, 1), (1, 1), (True, False)), heads=2, kv_heads=1,
+           dtype=jnp.float16, seed=4)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(split=True))
+
+
+def test_split_where_it_pays():
+  """Per-warpgroup lists by default where they skip >= ~20% of the work (2-D stride k/2),
+  not for dense windows (2-D NA k=33: 13%); the tile choice models both (`auto_tiles`)."""
+  strided = _split_plan((64, 64), (16, 16), (8, 8), q_tile=(16, 8), kv_tile=(4, 16))
+  assert mg._split_pays(strided.block_map, mg._split_inputs(strided, 0.125)[3])
+  window = _split_plan((64, 64), (33, 33))
+  assert not mg._split_pays(window.block_map, mg._split_inputs(window, 0.125)[3])
+  na = lambda *a: masks.neighborhood(*a, 1, False)
+  assert mg.auto_tiles(na((128, 128), (16, 16), (8, 8)), 128, 128) == ((16, 8), (4, 16))
+  assert mg.auto_tiles(na((128, 128), (33, 33), 1), 128, 128) == ((8, 16), (8, 16))
+  assert mg.auto_tiles(na((16, 64, 64), (8, 16, 16), (4, 8, 8)), 128, 128) == (
+      (4, 4, 8), (2, 4, 8))
+  for a in (((16, 64, 64), (8, 16, 16), 1), ((30, 17), (5, 5), 1)):  # boxes: rows of 8k
+    qt, kt = mg.auto_tiles(na(*a), 128, 128)
+    assert qt[-1] % 8 == 0 and mg._half_tile(qt)[0][-1] % 8 == 0 and kt[-1] % 8 == 0
+  # No split: 1-D sequences, runtime maps, and one-hot columns of the half tile > 16.
+  assert mg._split_inputs(make_plan(masks.causal(), jsa.layout.SequenceLayout(300, 128),
+                                    jsa.layout.SequenceLayout(300, 64)), 0.125) is None
+  assert mg._split_inputs(_split_plan((64, 64), (7, 7), q_tile=(4, 32), kv_tile=(4, 16)),
+                          0.125) is None  # half (2, 32): 34 columns
+
+
+@pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa", "na2d_split"])
 def test_lowers_for_gpu(case):
   """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
   backward (Triton kernels)."""
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   if case == "na2d":
     f = lambda q, k, v: jsa.na2d(q, k, v, 33, backend="mosaic_gpu")
+    args = (S(2, 128, 128, 16, 128),) * 3
+  elif case == "na2d_split":  # per-warpgroup lists (the default tiles of stride k/2)
+    f = lambda q, k, v: jsa.na2d(q, k, v, 16, stride=8, backend="mosaic_gpu")
     args = (S(2, 128, 128, 16, 128),) * 3
   elif case == "na3d_strided":
     f = lambda q, k, v: jsa.na3d(q, k, v, (8, 16, 16), stride=(4, 8, 8), backend="mosaic_gpu")

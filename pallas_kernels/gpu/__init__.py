@@ -17,6 +17,7 @@ register_backend("triton", Backend(forward, backward, default_map_blocks, gather
 register_backend("mosaic_gpu", Backend(
     mosaic_gpu_attention.forward, mosaic_gpu_attention.backward,
     mosaic_gpu_attention.default_map_blocks, min_block=128, gathers=True,
-    backward_blocks=mosaic_gpu_attention.default_backward_map_blocks, tile_last_multiple=8))
+    backward_blocks=mosaic_gpu_attention.default_backward_map_blocks, tile_last_multiple=8,
+    choose_tiles=mosaic_gpu_attention.auto_tiles))
 
 __all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

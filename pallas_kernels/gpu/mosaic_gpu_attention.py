@@ -6,7 +6,9 @@ warpgroups. Two compute warpgroups own 64 query rows each and take turns on the 
 cores (a shared "turn" barrier: one runs QKᵀ while the other runs its softmax); the third is
 the memory warpgroup, which loads the item's Q tile, walks the row's visited KV blocks
 (``kv_ids``) and TMA-loads K, V and the step's mask data into a ring of shared-memory
-slots that runs on across items. Q blocks go longest row first.
+slots that runs on across items. Q blocks go longest row first. With per-warpgroup lists
+(`MosaicGPUConfig.split`, `_split_inputs`) each compute warpgroup walks the block map of its
+own 64 rows, and the memory warpgroup loads the union of the two lists once.
 
 Tiles are TMA boxes in the caller's layout: for neighborhood attention (gathered plans) a Q
 block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight from
@@ -35,8 +37,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jax_sparse_attn.layout import SequenceLayout
-from jax_sparse_attn.plan import AttentionPlan, gathered
+from jax_sparse_attn import masks
+from jax_sparse_attn.layout import SequenceLayout, TiledLayout
+from jax_sparse_attn.plan import AttentionPlan, gathered, make_plan
 
 from . import mma_masks, triton_attention
 
@@ -48,9 +51,10 @@ _COMPUTE_WGS = 2
 
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
-  """``stages``: K/V shared-memory slots (TMA pipeline depth). ``triton``: the config of the
-  Triton kernels that run the backward."""
-  stages: int = 2
+  """``stages``: K/V shared-memory slots (TMA pipeline depth; None: 2 slots of 128 keys, or
+  as many slots of 64 keys as fit, up to 4). ``triton``: the config of the Triton kernels
+  that run the backward."""
+  stages: int | None = None
   # The GPU form (FlashAttention-3): P stays in registers as the P·V wgmma's A operand and
   # the product accumulates into the running output. The other form, for interpret mode
   # (which has neither register operands nor `run_state` over accumulators): P goes through
@@ -69,6 +73,11 @@ class MosaicGPUConfig:
   # Visit q blocks with the most KV blocks first (causal rows, window edges), so the short
   # ones fill the tail.
   longest_first: bool = True
+  # Per-warpgroup KV lists (`_split_inputs`): each compute warpgroup visits only the KV
+  # blocks its own 64 query rows need, while the memory warpgroup loads their union once.
+  # Neighborhood masks with MMA-bias tables; elsewhere the option has no effect. None: with
+  # 64-token KV blocks (where it pays: finer KV tiles follow the half tiles' windows).
+  split: bool | None = None
   triton: triton_attention.TritonConfig | None = None
 
 
@@ -90,7 +99,7 @@ def _config(config) -> MosaicGPUConfig:
   if not isinstance(config, MosaicGPUConfig):
     raise ValueError("config for backend='mosaic_gpu' must be a MosaicGPUConfig, got "
                      f"{type(config).__name__}")
-  if config.stages < 2:
+  if config.stages is not None and config.stages < 2:
     raise ValueError(f"MosaicGPUConfig.stages must be >= 2, got {config.stages}")
   if config.programs is not None and config.programs < 1:
     raise ValueError(f"MosaicGPUConfig.programs must be >= 1, got {config.programs}")
@@ -219,14 +228,23 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Boxes, kb: _Boxes,
             half: tuple[int, ...], half_dim: int, head_dim: int, heads: int, groups: int,
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
-            fused_pv: bool, mma_width: int):
+            fused_pv: bool, mma_width: int, split: bool):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
-  fastest, then heads, then batch; the q blocks in the order `order_ref`). Element masks
-  (``mma_width == 0``): refs are q_lo, q_hi [dims, n_q], kv_c [dims, n_kv] (kernel
-  positions). MMA-bias masks: onehot [128, W], tables [n, W, block_kv] and table_ids
-  [q blocks, steps] (`_mma_inputs`). Then out, lse."""
+  fastest, then heads, then batch; the q blocks in the order `order_ref`).
+
+  One KV list per q block (``split=False``): ids [q blocks, steps], counts [q blocks, 2]
+  (full, all). Element masks (``mma_width == 0``): refs are q_lo, q_hi [dims, n_q], kv_c
+  [dims, n_kv] (kernel positions). MMA-bias masks: onehot [128, W], tables [n, W, block_kv]
+  and table_ids [q blocks, steps] (`_mma_inputs`).
+
+  Per-warpgroup lists (``split=True``, `_split_inputs`): ids are the loads [q blocks, loads,
+  3] (KV block, each warpgroup's table), counts [q blocks, 6] (steps, loads, each
+  warpgroup's active steps, shared steps, paired steps); refs are onehot [128, W] and tables
+  [n, W, block_kv]. Then out, lse."""
   mma = mma_width > 0
-  if mma:
+  if split:
+    onehot_ref, tables_ref, out_ref, lse_ref = refs
+  elif mma:
     onehot_ref, tables_ref, table_ids_ref, out_ref, lse_ref = refs
   else:
     lo_ref, hi_ref, c_ref, out_ref, lse_ref = refs
@@ -237,11 +255,15 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   qk_scale = scale * LOG2E
 
   def item(k):
-    """(q block, head, batch, kv steps, full kv steps) of my k-th work item."""
+    """(q block, head, batch) of my k-th work item."""
     i = prog + k * programs
     qi = order_ref[lax.rem(i, n_q_blocks)]
     hb = lax.div(i, n_q_blocks)
-    return qi, lax.rem(hb, heads), lax.div(hb, heads), counts_ref[qi, 1], counts_ref[qi, 0]
+    return qi, lax.rem(hb, heads), lax.div(hb, heads)
+
+  def loads(qi):
+    """KV tiles the memory warpgroup loads for q block `qi`."""
+    return counts_ref[qi, 1]
 
   def q_origin(qi, wg):
     origin = list(qb.origin(qi))
@@ -253,7 +275,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     """q_smem: [q_bufs, warpgroup] Q tiles (the memory warpgroup loads item k into buffer
     k % q_bufs; the output leaves through it). row_smem: the one-hot [warpgroup, 64, W] or
     per buffer and warpgroup (lo, hi) [.., 2, dims, 64]; step_smem: per slot, the key
-    coordinates [dims, block_kv] or the test matrix [W, block_kv]."""
+    coordinates [dims, block_kv], the test matrix [W, block_kv] or (split) one per
+    warpgroup [2, W, block_kv]."""
     wg = lax.axis_index("wg")
 
     def rendezvous():
@@ -268,11 +291,56 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                 row_bar.at[wg])
         plgpu.barrier_wait(row_bar.at[wg])
 
-      def work(k, g):
-        """My k-th item, whose first KV step is the g-th of this program."""
-        qi, head, batch, n_all, n_full = item(k)
+      def softmax(s, m_i, l_i, acc, elementwise):
+        """Online softmax of scores `s`: (the rescaled acc, new max, new sum, P)."""
+        m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha + p.sum(axis=1)
+        return acc, m_new, l_i, p.astype(dtype)
+
+      def pv(acc, p16, slot, during=None):
+        """acc + P·V of `slot`; `during()` runs while the wgmma does."""
+        if p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+          p16 = p_smem.at[wg]
+
+        def run(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          if during is not None:
+            during()
+          if not fused_pv:
+            return acc_ref[...]
+
+        if fused_pv:  # accumulate into acc (interpret mode has no run_state)
+          return pl.run_state(run)(plgpu.ACC.init(acc))
+        return acc + pl.run_scoped(run, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+
+      def finish(qi, head, batch, qo, buf, acc, m_i, l_i):
+        pl.when(wg == 0)(rendezvous)
+        # MMA bias: masked scores sit near -2**20 (log2 units), so a row that saw no key has
+        # its max below half of that; element masks leave such a row at l == 0.
+        seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
+        l_safe = jnp.where(seen, l_i, 1.0)
+        out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+        qo[...] = out.astype(dtype)
+        lse = jnp.where(seen, (m_i + jnp.log(l_safe) * LOG2E) * LN2, -jnp.inf)
+        lse_smem.at[wg][...] = lse
+        plgpu.commit_smem()
+        for r, index in qb.rows(q_origin(qi, wg), half):
+          plgpu.copy_smem_to_gmem(qo.at[pl.ds(r, half[-1])], out_ref.at[(batch, *index, head)])
+          plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(r, half[-1])],
+                                  lse_ref.at[(batch, head, *index)])
+        # The buffer (and lse_smem) may be refilled once the stores have read them.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(q_free.at[buf])
+
+      def start(k):
+        qi, head, batch = item(k)
         buf = lax.rem(k, q_bufs)
-        qo = q_smem.at[buf, wg]
         plgpu.barrier_wait(q_bar.at[buf * _COMPUTE_WGS + wg])
         m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32),
                                 plgpu.Layout.WGMMA.reduce(1))
@@ -280,6 +348,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                 plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0.0, jnp.float32),
                                 plgpu.Layout.WGMMA)
+        return qi, head, batch, buf, q_smem.at[buf, wg], (acc, m_i, l_i)
+
+      def work(k, g):
+        """My k-th item, whose first KV step is the g-th of this program."""
+        qi, head, batch, buf, qo, carry = start(k)
+        n_all, n_full = counts_ref[qi, 1], counts_ref[qi, 0]
 
         @pl.when(n_all > 0)
         def _():
@@ -313,66 +387,92 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           plgpu.barrier_arrive(k_free.at[slot])
           if elementwise:
             s = jnp.where(ok, s, -jnp.inf)
-          m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
-          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
-          alpha = jnp.exp2(m_i - m_use)
-          p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          l_i = l_i * alpha + p.sum(axis=1)
-          p16 = p.astype(dtype)
+          acc, m_new, l_i, p16 = softmax(s, m_i, l_i, acc, elementwise)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
           plgpu.barrier_arrive(turn)
           plgpu.barrier_wait(v_bar.at[slot])
           plgpu.barrier_wait(turn)
 
-          if p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
-            p_smem.at[wg][...] = p16
-            plgpu.commit_smem()
-            p16 = p_smem.at[wg]
-
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-            nxt = t + 1  # wait for the next K while this wgmma runs
+          def next_k():  # wait for the next K while the P·V wgmma runs
+            nxt = t + 1
 
             @pl.when(nxt < n_all)
             def _():
               plgpu.barrier_wait(k_bar.at[lax.rem(g + nxt, stages)])
 
-            if not fused_pv:
-              return acc_ref[...]
-
-          if fused_pv:  # accumulate into acc (interpret mode has no run_state)
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-          else:
-            acc = acc + pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+          acc = pv(acc, p16, slot, next_k)
           plgpu.barrier_arrive(v_free.at[slot])
           return acc, m_new, l_i
 
-        carry = (acc, m_i, l_i)
         carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-        acc, m_i, l_i = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True),
-                                      carry)
-        pl.when(wg == 0)(rendezvous)
-
-        # MMA bias: masked scores sit near -2**20 (log2 units), so a row that saw no key has
-        # its max below half of that; element masks leave such a row at l == 0.
-        seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
-        l_safe = jnp.where(seen, l_i, 1.0)
-        out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        qo[...] = out.astype(dtype)
-        lse = jnp.where(seen, (m_i + jnp.log(l_safe) * LOG2E) * LN2, -jnp.inf)
-        lse_smem.at[wg][...] = lse
-        plgpu.commit_smem()
-        for r, index in qb.rows(q_origin(qi, wg), half):
-          plgpu.copy_smem_to_gmem(qo.at[pl.ds(r, half[-1])], out_ref.at[(batch, *index, head)])
-          plgpu.copy_smem_to_gmem(lse_smem.at[wg, pl.ds(r, half[-1])],
-                                  lse_ref.at[(batch, head, *index)])
-        # The buffer (and lse_smem) may be refilled once the stores have read them.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.barrier_arrive(q_free.at[buf])
+        carry = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
+        finish(qi, head, batch, qo, buf, *carry)
         return g + n_all
 
-      lax.fori_loop(0, mine, work, jnp.int32(0))
+      def work_split(k, g):
+        """`work` over per-warpgroup lists (`_split_inputs`). Steps [0, shared) hold one
+        load both warpgroups compute on; steps [shared, shared + pairs) two loads, one per
+        warpgroup; later steps one load, for the warpgroup with the longer list (the other
+        idles). Both warpgroups wait for and release every load of every step and keep the
+        turn order, so the barriers stay in phase. Load indices follow from the step (no
+        per-step reads), and every step adds the MMA bias (a branch on the block's kind
+        measured slower on the H100 than the bias on full blocks, whose table 0 is zeros)."""
+        qi, head, batch, buf, qo, carry = start(k)
+        n_steps, n_active = counts_ref[qi, 0], counts_ref[qi, 2 + wg]
+        n_shared, n_pairs = counts_ref[qi, 4], counts_ref[qi, 5]
+
+        def loads_of(t):
+          """(the step's first load, whether it has two) as program-wide load indices."""
+          paired = (t >= n_shared) & (t < n_shared + n_pairs)
+          first = t + jnp.minimum(jnp.maximum(t - n_shared, 0), n_pairs)
+          return g + first, paired
+
+        def each_load(t, fn):
+          base, paired = loads_of(t)
+          fn(lax.rem(base, stages))
+          pl.when(paired)(lambda: fn(lax.rem(base + 1, stages)))
+
+        def wait_k(t):
+          pl.when(t < n_steps)(lambda: each_load(t, lambda s: plgpu.barrier_wait(k_bar.at[s])))
+
+        wait_k(0)
+        pl.when(wg == 1)(rendezvous)
+
+        def step(t, carry, active: bool):
+          acc, m_i, l_i = carry
+          if active:
+            base, paired = loads_of(t)
+            slot = lax.rem(base + jnp.where(paired, wg, 0), stages)
+
+            def qk(acc_ref):  # the bias first: onehot [64, W] @ my test matrix [W, block_kv]
+              plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot, wg])
+              plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+              rendezvous()
+              return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
+          else:
+            rendezvous()
+          each_load(t, lambda s: plgpu.barrier_arrive(k_free.at[s]))
+          if active:
+            acc, m_i, l_i, p16 = softmax(s, m_i, l_i, acc, False)
+            acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+          plgpu.barrier_arrive(turn)
+          each_load(t, lambda s: plgpu.barrier_wait(v_bar.at[s]))
+          plgpu.barrier_wait(turn)
+          if active:  # wait for the next step's K while the P·V wgmma runs
+            acc = pv(acc, p16, slot, lambda: wait_k(t + 1))
+          else:
+            wait_k(t + 1)
+          each_load(t, lambda s: plgpu.barrier_arrive(v_free.at[s]))
+          return acc, m_i, l_i
+
+        carry = lax.fori_loop(0, n_active, functools.partial(step, active=True), carry)
+        carry = lax.fori_loop(n_active, n_steps, functools.partial(step, active=False), carry)
+        finish(qi, head, batch, qo, buf, *carry)
+        return g + loads(qi)
+
+      lax.fori_loop(0, mine, work_split if split else work, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == _COMPUTE_WGS)
@@ -380,7 +480,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       plgpu.set_max_registers(40, action="decrease")
 
       def work(k, g):
-        qi, head, batch, n_all, _ = item(k)
+        qi, head, batch = item(k)
         buf = lax.rem(k, q_bufs)
 
         @pl.when(k >= q_bufs)
@@ -399,9 +499,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                       bar)
         kv_head = lax.div(head, groups)
 
-        @pl.loop(0, n_all)
+        @pl.loop(0, loads(qi))
         def _(t):
-          j = ids_ref[qi, t]
+          j = ids_ref[qi, t, 0] if split else ids_ref[qi, t]
           rows = kb.rows(kb.origin(j))
           slot = lax.rem(g + t, stages)
           reuse = g + t >= stages
@@ -416,7 +516,11 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             plgpu.barrier_wait(k_free.at[slot])
 
           copy_rows(k_ref, k_smem, k_bar)
-          if mma:  # unmasked steps load table 0 too: a fixed arrival count
+          if split:  # each warpgroup's test matrix (table 0 where it has none)
+            for w in range(_COMPUTE_WGS):
+              plgpu.copy_gmem_to_smem(tables_ref.at[ids_ref[qi, t, 1 + w]],
+                                      step_smem.at[slot, w], k_bar.at[slot])
+          elif mma:  # unmasked steps load table 0 too: a fixed arrival count
             plgpu.copy_gmem_to_smem(tables_ref.at[table_ids_ref[qi, t]], step_smem.at[slot],
                                     k_bar.at[slot])
           else:
@@ -429,7 +533,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
           copy_rows(v_ref, v_smem, v_bar)
 
-        return g + n_all
+        return g + loads(qi)
 
       total = lax.fori_loop(0, mine, work, jnp.int32(0))
       # Observe every barrier's last completion before the barriers are freed.
@@ -447,10 +551,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
     narrow = (plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
     row_smem = plgpu.SMEM((_COMPUTE_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow)
-    step_smem = plgpu.SMEM((stages, mma_width, block_kv), jnp.bfloat16, transforms=narrow)
+    per_slot = (_COMPUTE_WGS, mma_width, block_kv) if split else (mma_width, block_kv)
+    step_smem = plgpu.SMEM((stages, *per_slot), jnp.bfloat16, transforms=narrow)
   else:
     row_smem = plgpu.SMEM((q_bufs, _COMPUTE_WGS, 2, dims, _ROWS), jnp.int32)
     step_smem = plgpu.SMEM((stages, dims, block_kv), jnp.int32)
+  step_copies = _COMPUTE_WGS if split else 1
   pl.run_scoped(
       body,
       plgpu.SMEM((q_bufs, _COMPUTE_WGS, _ROWS, head_dim), dtype, transforms=swizzled),
@@ -464,13 +570,30 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                     num_barriers=q_bufs * _COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_bufs),
       plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
-      plgpu.Barrier(num_arrivals=kv_rows + 1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=kv_rows + step_copies, num_barriers=stages),
       plgpu.Barrier(num_arrivals=kv_rows, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
       collective_axes="wg",
   )
+
+
+def _onehot(spec: mma_masks.MaskSpec, rows: int) -> np.ndarray:
+  """The MMA bias's A operand [rows, W]: each row's coordinate columns."""
+  r, u = np.arange(rows)[:, None], np.arange(spec.mma_width)[None, :]
+  hit = np.zeros((rows, spec.mma_width), bool)
+  for offset, extent, stride in spec.mma_cols:
+    if offset >= 0:
+      hit |= (u - offset) == (r // stride) % extent
+  return hit
+
+
+def _mma_spec(plan: AttentionPlan, rows: int, scale: float):
+  """The MMA-bias spec with host tables for `rows`-row query tiles, or None."""
+  cfg = triton_attention.TritonConfig(mma_onehot="rows", single_loop=False)
+  spec = mma_masks.mask_spec(plan, False, cfg, rows, plan.block_kv, scale, forward=True)
+  return spec if spec.mma_cols is not None and spec.mma_tables else None
 
 
 def _mma_inputs(plan: AttentionPlan, scale: float):
@@ -480,23 +603,145 @@ def _mma_inputs(plan: AttentionPlan, scale: float):
   W > 32, tables over budget). Both compute warpgroups share a step's table: its columns
   are the coordinates of the whole 128-row tile."""
   rows = 2 * _ROWS
-  cfg = triton_attention.TritonConfig(mma_onehot="rows", single_loop=False)
-  spec = mma_masks.mask_spec(plan, False, cfg, rows, plan.block_kv, scale,
-                                     forward=True)
-  if spec.mma_cols is None or not spec.mma_tables:
-    return None
-  built = mma_masks.tables(plan, spec, rows, plan.block_kv, True)
+  spec = _mma_spec(plan, rows, scale)
+  built = None if spec is None else mma_masks.tables(plan, spec, rows, plan.block_kv, True)
   if built is None:
     return None
   tables, table_ids = built
-  width = spec.mma_width
-  r, u = np.arange(rows)[:, None], np.arange(width)[None, :]
-  hit = np.zeros((rows, width), bool)
-  for offset, extent, stride in spec.mma_cols:
-    if offset >= 0:
-      hit |= (u - offset) == (r // stride) % extent
   tables = np.where(tables, 0.0, spec.mma_value)
-  return (hit.astype(jnp.bfloat16), tables.astype(jnp.bfloat16), table_ids.astype(np.int32))
+  return (_onehot(spec, rows).astype(jnp.bfloat16), tables.astype(jnp.bfloat16),
+          table_ids.astype(np.int32))
+
+
+_SPLIT_MAX_WIDTH = 16  # one-hot columns of a 64-row half tile (two tables per K/V slot)
+
+
+@functools.lru_cache(maxsize=64)
+def _split_inputs(plan: AttentionPlan, scale: float):
+  """Per-warpgroup KV lists for a gathered neighborhood plan of box tiles: each compute
+  warpgroup's 64 query rows (the half tile, `_half_tile`) get their own block map, whose
+  visited blocks are a subset of the whole tile's, so a warpgroup skips the KV blocks only
+  the other half needs. The bound is then that of 64-row query tiles (2-D 128x128 k=33:
+  10.2x with 8x8 KV tiles, vs 8.9x for 128-row tiles), while K and V are loaded once per
+  128-row tile.
+
+  Step t of a q block pairs the warpgroups: blocks both halves visit are one load shared by
+  both; blocks one half visits are paired with the other half's, two loads in one step;
+  the longer list's leftovers run alone. Returns (onehot [128, W], tables [n, W, block_kv]
+  with table 0 all zeros, loads [q blocks, L, 3], counts [q blocks, 6]) as `_kernel`
+  documents, or None where this does not apply (no mask, 1-D, block maps known only at run
+  time, half-tile one-hot wider than `_SPLIT_MAX_WIDTH`, tables over budget)."""
+  mask = plan.mask
+  if (not isinstance(mask, masks.Neighborhood) or not isinstance(plan.q_layout, TiledLayout)
+      or not isinstance(plan.kv_layout, TiledLayout)
+      or not isinstance(plan.block_map.kv_ids, np.ndarray)):
+    return None
+  tile = plan.q_layout.tile_shape
+  if math.prod(tile) != 2 * _ROWS:
+    return None
+  half, hd = _half_tile(tile)
+  hplan = make_plan(mask, TiledLayout(mask.spatial_shape, mask.dilation, half), plan.kv_layout)
+  spec = _mma_spec(hplan, _ROWS, scale)
+  if spec is None or spec.mma_width > _SPLIT_MAX_WIDTH:
+    return None
+  built = mma_masks.tables(hplan, spec, _ROWS, plan.block_kv, True)
+  if built is None:
+    return None
+  tables, table_ids = built
+  hmap = hplan.block_map
+  ids, counts, full = (np.asarray(x) for x in (hmap.kv_ids, hmap.kv_counts, hmap.kv_full_counts))
+  grid, hgrid = plan.q_layout.tile_grid, hplan.q_layout.tile_grid
+
+  def visits(g, w):
+    """{kv block: its table (0 if full)} of half w of the q tile at grid position g."""
+    hc = list(g)
+    hc[hd] = 2 * hc[hd] + w
+    if hc[hd] >= hgrid[hd]:  # only padding rows: nothing to visit
+      return {}
+    h = int(np.ravel_multi_index(hc, hgrid))
+    # Table 0 passes everything (prepended below): full blocks and idle warpgroups.
+    return {int(ids[h, t]): int(t >= full[h]) * (1 + int(table_ids[h, t]))
+            for t in range(counts[h])}
+
+  n_q = plan.block_map.num_q_blocks
+  per_block = []
+  for qi in range(n_q):
+    g = np.unravel_index(qi, grid)
+    v0, v1 = visits(g, 0), visits(g, 1)
+    shared = [j for j in v0 if j in v1]
+    only = [[j for j in v if j not in other] for v, other in ((v0, v1), (v1, v0))]
+    loads = []  # (kv block, each warpgroup's table)
+    for j in shared:
+      loads.append((j, v0[j], v1[j]))
+    for a, b in zip(*only):
+      loads += [(a, v0[a], 0), (b, 0, v1[b])]
+    n_pairs = min(len(o) for o in only)
+    for j in only[0][n_pairs:]:
+      loads.append((j, v0[j], 0))
+    for j in only[1][n_pairs:]:
+      loads.append((j, 0, v1[j]))
+    active = [len(shared) + len(o) for o in only]
+    per_block.append((loads, (max(active), len(loads), *active, len(shared), n_pairs)))
+  max_loads = max(1, max(len(l) for l, _ in per_block))
+  loads = np.zeros((n_q, max_loads, 3), np.int32)
+  counts = np.zeros((n_q, 6), np.int32)
+  for qi, (l, c) in enumerate(per_block):
+    loads[qi, :len(l)] = np.asarray(l, np.int32).reshape(-1, 3)
+    counts[qi] = c
+  onehot = np.tile(_onehot(spec, _ROWS), (_COMPUTE_WGS, 1))
+  tables = np.where(np.concatenate([np.ones_like(tables[:1]), tables]), 0.0, spec.mma_value)
+  return onehot.astype(jnp.bfloat16), tables.astype(jnp.bfloat16), loads, counts
+
+
+# Cost of a 64x64 unit of work (one warpgroup's step over 64 keys) relative to 128-key
+# blocks with one list per 128-row tile, fitted on the H100 (bf16, D=128, 2-D/3-D NA and
+# their stride k/2 forms; benchmarks/results/h100-2026-11-23-split.json): 64-key blocks cost
+# ~1.09-1.22x per unit; per-warpgroup lists another ~1.1-1.2x (their extra loads: a step
+# may bring two KV tiles, and the MMA bias runs on full blocks too). So per-warpgroup lists
+# pay only where they skip >= ~20% of the work: short strided rows, not dense windows.
+_KV64_COST = 1.15
+_SPLIT_COST = 1.38
+
+
+def _split_pays(bmap, split_counts) -> bool:
+  """Whether per-warpgroup lists beat one list per tile for this map (`_SPLIT_COST`)."""
+  union = 2 * int(np.sum(bmap.kv_counts))
+  per_warpgroup = int(np.sum(split_counts[:, 2]) + np.sum(split_counts[:, 3]))
+  return _SPLIT_COST * per_warpgroup < _KV64_COST * union
+
+
+@functools.lru_cache(maxsize=256)
+def auto_tiles(mask, block_q: int, block_kv: int):
+  """(q tile, kv tile) for `na`'s defaults: the lowest modeled cost (`_SPLIT_COST`) over
+  128-row query tiles that are TMA boxes (last dim, and that of the half tile, a multiple
+  of 8) and KV tiles of `block_kv` keys, or of 64 keys (with or without per-warpgroup
+  lists) when `block_kv` is 128. Visited-block counts are the simulator's, partial blocks
+  cost as in its model (the MMA bias, or the element test past 32 one-hot columns)."""
+  from jax_sparse_attn.simulate import (PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA,
+                                        best_tile_shapes, candidate_tiles, mma_columns,
+                                        visited_blocks)
+  tiles = lambda n: candidate_tiles(mask, n, last_multiple=8)
+  q_cands = [t for t in tiles(block_q)
+             if block_q == 2 * _ROWS and _half_tile(t)[0][-1] % 8 == 0]
+  kv_sizes = (block_kv, _ROWS) if block_kv == 2 * _ROWS else (block_kv,)
+  best, best_key = None, None
+  for qt in q_cands:
+    half = _half_tile(qt)[0]
+    partial_cost = (PARTIAL_BLOCK_COST_MMA if mma_columns(qt) <= mma_masks.MAX_WIDTH
+                    else PARTIAL_BLOCK_COST)
+    for kv in kv_sizes:
+      for kt in tiles(kv):
+        visited, full = visited_blocks(mask, qt, kt)
+        units = (full + partial_cost * (visited - full)) * 2 * kv // _ROWS
+        cost = units * (1.0 if kv > _ROWS else _KV64_COST)
+        if kv == _ROWS and mma_columns(half) <= _SPLIT_MAX_WIDTH:
+          cost = min(cost, visited_blocks(mask, half, kt)[0] * _SPLIT_COST)
+        key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
+        if best_key is None or key < best_key:
+          best, best_key = (qt, kt), key
+  if best is None:  # no box tiles: the simulator's choice (the forward permutes)
+    return best_tile_shapes(mask, block_q, block_kv, last_multiple=8)
+  return best
 
 
 _SMEM_LIMIT = 232448  # bytes per block on Hopper (227 KiB)
@@ -511,6 +756,19 @@ def _smem_bytes(head_dim: int, block_kv: int, stages: int, itemsize: int,
   masks = _COMPUTE_WGS * _ROWS * 32 * 2 + stages * 32 * block_kv * 2 + 1024
   p = 0 if fused_pv else _COMPUTE_WGS * _ROWS * block_kv * itemsize
   return q + kv + masks + p + _COMPUTE_WGS * _ROWS * 4 + 1024
+
+
+def _stages(cfg: MosaicGPUConfig, head_dim: int, block_kv: int, itemsize: int,
+            fused_pv: bool) -> int:
+  """The config's stages, else 2 slots of 128 keys or up to 4 of 64 (as many as fit with
+  two Q buffers, at least 2)."""
+  if cfg.stages is not None:
+    return cfg.stages
+  if block_kv > _ROWS:
+    return 2
+  fits = [s for s in (4, 3) if _smem_bytes(head_dim, block_kv, s, itemsize, fused_pv, 2)
+          <= _SMEM_LIMIT]
+  return fits[0] if fits else 2
 
 
 def _programs(cfg: MosaicGPUConfig, interpret) -> int:
@@ -583,12 +841,13 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   hkv = k.shape[2]
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
   itemsize = jnp.dtype(q.dtype).itemsize
-  smem = _smem_bytes(d, plan.block_kv, cfg.stages, itemsize, fused_pv)
+  stages = _stages(cfg, d, plan.block_kv, itemsize, fused_pv)
+  smem = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv)
   # A second Q buffer, where it fits, lets the next item's Q load during this one.
-  two_q = _smem_bytes(d, plan.block_kv, cfg.stages, itemsize, fused_pv, q_bufs=2)
+  two_q = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv, q_bufs=2)
   q_bufs = 2 if two_q <= _SMEM_LIMIT else 1
   if smem > _SMEM_LIMIT:
-    raise ValueError(f"MosaicGPUConfig.stages={cfg.stages} needs {smem} bytes of shared memory "
+    raise ValueError(f"MosaicGPUConfig.stages={stages} needs {smem} bytes of shared memory "
                      f"with head_dim {d} and block_kv {plan.block_kv} (at most {_SMEM_LIMIT}"
                      f" on Hopper): use fewer stages or block_kv=64")
   if plan.gathered:
@@ -598,27 +857,40 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     kb = _boxes(SequenceLayout(plan.kv_layout.padded_len, plan.block_kv))
   half, half_dim = _half_tile(qb.tile)
   bmap = plan.block_map
-  ids = jnp.asarray(bmap.kv_ids, jnp.int32)
-  counts = jnp.stack([jnp.asarray(bmap.kv_full_counts, jnp.int32),
-                      jnp.asarray(bmap.kv_counts, jnp.int32)], axis=1)
-  mma = _mma_inputs(plan, scale) if cfg.mask_mma else None
-  if mma is None:
-    mask_arrays = [jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c)]
-    width = 0
+  split = None
+  if cfg.mask_mma and cfg.split is not False and plan.gathered and (
+      cfg.split or plan.block_kv == _ROWS):
+    split = _split_inputs(plan, scale)
+    if cfg.split is None and split is not None and not _split_pays(bmap, split[3]):
+      split = None
+  if split is not None:
+    onehot, tables, loads, counts_np = split
+    ids, counts = jnp.asarray(loads), jnp.asarray(counts_np)
+    mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables)]
+    width, row_counts = onehot.shape[1], counts_np[:, 0]
   else:
-    onehot, tables, table_ids = mma
-    mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables), jnp.asarray(table_ids)]
-    width = onehot.shape[1]
+    ids = jnp.asarray(bmap.kv_ids, jnp.int32)
+    counts = jnp.stack([jnp.asarray(bmap.kv_full_counts, jnp.int32),
+                        jnp.asarray(bmap.kv_counts, jnp.int32)], axis=1)
+    row_counts = bmap.kv_counts
+    mma = _mma_inputs(plan, scale) if cfg.mask_mma else None
+    if mma is None:
+      mask_arrays = [jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c)]
+      width = 0
+    else:
+      onehot, tables, table_ids = mma
+      mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables), jnp.asarray(table_ids)]
+      width = onehot.shape[1]
   padded = tuple(g * t for g, t in zip(qb.grid, qb.tile))
   items = bmap.num_q_blocks * h * b
   persistent = (cfg.persistent if cfg.persistent is not None
-                else _persistent_default(bmap.kv_counts))
+                else _persistent_default(row_counts))
   programs = min(items, _programs(cfg, interpret)) if persistent else items
   kernel = functools.partial(
       _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, heads=h,
-      groups=h // hkv, dims=plan.num_mask_dims, stages=cfg.stages, q_bufs=q_bufs,
+      groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
-      mma_width=width)
+      mma_width=width, split=split is not None)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
@@ -629,7 +901,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else False,
-  )(_order(bmap.kv_counts, cfg.longest_first), ids, counts, _view(q, qb), _view(k, kb),
+  )(_order(row_counts, cfg.longest_first), ids, counts, _view(q, qb), _view(k, kb),
     _view(v, kb), *mask_arrays)
   lse = lse[(slice(None), slice(None), *(slice(0, s) for s in qb.spatial))]
   return out.reshape(q.shape), lse.reshape(b, h, sq)
