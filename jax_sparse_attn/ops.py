@@ -387,9 +387,9 @@ def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_
   """The (query, key) tile shapes `na` picks for a backend's blocks: the simulator's best,
   also over half-height query tiles where the backend runs them well (``half_q``: no
   block_q was given)."""
-  from .simulate import best_tile_shapes
   if impl.choose_tiles is not None:
     return impl.choose_tiles(mask, block_q, block_kv)
+  from .simulate import best_tile_shapes
   options = (block_q // 2,) if impl.half_q_tiles and half_q and block_q >= 128 else ()
   return best_tile_shapes(mask, block_q, block_kv, block_q_options=options,
                           last_multiple=impl.tile_last_multiple)

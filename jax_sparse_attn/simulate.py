@@ -36,13 +36,13 @@ SMALL_Q_TILE_COST = 1.25
 MMA_MAX_COLUMNS = 32
 
 
-def _mma_columns(tile_shape) -> int:
+def mma_columns(tile_shape) -> int:
   width = sum(t for t in tile_shape if t > 1) or 1
   return max(16, 1 << (width - 1).bit_length())
 
 
 def partial_block_cost(q_tile_shape, kv_tile_shape=None) -> float:
-  width = min(_mma_columns(t) for t in (q_tile_shape, kv_tile_shape or q_tile_shape))
+  width = min(mma_columns(t) for t in (q_tile_shape, kv_tile_shape or q_tile_shape))
   return PARTIAL_BLOCK_COST_MMA if width <= MMA_MAX_COLUMNS else PARTIAL_BLOCK_COST
 
 
@@ -115,11 +115,6 @@ def candidate_tiles(mask: masks_lib.Neighborhood, block: int, last_multiple: int
           if t[-1] % last_multiple == 0]
 
 
-def mma_columns(tile_shape) -> int:
-  """One-hot columns of the MMA-bias mask for a tile (padded to a power of two >= 16)."""
-  return _mma_columns(tile_shape)
-
-
 @functools.lru_cache(maxsize=256)
 def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
                      same: bool = False, block_q_options: tuple = (), last_multiple: int = 1):
@@ -133,11 +128,9 @@ def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
     if not isinstance(b, int) or b <= 0 or b & (b - 1):
       raise ValueError(f"block sizes (block_q, block_kv, block_q_options) must be positive "
                        f"powers of two, got {b!r}")
-  limits = [max(l, 1) for l in _tile_limits(mask)]
 
   def cands(block):
-    out = list(_pow2_factorizations(block, mask.num_dims, limits))
-    out = [t for t in out if t[-1] % last_multiple == 0] or out
+    out = candidate_tiles(mask, block, last_multiple) or candidate_tiles(mask, block)
     return out or [tuple(1 << int(math.log2(block)) if i == mask.num_dims - 1 else 1
                          for i in range(mask.num_dims))]
 
@@ -212,10 +205,9 @@ def plot_tiles(res: SimResult, path: str) -> None:
   import matplotlib.pyplot as plt
   mask = masks_lib.neighborhood(res.spatial_shape, res.kernel_size, res.stride, res.dilation,
                                 res.is_causal)
-  limits = [max(l, 1) for l in _tile_limits(mask)]
   rows = []
-  for qt in _pow2_factorizations(res.block_q, mask.num_dims, limits):
-    for kt in _pow2_factorizations(res.block_kv, mask.num_dims, limits):
+  for qt in candidate_tiles(mask, res.block_q):
+    for kt in candidate_tiles(mask, res.block_kv):
       visited, full = _counts(mask, qt, kt)
       rows.append((f"{'x'.join(map(str, qt))}/{'x'.join(map(str, kt))}",
                    res.dense_blocks / visited, (qt, kt) == (res.q_tile_shape, res.kv_tile_shape)))

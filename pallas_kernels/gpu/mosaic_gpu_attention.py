@@ -76,7 +76,7 @@ class MosaicGPUConfig:
   # Per-warpgroup KV lists (`_split_inputs`): each compute warpgroup visits only the KV
   # blocks its own 64 query rows need, while the memory warpgroup loads their union once.
   # Neighborhood masks with MMA-bias tables; elsewhere the option has no effect. None: with
-  # 64-token KV blocks (where it pays: finer KV tiles follow the half tiles' windows).
+  # 64-token KV blocks where the block maps say it skips enough work (`_split_pays`).
   split: bool | None = None
   triton: triton_attention.TritonConfig | None = None
 
@@ -721,11 +721,10 @@ def auto_tiles(mask, block_q: int, block_kv: int):
                                         best_tile_shapes, candidate_tiles, mma_columns,
                                         visited_blocks)
   tiles = lambda n: candidate_tiles(mask, n, last_multiple=8)
-  q_cands = [t for t in tiles(block_q)
-             if block_q == 2 * _ROWS and _half_tile(t)[0][-1] % 8 == 0]
+  q_cands = [t for t in tiles(block_q) if _half_tile(t)[0][-1] % 8 == 0]
   kv_sizes = (block_kv, _ROWS) if block_kv == 2 * _ROWS else (block_kv,)
   best, best_key = None, None
-  for qt in q_cands:
+  for qt in q_cands if block_q == 2 * _ROWS else ():
     half = _half_tile(qt)[0]
     partial_cost = (PARTIAL_BLOCK_COST_MMA if mma_columns(qt) <= mma_masks.MAX_WIDTH
                     else PARTIAL_BLOCK_COST)
