@@ -101,6 +101,10 @@ def _config(config) -> MosaicGPUConfig:
                      f"{type(config).__name__}")
   if config.stages is not None and config.stages < 2:
     raise ValueError(f"MosaicGPUConfig.stages must be >= 2, got {config.stages}")
+  for name in ("persistent", "split"):
+    if not (getattr(config, name) is None or isinstance(getattr(config, name), bool)):
+      raise ValueError(f"MosaicGPUConfig.{name} must be True, False or None, got "
+                       f"{getattr(config, name)!r}")
   if config.programs is not None and config.programs < 1:
     raise ValueError(f"MosaicGPUConfig.programs must be >= 1, got {config.programs}")
   if config.triton is not None and not isinstance(config.triton, triton_attention.TritonConfig):
