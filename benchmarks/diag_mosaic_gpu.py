@@ -1,11 +1,13 @@
 """The Hopper forward (backend="mosaic_gpu") on the GPU: correctness at real sizes (forward
 and gradients vs the float32 XLA backend), then forward (and forward+backward) timings beside
 the Triton kernels in the same process. Prints JSON lines; `--out` also writes them. `--split`: per-warpgroup KV lists against
-one list per tile on the same tiles (`split_timings`).
+one list per tile on the same tiles (`split_timings`). `--rows`: where short rows lose
+against the bound (`rows`), the HBM bandwidth, the dense baselines.
 
     PYTHONPATH=. python -m benchmarks.diag_mosaic_gpu --out results.json
 """
 import argparse
+import math
 import traceback
 
 import jax
@@ -36,6 +38,7 @@ def checks(dtype):
     for variant, cfg in (("", None), (" unfused P·V (interpret form)",
                                       MosaicGPUConfig(fused_pv=False)),
                          (" element masks", MosaicGPUConfig(mask_mma=False)),
+                         (" row copies", MosaicGPUConfig(box_copies=False)),
                          (" one program per item", MosaicGPUConfig(persistent=False))):
       ours = lambda q, k, v, a=args, cfg=cfg: jsa.na(q, k, v, *a, backend="mosaic_gpu",
                                                      config=cfg)
@@ -156,6 +159,31 @@ def split_checks(dtype):
         traceback.print_exc()
 
 
+def box_checks(dtype):
+  """Box copies (`MosaicGPUConfig.box_copies`, the default on the GPU) where the checks
+  above do not reach them: head_dim 64 (one 64-column part) and 96 (padded to 128), GQA,
+  3-D NA at its default 4x4x8 tiles, 64-key KV tiles; forward and gradients vs the float32
+  XLA backend, each beside the row copies."""
+  tol = 2e-2
+  for name, spatial, kern, stride, h, hkv, d in [
+      ("na2d 64x64 k13 D=64 GQA 8/2", (64, 64), (13, 13), 1, 8, 2, 64),
+      ("na3d 8x32x32 k(4,8,8) D=96", (8, 32, 32), (4, 8, 8), 1, 4, 4, 96),
+      ("na3d 8x32x32 k(4,8,8) s(2,4,4) (64-key tiles)", (8, 32, 32), (4, 8, 8), (2, 4, 4),
+       4, 4, 128),
+  ]:
+    q, k, v, do = inputs((1,) + spatial + (h, d), (1,) + spatial + (hkv, d), dtype)
+    ref = lambda q, k, v, kern=kern, stride=stride: jsa.na(q, k, v, kern, stride,
+                                                           backend="xla")
+    for box in (None, False):
+      ours = lambda q, k, v, kern=kern, stride=stride, box=box: jsa.na(
+          q, k, v, kern, stride, backend="mosaic_gpu", config=MosaicGPUConfig(box_copies=box))
+      try:
+        check_case(f"mosaic_gpu {name} box_copies={box}", ours, ref, q, k, v, do, tol)
+      except Exception as e:
+        record(suite="check", case=name, box_copies=box, error=repr(e)[:800])
+        traceback.print_exc()
+
+
 def bound(spatial, kern, stride, qt, kt, split):
   q = mg._half_tile(qt)[0] if split else qt
   return simulate(spatial, kern, stride, q_tile_shape=q, kv_tile_shape=kt).block_speedup_bound
@@ -189,6 +217,65 @@ def split_timings(dtype, iters):
   baselines(dtype, iters)
 
 
+def hbm_bandwidth(iters):
+  """Device-memory bandwidth: a jitted x + 1 over 1 GiB of bf16 (bytes read + written per
+  second), the memory floor's ceiling (`simulate.memory_floor_ms`)."""
+  x = jnp.ones((1 << 29,), jnp.bfloat16)
+  ms = timeit(jax.jit(lambda x: x + 1), x, iters=iters)
+  record(suite="hbm", case="x + 1 over 1 GiB bf16", ms=ms, tbps=2 * x.nbytes / ms / 1e9)
+  del x
+
+
+def rows(dtype, iters):
+  """Where short rows lose against the bound: perfectly block-sparse 3-D (stride = kernel,
+  every visited block full) on tiles whose KV tile is 16 TMA rows of 8 tokens or 8 rows of
+  16, the same block structure in 1-D (block-local 2048: one copy per tile), and dense
+  attention with 2048 keys (16 KV blocks per item, no block map), each beside the 3-D NA
+  tiles the simulator ranks first and second."""
+  b, spatial, kern = 1, (16, 64, 64), (8, 16, 16)
+  n = 65536
+  q, k, v, _ = inputs((b,) + spatial + (H, D), (b,) + spatial + (H, D), dtype)
+  for stride, tiles in [(kern, [((4, 4, 8), (4, 4, 8)), ((2, 4, 16), (2, 4, 16)),
+                                ((8, 1, 16), (8, 1, 16)), ((2, 8, 8), (2, 8, 8))]),
+                        (1, [((4, 4, 8), (4, 4, 8)), ((2, 8, 8), (2, 8, 8))]),
+                        ((4, 8, 8), [((4, 4, 8), (2, 4, 8))])]:
+    tag = f"na3d 16x64x64 k8x16x16 s{stride} B=1"
+    for qt, kt in tiles:
+      for box in (True, False):
+        if box and mg._box_groups(kt) is None:
+          continue
+        f = lambda q, k, v, qt=qt, kt=kt, box=box: jsa.na(
+            q, k, v, kern, stride, backend="mosaic_gpu", q_tile_shape=qt, kv_tile_shape=kt,
+            config=MosaicGPUConfig(box_copies=box))
+        perf(tag, f, q, k, v, None, iters, impl="mosaic_gpu", q_tile=qt, kv_tile=kt,
+             kv_copies=2 if box else math.prod(kt[:-1]),
+             bound=bound(spatial, kern, stride, qt, kt, False))
+    write_results(ARGS.out, header())
+  b2 = 2
+  q2, k2, v2, _ = inputs((b2, 128, 128, H, D), (b2, 128, 128, H, D), dtype)
+  for kern2, stride2 in [((33, 33), 1), ((16, 16), (16, 16)), ((16, 16), (8, 8))]:
+    tag = f"na2d 128x128 k{'x'.join(map(str, kern2))} s{stride2} B=2"
+    for box in (True, False):
+      f = lambda q, k, v, box=box, kern2=kern2, stride2=stride2: jsa.na(
+          q, k, v, kern2, stride2, backend="mosaic_gpu", config=MosaicGPUConfig(box_copies=box))
+      perf(tag, f, q2, k2, v2, None, iters, impl="mosaic_gpu (auto tiles)", box_copies=box)
+  del q2, k2, v2
+  write_results(ARGS.out, header())
+  flat = lambda x: x.reshape(b, n, H, D)
+  q1, k1, v1 = flat(q), flat(k), flat(v)
+  perf("block-local 2048, S=65536 B=1", lambda q, k, v: jsa.attention(
+      q, k, v, masks.block_local(2048), backend="mosaic_gpu"), q1, k1, v1, None, iters,
+       impl="mosaic_gpu", bound=32.0)
+  for impl in ("mosaic_gpu", "triton"):
+    perf("dense 65536 queries x 2048 keys B=1",
+         lambda q, k, v, impl=impl: jsa.attention(q, k[:, :2048], v[:, :2048], backend=impl),
+         q1, k1, v1, None, iters, impl=impl, bound=32.0)
+  write_results(ARGS.out, header())
+  del q, k, v, q1, k1, v1
+  hbm_bandwidth(iters)
+  baselines(dtype, iters)
+
+
 def main():
   global ARGS
   parser = argparse.ArgumentParser()
@@ -200,11 +287,16 @@ def main():
   parser.add_argument("--baselines", action="store_true", help="only the dense baselines")
   parser.add_argument("--split", action="store_true",
                       help="per-warpgroup KV lists vs one list per tile (then the baselines)")
+  parser.add_argument("--rows", action="store_true",
+                      help="short rows and TMA rows against the bound (then the baselines)")
   ARGS = parser.parse_args()
+  if ARGS.rows:
+    return rows(jnp.bfloat16, ARGS.iters)
   if ARGS.baselines:
     return baselines(jnp.bfloat16, ARGS.iters)
   if ARGS.split:
     if not ARGS.skip_checks:
+      box_checks(jnp.bfloat16)
       split_checks(jnp.bfloat16)
       write_results(ARGS.out, header())
     return split_timings(jnp.bfloat16, ARGS.iters)

@@ -6,7 +6,8 @@
 The first file is a `bench_gpu` run (Triton kernels; rows carry their bound). With
 `--mosaic` the points come instead from a `diag_mosaic_gpu` run: the default rows of both
 backends, each over its own dense kernel (the same run's S=16384 row, else the baselines
-file), beside the bound of the tiles `na` picks for that backend (computed here). Needs
+file), beside the bound of the tiles `na` picks for that backend (computed here; at 64-row
+query granularity where the Hopper kernel splits the tile between its warpgroups). Needs
 matplotlib (not a dependency of the package).
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import math
 import re
 import sys
+
+from pallas_kernels.gpu import mosaic_gpu_attention as mg
 
 
 def points(results):
@@ -42,6 +45,19 @@ def _problem(case: str):
   return dims(m.group(1)), dims(m.group(2)), stride
 
 
+def _splits(mask, qt, kt) -> bool:
+  """Whether the Hopper forward runs these tiles with per-warpgroup KV lists by default."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered, make_plan
+  if math.prod(kt) != 64:
+    return False
+  ones = (1,) * len(qt)
+  plan = gathered(make_plan(mask, TiledLayout(mask.spatial_shape, ones, qt),
+                            TiledLayout(mask.spatial_shape, ones, kt)))
+  split = mg._split_inputs(plan, 1.0)
+  return split is not None and mg._split_pays(plan.block_map, split[3])
+
+
 def diag_points(results, baselines, impl_name: str):
   """(case, bound, measured) for one backend's default NA rows of a diag_mosaic_gpu run:
   speedup over the same backend's dense kernel, bound of the tiles `na` picks for it."""
@@ -66,6 +82,8 @@ def diag_points(results, baselines, impl_name: str):
       continue
     mask = masks.neighborhood(spatial, kernel, stride)
     qt, kt = ops.auto_tiles(impl, mask, bq, bk)
+    if impl_name == "mosaic_gpu" and _splits(mask, qt, kt):  # 64-row query granularity
+      qt = mg._half_tile(qt)[0]
     bound = simulate(spatial, kernel, stride, q_tile_shape=qt, kv_tile_shape=kt)
     out.append((r["case"], bound.block_speedup_bound, base / r["fwd_ms"]))
   return out

@@ -194,3 +194,29 @@ def test_simulate_cli_writes_json(tmp_path, capsys):
   data = json.loads(out.read_text())
   assert data["stride"] == [1, 2] and data["visited_blocks"] > 0
   assert "bound" in printed and f"{data['block_speedup_bound']:.1f}x" in printed
+
+
+def test_memory_floor():
+  """Q, K, V read and O written once: 2-D 128x128, B=2, H=16, D=128 bf16 is 4 x 67.1 MB
+  (0.188 ms at 2.85 TB/s); GQA reads fewer K/V bytes; the CLI prints the lower of the block
+  bound and the floor's speedup; bad sizes name the argument."""
+  from jax_sparse_attn.simulate import memory_floor_ms
+  floor = memory_floor_ms(16384, 2, 16, 128, tbps=2.85)
+  assert abs(floor - 4 * 2 * 16384 * 16 * 128 * 2 / 2.85e9) < 1e-12
+  assert abs(floor - 0.1884) < 1e-3
+  assert memory_floor_ms(16384, 2, 16, 128, kv_heads=4) == 0.625 * floor
+  for kwargs, match in [(dict(batch=0), "batch must be a positive int"),
+                        (dict(head_dim=64.0), "head_dim must be a positive int"),
+                        (dict(tbps=0), "tbps must be positive")]:
+    args = dict(tokens=16384, batch=2, heads=16, head_dim=128) | kwargs
+    with pytest.raises(ValueError, match=match):
+      memory_floor_ms(**args)
+
+
+def test_memory_floor_cli(capsys):
+  import sys
+  sim_module = sys.modules["jax_sparse_attn.simulate"]
+  sim_module.main(["--shape", "128", "128", "--kernel", "16", "--stride", "16",
+                   "--dense-ms", "7.03", "--batch", "2"])
+  printed = capsys.readouterr().out
+  assert "memory floor 0.188 ms (37.3x" in printed and "at most 37.3x" in printed

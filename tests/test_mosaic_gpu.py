@@ -1,5 +1,7 @@
 """The Hopper forward (Pallas Mosaic GPU) in GPU interpret mode (CPU) vs the float64 brute
 force; gradients run the Triton backward kernels (interpret mode) on the same plan."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +181,7 @@ def test_tiles_are_boxes_or_permuted():
     (dict(config=MosaicGPUConfig(programs=0)), "programs must be >= 1"),
     (dict(config=MosaicGPUConfig(split="yes")), "split must be True, False or None"),
     (dict(config=MosaicGPUConfig(persistent=1)), "persistent must be True, False or None"),
+    (dict(config=MosaicGPUConfig(box_copies="on")), "box_copies must be True, False or None"),
     (dict(head_dim=128, block_kv=128, config=MosaicGPUConfig(stages=3)),
      "stages=3 needs .* bytes of shared memory"),
     # The unfused P·V form keeps P in shared memory too: 5 stages of 64 fit only without it.
@@ -194,6 +197,33 @@ def test_rejects(kwargs, match):
   with pytest.raises(ValueError, match=match):
     jsa.attention(x, x, x, kwargs.pop("mask", masks.causal()), backend="mosaic_gpu",
                   interpret=True, **kwargs)
+
+
+def test_box_groups():
+  """KV tiles one TMA copy can take (per 64 columns): at most 2 dims wider than one group of
+  8 rows after the last dim is counted in groups of 8; 1-D blocks and tiles whose last dim
+  is not a multiple of 8 keep their per-row copies. The tile choice counts the copies: on
+  perfectly block-sparse 3-D (stride = kernel) it keeps the 4x4x8 box over 2x4x16 tiles
+  (8 row copies), which it preferred before box copies existed."""
+  assert mg._box_groups((4, 4, 8)) == (4, 4)
+  assert mg._box_groups((8, 16)) == (8, 2)
+  assert mg._box_groups((2, 4, 8)) == (2, 4)
+  assert mg._box_groups((16, 8)) == (16,)
+  assert mg._box_groups((1, 1, 128)) == (16,)
+  assert mg._box_groups((1, 8, 8)) == (8,)
+  assert mg._box_groups((2, 4, 16)) is None  # 3 dims wider than 1: over the TMA's 5
+  assert mg._box_groups((128,)) is None
+  assert mg._box_groups((16, 4)) is None
+  assert mg._tma_copies((4, 4, 8)) == 2 and mg._tma_copies((2, 4, 16)) == 8
+  na = masks.neighborhood((16, 64, 64), (8, 16, 16), (8, 16, 16))
+  qt, kt = mg.auto_tiles(na, 128, 128)
+  assert mg._box_groups(kt) is not None and math.prod(kt) == 128
+  # The box view is a reshape of the caller's [batch, *spatial, heads, d] array.
+  x = jnp.arange(2 * 4 * 16 * 3 * 128, dtype=jnp.float32).reshape(2, 4 * 16, 3, 128)
+  boxes = mg._Boxes((4, 16), (2, 8), (2, 2))
+  view = mg._box_view(x, boxes, True)
+  assert view.shape == (2, 4, 2, 8, 3, 2, 64)
+  assert float(view[1, 3, 1, 5, 2, 1, 7]) == float(x[1, 3 * 16 + 13, 2, 71])
 
 
 def _split_plan(spatial, kernel, stride=1, causal=False, q_tile=(16, 8), kv_tile=(8, 8)):
@@ -272,7 +302,8 @@ def test_split_where_it_pays():
                           0.125) is None  # half (2, 32): 34 columns
 
 
-@pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa", "na2d_split"])
+@pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa", "na2d_split",
+                                  "na3d_rows"])
 def test_lowers_for_gpu(case):
   """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
   backward (Triton kernels)."""
@@ -283,6 +314,10 @@ def test_lowers_for_gpu(case):
   elif case == "na2d_split":  # per-warpgroup lists (the default tiles of stride k/2)
     f = lambda q, k, v: jsa.na2d(q, k, v, 16, stride=8, backend="mosaic_gpu")
     args = (S(2, 128, 128, 16, 128),) * 3
+  elif case == "na3d_rows":  # one TMA copy per row of the KV tile instead of box copies
+    f = lambda q, k, v: jsa.na3d(q, k, v, (8, 16, 16), backend="mosaic_gpu",
+                                 config=MosaicGPUConfig(box_copies=False))
+    args = (S(1, 16, 64, 64, 4, 128),) * 3
   elif case == "na3d_strided":
     f = lambda q, k, v: jsa.na3d(q, k, v, (8, 16, 16), stride=(4, 8, 8), backend="mosaic_gpu")
     args = (S(1, 16, 64, 64, 4, 128),) * 3

@@ -14,7 +14,9 @@ Tiles are TMA boxes in the caller's layout: for neighborhood attention (gathered
 block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight from
 ``[batch, *spatial, heads, head_dim]`` (no permuted copies, no index vectors); the edges of
 the grid are the TMA's out-of-bounds handling (zero fill on load, clipped on store). Plans in
-kernel order (1-D sequences, `tiling=`) are the 1-D case of the same.
+kernel order (1-D sequences, `tiling=`) are the 1-D case of the same. A K/V tile is one copy
+per 64 columns of head_dim (box copies, `_box_groups`) where the TMA's 5 strided dims allow,
+else one copy per row of its last dim; Q tiles (once per item) copy per row.
 
 Full blocks run with no mask arithmetic. Partial blocks of neighborhoods get the MMA bias
 of the Triton kernels as one more wgmma into the score accumulator (a one-hot of the
@@ -78,6 +80,13 @@ class MosaicGPUConfig:
   # Neighborhood masks with MMA-bias tables; elsewhere the option has no effect. None: with
   # 64-token KV blocks where the block maps say it skips enough work (`_split_pays`).
   split: bool | None = None
+  # K/V tiles as TMA boxes: one copy per 64 columns of head_dim instead of one per row of
+  # the tile's last dim (16 copies of a 4x4x8 tile's K, 8 of an 8x16 tile's), with the
+  # slots and the output accumulator split by those 64 columns (`_box_groups`). None or True:
+  # wherever the tile allows it with the fused P·V form; True also in interpret mode where
+  # that form runs (the default interpret form, unfused, and interpret mode's lack of
+  # reshaped shared-memory refs keep row copies there). False: row copies.
+  box_copies: bool | None = None
   triton: triton_attention.TritonConfig | None = None
 
 
@@ -101,7 +110,7 @@ def _config(config) -> MosaicGPUConfig:
                      f"{type(config).__name__}")
   if config.stages is not None and config.stages < 2:
     raise ValueError(f"MosaicGPUConfig.stages must be >= 2, got {config.stages}")
-  for name in ("persistent", "split"):
+  for name in ("persistent", "split", "box_copies"):
     if not (getattr(config, name) is None or isinstance(getattr(config, name), bool)):
       raise ValueError(f"MosaicGPUConfig.{name} must be True, False or None, got "
                        f"{getattr(config, name)!r}")
@@ -232,7 +241,7 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Boxes, kb: _Boxes,
             half: tuple[int, ...], half_dim: int, head_dim: int, heads: int, groups: int,
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
-            fused_pv: bool, mma_width: int, split: bool):
+            fused_pv: bool, mma_width: int, split: bool, box: tuple | None):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -244,7 +253,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   Per-warpgroup lists (``split=True``, `_split_inputs`): ids are the loads [q blocks, loads,
   3] (KV block, each warpgroup's table), counts [q blocks, 6] (steps, loads, each
   warpgroup's active steps, shared steps, paired steps); refs are onehot [128, W] and tables
-  [n, W, block_kv]. Then out, lse."""
+  [n, W, block_kv]. Then out, lse.
+
+  ``box`` (`_box_groups`): K/V come as `_box_view`s and a slot is [head_dim // 64, *box, 8,
+  64], one TMA copy per 64 columns; scores sum one wgmma per 64 columns and the output
+  accumulates in 64-column parts. Else a slot is [block_kv, head_dim], one copy per row of
+  the tile's last dim."""
   mma = mma_width > 0
   if split:
     onehot_ref, tables_ref, out_ref, lse_ref = refs
@@ -269,6 +283,13 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     """KV tiles the memory warpgroup loads for q block `qi`."""
     return counts_ref[qi, 1]
 
+  parts = head_dim // 64 if box is not None else 1  # output accumulator parts
+  width = head_dim // parts
+
+  def kv_part(smem, slot, i):
+    """Columns [64 i, 64 i + 64) of a K/V slot as [block_kv, 64] (box), or the slot."""
+    return smem.at[slot, i].reshape(block_kv, width) if box is not None else smem.at[slot]
+
   def q_origin(qi, wg):
     origin = list(qb.origin(qi))
     origin[half_dim] = origin[half_dim] + wg * half[half_dim]
@@ -282,6 +303,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     coordinates [dims, block_kv], the test matrix [W, block_kv] or (split) one per
     warpgroup [2, W, block_kv]."""
     wg = lax.axis_index("wg")
+
+    def scores(acc_ref, qo, slot):
+      """acc_ref += Q K^T of `slot` (one wgmma per 64 columns of a box slot)."""
+      for i in range(parts):
+        a = qo if parts == 1 else qo.at[:, pl.ds(i * width, width)]
+        plgpu.wgmma(acc_ref, a, kv_part(k_smem, slot, i).transpose((1, 0)))
 
     def rendezvous():
       plgpu.barrier_arrive(turn)
@@ -301,27 +328,29 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
         alpha = jnp.exp2(m_i - m_use)
         p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
         l_i = l_i * alpha + p.sum(axis=1)
         return acc, m_new, l_i, p.astype(dtype)
 
       def pv(acc, p16, slot, during=None):
-        """acc + P·V of `slot`; `during()` runs while the wgmma does."""
+        """acc (its parts) + P·V of `slot`; `during()` runs while the wgmmas do."""
         if p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
           p_smem.at[wg][...] = p16
           plgpu.commit_smem()
           p16 = p_smem.at[wg]
 
-        def run(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        def run(acc_refs):
+          for i, acc_ref in enumerate(acc_refs):
+            plgpu.wgmma(acc_ref, p16, kv_part(v_smem, slot, i))
           if during is not None:
             during()
           if not fused_pv:
-            return acc_ref[...]
+            return acc_refs[0][...]
 
         if fused_pv:  # accumulate into acc (interpret mode has no run_state)
-          return pl.run_state(run)(plgpu.ACC.init(acc))
-        return acc + pl.run_scoped(run, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+          return pl.run_state(run)(tuple(plgpu.ACC.init(a) for a in acc))
+        return (acc[0] + pl.run_scoped(lambda r: run((r,)),
+                                       plgpu.ACC((_ROWS, head_dim), jnp.float32)),)
 
       def finish(qi, head, batch, qo, buf, acc, m_i, l_i):
         pl.when(wg == 0)(rendezvous)
@@ -329,8 +358,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         # its max below half of that; element masks leave such a row at l == 0.
         seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
         l_safe = jnp.where(seen, l_i, 1.0)
-        out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-        qo[...] = out.astype(dtype)
+        for i, a in enumerate(acc):
+          out = (a / lax.broadcast_in_dim(l_safe, a.shape, [0])).astype(dtype)
+          if parts == 1:
+            qo[...] = out
+          else:
+            qo.at[:, pl.ds(i * width, width)][...] = out
         lse = jnp.where(seen, (m_i + jnp.log(l_safe) * LOG2E) * LN2, -jnp.inf)
         lse_smem.at[wg][...] = lse
         plgpu.commit_smem()
@@ -350,8 +383,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                 plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32),
                                 plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0.0, jnp.float32),
-                                plgpu.Layout.WGMMA)
+        acc = tuple(plgpu.layout_cast(jnp.full((_ROWS, width), 0.0, jnp.float32),
+                                      plgpu.Layout.WGMMA) for _ in range(parts))
         return qi, head, batch, buf, q_smem.at[buf, wg], (acc, m_i, l_i)
 
       def work(k, g):
@@ -372,7 +405,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           def qk(acc_ref):
             if masked and mma:  # the bias first: onehot [64, W] @ test [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot])
-            plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+            scores(acc_ref, qo, slot)
             rendezvous()
             return acc_ref[...]
 
@@ -450,7 +483,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
             def qk(acc_ref):  # the bias first: onehot [64, W] @ my test matrix [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot, wg])
-              plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+              scores(acc_ref, qo, slot)
               rendezvous()
               return acc_ref[...]
 
@@ -506,12 +539,21 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         @pl.loop(0, loads(qi))
         def _(t):
           j = ids_ref[qi, t, 0] if split else ids_ref[qi, t]
-          rows = kb.rows(kb.origin(j))
+          origin = kb.origin(j)
           slot = lax.rem(g + t, stages)
           reuse = g + t >= stages
 
-          def copy_rows(src, dst, bar):  # the step's KV tile, one TMA copy per row
-            for r, index in rows:
+          def copy_rows(src, dst, bar):  # the step's KV tile: per 64 columns, or per row
+            if box is not None:  # src: [batch, *spatial[:-1], last // 8, 8, heads, parts, 64]
+              start = (*origin[:-1], lax.div(origin[-1], 8))
+              index = tuple(pl.ds(o, n) if n > 1 else o
+                            for o, n in zip(start, (*kb.tile[:-1], kb.tile[-1] // 8)))
+              for i in range(parts):
+                plgpu.copy_gmem_to_smem(
+                    src.at[(batch, *index, slice(None), kv_head, i, slice(None))],
+                    dst.at[slot, i], bar.at[slot])
+              return
+            for r, index in kb.rows(origin):
               plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head)],
                                       dst.at[slot, pl.ds(r, kb.tile[-1])], bar.at[slot])
 
@@ -550,8 +592,14 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         pl.when(b < mine)(lambda: plgpu.barrier_wait(q_free.at[b]))
 
   q_rows = math.prod(half[:-1])
-  kv_rows = math.prod(kb.tile[:-1])
+  kv_rows = parts if box is not None else math.prod(kb.tile[:-1])
+  if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, 64]
+    kv_slot = (parts, *box, 8, width)
+    kv_transforms = (plgpu.TilingTransform((1,) * len(box) + (8, 64)),
+                     plgpu.SwizzleTransform(128))
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  if box is None:
+    kv_slot, kv_transforms = (block_kv, head_dim), swizzled
   if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
     narrow = (plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
     row_smem = plgpu.SMEM((_COMPUTE_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow)
@@ -564,8 +612,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   pl.run_scoped(
       body,
       plgpu.SMEM((q_bufs, _COMPUTE_WGS, _ROWS, head_dim), dtype, transforms=swizzled),
-      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=swizzled),
-      plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=swizzled),
+      plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms),
+      plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms),
       row_smem,
       step_smem,
       plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
@@ -705,6 +753,18 @@ def _split_inputs(plan: AttentionPlan, scale: float):
 # pay only where they skip >= ~20% of the work: short strided rows, not dense windows.
 _KV64_COST = 1.15
 _SPLIT_COST = 1.38
+# Each TMA copy of a KV tile (for K and for V) costs the memory warpgroup time the step
+# waits on: perfectly block-sparse 3-D (stride = kernel, all blocks full, H100,
+# results/h100-2026-11-23-rows.json) ran 1.99 / 1.96 ms with a copy per row of the KV tile
+# (16 rows of 8 tokens), 1.87 / 1.85 ms with 8 rows of 16, 1.75 ms as 1-D blocks (one copy):
+# ~0.9% of a 128-key step per copy, in the units above (4 per 128-key step) per copy and
+# load. Box copies (`_box_groups`) take 2 per tile (64 columns each, D = 128).
+_TMA_COPY_COST = 0.037
+
+
+def _tma_copies(kv_tile) -> int:
+  """TMA copies per K (or V) tile: 2 as a box (D = 128), else one per row."""
+  return 2 if _box_groups(kv_tile) is not None else math.prod(kv_tile[:-1])
 
 
 def _split_pays(bmap, split_counts) -> bool:
@@ -720,7 +780,8 @@ def auto_tiles(mask, block_q: int, block_kv: int):
   128-row query tiles that are TMA boxes (last dim, and that of the half tile, a multiple
   of 8) and KV tiles of `block_kv` keys, or of 64 keys (with or without per-warpgroup
   lists) when `block_kv` is 128. Visited-block counts are the simulator's, partial blocks
-  cost as in its model (the MMA bias, or the element test past 32 one-hot columns)."""
+  cost as in its model (the MMA bias, or the element test past 32 one-hot columns), and
+  every KV load adds the cost of its TMA copies (`_TMA_COPY_COST`)."""
   from jax_sparse_attn.simulate import (PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA,
                                         best_tile_shapes, candidate_tiles, mma_columns,
                                         visited_blocks)
@@ -739,6 +800,7 @@ def auto_tiles(mask, block_q: int, block_kv: int):
         cost = units * (1.0 if kv > _ROWS else _KV64_COST)
         if kv == _ROWS and mma_columns(half) <= _SPLIT_MAX_WIDTH:
           cost = min(cost, visited_blocks(mask, half, kt)[0] * _SPLIT_COST)
+        cost += _TMA_COPY_COST * _tma_copies(kt) * visited  # loads: the union's blocks
         key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
         if best_key is None or key < best_key:
           best, best_key = (qt, kt), key
@@ -819,6 +881,27 @@ def _view(x, boxes: _Boxes):
   return x.reshape((x.shape[0], *boxes.spatial, *x.shape[2:]))
 
 
+def _box_groups(tile: tuple[int, ...]) -> tuple[int, ...] | None:
+  """A KV tile's extents in groups of 8 rows, (*tile[:-1], tile[-1] // 8) less its unit
+  dims, where one TMA copy can take it (else None). A copy strides over at most 5 dims: the
+  integer-indexed ones (batch, head, unit dims, the 64-column part) collapse into one, 8 x
+  64 is the swizzle tile, which leaves 2: 4x4x8 and 8x16 tiles are boxes, 2x4x16 is not,
+  and nor are 1-D blocks (their one copy per tile is already a box)."""
+  if len(tile) < 2 or tile[-1] % 8:
+    return None
+  groups = tuple(n for n in (*tile[:-1], tile[-1] // 8) if n > 1)
+  return groups if 1 <= len(groups) <= 2 else None
+
+
+def _box_view(x, boxes: _Boxes, box: bool):
+  """[batch, n, heads, d] -> the kernel's view: [batch, *spatial, heads, d], or for box
+  copies [batch, *spatial[:-1], last // 8, 8, heads, d // 64, 64]."""
+  if not box:
+    return _view(x, boxes)
+  b, _, h, d = x.shape
+  return x.reshape((b, *boxes.spatial[:-1], boxes.spatial[-1] // 8, 8, h, d // 64, 64))
+
+
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret):
   """Arrays as `triton_attention.forward` (kernel order, or the caller's flat order for
   gathered plans). Returns out like q and lse [batch, heads, n_q] float32 (natural log)."""
@@ -889,11 +972,14 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   persistent = (cfg.persistent if cfg.persistent is not None
                 else _persistent_default(row_counts))
   programs = min(items, _programs(cfg, interpret)) if persistent else items
+  box = _box_groups(kb.tile) if (cfg.box_copies is not False and fused_pv and (
+      cfg.box_copies or not interpret)) else None
+  kv_view = functools.partial(_box_view, box=box is not None)
   kernel = functools.partial(
       _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, heads=h,
       groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
-      mma_width=width, split=split is not None)
+      mma_width=width, split=split is not None, box=box)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
@@ -904,8 +990,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else False,
-  )(_order(row_counts, cfg.longest_first), ids, counts, _view(q, qb), _view(k, kb),
-    _view(v, kb), *mask_arrays)
+  )(_order(row_counts, cfg.longest_first), ids, counts, _view(q, qb), kv_view(k, kb),
+    kv_view(v, kb), *mask_arrays)
   lse = lse[(slice(None), slice(None), *(slice(0, s) for s in qb.spatial))]
   return out.reshape(q.shape), lse.reshape(b, h, sq)
 
