@@ -79,6 +79,10 @@ SCHEDULES = [("one program per item", MosaicGPUConfig(persistent=False)),
              ("persistent, numbered order", MosaicGPUConfig(longest_first=False))]
 
 
+def IMPLS():
+  return ("mosaic_gpu",) if ARGS.only_mgpu else ("mosaic_gpu", "triton")
+
+
 def timings(dtype, iters):
   """Default tiles on both backends, then mosaic_gpu scheduling variants (forward only)."""
   for spatial, kern, stride, b in [
@@ -94,10 +98,10 @@ def timings(dtype, iters):
     tag = (f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{'x'.join(map(str, kern))} "
            f"s{stride} B={b}")
     q, k, v, do = inputs((b,) + spatial + (H, D), (b,) + spatial + (H, D), dtype)
-    for impl in ("mosaic_gpu", "triton"):
+    for impl in IMPLS():
       f = lambda q, k, v, impl=impl: jsa.na(q, k, v, kern, stride, backend=impl)
       perf(tag, f, q, k, v, do, iters, with_bwd=True, impl=impl + " (auto tiles)")
-    for sched, cfg in SCHEDULES:
+    for sched, cfg in SCHEDULES if not ARGS.only_mgpu else ():
       f = lambda q, k, v, cfg=cfg: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu",
                                           config=cfg)
       perf(tag, f, q, k, v, do, iters, impl="mosaic_gpu", schedule=sched)
@@ -108,10 +112,10 @@ def timings(dtype, iters):
                      (32768, masks.sliding_window(2047), 1)]:
     q, k, v, do = inputs((b, s, H, D), (b, s, H, D), dtype)
     name = f"{'dense' if mask is None else mask} S={s} B={b}"
-    for impl in ("mosaic_gpu", "triton"):
+    for impl in IMPLS():
       perf(name, lambda q, k, v, m=mask, impl=impl: jsa.attention(q, k, v, m, backend=impl),
            q, k, v, do, iters, with_bwd=True, impl=impl)
-    for sched, cfg in SCHEDULES:
+    for sched, cfg in SCHEDULES if not ARGS.only_mgpu else ():
       perf(name, lambda q, k, v, m=mask, cfg=cfg: jsa.attention(
           q, k, v, m, backend="mosaic_gpu", config=cfg), q, k, v, do, iters,
            impl="mosaic_gpu", schedule=sched)
@@ -287,6 +291,8 @@ def main():
   parser.add_argument("--baselines", action="store_true", help="only the dense baselines")
   parser.add_argument("--split", action="store_true",
                       help="per-warpgroup KV lists vs one list per tile (then the baselines)")
+  parser.add_argument("--only-mgpu", action="store_true",
+                      help="timings of the mosaic_gpu defaults only (no Triton, no schedules)")
   parser.add_argument("--rows", action="store_true",
                       help="short rows and TMA rows against the bound (then the baselines)")
   ARGS = parser.parse_args()
