@@ -153,7 +153,8 @@ def test_head_dim_128(block_kv, stages):
 
 def test_tiles_are_boxes_or_permuted():
   """Gathered plans read TMA boxes of the caller's layout when every tile row is a multiple
-  of 8 tokens; dilation or narrow tiles fall back to a permuted copy (checked by test_na)."""
+  of 8 tokens and the tiles divide the leading spatial dims; dilation, narrow tiles or
+  ragged leading dims fall back to a permuted copy (checked by test_na)."""
   mask = masks.neighborhood((32, 32), (7, 7))
   box = gathered(make_plan(mask, TiledLayout((32, 32), (1, 1), (8, 16)),
                            TiledLayout((32, 32), (1, 1), (8, 8))))
@@ -165,6 +166,13 @@ def test_tiles_are_boxes_or_permuted():
   # (16, 8) -> (8, 8) is fine, (128, 1) is not.
   assert mg._box_layout(TiledLayout((32, 128), (1, 1), (2, 64)))
   assert not mg._box_layout(TiledLayout((256, 4), (1, 1), (128, 1)))
+  # Only the last dim may end in a partial tile (a real TMA dim, clipped); a row past the
+  # end of a leading dim would be stored into the next batch or leading index.
+  assert mg._box_layout(TiledLayout((32, 40), (1, 1), (8, 16)))  # 40 % 16: last dim
+  assert not mg._box_layout(TiledLayout((100, 96), (1, 1), (16, 8)))  # 100 % 16
+  assert not mg._box_layout(TiledLayout((9, 22, 24), (1, 1, 1), (2, 8, 8)))
+  assert not mg._box_layout(TiledLayout((9, 24, 24), (1, 1, 1), (2, 4, 8)))  # 9 % 2
+  assert mg._box_layout(TiledLayout((8, 24, 24), (1, 1, 1), (4, 4, 8)))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -12,8 +12,9 @@ own 64 rows, and the memory warpgroup loads the union of the two lists once.
 
 Tiles are TMA boxes in the caller's layout: for neighborhood attention (gathered plans) a Q
 block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight from
-``[batch, *spatial, heads, head_dim]`` (no permuted copies, no index vectors); the edges of
-the grid are the TMA's out-of-bounds handling (zero fill on load, clipped on store). Plans in
+``[batch, *spatial, heads, head_dim]`` (no permuted copies, no index vectors); the edge of
+the last spatial dim is the TMA's out-of-bounds handling (zero fill on load, clipped on
+store), and tiles must divide the leading spatial dims (`_box_layout`). Plans in
 kernel order (1-D sequences, `tiling=`) are the 1-D case of the same. A K/V tile is one copy
 per 64 columns of head_dim (box copies, `_box_groups`) where the TMA's 5 strided dims allow,
 else one copy per row of its last dim; Q tiles (once per item) copy per row.
@@ -189,11 +190,19 @@ def _padded_head_dim(d: int) -> int | None:
 def _box_layout(layout) -> bool:
   """Whether a gathered plan's blocks can be read as TMA boxes of the caller's layout (else
   the forward permutes into kernel order: dilation, tiles or a last spatial dim that is not
-  a multiple of 8 tokens)."""
+  a multiple of 8 tokens, or leading spatial dims that the tile does not divide).
+
+  Only the last spatial dim may end in a partial tile. A row copy integer-indexes the
+  leading spatial dims, and Mosaic collapses integer-indexed dims (with batch and head)
+  into one TMA dim, so a row past the end of a leading dim is not clipped: it lands in the
+  next batch or leading index. On the H100 a 9x22x24 grid with 2x8x8 query tiles stored
+  such rows over valid output (results/h100-2026-11-23-box-checks.json, both copy forms);
+  the last dim is a real TMA dim, clipped and zero-filled."""
   boxes = _boxes(layout)
   # Mosaic tiles the last spatial dim of the caller's array by 8 rows for these copies.
   return (boxes is not None and boxes.spatial[-1] % 8 == 0 and boxes.tile[-1] % 8 == 0
-          and _half_tile(boxes.tile)[0][-1] % 8 == 0)
+          and _half_tile(boxes.tile)[0][-1] % 8 == 0
+          and all(s % t == 0 for s, t in zip(boxes.spatial[:-1], boxes.tile[:-1])))
 
 
 def _why_not(dtype, head_dim: int, has_segments: bool, interval: bool, scale: float,
