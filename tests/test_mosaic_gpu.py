@@ -234,6 +234,22 @@ def test_box_groups():
   assert float(view[1, 3, 1, 5, 2, 1, 7]) == float(x[1, 3 * 16 + 13, 2, 71])
 
 
+def test_tile_choice_prices_the_permutation():
+  """Tiles that do not divide the leading spatial dims run on a permuted copy (about a
+  third of a 2-D NA forward): the choice takes box tiles where they cost less than that
+  (60x64), and keeps 128-row query tiles either way."""
+  from jax_sparse_attn.simulate import visited_blocks
+  for spatial, kernel in [((60, 64), (13, 13)), ((100, 96), (33, 17)), ((9, 22, 24), (4, 7, 7))]:
+    mask = masks.neighborhood(spatial, kernel)
+    qt, kt = mg.auto_tiles(mask, 128, 128)
+    assert math.prod(qt) == 128 and math.prod(kt) in (64, 128)
+    ones = (1,) * len(spatial)
+    box = (mg._box_layout(TiledLayout(spatial, ones, qt))
+           and mg._box_layout(TiledLayout(spatial, ones, kt)))
+    if spatial == (60, 64):  # (16, 8) would permute; a box tile wins
+      assert box and visited_blocks(mask, qt, kt)[0] > 0
+
+
 def _split_plan(spatial, kernel, stride=1, causal=False, q_tile=(16, 8), kv_tile=(8, 8)):
   mask = masks.neighborhood(spatial, kernel, stride, 1, causal)
   ones = (1,) * len(spatial)

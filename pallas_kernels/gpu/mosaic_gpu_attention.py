@@ -771,6 +771,13 @@ _SPLIT_COST = 1.38
 _TMA_COPY_COST = 0.037
 
 
+# Layouts that are not TMA boxes (`_box_layout`: dilation, ragged leading dims) run on a
+# permuted copy: q, k, v in and the output out through XLA, ~0.3 ms for 2-D 128x128, B=2,
+# H=16, D=128 on the H100 (results/h100-2026-11-23-ours.json, "token permutation only"):
+# ~0.18 units per token and head, a third of the 2-D NA forward.
+_PERMUTE_COST = 0.18
+
+
 def _tma_copies(kv_tile) -> int:
   """TMA copies per K (or V) tile: 2 as a box (D = 128), else one per row."""
   return 2 if _box_groups(kv_tile) is not None else math.prod(kv_tile[:-1])
@@ -790,7 +797,8 @@ def auto_tiles(mask, block_q: int, block_kv: int):
   of 8) and KV tiles of `block_kv` keys, or of 64 keys (with or without per-warpgroup
   lists) when `block_kv` is 128. Visited-block counts are the simulator's, partial blocks
   cost as in its model (the MMA bias, or the element test past 32 one-hot columns), and
-  every KV load adds the cost of its TMA copies (`_TMA_COPY_COST`)."""
+  every KV load adds the cost of its TMA copies (`_TMA_COPY_COST`); tiles that are not
+  boxes of the layout (ragged leading dims) add the permuted copy (`_PERMUTE_COST`)."""
   from jax_sparse_attn.simulate import (PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA,
                                         best_tile_shapes, candidate_tiles, mma_columns,
                                         visited_blocks)
@@ -810,6 +818,9 @@ def auto_tiles(mask, block_q: int, block_kv: int):
         if kv == _ROWS and mma_columns(half) <= _SPLIT_MAX_WIDTH:
           cost = min(cost, visited_blocks(mask, half, kt)[0] * _SPLIT_COST)
         cost += _TMA_COPY_COST * _tma_copies(kt) * visited  # loads: the union's blocks
+        if not (_box_layout(TiledLayout(mask.spatial_shape, mask.dilation, qt))
+                and _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, kt))):
+          cost += _PERMUTE_COST * mask.num_tokens
         key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
         if best_key is None or key < best_key:
           best, best_key = (qt, kt), key
