@@ -49,13 +49,10 @@ def _splits(mask, qt, kt) -> bool:
   """Whether the Hopper forward runs these tiles with per-warpgroup KV lists by default."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
-  if math.prod(kt) != 64:
-    return False
   ones = (1,) * len(qt)
   plan = gathered(make_plan(mask, TiledLayout(mask.spatial_shape, ones, qt),
                             TiledLayout(mask.spatial_shape, ones, kt)))
-  split = mg._split_inputs(plan, 1.0)
-  return split is not None and mg._split_pays(plan.block_map, split[3])
+  return mg.split_lists(plan, 1.0) is not None
 
 
 def diag_points(results, baselines, impl_name: str):

@@ -229,7 +229,7 @@ def test_box_groups():
   # The box view is a reshape of the caller's [batch, *spatial, heads, d] array.
   x = jnp.arange(2 * 4 * 16 * 3 * 128, dtype=jnp.float32).reshape(2, 4 * 16, 3, 128)
   boxes = mg._Boxes((4, 16), (2, 8), (2, 2))
-  view = mg._box_view(x, boxes, True)
+  view = mg._box_view(x, boxes)
   assert view.shape == (2, 4, 2, 8, 3, 2, 64)
   assert float(view[1, 3, 1, 5, 2, 1, 7]) == float(x[1, 3 * 16 + 13, 2, 71])
 
@@ -311,6 +311,13 @@ def test_split_where_it_pays():
   assert mg._split_pays(strided.block_map, mg._split_inputs(strided, 0.125)[3])
   window = _split_plan((64, 64), (33, 33))
   assert not mg._split_pays(window.block_map, mg._split_inputs(window, 0.125)[3])
+  # The forward's decision (`split_lists`): by default where it pays, forced or refused by
+  # the config.
+  assert mg.split_lists(strided, 0.125) is not None
+  assert mg.split_lists(window, 0.125) is None
+  assert mg.split_lists(window, 0.125, MosaicGPUConfig(split=True)) is not None
+  assert mg.split_lists(strided, 0.125, MosaicGPUConfig(split=False)) is None
+  assert mg.split_lists(strided, 0.125, MosaicGPUConfig(mask_mma=False)) is None
   na = lambda *a: masks.neighborhood(*a, 1, False)
   assert mg.auto_tiles(na((128, 128), (16, 16), (8, 8)), 128, 128) == ((16, 8), (4, 16))
   assert mg.auto_tiles(na((128, 128), (33, 33), 1), 128, 128) == ((8, 16), (8, 16))

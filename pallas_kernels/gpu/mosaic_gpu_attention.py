@@ -601,14 +601,13 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         pl.when(b < mine)(lambda: plgpu.barrier_wait(q_free.at[b]))
 
   q_rows = math.prod(half[:-1])
-  kv_rows = parts if box is not None else math.prod(kb.tile[:-1])
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, 64]
-    kv_slot = (parts, *box, 8, width)
+    kv_copies, kv_slot = parts, (parts, *box, 8, width)
     kv_transforms = (plgpu.TilingTransform((1,) * len(box) + (8, 64)),
                      plgpu.SwizzleTransform(128))
-  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  if box is None:
-    kv_slot, kv_transforms = (block_kv, head_dim), swizzled
+  else:
+    kv_copies, kv_slot, kv_transforms = math.prod(kb.tile[:-1]), (block_kv, head_dim), swizzled
   if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
     narrow = (plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
     row_smem = plgpu.SMEM((_COMPUTE_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow)
@@ -631,8 +630,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                     num_barriers=q_bufs * _COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_bufs),
       plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
-      plgpu.Barrier(num_arrivals=kv_rows + step_copies, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=kv_rows, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=kv_copies + step_copies, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=kv_copies, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
@@ -790,6 +789,20 @@ def _split_pays(bmap, split_counts) -> bool:
   return _SPLIT_COST * per_warpgroup < _KV64_COST * union
 
 
+def split_lists(plan: AttentionPlan, scale: float, config=None):
+  """`_split_inputs` where the forward runs per-warpgroup lists for `plan` under `config`
+  (`MosaicGPUConfig.split`: True where they apply; None with 64-key KV blocks where
+  `_split_pays`), else None."""
+  cfg = _config(config)
+  if not (cfg.mask_mma and cfg.split is not False and plan.gathered
+          and (cfg.split or plan.block_kv == _ROWS)):
+    return None
+  split = _split_inputs(plan, scale)
+  if cfg.split is None and split is not None and not _split_pays(plan.block_map, split[3]):
+    return None
+  return split
+
+
 @functools.lru_cache(maxsize=256)
 def auto_tiles(mask, block_q: int, block_kv: int):
   """(q tile, kv tile) for `na`'s defaults: the lowest modeled cost (`_SPLIT_COST`) over
@@ -806,8 +819,10 @@ def auto_tiles(mask, block_q: int, block_kv: int):
   q_cands = [t for t in tiles(block_q) if _half_tile(t)[0][-1] % 8 == 0]
   kv_sizes = (block_kv, _ROWS) if block_kv == 2 * _ROWS else (block_kv,)
   best, best_key = None, None
+  is_box = lambda t: _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, t))
   for qt in q_cands if block_q == 2 * _ROWS else ():
     half = _half_tile(qt)[0]
+    q_box = is_box(qt)
     partial_cost = (PARTIAL_BLOCK_COST_MMA if mma_columns(qt) <= mma_masks.MAX_WIDTH
                     else PARTIAL_BLOCK_COST)
     for kv in kv_sizes:
@@ -818,8 +833,7 @@ def auto_tiles(mask, block_q: int, block_kv: int):
         if kv == _ROWS and mma_columns(half) <= _SPLIT_MAX_WIDTH:
           cost = min(cost, visited_blocks(mask, half, kt)[0] * _SPLIT_COST)
         cost += _TMA_COPY_COST * _tma_copies(kt) * visited  # loads: the union's blocks
-        if not (_box_layout(TiledLayout(mask.spatial_shape, mask.dilation, qt))
-                and _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, kt))):
+        if not (q_box and is_box(kt)):
           cost += _PERMUTE_COST * mask.num_tokens
         key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
         if best_key is None or key < best_key:
@@ -913,11 +927,9 @@ def _box_groups(tile: tuple[int, ...]) -> tuple[int, ...] | None:
   return groups if 1 <= len(groups) <= 2 else None
 
 
-def _box_view(x, boxes: _Boxes, box: bool):
-  """[batch, n, heads, d] -> the kernel's view: [batch, *spatial, heads, d], or for box
-  copies [batch, *spatial[:-1], last // 8, 8, heads, d // 64, 64]."""
-  if not box:
-    return _view(x, boxes)
+def _box_view(x, boxes: _Boxes):
+  """[batch, n, heads, d] -> the box copies' view [batch, *spatial[:-1], last // 8, 8,
+  heads, d // 64, 64]."""
   b, _, h, d = x.shape
   return x.reshape((b, *boxes.spatial[:-1], boxes.spatial[-1] // 8, 8, h, d // 64, 64))
 
@@ -963,12 +975,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     kb = _boxes(SequenceLayout(plan.kv_layout.padded_len, plan.block_kv))
   half, half_dim = _half_tile(qb.tile)
   bmap = plan.block_map
-  split = None
-  if cfg.mask_mma and cfg.split is not False and plan.gathered and (
-      cfg.split or plan.block_kv == _ROWS):
-    split = _split_inputs(plan, scale)
-    if cfg.split is None and split is not None and not _split_pays(bmap, split[3]):
-      split = None
+  split = split_lists(plan, scale, cfg)
   if split is not None:
     onehot, tables, loads, counts_np = split
     ids, counts = jnp.asarray(loads), jnp.asarray(counts_np)
@@ -994,7 +1001,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   programs = min(items, _programs(cfg, interpret)) if persistent else items
   box = _box_groups(kb.tile) if (cfg.box_copies is not False and fused_pv and (
       cfg.box_copies or not interpret)) else None
-  kv_view = functools.partial(_box_view, box=box is not None)
+  kv_view = _view if box is None else _box_view
   kernel = functools.partial(
       _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, heads=h,
       groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
