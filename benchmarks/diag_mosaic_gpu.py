@@ -2,7 +2,8 @@
 and gradients vs the float32 XLA backend), then forward (and forward+backward) timings beside
 the Triton kernels in the same process. Prints JSON lines; `--out` also writes them. `--split`: per-warpgroup KV lists against
 one list per tile on the same tiles (`split_timings`). `--rows`: where short rows lose
-against the bound (`rows`), the HBM bandwidth, the dense baselines.
+against the bound (`rows`), the HBM bandwidth, the dense baselines. `--windows`:
+window-anchored KV boxes against grid tiles (`window_checks`, `window_timings`).
 
     PYTHONPATH=. python -m benchmarks.diag_mosaic_gpu --out results.json
 """
@@ -122,10 +123,10 @@ def timings(dtype, iters):
     write_results(ARGS.out, header())
 
 
-def baselines(dtype, iters):
+def baselines(dtype, iters, extra=()):
   """Dense forwards the sparse rows' speedups are taken over (the token counts of the 2-D and
-  3-D problems)."""
-  for n, b in [(16384, 2), (65536, 1)]:
+  3-D problems, and `extra` (tokens, batch) pairs)."""
+  for n, b in [(16384, 2), (65536, 1), *extra]:
     q, k, v, do = inputs((b, n, H, D), (b, n, H, D), dtype)
     for impl in ("mosaic_gpu", "triton"):
       f = lambda q, k, v, impl=impl: jsa.attention(q, k, v, backend=impl)
@@ -189,6 +190,81 @@ def box_checks(dtype):
       except Exception as e:
         record(suite="check", case=name, box_copies=box, error=repr(e)[:800])
         traceback.print_exc()
+
+
+def window_checks(dtype):
+  """Window-anchored KV boxes (`MosaicGPUConfig.kv_windows`) at real sizes: forward and
+  gradients vs the float32 XLA backend, by default where they pay (stride k/2, odd kernels)
+  and forced elsewhere (boxes moved back from the edges), box copies through the raw view
+  with KV tiles whose last dim is 8, 16 and 32."""
+  tol = 2e-2
+  for name, spatial, kern, stride, causal, h, hkv, d, tiles, force in [
+      ("na3d 16x32x32 k8x16x16 s(4,8,8)", (16, 32, 32), (8, 16, 16), (4, 8, 8), False, 8, 8,
+       128, None, None),
+      ("na2d 128x128 k16 s8", (128, 128), (16, 16), (8, 8), False, 8, 8, 128, None, None),
+      ("na2d 96x96 k13 D=64 GQA 8/2 (4,32) boxes", (96, 96), (13, 13), 1, False, 8, 2, 64,
+       ((8, 16), (4, 32)), True),
+      ("na3d 8x48x48 k(3,9,9) (DiT)", (8, 48, 48), (3, 9, 9), 1, False, 8, 8, 128, None,
+       None),
+      ("na2d 128x128 k33 forced", (128, 128), (33, 33), 1, False, 8, 8, 128, None, True),
+      ("na3d 8x24x24 k(4,7,7) s(2,3,3) causal-t forced", (8, 24, 24), (4, 7, 7), (2, 3, 3),
+       (True, False, False), 4, 4, 128, ((2, 8, 8), (2, 4, 16)), True),
+  ]:
+    q, k, v, do = inputs((1,) + spatial + (h, d), (1,) + spatial + (hkv, d), dtype)
+    tile_kw = {} if tiles is None else dict(q_tile_shape=tiles[0], kv_tile_shape=tiles[1])
+    ref = lambda q, k, v, kern=kern, stride=stride, causal=causal: jsa.na(
+        q, k, v, kern, stride, is_causal=causal, backend="xla")
+    ours = lambda q, k, v, kern=kern, stride=stride, causal=causal, kw=tile_kw, f=force: jsa.na(
+        q, k, v, kern, stride, is_causal=causal, backend="mosaic_gpu",
+        config=MosaicGPUConfig(kv_windows=f), **kw)
+    try:
+      check_case(f"mosaic_gpu {name} kv_windows={force}", ours, ref, q, k, v, do, tol)
+    except Exception as e:
+      record(suite="check", case=name, kv_windows=force, error=repr(e)[:800])
+      traceback.print_exc()
+
+
+def window_timings(dtype, iters):
+  """Window-anchored KV boxes against grid tiles on the same tiles, the previous defaults
+  and Triton (forward; the simulator's bound of each), then the dense baselines."""
+  sim = lambda spatial, kern, stride, qt, kt: simulate(spatial, kern, stride, q_tile_shape=qt,
+                                                       kv_tile_shape=kt)
+  for spatial, kern, stride, b, h, extra in [
+      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, H, [((4, 4, 8), (2, 4, 8), None)]),
+      ((128, 128), (16, 16), (8, 8), 2, H, [((16, 8), (4, 16), None)]),
+      ((256, 256), (13, 13), 1, 2, H, []),
+      ((8, 48, 48), (3, 9, 9), 1, 4, H, []),
+      ((128, 128), (33, 33), 1, 2, H, []),
+      ((16, 64, 64), (8, 16, 16), 1, 1, H, []),
+      ((16, 64, 64), (8, 16, 16), (8, 16, 16), 1, H, []),
+      ((128, 128), (16, 16), (16, 16), 2, H, []),
+  ]:
+    tag = (f"na{len(spatial)}d {'x'.join(map(str, spatial))} k{'x'.join(map(str, kern))} "
+           f"s{stride} B={b}")
+    q, k, v, do = inputs((b,) + spatial + (h, D), (b,) + spatial + (h, D), dtype)
+    mask = masks.neighborhood(spatial, kern, stride)
+    qt, kt = mg.auto_tiles(mask, 128, 128)
+    r = sim(spatial, kern, stride, qt, kt)
+    windows = mg.window_pays(mask, qt, kt)
+    perf(tag, lambda q, k, v: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu"), q, k, v,
+         do, iters, with_bwd=True, impl="mosaic_gpu", variant="defaults", q_tile=qt,
+         kv_tile=kt, kv_windows=windows,
+         bound=r.window_speedup_bound if windows else r.block_speedup_bound)
+    perf(tag, lambda q, k, v: jsa.na(q, k, v, kern, stride, backend="triton"), q, k, v,
+         None, iters, impl="triton", variant="defaults")
+    for qt2, kt2, _ in [(qt, kt, None)] + extra:
+      r2 = sim(spatial, kern, stride, qt2, kt2)
+      for force in (True, False):
+        if (qt2, kt2) == (qt, kt) and force == windows:
+          continue  # the default above
+        f = lambda q, k, v, qt2=qt2, kt2=kt2, force=force: jsa.na(
+            q, k, v, kern, stride, backend="mosaic_gpu", q_tile_shape=qt2, kv_tile_shape=kt2,
+            config=MosaicGPUConfig(kv_windows=force))
+        perf(tag, f, q, k, v, None, iters, impl="mosaic_gpu", q_tile=qt2, kv_tile=kt2,
+             kv_windows=force,
+             bound=r2.window_speedup_bound if force else r2.block_speedup_bound)
+    write_results(ARGS.out, header())
+  baselines(dtype, iters, extra=[(65536, 2), (18432, 4)])
 
 
 def bound(spatial, kern, stride, qt, kt, split):
@@ -300,7 +376,16 @@ def main():
                       help="only the real-size checks of box copies")
   parser.add_argument("--rows", action="store_true",
                       help="short rows and TMA rows against the bound (then the baselines)")
+  parser.add_argument("--windows", action="store_true",
+                      help="window-anchored KV boxes: box checks, window checks, window vs "
+                      "grid timings, the dense baselines")
   ARGS = parser.parse_args()
+  if ARGS.windows:
+    if not ARGS.skip_checks:
+      box_checks(jnp.bfloat16)
+      window_checks(jnp.bfloat16)
+      write_results(ARGS.out, header())
+    return window_timings(jnp.bfloat16, ARGS.iters)
   if ARGS.box_checks:
     box_checks(jnp.bfloat16)
     return write_results(ARGS.out, header())

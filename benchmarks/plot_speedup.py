@@ -7,7 +7,8 @@ The first file is a `bench_gpu` run (Triton kernels; rows carry their bound). Wi
 `--mosaic` the points come instead from a `diag_mosaic_gpu` run: the default rows of both
 backends, each over its own dense kernel (the same run's S=16384 row, else the baselines
 file), beside the bound of the tiles `na` picks for that backend (computed here; at 64-row
-query granularity where the Hopper kernel splits the tile between its warpgroups). Needs
+query granularity where the Hopper kernel splits the tile between its warpgroups, and of
+window-anchored KV boxes where it takes them). Dense baselines match on tokens and batch. Needs
 matplotlib (not a dependency of the package).
 """
 from __future__ import annotations
@@ -62,27 +63,32 @@ def diag_points(results, baselines, impl_name: str):
   from jax_sparse_attn import masks, ops, simulate
   impl = ops._get_backend(impl_name)
   bq, bk = impl.default_blocks(128, jnp.bfloat16)
-  dense = {}
+  dense = {}  # (tokens, batch) -> ms
   for r in baselines + results:
     if r.get("impl") == impl_name and "fwd_ms" in r and "schedule" not in r:
-      m = re.match(r"dense (\d+) tokens B=\d|dense S=(\d+) B=\d", r["case"])
+      m = re.match(r"dense (\d+) tokens B=(\d+)|dense S=(\d+) B=(\d+)", r["case"])
       if m:
-        dense[int(m.group(1) or m.group(2))] = r["fwd_ms"]
+        dense[(int(m.group(1) or m.group(3)), int(m.group(2) or m.group(4)))] = r["fwd_ms"]
   out = []
   for r in results:
     prob = _problem(r["case"])
-    if r.get("impl") != f"{impl_name} (auto tiles)" or prob is None or "fwd_ms" not in r:
+    default = (r.get("impl") == f"{impl_name} (auto tiles)"
+               or (r.get("impl") == impl_name and r.get("variant") == "defaults"))
+    if not default or prob is None or "fwd_ms" not in r:
       continue
     spatial, kernel, stride = prob
-    base = dense.get(math.prod(spatial))
+    batch = int(r["case"].rsplit("B=", 1)[1])
+    base = dense.get((math.prod(spatial), batch))
     if base is None:
       continue
     mask = masks.neighborhood(spatial, kernel, stride)
     qt, kt = ops.auto_tiles(impl, mask, bq, bk)
-    if impl_name == "mosaic_gpu" and _splits(mask, qt, kt):  # 64-row query granularity
-      qt = mg._half_tile(qt)[0]
-    bound = simulate(spatial, kernel, stride, q_tile_shape=qt, kv_tile_shape=kt)
-    out.append((r["case"], bound.block_speedup_bound, base / r["fwd_ms"]))
+    windows = impl_name == "mosaic_gpu" and mg.window_pays(mask, qt, kt)
+    if impl_name == "mosaic_gpu" and not windows and _splits(mask, qt, kt):
+      qt = mg._half_tile(qt)[0]  # 64-row query granularity
+    sim = simulate(spatial, kernel, stride, q_tile_shape=qt, kv_tile_shape=kt)
+    bound = sim.window_speedup_bound if windows else sim.block_speedup_bound
+    out.append((r["case"] + (" (window boxes)" if windows else ""), bound, base / r["fwd_ms"]))
   return out
 
 

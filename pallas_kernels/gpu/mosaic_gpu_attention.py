@@ -17,7 +17,10 @@ the last spatial dim is the TMA's out-of-bounds handling (zero fill on load, cli
 store), and tiles must divide the leading spatial dims (`_box_layout`). Plans in
 kernel order (1-D sequences, `tiling=`) are the 1-D case of the same. A K/V tile is one copy
 per 64 columns of head_dim (box copies, `_box_groups`) where the TMA's 5 strided dims allow,
-else one copy per row of its last dim; Q tiles (once per item) copy per row.
+else one copy per row of its last dim; Q tiles (once per item) copy per row. KV boxes may
+also sit on each query tile's window instead of a fixed grid (`MosaicGPUConfig.kv_windows`,
+`_window_inputs`): strided windows (NATTEN centres them on their stride group) and odd
+kernels start off the grid, and anchored boxes cover them with fewer, fuller blocks.
 
 Full blocks run with no mask arithmetic. Partial blocks of neighborhoods get the MMA bias
 of the Triton kernels as one more wgmma into the score accumulator (a one-hot of the
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -88,6 +92,13 @@ class MosaicGPUConfig:
   # that form runs (the default interpret form, unfused, and interpret mode's lack of
   # reshaped shared-memory refs keep row copies there). False: row copies.
   box_copies: bool | None = None
+  # KV boxes anchored at each query tile's window (`_window_inputs`) instead of a fixed grid
+  # of KV tiles: the TMA copies boxes at any offset, so a strided window that starts off the
+  # grid (NATTEN centres it on its stride group) is loaded as whole boxes, e.g. every block
+  # of 3-D stride k/2 full. Neighborhood masks with MMA-bias tables and one KV list per tile
+  # (not with `split`); on the GPU only with box copies. None: where the cost model says
+  # they cost less than the grid (`window_pays`).
+  kv_windows: bool | None = None
   triton: triton_attention.TritonConfig | None = None
 
 
@@ -111,7 +122,7 @@ def _config(config) -> MosaicGPUConfig:
                      f"{type(config).__name__}")
   if config.stages is not None and config.stages < 2:
     raise ValueError(f"MosaicGPUConfig.stages must be >= 2, got {config.stages}")
-  for name in ("persistent", "split", "box_copies"):
+  for name in ("persistent", "split", "box_copies", "kv_windows"):
     if not (getattr(config, name) is None or isinstance(getattr(config, name), bool)):
       raise ValueError(f"MosaicGPUConfig.{name} must be True, False or None, got "
                        f"{getattr(config, name)!r}")
@@ -231,12 +242,19 @@ def unsupported(plan: AttentionPlan, head_dim: int, dtype, has_segments: bool,
                   plan.block_kv)
 
 
+_MIN_AUTO_HEAD_DIM = 32  # `supports`: auto picks this backend only above it
+
+
 def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, config,
              scale) -> bool:
   """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
-  `unsupported`'s conditions on the call's facts (None: the defaults), and no Triton-only
-  config."""
+  `unsupported`'s conditions on the call's facts (None: the defaults), no Triton-only
+  config, and head_dim > 32: padded to 64 columns, a head_dim of 32 runs slower than on
+  the Triton kernels (H100, the NAT model's shapes, 8x128x128x4x32 k13: 0.41 vs 0.33 ms
+  forward, 1.20 vs 1.13 ms with the backward; results/h100-2026-11-23-nat-backends.jsonl)."""
   if config is not None and not isinstance(config, MosaicGPUConfig):
+    return False
+  if head_dim <= _MIN_AUTO_HEAD_DIM:
     return False
   return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
                   1.0 if scale is None else scale, block_q or 2 * _ROWS,
@@ -250,7 +268,8 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Boxes, kb: _Boxes,
             half: tuple[int, ...], half_dim: int, head_dim: int, heads: int, groups: int,
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
-            fused_pv: bool, mma_width: int, split: bool, box: tuple | None):
+            fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
+            window: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -263,6 +282,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   3] (KV block, each warpgroup's table), counts [q blocks, 6] (steps, loads, each
   warpgroup's active steps, shared steps, paired steps); refs are onehot [128, W] and tables
   [n, W, block_kv]. Then out, lse.
+
+  Window-anchored KV boxes (``window``, `_window_inputs`): ids are the steps' box origins
+  [q blocks, steps, dims], the rest as with MMA-bias masks.
 
   ``box`` (`_box_groups`): K/V come as `_box_view`s and a slot is [head_dim // 64, *box, 8,
   64], one TMA copy per 64 columns; scores sum one wgmma per 64 columns and the output
@@ -312,6 +334,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     coordinates [dims, block_kv], the test matrix [W, block_kv] or (split) one per
     warpgroup [2, W, block_kv]."""
     wg = lax.axis_index("wg")
+    # Window boxes start anywhere along the last dim, which Mosaic's tiled copies do not
+    # allow (a tiled dim's start must be a multiple of its 8 rows): the TMA writes the same
+    # bytes through a swizzled view without tiling (`kv_raw`), the wgmmas read the tiled one.
+    k_raw, v_raw = k_smem, v_smem
+    if box is not None and window:
+      (k_smem, k_raw), (v_smem, v_raw) = k_smem, v_smem
 
     def scores(acc_ref, qo, slot):
       """acc_ref += Q K^T of `slot` (one wgmma per 64 columns of a box slot)."""
@@ -547,30 +575,39 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
         @pl.loop(0, loads(qi))
         def _(t):
-          j = ids_ref[qi, t, 0] if split else ids_ref[qi, t]
-          origin = kb.origin(j)
+          if window:
+            origin = [ids_ref[qi, t, d] for d in range(len(kb.tile))]
+          else:
+            j = ids_ref[qi, t, 0] if split else ids_ref[qi, t]
+            origin = kb.origin(j)
           slot = lax.rem(g + t, stages)
           reuse = g + t >= stages
 
           def copy_rows(src, dst, bar):  # the step's KV tile: per 64 columns, or per row
-            if box is not None:  # src: [batch, *spatial[:-1], last // 8, 8, heads, parts, 64]
-              start = (*origin[:-1], lax.div(origin[-1], 8))
-              index = tuple(pl.ds(o, n) if n > 1 else o
-                            for o, n in zip(start, (*kb.tile[:-1], kb.tile[-1] // 8)))
+            if box is not None:
+              tiled, raw = dst
+              if window:  # src: [batch, *spatial, heads, parts, 64]; dst: its raw view
+                index = tuple(pl.ds(o, n) if n > 1 else o for o, n in zip(origin, kb.tile))
+                dst = raw
+              else:
+                dst = tiled  # src: [batch, *spatial[:-1], last // 8, 8, heads, parts, 64]
+                start = (*origin[:-1], lax.div(origin[-1], 8))
+                index = tuple(pl.ds(o, n) if n > 1 else o
+                              for o, n in zip(start, (*kb.tile[:-1], kb.tile[-1] // 8)))
+                index += (slice(None),)
               for i in range(parts):
-                plgpu.copy_gmem_to_smem(
-                    src.at[(batch, *index, slice(None), kv_head, i, slice(None))],
-                    dst.at[slot, i], bar.at[slot])
+                plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head, i, slice(None))],
+                                        dst.at[slot, i], bar.at[slot])
               return
             for r, index in kb.rows(origin):
               plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head)],
-                                      dst.at[slot, pl.ds(r, kb.tile[-1])], bar.at[slot])
+                                      dst[0].at[slot, pl.ds(r, kb.tile[-1])], bar.at[slot])
 
           @pl.when(reuse)
           def _():
             plgpu.barrier_wait(k_free.at[slot])
 
-          copy_rows(k_ref, k_smem, k_bar)
+          copy_rows(k_ref, (k_smem, k_raw), k_bar)
           if split:  # each warpgroup's test matrix (table 0 where it has none)
             for w in range(_COMPUTE_WGS):
               plgpu.copy_gmem_to_smem(tables_ref.at[ids_ref[qi, t, 1 + w]],
@@ -586,7 +623,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           def _():
             plgpu.barrier_wait(v_free.at[slot])
 
-          copy_rows(v_ref, v_smem, v_bar)
+          copy_rows(v_ref, (v_smem, v_raw), v_bar)
 
         return g + loads(qi)
 
@@ -608,6 +645,11 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                      plgpu.SwizzleTransform(128))
   else:
     kv_copies, kv_slot, kv_transforms = math.prod(kb.tile[:-1]), (block_kv, head_dim), swizzled
+  kv_smem = plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms)
+  if box is not None and window:  # the same bytes untiled: [parts, *tile less unit dims, 64]
+    raw = plgpu.SMEM((stages, parts, *(n for n in kb.tile if n > 1), width), dtype,
+                     transforms=(plgpu.SwizzleTransform(128),))
+    kv_smem = plgpu.RefUnion(kv_smem, raw)
   if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
     narrow = (plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
     row_smem = plgpu.SMEM((_COMPUTE_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow)
@@ -620,8 +662,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   pl.run_scoped(
       body,
       plgpu.SMEM((q_bufs, _COMPUTE_WGS, _ROWS, head_dim), dtype, transforms=swizzled),
-      plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms),
-      plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms),
+      kv_smem,
+      kv_smem,
       row_smem,
       step_smem,
       plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
@@ -671,6 +713,105 @@ def _mma_inputs(plan: AttentionPlan, scale: float):
   tables = np.where(tables, 0.0, spec.mma_value)
   return (_onehot(spec, rows).astype(jnp.bfloat16), tables.astype(jnp.bfloat16),
           table_ids.astype(np.int32))
+
+
+@functools.lru_cache(maxsize=64)
+def _window_inputs(plan: AttentionPlan, scale: float):
+  """Window-anchored KV boxes (`MosaicGPUConfig.kv_windows`) for a gathered neighborhood
+  plan: each query tile visits boxes of the KV tile's shape placed on its own union window
+  (`simulate.window_segments`, per dim; a box is the product of one segment per dim), full
+  boxes first. Masks are the MMA bias of `_mma_inputs`, its tables built here from spatial
+  coordinates: a key passes a column's dim where it is inside that query coordinate's
+  interval and owned by the box (a box moved back from the array's edge masks the keys of
+  the box before it).
+
+  Returns (origins [q blocks, steps, dims] int32: each step's box origin; counts [q blocks,
+  2] (full, all); onehot [128, W]; tables [n, W, block_kv]; table_ids [q blocks, steps]), or
+  None where this does not apply (no neighborhood, dilation, 1-D, block maps known only at
+  run time, one-hot wider than 32 columns, a box larger than the array)."""
+  from jax_sparse_attn.simulate import window_segments
+  mask = plan.mask
+  if (not isinstance(mask, masks.Neighborhood) or not isinstance(plan.q_layout, TiledLayout)
+      or not isinstance(plan.kv_layout, TiledLayout)
+      or not isinstance(plan.block_map.kv_ids, np.ndarray)):
+    return None
+  spec = _mma_spec(plan, 2 * _ROWS, scale)
+  if spec is None:
+    return None
+  qt, kt = plan.q_layout.tile_shape, plan.kv_layout.tile_shape
+  if math.prod(qt) != 2 * _ROWS:
+    return None
+  per_dim = [window_segments(mask, d, q, k) for d, (q, k) in enumerate(zip(qt, kt))]
+  if any(p is None for p in per_dim):
+    return None
+  nd = len(qt)
+
+  # Per dim and (query tile, segment): the pass matrix [q coordinates of the tile, keys of
+  # the box] (query coordinates past the array see nothing), deduplicated into patterns.
+  patterns, pattern_ids = [], []
+  for d in range(nd):
+    size = mask.spatial_shape[d]
+    x = np.arange(qt[d])
+    uniq, ids = {}, []
+    for g, segs in enumerate(per_dim[d]):
+      xq = g * qt[d] + x
+      lo, hi = masks.gna_bounds_1d(np.minimum(xq, size - 1), size, mask.kernel_size[d],
+                                   mask.stride[d], 1, mask.is_causal[d])
+      row = []
+      for origin, first, last, _ in segs:
+        kc = origin + np.arange(kt[d])
+        ok = ((lo[:, None] <= kc) & (kc <= hi[:, None]) & (xq[:, None] < size)
+              & (first <= kc) & (kc <= last))
+        row.append(uniq.setdefault(ok.tobytes(), (len(uniq), ok))[0])
+      ids.append(row)
+    patterns.append([ok for _, ok in sorted(uniq.values(), key=lambda t: t[0])])
+    pattern_ids.append(ids)
+
+  cols = spec.mma_cols
+  col_dims = [d for d in range(nd) if cols[d][0] >= 0]
+  folded = [d for d in range(nd) if cols[d][0] < 0]
+  width = spec.mma_width
+
+  def table(key):  # the test matrix [W, block_kv] of per-dim patterns `key`
+    ok = np.ones((width, *kt), bool)
+    shape = lambda d: tuple(kt[e] if e == d else 1 for e in range(nd))
+    for d in col_dims:
+      offset, extent, _ = cols[d]
+      ok[offset:offset + extent] = patterns[d][key[d]][:extent].reshape((extent, *shape(d)))
+    if folded:
+      fold = np.ones(kt, bool)
+      for d in folded:
+        fold = fold & patterns[d][key[d]][0].reshape(shape(d))
+      offset, extent, _ = cols[col_dims[0]]
+      ok[offset:offset + extent] &= fold
+    return ok.reshape(width, -1)
+
+  grid = plan.q_layout.tile_grid
+  n_q = math.prod(grid)
+  steps = math.prod(max(len(s) for s in per_dim[d]) for d in range(nd))
+  origins = np.zeros((n_q, steps, nd), np.int32)
+  counts = np.zeros((n_q, 2), np.int32)
+  table_ids = np.zeros((n_q, steps), np.int32)
+  tables, keys = [], {}
+  for qi in range(n_q):
+    g = np.unravel_index(qi, grid)
+    segs = [per_dim[d][g[d]] for d in range(nd)]
+    boxes = list(itertools.product(*(range(len(s)) for s in segs)))
+    full = [all(segs[d][i[d]][3] for d in range(nd)) for i in boxes]
+    boxes = [b for b, f in zip(boxes, full) if f] + [b for b, f in zip(boxes, full) if not f]
+    counts[qi] = (sum(full), len(boxes))
+    for t, b in enumerate(boxes):
+      origins[qi, t] = [segs[d][b[d]][0] for d in range(nd)]
+      if t >= counts[qi, 0]:
+        key = tuple(pattern_ids[d][g[d]][b[d]] for d in range(nd))
+        if key not in keys:
+          keys[key] = len(tables)
+          tables.append(table(key))
+        table_ids[qi, t] = keys[key]
+  if not tables:
+    tables.append(np.ones((width, math.prod(kt)), bool))
+  tables = np.where(np.stack(tables), 0.0, spec.mma_value).astype(jnp.bfloat16)
+  return (origins, counts, _onehot(spec, 2 * _ROWS).astype(jnp.bfloat16), tables, table_ids)
 
 
 _SPLIT_MAX_WIDTH = 16  # one-hot columns of a 64-row half tile (two tables per K/V slot)
@@ -789,6 +930,21 @@ def _split_pays(bmap, split_counts) -> bool:
   return _SPLIT_COST * per_warpgroup < _KV64_COST * union
 
 
+def window_lists(plan: AttentionPlan, scale: float, config=None):
+  """`_window_inputs` where the forward runs window-anchored KV boxes for `plan` under
+  `config` (`MosaicGPUConfig.kv_windows`: True where they apply; None where `window_pays`),
+  else None. Not with per-warpgroup lists (``split=True``)."""
+  cfg = _config(config)
+  if not (cfg.mask_mma and cfg.kv_windows is not False and not cfg.split and plan.gathered
+          and isinstance(plan.mask, masks.Neighborhood)
+          and isinstance(plan.q_layout, TiledLayout)):
+    return None
+  if cfg.kv_windows is None and not window_pays(plan.mask, plan.q_layout.tile_shape,
+                                                plan.kv_layout.tile_shape):
+    return None
+  return _window_inputs(plan, scale)
+
+
 def split_lists(plan: AttentionPlan, scale: float, config=None):
   """`_split_inputs` where the forward runs per-warpgroup lists for `plan` under `config`
   (`MosaicGPUConfig.split`: True where they apply; None with 64-key KV blocks where
@@ -803,36 +959,62 @@ def split_lists(plan: AttentionPlan, scale: float, config=None):
   return split
 
 
+@functools.lru_cache(maxsize=4096)
+def tile_costs(mask, q_tile: tuple, kv_tile: tuple) -> dict:
+  """Modeled forward cost of a tiling per KV scheme, in 64x64 units of one warpgroup step
+  (`_SPLIT_COST`): "grid" (one KV list per query tile over grid tiles), "split"
+  (per-warpgroup lists, 64-key tiles), "window" (window-anchored boxes, `_window_inputs`),
+  each where it applies. Visited-block counts are the simulator's, partial blocks cost as
+  in its model (the MMA bias, or the element test past 32 one-hot columns), and every KV
+  load adds the cost of its TMA copies (`_TMA_COPY_COST`)."""
+  from jax_sparse_attn.simulate import (PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA,
+                                        mma_columns, visited_blocks, window_blocks)
+  kv = math.prod(kv_tile)
+  half = _half_tile(q_tile)[0]
+  mma = mma_columns(q_tile) <= mma_masks.MAX_WIDTH
+  partial_cost = PARTIAL_BLOCK_COST_MMA if mma else PARTIAL_BLOCK_COST
+  rate = 2 * kv // _ROWS * (1.0 if kv > _ROWS else _KV64_COST)
+
+  def one_list(visited, full, copies):
+    return (full + partial_cost * (visited - full)) * rate + _TMA_COPY_COST * copies * visited
+
+  visited, full = visited_blocks(mask, q_tile, kv_tile)
+  copies = _tma_copies(kv_tile)
+  costs = {"grid": one_list(visited, full, copies)}
+  if kv == _ROWS and mma_columns(half) <= _SPLIT_MAX_WIDTH:
+    costs["split"] = (visited_blocks(mask, half, kv_tile)[0] * _SPLIT_COST
+                      + _TMA_COPY_COST * copies * visited)
+  # Window boxes on the GPU take box copies (2 per tile) or do not run.
+  window = window_blocks(mask, q_tile, kv_tile) if mma and _window_groups(kv_tile) else None
+  if window is not None:
+    costs["window"] = one_list(*window, 2)
+  return costs
+
+
+def window_pays(mask, q_tile: tuple, kv_tile: tuple) -> bool:
+  """Whether window-anchored KV boxes cost less than grid tiles (`tile_costs`)."""
+  costs = tile_costs(mask, tuple(q_tile), tuple(kv_tile))
+  return "window" in costs and costs["window"] < min(v for k, v in costs.items() if k != "window")
+
+
 @functools.lru_cache(maxsize=256)
 def auto_tiles(mask, block_q: int, block_kv: int):
-  """(q tile, kv tile) for `na`'s defaults: the lowest modeled cost (`_SPLIT_COST`) over
-  128-row query tiles that are TMA boxes (last dim, and that of the half tile, a multiple
-  of 8) and KV tiles of `block_kv` keys, or of 64 keys (with or without per-warpgroup
-  lists) when `block_kv` is 128. Visited-block counts are the simulator's, partial blocks
-  cost as in its model (the MMA bias, or the element test past 32 one-hot columns), and
-  every KV load adds the cost of its TMA copies (`_TMA_COPY_COST`); tiles that are not
-  boxes of the layout (ragged leading dims) add the permuted copy (`_PERMUTE_COST`)."""
-  from jax_sparse_attn.simulate import (PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA,
-                                        best_tile_shapes, candidate_tiles, mma_columns,
-                                        visited_blocks)
+  """(q tile, kv tile) for `na`'s defaults: the lowest modeled cost (`tile_costs`, over its
+  KV schemes) over 128-row query tiles that are TMA boxes (last dim, and that of the half
+  tile, a multiple of 8) and KV tiles of `block_kv` keys, or of 64 keys when `block_kv` is
+  128; tiles that are not boxes of the layout (ragged leading dims) add the permuted copy
+  (`_PERMUTE_COST`)."""
+  from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles
   tiles = lambda n: candidate_tiles(mask, n, last_multiple=8)
   q_cands = [t for t in tiles(block_q) if _half_tile(t)[0][-1] % 8 == 0]
   kv_sizes = (block_kv, _ROWS) if block_kv == 2 * _ROWS else (block_kv,)
   best, best_key = None, None
   is_box = lambda t: _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, t))
   for qt in q_cands if block_q == 2 * _ROWS else ():
-    half = _half_tile(qt)[0]
     q_box = is_box(qt)
-    partial_cost = (PARTIAL_BLOCK_COST_MMA if mma_columns(qt) <= mma_masks.MAX_WIDTH
-                    else PARTIAL_BLOCK_COST)
     for kv in kv_sizes:
       for kt in tiles(kv):
-        visited, full = visited_blocks(mask, qt, kt)
-        units = (full + partial_cost * (visited - full)) * 2 * kv // _ROWS
-        cost = units * (1.0 if kv > _ROWS else _KV64_COST)
-        if kv == _ROWS and mma_columns(half) <= _SPLIT_MAX_WIDTH:
-          cost = min(cost, visited_blocks(mask, half, kt)[0] * _SPLIT_COST)
-        cost += _TMA_COPY_COST * _tma_copies(kt) * visited  # loads: the union's blocks
+        cost = min(tile_costs(mask, qt, kt).values())
         if not (q_box and is_box(kt)):
           cost += _PERMUTE_COST * mask.num_tokens
         key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
@@ -927,11 +1109,27 @@ def _box_groups(tile: tuple[int, ...]) -> tuple[int, ...] | None:
   return groups if 1 <= len(groups) <= 2 else None
 
 
+def _window_groups(tile: tuple[int, ...]) -> tuple[int, ...] | None:
+  """`_box_groups` for window boxes, whose copies go through the raw view (`_window_view`,
+  the slot untiled): it strides over the tile's non-unit dims and the 64 columns, so up to
+  3 non-unit dims fit the TMA's 5 (2x4x16 does)."""
+  if len(tile) < 2 or tile[-1] % 8 or sum(n > 1 for n in tile) > 3:
+    return None
+  return tuple(n for n in (*tile[:-1], tile[-1] // 8) if n > 1) or None
+
+
 def _box_view(x, boxes: _Boxes):
   """[batch, n, heads, d] -> the box copies' view [batch, *spatial[:-1], last // 8, 8,
   heads, d // 64, 64]."""
   b, _, h, d = x.shape
   return x.reshape((b, *boxes.spatial[:-1], boxes.spatial[-1] // 8, 8, h, d // 64, 64))
+
+
+def _window_view(x, boxes: _Boxes):
+  """[batch, n, heads, d] -> window boxes' view [batch, *spatial, heads, d // 64, 64]: a box
+  starts anywhere along the last dim (its 8 rows are the swizzle tile's)."""
+  b, _, h, d = x.shape
+  return x.reshape((b, *boxes.spatial, h, d // 64, 64))
 
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret):
@@ -975,8 +1173,17 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     kb = _boxes(SequenceLayout(plan.kv_layout.padded_len, plan.block_kv))
   half, half_dim = _half_tile(qb.tile)
   bmap = plan.block_map
-  split = split_lists(plan, scale, cfg)
-  if split is not None:
+  box_ok = cfg.box_copies is not False and fused_pv and (cfg.box_copies or not interpret)
+  window = window_lists(plan, scale, cfg)
+  if window is not None and not interpret and not (box_ok and _window_groups(kb.tile)):
+    window = None  # row copies: Mosaic starts a tiled dim only on a multiple of 8 rows
+  split = None if window is not None else split_lists(plan, scale, cfg)
+  if window is not None:
+    origins, counts_np, onehot, tables, table_ids = window
+    ids, counts = jnp.asarray(origins), jnp.asarray(counts_np)
+    mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables), jnp.asarray(table_ids)]
+    width, row_counts = onehot.shape[1], counts_np[:, 1]
+  elif split is not None:
     onehot, tables, loads, counts_np = split
     ids, counts = jnp.asarray(loads), jnp.asarray(counts_np)
     mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables)]
@@ -999,14 +1206,15 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   persistent = (cfg.persistent if cfg.persistent is not None
                 else _persistent_default(row_counts))
   programs = min(items, _programs(cfg, interpret)) if persistent else items
-  box = _box_groups(kb.tile) if (cfg.box_copies is not False and fused_pv and (
-      cfg.box_copies or not interpret)) else None
-  kv_view = _view if box is None else _box_view
+  box = None
+  if box_ok:
+    box = _window_groups(kb.tile) if window is not None else _box_groups(kb.tile)
+  kv_view = _view if box is None else _window_view if window is not None else _box_view
   kernel = functools.partial(
       _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, heads=h,
       groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
-      mma_width=width, split=split is not None, box=box)
+      mma_width=width, split=split is not None, box=box, window=window is not None)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
