@@ -230,8 +230,8 @@ def window_timings(dtype, iters):
   sim = lambda spatial, kern, stride, qt, kt: simulate(spatial, kern, stride, q_tile_shape=qt,
                                                        kv_tile_shape=kt)
   for spatial, kern, stride, b, h, extra in [
-      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, H, [((4, 4, 8), (2, 4, 8), None)]),
-      ((128, 128), (16, 16), (8, 8), 2, H, [((16, 8), (4, 16), None)]),
+      ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, H, [((4, 4, 8), (2, 4, 8))]),
+      ((128, 128), (16, 16), (8, 8), 2, H, [((16, 8), (4, 16))]),
       ((256, 256), (13, 13), 1, 2, H, []),
       ((8, 48, 48), (3, 9, 9), 1, 4, H, []),
       ((128, 128), (33, 33), 1, 2, H, []),
@@ -252,7 +252,7 @@ def window_timings(dtype, iters):
          bound=r.window_speedup_bound if windows else r.block_speedup_bound)
     perf(tag, lambda q, k, v: jsa.na(q, k, v, kern, stride, backend="triton"), q, k, v,
          None, iters, impl="triton", variant="defaults")
-    for qt2, kt2, _ in [(qt, kt, None)] + extra:
+    for qt2, kt2 in [(qt, kt)] + extra:
       r2 = sim(spatial, kern, stride, qt2, kt2)
       for force in (True, False):
         if (qt2, kt2) == (qt, kt) and force == windows:
@@ -380,12 +380,15 @@ def main():
                       help="window-anchored KV boxes: box checks, window checks, window vs "
                       "grid timings, the dense baselines")
   ARGS = parser.parse_args()
-  if ARGS.windows:
-    if not ARGS.skip_checks:
-      box_checks(jnp.bfloat16)
-      window_checks(jnp.bfloat16)
-      write_results(ARGS.out, header())
-    return window_timings(jnp.bfloat16, ARGS.iters)
+  # Modes that run the box checks and their own checks, then their timings.
+  for on, own_checks, own_timings in ((ARGS.windows, window_checks, window_timings),
+                                      (ARGS.split, split_checks, split_timings)):
+    if on:
+      if not ARGS.skip_checks:
+        box_checks(jnp.bfloat16)
+        own_checks(jnp.bfloat16)
+        write_results(ARGS.out, header())
+      return own_timings(jnp.bfloat16, ARGS.iters)
   if ARGS.box_checks:
     box_checks(jnp.bfloat16)
     return write_results(ARGS.out, header())
@@ -393,12 +396,6 @@ def main():
     return rows(jnp.bfloat16, ARGS.iters)
   if ARGS.baselines:
     return baselines(jnp.bfloat16, ARGS.iters)
-  if ARGS.split:
-    if not ARGS.skip_checks:
-      box_checks(jnp.bfloat16)
-      split_checks(jnp.bfloat16)
-      write_results(ARGS.out, header())
-    return split_timings(jnp.bfloat16, ARGS.iters)
   if not ARGS.skip_checks:
     checks(jnp.bfloat16)
     write_results(ARGS.out, header())

@@ -764,7 +764,7 @@ def _window_inputs(plan: AttentionPlan, scale: float):
               & (first <= kc) & (kc <= last))
         row.append(uniq.setdefault(ok.tobytes(), (len(uniq), ok))[0])
       ids.append(row)
-    patterns.append([ok for _, ok in sorted(uniq.values(), key=lambda t: t[0])])
+    patterns.append([ok for _, ok in uniq.values()])  # in id order (insertion order)
     pattern_ids.append(ids)
 
   cols = spec.mma_cols
@@ -1097,25 +1097,31 @@ def _view(x, boxes: _Boxes):
   return x.reshape((x.shape[0], *boxes.spatial, *x.shape[2:]))
 
 
+def _groups_of_8(tile: tuple[int, ...]) -> tuple[int, ...] | None:
+  """A 2-D/3-D tile's extents with its last dim in groups of 8 rows, less unit dims (the
+  shared-memory slot's box dims before its [8, 64] swizzle tiles), or None."""
+  if len(tile) < 2 or tile[-1] % 8:
+    return None
+  return tuple(n for n in (*tile[:-1], tile[-1] // 8) if n > 1)
+
+
 def _box_groups(tile: tuple[int, ...]) -> tuple[int, ...] | None:
   """A KV tile's extents in groups of 8 rows, (*tile[:-1], tile[-1] // 8) less its unit
   dims, where one TMA copy can take it (else None). A copy strides over at most 5 dims: the
   integer-indexed ones (batch, head, unit dims, the 64-column part) collapse into one, 8 x
   64 is the swizzle tile, which leaves 2: 4x4x8 and 8x16 tiles are boxes, 2x4x16 is not,
   and nor are 1-D blocks (their one copy per tile is already a box)."""
-  if len(tile) < 2 or tile[-1] % 8:
-    return None
-  groups = tuple(n for n in (*tile[:-1], tile[-1] // 8) if n > 1)
-  return groups if 1 <= len(groups) <= 2 else None
+  groups = _groups_of_8(tile)
+  return groups if groups and len(groups) <= 2 else None
 
 
 def _window_groups(tile: tuple[int, ...]) -> tuple[int, ...] | None:
   """`_box_groups` for window boxes, whose copies go through the raw view (`_window_view`,
   the slot untiled): it strides over the tile's non-unit dims and the 64 columns, so up to
   3 non-unit dims fit the TMA's 5 (2x4x16 does)."""
-  if len(tile) < 2 or tile[-1] % 8 or sum(n > 1 for n in tile) > 3:
+  if sum(n > 1 for n in tile) > 3:
     return None
-  return tuple(n for n in (*tile[:-1], tile[-1] // 8) if n > 1) or None
+  return _groups_of_8(tile) or None
 
 
 def _box_view(x, boxes: _Boxes):
@@ -1174,9 +1180,10 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   half, half_dim = _half_tile(qb.tile)
   bmap = plan.block_map
   box_ok = cfg.box_copies is not False and fused_pv and (cfg.box_copies or not interpret)
-  window = window_lists(plan, scale, cfg)
-  if window is not None and not interpret and not (box_ok and _window_groups(kb.tile)):
-    window = None  # row copies: Mosaic starts a tiled dim only on a multiple of 8 rows
+  # On the GPU window boxes need box copies: Mosaic's row copies start a tiled dim only on
+  # a multiple of 8 rows.
+  window = (window_lists(plan, scale, cfg)
+            if interpret or (box_ok and _window_groups(kb.tile)) else None)
   split = None if window is not None else split_lists(plan, scale, cfg)
   if window is not None:
     origins, counts_np, onehot, tables, table_ids = window
