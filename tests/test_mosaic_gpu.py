@@ -192,6 +192,7 @@ def test_tiles_are_boxes_or_permuted():
     (dict(config=MosaicGPUConfig(split="yes")), "split must be True, False or None"),
     (dict(config=MosaicGPUConfig(persistent=1)), "persistent must be True, False or None"),
     (dict(config=MosaicGPUConfig(box_copies="on")), "box_copies must be True, False or None"),
+    (dict(config=MosaicGPUConfig(kv_windows=1)), "kv_windows must be True, False or None"),
     (dict(head_dim=128, block_kv=128, config=MosaicGPUConfig(stages=3)),
      "stages=3 needs .* bytes of shared memory"),
     # The unfused P·V form keeps P in shared memory too: 5 stages of 64 fit only without it.
