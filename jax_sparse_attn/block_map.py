@@ -255,23 +255,31 @@ def _classify_interval_1d(lo, hi, c, q_valid, kv_valid, bq, bk):
 def per_dim_classes(mask: masks_lib.Neighborhood, q_layout: TiledLayout,
                     kv_layout: TiledLayout) -> list[np.ndarray]:
   """Exact [q_tiles_d, kv_tiles_d] classes per spatial dimension (blocks are products)."""
-  return [_dim_classes(mask, dim, q_layout.spatial_shape, q_layout.dilation,
+  origin = lambda layout, dim: layout.origin[dim] if layout.origin else 0
+  return [_dim_classes(mask, dim, (q_layout.spatial_shape[dim], origin(q_layout, dim)),
+                       (kv_layout.spatial_shape[dim], origin(kv_layout, dim)), q_layout.dilation,
                        q_layout.tile_shape[dim], kv_layout.tile_shape[dim])
           for dim in range(q_layout.ndim)]
 
 
 @functools.lru_cache(maxsize=4096)
-def _dim_classes(mask, dim, spatial_shape, dilation, tile_q, tile_kv):
-  def one_dim_layout(tile):
-    shape = [1] * len(spatial_shape)
-    shape[dim] = tile
-    return TiledLayout(spatial_shape, dilation, tuple(shape))
-  xq, vq = one_dim_layout(tile_q).dim_coords(dim)
-  xk, vk = one_dim_layout(tile_kv).dim_coords(dim)
-  args = (mask.spatial_shape[dim], mask.kernel_size[dim], mask.stride[dim],
-          mask.dilation[dim], mask.is_causal[dim])
+def _dim_classes(mask, dim, q_extent, kv_extent, dilation, tile_q, tile_kv):
+  """Classes along `dim` for query and key slabs ``(length, origin)`` of the mask's grid
+  (the whole grid: ``(mask.spatial_shape[dim], 0)``); positions outside it are padding."""
+  length = mask.spatial_shape[dim]
+
+  def coords(extent, tile):
+    shape, tiles, origin = [1] * len(dilation), [1] * len(dilation), [0] * len(dilation)
+    shape[dim], tiles[dim], origin[dim] = extent[0], tile, extent[1]
+    x, valid = TiledLayout(tuple(shape), dilation, tuple(tiles), tuple(origin)).mask_coords(dim)
+    valid = valid & (x >= 0) & (x < length)
+    return np.clip(x, 0, length - 1), valid
+  xq, vq = coords(q_extent, tile_q)
+  xk, vk = coords(kv_extent, tile_kv)
+  args = (length, mask.kernel_size[dim], mask.stride[dim], mask.dilation[dim],
+          mask.is_causal[dim])
   lo, hi = masks_lib.gna_bounds_1d(xq, *args)
-  ck = masks_lib.gna_coord_1d(xk, mask.spatial_shape[dim], mask.dilation[dim])
+  ck = masks_lib.gna_coord_1d(xk, length, mask.dilation[dim])
   return _classify_dense(lambda a, b: (lo[a] <= ck[b]) & (ck[b] <= hi[a]),
                          np.arange(len(xq)), vq, np.arange(len(xk)), vk, tile_q, tile_kv)
 

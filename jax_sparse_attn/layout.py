@@ -24,8 +24,21 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceLayout:
+  """``seq_len`` tokens in blocks of ``block``, padded at the end.
+
+  ``segments``: where the tokens sit in a longer global sequence, as ``(global_start,
+  length)`` runs in order (lengths sum to ``seq_len``; ``global_start=-1``: rows past the
+  sequence's ends, which see nothing and are seen by nothing). Masks are evaluated on
+  global indices; the rows of the caller's tensor stay local. Empty: the tokens are the
+  whole sequence. Context parallelism uses this for a device's shard (and its halo).
+  """
   seq_len: int
   block: int
+  segments: tuple[tuple[int, int], ...] = ()
+
+  def __post_init__(self):
+    if self.segments and sum(n for _, n in self.segments) != self.seq_len:
+      raise ValueError(f"segments {self.segments} must cover seq_len={self.seq_len} tokens")
 
   @property
   def padded_len(self) -> int:
@@ -36,9 +49,21 @@ class SequenceLayout:
     return self.padded_len // self.block
 
   def token_index(self) -> tuple[np.ndarray, np.ndarray]:
-    """(original flat index, valid) for every kernel position."""
+    """(global flat index, valid) for every kernel position."""
     idx = np.arange(self.padded_len, dtype=np.int64)
-    return np.minimum(idx, self.seq_len - 1), idx < self.seq_len
+    if not self.segments:
+      return np.minimum(idx, self.seq_len - 1), idx < self.seq_len
+    glob = np.concatenate([np.arange(n, dtype=np.int64) + max(start, 0)
+                           for start, n in self.segments])
+    valid = np.concatenate([np.full(n, start >= 0) for start, n in self.segments])
+    pad = self.padded_len - self.seq_len
+    return (np.concatenate([glob, np.full(pad, glob[-1] if len(glob) else 0)]),
+            np.concatenate([valid, np.zeros(pad, bool)]))
+
+  def rows(self) -> np.ndarray:
+    """The caller's row of every kernel position (-1: padding)."""
+    idx = np.arange(self.padded_len, dtype=np.int64)
+    return np.where(idx < self.seq_len, idx, -1)
 
   def to_kernel(self, x):
     """[batch, seq, ...] -> [batch, padded_len, ...] (zero padding)."""
@@ -54,9 +79,14 @@ class SequenceLayout:
 
 @dataclasses.dataclass(frozen=True)
 class TiledLayout:
+  """``spatial_shape``: the caller's grid; ``origin``: its first position's coordinates in
+  the mask's (global) grid, one per dim (empty: all zero). A context-parallel shard is a
+  slab of the global grid: the mask sees global coordinates (`mask_coords`), the kernels
+  read the local tensor."""
   spatial_shape: tuple[int, ...]
   dilation: tuple[int, ...]
   tile_shape: tuple[int, ...]
+  origin: tuple[int, ...] = ()
 
   def __post_init__(self):
     if len(self.tile_shape) != len(self.spatial_shape):
@@ -105,6 +135,16 @@ class TiledLayout:
     x = (p % big) * d + p // big
     valid = x < self.spatial_shape[dim]
     return np.where(valid, x, 0), valid
+
+  def mask_coords(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """`dim_coords` in the mask's grid: shifted by the origin."""
+    x, valid = self.dim_coords(dim)
+    return x + (self.origin[dim] if self.origin else 0), valid
+
+  def rows(self) -> np.ndarray:
+    """The caller's (local, row-major) flat row of every kernel position (-1: padding)."""
+    flat, valid = self.token_index()
+    return np.where(valid, flat, -1)
 
   def token_index(self) -> tuple[np.ndarray, np.ndarray]:
     """(original row-major flat index, valid) for every kernel position."""

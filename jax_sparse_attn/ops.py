@@ -18,12 +18,15 @@ import jax.numpy as jnp
 
 from . import masks as masks_lib
 from . import reference as reference_lib
+from . import context_parallel
 from . import xla_backend
 from .layout import SequenceLayout, TiledLayout
 from . import plan as plan_lib
 from .plan import AttentionPlan, make_plan
 
 BACKENDS = ("auto", "reference", "xla", "triton", "mosaic", "mosaic_gpu")
+# `mesh=_LOCAL`: already inside the op's shard_map, run on the local shards.
+_LOCAL = "local"
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -218,7 +221,8 @@ def _block_sizes(backend: str, head_dim: int, dtype, block_q, block_kv, seq_q=No
 def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: float | None = None,
               segment_ids=None, backend: str = "auto", interpret: bool = False,
               return_lse: bool = False, block_q: int | None = None, block_kv: int | None = None,
-              config=None):
+              config=None, mesh=None, context_axis: str | None = None, strategy: str = "auto",
+              context_layout: str = "contiguous"):
   """Block-sparse attention over 1-D sequences.
 
   Args:
@@ -235,6 +239,15 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       sees no key).
     block_q, block_kv: override the backend's block sizes (powers of two).
     config: backend-specific tuning config (e.g. `pallas_kernels.gpu.TritonConfig`).
+    mesh: a `jax.sharding.Mesh` to run on (default: the one set with `jax.set_mesh`, if
+      any). Batch and heads are sharded over its axes named in
+      `context_parallel.BATCH_AXES` / `HEAD_AXES` ("data", "model", ...) where they divide.
+    context_axis: a mesh axis to shard the sequence over (context parallelism); seq_q and
+      seq_kv must be divisible by its size. Ignored without a mesh.
+    strategy: "auto" | "ring" | "halo" | "allgather" (see `jax_sparse_attn.context_parallel`).
+    context_layout: "contiguous" (device i holds the i-th chunk of the sequence) or
+      "zigzag" (chunks i and 2N-1-i, for causal load balance; inputs in
+      `context_parallel.to_zigzag` order, and so is the output).
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
@@ -272,6 +285,26 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
                             segments=q_seg is not None, block_q=block_q, block_kv=block_kv,
                             config=config, scale=scale)
+  context_parallel.check_options(strategy, context_layout)
+  mesh = context_parallel.resolve_mesh(mesh, context_axis)
+  # The dense reference and explicit arrays run unsharded (XLA partitions them as it can).
+  if mesh is not None and backend != "reference" and not _has_array_mask(mask):
+    n = mesh.shape[context_axis] if context_axis is not None else 1
+    bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq // n,
+                          skv // n)
+    single = functools.partial(attention, mask=mask, scale=scale, backend=backend,
+                               interpret=interpret, block_q=block_q, block_kv=block_kv,
+                               config=config, mesh=_LOCAL, return_lse=True)
+    out, lse = context_parallel.attention(
+        query, key, value, mask, q_seg, kv_seg, mesh=mesh, context_axis=context_axis,
+        strategy=strategy, context_layout=context_layout, backend=backend, scale=scale,
+        block_q=bq, block_kv=bk, config=config, interpret=interpret,
+        single_device=lambda q, k, v, qs, ks: single(
+            q, k, v, segment_ids=None if qs is None else (qs, ks)))
+    return (out, lse) if return_lse else out
+  if context_layout != "contiguous":
+    raise ValueError("context_layout='zigzag' needs a mesh with a context_axis (and a "
+                     "kernel or xla backend)")
   if backend == "reference":
     out, lse = reference_lib.attention(query, key, value, mask, scale=scale,
                                        q_segment_ids=q_seg, kv_segment_ids=kv_seg)
@@ -280,18 +313,36 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     raise ValueError(f"from_array masks run on backend='xla' or 'reference', not {backend!r}")
 
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
-  q_layout, kv_layout = SequenceLayout(sq, bq), SequenceLayout(skv, bk)
-  plan = make_plan(mask, q_layout, kv_layout)
-  q = q_layout.to_kernel(query)
-  k = kv_layout.to_kernel(key)
-  v = kv_layout.to_kernel(value)
+  plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))
+  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg)
+  return (out, lse) if return_lse else out
+
+
+def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret, query, key,
+             value, q_seg=None, kv_seg=None, bwd_plan: AttentionPlan | None = None):
+  """Run a kernel backend on the caller's tensors for a plan made on their layouts.
+
+  query: [batch, *q_shape, heads, head_dim] (q_shape: the q layout's sequence length or
+  spatial shape); key, value likewise on the kv layout; segment ids [batch, seq] (sequence
+  layouts only). Pads/permutes into kernel order as the backend needs. Returns out (like
+  query) and lse [batch, *q_shape, heads] float32. `bwd_plan`: see `_make_core`.
+  """
+  impl = _get_backend(backend)
+  b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
+  hkv = key.shape[-2]
+  q_layout, kv_layout = plan.q_layout, plan.kv_layout
+  if isinstance(q_layout, TiledLayout) and impl.gathers:
+    # The kernels read and write the caller's rows through plan.q_rows/kv_rows, so the
+    # backward may use its own tiling (its kernels' tiles differ from the forward's).
+    flat = lambda x, heads: x.reshape(b, -1, heads, d)
+    out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
+                         flat(query, h), flat(key, hkv), flat(value, hkv), None, None, bwd_plan)
+    return out.reshape(query.shape), lse.transpose(0, 2, 1).reshape(query.shape[:-1])
+  q, k, v = q_layout.to_kernel(query), kv_layout.to_kernel(key), kv_layout.to_kernel(value)
   if q_seg is not None:
     q_seg, kv_seg = q_layout.to_kernel(q_seg), kv_layout.to_kernel(kv_seg)
   out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg)
-  out = q_layout.from_kernel(out)
-  if not return_lse:
-    return out
-  return out, q_layout.from_kernel(lse.transpose(0, 2, 1))
+  return q_layout.from_kernel(out), q_layout.from_kernel(lse.transpose(0, 2, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +353,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
        scale: float | None = None, backend: str = "auto", interpret: bool = False,
        return_lse: bool = False, q_tile_shape=None, kv_tile_shape=None,
        block_q: int | None = None, block_kv: int | None = None, config=None,
-       tiling: "NATiling | None" = None):
+       tiling: "NATiling | None" = None, mesh=None, context_axis: str | None = None,
+       strategy: str = "auto"):
   """Generalized neighborhood attention on [batch, *spatial, heads, head_dim] (1-3 spatial dims).
 
   kernel_size/stride/dilation: int or one int per spatial dim; is_causal: bool or per-dim.
@@ -313,8 +365,15 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   With ``tiling=na_tiling(...)`` the inputs are already in tiled order,
   ``[batch, tiling.num_tokens, heads, head_dim]``, and so is the output: no permutation per
   call (kernel_size etc. must equal the tiling's).
+
+  mesh, context_axis, strategy: as in `attention`; the context axis shards the leading
+  spatial dim (time in video), which its size must divide; strategy "auto" | "halo" |
+  "allgather".
   """
+  context_parallel.check_options(strategy, "contiguous")
   if tiling is not None:
+    if context_parallel.resolve_mesh(mesh, context_axis) is not None:
+      raise ValueError("tiling= runs on one device; on a mesh pass the spatial layout")
     want = masks_lib.neighborhood(tiling.mask.spatial_shape, kernel_size, stride, dilation,
                                   is_causal)
     if want != tiling.mask:
@@ -357,29 +416,24 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     n = math.prod(tile)
     if any(t <= 0 for t in tile) or n & (n - 1):
       raise ValueError(f"{name} must be positive with a power-of-two product, got {tile}")
-  q_layout = TiledLayout(spatial, mask.dilation, q_tile_shape)
-  kv_layout = TiledLayout(spatial, mask.dilation, kv_tile_shape)
-  plan = make_plan(mask, q_layout, kv_layout)
-  if impl.gathers:
-    # The kernels read and write the caller's rows through plan.q_rows/kv_rows, so the
-    # backward may use its own tiling (its kernels' tiles differ from the forward's).
-    bwd_plan = _backward_plan(impl, mask, plan, d, query.dtype, config) if default_tiles else None
-    n = math.prod(spatial)
-    out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
-                         query.reshape(b, n, h, d), key.reshape(b, n, hkv, d),
-                         value.reshape(b, n, hkv, d), None, None, bwd_plan)
-    out = out.reshape(query.shape)
-    if not return_lse:
-      return out
-    return out, lse.transpose(0, 2, 1).reshape(query.shape[:-1])
-  q = q_layout.to_kernel(query)
-  k = kv_layout.to_kernel(key)
-  v = kv_layout.to_kernel(value)
-  out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, None, None)
-  out = q_layout.from_kernel(out)
-  if not return_lse:
-    return out
-  return out, q_layout.from_kernel(lse.transpose(0, 2, 1))
+  mesh = context_parallel.resolve_mesh(mesh, context_axis)
+  if mesh is not None:
+    single = functools.partial(
+        na, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
+        scale=scale, backend=backend, interpret=interpret, return_lse=True,
+        q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, config=config, mesh=_LOCAL)
+    out, lse = context_parallel.na(
+        query, key, value, mask, mesh=mesh, context_axis=context_axis, strategy=strategy,
+        backend=backend, scale=scale, q_tile=q_tile_shape, kv_tile=kv_tile_shape,
+        config=config, interpret=interpret, single_device=single)
+    return (out, lse) if return_lse else out
+  plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
+                   TiledLayout(spatial, mask.dilation, kv_tile_shape))
+  bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config)
+              if default_tiles and impl.gathers else None)
+  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value,
+                      bwd_plan=bwd_plan)
+  return (out, lse) if return_lse else out
 
 
 def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_kv: int,

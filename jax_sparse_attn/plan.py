@@ -58,14 +58,18 @@ class AttentionPlan:
 def _tiled_intervals(mask: masks_lib.Neighborhood, q_layout: TiledLayout, kv_layout: TiledLayout):
   los, his, cs = [], [], []
   for dim in range(q_layout.ndim):
-    args = (mask.spatial_shape[dim], mask.kernel_size[dim], mask.stride[dim],
-            mask.dilation[dim], mask.is_causal[dim])
-    xq, vq = q_layout.dim_coords(dim)
-    lo, hi = masks_lib.gna_bounds_1d(xq, *args)
+    length = mask.spatial_shape[dim]
+    args = (length, mask.kernel_size[dim], mask.stride[dim], mask.dilation[dim],
+            mask.is_causal[dim])
+    xq, vq = q_layout.mask_coords(dim)
+    vq = vq & (xq >= 0) & (xq < length)
+    lo, hi = masks_lib.gna_bounds_1d(np.clip(xq, 0, length - 1), *args)
     lo = np.where(vq, lo, masks_lib.EMPTY_LO)
     hi = np.where(vq, hi, masks_lib.EMPTY_HI)
-    xk, vk = kv_layout.dim_coords(dim)
-    c = np.where(vk, masks_lib.gna_coord_1d(xk, mask.spatial_shape[dim], mask.dilation[dim]),
+    xk, vk = kv_layout.mask_coords(dim)
+    vk = vk & (xk >= 0) & (xk < length)
+    c = np.where(vk, masks_lib.gna_coord_1d(np.clip(xk, 0, length - 1), length,
+                                            mask.dilation[dim]),
                  masks_lib.PAD_COORD)
     los.append(q_layout.per_token(lo, dim))
     his.append(q_layout.per_token(hi, dim))
@@ -74,25 +78,39 @@ def _tiled_intervals(mask: masks_lib.Neighborhood, q_layout: TiledLayout, kv_lay
           np.stack(cs).astype(np.int32))
 
 
+def interval_vectors(mask: masks_lib.Mask, q_layout, kv_layout):
+  """``(q_lo, q_hi, kv_c)`` of an interval mask on these layouts (see the module doc), or
+  None for masks with no interval form."""
+  if isinstance(mask, masks_lib.Neighborhood) and isinstance(q_layout, TiledLayout):
+    return _tiled_intervals(mask, q_layout, kv_layout)
+  if not mask.is_interval:
+    return None
+  q_index, q_valid = q_layout.token_index()
+  kv_index, kv_valid = kv_layout.token_index()
+  return masks_lib.per_token_intervals(mask, q_index, kv_index, q_valid, kv_valid)
+
+
 @functools.lru_cache(maxsize=256)
 def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
   bmap = block_map_lib.build(mask, q_layout, kv_layout)
   q_index, q_valid = q_layout.token_index()
   kv_index, kv_valid = kv_layout.token_index()
   mask_fn = None
-  if isinstance(mask, masks_lib.Neighborhood) and isinstance(q_layout, TiledLayout):
-    lo, hi, c = _tiled_intervals(mask, q_layout, kv_layout)
-  elif mask.is_interval:
-    lo, hi, c = masks_lib.per_token_intervals(mask, q_index, kv_index, q_valid, kv_valid)
+  vectors = interval_vectors(mask, q_layout, kv_layout)
+  if vectors is not None:
+    lo, hi, c = vectors
   else:
     # Validity only; the mask itself runs elementwise.
     lo, hi, c = masks_lib.per_token_intervals(masks_lib.Causal(0), np.zeros_like(q_index),
                                               np.zeros_like(kv_index), q_valid, kv_valid)
     mask_fn = mask
+  # A shard of a larger problem (context parallelism) keeps no mask: kernels that re-derive
+  # layouts from a Neighborhood's grid would take the global grid for the local tensor.
+  whole = not (getattr(q_layout, "origin", ()) or getattr(kv_layout, "origin", ())
+               or getattr(q_layout, "segments", ()) or getattr(kv_layout, "segments", ()))
   return AttentionPlan(q_layout, kv_layout, bmap, lo, hi, c, q_index.astype(np.int32),
-                       kv_index.astype(np.int32), mask_fn,
-                       np.where(q_valid, q_index, -1).astype(np.int32),
-                       np.where(kv_valid, kv_index, -1).astype(np.int32), mask=mask)
+                       kv_index.astype(np.int32), mask_fn, q_layout.rows().astype(np.int32),
+                       kv_layout.rows().astype(np.int32), mask=mask if whole else None)
 
 
 @functools.lru_cache(maxsize=256)
