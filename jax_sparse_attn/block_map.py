@@ -161,8 +161,9 @@ def _classify_dense(mask_fn, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
     stop = min(nq, start + rows_per_chunk)
     qi = q_idx[start * bq: stop * bq]
     qv = q_valid[start * bq: stop * bq]
+    # A function mask may ignore one index (broadcast shape): not an in-place &=.
     m = np.asarray(mask_fn(qi[:, None], kv_idx[None, :])).astype(bool)
-    m &= qv[:, None] & kv_valid[None, :]
+    m = m & qv[:, None] & kv_valid[None, :]
     m = m.reshape(stop - start, bq, nk, bk)
     anyv = m.any(axis=(1, 3))
     # Full: every valid query row sees every key (all keys must be real).
@@ -188,6 +189,8 @@ def _classify_interval_1d(lo, hi, c, q_valid, kv_valid, bq, bk):
   """
   nd = lo.shape[0]
   nq, nk = lo.shape[1] // bq, c.shape[1] // bk
+  if not kv_valid.any():  # e.g. a context-parallel halo past the start of the sequence
+    return [(np.zeros(0, np.int32), np.zeros(0, np.int8)) for _ in range(nq)]
   big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
   lo64, hi64, c64 = lo.astype(np.int64), hi.astype(np.int64), c.astype(np.int64)
   lo_min, lo_max = _block_stats(lo64, q_valid, bq, big, small)
@@ -381,7 +384,7 @@ def _refine_partial(mask, classes, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
     k_tok = kj[:, None] * bk + np.arange(bk)[None, :]
     m = np.asarray(mask(q_idx[q_tok][:, :, None], kv_idx[k_tok][:, None, :])).astype(bool)
     qv, kvv = q_valid[q_tok][:, :, None], kv_valid[k_tok][:, None, :]
-    m &= qv & kvv
+    m = m & qv & kvv
     full = (m | ~qv).all(axis=(1, 2)) & kv_all_valid[kj]
     classes[qi, kj] = np.where(full, FULL, np.where(m.any(axis=(1, 2)), PARTIAL, EMPTY))
   return classes

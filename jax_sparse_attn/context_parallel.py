@@ -166,9 +166,11 @@ class ContextPlan:
   """What each device runs (`plan_context`).
 
   plans: the unique local plans; table [steps, num_shards] int32: the plan index device s
-  runs at step t (-1: nothing to compute); halo: (left, right) rows (1-D) or leading-dim
-  slices (N-D) received from each side; bytes_per_device: K/V (and segment id) bytes each
-  device receives; estimates: seconds per candidate strategy (`estimate`).
+  runs at step t (-1: nothing to compute). Ring: step t is the K/V shard t hops back;
+  halo: the steps are the device's own K/V, then the left and the right halo (rows
+  ``halo[0]`` and ``halo[1]`` > 0 only); allgather: one step. halo: (left, right) rows (1-D)
+  or leading-dim slices (N-D) received from each side; bytes_per_device: K/V (and segment
+  id) bytes each device receives; estimates: seconds per candidate strategy (`estimate`).
   """
   strategy: str
   num_shards: int
@@ -184,12 +186,13 @@ class ContextPlan:
 
   @property
   def sends(self) -> int:
-    """Collective-permutes per call: ring steps after the first, or halo hops."""
+    """Collective-permutes per K/V array: ring steps after the first, or halo hops."""
     if self.strategy == "ring":
       return self.steps - 1
     if self.strategy == "halo":
-      extent = self.plans[0].q_layout
-      size = extent.seq_len if isinstance(extent, SequenceLayout) else extent.spatial_shape[0]
+      extent = self.plans[0].kv_layout if self.plans else None
+      size = (extent.seq_len if isinstance(extent, SequenceLayout)
+              else extent.spatial_shape[0]) if extent else 1
       return sum(-(-h // size) for h in self.halo)
     return 0
 
@@ -262,19 +265,22 @@ def estimate(strategy: str, work: np.ndarray, kv_shard_bytes: float, sends: int,
   """Seconds per forward call on one device (the slowest), by strategy.
 
   work [steps, shards]: FLOPs of each device's kernel at each ring step (the same blocks
-  in every strategy; halo and allgather run one step's sum). Ring: a step costs the larger
-  of its slowest kernel and the send of the next K/V shard (they overlap). Allgather: the
-  gather, then the kernel. Halo: the halo hops, then the kernel.
+  in every strategy; allgather runs their sum). Ring: a step costs the larger of its slowest
+  kernel and the send of the next K/V shard (they overlap). Allgather: the gather, then the
+  kernel. Halo (work rows: own K/V, then the halos): the larger of the own-K/V kernel and
+  the exchange (`halo_bytes`, `sends` hops of the longer side), then the halo kernels.
   """
   kernel = work.sum(axis=0).max() / hw.flops_per_s
+  per_step = work.max(axis=1) / hw.flops_per_s
   if strategy == "ring":
     steps = work.shape[0]
     send = kv_shard_bytes / hw.link_bytes_per_s + hw.collective_s
-    per_step = work.max(axis=1) / hw.flops_per_s
     return float(sum(max(per_step[t], send if t + 1 < steps else 0.0) for t in range(steps)))
   if strategy == "allgather":
     return float((sends * kv_shard_bytes) / hw.link_bytes_per_s + hw.collective_s + kernel)
-  return float(halo_bytes / hw.link_bytes_per_s + sends * hw.collective_s + kernel)
+  # Halo: work rows are (own K/V, halos); the exchange overlaps the own-K/V kernel.
+  exchange = halo_bytes / hw.link_bytes_per_s + sends * hw.collective_s
+  return float(max(per_step[0], exchange) + work[1:].sum(axis=0).max() / hw.flops_per_s)
 
 
 @functools.lru_cache(maxsize=64)
@@ -306,15 +312,23 @@ def plan_context(mask: masks_lib.Mask, seq_q: int, seq_kv: int, num_shards: int,
   used = np.nonzero((ring >= 0).any(axis=1))[0]
   ring = ring[: int(used[-1]) + 1 if len(used) else 1]
   flops = lambda i: _block_flops(plans.plans[i], head_dim) * batch_heads if i >= 0 else 0.0
-  work = np.vectorize(flops, otypes=[float])(ring)
+  work = lambda table: np.vectorize(flops, otypes=[float])(table)
   shard_bytes = ckv * kv_row_bytes
   reach = _reach_1d(mask, seq_q, seq_kv, q_runs, kv_runs) if context_layout == "contiguous" else None
   bounded = reach is not None and sum(reach) < (n - 1) * ckv
-  hops = sum(-(-h // ckv) for h in reach) if reach else 0
-  estimates = {"ring": estimate("ring", work, shard_bytes, ring.shape[0] - 1, 0, hardware),
-               "allgather": estimate("allgather", work, shard_bytes, n - 1, 0, hardware)}
+  estimates = {"ring": estimate("ring", work(ring), shard_bytes, ring.shape[0] - 1, 0, hardware),
+               "allgather": estimate("allgather", work(ring), shard_bytes, n - 1, 0, hardware)}
   if bounded:
-    estimates["halo"] = estimate("halo", work, shard_bytes, hops, sum(reach) * kv_row_bytes,
+    left, right = reach
+    # Own K/V (ring step 0), then each side's halo rows.
+    starts = (lambda s: s * ckv - left, lambda s: (s + 1) * ckv)
+    halo = np.array([ring[0]] + [
+        [plans.add(q_layouts[s], SequenceLayout(
+            rows, block_kv, _halo_runs(start(s), 0, rows, 0, seq_kv))) for s in range(n)]
+        for start, rows in zip(starts, reach) if rows], np.int32)
+    # Left and right halos travel concurrently: the longer chain of hops counts.
+    hops = max(-(-h // ckv) for h in reach)
+    estimates["halo"] = estimate("halo", work(halo), shard_bytes, hops, sum(reach) * kv_row_bytes,
                                  hardware)
   if strategy == "auto":
     strategy = min(estimates, key=lambda k: (estimates[k], ("halo", "ring", "allgather").index(k)))
@@ -333,13 +347,8 @@ def plan_context(mask: masks_lib.Mask, seq_q: int, seq_kv: int, num_shards: int,
     table = np.array([[gather.add(q_layouts[s], every) for s in range(n)]], np.int32)
     return ContextPlan("allgather", n, tuple(gather.plans), table, (0, 0),
                        (n - 1) * shard_bytes, estimates)
-  left, right = reach
-  halo = _Plans(mask)
-  table = np.array([[halo.add(q_layouts[s], SequenceLayout(
-      ckv + left + right, block_kv, _halo_runs(s * ckv, left, ckv, right, seq_kv)))
-      for s in range(n)]], np.int32)
-  return ContextPlan("halo", n, tuple(halo.plans), table, (left, right),
-                     (left + right) * kv_row_bytes, estimates)
+  return ContextPlan("halo", n, tuple(plans.plans), halo, reach, sum(reach) * kv_row_bytes,
+                     estimates)
 
 
 def _fit_tile(tile: tuple[int, ...], extent: int) -> tuple[int, ...]:
@@ -384,9 +393,12 @@ def plan_context_nd(mask: masks_lib.Neighborhood, num_shards: int, q_tile: tuple
     table = np.array([[plans.add(q_layouts[s], every) for s in range(n)]], np.int32)
     return ContextPlan("allgather", n, tuple(plans.plans), table, (0, 0),
                        (n - 1) * size * kv_row_bytes, {})
-  table = np.array([[plans.add(q_layouts[s], TiledLayout(
-      (size + left + right,) + rest, mask.dilation, kv_tile, (s * size - left,) + zeros))
-      for s in range(n)]], np.int32)
+  slab = lambda start, rows: TiledLayout((rows,) + rest, mask.dilation, kv_tile,
+                                         (start,) + zeros)
+  # Own K/V, then each side's halo slices.
+  table = np.array([[plans.add(q_layouts[s], slab(s * size, size)) for s in range(n)]] + [
+      [plans.add(q_layouts[s], slab(s * size - left if side == 0 else (s + 1) * size, rows))
+       for s in range(n)] for side, rows in enumerate((left, right)) if rows], np.int32)
   return ContextPlan("halo", n, tuple(plans.plans), table, (left, right),
                      (left + right) * kv_row_bytes, {})
 
@@ -395,23 +407,40 @@ def plan_context_nd(mask: masks_lib.Neighborhood, num_shards: int, q_tile: tuple
 # Device-side pieces (inside shard_map).
 
 
-def _halo_exchange(x, axis_name: str, n: int, left: int, right: int, axis: int = 1):
-  """x extended along `axis` by `left` rows of the previous shards and `right` of the next
-  (zeros past the ends of the sequence; the plans mask them)."""
+def _halos(x, axis_name: str, n: int, left: int, right: int, axis: int = 1):
+  """The `left` rows (along `axis`) before this shard and the `right` rows after it, from
+  the neighbouring shards (several hops when a halo is longer than a shard; zeros past the
+  ends of the sequence, which the plans mask). Returns the non-empty ones, left first."""
   if x is None:
-    return None
+    return [None] * ((left > 0) + (right > 0))
   size = x.shape[axis]
-  parts = []
-  for m in range(-(-left // size), 0, -1):  # farthest shard first
-    rows = min(size, left - (m - 1) * size)
-    piece = lax.slice_in_dim(x, size - rows, size, axis=axis)
-    parts.append(lax.ppermute(piece, axis_name, [(j, j + m) for j in range(n - m)]))
-  parts.append(x)
-  for m in range(1, -(-right // size) + 1):
-    rows = min(size, right - (m - 1) * size)
-    piece = lax.slice_in_dim(x, 0, rows, axis=axis)
-    parts.append(lax.ppermute(piece, axis_name, [(j, j - m) for j in range(m, n)]))
-  return jnp.concatenate(parts, axis=axis) if len(parts) > 1 else x
+  out = []
+  if left:
+    parts = []
+    for m in range(-(-left // size), 0, -1):  # farthest shard first
+      rows = min(size, left - (m - 1) * size)
+      piece = lax.slice_in_dim(x, size - rows, size, axis=axis)
+      parts.append(lax.ppermute(piece, axis_name, [(j, j + m) for j in range(n - m)]))
+    out.append(jnp.concatenate(parts, axis=axis))
+  if right:
+    parts = []
+    for m in range(1, -(-right // size) + 1):
+      rows = min(size, right - (m - 1) * size)
+      piece = lax.slice_in_dim(x, 0, rows, axis=axis)
+      parts.append(lax.ppermute(piece, axis_name, [(j, j - m) for j in range(m, n)]))
+    out.append(jnp.concatenate(parts, axis=axis))
+  return out
+
+
+def _merge_steps(cp: ContextPlan, shard, run, empty, q, kv_steps, *extra):
+  """Run step t of `cp.table` on the t-th K/V (a tuple of arrays, or a callable giving it,
+  called just before the step) and merge the partial attentions by log-sum-exp."""
+  acc = None
+  for t, kv in enumerate(kv_steps):
+    part = _run_row(cp.table[t], shard, run, empty, q, *kv, *extra)
+    acc = part if acc is None else merge_attentions(
+        [acc[0], part[0]], [acc[1], part[1]], out_dtype=jnp.float32)
+  return acc[0].astype(q.dtype), acc[1]
 
 
 def _run_row(row: np.ndarray, shard, run, empty, *args):
@@ -470,10 +499,10 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
   cp = plan_context(mask, sq, skv, n, block_q, block_kv, strategy, context_layout,
                     row_bytes, d, local_b * h // _local_sizes(mesh, head_axes))
 
-  def run(i, q, k, v, qs, ks):
+  def run(i, q, k, v, ks, qs):
     return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v, qs, ks)
 
-  def empty(q, k, v, qs, ks):
+  def empty(q, k, v, ks, qs):
     return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
 
   def body(q, k, v, *segs):
@@ -481,20 +510,17 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
     shard = lax.axis_index(context_axis)
     if cp.strategy == "allgather":
       gather = lambda x: None if x is None else lax.all_gather(x, context_axis, axis=1, tiled=True)
-      return _run_row(cp.table[0], shard, run, empty, q, gather(k), gather(v), qs, gather(ks))
+      return _run_row(cp.table[0], shard, run, empty, q, gather(k), gather(v), gather(ks), qs)
     if cp.strategy == "halo":
-      ext = lambda x: _halo_exchange(x, context_axis, n, *cp.halo)
-      return _run_row(cp.table[0], shard, run, empty, q, ext(k), ext(v), qs, ext(ks))
-    kv, acc = (k, v, ks), None
-    for t in range(cp.steps):
-      # Send the next shard before this step's kernel: the two overlap.
-      nxt = (lax.ppermute(kv, context_axis, [(j, (j + 1) % n) for j in range(n)])
-             if t + 1 < cp.steps else None)
-      part = _run_row(cp.table[t], shard, run, empty, q, kv[0], kv[1], qs, kv[2])
-      acc = part if acc is None else merge_attentions(
-          [acc[0], part[0]], [acc[1], part[1]], out_dtype=jnp.float32)
-      kv = nxt
-    return acc[0].astype(q.dtype), acc[1]
+      # The exchange is issued first: it overlaps the kernel on the device's own K/V.
+      halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v, ks)))
+      return _merge_steps(cp, shard, run, empty, q, [(k, v, ks), *halos], qs)
+    kv_steps = [(k, v, ks)]
+    for _ in range(cp.steps - 1):
+      # Each shard is sent on before the kernel that reads it: the two overlap.
+      kv_steps.append(lax.ppermute(kv_steps[-1], context_axis,
+                                   [(j, (j + 1) % n) for j in range(n)]))
+    return _merge_steps(cp, shard, run, empty, q, kv_steps, qs)
 
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(qkv, lse_spec),
                        check_vma=False)(query, key, value, *seg_args)
@@ -530,8 +556,8 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
     if cp.strategy == "allgather":
       gather = lambda x: lax.all_gather(x, context_axis, axis=1, tiled=True)
       return _run_row(cp.table[0], shard, run, empty, q, gather(k), gather(v))
-    ext = lambda x: _halo_exchange(x, context_axis, n, *cp.halo)
-    return _run_row(cp.table[0], shard, run, empty, q, ext(k), ext(v))
+    halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v)))
+    return _merge_steps(cp, shard, run, empty, q, [(k, v), *halos])
 
   return jax.shard_map(body, mesh=mesh, in_specs=(qkv,) * 3, out_specs=(qkv, lse_spec),
                        check_vma=False)(query, key, value)

@@ -1,0 +1,394 @@
+"""Context parallelism on 8 forced host devices: ring, halo and all-gather attention against
+the unsharded op (forward and gradients), the collectives in the compiled HLO, the planner's
+decisions, merge_attentions, and bad input."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import backend_cases
+import brute_force
+import jax_sparse_attn as jsa
+from jax_sparse_attn import context_parallel as cp
+from jax_sparse_attn import masks
+
+AUTO = jax.sharding.AxisType.Auto
+
+
+def _mesh(context: int, other: str = "data"):
+  if context == 8:
+    return jax.make_mesh((8,), ("context",), axis_types=(AUTO,))
+  return jax.make_mesh((8 // context, context), (other, "context"), axis_types=(AUTO,) * 2)
+
+
+def _inputs(seed, shape_q, shape_kv, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  make = lambda s: jnp.asarray(rng.standard_normal(s), dtype)
+  return make(shape_q), make(shape_kv), make(shape_kv), make(shape_q), rng
+
+
+def _value_and_grads(fn, q, k, v, d_out):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out,) + vjp(d_out)
+
+
+def _assert_close(got, want, tol, what=""):
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert not np.any(np.isnan(np.asarray(g, np.float32))), f"{what} {name}: NaN"
+    if np.linalg.norm(np.asarray(w, np.float64)) < 1e-6:  # zero in theory (one visible key)
+      assert np.abs(np.asarray(g, np.float64)).max() < tol, f"{what} {name}: not zero"
+      continue
+    err = brute_force.rel_err(g, w)
+    assert err < tol, f"{what} {name}: rel err {err}"
+
+
+# --------------------------------------------------------------------------------------------
+# merge_attentions
+
+
+def test_merge_attentions_equals_attention_over_the_union():
+  q, k, v, d_out, _ = _inputs(0, (2, 24, 4, 16), (2, 40, 2, 16))
+  mask = masks.causal(offset=16)
+  # Keys split into two disjoint sets by index parity: each part is a masked attention.
+  even = masks.from_function(lambda qi, ki: ki % 2 == 0)
+  odd = masks.from_function(lambda qi, ki: ki % 2 == 1)
+
+  def merged(q, k, v):
+    parts = [jsa.attention(q, k, v, mask & m, backend="xla", return_lse=True) for m in (even, odd)]
+    return jsa.merge_attentions([p[0] for p in parts], [p[1] for p in parts])
+
+  def whole(q, k, v):
+    return jsa.attention(q, k, v, mask, backend="xla", return_lse=True)
+
+  (out, lse), vjp_m = jax.vjp(merged, q, k, v)
+  (want, want_lse), vjp_w = jax.vjp(whole, q, k, v)
+  assert brute_force.rel_err(out, want) < 1e-5
+  assert brute_force.rel_err(lse, want_lse) < 1e-5
+  d_lse = jnp.asarray(np.random.default_rng(1).standard_normal(lse.shape), jnp.float32)
+  for g, w in zip(vjp_m((d_out, d_lse)), vjp_w((d_out, d_lse))):
+    assert brute_force.rel_err(g, w) < 1e-5
+
+
+def test_merge_attentions_rows_that_see_nothing():
+  out = jnp.ones((1, 3, 2, 4))
+  lse = jnp.array([[[-jnp.inf, 0.5], [-jnp.inf, -jnp.inf], [1.0, -jnp.inf]]])
+  f = lambda o, l: jsa.merge_attentions([o, 2 * o], [l, l])
+  merged, merged_lse = f(out, lse)
+  assert np.all(np.asarray(merged[0, 1]) == 0) and np.all(np.isneginf(merged_lse[0, 1]))
+  np.testing.assert_allclose(merged[0, 0, 1], 1.5)
+  np.testing.assert_allclose(merged_lse[0, 0, 1], 0.5 + np.log(2), rtol=1e-6)
+  grads = jax.grad(lambda o, l: jnp.sum(jnp.where(jnp.isfinite(f(o, l)[1]), f(o, l)[1], 0.0))
+                   + jnp.sum(f(o, l)[0]), argnums=(0, 1))(out, lse)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+def test_merge_attentions_rejects_mismatched_shapes():
+  with pytest.raises(ValueError, match="same length"):
+    jsa.merge_attentions([jnp.ones((1, 2, 3, 4))], [])
+  with pytest.raises(ValueError, match=r"lses\[0\]"):
+    jsa.merge_attentions([jnp.ones((1, 2, 3, 4))], [jnp.ones((1, 2, 4))])
+
+
+# --------------------------------------------------------------------------------------------
+# 1-D sequences: every strategy against the unsharded op.
+
+SEQ_CASES = {
+    "causal": masks.causal(),
+    "causal_window": masks.causal() & masks.sliding_window(11),
+    "window": masks.sliding_window(9, 5),
+    "block_local": masks.block_local(8, 3),
+    "window_sink": masks.causal() & (masks.sliding_window(5) | masks.sink(2)),
+    "function": masks.from_function(lambda q, k: (q + 2 * k) % 3 != 0),
+    "full": masks.full(),
+}
+
+
+def _check_sequence(mask_name, strategy, layout, context, chunk, heads, kv_heads, segments,
+                    seed, backend="xla", tol=2e-5, dtype=jnp.float32, **kw):
+  mesh = _mesh(context)
+  seq = chunk * context * (2 if layout == "zigzag" else 1)
+  mask = SEQ_CASES[mask_name]
+  q, k, v, d_out, rng = _inputs(seed, (2, seq, heads, 16), (2, seq, kv_heads, 16), dtype)
+  seg = (jnp.asarray(np.sort(rng.integers(0, 3, (2, seq)), axis=1), jnp.int32)
+         if segments else None)
+
+  def sharded(q, k, v):
+    return jsa.attention(q, k, v, mask, segment_ids=seg, backend=backend, mesh=mesh,
+                         context_axis="context", strategy=strategy, context_layout=layout, **kw)
+
+  def single(q, k, v):
+    return jsa.attention(q, k, v, mask, segment_ids=seg, backend=backend, **kw)
+
+  if layout == "zigzag":
+    perm = cp.zigzag_permutation(seq, context)
+    seg = None if seg is None else seg[:, perm]
+    got = _value_and_grads(jax.jit(sharded), *(x[:, perm] for x in (q, k, v, d_out)))
+    inv = np.argsort(perm)
+    got = tuple(x[:, inv] for x in got)
+    seg = None if seg is None else seg[:, inv]
+  else:
+    got = _value_and_grads(jax.jit(sharded), q, k, v, d_out)
+  want = _value_and_grads(single, q, k, v, d_out)
+  _assert_close(got, want, tol, f"{mask_name}/{strategy}/{layout}")
+
+
+@pytest.mark.parametrize("mask_name, strategy, layout", [
+    ("causal", "ring", "contiguous"),
+    ("causal", "ring", "zigzag"),
+    ("causal", "allgather", "zigzag"),
+    ("causal_window", "halo", "contiguous"),
+    ("window", "halo", "contiguous"),
+    ("block_local", "halo", "contiguous"),
+    ("window_sink", "ring", "contiguous"),
+    ("function", "allgather", "contiguous"),
+])
+def test_sequence_strategies(mask_name, strategy, layout):
+  _check_sequence(mask_name, strategy, layout, context=4, chunk=16, heads=4, kv_heads=2,
+                  segments=mask_name in ("causal", "window"), seed=3)
+
+
+@settings(max_examples=8)
+@given(mask_name=st.sampled_from(sorted(SEQ_CASES)),
+       strategy=st.sampled_from(["auto", "ring", "halo", "allgather"]),
+       zigzag=st.booleans(), context=st.sampled_from([2, 4, 8]), chunk=st.sampled_from([8, 12, 20]),
+       kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), segments=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_sequence_randomized(mask_name, strategy, zigzag, context, chunk, kv_heads, group,
+                             segments, seed):
+  layout = "zigzag" if zigzag and strategy != "halo" else "contiguous"
+  seq = chunk * context * (2 if layout == "zigzag" else 1)
+  try:
+    cp.plan_context(SEQ_CASES[mask_name], seq, seq, context, 8, 8, strategy, layout)
+  except ValueError as e:  # halo on a mask that reaches every shard: a clear error
+    assert strategy == "halo" and "bounded reach" in str(e)
+    return
+  _check_sequence(mask_name, strategy, layout, context, chunk, kv_heads * group, kv_heads,
+                  segments, seed, block_q=8, block_kv=8)
+
+
+def test_sequence_triton_interpret():
+  _check_sequence("causal", "ring", "contiguous", context=2, chunk=32, heads=2, kv_heads=1,
+                  segments=False, seed=4, backend="triton", interpret=True, block_q=16,
+                  block_kv=16, tol=1e-4)
+  _check_sequence("causal_window", "halo", "contiguous", context=4, chunk=16, heads=2,
+                  kv_heads=2, segments=True, seed=5, backend="triton", interpret=True,
+                  block_q=16, block_kv=16, tol=1e-4)
+
+
+def test_sequence_low_precision():
+  _check_sequence("causal", "ring", "zigzag", context=4, chunk=16, heads=2, kv_heads=1,
+                  segments=False, seed=6, dtype=jnp.bfloat16, tol=2e-2)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+  # causal(offset=-40): the first 40 queries see nothing; whole shards of them.
+  mesh = _mesh(4)
+  q, k, v, d_out, _ = _inputs(7, (2, 64, 2, 16), (2, 64, 2, 16))
+  mask = masks.causal(offset=-40)
+  for strategy in ("ring", "allgather"):
+    f = jax.jit(lambda q, k, v: jsa.attention(q, k, v, mask, backend="xla", mesh=mesh,
+                                              context_axis="context", strategy=strategy))
+    out, dq, dk, dv = _value_and_grads(f, q, k, v, d_out)
+    assert np.all(np.asarray(out[:, :40]) == 0) and np.all(np.asarray(dq[:, :40]) == 0)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in (out, dq, dk, dv))
+
+
+# --------------------------------------------------------------------------------------------
+# Neighborhoods: the leading spatial dim sharded.
+
+NA_CASES = [
+    # spatial, kernel, stride, dilation, causal, strategy, context
+    ((16,), 5, 1, 1, False, "halo", 4),
+    ((16,), 4, 2, 2, True, "halo", 2),
+    ((8, 6, 5), (3, 3, 3), 1, 1, False, "auto", 4),
+    ((8, 7), (5, 3), (2, 1), 1, (True, False), "halo", 4),
+    ((16, 5), (5, 3), (2, 1), (2, 1), False, "halo", 2),
+    ((8, 6), (8, 3), (4, 1), 1, (True, False), "allgather", 4),
+    ((8, 4, 6), (4, 3, 5), (2, 1, 3), (1, 1, 1), (True, False, False), "halo", 8),
+]
+
+
+def _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=0,
+              backend="xla", tol=2e-5, **kw):
+  mesh = _mesh(context, other="model")
+  q, k, v, d_out, _ = _inputs(seed, (2,) + spatial + (4, 16), (2,) + spatial + (2, 16))
+  args = (kernel, stride, dilation, causal)
+  sharded = jax.jit(lambda q, k, v: jsa.na(q, k, v, *args, backend=backend, mesh=mesh,
+                                           context_axis="context", strategy=strategy, **kw))
+  got = _value_and_grads(sharded, q, k, v, d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.na(q, k, v, *args, backend="reference"),
+                          q, k, v, d_out)
+  _assert_close(got, want, tol, f"{spatial} {args} {strategy}")
+
+
+@pytest.mark.parametrize("case", NA_CASES)
+def test_na_context_parallel(case):
+  _check_na(*case)
+
+
+@settings(max_examples=6)
+@given(p=backend_cases.na_problems(), context=st.sampled_from([2, 4]),
+       strategy=st.sampled_from(["auto", "halo", "allgather"]))
+def test_na_randomized(p, context, strategy):
+  spatial, kernel, stride, dilation, causal = p["problem"]
+  spatial = (spatial[0] * context,) + tuple(spatial[1:])  # the leading dim divides
+  try:
+    mask = masks.neighborhood(spatial, kernel, stride, dilation, causal)
+    cp.plan_context_nd(mask, context, (1,) * len(spatial), (1,) * len(spatial), strategy)
+  except ValueError as e:
+    assert strategy == "halo" and "every other shard" in str(e)
+    return
+  _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=p["seed"])
+
+
+def test_na_triton_interpret():
+  _check_na((8, 8), (3, 5), (1, 2), 1, (True, False), "halo", 4, backend="triton",
+            interpret=True, block_q=16, block_kv=16, tol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled collectives.
+
+
+def _hlo(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def _count(text, op):
+  return len(re.findall(rf"= \S+ {op}(-start)?\(", text))
+
+
+def test_halo_hlo_has_collective_permutes_and_no_all_gather():
+  mesh = _mesh(4)
+  x = jnp.ones((2, 256, 2, 16))
+  text = _hlo(lambda q: jsa.attention(q, q, q, masks.sliding_window(20, 20), backend="xla",
+                                      mesh=mesh, context_axis="context", strategy="halo"), x)
+  assert _count(text, "collective-permute") > 0
+  assert _count(text, "all-gather") == 0
+  y = jnp.ones((1, 8, 6, 6, 2, 16))
+  text = _hlo(lambda q: jsa.na(q, q, q, (3, 5, 5), backend="xla", mesh=mesh,
+                               context_axis="context", strategy="halo"), y)
+  assert _count(text, "collective-permute") > 0 and _count(text, "all-gather") == 0
+
+
+@pytest.mark.parametrize("mask, steps", [(masks.causal(), 4),
+                                         (masks.causal() & masks.sliding_window(30), 2),
+                                         (masks.block_local(64), 1)])
+def test_ring_sends_only_needed_steps(mask, steps):
+  mesh = _mesh(4)
+  q, k, v, _, _ = _inputs(0, (2, 256, 2, 16), (2, 256, 2, 16))
+  plan = cp.plan_context(mask, 256, 256, 4, 64, 64, "ring")
+  assert plan.steps == steps and plan.sends == steps - 1
+  text = _hlo(lambda q, k, v: jsa.attention(q, k, v, mask, backend="xla", mesh=mesh,
+                                            context_axis="context", strategy="ring"), q, k, v)
+  assert _count(text, "collective-permute") == 2 * (steps - 1)  # K and V per send
+
+
+def test_causal_ring_compiles_three_local_problems():
+  for n in (2, 4, 8):
+    plan = cp.plan_context(masks.causal(), 1024, 1024, n, 64, 64, "ring", "zigzag")
+    assert len(plan.plans) == 3 and plan.steps == n
+  plan = cp.plan_context(masks.causal(), 1024, 1024, 8, 64, 64, "ring")
+  assert len(plan.plans) == 2  # diagonal and full; empty pairs compute nothing
+
+
+def test_batch_and_head_sharding_needs_no_all_gather():
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO,) * 2)
+  q, k, v, _, _ = _inputs(8, (4, 64, 8, 16), (4, 64, 4, 16))
+  spec = NamedSharding(mesh, P("data", None, "model", None))
+  q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+  f = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="xla", mesh=mesh)
+  text = _hlo(f, q, k, v)
+  assert _count(text, "all-gather") == 0 and _count(text, "collective-permute") == 0
+  out = jax.jit(f)(q, k, v)
+  assert out.sharding.spec == P("data", None, "model", None)
+  want = jsa.attention(q, k, v, masks.causal(), backend="xla", mesh=jax.make_mesh((1,), ("x",)))
+  assert brute_force.rel_err(out, want) < 1e-6
+  # The same under jax.set_mesh, no mesh argument.
+  with jax.set_mesh(mesh):
+    assert brute_force.rel_err(jax.jit(lambda q, k, v: jsa.attention(
+        q, k, v, masks.causal(), backend="xla"))(q, k, v), want) < 1e-6
+
+
+def test_context_axis_of_size_one_has_no_collectives():
+  mesh = jax.make_mesh((8, 1), ("data", "context"), axis_types=(AUTO,) * 2)
+  x = jnp.ones((8, 128, 2, 16))
+  text = _hlo(lambda q: jsa.attention(q, q, q, masks.causal(), backend="xla", mesh=mesh,
+                                      context_axis="context"), x)
+  for op in ("all-gather", "collective-permute", "all-reduce", "all-to-all"):
+    assert _count(text, op) == 0, op
+
+
+# --------------------------------------------------------------------------------------------
+# The planner's decisions.
+
+
+def test_auto_strategy_choice():
+  # A window that reaches less than a shard: halo.
+  plan = cp.plan_context(masks.causal() & masks.sliding_window(2047), 32768, 32768, 8, 128,
+                         128, kv_row_bytes=2 * 16 * 128 * 2, head_dim=128, batch_heads=16)
+  assert plan.strategy == "halo" and plan.halo == (2047, 0)
+  # Long causal: the ring hides its sends under compute.
+  plan = cp.plan_context(masks.causal(), 262144, 262144, 8, 128, 128,
+                         kv_row_bytes=2 * 16 * 128 * 2, head_dim=128, batch_heads=16)
+  assert plan.strategy == "ring"
+  assert plan.estimates["ring"] < plan.estimates["allgather"]
+  # Short sequence, one KV head: per-step kernels too small to hide sends: all-gather.
+  plan = cp.plan_context(masks.causal(), 2048, 2048, 8, 128, 128,
+                         kv_row_bytes=2 * 1 * 128 * 2, head_dim=128, batch_heads=16)
+  assert plan.strategy == "allgather"
+
+
+def test_estimate_model():
+  hw = cp.Hardware(link_bytes_per_s=1e9, flops_per_s=1e12, collective_s=0.0)
+  work = np.array([[1e9, 2e9], [3e9, 0.0]])  # [steps, shards]
+  # Ring: step 0 overlaps the 1 ms kernel... max(2 ms, send 1 ms) + step 1 3 ms.
+  assert cp.estimate("ring", work, 1e6, 1, 0, hw) == pytest.approx(5e-3)
+  assert cp.estimate("allgather", work, 1e6, 1, 0, hw) == pytest.approx(1e-3 + 4e-3)
+  # Halo (rows: own K/V, halo): the 0.5 ms exchange hides under the 2 ms own-K/V kernel.
+  assert cp.estimate("halo", work, 1e6, 1, 5e5, hw) == pytest.approx(2e-3 + 3e-3)
+  assert cp.estimate("halo", work, 1e6, 1, 5e6, hw) == pytest.approx(5e-3 + 3e-3)
+
+
+def test_zigzag_round_trip():
+  x = jnp.arange(2 * 32).reshape(2, 32)
+  z = cp.to_zigzag(x, 4)
+  assert list(np.asarray(z[0, :8])) == [0, 1, 2, 3, 28, 29, 30, 31]
+  assert np.array_equal(cp.from_zigzag(z, 4), x)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input():
+  mesh = _mesh(4)
+  x = jnp.ones((2, 64, 2, 16))
+  with pytest.raises(ValueError, match="context_axis 'seq' is not an axis"):
+    jsa.attention(x, x, x, backend="xla", mesh=mesh, context_axis="seq")
+  with pytest.raises(ValueError, match="seq_q=66 must be divisible by 4"):
+    y = jnp.ones((2, 66, 2, 16))
+    jsa.attention(y, y, y, backend="xla", mesh=mesh, context_axis="context")
+  with pytest.raises(ValueError, match="strategy='halo' needs a mask"):
+    jsa.attention(x, x, x, masks.causal(), backend="xla", mesh=mesh, context_axis="context",
+                  strategy="halo")
+  with pytest.raises(ValueError, match="strategy must be one of"):
+    jsa.attention(x, x, x, backend="xla", strategy="tree")
+  with pytest.raises(ValueError, match="context_layout must be one of"):
+    jsa.attention(x, x, x, backend="xla", context_layout="strided")
+  with pytest.raises(ValueError, match="zigzag' needs a mesh"):
+    jsa.attention(x, x, x, backend="xla", context_layout="zigzag")
+  with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
+    jsa.attention(x, x, x, backend="xla", mesh="data")
+  y = jnp.ones((2, 8, 8, 2, 16))
+  with pytest.raises(ValueError, match="strategy='ring' is for 1-D"):
+    jsa.na(y, y, y, 3, backend="xla", mesh=mesh, context_axis="context", strategy="ring")
+  with pytest.raises(ValueError, match="leading spatial dim \\(6\\) must be divisible"):
+    z = jnp.ones((2, 6, 8, 2, 16))
+    jsa.na(z, z, z, 3, backend="xla", mesh=mesh, context_axis="context")
+  with pytest.raises(ValueError, match="every other shard"):
+    jsa.na(y, y, y, 7, backend="xla", mesh=mesh, context_axis="context", strategy="halo")
