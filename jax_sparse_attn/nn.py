@@ -140,8 +140,7 @@ class _AttentionBase(nnx.Module):
         raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}) "
                          "unless head_dim is given")
       head_dim = embed_dim // num_heads
-    if context_axis is not None:
-      raise NotImplementedError("context parallelism (context_axis=) is not implemented yet")
+    self.context_axis = context_axis
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.use_rope, self.rope_base, self.backend, self.interpret = use_rope, rope_base, backend, interpret
     self.query = _dense(rngs, embed_dim, num_heads * head_dim, ("embed", "heads"), qkv_bias,
@@ -184,7 +183,8 @@ class NeighborhoodAttention(nnx.Module):
   per spatial dim) plus: num_kv_heads (GQA), head_dim (default embed_dim // num_heads),
   qkv_bias, use_rope (axial RoPE over the spatial coordinates), qk_norm (RMSNorm on q, k),
   backend (any of `attention`'s, or "dense": full `jax.nn.dot_product_attention`, a speed
-  baseline), tile shapes.
+  baseline), tile shapes, context_axis (a mesh axis that shards the leading spatial dim
+  under `jax.set_mesh`: context parallelism; without a mesh it is ignored).
   """
 
   def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1,
@@ -215,7 +215,8 @@ class NeighborhoodAttention(nnx.Module):
     else:
       o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
              backend=self.core.backend, interpret=self.core.interpret,
-             q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape)
+             q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape,
+             context_axis=self.core.context_axis)
     return self.core._output(o)
 
 
@@ -241,6 +242,8 @@ class SparseAttention(nnx.Module):
   ``mask``: a `jax_sparse_attn.masks` spec, e.g. ``causal() & (sliding_window(w) | sink(4))``.
   ``__call__(x, segment_ids=None)``; segment ids [batch, seq] restrict attention to packed
   documents (and restart RoPE positions per document when ``positions`` is not given).
+  ``context_axis``: a mesh axis that shards the sequence under `jax.set_mesh` (context
+  parallelism, `jax_sparse_attn.context_parallel`); ignored without a mesh.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, mask: masks_lib.Mask | None = None, *,
@@ -267,7 +270,7 @@ class SparseAttention(nnx.Module):
       o = _dense_baseline(q, k, v, causal=True)
     else:
       o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
-                    interpret=self.core.interpret)
+                    interpret=self.core.interpret, context_axis=self.core.context_axis)
     return self.core._output(o)
 
 
@@ -286,6 +289,7 @@ class _LinenBase(_ln.Module):
   use_bias: bool = True
   backend: str = "auto"
   interpret: bool = False
+  context_axis: str | None = None
   dtype: object = None
 
   def _qkv(self, x):
@@ -318,7 +322,7 @@ class LinenNeighborhoodAttention(_LinenBase):
   def __call__(self, x):
     q, k, v = self._qkv(x)
     o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
-           backend=self.backend, interpret=self.interpret)
+           backend=self.backend, interpret=self.interpret, context_axis=self.context_axis)
     return self._out(o)
 
 
@@ -330,7 +334,7 @@ class LinenSparseAttention(_LinenBase):
   def __call__(self, x, segment_ids=None):
     q, k, v = self._qkv(x)
     o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.backend,
-                  interpret=self.interpret)
+                  interpret=self.interpret, context_axis=self.context_axis)
     return self._out(o)
 
 

@@ -328,6 +328,7 @@ def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret,
   query) and lse [batch, *q_shape, heads] float32. `bwd_plan`: see `_make_core`.
   """
   impl = _get_backend(backend)
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)  # NumPy too
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
   hkv = key.shape[-2]
   q_layout, kv_layout = plan.q_layout, plan.kv_layout

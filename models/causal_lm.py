@@ -5,6 +5,7 @@ Data: a synthetic language (made here) whose next token depends on recent contex
 of repeated random motifs, so a model that attends within its window learns to copy.
 
     python -m models.causal_lm --steps 200 --batch 8 --size 128
+    python -m models.causal_lm --context-parallel 4   # sequence sharded over 4 devices
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from models.train import mlp, run_cli
 
 
 class Block(nnx.Module):
-  def __init__(self, dim, heads, kv_heads, mask, backend, rngs, attn_dtype=None):
+  def __init__(self, dim, heads, kv_heads, mask, backend, rngs, attn_dtype=None,
+               context_axis=None):
     self.norm1 = nnx.RMSNorm(dim, rngs=rngs)
     self.attn = SparseAttention(dim, heads, mask, num_kv_heads=kv_heads, use_rope=True,
-                                backend=backend, dtype=attn_dtype, rngs=rngs)
+                                backend=backend, dtype=attn_dtype, context_axis=context_axis,
+                                rngs=rngs)
     self.norm2 = nnx.RMSNorm(dim, rngs=rngs)
     self.mlp = mlp(rngs, dim, 4 * dim)
 
@@ -33,11 +36,11 @@ class Block(nnx.Module):
 
 class CausalLM(nnx.Module):
   def __init__(self, vocab=64, dim=64, depth=2, heads=4, kv_heads=2, window=32, sinks=4,
-               backend="auto", attn_dtype=None, *, rngs: nnx.Rngs):
+               backend="auto", attn_dtype=None, context_axis=None, *, rngs: nnx.Rngs):
     mask = masks.causal() & (masks.sliding_window(window - 1) | masks.sink(sinks))
     self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-    self.blocks = nnx.List([Block(dim, heads, kv_heads, mask, backend, rngs, attn_dtype)
-                            for _ in range(depth)])
+    self.blocks = nnx.List([Block(dim, heads, kv_heads, mask, backend, rngs, attn_dtype,
+                                  context_axis) for _ in range(depth)])
     self.norm = nnx.RMSNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
 
@@ -73,7 +76,8 @@ def loss_fn(model, batch):
 
 def main():
   run_cli(__doc__, dict(steps=200, batch=8, size=128, lr=3e-3),
-          lambda a: CausalLM(backend=a.backend, rngs=nnx.Rngs(a.seed)), loss_fn,
+          lambda a: CausalLM(backend=a.backend, context_axis=a.context_axis,
+                             rngs=nnx.Rngs(a.seed)), loss_fn,
           lambda a: synthetic_batches(a.batch, a.size, seed=a.seed))
 
 

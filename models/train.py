@@ -7,9 +7,11 @@ installed; it is not a dependency).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Callable, Iterator
 
+import jax
 import optax
 from flax import nnx
 
@@ -62,15 +64,35 @@ def cli(description: str, defaults: dict) -> argparse.Namespace:
                       help='attention backend, or "dense" for the jax.nn.dot_product_attention baseline')
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--checkpoint", default=None, help="save the final state here (orbax)")
-  return parser.parse_args()
+  parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                      help="shard the sequence (video: frames) over N devices (context "
+                           "parallelism; data parallel over the rest)")
+  if "frames" in defaults:
+    parser.add_argument("--frames", type=int, default=defaults["frames"])
+  args = parser.parse_args()
+  args.context_axis = "context" if args.context_parallel > 1 else None
+  return args
+
+
+def context_mesh(context_parallel: int):
+  """A ("data", "context") mesh over every device, `context_parallel` of them on the context
+  axis (`jax_sparse_attn.nn.DEFAULT_RULES` maps activations' "length" to it)."""
+  devices = jax.device_count()
+  if context_parallel < 1 or devices % context_parallel:
+    raise ValueError(f"--context-parallel {context_parallel} must divide the device count "
+                     f"({devices})")
+  return jax.make_mesh((devices // context_parallel, context_parallel), ("data", "context"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def run_cli(doc: str, defaults: dict, make_model, loss_fn, make_batches) -> None:
   """The models' shared entry point: parse the CLI, build, train, print the loss change."""
   args = cli(doc.split("\n\n")[0], defaults)
-  model = make_model(args)
-  losses = train(model, loss_fn, make_batches(args), args.steps, args.lr,
-                 checkpoint=args.checkpoint)
+  mesh = context_mesh(args.context_parallel) if args.context_parallel > 1 else None
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    model = make_model(args)
+    losses = train(model, loss_fn, make_batches(args), args.steps, args.lr,
+                   checkpoint=args.checkpoint)
   print(f"loss {sum(losses[:5]) / 5:.3f} -> {sum(losses[-5:]) / 5:.3f}")
 
 

@@ -4,6 +4,7 @@ Each block: adaLN-Zero modulation from the diffusion time, 3-D NA (causal in tim
 MLP. Objective: predict the noise added to synthetic videos of moving blobs (made here).
 
     python -m models.video_dit --steps 200 --batch 4 --size 16
+    python -m models.video_dit --context-parallel 4   # frames sharded over 4 devices
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ def timestep_embedding(t, dim):
 
 
 class DiTBlock(nnx.Module):
-  def __init__(self, dim, heads, kernel, causal_time, backend, rngs, attn_dtype=None):
+  def __init__(self, dim, heads, kernel, causal_time, backend, rngs, attn_dtype=None,
+               context_axis=None):
     self.norm1 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, rngs=rngs)
     self.attn = NeighborhoodAttention3D(dim, heads, kernel, is_causal=(causal_time, False, False),
                                         use_rope=True, qk_norm=True, backend=backend,
-                                        dtype=attn_dtype, rngs=rngs)
+                                        dtype=attn_dtype, context_axis=context_axis, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, rngs=rngs)
     self.mlp = mlp(rngs, dim, 4 * dim)
     self.ada = nnx.Linear(dim, 6 * dim, rngs=rngs, kernel_init=nnx.initializers.zeros_init())
@@ -39,12 +41,12 @@ class DiTBlock(nnx.Module):
 
 class VideoDiT(nnx.Module):
   def __init__(self, channels=4, dim=48, depth=2, heads=4, kernel=(3, 5, 5), causal_time=True,
-               backend="auto", attn_dtype=None, *, rngs: nnx.Rngs):
+               backend="auto", attn_dtype=None, context_axis=None, *, rngs: nnx.Rngs):
     self.proj_in = nnx.Linear(channels, dim, rngs=rngs)
     self.time = nnx.Sequential(nnx.Linear(dim, dim, rngs=rngs), nnx.silu,
                                nnx.Linear(dim, dim, rngs=rngs))
-    self.blocks = nnx.List([DiTBlock(dim, heads, kernel, causal_time, backend, rngs, attn_dtype)
-                            for _ in range(depth)])
+    self.blocks = nnx.List([DiTBlock(dim, heads, kernel, causal_time, backend, rngs, attn_dtype,
+                                     context_axis) for _ in range(depth)])
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.proj_out = nnx.Linear(dim, channels, rngs=rngs)
     self.dim = dim
@@ -84,9 +86,10 @@ def loss_fn(model, batch):
 
 
 def main():
-  run_cli(__doc__, dict(steps=200, batch=4, size=16),
-          lambda a: VideoDiT(backend=a.backend, rngs=nnx.Rngs(a.seed)), loss_fn,
-          lambda a: synthetic_batches(a.batch, a.size, seed=a.seed))
+  run_cli(__doc__, dict(steps=200, batch=4, size=16, frames=4),
+          lambda a: VideoDiT(backend=a.backend, context_axis=a.context_axis,
+                             rngs=nnx.Rngs(a.seed)), loss_fn,
+          lambda a: synthetic_batches(a.batch, a.size, frames=a.frames, seed=a.seed))
 
 
 if __name__ == "__main__":

@@ -93,15 +93,41 @@ def test_linen_modules():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(embed_dim=30, num_heads=4), "divisible by num_heads"),
     (dict(embed_dim=32, num_heads=4, num_kv_heads=3), "multiple of num_kv_heads"),
-    (dict(embed_dim=32, num_heads=4, context_axis="context"), None),
 ])
 def test_module_validation(kwargs, match):
-  if match is None:
-    with pytest.raises(NotImplementedError):
-      nn.SparseAttention(rngs=nnx.Rngs(0), **kwargs)
-  else:
-    with pytest.raises(ValueError, match=match):
-      nn.SparseAttention(rngs=nnx.Rngs(0), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    nn.SparseAttention(rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_context_parallel_modules_match_single_device():
+  mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 6, 32))
+  y = jax.random.normal(jax.random.PRNGKey(8), (2, 64, 32))
+  seg = jnp.asarray(np.repeat([[0, 1]], 32, axis=1).repeat(2, 0), jnp.int32)
+  mask = masks.causal() & masks.sliding_window(9)
+  make_na = lambda axis: nn.NeighborhoodAttention2D(32, 4, (3, 5), is_causal=(True, False),
+                                                    backend="xla", context_axis=axis,
+                                                    rngs=nnx.Rngs(0))
+  make_lm = lambda axis: nn.SparseAttention(32, 4, mask, num_kv_heads=2, use_rope=True,
+                                            backend="xla", context_axis=axis, rngs=nnx.Rngs(0))
+  want_na, want_lm = make_na(None)(x), make_lm(None)(y, seg)
+  assert brute_force.rel_err(make_na("context")(x), want_na) < 1e-5  # no mesh: ignored
+  with jax.set_mesh(mesh):
+    na_model, lm_model = make_na("context"), make_lm("context")
+    got_na = nnx.jit(lambda m, x: m(x))(na_model, x)
+    got_lm = nnx.jit(lambda m, y, s: m(y, s))(lm_model, y, seg)
+    grads = nnx.grad(lambda m: jnp.sum(m(y, seg) ** 2))(lm_model)
+  assert brute_force.rel_err(got_na, want_na) < 1e-5
+  assert brute_force.rel_err(got_lm, want_lm) < 1e-5
+  want_grads = nnx.grad(lambda m: jnp.sum(m(y, seg) ** 2))(make_lm(None))
+  assert brute_force.rel_err(grads["core"]["query"]["kernel"][...],
+                             want_grads["core"]["query"]["kernel"][...]) < 1e-4
+  lin = nn.linen.SparseAttention(embed_dim=32, num_heads=4, mask=mask, backend="xla",
+                                 context_axis="context")
+  params = lin.init(jax.random.PRNGKey(0), y)
+  with jax.set_mesh(mesh):
+    got = jax.jit(lin.apply)(params, y)
+  assert brute_force.rel_err(got, lin.apply(params, y)) < 1e-5
 
 
 def test_dense_baseline_backend_equals_full_neighborhood():
