@@ -1,0 +1,299 @@
+"""Context parallelism on the devices present: correctness at real sizes, 1 vs N devices,
+and the measured pieces of the scaling model (docs/performance.md "Context parallelism").
+
+    python -m benchmarks.bench_context_parallel --out results.json    # every GPU present
+    python -m benchmarks.bench_context_parallel --small                # CPU smoke test
+
+Sections (each recorded as it finishes; a failing one is recorded and the rest still run):
+  link      device-to-device bytes/s of a ppermute and an all_gather (>= 2 devices)
+  check     ring (contiguous, zigzag), halo (causal window, 3-D NA) on N devices vs one device:
+            relative error of out, dq, dk, dv
+  scaling   causal S=262144 and 3-D NA 16x128x128 k8x16x16 on 1 and N devices, forward and
+            forward+backward, with cuDNN (one device) beside them
+  pieces    every local kernel a device runs for N = 2, 4, 8 (causal zigzag ring, 3-D NA halo
+            weak scaling), timed on one device, and the model's predicted step times
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import context_parallel as cp
+from jax_sparse_attn import masks, ops
+from benchmarks.bench_gpu import (RESULTS, fwd_bwd, header, inputs, record, rel, timeit,
+                                  write_results)
+
+D = 128
+# The 3-D NA problem: kernel and the frame size (--small shrinks both for CPU).
+NA = dict(kernel=(8, 16, 16), frame=(128, 128))
+
+
+def _mesh(n):
+  return jax.make_mesh((n,), ("context",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+
+
+def _place(mesh, x):
+  return jax.device_put(x, NamedSharding(mesh, P(None, "context")))
+
+
+def _time(fn, *args, reps=3):
+  return timeit(fn, *args, iters=1, warmup=1, repeats=reps)
+
+
+def link(n, mb):
+  """One-direction device-to-device rate of a ring ppermute, and of a tiled all_gather."""
+  mesh = _mesh(n)
+  rows = mb * 2**20 // (2 * 1024)
+  x = _place(mesh, jnp.ones((1, rows * n, 1024), jnp.bfloat16))
+  perm = [(j, (j + 1) % n) for j in range(n)]
+  send = jax.jit(jax.shard_map(lambda a: jax.lax.ppermute(a, "context", perm), mesh=mesh,
+                               in_specs=P(None, "context"), out_specs=P(None, "context")))
+  gather = jax.jit(jax.shard_map(
+      lambda a: jax.lax.all_gather(a, "context", axis=1, tiled=True), mesh=mesh,
+      in_specs=P(None, "context"), out_specs=P(None, None), check_vma=False))
+  shard_bytes = rows * 1024 * 2
+  ms = timeit(send, x, iters=10, warmup=2, repeats=5)
+  record(section="link", op="ppermute", devices=n, shard_mb=mb, ms=ms,
+         gb_per_s=shard_bytes / ms / 1e6)
+  ms = timeit(gather, x, iters=10, warmup=2, repeats=5)
+  record(section="link", op="all_gather", devices=n, shard_mb=mb, ms=ms,
+         gb_per_s=(n - 1) * shard_bytes / ms / 1e6)
+
+
+def _sharded(fn_of_mesh, n):
+  mesh = _mesh(n)
+  return mesh, fn_of_mesh(mesh)
+
+
+def check(n, seq, spatial, backend):
+  """N devices vs one device, same backend, bf16: relative errors of out and gradients."""
+  cases = [
+      ("causal ring contiguous", masks.causal(), "ring", "contiguous"),
+      ("causal ring zigzag", masks.causal(), "ring", "zigzag"),
+      ("causal window 2048 halo", masks.causal() & masks.sliding_window(2047), "halo",
+       "contiguous"),
+      ("causal allgather", masks.causal(), "allgather", "contiguous"),
+  ]
+  q, k, v, do = inputs((1, seq, 16, D), (1, seq, 8, D), jnp.bfloat16, seed=1)
+  for name, mask, strategy, layout in cases:
+    try:
+      single = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend=backend))
+      want = single(q, k, v, do)
+      mesh = _mesh(n)
+      many = fwd_bwd(lambda q, k, v: jsa.attention(
+          q, k, v, mask, backend=backend, mesh=mesh, context_axis="context", strategy=strategy,
+          context_layout=layout))
+      args = (q, k, v, do)
+      if layout == "zigzag":
+        args = tuple(cp.to_zigzag(x, n) for x in args)
+      got = many(*(_place(mesh, x) for x in args))
+      if layout == "zigzag":
+        got = tuple(cp.from_zigzag(x, n) for x in got)
+      errs = [rel(g, w) for g, w in zip(got, want)]
+      record(section="check", case=name, devices=n, seq=seq, backend=backend,
+             err_out=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3],
+             ok=bool(max(errs) < 2e-2))
+    except Exception as e:  # noqa: BLE001
+      record(section="check", case=name, devices=n, error=repr(e)[:400])
+      traceback.print_exc()
+  try:
+    shape = (1,) + spatial + (16, D)
+    q, k, v, do = inputs(shape, shape, jnp.bfloat16, seed=2)
+    args3 = (NA["kernel"],)
+    want = fwd_bwd(lambda q, k, v: jsa.na(q, k, v, *args3, backend=backend))(q, k, v, do)
+    mesh = _mesh(n)
+    got = fwd_bwd(lambda q, k, v: jsa.na(q, k, v, *args3, backend=backend, mesh=mesh,
+                                         context_axis="context", strategy="halo"))(
+        *(_place(mesh, x) for x in (q, k, v, do)))
+    errs = [rel(g, w) for g, w in zip(got, want)]
+    record(section="check", case=f"3-D NA {spatial} k8x16x16 halo", devices=n, backend=backend,
+           err_out=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3],
+           ok=bool(max(errs) < 2e-2))
+  except Exception as e:  # noqa: BLE001
+    record(section="check", case="3-D NA halo", devices=n, error=repr(e)[:400])
+    traceback.print_exc()
+
+
+def scaling(n, seq, spatial, backend, reps):
+  """Causal and 3-D NA on one device and on n devices: forward and forward+backward ms."""
+  flops = 4 * 16 * seq * seq * D / 2
+  q, k, v, do = inputs((1, seq, 16, D), (1, seq, 16, D), jnp.bfloat16, seed=3)
+  rows = [("1 device", 1, None, "contiguous")]
+  rows += [(f"{n} devices {s} {lay}", n, s, lay) for s, lay in
+           (("ring", "zigzag"), ("ring", "contiguous"), ("allgather", "zigzag"))]
+  if jax.default_backend() == "gpu":
+    try:
+      cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                           implementation="cudnn")
+      fwd = _time(jax.jit(cudnn), q, k, v, reps=reps)
+      both = _time(fwd_bwd(cudnn), q, k, v, do, reps=reps)
+      record(section="scaling", case=f"causal S={seq}", run="cuDNN, 1 device", fwd_ms=fwd,
+             fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9, fwd_bwd_tflops=3.5 * flops / both / 1e9)
+    except Exception as e:  # noqa: BLE001
+      record(section="scaling", case=f"causal S={seq}", run="cuDNN", error=repr(e)[:400])
+  for name, devices, strategy, layout in rows:
+    try:
+      if devices == 1:
+        op = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend=backend)
+        args = (q, k, v, do)
+      else:
+        mesh = _mesh(devices)
+        op = lambda q, k, v, mesh=mesh, s=strategy, lay=layout: jsa.attention(
+            q, k, v, masks.causal(), backend=backend, mesh=mesh, context_axis="context",
+            strategy=s, context_layout=lay)
+        args = tuple(_place(mesh, x) for x in (q, k, v, do))
+      fwd = _time(jax.jit(op), *args[:3], reps=reps)
+      both = _time(fwd_bwd(op), *args, reps=reps)
+      record(section="scaling", case=f"causal S={seq}", run=name, devices=devices, fwd_ms=fwd,
+             fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
+             fwd_bwd_tflops=3.5 * flops / both / 1e9)
+    except Exception as e:  # noqa: BLE001
+      record(section="scaling", case=f"causal S={seq}", run=name, error=repr(e)[:400])
+      traceback.print_exc()
+  shape = (1,) + spatial + (16, D)
+  q, k, v, do = inputs(shape, shape, jnp.bfloat16, seed=4)
+  for devices in (1, n):
+    try:
+      if devices == 1:
+        op = lambda q, k, v: jsa.na(q, k, v, NA["kernel"], backend=backend)
+        args = (q, k, v, do)
+      else:
+        mesh = _mesh(devices)
+        op = lambda q, k, v, mesh=mesh: jsa.na(q, k, v, NA["kernel"], backend=backend,
+                                               mesh=mesh, context_axis="context")
+        args = tuple(_place(mesh, x) for x in (q, k, v, do))
+      fwd = _time(jax.jit(op), *args[:3], reps=reps)
+      both = _time(fwd_bwd(op), *args, reps=reps)
+      record(section="scaling", case=f"3-D NA {spatial} k8x16x16", devices=devices,
+             fwd_ms=fwd, fwd_bwd_ms=both)
+    except Exception as e:  # noqa: BLE001
+      record(section="scaling", case="3-D NA", devices=devices, error=repr(e)[:400])
+      traceback.print_exc()
+
+
+def _time_plan(backend, plan, shapes, reps):
+  """ms of one local plan on one device: forward, forward+backward."""
+  q, k, v, do = inputs(shapes[0], shapes[1], jnp.bfloat16, seed=5)
+  scale = 1 / math.sqrt(D)
+  op = lambda q, k, v: ops.run_plan(backend, plan, scale, None, False, q, k, v)[0]
+  return _time(jax.jit(op), q, k, v, reps=reps), _time(fwd_bwd(op), q, k, v, do, reps=reps)
+
+
+def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
+  """Each local kernel of the causal zigzag ring (strong scaling, S=seq) and of the 3-D NA
+  halo (weak scaling, `slab` frames per device), timed on one device; the model's step time
+  per device count (ring: each step the larger of its slowest kernel and the K/V send;
+  halo: the larger of the own-slab kernel and the exchange, then the halo kernels)."""
+  bw = link_gb_s * 1e9
+  mask = masks.causal()
+  for n in shard_counts:
+    try:
+      bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None, seq // n, seq // n)
+      plan = cp.plan_context(mask, seq, seq, n, bq, bk, "ring", "zigzag")
+      times = [_time_plan(backend, p, ((1, seq // n, 16, D), (1, seq // n, 16, D)), reps)
+               for p in plan.plans]
+      send_s = 2 * (seq // n) * 16 * D * 2 / bw  # K and V of one shard, bf16
+      fwd = sum(max(max(times[i][0] for i in row if i >= 0) / 1e3,
+                    send_s if t + 1 < plan.steps else 0.0) for t, row in enumerate(plan.table))
+      bwd = sum(max(max(times[i][1] - times[i][0] for i in row if i >= 0) / 1e3,
+                    send_s if t + 1 < plan.steps else 0.0) for t, row in enumerate(plan.table))
+      record(section="pieces", case=f"causal S={seq} ring zigzag", devices=n,
+             local_fwd_ms=[round(t[0], 3) for t in times],
+             local_fwd_bwd_ms=[round(t[1], 3) for t in times], send_ms=send_s * 1e3,
+             model_fwd_ms=fwd * 1e3, model_fwd_bwd_ms=(fwd + bwd) * 1e3)
+    except Exception as e:  # noqa: BLE001
+      record(section="pieces", case="causal ring", devices=n, error=repr(e)[:400])
+      traceback.print_exc()
+  rest = NA["frame"]
+  for n in (1,) + tuple(shard_counts):
+    try:
+      frames = slab * n
+      nmask = masks.neighborhood((frames,) + rest, NA["kernel"])
+      impl = ops._get_backend(backend)
+      bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None)
+      q_tile, kv_tile = ops.auto_tiles(impl, nmask, bq, bk)
+      local = lambda p: ((1,) + p.q_layout.spatial_shape + (16, D),
+                         (1,) + p.kv_layout.spatial_shape + (16, D))
+      if n == 1:
+        one = jax.jit(lambda q, k, v: jsa.na(q, k, v, NA["kernel"], backend=backend))
+        q, k, v, do = inputs((1, frames) + rest + (16, D), (1, frames) + rest + (16, D),
+                             jnp.bfloat16, seed=6)
+        fwd = _time(one, q, k, v, reps=reps)
+        both = _time(fwd_bwd(lambda q, k, v: jsa.na(q, k, v, NA["kernel"], backend=backend)),
+                     q, k, v, do, reps=reps)
+        record(section="pieces", case=f"3-D NA {slab}x{NA['frame'][0]}x{NA['frame'][1]} per device k{NA['kernel']} halo",
+               devices=1, model_fwd_ms=fwd, model_fwd_bwd_ms=both)
+        continue
+      plan = cp.plan_context_nd(nmask, n, tuple(q_tile), tuple(kv_tile), "halo")
+      times = [_time_plan(backend, p, local(p), reps) for p in plan.plans]
+      halo_s = sum(plan.halo) * math.prod(rest) * 16 * D * 2 * 2 / bw
+      per_shard = []
+      for s in range(n):
+        own = times[plan.table[0, s]] if plan.table[0, s] >= 0 else (0.0, 0.0)
+        halos = [times[i] for i in plan.table[1:, s] if i >= 0]
+        f = max(own[0] / 1e3, halo_s) + sum(h[0] for h in halos) / 1e3
+        b = max((own[1] - own[0]) / 1e3, halo_s) + sum(h[1] - h[0] for h in halos) / 1e3
+        per_shard.append((f, f + b))
+      record(section="pieces", case=f"3-D NA {slab}x{NA['frame'][0]}x{NA['frame'][1]} per device k{NA['kernel']} halo",
+             devices=n, halo=list(plan.halo), local_fwd_ms=[round(t[0], 3) for t in times],
+             local_fwd_bwd_ms=[round(t[1], 3) for t in times], exchange_ms=halo_s * 1e3,
+             model_fwd_ms=max(p[0] for p in per_shard) * 1e3,
+             model_fwd_bwd_ms=max(p[1] for p in per_shard) * 1e3)
+    except Exception as e:  # noqa: BLE001
+      record(section="pieces", case="3-D NA halo", devices=n, error=repr(e)[:400])
+      traceback.print_exc()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--small", action="store_true",
+                      help="CPU smoke test: 8 forced host devices, small sizes, xla backend")
+  parser.add_argument("--sections", default="link,check,scaling,pieces")
+  parser.add_argument("--link-gb-s", type=float, default=None,
+                      help="device-to-device GB/s for the model (default: the link section's)")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  sections = args.sections.split(",")
+  n = min(jax.device_count(), 8)
+  if args.small:
+    backend, seq, spatial, reps, counts, slab = "xla", 512, (8, 16, 16), 1, (2, 4), 4
+    NA.update(kernel=(3, 5, 5), frame=(16, 16))
+  else:
+    backend, seq, spatial, reps, counts, slab = "auto", 262144, (16, 128, 128), 3, (2, 4, 8), 8
+  head = dict(header(), devices=jax.device_count(), backend=backend)
+  print(head, flush=True)
+  link_gb_s = args.link_gb_s
+  if "link" in sections and n >= 2:
+    try:
+      link(n, 4 if args.small else 256)
+      link_gb_s = link_gb_s or next(r["gb_per_s"] for r in RESULTS if r.get("op") == "ppermute")
+    except Exception as e:  # noqa: BLE001
+      record(section="link", error=repr(e)[:400])
+    write_results(args.out, head)
+  link_gb_s = link_gb_s or cp.Hardware().link_bytes_per_s / 1e9
+  if "check" in sections and n >= 2:
+    check(n, 4096 if args.small else 32768, (8, 16, 16) if args.small else (16, 64, 64),
+          backend)
+    write_results(args.out, head)
+  if "scaling" in sections and n >= 2:
+    scaling(n, seq, spatial, backend, reps)
+    write_results(args.out, head)
+  if "pieces" in sections:
+    pieces(seq, 2 if args.small else slab, backend, link_gb_s, reps, counts)
+    write_results(args.out, head)
+
+
+if __name__ == "__main__":
+  if "--small" in os.sys.argv:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  main()
