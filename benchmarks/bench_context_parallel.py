@@ -8,6 +8,9 @@ Sections (each recorded as it finishes; a failing one is recorded and the rest s
   link      device-to-device bytes/s of a ppermute and an all_gather (>= 2 devices)
   check     ring (contiguous, zigzag), halo (causal window, 3-D NA) on N devices vs one device:
             relative error of out, dq, dk, dv
+  emulate   the same on ONE device: each shard's local kernels, K/V parts and LSE merges run
+            one after the other (every kernel a device runs, without the collectives)
+  size_one  a context axis of size 1 against no mesh
   scaling   causal S=262144 and 3-D NA 16x128x128 k8x16x16 on 1 and N devices, forward and
             forward+backward, with cuDNN (one device) beside them
   pieces    every local kernel a device runs for N = 2, 4, 8 (causal zigzag ring, 3-D NA halo
@@ -253,11 +256,131 @@ def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
       traceback.print_exc()
 
 
+def _emulate_seq(plan, layout, q, k, v, backend):
+  """The sharded attention of a 1-D ContextPlan computed on one device, shard after shard:
+  the same local kernels, K/V parts and merges as the devices run, without collectives."""
+  n, seq = plan.num_shards, q.shape[1]
+  runs = lambda length: cp._seq_shards(length, n, layout)
+  q_runs, kv_runs = runs(seq), runs(k.shape[1])
+  take = lambda x, rs: jnp.concatenate([x[:, a:a + m] for a, m in rs], axis=1)
+  scale = 1 / math.sqrt(q.shape[-1])
+  outs = []
+  for s in range(n):
+    qs = take(q, q_runs[s])
+    if plan.strategy == "ring":
+      parts = [(take(k, kv_runs[(s - t) % n]), take(v, kv_runs[(s - t) % n]))
+               for t in range(plan.steps)]
+    else:  # halo: own K/V, then the left and right rows (zeros past the ends)
+      size = seq // n
+      pad = lambda x: jnp.pad(x, [(0, 0), (plan.halo[0], plan.halo[1]), (0, 0), (0, 0)])
+      lo = s * size + plan.halo[0]
+      parts = [(k[:, s * size:(s + 1) * size], v[:, s * size:(s + 1) * size])]
+      for rows, start in ((plan.halo[0], lo - plan.halo[0]), (plan.halo[1], lo + size)):
+        if rows:
+          parts.append((pad(k)[:, start:start + rows], pad(v)[:, start:start + rows]))
+    acc = None
+    for t, (kt, vt) in enumerate(parts):
+      i = int(plan.table[t, s])
+      if i < 0:
+        continue
+      part = ops.run_plan(backend, plan.plans[i], scale, None, False, qs, kt, vt)
+      acc = part if acc is None else jsa.merge_attentions([acc[0], part[0]], [acc[1], part[1]],
+                                                          out_dtype=jnp.float32)
+    outs.append(acc[0].astype(q.dtype))
+  out = jnp.concatenate(outs, axis=1)
+  order = np.concatenate([np.arange(a, a + m) for rs in q_runs for a, m in rs])
+  return out[:, np.argsort(order)]
+
+
+def _emulate_na(plan, q, k, v, backend):
+  """`_emulate_seq` for an N-D halo plan (slabs of the leading spatial dim)."""
+  n, size = plan.num_shards, q.shape[1] // plan.num_shards
+  left, right = plan.halo
+  pad = lambda x: jnp.pad(x, [(0, 0), (left, right)] + [(0, 0)] * (x.ndim - 2))
+  kp, vp = pad(k), pad(v)
+  scale = 1 / math.sqrt(q.shape[-1])
+  outs = []
+  for s in range(n):
+    lo = s * size + left
+    parts = [(k[:, s * size:(s + 1) * size], v[:, s * size:(s + 1) * size])]
+    for rows, start in ((left, lo - left), (right, lo + size)):
+      if rows:
+        parts.append((kp[:, start:start + rows], vp[:, start:start + rows]))
+    acc = None
+    for t, (kt, vt) in enumerate(parts):
+      i = int(plan.table[t, s])
+      if i < 0:
+        continue
+      part = ops.run_plan(backend, plan.plans[i], scale, None, False,
+                          q[:, s * size:(s + 1) * size], kt, vt)
+      acc = part if acc is None else jsa.merge_attentions([acc[0], part[0]], [acc[1], part[1]],
+                                                          out_dtype=jnp.float32)
+    outs.append(acc[0].astype(q.dtype))
+  return jnp.concatenate(outs, axis=1)
+
+
+def emulate(backend, seq, spatial, n):
+  """On one device: the N-shard computation (every local kernel, K/V part and LSE merge a
+  device runs) against the single-device op, forward and gradients, bf16."""
+  cases = [("causal ring zigzag", masks.causal(), "ring", "zigzag"),
+           ("causal ring contiguous", masks.causal(), "ring", "contiguous"),
+           ("causal window 2048 halo", masks.causal() & masks.sliding_window(2047), "halo",
+            "contiguous"),
+           ("window 2048 | sink 4, ring", masks.causal() & (masks.sliding_window(2047)
+                                                          | masks.sink(4)), "ring", "contiguous")]
+  q, k, v, do = inputs((1, seq, 16, D), (1, seq, 8, D), jnp.bfloat16, seed=7)
+  for name, mask, strategy, layout in cases:
+    try:
+      bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None, seq // n, seq // n)
+      plan = cp.plan_context(mask, seq, seq, n, bq, bk, strategy, layout)
+      want = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend=backend))(q, k, v, do)
+      got = fwd_bwd(lambda q, k, v: _emulate_seq(plan, layout, q, k, v, backend))(q, k, v, do)
+      errs = [rel(g, w) for g, w in zip(got, want)]
+      record(section="emulate", case=name, shards=n, seq=seq, backend=backend,
+             local_problems=len(plan.plans), steps=plan.steps, err_out=errs[0],
+             err_dq=errs[1], err_dk=errs[2], err_dv=errs[3], ok=bool(max(errs) < 2e-2))
+    except Exception as e:  # noqa: BLE001
+      record(section="emulate", case=name, shards=n, error=repr(e)[:400])
+      traceback.print_exc()
+  for kernel, stride in ((NA["kernel"], 1), (NA["kernel"], tuple(x // 2 for x in NA["kernel"]))):
+    try:
+      shape = (1,) + spatial + (16, D)
+      q, k, v, do = inputs(shape, shape, jnp.bfloat16, seed=8)
+      nmask = masks.neighborhood(spatial, kernel, stride)
+      impl = ops._get_backend(jsa.resolve_backend(backend, nmask, dtype=jnp.bfloat16, head_dim=D))
+      bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None)
+      tiles = ops.auto_tiles(impl, nmask, bq, bk)
+      plan = cp.plan_context_nd(nmask, n, tuple(tiles[0]), tuple(tiles[1]), "halo")
+      want = fwd_bwd(lambda q, k, v: jsa.na(q, k, v, kernel, stride, backend=backend))(
+          q, k, v, do)
+      got = fwd_bwd(lambda q, k, v: _emulate_na(plan, q, k, v, backend))(q, k, v, do)
+      errs = [rel(g, w) for g, w in zip(got, want)]
+      record(section="emulate", case=f"3-D NA {spatial} k{kernel} stride {stride} halo",
+             shards=n, backend=backend, halo=list(plan.halo), local_problems=len(plan.plans),
+             err_out=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3],
+             ok=bool(max(errs) < 2e-2))
+    except Exception as e:  # noqa: BLE001
+      record(section="emulate", case="3-D NA halo", shards=n, error=repr(e)[:400])
+      traceback.print_exc()
+
+
+def size_one(backend, seq, reps):
+  """A context axis of size 1 (one device) against no mesh: the same call."""
+  q, k, v, do = inputs((2, seq, 16, D), (2, seq, 16, D), jnp.bfloat16, seed=9)
+  mesh = _mesh(1)
+  plain = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend=backend))
+  cp1 = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend=backend,
+                                              mesh=mesh, context_axis="context"))
+  record(section="size_one", seq=seq, no_mesh_fwd_bwd_ms=_time(plain, q, k, v, do, reps=reps),
+         context_axis_1_fwd_bwd_ms=_time(cp1, q, k, v, do, reps=reps),
+         no_mesh_again_ms=_time(plain, q, k, v, do, reps=reps))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--small", action="store_true",
                       help="CPU smoke test: 8 forced host devices, small sizes, xla backend")
-  parser.add_argument("--sections", default="link,check,scaling,pieces")
+  parser.add_argument("--sections", default="link,check,scaling,emulate,size_one,pieces")
   parser.add_argument("--link-gb-s", type=float, default=None,
                       help="device-to-device GB/s for the model (default: the link section's)")
   parser.add_argument("--out", default=None)
@@ -286,6 +409,13 @@ def main():
     write_results(args.out, head)
   if "scaling" in sections and n >= 2:
     scaling(n, seq, spatial, backend, reps)
+    write_results(args.out, head)
+  if "emulate" in sections:
+    emulate(backend, 8192 if args.small else 32768, (8, 16, 16) if args.small else (16, 64, 64),
+            4)
+    write_results(args.out, head)
+  if "size_one" in sections:
+    size_one(backend, 512 if args.small else 16384, reps)
     write_results(args.out, head)
   if "pieces" in sections:
     pieces(seq, 2 if args.small else slab, backend, link_gb_s, reps, counts)
