@@ -37,6 +37,7 @@ from benchmarks.bench_gpu import (RESULTS, fwd_bwd, header, inputs, record, rel,
 D = 128
 # The 3-D NA problem: kernel and the frame size (--small shrinks both for CPU).
 NA = dict(kernel=(8, 16, 16), frame=(128, 128))
+CASES = [""]  # --cases: run only the check/emulate cases whose names contain one of these
 
 
 def _mesh(n):
@@ -198,6 +199,23 @@ def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
   halo: the larger of the own-slab kernel and the exchange, then the halo kernels)."""
   bw = link_gb_s * 1e9
   mask = masks.causal()
+  backend = jsa.resolve_backend(backend, mask, dtype=jnp.bfloat16, head_dim=D)
+  flops = 4 * 16 * seq * seq * D / 2
+  q, k, v, do = inputs((1, seq, 16, D), (1, seq, 16, D), jnp.bfloat16, seed=3)
+  peers = [("ours, 1 device", lambda q, k, v: jsa.attention(q, k, v, mask, backend=backend))]
+  if jax.default_backend() == "gpu":
+    peers.append(("cuDNN, 1 device", lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")))
+  for name, op in peers:
+    try:
+      fwd = _time(jax.jit(op), q, k, v, reps=reps)
+      both = _time(fwd_bwd(op), q, k, v, do, reps=reps)
+      record(section="pieces", case=f"causal S={seq} ring zigzag", devices=1, run=name,
+             model_fwd_ms=fwd, model_fwd_bwd_ms=both, fwd_tflops=flops / fwd / 1e9,
+             fwd_bwd_tflops=3.5 * flops / both / 1e9)
+    except Exception as e:  # noqa: BLE001
+      record(section="pieces", case="causal 1 device", run=name, error=repr(e)[:400])
+  del q, k, v, do
   for n in shard_counts:
     try:
       bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None, seq // n, seq // n)
@@ -221,6 +239,7 @@ def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
     try:
       frames = slab * n
       nmask = masks.neighborhood((frames,) + rest, NA["kernel"])
+      backend = jsa.resolve_backend(backend, nmask, dtype=jnp.bfloat16, head_dim=D)
       impl = ops._get_backend(backend)
       bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None)
       q_tile, kv_tile = ops.auto_tiles(impl, nmask, bq, bk)
@@ -330,11 +349,14 @@ def emulate(backend, seq, spatial, n):
                                                           | masks.sink(4)), "ring", "contiguous")]
   q, k, v, do = inputs((1, seq, 16, D), (1, seq, 8, D), jnp.bfloat16, seed=7)
   for name, mask, strategy, layout in cases:
+    if not any(c in name for c in CASES):
+      continue
     try:
-      bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None, seq // n, seq // n)
+      be = jsa.resolve_backend(backend, mask, dtype=jnp.bfloat16, head_dim=D)
+      bq, bk = ops._block_sizes(be, D, jnp.bfloat16, None, None, seq // n, seq // n)
       plan = cp.plan_context(mask, seq, seq, n, bq, bk, strategy, layout)
       want = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend=backend))(q, k, v, do)
-      got = fwd_bwd(lambda q, k, v: _emulate_seq(plan, layout, q, k, v, backend))(q, k, v, do)
+      got = fwd_bwd(lambda q, k, v: _emulate_seq(plan, layout, q, k, v, be))(q, k, v, do)
       errs = [rel(g, w) for g, w in zip(got, want)]
       record(section="emulate", case=name, shards=n, seq=seq, backend=backend,
              local_problems=len(plan.plans), steps=plan.steps, err_out=errs[0],
@@ -343,17 +365,20 @@ def emulate(backend, seq, spatial, n):
       record(section="emulate", case=name, shards=n, error=repr(e)[:400])
       traceback.print_exc()
   for kernel, stride in ((NA["kernel"], 1), (NA["kernel"], tuple(x // 2 for x in NA["kernel"]))):
+    if not any(c in "3-D NA" for c in CASES):
+      continue
     try:
       shape = (1,) + spatial + (16, D)
       q, k, v, do = inputs(shape, shape, jnp.bfloat16, seed=8)
       nmask = masks.neighborhood(spatial, kernel, stride)
-      impl = ops._get_backend(jsa.resolve_backend(backend, nmask, dtype=jnp.bfloat16, head_dim=D))
-      bq, bk = ops._block_sizes(backend, D, jnp.bfloat16, None, None)
+      be = jsa.resolve_backend(backend, nmask, dtype=jnp.bfloat16, head_dim=D)
+      impl = ops._get_backend(be)
+      bq, bk = ops._block_sizes(be, D, jnp.bfloat16, None, None)
       tiles = ops.auto_tiles(impl, nmask, bq, bk)
       plan = cp.plan_context_nd(nmask, n, tuple(tiles[0]), tuple(tiles[1]), "halo")
       want = fwd_bwd(lambda q, k, v: jsa.na(q, k, v, kernel, stride, backend=backend))(
           q, k, v, do)
-      got = fwd_bwd(lambda q, k, v: _emulate_na(plan, q, k, v, backend))(q, k, v, do)
+      got = fwd_bwd(lambda q, k, v: _emulate_na(plan, q, k, v, be))(q, k, v, do)
       errs = [rel(g, w) for g, w in zip(got, want)]
       record(section="emulate", case=f"3-D NA {spatial} k{kernel} stride {stride} halo",
              shards=n, backend=backend, halo=list(plan.halo), local_problems=len(plan.plans),
@@ -383,6 +408,8 @@ def main():
   parser.add_argument("--sections", default="link,check,scaling,emulate,size_one,pieces")
   parser.add_argument("--link-gb-s", type=float, default=None,
                       help="device-to-device GB/s for the model (default: the link section's)")
+  parser.add_argument("--backend", default=None, help="default: auto (xla with --small)")
+  parser.add_argument("--cases", default="", help="comma-separated name parts (emulate)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   sections = args.sections.split(",")
@@ -392,6 +419,8 @@ def main():
     NA.update(kernel=(3, 5, 5), frame=(16, 16))
   else:
     backend, seq, spatial, reps, counts, slab = "auto", 262144, (16, 128, 128), 3, (2, 4, 8), 8
+  backend = args.backend or backend
+  CASES[:] = args.cases.split(",")
   head = dict(header(), devices=jax.device_count(), backend=backend)
   print(head, flush=True)
   link_gb_s = args.link_gb_s

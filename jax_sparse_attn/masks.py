@@ -328,6 +328,32 @@ class FromArray(Mask):
     return inside & arr[xp.minimum(q_idx, sq - 1), xp.minimum(kv_idx, skv - 1)]
 
 
+def _run_map(x, runs):
+  """Global index of local position x for runs ((global_start, length), ...) in order
+  (positions in a run with global_start -1, or past the runs, map to 0: padding)."""
+  xp = _xp(x)
+  out, start = x * 0, 0
+  for first, length in runs:
+    if first >= 0:
+      out = xp.where((x >= start) & (x < start + length), x - start + first, out)
+    start += length
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Remapped(Mask):
+  """``mask`` (on global token indices) evaluated on local positions of a shard whose tokens
+  are the runs ``((global_start, length), ...)`` of the global sequence
+  (`layout.SequenceLayout.segments`): what kernels evaluate for elementwise masks on a
+  context-parallel shard."""
+  mask: Mask
+  q_runs: tuple
+  kv_runs: tuple
+
+  def __call__(self, q_idx, kv_idx):
+    return self.mask(_run_map(q_idx, self.q_runs), _run_map(kv_idx, self.kv_runs))
+
+
 @dataclasses.dataclass(frozen=True)
 class And(Mask):
   a: Mask

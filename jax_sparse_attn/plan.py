@@ -6,7 +6,9 @@ per-token int32 vectors from which kernels rebuild the element mask of partial b
 * ``q_lo, q_hi [num_dims, padded_q]`` and ``kv_c [num_dims, padded_kv]``: the interval form
   (`masks.IntervalMask`); padding is folded in (empty interval / coordinate -1).
 * ``mask_fn``: for masks with no interval form, the mask itself, evaluated in-kernel on the
-  original flat indices ``q_index / kv_index`` (the interval vectors then only encode padding).
+  kernel positions ``q_index / kv_index`` (the caller's indices; on a context-parallel shard
+  a `masks.Remapped` mask maps them to global ones). The interval vectors then only encode
+  padding.
 * ``q_rows, kv_rows [padded]``: the caller's flat row of every kernel position, -1 for
   padding. A ``gathered`` plan (`gathered`) tells a backend that q/k/v and the outputs stay in
   the caller's order and the kernels read and write rows through these vectors: no permuted
@@ -104,6 +106,13 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
     lo, hi, c = masks_lib.per_token_intervals(masks_lib.Causal(0), np.zeros_like(q_index),
                                               np.zeros_like(kv_index), q_valid, kv_valid)
     mask_fn = mask
+    q_runs, kv_runs = getattr(q_layout, "segments", ()), getattr(kv_layout, "segments", ())
+    if q_runs or kv_runs:
+      # Kernels evaluate mask_fn on their positions: map them to the global indices.
+      mask_fn = masks_lib.Remapped(mask, q_runs or ((0, q_layout.seq_len),),
+                                   kv_runs or ((0, kv_layout.seq_len),))
+      q_index = np.minimum(np.arange(q_layout.padded_len), q_layout.seq_len - 1)
+      kv_index = np.minimum(np.arange(kv_layout.padded_len), kv_layout.seq_len - 1)
   # A shard of a larger problem (context parallelism) keeps no mask: kernels that re-derive
   # layouts from a Neighborhood's grid would take the global grid for the local tensor.
   whole = not (getattr(q_layout, "origin", ()) or getattr(kv_layout, "origin", ())

@@ -171,6 +171,10 @@ def test_sequence_randomized(mask_name, strategy, zigzag, context, chunk, kv_hea
 
 
 def test_sequence_triton_interpret():
+  # Elementwise masks: the kernels evaluate them on positions of the shard (masks.Remapped).
+  _check_sequence("window_sink", "ring", "zigzag", context=2, chunk=16, heads=2, kv_heads=1,
+                  segments=False, seed=9, backend="triton", interpret=True, block_q=16,
+                  block_kv=16, tol=1e-4)
   _check_sequence("causal", "ring", "contiguous", context=2, chunk=32, heads=2, kv_heads=1,
                   segments=False, seed=4, backend="triton", interpret=True, block_q=16,
                   block_kv=16, tol=1e-4)
