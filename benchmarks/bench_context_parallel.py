@@ -275,69 +275,6 @@ def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
       traceback.print_exc()
 
 
-def _emulate_seq(plan, layout, q, k, v, backend):
-  """The sharded attention of a 1-D ContextPlan computed on one device, shard after shard:
-  the same local kernels, K/V parts and merges as the devices run, without collectives."""
-  n, seq = plan.num_shards, q.shape[1]
-  runs = lambda length: cp._seq_shards(length, n, layout)
-  q_runs, kv_runs = runs(seq), runs(k.shape[1])
-  take = lambda x, rs: jnp.concatenate([x[:, a:a + m] for a, m in rs], axis=1)
-  scale = 1 / math.sqrt(q.shape[-1])
-  outs = []
-  for s in range(n):
-    qs = take(q, q_runs[s])
-    if plan.strategy == "ring":
-      parts = [(take(k, kv_runs[(s - t) % n]), take(v, kv_runs[(s - t) % n]))
-               for t in range(plan.steps)]
-    else:  # halo: own K/V, then the left and right rows (zeros past the ends)
-      size = seq // n
-      pad = lambda x: jnp.pad(x, [(0, 0), (plan.halo[0], plan.halo[1]), (0, 0), (0, 0)])
-      lo = s * size + plan.halo[0]
-      parts = [(k[:, s * size:(s + 1) * size], v[:, s * size:(s + 1) * size])]
-      for rows, start in ((plan.halo[0], lo - plan.halo[0]), (plan.halo[1], lo + size)):
-        if rows:
-          parts.append((pad(k)[:, start:start + rows], pad(v)[:, start:start + rows]))
-    acc = None
-    for t, (kt, vt) in enumerate(parts):
-      i = int(plan.table[t, s])
-      if i < 0:
-        continue
-      part = ops.run_plan(backend, plan.plans[i], scale, None, False, qs, kt, vt)
-      acc = part if acc is None else jsa.merge_attentions([acc[0], part[0]], [acc[1], part[1]],
-                                                          out_dtype=jnp.float32)
-    outs.append(acc[0].astype(q.dtype))
-  out = jnp.concatenate(outs, axis=1)
-  order = np.concatenate([np.arange(a, a + m) for rs in q_runs for a, m in rs])
-  return out[:, np.argsort(order)]
-
-
-def _emulate_na(plan, q, k, v, backend):
-  """`_emulate_seq` for an N-D halo plan (slabs of the leading spatial dim)."""
-  n, size = plan.num_shards, q.shape[1] // plan.num_shards
-  left, right = plan.halo
-  pad = lambda x: jnp.pad(x, [(0, 0), (left, right)] + [(0, 0)] * (x.ndim - 2))
-  kp, vp = pad(k), pad(v)
-  scale = 1 / math.sqrt(q.shape[-1])
-  outs = []
-  for s in range(n):
-    lo = s * size + left
-    parts = [(k[:, s * size:(s + 1) * size], v[:, s * size:(s + 1) * size])]
-    for rows, start in ((left, lo - left), (right, lo + size)):
-      if rows:
-        parts.append((kp[:, start:start + rows], vp[:, start:start + rows]))
-    acc = None
-    for t, (kt, vt) in enumerate(parts):
-      i = int(plan.table[t, s])
-      if i < 0:
-        continue
-      part = ops.run_plan(backend, plan.plans[i], scale, None, False,
-                          q[:, s * size:(s + 1) * size], kt, vt)
-      acc = part if acc is None else jsa.merge_attentions([acc[0], part[0]], [acc[1], part[1]],
-                                                          out_dtype=jnp.float32)
-    outs.append(acc[0].astype(q.dtype))
-  return jnp.concatenate(outs, axis=1)
-
-
 def emulate(backend, seq, spatial, n):
   """On one device: the N-shard computation (every local kernel, K/V part and LSE merge a
   device runs) against the single-device op, forward and gradients, bf16."""
@@ -356,7 +293,7 @@ def emulate(backend, seq, spatial, n):
       bq, bk = ops._block_sizes(be, D, jnp.bfloat16, None, None, seq // n, seq // n)
       plan = cp.plan_context(mask, seq, seq, n, bq, bk, strategy, layout)
       want = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend=backend))(q, k, v, do)
-      got = fwd_bwd(lambda q, k, v: _emulate_seq(plan, layout, q, k, v, be))(q, k, v, do)
+      got = fwd_bwd(lambda q, k, v: cp.emulate(plan, q, k, v, be, layout=layout))(q, k, v, do)
       errs = [rel(g, w) for g, w in zip(got, want)]
       record(section="emulate", case=name, shards=n, seq=seq, backend=backend,
              local_problems=len(plan.plans), steps=plan.steps, err_out=errs[0],
@@ -378,7 +315,7 @@ def emulate(backend, seq, spatial, n):
       plan = cp.plan_context_nd(nmask, n, tuple(tiles[0]), tuple(tiles[1]), "halo")
       want = fwd_bwd(lambda q, k, v: jsa.na(q, k, v, kernel, stride, backend=backend))(
           q, k, v, do)
-      got = fwd_bwd(lambda q, k, v: _emulate_na(plan, q, k, v, be))(q, k, v, do)
+      got = fwd_bwd(lambda q, k, v: cp.emulate(plan, q, k, v, be))(q, k, v, do)
       errs = [rel(g, w) for g, w in zip(got, want)]
       record(section="emulate", case=f"3-D NA {spatial} k{kernel} stride {stride} halo",
              shards=n, backend=backend, halo=list(plan.halo), local_problems=len(plan.plans),

@@ -563,6 +563,56 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
                        check_vma=False)(query, key, value)
 
 
+def emulate(plan: ContextPlan, query, key, value, backend: str, *, layout: str = "contiguous",
+            scale: float | None = None, config=None, interpret: bool = False):
+  """The sharded computation of `plan` on one device, shard after shard: the same local
+  kernels, K/V parts and log-sum-exp merges every device runs, without the collectives.
+  For testing kernels on shard plans (and where a multi-device interpreter is not
+  available). query/key/value: the global arrays; returns the output in global order."""
+  from . import ops
+  n = plan.num_shards
+  scale = scale or 1 / math.sqrt(query.shape[-1])
+  run = lambda i, q, k, v: ops.run_plan(backend, plan.plans[i], scale, config, interpret,
+                                        q, k, v)
+  left, right = plan.halo
+  pad = lambda x: jnp.pad(x, [(0, 0), (left, right)] + [(0, 0)] * (x.ndim - 2))
+  if plan.strategy != "halo":
+    q_runs = _seq_shards(query.shape[1], n, layout)
+    kv_runs = _seq_shards(key.shape[1], n, layout)
+  take = lambda x, rs: jnp.concatenate([x[:, a:a + m] for a, m in rs], axis=1)
+  size, kv_size = query.shape[1] // n, key.shape[1] // n
+  outs = []
+  for s in range(n):
+    if plan.strategy == "halo":
+      q_s = query[:, s * size:(s + 1) * size]
+      own = s * kv_size
+      parts = [(key[:, own:own + kv_size], value[:, own:own + kv_size])]
+      for rows, start in ((left, own), (right, own + left + kv_size)):
+        if rows:
+          parts.append((pad(key)[:, start:start + rows], pad(value)[:, start:start + rows]))
+    elif plan.strategy == "ring":
+      q_s = take(query, q_runs[s])
+      parts = [(take(key, kv_runs[(s - t) % n]), take(value, kv_runs[(s - t) % n]))
+               for t in range(plan.steps)]
+    else:
+      q_s = take(query, q_runs[s])
+      parts = [(take(key, [r for rs in kv_runs for r in rs]),
+                take(value, [r for rs in kv_runs for r in rs]))]
+    acc = None
+    for t, (k_t, v_t) in enumerate(parts):
+      i = int(plan.table[t, s])
+      if i >= 0:
+        part = run(i, q_s, k_t, v_t)
+        acc = part if acc is None else merge_attentions([acc[0], part[0]], [acc[1], part[1]],
+                                                        out_dtype=jnp.float32)
+    outs.append(jnp.zeros(q_s.shape, query.dtype) if acc is None else acc[0].astype(query.dtype))
+  out = jnp.concatenate(outs, axis=1)
+  if plan.strategy == "halo":
+    return out
+  order = np.concatenate([np.arange(a, a + m) for rs in q_runs for a, m in rs])
+  return out[:, np.argsort(order)]
+
+
 # --------------------------------------------------------------------------------------------
 # Zigzag (head-tail) order for causal load balance.
 

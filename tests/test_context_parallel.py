@@ -217,9 +217,10 @@ NA_CASES = [
 
 
 def _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=0,
-              backend="xla", tol=2e-5, **kw):
+              backend="xla", tol=2e-5, dtype=jnp.float32, head_dim=16, **kw):
   mesh = _mesh(context, other="model")
-  q, k, v, d_out, _ = _inputs(seed, (2,) + spatial + (4, 16), (2,) + spatial + (2, 16))
+  q, k, v, d_out, _ = _inputs(seed, (2,) + spatial + (4, head_dim),
+                              (2,) + spatial + (2, head_dim), dtype)
   args = (kernel, stride, dilation, causal)
   sharded = jax.jit(lambda q, k, v: jsa.na(q, k, v, *args, backend=backend, mesh=mesh,
                                            context_axis="context", strategy=strategy, **kw))
@@ -247,6 +248,34 @@ def test_na_randomized(p, context, strategy):
     assert strategy == "halo" and "every other shard" in str(e)
     return
   _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=p["seed"])
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "xla"])
+def test_emulated_shards(backend):
+  """Every shard's local kernels on one device (`context_parallel.emulate`): the Hopper
+  forward (Mosaic GPU interpret mode; its interpreter does not run on 8 host devices at
+  once) and Triton backward on shard plans: a 4-frame slab against 1-frame halos (Q and
+  K/V grids differ) with 12-wide rows (not TMA boxes: the permuted path), and a zigzag ring
+  over a sequence."""
+  kw = dict(interpret=True) if backend == "mosaic_gpu" else {}
+  spatial, kernel = (8, 8, 12), (3, 5, 5)
+  q, k, v, d_out, _ = _inputs(10, (1,) + spatial + (2, 64), (1,) + spatial + (1, 64),
+                              jnp.bfloat16)
+  mask = masks.neighborhood(spatial, kernel)
+  plan = cp.plan_context_nd(mask, 2, (2, 8, 8), (1, 8, 8), "halo")
+  assert plan.halo == (1, 1) and plan.steps == 3
+  got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, backend, **kw), q, k, v,
+                         d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.na(q, k, v, kernel, backend="reference"),
+                          q, k, v, d_out)
+  _assert_close(got, want, 2e-2, f"{backend} halo")
+  q, k, v, d_out, _ = _inputs(11, (1, 512, 2, 64), (1, 512, 1, 64), jnp.bfloat16)
+  plan = cp.plan_context(masks.causal(), 512, 512, 2, 128, 64, "ring", "zigzag")
+  got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, backend, layout="zigzag",
+                                                    **kw), q, k, v, d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
+                                                        backend="reference"), q, k, v, d_out)
+  _assert_close(got, want, 2e-2, f"{backend} ring")
 
 
 def test_na_triton_interpret():

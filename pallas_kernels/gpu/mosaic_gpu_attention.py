@@ -1149,9 +1149,11 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   if plan.gathered and not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout)):
     # Blocks that are not boxes of the caller's layout (`_box_layout`): permute.
     ql, kl = plan.q_layout, plan.kv_layout
-    view = lambda x: x.reshape((b, *ql.spatial_shape, *x.shape[2:]))
-    out, lse = forward(ql.to_kernel(view(q)), kl.to_kernel(view(k)), kl.to_kernel(view(v)),
-                       None, None, gathered(plan, False), scale, cfg, interpret)
+    # Q and K/V grids differ on context-parallel shards (a slab and its halo).
+    view = lambda x, layout: x.reshape((b, *layout.spatial_shape, *x.shape[2:]))
+    out, lse = forward(ql.to_kernel(view(q, ql)), kl.to_kernel(view(k, kl)),
+                       kl.to_kernel(view(v, kl)), None, None, gathered(plan, False), scale, cfg,
+                       interpret)
     out = ql.from_kernel(out).reshape(q.shape)
     lse = ql.from_kernel(lse.transpose(0, 2, 1)).reshape(b, sq, h).transpose(0, 2, 1)
     return out, lse
