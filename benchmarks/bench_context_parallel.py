@@ -37,7 +37,7 @@ from benchmarks.bench_gpu import (RESULTS, fwd_bwd, header, inputs, record, rel,
 D = 128
 # The 3-D NA problem: kernel and the frame size (--small shrinks both for CPU).
 NA = dict(kernel=(8, 16, 16), frame=(128, 128))
-CASES = [""]  # --cases: run only the check/emulate cases whose names contain one of these
+CASES = [""]  # --cases: run only the emulate/pieces cases whose names contain one of these
 
 
 def _mesh(n):
@@ -198,6 +198,13 @@ def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
   per device count (ring: each step the larger of its slowest kernel and the K/V send;
   halo: the larger of the own-slab kernel and the exchange, then the halo kernels)."""
   bw = link_gb_s * 1e9
+  if any(c in "causal" for c in CASES):
+    _causal_pieces(seq, backend, bw, reps, shard_counts)
+  if any(c in "3-D NA" for c in CASES):
+    _na_pieces(slab, backend, bw, reps, shard_counts)
+
+
+def _causal_pieces(seq, backend, bw, reps, shard_counts):
   mask = masks.causal()
   backend = jsa.resolve_backend(backend, mask, dtype=jnp.bfloat16, head_dim=D)
   flops = 4 * 16 * seq * seq * D / 2
@@ -234,6 +241,9 @@ def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
     except Exception as e:  # noqa: BLE001
       record(section="pieces", case="causal ring", devices=n, error=repr(e)[:400])
       traceback.print_exc()
+
+
+def _na_pieces(slab, backend, bw, reps, shard_counts):
   rest = NA["frame"]
   for n in (1,) + tuple(shard_counts):
     try:
@@ -255,6 +265,14 @@ def pieces(seq, slab, backend, link_gb_s, reps, shard_counts):
         record(section="pieces", case=f"3-D NA {slab}x{NA['frame'][0]}x{NA['frame'][1]} per device k{NA['kernel']} halo",
                devices=1, model_fwd_ms=fwd, model_fwd_bwd_ms=both)
         continue
+      if n == max(shard_counts):  # strong scaling: the whole latent on one device
+        whole = (1, frames) + rest + (16, D)
+        q, k, v, do = inputs(whole, whole, jnp.bfloat16, seed=6)
+        op = lambda q, k, v: jsa.na(q, k, v, NA["kernel"], backend=backend)
+        record(section="pieces", case=f"3-D NA {frames}x{rest[0]}x{rest[1]} on one device",
+               devices=1, fwd_ms=_time(jax.jit(op), q, k, v, reps=reps),
+               fwd_bwd_ms=_time(fwd_bwd(op), q, k, v, do, reps=reps))
+        del q, k, v, do
       plan = cp.plan_context_nd(nmask, n, tuple(q_tile), tuple(kv_tile), "halo")
       times = [_time_plan(backend, p, local(p), reps) for p in plan.plans]
       halo_s = sum(plan.halo) * math.prod(rest) * 16 * D * 2 * 2 / bw
@@ -347,6 +365,8 @@ def main():
                       help="device-to-device GB/s for the model (default: the link section's)")
   parser.add_argument("--backend", default=None, help="default: auto (xla with --small)")
   parser.add_argument("--cases", default="", help="comma-separated name parts (emulate)")
+  parser.add_argument("--slab", type=int, default=None,
+                      help="frames per device of the 3-D NA weak-scaling pieces (default 8)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   sections = args.sections.split(",")
@@ -384,7 +404,7 @@ def main():
     size_one(backend, 512 if args.small else 16384, reps)
     write_results(args.out, head)
   if "pieces" in sections:
-    pieces(seq, 2 if args.small else slab, backend, link_gb_s, reps, counts)
+    pieces(seq, args.slab or (2 if args.small else slab), backend, link_gb_s, reps, counts)
     write_results(args.out, head)
 
 
