@@ -250,6 +250,27 @@ def test_na_randomized(p, context, strategy):
   _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=p["seed"])
 
 
+def test_sequence_tpu_interpret():
+  # Every device runs a kernel at every step of a zigzag ring. (TPU interpret mode appears to
+  # wait for all devices at each kernel: a step where one device has no kernel, like a halo
+  # past the sequence start, stalls there; the halo runs through `emulate` below.)
+  _check_sequence("causal", "ring", "zigzag", context=2, chunk=128, heads=2, kv_heads=1,
+                  segments=True, seed=1, backend="mosaic", interpret=True, block_q=128,
+                  block_kv=128, tol=1e-4)
+
+
+def test_emulated_tpu_halo():
+  q, k, v, d_out, _ = _inputs(12, (1, 512, 2, 32), (1, 512, 1, 32))
+  mask = masks.causal() & masks.sliding_window(40)
+  plan = cp.plan_context(mask, 512, 512, 2, 128, 128, "halo")
+  assert plan.halo == (40, 0)
+  got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, "mosaic", interpret=True),
+                         q, k, v, d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.attention(q, k, v, mask, backend="reference"),
+                          q, k, v, d_out)
+  _assert_close(got, want, 1e-4, "mosaic halo")
+
+
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "xla"])
 def test_emulated_shards(backend):
   """Every shard's local kernels on one device (`context_parallel.emulate`): the Hopper
