@@ -57,8 +57,9 @@ HEAD_AXES = ("model", "tensor", "heads")
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-  """Rates of `estimate`'s cost model. Defaults: one H200 (NVLink, bf16 kernels), from
-  benchmarks/results (see docs/performance.md)."""
+  """Rates of `estimate`'s cost model. Defaults for the H200: the link rate is assumed
+  (NVLink, 450 GB/s per direction on paper; not measured yet), the kernel rate and collective
+  cost are round figures below the measured 614 TFLOP/s causal forward (docs/performance.md)."""
   link_bytes_per_s: float = 3.5e11  # one direction, device to device
   flops_per_s: float = 5.5e14  # sustained block-sparse kernel rate
   collective_s: float = 2.0e-5  # fixed cost of one collective step
@@ -76,7 +77,7 @@ def resolve_mesh(mesh, context_axis: str | None):
     return None
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh._any_axis_manual:
+    if mesh is None or mesh.empty or mesh.manual_axes:
       mesh = None
   elif not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
     raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
@@ -307,22 +308,26 @@ def plan_context(mask: masks_lib.Mask, seq_q: int, seq_kv: int, num_shards: int,
   q_layouts = [SequenceLayout(cq, block_q, r) for r in q_runs]
   kv_layouts = [SequenceLayout(ckv, block_kv, r) for r in kv_runs]
   plans = _Plans(mask)
-  ring = np.array([[plans.add(q_layouts[s], kv_layouts[(s - t) % n]) for s in range(n)]
-                   for t in range(n)], np.int32)
-  used = np.nonzero((ring >= 0).any(axis=1))[0]
-  ring = ring[: int(used[-1]) + 1 if len(used) else 1]
   flops = lambda i: _block_flops(plans.plans[i], head_dim) * batch_heads if i >= 0 else 0.0
   work = lambda table: np.vectorize(flops, otypes=[float])(table)
   shard_bytes = ckv * kv_row_bytes
-  reach = _reach_1d(mask, seq_q, seq_kv, q_runs, kv_runs) if context_layout == "contiguous" else None
+  estimates = {}
+  if strategy in ("auto", "ring"):  # (the ring's pairs are also the estimates' work)
+    ring = np.array([[plans.add(q_layouts[s], kv_layouts[(s - t) % n]) for s in range(n)]
+                     for t in range(n)], np.int32)
+    used = np.nonzero((ring >= 0).any(axis=1))[0]
+    ring = ring[: int(used[-1]) + 1 if len(used) else 1]
+    estimates["ring"] = estimate("ring", work(ring), shard_bytes, ring.shape[0] - 1, 0, hardware)
+    estimates["allgather"] = estimate("allgather", work(ring), shard_bytes, n - 1, 0, hardware)
+  reach = None
+  if strategy in ("auto", "halo") and context_layout == "contiguous":
+    reach = _reach_1d(mask, seq_q, seq_kv, q_runs, kv_runs)
   bounded = reach is not None and sum(reach) < (n - 1) * ckv
-  estimates = {"ring": estimate("ring", work(ring), shard_bytes, ring.shape[0] - 1, 0, hardware),
-               "allgather": estimate("allgather", work(ring), shard_bytes, n - 1, 0, hardware)}
   if bounded:
     left, right = reach
     # Own K/V (ring step 0), then each side's halo rows.
     starts = (lambda s: s * ckv - left, lambda s: (s + 1) * ckv)
-    halo = np.array([ring[0]] + [
+    halo = np.array([[plans.add(q_layouts[s], kv_layouts[s]) for s in range(n)]] + [
         [plans.add(q_layouts[s], SequenceLayout(
             rows, block_kv, _halo_runs(start(s), 0, rows, 0, seq_kv))) for s in range(n)]
         for start, rows in zip(starts, reach) if rows], np.int32)
@@ -330,14 +335,14 @@ def plan_context(mask: masks_lib.Mask, seq_q: int, seq_kv: int, num_shards: int,
     hops = max(-(-h // ckv) for h in reach)
     estimates["halo"] = estimate("halo", work(halo), shard_bytes, hops, sum(reach) * kv_row_bytes,
                                  hardware)
-  if strategy == "auto":
-    strategy = min(estimates, key=lambda k: (estimates[k], ("halo", "ring", "allgather").index(k)))
-  if strategy == "halo" and not bounded:
+  elif strategy == "halo":
     raise ValueError(
         "strategy='halo' needs a mask whose keys lie within a bounded reach of their queries "
         "(sliding_window, block_local, neighborhood and their '&'; context_layout="
         f"'contiguous'); this one {'reaches ' + str(reach) + ' rows' if reach else 'does not'}"
         " — every other shard's keys: use 'ring' or 'allgather'")
+  if strategy == "auto":
+    strategy = min(estimates, key=lambda k: (estimates[k], ("halo", "ring", "allgather").index(k)))
   if strategy == "ring":
     return ContextPlan("ring", n, tuple(plans.plans), ring, (0, 0),
                        (ring.shape[0] - 1) * shard_bytes, estimates)
