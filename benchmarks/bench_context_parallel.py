@@ -184,11 +184,12 @@ def scaling(n, seq, spatial, backend, reps):
       traceback.print_exc()
 
 
-def _time_plan(backend, plan, shapes, reps):
+def _time_plan(backend, plan, shapes, reps, bwd_plan=None):
   """ms of one local plan on one device: forward, forward+backward."""
   q, k, v, do = inputs(shapes[0], shapes[1], jnp.bfloat16, seed=5)
   scale = 1 / math.sqrt(D)
-  op = lambda q, k, v: ops.run_plan(backend, plan, scale, None, False, q, k, v)[0]
+  op = lambda q, k, v: ops.run_plan(backend, plan, scale, None, False, q, k, v,
+                                    bwd_plan=bwd_plan)[0]
   return _time(jax.jit(op), q, k, v, reps=reps), _time(fwd_bwd(op), q, k, v, do, reps=reps)
 
 
@@ -274,7 +275,10 @@ def _na_pieces(slab, backend, bw, reps, shard_counts):
                fwd_bwd_ms=_time(fwd_bwd(op), q, k, v, do, reps=reps))
         del q, k, v, do
       plan = cp.plan_context_nd(nmask, n, tuple(q_tile), tuple(kv_tile), "halo")
-      times = [_time_plan(backend, p, local(p), reps) for p in plan.plans]
+      fit = lambda t: cp._fit_tile(t, frames // n)  # as `jsa.na` on a mesh does
+      bwd = [ops._backward_plan(impl, nmask, p, D, jnp.bfloat16, None, fit_tile=fit)
+             if impl.gathers else None for p in plan.plans]
+      times = [_time_plan(backend, p, local(p), reps, b) for p, b in zip(plan.plans, bwd)]
       halo_s = sum(plan.halo) * math.prod(rest) * 16 * D * 2 * 2 / bw
       per_shard = []
       for s in range(n):
@@ -365,6 +369,7 @@ def main():
                       help="device-to-device GB/s for the model (default: the link section's)")
   parser.add_argument("--backend", default=None, help="default: auto (xla with --small)")
   parser.add_argument("--cases", default="", help="comma-separated name parts (emulate)")
+  parser.add_argument("--shards", default=None, help="pieces' device counts, e.g. 2,4,8")
   parser.add_argument("--slab", type=int, default=None,
                       help="frames per device of the 3-D NA weak-scaling pieces (default 8)")
   parser.add_argument("--out", default=None)
@@ -378,6 +383,7 @@ def main():
     backend, seq, spatial, reps, counts, slab = "auto", 262144, (16, 128, 128), 3, (2, 4, 8), 8
   backend = args.backend or backend
   CASES[:] = args.cases.split(",")
+  counts = tuple(int(c) for c in args.shards.split(",")) if args.shards else counts
   head = dict(header(), devices=jax.device_count(), backend=backend)
   print(head, flush=True)
   link_gb_s = args.link_gb_s

@@ -532,9 +532,11 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
 
 
 def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, strategy,
-       backend, scale, q_tile, kv_tile, config, interpret, single_device):
+       backend, scale, q_tile, kv_tile, config, interpret, single_device, backward_plan=None):
   """`ops.na` on a mesh: batch/heads as in `attention`, the leading spatial dim over
-  `context_axis`. Returns (out, lse [batch, *spatial, heads])."""
+  `context_axis`. Returns (out, lse [batch, *spatial, heads]). `backward_plan(plan,
+  fit_tile=)`: the backward kernels' own plan for a local plan (`ops._backward_plan`), or
+  None."""
   from . import ops
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
   hkv = key.shape[-2]
@@ -549,9 +551,15 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
   row_bytes = (2 * local_b * local_hkv * d * jnp.dtype(key.dtype).itemsize
                * math.prod(mask.spatial_shape[1:]))
   cp = plan_context_nd(mask, n, tuple(q_tile), tuple(kv_tile), strategy, row_bytes)
+  size = mask.spatial_shape[0] // n
+  # A local plan's relation is the same on every device that shares it: so is its
+  # backward plan (built on the first such device's layouts).
+  bwd = [backward_plan(p, fit_tile=lambda t: _fit_tile(t, size)) if backward_plan else None
+         for p in cp.plans]
 
   def run(i, q, k, v):
-    return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v)
+    return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v,
+                        bwd_plan=bwd[i])
 
   def empty(q, k, v):
     return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)

@@ -423,10 +423,13 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
         na, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
         scale=scale, backend=backend, interpret=interpret, return_lse=True,
         q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, config=config, mesh=_LOCAL)
+    backward_plan = (functools.partial(_backward_plan, impl, mask, head_dim=d,
+                                       dtype=query.dtype, config=config)
+                     if default_tiles and impl.gathers else None)
     out, lse = context_parallel.na(
         query, key, value, mask, mesh=mesh, context_axis=context_axis, strategy=strategy,
         backend=backend, scale=scale, q_tile=q_tile_shape, kv_tile=kv_tile_shape,
-        config=config, interpret=interpret, single_device=single)
+        config=config, interpret=interpret, single_device=single, backward_plan=backward_plan)
     return (out, lse) if return_lse else out
   plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
                    TiledLayout(spatial, mask.dilation, kv_tile_shape))
@@ -451,18 +454,19 @@ def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_
 
 
 def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionPlan,
-                   head_dim: int, dtype, config) -> AttentionPlan | None:
+                   head_dim: int, dtype, config, fit_tile=None) -> AttentionPlan | None:
   """The gathered plan for the backward kernels when their best tiles differ from the
-  forward plan's, else None."""
+  forward plan's, else None: the forward plan's layouts (a context-parallel shard's too)
+  with the backward's tiles (`fit_tile` adapts them to a shard)."""
   from .simulate import best_tile_shapes
   blocks = impl.backward_blocks(head_dim, dtype, config) if impl.backward_blocks else None
   if blocks is None:
     return None
-  bwd_q, bwd_kv = best_tile_shapes(mask, *blocks)
+  bwd_q, bwd_kv = (tuple((fit_tile or (lambda t: t))(t)) for t in best_tile_shapes(mask, *blocks))
   if (bwd_q, bwd_kv) == (plan.q_layout.tile_shape, plan.kv_layout.tile_shape):
     return None
-  return plan_lib.gathered(make_plan(mask, TiledLayout(mask.spatial_shape, mask.dilation, bwd_q),
-                                     TiledLayout(mask.spatial_shape, mask.dilation, bwd_kv)))
+  return plan_lib.gathered(make_plan(mask, dataclasses.replace(plan.q_layout, tile_shape=bwd_q),
+                                     dataclasses.replace(plan.kv_layout, tile_shape=bwd_kv)))
 
 
 @dataclasses.dataclass(frozen=True)
