@@ -469,6 +469,18 @@ def _local_specs(mesh, context_axis, batch, heads, kv_heads, spatial_rank):
   return qkv, P(batch_axes, *lead, head_axes), P(batch_axes, context_axis), batch_axes, head_axes
 
 
+def _sharded(body, mesh, in_specs, out_specs, *args):
+  """`body` under `jax.shard_map` on `mesh`. On meshes with explicit axes (`jax.make_mesh`'s
+  default) shard_map takes only inputs already sharded as `in_specs`: reshard them (a no-op
+  where they are; a collective where the caller's sharding differs)."""
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    target = ((lambda spec: spec) if isinstance(mesh, jax.sharding.AbstractMesh)
+              else (lambda spec: jax.sharding.NamedSharding(mesh, spec)))
+    args = [jax.sharding.reshard(x, target(spec)) for x, spec in zip(args, in_specs)]
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
 def _local_sizes(mesh, axes) -> int:
   if axes is None:
     return 1
@@ -496,8 +508,7 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
     if context_layout == "zigzag":
       raise ValueError("context_layout='zigzag' needs a context_axis of size > 1")
     body = lambda q, k, v, *segs: single_device(q, k, v, *(segs or (None, None)))
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(qkv, lse_spec),
-                         check_vma=False)(query, key, value, *seg_args)
+    return _sharded(body, mesh, in_specs, (qkv, lse_spec), query, key, value, *seg_args)
   local_b = b // _local_sizes(mesh, batch_axes)
   local_hkv = hkv // _local_sizes(mesh, head_axes)
   row_bytes = 2 * local_b * local_hkv * d * jnp.dtype(key.dtype).itemsize + (4 if has_seg else 0)
@@ -527,8 +538,7 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
                                    [(j, (j + 1) % n) for j in range(n)]))
     return _merge_steps(cp, shard, run, empty, q, kv_steps, qs)
 
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(qkv, lse_spec),
-                       check_vma=False)(query, key, value, *seg_args)
+  return _sharded(body, mesh, in_specs, (qkv, lse_spec), query, key, value, *seg_args)
 
 
 def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, strategy,
@@ -544,8 +554,7 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
   qkv, lse_spec, _, batch_axes, head_axes = _local_specs(mesh, context_axis, b, h, hkv, rank)
   n = 1 if context_axis is None else mesh.shape[context_axis]
   if n == 1:
-    return jax.shard_map(single_device, mesh=mesh, in_specs=(qkv,) * 3,
-                         out_specs=(qkv, lse_spec), check_vma=False)(query, key, value)
+    return _sharded(single_device, mesh, (qkv,) * 3, (qkv, lse_spec), query, key, value)
   local_b = b // _local_sizes(mesh, batch_axes)
   local_hkv = hkv // _local_sizes(mesh, head_axes)
   row_bytes = (2 * local_b * local_hkv * d * jnp.dtype(key.dtype).itemsize
@@ -572,8 +581,7 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
     halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v)))
     return _merge_steps(cp, shard, run, empty, q, [(k, v), *halos])
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(qkv,) * 3, out_specs=(qkv, lse_spec),
-                       check_vma=False)(query, key, value)
+  return _sharded(body, mesh, (qkv,) * 3, (qkv, lse_spec), query, key, value)
 
 
 def emulate(plan: ContextPlan, query, key, value, backend: str, *, layout: str = "contiguous",
@@ -640,13 +648,19 @@ def zigzag_permutation(seq: int, num_shards: int) -> np.ndarray:
   return np.concatenate([np.arange(s, s + c) for shard in runs for s, _ in shard])
 
 
+def _take(x, index, axis):
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.take(x, xp.asarray(index), axis=axis)
+
+
 def to_zigzag(x, num_shards: int, axis: int = 1):
-  """Reorder the sequence axis of x into the zigzag layout (once, e.g. in the data loader)."""
-  return jnp.take(x, jnp.asarray(zigzag_permutation(x.shape[axis], num_shards)), axis=axis)
+  """Reorder the sequence axis of x into the zigzag layout: once, in the data loader, on
+  host (NumPy, returned as NumPy) or unsharded arrays. Labels and segment ids get the same
+  order; token-wise layers and losses need no other change."""
+  return _take(x, zigzag_permutation(x.shape[axis], num_shards), axis)
 
 
 def from_zigzag(x, num_shards: int, axis: int = 1):
-  """Inverse of `to_zigzag`."""
-  perm = zigzag_permutation(x.shape[axis], num_shards)
-  return jnp.take(x, jnp.asarray(np.argsort(perm)), axis=axis)
+  """Inverse of `to_zigzag` (host or unsharded arrays: gather a sharded output first)."""
+  return _take(x, np.argsort(zigzag_permutation(x.shape[axis], num_shards)), axis)
 

@@ -457,3 +457,23 @@ def test_bad_input():
     jsa.na(z, z, z, 3, backend="xla", mesh=mesh, context_axis="context")
   with pytest.raises(ValueError, match="every other shard"):
     jsa.na(y, y, y, 7, backend="xla", mesh=mesh, context_axis="context", strategy="halo")
+
+
+def test_explicit_axes_mesh():
+  """`jax.make_mesh`'s default (Explicit) axes: inputs not sharded as the op needs are
+  resharded by it; results and gradients as on one device."""
+  mesh = jax.make_mesh((2, 4), ("data", "context"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  q, k, v, d_out, _ = _inputs(13, (2, 128, 4, 16), (2, 128, 2, 16))
+  mask = masks.causal() & masks.sliding_window(20)
+  x = jnp.asarray(np.random.default_rng(14).standard_normal((2, 8, 6, 2, 16)), jnp.float32)
+  with jax.set_mesh(mesh):
+    got = _value_and_grads(jax.jit(lambda q, k, v: jsa.attention(
+        q, k, v, mask, backend="xla", context_axis="context")), q, k, v, d_out)
+    got_na = jax.jit(lambda x: jsa.na2d(x, x, x, (3, 3), is_causal=(True, False),
+                                        backend="xla", context_axis="context"))(x)
+  want = _value_and_grads(lambda q, k, v: jsa.attention(q, k, v, mask, backend="xla"),
+                          q, k, v, d_out)
+  _assert_close(got, want, 2e-5, "explicit mesh")
+  want_na = jsa.na2d(x, x, x, (3, 3), is_causal=(True, False), backend="reference")
+  assert brute_force.rel_err(got_na, want_na) < 2e-5
