@@ -438,8 +438,8 @@ def _halos(x, axis_name: str, n: int, left: int, right: int, axis: int = 1):
 
 
 def _merge_steps(cp: ContextPlan, shard, run, empty, q, kv_steps, *extra):
-  """Run step t of `cp.table` on the t-th K/V (a tuple of arrays, or a callable giving it,
-  called just before the step) and merge the partial attentions by log-sum-exp."""
+  """Run step t of `cp.table` on the t-th K/V (a tuple of arrays) and merge the partial
+  attentions by log-sum-exp (float32), returning (out in q's dtype, lse)."""
   acc = None
   for t, kv in enumerate(kv_steps):
     part = _run_row(cp.table[t], shard, run, empty, q, *kv, *extra)
