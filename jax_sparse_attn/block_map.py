@@ -274,9 +274,8 @@ def _dim_classes(mask, dim, q_extent, kv_extent, dilation, tile_q, tile_kv):
   def coords(extent, tile):
     shape, tiles, origin = [1] * len(dilation), [1] * len(dilation), [0] * len(dilation)
     shape[dim], tiles[dim], origin[dim] = extent[0], tile, extent[1]
-    x, valid = TiledLayout(tuple(shape), dilation, tuple(tiles), tuple(origin)).mask_coords(dim)
-    valid = valid & (x >= 0) & (x < length)
-    return np.clip(x, 0, length - 1), valid
+    layout = TiledLayout(tuple(shape), dilation, tuple(tiles), tuple(origin))
+    return layout.mask_coords(dim, length)
   xq, vq = coords(q_extent, tile_q)
   xk, vk = coords(kv_extent, tile_kv)
   args = (length, mask.kernel_size[dim], mask.stride[dim], mask.dilation[dim],

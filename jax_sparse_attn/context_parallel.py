@@ -437,22 +437,28 @@ def _halos(x, axis_name: str, n: int, left: int, right: int, axis: int = 1):
   return out
 
 
-def _merge_steps(cp: ContextPlan, shard, run, empty, q, kv_steps, *extra):
+def _merge_steps(cp: ContextPlan, shard, run, q, kv_steps, *extra):
   """Run step t of `cp.table` on the t-th K/V (a tuple of arrays) and merge the partial
   attentions by log-sum-exp (float32), returning (out in q's dtype, lse)."""
   acc = None
   for t, kv in enumerate(kv_steps):
-    part = _run_row(cp.table[t], shard, run, empty, q, *kv, *extra)
+    part = _run_row(cp.table[t], shard, run, q, *kv, *extra)
     acc = part if acc is None else merge_attentions(
         [acc[0], part[0]], [acc[1], part[1]], out_dtype=jnp.float32)
   return acc[0].astype(q.dtype), acc[1]
 
 
-def _run_row(row: np.ndarray, shard, run, empty, *args):
-  """Device `shard` runs plan row[shard] (-1: `empty`), through lax.switch when devices
+def _nothing(q, *_):
+  """The partial attention of a device with no block to visit: zeros, lse -inf (which the
+  merge weighs zero)."""
+  return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
+
+
+def _run_row(row: np.ndarray, shard, run, *args):
+  """Device `shard` runs plan row[shard] (-1: `_nothing`), through lax.switch when devices
   differ."""
   choices = sorted(set(int(i) for i in row))
-  branch = lambda i: empty if i < 0 else functools.partial(run, i)
+  branch = lambda i: _nothing if i < 0 else functools.partial(run, i)
   if len(choices) == 1:
     return branch(choices[0])(*args)
   position = np.array([choices.index(int(i)) for i in row], np.int32)
@@ -518,25 +524,22 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
   def run(i, q, k, v, ks, qs):
     return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v, qs, ks)
 
-  def empty(q, k, v, ks, qs):
-    return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
-
   def body(q, k, v, *segs):
     qs, ks = segs if segs else (None, None)
     shard = lax.axis_index(context_axis)
     if cp.strategy == "allgather":
       gather = lambda x: None if x is None else lax.all_gather(x, context_axis, axis=1, tiled=True)
-      return _run_row(cp.table[0], shard, run, empty, q, gather(k), gather(v), gather(ks), qs)
+      return _run_row(cp.table[0], shard, run, q, gather(k), gather(v), gather(ks), qs)
     if cp.strategy == "halo":
       # The exchange is issued first: it overlaps the kernel on the device's own K/V.
       halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v, ks)))
-      return _merge_steps(cp, shard, run, empty, q, [(k, v, ks), *halos], qs)
+      return _merge_steps(cp, shard, run, q, [(k, v, ks), *halos], qs)
     kv_steps = [(k, v, ks)]
     for _ in range(cp.steps - 1):
       # Each shard is sent on before the kernel that reads it: the two overlap.
       kv_steps.append(lax.ppermute(kv_steps[-1], context_axis,
                                    [(j, (j + 1) % n) for j in range(n)]))
-    return _merge_steps(cp, shard, run, empty, q, kv_steps, qs)
+    return _merge_steps(cp, shard, run, q, kv_steps, qs)
 
   return _sharded(body, mesh, in_specs, (qkv, lse_spec), query, key, value, *seg_args)
 
@@ -570,16 +573,13 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
     return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v,
                         bwd_plan=bwd[i])
 
-  def empty(q, k, v):
-    return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
-
   def body(q, k, v):
     shard = lax.axis_index(context_axis)
     if cp.strategy == "allgather":
       gather = lambda x: lax.all_gather(x, context_axis, axis=1, tiled=True)
-      return _run_row(cp.table[0], shard, run, empty, q, gather(k), gather(v))
+      return _run_row(cp.table[0], shard, run, q, gather(k), gather(v))
     halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v)))
-    return _merge_steps(cp, shard, run, empty, q, [(k, v), *halos])
+    return _merge_steps(cp, shard, run, q, [(k, v), *halos])
 
   return _sharded(body, mesh, (qkv,) * 3, (qkv, lse_spec), query, key, value)
 

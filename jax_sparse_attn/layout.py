@@ -60,6 +60,11 @@ class SequenceLayout:
     return (np.concatenate([glob, np.full(pad, glob[-1] if len(glob) else 0)]),
             np.concatenate([valid, np.zeros(pad, bool)]))
 
+  @property
+  def is_shard(self) -> bool:
+    """Whether the tokens are part of a longer sequence (`segments`)."""
+    return bool(self.segments)
+
   def rows(self) -> np.ndarray:
     """The caller's row of every kernel position (-1: padding)."""
     idx = np.arange(self.padded_len, dtype=np.int64)
@@ -136,10 +141,17 @@ class TiledLayout:
     valid = x < self.spatial_shape[dim]
     return np.where(valid, x, 0), valid
 
-  def mask_coords(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """`dim_coords` in the mask's grid: shifted by the origin."""
+  def mask_coords(self, dim: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`dim_coords` in the mask's grid of `length` along `dim`: shifted by the origin and
+    clipped into the grid; positions outside it (a halo past the edge) are not valid."""
     x, valid = self.dim_coords(dim)
-    return x + (self.origin[dim] if self.origin else 0), valid
+    x = x + (self.origin[dim] if self.origin else 0)
+    return np.clip(x, 0, length - 1), valid & (x >= 0) & (x < length)
+
+  @property
+  def is_shard(self) -> bool:
+    """Whether the grid is a slab of a larger one (`origin`)."""
+    return bool(self.origin)
 
   def rows(self) -> np.ndarray:
     """The caller's (local, row-major) flat row of every kernel position (-1: padding)."""

@@ -63,15 +63,12 @@ def _tiled_intervals(mask: masks_lib.Neighborhood, q_layout: TiledLayout, kv_lay
     length = mask.spatial_shape[dim]
     args = (length, mask.kernel_size[dim], mask.stride[dim], mask.dilation[dim],
             mask.is_causal[dim])
-    xq, vq = q_layout.mask_coords(dim)
-    vq = vq & (xq >= 0) & (xq < length)
-    lo, hi = masks_lib.gna_bounds_1d(np.clip(xq, 0, length - 1), *args)
+    xq, vq = q_layout.mask_coords(dim, length)
+    lo, hi = masks_lib.gna_bounds_1d(xq, *args)
     lo = np.where(vq, lo, masks_lib.EMPTY_LO)
     hi = np.where(vq, hi, masks_lib.EMPTY_HI)
-    xk, vk = kv_layout.mask_coords(dim)
-    vk = vk & (xk >= 0) & (xk < length)
-    c = np.where(vk, masks_lib.gna_coord_1d(np.clip(xk, 0, length - 1), length,
-                                            mask.dilation[dim]),
+    xk, vk = kv_layout.mask_coords(dim, length)
+    c = np.where(vk, masks_lib.gna_coord_1d(xk, length, mask.dilation[dim]),
                  masks_lib.PAD_COORD)
     los.append(q_layout.per_token(lo, dim))
     his.append(q_layout.per_token(hi, dim))
@@ -106,20 +103,18 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
     lo, hi, c = masks_lib.per_token_intervals(masks_lib.Causal(0), np.zeros_like(q_index),
                                               np.zeros_like(kv_index), q_valid, kv_valid)
     mask_fn = mask
-    q_runs, kv_runs = getattr(q_layout, "segments", ()), getattr(kv_layout, "segments", ())
-    if q_runs or kv_runs:
+    if q_layout.is_shard or kv_layout.is_shard:
       # Kernels evaluate mask_fn on their positions: map them to the global indices.
-      mask_fn = masks_lib.Remapped(mask, q_runs or ((0, q_layout.seq_len),),
-                                   kv_runs or ((0, kv_layout.seq_len),))
+      mask_fn = masks_lib.Remapped(mask, q_layout.segments or ((0, q_layout.seq_len),),
+                                   kv_layout.segments or ((0, kv_layout.seq_len),))
       q_index = np.minimum(np.arange(q_layout.padded_len), q_layout.seq_len - 1)
       kv_index = np.minimum(np.arange(kv_layout.padded_len), kv_layout.seq_len - 1)
   # A shard of a larger problem (context parallelism) keeps no mask: kernels that re-derive
   # layouts from a Neighborhood's grid would take the global grid for the local tensor.
-  whole = not (getattr(q_layout, "origin", ()) or getattr(kv_layout, "origin", ())
-               or getattr(q_layout, "segments", ()) or getattr(kv_layout, "segments", ()))
+  shard = q_layout.is_shard or kv_layout.is_shard
   return AttentionPlan(q_layout, kv_layout, bmap, lo, hi, c, q_index.astype(np.int32),
                        kv_index.astype(np.int32), mask_fn, q_layout.rows().astype(np.int32),
-                       kv_layout.rows().astype(np.int32), mask=mask if whole else None)
+                       kv_layout.rows().astype(np.int32), mask=None if shard else mask)
 
 
 @functools.lru_cache(maxsize=256)
