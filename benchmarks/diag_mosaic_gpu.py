@@ -19,7 +19,7 @@ from benchmarks.bench_gpu import (check_case, fwd_bwd, header, inputs, record, r
                                   write_results)
 from jax_sparse_attn import masks, simulate
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu import mosaic_gpu_attention as mg
+from pallas_kernels.gpu.mosaic_gpu import attention_fwd as mg
 
 H, D = 16, 128
 

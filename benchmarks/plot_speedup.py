@@ -18,7 +18,7 @@ import math
 import re
 import sys
 
-from pallas_kernels.gpu import mosaic_gpu_attention as mg
+from pallas_kernels.gpu.mosaic_gpu import attention_fwd as mg
 
 
 def points(results):

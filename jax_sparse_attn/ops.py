@@ -87,7 +87,7 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
                     head_dim: int | None = None, segments: bool = False, block_q=None,
                     block_kv=None, config=None, scale=None) -> str:
   """The backend `backend="auto"` runs: on Hopper GPUs "mosaic_gpu" where it supports the
-  call (`pallas_kernels.gpu.mosaic_gpu_attention.supports`: bf16/f16, 32 < head_dim <= 128, no
+  call (`pallas_kernels.gpu.mosaic_gpu.supports`: bf16/f16, 32 < head_dim <= 128, no
   segment ids, interval masks, its block sizes and config), other GPUs and the rest
   "triton"; "mosaic" on TPU; "xla" elsewhere and for array masks."""
   if backend not in BACKENDS:
@@ -97,7 +97,7 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
   platform = jax.default_backend()
   has_array = mask is not None and _has_array_mask(mask)
   if platform == "gpu" and not has_array:
-    from pallas_kernels.gpu import mosaic_gpu_attention as mg
+    from pallas_kernels.gpu import mosaic_gpu as mg
     if (dtype is not None and head_dim is not None and mg.is_hopper()
         and mg.supports(mask, dtype, head_dim, segments, block_q, block_kv, config, scale)):
       return "mosaic_gpu"

@@ -1,5 +1,7 @@
 """The Hopper forward (Pallas Mosaic GPU) in GPU interpret mode (CPU) vs the float64 brute
-force; gradients run the Triton backward kernels (interpret mode) on the same plan."""
+force; gradients run the backward `MosaicGPUConfig.backward=None` picks (the Mosaic GPU
+backward for 1-D masks, the Triton kernels for neighborhoods; test_mosaic_gpu_backward.py
+tests the Mosaic GPU backward on every mask)."""
 import math
 
 import jax
@@ -14,7 +16,9 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn.layout import TiledLayout
 from jax_sparse_attn.plan import gathered, make_plan
 from jax_sparse_attn import masks
-from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu, mosaic_gpu_attention as mg
+from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu
+from pallas_kernels.gpu import mosaic_gpu as mgpu
+from pallas_kernels.gpu.mosaic_gpu import attention_fwd as mg
 
 
 @st.composite
@@ -124,8 +128,9 @@ def test_persistent_where_rows_are_even_or_short():
     (True, dict(head_dim=256), "triton"),
     (True, dict(head_dim=32), "triton"),  # padded to 64 it loses to Triton
     (True, dict(head_dim=48), "mosaic_gpu"),
-    (True, dict(segments=True), "triton"),
-    (True, dict(mask=masks.from_function(lambda q, k: q >= k)), "triton"),
+    (True, dict(segments=True), "mosaic_gpu"),
+    (True, dict(mask=masks.from_function(lambda q, k: q >= k)), "mosaic_gpu"),
+    (True, dict(mask=masks.causal() & (masks.sliding_window(511) | masks.sink(4))), "mosaic_gpu"),
     (True, dict(block_q=64), "triton"),
     (True, dict(block_kv=128), "mosaic_gpu"),
     (True, dict(config=MosaicGPUConfig(stages=3)), "mosaic_gpu"),
@@ -135,7 +140,7 @@ def test_persistent_where_rows_are_even_or_short():
 def test_auto_backend_on_gpus(monkeypatch, hopper, kwargs, want):
   """backend="auto" on a GPU: mosaic_gpu on Hopper where it supports the call, else triton."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(mg, "is_hopper", lambda: hopper)
+  monkeypatch.setattr(mgpu, "is_hopper", lambda: hopper)
   args = dict(mask=masks.causal(), dtype=jnp.bfloat16, head_dim=128)
   args.update(kwargs)
   assert jsa.resolve_backend("auto", args.pop("mask"), **args) == want
@@ -180,8 +185,8 @@ def test_tiles_are_boxes_or_permuted():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype=jnp.float32), "dtype float32"),
     (dict(head_dim=192), "head_dim 192"),
-    (dict(segments=True), "segment ids"),
-    (dict(mask=masks.from_function(lambda q, k: q >= k)), "no interval form"),
+    (dict(config=MosaicGPUConfig(backward="cudnn")), "backward must be 'mosaic_gpu', 'triton'"),
+    (dict(config=MosaicGPUConfig(backward_dq="half")), "backward_dq must be 'split', 'own'"),
     (dict(block_q=64), "block_q 64"),
     (dict(block_kv=32), "block_kv 32"),
     (dict(scale=-0.125), "scale -0.125 .must be positive"),
@@ -341,7 +346,8 @@ def test_split_where_it_pays():
                                   "na3d_rows", "na3d_window_3dims"])
 def test_lowers_for_gpu(case):
   """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
-  backward (Triton kernels)."""
+  backward: Mosaic GPU for 1-D masks, the Triton kernels for neighborhoods
+  (`attention_bwd.picks_mosaic`)."""
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   if case == "na2d":
     f = lambda q, k, v: jsa.na2d(q, k, v, 33, backend="mosaic_gpu")
@@ -368,8 +374,11 @@ def test_lowers_for_gpu(case):
     args = (S(2, 1000, 8, 64), S(2, 1000, 2, 64), S(2, 1000, 2, 64))
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), *args).mlir_module()
-  assert text.count("@mosaic_gpu_v2(") == 1
-  assert text.count("__gpu$xla.gpu.triton") >= 2  # dQ and dK/dV
+  if case == "causal_gqa":
+    assert text.count("@mosaic_gpu_v2(") == 2 and "__gpu$xla.gpu.triton" not in text
+  else:
+    assert text.count("@mosaic_gpu_v2(") == 1
+    assert text.count("__gpu$xla.gpu.triton") >= 2  # dQ and dK/dV
 
 
 def _window_plan(spatial, kernel, stride=1, causal=False, q_tile=(8, 16), kv_tile=(16, 8)):

@@ -1,12 +1,11 @@
 """GPU kernels. `triton_attention`: Pallas with the Triton lowering (registered as "triton");
-`mosaic_gpu_attention`: the Hopper forward in Pallas Mosaic GPU ("mosaic_gpu", backward on
-the Triton kernels)."""
+`mosaic_gpu`: the Hopper kernels in Pallas Mosaic GPU ("mosaic_gpu", forward and backward)."""
 from jax_sparse_attn.ops import Backend, register_backend
 
 from .triton_attention import (TritonConfig, backward, default_backward_map_blocks,
                                default_map_blocks, export_for_gpu, forward)
-from . import mosaic_gpu_attention
-from .mosaic_gpu_attention import MosaicGPUConfig
+from . import mosaic_gpu
+from .mosaic_gpu import MosaicGPUConfig
 
 # The Triton kernels also run 64-row query tiles well (finer tiles, narrower MMA masks);
 # Mosaic GPU reads tiles as TMA boxes with rows of a multiple of 8 tokens.
@@ -15,9 +14,9 @@ register_backend("triton", Backend(forward, backward, default_map_blocks, gather
                                    half_q_tiles=True))
 
 register_backend("mosaic_gpu", Backend(
-    mosaic_gpu_attention.forward, mosaic_gpu_attention.backward,
-    mosaic_gpu_attention.default_map_blocks, min_block=128, gathers=True,
-    backward_blocks=mosaic_gpu_attention.default_backward_map_blocks, tile_last_multiple=8,
-    choose_tiles=mosaic_gpu_attention.auto_tiles))
+    mosaic_gpu.forward, mosaic_gpu.backward,
+    mosaic_gpu.default_map_blocks, min_block=128, gathers=True,
+    backward_blocks=mosaic_gpu.default_backward_map_blocks, tile_last_multiple=8,
+    choose_tiles=mosaic_gpu.auto_tiles))
 
 __all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

@@ -48,7 +48,7 @@ from jax_sparse_attn import masks
 from jax_sparse_attn.layout import SequenceLayout, TiledLayout
 from jax_sparse_attn.plan import AttentionPlan, gathered, make_plan
 
-from . import mma_masks, triton_attention
+from .. import mma_masks, triton_attention
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -99,6 +99,14 @@ class MosaicGPUConfig:
   # (not with `split`); on the GPU only with box copies. None: where the cost model says
   # they cost less than the grid (`window_pays`).
   kv_windows: bool | None = None
+  # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block with dQ reduce-added by
+  # the TMA), "triton" (the Triton kernels, with `triton`'s config), None: by the plan
+  # (`attention_bwd.picks_mosaic`: 1-D masks here, dense maps and neighborhoods on Triton).
+  backward: str | None = None
+  # How the backward's warpgroups form dQ: "split" (64 columns each from both halves of dSᵀ,
+  # meeting once per step; head_dim 128 only), "own" (each its own key rows' share, all
+  # columns, twice the reduce-adds); None: "split" where it applies.
+  backward_dq: str | None = None
   triton: triton_attention.TritonConfig | None = None
 
 
@@ -110,6 +118,11 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config):
+  """The backward's (query, key) blocks for neighborhoods (1-D masks keep the forward's
+  plan): the Mosaic GPU backward's 128 and 128 (`MosaicGPUConfig.backward="mosaic_gpu"`: its
+  CTA owns 128 keys), else the Triton backward's (`attention_bwd.picks_mosaic`)."""
+  if isinstance(config, MosaicGPUConfig) and config.backward == "mosaic_gpu":
+    return 2 * _ROWS, 2 * _ROWS
   tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
   return triton_attention.default_backward_map_blocks(head_dim, dtype, tconf)
 
@@ -126,6 +139,12 @@ def _config(config) -> MosaicGPUConfig:
     if not (getattr(config, name) is None or isinstance(getattr(config, name), bool)):
       raise ValueError(f"MosaicGPUConfig.{name} must be True, False or None, got "
                        f"{getattr(config, name)!r}")
+  if config.backward not in (None, "mosaic_gpu", "triton"):
+    raise ValueError("MosaicGPUConfig.backward must be 'mosaic_gpu', 'triton' or None, got "
+                     f"{config.backward!r}")
+  if config.backward_dq not in (None, "split", "own"):
+    raise ValueError("MosaicGPUConfig.backward_dq must be 'split', 'own' or None, got "
+                     f"{config.backward_dq!r}")
   if config.programs is not None and config.programs < 1:
     raise ValueError(f"MosaicGPUConfig.programs must be >= 1, got {config.programs}")
   if config.triton is not None and not isinstance(config.triton, triton_attention.TritonConfig):
@@ -222,10 +241,6 @@ def _why_not(dtype, head_dim: int, has_segments: bool, interval: bool, scale: fl
     return f"dtype {jnp.dtype(dtype).name} (bfloat16 or float16 only)"
   if _padded_head_dim(head_dim) is None:
     return f"head_dim {head_dim} (at most 128)"
-  if has_segments:
-    return "segment ids (use the triton backend)"
-  if not interval:
-    return "masks with no interval form (use the triton backend)"
   if scale <= 0:
     return f"scale {scale} (must be positive)"
   if block_q != 2 * _ROWS:
@@ -269,7 +284,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             half: tuple[int, ...], half_dim: int, head_dim: int, heads: int, groups: int,
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
-            window: bool = False):
+            window: bool = False, mask_fn=None, segments: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -291,10 +306,16 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   accumulates in 64-column parts. Else a slot is [block_kv, head_dim], one copy per row of
   the tile's last dim."""
   mma = mma_width > 0
+  # Element masks may run a mask function (`mask_fn`, on the kernel positions of partial
+  # blocks) and compare segment ids (``segments``: vectors ``qx`` [batch, 1, n_q] and ``kx``
+  # [batch, 1, n_kv], tested on every block).
+  extras = int(segments)
   if split:
     onehot_ref, tables_ref, out_ref, lse_ref = refs
   elif mma:
     onehot_ref, tables_ref, table_ids_ref, out_ref, lse_ref = refs
+  elif extras:
+    lo_ref, hi_ref, c_ref, qx_ref, kx_ref, out_ref, lse_ref = refs
   else:
     lo_ref, hi_ref, c_ref, out_ref, lse_ref = refs
   block_kv = math.prod(kb.tile)
@@ -334,6 +355,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     coordinates [dims, block_kv], the test matrix [W, block_kv] or (split) one per
     warpgroup [2, W, block_kv]."""
     wg = lax.axis_index("wg")
+    if extras:
+      (row_smem, qx_smem), (step_smem, kx_smem) = row_smem, step_smem
     # Window boxes start anywhere along the last dim, which Mosaic's tiled copies do not
     # allow (a tiled dim's start must be a multiple of its 8 rows): the TMA writes the same
     # bytes through a swizzled view without tiling (`kv_raw`), the wgmmas read the tiled one.
@@ -447,9 +470,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             return acc_ref[...]
 
           s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
-          elementwise = masked and not mma
-          if elementwise:
-            ok = None
+          elementwise = (masked or segments) and not mma
+          ok = None
+          if masked and not mma:
             for d in range(dims):
               c = plgpu.load(step_smem.at[slot, d], layout=plgpu.Layout.WGMMA.reduce(0))
               c = lax.broadcast_in_dim(c, (_ROWS, block_kv), [1])
@@ -458,6 +481,21 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
               term = ((c >= lax.broadcast_in_dim(lo, (_ROWS, block_kv), [0]))
                       & (c <= lax.broadcast_in_dim(hi, (_ROWS, block_kv), [0])))
               ok = term if ok is None else ok & term
+          shape = (_ROWS, block_kv)
+          if mask_fn is not None and masked:  # on kernel positions, as the Triton kernels
+            iota = lambda dim: plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim),
+                                                 plgpu.Layout.WGMMA)
+            term = mask_fn(qi * (2 * _ROWS) + wg * _ROWS + iota(0),
+                           ids_ref[qi, t] * block_kv + iota(1))
+            ok = term if ok is None else ok & term
+          if segments:
+            term = (lax.broadcast_in_dim(plgpu.load(qx_smem.at[buf, wg, 0],
+                                                    layout=plgpu.Layout.WGMMA.reduce(1)),
+                                         shape, [0])
+                    == lax.broadcast_in_dim(plgpu.load(kx_smem.at[slot, 0],
+                                                       layout=plgpu.Layout.WGMMA.reduce(0)),
+                                            shape, [1]))
+            ok = term if ok is None else ok & term
           plgpu.barrier_arrive(k_free.at[slot])
           if elementwise:
             s = jnp.where(ok, s, -jnp.inf)
@@ -571,6 +609,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             for i, ref in enumerate((lo_ref, hi_ref)):
               plgpu.copy_gmem_to_smem(ref.at[:, pl.ds(row0, _ROWS)], row_smem.at[buf, w, i],
                                       bar)
+            if extras:
+              plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, pl.ds(row0, _ROWS)],
+                                      qx_smem.at[buf, w], bar)
         kv_head = lax.div(head, groups)
 
         @pl.loop(0, loads(qi))
@@ -618,6 +659,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           else:
             plgpu.copy_gmem_to_smem(c_ref.at[:, pl.ds(j * block_kv, block_kv)],
                                     step_smem.at[slot], k_bar.at[slot])
+            if extras:
+              plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, pl.ds(j * block_kv, block_kv)],
+                                      kx_smem.at[slot], k_bar.at[slot])
 
           @pl.when(reuse)
           def _():
@@ -658,7 +702,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   else:
     row_smem = plgpu.SMEM((q_bufs, _COMPUTE_WGS, 2, dims, _ROWS), jnp.int32)
     step_smem = plgpu.SMEM((stages, dims, block_kv), jnp.int32)
-  step_copies = _COMPUTE_WGS if split else 1
+    if extras:
+      row_smem = (row_smem, plgpu.SMEM((q_bufs, _COMPUTE_WGS, extras, _ROWS), jnp.int32))
+      step_smem = (step_smem, plgpu.SMEM((stages, extras, block_kv), jnp.int32))
+  step_copies = (_COMPUTE_WGS if split else 1) + extras
   pl.run_scoped(
       body,
       plgpu.SMEM((q_bufs, _COMPUTE_WGS, _ROWS, head_dim), dtype, transforms=swizzled),
@@ -668,7 +715,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       step_smem,
       plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
       None if fused_pv else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype, transforms=swizzled),
-      plgpu.Barrier(num_arrivals=q_rows + (0 if mma else 2),
+      plgpu.Barrier(num_arrivals=q_rows + (0 if mma else 2) + extras,
                     num_barriers=q_bufs * _COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_bufs),
       plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS),
@@ -1092,6 +1139,26 @@ def _order(counts, longest_first: bool):
   return jnp.argsort(-jnp.asarray(counts), stable=True).astype(jnp.int32)
 
 
+def _extras(plan: AttentionPlan, batch: int, q_seg, kv_seg) -> list:
+  """The element test's per-token vectors [batch, 1, padded length] for queries and keys:
+  segment ids (padding: -1 for queries, -2 for keys, so that padding matches nothing); none
+  without segment ids. (A mask function runs on kernel positions, made in-kernel.)"""
+  n_q, n_kv = plan.q_layout.padded_len, plan.kv_layout.padded_len
+  qx, kx = [], []
+  if q_seg is not None:
+    pad = lambda x, n, v: jnp.pad(jnp.asarray(x, jnp.int32), [(0, 0), (0, n - x.shape[1])],
+                                  constant_values=v)
+    qx.append(pad(q_seg, n_q, -1))
+    kx.append(pad(kv_seg, n_kv, -2))
+  if not qx:
+    return []
+  return [jnp.stack(qx, axis=1), jnp.stack(kx, axis=1)]
+
+
+def _interpret_params():
+  return plgpu.InterpretGPUParams()
+
+
 def _view(x, boxes: _Boxes):
   """[batch, n, heads, d] -> [batch, *spatial, heads, d]."""
   return x.reshape((x.shape[0], *boxes.spatial, *x.shape[2:]))
@@ -1160,7 +1227,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   dpad = _padded_head_dim(d)
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
-    out, lse = forward(pad(q), pad(k), pad(v), None, None, plan, scale, cfg, interpret)
+    out, lse = forward(pad(q), pad(k), pad(v), q_seg, kv_seg, plan, scale, cfg, interpret)
     return out[..., :d], lse
   hkv = k.shape[2]
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
@@ -1184,9 +1251,11 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   box_ok = cfg.box_copies is not False and fused_pv and (cfg.box_copies or not interpret)
   # On the GPU window boxes need box copies: Mosaic's row copies start a tiled dim only on
   # a multiple of 8 rows.
+  # Mask functions and segment ids: the element test (segment ids as vectors, `_extras`).
+  extras = plan.mask_fn is not None or q_seg is not None
   window = (window_lists(plan, scale, cfg)
-            if interpret or (box_ok and _window_groups(kb.tile)) else None)
-  split = None if window is not None else split_lists(plan, scale, cfg)
+            if not extras and (interpret or (box_ok and _window_groups(kb.tile))) else None)
+  split = None if window is not None or extras else split_lists(plan, scale, cfg)
   if window is not None:
     origins, counts_np, onehot, tables, table_ids = window
     ids, counts = jnp.asarray(origins), jnp.asarray(counts_np)
@@ -1202,9 +1271,10 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     counts = jnp.stack([jnp.asarray(bmap.kv_full_counts, jnp.int32),
                         jnp.asarray(bmap.kv_counts, jnp.int32)], axis=1)
     row_counts = bmap.kv_counts
-    mma = _mma_inputs(plan, scale) if cfg.mask_mma else None
+    mma = _mma_inputs(plan, scale) if cfg.mask_mma and not extras else None
     if mma is None:
       mask_arrays = [jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c)]
+      mask_arrays += _extras(plan, b, q_seg, kv_seg)
       width = 0
     else:
       onehot, tables, table_ids = mma
@@ -1223,7 +1293,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, heads=h,
       groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
-      mma_width=width, split=split is not None, box=box, window=window is not None)
+      mma_width=width, split=split is not None, box=box, window=window is not None,
+      mask_fn=plan.mask_fn, segments=q_seg is not None)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
@@ -1233,14 +1304,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if interpret else False,
+      interpret=_interpret_params() if interpret else False,
   )(_order(row_counts, cfg.longest_first), ids, counts, _view(q, qb), kv_view(k, kb),
     kv_view(v, kb), *mask_arrays)
   lse = lse[(slice(None), slice(None), *(slice(0, s) for s in qb.spatial))]
   return out.reshape(q.shape), lse.reshape(b, h, sq)
-
-
-def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret):
-  tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
-  return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale,
-                                   tconf, interpret)

@@ -1,0 +1,224 @@
+"""The Hopper backward (`backend="mosaic_gpu"`): gradient checks at real sizes and timings
+beside the Triton backward on the same forward and cuDNN, in one run.
+
+    python -m benchmarks.bench_hopper_backward --sections check,perf --out results.json
+
+check: gradients of the Mosaic GPU forward + backward against the float32 XLA backend
+(relative L2 error per gradient; the Mosaic GPU backward on every case). perf: forward and
+forward+backward per workload for `MosaicGPUConfig()` (the default choice), `backward=`
+"mosaic_gpu" and "triton" (`--impls`), and cuDNN through
+`jax.nn.dot_product_attention` where it has the mask. TFLOP/s by ../shared/PERF.md's
+conventions (fwd+bwd = 3.5 x the forward FLOPs; sparse rows count the attended pairs).
+"""
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+from pallas_kernels.gpu import MosaicGPUConfig
+
+from .bench_gpu import fwd_bwd, header, inputs, record, rel, timeit, write_results
+
+LM_MASK = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+
+
+def documents(b, s, n=4, seed=0):
+  """Segment ids of `n` packed documents of random lengths per batch row."""
+  rng = np.random.default_rng(seed)
+  cuts = np.sort(rng.integers(1, s, (b, n - 1)), axis=1)
+  return jnp.asarray((np.arange(s)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32)
+
+
+def _blocks(mask, s):
+  from jax_sparse_attn.layout import SequenceLayout
+  from jax_sparse_attn.plan import make_plan
+  return make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map.num_visited
+
+
+OURS = {"mosaic": MosaicGPUConfig(),  # the default: backward by `attention_bwd.picks_mosaic`
+        "mosaic-bwd": MosaicGPUConfig(backward="mosaic_gpu"),
+        "mosaic-own-dq": MosaicGPUConfig(backward="mosaic_gpu", backward_dq="own"),
+        "triton-bwd": MosaicGPUConfig(backward="triton")}
+IMPLS = ["mosaic", "triton-bwd"]
+PEERS = ["cudnn", "dense"]
+
+
+def _grads_rel(fn, ref_fn, q, k, v, do):
+  got = fwd_bwd(fn)(q, k, v, do)
+  f32 = lambda x: x.astype(jnp.float32)
+  want = fwd_bwd(ref_fn)(f32(q), f32(k), f32(v), f32(do))
+  errs = {n: rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+  finite = all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
+  return errs, finite
+
+
+def section_check(dtype):
+  b = 1
+  cases = [
+      ("dense S=4096 D128", (4096, 4, 4, 128), None),
+      ("causal S=4096 GQA 8/2 D128", (4096, 8, 2, 128), masks.causal()),
+      ("causal S=3001 D96", (3001, 4, 4, 96), masks.causal()),
+      ("window 512 S=8192 D64", (8192, 4, 4, 64), masks.sliding_window(511)),
+      ("causal window 1024 | sink 4 S=6000 D128", (6000, 4, 4, 128),
+       masks.causal() & (masks.sliding_window(1023) | masks.sink(4))),
+      ("LM mask + 4 documents S=8192 GQA 8/2 D128", (8192, 8, 2, 128), LM_MASK),
+      ("from_function S=4096 D64", (4096, 4, 4, 64),
+       masks.from_function(lambda q, k: (q >= k) & ((q - k) % 5 != 3))),
+  ]
+  for name, (s, h, hkv, d), mask in cases:
+    q, k, v, do = inputs((b, s, h, d), (b, s, hkv, d), dtype)
+    seg = documents(b, s) if "documents" in name else None
+    try:
+      errs, finite = _grads_rel(
+          lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="mosaic_gpu",
+                                        config=OURS["mosaic-bwd"]),
+          lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="xla"),
+          q, k, v, do)
+      record(section="check", case=name, finite=finite, **errs)
+    except Exception as e:
+      record(section="check", case=name, error=repr(e)[:500])
+      traceback.print_exc()
+  na_cases = [
+      ("na2d 64x64 k17", (64, 64), (17, 17), 1, 1, False),
+      ("na2d 48x64 k9 dil2 causal-y", (48, 64), (9, 9), 1, 2, (True, False)),
+      ("na2d 64x64 k16 s8", (64, 64), (16, 16), 8, 1, False),
+      ("na3d 8x32x32 k4x8x8", (8, 32, 32), (4, 8, 8), 1, 1, False),
+      ("na3d 8x32x32 k4x8x8 s2x4x4", (8, 32, 32), (4, 8, 8), (2, 4, 4), 1, False),
+  ]
+  for name, spatial, kern, stride, dil, causal in na_cases:
+    shape = (b, *spatial, 4, 128)
+    q, k, v, do = inputs(shape, shape, dtype)
+    try:
+      errs, finite = _grads_rel(
+          lambda q, k, v: jsa.na(q, k, v, kern, stride, dil, causal, backend="mosaic_gpu",
+                                 config=OURS["mosaic-bwd"]),
+          lambda q, k, v: jsa.na(q, k, v, kern, stride, dil, causal, backend="xla"),
+          q, k, v, do)
+      record(section="check", case=name, finite=finite, **errs)
+    except Exception as e:
+      record(section="check", case=name, error=repr(e)[:500])
+      traceback.print_exc()
+
+
+def _perf(name, impl, fn, q, k, v, do, flops_fwd, iters, **extra):
+  try:
+    t_f = timeit(jax.jit(fn), q, k, v, iters=iters)
+    t_b = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
+    record(section="perf", case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b,
+           bwd_ms=t_b - t_f, fwd_tflops=flops_fwd / t_f / 1e9,
+           fwd_bwd_tflops=3.5 * flops_fwd / t_b / 1e9, **extra)
+  except Exception as e:
+    record(section="perf", case=name, impl=impl, error=repr(e)[:500])
+    traceback.print_exc()
+
+
+def section_perf(dtype, iters, only):
+  h, d = 16, 128
+  cudnn = lambda causal, window=None: (lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation="cudnn", local_window_size=window))
+  rows = []
+  if "dense" in only:
+    s, b = 16384, 2
+    rows.append(("dense S=16384", (b, s), None, 4 * b * h * s * s * d, cudnn(False)))
+    rows.append(("causal S=16384", (b, s), masks.causal(), 2 * b * h * s * s * d, cudnn(True)))
+  if "window" in only:
+    s, w = 32768, 2048
+    useful = 4 * h * d * sum(min(i + 1, w) for i in range(s))
+    rows.append(("causal window 2048 S=32768 B=1", (1, s), masks.sliding_window(w - 1), useful,
+                 cudnn(True, (w - 1, 0))))
+  for name, (b, s), mask, flops, peer in rows:
+    q, k, v, do = inputs((b, s, h, d), (b, s, h, d), dtype)
+    for impl in IMPLS:
+      cfg = OURS[impl]
+      _perf(name, impl, lambda q, k, v, c=cfg: jsa.attention(q, k, v, mask, backend="mosaic_gpu",
+                                                             config=c),
+            q, k, v, do, flops, iters)
+    if "cudnn" in PEERS:
+      _perf(name, "cudnn", peer, q, k, v, do, flops, iters)
+  if "lm" in only:  # the models/ causal LM's attention at real size
+    b, s, h_lm, hkv = 2, 8192, 16, 4
+    q, k, v, do = inputs((b, s, h_lm, d), (b, s, hkv, d), dtype)
+    seg = documents(b, s)
+    i = np.arange(s)
+    pairs = int(np.sum(np.minimum(i + 1, 512) + np.clip(i - 511, 0, 4)))  # before documents
+    useful = 4 * b * h_lm * d * pairs
+    causal_blocks = _blocks(masks.causal(), s)
+    bound = causal_blocks / _blocks(LM_MASK, s)
+    name = "LM causal & (window 512 | 4 sinks), 4 documents, S=8192 B=2 H=16/4"
+    for impl in IMPLS:
+      cfg = OURS[impl]
+      _perf(name, impl, lambda q, k, v, c=cfg: jsa.attention(
+          q, k, v, LM_MASK, segment_ids=seg, backend="mosaic_gpu", config=c),
+            q, k, v, do, useful, iters, bound=bound)
+    _perf(name, "triton", lambda q, k, v: jsa.attention(q, k, v, LM_MASK, segment_ids=seg,
+                                                         backend="triton"),
+          q, k, v, do, useful, iters, bound=bound)
+    _perf(name + " (our dense causal, no documents)", "mosaic-causal",
+          lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"),
+          q, k, v, do, useful, iters)
+    if "cudnn" in PEERS:
+      _perf(name + " (cuDNN causal window 512, no sinks or documents)", "cudnn",
+            lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn", local_window_size=(511, 0)),
+            q, k, v, do, useful, iters)
+      _perf(name + " (cuDNN dense causal)", "cudnn",
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation="cudnn"),
+            q, k, v, do, useful, iters)
+  na_rows = []
+  if "na2d" in only:
+    na_rows.append(("na2d 128x128 k33 B=2", (128, 128), (33, 33), 1, 2))
+  if "na3d" in only:
+    na_rows.append(("na3d 16x64x64 k8x16x16 B=1", (16, 64, 64), (8, 16, 16), 1, 1))
+    na_rows.append(("na3d 16x64x64 k8x16x16 s4x8x8 B=1", (16, 64, 64), (8, 16, 16), (4, 8, 8),
+                    1))
+  for name, spatial, kern, stride, b in na_rows:
+    shape = (b, *spatial, h, d)
+    q, k, v, do = inputs(shape, shape, dtype)
+    sim = jsa.simulate(spatial, kern, stride, block_q=128, block_kv=128)
+    useful = 4 * b * h * d * sim.attended_pairs
+    for impl in IMPLS:
+      cfg = OURS[impl]
+      _perf(name, impl, lambda q, k, v, c=cfg: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu",
+                                                      config=c),
+            q, k, v, do, useful, iters, bound_128=sim.block_speedup_bound)
+    if "dense" not in PEERS:
+      continue
+    n = 1
+    for x in spatial:
+      n *= x
+    flat = lambda x: x.reshape(b, n, h, d)
+    _perf(name + " (dense, ours)", "mosaic-dense",
+          lambda q, k, v: jsa.attention(flat(q), flat(k), flat(v), backend="mosaic_gpu"),
+          q, k, v, flat(do), useful, iters)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--sections", default="check,perf")
+  parser.add_argument("--only", default="dense,window,lm,na2d,na3d")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--impls", default=",".join(IMPLS), help=",".join(OURS))
+  parser.add_argument("--peers", default="cudnn,dense", help="cudnn, dense (our dense kernel)")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  IMPLS[:] = args.impls.split(",")
+  PEERS[:] = args.peers.split(",")
+  dtype = jnp.dtype(args.dtype)
+  sections = args.sections.split(",")
+  if "check" in sections:
+    section_check(dtype)
+  if "perf" in sections:
+    section_perf(dtype, args.iters, args.only.split(","))
+  write_results(args.out, header(args.dtype))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,401 @@
+"""Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU.
+
+One kernel, FlashAttention-3's structure over the transposed block map. A CTA runs one work
+item: a KV block of 128 rows (of a KV head and batch element) and a chunk of its Q list
+(`_work_items`: long lists, e.g. a sink's, are cut so that one CTA does not set the
+kernel's length), and keeps K and V in shared memory; two compute warpgroups own 64 of its
+rows each and hold their dK and dV accumulators in registers; the third, the memory
+warpgroup, walks the chunk's Q blocks (``q_ids``; each 128-row Q block as two 64-row steps,
+every query head of the GQA group in turn) and TMA-loads each step's Q, dO, log-sum-exp and delta (and the step's
+query intervals) into a ring of slots. Per step and warpgroup (all in the transposed domain,
+rows = keys):
+
+    Sᵀ = K Qᵀ, dPᵀ = V dOᵀ                 (two wgmmas, one wait)
+    Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂)        (masked: 0 outside each query's intervals)
+    dSᵀ = Pᵀ ∘ (dPᵀ − delta)  → shared memory
+    dV += Pᵀ dO,  dK += dSᵀ Q
+    dQ[q, :] += dS K                        → fp32 TMA reduce-add into global memory
+
+dQ needs every key row of the step: with head_dim 128 the warpgroups meet once per step
+(after both wrote dSᵀ) and each computes 64 of dQ's columns from both halves of dSᵀ (one
+64×64 reduce-add per warpgroup); with head_dim 64 each adds its own rows' share. Full blocks
+run with no mask arithmetic; partial ones test each key's coordinates against the query's
+interval per mask dimension (the forward's element test), a mask function (on kernel
+positions) and segment ids (these on every block). dQ, and dK/dV of chunked lists, are
+float32 reduce-adds, so their rounding varies with the CTA schedule (as in
+FlashAttention-3 and cuDNN).
+
+Interpret mode (CPU) has no TMA reductions, no register operands and no accumulation into
+a live accumulator: there the warpgroups add their dQ share in turn with plain loads and
+stores, Pᵀ goes through shared memory, and products land in fresh accumulators.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jax_sparse_attn import masks
+from jax_sparse_attn.plan import AttentionPlan, gathered
+
+from .. import triton_attention
+from . import attention_fwd as fwd
+
+LOG2E = math.log2(math.e)
+_ROWS = 64  # rows per warpgroup: KV rows owned, Q rows per step
+_WGS = 2  # compute warpgroups
+_BLOCK_KV = _WGS * _ROWS
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+_SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
+def picks_mosaic(plan: AttentionPlan) -> bool:
+  """`MosaicGPUConfig.backward=None`: this kernel for 1-D masks with masked blocks (causal and
+  windows within 2% of the Triton backward, sinks 1.96x faster thanks to chunked lists; H200,
+  results/h200-2026-11-29-hopper-backward.json), the Triton kernels for dense maps and
+  neighborhoods, where they are faster today (dense S=16384 30.1 vs 34.0 ms, 2-D NA 128² k33
+  3.6 vs 5.4 ms)."""
+  bmap = plan.block_map
+  dense = (isinstance(plan.mask, masks.Full)
+           or bmap.num_full == bmap.num_q_blocks * bmap.num_kv_blocks)
+  return not plan.gathered and not dense
+
+
+def _split_dq(cfg, head_dim: int) -> bool:
+  """Whether the warpgroups split dQ's columns (meeting once per step) rather than each
+  adding its own key rows' share (`MosaicGPUConfig.backward_dq`: "split" | "own"; None:
+  "split" with head_dim 128)."""
+  if cfg.backward_dq is None:
+    return head_dim == 128
+  return cfg.backward_dq == "split" and head_dim == 128
+
+
+def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+            lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
+            block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
+            mask_fn=None, segments: bool = False):
+  """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
+  entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
+  max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
+  +inf where no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv];
+  dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into (zero-filled)."""
+  # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
+  # kx [b, 1, n_kv]; a mask function runs on kernel positions.
+  extras = int(segments)
+  if extras:
+    qx_ref, kx_ref, dq_ref, dk_ref, dv_ref = refs
+  else:
+    dq_ref, dk_ref, dv_ref = refs
+  dq_cols = 64 if split_dq else head_dim
+  item = lax.axis_index("kv")
+  kv_block, first, entries = items_ref[item, 0], items_ref[item, 1], items_ref[item, 2]
+  kv_head, batch = lax.axis_index("head"), lax.axis_index("batch")
+  kv0 = kv_block * _BLOCK_KV
+  # Steps of 64 query rows per query head: my entries' full blocks, then partial ones.
+  n_full = jnp.clip(counts_ref[kv_block, 0] - first, 0, entries) * sub
+  n_all = entries * sub
+  qk_scale = scale * LOG2E
+
+  def step_q(t):
+    """(first query row, query head) of step t (over the GQA group)."""
+    j, r = lax.div(t, jnp.maximum(n_all, 1)), lax.rem(t, jnp.maximum(n_all, 1))
+    q0 = ids_ref[kv_block, first + lax.div(r, sub)] * block_q + lax.rem(r, sub) * _ROWS
+    return q0, kv_head * groups + j
+
+  def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem,
+           ds_smem, dq_smem, p_smem, kx_smem, qx_smem, kv_bar, q_bar, q_free, turn):
+    wg = lax.axis_index("wg")
+    (q_smem, do_smem), stage = slots
+
+    def rendezvous():
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    def mma_add(acc, a, b):
+      """acc + a @ b (accumulating in place on the GPU)."""
+      if not interpret:
+        return pl.run_state(lambda r: plgpu.wgmma(r, a, b))(plgpu.ACC.init(acc))
+
+      def run(r):
+        plgpu.wgmma(r, a, b)
+        return r[...]
+      return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
+
+    @pl.when(wg < _WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      own = pl.ds(wg * _ROWS, _ROWS)
+      plgpu.barrier_wait(kv_bar)
+      if dims:
+        coords = [lax.broadcast_in_dim(
+            plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1)),
+            (_ROWS, _ROWS), [0]) for d in range(dims)]
+      keys_x = [lax.broadcast_in_dim(
+          plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1)),
+          (_ROWS, _ROWS), [0]) for i in range(extras)]
+
+      def step(t, carry, masked: bool):
+        dk, dv = carry
+        slot = lax.rem(t, stages)
+        q0, head = step_q(t)
+        plgpu.barrier_wait(q_bar.at[slot])
+
+        def sdp(refs):
+          s_ref, dp_ref = refs
+          plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
+          return s_ref[...], dp_ref[...]
+
+        s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
+        cols = lambda ref: lax.broadcast_in_dim(
+            plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), (_ROWS, _ROWS), [1])
+        p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
+        if masked:
+          for d in range(dims):
+            ok = ((coords[d] >= cols(lo_smem.at[slot, d]))
+                  & (coords[d] <= cols(hi_smem.at[slot, d])))
+            p_t = jnp.where(ok, p_t, 0.0)
+        if mask_fn is not None and masked:  # rows are keys, columns queries
+          iota = lambda dim: plgpu.layout_cast(
+              lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
+          p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
+        if segments:
+          p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
+        ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
+        # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
+        # rewrite one only after the next step's rendezvous, which follows its reads).
+        ds_ref = ds_smem.at[lax.rem(t, 2)] if split_dq else ds_smem
+        ds_ref.at[own][...] = ds_t.astype(dtype)
+        p16 = p_t.astype(dtype)
+        if interpret:
+          p_smem.at[wg][...] = p16
+          p16 = p_smem.at[wg]
+        plgpu.commit_smem()
+
+        def products(refs):  # dV, dK, then (once both dSᵀ halves are written) dQ
+          dv_ref, dk_ref, dq_acc = refs
+          plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
+          plgpu.wgmma(dk_ref, ds_ref.at[own], q_smem.at[slot])
+          if split_dq:
+            rendezvous()
+            plgpu.wgmma(dq_acc, ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)])
+          else:
+            plgpu.wgmma(dq_acc, ds_ref.at[own].transpose((1, 0)), k_smem.at[own])
+
+        dq0 = plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
+        if interpret:  # fresh accumulators, added afterwards
+          outs = []
+          for acc, a, b in ((dv, p16, do_smem.at[slot]),
+                            (dk, ds_ref.at[own], q_smem.at[slot])):
+            outs.append(mma_add(acc, a, b))
+          dv, dk = outs
+          if split_dq:
+            rendezvous()
+            dq = mma_add(dq0, ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)])
+          else:
+            dq = mma_add(dq0, ds_ref.at[own].transpose((1, 0)), k_smem.at[own])
+        else:
+          dv, dk, dq = pl.run_state(products)(
+              (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
+        plgpu.barrier_arrive(q_free.at[slot])
+        dst = dq_ref.at[batch, pl.ds(q0, _ROWS), head]
+        if split_dq:
+          dst = dst.at[:, pl.ds(wg * 64, 64)]
+        if interpret:  # the warpgroups add in turn
+          for w in range(_WGS):
+            @pl.when(wg == w)
+            def _():
+              dst[...] = dst[...] + dq
+            rendezvous()
+        else:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduce read its buffer
+          dq_smem.at[wg][...] = dq
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst, reduction_op="add")
+        return dk, dv
+
+      zeros = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+      carry = (zeros, zeros)
+      for j in range(groups):  # full steps, then partial ones, for each query head
+        base = j * n_all
+        carry = lax.fori_loop(base, base + n_full, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(base + n_full, base + n_all, functools.partial(step, masked=True),
+                              carry)
+      dk, dv = carry
+      # Several items may share a KV block: dK and dV are reduce-added in float32, staged
+      # in the step slots (free once both warpgroups are past their last step).
+      rendezvous()
+      rows = (batch, pl.ds(kv0 + wg * _ROWS, _ROWS), kv_head)
+      for value, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+        if interpret:
+          for w in range(_WGS):
+            @pl.when(wg == w)
+            def _():
+              ref.at[rows][...] = ref.at[rows][...] + value
+            rendezvous()
+        else:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          stage.at[wg][...] = value
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[rows], reduction_op="add")
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      rows = (batch, pl.ds(kv0, _BLOCK_KV), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar)
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar)
+      for w in range(_WGS):
+        plgpu.copy_gmem_to_smem(c_ref.at[:, pl.ds(kv0 + w * _ROWS, _ROWS)], c_smem.at[w], kv_bar)
+        if extras:
+          plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, pl.ds(kv0 + w * _ROWS, _ROWS)],
+                                  kx_smem.at[w], kv_bar)
+      total = groups * n_all
+
+      @pl.loop(0, total)
+      def _(t):
+        slot = lax.rem(t, stages)
+        q0, head = step_q(t)
+
+        @pl.when(t >= stages)
+        def _():
+          plgpu.barrier_wait(q_free.at[slot])
+
+        bar = q_bar.at[slot]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, _ROWS), head], q_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(do_ref.at[batch, pl.ds(q0, _ROWS), head], do_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, pl.ds(q0, _ROWS)], lse_smem.at[slot],
+                                bar)
+        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(q0, _ROWS)],
+                                delta_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(lo_ref.at[:, pl.ds(q0, _ROWS)], lo_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(hi_ref.at[:, pl.ds(q0, _ROWS)], hi_smem.at[slot], bar)
+        if extras:
+          plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, pl.ds(q0, _ROWS)], qx_smem.at[slot], bar)
+
+      # Observe each slot's last release before the barriers are freed.
+      for s in range(stages):
+        pl.when(s < total)(lambda: plgpu.barrier_wait(q_free.at[s]))
+
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((_WGS, max(dims, 1), _ROWS), jnp.int32),
+      plgpu.RefUnion(
+          (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED),
+           plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED)),
+          plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
+      plgpu.SMEM((stages, _ROWS), jnp.float32),
+      plgpu.SMEM((stages, _ROWS), jnp.float32),
+      plgpu.SMEM((stages, max(dims, 1), _ROWS), jnp.int32),
+      plgpu.SMEM((stages, max(dims, 1), _ROWS), jnp.int32),
+      plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
+                 transforms=_SWIZZLED),
+      plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32),
+      plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=_SWIZZLED) if interpret else None,
+      plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
+      plgpu.SMEM((stages, extras, _ROWS), jnp.int32) if extras else None,
+      plgpu.Barrier(num_arrivals=2 + _WGS * (1 + extras)),
+      plgpu.Barrier(num_arrivals=6 + extras, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_WGS),
+      collective_axes="wg",
+  )
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
+             config, interpret):
+  """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
+  Triton kernels)."""
+  cfg = fwd._config(config)
+  if cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan)):
+    return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
+                                     scale, cfg.triton, interpret)
+  b, sq, h, d = q.shape
+  why = fwd.unsupported(plan, d, q.dtype, q_seg is not None, scale)
+  if why is not None:
+    raise ValueError(f"backend='mosaic_gpu' backward does not support {why}")
+  if plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS:
+    # A plan made with other blocks (attention(..., block_kv=64)): the Triton kernels.
+    return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
+                                     scale, cfg.triton, interpret)
+  if plan.gathered:  # kernel order (the forward's TMA boxes are not needed here)
+    ql, kl = plan.q_layout, plan.kv_layout
+    q_view = lambda x: ql.to_kernel(x.reshape((b, *ql.spatial_shape, *x.shape[2:])))
+    kv_view = lambda x: kl.to_kernel(x.reshape((b, *kl.spatial_shape, *x.shape[2:])))
+    lse_k = ql.to_kernel(lse.transpose(0, 2, 1).reshape(b, *ql.spatial_shape, h))
+    dlse_k = ql.to_kernel(d_lse.transpose(0, 2, 1).reshape(b, *ql.spatial_shape, h))
+    dq, dk, dv = backward(q_view(q), kv_view(k), kv_view(v), None, None, q_view(out),
+                          lse_k.transpose(0, 2, 1), q_view(d_out), dlse_k.transpose(0, 2, 1),
+                          gathered(plan, False), scale, cfg, interpret)
+    return (ql.from_kernel(dq).reshape(q.shape), kl.from_kernel(dk).reshape(k.shape),
+            kl.from_kernel(dv).reshape(v.shape))
+  dpad = fwd._padded_head_dim(d)
+  if dpad != d:
+    pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
+    dq, dk, dv = backward(pad(q), pad(k), pad(v), q_seg, kv_seg, pad(out), lse, pad(d_out),
+                          d_lse, plan, scale, cfg, interpret)
+    return dq[..., :d], dk[..., :d], dv[..., :d]
+  skv, hkv = k.shape[1], k.shape[2]
+  bmap = plan.block_map
+  n_q, n_kv = plan.q_layout.padded_len, plan.kv_layout.padded_len
+  # delta = rowsum(dO ∘ O) - dLSE; lse in log2 units, +inf where the row saw no key (P = 0);
+  # both padded to whole steps.
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = jnp.pad(delta - d_lse, [(0, 0), (0, 0), (0, n_q - sq)])
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+  lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, n_q - sq)], constant_values=jnp.inf)
+  dims = plan.num_mask_dims
+  if dims:
+    lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
+  else:
+    lo = hi = jnp.zeros((1, n_q), jnp.int32)
+    c = jnp.zeros((1, n_kv), jnp.int32)
+  stages = 2
+  counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
+  items = _work_items(counts[:, 1])
+  zeros = lambda n, heads: jnp.zeros((b, n, heads, d), jnp.float32)
+  if not len(items):  # no query sees any key
+    return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+  kernel = functools.partial(
+      _kernel, head_dim=d, groups=h // hkv, dims=dims, sub=plan.block_q // _ROWS,
+      block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
+      split_dq=_split_dq(cfg, d), mask_fn=plan.mask_fn, segments=q_seg is not None)
+  mesh = plgpu.Mesh(grid=(len(items), hkv, b), grid_names=("kv", "head", "batch"),
+                    num_threads=_WGS + 1, thread_name="wg")
+  args = (jnp.asarray(items), jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
+          q, k, v, d_out, lse2, delta, lo, hi, c, *fwd._extras(plan, b, q_seg, kv_seg))
+
+  def run(refs):  # dq, dk and dv accumulate in place
+    pl.kernel(kernel, out_type=(), mesh=mesh,
+              compiler_params=plgpu.CompilerParams(approx_math=True),
+              interpret=fwd._interpret_params() if interpret else False,
+              name="sparse_attention_bwd")(*args, *refs)
+
+  dq, dk, dv = pl.run_state(run)((zeros(n_q, h), zeros(n_kv, hkv), zeros(n_kv, hkv)))
+  dq = (dq[:, :sq] * scale).astype(q.dtype)
+  return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
+
+
+def _work_items(counts: np.ndarray) -> np.ndarray:
+  """Work items [n, 3] (KV block, first entry, entries) over the KV blocks' Q lists, longest
+  first: a list longer than the chunk (the mean length, at least 8) is split into chunks,
+  so that one long list (a sink or global token's keys, which every query visits) does not
+  hold the whole kernel up. KV blocks no query visits get no item (their dK/dV stay 0)."""
+  counts = np.asarray(counts, np.int64)
+  visited = counts[counts > 0]
+  if not visited.size:
+    return np.zeros((0, 3), np.int32)
+  chunk = max(8, int(np.ceil(visited.mean())))
+  items = [(j, s, min(chunk, int(n) - s)) for j, n in enumerate(counts)
+           for s in range(0, int(n), chunk)]
+  items.sort(key=lambda it: -it[2])
+  return np.asarray(items, np.int32)

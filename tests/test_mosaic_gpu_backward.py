@@ -1,0 +1,108 @@
+"""The Hopper backward (Pallas Mosaic GPU, `attention_bwd`) in GPU interpret mode (CPU) vs the
+float64 brute force: every 1-D mask (unions with sinks, `from_function`, rows that see
+nothing), segment ids, GQA, odd lengths, head dims 32-128 (padded), bf16 and fp16, both dQ
+forms; neighborhoods (stride, dilation, causal dims) with the Mosaic GPU backward asked
+for; CUDA lowering on CPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import backend_cases
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu
+from pallas_kernels.gpu import mosaic_gpu as mgpu
+
+BWD = MosaicGPUConfig(backward="mosaic_gpu")
+
+
+@settings(max_examples=8, deadline=None)
+@given(p=backend_cases.seq_problems(max_len=300, dtypes=(jnp.bfloat16, jnp.float16)),
+       head_dim=st.sampled_from([32, 64, 96, 128]), dq=st.sampled_from([None, "own"]))
+def test_attention(p, head_dim, dq):
+  p = dict(p, head_dim=head_dim)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
+
+
+@pytest.mark.parametrize("mask, segments", [("window_sink", True), ("masked_rows", False),
+                                            ("function", True), ("full", True)])
+def test_attention_cases(mask, segments):
+  """Fixed cases beside the random ones: 128-row GQA groups, the union an LM uses, rows that
+  see nothing (zeros and zero gradients, never NaN), segment ids on a dense map."""
+  p = dict(batch=2, sq=257, skv=257, heads=4, kv_heads=1, head_dim=128, mask=mask,
+           segments=segments, dtype=jnp.bfloat16, seed=7)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+
+
+@settings(max_examples=2, deadline=None)
+@given(p=backend_cases.na_problems(dtypes=(jnp.bfloat16,)))
+def test_na(p):
+  p = dict(p, head_dim=64, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
+
+
+def test_picks():
+  """backward=None: this kernel for masked 1-D maps, Triton for dense maps and neighborhoods."""
+  from jax_sparse_attn.layout import SequenceLayout, TiledLayout
+  from jax_sparse_attn.plan import gathered, make_plan
+  seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
+  assert mgpu.picks_mosaic(seq(masks.causal()))
+  assert mgpu.picks_mosaic(seq(masks.causal() & (masks.sliding_window(99) | masks.sink(4))))
+  assert not mgpu.picks_mosaic(seq(masks.full()))
+  na = masks.neighborhood((32, 32), (7, 7))
+  plan = gathered(make_plan(na, TiledLayout((32, 32), (1, 1), (8, 16)),
+                            TiledLayout((32, 32), (1, 1), (8, 16))))
+  assert not mgpu.picks_mosaic(plan)
+
+
+@pytest.mark.parametrize("case", ["window_sink_segments", "function_d64", "na3d"])
+def test_lowers_for_gpu(case):
+  """Forward and backward lower to two Mosaic GPU kernels and no Triton kernel."""
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  seg = None
+  if case == "window_sink_segments":
+    mask = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+    args = (S(2, 2000, 8, 128), S(2, 2000, 2, 128), S(2, 2000, 2, 128))
+    seg = jnp.asarray(np.repeat(np.arange(4), 500)[None].repeat(2, 0), jnp.int32)
+  elif case == "function_d64":
+    mask = masks.from_function(lambda q, k: (q >= k) & ((q - k) % 4 != 1))
+    args = (S(1, 1000, 4, 64),) * 3
+  if case == "na3d":
+    f = lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), stride=(2, 4, 4), backend="mosaic_gpu",
+                                 config=BWD)
+    args = (S(1, 8, 32, 32, 4, 128),) * 3
+  else:
+    f = lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="mosaic_gpu")
+  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), *args).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2
+  assert "__gpu$xla.gpu.triton" not in text
+
+
+def test_work_items():
+  """Q lists longer than the chunk (the mean, at least 8) split; empty ones get no item."""
+  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
+  items = _work_items(np.array([20, 2, 0, 3]))  # mean of the visited 8.3 -> chunk 9
+  assert sorted(map(tuple, items.tolist())) == [(0, 0, 9), (0, 9, 9), (0, 18, 2), (1, 0, 2),
+                                                 (3, 0, 3)]
+  assert list(items[:, 2]) == sorted(items[:, 2], reverse=True)  # longest first
+  assert _work_items(np.zeros(4, int)).shape == (0, 3)
+
+
+def test_sink_list_in_chunks():
+  """A sink's KV block is visited by every query block: its list runs as several items whose
+  dK/dV add up (1100 tokens: 9 blocks, the first visited 9 times, the rest about twice)."""
+  p = dict(batch=1, sq=1100, skv=1100, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=3)
+  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
+  from jax_sparse_attn.layout import SequenceLayout
+  from jax_sparse_attn.plan import make_plan
+  plan = make_plan(backend_cases.seq_mask("window_sink", 1100, 1100), SequenceLayout(1100, 128),
+                   SequenceLayout(1100, 128))
+  items = _work_items(plan.block_map.q_counts)
+  assert np.sum(items[:, 0] == 0) == 2
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
