@@ -118,10 +118,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.barrier_wait(turn)
 
     def mma_add(acc, a, b):
-      """acc + a @ b (accumulating in place on the GPU)."""
-      if not interpret:
-        return pl.run_state(lambda r: plgpu.wgmma(r, a, b))(plgpu.ACC.init(acc))
-
+      """acc + a @ b through a fresh accumulator (interpret mode's form)."""
       def run(r):
         plgpu.wgmma(r, a, b)
         return r[...]
@@ -178,28 +175,26 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           p16 = p_smem.at[wg]
         plgpu.commit_smem()
 
+        def dq_operands():  # dS (a transposed view of dSᵀ) and the matching K columns
+          if split_dq:
+            return ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)]
+          return ds_ref.at[own].transpose((1, 0)), k_smem.at[own]
+
         def products(refs):  # dV, dK, then (once both dSᵀ halves are written) dQ
           dv_ref, dk_ref, dq_acc = refs
           plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
           plgpu.wgmma(dk_ref, ds_ref.at[own], q_smem.at[slot])
           if split_dq:
             rendezvous()
-            plgpu.wgmma(dq_acc, ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)])
-          else:
-            plgpu.wgmma(dq_acc, ds_ref.at[own].transpose((1, 0)), k_smem.at[own])
+          plgpu.wgmma(dq_acc, *dq_operands())
 
         dq0 = plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
-        if interpret:  # fresh accumulators, added afterwards
-          outs = []
-          for acc, a, b in ((dv, p16, do_smem.at[slot]),
-                            (dk, ds_ref.at[own], q_smem.at[slot])):
-            outs.append(mma_add(acc, a, b))
-          dv, dk = outs
+        if interpret:  # the same products through fresh accumulators
+          dv = mma_add(dv, p16, do_smem.at[slot])
+          dk = mma_add(dk, ds_ref.at[own], q_smem.at[slot])
           if split_dq:
             rendezvous()
-            dq = mma_add(dq0, ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)])
-          else:
-            dq = mma_add(dq0, ds_ref.at[own].transpose((1, 0)), k_smem.at[own])
+          dq = mma_add(dq0, *dq_operands())
         else:
           dv, dk, dq = pl.run_state(products)(
               (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
