@@ -152,6 +152,17 @@ def from_dense_classes(classes: np.ndarray, block_q: int, block_kv: int,
 # Classification.
 
 
+def _host_eval(mask, q_idx, kv_idx) -> np.ndarray:
+  """``mask(q_idx, kv_idx)`` as a NumPy bool array, also while a jit traces the caller: jnp
+  operations of a `from_function` mask (``jnp.abs``, ``jnp.where``) run eagerly here instead of
+  becoming tracers."""
+  try:
+    return np.asarray(mask(q_idx, kv_idx)).astype(bool)
+  except jax.errors.TracerArrayConversionError:
+    with jax.ensure_compile_time_eval():
+      return np.asarray(mask(q_idx, kv_idx)).astype(bool)
+
+
 def _classify_dense(mask_fn, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
   """Exact classes by element evaluation, chunked by Q block rows. Returns [nq, nk] int8."""
   nq, nk = len(q_idx) // bq, len(kv_idx) // bk
@@ -162,7 +173,7 @@ def _classify_dense(mask_fn, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
     qi = q_idx[start * bq: stop * bq]
     qv = q_valid[start * bq: stop * bq]
     # A function mask may ignore one index (broadcast shape): not an in-place &=.
-    m = np.asarray(mask_fn(qi[:, None], kv_idx[None, :])).astype(bool)
+    m = _host_eval(mask_fn, qi[:, None], kv_idx[None, :])
     m = m & qv[:, None] & kv_valid[None, :]
     m = m.reshape(stop - start, bq, nk, bk)
     anyv = m.any(axis=(1, 3))
@@ -381,7 +392,7 @@ def _refine_partial(mask, classes, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
     qi, kj = qi_list[s:s + chunk], kj_list[s:s + chunk]
     q_tok = qi[:, None] * bq + np.arange(bq)[None, :]
     k_tok = kj[:, None] * bk + np.arange(bk)[None, :]
-    m = np.asarray(mask(q_idx[q_tok][:, :, None], kv_idx[k_tok][:, None, :])).astype(bool)
+    m = _host_eval(mask, q_idx[q_tok][:, :, None], kv_idx[k_tok][:, None, :])
     qv, kvv = q_valid[q_tok][:, :, None], kv_valid[k_tok][:, None, :]
     m = m & qv & kvv
     full = (m | ~qv).all(axis=(1, 2)) & kv_all_valid[kj]

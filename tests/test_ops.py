@@ -125,3 +125,15 @@ def test_na_tiled_order_skips_permutation(backend):
   with pytest.raises(ValueError, match="tiling.num_tokens"):
     jsa.na(q.reshape(1, -1, 2, 16), k.reshape(1, -1, 2, 16), v.reshape(1, -1, 2, 16),
            (3, 5), dilation=(2, 1), tiling=t, backend=backend)
+
+
+def test_function_mask_with_jnp_ops_first_built_under_jit():
+  """A `from_function` mask written with jnp (abs, where), whose block map is first built
+  while jit traces the call: the host evaluates it eagerly (it used to raise
+  TracerArrayConversionError unless an eager call had cached the plan)."""
+  mask = masks.from_function(lambda q, kv: (jnp.abs(q - kv) <= 7)
+                             & jnp.where(q > 100, kv % 2 == 0, True))
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 300, 2, 32), jnp.float32)
+  got = jax.jit(lambda x: jsa.attention(x, x, x, mask, backend="xla"))(x)
+  want = jsa.attention(x, x, x, mask, backend="reference")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
