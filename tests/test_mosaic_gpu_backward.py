@@ -106,3 +106,12 @@ def test_sink_list_in_chunks():
   items = _work_items(plan.block_map.q_counts)
   assert np.sum(items[:, 0] == 0) == 2
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+
+
+def test_rejects_split_dq_below_128():
+  x = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
+  loss = lambda x: jnp.sum(jsa.attention(x, x, x, masks.causal(), backend="mosaic_gpu",
+                                         interpret=True, config=cfg).astype(jnp.float32))
+  with pytest.raises(ValueError, match="backward_dq='split' needs a head_dim padded to 128"):
+    jax.grad(loss)(x)

@@ -70,10 +70,8 @@ def picks_mosaic(plan: AttentionPlan) -> bool:
 def _split_dq(cfg, head_dim: int) -> bool:
   """Whether the warpgroups split dQ's columns (meeting once per step) rather than each
   adding its own key rows' share (`MosaicGPUConfig.backward_dq`: "split" | "own"; None:
-  "split" with head_dim 128)."""
-  if cfg.backward_dq is None:
-    return head_dim == 128
-  return cfg.backward_dq == "split" and head_dim == 128
+  "split" with head_dim 128; `backward` refuses "split" below 128)."""
+  return head_dim == 128 and cfg.backward_dq != "own"
 
 
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -334,6 +332,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     return (ql.from_kernel(dq).reshape(q.shape), kl.from_kernel(dk).reshape(k.shape),
             kl.from_kernel(dv).reshape(v.shape))
   dpad = fwd._padded_head_dim(d)
+  if cfg.backward_dq == "split" and dpad != 128:
+    raise ValueError(f"MosaicGPUConfig.backward_dq='split' needs a head_dim padded to 128 "
+                     f"(65..128), got head_dim {d}: use 'own' or None")
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
     dq, dk, dv = backward(pad(q), pad(k), pad(v), q_seg, kv_seg, pad(out), lse, pad(d_out),
