@@ -27,8 +27,10 @@ of the Triton kernels as one more wgmma into the score accumulator (a one-hot of
 warpgroup's query coordinates times the step's test matrix, read from deduplicated host
 tables, TMA-loaded with K); other interval masks test every element against the per-row
 intervals ``[lo, hi]`` of each mask dimension (loaded once per warpgroup) and the block's
-key coordinates (loaded with K). The backward runs on the Triton kernels (same plan, same
-log-sum-exp convention: natural log, ``[batch, heads, n_q]``).
+key coordinates (loaded with K); a mask function runs on the kernel positions of partial
+blocks, and segment ids (vectors loaded beside the intervals, `_extras`) are compared on
+every block. The log-sum-exp (natural log, ``[batch, heads, n_q]``) is what the backward
+(`attention_bwd.py`, or the Triton kernels) reads.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ _COMPUTE_WGS = 2
 class MosaicGPUConfig:
   """``stages``: K/V shared-memory slots (TMA pipeline depth; None: 2 slots of 128 keys, or
   as many slots of 64 keys as fit, up to 4). ``triton``: the config of the Triton kernels
-  that run the backward."""
+  where they run the backward (``backward``)."""
   stages: int | None = None
   # The GPU form (FlashAttention-3): P stays in registers as the P·V wgmma's A operand and
   # the product accumulates into the running output. The other form, for interpret mode
