@@ -127,10 +127,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.set_max_registers(232, action="increase")
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(kv_bar)
-      if dims:
-        coords = [lax.broadcast_in_dim(
-            plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1)),
-            (_ROWS, _ROWS), [0]) for d in range(dims)]
+      coords = [lax.broadcast_in_dim(
+          plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1)),
+          (_ROWS, _ROWS), [0]) for d in range(dims)]
       keys_x = [lax.broadcast_in_dim(
           plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1)),
           (_ROWS, _ROWS), [0]) for i in range(extras)]
@@ -281,15 +280,15 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       body,
       plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
       plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
-      plgpu.SMEM((_WGS, max(dims, 1), _ROWS), jnp.int32),
+      plgpu.SMEM((_WGS, dims, _ROWS), jnp.int32),
       plgpu.RefUnion(
           (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED),
            plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED)),
           plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       plgpu.SMEM((stages, _ROWS), jnp.float32),
       plgpu.SMEM((stages, _ROWS), jnp.float32),
-      plgpu.SMEM((stages, max(dims, 1), _ROWS), jnp.int32),
-      plgpu.SMEM((stages, max(dims, 1), _ROWS), jnp.int32),
+      plgpu.SMEM((stages, dims, _ROWS), jnp.int32),
+      plgpu.SMEM((stages, dims, _ROWS), jnp.int32),
       plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
                  transforms=_SWIZZLED),
       plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32),
@@ -309,28 +308,24 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
   Triton kernels)."""
   cfg = fwd._config(config)
-  if cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan)):
+  # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made with
+  # other blocks (attention(..., block_kv=64)).
+  if (cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan))
+      or plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret)
   b, sq, h, d = q.shape
   why = fwd.unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
     raise ValueError(f"backend='mosaic_gpu' backward does not support {why}")
-  if plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS:
-    # A plan made with other blocks (attention(..., block_kv=64)): the Triton kernels.
-    return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
-                                     scale, cfg.triton, interpret)
   if plan.gathered:  # kernel order (the forward's TMA boxes are not needed here)
     ql, kl = plan.q_layout, plan.kv_layout
-    q_view = lambda x: ql.to_kernel(x.reshape((b, *ql.spatial_shape, *x.shape[2:])))
-    kv_view = lambda x: kl.to_kernel(x.reshape((b, *kl.spatial_shape, *x.shape[2:])))
-    lse_k = ql.to_kernel(lse.transpose(0, 2, 1).reshape(b, *ql.spatial_shape, h))
-    dlse_k = ql.to_kernel(d_lse.transpose(0, 2, 1).reshape(b, *ql.spatial_shape, h))
-    dq, dk, dv = backward(q_view(q), kv_view(k), kv_view(v), None, None, q_view(out),
-                          lse_k.transpose(0, 2, 1), q_view(d_out), dlse_k.transpose(0, 2, 1),
-                          gathered(plan, False), scale, cfg, interpret)
-    return (ql.from_kernel(dq).reshape(q.shape), kl.from_kernel(dk).reshape(k.shape),
-            kl.from_kernel(dv).reshape(v.shape))
+    rows = lambda x: fwd.kernel_order(x.transpose(0, 2, 1), ql).transpose(0, 2, 1)
+    dq, dk, dv = backward(
+        fwd.kernel_order(q, ql), fwd.kernel_order(k, kl), fwd.kernel_order(v, kl), None, None,
+        fwd.kernel_order(out, ql), rows(lse), fwd.kernel_order(d_out, ql), rows(d_lse),
+        gathered(plan, False), scale, cfg, interpret)
+    return fwd.caller_order(dq, ql), fwd.caller_order(dk, kl), fwd.caller_order(dv, kl)
   dpad = fwd._padded_head_dim(d)
   if cfg.backward_dq == "split" and dpad != 128:
     raise ValueError(f"MosaicGPUConfig.backward_dq='split' needs a head_dim padded to 128 "
@@ -349,12 +344,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   delta = jnp.pad(delta - d_lse, [(0, 0), (0, 0), (0, n_q - sq)])
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, n_q - sq)], constant_values=jnp.inf)
+  # Every plan has at least one interval dim (non-interval masks: token validity).
   dims = plan.num_mask_dims
-  if dims:
-    lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
-  else:
-    lo = hi = jnp.zeros((1, n_q), jnp.int32)
-    c = jnp.zeros((1, n_kv), jnp.int32)
+  lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
   stages = 2
   counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
   items = _work_items(counts[:, 1])
@@ -373,7 +365,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   def run(refs):  # dq, dk and dv accumulate in place
     pl.kernel(kernel, out_type=(), mesh=mesh,
               compiler_params=plgpu.CompilerParams(approx_math=True),
-              interpret=fwd._interpret_params() if interpret else False,
+              interpret=plgpu.InterpretGPUParams() if interpret else False,
               name="sparse_attention_bwd")(*args, *refs)
 
   dq, dk, dv = pl.run_state(run)((zeros(n_q, h), zeros(n_kv, hkv), zeros(n_kv, hkv)))

@@ -1157,8 +1157,15 @@ def _extras(plan: AttentionPlan, batch: int, q_seg, kv_seg) -> list:
   return [jnp.stack(qx, axis=1), jnp.stack(kx, axis=1)]
 
 
-def _interpret_params():
-  return plgpu.InterpretGPUParams()
+def kernel_order(x, layout):
+  """[batch, n, ...] in the caller's flat order -> [batch, padded_len, ...] in kernel order
+  (spatial tiles, zero padding)."""
+  return layout.to_kernel(x.reshape((x.shape[0], *layout.spatial_shape, *x.shape[2:])))
+
+
+def caller_order(y, layout):
+  """Inverse of `kernel_order`: [batch, padded_len, ...] -> [batch, n, ...]."""
+  return layout.from_kernel(y).reshape((y.shape[0], -1, *y.shape[2:]))
 
 
 def _view(x, boxes: _Boxes):
@@ -1219,13 +1226,9 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     # Blocks that are not boxes of the caller's layout (`_box_layout`): permute.
     ql, kl = plan.q_layout, plan.kv_layout
     # Q and K/V grids differ on context-parallel shards (a slab and its halo).
-    view = lambda x, layout: x.reshape((b, *layout.spatial_shape, *x.shape[2:]))
-    out, lse = forward(ql.to_kernel(view(q, ql)), kl.to_kernel(view(k, kl)),
-                       kl.to_kernel(view(v, kl)), None, None, gathered(plan, False), scale, cfg,
-                       interpret)
-    out = ql.from_kernel(out).reshape(q.shape)
-    lse = ql.from_kernel(lse.transpose(0, 2, 1)).reshape(b, sq, h).transpose(0, 2, 1)
-    return out, lse
+    out, lse = forward(kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), None,
+                       None, gathered(plan, False), scale, cfg, interpret)
+    return caller_order(out, ql), caller_order(lse.transpose(0, 2, 1), ql).transpose(0, 2, 1)
   dpad = _padded_head_dim(d)
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
@@ -1306,7 +1309,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params() if interpret else False,
+      interpret=plgpu.InterpretGPUParams() if interpret else False,
   )(_order(row_counts, cfg.longest_first), ids, counts, _view(q, qb), kv_view(k, kb),
     kv_view(v, kb), *mask_arrays)
   lse = lse[(slice(None), slice(None), *(slice(0, s) for s in qb.spatial))]
