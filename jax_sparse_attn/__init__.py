@@ -7,10 +7,10 @@ Pipeline: mask spec (`masks`) -> block map (`block_map`) -> backend kernel (`xla
 from . import block_map, context_parallel, masks
 from .block_map import BlockMap
 from .merge import merge_attentions
-from .ops import (NATiling, attention, na, na1d, na2d, na3d, na_tiling, register_backend,
-                  resolve_backend)
+from .ops import (NATiling, attention, na, na1d, na2d, na3d, na_packed, na_tiling,
+                  register_backend, resolve_backend)
 from .simulate import simulate
 
-__all__ = ["attention", "na", "na1d", "na2d", "na3d", "na_tiling", "NATiling", "masks", "block_map", "BlockMap",
+__all__ = ["attention", "na", "na1d", "na2d", "na3d", "na_packed", "na_tiling", "NATiling", "masks", "block_map", "BlockMap",
            "simulate", "register_backend", "resolve_backend", "merge_attentions", "context_parallel"]
 __version__ = "0.1.0"

@@ -291,6 +291,64 @@ class Neighborhood(IntervalMask):
     return math.prod(self.spatial_shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedNeighborhood(IntervalMask):
+  """Neighborhood attention inside each of several grids of different shapes, packed one
+  after the other (each row-major) into one sequence: NATTEN's semantics (windows shifted at
+  each grid's own borders) per grid, nothing across grids.
+
+  An interval mask with one more dimension than the grids: the grid number (a query's
+  interval is its own grid, a key's coordinate its grid), so every kernel runs it as it
+  runs a neighborhood.
+  """
+  spatial_shapes: tuple[tuple[int, ...], ...]
+  kernel_size: tuple[int, ...]
+  stride: tuple[int, ...]
+  dilation: tuple[int, ...]
+  is_causal: tuple[bool, ...]
+
+  @property
+  def num_dims(self):  # type: ignore[override]
+    return len(self.kernel_size) + 1
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(math.prod(s) for s in self.spatial_shapes)
+
+  def _locate(self, flat):
+    """(grid number, per-dim coordinates, per-dim grid lengths) of packed positions."""
+    xp = _xp(flat)
+    sizes = [math.prod(s) for s in self.spatial_shapes]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    grid = flat * 0
+    for start in starts[1:]:
+      grid = grid + (flat >= int(start)).astype(grid.dtype)
+    pick = lambda values: xp.asarray(np.asarray(values, np.int64)).astype(grid.dtype)[grid]
+    rest = flat - pick(starts)
+    coords, lengths = [], []
+    for dim in reversed(range(len(self.kernel_size))):
+      length = pick([shape[dim] for shape in self.spatial_shapes])
+      coords.append(rest % length)
+      lengths.append(length)
+      rest = rest // length
+    return grid, coords[::-1], lengths[::-1]
+
+  def q_bounds(self, q_idx):
+    grid, coords, lengths = self._locate(q_idx)
+    los, his = [grid], [grid]
+    for x, length, k, s, d, c in zip(coords, lengths, self.kernel_size, self.stride,
+                                     self.dilation, self.is_causal):
+      lo, hi = gna_bounds_1d(x, length, k, s, d, c)
+      los.append(lo)
+      his.append(hi)
+    return los, his
+
+  def kv_coords(self, kv_idx):
+    grid, coords, lengths = self._locate(kv_idx)
+    return [grid] + [gna_coord_1d(x, length, d)
+                     for x, length, d in zip(coords, lengths, self.dilation)]
+
+
 # --------------------------------------------------------------------------------------------
 # Generic (elementwise) masks.
 
@@ -431,6 +489,28 @@ def neighborhood(spatial_shape: Sequence[int], kernel_size, stride=1, dilation=1
       raise ValueError(f"stride must not exceed kernel_size: dimension {i} has stride={s} > "
                        f"kernel_size={k}")
   return Neighborhood(spatial_shape, kernel_size, stride, dilation, is_causal)
+
+
+def packed_neighborhood(spatial_shapes: Sequence[Sequence[int]], kernel_size, stride=1,
+                        dilation=1, is_causal=False) -> PackedNeighborhood:
+  """GNA inside each grid of ``spatial_shapes`` (all of one rank, 1-3), packed row-major one
+  after the other into one sequence of ``sum(prod(shape))`` tokens (see
+  `PackedNeighborhood`). kernel_size etc. as in `neighborhood`, shared by every grid, and
+  must fit the smallest."""
+  if (not isinstance(spatial_shapes, (list, tuple)) or not spatial_shapes
+      or not all(isinstance(t, (list, tuple)) for t in spatial_shapes)):
+    raise ValueError(f"spatial_shapes must be a non-empty sequence of shapes (tuples), got "
+                     f"{spatial_shapes!r}")
+  ranks = {len(t) for t in spatial_shapes}
+  if len(ranks) != 1:
+    raise ValueError(f"spatial_shapes must all have the same rank, got {spatial_shapes!r}")
+  for i, shape in enumerate(spatial_shapes):
+    try:
+      one = neighborhood(shape, kernel_size, stride, dilation, is_causal)
+    except ValueError as e:
+      raise ValueError(f"spatial_shapes[{i}] = {tuple(shape)}: {e}") from None
+  return PackedNeighborhood(tuple(tuple(int(x) for x in t) for t in spatial_shapes),
+                            one.kernel_size, one.stride, one.dilation, one.is_causal)
 
 
 def sink(num_tokens: int) -> Mask:

@@ -185,6 +185,13 @@ class NeighborhoodAttention(nnx.Module):
   backend (any of `attention`'s, or "dense": full `jax.nn.dot_product_attention`, a speed
   baseline), tile shapes, context_axis (a mesh axis that shards the leading spatial dim
   under `jax.set_mesh`: context parallelism; without a mesh it is ignored).
+
+  ``extra_dim``: give it to attend to extra tokens too (text tokens of a text-to-image DiT,
+  registers): the layer then owns key/value projections of its own for ``[batch, n_extra,
+  extra_dim]`` features (and a key RMSNorm with qk_norm; no RoPE on them), and
+  ``__call__(x, extra_tokens=, extra_valid=)`` lets every token attend to its neighborhood
+  and to the extra tokens (`na`'s additional_keys). ``kv_valid`` [batch, *spatial] masks
+  padded keys of the grid.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1,
@@ -192,8 +199,8 @@ class NeighborhoodAttention(nnx.Module):
                head_dim: int | None = None, qkv_bias: bool = True, out_bias: bool = True,
                use_rope: bool = False, rope_base: float = 10000.0, qk_norm: bool = False,
                backend: str = "auto", interpret: bool = False, context_axis: str | None = None,
-               q_tile_shape=None, kv_tile_shape=None, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               q_tile_shape=None, kv_tile_shape=None, extra_dim: int | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
@@ -203,20 +210,60 @@ class NeighborhoodAttention(nnx.Module):
     self.kernel_size, self.stride, self.dilation, self.is_causal = (kernel_size, stride,
                                                                     dilation, is_causal)
     self.q_tile_shape, self.kv_tile_shape = q_tile_shape, kv_tile_shape
+    self.extra_dim = extra_dim
+    if extra_dim is not None:
+      if extra_dim <= 0:
+        raise ValueError(f"extra_dim must be positive, got {extra_dim}")
+      width = self.core.num_kv_heads * self.core.head_dim
+      self.extra_key = _dense(rngs, extra_dim, width, ("embed", "kv_heads"), qkv_bias, dtype,
+                              param_dtype)
+      self.extra_value = _dense(rngs, extra_dim, width, ("embed", "kv_heads"), qkv_bias, dtype,
+                                param_dtype)
+      self.extra_k_norm = (nnx.RMSNorm(self.core.head_dim, rngs=rngs, param_dtype=param_dtype)
+                           if qk_norm else None)
 
-  def __call__(self, x):
+  def _extra_kv(self, extra_tokens, batch):
+    if self.extra_dim is None:
+      raise ValueError("extra_tokens needs a layer built with extra_dim= (the features' width)")
+    if extra_tokens.ndim != 3 or extra_tokens.shape[0] != batch or (
+        extra_tokens.shape[-1] != self.extra_dim):
+      raise ValueError(f"extra_tokens must be [batch, n_extra, extra_dim] = [{batch}, n_extra, "
+                       f"{self.extra_dim}], got shape {extra_tokens.shape}")
+    shape = extra_tokens.shape[:2] + (self.core.num_kv_heads, self.core.head_dim)
+    k = self.extra_key(extra_tokens).reshape(shape)
+    v = self.extra_value(extra_tokens).reshape(shape)
+    if self.extra_k_norm is not None:
+      k = self.extra_k_norm(k)
+    return k.astype(v.dtype), v
+
+  def __call__(self, x, extra_tokens=None, extra_valid=None, kv_valid=None):
     if x.ndim != self.spatial_dims + 2:
       raise ValueError(f"x must be [batch, {self.spatial_dims} spatial dims, embed_dim], got "
                        f"shape {x.shape}")
     positions = _grid_positions(x.shape[1:-1])[None] if self.core.use_rope else None
     q, k, v = self.core._project(x, positions)
+    extra_k = extra_v = None
+    if extra_tokens is not None:
+      extra_k, extra_v = self._extra_kv(extra_tokens, x.shape[0])
+      extra_k, extra_v = extra_k.astype(q.dtype), extra_v.astype(q.dtype)
+    elif extra_valid is not None:
+      raise ValueError("extra_valid needs extra_tokens")
     if self.core.backend == "dense":
-      o = _dense_baseline(q, k, v, causal=False)
+      if kv_valid is not None or extra_valid is not None:
+        raise ValueError("backend='dense' (a speed baseline) takes no kv_valid / extra_valid")
+      if extra_k is not None:
+        flat = lambda t: t.reshape(t.shape[0], -1, *t.shape[-2:])
+        k = jnp.concatenate([flat(k), extra_k], axis=1)
+        v = jnp.concatenate([flat(v), extra_v], axis=1)
+        o = _dense_baseline(flat(q), k, v, causal=False).reshape(q.shape)
+      else:
+        o = _dense_baseline(q, k, v, causal=False)
     else:
       o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
-             backend=self.core.backend, interpret=self.core.interpret,
-             q_tile_shape=self.q_tile_shape, kv_tile_shape=self.kv_tile_shape,
-             context_axis=self.core.context_axis)
+             kv_valid=kv_valid, additional_keys=extra_k, additional_values=extra_v,
+             additional_valid=extra_valid, backend=self.core.backend,
+             interpret=self.core.interpret, q_tile_shape=self.q_tile_shape,
+             kv_tile_shape=self.kv_tile_shape, context_axis=self.core.context_axis)
     return self.core._output(o)
 
 

@@ -15,11 +15,13 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import masks as masks_lib
 from . import reference as reference_lib
 from . import context_parallel
 from . import xla_backend
+from .merge import merge_attentions
 from .layout import SequenceLayout, TiledLayout
 from . import plan as plan_lib
 from .plan import AttentionPlan, make_plan
@@ -128,21 +130,34 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
 
   @jax.custom_vjp
   def core(q, k, v, q_seg, kv_seg):
-    return impl.forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret)
+    return impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale, config,
+                        interpret)
 
   def fwd(q, k, v, q_seg, kv_seg):
-    out, lse = impl.forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret)
+    out, lse = impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale,
+                            config, interpret)
     return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
   def bwd(res, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = res
     d_out, d_lse = cotangents
-    dq, dk, dv = impl.backward(q, k, v, q_seg, kv_seg, out, lse, d_out.astype(q.dtype),
-                               d_lse.astype(jnp.float32), bwd_plan, scale, config, interpret)
+    dq, dk, dv = impl.backward(q, k, v, *_kernel_segments(bwd_plan, q_seg, kv_seg), out, lse,
+                               d_out.astype(q.dtype), d_lse.astype(jnp.float32), bwd_plan,
+                               scale, config, interpret)
     return dq, dk, dv, None, None
 
   core.defvjp(fwd, bwd)
   return core
+
+
+def _kernel_segments(plan: AttentionPlan, q_seg, kv_seg):
+  """Segment ids as backends take them: per kernel position of `plan`. Gathered plans get
+  q/k/v in the caller's flat order but segment ids [batch, n] in it too: pick each kernel
+  position's row (padding positions take row 0; the plan masks them anyway)."""
+  if q_seg is None or not plan.gathered:
+    return q_seg, kv_seg
+  take = lambda s, rows: jnp.take(s, jnp.asarray(np.maximum(rows, 0), jnp.int32), axis=1)
+  return take(q_seg, plan.q_rows), take(kv_seg, plan.kv_rows)
 
 
 def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg, bwd_plan=None):
@@ -264,6 +279,11 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       mask.num_tokens != query.shape[1] or mask.num_tokens != key.shape[1]):
     raise ValueError(f"neighborhood mask covers {mask.num_tokens} tokens "
                      f"({mask.spatial_shape}) but seq_q={query.shape[1]}, seq_kv={key.shape[1]}")
+  if isinstance(mask, masks_lib.PackedNeighborhood) and (
+      mask.num_tokens != query.shape[1] or mask.num_tokens != key.shape[1]):
+    raise ValueError(f"packed neighborhood mask covers {mask.num_tokens} tokens "
+                     f"({mask.spatial_shapes}) but seq_q={query.shape[1]}, "
+                     f"seq_kv={key.shape[1]}")
   scale = _check_scale(scale, query.shape[-1])
   b, sq = query.shape[:2]
   skv = key.shape[1]
@@ -323,8 +343,8 @@ def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret,
   """Run a kernel backend on the caller's tensors for a plan made on their layouts.
 
   query: [batch, *q_shape, heads, head_dim] (q_shape: the q layout's sequence length or
-  spatial shape); key, value likewise on the kv layout; segment ids [batch, seq] (sequence
-  layouts only). Pads/permutes into kernel order as the backend needs. Returns out (like
+  spatial shape); key, value likewise on the kv layout; segment ids [batch, *q_shape] and
+  [batch, *kv_shape]. Pads/permutes into kernel order as the backend needs. Returns out (like
   query) and lse [batch, *q_shape, heads] float32. `bwd_plan`: see `_make_core`.
   """
   impl = _get_backend(backend)
@@ -336,8 +356,11 @@ def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret,
     # The kernels read and write the caller's rows through plan.q_rows/kv_rows, so the
     # backward may use its own tiling (its kernels' tiles differ from the forward's).
     flat = lambda x, heads: x.reshape(b, -1, heads, d)
+    if q_seg is not None:
+      q_seg, kv_seg = q_seg.reshape(b, -1), kv_seg.reshape(b, -1)
     out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
-                         flat(query, h), flat(key, hkv), flat(value, hkv), None, None, bwd_plan)
+                         flat(query, h), flat(key, hkv), flat(value, hkv), q_seg, kv_seg,
+                         bwd_plan)
     return out.reshape(query.shape), lse.transpose(0, 2, 1).reshape(query.shape[:-1])
   q, k, v = q_layout.to_kernel(query), kv_layout.to_kernel(key), kv_layout.to_kernel(value)
   if q_seg is not None:
@@ -351,11 +374,12 @@ def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret,
 
 
 def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
-       scale: float | None = None, backend: str = "auto", interpret: bool = False,
-       return_lse: bool = False, q_tile_shape=None, kv_tile_shape=None,
-       block_q: int | None = None, block_kv: int | None = None, config=None,
-       tiling: "NATiling | None" = None, mesh=None, context_axis: str | None = None,
-       strategy: str = "auto"):
+       scale: float | None = None, kv_valid=None, segment_ids=None, additional_keys=None,
+       additional_values=None, additional_valid=None, backend: str = "auto",
+       interpret: bool = False, return_lse: bool = False, q_tile_shape=None,
+       kv_tile_shape=None, block_q: int | None = None, block_kv: int | None = None,
+       config=None, tiling: "NATiling | None" = None, mesh=None,
+       context_axis: str | None = None, strategy: str = "auto"):
   """Generalized neighborhood attention on [batch, *spatial, heads, head_dim] (1-3 spatial dims).
 
   kernel_size/stride/dilation: int or one int per spatial dim; is_causal: bool or per-dim.
@@ -363,15 +387,39 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   simulator when None) so the kernels' blocks are tiles. Returns out (and lse
   [batch, *spatial, heads]) in the input layout.
 
+  kv_valid: [batch, *spatial] bool, the keys that may be attended (a padding mask, in the
+    fused kernels: no N x N mask). Queries keep their neighborhood; a query whose whole
+    neighborhood is invalid returns zeros (lse -inf). Invalid positions still produce an
+    output row (mask them downstream as usual).
+  segment_ids: [batch, *spatial] int: tokens attend only inside their neighborhood AND to
+    keys of the same id (several images packed on one grid; each keeps the shared grid's
+    windows, clipped to its segment). With kv_valid, ids must be >= 0.
+  additional_keys, additional_values: [batch, n_extra, kv_heads, head_dim]: extra tokens
+    (text, registers, global tokens) every query attends to beside its neighborhood
+    (NATTEN's ``additional_keys``). Computed as a second attention pass merged by
+    log-sum-exp (`merge_attentions`); gradients reach them. additional_valid:
+    [batch, n_extra] bool masks padded extra tokens.
+
   With ``tiling=na_tiling(...)`` the inputs are already in tiled order,
   ``[batch, tiling.num_tokens, heads, head_dim]``, and so is the output: no permutation per
-  call (kernel_size etc. must equal the tiling's).
+  call (kernel_size etc. must equal the tiling's); kv_valid / segment_ids are then
+  [batch, tiling.num_tokens] in the same order.
 
   mesh, context_axis, strategy: as in `attention`; the context axis shards the leading
   spatial dim (time in video), which its size must divide; strategy "auto" | "halo" |
-  "allgather".
+  "allgather". kv_valid / segment_ids do not run on a mesh yet; additional keys run on a
+  mesh without a context axis.
   """
   context_parallel.check_options(strategy, "contiguous")
+  if additional_keys is not None or additional_values is not None or additional_valid is not None:
+    return _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal,
+                          scale=scale, kv_valid=kv_valid, segment_ids=segment_ids,
+                          additional_keys=additional_keys, additional_values=additional_values,
+                          additional_valid=additional_valid, backend=backend,
+                          interpret=interpret, return_lse=return_lse,
+                          q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
+                          block_q=block_q, block_kv=block_kv, config=config, tiling=tiling,
+                          mesh=mesh, context_axis=context_axis, strategy=strategy)
   if tiling is not None:
     if context_parallel.resolve_mesh(mesh, context_axis) is not None:
       raise ValueError("tiling= runs on one device; on a mesh pass the spatial layout")
@@ -379,7 +427,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                                   is_causal)
     if want != tiling.mask:
       raise ValueError("kernel_size/stride/dilation/is_causal differ from the tiling's mask")
-    return _na_tiled(query, key, value, tiling, scale, backend, interpret, return_lse, config)
+    return _na_tiled(query, key, value, tiling, scale, backend, interpret, return_lse, config,
+                     kv_valid, segment_ids)
   if not hasattr(query, "ndim") or query.ndim not in (4, 5, 6):
     raise ValueError("query must be [batch, *spatial, heads, head_dim] with 1 to 3 spatial "
                      f"dims, got shape {getattr(query, 'shape', None)}")
@@ -388,6 +437,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   spatial = tuple(query.shape[1:1 + ndim])
   mask = masks_lib.neighborhood(spatial, kernel_size, stride, dilation, is_causal)
   scale = _check_scale(scale, query.shape[-1])
+  q_seg, kv_seg = _na_segments(kv_valid, segment_ids, (query.shape[0],) + spatial,
+                               "[batch, *spatial]")
   tile_block = lambda tile, name: (None if tile is None else
                                    math.prod(masks_lib._as_tuple(tile, ndim, name)))
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
@@ -398,8 +449,11 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   hkv = key.shape[-2]
   if backend == "reference":
     n = math.prod(spatial)
+    flat_seg = lambda s: None if s is None else s.reshape(b, n)
     out, lse = reference_lib.attention(query.reshape(b, n, h, d), key.reshape(b, n, hkv, d),
-                                       value.reshape(b, n, hkv, d), mask, scale=scale)
+                                       value.reshape(b, n, hkv, d), mask, scale=scale,
+                                       q_segment_ids=flat_seg(q_seg),
+                                       kv_segment_ids=flat_seg(kv_seg))
     out = out.reshape(query.shape)
     return (out, lse.reshape(query.shape[:-1])) if return_lse else out
 
@@ -418,6 +472,9 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     if any(t <= 0 for t in tile) or n & (n - 1):
       raise ValueError(f"{name} must be positive with a power-of-two product, got {tile}")
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
+  if mesh is not None and q_seg is not None:
+    raise ValueError("kv_valid / segment_ids do not run on a mesh yet: call na inside your "
+                     "own shard_map, or without a mesh")
   if mesh is not None:
     single = functools.partial(
         na, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
@@ -435,9 +492,86 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                    TiledLayout(spatial, mask.dilation, kv_tile_shape))
   bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config)
               if default_tiles and impl.gathers else None)
-  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value,
-                      bwd_plan=bwd_plan)
+  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
+                      kv_seg, bwd_plan=bwd_plan)
   return (out, lse) if return_lse else out
+
+
+def _na_segments(kv_valid, segment_ids, shape, layout: str):
+  """(q_seg, kv_seg) int32 [shape] for the kernels' segment test, or (None, None): equal ids
+  attend; invalid keys get id ``~id`` (negative: no query has it, ids being >= 0)."""
+  if kv_valid is None and segment_ids is None:
+    return None, None
+  for name, x in (("kv_valid", kv_valid), ("segment_ids", segment_ids)):
+    if x is None:
+      continue
+    if not hasattr(x, "shape") or tuple(x.shape) != tuple(shape):
+      raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got "
+                       f"{getattr(x, 'shape', None)}")
+  if kv_valid is not None and jnp.asarray(kv_valid).dtype != jnp.bool_:
+    raise ValueError(f"kv_valid must be a boolean array, got {jnp.asarray(kv_valid).dtype}")
+  if segment_ids is not None:
+    if not jnp.issubdtype(jnp.asarray(segment_ids).dtype, jnp.integer):
+      raise ValueError(f"segment_ids must be an integer array, got "
+                       f"{jnp.asarray(segment_ids).dtype}")
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    if kv_valid is not None and not isinstance(segment_ids, jax.core.Tracer) and bool(
+        np.any(np.asarray(segment_ids) < 0)):
+      raise ValueError("segment_ids must be >= 0 when combined with kv_valid (invalid keys "
+                       "take negative ids)")
+  else:
+    seg = jnp.zeros(shape, jnp.int32)
+  if kv_valid is None:
+    return seg, seg
+  return seg, jnp.where(jnp.asarray(kv_valid), seg, ~seg)
+
+
+def _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal, *, scale,
+                   additional_keys, additional_values, additional_valid, return_lse, mesh,
+                   context_axis, backend, interpret, config, tiling, **na_kwargs):
+  """`na` with extra tokens: the neighborhood pass and a dense pass over the extra tokens,
+  merged by log-sum-exp."""
+  if additional_keys is None or additional_values is None:
+    raise ValueError("additional_keys and additional_values must be given together")
+  if not hasattr(query, "ndim") or query.ndim < 4:
+    raise ValueError(f"query must be [batch, *spatial, heads, head_dim], got shape "
+                     f"{getattr(query, 'shape', None)}")
+  b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
+  hkv = key.shape[-2] if hasattr(key, "shape") else None
+  for name, x in (("additional_keys", additional_keys), ("additional_values", additional_values)):
+    if (not hasattr(x, "shape") or x.ndim != 4 or x.shape[0] != b or x.shape[2] != hkv
+        or x.shape[3] != d):
+      raise ValueError(f"{name} must be [batch, n_extra, kv_heads, head_dim] = "
+                       f"[{b}, n_extra, {hkv}, {d}], got {getattr(x, 'shape', None)}")
+    if x.dtype != query.dtype:
+      raise ValueError(f"{name} dtype {x.dtype} must equal the query's {query.dtype}")
+  if additional_keys.shape != additional_values.shape:
+    raise ValueError(f"additional_keys {additional_keys.shape} and additional_values "
+                     f"{additional_values.shape} must have the same shape")
+  n_extra = additional_keys.shape[1]
+  extra_seg = None
+  if additional_valid is not None:
+    if (not hasattr(additional_valid, "shape") or tuple(additional_valid.shape) != (b, n_extra)
+        or jnp.asarray(additional_valid).dtype != jnp.bool_):
+      raise ValueError(f"additional_valid must be a boolean [batch, n_extra] = {(b, n_extra)} "
+                       f"array, got {getattr(additional_valid, 'shape', None)}")
+    n_q = math.prod(query.shape[1:-2])
+    extra_seg = (jnp.zeros((b, n_q), jnp.int32),
+                 jnp.where(jnp.asarray(additional_valid), 0, 1).astype(jnp.int32))
+  if context_parallel.resolve_mesh(mesh, context_axis) is not None and context_axis is not None:
+    raise ValueError("additional_keys do not run with a context_axis yet (the extra pass "
+                     "would gather the sequence); use a mesh without one")
+  out, lse = na(query, key, value, kernel_size, stride, dilation, is_causal, scale=scale,
+                backend=backend, interpret=interpret, return_lse=True, config=config,
+                tiling=tiling, mesh=mesh, context_axis=context_axis, **na_kwargs)
+  flat_q = query.reshape(b, -1, h, d)
+  # The extra pass is dense (every query sees every extra token): any backend's defaults.
+  x_out, x_lse = attention(flat_q, additional_keys, additional_values, scale=scale,
+                           segment_ids=extra_seg, backend=backend, interpret=interpret,
+                           return_lse=True, mesh=mesh)
+  merged, merged_lse = merge_attentions(
+      [out, x_out.reshape(out.shape)], [lse, x_lse.reshape(lse.shape)], out_dtype=query.dtype)
+  return (merged, merged_lse) if return_lse else merged
 
 
 def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
@@ -510,7 +644,8 @@ def na_tiling(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False,
   return NATiling(mask, TiledLayout(mask.spatial_shape, mask.dilation, tile_shape))
 
 
-def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, return_lse, config):
+def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, return_lse, config,
+              kv_valid=None, segment_ids=None):
   if not isinstance(tiling, NATiling):
     raise ValueError(f"tiling must come from jax_sparse_attn.na_tiling, got {type(tiling).__name__}")
   _check_qkv(query, key, value, None)
@@ -524,8 +659,11 @@ def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, re
   if backend == "reference":
     raise ValueError("tiling= runs on the block-sparse backends; use the spatial layout with "
                      "backend='reference'")
+  q_seg, kv_seg = _na_segments(kv_valid, segment_ids, (query.shape[0], tiling.num_tokens),
+                               "[batch, tiling.num_tokens]")
   plan = make_plan(tiling.mask, tiling.layout, tiling.layout)
-  out, lse = _run_core(backend, plan, scale, config, interpret, query, key, value, None, None)
+  out, lse = _run_core(backend, plan, scale, config, interpret, query, key, value, q_seg,
+                       kv_seg)
   return (out, lse.transpose(0, 2, 1)) if return_lse else out
 
 
@@ -542,3 +680,23 @@ def _na_fixed(ndim):
 
 
 na1d, na2d, na3d = _na_fixed(1), _na_fixed(2), _na_fixed(3)
+
+
+def na_packed(query, key, value, spatial_shapes, kernel_size, stride=1, dilation=1,
+              is_causal=False, **kwargs):
+  """Neighborhood attention over grids of different shapes packed into one sequence
+  (variable sizes in one batch: images of several resolutions, videos of several lengths).
+
+  query: [batch, total_tokens, heads, head_dim], key/value [batch, total_tokens, kv_heads,
+  head_dim]: each grid of ``spatial_shapes`` row-major, one after the other
+  (``total_tokens = sum(prod(shape))``). Inside each grid, NATTEN's semantics (windows
+  shifted at the grid's own borders); nothing attends across grids. kernel_size etc. as in
+  `na`, shared by every grid. Runs `attention` with `masks.packed_neighborhood` (any backend;
+  keyword arguments go to `attention`: return_lse, backend, ...).
+  """
+  mask = masks_lib.packed_neighborhood(spatial_shapes, kernel_size, stride, dilation,
+                                       is_causal)
+  if not hasattr(query, "shape") or query.ndim != 4:
+    raise ValueError(f"query must be [batch, total_tokens, heads, head_dim], got shape "
+                     f"{getattr(query, 'shape', None)}")
+  return attention(query, key, value, mask, **kwargs)

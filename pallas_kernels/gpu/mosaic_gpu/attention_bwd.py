@@ -322,7 +322,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     ql, kl = plan.q_layout, plan.kv_layout
     rows = lambda x: fwd.kernel_order(x.transpose(0, 2, 1), ql).transpose(0, 2, 1)
     dq, dk, dv = backward(
-        fwd.kernel_order(q, ql), fwd.kernel_order(k, kl), fwd.kernel_order(v, kl), None, None,
+        fwd.kernel_order(q, ql), fwd.kernel_order(k, kl), fwd.kernel_order(v, kl), q_seg, kv_seg,
         fwd.kernel_order(out, ql), rows(lse), fwd.kernel_order(d_out, ql), rows(d_lse),
         gathered(plan, False), scale, cfg, interpret)
     return fwd.caller_order(dq, ql), fwd.caller_order(dk, kl), fwd.caller_order(dv, kl)

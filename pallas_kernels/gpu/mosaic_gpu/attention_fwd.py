@@ -1222,12 +1222,15 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
     raise ValueError(f"backend='mosaic_gpu' does not support {why}")
-  if plan.gathered and not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout)):
-    # Blocks that are not boxes of the caller's layout (`_box_layout`): permute.
+  if plan.gathered and (q_seg is not None
+                       or not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout))):
+    # Blocks that are not boxes of the caller's layout (`_box_layout`), or segment ids
+    # (they come per kernel position: `ops._kernel_segments`; the box path with them hangs
+    # in GPU interpret mode, so CI could not check it): permute.
     ql, kl = plan.q_layout, plan.kv_layout
     # Q and K/V grids differ on context-parallel shards (a slab and its halo).
-    out, lse = forward(kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), None,
-                       None, gathered(plan, False), scale, cfg, interpret)
+    out, lse = forward(kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg,
+                       kv_seg, gathered(plan, False), scale, cfg, interpret)
     return caller_order(out, ql), caller_order(lse.transpose(0, 2, 1), ql).transpose(0, 2, 1)
   dpad = _padded_head_dim(d)
   if dpad != d:
