@@ -7,8 +7,8 @@ check: gradients (bf16, `backend="auto"`) against the float32 XLA backend, relat
 tensor. perf: a Flux-like text-to-image block (2-D NA 64x64 k17 + 512 text tokens, B=2 H=24
 D=128): ours with extra tokens as a second pass merged by log-sum-exp (what `na` runs), the
 same attention in one pass of the generic kernel (a `from_function` mask over the
-concatenated keys), cuDNN dense over all keys, the text->all attention; padding masks and
-packed grids beside plain NA. flex: torch FlexAttention with the same mask (`mask_mod`:
+concatenated keys), cuDNN dense over all keys, the text->all attention. masks: padding
+masks and packed grids (`na_packed`'s methods) beside plain NA. flex: torch FlexAttention with the same mask (`mask_mod`:
 neighborhood | text), in this process after the JAX timings.
 """
 from __future__ import annotations
@@ -156,37 +156,45 @@ def section_perf(dtype, iters):
     _perf(name + " text->all", "cudnn",
           lambda tq, k, v, ek, ev: cudnn(tq, cat(k, ek), cat(v, ev)),
           (tq, k, v, ek, ev), tdo, iters)
-  # Padding masks and packed grids beside plain NA (same kernel, extra segment test).
+
+
+def section_masks(dtype, iters):
+  """Padding masks and packed grids beside plain NA (same kernels, plus the segment test)."""
   b, h, g, kern = (1, 2, 24, 5) if SMOKE else (2, 16, 96, 17)
   shape = (b, g, g, h, D)
   q, k, v, do = inputs(shape, shape, dtype, seed=4)
   valid = jnp.asarray(np.arange(g)[None, None, :] < g - g // 6) & jnp.ones((b, g, 1), bool)
   name = f"na2d {g}x{g} k{kern} B={b} H={h}"
   _perf(name, "ours plain", lambda q, k, v: jsa.na2d(q, k, v, kern), (q, k, v), do, iters)
-  _perf(name, f"ours kv_valid ({g // 6} padded columns)",
-        lambda q, k, v: jsa.na2d(q, k, v, kern, kv_valid=valid), (q, k, v), do, iters)
+  for backend in ("auto", "triton"):
+    _perf(name, f"ours kv_valid ({g // 6} padded columns) backend={backend}",
+          lambda q, k, v, be=backend: jsa.na2d(q, k, v, kern, kv_valid=valid, backend=be),
+          (q, k, v), do, iters)
+  _perf(name, "ours plain backend=triton",
+        lambda q, k, v: jsa.na2d(q, k, v, kern, backend="triton"), (q, k, v), do, iters)
   shapes = [(24, 24), (16, 32), (12, 12)] if SMOKE else [(96, 96), (64, 128), (48, 48)]
   n = sum(math.prod(s) for s in shapes)
   q, k, v, do = inputs((b, n, h, D), (b, n, h, D), dtype, seed=5)
   name = f"packed {' + '.join('x'.join(map(str, s)) for s in shapes)} k{kern} B={b} H={h}"
-  _perf(name, "ours na_packed (one call)",
-        lambda q, k, v: jsa.na_packed(q, k, v, shapes, kern), (q, k, v), do, iters)
-  parts = []
-  start = 0
-  for s in shapes:
-    parts.append((start, s))
-    start += math.prod(s)
-
-  def separate(q, k, v):
-    outs = []
-    for start, s in parts:
-      piece = lambda x: x[:, start:start + math.prod(s)].reshape(b, *s, h, D)
-      outs.append(jsa.na2d(piece(q), piece(k), piece(v), kern).reshape(b, -1, h, D))
-    return jnp.concatenate(outs, axis=1)
-  _perf(name, "ours na2d per grid (3 calls)", separate, (q, k, v), do, iters)
+  for method in ("per_grid", "tiled", "raster"):
+    _perf(name, f"ours na_packed method={method}",
+          lambda q, k, v, m=method: jsa.na_packed(q, k, v, shapes, kern, method=m),
+          (q, k, v), do, iters)
   _perf(name, "cudnn dense over all tokens (no mask)",
         lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, implementation=None if SMOKE else "cudnn"), (q, k, v), do, iters)
+  # Many small grids (images of several resolutions in one batch): where one kernel call
+  # over every grid should beat one call per grid.
+  rng = np.random.default_rng(0)
+  sizes = (8, 16) if SMOKE else (32, 48, 64)
+  shapes = [tuple(int(x) for x in rng.choice(sizes, 2)) for _ in range(16)]
+  n = sum(math.prod(s) for s in shapes)
+  q, k, v, do = inputs((b, n, h, D), (b, n, h, D), dtype, seed=6)
+  name = (f"packed 16 grids, sides from {sizes} ({n} tokens) k{kern - 4} B={b} H={h}")
+  for method in ("per_grid", "tiled"):
+    _perf(name, f"ours na_packed method={method}",
+          lambda q, k, v, m=method: jsa.na_packed(q, k, v, shapes, kern - 4, method=m),
+          (q, k, v), do, iters)
 
 
 def section_flex(iters):
@@ -229,7 +237,7 @@ def section_flex(iters):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--sections", default="check,perf,flex")
+  parser.add_argument("--sections", default="check,perf,masks,flex")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--out", default=None)
@@ -246,6 +254,8 @@ def main(argv=None):
     section_check(dtype)
   if "perf" in sections:
     section_perf(dtype, args.iters)
+  if "masks" in sections:
+    section_masks(dtype, args.iters)
   if "flex" in sections:
     section_flex(args.iters)
   write_results(args.out, head)

@@ -225,3 +225,68 @@ class TiledLayout:
     y = y.transpose(perm)
     y = y.reshape((y.shape[0],) + tuple(self.dim_padded(i) for i in range(n)) + tuple(rest))
     return y[(slice(None),) + tuple(slice(0, s) for s in self.spatial_shape)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+  """Several N-D grids packed one after the other (each row-major) into one sequence, every
+  grid in its own `TiledLayout` order: kernel order is grid 0's tiles, then grid 1's, ...
+  (`masks.PackedNeighborhood`: blocks are spatial tiles of one grid, as for one grid).
+  The grids' tiles hold the same number of tokens (``block``)."""
+  grids: tuple[TiledLayout, ...]
+
+  def __post_init__(self):
+    if len({g.block for g in self.grids}) != 1:
+      raise ValueError(f"packed grids need tiles of one size, got "
+                       f"{[g.tile_shape for g in self.grids]}")
+
+  @property
+  def block(self) -> int:
+    return self.grids[0].block
+
+  @property
+  def padded_len(self) -> int:
+    return sum(g.padded_len for g in self.grids)
+
+  @property
+  def num_blocks(self) -> int:
+    return self.padded_len // self.block
+
+  @property
+  def seq_len(self) -> int:
+    return sum(g.seq_len for g in self.grids)
+
+  is_shard = False
+  segments = ()
+
+  def _starts(self):
+    return np.cumsum([0] + [g.seq_len for g in self.grids])[:-1]
+
+  def token_index(self) -> tuple[np.ndarray, np.ndarray]:
+    """(flat index in the packed sequence, valid) for every kernel position."""
+    flats, valids = zip(*(g.token_index() for g in self.grids))
+    return (np.concatenate([f + s for f, s in zip(flats, self._starts())]),
+            np.concatenate(valids))
+
+  def rows(self) -> np.ndarray:
+    flat, valid = self.token_index()
+    return np.where(valid, flat, -1)
+
+  def to_kernel(self, x):
+    """[batch, seq_len, ...] -> [batch, padded_len, ...] in kernel order."""
+    import jax.numpy as jnp
+    parts = []
+    for g, s in zip(self.grids, self._starts()):
+      piece = x[:, int(s):int(s) + g.seq_len]
+      parts.append(g.to_kernel(piece.reshape((x.shape[0], *g.spatial_shape, *x.shape[2:]))))
+    return jnp.concatenate(parts, axis=1)
+
+  def from_kernel(self, y):
+    """Inverse of `to_kernel`."""
+    import jax.numpy as jnp
+    parts, start = [], 0
+    for g in self.grids:
+      piece = g.from_kernel(y[:, start:start + g.padded_len])
+      parts.append(piece.reshape((y.shape[0], g.seq_len, *y.shape[2:])))
+      start += g.padded_len
+    return jnp.concatenate(parts, axis=1)

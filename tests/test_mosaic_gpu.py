@@ -129,6 +129,9 @@ def test_persistent_where_rows_are_even_or_short():
     (True, dict(head_dim=32), "triton"),  # padded to 64 it loses to Triton
     (True, dict(head_dim=48), "mosaic_gpu"),
     (True, dict(segments=True), "mosaic_gpu"),
+    (True, dict(mask=masks.neighborhood((16, 16), 5)), "mosaic_gpu"),
+    # padding masks / segment ids on a neighborhood: Triton (faster on the H200)
+    (True, dict(mask=masks.neighborhood((16, 16), 5), segments=True), "triton"),
     (True, dict(mask=masks.from_function(lambda q, k: q >= k)), "mosaic_gpu"),
     (True, dict(mask=masks.causal() & (masks.sliding_window(511) | masks.sink(4))), "mosaic_gpu"),
     (True, dict(block_q=64), "triton"),

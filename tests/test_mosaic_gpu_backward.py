@@ -57,6 +57,9 @@ def test_picks():
   plan = gathered(make_plan(na, TiledLayout((32, 32), (1, 1), (8, 16)),
                             TiledLayout((32, 32), (1, 1), (8, 16))))
   assert not mgpu.picks_mosaic(plan)
+  packed = masks.packed_neighborhood([(16, 16), (8, 24)], 5)
+  assert not mgpu.picks_mosaic(make_plan(packed, SequenceLayout(448, 128),
+                                         SequenceLayout(448, 128)))  # neighborhoods, 1-D
 
 
 @pytest.mark.parametrize("case", ["window_sink_segments", "function_d64", "na3d"])

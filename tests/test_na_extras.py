@@ -197,7 +197,30 @@ def check_packed(p, backend, **kwargs):
 @settings(max_examples=5)
 @given(p=packed_problems())
 def test_packed(backend, p):
-  check_packed(p, backend, **KW[backend])
+  # One kernel, each grid in its own tiles (PackedLayout); reference: the raster order.
+  check_packed(p, backend, method="raster" if backend == "reference" else "tiled",
+               **KW[backend])
+
+
+@pytest.mark.parametrize("backend, method", [("xla", "raster"), ("triton", "raster"),
+                                             ("xla", "per_grid"), ("triton", "per_grid")])
+@settings(max_examples=3)
+@given(p=packed_problems())
+def test_packed_methods(backend, method, p):
+  check_packed(p, backend, method=method, **KW[backend])
+
+
+def test_packed_layout_round_trip():
+  from jax_sparse_attn.layout import PackedLayout, TiledLayout
+  layout = PackedLayout((TiledLayout((5, 6), (1, 2), (2, 4)), TiledLayout((3, 7), (1, 1), (4, 2))))
+  x = jnp.arange(2 * 51 * 3).reshape(2, 51, 3)
+  y = layout.to_kernel(x)
+  assert y.shape == (2, layout.padded_len, 3) and layout.padded_len % layout.block == 0
+  np.testing.assert_array_equal(np.asarray(layout.from_kernel(y)), np.asarray(x))
+  rows = layout.rows()
+  np.testing.assert_array_equal(np.asarray(y[0, rows >= 0, 0]), np.asarray(x[0, rows[rows >= 0], 0]))
+  with pytest.raises(ValueError, match="tiles of one size"):
+    PackedLayout((TiledLayout((5, 6), (1, 1), (2, 4)), TiledLayout((3, 7), (1, 1), (4, 4))))
 
 
 def test_packed_mask_is_the_block_diagonal():
@@ -243,6 +266,10 @@ X = jnp.ones((1, 6, 6, 2, 16))
     (lambda: jsa.na_packed(jnp.ones((1, 30, 2, 16)), jnp.ones((1, 30, 2, 16)),
                            jnp.ones((1, 30, 2, 16)), [(4, 4), (3, 5)], 3),
      "packed neighborhood mask covers 31 tokens"),
+    (lambda: jsa.na_packed(X[:, 0], X[:, 0], X[:, 0], [(2, 3)], 1, method="tiles"),
+     "method must be one of"),
+    (lambda: jsa.na_packed(X[:, 0], X[:, 0], X[:, 0], [(2, 3)], 1, method="tiled",
+                           segment_ids=jnp.zeros((1, 6), jnp.int32)), "need method='raster'"),
     (lambda: masks.packed_neighborhood([(4, 4), (2, 5)], 3), r"spatial_shapes\[1\]"),
     (lambda: masks.packed_neighborhood([(4, 4), (5,)], 3), "same rank"),
     (lambda: masks.packed_neighborhood((4, 4), 3), "sequence of shapes"),
@@ -266,4 +293,4 @@ def test_masked_na_mosaic_gpu(backward):
 def test_packed_mosaic_gpu():
   p = dict(shapes=[(9, 12), (7, 10), (11, 8)], problem=((3, 5), (1, 2), (2, 1), (True, False)),
            batch=1, heads=2, kv_heads=2, head_dim=64, dtype=jnp.bfloat16, seed=5)
-  check_packed(p, "mosaic_gpu", interpret=True)
+  check_packed(p, "mosaic_gpu", method="tiled", interpret=True)

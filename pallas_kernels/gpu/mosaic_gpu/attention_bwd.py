@@ -60,11 +60,12 @@ def picks_mosaic(plan: AttentionPlan) -> bool:
   windows within 2% of the Triton backward, sinks 1.96x faster thanks to chunked lists; H200,
   results/h200-2026-11-29-hopper-backward.json), the Triton kernels for dense maps and
   neighborhoods, where they are faster today (dense S=16384 30.1 vs 34.0 ms, 2-D NA 128² k33
-  3.6 vs 5.4 ms)."""
+  3.6 vs 5.4 ms), packed grids of different sizes included."""
   bmap = plan.block_map
   dense = (isinstance(plan.mask, masks.Full)
            or bmap.num_full == bmap.num_q_blocks * bmap.num_kv_blocks)
-  return not plan.gathered and not dense
+  packed = isinstance(plan.mask, masks.PackedNeighborhood)
+  return not plan.gathered and not dense and not packed
 
 
 def _split_dq(cfg, head_dim: int) -> bool:

@@ -273,6 +273,11 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
     return False
   if head_dim <= _MIN_AUTO_HEAD_DIM:
     return False
+  if has_segments and isinstance(mask, masks.Neighborhood):
+    # Padding masks / segment ids on a neighborhood: element tests on every block, and a
+    # permuted copy; the Triton kernels run them faster (H200, 96x96 k17 B2 H16: 0.46 vs
+    # 0.73 ms forward; results/h200-2026-11-29-na-extras.json).
+    return False
   return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
                   1.0 if scale is None else scale, block_q or 2 * _ROWS,
                   block_kv or default_map_blocks(head_dim, dtype)[1]) is None
