@@ -5,13 +5,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import causal_lm, nat_classifier, video_dit
+from models import causal_lm, nat_classifier, text_to_image, video_dit
 from models.train import context_mesh, train
 
 
-@pytest.mark.parametrize("name", ["nat", "dit", "lm"])
+@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i"])
 def test_model_trains(name):
-  if name == "nat":
+  if name == "t2i":  # joint attention: image NA + text as extra tokens, text -> all
+    model = text_to_image.TextToImageDiT(backend="xla", rngs=nnx.Rngs(0))
+    batches = text_to_image.synthetic_batches(4, 12)
+    loss_fn, steps, lr = text_to_image.loss_fn, 25, 2e-3
+  elif name == "nat":
     model = nat_classifier.NATClassifier(image_size=16, backend="xla", rngs=nnx.Rngs(0))
     batches = nat_classifier.synthetic_batches(8, 16)
     loss_fn, steps, lr = nat_classifier.loss_fn, 25, 1e-3
