@@ -407,8 +407,9 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
 
   mesh, context_axis, strategy: as in `attention`; the context axis shards the leading
   spatial dim (time in video), which its size must divide; strategy "auto" | "halo" |
-  "allgather". kv_valid / segment_ids do not run on a mesh yet; additional keys run on a
-  mesh without a context axis.
+  "allgather". Extra tokens run on any mesh (replicated over the context axis: each device
+  attends its slab to all of them); kv_valid / segment_ids on a mesh without a context axis
+  (batch and heads sharded).
   """
   context_parallel.check_options(strategy, "contiguous")
   if additional_keys is not None or additional_values is not None or additional_valid is not None:
@@ -474,8 +475,24 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
       raise ValueError(f"{name} must be positive with a power-of-two product, got {tile}")
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
   if mesh is not None and q_seg is not None:
-    raise ValueError("kv_valid / segment_ids do not run on a mesh yet: call na inside your "
-                     "own shard_map, or without a mesh")
+    if context_axis is not None and mesh.shape[context_axis] > 1:
+      raise ValueError("kv_valid / segment_ids do not run with a context_axis yet (shards "
+                       "would need their halos' ids); use a mesh without one")
+    # Batch and heads sharded, each device runs its part with its rows' masks.
+    qkv, lse_spec, _, batch_axes, _ = context_parallel._local_specs(mesh, None, b, h, hkv, ndim)
+    named = [(n, jnp.asarray(x)) for n, x in (("kv_valid", kv_valid),
+                                               ("segment_ids", segment_ids)) if x is not None]
+    single = functools.partial(
+        na, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
+        scale=scale, backend=backend, interpret=interpret, return_lse=True,
+        q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, block_q=block_q,
+        block_kv=block_kv, config=config, mesh=_LOCAL)
+    body = lambda q, k, v, *xs: single(q, k, v, **{n: x for (n, _), x in zip(named, xs)})
+    seg_spec = jax.sharding.PartitionSpec(batch_axes, *(None,) * ndim)
+    out, lse = context_parallel._sharded(body, mesh, (qkv,) * 3 + (seg_spec,) * len(named),
+                                         (qkv, lse_spec), query, key, value,
+                                         *[x for _, x in named])
+    return (out, lse) if return_lse else out
   if mesh is not None:
     single = functools.partial(
         na, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
@@ -550,28 +567,39 @@ def _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal, 
     raise ValueError(f"additional_keys {additional_keys.shape} and additional_values "
                      f"{additional_values.shape} must have the same shape")
   n_extra = additional_keys.shape[1]
-  extra_seg = None
-  if additional_valid is not None:
-    if (not hasattr(additional_valid, "shape") or tuple(additional_valid.shape) != (b, n_extra)
-        or jnp.asarray(additional_valid).dtype != jnp.bool_):
-      raise ValueError(f"additional_valid must be a boolean [batch, n_extra] = {(b, n_extra)} "
-                       f"array, got {getattr(additional_valid, 'shape', None)}")
-    n_q = math.prod(query.shape[1:-2])
-    extra_seg = (jnp.zeros((b, n_q), jnp.int32),
-                 jnp.where(jnp.asarray(additional_valid), 0, 1).astype(jnp.int32))
-  if context_parallel.resolve_mesh(mesh, context_axis) is not None and context_axis is not None:
-    raise ValueError("additional_keys do not run with a context_axis yet (the extra pass "
-                     "would gather the sequence); use a mesh without one")
+  if additional_valid is not None and (
+      not hasattr(additional_valid, "shape") or tuple(additional_valid.shape) != (b, n_extra)
+      or jnp.asarray(additional_valid).dtype != jnp.bool_):
+    raise ValueError(f"additional_valid must be a boolean [batch, n_extra] = {(b, n_extra)} "
+                     f"array, got {getattr(additional_valid, 'shape', None)}")
   out, lse = na(query, key, value, kernel_size, stride, dilation, is_causal, scale=scale,
                 backend=backend, interpret=interpret, return_lse=True, config=config,
                 tiling=tiling, mesh=mesh, context_axis=context_axis, **na_kwargs)
-  flat_q = query.reshape(b, -1, h, d)
-  # The extra pass is dense (every query sees every extra token): any backend's defaults.
-  x_out, x_lse = attention(flat_q, additional_keys, additional_values, scale=scale,
-                           segment_ids=extra_seg, backend=backend, interpret=interpret,
-                           return_lse=True, mesh=mesh)
-  merged, merged_lse = merge_attentions(
-      [out, x_out.reshape(out.shape)], [lse, x_lse.reshape(lse.shape)], out_dtype=query.dtype)
+
+  def extra_pass(q, ek, ev, *valid):
+    """Every (local) query against every extra token: dense, any backend's defaults."""
+    flat_q = q.reshape(q.shape[0], -1, h, d)
+    seg = None
+    if valid:
+      seg = (jnp.zeros(flat_q.shape[:2], jnp.int32),
+             jnp.where(valid[0], 0, 1).astype(jnp.int32))
+    o, l = attention(flat_q, ek, ev, scale=scale, segment_ids=seg, backend=backend,
+                     interpret=interpret, return_lse=True, mesh=_LOCAL)
+    return o.reshape(q.shape), l.reshape(q.shape[:-1])
+
+  valid = () if additional_valid is None else (jnp.asarray(additional_valid),)
+  mesh = context_parallel.resolve_mesh(mesh, context_axis)
+  if mesh is None:
+    x_out, x_lse = extra_pass(query, additional_keys, additional_values, *valid)
+  else:  # each device: its queries (a slab of the grid with a context axis), all extra tokens
+    P = jax.sharding.PartitionSpec
+    qkv, lse_spec, _, batch_axes, head_axes = context_parallel._local_specs(
+        mesh, context_axis, b, h, hkv, query.ndim - 3)
+    extra_spec = P(batch_axes, None, head_axes, None)
+    x_out, x_lse = context_parallel._sharded(
+        extra_pass, mesh, (qkv, extra_spec, extra_spec) + (P(batch_axes, None),) * len(valid),
+        (qkv, lse_spec), query, additional_keys, additional_values, *valid)
+  merged, merged_lse = merge_attentions([out, x_out], [lse, x_lse], out_dtype=query.dtype)
   return (merged, merged_lse) if return_lse else merged
 
 

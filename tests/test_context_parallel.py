@@ -477,3 +477,43 @@ def test_explicit_axes_mesh():
   _assert_close(got, want, 2e-5, "explicit mesh")
   want_na = jsa.na2d(x, x, x, (3, 3), is_causal=(True, False), backend="reference")
   assert brute_force.rel_err(got_na, want_na) < 2e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Neighborhood extras on a mesh.
+
+
+def test_na_extra_tokens_context_parallel():
+  # Video-like grid sharded over 4 devices along its leading dim; text tokens replicated.
+  q, k, v, d_out, rng = _inputs(11, (2, 8, 6, 4, 16), (2, 8, 6, 2, 16))
+  ek = jnp.asarray(rng.standard_normal((2, 5, 2, 16)), jnp.float32)
+  ev = jnp.asarray(rng.standard_normal((2, 5, 2, 16)), jnp.float32)
+  valid = jnp.asarray(rng.random((2, 5)) < 0.7)
+
+  def run(mesh, context_axis):
+    def f(q, k, v):
+      return jsa.na2d(q, k, v, (3, 3), is_causal=(True, False), additional_keys=ek,
+                      additional_values=ev, additional_valid=valid, backend="xla", mesh=mesh,
+                      context_axis=context_axis)
+    return jax.jit(lambda *a: _value_and_grads(f, *a))(q, k, v, d_out)
+
+  want = run(None, None)
+  _assert_close(run(_mesh(4), "context"), want, 1e-5, "context axis")
+  _assert_close(run(jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO,) * 2), None),
+                want, 1e-5, "batch/heads")
+
+
+def test_na_padding_mask_on_a_mesh():
+  q, k, v, d_out, rng = _inputs(12, (4, 6, 7, 4, 16), (4, 6, 7, 2, 16))
+  valid = jnp.asarray(rng.random((4, 6, 7)) < 0.6)
+  seg = jnp.asarray(rng.integers(0, 2, (4, 6, 7)), jnp.int32)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO,) * 2)
+
+  def run(mesh):
+    f = lambda q, k, v: jsa.na2d(q, k, v, 3, kv_valid=valid, segment_ids=seg, backend="xla",
+                                 mesh=mesh)
+    return jax.jit(lambda *a: _value_and_grads(f, *a))(q, k, v, d_out)
+
+  _assert_close(run(mesh), run(None), 1e-5, "batch/heads")
+  with pytest.raises(ValueError, match="kv_valid / segment_ids do not run with a context_axis"):
+    jsa.na2d(q, k, v, 3, kv_valid=valid, backend="xla", mesh=_mesh(2), context_axis="context")
