@@ -118,8 +118,8 @@ def _perf(name, impl, fn, q, k, v, do, flops_fwd, iters, **extra):
     traceback.print_exc()
 
 
-def section_perf(dtype, iters, only):
-  h, d = 16, 128
+def section_perf(dtype, iters, only, d=128):
+  h = 16
   cudnn = lambda causal, window=None: (lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=causal, implementation="cudnn", local_window_size=window))
   rows = []
@@ -207,6 +207,7 @@ def main(argv=None):
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--impls", default=",".join(IMPLS), help=",".join(OURS))
   parser.add_argument("--peers", default="cudnn,dense", help="cudnn, dense (our dense kernel)")
+  parser.add_argument("--head-dim", type=int, default=128, help="perf rows' head_dim")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   IMPLS[:] = args.impls.split(",")
@@ -216,8 +217,8 @@ def main(argv=None):
   if "check" in sections:
     section_check(dtype)
   if "perf" in sections:
-    section_perf(dtype, args.iters, args.only.split(","))
-  write_results(args.out, header(args.dtype))
+    section_perf(dtype, args.iters, args.only.split(","), args.head_dim)
+  write_results(args.out, dict(header(args.dtype), head_dim=args.head_dim))
 
 
 if __name__ == "__main__":
