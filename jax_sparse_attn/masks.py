@@ -225,6 +225,22 @@ def gna_coord_1d(x, length: int, dilation: int):
   return (x % dilation) * length + x // dilation
 
 
+def _gna_bounds(mask, coords, lengths):
+  """Per-dim (lo, hi) of queries at `coords` in grids of `lengths` (ints or per-token
+  arrays) under `mask`'s kernel_size, stride, dilation and is_causal."""
+  los, his = [], []
+  for x, length, k, s, d, c in zip(coords, lengths, mask.kernel_size, mask.stride,
+                                   mask.dilation, mask.is_causal):
+    lo, hi = gna_bounds_1d(x, length, k, s, d, c)
+    los.append(lo)
+    his.append(hi)
+  return los, his
+
+
+def _gna_coords(mask, coords, lengths):
+  return [gna_coord_1d(x, length, d) for x, length, d in zip(coords, lengths, mask.dilation)]
+
+
 def _as_tuple(value, ndim: int, name: str, kind=int) -> tuple:
   if isinstance(value, (list, tuple)):
     if len(value) != ndim:
@@ -272,19 +288,10 @@ class Neighborhood(IntervalMask):
     return coords[::-1], xp
 
   def q_bounds(self, q_idx):
-    coords, _ = self._coords(q_idx)
-    los, his = [], []
-    for x, length, k, s, d, c in zip(coords, self.spatial_shape, self.kernel_size, self.stride,
-                                     self.dilation, self.is_causal):
-      lo, hi = gna_bounds_1d(x, length, k, s, d, c)
-      los.append(lo)
-      his.append(hi)
-    return los, his
+    return _gna_bounds(self, self._coords(q_idx)[0], self.spatial_shape)
 
   def kv_coords(self, kv_idx):
-    coords, _ = self._coords(kv_idx)
-    return [gna_coord_1d(x, length, d)
-            for x, length, d in zip(coords, self.spatial_shape, self.dilation)]
+    return _gna_coords(self, self._coords(kv_idx)[0], self.spatial_shape)
 
   @property
   def num_tokens(self) -> int:
@@ -335,18 +342,12 @@ class PackedNeighborhood(IntervalMask):
 
   def q_bounds(self, q_idx):
     grid, coords, lengths = self._locate(q_idx)
-    los, his = [grid], [grid]
-    for x, length, k, s, d, c in zip(coords, lengths, self.kernel_size, self.stride,
-                                     self.dilation, self.is_causal):
-      lo, hi = gna_bounds_1d(x, length, k, s, d, c)
-      los.append(lo)
-      his.append(hi)
-    return los, his
+    los, his = _gna_bounds(self, coords, lengths)
+    return [grid] + los, [grid] + his
 
   def kv_coords(self, kv_idx):
     grid, coords, lengths = self._locate(kv_idx)
-    return [grid] + [gna_coord_1d(x, length, d)
-                     for x, length, d in zip(coords, lengths, self.dilation)]
+    return [grid] + _gna_coords(self, coords, lengths)
 
 
 # --------------------------------------------------------------------------------------------
