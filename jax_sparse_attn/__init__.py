@@ -4,7 +4,7 @@ Pipeline: mask spec (`masks`) -> block map (`block_map`) -> backend kernel (`xla
 `pallas_kernels.gpu`, `pallas_kernels.tpu`) -> custom_vjp op (`ops`) -> sharded op
 (`context_parallel`).
 """
-from . import block_map, context_parallel, masks
+from . import block_map, context_parallel, masks, routing
 from .block_map import BlockMap
 from .merge import merge_attentions
 from .ops import (NATiling, attention, na, na1d, na2d, na3d, na_packed, na_tiling,
@@ -12,5 +12,5 @@ from .ops import (NATiling, attention, na, na1d, na2d, na3d, na_packed, na_tilin
 from .simulate import simulate
 
 __all__ = ["attention", "na", "na1d", "na2d", "na3d", "na_packed", "na_tiling", "NATiling", "masks", "block_map", "BlockMap",
-           "simulate", "register_backend", "resolve_backend", "merge_attentions", "context_parallel"]
+           "simulate", "register_backend", "resolve_backend", "merge_attentions", "context_parallel", "routing"]
 __version__ = "0.1.0"

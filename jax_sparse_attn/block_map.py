@@ -62,11 +62,17 @@ class BlockMap:
 
   @property
   def max_kv(self) -> int:
-    return self.kv_ids.shape[1]
+    return self.kv_ids.shape[-1]
 
   @property
   def max_q(self) -> int:
-    return self.q_ids.shape[1]
+    return self.q_ids.shape[-1]
+
+  @property
+  def is_runtime(self) -> bool:
+    """A map built at run time per (batch, head): fields [batch, heads, rows, ...]
+    (`from_selection`)."""
+    return self.kv_ids.ndim == 4
 
   @property
   def num_visited(self) -> int:
@@ -403,3 +409,57 @@ def _refine_partial(mask, classes, q_idx, q_valid, kv_idx, kv_valid, bq, bk):
 def for_sequences(mask: masks_lib.Mask, seq_q: int, seq_kv: int, block_q: int,
                   block_kv: int) -> BlockMap:
   return build(mask, SequenceLayout(seq_q, block_q), SequenceLayout(seq_kv, block_kv))
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime maps (content-routed attention): built on device, inside jit.
+
+
+def _packed_rows(cls, num_cols: int):
+  """Per row of `cls` [..., rows, cols] (EMPTY / PARTIAL / FULL), the visited columns, full
+  first then partial, each ascending: (ids [..., rows, cols] with the tail repeating the last
+  visited id, counts, full counts)."""
+  import jax.numpy as jnp
+  col = jnp.arange(num_cols, dtype=jnp.int32)
+  key = jnp.where(cls == FULL, col, jnp.where(cls == PARTIAL, num_cols + col, 2 * num_cols))
+  key = jnp.sort(key, axis=-1)
+  counts = jnp.sum(cls != EMPTY, axis=-1).astype(jnp.int32)
+  full = jnp.sum(cls == FULL, axis=-1).astype(jnp.int32)
+  last = jnp.take_along_axis(key, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  key = jnp.where(key < 2 * num_cols, key, last)
+  return jnp.where(key < 2 * num_cols, key % num_cols, 0).astype(jnp.int32), counts, full
+
+
+def from_selection(selection, static: BlockMap, max_kv: int | None = None) -> BlockMap:
+  """The runtime block map of a content-routed selection, inside `jax.jit`.
+
+  selection: int [batch, heads, num_q_blocks, k]: the KV block ids each Q block of each head
+  visits (-1 or out of range: none; repeats are dropped). The result visits the selected
+  blocks that the static mask's map (`static`, same block sizes) visits, with its
+  full/partial classes: attention is restricted to (static mask) AND (selected blocks).
+  Fields are [batch, heads, rows, ...] (`BlockMap.is_runtime`); kv rows are `max_kv` wide
+  (default k), q rows (the transpose, for dK/dV) `num_q_blocks` wide. One partial group.
+  """
+  import jax.numpy as jnp
+  if static.partial_groups != (None,):
+    raise ValueError("runtime block maps take 1-D (sequence) plans: one partial group")
+  nq, nk = static.num_q_blocks, static.num_kv_blocks
+  classes = jnp.asarray(static.dense_classes())  # [nq, nk], host-side once per static map
+  b, h, rows, k = selection.shape
+  if rows != nq:
+    raise ValueError(f"selection must have num_q_blocks = {nq} rows, got shape "
+                     f"{selection.shape}")
+  ids = selection.astype(jnp.int32)
+  ok = (ids >= 0) & (ids < nk)
+  bi = jnp.arange(b)[:, None, None, None]
+  hi = jnp.arange(h)[None, :, None, None]
+  qi = jnp.arange(nq)[None, None, :, None]
+  chosen = jnp.zeros((b, h, nq, nk), jnp.bool_).at[bi, hi, qi, jnp.where(ok, ids, nk)].set(
+      True, mode="drop")
+  cls = jnp.where(chosen, classes[None, None], EMPTY).astype(jnp.int8)
+  width = max_kv or k
+  kv_ids, kv_counts, kv_full = _packed_rows(cls, nk)
+  q_ids, q_counts, q_full = _packed_rows(jnp.swapaxes(cls, 2, 3), nq)
+  return BlockMap(kv_ids[..., :width], kv_counts, kv_full, kv_counts[..., None], q_ids,
+                  q_counts, q_full, q_counts[..., None], static.block_q, static.block_kv, nq,
+                  nk)

@@ -52,20 +52,29 @@ class Backend(NamedTuple):
   # (mask, block_q, block_kv) -> (q tile, kv tile): the backend's own tile choice for `na`'s
   # defaults (None: the simulator's `best_tile_shapes` with the fields above).
   choose_tiles: Callable | None = None
+  # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
+  # forward(..., block_map=) / backward(..., block_map=).
+  runtime_maps: bool = False
 
 
-def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret):
+def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None):
   del config, interpret
+  if block_map is not None:
+    return xla_backend.forward_runtime(q, k, v, q_seg, kv_seg, plan, scale, block_map)
   return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale)
 
 
-def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret):
+def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret,
+                  block_map=None):
   del config, interpret
+  if block_map is not None:
+    return xla_backend.backward_runtime(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
+                                        scale, block_map)
   return xla_backend.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale)
 
 
 _REGISTRY: dict[str, Backend] = {
-    "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64)),
+    "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64), runtime_maps=True),
 }
 
 
@@ -128,23 +137,26 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
   impl = _get_backend(backend)
   bwd_plan = bwd_plan or plan
 
-  @jax.custom_vjp
-  def core(q, k, v, q_seg, kv_seg):
-    return impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale, config,
-                        interpret)
+  # A runtime block map (content-routed attention) is an argument: traced data.
+  runtime = lambda bmap: {} if bmap is None else {"block_map": bmap}
 
-  def fwd(q, k, v, q_seg, kv_seg):
+  @jax.custom_vjp
+  def core(q, k, v, q_seg, kv_seg, bmap):
+    return impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale, config,
+                        interpret, **runtime(bmap))
+
+  def fwd(q, k, v, q_seg, kv_seg, bmap):
     out, lse = impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale,
-                            config, interpret)
-    return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
+                            config, interpret, **runtime(bmap))
+    return (out, lse), (q, k, v, q_seg, kv_seg, bmap, out, lse)
 
   def bwd(res, cotangents):
-    q, k, v, q_seg, kv_seg, out, lse = res
+    q, k, v, q_seg, kv_seg, bmap, out, lse = res
     d_out, d_lse = cotangents
     dq, dk, dv = impl.backward(q, k, v, *_kernel_segments(bwd_plan, q_seg, kv_seg), out, lse,
                                d_out.astype(q.dtype), d_lse.astype(jnp.float32), bwd_plan,
-                               scale, config, interpret)
-    return dq, dk, dv, None, None
+                               scale, config, interpret, **runtime(bmap))
+    return dq, dk, dv, None, None, None
 
   core.defvjp(fwd, bwd)
   return core
@@ -160,9 +172,10 @@ def _kernel_segments(plan: AttentionPlan, q_seg, kv_seg):
   return take(q_seg, plan.q_rows), take(kv_seg, plan.kv_rows)
 
 
-def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg, bwd_plan=None):
+def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg, bwd_plan=None,
+              block_map=None):
   core = _make_core(backend, plan, float(scale), config, interpret, bwd_plan)
-  return core(q, k, v, q_seg, kv_seg)
+  return core(q, k, v, q_seg, kv_seg, block_map)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +250,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
               segment_ids=None, backend: str = "auto", interpret: bool = False,
               return_lse: bool = False, block_q: int | None = None, block_kv: int | None = None,
               config=None, mesh=None, context_axis: str | None = None, strategy: str = "auto",
-              context_layout: str = "contiguous"):
+              context_layout: str = "contiguous", block_selection=None):
   """Block-sparse attention over 1-D sequences.
 
   Args:
@@ -263,6 +276,11 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     context_layout: "contiguous" (device i holds the i-th chunk of the sequence) or
       "zigzag" (chunks i and 2N-1-i, for causal load balance; inputs in
       `context_parallel.to_zigzag` order, and so is the output).
+    block_selection: a `routing.BlockSelection` (content-routed attention: MoBA, gates):
+      per query block and head, the KV blocks to visit, chosen at run time; pairs attend
+      when ``mask`` allows them and their key block is selected. Blocks are
+      ``block_selection.block_size`` tokens on both sides. Backends "xla" and "triton"
+      ("auto": "triton" on GPUs, else "xla"); no mesh yet.
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
@@ -302,6 +320,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
                          f"{seg.shape} {seg.dtype}")
     q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
+  if block_selection is not None:
+    return _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret,
+                   return_lse, block_q, block_kv, config, mesh, context_axis, block_selection)
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
                             segments=q_seg is not None, block_q=block_q, block_kv=block_kv,
                             config=config, scale=scale)
@@ -338,8 +359,47 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   return (out, lse) if return_lse else out
 
 
+def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, return_lse,
+            block_q, block_kv, config, mesh, context_axis, selection):
+  """`attention` with a runtime block selection (`routing`)."""
+  from . import block_map as block_map_lib
+  from .routing import BlockSelection
+  if not isinstance(selection, BlockSelection):
+    raise ValueError(f"block_selection must be a jax_sparse_attn.routing.BlockSelection, got "
+                     f"{type(selection).__name__}")
+  bs = selection.block_size
+  b, sq, h = query.shape[:3]
+  skv = key.shape[1]
+  nq = -(-sq // bs)
+  ids = selection.ids
+  if (not hasattr(ids, "shape") or ids.ndim != 4 or tuple(ids.shape[:3]) != (b, h, nq)
+      or not jnp.issubdtype(ids.dtype, jnp.integer)):
+    raise ValueError(f"block_selection.ids must be an integer [batch, heads, num_q_blocks, k] "
+                     f"= [{b}, {h}, {nq}, k] array (block_size {bs}), got "
+                     f"{getattr(ids, 'shape', None)}")
+  for name, given in (("block_q", block_q), ("block_kv", block_kv)):
+    if given is not None and given != bs:
+      raise ValueError(f"{name}={given} differs from block_selection.block_size={bs}")
+  if context_parallel.resolve_mesh(mesh, context_axis) is not None:
+    raise ValueError("block_selection does not run on a mesh yet")
+  if backend == "auto":
+    backend = "triton" if jax.default_backend() == "gpu" else "xla"
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "reference" or not _get_backend(backend).runtime_maps:
+    raise ValueError(f"block_selection runs on backend 'xla' or 'triton', not {backend!r}")
+  if _has_array_mask(mask):
+    raise ValueError("block_selection takes structured or function masks, not from_array")
+  plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))
+  bmap = block_map_lib.from_selection(ids, plan.block_map)
+  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
+                      block_map=bmap)
+  return (out, lse) if return_lse else out
+
+
 def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret, query, key,
-             value, q_seg=None, kv_seg=None, bwd_plan: AttentionPlan | None = None):
+             value, q_seg=None, kv_seg=None, bwd_plan: AttentionPlan | None = None,
+             block_map=None):
   """Run a kernel backend on the caller's tensors for a plan made on their layouts.
 
   query: [batch, *q_shape, heads, head_dim] (q_shape: the q layout's sequence length or
@@ -365,7 +425,8 @@ def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret,
   q, k, v = q_layout.to_kernel(query), kv_layout.to_kernel(key), kv_layout.to_kernel(value)
   if q_seg is not None:
     q_seg, kv_seg = q_layout.to_kernel(q_seg), kv_layout.to_kernel(kv_seg)
-  out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg)
+  out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg,
+                       block_map=block_map)
   return q_layout.from_kernel(out), q_layout.from_kernel(lse.transpose(0, 2, 1))
 
 

@@ -119,3 +119,102 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   dq = (dq * scale).reshape(q.shape).astype(q.dtype)
   dk = (dk * scale).reshape(k.shape).astype(k.dtype)
   return dq, dk, dv.reshape(v.shape).astype(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime block maps (`block_map.from_selection`): ids per (batch, head).
+
+
+def _runtime_step(plan: AttentionPlan, bmap, t, q_seg, kv_seg, kv_heads: int):
+  """(ids [b, hkv, g, nq], mask [b, nq, hkv, g, bq, bk]) of every Q block's t-th entry."""
+  b, h, nq = bmap.kv_counts.shape
+  g, bq, bk = h // kv_heads, plan.block_q, plan.block_kv
+  ids = bmap.kv_ids[..., t].reshape(b, kv_heads, g, nq)
+  valid = (t < bmap.kv_counts).reshape(b, kv_heads, g, nq)
+  q_pos = jnp.arange(nq * bq).reshape(nq, bq)[:, :, None]
+  kv_pos = (ids[..., None] * bk + jnp.arange(bk))[..., None, :]  # [b, hkv, g, nq, 1, bk]
+  m = element_mask(plan, q_pos, kv_pos, jnp) & valid[..., None, None]
+  if q_seg is not None:
+    qs = q_seg.reshape(b, 1, 1, nq, bq, 1)
+    ks = kv_seg.reshape(b, -1, bk)[jnp.arange(b)[:, None, None, None], ids][..., None, :]
+    m = m & (qs == ks)
+  return ids, m.transpose(0, 3, 1, 2, 4, 5)
+
+
+def _gather(blocks, ids):
+  """blocks [b, nk, bk, hkv, d], ids [b, hkv, g, nq] -> [b, hkv, g, nq, bk, d]."""
+  b, hkv = blocks.shape[0], blocks.shape[3]
+  return blocks[jnp.arange(b)[:, None, None, None], ids, :, jnp.arange(hkv)[None, :, None, None]]
+
+
+def forward_runtime(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap):
+  """`forward` over a runtime map (per (batch, head) ids)."""
+  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
+  qb = q.reshape(b, nq, bq, hkv, g, d)
+  kb_all = k.reshape(b, nk, bk, hkv, d)
+  vb_all = v.reshape(b, nk, bk, hkv, d)
+
+  def step(carry, t):
+    m_prev, l_prev, acc = carry
+    ids, m = _runtime_step(plan, bmap, t, q_seg, kv_seg, hkv)
+    s = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", qb, _gather(kb_all, ids),
+                   preferred_element_type=jnp.float32, precision=_HI) * scale
+    s = jnp.where(m, s, -jnp.inf)
+    m_new = jnp.maximum(m_prev, s.max(-1))
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m_prev - m_safe)
+    pv = jnp.einsum("bnhgqk,bhgnkd->bnhgqd", p.astype(v.dtype), _gather(vb_all, ids),
+                    preferred_element_type=jnp.float32, precision=_HI)
+    return (m_new, alpha * l_prev + p.sum(-1), alpha[..., None] * acc + pv), None
+
+  shape = (b, nq, hkv, g, bq)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (d,), jnp.float32))
+  (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, jnp.arange(bmap.max_kv))
+  seen = l_fin > 0
+  out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
+  lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
+  out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
+  return out, lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
+
+
+def backward_runtime(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan,
+                     scale: float, bmap):
+  """`backward` over a runtime map."""
+  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
+  qb = q.reshape(b, nq, bq, hkv, g, d)
+  dob = d_out.reshape(b, nq, bq, hkv, g, d)
+  kb_all = k.reshape(b, nk, bk, hkv, d)
+  vb_all = v.reshape(b, nk, bk, hkv, d)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = (delta.transpose(0, 2, 1) - d_lse).reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
+  lse_b = lse.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
+  lse_safe = jnp.where(jnp.isneginf(lse_b), jnp.inf, lse_b)
+  bi = jnp.arange(b)[:, None, None, None]
+  hi = jnp.arange(hkv)[None, :, None, None]
+
+  def step(carry, t):
+    dq, dk, dv = carry
+    ids, m = _runtime_step(plan, bmap, t, q_seg, kv_seg, hkv)
+    kb, vb = _gather(kb_all, ids), _gather(vb_all, ids)
+    s = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", qb, kb, preferred_element_type=jnp.float32,
+                   precision=_HI) * scale
+    p = jnp.where(m, jnp.exp(s - lse_safe[..., None]), 0.0)
+    dv_blk = jnp.einsum("bnhgqk,bnqhgd->bhgnkd", p.astype(d_out.dtype), dob,
+                        preferred_element_type=jnp.float32, precision=_HI)
+    dp = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", dob, vb, preferred_element_type=jnp.float32,
+                    precision=_HI)
+    ds = p * (dp - delta[..., None])
+    dq = dq + jnp.einsum("bnhgqk,bhgnkd->bnqhgd", ds.astype(k.dtype), kb,
+                         preferred_element_type=jnp.float32, precision=_HI)
+    dk_blk = jnp.einsum("bnhgqk,bnqhgd->bhgnkd", ds.astype(q.dtype), qb,
+                        preferred_element_type=jnp.float32, precision=_HI)
+    return (dq, dk.at[bi, ids, :, hi].add(dk_blk), dv.at[bi, ids, :, hi].add(dv_blk)), None
+
+  init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb_all.shape, jnp.float32),
+          jnp.zeros(vb_all.shape, jnp.float32))
+  (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(bmap.max_kv))
+  dq = (dq * scale).reshape(q.shape).astype(q.dtype)
+  dk = (dk * scale).reshape(k.shape).astype(k.dtype)
+  return dq, dk, dv.reshape(v.shape).astype(v.dtype)

@@ -50,8 +50,9 @@ def _probs(q, k, mask, scale, q_seg, kv_seg):
   """Softmax probabilities [b, h, sq, skv] (zero rows where nothing is visible), the
   denominators and row maxima (for the LSE)."""
   s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
-  mask = np.asarray(mask)  # [sq, skv], or [batch, sq, skv]
-  m = np.broadcast_to(mask[None, None] if mask.ndim == 2 else mask[:, None], s.shape).copy()
+  mask = np.asarray(mask)  # [sq, skv], [batch, sq, skv] or [batch, heads, sq, skv]
+  m = np.broadcast_to({2: mask[None, None], 3: mask[:, None], 4: mask}[mask.ndim],
+                      s.shape).copy()
   if q_seg is not None:
     m &= (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
   s = np.where(m, s, -np.inf)
@@ -63,8 +64,8 @@ def _probs(q, k, mask, scale, q_seg, kv_seg):
 
 
 def attention(q, k, v, mask, scale, q_seg=None, kv_seg=None):
-  """q [b, sq, h, d], k/v [b, skv, hkv, d], mask [sq, skv] or [b, sq, skv] -> (out,
-  lse [b, sq, h]) float64."""
+  """q [b, sq, h, d], k/v [b, skv, hkv, d], mask [sq, skv], [b, sq, skv] or [b, h, sq, skv]
+  -> (out, lse [b, sq, h]) float64."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   k, v = _repeat_kv(q, k), _repeat_kv(q, v)
   p, den, mx = _probs(q, k, mask, scale, q_seg, kv_seg)

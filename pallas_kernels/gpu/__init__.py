@@ -11,7 +11,7 @@ from .mosaic_gpu import MosaicGPUConfig
 # Mosaic GPU reads tiles as TMA boxes with rows of a multiple of 8 tokens.
 register_backend("triton", Backend(forward, backward, default_map_blocks, gathers=True,
                                    backward_blocks=default_backward_map_blocks,
-                                   half_q_tiles=True))
+                                   half_q_tiles=True, runtime_maps=True))
 
 register_backend("mosaic_gpu", Backend(
     mosaic_gpu.forward, mosaic_gpu.backward,

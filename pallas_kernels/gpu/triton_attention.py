@@ -532,20 +532,35 @@ def _mask_inputs(plan: AttentionPlan, q_seg, kv_seg, b_of, spec: mma_masks.MaskS
 
 
 def _counts_array(counts, full_counts, group_ends):
-  """[rows, pow2 >= 2 + groups]: n_full, total, then the end of each partial group."""
-  cols = [jnp.asarray(full_counts, jnp.int32)[:, None], jnp.asarray(counts, jnp.int32)[:, None],
-          jnp.asarray(group_ends, jnp.int32)]
-  arr = jnp.concatenate(cols, axis=1)
-  width = pl.next_power_of_2(arr.shape[1])
-  return jnp.pad(arr, ((0, 0), (0, width - arr.shape[1])))
+  """[..., rows, pow2 >= 2 + groups]: n_full, total, then the end of each partial group."""
+  cols = [jnp.asarray(full_counts, jnp.int32)[..., None],
+          jnp.asarray(counts, jnp.int32)[..., None], jnp.asarray(group_ends, jnp.int32)]
+  arr = jnp.concatenate(cols, axis=-1)
+  width = pl.next_power_of_2(arr.shape[-1])
+  return jnp.pad(arr, [(0, 0)] * (arr.ndim - 1) + [(0, width - arr.shape[-1])])
 
 
-def _map_inputs(ids, counts, full_counts, group_ends, sub: int):
-  """The block map rows (ids, counts) and their BlockSpecs for a grid over kernel tiles."""
+def _map_inputs(ids, counts, full_counts, group_ends, sub: int, group: int = 0):
+  """The block map rows (ids, counts) and their BlockSpecs for a grid over kernel tiles.
+
+  Runtime maps (`BlockMap.is_runtime`: [batch, heads, rows, ...]) give each program its
+  (batch, head)'s row, grid axis 1 running over batch x heads; with ``group`` (dK/dV) over
+  batch x kv heads, each program gets the rows of its GQA group's query heads: [group, ...]."""
   counts = _counts_array(counts, full_counts, group_ends)
-  return ([jnp.asarray(ids), counts],
-          [pl.BlockSpec((None, ids.shape[1]), lambda i, j: (i // sub, 0)),
-           pl.BlockSpec((None, counts.shape[1]), lambda i, j: (i // sub, 0))])
+  ids = jnp.asarray(ids)
+  if ids.ndim == 2:
+    return ([ids, counts],
+            [pl.BlockSpec((None, ids.shape[1]), lambda i, j: (i // sub, 0)),
+             pl.BlockSpec((None, counts.shape[1]), lambda i, j: (i // sub, 0))])
+  b, h, rows = ids.shape[:3]
+  if not group:
+    flat = lambda x: x.reshape(b * h, rows, x.shape[-1])
+    spec = lambda x: pl.BlockSpec((None, None, x.shape[-1]), lambda i, j: (j, i // sub, 0))
+  else:
+    flat = lambda x: x.reshape(b * h // group, group, rows, x.shape[-1])
+    spec = lambda x: pl.BlockSpec((None, group, None, x.shape[-1]),
+                                  lambda i, j: (j, 0, i // sub, 0))
+  return [flat(ids), flat(counts)], [spec(ids), spec(counts)]
 
 
 def _pad_head_dim(*xs):
@@ -572,16 +587,27 @@ def _vector_spec(spec: mma_masks.MaskSpec, n: int, tile: int, index):
   return pl.BlockSpec((None, None, tile), lambda i, j: (index(j)[0], index(j)[1], i))
 
 
-def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret):
+def _runtime_map(plan: AttentionPlan, block_map):
+  """The map the kernels walk: the plan's, or a runtime one (1-D plans, one partial group)."""
+  if block_map is None:
+    return plan.block_map
+  if plan.gathered or len(plan.block_map.partial_groups) != 1:
+    raise ValueError("runtime block maps take 1-D (sequence) plans")
+  return block_map
+
+
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
+            block_map=None):
   """q [batch, n_q, heads, head_dim], k/v [batch, n_kv, kv_heads, head_dim]: kernel order
   (n = padded length), or the caller's flat order if ``plan.gathered``. Returns out like q
-  and lse [batch, heads, n_q] float32."""
+  and lse [batch, heads, n_q] float32. `block_map`: a runtime map (per batch and head)
+  instead of the plan's."""
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
   cfg = default_config(d, q.dtype, plan, config)
   tq, tk = cfg.block_q, cfg.block_kv
-  bmap = plan.block_map
+  bmap = _runtime_map(plan, block_map)
   spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale, forward=True)
   qp, kp, vp = _pad_head_dim(q, k, v)
   dpad = qp.shape[-1]
@@ -652,8 +678,21 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 # Backward: dK/dV.
 
 
+class _HeadRow:
+  """Row `head` of a per-head map ref [group, n]: ``row[i]`` reads ``ref[head, i]`` (one
+  indexer: the Triton lowering takes no view of a view)."""
+
+  def __init__(self, ref, head: int):
+    self.ref, self.head = ref, head
+
+  def __getitem__(self, i):
+    return self.ref[self.head, i]
+
+
 def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                spec, scale, block_q, block_kv, tq, tk, head_dim, group, allow_tf32):
+                spec, scale, block_q, block_kv, tq, tk, head_dim, group, allow_tf32,
+                per_head: bool = False):
+  """per_head: a runtime map, rows [group, ...] (one per query head of the GQA group)."""
   (q_rows_ref, kv_rows_ref), mask_refs, tables, (dk_ref, dv_ref) = _split_refs(rest, spec)
   kv_start = pl.program_id(0) * tk
   dmask = _head_dim_mask(k_ref.shape[-1], head_dim)
@@ -666,10 +705,10 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   bias = (_MMABias(spec, mask_refs, tables, kv_start, tk, tq, loop_is_kv=False) if mma
           else None)
 
-  def body(t, carry, masked, dims, head):
+  def body(t, carry, masked, dims, head, ids):
     head = jnp.int32(head)  # a traced index (static ints trip the interpret-mode discharge)
     dk, dv = carry
-    q_start = pl.multiple_of(_block_start(ids_ref, t, sub, block_q, tq), tq)
+    q_start = pl.multiple_of(_block_start(ids, t, sub, block_q, tq), tq)
     rows, ok = _rows(q_rows_ref, q_start, tq)
     q = _load_head_rows(q_ref, rows, head, group, dmask)
     do = _load_head_rows(do_ref, rows, head, group, dmask)
@@ -694,19 +733,21 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
   carry = (jnp.zeros((tk, k.shape[-1]), jnp.float32), jnp.zeros((tk, k.shape[-1]), jnp.float32))
   for head in range(group):  # GQA: the query heads sharing this KV head
-    carry = _run_groups(spec, counts_ref, sub, functools.partial(body, head=head), carry)
+    ids, counts = ((_HeadRow(ids_ref, head), _HeadRow(counts_ref, head)) if per_head
+                   else (ids_ref, counts_ref))
+    carry = _run_groups(spec, counts, sub, functools.partial(body, head=head, ids=ids), carry)
   dk, dv = carry
   _store_tile(dk_ref, (dk * scale).astype(dk_ref.dtype), kv_rows, kv_ok, dmask)
   _store_tile(dv_ref, dv.astype(dv_ref.dtype), kv_rows, kv_ok, dmask)
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             config, interpret):
+             config, interpret, block_map=None):
   b, sq, h, d = q.shape
   skv, hkv = k.shape[1], k.shape[2]
   g = h // hkv
   cfg = default_config(d, q.dtype, plan, config)
-  bmap = plan.block_map
+  bmap = _runtime_map(plan, block_map)
   # delta = rowsum(dO * O) - dLSE: one fused elementwise pass.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = delta.transpose(0, 2, 1) - d_lse  # [b, h, sq]
@@ -743,7 +784,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec,
                                                tk, tq, False)
   map_arrays, map_specs = _map_inputs(bmap.q_ids, bmap.q_counts, bmap.q_full_counts,
-                                      bmap.q_group_ends, plan.block_kv // tk)
+                                      bmap.q_group_ends, plan.block_kv // tk, group=g)
   if g == 1:
     q_all = pl.BlockSpec((None, sq, None, dpad), lambda i, j: (j // hkv, 0, j % hkv, 0))
     rows_all = pl.BlockSpec((None, None, sq), lambda i, j: (j // hkv, j % hkv, 0))
@@ -754,7 +795,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                         block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d, group=g,
-                        allow_tf32=cfg.allow_tf32),
+                        allow_tf32=cfg.allow_tf32, per_head=bmap.is_runtime),
       grid=(plan.kv_layout.padded_len // tk, b * hkv),
       in_specs=map_specs + [q_all, kv_spec, kv_spec, q_all, rows_all, rows_all] + mask_specs,
       out_specs=[kv_spec, kv_spec],

@@ -1,0 +1,115 @@
+"""Content-routed attention (MoBA) on the GPU: a real-size gradient check and timings of the
+runtime block maps beside our dense causal kernels, in one run.
+
+    python -m benchmarks.bench_routing --sections check,perf --out results.json
+
+check: `attention(..., block_selection=)` on Triton (bf16) against the float32 XLA backend under
+the same selection. perf: the MoBA row of ../shared/tools/anchor_probe_sparse.py (S=32768
+causal, 128-token blocks, per query block and head the top 32 of random block scores among
+the visible blocks, plus its own and the previous block; H=16, D=128, B=1): selection +
+runtime-map build on device, forward and forward+backward, beside our dense causal kernels
+(Triton and Hopper) and the bound (visited fraction of the causal blocks). torch Flex runs
+in the probe (same selection rule), in the same device call.
+"""
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import block_map as block_map_lib
+from jax_sparse_attn import masks, routing
+from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.plan import make_plan
+
+from .bench_gpu import fwd_bwd, header, inputs, record, rel, timeit, write_results
+
+
+def moba_selection(key, b, h, s, bs, top_k):
+  """The probe's rule: top `top_k` of uniform random scores among the visible (causal)
+  blocks, then the diagonal and the previous block."""
+  nb = s // bs
+  scores = jax.random.uniform(key, (b, h, nb, nb))
+  top = routing.select(scores, bs, top_k, causal=True).ids
+  qi = jnp.arange(nb)[:, None]
+  local = jnp.broadcast_to(jnp.concatenate([qi, jnp.maximum(qi - 1, 0)], axis=1), (b, h, nb, 2))
+  return routing.BlockSelection(jnp.concatenate([top, local], axis=-1).astype(jnp.int32), bs)
+
+
+def section_check(dtype):
+  b, s, h, hkv, d, bs = 1, 4096, 4, 2, 128, 128
+  q, k, v, do = inputs((b, s, h, d), (b, s, hkv, d), dtype)
+  sel = moba_selection(jax.random.PRNGKey(1), b, h, s, bs, 8)
+  try:
+    ours = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                         backend="triton")
+    ref = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                        backend="xla")
+    got = fwd_bwd(ours)(q, k, v, do)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(do))
+    errs = {n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, want)}
+    record(section="check", case=f"MoBA causal S={s} top 8 + 2, GQA {h}/{hkv}", **errs,
+           finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
+  except Exception as e:
+    record(section="check", error=repr(e)[:600])
+    traceback.print_exc()
+
+
+def section_perf(dtype, iters):
+  b, s, h, d, bs, top_k = 1, 32768, 16, 128, 128, 32
+  q, k, v, do = inputs((b, s, h, d), (b, s, h, d), dtype)
+  static = make_plan(masks.causal(), SequenceLayout(s, bs), SequenceLayout(s, bs)).block_map
+  sel = jax.jit(lambda key: moba_selection(key, b, h, s, bs, top_k))(jax.random.PRNGKey(0))
+  bmap = jax.jit(lambda ids: block_map_lib.from_selection(ids, static))(sel.ids)
+  visited = int(jnp.sum(bmap.kv_counts))
+  frac = visited / (h * static.num_visited)
+  record(section="perf", case="MoBA selection", visited_fraction_of_causal=frac,
+         bound_over_causal=1 / frac)
+  name = f"MoBA S={s} causal top {top_k} + diagonal + previous, B={b} H={h} D={d}"
+  # Selection (MoBA's pooled scores + top-k) and the runtime map, on device.
+  build = jax.jit(lambda q, k: block_map_lib.from_selection(
+      routing.topk_blocks(q, k, bs, top_k, causal=True, local_blocks=2).ids, static))
+  record(section="perf", case=name, impl="ours: pooled scores + top-k + runtime map",
+         ms=timeit(build, q, k, iters=iters))
+  record(section="perf", case=name, impl="ours: runtime map from a selection",
+         ms=timeit(jax.jit(lambda ids: block_map_lib.from_selection(ids, static)), sel.ids,
+                   iters=iters))
+  runs = [("triton (runtime map)", lambda q, k, v: jsa.attention(
+              q, k, v, masks.causal(), block_selection=sel, backend="triton")),
+          ("triton dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
+                                                                 backend="triton")),
+          ("mosaic_gpu dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
+                                                                     backend="mosaic_gpu"))]
+  for impl, fn in runs:
+    try:
+      t_f = timeit(jax.jit(fn), q, k, v, iters=iters)
+      t_b = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
+      record(section="perf", case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b)
+    except Exception as e:
+      record(section="perf", case=name, impl=impl, error=repr(e)[:600])
+      traceback.print_exc()
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--sections", default="check,perf")
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  head = header(args.dtype)
+  record(**head)
+  if "check" in args.sections:
+    section_check(dtype)
+  if "perf" in args.sections:
+    section_perf(dtype, args.iters)
+  write_results(args.out, head)
+
+
+if __name__ == "__main__":
+  main()

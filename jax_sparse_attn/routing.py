@@ -1,0 +1,101 @@
+"""Content-routed block selection (MoBA, SeerAttention-style gates): which KV blocks each
+query block of each head visits, chosen at run time inside `jax.jit`.
+
+`attention(q, k, v, mask, block_selection=sel)` attends to the pairs the static ``mask``
+allows whose key block ``sel`` selects for the query's block and head. The selection itself
+is not differentiated (gradients flow to q, k, v through the attention only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["ids"],
+                   meta_fields=["block_size"])
+@dataclasses.dataclass(frozen=True)
+class BlockSelection:
+  """ids: int32 [batch, heads, num_q_blocks, k] KV block ids per query block and head (-1:
+  none; repeats allowed); block_size: tokens per block, on both sides."""
+  ids: Any
+  block_size: int
+
+
+def _check_block_size(block_size):
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or (
+      block_size & (block_size - 1)):
+    raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+
+
+def select(scores, block_size: int, top_k: int, *, causal: bool = False,
+           local_blocks: int = 0, sink_blocks: int = 0) -> BlockSelection:
+  """Top-k selection from block scores [batch, heads, num_q_blocks, num_kv_blocks] (a gate's
+  output, or `pooled_scores`). Always visits the ``local_blocks`` blocks ending at the query's
+  own block (causal; centred on it otherwise) and the first ``sink_blocks`` blocks, then the
+  ``top_k`` best of the rest; with ``causal`` only blocks up to the query's own. Ties and
+  blocks with score -inf are never chosen over visible ones; rows with fewer candidates
+  than top_k pad with -1."""
+  _check_block_size(block_size)
+  for name, x in (("top_k", top_k), ("local_blocks", local_blocks),
+                  ("sink_blocks", sink_blocks)):
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+      raise ValueError(f"{name} must be a non-negative int, got {x!r}")
+  if not hasattr(scores, "ndim") or scores.ndim != 4:
+    raise ValueError(f"scores must be [batch, heads, num_q_blocks, num_kv_blocks], got "
+                     f"{getattr(scores, 'shape', None)}")
+  b, h, nq, nk = scores.shape
+  qi = jnp.arange(nq)[:, None]
+  kj = jnp.arange(nk)[None, :]
+  allowed = kj <= qi if causal else jnp.ones((nq, nk), bool)
+  if causal:
+    local = (kj <= qi) & (kj > qi - local_blocks)
+  else:
+    local = jnp.abs(kj - qi) <= (local_blocks - 1) // 2 if local_blocks else jnp.zeros_like(allowed)
+  forced = (local | (kj < sink_blocks)) & allowed
+  n_forced = min(nk, local_blocks + sink_blocks)
+  # Each row's forced ids, smallest first (`block_map.from_selection` sorts and drops repeats).
+  if n_forced:
+    forced_ids = -jax.lax.top_k(-jnp.where(forced, kj, nk).astype(jnp.int32), n_forced)[0]
+    forced_ids = jnp.where(forced_ids < nk, forced_ids, -1)
+  else:
+    forced_ids = jnp.zeros((nq, 0), jnp.int32)
+  cand = jnp.where(allowed & ~forced, scores.astype(jnp.float32), -jnp.inf)
+  k = min(top_k, nk)
+  if k:
+    vals, top = jax.lax.top_k(cand, k)
+    top = jnp.where(vals > -jnp.inf, top, -1).astype(jnp.int32)
+  else:
+    top = jnp.zeros((b, h, nq, 0), jnp.int32)
+  ids = jnp.concatenate([jnp.broadcast_to(forced_ids, (b, h, nq, n_forced)), top], axis=-1)
+  return BlockSelection(jax.lax.stop_gradient(ids), block_size)
+
+
+def pooled_scores(query, key, block_size: int):
+  """MoBA's block scores: each query block's mean query against each key block's mean key,
+  per head (keys of a GQA group shared): [batch, heads, num_q_blocks, num_kv_blocks] float32.
+  query [batch, seq_q, heads, d], key [batch, seq_kv, kv_heads, d]; padding is not averaged."""
+  _check_block_size(block_size)
+
+  def pool(x):
+    b, s, h, d = x.shape
+    n = -(-s // block_size)
+    x = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, n * block_size - s), (0, 0), (0, 0)])
+    count = jnp.minimum(block_size, s - jnp.arange(n) * block_size).astype(jnp.float32)
+    return x.reshape(b, n, block_size, h, d).sum(2) / count[None, :, None, None]
+
+  qp, kp = pool(jax.lax.stop_gradient(query)), pool(jax.lax.stop_gradient(key))
+  g = query.shape[2] // key.shape[2]
+  kp = jnp.repeat(kp, g, axis=2)
+  return jnp.einsum("bqhd,bkhd->bhqk", qp, kp, precision=jax.lax.Precision.HIGHEST)
+
+
+def topk_blocks(query, key, block_size: int, top_k: int, *, causal: bool = False,
+                local_blocks: int = 0, sink_blocks: int = 0) -> BlockSelection:
+  """MoBA: `select` on `pooled_scores` (e.g. ``topk_blocks(q, k, 128, 32, causal=True,
+  local_blocks=2)``: the diagonal and previous block plus the 32 best earlier blocks)."""
+  return select(pooled_scores(query, key, block_size), block_size, top_k, causal=causal,
+                local_blocks=local_blocks, sink_blocks=sink_blocks)

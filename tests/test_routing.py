@@ -1,0 +1,204 @@
+"""Content-routed attention: block selection (`routing`), runtime block maps built on device
+(`block_map.from_selection`) and `attention(..., block_selection=)` on the XLA and Triton
+(interpret mode) backends vs the float64 brute force under the same selected blocks."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import backend_cases
+import brute_force
+import jax_sparse_attn as jsa
+from jax_sparse_attn import block_map as block_map_lib
+from jax_sparse_attn import masks, routing
+from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.plan import make_plan
+
+KW = {"xla": {}, "triton": dict(interpret=True)}
+MASKS = {
+    "full": masks.full(),
+    "causal": masks.causal(),
+    "window": masks.sliding_window(20, 3),
+    "function": masks.from_function(lambda q, k: (q + k) % 3 != 1),
+}
+
+
+def dense_selected(ids, sq, skv, bs):
+  """[b, h, sq, skv]: pairs whose key block the query's block selects."""
+  b, h, nq, _ = ids.shape
+  out = np.zeros((b, h, sq, skv), bool)
+  nk = -(-skv // bs)
+  for bi, hi, qi in np.ndindex(b, h, nq):
+    for j in ids[bi, hi, qi]:
+      if 0 <= j < nk:
+        out[bi, hi, qi * bs:(qi + 1) * bs, j * bs:(j + 1) * bs] = True
+  return out
+
+
+@st.composite
+def routed_problems(draw):
+  bs = draw(st.sampled_from([16, 32]))
+  sq = draw(st.integers(1, 90))
+  kv_heads = draw(st.sampled_from([1, 2]))
+  return dict(batch=draw(st.integers(1, 2)), sq=sq, skv=sq, bs=bs, kv_heads=kv_heads,
+              heads=kv_heads * draw(st.sampled_from([1, 2])), head_dim=16,
+              mask=draw(st.sampled_from(sorted(MASKS))), k=draw(st.integers(1, 4)),
+              segments=draw(st.booleans()), dtype=jnp.float32, seed=draw(st.integers(0, 2**16)))
+
+
+def check_routed(p, backend, **kwargs):
+  q, k, v, d_out, rng = backend_cases.make_inputs(p)
+  b, h, sq, bs = p["batch"], p["heads"], p["sq"], p["bs"]
+  nq = -(-sq // bs)
+  # Random picks with repeats, -1 and out-of-range ids; some rows pick nothing.
+  ids = rng.integers(-1, nq + 1, (b, h, nq, p["k"])).astype(np.int32)
+  ids[rng.random((b, h, nq)) < 0.2] = -1
+  sel = routing.BlockSelection(jnp.asarray(ids), bs)
+  mask = MASKS[p["mask"]]
+  dense = np.asarray(mask(np.arange(sq)[:, None], np.arange(sq)[None, :]))
+  m = dense_selected(ids, sq, sq, bs) & dense[None, None]
+  seg = None
+  if p["segments"]:
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, (b, sq)), axis=1), jnp.int32)
+    m &= (np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :])
+  scale = 1.0 / math.sqrt(p["head_dim"])
+  want, want_lse = brute_force.attention(q, k, v, m, scale)
+  run = lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, block_selection=sel,
+                                      backend=backend, return_lse=True, **kwargs)
+  out, lse = jax.jit(run)(q, k, v)
+  tol = backend_cases.TOL[p["dtype"]]
+  assert brute_force.rel_err(out, want) < tol
+  finite = np.isfinite(want_lse)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=tol * 10, rtol=tol)
+  assert np.all(np.asarray(out)[~finite] == 0)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0] * d_out), argnums=(0, 1, 2)))(q, k, v)
+  want_grads = brute_force.attention_grads(q, k, v, m, scale, d_out)
+  for name, got, ref in zip("qkv", grads, want_grads):
+    err = brute_force.rel_err(got, ref)
+    assert err < tol * 2 or backend_cases._small(got, ref, tol), (name, err)
+
+
+@pytest.mark.parametrize("backend", sorted(KW))
+@settings(max_examples=6)
+@given(p=routed_problems())
+def test_routed_attention(backend, p):
+  check_routed(p, backend, **KW[backend])
+
+
+def test_routed_low_precision_triton():
+  p = dict(batch=1, sq=96, skv=96, bs=32, kv_heads=1, heads=2, head_dim=32, mask="causal", k=2,
+           segments=False, dtype=jnp.bfloat16, seed=9)
+  check_routed(p, "triton", interpret=True)
+
+
+def test_runtime_map_matches_selection_and_static_classes():
+  static = make_plan(masks.causal(), SequenceLayout(100, 16), SequenceLayout(100, 16)).block_map
+  classes = static.dense_classes()
+  rng = np.random.default_rng(3)
+  ids = rng.integers(-2, 9, (2, 3, 7, 4)).astype(np.int32)
+  bmap = jax.jit(lambda i: block_map_lib.from_selection(i, static))(jnp.asarray(ids))
+  assert bmap.is_runtime and bmap.kv_ids.shape[:3] == (2, 3, 7)
+  kv_ids, counts, full = (np.asarray(x) for x in (bmap.kv_ids, bmap.kv_counts,
+                                                  bmap.kv_full_counts))
+  q_ids, q_counts = np.asarray(bmap.q_ids), np.asarray(bmap.q_counts)
+  for bi, hi, qi in np.ndindex(2, 3, 7):
+    want = sorted({int(j) for j in ids[bi, hi, qi] if 0 <= j < 7 and classes[qi, j]})
+    got = kv_ids[bi, hi, qi, :counts[bi, hi, qi]]
+    n_full = full[bi, hi, qi]
+    assert sorted(got) == want
+    assert all(classes[qi, j] == block_map_lib.FULL for j in got[:n_full])
+    assert all(classes[qi, j] == block_map_lib.PARTIAL for j in got[n_full:])
+    for j in want:  # the transpose lists the same pairs
+      assert qi in q_ids[bi, hi, j, :q_counts[bi, hi, j]]
+  assert q_counts.sum() == counts.sum()
+
+
+def test_select_rules():
+  rng = np.random.default_rng(0)
+  scores = jnp.asarray(rng.standard_normal((2, 3, 8, 8)), jnp.float32)
+  sel = routing.select(scores, 16, 2, causal=True, local_blocks=2, sink_blocks=1)
+  ids = np.asarray(sel.ids)
+  assert ids.shape == (2, 3, 8, 5) and sel.block_size == 16
+  s = np.asarray(scores)
+  for bi, hi, qi in np.ndindex(2, 3, 8):
+    row = [int(j) for j in ids[bi, hi, qi] if j >= 0]
+    assert all(j <= qi for j in row)  # causal
+    forced = {j for j in (qi, qi - 1, 0) if 0 <= j <= qi}
+    assert forced <= set(row)
+    rest = [j for j in range(qi + 1) if j not in forced]
+    best = sorted(rest, key=lambda j: -s[bi, hi, qi, j])[:2]
+    assert set(best) <= set(row)
+    assert len(set(row)) == len(forced) + len(best)
+  # Non-causal, no forced blocks: exactly the top k.
+  sel = routing.select(scores, 16, 3)
+  np.testing.assert_array_equal(np.sort(np.asarray(sel.ids), -1),
+                                np.sort(np.argsort(-s, -1)[..., :3], -1))
+
+
+def test_topk_blocks_end_to_end_under_jit():
+  # MoBA: pooled scores -> selection -> attention, in one jit; gradients flow to q, k, v.
+  rng = np.random.default_rng(1)
+  b, s, h, hkv, d = 1, 128, 4, 2, 16
+  q, k, v = (jnp.asarray(rng.standard_normal((b, s, n, d)), jnp.float32) for n in (h, hkv, hkv))
+
+  def f(q, k, v):
+    sel = routing.topk_blocks(q, k, 16, 2, causal=True, local_blocks=2)
+    return jsa.attention(q, k, v, masks.causal(), block_selection=sel, backend="xla")
+
+  out = jax.jit(f)(q, k, v)
+  sel = routing.topk_blocks(q, k, 16, 2, causal=True, local_blocks=2)
+  m = dense_selected(np.asarray(sel.ids), s, s, 16) & np.tril(np.ones((s, s), bool))
+  want, _ = brute_force.attention(q, k, v, m, 0.25)
+  assert brute_force.rel_err(out, want) < 1e-5
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))(q, k, v)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+  # Pooled scores: block means, GQA keys shared by the group.
+  scores = np.asarray(routing.pooled_scores(q, k, 16))
+  qp = np.asarray(q).reshape(b, 8, 16, h, d).mean(2)
+  kp = np.repeat(np.asarray(k).reshape(b, 8, 16, hkv, d).mean(2), 2, axis=2)
+  np.testing.assert_allclose(scores, np.einsum("bqhd,bkhd->bhqk", qp, kp), rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_maps_lower_for_gpu():
+  from pallas_kernels.gpu import export_for_gpu
+  sds = jax.ShapeDtypeStruct
+  b, s, h, hkv, d = 1, 512, 4, 2, 64
+
+  def f(q, k, v, ids):
+    sel = routing.BlockSelection(ids, 64)
+    loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                                 backend="triton").astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  exported = export_for_gpu(f, sds((b, s, h, d), jnp.bfloat16), sds((b, s, hkv, d), jnp.bfloat16),
+                            sds((b, s, hkv, d), jnp.bfloat16), sds((b, h, 8, 3), jnp.int32))
+  text = exported.mlir_module()
+  assert text.count("sparse_attention_dkv") >= 1 and text.count("sparse_attention_fwd") >= 1
+
+
+Q = jnp.ones((1, 64, 2, 16))
+SEL = routing.BlockSelection(jnp.zeros((1, 2, 4, 2), jnp.int32), 16)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: jsa.attention(Q, Q, Q, block_selection=jnp.zeros((1, 2, 4, 2), jnp.int32)),
+     "must be a jax_sparse_attn.routing.BlockSelection"),
+    (lambda: jsa.attention(Q, Q, Q, block_selection=routing.BlockSelection(
+        jnp.zeros((1, 2, 3, 2), jnp.int32), 16)), r"\[batch, heads, num_q_blocks, k\]"),
+    (lambda: jsa.attention(Q, Q, Q, block_selection=SEL, block_q=32), "block_q=32 differs"),
+    (lambda: jsa.attention(Q, Q, Q, block_selection=SEL, backend="mosaic"),
+     "runs on backend 'xla' or 'triton'"),
+    (lambda: jsa.attention(Q, Q, Q, block_selection=SEL, backend="reference"),
+     "runs on backend 'xla' or 'triton'"),
+    (lambda: routing.select(jnp.zeros((1, 2, 4, 4)), 24, 1), "power of two"),
+    (lambda: routing.select(jnp.zeros((1, 2, 4, 4)), 16, -1), "top_k must be"),
+    (lambda: routing.select(jnp.zeros((2, 4, 4)), 16, 1), "scores must be"),
+])
+def test_bad_input_raises_value_error(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
