@@ -7,7 +7,8 @@ check: `attention(..., block_selection=)` on Triton (bf16) against the float32 X
 the same selection. perf: the MoBA row of ../shared/tools/anchor_probe_sparse.py (S=32768
 causal, 128-token blocks, per query block and head the top 32 of random block scores among
 the visible blocks, plus its own and the previous block; H=16, D=128, B=1): selection +
-runtime-map build on device, forward and forward+backward, beside our dense causal kernels
+runtime-map build on device, forward and forward+backward (the Hopper forward and Triton
+backward by default; all-Triton), beside our dense causal kernels
 (Triton and Hopper) and the bound (visited fraction of the causal blocks). torch Flex runs
 in the probe (same selection rule), in the same device call.
 """
@@ -43,20 +44,22 @@ def section_check(dtype):
   b, s, h, hkv, d, bs = 1, 4096, 4, 2, 128, 128
   q, k, v, do = inputs((b, s, h, d), (b, s, hkv, d), dtype)
   sel = moba_selection(jax.random.PRNGKey(1), b, h, s, bs, 8)
-  try:
-    ours = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
-                                         backend="triton")
-    ref = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
-                                        backend="xla")
-    got = fwd_bwd(ours)(q, k, v, do)
-    f32 = lambda x: x.astype(jnp.float32)
-    want = fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(do))
-    errs = {n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, want)}
-    record(section="check", case=f"MoBA causal S={s} top 8 + 2, GQA {h}/{hkv}", **errs,
-           finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
-  except Exception as e:
-    record(section="check", error=repr(e)[:600])
-    traceback.print_exc()
+  ref = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                      backend="xla")
+  f32 = lambda x: x.astype(jnp.float32)
+  want = fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(do))
+  for backend in ("triton", "mosaic_gpu"):
+    try:
+      ours = lambda q, k, v, be=backend: jsa.attention(q, k, v, masks.causal(),
+                                                       block_selection=sel, backend=be)
+      got = fwd_bwd(ours)(q, k, v, do)
+      errs = {n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, want)}
+      record(section="check", case=f"MoBA causal S={s} top 8 + 2, GQA {h}/{hkv}",
+             backend=backend, **errs,
+             finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
+    except Exception as e:
+      record(section="check", backend=backend, error=repr(e)[:600])
+      traceback.print_exc()
 
 
 def section_perf(dtype, iters):
@@ -78,7 +81,9 @@ def section_perf(dtype, iters):
   record(section="perf", case=name, impl="ours: runtime map from a selection",
          ms=timeit(jax.jit(lambda ids: block_map_lib.from_selection(ids, static)), sel.ids,
                    iters=iters))
-  runs = [("triton (runtime map)", lambda q, k, v: jsa.attention(
+  runs = [("mosaic_gpu (runtime map; the default)", lambda q, k, v: jsa.attention(
+              q, k, v, masks.causal(), block_selection=sel)),
+          ("triton (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel, backend="triton")),
           ("triton dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
                                                                  backend="triton")),

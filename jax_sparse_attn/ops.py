@@ -279,8 +279,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     block_selection: a `routing.BlockSelection` (content-routed attention: MoBA, gates):
       per query block and head, the KV blocks to visit, chosen at run time; pairs attend
       when ``mask`` allows them and their key block is selected. Blocks are
-      ``block_selection.block_size`` tokens on both sides. Backends "xla" and "triton"
-      ("auto": "triton" on GPUs, else "xla"); no mesh yet.
+      ``block_selection.block_size`` tokens on both sides. Backends "xla", "triton" and
+      "mosaic_gpu" (its forward; the Triton backward), "auto" as for other masks ("xla"
+      on TPU: the Mosaic TPU kernels do not take runtime maps yet); no mesh yet.
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
@@ -383,11 +384,15 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
   if context_parallel.resolve_mesh(mesh, context_axis) is not None:
     raise ValueError("block_selection does not run on a mesh yet")
   if backend == "auto":
-    backend = "triton" if jax.default_backend() == "gpu" else "xla"
+    backend = resolve_backend("auto", mask, dtype=query.dtype, head_dim=query.shape[-1],
+                              segments=q_seg is not None, block_q=bs, block_kv=bs,
+                              config=config, scale=scale)
+    backend = backend if backend in ("triton", "mosaic_gpu") else "xla"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "reference" or not _get_backend(backend).runtime_maps:
-    raise ValueError(f"block_selection runs on backend 'xla' or 'triton', not {backend!r}")
+    raise ValueError(f"block_selection runs on backends 'xla', 'triton' and 'mosaic_gpu', not "
+                     f"{backend!r}")
   if _has_array_mask(mask):
     raise ValueError("block_selection takes structured or function masks, not from_array")
   plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))

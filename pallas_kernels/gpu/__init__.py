@@ -17,6 +17,6 @@ register_backend("mosaic_gpu", Backend(
     mosaic_gpu.forward, mosaic_gpu.backward,
     mosaic_gpu.default_map_blocks, min_block=128, gathers=True,
     backward_blocks=mosaic_gpu.default_backward_map_blocks, tile_last_multiple=8,
-    choose_tiles=mosaic_gpu.auto_tiles))
+    choose_tiles=mosaic_gpu.auto_tiles, runtime_maps=True))
 
 __all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

@@ -305,10 +305,17 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             config, interpret):
+             config, interpret, block_map=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
-  Triton kernels)."""
+  Triton kernels). Runtime block maps (`block_map`) run on the Triton kernels: this kernel's
+  work items are planned on the host."""
   cfg = fwd._config(config)
+  if block_map is not None:
+    if cfg.backward == "mosaic_gpu":
+      raise ValueError("MosaicGPUConfig.backward='mosaic_gpu' does not take runtime block "
+                       "maps (its work items are planned on the host); use None or 'triton'")
+    return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
+                                     scale, cfg.triton, interpret, block_map=block_map)
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made with
   # other blocks (attention(..., block_kv=64)).
   if (cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan))

@@ -291,7 +291,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             half: tuple[int, ...], half_dim: int, head_dim: int, heads: int, groups: int,
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
-            window: bool = False, mask_fn=None, segments: bool = False):
+            window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -338,9 +338,14 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     hb = lax.div(i, n_q_blocks)
     return qi, lax.rem(hb, heads), lax.div(hb, heads)
 
-  def loads(qi):
-    """KV tiles the memory warpgroup loads for q block `qi`."""
-    return counts_ref[qi, 1]
+  def row(qi, head, batch):
+    """The map row of an item: its q block's, or with a runtime map (``per_head``: rows per
+    batch, head and q block) its own."""
+    return (batch * heads + head) * n_q_blocks + qi if per_head else qi
+
+  def loads(qi, head, batch):
+    """KV tiles the memory warpgroup loads for an item."""
+    return counts_ref[row(qi, head, batch), 1]
 
   parts = head_dim // 64 if box is not None else 1  # output accumulator parts
   width = head_dim // parts
@@ -457,7 +462,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       def work(k, g):
         """My k-th item, whose first KV step is the g-th of this program."""
         qi, head, batch, buf, qo, carry = start(k)
-        n_all, n_full = counts_ref[qi, 1], counts_ref[qi, 0]
+        r = row(qi, head, batch)
+        n_all, n_full = counts_ref[r, 1], counts_ref[r, 0]
 
         @pl.when(n_all > 0)
         def _():
@@ -493,7 +499,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             iota = lambda dim: plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim),
                                                  plgpu.Layout.WGMMA)
             term = mask_fn(qi * (2 * _ROWS) + wg * _ROWS + iota(0),
-                           ids_ref[qi, t] * block_kv + iota(1))
+                           ids_ref[row(qi, head, batch), t] * block_kv + iota(1))
             ok = term if ok is None else ok & term
           if segments:
             term = (lax.broadcast_in_dim(plgpu.load(qx_smem.at[buf, wg, 0],
@@ -589,7 +595,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         carry = lax.fori_loop(0, n_active, functools.partial(step, active=True), carry)
         carry = lax.fori_loop(n_active, n_steps, functools.partial(step, active=False), carry)
         finish(qi, head, batch, qo, buf, *carry)
-        return g + loads(qi)
+        return g + loads(qi, head, batch)
 
       lax.fori_loop(0, mine, work_split if split else work, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
@@ -621,12 +627,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                       qx_smem.at[buf, w], bar)
         kv_head = lax.div(head, groups)
 
-        @pl.loop(0, loads(qi))
+        @pl.loop(0, loads(qi, head, batch))
         def _(t):
           if window:
             origin = [ids_ref[qi, t, d] for d in range(len(kb.tile))]
           else:
-            j = ids_ref[qi, t, 0] if split else ids_ref[qi, t]
+            j = ids_ref[qi, t, 0] if split else ids_ref[row(qi, head, batch), t]
             origin = kb.origin(j)
           slot = lax.rem(g + t, stages)
           reuse = g + t >= stages
@@ -676,7 +682,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
           copy_rows(v_ref, (v_smem, v_raw), v_bar)
 
-        return g + loads(qi)
+        return g + loads(qi, head, batch)
 
       total = lax.fori_loop(0, mine, work, jnp.int32(0))
       # Observe every barrier's last completion before the barriers are freed.
@@ -1219,14 +1225,19 @@ def _window_view(x, boxes: _Boxes):
   return x.reshape((b, *boxes.spatial, h, d // 64, 64))
 
 
-def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret):
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
+            block_map=None):
   """Arrays as `triton_attention.forward` (kernel order, or the caller's flat order for
-  gathered plans). Returns out like q and lse [batch, heads, n_q] float32 (natural log)."""
+  gathered plans). Returns out like q and lse [batch, heads, n_q] float32 (natural log).
+  `block_map`: a runtime map (`block_map.from_selection`, 1-D plans) instead of the plan's:
+  the element test on partial blocks, one program per item."""
   cfg = _config(config)
   b, sq, h, d = q.shape
   why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
     raise ValueError(f"backend='mosaic_gpu' does not support {why}")
+  if block_map is not None and (plan.gathered or len(plan.block_map.partial_groups) != 1):
+    raise ValueError("runtime block maps take 1-D (sequence) plans")
   if plan.gathered and (q_seg is not None
                        or not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout))):
     # Blocks that are not boxes of the caller's layout (`_box_layout`), or segment ids
@@ -1240,7 +1251,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   dpad = _padded_head_dim(d)
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
-    out, lse = forward(pad(q), pad(k), pad(v), q_seg, kv_seg, plan, scale, cfg, interpret)
+    out, lse = forward(pad(q), pad(k), pad(v), q_seg, kv_seg, plan, scale, cfg, interpret,
+                       block_map)
     return out[..., :d], lse
   hkv = k.shape[2]
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
@@ -1266,9 +1278,10 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   # a multiple of 8 rows.
   # Mask functions and segment ids: the element test (segment ids as vectors, `_extras`).
   extras = plan.mask_fn is not None or q_seg is not None
-  window = (window_lists(plan, scale, cfg)
-            if not extras and (interpret or (box_ok and _window_groups(kb.tile))) else None)
-  split = None if window is not None or extras else split_lists(plan, scale, cfg)
+  runtime = block_map is not None
+  window = (window_lists(plan, scale, cfg) if not extras and not runtime
+            and (interpret or (box_ok and _window_groups(kb.tile))) else None)
+  split = None if window is not None or extras or runtime else split_lists(plan, scale, cfg)
   if window is not None:
     origins, counts_np, onehot, tables, table_ids = window
     ids, counts = jnp.asarray(origins), jnp.asarray(counts_np)
@@ -1284,7 +1297,11 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     counts = jnp.stack([jnp.asarray(bmap.kv_full_counts, jnp.int32),
                         jnp.asarray(bmap.kv_counts, jnp.int32)], axis=1)
     row_counts = bmap.kv_counts
-    mma = _mma_inputs(plan, scale) if cfg.mask_mma and not extras else None
+    if runtime:  # rows per (batch, head, q block); q blocks visited in the static map's order
+      ids = block_map.kv_ids.reshape(-1, block_map.max_kv).astype(jnp.int32)
+      counts = jnp.stack([block_map.kv_full_counts, block_map.kv_counts],
+                         axis=-1).reshape(-1, 2).astype(jnp.int32)
+    mma = _mma_inputs(plan, scale) if cfg.mask_mma and not extras and not runtime else None
     if mma is None:
       mask_arrays = [jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c)]
       mask_arrays += _extras(plan, b, q_seg, kv_seg)
@@ -1296,7 +1313,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   padded = tuple(g * t for g, t in zip(qb.grid, qb.tile))
   items = bmap.num_q_blocks * h * b
   persistent = (cfg.persistent if cfg.persistent is not None
-                else _persistent_default(row_counts))
+                else not runtime and _persistent_default(row_counts))
   programs = min(items, _programs(cfg, interpret)) if persistent else items
   box = None
   if box_ok:
@@ -1307,7 +1324,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
       mma_width=width, split=split is not None, box=box, window=window is not None,
-      mask_fn=plan.mask_fn, segments=q_seg is not None)
+      mask_fn=plan.mask_fn, segments=q_seg is not None, per_head=runtime)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
