@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from . import masks as masks_lib
+from . import routing
 from .ops import attention, na
 
 # logical axis -> mesh axis
@@ -318,6 +319,48 @@ class SparseAttention(nnx.Module):
     else:
       o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
                     interpret=self.core.interpret, context_axis=self.core.context_axis)
+    return self.core._output(o)
+
+
+class MixtureOfBlockAttention(nnx.Module):
+  """MoBA (mixture of block attention) on ``[batch, seq, embed_dim]``: each query block of
+  each head attends to the ``top_k`` key blocks of ``block_size`` tokens whose mean key best
+  matches its mean query (`routing.topk_blocks`), plus the ``local_blocks`` blocks ending at
+  its own and the first ``sink_blocks``, within a causal mask if ``causal``. The selection
+  runs on device in the same jit (no gradient through it). Other arguments as
+  `SparseAttention` (GQA, RoPE, qk_norm, segment ids); backend "dense" is the causal (or
+  full) `jax.nn.dot_product_attention` baseline.
+  """
+
+  def __init__(self, embed_dim: int, num_heads: int, block_size: int, top_k: int, *,
+               causal: bool = True, local_blocks: int = 1, sink_blocks: int = 0,
+               num_kv_heads: int | None = None, head_dim: int | None = None,
+               qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
+               rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
+               interpret: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    routing._check_block_size(block_size)
+    self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
+                               head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                               use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
+                               backend=backend, interpret=interpret, context_axis=None,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.block_size, self.top_k, self.causal = block_size, top_k, causal
+    self.local_blocks, self.sink_blocks = local_blocks, sink_blocks
+
+  def __call__(self, x, segment_ids=None, positions=None):
+    if x.ndim != 3:
+      raise ValueError(f"x must be [batch, seq, embed_dim], got shape {x.shape}")
+    if positions is None and self.core.use_rope:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    pos = positions[..., None] if positions is not None else None
+    q, k, v = self.core._project(x, pos)
+    if self.core.backend == "dense":
+      return self.core._output(_dense_baseline(q, k, v, causal=self.causal))
+    sel = routing.topk_blocks(q, k, self.block_size, self.top_k, causal=self.causal,
+                              local_blocks=self.local_blocks, sink_blocks=self.sink_blocks)
+    o = attention(q, k, v, masks_lib.causal() if self.causal else None,
+                  segment_ids=segment_ids, block_selection=sel, backend=self.core.backend,
+                  interpret=self.core.interpret)
     return self.core._output(o)
 
 

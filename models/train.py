@@ -69,6 +69,9 @@ def cli(description: str, defaults: dict) -> argparse.Namespace:
                            "parallelism; data parallel over the rest)")
   if "frames" in defaults:
     parser.add_argument("--frames", type=int, default=defaults["frames"])
+  if "moba" in defaults:
+    parser.add_argument("--moba", type=int, nargs=2, default=defaults["moba"],
+                        metavar=("BLOCK", "TOP_K"), help="MoBA routing instead of the mask")
   args = parser.parse_args()
   args.context_axis = "context" if args.context_parallel > 1 else None
   return args

@@ -9,9 +9,13 @@ from models import causal_lm, nat_classifier, text_to_image, video_dit
 from models.train import context_mesh, train
 
 
-@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i"])
+@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i", "moba"])
 def test_model_trains(name):
-  if name == "t2i":  # joint attention: image NA + text as extra tokens, text -> all
+  if name == "moba":  # the LM with content-routed blocks (MoBA): top 2 of 16-token blocks
+    model = causal_lm.CausalLM(dim=32, backend="xla", moba=(16, 2), rngs=nnx.Rngs(0))
+    batches = causal_lm.synthetic_batches(4, 48)
+    loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
+  elif name == "t2i":  # joint attention: image NA + text as extra tokens, text -> all
     model = text_to_image.TextToImageDiT(backend="xla", rngs=nnx.Rngs(0))
     batches = text_to_image.synthetic_batches(4, 12)
     loss_fn, steps, lr = text_to_image.loss_fn, 25, 2e-3

@@ -168,3 +168,23 @@ def test_neighborhood_module_with_extra_tokens():
     nn.NeighborhoodAttention2D(32, 4, 3, backend="xla", rngs=nnx.Rngs(0))(x, text)
   with pytest.raises(ValueError, match="extra_tokens must be"):
     m(x, text[..., :20])
+
+
+def test_mixture_of_block_attention_matches_functional_ops():
+  m = nn.MixtureOfBlockAttention(32, 4, 16, 2, num_kv_heads=2, use_rope=True, backend="xla",
+                                 rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 70, 32))
+  seg = jnp.asarray(np.arange(70)[None, :] >= np.array([[30], [50]]), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(70), (2, 70))[..., None]
+  q, k, v = m.core._project(x, pos)
+  from jax_sparse_attn import routing
+  sel = routing.topk_blocks(q, k, 16, 2, causal=True, local_blocks=1)
+  want = m.core._output(jsa.attention(q, k, v, masks.causal(), segment_ids=seg,
+                                      block_selection=sel, backend="xla"))
+  assert brute_force.rel_err(m(x, seg), want) < 1e-5
+  # A top_k covering every block is plain causal attention.
+  full = nn.MixtureOfBlockAttention(32, 4, 16, 8, backend="xla", rngs=nnx.Rngs(0))
+  dense = nn.SparseAttention(32, 4, masks.causal(), backend="xla", rngs=nnx.Rngs(0))
+  assert brute_force.rel_err(full(x), dense(x)) < 1e-5
+  with pytest.raises(ValueError, match="block_size must be"):
+    nn.MixtureOfBlockAttention(32, 4, 24, 2, rngs=nnx.Rngs(0))
