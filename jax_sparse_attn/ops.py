@@ -279,9 +279,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     block_selection: a `routing.BlockSelection` (content-routed attention: MoBA, gates):
       per query block and head, the KV blocks to visit, chosen at run time; pairs attend
       when ``mask`` allows them and their key block is selected. Blocks are
-      ``block_selection.block_size`` tokens on both sides. Backends "xla", "triton" and
-      "mosaic_gpu" (its forward; the Triton backward), "auto" as for other masks ("xla"
-      on TPU: the Mosaic TPU kernels do not take runtime maps yet); no mesh yet.
+      ``block_selection.block_size`` tokens on both sides. Backends "xla", "triton",
+      "mosaic_gpu" (its forward; the Triton backward) and "mosaic" (TPU; blocks of 128k),
+      "auto" as for other masks; no mesh yet.
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
@@ -387,12 +387,13 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
     backend = resolve_backend("auto", mask, dtype=query.dtype, head_dim=query.shape[-1],
                               segments=q_seg is not None, block_q=bs, block_kv=bs,
                               config=config, scale=scale)
-    backend = backend if backend in ("triton", "mosaic_gpu") else "xla"
+    if backend not in ("triton", "mosaic_gpu", "mosaic") or (backend == "mosaic" and bs % 128):
+      backend = "xla"  # the TPU kernels' blocks are multiples of 128
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "reference" or not _get_backend(backend).runtime_maps:
-    raise ValueError(f"block_selection runs on backends 'xla', 'triton' and 'mosaic_gpu', not "
-                     f"{backend!r}")
+    raise ValueError(f"block_selection runs on backends 'xla', 'triton', 'mosaic_gpu' and "
+                     f"'mosaic', not {backend!r}")
   if _has_array_mask(mask):
     raise ValueError("block_selection takes structured or function masks, not from_array")
   plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))

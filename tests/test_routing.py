@@ -104,6 +104,29 @@ def test_routed_mosaic_gpu_interpret(mask):
   check_routed(p, "mosaic_gpu", interpret=True)
 
 
+@pytest.mark.parametrize("mask, kv_heads", [("causal", 1), ("window", 2)])
+def test_routed_tpu_interpret(mask, kv_heads):
+  p = dict(batch=2, sq=300, skv=300, bs=128, kv_heads=kv_heads, heads=2, head_dim=32,
+           mask=mask, k=2, segments=mask == "causal", dtype=jnp.float32, seed=6)
+  check_routed(p, "mosaic", interpret=True)
+
+
+def test_runtime_maps_lower_for_tpu():
+  from pallas_kernels.tpu import export_for_tpu
+  sds = jax.ShapeDtypeStruct
+  b, s, h, hkv, d, bs = 1, 1024, 4, 2, 128, 128
+
+  def f(q, k, v, ids):
+    sel = routing.BlockSelection(ids, bs)
+    loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                                 backend="mosaic").astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  exported = export_for_tpu(f, sds((b, s, h, d), jnp.bfloat16), sds((b, s, hkv, d), jnp.bfloat16),
+                            sds((b, s, hkv, d), jnp.bfloat16), sds((b, h, s // bs, 3), jnp.int32))
+  assert exported.mlir_module().count("tpu_custom_call") >= 3  # fwd, dq, dk/dv
+
+
 def test_runtime_map_matches_selection_and_static_classes():
   static = make_plan(masks.causal(), SequenceLayout(100, 16), SequenceLayout(100, 16)).block_map
   classes = static.dense_classes()
@@ -204,10 +227,8 @@ SEL = routing.BlockSelection(jnp.zeros((1, 2, 4, 2), jnp.int32), 16)
     (lambda: jsa.attention(Q, Q, Q, block_selection=routing.BlockSelection(
         jnp.zeros((1, 2, 3, 2), jnp.int32), 16)), r"\[batch, heads, num_q_blocks, k\]"),
     (lambda: jsa.attention(Q, Q, Q, block_selection=SEL, block_q=32), "block_q=32 differs"),
-    (lambda: jsa.attention(Q, Q, Q, block_selection=SEL, backend="mosaic"),
-     "runs on backends 'xla', 'triton' and 'mosaic_gpu'"),
     (lambda: jsa.attention(Q, Q, Q, block_selection=SEL, backend="reference"),
-     "runs on backends 'xla', 'triton' and 'mosaic_gpu'"),
+     "runs on backends 'xla', 'triton', 'mosaic_gpu' and 'mosaic'"),
     (lambda: routing.select(jnp.zeros((1, 2, 4, 4)), 24, 1), "power of two"),
     (lambda: routing.select(jnp.zeros((1, 2, 4, 4)), 16, -1), "top_k must be"),
     (lambda: routing.select(jnp.zeros((2, 4, 4)), 16, 1), "scores must be"),

@@ -3,6 +3,7 @@ from jax_sparse_attn.ops import Backend, register_backend
 
 from .mosaic_attention import backward, default_map_blocks, export_for_tpu, forward, tpu_target
 
-register_backend("mosaic", Backend(forward, backward, default_map_blocks, min_block=128))
+register_backend("mosaic", Backend(forward, backward, default_map_blocks, min_block=128,
+                                   runtime_maps=True))
 
 __all__ = ["forward", "backward", "export_for_tpu", "tpu_target"]

@@ -122,12 +122,22 @@ def _full_then_partial(step, n_full, count, update, has_segments):
 # Forward.
 
 
+def _map_row(rows, bb, hh, i):
+  """A grid step's map row: its block's, or with a runtime map (``rows``: (heads, blocks)
+  per batch, `BlockMap.is_runtime`) its (batch, head, block)'s."""
+  if rows is None:
+    return i
+  heads, blocks = rows
+  return (bb * heads + hh) * blocks + i
+
+
 def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq, bk,
-                max_kv):
+                max_kv, rows=None):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(
       refs, spec.has_segments)
   i, j = pl.program_id(2), pl.program_id(3)
-  count, n_full = counts_ref[i], full_ref[i]
+  r = _map_row(rows, pl.program_id(0), pl.program_id(1), i)
+  count, n_full = counts_ref[r], full_ref[r]
 
   @pl.when(j == 0)
   def _init():
@@ -139,7 +149,7 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
     s = jax.lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
     s = s * scale
     if masked:
-      kv_block = ids_ref[i * max_kv + j]
+      kv_block = ids_ref[r * max_kv + j]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, i * bq, kv_block * bk, bq, bk)
       s = jnp.where(keep, s, -jnp.inf)
     m_prev = m_sc[...]  # [bq, 128], lane-replicated
@@ -164,20 +174,34 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
     lse_ref[...] = jnp.where(seen, m_sc[...][:, :1] + jnp.log(l_safe), -jnp.inf)
 
 
-def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret):
+def _runtime_map(plan: AttentionPlan, block_map):
+  """The map to walk and the row layout for `_map_row` (None: the plan's static map)."""
+  if block_map is None:
+    return plan.block_map, None, None
+  if len(plan.block_map.partial_groups) != 1:
+    raise ValueError("runtime block maps take 1-D (sequence) plans")
+  b, h = block_map.kv_ids.shape[:2]
+  return block_map, (h, plan.block_map.num_q_blocks), (h, plan.block_map.num_kv_blocks)
+
+
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
+            block_map=None):
+  """`block_map`: a runtime map (`block_map.from_selection`): rows per (batch, head, block),
+  scalar-prefetched like the static map's."""
   del config
   _check_blocks(plan)
   b, sq, h, d = q.shape
   g = h // k.shape[2]
   bq, bk = plan.block_q, plan.block_kv
-  bmap = plan.block_map
+  bmap, rows, _ = _runtime_map(plan, block_map)
   max_kv = bmap.max_kv
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
-  kv_of = lambda bb, hh, i, j, ids, *_: ids[i * max_kv + j]
+  kv_of = lambda bb, hh, i, j, ids, *_: ids[_map_row(rows, bb, hh, i) * max_kv + j]
   mask_arrays, mask_specs = _mask_operands(
       plan, q_seg, kv_seg, lambda bb, hh, i, j, *_: i, kv_of, bq, bk,
       lambda bb, *_: bb)
-  kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv)
+  kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
+                             rows=rows)
   out, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -203,8 +227,9 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(interpret),
       name="sparse_attention_fwd_tpu",
-  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts),
-    jnp.asarray(bmap.kv_full_counts), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), *mask_arrays)
+  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts).reshape(-1),
+    jnp.asarray(bmap.kv_full_counts).reshape(-1), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v),
+    *mask_arrays)
   return _to_bhsd(out), lse[..., 0]
 
 
@@ -213,10 +238,11 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
 
 
 def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, spec, scale, bq, bk, max_kv):
+               *refs, spec, scale, bq, bk, max_kv, rows=None):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (dq_ref, dq_sc) = _split_refs(refs, spec.has_segments)
   i, j = pl.program_id(2), pl.program_id(3)
-  count, n_full = counts_ref[i], full_ref[i]
+  r = _map_row(rows, pl.program_id(0), pl.program_id(1), i)
+  count, n_full = counts_ref[r], full_ref[r]
 
   @pl.when(j == 0)
   def _init():
@@ -226,7 +252,7 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
     k = k_ref[...]
     p = _recompute_p(q_ref[...], k, lse_ref[...], scale)
     if masked:
-      kv_block = ids_ref[i * max_kv + j]
+      kv_block = ids_ref[r * max_kv + j]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, i * bq, kv_block * bk, bq, bk)
       p = jnp.where(keep, p, 0.0)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
@@ -242,12 +268,14 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
 
 def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                *refs, spec, scale, bq, bk, max_q, group):
+                *refs, spec, scale, bq, bk, max_q, group, rows=None):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (dk_ref, dv_ref, dk_sc, dv_sc) = _split_refs(
       refs, spec.has_segments)
   i, t = pl.program_id(2), pl.program_id(3)
   entry = t // group
-  count, n_full = counts_ref[i], full_ref[i]
+  # Runtime maps: the transposed rows of the step's query head.
+  r = _map_row(rows, pl.program_id(0), pl.program_id(1) * group + t % group, i)
+  count, n_full = counts_ref[r], full_ref[r]
 
   @pl.when(t == 0)
   def _init():
@@ -258,7 +286,7 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     p = _recompute_p(q, k, lse_ref[...], scale)
     if masked:
-      q_block = ids_ref[i * max_q + entry]
+      q_block = ids_ref[r * max_q + entry]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, q_block * bq, i * bk, bq, bk)
       p = jnp.where(keep, p, 0.0)
     dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, TN,
@@ -277,14 +305,14 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             config, interpret):
+             config, interpret, block_map=None):
   del config
   _check_blocks(plan)
   b, sq, h, d = q.shape
   skv, hkv = k.shape[1], k.shape[2]
   g = h // hkv
   bq, bk = plan.block_q, plan.block_kv
-  bmap = plan.block_map
+  bmap, rows, t_rows = _runtime_map(plan, block_map)
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = (delta.transpose(0, 2, 1) - d_lse)[..., None]  # [b, h, sq, 1]
@@ -295,7 +323,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
   # dQ over the forward map.
   max_kv = bmap.max_kv
-  kv_of = lambda bb, hh, i, j, ids, *_: ids[i * max_kv + j]
+  kv_of = lambda bb, hh, i, j, ids, *_: ids[_map_row(rows, bb, hh, i) * max_kv + j]
   mask_arrays, mask_specs = _mask_operands(
       plan, q_seg, kv_seg, lambda bb, hh, i, j, *_: i, kv_of, bq, bk, lambda bb, *_: bb)
   q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0))
@@ -303,20 +331,22 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   kv_spec = pl.BlockSpec((None, None, bk, d),
                          lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv),
+      functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
+                        rows=rows),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3, grid=(b, h, sq // bq, max_kv),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + mask_specs,
           out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((b, h, sq, d), q.dtype),
       compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dq_tpu",
-  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts),
-    jnp.asarray(bmap.kv_full_counts), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
+  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts).reshape(-1),
+    jnp.asarray(bmap.kv_full_counts).reshape(-1), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
 
   # dK/dV over the transposed map; the reduction axis walks (Q block entry, group head).
   max_q = bmap.max_q
-  q_of = lambda bb, hh, i, t, ids, *_: ids[i * max_q + t // g]
   head_of = lambda hh, t: hh * g + t % g
+  q_of = lambda bb, hh, i, t, ids, *_: ids[
+      _map_row(t_rows, bb, head_of(hh, t), i) * max_q + t // g]
   mask_arrays, mask_specs = _mask_operands(
       plan, q_seg, kv_seg, q_of, lambda bb, hh, i, t, *_: i, bq, bk, lambda bb, *_: bb)
   qg_spec = pl.BlockSpec((None, None, bq, d),
@@ -325,7 +355,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                            lambda bb, hh, i, t, *r: (bb, head_of(hh, t), q_of(bb, hh, i, t, *r), 0))
   own_kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, t, *_: (bb, hh, i, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_q=max_q, group=g),
+      functools.partial(_dkv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_q=max_q, group=g,
+                        rows=t_rows),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3, grid=(b, hkv, skv // bk, max_q * g),
           in_specs=[qg_spec, own_kv, own_kv, qg_spec, rowg_spec, rowg_spec] + mask_specs,
@@ -334,8 +365,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       out_shape=[jax.ShapeDtypeStruct((b, hkv, skv, d), k.dtype),
                  jax.ShapeDtypeStruct((b, hkv, skv, d), v.dtype)],
       compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dkv_tpu",
-  )(jnp.asarray(bmap.q_ids).reshape(-1), jnp.asarray(bmap.q_counts),
-    jnp.asarray(bmap.q_full_counts), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
+  )(jnp.asarray(bmap.q_ids).reshape(-1), jnp.asarray(bmap.q_counts).reshape(-1),
+    jnp.asarray(bmap.q_full_counts).reshape(-1), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
   return _to_bhsd(dq), _to_bhsd(dk), _to_bhsd(dv)
 
 
