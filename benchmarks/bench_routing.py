@@ -3,14 +3,15 @@ runtime block maps beside our dense causal kernels, in one run.
 
     python -m benchmarks.bench_routing --sections check,perf --out results.json
 
-check: `attention(..., block_selection=)` on Triton (bf16) against the float32 XLA backend under
+check: `attention(..., block_selection=)` on Triton and the Hopper forward (bf16) against the float32 XLA backend under
 the same selection. perf: the MoBA row of ../shared/tools/anchor_probe_sparse.py (S=32768
 causal, 128-token blocks, per query block and head the top 32 of random block scores among
 the visible blocks, plus its own and the previous block; H=16, D=128, B=1): selection +
 runtime-map build on device, forward and forward+backward (the Hopper forward and Triton
 backward by default; all-Triton), beside our dense causal kernels
 (Triton and Hopper) and the bound (visited fraction of the causal blocks). torch Flex runs
-in the probe (same selection rule), in the same device call.
+in the probe (same selection rule), in the same device call. video: VMoBA-style routing on a
+16x64x64 latent in 2x8x8 blocks beside our static 3-D neighborhood (`--sections video`).
 """
 from __future__ import annotations
 
@@ -99,6 +100,34 @@ def section_perf(dtype, iters):
       traceback.print_exc()
 
 
+def section_video(dtype, iters):
+  """VMoBA-style: a 16x64x64 latent in 2x8x8 blocks (tile order), each block of each head
+  attends to its own block and the top 63 of 512 by pooled scores (1/8 of the key blocks),
+  beside our static 3-D neighborhood on the same shapes (k 8x16x16: 1/32 of the keys, about
+  1/18 of the blocks on its tiles)."""
+  b, h, d, spatial, tile = 1, 16, 128, (16, 64, 64), (2, 8, 8)
+  shape = (b, *spatial, h, d)
+  q, k, v, do = inputs(shape, shape, dtype)
+  t = routing.tile_order(spatial, tile)
+  name = "video 16x64x64, B=1 H=16 D=128"
+
+  def vmoba(q, k, v):
+    qt, kt, vt = t.to_kernel(q), t.to_kernel(k), t.to_kernel(v)
+    sel = routing.topk_blocks(qt, kt, 128, 63, local_blocks=1)
+    return t.from_kernel(jsa.attention(qt, kt, vt, block_selection=sel))
+
+  runs = [("ours VMoBA (tile order, pooled top-k, runtime map; permutes in and out)", vmoba),
+          ("ours static 3-D NA k8x16x16", lambda q, k, v: jsa.na3d(q, k, v, (8, 16, 16)))]
+  for impl, fn in runs:
+    try:
+      t_f = timeit(jax.jit(fn), q, k, v, iters=iters)
+      t_b = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
+      record(section="video", case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b)
+    except Exception as e:
+      record(section="video", case=name, impl=impl, error=repr(e)[:600])
+      traceback.print_exc()
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sections", default="check,perf")
@@ -113,6 +142,8 @@ def main(argv=None):
     section_check(dtype)
   if "perf" in args.sections:
     section_perf(dtype, args.iters)
+  if "video" in args.sections:
+    section_video(dtype, args.iters)
   write_results(args.out, head)
 
 

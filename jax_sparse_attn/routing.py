@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -74,6 +75,34 @@ def select(scores, block_size: int, top_k: int, *, causal: bool = False,
   return BlockSelection(jax.lax.stop_gradient(ids), block_size)
 
 
+def select_mass(scores, block_size: int, threshold: float, max_blocks: int, *,
+                causal: bool = False, local_blocks: int = 0, sink_blocks: int = 0,
+                temperature: float = 1.0) -> BlockSelection:
+  """VMoBA-style selection by cumulative score: per query block and head, the fewest
+  best-scoring blocks whose softmax mass (over the visible blocks, ``scores / temperature``)
+  reaches ``threshold`` (0 < threshold <= 1), at most ``max_blocks`` of them (the static
+  bound of the map's rows: more are cut, lowest scores first), plus the forced local and sink
+  blocks as in `select`."""
+  if not 0 < threshold <= 1:
+    raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be positive, got {temperature!r}")
+  base = select(scores, block_size, max_blocks, causal=causal, local_blocks=local_blocks,
+                sink_blocks=sink_blocks)
+  b, h, nq, nk = scores.shape
+  n_forced = min(nk, local_blocks + sink_blocks)
+  forced, top = base.ids[..., :n_forced], base.ids[..., n_forced:]
+  kj = jnp.arange(nk)[None, :]
+  visible = kj <= jnp.arange(nq)[:, None] if causal else jnp.ones((nq, nk), bool)
+  logits = jnp.where(visible, scores.astype(jnp.float32) / temperature, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  mass = jnp.take_along_axis(probs, jnp.maximum(top, 0), axis=-1) * (top >= 0)
+  before = jnp.cumsum(mass, axis=-1) - mass  # mass of the better blocks
+  keep = (top >= 0) & (before < threshold)
+  ids = jnp.concatenate([forced, jnp.where(keep, top, -1)], axis=-1)
+  return BlockSelection(jax.lax.stop_gradient(ids), block_size)
+
+
 def pooled_scores(query, key, block_size: int):
   """MoBA's block scores: each query block's mean query against each key block's mean key,
   per head (keys of a GQA group shared): [batch, heads, num_q_blocks, num_kv_blocks] float32.
@@ -99,3 +128,24 @@ def topk_blocks(query, key, block_size: int, top_k: int, *, causal: bool = False
   local_blocks=2)``: the diagonal and previous block plus the 32 best earlier blocks)."""
   return select(pooled_scores(query, key, block_size), block_size, top_k, causal=causal,
                 local_blocks=local_blocks, sink_blocks=sink_blocks)
+
+
+def tile_order(spatial_shape, tile_shape):
+  """N-D block partitions (VMoBA's 2-D/3-D blocks): a `layout.TiledLayout` whose tiles are
+  the blocks. ``t = tile_order((16, 64, 64), (2, 8, 8))``; ``t.to_kernel(x)`` turns
+  ``[batch, *spatial, ...]`` into ``[batch, t.padded_len, ...]`` with every block of
+  ``prod(tile_shape)`` tokens contiguous (grid padded to whole tiles), ``t.from_kernel``
+  back. Route and attend in that order with ``block_size = prod(tile_shape)``; padded tokens
+  are real rows there (zeros): give them their own segment id (`tile_valid`)."""
+  from .layout import TiledLayout
+  spatial_shape, tile_shape = tuple(spatial_shape), tuple(tile_shape)
+  if len(spatial_shape) != len(tile_shape) or not all(t > 0 for t in tile_shape):
+    raise ValueError(f"tile_shape {tile_shape} must have one positive entry per dim of "
+                     f"{spatial_shape}")
+  _check_block_size(math.prod(tile_shape))
+  return TiledLayout(spatial_shape, (1,) * len(spatial_shape), tile_shape)
+
+
+def tile_valid(layout):
+  """[padded_len] bool: which positions of `tile_order`'s order are real tokens."""
+  return jnp.asarray(layout.token_index()[1])

@@ -236,3 +236,56 @@ SEL = routing.BlockSelection(jnp.zeros((1, 2, 4, 2), jnp.int32), 16)
 def test_bad_input_raises_value_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_select_mass_keeps_the_fewest_blocks_reaching_the_threshold():
+  rng = np.random.default_rng(5)
+  scores = jnp.asarray(rng.standard_normal((1, 2, 6, 6)) * 3, jnp.float32)
+  sel = routing.select_mass(scores, 16, 0.7, 4, causal=True, local_blocks=1)
+  ids = np.asarray(sel.ids)
+  s = np.asarray(scores)
+  for hi, qi in np.ndindex(2, 6):
+    visible = np.arange(qi + 1)
+    p = np.exp(s[0, hi, qi, visible] - s[0, hi, qi, visible].max())
+    p /= p.sum()
+    order = [j for j in visible[np.argsort(-p)] if j != qi]  # the diagonal is forced
+    mass, want = 0.0, []
+    for j in order[:4]:
+      if mass >= 0.7:
+        break
+      want.append(int(j))
+      mass += p[j]
+    got = sorted(int(j) for j in ids[0, hi, qi] if j >= 0)
+    assert got == sorted(want + [qi]), (hi, qi, got, want)
+  with pytest.raises(ValueError, match="threshold must be"):
+    routing.select_mass(scores, 16, 0.0, 4)
+
+
+def test_video_blocks_route_in_tile_order():
+  # VMoBA on a 3-D latent: blocks are 2x4x4 tiles; route and attend in tile order.
+  rng = np.random.default_rng(2)
+  spatial, tile, b, h, d = (4, 8, 6), (2, 4, 4), 1, 2, 16
+  t = routing.tile_order(spatial, tile)
+  x = lambda: jnp.asarray(rng.standard_normal((b, *spatial, h, d)), jnp.float32)
+  q, k, v = x(), x(), x()
+  qt, kt, vt = t.to_kernel(q), t.to_kernel(k), t.to_kernel(v)
+  valid = routing.tile_valid(t)
+  seg = jnp.broadcast_to(jnp.where(valid, 0, 1), (b, t.padded_len)).astype(jnp.int32)
+  sel = routing.topk_blocks(qt, kt, 32, 2, local_blocks=1)
+  out = t.from_kernel(jsa.attention(qt, kt, vt, block_selection=sel, segment_ids=seg,
+                                    backend="xla"))
+  assert out.shape == q.shape
+  # The same pairs in the caller's order: brute force over real tokens only.
+  rows = t.rows()
+  blocks = np.zeros((b, h, t.padded_len, t.padded_len), bool)
+  ids = np.asarray(sel.ids)
+  for hi, qi in np.ndindex(h, t.padded_len // 32):
+    for j in ids[0, hi, qi]:
+      if j >= 0:
+        blocks[0, hi, qi * 32:(qi + 1) * 32, j * 32:(j + 1) * 32] = True
+  real = rows >= 0
+  order = np.argsort(rows[real])
+  m = blocks[:, :, real][:, :, :, real][:, :, order][:, :, :, order]
+  flat = lambda z: np.asarray(z).reshape(b, -1, h, d)
+  want, _ = brute_force.attention(flat(q), flat(k), flat(v), m, 0.25)
+  assert brute_force.rel_err(flat(out), want) < 1e-5
