@@ -41,6 +41,19 @@ def moba_selection(key, b, h, s, bs, top_k):
   return routing.BlockSelection(jnp.concatenate([top, local], axis=-1).astype(jnp.int32), bs)
 
 
+def _time_runs(section, name, runs, args, iters):
+  """Forward and forward+backward of each (impl, fn) in `runs` on args (q, k, v, do)."""
+  q, k, v, do = args
+  for impl, fn in runs:
+    try:
+      t_f = timeit(jax.jit(fn), q, k, v, iters=iters)
+      t_b = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
+      record(section=section, case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b)
+    except Exception as e:
+      record(section=section, case=name, impl=impl, error=repr(e)[:600])
+      traceback.print_exc()
+
+
 def section_check(dtype):
   b, s, h, hkv, d, bs = 1, 4096, 4, 2, 128, 128
   q, k, v, do = inputs((b, s, h, d), (b, s, hkv, d), dtype)
@@ -90,14 +103,7 @@ def section_perf(dtype, iters):
                                                                  backend="triton")),
           ("mosaic_gpu dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
                                                                      backend="mosaic_gpu"))]
-  for impl, fn in runs:
-    try:
-      t_f = timeit(jax.jit(fn), q, k, v, iters=iters)
-      t_b = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
-      record(section="perf", case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b)
-    except Exception as e:
-      record(section="perf", case=name, impl=impl, error=repr(e)[:600])
-      traceback.print_exc()
+  _time_runs("perf", name, runs, (q, k, v, do), iters)
 
 
 def section_video(dtype, iters):
@@ -118,14 +124,7 @@ def section_video(dtype, iters):
 
   runs = [("ours VMoBA (tile order, pooled top-k, runtime map; permutes in and out)", vmoba),
           ("ours static 3-D NA k8x16x16", lambda q, k, v: jsa.na3d(q, k, v, (8, 16, 16)))]
-  for impl, fn in runs:
-    try:
-      t_f = timeit(jax.jit(fn), q, k, v, iters=iters)
-      t_b = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
-      record(section="video", case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b)
-    except Exception as e:
-      record(section="video", case=name, impl=impl, error=repr(e)[:600])
-      traceback.print_exc()
+  _time_runs("video", name, runs, (q, k, v, do), iters)
 
 
 def main(argv=None):

@@ -172,6 +172,14 @@ class _AttentionBase(nnx.Module):
     v = constrain(v, names + ("kv_heads", "head_dim"))
     return q, k, v
 
+  def _project_sequence(self, x, positions):
+    """q, k, v of ``x [batch, seq, embed_dim]``; RoPE positions default to 0..seq-1."""
+    if x.ndim != 3:
+      raise ValueError(f"x must be [batch, seq, embed_dim], got shape {x.shape}")
+    if positions is None and self.use_rope:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    return self._project(x, positions[..., None] if positions is not None else None)
+
   def _output(self, o):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_dim,))
     return self.out(o)
@@ -308,12 +316,7 @@ class SparseAttention(nnx.Module):
     self.mask = mask
 
   def __call__(self, x, segment_ids=None, positions=None):
-    if x.ndim != 3:
-      raise ValueError(f"x must be [batch, seq, embed_dim], got shape {x.shape}")
-    if positions is None and self.core.use_rope:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    pos = positions[..., None] if positions is not None else None
-    q, k, v = self.core._project(x, pos)
+    q, k, v = self.core._project_sequence(x, positions)
     if self.core.backend == "dense":
       o = _dense_baseline(q, k, v, causal=True)
     else:
@@ -348,12 +351,7 @@ class MixtureOfBlockAttention(nnx.Module):
     self.local_blocks, self.sink_blocks = local_blocks, sink_blocks
 
   def __call__(self, x, segment_ids=None, positions=None):
-    if x.ndim != 3:
-      raise ValueError(f"x must be [batch, seq, embed_dim], got shape {x.shape}")
-    if positions is None and self.core.use_rope:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    pos = positions[..., None] if positions is not None else None
-    q, k, v = self.core._project(x, pos)
+    q, k, v = self.core._project_sequence(x, positions)
     if self.core.backend == "dense":
       return self.core._output(_dense_baseline(q, k, v, causal=self.causal))
     sel = routing.topk_blocks(q, k, self.block_size, self.top_k, causal=self.causal,

@@ -52,35 +52,60 @@ def _scores(qb, kb, m, scale):
   return jnp.where(m[:, :, None, None], s, -jnp.inf)
 
 
+def _online_forward(q, plan: AttentionPlan, kv_heads: int, num_steps: int, step_blocks,
+                    kv: str):
+  """Online softmax over `num_steps` steps of a map: ``step_blocks(t) -> (masked scores
+  [b, nq, hkv, g, bq, bk], V blocks)``, `kv` the V blocks' einsum subscripts. Returns out
+  [b, sq, h, d] (zeros where a row saw nothing) and lse [b, h, sq]."""
+  b, sq, h, d = q.shape
+  g, bq = h // kv_heads, plan.block_q
+  nq = sq // bq
+
+  def step(carry, t):
+    m_prev, l_prev, acc = carry
+    s, vb = step_blocks(t)
+    m_new = jnp.maximum(m_prev, s.max(-1))
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m_prev - m_safe)
+    pv = jnp.einsum(f"bnhgqk,{kv}->bnhgqd", p.astype(vb.dtype), vb,
+                    preferred_element_type=jnp.float32, precision=_HI)
+    return (m_new, alpha * l_prev + p.sum(-1), alpha[..., None] * acc + pv), None
+
+  shape = (b, nq, kv_heads, g, bq)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (d,), jnp.float32))
+  (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
+  seen = l_fin > 0
+  out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
+  lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
+  out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
+  return out, lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
+
+
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float):
   b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
   qb = q.reshape(b, nq, bq, hkv, g, d)
   kb_all = k.reshape(b, nk, bk, hkv, d)
   vb_all = v.reshape(b, nk, bk, hkv, d)
 
-  def step(carry, t):
-    m_prev, l_prev, acc = carry
+  def step_blocks(t):
     kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
-    s = _scores(qb, kb_all[:, kv_ids], m, scale)
-    m_new = jnp.maximum(m_prev, s.max(-1))
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-    p = jnp.exp(s - m_safe[..., None])
-    alpha = jnp.exp(m_prev - m_safe)
-    l_new = alpha * l_prev + p.sum(-1)
-    pv = jnp.einsum("bnhgqk,bnkhd->bnhgqd", p.astype(v.dtype), vb_all[:, kv_ids],
-                    preferred_element_type=jnp.float32, precision=_HI)
-    return (m_new, l_new, alpha[..., None] * acc + pv), None
+    return _scores(qb, kb_all[:, kv_ids], m, scale), vb_all[:, kv_ids]
 
-  shape = (b, nq, hkv, g, bq)
-  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(shape + (d,), jnp.float32))
-  (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, jnp.arange(plan.block_map.max_kv))
-  seen = l_fin > 0
-  out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
-  lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
-  out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
-  lse = lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
-  return out, lse
+  return _online_forward(q, plan, hkv, plan.block_map.max_kv, step_blocks, "bnkhd")
+
+
+def _block_grads(qb, dob, kb, vb, p, delta, kv: str):
+  """One step's dQ increment and dK, dV blocks from P [b, nq, hkv, g, bq, bk]; `kv`: the
+  einsum subscripts of the K/V blocks (shared per Q block "bnkhd", or per head "bhgnkd")."""
+  dot = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32,
+                                      precision=_HI)
+  dv_blk = dot(f"bnhgqk,bnqhgd->{kv}", p.astype(dob.dtype), dob)
+  ds = p * (dot(f"bnqhgd,{kv}->bnhgqk", dob, vb) - delta[..., None])
+  dq_blk = dot(f"bnhgqk,{kv}->bnqhgd", ds.astype(kb.dtype), kb)
+  dk_blk = dot(f"bnhgqk,bnqhgd->{kv}", ds.astype(qb.dtype), qb)
+  return dq_blk, dk_blk, dv_blk
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float):
@@ -100,18 +125,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dq, dk, dv = carry
     kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
     kb, vb = kb_all[:, kv_ids], vb_all[:, kv_ids]
-    s = _scores(qb, kb, m, scale)
-    p = jnp.exp(s - lse_safe[..., None])
-    dv_blk = jnp.einsum("bnhgqk,bnqhgd->bnkhd", p.astype(d_out.dtype), dob,
-                        preferred_element_type=jnp.float32, precision=_HI)
-    dp = jnp.einsum("bnqhgd,bnkhd->bnhgqk", dob, vb, preferred_element_type=jnp.float32,
-                    precision=_HI)
-    ds = p * (dp - delta[..., None])
-    dq = dq + jnp.einsum("bnhgqk,bnkhd->bnqhgd", ds.astype(k.dtype), kb,
-                         preferred_element_type=jnp.float32, precision=_HI)
-    dk_blk = jnp.einsum("bnhgqk,bnqhgd->bnkhd", ds.astype(q.dtype), qb,
-                        preferred_element_type=jnp.float32, precision=_HI)
-    return (dq, dk.at[:, kv_ids].add(dk_blk), dv.at[:, kv_ids].add(dv_blk)), None
+    p = jnp.exp(_scores(qb, kb, m, scale) - lse_safe[..., None])
+    dq_blk, dk_blk, dv_blk = _block_grads(qb, dob, kb, vb, p, delta, "bnkhd")
+    return (dq + dq_blk, dk.at[:, kv_ids].add(dk_blk), dv.at[:, kv_ids].add(dv_blk)), None
 
   init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb_all.shape, jnp.float32),
           jnp.zeros(vb_all.shape, jnp.float32))
@@ -154,29 +170,13 @@ def forward_runtime(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, b
   kb_all = k.reshape(b, nk, bk, hkv, d)
   vb_all = v.reshape(b, nk, bk, hkv, d)
 
-  def step(carry, t):
-    m_prev, l_prev, acc = carry
+  def step_blocks(t):
     ids, m = _runtime_step(plan, bmap, t, q_seg, kv_seg, hkv)
     s = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", qb, _gather(kb_all, ids),
                    preferred_element_type=jnp.float32, precision=_HI) * scale
-    s = jnp.where(m, s, -jnp.inf)
-    m_new = jnp.maximum(m_prev, s.max(-1))
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-    p = jnp.exp(s - m_safe[..., None])
-    alpha = jnp.exp(m_prev - m_safe)
-    pv = jnp.einsum("bnhgqk,bhgnkd->bnhgqd", p.astype(v.dtype), _gather(vb_all, ids),
-                    preferred_element_type=jnp.float32, precision=_HI)
-    return (m_new, alpha * l_prev + p.sum(-1), alpha[..., None] * acc + pv), None
+    return jnp.where(m, s, -jnp.inf), _gather(vb_all, ids)
 
-  shape = (b, nq, hkv, g, bq)
-  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(shape + (d,), jnp.float32))
-  (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, jnp.arange(bmap.max_kv))
-  seen = l_fin > 0
-  out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
-  lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
-  out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
-  return out, lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
+  return _online_forward(q, plan, hkv, bmap.max_kv, step_blocks, "bhgnkd")
 
 
 def backward_runtime(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan,
@@ -201,16 +201,8 @@ def backward_runtime(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: Atten
     s = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", qb, kb, preferred_element_type=jnp.float32,
                    precision=_HI) * scale
     p = jnp.where(m, jnp.exp(s - lse_safe[..., None]), 0.0)
-    dv_blk = jnp.einsum("bnhgqk,bnqhgd->bhgnkd", p.astype(d_out.dtype), dob,
-                        preferred_element_type=jnp.float32, precision=_HI)
-    dp = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", dob, vb, preferred_element_type=jnp.float32,
-                    precision=_HI)
-    ds = p * (dp - delta[..., None])
-    dq = dq + jnp.einsum("bnhgqk,bhgnkd->bnqhgd", ds.astype(k.dtype), kb,
-                         preferred_element_type=jnp.float32, precision=_HI)
-    dk_blk = jnp.einsum("bnhgqk,bnqhgd->bhgnkd", ds.astype(q.dtype), qb,
-                        preferred_element_type=jnp.float32, precision=_HI)
-    return (dq, dk.at[bi, ids, :, hi].add(dk_blk), dv.at[bi, ids, :, hi].add(dv_blk)), None
+    dq_blk, dk_blk, dv_blk = _block_grads(qb, dob, kb, vb, p, delta, "bhgnkd")
+    return (dq + dq_blk, dk.at[bi, ids, :, hi].add(dk_blk), dv.at[bi, ids, :, hi].add(dv_blk)), None
 
   init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb_all.shape, jnp.float32),
           jnp.zeros(vb_all.shape, jnp.float32))
