@@ -33,14 +33,19 @@ def _check_block_size(block_size):
 
 
 def select(scores, block_size: int, top_k: int, *, causal: bool = False,
-           local_blocks: int = 0, sink_blocks: int = 0) -> BlockSelection:
+           local_blocks: int = 0, sink_blocks: int = 0,
+           top_fraction: float | None = None) -> BlockSelection:
   """Top-k selection from block scores [batch, heads, num_q_blocks, num_kv_blocks] (a gate's
   output, or `pooled_scores`). Always visits the ``local_blocks`` blocks ending at the query's
   own block (causal; centred on it otherwise) and the first ``sink_blocks`` blocks, then the
   ``top_k`` best of the rest; with ``causal`` only blocks up to the query's own. Ties and
   blocks with score -inf are never chosen over visible ones; rows with fewer candidates
-  than top_k pad with -1."""
+  than top_k pad with -1. ``top_fraction``: each row chooses at most
+  ``ceil(top_fraction * its visible blocks)`` (``top_k`` stays the rows' static width), e.g.
+  1/8 of what each causal row can see."""
   _check_block_size(block_size)
+  if top_fraction is not None and not 0 < top_fraction <= 1:
+    raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
   for name, x in (("top_k", top_k), ("local_blocks", local_blocks),
                   ("sink_blocks", sink_blocks)):
     if isinstance(x, bool) or not isinstance(x, int) or x < 0:
@@ -68,7 +73,11 @@ def select(scores, block_size: int, top_k: int, *, causal: bool = False,
   k = min(top_k, nk)
   if k:
     vals, top = jax.lax.top_k(cand, k)
-    top = jnp.where(vals > -jnp.inf, top, -1).astype(jnp.int32)
+    keep = vals > -jnp.inf
+    if top_fraction is not None:
+      limit = jnp.ceil(top_fraction * allowed.sum(-1)).astype(jnp.int32)  # [nq]
+      keep &= jnp.arange(k) < limit[:, None]
+    top = jnp.where(keep, top, -1).astype(jnp.int32)
   else:
     top = jnp.zeros((b, h, nq, 0), jnp.int32)
   ids = jnp.concatenate([jnp.broadcast_to(forced_ids, (b, h, nq, n_forced)), top], axis=-1)

@@ -165,6 +165,16 @@ def test_select_rules():
     best = sorted(rest, key=lambda j: -s[bi, hi, qi, j])[:2]
     assert set(best) <= set(row)
     assert len(set(row)) == len(forced) + len(best)
+  # top_fraction: at most ceil(f * visible) chosen per row (causal row i sees i + 1 blocks).
+  sel = routing.select(scores, 16, 8, causal=True, top_fraction=0.25)
+  chosen = (np.asarray(sel.ids) >= 0).sum(-1)
+  np.testing.assert_array_equal(chosen, np.broadcast_to(np.ceil(0.25 * (np.arange(8) + 1)),
+                                                        chosen.shape))
+  for bi, hi, qi in np.ndindex(2, 3, 8):  # and they are the best ones
+    row = sorted(int(j) for j in np.asarray(sel.ids)[bi, hi, qi] if j >= 0)
+    assert row == sorted(np.argsort(-s[bi, hi, qi, :qi + 1])[:len(row)].tolist())
+  with pytest.raises(ValueError, match="top_fraction must be"):
+    routing.select(scores, 16, 2, top_fraction=1.5)
   # Non-causal, no forced blocks: exactly the top k.
   sel = routing.select(scores, 16, 3)
   np.testing.assert_array_equal(np.sort(np.asarray(sel.ids), -1),
