@@ -124,6 +124,16 @@ def gathered(plan: AttentionPlan, value: bool = True) -> AttentionPlan:
   return dataclasses.replace(plan, gathered=value)
 
 
+def walked_map(plan: AttentionPlan, block_map=None):
+  """The block map a kernel walks: the plan's, or a runtime one (`block_map.from_selection`:
+  content-routed attention), which takes 1-D plans only (sequence layouts, not gathered)."""
+  if block_map is None:
+    return plan.block_map
+  if plan.gathered or plan.block_map.partial_groups != (None,):
+    raise ValueError("runtime block maps take 1-D (sequence) plans")
+  return block_map
+
+
 def element_mask(plan: AttentionPlan, q_pos, kv_pos, xp):
   """Element mask for kernel positions ``q_pos`` x ``kv_pos`` (broadcastable int arrays).
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jax_sparse_attn.plan import AttentionPlan
+from jax_sparse_attn.plan import AttentionPlan, walked_map
 
 from . import mma_masks
 
@@ -587,15 +587,6 @@ def _vector_spec(spec: mma_masks.MaskSpec, n: int, tile: int, index):
   return pl.BlockSpec((None, None, tile), lambda i, j: (index(j)[0], index(j)[1], i))
 
 
-def _runtime_map(plan: AttentionPlan, block_map):
-  """The map the kernels walk: the plan's, or a runtime one (1-D plans, one partial group)."""
-  if block_map is None:
-    return plan.block_map
-  if plan.gathered or len(plan.block_map.partial_groups) != 1:
-    raise ValueError("runtime block maps take 1-D (sequence) plans")
-  return block_map
-
-
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
             block_map=None):
   """q [batch, n_q, heads, head_dim], k/v [batch, n_kv, kv_heads, head_dim]: kernel order
@@ -607,7 +598,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   g = h // hkv
   cfg = default_config(d, q.dtype, plan, config)
   tq, tk = cfg.block_q, cfg.block_kv
-  bmap = _runtime_map(plan, block_map)
+  bmap = walked_map(plan, block_map)
   spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale, forward=True)
   qp, kp, vp = _pad_head_dim(q, k, v)
   dpad = qp.shape[-1]
@@ -747,7 +738,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   skv, hkv = k.shape[1], k.shape[2]
   g = h // hkv
   cfg = default_config(d, q.dtype, plan, config)
-  bmap = _runtime_map(plan, block_map)
+  bmap = walked_map(plan, block_map)
   # delta = rowsum(dO * O) - dLSE: one fused elementwise pass.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = delta.transpose(0, 2, 1) - d_lse  # [b, h, sq]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jax_sparse_attn.plan import AttentionPlan
+from jax_sparse_attn.plan import AttentionPlan, walked_map
 
 NUM_LANES = 128
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -175,13 +175,13 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
 
 
 def _runtime_map(plan: AttentionPlan, block_map):
-  """The map to walk and the row layout for `_map_row` (None: the plan's static map)."""
+  """The map to walk (`walked_map`) and its row layouts for `_map_row`, Q and KV side
+  (None: the plan's static map)."""
+  bmap = walked_map(plan, block_map)
   if block_map is None:
-    return plan.block_map, None, None
-  if len(plan.block_map.partial_groups) != 1:
-    raise ValueError("runtime block maps take 1-D (sequence) plans")
-  b, h = block_map.kv_ids.shape[:2]
-  return block_map, (h, plan.block_map.num_q_blocks), (h, plan.block_map.num_kv_blocks)
+    return bmap, None, None
+  h = bmap.kv_ids.shape[1]
+  return bmap, (h, bmap.num_q_blocks), (h, bmap.num_kv_blocks)
 
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,

@@ -48,7 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_sparse_attn import masks
 from jax_sparse_attn.layout import SequenceLayout, TiledLayout
-from jax_sparse_attn.plan import AttentionPlan, gathered, make_plan
+from jax_sparse_attn.plan import AttentionPlan, gathered, make_plan, walked_map
 
 from .. import mma_masks, triton_attention
 
@@ -1236,8 +1236,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
     raise ValueError(f"backend='mosaic_gpu' does not support {why}")
-  if block_map is not None and (plan.gathered or len(plan.block_map.partial_groups) != 1):
-    raise ValueError("runtime block maps take 1-D (sequence) plans")
+  walked = walked_map(plan, block_map)
   if plan.gathered and (q_seg is not None
                        or not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout))):
     # Blocks that are not boxes of the caller's layout (`_box_layout`), or segment ids
@@ -1293,14 +1292,12 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables)]
     width, row_counts = onehot.shape[1], counts_np[:, 0]
   else:
-    ids = jnp.asarray(bmap.kv_ids, jnp.int32)
-    counts = jnp.stack([jnp.asarray(bmap.kv_full_counts, jnp.int32),
-                        jnp.asarray(bmap.kv_counts, jnp.int32)], axis=1)
+    # A runtime map's rows are per (batch, head, q block) (`_kernel`'s ``per_head``); q
+    # blocks are visited in the static map's order either way.
+    ids = jnp.asarray(walked.kv_ids, jnp.int32).reshape(-1, walked.max_kv)
+    counts = jnp.stack([jnp.asarray(walked.kv_full_counts, jnp.int32),
+                        jnp.asarray(walked.kv_counts, jnp.int32)], axis=-1).reshape(-1, 2)
     row_counts = bmap.kv_counts
-    if runtime:  # rows per (batch, head, q block); q blocks visited in the static map's order
-      ids = block_map.kv_ids.reshape(-1, block_map.max_kv).astype(jnp.int32)
-      counts = jnp.stack([block_map.kv_full_counts, block_map.kv_counts],
-                         axis=-1).reshape(-1, 2).astype(jnp.int32)
     mma = _mma_inputs(plan, scale) if cfg.mask_mma and not extras and not runtime else None
     if mma is None:
       mask_arrays = [jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c)]
