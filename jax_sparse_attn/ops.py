@@ -59,18 +59,14 @@ class Backend(NamedTuple):
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None):
   del config, interpret
-  if block_map is not None:
-    return xla_backend.forward_runtime(q, k, v, q_seg, kv_seg, plan, scale, block_map)
-  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale)
+  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale, block_map)
 
 
 def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret,
                   block_map=None):
   del config, interpret
-  if block_map is not None:
-    return xla_backend.backward_runtime(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
-                                        scale, block_map)
-  return xla_backend.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale)
+  return xla_backend.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale,
+                              block_map)
 
 
 _REGISTRY: dict[str, Backend] = {
@@ -213,6 +209,19 @@ def _check_qkv(query, key, value, spatial_rank: int | None):
                      f"and {key.shape[1:-2]}")
 
 
+def _check_grid_tokens(mask, seq_q: int, seq_kv: int):
+  """A (packed) neighborhood mask covers exactly the sequence's tokens."""
+  if isinstance(mask, masks_lib.Neighborhood):
+    what, shape = "neighborhood", mask.spatial_shape
+  elif isinstance(mask, masks_lib.PackedNeighborhood):
+    what, shape = "packed neighborhood", mask.spatial_shapes
+  else:
+    return
+  if mask.num_tokens != seq_q or mask.num_tokens != seq_kv:
+    raise ValueError(f"{what} mask covers {mask.num_tokens} tokens ({shape}) but "
+                     f"seq_q={seq_q}, seq_kv={seq_kv}")
+
+
 def _check_scale(scale, head_dim):
   if scale is None:
     return 1.0 / math.sqrt(head_dim)
@@ -294,15 +303,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   if isinstance(mask, masks_lib.FromArray) and mask.array.shape != (query.shape[1], key.shape[1]):
     raise ValueError(f"mask array shape {mask.array.shape} must be (seq_q, seq_kv) = "
                      f"{(query.shape[1], key.shape[1])}")
-  if isinstance(mask, masks_lib.Neighborhood) and (
-      mask.num_tokens != query.shape[1] or mask.num_tokens != key.shape[1]):
-    raise ValueError(f"neighborhood mask covers {mask.num_tokens} tokens "
-                     f"({mask.spatial_shape}) but seq_q={query.shape[1]}, seq_kv={key.shape[1]}")
-  if isinstance(mask, masks_lib.PackedNeighborhood) and (
-      mask.num_tokens != query.shape[1] or mask.num_tokens != key.shape[1]):
-    raise ValueError(f"packed neighborhood mask covers {mask.num_tokens} tokens "
-                     f"({mask.spatial_shapes}) but seq_q={query.shape[1]}, "
-                     f"seq_kv={key.shape[1]}")
+  _check_grid_tokens(mask, query.shape[1], key.shape[1])
   scale = _check_scale(scale, query.shape[-1])
   b, sq = query.shape[:2]
   skv = key.shape[1]
@@ -541,7 +542,33 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     if any(t <= 0 for t in tile) or n & (n - 1):
       raise ValueError(f"{name} must be positive with a power-of-two product, got {tile}")
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
-  if mesh is not None and q_seg is not None:
+  if mesh is not None:
+    return _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, return_lse,
+                       mesh=mesh, context_axis=context_axis, strategy=strategy, impl=impl,
+                       backend=backend, scale=scale, interpret=interpret, config=config,
+                       q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
+                       default_tiles=default_tiles)
+  plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
+                   TiledLayout(spatial, mask.dilation, kv_tile_shape))
+  bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config)
+              if default_tiles and impl.gathers else None)
+  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
+                      kv_seg, bwd_plan=bwd_plan)
+  return (out, lse) if return_lse else out
+
+
+def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, return_lse, *, mesh,
+                context_axis, strategy, impl, backend, scale, interpret, config, q_tile_shape,
+                kv_tile_shape, default_tiles):
+  """`na` on a mesh: each device runs it on its shards, with the tiles chosen by the caller."""
+  b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
+  hkv, ndim = key.shape[-2], query.ndim - 3
+  single = functools.partial(
+      na, kernel_size=mask.kernel_size, stride=mask.stride, dilation=mask.dilation,
+      is_causal=mask.is_causal, scale=scale, backend=backend, interpret=interpret,
+      return_lse=True, q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, config=config,
+      mesh=_LOCAL)
+  if kv_valid is not None or segment_ids is not None:
     if context_axis is not None and mesh.shape[context_axis] > 1:
       raise ValueError("kv_valid / segment_ids do not run with a context_axis yet (shards "
                        "would need their halos' ids); use a mesh without one")
@@ -549,36 +576,19 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     qkv, lse_spec, _, batch_axes, _ = context_parallel._local_specs(mesh, None, b, h, hkv, ndim)
     named = [(n, jnp.asarray(x)) for n, x in (("kv_valid", kv_valid),
                                                ("segment_ids", segment_ids)) if x is not None]
-    single = functools.partial(
-        na, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
-        scale=scale, backend=backend, interpret=interpret, return_lse=True,
-        q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, block_q=block_q,
-        block_kv=block_kv, config=config, mesh=_LOCAL)
     body = lambda q, k, v, *xs: single(q, k, v, **{n: x for (n, _), x in zip(named, xs)})
     seg_spec = jax.sharding.PartitionSpec(batch_axes, *(None,) * ndim)
     out, lse = context_parallel._sharded(body, mesh, (qkv,) * 3 + (seg_spec,) * len(named),
                                          (qkv, lse_spec), query, key, value,
                                          *[x for _, x in named])
     return (out, lse) if return_lse else out
-  if mesh is not None:
-    single = functools.partial(
-        na, kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
-        scale=scale, backend=backend, interpret=interpret, return_lse=True,
-        q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, config=config, mesh=_LOCAL)
-    backward_plan = (functools.partial(_backward_plan, impl, mask, head_dim=d,
-                                       dtype=query.dtype, config=config)
-                     if default_tiles and impl.gathers else None)
-    out, lse = context_parallel.na(
-        query, key, value, mask, mesh=mesh, context_axis=context_axis, strategy=strategy,
-        backend=backend, scale=scale, q_tile=q_tile_shape, kv_tile=kv_tile_shape,
-        config=config, interpret=interpret, single_device=single, backward_plan=backward_plan)
-    return (out, lse) if return_lse else out
-  plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
-                   TiledLayout(spatial, mask.dilation, kv_tile_shape))
-  bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config)
-              if default_tiles and impl.gathers else None)
-  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
-                      kv_seg, bwd_plan=bwd_plan)
+  backward_plan = (functools.partial(_backward_plan, impl, mask, head_dim=d,
+                                     dtype=query.dtype, config=config)
+                   if default_tiles and impl.gathers else None)
+  out, lse = context_parallel.na(
+      query, key, value, mask, mesh=mesh, context_axis=context_axis, strategy=strategy,
+      backend=backend, scale=scale, q_tile=q_tile_shape, kv_tile=kv_tile_shape,
+      config=config, interpret=interpret, single_device=single, backward_plan=backward_plan)
   return (out, lse) if return_lse else out
 
 
@@ -792,14 +802,16 @@ def na_packed(query, key, value, spatial_shapes, kernel_size, stride=1, dilation
   shifted at the grid's own borders); nothing attends across grids. kernel_size etc. as in
   `na`, shared by every grid.
 
-  method: "per_grid" (one `na` call per grid, each in its own tiles), "tiled" (one kernel call over every grid, each grid in its own spatial tiles:
-  `layout.PackedLayout`), "raster" (`attention` with `masks.packed_neighborhood` on the
-  packed order: any option `attention` takes, e.g. segment_ids or a mesh), or "auto"
-  ("per_grid"; "raster" when options only `attention` takes are given). On the H200 one
-  call per grid was the fastest even for 16 grids (38400 tokens, k13: 2.29 ms forward vs
-  4.31 tiled; results/h200-2026-11-29-na-extras.json): a grid's own plan gets the
-  neighborhood kernels' MMA masks and no permuted copy, which the packed kernel lacks. Keyword arguments: scale, backend, interpret, return_lse, block_q, block_kv,
-  config (and, with "raster", the rest of `attention`'s).
+  method: "per_grid" (one `na` call per grid, each in its own tiles), "tiled" (one kernel
+  call over every grid, each grid in its own spatial tiles: `layout.PackedLayout`),
+  "raster" (`attention` with `masks.packed_neighborhood` on the packed order: any option
+  `attention` takes, e.g. segment_ids or a mesh), or "auto" ("per_grid"; "raster" when
+  options only `attention` takes are given). On the H200 one call per grid was the fastest
+  even for 16 grids (38400 tokens, k13: 2.29 ms forward vs 4.31 tiled;
+  results/h200-2026-11-29-na-extras.json): a grid's own plan gets the neighborhood
+  kernels' MMA masks and no permuted copy, which the packed kernel lacks.
+  Keyword arguments: scale, backend, interpret, return_lse, block_q, block_kv, config (and,
+  with "raster", the rest of `attention`'s).
   """
   mask = masks_lib.packed_neighborhood(spatial_shapes, kernel_size, stride, dilation,
                                        is_causal)
@@ -809,10 +821,7 @@ def na_packed(query, key, value, spatial_shapes, kernel_size, stride=1, dilation
     raise ValueError(f"query must be [batch, total_tokens, heads, head_dim], got shape "
                      f"{getattr(query, 'shape', None)}")
   _check_qkv(query, key, value, None)
-  if mask.num_tokens != query.shape[1] or mask.num_tokens != key.shape[1]:
-    raise ValueError(f"packed neighborhood mask covers {mask.num_tokens} tokens "
-                     f"({mask.spatial_shapes}) but seq_q={query.shape[1]}, "
-                     f"seq_kv={key.shape[1]}")
+  _check_grid_tokens(mask, query.shape[1], key.shape[1])
   extra = set(kwargs) - {"scale", "backend", "interpret", "return_lse", "block_q", "block_kv",
                          "config"}
   backend = kwargs.get("backend", "auto")

@@ -4,7 +4,8 @@ Runs on every device (the CPU default). It walks the block map: step ``t`` gathe
 Q block at once, the ``t``-th KV block it visits, and folds it into an online softmax. Memory
 is O(seq * block) per step and O(seq * window) overall; no N x N tensor is formed. The
 backward pass recomputes probabilities block by block (dQ in place, dK/dV by scatter-add
-into the visited KV blocks).
+into the visited KV blocks). A runtime block map (content-routed attention) walks ids per
+(batch, head) the same way.
 
 Arrays are in kernel order and padded (see `plan.AttentionPlan`):
 q [batch, padded_q, heads, head_dim]; k, v [batch, padded_kv, kv_heads, head_dim];
@@ -52,92 +53,6 @@ def _scores(qb, kb, m, scale):
   return jnp.where(m[:, :, None, None], s, -jnp.inf)
 
 
-def _online_forward(q, plan: AttentionPlan, kv_heads: int, num_steps: int, step_blocks,
-                    kv: str):
-  """Online softmax over `num_steps` steps of a map: ``step_blocks(t) -> (masked scores
-  [b, nq, hkv, g, bq, bk], V blocks)``, `kv` the V blocks' einsum subscripts. Returns out
-  [b, sq, h, d] (zeros where a row saw nothing) and lse [b, h, sq]."""
-  b, sq, h, d = q.shape
-  g, bq = h // kv_heads, plan.block_q
-  nq = sq // bq
-
-  def step(carry, t):
-    m_prev, l_prev, acc = carry
-    s, vb = step_blocks(t)
-    m_new = jnp.maximum(m_prev, s.max(-1))
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-    p = jnp.exp(s - m_safe[..., None])
-    alpha = jnp.exp(m_prev - m_safe)
-    pv = jnp.einsum(f"bnhgqk,{kv}->bnhgqd", p.astype(vb.dtype), vb,
-                    preferred_element_type=jnp.float32, precision=_HI)
-    return (m_new, alpha * l_prev + p.sum(-1), alpha[..., None] * acc + pv), None
-
-  shape = (b, nq, kv_heads, g, bq)
-  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(shape + (d,), jnp.float32))
-  (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
-  seen = l_fin > 0
-  out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
-  lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
-  out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
-  return out, lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
-
-
-def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float):
-  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
-  qb = q.reshape(b, nq, bq, hkv, g, d)
-  kb_all = k.reshape(b, nk, bk, hkv, d)
-  vb_all = v.reshape(b, nk, bk, hkv, d)
-
-  def step_blocks(t):
-    kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
-    return _scores(qb, kb_all[:, kv_ids], m, scale), vb_all[:, kv_ids]
-
-  return _online_forward(q, plan, hkv, plan.block_map.max_kv, step_blocks, "bnkhd")
-
-
-def _block_grads(qb, dob, kb, vb, p, delta, kv: str):
-  """One step's dQ increment and dK, dV blocks from P [b, nq, hkv, g, bq, bk]; `kv`: the
-  einsum subscripts of the K/V blocks (shared per Q block "bnkhd", or per head "bhgnkd")."""
-  dot = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32,
-                                      precision=_HI)
-  dv_blk = dot(f"bnhgqk,bnqhgd->{kv}", p.astype(dob.dtype), dob)
-  ds = p * (dot(f"bnqhgd,{kv}->bnhgqk", dob, vb) - delta[..., None])
-  dq_blk = dot(f"bnhgqk,{kv}->bnqhgd", ds.astype(kb.dtype), kb)
-  dk_blk = dot(f"bnhgqk,bnqhgd->{kv}", ds.astype(qb.dtype), qb)
-  return dq_blk, dk_blk, dv_blk
-
-
-def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float):
-  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
-  qb = q.reshape(b, nq, bq, hkv, g, d)
-  dob = d_out.reshape(b, nq, bq, hkv, g, d)
-  kb_all = k.reshape(b, nk, bk, hkv, d)
-  vb_all = v.reshape(b, nk, bk, hkv, d)
-  # delta = rowsum(dO * O) - dLSE  (the lse cotangent folds into the same term).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, sq, h]
-  delta = delta.transpose(0, 2, 1) - d_lse
-  delta = delta.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
-  lse_b = lse.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
-  lse_safe = jnp.where(jnp.isneginf(lse_b), jnp.inf, lse_b)
-
-  def step(carry, t):
-    dq, dk, dv = carry
-    kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
-    kb, vb = kb_all[:, kv_ids], vb_all[:, kv_ids]
-    p = jnp.exp(_scores(qb, kb, m, scale) - lse_safe[..., None])
-    dq_blk, dk_blk, dv_blk = _block_grads(qb, dob, kb, vb, p, delta, "bnkhd")
-    return (dq + dq_blk, dk.at[:, kv_ids].add(dk_blk), dv.at[:, kv_ids].add(dv_blk)), None
-
-  init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb_all.shape, jnp.float32),
-          jnp.zeros(vb_all.shape, jnp.float32))
-  (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(plan.block_map.max_kv))
-  dq = (dq * scale).reshape(q.shape).astype(q.dtype)
-  dk = (dk * scale).reshape(k.shape).astype(k.dtype)
-  return dq, dk, dv.reshape(v.shape).astype(v.dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # Runtime block maps (`block_map.from_selection`): ids per (batch, head).
 
 
@@ -163,50 +78,95 @@ def _gather(blocks, ids):
   return blocks[jnp.arange(b)[:, None, None, None], ids, :, jnp.arange(hkv)[None, :, None, None]]
 
 
-def forward_runtime(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap):
-  """`forward` over a runtime map (per (batch, head) ids)."""
+def _steps(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap):
+  """The map walk both passes share: (qb, kb_all, vb_all, blocks, kv, num_steps), where
+  ``blocks(t) -> (masked scores [b, nq, hkv, g, bq, bk], K blocks, V blocks, their index
+  into kb_all)`` for every Q block's t-th entry of the plan's map (``bmap`` None: one id per
+  Q block, K/V blocks [b, nq, bk, hkv, d]) or of a runtime map (ids per batch and head,
+  K/V blocks [b, hkv, g, nq, bk, d]); `kv`: the K/V blocks' einsum subscripts."""
   b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
   qb = q.reshape(b, nq, bq, hkv, g, d)
   kb_all = k.reshape(b, nk, bk, hkv, d)
   vb_all = v.reshape(b, nk, bk, hkv, d)
-
-  def step_blocks(t):
-    ids, m = _runtime_step(plan, bmap, t, q_seg, kv_seg, hkv)
-    s = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", qb, _gather(kb_all, ids),
-                   preferred_element_type=jnp.float32, precision=_HI) * scale
-    return jnp.where(m, s, -jnp.inf), _gather(vb_all, ids)
-
-  return _online_forward(q, plan, hkv, bmap.max_kv, step_blocks, "bhgnkd")
-
-
-def backward_runtime(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan,
-                     scale: float, bmap):
-  """`backward` over a runtime map."""
-  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
-  qb = q.reshape(b, nq, bq, hkv, g, d)
-  dob = d_out.reshape(b, nq, bq, hkv, g, d)
-  kb_all = k.reshape(b, nk, bk, hkv, d)
-  vb_all = v.reshape(b, nk, bk, hkv, d)
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = (delta.transpose(0, 2, 1) - d_lse).reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
-  lse_b = lse.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
-  lse_safe = jnp.where(jnp.isneginf(lse_b), jnp.inf, lse_b)
+  if bmap is None:
+    def blocks(t):
+      kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
+      kb, vb = kb_all[:, kv_ids], vb_all[:, kv_ids]
+      return _scores(qb, kb, m, scale), kb, vb, (slice(None), kv_ids)
+    return qb, kb_all, vb_all, blocks, "bnkhd", plan.block_map.max_kv
   bi = jnp.arange(b)[:, None, None, None]
   hi = jnp.arange(hkv)[None, :, None, None]
 
-  def step(carry, t):
-    dq, dk, dv = carry
+  def blocks(t):
     ids, m = _runtime_step(plan, bmap, t, q_seg, kv_seg, hkv)
     kb, vb = _gather(kb_all, ids), _gather(vb_all, ids)
     s = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", qb, kb, preferred_element_type=jnp.float32,
                    precision=_HI) * scale
-    p = jnp.where(m, jnp.exp(s - lse_safe[..., None]), 0.0)
-    dq_blk, dk_blk, dv_blk = _block_grads(qb, dob, kb, vb, p, delta, "bhgnkd")
-    return (dq + dq_blk, dk.at[bi, ids, :, hi].add(dk_blk), dv.at[bi, ids, :, hi].add(dv_blk)), None
+    return jnp.where(m, s, -jnp.inf), kb, vb, (bi, ids, slice(None), hi)
+  return qb, kb_all, vb_all, blocks, "bhgnkd", bmap.max_kv
+
+
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, block_map=None):
+  """Online softmax over the plan's map, or over `block_map` (a runtime map) if given.
+  Returns out [b, sq, h, d] (zeros where a row saw nothing) and lse [b, h, sq]."""
+  b, sq, h, d = q.shape
+  hkv = k.shape[2]
+  g, bq = h // hkv, plan.block_q
+  nq = sq // bq
+  _, _, _, blocks, kv, num_steps = _steps(q, k, v, q_seg, kv_seg, plan, scale, block_map)
+
+  def step(carry, t):
+    m_prev, l_prev, acc = carry
+    s, _, vb, _ = blocks(t)
+    m_new = jnp.maximum(m_prev, s.max(-1))
+    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m_prev - m_safe)
+    pv = jnp.einsum(f"bnhgqk,{kv}->bnhgqd", p.astype(vb.dtype), vb,
+                    preferred_element_type=jnp.float32, precision=_HI)
+    return (m_new, alpha * l_prev + p.sum(-1), alpha[..., None] * acc + pv), None
+
+  shape = (b, nq, hkv, g, bq)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (d,), jnp.float32))
+  (m_fin, l_fin, acc), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
+  seen = l_fin > 0
+  out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
+  lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
+  out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
+  return out, lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
+             block_map=None):
+  """dq, dk, dv over the map `forward` walked: probabilities recomputed per step, dQ in
+  place, dK/dV scatter-added into the visited blocks."""
+  b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
+  qb, kb_all, vb_all, blocks, kv, num_steps = _steps(q, k, v, q_seg, kv_seg, plan, scale,
+                                                     block_map)
+  dob = d_out.reshape(b, nq, bq, hkv, g, d)
+  # delta = rowsum(dO * O) - dLSE  (the lse cotangent folds into the same term).
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, sq, h]
+  delta = delta.transpose(0, 2, 1) - d_lse
+  delta = delta.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
+  lse_b = lse.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
+  lse_safe = jnp.where(jnp.isneginf(lse_b), jnp.inf, lse_b)
+  dot = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32,
+                                      precision=_HI)
+
+  def step(carry, t):
+    dq, dk, dv = carry
+    s, kb, vb, index = blocks(t)
+    p = jnp.exp(s - lse_safe[..., None])
+    dv_blk = dot(f"bnhgqk,bnqhgd->{kv}", p.astype(d_out.dtype), dob)
+    ds = p * (dot(f"bnqhgd,{kv}->bnhgqk", dob, vb) - delta[..., None])
+    dq = dq + dot(f"bnhgqk,{kv}->bnqhgd", ds.astype(k.dtype), kb)
+    dk_blk = dot(f"bnhgqk,bnqhgd->{kv}", ds.astype(q.dtype), qb)
+    return (dq, dk.at[index].add(dk_blk), dv.at[index].add(dv_blk)), None
 
   init = (jnp.zeros(qb.shape, jnp.float32), jnp.zeros(kb_all.shape, jnp.float32),
           jnp.zeros(vb_all.shape, jnp.float32))
-  (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(bmap.max_kv))
+  (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
   dq = (dq * scale).reshape(q.shape).astype(q.dtype)
   dk = (dk * scale).reshape(k.shape).astype(k.dtype)
   return dq, dk, dv.reshape(v.shape).astype(v.dtype)
