@@ -430,15 +430,15 @@ def _packed_rows(cls, num_cols: int):
   return jnp.where(key < 2 * num_cols, key % num_cols, 0).astype(jnp.int32), counts, full
 
 
-def from_selection(selection, static: BlockMap, max_kv: int | None = None) -> BlockMap:
+def from_selection(selection, static: BlockMap) -> BlockMap:
   """The runtime block map of a content-routed selection, inside `jax.jit`.
 
   selection: int [batch, heads, num_q_blocks, k]: the KV block ids each Q block of each head
   visits (-1 or out of range: none; repeats are dropped). The result visits the selected
   blocks that the static mask's map (`static`, same block sizes) visits, with its
   full/partial classes: attention is restricted to (static mask) AND (selected blocks).
-  Fields are [batch, heads, rows, ...] (`BlockMap.is_runtime`); kv rows are `max_kv` wide
-  (default k), q rows (the transpose, for dK/dV) `num_q_blocks` wide. One partial group.
+  Fields are [batch, heads, rows, ...] (`BlockMap.is_runtime`); kv rows are k wide (no row
+  visits more), q rows (the transpose, for dK/dV) `num_q_blocks` wide. One partial group.
   """
   import jax.numpy as jnp
   if static.partial_groups != (None,):
@@ -457,9 +457,8 @@ def from_selection(selection, static: BlockMap, max_kv: int | None = None) -> Bl
   chosen = jnp.zeros((b, h, nq, nk), jnp.bool_).at[bi, hi, qi, jnp.where(ok, ids, nk)].set(
       True, mode="drop")
   cls = jnp.where(chosen, classes[None, None], EMPTY).astype(jnp.int8)
-  width = max_kv or k
   kv_ids, kv_counts, kv_full = _packed_rows(cls, nk)
   q_ids, q_counts, q_full = _packed_rows(jnp.swapaxes(cls, 2, 3), nq)
-  return BlockMap(kv_ids[..., :width], kv_counts, kv_full, kv_counts[..., None], q_ids,
+  return BlockMap(kv_ids[..., :k], kv_counts, kv_full, kv_counts[..., None], q_ids,
                   q_counts, q_full, q_counts[..., None], static.block_q, static.block_kv, nq,
                   nk)

@@ -22,6 +22,12 @@ def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def _valid_rows(layout) -> np.ndarray:
+  """`token_index`'s flat index where valid, -1 for padding."""
+  flat, valid = layout.token_index()
+  return np.where(valid, flat, -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceLayout:
   """``seq_len`` tokens in blocks of ``block``, padded at the end.
@@ -155,8 +161,7 @@ class TiledLayout:
 
   def rows(self) -> np.ndarray:
     """The caller's (local, row-major) flat row of every kernel position (-1: padding)."""
-    flat, valid = self.token_index()
-    return np.where(valid, flat, -1)
+    return _valid_rows(self)
 
   def token_index(self) -> tuple[np.ndarray, np.ndarray]:
     """(original row-major flat index, valid) for every kernel position."""
@@ -269,8 +274,8 @@ class PackedLayout:
             np.concatenate(valids))
 
   def rows(self) -> np.ndarray:
-    flat, valid = self.token_index()
-    return np.where(valid, flat, -1)
+    """The caller's flat row (in the packed sequence) of every kernel position (-1: padding)."""
+    return _valid_rows(self)
 
   def to_kernel(self, x):
     """[batch, seq_len, ...] -> [batch, padded_len, ...] in kernel order."""

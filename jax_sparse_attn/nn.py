@@ -243,7 +243,7 @@ class NeighborhoodAttention(nnx.Module):
     v = self.extra_value(extra_tokens).reshape(shape)
     if self.extra_k_norm is not None:
       k = self.extra_k_norm(k)
-    return k.astype(v.dtype), v
+    return k, v
 
   def __call__(self, x, extra_tokens=None, extra_valid=None, kv_valid=None):
     if x.ndim != self.spatial_dims + 2:

@@ -32,6 +32,13 @@ def _check_block_size(block_size):
     raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
 
 
+def _visible(num_q_blocks: int, num_kv_blocks: int, causal: bool):
+  """[nq, nk] bool: the blocks a query block may select (causal: up to its own)."""
+  if not causal:
+    return jnp.ones((num_q_blocks, num_kv_blocks), bool)
+  return jnp.arange(num_kv_blocks)[None, :] <= jnp.arange(num_q_blocks)[:, None]
+
+
 def select(scores, block_size: int, top_k: int, *, causal: bool = False,
            local_blocks: int = 0, sink_blocks: int = 0,
            top_fraction: float | None = None) -> BlockSelection:
@@ -56,7 +63,7 @@ def select(scores, block_size: int, top_k: int, *, causal: bool = False,
   b, h, nq, nk = scores.shape
   qi = jnp.arange(nq)[:, None]
   kj = jnp.arange(nk)[None, :]
-  allowed = kj <= qi if causal else jnp.ones((nq, nk), bool)
+  allowed = _visible(nq, nk, causal)
   if causal:
     local = (kj <= qi) & (kj > qi - local_blocks)
   else:
@@ -101,9 +108,8 @@ def select_mass(scores, block_size: int, threshold: float, max_blocks: int, *,
   b, h, nq, nk = scores.shape
   n_forced = min(nk, local_blocks + sink_blocks)
   forced, top = base.ids[..., :n_forced], base.ids[..., n_forced:]
-  kj = jnp.arange(nk)[None, :]
-  visible = kj <= jnp.arange(nq)[:, None] if causal else jnp.ones((nq, nk), bool)
-  logits = jnp.where(visible, scores.astype(jnp.float32) / temperature, -jnp.inf)
+  logits = jnp.where(_visible(nq, nk, causal), scores.astype(jnp.float32) / temperature,
+                     -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
   mass = jnp.take_along_axis(probs, jnp.maximum(top, 0), axis=-1) * (top >= 0)
   before = jnp.cumsum(mass, axis=-1) - mass  # mass of the better blocks
