@@ -50,11 +50,24 @@ def inputs(shape_q, shape_kv, dtype, seed=0):
 
 
 def fwd_bwd(fn):
-  """f(q, k, v, do) -> (out, dq, dk, dv) via vjp."""
-  def run(q, k, v, do):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out,) + vjp(do)
+  """Jitted f(*inputs, do) -> (out, gradient of every input) via vjp: (out, dq, dk, dv) for
+  fn(q, k, v)."""
+  def run(*args):
+    out, vjp = jax.vjp(fn, *args[:-1])
+    return (out,) + vjp(args[-1])
   return jax.jit(run)
+
+
+def perf_row(section, case, impl, fn, args, do, iters, **extra):
+  """Record the forward and forward+backward time of fn(*args) (cotangent `do`; None:
+  forward only), or the error."""
+  try:
+    t_f = timeit(jax.jit(fn), *args, iters=iters)
+    t_b = timeit(fwd_bwd(fn), *args, do, iters=iters) if do is not None else None
+    record(section=section, case=case, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b, **extra)
+  except Exception as e:
+    record(section=section, case=case, impl=impl, error=repr(e)[:600])
+    traceback.print_exc()
 
 
 def record(**kw):

@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 import jax_sparse_attn as jsa  # noqa: E402
 from jax_sparse_attn import masks  # noqa: E402
 
-from .bench_gpu import header, inputs, record, rel, timeit, write_results  # noqa: E402
+from .bench_gpu import (fwd_bwd, header, inputs, perf_row, record, rel,  # noqa: E402
+                        write_results)
 
 # (name, image grid, kernel, text tokens, batch, heads)
 BLOCKS = [
@@ -56,28 +57,11 @@ def _na_fn(spatial, kernel):
   return fn
 
 
-def _perf(name, impl, fn, args, do, iters, **extra):
-  try:
-    t_f = timeit(jax.jit(fn), *args, iters=iters)
-    step = jax.jit(lambda *a: _grads(fn, a[:-1], a[-1]))  # out and every input's gradient
-    t_b = timeit(step, *args, do, iters=iters) if do is not None else None
-    record(section="perf", case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b, **extra)
-  except Exception as e:
-    record(section="perf", case=name, impl=impl, error=repr(e)[:600])
-    traceback.print_exc()
-
-
-def _grads(fn, args, do):
-  out, vjp = jax.vjp(fn, *args)
-  return (out,) + vjp(do)
-
-
 def _check(name, fn, args, do):
   try:
-    got = jax.jit(lambda *a: _grads(lambda *x: fn("auto", *x), a[:-1], a[-1]))(*args, do)
+    got = fwd_bwd(lambda *x: fn("auto", *x))(*args, do)
     f32 = [x.astype(jnp.float32) for x in args]
-    want = jax.jit(lambda *a: _grads(lambda *x: fn("xla", *x), a[:-1], a[-1]))(
-        *f32, do.astype(jnp.float32))
+    want = fwd_bwd(lambda *x: fn("xla", *x))(*f32, do.astype(jnp.float32))
     names = ["out", "dq", "dk", "dv", "d_extra_k", "d_extra_v"]
     errs = {n: rel(a, b) for n, a, b in zip(names, got, want)}
     finite = all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
@@ -129,33 +113,33 @@ def section_perf(dtype, iters):
     pairs = n * (kernel * kernel + n_text)
     flops = 4 * b * h * D * pairs  # the attended pairs (PERF.md: fwd 4*b*h*d*pairs)
     extra = dict(useful_fwd_tflop=flops / 1e12)
-    _perf(name, "ours two-pass (na2d additional_keys)",
-          lambda q, k, v, ek, ev: jsa.na2d(q, k, v, kernel, additional_keys=ek,
-                                           additional_values=ev),
-          (q, k, v, ek, ev), do, iters, **extra)
-    _perf(name, "ours na2d only", lambda q, k, v: jsa.na2d(q, k, v, kernel), (q, k, v), do,
-          iters)
+    perf_row("perf", name, "ours two-pass (na2d additional_keys)",
+             lambda q, k, v, ek, ev: jsa.na2d(q, k, v, kernel, additional_keys=ek,
+                                              additional_values=ev),
+             (q, k, v, ek, ev), do, iters, **extra)
+    perf_row("perf", name, "ours na2d only", lambda q, k, v: jsa.na2d(q, k, v, kernel),
+             (q, k, v), do, iters)
     flat = lambda x: x.reshape(b, n, *x.shape[-2:])
-    _perf(name, "ours text pass only", lambda q, k, v: jsa.attention(q, k, v),
-          (flat(q), ek, ev), flat(do), iters)
+    perf_row("perf", name, "ours text pass only", lambda q, k, v: jsa.attention(q, k, v),
+             (flat(q), ek, ev), flat(do), iters)
     cat = lambda a, c: jnp.concatenate([flat(a), c], axis=1)
     if n <= 4096:  # its block map evaluates the function on every pair on the host
       mask = masks.from_function(_na_fn(spatial, kernel))
-      _perf(name, "ours one-pass (from_function mask, raster order)",
-            lambda q, k, v, ek, ev: jsa.attention(flat(q), cat(k, ek), cat(v, ev), mask),
-            (q, k, v, ek, ev), flat(do), iters, **extra)
+      perf_row("perf", name, "ours one-pass (from_function mask, raster order)",
+               lambda q, k, v, ek, ev: jsa.attention(flat(q), cat(k, ek), cat(v, ev), mask),
+               (q, k, v, ek, ev), flat(do), iters, **extra)
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, implementation=None if SMOKE else "cudnn")
-    _perf(name, "cudnn dense over all keys",
-          lambda q, k, v, ek, ev: cudnn(flat(q), cat(k, ek), cat(v, ev)),
-          (q, k, v, ek, ev), flat(do), iters, **extra)
+    perf_row("perf", name, "cudnn dense over all keys",
+             lambda q, k, v, ek, ev: cudnn(flat(q), cat(k, ek), cat(v, ev)),
+             (q, k, v, ek, ev), flat(do), iters, **extra)
     # The reverse direction: text queries attend to every image and text token.
-    _perf(name + " text->all", "ours attention (dense)",
-          lambda tq, k, v, ek, ev: jsa.attention(tq, cat(k, ek), cat(v, ev)),
-          (tq, k, v, ek, ev), tdo, iters)
-    _perf(name + " text->all", "cudnn",
-          lambda tq, k, v, ek, ev: cudnn(tq, cat(k, ek), cat(v, ev)),
-          (tq, k, v, ek, ev), tdo, iters)
+    perf_row("perf", name + " text->all", "ours attention (dense)",
+             lambda tq, k, v, ek, ev: jsa.attention(tq, cat(k, ek), cat(v, ev)),
+             (tq, k, v, ek, ev), tdo, iters)
+    perf_row("perf", name + " text->all", "cudnn",
+             lambda tq, k, v, ek, ev: cudnn(tq, cat(k, ek), cat(v, ev)),
+             (tq, k, v, ek, ev), tdo, iters)
 
 
 def section_masks(dtype, iters):
@@ -165,24 +149,25 @@ def section_masks(dtype, iters):
   q, k, v, do = inputs(shape, shape, dtype, seed=4)
   valid = jnp.asarray(np.arange(g)[None, None, :] < g - g // 6) & jnp.ones((b, g, 1), bool)
   name = f"na2d {g}x{g} k{kern} B={b} H={h}"
-  _perf(name, "ours plain", lambda q, k, v: jsa.na2d(q, k, v, kern), (q, k, v), do, iters)
+  perf_row("perf", name, "ours plain", lambda q, k, v: jsa.na2d(q, k, v, kern), (q, k, v), do,
+           iters)
   for backend in ("auto", "triton"):
-    _perf(name, f"ours kv_valid ({g // 6} padded columns) backend={backend}",
-          lambda q, k, v, be=backend: jsa.na2d(q, k, v, kern, kv_valid=valid, backend=be),
-          (q, k, v), do, iters)
-  _perf(name, "ours plain backend=triton",
-        lambda q, k, v: jsa.na2d(q, k, v, kern, backend="triton"), (q, k, v), do, iters)
+    perf_row("perf", name, f"ours kv_valid ({g // 6} padded columns) backend={backend}",
+             lambda q, k, v, be=backend: jsa.na2d(q, k, v, kern, kv_valid=valid, backend=be),
+             (q, k, v), do, iters)
+  perf_row("perf", name, "ours plain backend=triton",
+           lambda q, k, v: jsa.na2d(q, k, v, kern, backend="triton"), (q, k, v), do, iters)
   shapes = [(24, 24), (16, 32), (12, 12)] if SMOKE else [(96, 96), (64, 128), (48, 48)]
   n = sum(math.prod(s) for s in shapes)
   q, k, v, do = inputs((b, n, h, D), (b, n, h, D), dtype, seed=5)
   name = f"packed {' + '.join('x'.join(map(str, s)) for s in shapes)} k{kern} B={b} H={h}"
   for method in ("per_grid", "tiled", "raster"):
-    _perf(name, f"ours na_packed method={method}",
-          lambda q, k, v, m=method: jsa.na_packed(q, k, v, shapes, kern, method=m),
-          (q, k, v), do, iters)
-  _perf(name, "cudnn dense over all tokens (no mask)",
-        lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, implementation=None if SMOKE else "cudnn"), (q, k, v), do, iters)
+    perf_row("perf", name, f"ours na_packed method={method}",
+             lambda q, k, v, m=method: jsa.na_packed(q, k, v, shapes, kern, method=m),
+             (q, k, v), do, iters)
+  perf_row("perf", name, "cudnn dense over all tokens (no mask)",
+           lambda q, k, v: jax.nn.dot_product_attention(
+           q, k, v, implementation=None if SMOKE else "cudnn"), (q, k, v), do, iters)
   # Many small grids (images of several resolutions in one batch): where one kernel call
   # over every grid should beat one call per grid.
   rng = np.random.default_rng(0)
@@ -192,9 +177,9 @@ def section_masks(dtype, iters):
   q, k, v, do = inputs((b, n, h, D), (b, n, h, D), dtype, seed=6)
   name = (f"packed 16 grids, sides from {sizes} ({n} tokens) k{kern - 4} B={b} H={h}")
   for method in ("per_grid", "tiled"):
-    _perf(name, f"ours na_packed method={method}",
-          lambda q, k, v, m=method: jsa.na_packed(q, k, v, shapes, kern - 4, method=m),
-          (q, k, v), do, iters)
+    perf_row("perf", name, f"ours na_packed method={method}",
+             lambda q, k, v, m=method: jsa.na_packed(q, k, v, shapes, kern - 4, method=m),
+             (q, k, v), do, iters)
 
 
 def section_flex(iters):

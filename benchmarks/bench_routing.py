@@ -27,7 +27,7 @@ from jax_sparse_attn import masks, routing
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import make_plan
 
-from .bench_gpu import fwd_bwd, header, inputs, record, rel, timeit, write_results
+from .bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel, timeit, write_results
 
 
 def moba_selection(key, b, h, s, bs, top_k):
@@ -43,15 +43,8 @@ def moba_selection(key, b, h, s, bs, top_k):
 
 def _time_runs(section, name, runs, args, iters):
   """Forward and forward+backward of each (impl, fn) in `runs` on args (q, k, v, do)."""
-  q, k, v, do = args
   for impl, fn in runs:
-    try:
-      t_f = timeit(jax.jit(fn), q, k, v, iters=iters)
-      t_b = timeit(fwd_bwd(fn), q, k, v, do, iters=iters)
-      record(section=section, case=name, impl=impl, fwd_ms=t_f, fwd_bwd_ms=t_b)
-    except Exception as e:
-      record(section=section, case=name, impl=impl, error=repr(e)[:600])
-      traceback.print_exc()
+    perf_row(section, name, impl, fn, args[:3], args[3], iters)
 
 
 def section_check(dtype):
