@@ -168,6 +168,12 @@ def test_neighborhood_module_with_extra_tokens():
     nn.NeighborhoodAttention2D(32, 4, 3, backend="xla", rngs=nnx.Rngs(0))(x, text)
   with pytest.raises(ValueError, match="extra_tokens must be"):
     m(x, text[..., :20])
+  with pytest.raises(ValueError, match="extra_valid needs extra_tokens"):
+    m(x, extra_valid=text_valid)
+  with pytest.raises(ValueError, match="extra_dim must be positive"):
+    nn.NeighborhoodAttention2D(32, 4, 3, extra_dim=0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="takes no kv_valid"):
+    full(x, text, kv_valid=jnp.ones((2, 5, 6), bool))
 
 
 def test_mixture_of_block_attention_matches_functional_ops():

@@ -242,6 +242,10 @@ SEL = routing.BlockSelection(jnp.zeros((1, 2, 4, 2), jnp.int32), 16)
     (lambda: routing.select(jnp.zeros((1, 2, 4, 4)), 24, 1), "power of two"),
     (lambda: routing.select(jnp.zeros((1, 2, 4, 4)), 16, -1), "top_k must be"),
     (lambda: routing.select(jnp.zeros((2, 4, 4)), 16, 1), "scores must be"),
+    (lambda: routing.select_mass(jnp.zeros((1, 2, 4, 4)), 16, 0.5, 2, temperature=0.0),
+     "temperature must be positive"),
+    (lambda: routing.tile_order((4, 8), (2,)), "one positive entry per dim"),
+    (lambda: routing.tile_order((4, 8), (2, 3)), "power of two"),
 ])
 def test_bad_input_raises_value_error(call, match):
   with pytest.raises(ValueError, match=match):
