@@ -163,9 +163,10 @@ def scaling(n, seq, spatial, backend, reps):
     except Exception as e:  # noqa: BLE001
       record(section="scaling", case=f"causal S={seq}", run=name, error=repr(e)[:400])
       traceback.print_exc()
-  shape = (1,) + spatial + (16, D)
-  q, k, v, do = inputs(shape, shape, jnp.bfloat16, seed=4)
-  for devices in (1, n):
+  # Strong scaling (the same latent on 1 and n devices), then weak (n times the frames on n).
+  for devices, frames in ((1, spatial[0]), (n, spatial[0]), (n, n * spatial[0])):
+    shape = (1, frames) + spatial[1:] + (16, D)
+    q, k, v, do = inputs(shape, shape, jnp.bfloat16, seed=4)
     try:
       if devices == 1:
         op = lambda q, k, v: jsa.na(q, k, v, NA["kernel"], backend=backend)
@@ -177,8 +178,8 @@ def scaling(n, seq, spatial, backend, reps):
         args = tuple(_place(mesh, x) for x in (q, k, v, do))
       fwd = _time(jax.jit(op), *args[:3], reps=reps)
       both = _time(fwd_bwd(op), *args, reps=reps)
-      record(section="scaling", case=f"3-D NA {spatial} k8x16x16", devices=devices,
-             fwd_ms=fwd, fwd_bwd_ms=both)
+      record(section="scaling", case=f"3-D NA {shape[1:4]} k8x16x16", devices=devices,
+             kind="weak" if frames != spatial[0] else "strong", fwd_ms=fwd, fwd_bwd_ms=both)
     except Exception as e:  # noqa: BLE001
       record(section="scaling", case="3-D NA", devices=devices, error=repr(e)[:400])
       traceback.print_exc()
