@@ -96,12 +96,43 @@ def test_routed_low_precision_triton():
   check_routed(p, "triton", interpret=True)
 
 
-@pytest.mark.parametrize("mask", ["causal", "function"])
-def test_routed_mosaic_gpu_interpret(mask):
-  # The Hopper forward walks per-(batch, head) rows; the backward runs the Triton kernels.
-  p = dict(batch=2, sq=300, skv=300, bs=128, kv_heads=1, heads=2, head_dim=64, mask=mask, k=2,
-           segments=mask == "causal", dtype=jnp.bfloat16, seed=4)
-  check_routed(p, "mosaic_gpu", interpret=True)
+@pytest.mark.parametrize("mask, kv_heads, backward", [
+    ("causal", 1, None), ("function", 1, None), ("window", 2, "mosaic_gpu"),
+    ("causal", 1, "triton")])
+def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward):
+  # The Hopper forward and backward walk per-(batch, head) rows; with GQA each query head of
+  # a group has its own Q list per KV block (the backward's device-built work items).
+  from pallas_kernels.gpu import MosaicGPUConfig
+  p = dict(batch=2, sq=300, skv=300, bs=128, kv_heads=kv_heads, heads=2, head_dim=64,
+           mask=mask, k=2, segments=mask == "causal", dtype=jnp.bfloat16, seed=4)
+  check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward=backward))
+
+
+def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
+  """KV blocks whose Q lists are longer than a work item's chunk (1 here): several CTAs
+  reduce-add their dK/dV; GQA heads of a group with different list lengths."""
+  from pallas_kernels.gpu import MosaicGPUConfig
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "_chunk", lambda mean: 1)
+  p = dict(batch=1, sq=640, skv=640, bs=128, kv_heads=1, heads=2, head_dim=32, mask="causal",
+           k=3, segments=False, dtype=jnp.bfloat16, seed=5)
+  check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))
+
+
+def test_runtime_work_items():
+  """The Hopper backward's work items of a runtime map, built on device: every KV block's
+  group-longest list in chunks, KV-block order, then no-work items (KV block = n_kv)."""
+  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _runtime_items
+  rng = np.random.default_rng(0)
+  counts = rng.integers(0, 30, (2, 4, 7))
+  counts[0, :, 3] = 0
+  items = np.asarray(_runtime_items(jnp.asarray(counts), 2, 8, int(counts.sum(-1).max())))
+  for b in range(2):
+    for g in range(2):
+      longest = counts[b, 2 * g:2 * g + 2].max(0)
+      want = [(j, i) for j in range(7) for i in range(-(-longest[j] // 8))]
+      assert [tuple(x) for x in items[b, g].tolist() if x[0] < 7] == want
+      assert (items[b, g, len(want):] == [7, 0]).all()
 
 
 @pytest.mark.parametrize("mask, kv_heads", [("causal", 1), ("window", 2)])
@@ -220,11 +251,12 @@ def test_runtime_maps_lower_for_gpu(backend):
   exported = export_for_gpu(f, sds((b, s, h, d), jnp.bfloat16), sds((b, s, hkv, d), jnp.bfloat16),
                             sds((b, s, hkv, d), jnp.bfloat16), sds((b, h, s // bs, 3), jnp.int32))
   text = exported.mlir_module()
-  assert text.count("sparse_attention_dkv") >= 1  # the backward: Triton kernels on both
   if backend == "triton":
     assert text.count("sparse_attention_fwd") >= 1
-  else:
-    assert "mosaic_gpu" in text
+    assert text.count("sparse_attention_dkv") >= 1
+  else:  # forward and backward: Mosaic GPU kernels, no Triton
+    assert text.count("@mosaic_gpu_v2(") == 2
+    assert "__gpu$xla.gpu.triton" not in text
 
 
 Q = jnp.ones((1, 64, 2, 16))

@@ -42,7 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_sparse_attn import masks
-from jax_sparse_attn.plan import AttentionPlan, gathered
+from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import triton_attention
 from . import attention_fwd as fwd
@@ -78,12 +78,17 @@ def _split_dq(cfg, head_dim: int) -> bool:
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
-            mask_fn=None, segments: bool = False):
+            mask_fn=None, segments: bool = False, chunk: int = 0):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
   +inf where no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv];
-  dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into (zero-filled)."""
+  dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into (zero-filled).
+
+  A runtime map (``chunk`` > 0: content-routed attention) has rows per (batch, query head):
+  items [b, hkv, n, 2] (kv block, chunk of ``chunk`` entries; kv block = n_kv: no work,
+  `_runtime_items`), ids [b, h, kv blocks, max q blocks], counts [b, h, kv blocks, 2]; each
+  query head of the GQA group walks its own list."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
@@ -93,18 +98,36 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     dq_ref, dk_ref, dv_ref = refs
   dq_cols = 64 if split_dq else head_dim
   item = lax.axis_index("kv")
-  kv_block, first, entries = items_ref[item, 0], items_ref[item, 1], items_ref[item, 2]
   kv_head, batch = lax.axis_index("head"), lax.axis_index("batch")
+  if chunk:  # a runtime map: each query head of the group has its own Q list
+    kv_block = items_ref[batch, kv_head, item, 0]
+    live = kv_block < counts_ref.shape[2]
+    kv_block = jnp.where(live, kv_block, 0)
+    first = items_ref[batch, kv_head, item, 1] * chunk
+    heads = [kv_head * groups + j for j in range(groups)]
+    count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
+    entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
+               for j in range(groups)]
+    full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
+    q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
+  else:
+    kv_block, first = items_ref[item, 0], items_ref[item, 1]
+    entries = [items_ref[item, 2]] * groups
+    full = [jnp.clip(counts_ref[kv_block, 0] - first, 0, entries[0])] * groups
+    q_block = lambda j, e: ids_ref[kv_block, first + e]
   kv0 = kv_block * _BLOCK_KV
-  # Steps of 64 query rows per query head: my entries' full blocks, then partial ones.
-  n_full = jnp.clip(counts_ref[kv_block, 0] - first, 0, entries) * sub
-  n_all = entries * sub
+  # Steps of 64 query rows, query head after query head of the group (head j's steps start
+  # at bases[j]): its entries' full blocks, then partial ones.
+  n_full = [f * sub for f in full]
+  n_all = [e * sub for e in entries]
+  bases = [sum(n_all[:j], jnp.int32(0)) for j in range(groups + 1)]
+  total = bases[groups]
   qk_scale = scale * LOG2E
 
-  def step_q(t):
-    """(first query row, query head) of step t (over the GQA group)."""
-    j, r = lax.div(t, jnp.maximum(n_all, 1)), lax.rem(t, jnp.maximum(n_all, 1))
-    q0 = ids_ref[kv_block, first + lax.div(r, sub)] * block_q + lax.rem(r, sub) * _ROWS
+  def step_q(j, t):
+    """(first query row, query head) of step t, one of head j's."""
+    r = t - bases[j]
+    q0 = q_block(j, lax.div(r, sub)) * block_q + lax.rem(r, sub) * _ROWS
     return q0, kv_head * groups + j
 
   def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem,
@@ -123,7 +146,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         return r[...]
       return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
 
-    @pl.when(wg < _WGS)
+    @pl.when((wg < _WGS) & (total > 0))
     def _compute():
       plgpu.set_max_registers(232, action="increase")
       own = pl.ds(wg * _ROWS, _ROWS)
@@ -135,10 +158,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1)),
           (_ROWS, _ROWS), [0]) for i in range(extras)]
 
-      def step(t, carry, masked: bool):
+      def step(t, carry, j: int, masked: bool):
         dk, dv = carry
         slot = lax.rem(t, stages)
-        q0, head = step_q(t)
+        q0, head = step_q(j, t)
         plgpu.barrier_wait(q_bar.at[slot])
 
         def sdp(refs):
@@ -216,10 +239,11 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       zeros = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros)
       for j in range(groups):  # full steps, then partial ones, for each query head
-        base = j * n_all
-        carry = lax.fori_loop(base, base + n_full, functools.partial(step, masked=False), carry)
-        carry = lax.fori_loop(base + n_full, base + n_all, functools.partial(step, masked=True),
-                              carry)
+        base = bases[j]
+        carry = lax.fori_loop(base, base + n_full[j],
+                              functools.partial(step, j=j, masked=False), carry)
+        carry = lax.fori_loop(base + n_full[j], bases[j + 1],
+                              functools.partial(step, j=j, masked=True), carry)
       dk, dv = carry
       # Several items may share a KV block: dK and dV are reduce-added in float32, staged
       # in the step slots (free once both warpgroups are past their last step).
@@ -239,7 +263,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[rows], reduction_op="add")
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _WGS)
+    @pl.when((wg == _WGS) & (total > 0))
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
       rows = (batch, pl.ds(kv0, _BLOCK_KV), kv_head)
@@ -250,12 +274,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         if extras:
           plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, pl.ds(kv0 + w * _ROWS, _ROWS)],
                                   kx_smem.at[w], kv_bar)
-      total = groups * n_all
 
-      @pl.loop(0, total)
-      def _(t):
+      def load(j, t):
         slot = lax.rem(t, stages)
-        q0, head = step_q(t)
+        q0, head = step_q(j, t)
 
         @pl.when(t >= stages)
         def _():
@@ -272,6 +294,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         plgpu.copy_gmem_to_smem(hi_ref.at[:, pl.ds(q0, _ROWS)], hi_smem.at[slot], bar)
         if extras:
           plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, pl.ds(q0, _ROWS)], qx_smem.at[slot], bar)
+
+      for j in range(groups):
+        pl.loop(bases[j], bases[j + 1])(functools.partial(load, j))
 
       # Observe each slot's last release before the barriers are freed.
       for s in range(stages):
@@ -307,21 +332,17 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
              config, interpret, block_map=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
-  Triton kernels). Runtime block maps (`block_map`) run on the Triton kernels: this kernel's
-  work items are planned on the host."""
+  Triton kernels). `block_map`: a runtime map (`block_map.from_selection`), whose work items
+  are built on device (`_runtime_items`)."""
   cfg = fwd._config(config)
-  if block_map is not None:
-    if cfg.backward == "mosaic_gpu":
-      raise ValueError("MosaicGPUConfig.backward='mosaic_gpu' does not take runtime block "
-                       "maps (its work items are planned on the host); use None or 'triton'")
-    return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
-                                     scale, cfg.triton, interpret, block_map=block_map)
+  runtime = block_map is not None
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made with
   # other blocks (attention(..., block_kv=64)).
-  if (cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan))
+  if (cfg.backward == "triton" or (cfg.backward is None and not runtime and not picks_mosaic(plan))
       or plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
-                                     scale, cfg.triton, interpret)
+                                     scale, cfg.triton, interpret,
+                                     **({"block_map": block_map} if runtime else {}))
   b, sq, h, d = q.shape
   why = fwd.unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
@@ -341,10 +362,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
     dq, dk, dv = backward(pad(q), pad(k), pad(v), q_seg, kv_seg, pad(out), lse, pad(d_out),
-                          d_lse, plan, scale, cfg, interpret)
+                          d_lse, plan, scale, cfg, interpret, block_map)
     return dq[..., :d], dk[..., :d], dv[..., :d]
   skv, hkv = k.shape[1], k.shape[2]
-  bmap = plan.block_map
+  bmap = walked_map(plan, block_map)
   n_q, n_kv = plan.q_layout.padded_len, plan.kv_layout.padded_len
   # delta = rowsum(dO ∘ O) - dLSE; lse in log2 units, +inf where the row saw no key (P = 0);
   # both padded to whole steps.
@@ -356,18 +377,24 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   dims = plan.num_mask_dims
   lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
   stages = 2
-  counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
-  items = _work_items(counts[:, 1])
+  groups = h // hkv
   zeros = lambda n, heads: jnp.zeros((b, n, heads, d), jnp.float32)
-  if not len(items):  # no query sees any key
-    return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+  if runtime:
+    counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
+    chunk = _chunk(bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks)
+    items = _runtime_items(bmap.q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
+  else:
+    counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
+    items, chunk = jnp.asarray(_work_items(counts[:, 1])), 0
+    if not len(items):  # no query sees any key
+      return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   kernel = functools.partial(
-      _kernel, head_dim=d, groups=h // hkv, dims=dims, sub=plan.block_q // _ROWS,
+      _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
-      split_dq=_split_dq(cfg, d), mask_fn=plan.mask_fn, segments=q_seg is not None)
-  mesh = plgpu.Mesh(grid=(len(items), hkv, b), grid_names=("kv", "head", "batch"),
+      split_dq=_split_dq(cfg, d), mask_fn=plan.mask_fn, segments=q_seg is not None, chunk=chunk)
+  mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
-  args = (jnp.asarray(items), jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
+  args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *fwd._extras(plan, b, q_seg, kv_seg))
 
   def run(refs):  # dq, dk and dv accumulate in place
@@ -381,6 +408,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
 
 
+def _chunk(mean_entries: float) -> int:
+  """Entries per work item: the mean Q list length, at least 8."""
+  return max(8, int(np.ceil(mean_entries)))
+
+
 def _work_items(counts: np.ndarray) -> np.ndarray:
   """Work items [n, 3] (KV block, first entry, entries) over the KV blocks' Q lists, longest
   first: a list longer than the chunk (the mean length, at least 8) is split into chunks,
@@ -390,8 +422,27 @@ def _work_items(counts: np.ndarray) -> np.ndarray:
   visited = counts[counts > 0]
   if not visited.size:
     return np.zeros((0, 3), np.int32)
-  chunk = max(8, int(np.ceil(visited.mean())))
+  chunk = _chunk(visited.mean())
   items = [(j, s, min(chunk, int(n) - s)) for j, n in enumerate(counts)
            for s in range(0, int(n), chunk)]
   items.sort(key=lambda it: -it[2])
   return np.asarray(items, np.int32)
+
+
+def _runtime_items(q_counts, groups: int, chunk: int, max_entries: int):
+  """Work items of a runtime map, on device: [b, hkv, n, 2] (KV block, chunk index), each
+  KV block of each KV head cut into chunks of `chunk` entries of its group's longest Q list,
+  in KV-block order. n is static: every KV block's last chunk, plus at most
+  groups·max_entries / chunk more (max_entries bounds a head's entries over all KV blocks:
+  q blocks × the selection width); items past the real ones have KV block = n_kv (no work).
+  q_counts: [b, h, n_kv]."""
+  b, h, nk = q_counts.shape
+  longest = jnp.max(q_counts.reshape(b, h // groups, groups, nk), axis=2)
+  chunks = (longest + chunk - 1) // chunk
+  n = min(nk + -(-groups * max_entries // chunk), nk * -(-max_entries // chunk))
+  ends = jnp.cumsum(chunks, axis=-1)  # [b, hkv, nk]
+  index = jnp.arange(n, dtype=jnp.int32)
+  find = jax.vmap(lambda e: jnp.searchsorted(e, index, side="right"))
+  block = find(ends.reshape(-1, nk)).reshape(b, h // groups, n).astype(jnp.int32)
+  starts = jnp.take_along_axis(ends - chunks, jnp.minimum(block, nk - 1), axis=-1)
+  return jnp.stack([block, jnp.where(block < nk, index - starts, 0)], axis=-1)
