@@ -7,8 +7,8 @@ check: `attention(..., block_selection=)` on Triton and the Hopper forward (bf16
 the same selection. perf: the MoBA row of ../shared/tools/anchor_probe_sparse.py (S=32768
 causal, 128-token blocks, per query block and head the top 32 of random block scores among
 the visible blocks, plus its own and the previous block; H=16, D=128, B=1): selection +
-runtime-map build on device, forward and forward+backward (the Hopper forward and Triton
-backward by default; all-Triton), beside our dense causal kernels
+runtime-map build on device, forward and forward+backward (the Hopper forward and backward
+by default; the Hopper forward with the Triton backward; all-Triton), beside our dense causal kernels
 (Triton and Hopper) and the bound (visited fraction of the causal blocks). torch Flex runs
 in the probe (same selection rule), in the same device call. video: VMoBA-style routing on a
 16x64x64 latent in 2x8x8 blocks beside our static 3-D neighborhood (`--sections video`).
@@ -26,6 +26,8 @@ from jax_sparse_attn import block_map as block_map_lib
 from jax_sparse_attn import masks, routing
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import make_plan
+
+from pallas_kernels.gpu import MosaicGPUConfig
 
 from .bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel, timeit, write_results
 
@@ -90,6 +92,9 @@ def section_perf(dtype, iters):
                    iters=iters))
   runs = [("mosaic_gpu (runtime map; the default)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel)),
+          ("mosaic_gpu forward + Triton backward (runtime map)", lambda q, k, v: jsa.attention(
+              q, k, v, masks.causal(), block_selection=sel,
+              config=MosaicGPUConfig(backward="triton"))),
           ("triton (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel, backend="triton")),
           ("triton dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
