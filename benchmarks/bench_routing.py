@@ -3,12 +3,12 @@ runtime block maps beside our dense causal kernels, in one run.
 
     python -m benchmarks.bench_routing --sections check,perf --out results.json
 
-check: `attention(..., block_selection=)` on Triton and the Hopper forward (bf16) against the float32 XLA backend under
+check: `attention(..., block_selection=)` on Triton and the Hopper kernels (bf16) against the float32 XLA backend under
 the same selection. perf: the MoBA row of ../shared/tools/anchor_probe_sparse.py (S=32768
 causal, 128-token blocks, per query block and head the top 32 of random block scores among
 the visible blocks, plus its own and the previous block; H=16, D=128, B=1): selection +
-runtime-map build on device, forward and forward+backward (the Hopper forward and backward
-by default; the Hopper forward with the Triton backward; all-Triton), beside our dense causal kernels
+runtime-map build on device, forward and forward+backward (the Hopper forward and Triton
+backward by default; the Hopper forward and backward; all-Triton), beside our dense causal kernels
 (Triton and Hopper) and the bound (visited fraction of the causal blocks). torch Flex runs
 in the probe (same selection rule), in the same device call. video: VMoBA-style routing on a
 16x64x64 latent in 2x8x8 blocks beside our static 3-D neighborhood (`--sections video`).
@@ -57,17 +57,20 @@ def section_check(dtype):
                                       backend="xla")
   f32 = lambda x: x.astype(jnp.float32)
   want = fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(do))
-  for backend in ("triton", "mosaic_gpu"):
+  variants = [("triton", None), ("mosaic_gpu", None),
+              ("mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu"))]
+  for backend, config in variants:
+    name = backend + (" (Hopper backward)" if config is not None else "")
     try:
-      ours = lambda q, k, v, be=backend: jsa.attention(q, k, v, masks.causal(),
-                                                       block_selection=sel, backend=be)
+      ours = lambda q, k, v, be=backend, c=config: jsa.attention(
+          q, k, v, masks.causal(), block_selection=sel, backend=be, config=c)
       got = fwd_bwd(ours)(q, k, v, do)
       errs = {n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, want)}
       record(section="check", case=f"MoBA causal S={s} top 8 + 2, GQA {h}/{hkv}",
-             backend=backend, **errs,
+             backend=name, **errs,
              finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
     except Exception as e:
-      record(section="check", backend=backend, error=repr(e)[:600])
+      record(section="check", backend=name, error=repr(e)[:600])
       traceback.print_exc()
 
 
@@ -90,11 +93,11 @@ def section_perf(dtype, iters):
   record(section="perf", case=name, impl="ours: runtime map from a selection",
          ms=timeit(jax.jit(lambda ids: block_map_lib.from_selection(ids, static)), sel.ids,
                    iters=iters))
-  runs = [("mosaic_gpu (runtime map; the default)", lambda q, k, v: jsa.attention(
-              q, k, v, masks.causal(), block_selection=sel)),
-          ("mosaic_gpu forward + Triton backward (runtime map)", lambda q, k, v: jsa.attention(
+  runs = [("mosaic_gpu forward + Triton backward (runtime map; the default)",
+           lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel)),
+          ("mosaic_gpu forward + backward (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel,
-              config=MosaicGPUConfig(backward="triton"))),
+              config=MosaicGPUConfig(backward="mosaic_gpu"))),
           ("triton (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel, backend="triton")),
           ("triton dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),

@@ -97,8 +97,8 @@ def test_routed_low_precision_triton():
 
 
 @pytest.mark.parametrize("mask, kv_heads, backward", [
-    ("causal", 1, None), ("function", 1, None), ("window", 2, "mosaic_gpu"),
-    ("causal", 1, "triton")])
+    ("causal", 1, "mosaic_gpu"), ("function", 1, "mosaic_gpu"), ("window", 2, "mosaic_gpu"),
+    ("causal", 1, None)])
 def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward):
   # The Hopper forward and backward walk per-(batch, head) rows; with GQA each query head of
   # a group has its own Q list per KV block (the backward's device-built work items).
@@ -242,10 +242,14 @@ def test_runtime_maps_lower_for_gpu(backend):
   sds = jax.ShapeDtypeStruct
   b, s, h, hkv, d, bs = 1, 1024, 4, 2, 64, 128
 
+  from pallas_kernels.gpu import MosaicGPUConfig
+  config = MosaicGPUConfig(backward="mosaic_gpu") if backend == "mosaic_gpu" else None
+
   def f(q, k, v, ids):
     sel = routing.BlockSelection(ids, bs)
     loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), block_selection=sel,
-                                                 backend=backend).astype(jnp.float32))
+                                                 backend=backend, config=config
+                                                 ).astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   exported = export_for_gpu(f, sds((b, s, h, d), jnp.bfloat16), sds((b, s, hkv, d), jnp.bfloat16),
