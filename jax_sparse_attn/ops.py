@@ -20,106 +20,16 @@ import numpy as np
 from . import masks as masks_lib
 from . import reference as reference_lib
 from . import context_parallel
-from . import xla_backend
+from .backends import (BACKENDS, Backend, check_available, get_backend as _get_backend,
+                       has_array_mask as _has_array_mask, register_backend, resolve_backend)
 from .merge import merge_attentions
 from .layout import PackedLayout, SequenceLayout, TiledLayout
 from . import plan as plan_lib
 from .plan import AttentionPlan, make_plan
 
-BACKENDS = ("auto", "reference", "xla", "triton", "mosaic", "mosaic_gpu")
 # `mesh=_LOCAL`: already inside the op's shard_map, run on the local shards.
 _LOCAL = "local"
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-class Backend(NamedTuple):
-  """A registered implementation: pure functions on kernel-order arrays."""
-  forward: Callable
-  backward: Callable
-  default_blocks: Callable[[int, Any], tuple[int, int]]  # (head_dim, dtype) -> (bq, bk)
-  min_block: int = 16  # small sequences shrink the default blocks down to this
-  # Takes `plan_lib.gathered` plans: neighborhood attention hands it q/k/v in the caller's
-  # order (no permuted copies); the kernels gather rows.
-  gathers: bool = False
-  # (head_dim, dtype, config) -> map blocks for the backward kernels of gathered plans (whose
-  # token order does not depend on the tiling: the backward may tile differently from the
-  # forward), or None: the forward's.
-  backward_blocks: Callable[[int, Any, Any], tuple[int, int] | None] | None = None
-  # Neighborhood tile choice: also consider query tiles of half the default block (when no
-  # block_q is given), and prefer tiles whose last dim is a multiple of this.
-  half_q_tiles: bool = False
-  tile_last_multiple: int = 1
-  # (mask, block_q, block_kv) -> (q tile, kv tile): the backend's own tile choice for `na`'s
-  # defaults (None: the simulator's `best_tile_shapes` with the fields above).
-  choose_tiles: Callable | None = None
-  # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
-  # forward(..., block_map=) / backward(..., block_map=).
-  runtime_maps: bool = False
-
-
-def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None):
-  del config, interpret
-  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale, block_map)
-
-
-def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret,
-                  block_map=None):
-  del config, interpret
-  return xla_backend.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale,
-                              block_map)
-
-
-_REGISTRY: dict[str, Backend] = {
-    "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64), runtime_maps=True),
-}
-
-
-def register_backend(name: str, backend: Backend) -> None:
-  _REGISTRY[name] = backend
-
-
-def _get_backend(name: str) -> Backend:
-  if name not in _REGISTRY:
-    # Kernel backends register themselves on import.
-    if name in ("triton", "mosaic_gpu"):
-      import pallas_kernels.gpu  # noqa: F401
-    elif name == "mosaic":
-      import pallas_kernels.tpu  # noqa: F401
-    if name not in _REGISTRY:
-      raise ValueError(f"backend={name!r} is not available in this installation")
-  return _REGISTRY[name]
-
-
-def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=None,
-                    head_dim: int | None = None, segments: bool = False, block_q=None,
-                    block_kv=None, config=None, scale=None) -> str:
-  """The backend `backend="auto"` runs: on Hopper GPUs "mosaic_gpu" where it supports the
-  call (`pallas_kernels.gpu.mosaic_gpu.supports`: bf16/f16, 32 < head_dim <= 128, its
-  block sizes and config; any mask but array masks, segment ids too), other GPUs and the rest
-  "triton"; "mosaic" on TPU; "xla" elsewhere and for array masks."""
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend != "auto":
-    return backend
-  platform = jax.default_backend()
-  has_array = mask is not None and _has_array_mask(mask)
-  if platform == "gpu" and not has_array:
-    from pallas_kernels.gpu import mosaic_gpu as mg
-    if (dtype is not None and head_dim is not None and mg.is_hopper()
-        and mg.supports(mask, dtype, head_dim, segments, block_q, block_kv, config, scale)):
-      return "mosaic_gpu"
-    return "triton"
-  if platform == "tpu" and not has_array:
-    return "mosaic"
-  return "xla"
-
-
-def _has_array_mask(mask) -> bool:
-  if isinstance(mask, masks_lib.FromArray):
-    return True
-  if isinstance(mask, (masks_lib.And, masks_lib.Or)):
-    return _has_array_mask(mask.a) or _has_array_mask(mask.b)
-  return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +40,7 @@ def _has_array_mask(mask) -> bool:
 def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpret,
                bwd_plan: AttentionPlan | None = None):
   """`bwd_plan`: the backward's plan if it differs (gathered plans over the same tokens)."""
+  check_available(backend, interpret)
   impl = _get_backend(backend)
   bwd_plan = bwd_plan or plan
 

@@ -107,6 +107,36 @@ def test_bad_input_raises_value_error(call, match):
     call()
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU-only errors")
+@pytest.mark.parametrize("backend, needs", [("triton", "an NVIDIA GPU"),
+                                            ("mosaic_gpu", "an NVIDIA Hopper GPU"), ("mosaic", "a TPU")])
+def test_kernel_backend_without_its_device(backend, needs):
+  """A kernel backend asked for on a machine without its device: a ValueError naming the
+  backend and what it needs (not an error from inside Pallas); interpret mode runs."""
+  with pytest.raises(ValueError, match=f"backend='{backend}' runs on {needs}.*interpret=True"):
+    jsa.attention(X, X, X, masks.causal(), backend=backend)
+  with pytest.raises(ValueError, match=f"backend='{backend}' runs on"):
+    jsa.na2d(jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 6, 2, 8)), 3,
+             backend=backend)
+  if backend == "triton":  # (the others' interpret modes: test_mosaic_gpu*, test_tpu_kernels)
+    out = jsa.attention(X, X, X, masks.causal(), backend=backend, interpret=True)
+    assert out.shape == X.shape
+
+
+def test_import_is_light():
+  """`import jax_sparse_attn` loads no Pallas code, and the kernel packages import the
+  backend registry, not `ops` (no import cycle)."""
+  import subprocess
+  import sys
+  code = ("import sys, jax_sparse_attn; "
+          "assert not [m for m in sys.modules if 'pallas' in m], 'pallas imported'; "
+          "import pallas_kernels.gpu, pallas_kernels.tpu")
+  subprocess.run([sys.executable, "-c", code], check=True)
+  for path in ("pallas_kernels/gpu/__init__.py", "pallas_kernels/tpu/__init__.py"):
+    src = open(path).read()
+    assert "jax_sparse_attn.ops" not in src and "jax_sparse_attn.backends" in src
+
+
 @pytest.mark.parametrize("backend", ["xla", "triton"])
 def test_na_tiled_order_skips_permutation(backend):
   rng = np.random.default_rng(4)

@@ -1,6 +1,6 @@
 """GPU kernels. `triton_attention`: Pallas with the Triton lowering (registered as "triton");
 `mosaic_gpu`: the Hopper kernels in Pallas Mosaic GPU ("mosaic_gpu", forward and backward)."""
-from jax_sparse_attn.ops import Backend, register_backend
+from jax_sparse_attn.backends import Backend, register_backend
 
 from .triton_attention import (TritonConfig, backward, default_backward_map_blocks,
                                default_map_blocks, export_for_gpu, forward)

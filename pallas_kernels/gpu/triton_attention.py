@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jax_sparse_attn import backends
 from jax_sparse_attn.plan import AttentionPlan, walked_map
 
 from . import mma_masks
@@ -64,7 +65,7 @@ class TritonConfig:
   # loop): one pipelined loop per program, mask work on full blocks too. None: only in the
   # forward with 128-row query tiles and table masks (H100, 2-D NA 128x128 k33, (16,8)/(8,8)
   # tiles: 1.26 vs 1.29 ms; 3-D 5.60 vs 5.58; 64-row tiles 1.45 vs 1.41; element masks
-  # slower: benchmarks/results/h100-2026-11-23-na-variants-single-loop.json, -loop-variants).
+  # slower: docs/experiments/h100-2026-11-23-na-variants-single-loop.json, -loop-variants).
   single_loop: bool | None = None
   # Test each mask interval with one unsigned compare, (c - lo) <=u (hi - lo), instead of two
   # signed compares and an AND.
@@ -75,7 +76,7 @@ class TritonConfig:
   # Which tile the MMA bias's one-hot matrix describes: "rows" (the program's own tile; the
   # per-step test is the matmul's B operand) or "loop" (the visited tile; the test is A).
   # With tests computed in the loop, "rows" measured faster on the H100 (3-D NA 16x64x64 fwd,
-  # tiles (2,8,8)/(1,8,8): 6.58 vs 7.33 ms, benchmarks/results/h100-2026-11-23-na-onehot-side.json).
+  # tiles (2,8,8)/(1,8,8): 6.58 vs 7.33 ms, docs/experiments/h100-2026-11-23-na-onehot-side.json).
   # "auto": with tables (`mask_tables`) the side with fewer columns (the matmul's K), else "rows".
   mma_onehot: str = "auto"
   # MMA-bias masks with one-hot rows: read each partial step's [W, loop tile] test matrix
@@ -84,7 +85,7 @@ class TritonConfig:
   mask_tables: bool = True
 
 
-# Measured on the H100 (bf16, dense S=16384; benchmarks/results/h100-2026-11-23-triton-sweep*.json):
+# Measured on the H100 (bf16, dense S=16384; docs/experiments/h100-2026-11-23-triton-sweep*.json):
 # padded head_dim -> block-map blocks and (tile_q, tile_kv, warps, stages) per kernel.
 # 256 is not tuned (smaller tiles, 8 warps, to fit registers).
 TUNED = {
@@ -812,5 +813,5 @@ def export_for_gpu(fn, *args, device_kind: str = "NVIDIA H100 80GB HBM3"):
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   checks = [jax.export.DisabledSafetyCheck.custom_call(name)
             for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")]
-  with jax.sharding.use_abstract_mesh(mesh):
+  with jax.sharding.use_abstract_mesh(mesh), backends.target("gpu"):
     return jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=checks)(*args)

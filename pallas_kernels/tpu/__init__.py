@@ -1,5 +1,5 @@
 """TPU kernels. `mosaic_attention`: Pallas with the Mosaic lowering (registered as "mosaic")."""
-from jax_sparse_attn.ops import Backend, register_backend
+from jax_sparse_attn.backends import Backend, register_backend
 
 from .mosaic_attention import backward, default_map_blocks, export_for_tpu, forward, tpu_target
 

@@ -18,6 +18,7 @@ columns) and key-side vectors [dims, seq] (lane rows), and row statistics are [.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jax_sparse_attn import backends
 from jax_sparse_attn.plan import AttentionPlan, walked_map
 
 NUM_LANES = 128
@@ -379,10 +381,16 @@ def tpu_target(device_kind: str = "TPU v5e", num_cores: int = 1):
 
   Use with ``jax.export.export(jax.jit(f), platforms=("tpu",))`` to check that kernels lower.
   """
+  return _tpu_target(device_kind, num_cores)
+
+
+@contextlib.contextmanager
+def _tpu_target(device_kind: str, num_cores: int):
   from jax._src import mesh as mesh_lib
   device = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="tpu")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  return jax.sharding.use_abstract_mesh(mesh)
+  with jax.sharding.use_abstract_mesh(mesh), backends.target("tpu"):
+    yield
 
 
 def export_for_tpu(fn, *args, device_kind: str = "TPU v5e"):

@@ -1,0 +1,148 @@
+"""The backend contract and registry (tokamax style): one op, several implementations.
+
+Every backend implements pure functions on kernel-order arrays,
+``forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret) -> (out, lse)`` and
+``backward(..., out, lse, d_out, d_lse, plan, scale, config, interpret) -> (dq, dk, dv)``,
+and registers itself with `register_backend`. `ops` looks backends up here; the Pallas
+kernel packages (`pallas_kernels.gpu`, `pallas_kernels.tpu`) import this module, never
+`ops`, and are imported only when their backend is first used, so `import jax_sparse_attn`
+loads no Pallas code.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+from . import masks as masks_lib
+
+BACKENDS = ("auto", "reference", "xla", "triton", "mosaic", "mosaic_gpu")
+# What each kernel backend runs on, outside interpret mode (`check_available`).
+_NEEDS = {"triton": ("gpu", "an NVIDIA GPU"), "mosaic_gpu": ("gpu", "an NVIDIA Hopper GPU (sm90)"),
+          "mosaic": ("tpu", "a TPU")}
+_TARGET: list[str] = []  # platforms of `target` contexts (export for a device not present)
+
+
+class Backend(NamedTuple):
+  """A registered implementation: pure functions on kernel-order arrays."""
+  forward: Callable
+  backward: Callable
+  default_blocks: Callable[[int, Any], tuple[int, int]]  # (head_dim, dtype) -> (bq, bk)
+  min_block: int = 16  # small sequences shrink the default blocks down to this
+  # Takes `plan_lib.gathered` plans: neighborhood attention hands it q/k/v in the caller's
+  # order (no permuted copies); the kernels gather rows.
+  gathers: bool = False
+  # (head_dim, dtype, config) -> map blocks for the backward kernels of gathered plans (whose
+  # token order does not depend on the tiling: the backward may tile differently from the
+  # forward), or None: the forward's.
+  backward_blocks: Callable[[int, Any, Any], tuple[int, int] | None] | None = None
+  # Neighborhood tile choice: also consider query tiles of half the default block (when no
+  # block_q is given), and prefer tiles whose last dim is a multiple of this.
+  half_q_tiles: bool = False
+  tile_last_multiple: int = 1
+  # (mask, block_q, block_kv) -> (q tile, kv tile): the backend's own tile choice for `na`'s
+  # defaults (None: the simulator's `best_tile_shapes` with the fields above).
+  choose_tiles: Callable | None = None
+  # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
+  # forward(..., block_map=) / backward(..., block_map=).
+  runtime_maps: bool = False
+
+
+def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None):
+  from . import xla_backend
+  del config, interpret
+  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale, block_map)
+
+
+def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret,
+                  block_map=None):
+  from . import xla_backend
+  del config, interpret
+  return xla_backend.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale,
+                              block_map)
+
+
+_REGISTRY: dict[str, Backend] = {
+    "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64), runtime_maps=True),
+}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+  _REGISTRY[name] = backend
+
+
+def get_backend(name: str) -> Backend:
+  if name not in _REGISTRY:
+    # Kernel backends register themselves on import.
+    if name in ("triton", "mosaic_gpu"):
+      import pallas_kernels.gpu  # noqa: F401
+    elif name == "mosaic":
+      import pallas_kernels.tpu  # noqa: F401
+    if name not in _REGISTRY:
+      raise ValueError(f"backend={name!r} is not available in this installation")
+  return _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def target(platform: str):
+  """Trace for `platform` ("gpu" or "tpu") on a machine without it: `jax.export` of the
+  kernels for a device that is not present (`pallas_kernels.gpu.export_for_gpu`,
+  `pallas_kernels.tpu.export_for_tpu`); `check_available` then accepts its backends."""
+  _TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def check_available(name: str, interpret) -> None:
+  """ValueError when kernel backend `name` cannot run here: `triton` needs an NVIDIA GPU,
+  `mosaic_gpu` a Hopper GPU, `mosaic` a TPU, unless in interpret mode (or under `target`)."""
+  if name not in _NEEDS or interpret:
+    return
+  platform, what = _NEEDS[name]
+  here = _TARGET[-1] if _TARGET else jax.default_backend()
+  if here != platform:
+    raise ValueError(
+        f"backend={name!r} runs on {what}, and this machine's default device is {here!r}: "
+        f"use backend='auto' (it picks what the device runs) or 'xla', or pass "
+        f"interpret=True to run the Pallas kernel in interpret mode (slow; for tests)")
+  if name == "mosaic_gpu" and not _TARGET:
+    from pallas_kernels.gpu import mosaic_gpu as mg
+    if not mg.is_hopper():
+      raise ValueError(f"backend='mosaic_gpu' runs on {what}, this GPU is "
+                       f"{jax.devices()[0].device_kind!r}: use backend='triton' or 'auto'")
+
+
+def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=None,
+                    head_dim: int | None = None, segments: bool = False, block_q=None,
+                    block_kv=None, config=None, scale=None) -> str:
+  """The backend `backend="auto"` runs: on Hopper GPUs "mosaic_gpu" where it supports the
+  call (`pallas_kernels.gpu.mosaic_gpu.supports`: bf16/f16, 32 < head_dim <= 128, its
+  block sizes and config; any mask but array masks, segment ids too), other GPUs and the rest
+  "triton"; "mosaic" on TPU; "xla" elsewhere and for array masks."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  has_array = mask is not None and has_array_mask(mask)
+  if platform == "gpu" and not has_array:
+    from pallas_kernels.gpu import mosaic_gpu as mg
+    if (dtype is not None and head_dim is not None and mg.is_hopper()
+        and mg.supports(mask, dtype, head_dim, segments, block_q, block_kv, config, scale)):
+      return "mosaic_gpu"
+    return "triton"
+  if platform == "tpu" and not has_array:
+    return "mosaic"
+  return "xla"
+
+
+def has_array_mask(mask) -> bool:
+  """Whether `mask` holds a `masks.from_array` term (those run on `xla` only)."""
+  if isinstance(mask, masks_lib.FromArray):
+    return True
+  if isinstance(mask, (masks_lib.And, masks_lib.Or)):
+    return has_array_mask(mask.a) or has_array_mask(mask.b)
+  return False
