@@ -34,7 +34,18 @@ def step_time(model, loss_fn, batch, iters=10):
   return time_ms(step, model, optimizer, batch, iters=iters, repeats=3, warmup=3)
 
 
-def cases(backend):
+def cases(backend, quick=False):
+  """(name, model factory, loss, batch) per model; `quick`: tiny sizes for a CPU smoke run."""
+  if quick:
+    yield ("causal LM 256 tokens, window 32 + 4 sinks",
+           lambda: causal_lm.CausalLM(backend=backend, rngs=nnx.Rngs(0)), causal_lm.loss_fn,
+           next(causal_lm.synthetic_batches(2, 256)))
+    yield ("NAT classifier 32x32 images, kernel 5",
+           lambda: nat_classifier.NATClassifier(image_size=32, dims=(16, 32), depths=(1, 1),
+                                                heads=(2, 2), kernel=5, patch=2, backend=backend,
+                                                rngs=nnx.Rngs(0)),
+           nat_classifier.loss_fn, next(nat_classifier.synthetic_batches(2, 32)))
+    return
   yield ("NAT classifier 256x256 images, kernel 13",
          lambda: nat_classifier.NATClassifier(image_size=256, dims=(128, 256), depths=(2, 2),
                                               heads=(4, 8), kernel=13, patch=2, backend=backend,

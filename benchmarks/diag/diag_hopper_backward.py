@@ -1,7 +1,7 @@
 """One launch of the Hopper backward kernel for a profiler (ncu), dense or causal.
 
     ncu --clock-control none -k regex:bwd -c 1 --section WarpStateStats \
-        python3 -m benchmarks.diag_hopper_backward --mask causal
+        python3 -m benchmarks.diag.diag_hopper_backward --mask causal
 """
 import argparse
 

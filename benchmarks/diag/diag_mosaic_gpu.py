@@ -5,7 +5,7 @@ one list per tile on the same tiles (`split_timings`). `--rows`: where short row
 against the bound (`rows`), the HBM bandwidth, the dense baselines. `--windows`:
 window-anchored KV boxes against grid tiles (`window_checks`, `window_timings`).
 
-    PYTHONPATH=. python -m benchmarks.diag_mosaic_gpu --out results.json
+    PYTHONPATH=. python -m benchmarks.diag.diag_mosaic_gpu --out results.json
 """
 import argparse
 import math

@@ -2,7 +2,7 @@
 replaced by zeros (no table load, no matmul: WRONG results, timing only), and with one loop
 instead of full + partial loops, beside the real kernel. Prints JSON lines.
 
-    PYTHONPATH=. python -m benchmarks.diag_na_overhead --out results.json
+    PYTHONPATH=. python -m benchmarks.diag.diag_na_overhead --out results.json
 """
 import argparse
 import math

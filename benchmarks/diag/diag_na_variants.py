@@ -1,7 +1,7 @@
 """Diagnostic: NA forward (and forward+backward) over tile shapes x Triton kernel variants
 at the issue's target shapes (H100, bf16). Prints JSON lines; `--out` also writes them.
 
-    PYTHONPATH=. python -m benchmarks.diag_na_variants --out results.json
+    PYTHONPATH=. python -m benchmarks.diag.diag_na_variants --out results.json
 """
 import argparse
 import math

@@ -2,7 +2,7 @@
 ``--backends`` the backends side by side (triton, mosaic_gpu with and without window boxes,
 cuDNN dense over all tokens), forward and forward+backward.
 
-    PYTHONPATH=. python benchmarks/diag_nat.py [--backends]   # prints JSON lines
+    PYTHONPATH=. python benchmarks/diag/diag_nat.py [--backends]   # prints JSON lines
 """
 import argparse
 import json

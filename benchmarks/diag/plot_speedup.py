@@ -1,6 +1,6 @@
 """Plot measured sparse speedup over our dense kernel against the simulator's block bound.
 
-    python -m benchmarks.plot_speedup benchmarks/results/h100-2026-11-23-ours.json out.png \
+    python -m benchmarks.diag.plot_speedup docs/experiments/h100-2026-11-23-ours.json out.png \
         [--mosaic DIAG.json BASELINES.json]
 
 The first file is a `bench_gpu` run (Triton kernels; rows carry their bound). With

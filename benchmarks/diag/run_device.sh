@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
-# Writes everything under $OUT. Usage: bash benchmarks/run_device.sh [ours|peers|all]
+# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
