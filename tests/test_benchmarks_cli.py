@@ -1,0 +1,56 @@
+"""The benchmark CLI's CPU smoke run (`python -m benchmarks run --suite all --quick`): every
+suite runs or says why not, every case of ours has times, TFLOP/s, and (block-sparse cases)
+a speedup beside its bound; the JSON carries the device, versions and commit; the Markdown
+table lists every row."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  res = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "all", "--quick",
+                        "--peers", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  return out, res.stdout
+
+
+def test_every_suite_reports(quick_run):
+  out, stdout = quick_run
+  data = json.load(open(out / "results.json"))
+  for key in ("device", "platform", "jax", "date", "dtype", "commit"):
+    assert key in data
+  suites = {r["suite"] for r in data["rows"]}
+  from benchmarks.cli import SUITES
+  assert suites == set(SUITES)
+  ours = [r for r in data["rows"] if r.get("impl", "").startswith("ours")]
+  assert ours and not [r for r in ours if "error" in r]
+  for r in ours:
+    if r["suite"] == "models":
+      assert r["step_ms"] > 0
+      continue
+    assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["fwd_tflops"] > 0
+    assert r["fwd_compile_s"] >= 0
+    if r["bound"] is not None:
+      assert r["speedup_fwd"] > 0, r
+  peers = [r for r in data["rows"] if r.get("impl", "").startswith("peer: xla")]
+  assert {r["suite"] for r in peers} == {"dense", "causal", "window"}
+  assert any(r["suite"] == "cp" and "4 devices" in r["case"] for r in ours)
+  assert "[1/" in stdout  # progress lines
+  table = open(out / "results.md").read()
+  assert table.count("\n| ") >= len(data["rows"])
+
+
+def test_unknown_suite_is_an_error():
+  res = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0 and "unknown suite" in res.stderr
