@@ -23,7 +23,7 @@ from . import masks as masks_lib
 from .layout import TiledLayout, cdiv
 
 # The cost model that picks tile shapes, fitted to the Triton kernels on the H100 (bf16, 2-D
-# and 3-D NA forward, 2026-11-23; benchmarks/results/h100-2026-11-23-na-*.json). A partial
+# and 3-D NA forward, 2026-11-23; docs/experiments/h100-2026-11-23-na-*.json). A partial
 # block costs more than a full one: ~1.06x when its mask is an MMA bias read from tables
 # (one-hot over the query or the key tile, whichever has <= 32 coordinate columns; see
 # pallas_kernels.gpu.triton_attention; na-overhead.json: 1.294 ms vs 1.241 with the bias
@@ -240,7 +240,7 @@ def simulate(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False, 
 
 
 # Device-memory traffic ceiling on the H100 of the benchmarks: a jitted x + 1 over 1 GiB of
-# bf16 moved 2.84-2.86 TB/s (bytes read + written; results/h100-2026-11-23-rows*.json).
+# bf16 moved 2.84-2.86 TB/s (bytes read + written; docs/experiments/h100-2026-11-23-rows*.json).
 H100_HBM_TBPS = 2.85
 
 

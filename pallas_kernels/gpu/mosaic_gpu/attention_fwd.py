@@ -113,7 +113,7 @@ class MosaicGPUConfig:
 
 
 def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
-  # H100, bf16 (benchmarks/results/h100-2026-11-23-mgpu-*.json): 128-token KV blocks beat 64
+  # H100, bf16 (docs/experiments/h100-2026-11-23-mgpu-*.json): 128-token KV blocks beat 64
   # for dense (7.80 vs 9.01 ms at S=16384), the sliding window (0.98 vs 1.14 ms) and 2-D NA
   # (8x16 KV tiles: 1.09 vs 1.27 ms), and tie in 3-D.
   return 2 * _ROWS, 128
@@ -228,7 +228,7 @@ def _box_layout(layout) -> bool:
   leading spatial dims, and Mosaic collapses integer-indexed dims (with batch and head)
   into one TMA dim, so a row past the end of a leading dim is not clipped: it lands in the
   next batch or leading index. On the H100 a 9x22x24 grid with 2x8x8 query tiles stored
-  such rows over valid output (results/h100-2026-11-23-box-checks.json, both copy forms);
+  such rows over valid output (docs/experiments/h100-2026-11-23-box-checks.json, both copy forms);
   the last dim is a real TMA dim, clipped and zero-filled."""
   boxes = _boxes(layout)
   # Mosaic tiles the last spatial dim of the caller's array by 8 rows for these copies.
@@ -268,7 +268,7 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   `unsupported`'s conditions on the call's facts (None: the defaults), no Triton-only
   config, and head_dim > 32: padded to 64 columns, a head_dim of 32 runs slower than on
   the Triton kernels (H100, the NAT model's shapes, 8x128x128x4x32 k13: 0.41 vs 0.33 ms
-  forward, 1.20 vs 1.13 ms with the backward; results/h100-2026-11-23-nat-backends.jsonl)."""
+  forward, 1.20 vs 1.13 ms with the backward; docs/experiments/h100-2026-11-23-nat-backends.jsonl)."""
   if config is not None and not isinstance(config, MosaicGPUConfig):
     return False
   if head_dim <= _MIN_AUTO_HEAD_DIM:
@@ -956,7 +956,7 @@ def _split_inputs(plan: AttentionPlan, scale: float):
 
 # Cost of a 64x64 unit of work (one warpgroup's step over 64 keys) relative to 128-key
 # blocks with one list per 128-row tile, fitted on the H100 (bf16, D=128, 2-D/3-D NA and
-# their stride k/2 forms; benchmarks/results/h100-2026-11-23-split.json): 64-key blocks cost
+# their stride k/2 forms; docs/experiments/h100-2026-11-23-split.json): 64-key blocks cost
 # ~1.09-1.22x per unit; per-warpgroup lists another ~1.1-1.2x (their extra loads: a step
 # may bring two KV tiles, and the MMA bias runs on full blocks too). So per-warpgroup lists
 # pay only where they skip >= ~20% of the work: short strided rows, not dense windows.
@@ -964,7 +964,7 @@ _KV64_COST = 1.15
 _SPLIT_COST = 1.38
 # Each TMA copy of a KV tile (for K and for V) costs the memory warpgroup time the step
 # waits on: perfectly block-sparse 3-D (stride = kernel, all blocks full, H100,
-# results/h100-2026-11-23-rows.json) ran 1.99 / 1.96 ms with a copy per row of the KV tile
+# docs/experiments/h100-2026-11-23-rows.json) ran 1.99 / 1.96 ms with a copy per row of the KV tile
 # (16 rows of 8 tokens), 1.87 / 1.85 ms with 8 rows of 16, 1.75 ms as 1-D blocks (one copy):
 # ~0.9% of a 128-key step per copy, in the units above (4 per 128-key step) per copy and
 # load. Box copies (`_box_groups`) take 2 per tile (64 columns each, D = 128).
@@ -973,7 +973,7 @@ _TMA_COPY_COST = 0.037
 
 # Layouts that are not TMA boxes (`_box_layout`: dilation, ragged leading dims) run on a
 # permuted copy: q, k, v in and the output out through XLA, ~0.3 ms for 2-D 128x128, B=2,
-# H=16, D=128 on the H100 (results/h100-2026-11-23-ours.json, "token permutation only"):
+# H=16, D=128 on the H100 (docs/experiments/h100-2026-11-23-ours.json, "token permutation only"):
 # ~0.18 units per token and head, a third of the 2-D NA forward.
 _PERMUTE_COST = 0.18
 
