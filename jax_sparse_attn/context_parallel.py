@@ -544,6 +544,22 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
   return _sharded(body, mesh, in_specs, (qkv, lse_spec), query, key, value, *seg_args)
 
 
+def routed(query, key, value, ids, q_seg, kv_seg, *, mesh, context_axis, single_device):
+  """`ops.attention(..., block_selection=)` on a mesh: batch and heads sharded as in
+  `attention` (the selection's [batch, heads, q blocks, k] ids with them), the sequence not
+  (`context_axis` of size 1 or None). `single_device(q, k, v, ids, q_seg, kv_seg)` runs per
+  shard. Returns (out, lse)."""
+  b, _, h, _ = query.shape
+  qkv, lse_spec, seg_spec, batch_axes, head_axes = _local_specs(
+      mesh, context_axis, b, h, key.shape[2], 1)
+  ids_spec = P(batch_axes, head_axes, None, None)
+  has_seg = q_seg is not None
+  in_specs = (qkv, qkv, qkv, ids_spec) + ((seg_spec, seg_spec) if has_seg else ())
+  body = lambda q, k, v, i, *segs: single_device(q, k, v, i, *(segs or (None, None)))
+  return _sharded(body, mesh, in_specs, (qkv, lse_spec), query, key, value, ids,
+                  *((q_seg, kv_seg) if has_seg else ()))
+
+
 def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, strategy,
        backend, scale, q_tile, kv_tile, config, interpret, single_device, backward_plan=None):
   """`ops.na` on a mesh: batch/heads as in `attention`, the leading spatial dim over

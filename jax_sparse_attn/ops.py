@@ -293,8 +293,18 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
   for name, given in (("block_q", block_q), ("block_kv", block_kv)):
     if given is not None and given != bs:
       raise ValueError(f"{name}={given} differs from block_selection.block_size={bs}")
-  if context_parallel.resolve_mesh(mesh, context_axis) is not None:
-    raise ValueError("block_selection does not run on a mesh yet")
+  mesh = context_parallel.resolve_mesh(mesh, context_axis)
+  if mesh is not None:
+    if context_axis is not None and mesh.shape[context_axis] > 1:
+      raise ValueError("block_selection shards batch and heads over a mesh, not the sequence: "
+                       f"context_axis={context_axis!r} has size {mesh.shape[context_axis]} "
+                       "(a selection row reaches any block of the sequence)")
+    single = lambda q, k, v, ids, qs, ks: _routed(
+        q, k, v, mask, scale, qs, ks, backend, interpret, True, block_q, block_kv, config,
+        _LOCAL, None, BlockSelection(ids, bs))
+    out, lse = context_parallel.routed(query, key, value, ids, q_seg, kv_seg, mesh=mesh,
+                                       context_axis=context_axis, single_device=single)
+    return (out, lse) if return_lse else out
   if backend == "auto":
     backend = resolve_backend("auto", mask, dtype=query.dtype, head_dim=query.shape[-1],
                               segments=q_seg is not None, block_q=bs, block_kv=bs,
