@@ -44,6 +44,7 @@ def _blocks(mask, s):
 OURS = {"mosaic": MosaicGPUConfig(),  # the default: backward by `attention_bwd.picks_mosaic`
         "mosaic-bwd": MosaicGPUConfig(backward="mosaic_gpu"),
         "mosaic-own-dq": MosaicGPUConfig(backward="mosaic_gpu", backward_dq="own"),
+        "mosaic-pingpong": MosaicGPUConfig(backward="mosaic_gpu", backward_pingpong=True),
         "triton-bwd": MosaicGPUConfig(backward="triton")}
 IMPLS = ["mosaic", "triton-bwd"]
 PEERS = ["cudnn", "dense"]
@@ -58,7 +59,8 @@ def _grads_rel(fn, ref_fn, q, k, v, do):
   return errs, finite
 
 
-def section_check(dtype):
+def section_check(dtype, impl="mosaic-bwd", with_na=True):
+  """Gradients of `impl` (an OURS config) against the float32 XLA backend."""
   b = 1
   cases = [
       ("dense S=4096 D128", (4096, 4, 4, 128), None),
@@ -77,13 +79,15 @@ def section_check(dtype):
     try:
       errs, finite = _grads_rel(
           lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="mosaic_gpu",
-                                        config=OURS["mosaic-bwd"]),
+                                        config=OURS[impl]),
           lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="xla"),
           q, k, v, do)
-      record(section="check", case=name, finite=finite, **errs)
+      record(section="check", case=name, impl=impl, finite=finite, **errs)
     except Exception as e:
       record(section="check", case=name, error=repr(e)[:500])
       traceback.print_exc()
+  if not with_na:
+    return
   na_cases = [
       ("na2d 64x64 k17", (64, 64), (17, 17), 1, 1, False),
       ("na2d 48x64 k9 dil2 causal-y", (48, 64), (9, 9), 1, 2, (True, False)),
@@ -97,7 +101,7 @@ def section_check(dtype):
     try:
       errs, finite = _grads_rel(
           lambda q, k, v: jsa.na(q, k, v, kern, stride, dil, causal, backend="mosaic_gpu",
-                                 config=OURS["mosaic-bwd"]),
+                                 config=OURS[impl]),
           lambda q, k, v: jsa.na(q, k, v, kern, stride, dil, causal, backend="xla"),
           q, k, v, do)
       record(section="check", case=name, finite=finite, **errs)
@@ -208,6 +212,8 @@ def main(argv=None):
   parser.add_argument("--impls", default=",".join(IMPLS), help=",".join(OURS))
   parser.add_argument("--peers", default="cudnn,dense", help="cudnn, dense (our dense kernel)")
   parser.add_argument("--head-dim", type=int, default=128, help="perf rows' head_dim")
+  parser.add_argument("--check-impl", default="mosaic-bwd", help="the config `check` runs")
+  parser.add_argument("--no-check-na", action="store_true", help="check 1-D masks only")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   IMPLS[:] = args.impls.split(",")
@@ -215,7 +221,7 @@ def main(argv=None):
   dtype = jnp.dtype(args.dtype)
   sections = args.sections.split(",")
   if "check" in sections:
-    section_check(dtype)
+    section_check(dtype, args.check_impl, not args.no_check_na)
   if "perf" in sections:
     section_perf(dtype, args.iters, args.only.split(","), args.head_dim)
   write_results(args.out, dict(header(args.dtype), head_dim=args.head_dim))

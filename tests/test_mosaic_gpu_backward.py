@@ -28,6 +28,19 @@ def test_attention(p, head_dim, dq):
                                 config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
 
 
+def test_pingpong_config():
+  """The ping-pong schedule takes the "own" dQ form (interpret mode runs it without the
+  schedule barrier: the same arithmetic); with "split" it is a ValueError."""
+  p = dict(batch=1, sq=200, skv=200, heads=2, kv_heads=1, head_dim=128, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=3)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(
+      backward="mosaic_gpu", backward_pingpong=True))
+  x = jnp.ones((1, 128, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="backward_pingpong needs backward_dq='own'"):
+    jsa.attention(x, x, x, masks.causal(), backend="mosaic_gpu", interpret=True,
+                  config=MosaicGPUConfig(backward_pingpong=True, backward_dq="split"))
+
+
 @pytest.mark.parametrize("mask, segments", [("window_sink", True), ("masked_rows", False),
                                             ("function", True), ("full", True)])
 def test_attention_cases(mask, segments):
@@ -62,12 +75,18 @@ def test_picks():
                                          SequenceLayout(448, 128)))  # neighborhoods, 1-D
 
 
-@pytest.mark.parametrize("case", ["window_sink_segments", "function_d64", "na3d"])
+@pytest.mark.parametrize("case", ["window_sink_segments", "function_d64", "na3d", "pingpong"])
 def test_lowers_for_gpu(case):
-  """Forward and backward lower to two Mosaic GPU kernels and no Triton kernel."""
+  """Forward and backward lower to two Mosaic GPU kernels and no Triton kernel (pingpong: the
+  backward's warpgroups alternating through a schedule barrier, GQA, a causal window)."""
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   seg = None
-  if case == "window_sink_segments":
+  config = None
+  if case == "pingpong":
+    mask = masks.causal() & masks.sliding_window(300)
+    args = (S(1, 1000, 4, 128), S(1, 1000, 2, 128), S(1, 1000, 2, 128))
+    config = MosaicGPUConfig(backward="mosaic_gpu", backward_pingpong=True)
+  elif case == "window_sink_segments":
     mask = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
     args = (S(2, 2000, 8, 128), S(2, 2000, 2, 128), S(2, 2000, 2, 128))
     seg = jnp.asarray(np.repeat(np.arange(4), 500)[None].repeat(2, 0), jnp.int32)
@@ -79,7 +98,8 @@ def test_lowers_for_gpu(case):
                                  config=BWD)
     args = (S(1, 8, 32, 32, 4, 128),) * 3
   else:
-    f = lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="mosaic_gpu")
+    f = lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="mosaic_gpu",
+                                      config=config)
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), *args).mlir_module()
   assert text.count("@mosaic_gpu_v2(") == 2

@@ -72,13 +72,13 @@ def _split_dq(cfg, head_dim: int) -> bool:
   """Whether the warpgroups split dQ's columns (meeting once per step) rather than each
   adding its own key rows' share (`MosaicGPUConfig.backward_dq`: "split" | "own"; None:
   "split" with head_dim 128; `backward` refuses "split" below 128)."""
-  return head_dim == 128 and cfg.backward_dq != "own"
+  return head_dim == 128 and cfg.backward_dq != "own" and not cfg.backward_pingpong
 
 
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
-            mask_fn=None, segments: bool = False, chunk: int = 0):
+            mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
@@ -131,13 +131,20 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     return q0, kv_head * groups + j
 
   def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem,
-           ds_smem, dq_smem, p_smem, kx_smem, qx_smem, kv_bar, q_bar, q_free, turn):
+           ds_smem, dq_smem, p_smem, kx_smem, qx_smem, kv_bar, q_bar, q_free, turn, sched):
     wg = lax.axis_index("wg")
     (q_smem, do_smem), stage = slots
 
     def rendezvous():
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
+
+    def schedule():
+      """Ping-pong: a warpgroup passes after issuing its matmuls, once the other is done
+      with its softmax (warpgroup 1 starts one phase behind)."""
+      if pingpong:
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
 
     def mma_add(acc, a, b):
       """acc + a @ b through a fresh accumulator (interpret mode's form)."""
@@ -168,6 +175,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           s_ref, dp_ref = refs
           plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
           plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
+          schedule()
           return s_ref[...], dp_ref[...]
 
         s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
@@ -200,6 +208,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           if split_dq:
             return ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)]
           return ds_ref.at[own].transpose((1, 0)), k_smem.at[own]
+
+        schedule()
 
         def products(refs):  # dV, dK, then (once both dSᵀ halves are written) dQ
           dv_ref, dk_ref, dq_acc = refs
@@ -238,6 +248,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
       zeros = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros)
+      if pingpong:
+        pl.when(wg == 1)(schedule)
       for j in range(groups):  # full steps, then partial ones, for each query head
         base = bases[j]
         carry = lax.fori_loop(base, base + n_full[j],
@@ -245,6 +257,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         carry = lax.fori_loop(base + n_full[j], bases[j + 1],
                               functools.partial(step, j=j, masked=True), carry)
       dk, dv = carry
+      if pingpong:  # warpgroup 0's last phase pairs with warpgroup 1's first
+        pl.when(wg == 0)(schedule)
       # Several items may share a KV block: dK and dV are reduce-added in float32, staged
       # in the step slots (free once both warpgroups are past their last step).
       rendezvous()
@@ -325,6 +339,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.Barrier(num_arrivals=6 + extras, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS),
+      plgpu.Barrier(num_arrivals=_WGS) if pingpong else None,
       collective_axes="wg",
   )
 
@@ -393,7 +408,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
-      split_dq=_split_dq(cfg, d), mask_fn=plan.mask_fn, segments=q_seg is not None, chunk=chunk)
+      split_dq=_split_dq(cfg, d), mask_fn=plan.mask_fn, segments=q_seg is not None, chunk=chunk,
+      pingpong=cfg.backward_pingpong and not interpret)
   mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),

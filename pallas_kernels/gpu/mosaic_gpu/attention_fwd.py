@@ -109,6 +109,11 @@ class MosaicGPUConfig:
   # meeting once per step; head_dim 128 only), "own" (each its own key rows' share, all
   # columns, twice the reduce-adds); None: "split" where it applies.
   backward_dq: str | None = None
+  # The backward's warpgroups alternate (FlashAttention-3's ping-pong, as the forward of jax's
+  # attention_mgpu example): one's softmax/dS while the other's matmuls run, through a
+  # schedule barrier. Needs the "own" dQ form (with "split" they meet every step); an
+  # experiment, off by default. Not in interpret mode (there the warpgroups meet per step).
+  backward_pingpong: bool = False
   triton: triton_attention.TritonConfig | None = None
 
 
@@ -147,6 +152,12 @@ def _config(config) -> MosaicGPUConfig:
   if config.backward_dq not in (None, "split", "own"):
     raise ValueError("MosaicGPUConfig.backward_dq must be 'split', 'own' or None, got "
                      f"{config.backward_dq!r}")
+  if not isinstance(config.backward_pingpong, bool):
+    raise ValueError(f"MosaicGPUConfig.backward_pingpong must be True or False, got "
+                     f"{config.backward_pingpong!r}")
+  if config.backward_pingpong and config.backward_dq == "split":
+    raise ValueError("MosaicGPUConfig.backward_pingpong needs backward_dq='own' (with 'split' "
+                     "the warpgroups meet every step)")
   if config.programs is not None and config.programs < 1:
     raise ValueError(f"MosaicGPUConfig.programs must be >= 1, got {config.programs}")
   if config.triton is not None and not isinstance(config.triton, triton_attention.TritonConfig):
