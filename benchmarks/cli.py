@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -33,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_sparse_attn as jsa
-from jax_sparse_attn import block_map as block_map_lib
 from jax_sparse_attn import masks, routing
 from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout

@@ -28,6 +28,15 @@ def main(specs_json: str):
     except Exception as e:  # noqa: BLE001 - one failure must not hide the others
       row = dict(error=repr(e)[:300])
     print(json.dumps(dict(name=spec["name"], **row)), flush=True)
+    _free_gpu_memory()
+
+
+def _free_gpu_memory():
+  try:
+    import torch
+    torch.cuda.empty_cache()
+  except Exception:  # noqa: BLE001 - no torch or no GPU: nothing to free
+    pass
 
 
 def run(spec):
@@ -78,10 +87,7 @@ def run(spec):
     out = flex(q, k, v, **kw)
     out.backward(do)
 
-  result = dict(fwd_ms=round(do_bench(fwd), 4), fwd_bwd_ms=round(do_bench(both), 4))
-  del q, k, v, do, block
-  torch.cuda.empty_cache()
-  return result
+  return dict(fwd_ms=round(do_bench(fwd), 4), fwd_bwd_ms=round(do_bench(both), 4))
 
 
 if __name__ == "__main__":
