@@ -37,6 +37,8 @@ from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import make_plan
 
+from .bench_gpu import fwd_bwd, inputs
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -89,11 +91,8 @@ def _routing(b, s, h, d, top_k):
   bs = 128
   nb = s // bs
 
-  def select(q, k):
-    return routing.topk_blocks(q, k, bs, top_k, causal=True, local_blocks=2)
-
   def run(q, k, v, be):
-    sel = select(q, k)
+    sel = routing.topk_blocks(q, k, bs, top_k, causal=True, local_blocks=2)
     return jsa.attention(q, k, v, masks.causal(), block_selection=sel, backend=be)
 
   # Blocks a selection visits: top_k + 2 of each row's visible blocks (at most); pairs
@@ -171,21 +170,6 @@ NOT_HERE = {"cp": "needs 2 or more devices (jax.device_count() is 1)",
 # --------------------------------------------------------------------------------------------
 
 
-def _inputs(case: Case, dtype, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-  return (jax.random.normal(ks[0], case.q_shape, dtype),
-          jax.random.normal(ks[1], case.kv_shape, dtype),
-          jax.random.normal(ks[2], case.kv_shape, dtype),
-          jax.random.normal(ks[3], case.q_shape, dtype))
-
-
-def _fwd_bwd(fn):
-  def run(q, k, v, do):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out,) + vjp(do)
-  return jax.jit(run)
-
-
 def _compiled(fn, *args):
   """(compiled executable, compile seconds, peak bytes or None)."""
   t = time.perf_counter()
@@ -205,7 +189,7 @@ def measure(fn, args, iters, repeats):
   """Forward and forward+backward: compile s, peak bytes, ms."""
   q, k, v, do = args
   out = {}
-  for tag, f, a in (("fwd", jax.jit(fn), (q, k, v)), ("fwd_bwd", _fwd_bwd(fn), (q, k, v, do))):
+  for tag, f, a in (("fwd", jax.jit(fn), (q, k, v)), ("fwd_bwd", fwd_bwd(fn), (q, k, v, do))):
     compiled, secs, peak = _compiled(f, *a)
     out[f"{tag}_compile_s"] = round(secs, 2)
     out[f"{tag}_peak_mb"] = None if peak is None else round(peak / 2**20, 1)
@@ -213,9 +197,12 @@ def measure(fn, args, iters, repeats):
   return out
 
 
-def _flops(case: Case) -> float:
+def _tflops(case: Case, row: dict) -> dict:
+  """Useful TFLOP/s of a row's times: 4·B·H·pairs·D forward, 3.5x that forward+backward."""
   b, h, d = case.q_shape[0], case.q_shape[-2], case.q_shape[-1]
-  return 4.0 * b * h * case.pairs * d
+  flops = 4.0 * b * h * case.pairs * d
+  return dict(fwd_tflops=round(flops / row["fwd_ms"] / 1e9, 4),
+              fwd_bwd_tflops=round(3.5 * flops / row["fwd_bwd_ms"] / 1e9, 4))
 
 
 def _peer_fns(case: Case, platform: str):
@@ -297,7 +284,7 @@ def run_suites(names, *, quick, backends, peers, iters, repeats, dtype, log=prin
     cases += built
   dense_ms: dict = {}
   for i, case in enumerate(cases, 1):
-    args = _inputs(case, dtype)
+    args = inputs(case.q_shape, case.kv_shape, dtype)
     runs = [(f"ours: {be}", lambda q, k, v, be=be: case.run(q, k, v, be)) for be in backends]
     if peers:
       runs += _peer_fns(case, platform)
@@ -310,7 +297,7 @@ def run_suites(names, *, quick, backends, peers, iters, repeats, dtype, log=prin
                                             backend=backends[0]).reshape(q.shape)
       try:
         dense_ms[key] = (time_ms(jax.jit(dense), *args[:3], iters=iters, repeats=repeats),
-                         time_ms(_fwd_bwd(dense), *args, iters=iters, repeats=repeats))
+                         time_ms(fwd_bwd(dense), *args, iters=iters, repeats=repeats))
       except Exception:  # noqa: BLE001
         traceback.print_exc()
         dense_ms[key] = None
@@ -319,9 +306,7 @@ def run_suites(names, *, quick, backends, peers, iters, repeats, dtype, log=prin
       row = dict(suite=case.suite, case=case.name, impl=impl, bound=case.bound)
       try:
         row.update(measure(fn, args, iters, repeats))
-        flops = _flops(case)
-        row["fwd_tflops"] = round(flops / row["fwd_ms"] / 1e9, 4)
-        row["fwd_bwd_tflops"] = round(3.5 * flops / row["fwd_bwd_ms"] / 1e9, 4)
+        row.update(_tflops(case, row))
         if case.bound is not None and dense_ms.get(key) and impl.startswith("ours"):
           row["speedup_fwd"] = round(dense_ms[key][0] / row["fwd_ms"], 2)
           row["speedup_fwd_bwd"] = round(dense_ms[key][1] / row["fwd_bwd_ms"], 2)
@@ -343,8 +328,7 @@ def run_suites(names, *, quick, backends, peers, iters, repeats, dtype, log=prin
         row = dict(suite=case.suite, case=case.name, impl="peer: torch Flex", bound=case.bound,
                    **flex[case.name])
         if "fwd_ms" in row:
-          row["fwd_tflops"] = round(_flops(case) / row["fwd_ms"] / 1e9, 2)
-          row["fwd_bwd_tflops"] = round(3.5 * _flops(case) / row["fwd_bwd_ms"] / 1e9, 2)
+          row.update(_tflops(case, row))
         rows.append(row)
         log(f"{case.suite}: {case.name} | torch Flex | {flex[case.name]}")
   return rows

@@ -7,8 +7,8 @@ Pipeline: mask spec (`masks`) -> block map (`block_map`) -> backend kernel (`xla
 from . import block_map, context_parallel, masks, routing
 from .block_map import BlockMap
 from .merge import merge_attentions
-from .ops import (NATiling, attention, na, na1d, na2d, na3d, na_packed, na_tiling,
-                  register_backend, resolve_backend)
+from .backends import register_backend, resolve_backend
+from .ops import NATiling, attention, na, na1d, na2d, na3d, na_packed, na_tiling
 from .simulate import simulate
 
 __all__ = ["attention", "na", "na1d", "na2d", "na3d", "na_packed", "na_tiling", "NATiling", "masks", "block_map", "BlockMap",

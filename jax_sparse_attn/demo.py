@@ -44,8 +44,7 @@ def _check(name, run, ref, args, tol):
   grads = jax.jit(jax.grad(loss(run), argnums=(0, 1, 2)))(*args)
   grads_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(*args)
   errs = [_rel(out, want)] + [_rel(g, r) for g, r in zip(grads, grads_ref)]
-  fwd_ms = time_ms(jax.jit(run), *args)
-  bwd_ms = time_ms(jax.jit(jax.grad(loss(run), argnums=(0, 1, 2))), *args)
+  fwd_ms, bwd_ms = _fwd_bwd_ms(run, args)
   ok = all(e < tol for e in errs)
   print(f"{name:<44} fwd {fwd_ms:8.2f} ms  fwd+bwd {bwd_ms:8.2f} ms  "
         f"rel.err out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}  "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from . import masks as masks_lib
 from . import reference as reference_lib
 from . import context_parallel
 from .backends import (BACKENDS, Backend, check_available, get_backend as _get_backend,
-                       has_array_mask as _has_array_mask, register_backend, resolve_backend)
+                       has_array_mask as _has_array_mask, resolve_backend)
 from .merge import merge_attentions
 from .layout import PackedLayout, SequenceLayout, TiledLayout
 from . import plan as plan_lib

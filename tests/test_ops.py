@@ -126,14 +126,16 @@ def test_kernel_backend_without_its_device(backend, needs):
 def test_import_is_light():
   """`import jax_sparse_attn` loads no Pallas code, and the kernel packages import the
   backend registry, not `ops` (no import cycle)."""
+  import os
   import subprocess
   import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ("import sys, jax_sparse_attn; "
           "assert not [m for m in sys.modules if 'pallas' in m], 'pallas imported'; "
           "import pallas_kernels.gpu, pallas_kernels.tpu")
-  subprocess.run([sys.executable, "-c", code], check=True)
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
   for path in ("pallas_kernels/gpu/__init__.py", "pallas_kernels/tpu/__init__.py"):
-    src = open(path).read()
+    src = open(os.path.join(root, path)).read()
     assert "jax_sparse_attn.ops" not in src and "jax_sparse_attn.backends" in src
 
 
