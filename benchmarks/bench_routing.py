@@ -58,9 +58,11 @@ def section_check(dtype):
   f32 = lambda x: x.astype(jnp.float32)
   want = fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(do))
   variants = [("triton", None), ("mosaic_gpu", None),
-              ("mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu"))]
+              ("mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu")),
+              ("mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel"))]
   for backend, config in variants:
-    name = backend + (" (Hopper backward)" if config is not None else "")
+    name = backend + ("" if config is None else " (Hopper backward)" if config.backward_dq is None
+                      else f" (Hopper backward, dQ {config.backward_dq})")
     try:
       ours = lambda q, k, v, be=backend, c=config: jsa.attention(
           q, k, v, masks.causal(), block_selection=sel, backend=be, config=c)
@@ -98,6 +100,10 @@ def section_perf(dtype, iters):
           ("mosaic_gpu forward + backward (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel,
               config=MosaicGPUConfig(backward="mosaic_gpu"))),
+          ("mosaic_gpu forward + backward, dQ kernel (runtime map)",
+           lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                         config=MosaicGPUConfig(backward="mosaic_gpu",
+                                                                backward_dq="kernel"))),
           ("triton (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel, backend="triton")),
           ("triton dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),

@@ -45,6 +45,7 @@ from jax_sparse_attn import masks
 from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import triton_attention
+from . import attention_bwd_dq as bwd_dq
 from . import attention_fwd as fwd
 
 LOG2E = math.log2(math.e)
@@ -78,7 +79,8 @@ def _split_dq(cfg, head_dim: int) -> bool:
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
-            mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False):
+            mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
+            with_dq: bool = True):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
@@ -92,10 +94,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
-  if extras:
-    qx_ref, kx_ref, dq_ref, dk_ref, dv_ref = refs
-  else:
-    dq_ref, dk_ref, dv_ref = refs
+  qx_ref, kx_ref = refs[:2] if extras else (None, None)
+  dq_ref, dk_ref, dv_ref = ((None,) if not with_dq else ()) + tuple(refs[2 * extras:])
   dq_cols = 64 if split_dq else head_dim
   item = lax.axis_index("kv")
   kv_head, batch = lax.axis_index("head"), lax.axis_index("batch")
@@ -196,8 +196,12 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
         # rewrite one only after the next step's rendezvous, which follows its reads).
+        # Without dQ (`attention_bwd_dq` makes it) dSᵀ stays in registers on the GPU.
         ds_ref = ds_smem.at[lax.rem(t, 2)] if split_dq else ds_smem
-        ds_ref.at[own][...] = ds_t.astype(dtype)
+        ds16 = ds_t.astype(dtype)
+        if with_dq or interpret:
+          ds_ref.at[own][...] = ds16
+          ds16 = ds_ref.at[own]
         p16 = p_t.astype(dtype)
         if interpret:
           p_smem.at[wg][...] = p16
@@ -212,24 +216,29 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         schedule()
 
         def products(refs):  # dV, dK, then (once both dSᵀ halves are written) dQ
-          dv_ref, dk_ref, dq_acc = refs
+          dv_ref, dk_ref, *dq_acc = refs
           plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
-          plgpu.wgmma(dk_ref, ds_ref.at[own], q_smem.at[slot])
+          plgpu.wgmma(dk_ref, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
-          plgpu.wgmma(dq_acc, *dq_operands())
+          if with_dq:
+            plgpu.wgmma(dq_acc[0], *dq_operands())
 
         dq0 = plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
         if interpret:  # the same products through fresh accumulators
           dv = mma_add(dv, p16, do_smem.at[slot])
-          dk = mma_add(dk, ds_ref.at[own], q_smem.at[slot])
+          dk = mma_add(dk, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
-          dq = mma_add(dq0, *dq_operands())
-        else:
+          dq = mma_add(dq0, *dq_operands()) if with_dq else None
+        elif with_dq:
           dv, dk, dq = pl.run_state(products)(
               (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
+        else:
+          dv, dk = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         plgpu.barrier_arrive(q_free.at[slot])
+        if not with_dq:
+          return dk, dv
         dst = dq_ref.at[batch, pl.ds(q0, _ROWS), head]
         if split_dq:
           dst = dst.at[:, pl.ds(wg * 64, 64)]
@@ -330,8 +339,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.SMEM((stages, dims, _ROWS), jnp.int32),
       plgpu.SMEM((stages, dims, _ROWS), jnp.int32),
       plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
-                 transforms=_SWIZZLED),
-      plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32),
+                 transforms=_SWIZZLED) if with_dq or interpret else None,
+      plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32)
+      if with_dq else None,
       plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=_SWIZZLED) if interpret else None,
       plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _ROWS), jnp.int32) if extras else None,
@@ -405,25 +415,39 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     items, chunk = jnp.asarray(_work_items(counts[:, 1])), 0
     if not len(items):  # no query sees any key
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+  extras = fwd._extras(plan, b, q_seg, kv_seg)
+  separate = _separate_dq(cfg, plan)
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
-      split_dq=_split_dq(cfg, d), mask_fn=plan.mask_fn, segments=q_seg is not None, chunk=chunk,
-      pingpong=cfg.backward_pingpong and not interpret)
+      split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
+      segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
+      with_dq=not separate)
   mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
-          q, k, v, d_out, lse2, delta, lo, hi, c, *fwd._extras(plan, b, q_seg, kv_seg))
+          q, k, v, d_out, lse2, delta, lo, hi, c, *extras)
 
-  def run(refs):  # dq, dk and dv accumulate in place
+  def run(refs):  # dk and dv (and dq) accumulate in place
     pl.kernel(kernel, out_type=(), mesh=mesh,
               compiler_params=plgpu.CompilerParams(approx_math=True),
               interpret=plgpu.InterpretGPUParams() if interpret else False,
               name="sparse_attention_bwd")(*args, *refs)
 
-  dq, dk, dv = pl.run_state(run)((zeros(n_q, h), zeros(n_kv, hkv), zeros(n_kv, hkv)))
-  dq = (dq[:, :sq] * scale).astype(q.dtype)
+  if separate:
+    dk, dv = pl.run_state(run)((zeros(n_kv, hkv), zeros(n_kv, hkv)))
+    dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
+                   mask_fn=plan.mask_fn, interpret=interpret)[:, :sq]
+  else:
+    dq, dk, dv = pl.run_state(run)((zeros(n_q, h), zeros(n_kv, hkv), zeros(n_kv, hkv)))
+    dq = (dq[:, :sq] * scale).astype(q.dtype)
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
+
+
+def _separate_dq(cfg, plan: AttentionPlan) -> bool:
+  """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
+  rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`)."""
+  return cfg.backward_dq == "kernel" and plan.block_q == bwd_dq._BLOCK_Q
 
 
 def _chunk(mean_entries: float) -> int:

@@ -149,9 +149,9 @@ def _config(config) -> MosaicGPUConfig:
   if config.backward not in (None, "mosaic_gpu", "triton"):
     raise ValueError("MosaicGPUConfig.backward must be 'mosaic_gpu', 'triton' or None, got "
                      f"{config.backward!r}")
-  if config.backward_dq not in (None, "split", "own"):
-    raise ValueError("MosaicGPUConfig.backward_dq must be 'split', 'own' or None, got "
-                     f"{config.backward_dq!r}")
+  if config.backward_dq not in (None, "split", "own", "kernel"):
+    raise ValueError("MosaicGPUConfig.backward_dq must be 'split', 'own', 'kernel' or None, "
+                     f"got {config.backward_dq!r}")
   if not isinstance(config.backward_pingpong, bool):
     raise ValueError(f"MosaicGPUConfig.backward_pingpong must be True or False, got "
                      f"{config.backward_pingpong!r}")

@@ -1,0 +1,72 @@
+"""Where the Hopper backward's time goes with dQ as its own kernel: the dQ kernel alone (64- or
+128-key S tiles), the dK/dV kernel alone, and both, per mask, in one process.
+
+    python -m benchmarks.diag.diag_backward_split --masks dense,causal,window --out x.json
+"""
+import argparse
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax_sparse_attn import masks
+from jax_sparse_attn.demo import time_ms
+from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.plan import make_plan
+from pallas_kernels.gpu import MosaicGPUConfig
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
+
+CASES = {"dense": (2, 16384, None), "causal": (2, 16384, masks.causal()),
+         "window": (1, 32768, masks.causal() & masks.sliding_window(2047))}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--masks", default="dense,causal,window")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  rows = []
+  h, d = 16, 128
+  for name in args.masks.split(","):
+    b, s, mask = CASES[name]
+    mask = mask or masks.full()
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, do = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in ks)
+    plan = make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128))
+    scale = 1 / math.sqrt(d)
+    cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel")
+    out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(q, k, v, None, None, plan, scale,
+                                                             cfg, False))(q, k, v)
+    d_lse = jnp.zeros_like(lse)
+
+    def bwd(q, k, v, out, lse, do):
+      return attention_bwd.backward(q, k, v, None, None, out, lse, do, d_lse, plan, scale, cfg,
+                                    False)
+
+    full = jax.jit(bwd)
+    row = dict(case=name, both_ms=time_ms(full, q, k, v, out, lse, do, iters=10, repeats=5))
+    orig = attention_bwd_dq.dq
+    try:  # the dK/dV kernel alone: dQ replaced by zeros at trace time
+      attention_bwd_dq.dq = lambda q, *a, **kw: jnp.zeros((q.shape[0], lse.shape[-1],
+                                                           *q.shape[2:]), q.dtype)
+      row["dkv_ms"] = time_ms(jax.jit(bwd), q, k, v, out, lse, do, iters=10, repeats=5)
+    finally:
+      attention_bwd_dq.dq = orig
+    for sub in (64, 128):
+      try:
+        attention_bwd_dq.KV_SUB = sub
+        row[f"dq_sub{sub}_ms"] = time_ms(jax.jit(bwd), q, k, v, out, lse, do, iters=10,
+                                         repeats=5) - row["dkv_ms"]
+      except Exception as e:  # noqa: BLE001 (a variant that does not compile is a result)
+        row[f"dq_sub{sub}_error"] = repr(e)[:300]
+      finally:
+        attention_bwd_dq.KV_SUB = 64
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  if args.out:
+    json.dump({"device": str(jax.devices()[0]), "rows": rows}, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()

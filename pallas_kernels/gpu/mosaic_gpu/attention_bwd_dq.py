@@ -1,0 +1,227 @@
+"""dQ of the Hopper backward as its own kernel, over the forward block map (FlashAttention-2's
+split, as the Triton kernels and tokamax's Hopper VJP do): no float32 reductions.
+
+A CTA owns a 128-row Q block of one query head and batch element: the memory warpgroup loads
+its Q, dO, log-sum-exp, delta and query intervals once, then streams the block's KV list
+(full blocks, then partial ones) through a ring of K/V slots; each of the two compute
+warpgroups owns 64 query rows and keeps their dQ in registers. Per KV block, in two halves of
+64 keys (so that S, dP and dQ fit in registers together):
+
+    S = Q Kᵀ, dP = dO Vᵀ                   (two wgmmas, one wait)
+    P = exp2(S·scale·log2 e − lse₂)         (masked: 0 outside each query's intervals)
+    dS = P ∘ (dP − delta)
+    dQ += dS K                              (dS from registers)
+
+and dQ·scale is stored once at the end. Masks are the fused kernel's element test, rows and
+columns swapped (`attention_bwd`): interval dims, a mask function on kernel positions,
+segment ids. dK and dV come from `attention_bwd._kernel` with its dQ turned off.
+
+Interpret mode (CPU) has no register operands and no accumulation into a live accumulator:
+there dS goes through shared memory and each product lands in a fresh accumulator.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+_ROWS = 64  # query rows per compute warpgroup; keys per half of a KV block
+_WGS = 2
+_BLOCK_Q = _WGS * _ROWS
+_BLOCK_KV = 128
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+KV_SUB = _ROWS  # keys per S tile: 64 (two per KV block) or 128
+
+
+def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+            lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
+            scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
+            runtime: bool = False, kv_sub: int = _ROWS):
+  """CTA (q block in visiting order, query head, batch). order [n_q blocks]; ids [n_q blocks,
+  max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
+  rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
+  no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv]; dq [b, n_q, h, d]
+  (written, not accumulated)."""
+  if segments:
+    qx_ref, kx_ref, dq_ref = refs
+  else:
+    (dq_ref,) = refs
+  head, batch = lax.axis_index("head"), lax.axis_index("batch")
+  q_block = order_ref[lax.axis_index("q")]
+  kv_head = lax.div(head, groups)
+  if runtime:
+    count = lambda c: counts_ref[batch, head, q_block, c]
+    kv_block = lambda e: ids_ref[batch, head, q_block, e]
+  else:
+    count = lambda c: counts_ref[q_block, c]
+    kv_block = lambda e: ids_ref[q_block, e]
+  n_full, n_all = count(0), count(1)
+  q0 = q_block * _BLOCK_Q
+  qk_scale = scale * LOG2E
+
+  def body(q_smem, do_smem, k_smem, v_smem, c_smem, lse_smem, delta_smem, lo_smem, hi_smem,
+           qx_smem, kx_smem, ds_smem, q_bar, kv_bar, kv_free):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < _WGS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      own = pl.ds(wg * _ROWS, _ROWS)
+      plgpu.barrier_wait(q_bar)
+      tile = (_ROWS, kv_sub)
+      rows = lambda ref: lax.broadcast_in_dim(
+          plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
+      cols = lambda ref: lax.broadcast_in_dim(
+          plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), tile, [1])
+      lse, delta = rows(lse_smem.at[own]), rows(delta_smem.at[own])
+      lo = [rows(lo_smem.at[d, own]) for d in range(dims)]
+      hi = [rows(hi_smem.at[d, own]) for d in range(dims)]
+      q_x = rows(qx_smem.at[0, own]) if segments else None
+
+      def mma(acc, a, b):
+        """acc + a @ b through a fresh accumulator (interpret mode's form)."""
+        def run(r):
+          plgpu.wgmma(r, a, b)
+          return r[...]
+        return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
+
+      def step(e, dq, masked: bool):
+        slot = lax.rem(e, stages)
+        plgpu.barrier_wait(kv_bar.at[slot])
+        kv0 = kv_block(e) * _BLOCK_KV
+        for part in range(_BLOCK_KV // kv_sub):
+          keys = pl.ds(part * kv_sub, kv_sub)
+          k_half = k_smem.at[slot, keys]
+
+          def sdp(refs):
+            s_ref, dp_ref = refs
+            plgpu.wgmma(s_ref, q_smem.at[own], k_half.transpose((1, 0)))
+            plgpu.wgmma(dp_ref, do_smem.at[own], v_smem.at[slot, keys].transpose((1, 0)))
+            return s_ref[...], dp_ref[...]
+
+          s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
+          p = jnp.exp2(s * qk_scale - lse)
+          if masked:
+            for d in range(dims):
+              c = cols(c_smem.at[slot, d, keys])
+              p = jnp.where((c >= lo[d]) & (c <= hi[d]), p, 0.0)
+            if mask_fn is not None:
+              iota = lambda dim: plgpu.layout_cast(
+                  lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA)
+              p = jnp.where(mask_fn(q0 + wg * _ROWS + iota(0), kv0 + part * kv_sub + iota(1)),
+                            p, 0.0)
+          if segments:
+            p = jnp.where(cols(kx_smem.at[slot, 0, keys]) == q_x, p, 0.0)
+          ds = (p * (dp - delta)).astype(dtype)
+          if interpret:
+            ds_smem.at[wg][...] = ds
+            plgpu.commit_smem()
+            dq = mma(dq, ds_smem.at[wg], k_half)
+          else:
+            def product(acc_ref):
+              plgpu.wgmma(acc_ref, ds, k_half)
+            dq = pl.run_state(product)(plgpu.ACC.init(dq))
+        plgpu.barrier_arrive(kv_free.at[slot])
+        return dq
+
+      dq = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+      dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+      dq = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), dq)
+      # Q's rows are free once the last products are waited: dQ leaves through them.
+      q_smem.at[own][...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem.at[own], dq_ref.at[batch, pl.ds(q0 + wg * _ROWS, _ROWS),
+                                                         head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _WGS)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      rows = pl.ds(q0, _BLOCK_Q)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_bar)
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem, q_bar)
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem, q_bar)
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem, q_bar)
+      plgpu.copy_gmem_to_smem(lo_ref.at[:, rows], lo_smem, q_bar)
+      plgpu.copy_gmem_to_smem(hi_ref.at[:, rows], hi_smem, q_bar)
+      if segments:
+        plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, rows], qx_smem, q_bar)
+
+      @pl.loop(0, n_all)
+      def _load(e):
+        slot = lax.rem(e, stages)
+
+        @pl.when(e >= stages)
+        def _():
+          plgpu.barrier_wait(kv_free.at[slot])
+
+        keys = pl.ds(kv_block(e) * _BLOCK_KV, _BLOCK_KV)
+        bar = kv_bar.at[slot]
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot], bar)
+        plgpu.copy_gmem_to_smem(c_ref.at[:, keys], c_smem.at[slot], bar)
+        if segments:
+          plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, keys], kx_smem.at[slot], bar)
+
+      # Observe each slot's last release before the barriers are freed.
+      for s in range(stages):
+        pl.when(s < n_all)(lambda: plgpu.barrier_wait(kv_free.at[s]))
+
+  extras = int(segments)
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((stages, dims, _BLOCK_KV), jnp.int32),
+      plgpu.SMEM((_BLOCK_Q,), jnp.float32),
+      plgpu.SMEM((_BLOCK_Q,), jnp.float32),
+      plgpu.SMEM((dims, _BLOCK_Q), jnp.int32),
+      plgpu.SMEM((dims, _BLOCK_Q), jnp.int32),
+      plgpu.SMEM((extras, _BLOCK_Q), jnp.int32) if extras else None,
+      plgpu.SMEM((stages, extras, _BLOCK_KV), jnp.int32) if extras else None,
+      plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=_SWIZZLED) if interpret else None,
+      plgpu.Barrier(num_arrivals=6 + extras),
+      plgpu.Barrier(num_arrivals=3 + extras, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
+      collective_axes="wg",
+  )
+
+
+def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
+       interpret: bool, stages: int = 2, kv_sub: int | None = None):
+  """dQ [b, n_q, h, d] (n_q: the plan's padded length, a multiple of 128) from the backward's
+  padded inputs (`attention_bwd.backward`): lse₂ and delta [b, h, n_q], intervals lo/hi
+  [dims, n_q] and key coordinates c [dims, n_kv], `extras` the segment-id vectors
+  (`attention_fwd._extras`) or []; `bmap` the forward block map (128-row Q blocks, 128-key KV
+  blocks), static or runtime."""
+  b, _, h, d = q.shape
+  n_q = lse2.shape[-1]
+  runtime = bmap.is_runtime
+  counts = (jnp.stack([bmap.kv_full_counts, bmap.kv_counts], axis=-1) if runtime else
+            np.stack([np.asarray(bmap.kv_full_counts), np.asarray(bmap.kv_counts)], axis=1))
+  if runtime:
+    order = jnp.arange(bmap.num_q_blocks, dtype=jnp.int32)
+  else:  # longest lists first, so that short ones fill the tail
+    order = jnp.asarray(np.argsort(-counts[:, 1], kind="stable"), jnp.int32)
+  kernel = functools.partial(
+      _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=stages, scale=scale,
+      dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
+      runtime=runtime, kv_sub=kv_sub or KV_SUB)
+  mesh = plgpu.Mesh(grid=(bmap.num_q_blocks, h, b), grid_names=("q", "head", "batch"),
+                    num_threads=_WGS + 1, thread_name="wg")
+  return pl.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype), mesh=mesh,
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else False,
+      name="sparse_attention_bwd_dq",
+  )(order, jnp.asarray(bmap.kv_ids, jnp.int32), jnp.asarray(counts, jnp.int32), q, k, v, d_out,
+    lse2, delta, lo, hi, c, *extras)
