@@ -40,28 +40,29 @@ def main():
                                                              cfg, False))(q, k, v)
     d_lse = jnp.zeros_like(lse)
 
-    def bwd(q, k, v, out, lse, do):
-      return attention_bwd.backward(q, k, v, None, None, out, lse, do, d_lse, plan, scale, cfg,
-                                    False)
-
-    full = jax.jit(bwd)
-    row = dict(case=name, both_ms=time_ms(full, q, k, v, out, lse, do, iters=10, repeats=5))
-    orig = attention_bwd_dq.dq
-    try:  # the dK/dV kernel alone: dQ replaced by zeros at trace time
-      attention_bwd_dq.dq = lambda q, *a, **kw: jnp.zeros((q.shape[0], lse.shape[-1],
-                                                           *q.shape[2:]), q.dtype)
-      row["dkv_ms"] = time_ms(jax.jit(bwd), q, k, v, out, lse, do, iters=10, repeats=5)
-    finally:
-      attention_bwd_dq.dq = orig
-    for sub in (64, 128):
+    def timed(**patch):
+      """The backward's ms with module attributes patched while it traces (a new function
+      each time, so that jit traces again)."""
+      saved = {key: getattr(mod, attr) for key, (mod, attr, _) in patch.items()}
       try:
-        attention_bwd_dq.KV_SUB = sub
-        row[f"dq_sub{sub}_ms"] = time_ms(jax.jit(bwd), q, k, v, out, lse, do, iters=10,
-                                         repeats=5) - row["dkv_ms"]
+        for mod, attr, value in patch.values():
+          setattr(mod, attr, value)
+        bwd = lambda q, k, v, out, lse, do: attention_bwd.backward(
+            q, k, v, None, None, out, lse, do, d_lse, plan, scale, cfg, False)
+        return time_ms(jax.jit(bwd), q, k, v, out, lse, do, iters=10, repeats=5)
       except Exception as e:  # noqa: BLE001 (a variant that does not compile is a result)
-        row[f"dq_sub{sub}_error"] = repr(e)[:300]
+        return repr(e)[:300]
       finally:
-        attention_bwd_dq.KV_SUB = 64
+        for key, (mod, attr, _) in patch.items():
+          setattr(mod, attr, saved[key])
+
+    no_dq = lambda q, *a, **kw: jnp.zeros((q.shape[0], lse.shape[-1], *q.shape[2:]), q.dtype)
+    row = dict(case=name, both_ms=timed())
+    for stages in (2, 3, 4):
+      row[f"dkv_stages{stages}_ms"] = timed(dq=(attention_bwd_dq, "dq", no_dq),
+                                            st=(attention_bwd, "STAGES", stages))
+    for sub in (64, 128):
+      row[f"both_sub{sub}_ms"] = timed(sub=(attention_bwd_dq, "KV_SUB", sub))
     print(json.dumps(row), flush=True)
     rows.append(row)
   if args.out:

@@ -54,19 +54,18 @@ _WGS = 2  # compute warpgroups
 _BLOCK_KV = _WGS * _ROWS
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+STAGES = 2  # Q/dO slots of the memory warpgroup's ring
 
 
 def picks_mosaic(plan: AttentionPlan) -> bool:
-  """`MosaicGPUConfig.backward=None`: this kernel for 1-D masks with masked blocks (causal and
-  windows within 2% of the Triton backward, sinks 1.96x faster thanks to chunked lists; H200,
-  results/h200-2026-11-29-hopper-backward.json), the Triton kernels for dense maps and
-  neighborhoods, where they are faster today (dense S=16384 30.1 vs 34.0 ms, 2-D NA 128² k33
-  3.6 vs 5.4 ms), packed grids of different sizes included."""
-  bmap = plan.block_map
-  dense = (isinstance(plan.mask, masks.Full)
-           or bmap.num_full == bmap.num_q_blocks * bmap.num_kv_blocks)
+  """`MosaicGPUConfig.backward=None`: these kernels (dQ as its own kernel) for 1-D masks,
+  dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.4 vs 30.1 ms
+  for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.88 vs 2.40, MoBA fwd+bwd 8.97
+  vs 9.39; results/h200-2026-11-29-hopper-backward-dq.json), the Triton kernels for
+  neighborhoods, where they are faster today (2-D NA 128² k33 3.58 vs 4.57 ms, 3-D k8×16²
+  15.1 vs 18.0), packed grids of different sizes included."""
   packed = isinstance(plan.mask, masks.PackedNeighborhood)
-  return not plan.gathered and not dense and not packed
+  return not plan.gathered and not packed
 
 
 def _split_dq(cfg, head_dim: int) -> bool:
@@ -358,14 +357,12 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
              config, interpret, block_map=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
   Triton kernels). `block_map`: a runtime map (`block_map.from_selection`), whose work items
-  are built on device (`_runtime_items`); with ``backward=None`` runtime maps take the Triton
-  kernels, faster on the MoBA row (H200: 7.8 vs 8.7 ms backward,
-  results/h200-2026-11-29-routing-hopper-backward.json)."""
+  are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows)."""
   cfg = fwd._config(config)
   runtime = block_map is not None
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made with
   # other blocks (attention(..., block_kv=64)).
-  if (cfg.backward == "triton" or (cfg.backward is None and (runtime or not picks_mosaic(plan)))
+  if (cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan))
       or plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
@@ -403,7 +400,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # Every plan has at least one interval dim (non-interval masks: token validity).
   dims = plan.num_mask_dims
   lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
-  stages = 2
+  stages = STAGES
   groups = h // hkv
   zeros = lambda n, heads: jnp.zeros((b, n, heads, d), jnp.float32)
   if runtime:
@@ -445,9 +442,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
 
 def _separate_dq(cfg, plan: AttentionPlan) -> bool:
-  """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
-  rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`)."""
-  return cfg.backward_dq == "kernel" and plan.block_q == bwd_dq._BLOCK_Q
+  """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks:
+  the default there) rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`)."""
+  return cfg.backward_dq in (None, "kernel") and plan.block_q == bwd_dq._BLOCK_Q
 
 
 def _chunk(mean_entries: float) -> int:

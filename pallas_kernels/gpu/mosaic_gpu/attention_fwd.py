@@ -101,13 +101,15 @@ class MosaicGPUConfig:
   # (not with `split`); on the GPU only with box copies. None: where the cost model says
   # they cost less than the grid (`window_pays`).
   kv_windows: bool | None = None
-  # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block with dQ reduce-added by
-  # the TMA), "triton" (the Triton kernels, with `triton`'s config), None: by the plan
-  # (`attention_bwd.picks_mosaic`: 1-D masks here, dense maps and neighborhoods on Triton).
+  # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
+  # `attention_bwd_dq.py`), "triton" (the Triton kernels, with `triton`'s config), None: by
+  # the plan (`attention_bwd.picks_mosaic`: 1-D masks here, neighborhoods on Triton).
   backward: str | None = None
-  # How the backward's warpgroups form dQ: "split" (64 columns each from both halves of dSᵀ,
-  # meeting once per step; head_dim 128 only), "own" (each its own key rows' share, all
-  # columns, twice the reduce-adds); None: "split" where it applies.
+  # How the backward forms dQ: "kernel" (its own kernel over the forward map, no reductions;
+  # plans with 128-row Q blocks), or reduce-added in float32 by the dK/dV kernel: "split"
+  # (the warpgroups take 64 columns each from both halves of dSᵀ, meeting once per step;
+  # head_dim 128 only), "own" (each its own key rows' share, all columns, twice the
+  # reduce-adds). None: "kernel" where the plan allows it, else "split" where it applies.
   backward_dq: str | None = None
   # The backward's warpgroups alternate (FlashAttention-3's ping-pong, as the forward of jax's
   # attention_mgpu example): one's softmax/dS while the other's matmuls run, through a
