@@ -124,16 +124,6 @@ def _perf(name, impl, fn, q, k, v, do, flops_fwd, iters, **extra):
     traceback.print_exc()
 
 
-def _jax_example():
-  """jax's Hopper attention example (`attention_mgpu`: FA3 forward, dQ and dK/dV kernels),
-  non-causal, its own block sizes for the backward."""
-  from jax.experimental.pallas.ops.gpu import attention_mgpu as ex
-  cfg = ex.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, compute_wgs_bwd=2,
-                        block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
-  f16 = lambda x: x.astype(jnp.float16)  # the example's kernels stage in float16
-  return lambda q, k, v: ex.attention(f16(q), f16(k), f16(v), cfg)
-
-
 def section_perf(dtype, iters, only, d=128):
   h = 16
   cudnn = lambda causal, window=None: (lambda q, k, v: jax.nn.dot_product_attention(
@@ -157,8 +147,6 @@ def section_perf(dtype, iters, only, d=128):
             q, k, v, do, flops, iters)
     if "cudnn" in PEERS:
       _perf(name, "cudnn", peer, q, k, v, do, flops, iters)
-    if "jax-example" in PEERS and mask is None:
-      _perf(name, "jax-example", _jax_example(), q, k, v, do, flops, iters)
   if "lm" in only:  # the models/ causal LM's attention at real size
     b, s, h_lm, hkv = 2, 8192, 16, 4
     q, k, v, do = inputs((b, s, h_lm, d), (b, s, hkv, d), dtype)
@@ -224,7 +212,7 @@ def main(argv=None):
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--impls", default=",".join(IMPLS), help=",".join(OURS))
-  parser.add_argument("--peers", default="cudnn,dense", help="cudnn, dense (our dense kernel), jax-example (jax's attention_mgpu, dense rows)")
+  parser.add_argument("--peers", default="cudnn,dense", help="cudnn, dense (our dense kernel)")
   parser.add_argument("--head-dim", type=int, default=128, help="perf rows' head_dim")
   parser.add_argument("--check-impl", default="mosaic-bwd", help="the config `check` runs")
   parser.add_argument("--no-check-na", action="store_true", help="check 1-D masks only")

@@ -1,7 +1,7 @@
 """The Hopper backward (Pallas Mosaic GPU, `attention_bwd`) in GPU interpret mode (CPU) vs the
 float64 brute force: every 1-D mask (unions with sinks, `from_function`, rows that see
 nothing), segment ids, GQA, odd lengths, head dims 32-128 (padded), bf16 and fp16, both dQ
-forms; neighborhoods (stride, dilation, causal dims) with the Mosaic GPU backward asked
+forms (its own kernel, or reduce-added "split" / "own"); neighborhoods (stride, dilation, causal dims) with the Mosaic GPU backward asked
 for; CUDA lowering on CPU."""
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,11 @@ BWD = MosaicGPUConfig(backward="mosaic_gpu")
 
 @settings(max_examples=8, deadline=None)
 @given(p=backend_cases.seq_problems(max_len=300, dtypes=(jnp.bfloat16, jnp.float16)),
-       head_dim=st.sampled_from([32, 64, 96, 128]), dq=st.sampled_from([None, "own"]))
+       head_dim=st.sampled_from([32, 64, 96, 128]),
+       dq=st.sampled_from([None, "own", "split"]))
 def test_attention(p, head_dim, dq):
+  if dq == "split":
+    head_dim = 128
   p = dict(p, head_dim=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
                                 config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
@@ -41,14 +44,17 @@ def test_pingpong_config():
                   config=MosaicGPUConfig(backward_pingpong=True, backward_dq="split"))
 
 
-@pytest.mark.parametrize("mask, segments", [("window_sink", True), ("masked_rows", False),
-                                            ("function", True), ("full", True)])
-def test_attention_cases(mask, segments):
+@pytest.mark.parametrize("mask, segments, dq", [
+    ("window_sink", True, None), ("masked_rows", False, None), ("function", True, None),
+    ("full", True, None), ("window_sink", True, "split"), ("masked_rows", False, "own")])
+def test_attention_cases(mask, segments, dq):
   """Fixed cases beside the random ones: 128-row GQA groups, the union an LM uses, rows that
-  see nothing (zeros and zero gradients, never NaN), segment ids on a dense map."""
+  see nothing (zeros and zero gradients, never NaN), segment ids on a dense map; the dQ
+  kernel (the default) and the reduce-added forms."""
   p = dict(batch=2, sq=257, skv=257, heads=4, kv_heads=1, head_dim=128, mask=mask,
            segments=segments, dtype=jnp.bfloat16, seed=7)
-  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
 
 
 @settings(max_examples=2, deadline=None)
@@ -59,13 +65,13 @@ def test_na(p):
 
 
 def test_picks():
-  """backward=None: this kernel for masked 1-D maps, Triton for dense maps and neighborhoods."""
+  """backward=None: these kernels for 1-D maps (dense included), Triton for neighborhoods."""
   from jax_sparse_attn.layout import SequenceLayout, TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
   assert mgpu.picks_mosaic(seq(masks.causal()))
   assert mgpu.picks_mosaic(seq(masks.causal() & (masks.sliding_window(99) | masks.sink(4))))
-  assert not mgpu.picks_mosaic(seq(masks.full()))
+  assert mgpu.picks_mosaic(seq(masks.full()))
   na = masks.neighborhood((32, 32), (7, 7))
   plan = gathered(make_plan(na, TiledLayout((32, 32), (1, 1), (8, 16)),
                             TiledLayout((32, 32), (1, 1), (8, 16))))
@@ -77,8 +83,9 @@ def test_picks():
 
 @pytest.mark.parametrize("case", ["window_sink_segments", "function_d64", "na3d", "pingpong"])
 def test_lowers_for_gpu(case):
-  """Forward and backward lower to two Mosaic GPU kernels and no Triton kernel (pingpong: the
-  backward's warpgroups alternating through a schedule barrier, GQA, a causal window)."""
+  """Forward and backward lower to Mosaic GPU kernels and no Triton kernel: forward, dK/dV
+  and dQ (pingpong: the backward's warpgroups alternating through a schedule barrier, dQ
+  reduce-added, GQA, a causal window: two kernels)."""
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   seg = None
   config = None
@@ -102,7 +109,7 @@ def test_lowers_for_gpu(case):
                                       config=config)
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), *args).mlir_module()
-  assert text.count("@mosaic_gpu_v2(") == 2
+  assert text.count("@mosaic_gpu_v2(") == (2 if case == "pingpong" else 3)
   assert "__gpu$xla.gpu.triton" not in text
 
 

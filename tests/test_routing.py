@@ -96,16 +96,19 @@ def test_routed_low_precision_triton():
   check_routed(p, "triton", interpret=True)
 
 
-@pytest.mark.parametrize("mask, kv_heads, backward", [
-    ("causal", 1, "mosaic_gpu"), ("function", 1, "mosaic_gpu"), ("window", 2, "mosaic_gpu"),
-    ("causal", 1, None)])
-def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward):
-  # The Hopper forward and backward walk per-(batch, head) rows; with GQA each query head of
-  # a group has its own Q list per KV block (the backward's device-built work items).
+@pytest.mark.parametrize("mask, kv_heads, backward, dq", [
+    ("causal", 1, "mosaic_gpu", None), ("function", 1, "mosaic_gpu", None),
+    ("window", 2, "mosaic_gpu", None), ("causal", 1, "triton", None),
+    ("window", 2, "mosaic_gpu", "own")])
+def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward, dq):
+  # The Hopper forward and the dQ kernel walk per-(batch, head) rows; with GQA each query head
+  # of a group has its own Q list per KV block (the dK/dV kernel's device-built work items);
+  # "own": dQ reduce-added by the dK/dV kernel.
   from pallas_kernels.gpu import MosaicGPUConfig
   p = dict(batch=2, sq=300, skv=300, bs=128, kv_heads=kv_heads, heads=2, head_dim=64,
            mask=mask, k=2, segments=mask == "causal", dtype=jnp.bfloat16, seed=4)
-  check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward=backward))
+  check_routed(p, "mosaic_gpu", interpret=True,
+               config=MosaicGPUConfig(backward=backward, backward_dq=dq))
 
 
 def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
@@ -258,8 +261,8 @@ def test_runtime_maps_lower_for_gpu(backend):
   if backend == "triton":
     assert text.count("sparse_attention_fwd") >= 1
     assert text.count("sparse_attention_dkv") >= 1
-  else:  # forward and backward: Mosaic GPU kernels, no Triton
-    assert text.count("@mosaic_gpu_v2(") == 2
+  else:  # forward, dK/dV and dQ: Mosaic GPU kernels, no Triton
+    assert text.count("@mosaic_gpu_v2(") == 3
     assert "__gpu$xla.gpu.triton" not in text
 
 

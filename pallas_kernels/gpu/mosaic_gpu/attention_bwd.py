@@ -444,7 +444,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 def _separate_dq(cfg, plan: AttentionPlan) -> bool:
   """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks:
   the default there) rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`)."""
-  return cfg.backward_dq in (None, "kernel") and plan.block_q == bwd_dq._BLOCK_Q
+  return (cfg.backward_dq in (None, "kernel") and not cfg.backward_pingpong
+          and plan.block_q == bwd_dq._BLOCK_Q)
 
 
 def _chunk(mean_entries: float) -> int:
