@@ -2,7 +2,8 @@
 
 `attention_fwd`: the forward kernel (TMA boxes of the caller's layout, window-anchored KV boxes,
 MMA-bias masks, per-warpgroup KV lists, its tile cost model); `attention_bwd`: dK/dV per KV block
-with dQ reduce-added by the TMA (FlashAttention-3's structure over the transposed block map).
+over the transposed block map (or with dQ reduce-added by the TMA: FlashAttention-3's fused
+form); `attention_bwd_dq`: dQ per Q block over the forward map.
 """
 from .attention_bwd import backward, picks_mosaic
 from .attention_fwd import (MosaicGPUConfig, auto_tiles, default_backward_map_blocks,

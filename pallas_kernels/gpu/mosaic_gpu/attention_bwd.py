@@ -1,28 +1,33 @@
-"""Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU.
+"""Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU: dK and dV.
 
-One kernel, FlashAttention-3's structure over the transposed block map. A CTA runs one work
+By default two kernels, as FlashAttention-2 splits the work: this one (dK/dV over the
+transposed block map) and `attention_bwd_dq` (dQ over the forward map, no reductions); on the
+H200 the pair runs 1.27x faster than this kernel also forming dQ (the fused form below,
+`MosaicGPUConfig.backward_dq="split" | "own"`), because each runs at the forward's
+tensor-core efficiency (docs/performance.md). This kernel: a CTA runs one work
 item: a KV block of 128 rows (of a KV head and batch element) and a chunk of its Q list
 (`_work_items`: long lists, e.g. a sink's, are cut so that one CTA does not set the
 kernel's length), and keeps K and V in shared memory; two compute warpgroups own 64 of its
 rows each and hold their dK and dV accumulators in registers; the third, the memory
 warpgroup, walks the chunk's Q blocks (``q_ids``; each 128-row Q block as two 64-row steps,
-every query head of the GQA group in turn) and TMA-loads each step's Q, dO, log-sum-exp and delta (and the step's
-query intervals) into a ring of slots. Per step and warpgroup (all in the transposed domain,
+every query head of the GQA group in turn) and TMA-loads each step's Q, dO, log-sum-exp and
+delta (and the step's query intervals) into a ring of slots. Per step and warpgroup (all in the transposed domain,
 rows = keys):
 
     Sᵀ = K Qᵀ, dPᵀ = V dOᵀ                 (two wgmmas, one wait)
     Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂)        (masked: 0 outside each query's intervals)
-    dSᵀ = Pᵀ ∘ (dPᵀ − delta)  → shared memory
-    dV += Pᵀ dO,  dK += dSᵀ Q
-    dQ[q, :] += dS K                        → fp32 TMA reduce-add into global memory
+    dSᵀ = Pᵀ ∘ (dPᵀ − delta)
+    dV += Pᵀ dO,  dK += dSᵀ Q               (Pᵀ, dSᵀ from registers)
+    dQ[q, :] += dS K                        (fused form only) → fp32 TMA reduce-add
 
-dQ needs every key row of the step: with head_dim 128 the warpgroups meet once per step
-(after both wrote dSᵀ) and each computes 64 of dQ's columns from both halves of dSᵀ (one
-64×64 reduce-add per warpgroup); with head_dim 64 each adds its own rows' share. Full blocks
+In the fused form dSᵀ goes through shared memory, and dQ needs every key row of the step:
+with head_dim 128 the warpgroups meet once per step (after both wrote dSᵀ) and each computes
+64 of dQ's columns from both halves of dSᵀ (one 64×64 reduce-add per warpgroup); with
+head_dim 64 each adds its own rows' share. Full blocks
 run with no mask arithmetic; partial ones test each key's coordinates against the query's
 interval per mask dimension (the forward's element test), a mask function (on kernel
-positions) and segment ids (these on every block). dQ, and dK/dV of chunked lists, are
-float32 reduce-adds, so their rounding varies with the CTA schedule (as in
+positions) and segment ids (these on every block). dK/dV of chunked lists (and the fused
+form's dQ) are float32 reduce-adds, so their rounding varies with the CTA schedule (as in
 FlashAttention-3 and cuDNN).
 
 Interpret mode (CPU) has no TMA reductions, no register operands and no accumulation into
