@@ -145,3 +145,21 @@ def test_rejects_split_dq_below_128():
                                          interpret=True, config=cfg).astype(jnp.float32))
   with pytest.raises(ValueError, match="backward_dq='split' needs a head_dim padded to 128"):
     jax.grad(loss)(x)
+
+
+def test_direct_dkv(monkeypatch):
+  """The lab knob `attention_bwd.DIRECT_DKV`: with one work item per KV block the dK/dV kernel
+  stores dK/dV in the input dtype instead of reduce-adding float32; KV blocks no query visits
+  (keys past the queries' causal reach) stay zero. It lowers for CUDA too."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "DIRECT_DKV", True)
+  p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=64, mask="masked_rows",
+           segments=False, dtype=jnp.bfloat16, seed=11)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & masks.sliding_window(255), backend="mosaic_gpu",
+      config=BWD).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
+                        S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 3

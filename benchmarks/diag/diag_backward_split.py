@@ -1,5 +1,6 @@
-"""Where the Hopper backward's time goes with dQ as its own kernel: the dQ kernel alone (64- or
-128-key S tiles), the dK/dV kernel alone, and both, per mask, in one process.
+"""Where the Hopper backward's time goes with dQ as its own kernel: the dK/dV kernel alone
+(2-4 Q/dO stages), both kernels (64- or 128-key S tiles in the dQ kernel; dK/dV stored in the
+input dtype, `attention_bwd.DIRECT_DKV`), per mask, in one process.
 
     python -m benchmarks.diag.diag_backward_split --masks dense,causal,window --out x.json
 """
@@ -63,6 +64,7 @@ def main():
                                             st=(attention_bwd, "STAGES", stages))
     for sub in (64, 128):
       row[f"both_sub{sub}_ms"] = timed(sub=(attention_bwd_dq, "KV_SUB", sub))
+    row["both_direct_dkv_ms"] = timed(direct=(attention_bwd, "DIRECT_DKV", True))
     print(json.dumps(row), flush=True)
     rows.append(row)
   if args.out:

@@ -60,6 +60,10 @@ _BLOCK_KV = _WGS * _ROWS
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 STAGES = 2  # Q/dO slots of the memory warpgroup's ring
+# Lab knob, not yet measured on a GPU: with one work item per KV block, store dK/dV in the
+# input dtype instead of float32 reduce-adds into zero-filled buffers and a cast (the float32
+# epilogue moves ~2.4 GB at S=32768, H=16, D=128: ~0.4 ms of the window's 3.8 ms backward).
+DIRECT_DKV = False
 
 
 def picks_mosaic(plan: AttentionPlan) -> bool:
@@ -84,7 +88,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
-            with_dq: bool = True):
+            with_dq: bool = True, direct: bool = False):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
@@ -273,21 +277,24 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       if pingpong:  # warpgroup 0's last phase pairs with warpgroup 1's first
         pl.when(wg == 0)(schedule)
       # Several items may share a KV block: dK and dV are reduce-added in float32, staged
-      # in the step slots (free once both warpgroups are past their last step).
+      # in the step slots (free once both warpgroups are past their last step); with one
+      # item per KV block (``direct``) they are stored in the input dtype.
       rendezvous()
       rows = (batch, pl.ds(kv0 + wg * _ROWS, _ROWS), kv_head)
       for value, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+        value = value.astype(ref.dtype)
         if interpret:
           for w in range(_WGS):
             @pl.when(wg == w)
             def _():
-              ref.at[rows][...] = ref.at[rows][...] + value
+              ref.at[rows][...] = value if direct else ref.at[rows][...] + value
             rendezvous()
         else:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           stage.at[wg][...] = value
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[rows], reduction_op="add")
+          plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[rows],
+                                  reduction_op=None if direct else "add")
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when((wg == _WGS) & (total > 0))
@@ -337,6 +344,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.RefUnion(
           (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED),
            plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED)),
+          plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=_SWIZZLED) if direct else
           plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       plgpu.SMEM((stages, _ROWS), jnp.float32),
       plgpu.SMEM((stages, _ROWS), jnp.float32),
@@ -407,24 +415,28 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
   stages = STAGES
   groups = h // hkv
-  zeros = lambda n, heads: jnp.zeros((b, n, heads, d), jnp.float32)
+  zeros = lambda n, heads, dtype=jnp.float32: jnp.zeros((b, n, heads, d), dtype)
   if runtime:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
     chunk = _chunk(bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks)
     items = _runtime_items(bmap.q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
   else:
     counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
-    items, chunk = jnp.asarray(_work_items(counts[:, 1])), 0
+    host_items, chunk = _work_items(counts[:, 1]), 0
+    items = jnp.asarray(host_items)
     if not len(items):  # no query sees any key
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   extras = fwd._extras(plan, b, q_seg, kv_seg)
   separate = _separate_dq(cfg, plan)
+  # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
+  direct = (DIRECT_DKV and separate and not runtime
+            and len(np.unique(host_items[:, 0])) == len(host_items))
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
-      with_dq=not separate)
+      with_dq=not separate, direct=direct)
   mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
@@ -437,7 +449,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
               name="sparse_attention_bwd")(*args, *refs)
 
   if separate:
-    dk, dv = pl.run_state(run)((zeros(n_kv, hkv), zeros(n_kv, hkv)))
+    dk, dv = pl.run_state(run)((zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
+                                zeros(n_kv, hkv, v.dtype if direct else jnp.float32)))
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
                    mask_fn=plan.mask_fn, interpret=interpret)[:, :sq]
   else:
