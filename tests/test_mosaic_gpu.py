@@ -18,7 +18,10 @@ from jax_sparse_attn.plan import gathered, make_plan
 from jax_sparse_attn import masks
 from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu
 from pallas_kernels.gpu import mosaic_gpu as mgpu
-from pallas_kernels.gpu.mosaic_gpu import attention_fwd as mg
+from pallas_kernels.gpu.mosaic_gpu import boxes as mg_boxes
+from pallas_kernels.gpu.mosaic_gpu import cost as mg_cost
+from pallas_kernels.gpu.mosaic_gpu import schedule as mg_schedule
+from pallas_kernels.gpu.mosaic_gpu import tables as mg_tables
 
 
 @st.composite
@@ -63,16 +66,16 @@ def test_mma_masks_where_narrow():
   mask = masks.neighborhood((32, 32), (7, 7))
   plan = gathered(make_plan(mask, TiledLayout((32, 32), (1, 1), (8, 16)),
                             TiledLayout((32, 32), (1, 1), (8, 8))))
-  onehot, tables, ids = mg._mma_inputs(plan, 0.125)
+  onehot, tables, ids = mg_tables._mma_inputs(plan, 0.125)
   assert onehot.shape == (128, 32) and tables.shape[1:] == (32, 64)
   np.testing.assert_array_equal(np.asarray(onehot, np.float32).sum(1), 2)
   assert ids.shape == plan.block_map.kv_ids.shape
   wide = gathered(make_plan(mask, TiledLayout((32, 32), (1, 1), (2, 64)),
                             TiledLayout((32, 32), (1, 1), (8, 8))))
-  assert mg._mma_inputs(wide, 0.125) is None  # 2 + 64 columns
+  assert mg_tables._mma_inputs(wide, 0.125) is None  # 2 + 64 columns
   seq = make_plan(masks.causal(), jsa.layout.SequenceLayout(300, 128),
                   jsa.layout.SequenceLayout(300, 64))
-  assert mg._mma_inputs(seq, 0.125) is None
+  assert mg_tables._mma_inputs(seq, 0.125) is None
 
 
 @pytest.mark.parametrize("mask, sq, skv", [("causal", 200, 200), ("masked_rows", 150, 150),
@@ -107,18 +110,18 @@ def test_schedules_agree():
 
 def test_order_is_longest_first_and_stable():
   counts = np.array([3, 5, 5, 1, 5, 0])
-  np.testing.assert_array_equal(mg._order(counts, True), [1, 2, 4, 0, 3, 5])
-  np.testing.assert_array_equal(mg._order(jnp.asarray(counts), True), [1, 2, 4, 0, 3, 5])
-  np.testing.assert_array_equal(mg._order(counts, False), np.arange(6))
+  np.testing.assert_array_equal(mg_schedule._order(counts, True), [1, 2, 4, 0, 3, 5])
+  np.testing.assert_array_equal(mg_schedule._order(jnp.asarray(counts), True), [1, 2, 4, 0, 3, 5])
+  np.testing.assert_array_equal(mg_schedule._order(counts, False), np.arange(6))
 
 
 def test_persistent_where_rows_are_even_or_short():
-  assert mg._persistent_default(np.full(40, 15))  # 2-D NA interior, dense
-  assert mg._persistent_default(np.minimum(np.arange(1, 257), 17))  # sliding window
-  assert mg._persistent_default(np.array([4, 6, 8, 8, 8]))  # short rows
-  assert not mg._persistent_default(np.arange(1, 129))  # causal
-  assert not mg._persistent_default(np.array([16, 30, 45, 30, 16, 24]))  # 3-D borders
-  assert not mg._persistent_default(jnp.full(40, 15))  # known at run time only
+  assert mg_schedule._persistent_default(np.full(40, 15))  # 2-D NA interior, dense
+  assert mg_schedule._persistent_default(np.minimum(np.arange(1, 257), 17))  # sliding window
+  assert mg_schedule._persistent_default(np.array([4, 6, 8, 8, 8]))  # short rows
+  assert not mg_schedule._persistent_default(np.arange(1, 129))  # causal
+  assert not mg_schedule._persistent_default(np.array([16, 30, 45, 30, 16, 24]))  # 3-D borders
+  assert not mg_schedule._persistent_default(jnp.full(40, 15))  # known at run time only
 
 
 @pytest.mark.parametrize("hopper, kwargs, want", [
@@ -154,7 +157,7 @@ def test_head_dim_128(block_kv, stages):
   """With 128-token KV blocks the unfused form has room for one Q buffer only: 3 programs
   over 6 work items reuse it."""
   if block_kv == 128:
-    assert mg._smem_bytes(128, 128, stages, 2, False, q_bufs=2) > mg._SMEM_LIMIT
+    assert mg_schedule._smem_bytes(128, 128, stages, 2, False, q_bufs=2) > mg_schedule._SMEM_LIMIT
   p = dict(batch=1, sq=300, skv=300, heads=2, kv_heads=1, head_dim=128, mask="window",
            segments=False, dtype=jnp.float16, seed=block_kv + stages)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, block_kv=block_kv,
@@ -168,21 +171,21 @@ def test_tiles_are_boxes_or_permuted():
   mask = masks.neighborhood((32, 32), (7, 7))
   box = gathered(make_plan(mask, TiledLayout((32, 32), (1, 1), (8, 16)),
                            TiledLayout((32, 32), (1, 1), (8, 8))))
-  assert mg._box_layout(box.q_layout) and mg._box_layout(box.kv_layout)
-  assert not mg._box_layout(TiledLayout((32, 32), (1, 1), (32, 4)))
-  assert not mg._box_layout(TiledLayout((32, 32), (2, 1), (8, 16)))
-  assert not mg._box_layout(TiledLayout((32, 30), (1, 1), (8, 16)))  # 30 % 8
+  assert mg_boxes._box_layout(box.q_layout) and mg_boxes._box_layout(box.kv_layout)
+  assert not mg_boxes._box_layout(TiledLayout((32, 32), (1, 1), (32, 4)))
+  assert not mg_boxes._box_layout(TiledLayout((32, 32), (2, 1), (8, 16)))
+  assert not mg_boxes._box_layout(TiledLayout((32, 30), (1, 1), (8, 16)))  # 30 % 8
   # A tile whose 64-row half would be narrower than 8 tokens: (2, 64) -> (1, 64) is fine,
   # (16, 8) -> (8, 8) is fine, (128, 1) is not.
-  assert mg._box_layout(TiledLayout((32, 128), (1, 1), (2, 64)))
-  assert not mg._box_layout(TiledLayout((256, 4), (1, 1), (128, 1)))
+  assert mg_boxes._box_layout(TiledLayout((32, 128), (1, 1), (2, 64)))
+  assert not mg_boxes._box_layout(TiledLayout((256, 4), (1, 1), (128, 1)))
   # Only the last dim may end in a partial tile (a real TMA dim, clipped); a row past the
   # end of a leading dim would be stored into the next batch or leading index.
-  assert mg._box_layout(TiledLayout((32, 40), (1, 1), (8, 16)))  # 40 % 16: last dim
-  assert not mg._box_layout(TiledLayout((100, 96), (1, 1), (16, 8)))  # 100 % 16
-  assert not mg._box_layout(TiledLayout((9, 22, 24), (1, 1, 1), (2, 8, 8)))
-  assert not mg._box_layout(TiledLayout((9, 24, 24), (1, 1, 1), (2, 4, 8)))  # 9 % 2
-  assert mg._box_layout(TiledLayout((8, 24, 24), (1, 1, 1), (4, 4, 8)))
+  assert mg_boxes._box_layout(TiledLayout((32, 40), (1, 1), (8, 16)))  # 40 % 16: last dim
+  assert not mg_boxes._box_layout(TiledLayout((100, 96), (1, 1), (16, 8)))  # 100 % 16
+  assert not mg_boxes._box_layout(TiledLayout((9, 22, 24), (1, 1, 1), (2, 8, 8)))
+  assert not mg_boxes._box_layout(TiledLayout((9, 24, 24), (1, 1, 1), (2, 4, 8)))  # 9 % 2
+  assert mg_boxes._box_layout(TiledLayout((8, 24, 24), (1, 1, 1), (4, 4, 8)))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -225,23 +228,23 @@ def test_box_groups():
   is not a multiple of 8 keep their per-row copies. The tile choice counts the copies: on
   perfectly block-sparse 3-D (stride = kernel) it keeps the 4x4x8 box over 2x4x16 tiles
   (8 row copies), which it preferred before box copies existed."""
-  assert mg._box_groups((4, 4, 8)) == (4, 4)
-  assert mg._box_groups((8, 16)) == (8, 2)
-  assert mg._box_groups((2, 4, 8)) == (2, 4)
-  assert mg._box_groups((16, 8)) == (16,)
-  assert mg._box_groups((1, 1, 128)) == (16,)
-  assert mg._box_groups((1, 8, 8)) == (8,)
-  assert mg._box_groups((2, 4, 16)) is None  # 3 dims wider than 1: over the TMA's 5
-  assert mg._box_groups((128,)) is None
-  assert mg._box_groups((16, 4)) is None
-  assert mg._tma_copies((4, 4, 8)) == 2 and mg._tma_copies((2, 4, 16)) == 8
+  assert mg_boxes._box_groups((4, 4, 8)) == (4, 4)
+  assert mg_boxes._box_groups((8, 16)) == (8, 2)
+  assert mg_boxes._box_groups((2, 4, 8)) == (2, 4)
+  assert mg_boxes._box_groups((16, 8)) == (16,)
+  assert mg_boxes._box_groups((1, 1, 128)) == (16,)
+  assert mg_boxes._box_groups((1, 8, 8)) == (8,)
+  assert mg_boxes._box_groups((2, 4, 16)) is None  # 3 dims wider than 1: over the TMA's 5
+  assert mg_boxes._box_groups((128,)) is None
+  assert mg_boxes._box_groups((16, 4)) is None
+  assert mg_cost._tma_copies((4, 4, 8)) == 2 and mg_cost._tma_copies((2, 4, 16)) == 8
   na = masks.neighborhood((16, 64, 64), (8, 16, 16), (8, 16, 16))
-  qt, kt = mg.auto_tiles(na, 128, 128)
-  assert mg._box_groups(kt) is not None and math.prod(kt) == 128
+  qt, kt = mg_cost.auto_tiles(na, 128, 128)
+  assert mg_boxes._box_groups(kt) is not None and math.prod(kt) == 128
   # The box view is a reshape of the caller's [batch, *spatial, heads, d] array.
   x = jnp.arange(2 * 4 * 16 * 3 * 128, dtype=jnp.float32).reshape(2, 4 * 16, 3, 128)
-  boxes = mg._Boxes((4, 16), (2, 8), (2, 2))
-  view = mg._box_view(x, boxes)
+  boxes = mg_boxes._Boxes((4, 16), (2, 8), (2, 2))
+  view = mg_boxes._box_view(x, boxes)
   assert view.shape == (2, 4, 2, 8, 3, 2, 64)
   assert float(view[1, 3, 1, 5, 2, 1, 7]) == float(x[1, 3 * 16 + 13, 2, 71])
 
@@ -253,11 +256,11 @@ def test_tile_choice_prices_the_permutation():
   from jax_sparse_attn.simulate import visited_blocks
   for spatial, kernel in [((60, 64), (13, 13)), ((100, 96), (33, 17)), ((9, 22, 24), (4, 7, 7))]:
     mask = masks.neighborhood(spatial, kernel)
-    qt, kt = mg.auto_tiles(mask, 128, 128)
+    qt, kt = mg_cost.auto_tiles(mask, 128, 128)
     assert math.prod(qt) == 128 and math.prod(kt) in (64, 128)
     ones = (1,) * len(spatial)
-    box = (mg._box_layout(TiledLayout(spatial, ones, qt))
-           and mg._box_layout(TiledLayout(spatial, ones, kt)))
+    box = (mg_boxes._box_layout(TiledLayout(spatial, ones, qt))
+           and mg_boxes._box_layout(TiledLayout(spatial, ones, kt)))
     if spatial == (60, 64):  # (16, 8) would permute; a box tile wins
       assert box and visited_blocks(mask, qt, kt)[0] > 0
 
@@ -275,7 +278,7 @@ def test_split_lists_are_the_half_tiles_maps():
   block's table and table 0 (all zeros: no bias) on full ones; shared blocks come first,
   then pairs (two loads), then the longer list's leftovers; loads cover the tile's map."""
   plan = _split_plan((37, 21), (9, 5))  # odd sizes: padded half tiles at the borders
-  onehot, tables, loads, counts = mg._split_inputs(plan, 0.125)
+  onehot, tables, loads, counts = mg_tables._split_inputs(plan, 0.125)
   assert onehot.shape == (128, 16) and tables.shape[1:] == (16, 64)
   assert not np.asarray(tables[0], np.float32).any()
   assert (counts[:, 5] > 0).any() and (counts[:, 2] != counts[:, 3]).any()  # pairs, leftovers
@@ -320,29 +323,29 @@ def test_split_where_it_pays():
   """Per-warpgroup lists by default where they skip >= ~20% of the work (2-D stride k/2),
   not for dense windows (2-D NA k=33: 13%); the tile choice models both (`auto_tiles`)."""
   strided = _split_plan((64, 64), (16, 16), (8, 8), q_tile=(16, 8), kv_tile=(4, 16))
-  assert mg._split_pays(strided.block_map, mg._split_inputs(strided, 0.125)[3])
+  assert mg_cost._split_pays(strided.block_map, mg_tables._split_inputs(strided, 0.125)[3])
   window = _split_plan((64, 64), (33, 33))
-  assert not mg._split_pays(window.block_map, mg._split_inputs(window, 0.125)[3])
+  assert not mg_cost._split_pays(window.block_map, mg_tables._split_inputs(window, 0.125)[3])
   # The forward's decision (`split_lists`): by default where it pays, forced or refused by
   # the config.
-  assert mg.split_lists(strided, 0.125) is not None
-  assert mg.split_lists(window, 0.125) is None
-  assert mg.split_lists(window, 0.125, MosaicGPUConfig(split=True)) is not None
-  assert mg.split_lists(strided, 0.125, MosaicGPUConfig(split=False)) is None
-  assert mg.split_lists(strided, 0.125, MosaicGPUConfig(mask_mma=False)) is None
+  assert mg_cost.split_lists(strided, 0.125) is not None
+  assert mg_cost.split_lists(window, 0.125) is None
+  assert mg_cost.split_lists(window, 0.125, MosaicGPUConfig(split=True)) is not None
+  assert mg_cost.split_lists(strided, 0.125, MosaicGPUConfig(split=False)) is None
+  assert mg_cost.split_lists(strided, 0.125, MosaicGPUConfig(mask_mma=False)) is None
   na = lambda *a: masks.neighborhood(*a, 1, False)
   # Stride k/2 now takes window-anchored boxes (`test_window_boxes_bounds`).
-  assert mg.auto_tiles(na((128, 128), (16, 16), (8, 8)), 128, 128) == ((8, 16), (16, 8))
-  assert mg.auto_tiles(na((128, 128), (33, 33), 1), 128, 128) == ((8, 16), (8, 16))
-  assert mg.tile_costs(na((128, 128), (16, 16), (8, 8)), (16, 8), (4, 16))["split"] < (
-      mg.tile_costs(na((128, 128), (16, 16), (8, 8)), (16, 8), (4, 16))["grid"])
+  assert mg_cost.auto_tiles(na((128, 128), (16, 16), (8, 8)), 128, 128) == ((8, 16), (16, 8))
+  assert mg_cost.auto_tiles(na((128, 128), (33, 33), 1), 128, 128) == ((8, 16), (8, 16))
+  assert mg_cost.tile_costs(na((128, 128), (16, 16), (8, 8)), (16, 8), (4, 16))["split"] < (
+      mg_cost.tile_costs(na((128, 128), (16, 16), (8, 8)), (16, 8), (4, 16))["grid"])
   for a in (((16, 64, 64), (8, 16, 16), 1), ((30, 17), (5, 5), 1)):  # boxes: rows of 8k
-    qt, kt = mg.auto_tiles(na(*a), 128, 128)
-    assert qt[-1] % 8 == 0 and mg._half_tile(qt)[0][-1] % 8 == 0 and kt[-1] % 8 == 0
+    qt, kt = mg_cost.auto_tiles(na(*a), 128, 128)
+    assert qt[-1] % 8 == 0 and mg_boxes._half_tile(qt)[0][-1] % 8 == 0 and kt[-1] % 8 == 0
   # No split: 1-D sequences, runtime maps, and one-hot columns of the half tile > 16.
-  assert mg._split_inputs(make_plan(masks.causal(), jsa.layout.SequenceLayout(300, 128),
+  assert mg_tables._split_inputs(make_plan(masks.causal(), jsa.layout.SequenceLayout(300, 128),
                                     jsa.layout.SequenceLayout(300, 64)), 0.125) is None
-  assert mg._split_inputs(_split_plan((64, 64), (7, 7), q_tile=(4, 32), kv_tile=(4, 16)),
+  assert mg_tables._split_inputs(_split_plan((64, 64), (7, 7), q_tile=(4, 32), kv_tile=(4, 16)),
                           0.125) is None  # half (2, 32): 34 columns
 
 
@@ -414,7 +417,7 @@ def test_window_boxes_count_every_pair_once(data):
   stride = tuple(data.draw(st.integers(1, k)) for k in kernel)
   causal = tuple(data.draw(st.booleans()) for _ in spatial)
   plan = _window_plan(spatial, kernel, stride, causal, q_tile, kv_tile)
-  built = mg._window_inputs(plan, 0.125)
+  built = mg_tables._window_inputs(plan, 0.125)
   assert built is not None
   origins, counts, onehot, tables, table_ids = built
   bias = np.asarray(onehot, np.float32)
@@ -460,22 +463,22 @@ def test_window_boxes_bounds():
                         kv_tile_shape=(4, 4, 8))
   assert r.window_speedup_bound == pytest.approx(32.0) and r.block_speedup_bound < 19
   assert simulate((64, 64), 7, dilation=2).window_speedup_bound is None
-  assert mg.auto_tiles(mask, 128, 128) == ((4, 4, 8), (4, 4, 8))
-  assert mg.window_pays(mask, (4, 4, 8), (4, 4, 8))
+  assert mg_cost.auto_tiles(mask, 128, 128) == ((4, 4, 8), (4, 4, 8))
+  assert mg_cost.window_pays(mask, (4, 4, 8), (4, 4, 8))
   na = masks.neighborhood((128, 128), (33, 33))
-  assert not mg.window_pays(na, (8, 16), (8, 16))  # a dense window is on the grid already
+  assert not mg_cost.window_pays(na, (8, 16), (8, 16))  # a dense window is on the grid already
   plan = gathered(make_plan(mask, TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8)),
                             TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8))), True)
-  origins, counts, *_ = mg.window_lists(plan, 0.125)
+  origins, counts, *_ = mg_cost.window_lists(plan, 0.125)
   assert np.all(counts == 16)  # 8x16x16 window / 4x4x8 boxes, all full
-  assert mg.window_lists(plan, 0.125, MosaicGPUConfig(kv_windows=False)) is None
-  assert mg.window_lists(plan, 0.125, MosaicGPUConfig(split=True)) is None
+  assert mg_cost.window_lists(plan, 0.125, MosaicGPUConfig(kv_windows=False)) is None
+  assert mg_cost.window_lists(plan, 0.125, MosaicGPUConfig(split=True)) is None
   na_plan = _window_plan((128, 128), (33, 33), q_tile=(8, 16), kv_tile=(8, 16))
-  assert mg.window_lists(na_plan, 0.125) is None
-  assert mg.window_lists(na_plan, 0.125, MosaicGPUConfig(kv_windows=True)) is not None
+  assert mg_cost.window_lists(na_plan, 0.125) is None
+  assert mg_cost.window_lists(na_plan, 0.125, MosaicGPUConfig(kv_windows=True)) is not None
   # Odd kernels put windows off the grid too: 2-D k9 with (8, 16) tiles visits fewer boxes.
-  assert mg.window_pays(masks.neighborhood((32, 32), 9), (8, 16), (8, 16))
-  assert mg._window_inputs(gathered(make_plan(
+  assert mg_cost.window_pays(masks.neighborhood((32, 32), 9), (8, 16), (8, 16))
+  assert mg_tables._window_inputs(gathered(make_plan(
       masks.neighborhood((32, 32), 5, 1, 2), TiledLayout((32, 32), (2, 2), (8, 16)),
       TiledLayout((32, 32), (2, 2), (8, 16))), True), 0.125) is None  # dilation
 

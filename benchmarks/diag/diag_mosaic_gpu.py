@@ -19,7 +19,8 @@ from benchmarks.bench_gpu import (check_case, fwd_bwd, header, inputs, record, r
                                   write_results)
 from jax_sparse_attn import masks, simulate
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_fwd as mg
+from pallas_kernels.gpu.mosaic_gpu import boxes as mg_boxes
+from pallas_kernels.gpu.mosaic_gpu import cost as mg_cost
 
 H, D = 16, 128
 
@@ -243,9 +244,9 @@ def window_timings(dtype, iters):
            f"s{stride} B={b}")
     q, k, v, do = inputs((b,) + spatial + (h, D), (b,) + spatial + (h, D), dtype)
     mask = masks.neighborhood(spatial, kern, stride)
-    qt, kt = mg.auto_tiles(mask, 128, 128)
+    qt, kt = mg_cost.auto_tiles(mask, 128, 128)
     r = sim(spatial, kern, stride, qt, kt)
-    windows = mg.window_pays(mask, qt, kt)
+    windows = mg_cost.window_pays(mask, qt, kt)
     perf(tag, lambda q, k, v: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu"), q, k, v,
          do, iters, with_bwd=True, impl="mosaic_gpu", variant="defaults", q_tile=qt,
          kv_tile=kt, kv_windows=windows,
@@ -268,7 +269,7 @@ def window_timings(dtype, iters):
 
 
 def bound(spatial, kern, stride, qt, kt, split):
-  q = mg._half_tile(qt)[0] if split else qt
+  q = mg_boxes._half_tile(qt)[0] if split else qt
   return simulate(spatial, kern, stride, q_tile_shape=q, kv_tile_shape=kt).block_speedup_bound
 
 
@@ -325,7 +326,7 @@ def rows(dtype, iters):
     tag = f"na3d 16x64x64 k8x16x16 s{stride} B=1"
     for qt, kt in tiles:
       for box in (True, False):
-        if box and mg._box_groups(kt) is None:
+        if box and mg_boxes._box_groups(kt) is None:
           continue
         f = lambda q, k, v, qt=qt, kt=kt, box=box: jsa.na(
             q, k, v, kern, stride, backend="mosaic_gpu", q_tile_shape=qt, kv_tile_shape=kt,

@@ -18,7 +18,8 @@ import math
 import re
 import sys
 
-from pallas_kernels.gpu.mosaic_gpu import attention_fwd as mg
+from pallas_kernels.gpu.mosaic_gpu import boxes as mg_boxes
+from pallas_kernels.gpu.mosaic_gpu import cost as mg_cost
 
 
 def points(results):
@@ -53,7 +54,7 @@ def _splits(mask, qt, kt) -> bool:
   ones = (1,) * len(qt)
   plan = gathered(make_plan(mask, TiledLayout(mask.spatial_shape, ones, qt),
                             TiledLayout(mask.spatial_shape, ones, kt)))
-  return mg.split_lists(plan, 1.0) is not None
+  return mg_cost.split_lists(plan, 1.0) is not None
 
 
 def diag_points(results, baselines, impl_name: str):
@@ -83,9 +84,9 @@ def diag_points(results, baselines, impl_name: str):
       continue
     mask = masks.neighborhood(spatial, kernel, stride)
     qt, kt = ops.auto_tiles(impl, mask, bq, bk)
-    windows = impl_name == "mosaic_gpu" and mg.window_pays(mask, qt, kt)
+    windows = impl_name == "mosaic_gpu" and mg_cost.window_pays(mask, qt, kt)
     if impl_name == "mosaic_gpu" and not windows and _splits(mask, qt, kt):
-      qt = mg._half_tile(qt)[0]  # 64-row query granularity
+      qt = mg_boxes._half_tile(qt)[0]  # 64-row query granularity
     sim = simulate(spatial, kernel, stride, q_tile_shape=qt, kv_tile_shape=kt)
     bound = sim.window_speedup_bound if windows else sim.block_speedup_bound
     out.append((r["case"] + (" (window boxes)" if windows else ""), bound, base / r["fwd_ms"]))

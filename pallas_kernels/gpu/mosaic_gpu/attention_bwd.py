@@ -52,6 +52,8 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
 from . import attention_fwd as fwd
+from .boxes import caller_order, kernel_order
+from .config import _config, _padded_head_dim, unsupported
 
 LOG2E = math.log2(math.e)
 _ROWS = 64  # rows per warpgroup: KV rows owned, Q rows per step
@@ -371,7 +373,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
   Triton kernels). `block_map`: a runtime map (`block_map.from_selection`), whose work items
   are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows)."""
-  cfg = fwd._config(config)
+  cfg = _config(config)
   runtime = block_map is not None
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made with
   # other blocks (attention(..., block_kv=64)).
@@ -381,18 +383,18 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                                      scale, cfg.triton, interpret,
                                      **({"block_map": block_map} if runtime else {}))
   b, sq, h, d = q.shape
-  why = fwd.unsupported(plan, d, q.dtype, q_seg is not None, scale)
+  why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
     raise ValueError(f"backend='mosaic_gpu' backward does not support {why}")
   if plan.gathered:  # kernel order (the forward's TMA boxes are not needed here)
     ql, kl = plan.q_layout, plan.kv_layout
-    rows = lambda x: fwd.kernel_order(x.transpose(0, 2, 1), ql).transpose(0, 2, 1)
+    rows = lambda x: kernel_order(x.transpose(0, 2, 1), ql).transpose(0, 2, 1)
     dq, dk, dv = backward(
-        fwd.kernel_order(q, ql), fwd.kernel_order(k, kl), fwd.kernel_order(v, kl), q_seg, kv_seg,
-        fwd.kernel_order(out, ql), rows(lse), fwd.kernel_order(d_out, ql), rows(d_lse),
+        kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg, kv_seg,
+        kernel_order(out, ql), rows(lse), kernel_order(d_out, ql), rows(d_lse),
         gathered(plan, False), scale, cfg, interpret)
-    return fwd.caller_order(dq, ql), fwd.caller_order(dk, kl), fwd.caller_order(dv, kl)
-  dpad = fwd._padded_head_dim(d)
+    return caller_order(dq, ql), caller_order(dk, kl), caller_order(dv, kl)
+  dpad = _padded_head_dim(d)
   if cfg.backward_dq == "split" and dpad != 128:
     raise ValueError(f"MosaicGPUConfig.backward_dq='split' needs a head_dim padded to 128 "
                      f"(65..128), got head_dim {d}: use 'own' or None")

@@ -1,0 +1,189 @@
+"""The Hopper backend's config (`MosaicGPUConfig`), default blocks, and what it supports
+(`unsupported`: why a plan cannot run; `supports`: whether `backend="auto"` may pick it)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jax_sparse_attn import masks
+from jax_sparse_attn.plan import AttentionPlan
+
+from .. import triton_attention
+
+
+_ROWS = 64  # query rows per compute warpgroup (one wgmma M)
+_COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+  """``stages``: K/V shared-memory slots (TMA pipeline depth; None: 2 slots of 128 keys, or
+  as many slots of 64 keys as fit, up to 4). ``triton``: the config of the Triton kernels
+  where they run the backward (``backward``)."""
+  stages: int | None = None
+  # The GPU form (FlashAttention-3): P stays in registers as the P·V wgmma's A operand and
+  # the product accumulates into the running output. The other form, for interpret mode
+  # (which has neither register operands nor `run_state` over accumulators): P goes through
+  # shared memory into a fresh accumulator, added afterwards. None: GPU form unless
+  # interpreting.
+  fused_pv: bool | None = None
+  # Neighborhood masks as an MMA bias read from host tables (as the Triton kernels do) where
+  # the one-hot is <= 32 columns; False: the per-element interval test.
+  mask_mma: bool = True
+  # Persistent kernel: one program per SM looping over a static share of the work items
+  # (q block, head, batch), so the next item's Q and K/V loads overlap this item's last
+  # steps and its output store. Else one program per item, balanced by the hardware
+  # scheduler. None: `_persistent_default` of the block map.
+  persistent: bool | None = None
+  programs: int | None = None  # persistent programs; None: the GPU's SM count
+  # Visit q blocks with the most KV blocks first (causal rows, window edges), so the short
+  # ones fill the tail.
+  longest_first: bool = True
+  # Per-warpgroup KV lists (`_split_inputs`): each compute warpgroup visits only the KV
+  # blocks its own 64 query rows need, while the memory warpgroup loads their union once.
+  # Neighborhood masks with MMA-bias tables; elsewhere the option has no effect. None: with
+  # 64-token KV blocks where the block maps say it skips enough work (`_split_pays`).
+  split: bool | None = None
+  # K/V tiles as TMA boxes: one copy per 64 columns of head_dim instead of one per row of
+  # the tile's last dim (16 copies of a 4x4x8 tile's K, 8 of an 8x16 tile's), with the
+  # slots and the output accumulator split by those 64 columns (`_box_groups`). None or True:
+  # wherever the tile allows it with the fused P·V form; True also in interpret mode where
+  # that form runs (the default interpret form, unfused, and interpret mode's lack of
+  # reshaped shared-memory refs keep row copies there). False: row copies.
+  box_copies: bool | None = None
+  # KV boxes anchored at each query tile's window (`_window_inputs`) instead of a fixed grid
+  # of KV tiles: the TMA copies boxes at any offset, so a strided window that starts off the
+  # grid (NATTEN centres it on its stride group) is loaded as whole boxes, e.g. every block
+  # of 3-D stride k/2 full. Neighborhood masks with MMA-bias tables and one KV list per tile
+  # (not with `split`); on the GPU only with box copies. None: where the cost model says
+  # they cost less than the grid (`window_pays`).
+  kv_windows: bool | None = None
+  # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
+  # `attention_bwd_dq.py`), "triton" (the Triton kernels, with `triton`'s config), None: by
+  # the plan (`attention_bwd.picks_mosaic`: 1-D masks here, neighborhoods on Triton).
+  backward: str | None = None
+  # How the backward forms dQ: "kernel" (its own kernel over the forward map, no reductions;
+  # plans with 128-row Q blocks), or reduce-added in float32 by the dK/dV kernel: "split"
+  # (the warpgroups take 64 columns each from both halves of dSᵀ, meeting once per step;
+  # head_dim 128 only), "own" (each its own key rows' share, all columns, twice the
+  # reduce-adds). None: "kernel" where the plan allows it, else "split" where it applies.
+  backward_dq: str | None = None
+  # The backward's warpgroups alternate (FlashAttention-3's ping-pong, as the forward of jax's
+  # attention_mgpu example): one's softmax/dS while the other's matmuls run, through a
+  # schedule barrier. Needs the "own" dQ form (with "split" they meet every step); an
+  # experiment, off by default. Not in interpret mode (there the warpgroups meet per step).
+  backward_pingpong: bool = False
+  triton: triton_attention.TritonConfig | None = None
+
+
+def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
+  # H100, bf16 (docs/experiments/h100-2026-11-23-mgpu-*.json): 128-token KV blocks beat 64
+  # for dense (7.80 vs 9.01 ms at S=16384), the sliding window (0.98 vs 1.14 ms) and 2-D NA
+  # (8x16 KV tiles: 1.09 vs 1.27 ms), and tie in 3-D.
+  return 2 * _ROWS, 128
+
+
+def default_backward_map_blocks(head_dim: int, dtype, config):
+  """The backward's (query, key) blocks for neighborhoods (1-D masks keep the forward's
+  plan): the Mosaic GPU backward's 128 and 128 (`MosaicGPUConfig.backward="mosaic_gpu"`: its
+  CTA owns 128 keys), else the Triton backward's (`attention_bwd.picks_mosaic`)."""
+  if isinstance(config, MosaicGPUConfig) and config.backward == "mosaic_gpu":
+    return 2 * _ROWS, 2 * _ROWS
+  tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
+  return triton_attention.default_backward_map_blocks(head_dim, dtype, tconf)
+
+
+def _config(config) -> MosaicGPUConfig:
+  if config is None:
+    return MosaicGPUConfig()
+  if not isinstance(config, MosaicGPUConfig):
+    raise ValueError("config for backend='mosaic_gpu' must be a MosaicGPUConfig, got "
+                     f"{type(config).__name__}")
+  if config.stages is not None and config.stages < 2:
+    raise ValueError(f"MosaicGPUConfig.stages must be >= 2, got {config.stages}")
+  for name in ("persistent", "split", "box_copies", "kv_windows"):
+    if not (getattr(config, name) is None or isinstance(getattr(config, name), bool)):
+      raise ValueError(f"MosaicGPUConfig.{name} must be True, False or None, got "
+                       f"{getattr(config, name)!r}")
+  if config.backward not in (None, "mosaic_gpu", "triton"):
+    raise ValueError("MosaicGPUConfig.backward must be 'mosaic_gpu', 'triton' or None, got "
+                     f"{config.backward!r}")
+  if config.backward_dq not in (None, "split", "own", "kernel"):
+    raise ValueError("MosaicGPUConfig.backward_dq must be 'split', 'own', 'kernel' or None, "
+                     f"got {config.backward_dq!r}")
+  if not isinstance(config.backward_pingpong, bool):
+    raise ValueError(f"MosaicGPUConfig.backward_pingpong must be True or False, got "
+                     f"{config.backward_pingpong!r}")
+  if config.backward_pingpong and config.backward_dq == "split":
+    raise ValueError("MosaicGPUConfig.backward_pingpong needs backward_dq='own' (with 'split' "
+                     "the warpgroups meet every step)")
+  if config.programs is not None and config.programs < 1:
+    raise ValueError(f"MosaicGPUConfig.programs must be >= 1, got {config.programs}")
+  if config.triton is not None and not isinstance(config.triton, triton_attention.TritonConfig):
+    raise ValueError("MosaicGPUConfig.triton must be a TritonConfig or None, got "
+                     f"{type(config.triton).__name__}")
+  return config
+
+
+def is_hopper() -> bool:
+  """Whether the default GPU is a Hopper (sm_90) GPU."""
+  try:
+    dev = jax.devices("gpu")[0]
+  except RuntimeError:
+    return False
+  cc = getattr(dev, "compute_capability", None)
+  if cc is not None:
+    return str(cc).split(".")[0] == "9"
+  return any(n in getattr(dev, "device_kind", "") for n in ("H100", "H200", "H800", "H20"))
+
+
+def _padded_head_dim(d: int) -> int | None:
+  return 64 if d <= 64 else 128 if d <= 128 else None
+
+
+def _why_not(dtype, head_dim: int, has_segments: bool, interval: bool, scale: float,
+             block_q: int, block_kv: int) -> str | None:
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name} (bfloat16 or float16 only)"
+  if _padded_head_dim(head_dim) is None:
+    return f"head_dim {head_dim} (at most 128)"
+  if scale <= 0:
+    return f"scale {scale} (must be positive)"
+  if block_q != 2 * _ROWS:
+    return f"block_q {block_q} (must be {2 * _ROWS})"
+  if block_kv not in (64, 128):
+    return f"block_kv {block_kv} (64 or 128)"
+  return None
+
+
+def unsupported(plan: AttentionPlan, head_dim: int, dtype, has_segments: bool,
+                scale: float) -> str | None:
+  """Why this backend cannot run `plan` (None if it can)."""
+  return _why_not(dtype, head_dim, has_segments, plan.mask_fn is None, scale, plan.block_q,
+                  plan.block_kv)
+
+
+_MIN_AUTO_HEAD_DIM = 32  # `supports`: auto picks this backend only above it
+
+
+def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, config,
+             scale) -> bool:
+  """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
+  `unsupported`'s conditions on the call's facts (None: the defaults), no Triton-only
+  config, and head_dim > 32: padded to 64 columns, a head_dim of 32 runs slower than on
+  the Triton kernels (H100, the NAT model's shapes, 8x128x128x4x32 k13: 0.41 vs 0.33 ms
+  forward, 1.20 vs 1.13 ms with the backward; docs/experiments/h100-2026-11-23-nat-backends.jsonl)."""
+  if config is not None and not isinstance(config, MosaicGPUConfig):
+    return False
+  if head_dim <= _MIN_AUTO_HEAD_DIM:
+    return False
+  if has_segments and isinstance(mask, masks.Neighborhood):
+    # Padding masks / segment ids on a neighborhood: element tests on every block, and a
+    # permuted copy; the Triton kernels run them faster (H200, 96x96 k17 B2 H16: 0.46 vs
+    # 0.73 ms forward; results/h200-2026-11-29-na-extras.json).
+    return False
+  return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
+                  1.0 if scale is None else scale, block_q or 2 * _ROWS,
+                  block_kv or default_map_blocks(head_dim, dtype)[1]) is None

@@ -1,0 +1,148 @@
+"""The Hopper forward's tile cost model: which KV scheme (grid tiles, per-warpgroup lists,
+window-anchored boxes) and which tiles a neighborhood runs with (`tile_costs`, `auto_tiles`),
+fitted on the H100 (docs/performance.md)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from jax_sparse_attn import masks
+from jax_sparse_attn.layout import TiledLayout
+from jax_sparse_attn.plan import AttentionPlan
+
+from .. import mma_masks
+from .config import _ROWS, _config
+from .boxes import _box_groups, _box_layout, _half_tile, _window_groups
+from .tables import _SPLIT_MAX_WIDTH, _split_inputs, _window_inputs
+
+# Cost of a 64x64 unit of work (one warpgroup's step over 64 keys) relative to 128-key
+# blocks with one list per 128-row tile, fitted on the H100 (bf16, D=128, 2-D/3-D NA and
+# their stride k/2 forms; docs/experiments/h100-2026-11-23-split.json): 64-key blocks cost
+# ~1.09-1.22x per unit; per-warpgroup lists another ~1.1-1.2x (their extra loads: a step
+# may bring two KV tiles, and the MMA bias runs on full blocks too). So per-warpgroup lists
+# pay only where they skip >= ~20% of the work: short strided rows, not dense windows.
+_KV64_COST = 1.15
+_SPLIT_COST = 1.38
+# Each TMA copy of a KV tile (for K and for V) costs the memory warpgroup time the step
+# waits on: perfectly block-sparse 3-D (stride = kernel, all blocks full, H100,
+# docs/experiments/h100-2026-11-23-rows.json) ran 1.99 / 1.96 ms with a copy per row of the KV tile
+# (16 rows of 8 tokens), 1.87 / 1.85 ms with 8 rows of 16, 1.75 ms as 1-D blocks (one copy):
+# ~0.9% of a 128-key step per copy, in the units above (4 per 128-key step) per copy and
+# load. Box copies (`_box_groups`) take 2 per tile (64 columns each, D = 128).
+_TMA_COPY_COST = 0.037
+
+
+# Layouts that are not TMA boxes (`_box_layout`: dilation, ragged leading dims) run on a
+# permuted copy: q, k, v in and the output out through XLA, ~0.3 ms for 2-D 128x128, B=2,
+# H=16, D=128 on the H100 (docs/experiments/h100-2026-11-23-ours.json, "token permutation only"):
+# ~0.18 units per token and head, a third of the 2-D NA forward.
+_PERMUTE_COST = 0.18
+
+
+def _tma_copies(kv_tile) -> int:
+  """TMA copies per K (or V) tile: 2 as a box (D = 128), else one per row."""
+  return 2 if _box_groups(kv_tile) is not None else math.prod(kv_tile[:-1])
+
+
+def _split_pays(bmap, split_counts) -> bool:
+  """Whether per-warpgroup lists beat one list per tile for this map (`_SPLIT_COST`)."""
+  union = 2 * int(np.sum(bmap.kv_counts))
+  per_warpgroup = int(np.sum(split_counts[:, 2]) + np.sum(split_counts[:, 3]))
+  return _SPLIT_COST * per_warpgroup < _KV64_COST * union
+
+
+def window_lists(plan: AttentionPlan, scale: float, config=None):
+  """`_window_inputs` where the forward runs window-anchored KV boxes for `plan` under
+  `config` (`MosaicGPUConfig.kv_windows`: True where they apply; None where `window_pays`),
+  else None. Not with per-warpgroup lists (``split=True``)."""
+  cfg = _config(config)
+  if not (cfg.mask_mma and cfg.kv_windows is not False and not cfg.split and plan.gathered
+          and isinstance(plan.mask, masks.Neighborhood)
+          and isinstance(plan.q_layout, TiledLayout)):
+    return None
+  if cfg.kv_windows is None and not window_pays(plan.mask, plan.q_layout.tile_shape,
+                                                plan.kv_layout.tile_shape):
+    return None
+  return _window_inputs(plan, scale)
+
+
+def split_lists(plan: AttentionPlan, scale: float, config=None):
+  """`_split_inputs` where the forward runs per-warpgroup lists for `plan` under `config`
+  (`MosaicGPUConfig.split`: True where they apply; None with 64-key KV blocks where
+  `_split_pays`), else None."""
+  cfg = _config(config)
+  if not (cfg.mask_mma and cfg.split is not False and plan.gathered
+          and (cfg.split or plan.block_kv == _ROWS)):
+    return None
+  split = _split_inputs(plan, scale)
+  if cfg.split is None and split is not None and not _split_pays(plan.block_map, split[3]):
+    return None
+  return split
+
+
+@functools.lru_cache(maxsize=4096)
+def tile_costs(mask, q_tile: tuple, kv_tile: tuple) -> dict:
+  """Modeled forward cost of a tiling per KV scheme, in 64x64 units of one warpgroup step
+  (`_SPLIT_COST`): "grid" (one KV list per query tile over grid tiles), "split"
+  (per-warpgroup lists, 64-key tiles), "window" (window-anchored boxes, `_window_inputs`),
+  each where it applies. Visited-block counts are the simulator's, partial blocks cost as
+  in its model (the MMA bias, or the element test past 32 one-hot columns), and every KV
+  load adds the cost of its TMA copies (`_TMA_COPY_COST`)."""
+  from jax_sparse_attn.simulate import (PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA,
+                                        mma_columns, visited_blocks, window_blocks)
+  kv = math.prod(kv_tile)
+  half = _half_tile(q_tile)[0]
+  mma = mma_columns(q_tile) <= mma_masks.MAX_WIDTH
+  partial_cost = PARTIAL_BLOCK_COST_MMA if mma else PARTIAL_BLOCK_COST
+  rate = 2 * kv // _ROWS * (1.0 if kv > _ROWS else _KV64_COST)
+
+  def one_list(visited, full, copies):
+    return (full + partial_cost * (visited - full)) * rate + _TMA_COPY_COST * copies * visited
+
+  visited, full = visited_blocks(mask, q_tile, kv_tile)
+  copies = _tma_copies(kv_tile)
+  costs = {"grid": one_list(visited, full, copies)}
+  if kv == _ROWS and mma_columns(half) <= _SPLIT_MAX_WIDTH:
+    costs["split"] = (visited_blocks(mask, half, kv_tile)[0] * _SPLIT_COST
+                      + _TMA_COPY_COST * copies * visited)
+  # Window boxes on the GPU take box copies (2 per tile) or do not run.
+  window = window_blocks(mask, q_tile, kv_tile) if mma and _window_groups(kv_tile) else None
+  if window is not None:
+    costs["window"] = one_list(*window, 2)
+  return costs
+
+
+def window_pays(mask, q_tile: tuple, kv_tile: tuple) -> bool:
+  """Whether window-anchored KV boxes cost less than grid tiles (`tile_costs`)."""
+  costs = tile_costs(mask, tuple(q_tile), tuple(kv_tile))
+  return "window" in costs and costs["window"] < min(v for k, v in costs.items() if k != "window")
+
+
+@functools.lru_cache(maxsize=256)
+def auto_tiles(mask, block_q: int, block_kv: int):
+  """(q tile, kv tile) for `na`'s defaults: the lowest modeled cost (`tile_costs`, over its
+  KV schemes) over 128-row query tiles that are TMA boxes (last dim, and that of the half
+  tile, a multiple of 8) and KV tiles of `block_kv` keys, or of 64 keys when `block_kv` is
+  128; tiles that are not boxes of the layout (ragged leading dims) add the permuted copy
+  (`_PERMUTE_COST`)."""
+  from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles
+  tiles = lambda n: candidate_tiles(mask, n, last_multiple=8)
+  q_cands = [t for t in tiles(block_q) if _half_tile(t)[0][-1] % 8 == 0]
+  kv_sizes = (block_kv, _ROWS) if block_kv == 2 * _ROWS else (block_kv,)
+  best, best_key = None, None
+  is_box = lambda t: _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, t))
+  for qt in q_cands if block_q == 2 * _ROWS else ():
+    q_box = is_box(qt)
+    for kv in kv_sizes:
+      for kt in tiles(kv):
+        cost = min(tile_costs(mask, qt, kt).values())
+        if not (q_box and is_box(kt)):
+          cost += _PERMUTE_COST * mask.num_tokens
+        key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
+        if best_key is None or key < best_key:
+          best, best_key = (qt, kt), key
+  if best is None:  # no box tiles: the simulator's choice (the forward permutes)
+    return best_tile_shapes(mask, block_q, block_kv, last_multiple=8)
+  return best
