@@ -377,3 +377,13 @@ def test_routed_attention_on_a_mesh():
   with pytest.raises(ValueError, match="shards batch and heads"):
     jsa.attention(q, k, v, masks.causal(), block_selection=routing.BlockSelection(ids, bs),
                   mesh=cmesh, context_axis="context")
+
+
+def test_routed_tpu_long_maps_in_chunks(monkeypatch):
+  """Runtime maps (rows per batch and head) split over blocks when they exceed the scalar
+  memory budget: two batch rows x 2 heads x (2 entries + 2) x 4 bytes = 64 bytes per block."""
+  from pallas_kernels.tpu import mosaic_attention
+  monkeypatch.setattr(mosaic_attention, "_SMEM_MAP_BUDGET", 130)
+  p = dict(batch=2, sq=300, skv=300, bs=128, kv_heads=1, heads=2, head_dim=32, mask="causal",
+           k=2, segments=True, dtype=jnp.float32, seed=8)
+  check_routed(p, "mosaic", interpret=True)

@@ -73,3 +73,22 @@ def test_block_size_rule_is_explained():
   x = jnp.ones((1, 256, 2, 64))
   with pytest.raises(ValueError, match="multiple of 128"):
     jsa.attention(x, x, x, backend="mosaic", interpret=True, block_q=64)
+
+
+def test_long_maps_run_in_chunks(monkeypatch):
+  """A block map too large for scalar memory runs as several calls over its rows (query
+  blocks for the forward and dQ, key blocks for dK/dV); the mask function sees global
+  positions in every chunk. One block's rows over the budget is a ValueError."""
+  from pallas_kernels.tpu import mosaic_attention
+  # 300 tokens: 3 blocks of 128, map rows of 3 entries (20 bytes): one row per chunk.
+  monkeypatch.setattr(mosaic_attention, "_SMEM_MAP_BUDGET", 24)
+  chunks = mosaic_attention._chunks(jnp.zeros((3, 3), jnp.int32), jnp.zeros(3, jnp.int32),
+                                    jnp.zeros(3, jnp.int32), False, "query")
+  assert [(b0, n) for b0, n, _ in chunks] == [(0, 1), (1, 1), (2, 1)]
+  p = dict(batch=1, sq=300, skv=300, heads=2, kv_heads=1, head_dim=32, mask="function",
+           segments=True, dtype=jnp.float32, seed=5)
+  backend_cases.check_attention(p, "mosaic", interpret=True)
+  monkeypatch.setattr(mosaic_attention, "_SMEM_MAP_BUDGET", 16)
+  x = jnp.ones((1, 300, 2, 32))
+  with pytest.raises(ValueError, match=r"one query block's rows of the block map take \d+ bytes"):
+    jsa.attention(x, x, x, masks.causal(), backend="mosaic", interpret=True)

@@ -134,7 +134,7 @@ def _map_row(rows, bb, hh, i):
 
 
 def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq, bk,
-                max_kv, rows=None):
+                max_kv, rows=None, block0=0):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(
       refs, spec.has_segments)
   i, j = pl.program_id(2), pl.program_id(3)
@@ -152,7 +152,8 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
     s = s * scale
     if masked:
       kv_block = ids_ref[r * max_kv + j]
-      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, i * bq, kv_block * bk, bq, bk)
+      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, (i + block0) * bq, kv_block * bk,
+                        bq, bk)
       s = jnp.where(keep, s, -jnp.inf)
     m_prev = m_sc[...]  # [bq, 128], lane-replicated
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -186,6 +187,37 @@ def _runtime_map(plan: AttentionPlan, block_map):
   return bmap, (h, bmap.num_q_blocks), (h, bmap.num_kv_blocks)
 
 
+# Scalar memory per TensorCore: 1 MiB on TPU v4 and later (16 KiB on v2/v3), jax's tpu_info.
+# The block map is scalar-prefetched whole, so a call whose map rows exceed it cannot run:
+# such calls run in chunks of map rows (blocks), each its own pallas_call. Half of the
+# capacity is left to Mosaic's other scalars (as vLLM does for its block tables).
+_SMEM_MAP_BUDGET = 512 * 1024
+
+
+def _chunks(ids, counts, full, runtime: bool, what: str):
+  """[(first block, blocks, (ids, counts, full) of those rows)] so that each chunk's
+  prefetched map fits `_SMEM_MAP_BUDGET`: one chunk for all but very long maps. Rows are
+  the map's last-but-one axis (runtime maps: [batch, heads, blocks, width])."""
+  ids, counts, full = (jnp.asarray(x) for x in (ids, counts, full))
+  n, width = ids.shape[-2], ids.shape[-1]
+  per_block = 4 * (width + 2) * (ids.shape[0] * ids.shape[1] if runtime else 1)
+  size = _SMEM_MAP_BUDGET // per_block
+  if size < 1:
+    raise ValueError(
+        f"backend='mosaic': one {what} block's rows of the block map take {per_block} bytes "
+        f"of scalar memory (width {width}"
+        + (f", {ids.shape[0]} batch x {ids.shape[1]} heads" if runtime else "")
+        + f"), over the {_SMEM_MAP_BUDGET}-byte budget: shard batch or heads over devices "
+        "(`mesh=`) or select fewer blocks")
+  out = []
+  for b0 in range(0, n, size):
+    rows = slice(b0, min(n, b0 + size))
+    cut = (lambda x: x[:, :, rows]) if runtime else (lambda x: x[rows])
+    out.append((b0, rows.stop - b0, (cut(ids).reshape(-1), cut(counts).reshape(-1),
+                                     cut(full).reshape(-1))))
+  return out
+
+
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
             block_map=None):
   """`block_map`: a runtime map (`block_map.from_selection`): rows per (batch, head, block),
@@ -198,40 +230,43 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   bmap, rows, _ = _runtime_map(plan, block_map)
   max_kv = bmap.max_kv
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
-  kv_of = lambda bb, hh, i, j, ids, *_: ids[_map_row(rows, bb, hh, i) * max_kv + j]
-  mask_arrays, mask_specs = _mask_operands(
-      plan, q_seg, kv_seg, lambda bb, hh, i, j, *_: i, kv_of, bq, bk,
-      lambda bb, *_: bb)
-  kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
-                             rows=rows)
-  out, lse = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3,
-          grid=(b, h, sq // bq, max_kv),
-          in_specs=[
-              pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
-              pl.BlockSpec((None, None, bk, d),
-                           lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0)),
-              pl.BlockSpec((None, None, bk, d),
-                           lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0)),
-          ] + mask_specs,
-          out_specs=[
-              pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
-              pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
-          ],
-          scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                          pltpu.VMEM((bq, NUM_LANES), jnp.float32),
-                          pltpu.VMEM((bq, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=_interpret(interpret),
-      name="sparse_attention_fwd_tpu",
-  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts).reshape(-1),
-    jnp.asarray(bmap.kv_full_counts).reshape(-1), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v),
-    *mask_arrays)
+  outs = []
+  for b0, n, prefetch in _chunks(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
+                                 rows is not None, "query"):
+    rows_n = None if rows is None else (rows[0], n)
+    kv_of = lambda bb, hh, i, j, ids, *_, r=rows_n: ids[_map_row(r, bb, hh, i) * max_kv + j]
+    q_of = lambda bb, hh, i, *_, b0=b0: i + b0
+    mask_arrays, mask_specs = _mask_operands(plan, q_seg, kv_seg, q_of, kv_of, bq, bk,
+                                             lambda bb, *_: bb)
+    kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
+                               rows=rows_n, block0=b0)
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
+    outs.append(pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(b, h, n, max_kv),
+            in_specs=[
+                pl.BlockSpec((None, None, bq, d),
+                             lambda bb, hh, i, j, *r: (bb, hh, q_of(bb, hh, i), 0)),
+                kv_spec, kv_spec,
+            ] + mask_specs,
+            out_specs=[
+                pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
+                pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
+            ],
+            scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                            pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                            pltpu.VMEM((bq, d), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct((b, h, n * bq, d), q.dtype),
+                   jax.ShapeDtypeStruct((b, h, n * bq, 1), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret(interpret),
+        name="sparse_attention_fwd_tpu",
+    )(*prefetch, _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), *mask_arrays))
+  out, lse = (jnp.concatenate(x, axis=2) if len(x) > 1 else x[0] for x in zip(*outs))
   return _to_bhsd(out), lse[..., 0]
 
 
@@ -240,7 +275,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
 
 
 def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, spec, scale, bq, bk, max_kv, rows=None):
+               *refs, spec, scale, bq, bk, max_kv, rows=None, block0=0):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (dq_ref, dq_sc) = _split_refs(refs, spec.has_segments)
   i, j = pl.program_id(2), pl.program_id(3)
   r = _map_row(rows, pl.program_id(0), pl.program_id(1), i)
@@ -255,7 +290,8 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
     p = _recompute_p(q_ref[...], k, lse_ref[...], scale)
     if masked:
       kv_block = ids_ref[r * max_kv + j]
-      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, i * bq, kv_block * bk, bq, bk)
+      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, (i + block0) * bq, kv_block * bk,
+                        bq, bk)
       p = jnp.where(keep, p, 0.0)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
@@ -270,7 +306,7 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
 
 def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                *refs, spec, scale, bq, bk, max_q, group, rows=None):
+                *refs, spec, scale, bq, bk, max_q, group, rows=None, block0=0):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (dk_ref, dv_ref, dk_sc, dv_sc) = _split_refs(
       refs, spec.has_segments)
   i, t = pl.program_id(2), pl.program_id(3)
@@ -289,7 +325,8 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
     p = _recompute_p(q, k, lse_ref[...], scale)
     if masked:
       q_block = ids_ref[r * max_q + entry]
-      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, q_block * bq, i * bk, bq, bk)
+      keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, q_block * bq, (i + block0) * bk,
+                        bq, bk)
       p = jnp.where(keep, p, 0.0)
     dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, TN,
                                       preferred_element_type=jnp.float32)
@@ -311,7 +348,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   del config
   _check_blocks(plan)
   b, sq, h, d = q.shape
-  skv, hkv = k.shape[1], k.shape[2]
+  hkv = k.shape[2]
   g = h // hkv
   bq, bk = plan.block_q, plan.block_kv
   bmap, rows, t_rows = _runtime_map(plan, block_map)
@@ -325,50 +362,67 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
   # dQ over the forward map.
   max_kv = bmap.max_kv
-  kv_of = lambda bb, hh, i, j, ids, *_: ids[_map_row(rows, bb, hh, i) * max_kv + j]
-  mask_arrays, mask_specs = _mask_operands(
-      plan, q_seg, kv_seg, lambda bb, hh, i, j, *_: i, kv_of, bq, bk, lambda bb, *_: bb)
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *_: (bb, hh, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d),
-                         lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
-                        rows=rows),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(b, h, sq // bq, max_kv),
-          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + mask_specs,
-          out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((b, h, sq, d), q.dtype),
-      compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dq_tpu",
-  )(jnp.asarray(bmap.kv_ids).reshape(-1), jnp.asarray(bmap.kv_counts).reshape(-1),
-    jnp.asarray(bmap.kv_full_counts).reshape(-1), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
+  dqs = []
+  for b0, n, prefetch in _chunks(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
+                                 rows is not None, "query"):
+    rows_n = None if rows is None else (rows[0], n)
+    kv_of = lambda bb, hh, i, j, ids, *_, r=rows_n: ids[_map_row(r, bb, hh, i) * max_kv + j]
+    q_of = lambda bb, hh, i, *_, b0=b0: i + b0
+    mask_arrays, mask_specs = _mask_operands(plan, q_seg, kv_seg, q_of, kv_of, bq, bk,
+                                             lambda bb, *_: bb)
+    q_spec = pl.BlockSpec((None, None, bq, d),
+                          lambda bb, hh, i, j, *r: (bb, hh, q_of(bb, hh, i), 0))
+    row_spec = pl.BlockSpec((None, None, bq, 1),
+                            lambda bb, hh, i, j, *r: (bb, hh, q_of(bb, hh, i), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, d),
+                           lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
+    dqs.append(pl.pallas_call(
+        functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
+                          rows=rows_n, block0=b0),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(b, h, n, max_kv),
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + mask_specs,
+            out_specs=pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct((b, h, n * bq, d), q.dtype),
+        compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dq_tpu",
+    )(*prefetch, qt, kt, vt, dot_, lse4, delta, *mask_arrays))
+  dq = jnp.concatenate(dqs, axis=2) if len(dqs) > 1 else dqs[0]
 
   # dK/dV over the transposed map; the reduction axis walks (Q block entry, group head).
   max_q = bmap.max_q
   head_of = lambda hh, t: hh * g + t % g
-  q_of = lambda bb, hh, i, t, ids, *_: ids[
-      _map_row(t_rows, bb, head_of(hh, t), i) * max_q + t // g]
-  mask_arrays, mask_specs = _mask_operands(
-      plan, q_seg, kv_seg, q_of, lambda bb, hh, i, t, *_: i, bq, bk, lambda bb, *_: bb)
-  qg_spec = pl.BlockSpec((None, None, bq, d),
-                         lambda bb, hh, i, t, *r: (bb, head_of(hh, t), q_of(bb, hh, i, t, *r), 0))
-  rowg_spec = pl.BlockSpec((None, None, bq, 1),
-                           lambda bb, hh, i, t, *r: (bb, head_of(hh, t), q_of(bb, hh, i, t, *r), 0))
-  own_kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, t, *_: (bb, hh, i, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_q=max_q, group=g,
-                        rows=t_rows),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=(b, hkv, skv // bk, max_q * g),
-          in_specs=[qg_spec, own_kv, own_kv, qg_spec, rowg_spec, rowg_spec] + mask_specs,
-          out_specs=[own_kv, own_kv],
-          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((b, hkv, skv, d), k.dtype),
-                 jax.ShapeDtypeStruct((b, hkv, skv, d), v.dtype)],
-      compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dkv_tpu",
-  )(jnp.asarray(bmap.q_ids).reshape(-1), jnp.asarray(bmap.q_counts).reshape(-1),
-    jnp.asarray(bmap.q_full_counts).reshape(-1), qt, kt, vt, dot_, lse4, delta, *mask_arrays)
+  dks, dvs = [], []
+  for b0, n, prefetch in _chunks(bmap.q_ids, bmap.q_counts, bmap.q_full_counts,
+                                 t_rows is not None, "key"):
+    rows_n = None if t_rows is None else (t_rows[0], n)
+    q_of = lambda bb, hh, i, t, ids, *_, r=rows_n: ids[
+        _map_row(r, bb, head_of(hh, t), i) * max_q + t // g]
+    kv_of = lambda bb, hh, i, *_, b0=b0: i + b0
+    mask_arrays, mask_specs = _mask_operands(plan, q_seg, kv_seg, q_of, kv_of, bq, bk,
+                                             lambda bb, *_: bb)
+    qg_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, t, *r: (
+        bb, head_of(hh, t), q_of(bb, hh, i, t, *r), 0))
+    rowg_spec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, t, *r: (
+        bb, head_of(hh, t), q_of(bb, hh, i, t, *r), 0))
+    own_kv = pl.BlockSpec((None, None, bk, d),
+                          lambda bb, hh, i, t, *_: (bb, hh, kv_of(bb, hh, i), 0))
+    out_kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, t, *_: (bb, hh, i, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_q=max_q,
+                          group=g, rows=rows_n, block0=b0),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=(b, hkv, n, max_q * g),
+            in_specs=[qg_spec, own_kv, own_kv, qg_spec, rowg_spec, rowg_spec] + mask_specs,
+            out_specs=[out_kv, out_kv],
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, n * bk, d), k.dtype),
+                   jax.ShapeDtypeStruct((b, hkv, n * bk, d), v.dtype)],
+        compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dkv_tpu",
+    )(*prefetch, qt, kt, vt, dot_, lse4, delta, *mask_arrays)
+    dks.append(dk)
+    dvs.append(dv)
+  dk, dv = (jnp.concatenate(x, axis=2) if len(x) > 1 else x[0] for x in (dks, dvs))
   return _to_bhsd(dq), _to_bhsd(dk), _to_bhsd(dv)
 
 
