@@ -218,6 +218,21 @@ def _chunks(ids, counts, full, runtime: bool, what: str):
   return out
 
 
+def _forward_map_chunks(plan: AttentionPlan, bmap, rows, q_seg, kv_seg):
+  """The forward map's calls (`_chunks` over Q blocks) for the forward and dQ kernels: first
+  block, blocks, prefetched rows, the rows' layout (`_map_row`), the index functions of the
+  Q block (global) and of the visited KV block, and the mask operands."""
+  max_kv = bmap.max_kv
+  for b0, n, prefetch in _chunks(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
+                                 rows is not None, "query"):
+    rows_n = None if rows is None else (rows[0], n)
+    kv_of = lambda bb, hh, i, j, ids, *_, r=rows_n: ids[_map_row(r, bb, hh, i) * max_kv + j]
+    q_of = lambda bb, hh, i, *_, b0=b0: i + b0
+    mask_arrays, mask_specs = _mask_operands(plan, q_seg, kv_seg, q_of, kv_of, plan.block_q,
+                                             plan.block_kv, lambda bb, *_: bb)
+    yield b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs
+
+
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
             block_map=None):
   """`block_map`: a runtime map (`block_map.from_selection`): rows per (batch, head, block),
@@ -231,13 +246,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   max_kv = bmap.max_kv
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
   outs = []
-  for b0, n, prefetch in _chunks(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
-                                 rows is not None, "query"):
-    rows_n = None if rows is None else (rows[0], n)
-    kv_of = lambda bb, hh, i, j, ids, *_, r=rows_n: ids[_map_row(r, bb, hh, i) * max_kv + j]
-    q_of = lambda bb, hh, i, *_, b0=b0: i + b0
-    mask_arrays, mask_specs = _mask_operands(plan, q_seg, kv_seg, q_of, kv_of, bq, bk,
-                                             lambda bb, *_: bb)
+  for b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs in _forward_map_chunks(
+      plan, bmap, rows, q_seg, kv_seg):
     kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
                                rows=rows_n, block0=b0)
     kv_spec = pl.BlockSpec((None, None, bk, d),
@@ -363,13 +373,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # dQ over the forward map.
   max_kv = bmap.max_kv
   dqs = []
-  for b0, n, prefetch in _chunks(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
-                                 rows is not None, "query"):
-    rows_n = None if rows is None else (rows[0], n)
-    kv_of = lambda bb, hh, i, j, ids, *_, r=rows_n: ids[_map_row(r, bb, hh, i) * max_kv + j]
-    q_of = lambda bb, hh, i, *_, b0=b0: i + b0
-    mask_arrays, mask_specs = _mask_operands(plan, q_seg, kv_seg, q_of, kv_of, bq, bk,
-                                             lambda bb, *_: bb)
+  for b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs in _forward_map_chunks(
+      plan, bmap, rows, q_seg, kv_seg):
     q_spec = pl.BlockSpec((None, None, bq, d),
                           lambda bb, hh, i, j, *r: (bb, hh, q_of(bb, hh, i), 0))
     row_spec = pl.BlockSpec((None, None, bq, 1),
