@@ -1,8 +1,8 @@
 """The Hopper backward (Pallas Mosaic GPU, `attention_bwd`) in GPU interpret mode (CPU) vs the
 float64 brute force: every 1-D mask (unions with sinks, `from_function`, rows that see
-nothing), segment ids, GQA, odd lengths, head dims 32-128 (padded), bf16 and fp16, both dQ
-forms (its own kernel, or reduce-added "split" / "own"); neighborhoods (stride, dilation, causal dims) with the Mosaic GPU backward asked
-for; CUDA lowering on CPU."""
+nothing), segment ids, GQA, odd lengths, head dims 32-128 (padded), bf16 and fp16, every dQ
+form (its own kernel, or reduce-added "split" / "own"); neighborhoods (stride, dilation,
+causal dims) with the Mosaic GPU backward asked for; CUDA lowering on CPU."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -218,6 +218,11 @@ def _chunks(ids, counts, full, runtime: bool, what: str):
   return out
 
 
+def _join(parts):
+  """Chunk outputs [b, heads, blocks·block, ...] joined along the sequence."""
+  return jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0]
+
+
 def _forward_map_chunks(plan: AttentionPlan, bmap, rows, q_seg, kv_seg):
   """The forward map's calls (`_chunks` over Q blocks) for the forward and dQ kernels: first
   block, blocks, prefetched rows, the rows' layout (`_map_row`), the index functions of the
@@ -245,6 +250,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   bmap, rows, _ = _runtime_map(plan, block_map)
   max_kv = bmap.max_kv
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
+  qt, kt, vt = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v)
   outs = []
   for b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs in _forward_map_chunks(
       plan, bmap, rows, q_seg, kv_seg):
@@ -275,8 +281,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_interpret(interpret),
         name="sparse_attention_fwd_tpu",
-    )(*prefetch, _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), *mask_arrays))
-  out, lse = (jnp.concatenate(x, axis=2) if len(x) > 1 else x[0] for x in zip(*outs))
+    )(*prefetch, qt, kt, vt, *mask_arrays))
+  out, lse = (_join(x) for x in zip(*outs))
   return _to_bhsd(out), lse[..., 0]
 
 
@@ -392,7 +398,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         out_shape=jax.ShapeDtypeStruct((b, h, n * bq, d), q.dtype),
         compiler_params=params, interpret=_interpret(interpret), name="sparse_attention_dq_tpu",
     )(*prefetch, qt, kt, vt, dot_, lse4, delta, *mask_arrays))
-  dq = jnp.concatenate(dqs, axis=2) if len(dqs) > 1 else dqs[0]
+  dq = _join(dqs)
 
   # dK/dV over the transposed map; the reduction axis walks (Q block entry, group head).
   max_q = bmap.max_q
@@ -427,7 +433,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     )(*prefetch, qt, kt, vt, dot_, lse4, delta, *mask_arrays)
     dks.append(dk)
     dvs.append(dv)
-  dk, dv = (jnp.concatenate(x, axis=2) if len(x) > 1 else x[0] for x in (dks, dvs))
+  dk, dv = _join(dks), _join(dvs)
   return _to_bhsd(dq), _to_bhsd(dk), _to_bhsd(dv)
 
 

@@ -11,8 +11,8 @@ kernel's length), and keeps K and V in shared memory; two compute warpgroups own
 rows each and hold their dK and dV accumulators in registers; the third, the memory
 warpgroup, walks the chunk's Q blocks (``q_ids``; each 128-row Q block as two 64-row steps,
 every query head of the GQA group in turn) and TMA-loads each step's Q, dO, log-sum-exp and
-delta (and the step's query intervals) into a ring of slots. Per step and warpgroup (all in the transposed domain,
-rows = keys):
+delta (and the step's query intervals) into a ring of slots. Per step and warpgroup (all in
+the transposed domain, rows = keys):
 
     Sᵀ = K Qᵀ, dPᵀ = V dOᵀ                 (two wgmmas, one wait)
     Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂)        (masked: 0 outside each query's intervals)
@@ -52,14 +52,13 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
 from . import attention_fwd as fwd
+from .attention_bwd_dq import SWIZZLED as _SWIZZLED, mma_add
 from .boxes import caller_order, kernel_order
+from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _config, _padded_head_dim, unsupported
 
 LOG2E = math.log2(math.e)
-_ROWS = 64  # rows per warpgroup: KV rows owned, Q rows per step
-_WGS = 2  # compute warpgroups
 _BLOCK_KV = _WGS * _ROWS
-_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 _SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 STAGES = 2  # Q/dO slots of the memory warpgroup's ring
 # Lab knob, not yet measured on a GPU: with one work item per KV block, store dK/dV in the
@@ -70,9 +69,10 @@ DIRECT_DKV = False
 
 def picks_mosaic(plan: AttentionPlan) -> bool:
   """`MosaicGPUConfig.backward=None`: these kernels (dQ as its own kernel) for 1-D masks,
-  dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.4 vs 30.1 ms
-  for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.88 vs 2.40, MoBA fwd+bwd 8.97
-  vs 9.39; results/h200-2026-11-29-hopper-backward-dq.json), the Triton kernels for
+  dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.7 vs 30.0 ms
+  for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
+  results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
+  docs/experiments/h200-2026-11-29-dq-kernel-routing.json), the Triton kernels for
   neighborhoods, where they are faster today (2-D NA 128² k33 3.58 vs 4.57 ms, 3-D k8×16²
   15.1 vs 18.0), packed grids of different sizes included."""
   packed = isinstance(plan.mask, masks.PackedNeighborhood)
@@ -156,13 +156,6 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
 
-    def mma_add(acc, a, b):
-      """acc + a @ b through a fresh accumulator (interpret mode's form)."""
-      def run(r):
-        plgpu.wgmma(r, a, b)
-        return r[...]
-      return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
-
     @pl.when((wg < _WGS) & (total > 0))
     def _compute():
       plgpu.set_max_registers(232, action="increase")
@@ -234,7 +227,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           if with_dq:
             plgpu.wgmma(dq_acc[0], *dq_operands())
 
-        dq0 = plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
+        dq0 = (plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
+               if with_dq else None)
         if interpret:  # the same products through fresh accumulators
           dv = mma_add(dv, p16, do_smem.at[slot])
           dk = mma_add(dk, ds16, q_smem.at[slot])

@@ -31,13 +31,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .config import _COMPUTE_WGS as _WGS, _ROWS
+
 LOG2E = math.log2(math.e)
-_ROWS = 64  # query rows per compute warpgroup; keys per half of a KV block
-_WGS = 2
-_BLOCK_Q = _WGS * _ROWS
+_BLOCK_Q = _WGS * _ROWS  # a CTA's query rows: 64 per compute warpgroup
 _BLOCK_KV = 128
-_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 16-bit tiles
 KV_SUB = _ROWS  # keys per S tile: 64 (two per KV block) or 128
+
+
+def mma_add(acc, a, b):
+  """acc + a @ b through a fresh accumulator: interpret mode's form of accumulating wgmmas
+  (it has no accumulation into a live accumulator); both backward kernels use it."""
+  def run(r):
+    plgpu.wgmma(r, a, b)
+    return r[...]
+  return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
 
 
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -85,13 +94,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       hi = [rows(hi_smem.at[d, own]) for d in range(dims)]
       q_x = rows(qx_smem.at[0, own]) if segments else None
 
-      def mma(acc, a, b):
-        """acc + a @ b through a fresh accumulator (interpret mode's form)."""
-        def run(r):
-          plgpu.wgmma(r, a, b)
-          return r[...]
-        return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
-
       def step(e, dq, masked: bool):
         slot = lax.rem(e, stages)
         plgpu.barrier_wait(kv_bar.at[slot])
@@ -123,7 +125,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           if interpret:
             ds_smem.at[wg][...] = ds
             plgpu.commit_smem()
-            dq = mma(dq, ds_smem.at[wg], k_half)
+            dq = mma_add(dq, ds_smem.at[wg], k_half)
           else:
             def product(acc_ref):
               plgpu.wgmma(acc_ref, ds, k_half)
@@ -177,10 +179,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   extras = int(segments)
   pl.run_scoped(
       body,
-      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=_SWIZZLED),
-      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=_SWIZZLED),
-      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
-      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
       plgpu.SMEM((stages, dims, _BLOCK_KV), jnp.int32),
       plgpu.SMEM((_BLOCK_Q,), jnp.float32),
       plgpu.SMEM((_BLOCK_Q,), jnp.float32),
@@ -188,7 +190,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.SMEM((dims, _BLOCK_Q), jnp.int32),
       plgpu.SMEM((extras, _BLOCK_Q), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _BLOCK_KV), jnp.int32) if extras else None,
-      plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=_SWIZZLED) if interpret else None,
+      plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=SWIZZLED) if interpret else None,
       plgpu.Barrier(num_arrivals=6 + extras),
       plgpu.Barrier(num_arrivals=3 + extras, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
