@@ -50,6 +50,23 @@ OURS = {"mosaic": MosaicGPUConfig(),  # the default: backward by `attention_bwd.
         "triton-bwd": MosaicGPUConfig(backward="triton")}
 IMPLS = ["mosaic", "triton-bwd"]
 PEERS = ["cudnn", "dense"]
+# Segment ids: the runtime map built from them ("on", `ops.SEGMENT_BLOCK_MAPS`) and/or the
+# static map with the test on every block ("off").
+SEGMENT_MAPS = ["on"]
+
+
+def _with_segment_maps(fn, mode):
+  """`fn` traced with `ops.SEGMENT_BLOCK_MAPS` set for `mode` ("on"/"off")."""
+  from jax_sparse_attn import ops
+
+  def run(*args):
+    saved = ops.SEGMENT_BLOCK_MAPS
+    ops.SEGMENT_BLOCK_MAPS = mode == "on"
+    try:
+      return fn(*args)
+    finally:
+      ops.SEGMENT_BLOCK_MAPS = saved
+  return run
 
 
 def _grads_rel(fn, ref_fn, q, k, v, do):
@@ -72,6 +89,7 @@ def section_check(dtype, impl="mosaic-bwd", with_na=True):
       ("causal window 1024 | sink 4 S=6000 D128", (6000, 4, 4, 128),
        masks.causal() & (masks.sliding_window(1023) | masks.sink(4))),
       ("LM mask + 4 documents S=8192 GQA 8/2 D128", (8192, 8, 2, 128), LM_MASK),
+      ("causal + 4 documents S=8192 GQA 8/2 D128", (8192, 8, 2, 128), masks.causal()),
       ("from_function S=4096 D64", (4096, 4, 4, 64),
        masks.from_function(lambda q, k: (q >= k) & ((q - k) % 5 != 3))),
   ]
@@ -157,14 +175,16 @@ def section_perf(dtype, iters, only, d=128):
     causal_blocks = _blocks(masks.causal(), s)
     bound = causal_blocks / _blocks(LM_MASK, s)
     name = "LM causal & (window 512 | 4 sinks), 4 documents, S=8192 B=2 H=16/4"
-    for impl in IMPLS:
-      cfg = OURS[impl]
-      _perf(name, impl, lambda q, k, v, c=cfg: jsa.attention(
-          q, k, v, LM_MASK, segment_ids=seg, backend="mosaic_gpu", config=c),
-            q, k, v, do, useful, iters, bound=bound)
-    _perf(name, "triton", lambda q, k, v: jsa.attention(q, k, v, LM_MASK, segment_ids=seg,
-                                                         backend="triton"),
-          q, k, v, do, useful, iters, bound=bound)
+    for mode in SEGMENT_MAPS:
+      tag = "" if mode == "on" else "+static-map"
+      for impl in IMPLS:
+        cfg = OURS[impl]
+        _perf(name, impl + tag, _with_segment_maps(lambda q, k, v, c=cfg: jsa.attention(
+            q, k, v, LM_MASK, segment_ids=seg, backend="mosaic_gpu", config=c), mode),
+              q, k, v, do, useful, iters, bound=bound, segment_maps=mode)
+      _perf(name, "triton" + tag, _with_segment_maps(lambda q, k, v: jsa.attention(
+          q, k, v, LM_MASK, segment_ids=seg, backend="triton"), mode),
+            q, k, v, do, useful, iters, bound=bound, segment_maps=mode)
     _perf(name + " (our dense causal, no documents)", "mosaic-causal",
           lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"),
           q, k, v, do, useful, iters)
@@ -177,6 +197,35 @@ def section_perf(dtype, iters, only, d=128):
             lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                          implementation="cudnn"),
             q, k, v, do, useful, iters)
+  if "docs" in only:  # packed documents under a causal mask: the runtime map skips blocks
+    b, s = 2, 16384
+    q, k, v, do = inputs((b, s, h, d), (b, s, h, d), dtype)
+    seg = documents(b, s)
+    from jax_sparse_attn import block_map as block_map_lib
+    from jax_sparse_attn.layout import SequenceLayout
+    from jax_sparse_attn.plan import make_plan
+    static = make_plan(masks.causal(), SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map
+    cls = np.asarray(block_map_lib.segment_classes(seg, seg, static))
+    visited = int((cls > 0).sum())
+    bound = b * static.num_visited / visited
+    pairs = sum(int(np.sum(np.cumsum(np.ones(n)))) for row in np.asarray(seg)
+                for n in np.bincount(row))
+    useful = 4 * h * d * pairs
+    name = "causal, 4 documents, S=16384 B=2"
+    for mode in SEGMENT_MAPS:
+      tag = "" if mode == "on" else "+static-map"
+      for impl in IMPLS:
+        cfg = OURS[impl]
+        _perf(name, impl + tag, _with_segment_maps(lambda q, k, v, c=cfg: jsa.attention(
+            q, k, v, masks.causal(), segment_ids=seg, backend="mosaic_gpu", config=c), mode),
+              q, k, v, do, useful, iters, bound=bound, segment_maps=mode,
+              visited_blocks=visited, full_blocks=int((cls == 2).sum()))
+    _perf(name + " (our causal, no documents)", "mosaic-causal",
+          lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"),
+          q, k, v, do, useful, iters)
+    if "cudnn" in PEERS:
+      _perf(name + " (cuDNN causal, no documents)", "cudnn", cudnn(True), q, k, v, do, useful,
+            iters)
   na_rows = []
   if "na2d" in only:
     na_rows.append(("na2d 128x128 k33 B=2", (128, 128), (33, 33), 1, 2))
@@ -208,18 +257,20 @@ def section_perf(dtype, iters, only, d=128):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sections", default="check,perf")
-  parser.add_argument("--only", default="dense,window,lm,na2d,na3d")
+  parser.add_argument("--only", default="dense,window,lm,docs,na2d,na3d")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--impls", default=",".join(IMPLS), help=",".join(OURS))
   parser.add_argument("--peers", default="cudnn,dense", help="cudnn, dense (our dense kernel)")
   parser.add_argument("--head-dim", type=int, default=128, help="perf rows' head_dim")
+  parser.add_argument("--segment-maps", default="on", help="on,off: segment ids' block maps")
   parser.add_argument("--check-impl", default="mosaic-bwd", help="the config `check` runs")
   parser.add_argument("--no-check-na", action="store_true", help="check 1-D masks only")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   IMPLS[:] = args.impls.split(",")
   PEERS[:] = args.peers.split(",")
+  SEGMENT_MAPS[:] = args.segment_maps.split(",")
   dtype = jnp.dtype(args.dtype)
   sections = args.sections.split(",")
   if "check" in sections:

@@ -43,7 +43,7 @@ _REFINE_BUDGET = 1 << 28
                    data_fields=["kv_ids", "kv_counts", "kv_full_counts", "kv_group_ends",
                                 "q_ids", "q_counts", "q_full_counts", "q_group_ends"],
                    meta_fields=["block_q", "block_kv", "num_q_blocks", "num_kv_blocks",
-                                "partial_groups"])
+                                "partial_groups", "segments_full"])
 @dataclasses.dataclass(frozen=True, eq=False)
 class BlockMap:
   kv_ids: Any
@@ -59,6 +59,9 @@ class BlockMap:
   num_q_blocks: int
   num_kv_blocks: int
   partial_groups: tuple = (None,)
+  # A runtime map built with segment ids (`from_segments`): its full blocks pair one segment
+  # with itself, so kernels skip the segment test there (they test it on partial blocks).
+  segments_full: bool = False
 
   @property
   def max_kv(self) -> int:
@@ -430,7 +433,65 @@ def _packed_rows(cls, num_cols: int):
   return jnp.where(key < 2 * num_cols, key % num_cols, 0).astype(jnp.int32), counts, full
 
 
-def from_selection(selection, static: BlockMap) -> BlockMap:
+def segment_classes(q_seg, kv_seg, static: BlockMap):
+  """[batch, 1, num_q_blocks, num_kv_blocks] int8 classes of (the static map) AND (segment
+  ids equal), inside `jax.jit`, from each block's smallest and largest id: a pair of blocks
+  whose id ranges do not meet has no equal pair (EMPTY); one id on both sides keeps the
+  static class (FULL stays full); else at most PARTIAL. q_seg [batch, seq_q], kv_seg
+  [batch, seq_kv], blocks of the static map's sizes (the last block's padding repeats its
+  last id, so it changes no range). Exact at block level for packed documents (ids
+  ascending); a conservative superset for ids in any order."""
+  import jax.numpy as jnp
+
+  def ranges(seg, block, n):
+    seg = jnp.asarray(seg, jnp.int32)
+    seg = jnp.pad(seg, [(0, 0), (0, n * block - seg.shape[1])], mode="edge")
+    seg = seg.reshape(seg.shape[0], n, block)
+    return seg.min(axis=-1), seg.max(axis=-1)
+
+  q_lo, q_hi = ranges(q_seg, static.block_q, static.num_q_blocks)
+  k_lo, k_hi = ranges(kv_seg, static.block_kv, static.num_kv_blocks)
+  meet = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+  one = ((q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :]
+         & (q_lo[:, :, None] == k_lo[:, None, :]))
+  classes = jnp.asarray(static.dense_classes())[None]  # host-side once per static map
+  cls = jnp.where(meet, jnp.where(one, classes, jnp.minimum(classes, PARTIAL)), EMPTY)
+  return cls[:, None].astype(jnp.int8)
+
+
+def _runtime_map(cls, static: BlockMap, kv_width: int, segments_full: bool) -> BlockMap:
+  """The runtime map of classes [batch, heads, nq, nk]: kv rows `kv_width` wide, q rows
+  (the transpose, for dK/dV) as wide as the static map's."""
+  import jax.numpy as jnp
+  nq, nk = static.num_q_blocks, static.num_kv_blocks
+  kv_ids, kv_counts, kv_full = _packed_rows(cls, nk)
+  q_ids, q_counts, q_full = _packed_rows(jnp.swapaxes(cls, 2, 3), nq)
+  q_width = max(1, min(nq, static.max_q))
+  return BlockMap(kv_ids[..., :kv_width], kv_counts, kv_full, kv_counts[..., None],
+                  q_ids[..., :q_width], q_counts, q_full, q_counts[..., None], static.block_q,
+                  static.block_kv, nq, nk, segments_full=segments_full)
+
+
+def _check_runtime_static(static: BlockMap):
+  if static.partial_groups != (None,):
+    raise ValueError("runtime block maps take 1-D (sequence) plans: one partial group")
+
+
+def from_segments(q_seg, kv_seg, static: BlockMap, heads: int) -> BlockMap:
+  """The runtime block map of packed documents, inside `jax.jit`: the static mask's map
+  without the block pairs whose segment ids never match, and with FULL only where both
+  blocks hold one and the same id (`segment_classes`); kernels then test segment ids on
+  partial blocks only (``segments_full``). Rows per (batch, head) like `from_selection`'s
+  (the same rows repeated over `heads`), as wide as the static map's."""
+  import jax.numpy as jnp
+  _check_runtime_static(static)
+  cls = segment_classes(q_seg, kv_seg, static)
+  bmap = _runtime_map(cls, static, max(1, static.max_kv), True)
+  grow = lambda x: jnp.broadcast_to(x, (x.shape[0], heads, *x.shape[2:]))
+  return jax.tree_util.tree_map(grow, bmap)
+
+
+def from_selection(selection, static: BlockMap, segments=None) -> BlockMap:
   """The runtime block map of a content-routed selection, inside `jax.jit`.
 
   selection: int [batch, heads, num_q_blocks, k]: the KV block ids each Q block of each head
@@ -439,12 +500,14 @@ def from_selection(selection, static: BlockMap) -> BlockMap:
   full/partial classes: attention is restricted to (static mask) AND (selected blocks).
   Fields are [batch, heads, rows, ...] (`BlockMap.is_runtime`); kv rows are k wide (no row
   visits more), q rows (the transpose, for dK/dV) `num_q_blocks` wide. One partial group.
+  `segments`: (q_seg, kv_seg) to drop the blocks whose segment ids never match as well
+  (`segment_classes`; full blocks then need no segment test).
   """
   import jax.numpy as jnp
-  if static.partial_groups != (None,):
-    raise ValueError("runtime block maps take 1-D (sequence) plans: one partial group")
+  _check_runtime_static(static)
   nq, nk = static.num_q_blocks, static.num_kv_blocks
-  classes = jnp.asarray(static.dense_classes())  # [nq, nk], host-side once per static map
+  classes = (jnp.asarray(static.dense_classes())[None, None] if segments is None
+             else segment_classes(*segments, static))
   b, h, rows, k = selection.shape
   if rows != nq:
     raise ValueError(f"selection must have num_q_blocks = {nq} rows, got shape "
@@ -456,9 +519,5 @@ def from_selection(selection, static: BlockMap) -> BlockMap:
   qi = jnp.arange(nq)[None, None, :, None]
   chosen = jnp.zeros((b, h, nq, nk), jnp.bool_).at[bi, hi, qi, jnp.where(ok, ids, nk)].set(
       True, mode="drop")
-  cls = jnp.where(chosen, classes[None, None], EMPTY).astype(jnp.int8)
-  kv_ids, kv_counts, kv_full = _packed_rows(cls, nk)
-  q_ids, q_counts, q_full = _packed_rows(jnp.swapaxes(cls, 2, 3), nq)
-  return BlockMap(kv_ids[..., :k], kv_counts, kv_full, kv_counts[..., None], q_ids,
-                  q_counts, q_full, q_counts[..., None], static.block_q, static.block_kv, nq,
-                  nk)
+  cls = jnp.where(chosen, classes, EMPTY).astype(jnp.int8)
+  return _runtime_map(cls, static, k, segments is not None)

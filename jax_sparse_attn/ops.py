@@ -29,6 +29,14 @@ from .plan import AttentionPlan, make_plan
 # `mesh=_LOCAL`: already inside the op's shard_map, run on the local shards.
 _LOCAL = "local"
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Segment ids (packed documents) on the kernel backends build a runtime block map
+# (`block_map.from_segments`): block pairs of different documents are skipped and full
+# blocks inside one document need no segment test. Off: the static map, the segment test on
+# every visited block (a lab switch for benchmarks).
+SEGMENT_BLOCK_MAPS = True
+# The largest runtime map built from segment ids, in block pairs per batch element and in
+# row entries over batch and heads (beyond: the static map and the test everywhere).
+_SEGMENT_MAP_BUDGET = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,8 +275,29 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
 
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))
-  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg)
+  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
+                      block_map=_segment_map(backend, plan, q_seg, kv_seg, query.shape[2]))
   return (out, lse) if return_lse else out
+
+
+def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg, heads: int):
+  """The runtime block map of packed documents (`block_map.from_segments`) where segment ids
+  are given to a GPU kernel backend and the map stays small; else None
+  (the plan's static map, segment ids tested on every visited block)."""
+  from . import block_map as block_map_lib
+  bmap = plan.block_map
+  # Not on TPU: its maps are scalar-prefetched, and rows per batch and head multiply their
+  # size (`mosaic_attention._SMEM_MAP_BUDGET`); the static map's segment test stays there.
+  if (q_seg is None or not SEGMENT_BLOCK_MAPS or backend not in ("triton", "mosaic_gpu")
+      or not _get_backend(backend).runtime_maps or bmap.partial_groups != (None,)
+      or bmap.num_visited == 0):
+    return None
+  b = q_seg.shape[0]
+  pairs = bmap.num_q_blocks * bmap.num_kv_blocks
+  entries = b * heads * (bmap.num_q_blocks * bmap.max_kv + bmap.num_kv_blocks * bmap.max_q)
+  if b * pairs > _SEGMENT_MAP_BUDGET or entries > _SEGMENT_MAP_BUDGET:
+    return None
+  return block_map_lib.from_segments(q_seg, kv_seg, bmap, heads)
 
 
 def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, return_lse,
@@ -318,7 +347,8 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
   if _has_array_mask(mask):
     raise ValueError("block_selection takes structured or function masks, not from_array")
   plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))
-  bmap = block_map_lib.from_selection(ids, plan.block_map)
+  bmap = block_map_lib.from_selection(ids, plan.block_map,
+                                      None if q_seg is None else (q_seg, kv_seg))
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
                       block_map=bmap)
   return (out, lse) if return_lse else out

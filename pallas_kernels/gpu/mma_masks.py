@@ -45,6 +45,9 @@ class MaskSpec:
   mma_value: float = 0.0
   mma_onehot_rows: bool = True
   mma_tables: bool = False  # the test matrices come from `tables` (two extra inputs)
+  # Full blocks hold one segment id on both sides (a runtime map from segment ids,
+  # `BlockMap.segments_full`): no segment test there.
+  segments_full: bool = False
 
 
 def onehot_columns(tile_shape, rows: int):
@@ -78,10 +81,12 @@ def column_dims(cols):
 
 
 def mask_spec(plan: AttentionPlan, has_segments: bool, cfg, rows: int, loop_rows: int,
-              scale: float, loop_is_kv: bool = True, forward: bool = False) -> MaskSpec:
+              scale: float, loop_is_kv: bool = True, forward: bool = False,
+              segments_full: bool = False) -> MaskSpec:
   """Mask handling of one kernel: its programs own tiles of `rows` queries (forward, dQ) or
   keys (dK/dV, ``loop_is_kv=False``) and loop over tiles of `loop_rows` of the other side.
-  `cfg`: a `triton_attention.TritonConfig` (its mask fields)."""
+  `cfg`: a `triton_attention.TritonConfig` (its mask fields). `segments_full`: the walked
+  map's full blocks need no segment test (`BlockMap.segments_full`)."""
   groups = tuple(plan.block_map.partial_groups) if cfg.split_partial_groups else (None,)
   cols, width, value, onehot_rows, tables = None, 0, 0.0, True, False
   tiled = isinstance(plan.q_layout, TiledLayout) and isinstance(plan.kv_layout, TiledLayout)
@@ -106,7 +111,7 @@ def mask_spec(plan: AttentionPlan, has_segments: bool, cfg, rows: int, loop_rows
     single_loop = forward and tables and rows >= 128
   return MaskSpec(plan.num_mask_dims, plan.mask_fn, has_segments, groups, single_loop,
                   cfg.unsigned_intervals, plan.gathered, cols, width, value, onehot_rows,
-                  tables)
+                  tables, segments_full and has_segments)
 
 
 # Pairs x bias columns x loop elements evaluated on the host for one set of tables; beyond it

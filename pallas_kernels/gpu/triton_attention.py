@@ -182,7 +182,7 @@ def _run_groups(spec: mma_masks.MaskSpec, counts_ref, sub: int, body, carry):
         body, masked=True, dims=None), carry)
   start = counts_ref[0] * sub
   carry = jax.lax.fori_loop(0, start, functools.partial(
-      body, masked=spec.has_segments, dims=()), carry)
+      body, masked=spec.has_segments and not spec.segments_full, dims=()), carry)
   for g, dims in enumerate(spec.partial_groups):
     # Without splitting, the one partial loop runs to the row's total count.
     end = (counts_ref[2 + g] if len(spec.partial_groups) > 1 else counts_ref[1]) * sub
@@ -600,7 +600,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   cfg = default_config(d, q.dtype, plan, config)
   tq, tk = cfg.block_q, cfg.block_kv
   bmap = walked_map(plan, block_map)
-  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale, forward=True)
+  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale, forward=True,
+                             segments_full=bmap.segments_full)
   qp, kp, vp = _pad_head_dim(q, k, v)
   dpad = qp.shape[-1]
   skv = k.shape[1]
@@ -748,7 +749,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
   # dQ over the forward map.
   tq, tk = cfg.dq_block_q, cfg.dq_block_kv
-  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale)
+  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tq, tk, scale,
+                             segments_full=bmap.segments_full)
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec,
                                                tq, tk, True)
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
@@ -772,7 +774,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 
   # dK/dV over the transposed map; the GQA group's query heads in one program.
   tq, tk = cfg.bwd_block_q, cfg.bwd_block_kv
-  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tk, tq, scale, loop_is_kv=False)
+  spec = mma_masks.mask_spec(plan, q_seg is not None, cfg, tk, tq, scale, loop_is_kv=False,
+                             segments_full=bmap.segments_full)
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec,
                                                tk, tq, False)
   map_arrays, map_specs = _map_inputs(bmap.q_ids, bmap.q_counts, bmap.q_full_counts,

@@ -61,10 +61,11 @@ LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
 _SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 STAGES = 2  # Q/dO slots of the memory warpgroup's ring
-# Lab knob, not yet measured on a GPU: with one work item per KV block, store dK/dV in the
-# input dtype instead of float32 reduce-adds into zero-filled buffers and a cast (the float32
-# epilogue moves ~2.4 GB at S=32768, H=16, D=128: ~0.4 ms of the window's 3.8 ms backward).
-DIRECT_DKV = False
+# With one work item per KV block, store dK/dV in the input dtype instead of float32
+# reduce-adds into zero-filled buffers and a cast. H200, causal window 2048 at S=32768
+# (H=16, D=128): backward 3.48 vs 3.84 ms (docs/experiments/h200-2026-11-29-direct-dkv.json);
+# causal S=16384 splits KV blocks into several items, unchanged.
+DIRECT_DKV = True
 
 
 def picks_mosaic(plan: AttentionPlan) -> bool:
@@ -90,7 +91,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
-            with_dq: bool = True, direct: bool = False):
+            with_dq: bool = True, direct: bool = False, segments_full: bool = False):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
@@ -194,7 +195,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           iota = lambda dim: plgpu.layout_cast(
               lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
           p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
-        if segments:
+        if segments and (masked or not segments_full):
           p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
         ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
@@ -432,7 +433,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
-      with_dq=not separate, direct=direct)
+      with_dq=not separate, direct=direct, segments_full=runtime and bmap.segments_full)
   mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),

@@ -52,7 +52,7 @@ def mma_add(acc, a, b):
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
-            runtime: bool = False, kv_sub: int = _ROWS):
+            runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False):
   """CTA (q block in visiting order, query head, batch). order [n_q blocks]; ids [n_q blocks,
   max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
   rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
@@ -119,7 +119,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                   lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA)
               p = jnp.where(mask_fn(q0 + wg * _ROWS + iota(0), kv0 + part * kv_sub + iota(1)),
                             p, 0.0)
-          if segments:
+          if segments and (masked or not segments_full):
             p = jnp.where(cols(kx_smem.at[slot, 0, keys]) == q_x, p, 0.0)
           ds = (p * (dp - delta)).astype(dtype)
           if interpret:
@@ -217,7 +217,8 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
   kernel = functools.partial(
       _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=stages, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
-      runtime=runtime, kv_sub=kv_sub or KV_SUB)
+      runtime=runtime, kv_sub=kv_sub or KV_SUB,
+      segments_full=runtime and bmap.segments_full)
   mesh = plgpu.Mesh(grid=(bmap.num_q_blocks, h, b), grid_names=("q", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   return pl.kernel(

@@ -66,7 +66,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             half: tuple[int, ...], half_dim: int, head_dim: int, heads: int, groups: int,
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
-            window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False):
+            window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
+            segments_full: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -90,7 +91,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   mma = mma_width > 0
   # Element masks may run a mask function (`mask_fn`, on the kernel positions of partial
   # blocks) and compare segment ids (``segments``: vectors ``qx`` [batch, 1, n_q] and ``kx``
-  # [batch, 1, n_kv], tested on every block).
+  # [batch, 1, n_kv], tested on every block, or on partial blocks only where the map's full
+  # blocks hold one segment, ``segments_full``).
   extras = int(segments)
   if split:
     onehot_ref, tables_ref, out_ref, lse_ref = refs
@@ -258,7 +260,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             return acc_ref[...]
 
           s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
-          elementwise = (masked or segments) and not mma
+          test_segments = segments and (masked or not segments_full)
+          elementwise = (masked or test_segments) and not mma
           ok = None
           if masked and not mma:
             for d in range(dims):
@@ -276,7 +279,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             term = mask_fn(qi * (2 * _ROWS) + wg * _ROWS + iota(0),
                            ids_ref[row(qi, head, batch), t] * block_kv + iota(1))
             ok = term if ok is None else ok & term
-          if segments:
+          if test_segments:
             term = (lax.broadcast_in_dim(plgpu.load(qx_smem.at[buf, wg, 0],
                                                     layout=plgpu.Layout.WGMMA.reduce(1)),
                                          shape, [0])
@@ -615,8 +618,12 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       width = onehot.shape[1]
   padded = tuple(g * t for g, t in zip(qb.grid, qb.tile))
   items = bmap.num_q_blocks * h * b
-  persistent = (cfg.persistent if cfg.persistent is not None
-                else not runtime and _persistent_default(row_counts))
+  # Runtime maps: persistent where rows are short (at most 8 blocks, as packed documents
+  # under a sliding window), where the saved per-item start-up outweighs the imbalance.
+  if cfg.persistent is not None:
+    persistent = cfg.persistent
+  else:
+    persistent = walked.max_kv <= 8 if runtime else _persistent_default(row_counts)
   programs = min(items, _programs(cfg, interpret)) if persistent else items
   box = None
   if box_ok:
@@ -627,7 +634,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
       mma_width=width, split=split is not None, box=box, window=window is not None,
-      mask_fn=plan.mask_fn, segments=q_seg is not None, per_head=runtime)
+      mask_fn=plan.mask_fn, segments=q_seg is not None, per_head=runtime,
+      segments_full=runtime and walked.segments_full)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
