@@ -87,6 +87,17 @@ def test_attention(mask, sq, skv):
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
 
 
+@pytest.mark.parametrize("form", ["each", "and"])
+def test_element_test_forms(monkeypatch, form):
+  """Both ways of applying the element tests (`attention_fwd.TEST_FORM`) on a union with a
+  sink (a mask function), segment ids and GQA."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+  monkeypatch.setattr(attention_fwd, "TEST_FORM", form)
+  p = dict(batch=1, sq=260, skv=260, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
+           segments=True, dtype=jnp.bfloat16, seed=21)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
+
+
 def test_schedules_agree():
   """Every scheduling (one program per work item, persistent programs looping over several
   items, numbered or longest-first order) computes each item the
