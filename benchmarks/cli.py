@@ -103,6 +103,23 @@ def _routing(b, s, h, d, top_k):
               (b, s, h, d), (b, s, h, d), run, pairs, nb * nb / float(np.sum(visible)))
 
 
+def _documents(b, s, h, d, n=4, seed=0):
+  """Causal attention over `n` packed documents of random lengths per batch row (segment
+  ids): the GPU kernels skip the blocks of different documents (`block_map.from_segments`).
+  Pairs and the bound are batch means."""
+  from jax_sparse_attn import block_map as block_map_lib
+  rng = np.random.default_rng(seed)
+  cuts = np.sort(rng.integers(1, s, (b, n - 1)), axis=1)
+  seg = (np.arange(s)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
+  static = make_plan(masks.causal(), SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map
+  cls = np.asarray(block_map_lib.segment_classes(seg, seg, static))
+  pairs = float(np.mean([sum(m * (m + 1) // 2 for m in np.bincount(row)) for row in seg]))
+  bound = static.num_q_blocks * static.num_kv_blocks / ((cls > 0).sum() / b)
+  run = lambda q, k, v, be: jsa.attention(q, k, v, masks.causal(), segment_ids=seg, backend=be)
+  return Case("documents", f"causal, {n} packed documents, S={s}", (b, s, h, d), (b, s, h, d),
+              run, pairs, bound)
+
+
 def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
   """Suite name -> a function building its cases (full size, or tiny with `quick`)."""
   if quick:
@@ -121,6 +138,7 @@ def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
                                      b, s, h, d, masks.causal() & (masks.sliding_window(31)
                                                                    | masks.sink(4)), None)],
         "routing": lambda: [_routing(b, 512, h, d, 1)],
+        "documents": lambda: [_documents(2, s, h, d)],
         "cp": lambda: _cp_cases(b, 512, h, d),
         "models": lambda: [],  # (run_suites: bench_models.cases(quick=True))
     }
@@ -144,6 +162,7 @@ def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
                                    None, hkv=4, flex=dict(kind="window_sink", window=511,
                                                           sinks=4))],
       "routing": lambda: [_routing(1, 32768, h, d, 32)],
+      "documents": lambda: [_documents(b, 16384, h, d)],
       "cp": lambda: _cp_cases(1, 65536, h, d),
       "models": lambda: [],
   }
@@ -162,7 +181,7 @@ def _cp_cases(b, s, h, d):
 
 
 SUITES = ("dense", "causal", "window", "gna1d", "gna2d", "gna3d", "strided", "blocksparse",
-          "routing", "cp", "models")
+          "routing", "documents", "cp", "models")
 NOT_HERE = {"cp": "needs 2 or more devices (jax.device_count() is 1)",
             "models": "training-step time of the models/ (ours vs dense attention)"}
 

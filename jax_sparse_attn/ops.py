@@ -238,7 +238,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       if seg.shape != (b, s) or not jnp.issubdtype(seg.dtype, jnp.integer):
         raise ValueError(f"{name} must be an integer array of shape {(b, s)}, got "
                          f"{seg.shape} {seg.dtype}")
-    q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+    q_seg, kv_seg = jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32)  # NumPy too
 
   if block_selection is not None:
     return _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret,

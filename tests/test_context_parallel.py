@@ -183,6 +183,15 @@ def test_sequence_triton_interpret():
                   block_q=16, block_kv=16, tol=1e-4)
 
 
+@pytest.mark.parametrize("strategy, layout", [("ring", "zigzag"), ("allgather", "contiguous")])
+def test_sequence_triton_interpret_documents(strategy, layout):
+  """Segment ids on shards: each shard's plan gets the runtime map of its documents
+  (cross-document blocks skipped, full blocks untested), against one device."""
+  _check_sequence("causal", strategy, layout, context=2, chunk=32, heads=2, kv_heads=1,
+                  segments=True, seed=11, backend="triton", interpret=True, block_q=16,
+                  block_kv=16, tol=1e-4)
+
+
 def test_sequence_low_precision():
   _check_sequence("causal", "ring", "zigzag", context=4, chunk=16, heads=2, kv_heads=1,
                   segments=False, seed=6, dtype=jnp.bfloat16, tol=2e-2)

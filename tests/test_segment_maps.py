@@ -200,3 +200,14 @@ def test_routing_with_documents(backend):
   want_grads = brute_force.attention_grads(q, k, v, dense, 1 / 8, d_out, seg, seg)
   for name, got, ref in zip("qkv", grads, want_grads):
     assert brute_force.rel_err(got, ref) < 4e-2, name
+
+
+@pytest.mark.parametrize("backend, kwargs", [("xla", {}), ("triton", dict(interpret=True))])
+def test_numpy_segment_ids_inside_jit(backend, kwargs):
+  """Segment ids given as NumPy arrays (constants of the jitted function) work like jax ones."""
+  p = dict(batch=2, sq=96, skv=96, heads=2, kv_heads=1, head_dim=16, dtype=jnp.float32, seed=6)
+  q, k, v, _, _ = backend_cases.make_inputs(p)
+  seg = np.asarray(documents([[40], [10, 70]], 96))
+  run = lambda s: jax.jit(lambda q, k, v: jsa.attention(q, k, v, masks.causal(), segment_ids=s,
+                                                        backend=backend, **kwargs))(q, k, v)
+  np.testing.assert_allclose(np.asarray(run(seg)), np.asarray(run(jnp.asarray(seg))), atol=1e-6)
