@@ -142,6 +142,19 @@ def _perf(name, impl, fn, q, k, v, do, flops_fwd, iters, **extra):
     traceback.print_exc()
 
 
+def _perf_documents(name, mask, seg, q, k, v, do, useful, iters, with_triton=False, **extra):
+  """`_perf` of each IMPLS config (and the Triton backend) with segment ids, per
+  SEGMENT_MAPS mode ("+static-map": the static map, the segment test on every block)."""
+  for mode in SEGMENT_MAPS:
+    tag = "" if mode == "on" else "+static-map"
+    runs = [(impl, dict(backend="mosaic_gpu", config=OURS[impl])) for impl in IMPLS]
+    runs += [("triton", dict(backend="triton"))] if with_triton else []
+    for impl, kw in runs:
+      fn = lambda q, k, v, kw=kw: jsa.attention(q, k, v, mask, segment_ids=seg, **kw)
+      _perf(name, impl + tag, _with_segment_maps(fn, mode), q, k, v, do, useful, iters,
+            segment_maps=mode, **extra)
+
+
 def section_perf(dtype, iters, only, d=128):
   h = 16
   cudnn = lambda causal, window=None: (lambda q, k, v: jax.nn.dot_product_attention(
@@ -175,16 +188,8 @@ def section_perf(dtype, iters, only, d=128):
     causal_blocks = _blocks(masks.causal(), s)
     bound = causal_blocks / _blocks(LM_MASK, s)
     name = "LM causal & (window 512 | 4 sinks), 4 documents, S=8192 B=2 H=16/4"
-    for mode in SEGMENT_MAPS:
-      tag = "" if mode == "on" else "+static-map"
-      for impl in IMPLS:
-        cfg = OURS[impl]
-        _perf(name, impl + tag, _with_segment_maps(lambda q, k, v, c=cfg: jsa.attention(
-            q, k, v, LM_MASK, segment_ids=seg, backend="mosaic_gpu", config=c), mode),
-              q, k, v, do, useful, iters, bound=bound, segment_maps=mode)
-      _perf(name, "triton" + tag, _with_segment_maps(lambda q, k, v: jsa.attention(
-          q, k, v, LM_MASK, segment_ids=seg, backend="triton"), mode),
-            q, k, v, do, useful, iters, bound=bound, segment_maps=mode)
+    _perf_documents(name, LM_MASK, seg, q, k, v, do, useful, iters, with_triton=True,
+                    bound=bound)
     _perf(name + " (our dense causal, no documents)", "mosaic-causal",
           lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"),
           q, k, v, do, useful, iters)
@@ -208,18 +213,11 @@ def section_perf(dtype, iters, only, d=128):
     cls = np.asarray(block_map_lib.segment_classes(seg, seg, static))
     visited = int((cls > 0).sum())
     bound = b * static.num_visited / visited
-    pairs = sum(int(np.sum(np.cumsum(np.ones(n)))) for row in np.asarray(seg)
-                for n in np.bincount(row))
+    pairs = sum(int(n) * (int(n) + 1) // 2 for row in np.asarray(seg) for n in np.bincount(row))
     useful = 4 * h * d * pairs
     name = "causal, 4 documents, S=16384 B=2"
-    for mode in SEGMENT_MAPS:
-      tag = "" if mode == "on" else "+static-map"
-      for impl in IMPLS:
-        cfg = OURS[impl]
-        _perf(name, impl + tag, _with_segment_maps(lambda q, k, v, c=cfg: jsa.attention(
-            q, k, v, masks.causal(), segment_ids=seg, backend="mosaic_gpu", config=c), mode),
-              q, k, v, do, useful, iters, bound=bound, segment_maps=mode,
-              visited_blocks=visited, full_blocks=int((cls == 2).sum()))
+    _perf_documents(name, masks.causal(), seg, q, k, v, do, useful, iters, bound=bound,
+                    visited_blocks=visited, full_blocks=int((cls == 2).sum()))
     _perf(name + " (our causal, no documents)", "mosaic-causal",
           lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"),
           q, k, v, do, useful, iters)
