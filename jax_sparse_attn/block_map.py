@@ -499,8 +499,8 @@ def from_selection(selection, static: BlockMap, segments=None) -> BlockMap:
   blocks that the static mask's map (`static`, same block sizes) visits, with its
   full/partial classes: attention is restricted to (static mask) AND (selected blocks).
   Fields are [batch, heads, rows, ...] (`BlockMap.is_runtime`); kv rows are k wide (no row
-  visits more), q rows (the transpose, for dK/dV) `num_q_blocks` wide. One partial group.
-  `segments`: (q_seg, kv_seg) to drop the blocks whose segment ids never match as well
+  visits more), q rows (the transpose, for dK/dV) as wide as the static map's. One partial
+  group. `segments`: (q_seg, kv_seg) to drop the blocks whose segment ids never match as well
   (`segment_classes`; full blocks then need no segment test).
   """
   import jax.numpy as jnp
