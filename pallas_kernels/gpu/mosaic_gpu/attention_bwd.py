@@ -55,7 +55,7 @@ from . import attention_fwd as fwd
 from .attention_bwd_dq import SWIZZLED as _SWIZZLED, mma_add
 from .boxes import caller_order, kernel_order
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
-from .config import _config, _padded_head_dim, unsupported
+from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
@@ -370,10 +370,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows)."""
   cfg = _config(config)
   runtime = block_map is not None
-  # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made with
-  # other blocks (attention(..., block_kv=64)).
+  # The Triton kernels where asked, where `picks_mosaic` prefers them, for plans made with
+  # other blocks (attention(..., block_kv=64)) and above head_dim 128.
   if (cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan))
-      or plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS):
+      or plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS
+      or q.shape[-1] > _MAX_BACKWARD_HEAD_DIM):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
                                      **({"block_map": block_map} if runtime else {}))

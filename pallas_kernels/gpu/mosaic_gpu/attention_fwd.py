@@ -579,7 +579,10 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
   itemsize = jnp.dtype(q.dtype).itemsize
   stages = _stages(cfg, d, plan.block_kv, itemsize, fused_pv)
-  smem = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv)
+  # The form the config asks for decides; interpret mode's default P buffer (the unfused
+  # form it runs in place of the GPU's) does not count.
+  smem = _smem_bytes(d, plan.block_kv, stages, itemsize,
+                     cfg.fused_pv if cfg.fused_pv is not None else True)
   # A second Q buffer, where it fits, lets the next item's Q load during this one.
   two_q = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv, q_bufs=2)
   q_bufs = 2 if two_q <= _SMEM_LIMIT else 1

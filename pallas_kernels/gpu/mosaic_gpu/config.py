@@ -81,15 +81,17 @@ class MosaicGPUConfig:
 def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
   # H100, bf16 (docs/experiments/h100-2026-11-23-mgpu-*.json): 128-token KV blocks beat 64
   # for dense (7.80 vs 9.01 ms at S=16384), the sliding window (0.98 vs 1.14 ms) and 2-D NA
-  # (8x16 KV tiles: 1.09 vs 1.27 ms), and tie in 3-D.
-  return 2 * _ROWS, 128
+  # (8x16 KV tiles: 1.09 vs 1.27 ms), and tie in 3-D. Above head_dim 128, 64 keys: two
+  # slots of 128 keys x 256 columns of K and V would not fit shared memory with Q.
+  return 2 * _ROWS, 128 if head_dim <= 128 else 64
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config):
   """The backward's (query, key) blocks for neighborhoods (1-D masks keep the forward's
   plan): the Mosaic GPU backward's 128 and 128 (`MosaicGPUConfig.backward="mosaic_gpu"`: its
   CTA owns 128 keys), else the Triton backward's (`attention_bwd.picks_mosaic`)."""
-  if isinstance(config, MosaicGPUConfig) and config.backward == "mosaic_gpu":
+  if (isinstance(config, MosaicGPUConfig) and config.backward == "mosaic_gpu"
+      and head_dim <= _MAX_BACKWARD_HEAD_DIM):
     return 2 * _ROWS, 2 * _ROWS
   tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
   return triton_attention.default_backward_map_blocks(head_dim, dtype, tconf)
@@ -140,7 +142,12 @@ def is_hopper() -> bool:
 
 
 def _padded_head_dim(d: int) -> int | None:
-  return 64 if d <= 64 else 128 if d <= 128 else None
+  return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else None
+
+
+# The backward kernels take head_dim <= 128; above, the backward runs on the Triton kernels
+# (`attention_bwd.backward`).
+_MAX_BACKWARD_HEAD_DIM = 128
 
 
 def _why_not(dtype, head_dim: int, has_segments: bool, interval: bool, scale: float,
@@ -148,7 +155,10 @@ def _why_not(dtype, head_dim: int, has_segments: bool, interval: bool, scale: fl
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name} (bfloat16 or float16 only)"
   if _padded_head_dim(head_dim) is None:
-    return f"head_dim {head_dim} (at most 128)"
+    return f"head_dim {head_dim} (at most 256)"
+  if head_dim > 128 and block_kv != 64:
+    return (f"block_kv {block_kv} with head_dim {head_dim} (64 above head_dim 128: shared "
+            f"memory)")
   if scale <= 0:
     return f"scale {scale} (must be positive)"
   if block_q != 2 * _ROWS:
@@ -172,12 +182,14 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
              scale) -> bool:
   """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
   `unsupported`'s conditions on the call's facts (None: the defaults), no Triton-only
-  config, and head_dim > 32: padded to 64 columns, a head_dim of 32 runs slower than on
+  config, and 32 < head_dim <= 128: padded to 64 columns, a head_dim of 32 runs slower than on
   the Triton kernels (H100, the NAT model's shapes, 8x128x128x4x32 k13: 0.41 vs 0.33 ms
   forward, 1.20 vs 1.13 ms with the backward; docs/experiments/h100-2026-11-23-nat-backends.jsonl)."""
   if config is not None and not isinstance(config, MosaicGPUConfig):
     return False
-  if head_dim <= _MIN_AUTO_HEAD_DIM:
+  if head_dim <= _MIN_AUTO_HEAD_DIM or head_dim > 128:
+    # head_dim 129-256: the forward runs (64-key blocks, its backward on Triton) but is not
+    # measured yet; `auto` keeps the Triton kernels there.
     return False
   if has_segments and isinstance(mask, masks.Neighborhood):
     # Padding masks / segment ids on a neighborhood: element tests on every block, and a
