@@ -74,8 +74,13 @@ class BlockMap:
   @property
   def is_runtime(self) -> bool:
     """A map built at run time per (batch, head): fields [batch, heads, rows, ...]
-    (`from_selection`)."""
+    (`from_selection`), or [batch, 1, rows, ...]: rows every head shares (`from_segments`)."""
     return self.kv_ids.ndim == 4
+
+  @property
+  def shares_heads(self) -> bool:
+    """A runtime map whose rows are the same for every head (one per batch element)."""
+    return self.is_runtime and self.kv_ids.shape[1] == 1
 
   @property
   def num_visited(self) -> int:
@@ -477,18 +482,15 @@ def _check_runtime_static(static: BlockMap):
     raise ValueError("runtime block maps take 1-D (sequence) plans: one partial group")
 
 
-def from_segments(q_seg, kv_seg, static: BlockMap, heads: int) -> BlockMap:
+def from_segments(q_seg, kv_seg, static: BlockMap) -> BlockMap:
   """The runtime block map of packed documents, inside `jax.jit`: the static mask's map
   without the block pairs whose segment ids never match, and with FULL only where both
   blocks hold one and the same id (`segment_classes`); kernels then test segment ids on
-  partial blocks only (``segments_full``). Rows per (batch, head) like `from_selection`'s
-  (the same rows repeated over `heads`), as wide as the static map's."""
-  import jax.numpy as jnp
+  partial blocks only (``segments_full``). Fields [batch, 1, rows, ...]: every head shares
+  its batch element's rows (`BlockMap.shares_heads`), as wide as the static map's."""
   _check_runtime_static(static)
   cls = segment_classes(q_seg, kv_seg, static)
-  bmap = _runtime_map(cls, static, max(1, static.max_kv), True)
-  grow = lambda x: jnp.broadcast_to(x, (x.shape[0], heads, *x.shape[2:]))
-  return jax.tree_util.tree_map(grow, bmap)
+  return _runtime_map(cls, static, max(1, static.max_kv), True)
 
 
 def from_selection(selection, static: BlockMap, segments=None) -> BlockMap:

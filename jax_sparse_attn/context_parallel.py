@@ -524,7 +524,7 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
   def run(i, q, k, v, ks, qs):
     # Segment ids skip the shard's cross-document blocks as on one device (`ops._segment_map`).
     return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v, qs, ks,
-                        block_map=ops._segment_map(backend, cp.plans[i], qs, ks, q.shape[2]))
+                        block_map=ops._segment_map(backend, cp.plans[i], qs, ks))
 
   def body(q, k, v, *segs):
     qs, ks = segs if segs else (None, None)

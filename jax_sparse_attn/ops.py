@@ -34,8 +34,8 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # blocks inside one document need no segment test. Off: the static map, the segment test on
 # every visited block (a lab switch for benchmarks).
 SEGMENT_BLOCK_MAPS = True
-# The largest runtime map built from segment ids, in block pairs per batch element and in
-# row entries over batch and heads (beyond: the static map and the test everywhere).
+# The largest runtime map built from segment ids, in block pairs over the batch (its rows
+# are shared by the heads; beyond: the static map and the test everywhere).
 _SEGMENT_MAP_BUDGET = 1 << 24
 
 
@@ -276,11 +276,11 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                      block_map=_segment_map(backend, plan, q_seg, kv_seg, query.shape[2]))
+                      block_map=_segment_map(backend, plan, q_seg, kv_seg))
   return (out, lse) if return_lse else out
 
 
-def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg, heads: int):
+def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg):
   """The runtime block map of packed documents (`block_map.from_segments`) where segment ids
   are given to a GPU kernel backend and the map stays small; else None
   (the plan's static map, segment ids tested on every visited block)."""
@@ -292,12 +292,9 @@ def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg, heads: int):
       or not _get_backend(backend).runtime_maps or bmap.partial_groups != (None,)
       or bmap.num_visited == 0):
     return None
-  b = q_seg.shape[0]
-  pairs = bmap.num_q_blocks * bmap.num_kv_blocks
-  entries = b * heads * (bmap.num_q_blocks * bmap.max_kv + bmap.num_kv_blocks * bmap.max_q)
-  if b * pairs > _SEGMENT_MAP_BUDGET or entries > _SEGMENT_MAP_BUDGET:
+  if q_seg.shape[0] * bmap.num_q_blocks * bmap.num_kv_blocks > _SEGMENT_MAP_BUDGET:
     return None
-  return block_map_lib.from_segments(q_seg, kv_seg, bmap, heads)
+  return block_map_lib.from_segments(q_seg, kv_seg, bmap)
 
 
 def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, return_lse,

@@ -68,14 +68,15 @@ def test_segment_classes_match_elements(sq, skv, bq, bk, mask, ordered, seed):
 
 
 def test_from_segments_rows():
-  """The runtime map: rows per (batch, head), equal over heads, as the classes say."""
+  """The runtime map: one row per batch element, shared by the heads, as the classes say."""
   seg = documents([[200], [300, 340]], 512)
   static = make_plan(masks.full(), SequenceLayout(512, 128), SequenceLayout(512, 128)).block_map
-  bmap = jax.jit(lambda s: block_map_lib.from_segments(s, s, static, 3))(seg)
-  assert bmap.is_runtime and bmap.segments_full and bmap.kv_ids.shape[:3] == (2, 3, 4)
+  bmap = jax.jit(lambda s: block_map_lib.from_segments(s, s, static))(seg)
+  assert bmap.is_runtime and bmap.shares_heads and bmap.segments_full
+  assert bmap.kv_ids.shape[:3] == (2, 1, 4)
   cls = np.asarray(block_map_lib.segment_classes(seg, seg, static))[:, 0]
-  np.testing.assert_array_equal(np.asarray(bmap.kv_counts)[:, 1], (cls != EMPTY).sum(-1))
-  np.testing.assert_array_equal(np.asarray(bmap.kv_full_counts)[:, 2], (cls == FULL).sum(-1))
+  np.testing.assert_array_equal(np.asarray(bmap.kv_counts)[:, 0], (cls != EMPTY).sum(-1))
+  np.testing.assert_array_equal(np.asarray(bmap.kv_full_counts)[:, 0], (cls == FULL).sum(-1))
   np.testing.assert_array_equal(np.asarray(bmap.q_counts)[:, 0], (cls != EMPTY).sum(-2))
   # Row 0: documents [0, 200) and [200, 512): blocks 2 and 3 never meet block 0.
   assert cls[0, 0].tolist() == [FULL, 1, EMPTY, EMPTY] and cls[0, 3].tolist() == [
@@ -166,11 +167,11 @@ def test_budget_falls_back_to_the_static_map(monkeypatch):
   q, k, v, d_out, _ = backend_cases.make_inputs(p)
   seg = documents([[100]], 256)
   plan = make_plan(masks.causal(), SequenceLayout(256, 64), SequenceLayout(256, 64))
-  assert ops._segment_map("triton", plan, seg, seg, 2) is not None
-  assert ops._segment_map("xla", plan, seg, seg, 2) is None
-  assert ops._segment_map("mosaic", plan, seg, seg, 2) is None  # TPU: the static map
+  assert ops._segment_map("triton", plan, seg, seg) is not None
+  assert ops._segment_map("xla", plan, seg, seg) is None
+  assert ops._segment_map("mosaic", plan, seg, seg) is None  # TPU: the static map
   monkeypatch.setattr(ops, "_SEGMENT_MAP_BUDGET", 4)
-  assert ops._segment_map("triton", plan, seg, seg, 2) is None
+  assert ops._segment_map("triton", plan, seg, seg) is None
   _check(q, k, v, d_out, masks.causal(), seg, seg, "triton", interpret=True)
 
 
@@ -211,3 +212,17 @@ def test_numpy_segment_ids_inside_jit(backend, kwargs):
   run = lambda s: jax.jit(lambda q, k, v: jsa.attention(q, k, v, masks.causal(), segment_ids=s,
                                                         backend=backend, **kwargs))(q, k, v)
   np.testing.assert_allclose(np.asarray(run(seg)), np.asarray(run(jnp.asarray(seg))), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
+def test_documents_lower_for_gpu(backend):
+  """The maps rows shared by the heads, forward and backward (GQA), lowered for CUDA on CPU."""
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+  loss = lambda q, k, v, s: jnp.sum(jsa.attention(q, k, v, masks.causal(), segment_ids=s,
+                                                  backend=backend).astype(jnp.float32))
+  from pallas_kernels.gpu import export_for_gpu
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(2, 1000, 8, 64), S(2, 1000, 2, 64),
+                        S(2, 1000, 2, 64), seg).mlir_module()
+  kind = "@mosaic_gpu_v2(" if backend == "mosaic_gpu" else "__gpu$xla.gpu.triton"
+  assert text.count(kind) >= 3

@@ -541,12 +541,15 @@ def _counts_array(counts, full_counts, group_ends):
   return jnp.pad(arr, [(0, 0)] * (arr.ndim - 1) + [(0, width - arr.shape[-1])])
 
 
-def _map_inputs(ids, counts, full_counts, group_ends, sub: int, group: int = 0):
+def _map_inputs(ids, counts, full_counts, group_ends, sub: int, group: int = 0,
+                grid_heads: int = 1):
   """The block map rows (ids, counts) and their BlockSpecs for a grid over kernel tiles.
 
   Runtime maps (`BlockMap.is_runtime`: [batch, heads, rows, ...]) give each program its
   (batch, head)'s row, grid axis 1 running over batch x heads; with ``group`` (dK/dV) over
-  batch x kv heads, each program gets the rows of its GQA group's query heads: [group, ...]."""
+  batch x kv heads, each program gets the rows of its GQA group's query heads: [group, ...].
+  Rows shared by every head ([batch, 1, rows, ...], `BlockMap.shares_heads`): each program
+  its batch element's row, grid axis 1 running over batch x `grid_heads`."""
   counts = _counts_array(counts, full_counts, group_ends)
   ids = jnp.asarray(ids)
   if ids.ndim == 2:
@@ -554,6 +557,11 @@ def _map_inputs(ids, counts, full_counts, group_ends, sub: int, group: int = 0):
             [pl.BlockSpec((None, ids.shape[1]), lambda i, j: (i // sub, 0)),
              pl.BlockSpec((None, counts.shape[1]), lambda i, j: (i // sub, 0))])
   b, h, rows = ids.shape[:3]
+  if h == 1:  # one row per batch element
+    flat = lambda x: x.reshape(b, rows, x.shape[-1])
+    spec = lambda x: pl.BlockSpec((None, None, x.shape[-1]),
+                                  lambda i, j: (j // grid_heads, i // sub, 0))
+    return [flat(ids), flat(counts)], [spec(ids), spec(counts)]
   if not group:
     flat = lambda x: x.reshape(b * h, rows, x.shape[-1])
     spec = lambda x: pl.BlockSpec((None, None, x.shape[-1]), lambda i, j: (j, i // sub, 0))
@@ -608,7 +616,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec,
                                                tq, tk, True)
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
-                                      bmap.kv_group_ends, plan.block_q // tq)
+                                      bmap.kv_group_ends, plan.block_q // tq, grid_heads=h)
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                              block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d,
                              allow_tf32=cfg.allow_tf32)
@@ -754,7 +762,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // h, spec,
                                                tq, tk, True)
   map_arrays, map_specs = _map_inputs(bmap.kv_ids, bmap.kv_counts, bmap.kv_full_counts,
-                                      bmap.kv_group_ends, plan.block_q // tq)
+                                      bmap.kv_group_ends, plan.block_q // tq, grid_heads=h)
   bh = lambda j: (j // h, j % h)
   q_spec = _tile_spec(spec, sq, tq, dpad, bh)
   row_spec = _vector_spec(spec, sq, tq, bh)
@@ -779,7 +787,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   spec, mask_arrays, mask_specs = _mask_inputs(plan, q_seg, kv_seg, lambda j: j // hkv, spec,
                                                tk, tq, False)
   map_arrays, map_specs = _map_inputs(bmap.q_ids, bmap.q_counts, bmap.q_full_counts,
-                                      bmap.q_group_ends, plan.block_kv // tk, group=g)
+                                      bmap.q_group_ends, plan.block_kv // tk, group=g,
+                                      grid_heads=hkv)
   if g == 1:
     q_all = pl.BlockSpec((None, sq, None, dpad), lambda i, j: (j // hkv, 0, j % hkv, 0))
     rows_all = pl.BlockSpec((None, None, sq), lambda i, j: (j // hkv, j % hkv, 0))
@@ -790,7 +799,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                         block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d, group=g,
-                        allow_tf32=cfg.allow_tf32, per_head=bmap.is_runtime),
+                        allow_tf32=cfg.allow_tf32,
+                        per_head=bmap.is_runtime and not bmap.shares_heads),
       grid=(plan.kv_layout.padded_len // tk, b * hkv),
       in_specs=map_specs + [q_all, kv_spec, kv_spec, q_all, rows_all, rows_all] + mask_specs,
       out_specs=[kv_spec, kv_spec],

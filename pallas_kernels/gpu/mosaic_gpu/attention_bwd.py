@@ -91,7 +91,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
-            with_dq: bool = True, direct: bool = False, segments_full: bool = False):
+            with_dq: bool = True, direct: bool = False, segments_full: bool = False,
+            shared: bool = False):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
@@ -116,6 +117,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     kv_block = jnp.where(live, kv_block, 0)
     first = items_ref[batch, kv_head, item, 1] * chunk
     heads = [kv_head * groups + j for j in range(groups)]
+    if shared:  # one row per batch element, shared by every head
+      heads = [0] * groups
     count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
     entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
                for j in range(groups)]
@@ -417,7 +420,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if runtime:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
     chunk = _chunk(bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks)
-    items = _runtime_items(bmap.q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
+    q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows too
+    items = _runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
   else:
     counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
     host_items, chunk = _work_items(counts[:, 1]), 0
@@ -434,7 +438,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
-      with_dq=not separate, direct=direct, segments_full=runtime and bmap.segments_full)
+      with_dq=not separate, direct=direct, segments_full=runtime and bmap.segments_full,
+      shared=runtime and bmap.shares_heads)
   mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),

@@ -52,7 +52,8 @@ def mma_add(acc, a, b):
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
-            runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False):
+            runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
+            shared: bool = False):
   """CTA (q block in visiting order, query head, batch). order [n_q blocks]; ids [n_q blocks,
   max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
   rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
@@ -65,9 +66,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   head, batch = lax.axis_index("head"), lax.axis_index("batch")
   q_block = order_ref[lax.axis_index("q")]
   kv_head = lax.div(head, groups)
-  if runtime:
-    count = lambda c: counts_ref[batch, head, q_block, c]
-    kv_block = lambda e: ids_ref[batch, head, q_block, e]
+  if runtime:  # rows per (batch, head), or per batch (``shared`` by every head)
+    row_head = 0 if shared else head
+    count = lambda c: counts_ref[batch, row_head, q_block, c]
+    kv_block = lambda e: ids_ref[batch, row_head, q_block, e]
   else:
     count = lambda c: counts_ref[q_block, c]
     kv_block = lambda e: ids_ref[q_block, e]
@@ -218,7 +220,7 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=stages, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
-      segments_full=runtime and bmap.segments_full)
+      segments_full=runtime and bmap.segments_full, shared=bmap.shares_heads)
   mesh = plgpu.Mesh(grid=(bmap.num_q_blocks, h, b), grid_names=("q", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   return pl.kernel(

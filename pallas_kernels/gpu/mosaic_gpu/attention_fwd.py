@@ -73,7 +73,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
-            segments_full: bool = False):
+            segments_full: bool = False, map_heads: int = 1):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -123,8 +123,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
   def row(qi, head, batch):
     """The map row of an item: its q block's, or with a runtime map (``per_head``: rows per
-    batch, head and q block) its own."""
-    return (batch * heads + head) * n_q_blocks + qi if per_head else qi
+    batch, `map_heads` heads (1: shared by every head) and q block) its own."""
+    if not per_head:
+      return qi
+    return (batch * map_heads + (head if map_heads > 1 else 0)) * n_q_blocks + qi
 
   def loads(qi, head, batch):
     """KV tiles the memory warpgroup loads for an item."""
@@ -651,7 +653,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
       mma_width=width, split=split is not None, box=box, window=window is not None,
       mask_fn=plan.mask_fn, segments=q_seg is not None, per_head=runtime,
-      segments_full=runtime and walked.segments_full)
+      segments_full=runtime and walked.segments_full,
+      map_heads=walked.kv_ids.shape[1] if runtime else 1)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
