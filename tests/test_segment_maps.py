@@ -91,10 +91,9 @@ CASES = {
     "window_sink": masks.causal() & (masks.sliding_window(300) | masks.sink(4)),
     "masked_rows": masks.causal(offset=-5),
 }
-BACKENDS = {
+BACKENDS = {  # the TPU kernels keep the static map: their segment tests are in test_tpu_kernels
     "triton": dict(interpret=True),
     "mosaic_gpu": dict(interpret=True),
-    "mosaic": dict(interpret=True),
     "xla": {},
 }
 
@@ -129,11 +128,11 @@ def _check(q, k, v, d_out, mask, q_seg, kv_seg, backend, **kwargs):
 def test_documents(backend, mask):
   """Forward, lse and gradients with documents (GQA 4/2, bf16 on the GPU kernels); the map
   the GPU backends build drops blocks and has full ones (so the test covers the skipped
-  test); XLA and TPU keep the static map and test ids on every block."""
+  test); XLA keeps the static map and tests ids on every block."""
   if backend == "mosaic_gpu" and mask == "masked_rows":
     pytest.skip("rows that see nothing: covered on the other backends and in "
                 "test_mosaic_gpu_backward; this keeps the interpret-mode time down")
-  dtype = jnp.float32 if backend in ("xla", "mosaic") else jnp.bfloat16
+  dtype = jnp.float32 if backend == "xla" else jnp.bfloat16
   p = dict(batch=2, sq=512, skv=512, heads=4, kv_heads=2, head_dim=64, dtype=dtype, seed=5)
   q, k, v, d_out, _ = backend_cases.make_inputs(p)
   seg = documents(CUTS, 512)
