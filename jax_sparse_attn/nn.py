@@ -297,7 +297,9 @@ class SparseAttention(nnx.Module):
 
   ``mask``: a `jax_sparse_attn.masks` spec, e.g. ``causal() & (sliding_window(w) | sink(4))``.
   ``__call__(x, segment_ids=None)``; segment ids [batch, seq] restrict attention to packed
-  documents (and restart RoPE positions per document when ``positions`` is not given).
+  documents. RoPE positions default to 0..seq-1 (``positions`` [batch, seq] to give others):
+  rotary scores depend on q - k positions only, so within a document this equals restarting
+  them per document.
   ``context_axis``: a mesh axis that shards the sequence under `jax.set_mesh` (context
   parallelism, `jax_sparse_attn.context_parallel`); ignored without a mesh.
   """
