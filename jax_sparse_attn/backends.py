@@ -47,6 +47,9 @@ class Backend(NamedTuple):
   # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
   # forward(..., block_map=) / backward(..., block_map=).
   runtime_maps: bool = False
+  # Bytes a runtime map's rows of one block (over the batch, 4 bytes an entry) may take: the
+  # TPU kernels scalar-prefetch them (0: no limit).
+  map_block_bytes: int = 0
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None):

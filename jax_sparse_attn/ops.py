@@ -282,17 +282,20 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
 
 def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg):
   """The runtime block map of packed documents (`block_map.from_segments`) where segment ids
-  are given to a GPU kernel backend and the map stays small; else None
+  are given to a kernel backend and the map stays small; else None
   (the plan's static map, segment ids tested on every visited block)."""
   from . import block_map as block_map_lib
   bmap = plan.block_map
-  # Not on TPU: its maps are scalar-prefetched, and rows per batch and head multiply their
-  # size (`mosaic_attention._SMEM_MAP_BUDGET`); the static map's segment test stays there.
-  if (q_seg is None or not SEGMENT_BLOCK_MAPS or backend not in ("triton", "mosaic_gpu")
+  if (q_seg is None or not SEGMENT_BLOCK_MAPS
+      or backend not in ("triton", "mosaic_gpu", "mosaic")
       or not _get_backend(backend).runtime_maps or bmap.partial_groups != (None,)
       or bmap.num_visited == 0):
     return None
-  if q_seg.shape[0] * bmap.num_q_blocks * bmap.num_kv_blocks > _SEGMENT_MAP_BUDGET:
+  b = q_seg.shape[0]
+  if b * bmap.num_q_blocks * bmap.num_kv_blocks > _SEGMENT_MAP_BUDGET:
+    return None
+  limit = _get_backend(backend).map_block_bytes  # TPU: a block's rows in scalar memory
+  if limit and 4 * (max(bmap.max_kv, bmap.max_q) + 2) * b > limit:
     return None
   return block_map_lib.from_segments(q_seg, kv_seg, bmap)
 

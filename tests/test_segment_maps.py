@@ -91,9 +91,10 @@ CASES = {
     "window_sink": masks.causal() & (masks.sliding_window(300) | masks.sink(4)),
     "masked_rows": masks.causal(offset=-5),
 }
-BACKENDS = {  # the TPU kernels keep the static map: their segment tests are in test_tpu_kernels
+BACKENDS = {
     "triton": dict(interpret=True),
     "mosaic_gpu": dict(interpret=True),
+    "mosaic": dict(interpret=True),
     "xla": {},
 }
 
@@ -128,11 +129,11 @@ def _check(q, k, v, d_out, mask, q_seg, kv_seg, backend, **kwargs):
 def test_documents(backend, mask):
   """Forward, lse and gradients with documents (GQA 4/2, bf16 on the GPU kernels); the map
   the GPU backends build drops blocks and has full ones (so the test covers the skipped
-  test); XLA keeps the static map and tests ids on every block."""
-  if backend == "mosaic_gpu" and mask == "masked_rows":
+  test; the TPU kernels too); XLA keeps the static map and tests ids on every block."""
+  if backend in ("mosaic_gpu", "mosaic") and mask == "masked_rows":
     pytest.skip("rows that see nothing: covered on the other backends and in "
                 "test_mosaic_gpu_backward; this keeps the interpret-mode time down")
-  dtype = jnp.float32 if backend == "xla" else jnp.bfloat16
+  dtype = jnp.float32 if backend in ("xla", "mosaic") else jnp.bfloat16
   p = dict(batch=2, sq=512, skv=512, heads=4, kv_heads=2, head_dim=64, dtype=dtype, seed=5)
   q, k, v, d_out, _ = backend_cases.make_inputs(p)
   seg = documents(CUTS, 512)
@@ -168,7 +169,6 @@ def test_budget_falls_back_to_the_static_map(monkeypatch):
   plan = make_plan(masks.causal(), SequenceLayout(256, 64), SequenceLayout(256, 64))
   assert ops._segment_map("triton", plan, seg, seg) is not None
   assert ops._segment_map("xla", plan, seg, seg) is None
-  assert ops._segment_map("mosaic", plan, seg, seg) is None  # TPU: the static map
   monkeypatch.setattr(ops, "_SEGMENT_MAP_BUDGET", 4)
   assert ops._segment_map("triton", plan, seg, seg) is None
   _check(q, k, v, d_out, masks.causal(), seg, seg, "triton", interpret=True)
@@ -225,3 +225,16 @@ def test_documents_lower_for_gpu(backend):
                         S(2, 1000, 2, 64), seg).mlir_module()
   kind = "@mosaic_gpu_v2(" if backend == "mosaic_gpu" else "__gpu$xla.gpu.triton"
   assert text.count(kind) >= 3
+
+
+def test_documents_lower_for_tpu():
+  """The shared-rows map on the TPU kernels (scalar-prefetched), forward and backward, lowered
+  for TPU on CPU."""
+  from pallas_kernels.tpu import export_for_tpu
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+  loss = lambda q, k, v, s: jnp.sum(jsa.attention(q, k, v, masks.causal(), segment_ids=s,
+                                                  backend="mosaic").astype(jnp.float32))
+  text = export_for_tpu(jax.grad(loss, argnums=(0, 1, 2)), S(2, 1024, 4, 128),
+                        S(2, 1024, 2, 128), S(2, 1024, 2, 128), seg).mlir_module()
+  assert text.count("tpu_custom_call") >= 3

@@ -54,6 +54,14 @@ class _MaskSpec:
   num_dims: int
   mask_fn: object
   has_segments: bool
+  # Full blocks hold one segment id on both sides (a runtime map from segment ids,
+  # `BlockMap.segments_full`): no segment test there.
+  segments_full: bool = False
+
+  @property
+  def full_masked(self) -> bool:
+    """Whether full blocks need the element test (segment ids on every block)."""
+    return self.has_segments and not self.segments_full
 
 
 def _tile_mask(spec: _MaskSpec, q_lo_ref, q_hi_ref, kv_c_ref, q_seg_ref, kv_seg_ref, q_start,
@@ -108,12 +116,12 @@ def _split_refs(refs, has_segments):
   return mask, refs[n:]
 
 
-def _full_then_partial(step, n_full, count, update, has_segments):
-  """Grid step `step` of a map row: full blocks (masked only for segments), then partial ones;
-  padding steps (step >= count) do nothing."""
+def _full_then_partial(step, n_full, count, update, full_masked):
+  """Grid step `step` of a map row: full blocks (masked only for segment ids tested there,
+  `_MaskSpec.full_masked`), then partial ones; padding steps (step >= count) do nothing."""
   @pl.when(step < n_full)
   def _full():
-    update(masked=has_segments)
+    update(masked=full_masked)
 
   @pl.when((step >= n_full) & (step < count))
   def _partial():
@@ -126,11 +134,12 @@ def _full_then_partial(step, n_full, count, update, has_segments):
 
 def _map_row(rows, bb, hh, i):
   """A grid step's map row: its block's, or with a runtime map (``rows``: (heads, blocks)
-  per batch, `BlockMap.is_runtime`) its (batch, head, block)'s."""
+  per batch, `BlockMap.is_runtime`; one head: rows every head shares) its (batch, head,
+  block)'s."""
   if rows is None:
     return i
   heads, blocks = rows
-  return (bb * heads + hh) * blocks + i
+  return (bb * heads + (hh if heads > 1 else 0)) * blocks + i
 
 
 def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq, bk,
@@ -166,7 +175,7 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
                              preferred_element_type=jnp.float32)
     acc_sc[...] = alpha[:, :1] * acc_sc[...] + pv
 
-  _full_then_partial(j, n_full, count, update, spec.has_segments)
+  _full_then_partial(j, n_full, count, update, spec.full_masked)
 
   @pl.when(j == max_kv - 1)
   def _finish():
@@ -249,7 +258,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   bq, bk = plan.block_q, plan.block_kv
   bmap, rows, _ = _runtime_map(plan, block_map)
   max_kv = bmap.max_kv
-  spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
+  spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
+                   block_map is not None and bmap.segments_full)
   qt, kt, vt = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v)
   outs = []
   for b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs in _forward_map_chunks(
@@ -314,7 +324,7 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
     dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, NN,
                                       preferred_element_type=jnp.float32)
 
-  _full_then_partial(j, n_full, count, update, spec.has_segments)
+  _full_then_partial(j, n_full, count, update, spec.full_masked)
 
   @pl.when(j == max_kv - 1)
   def _finish():
@@ -351,7 +361,7 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
     dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, TN,
                                       preferred_element_type=jnp.float32)
 
-  _full_then_partial(entry, n_full, count, update, spec.has_segments)
+  _full_then_partial(entry, n_full, count, update, spec.full_masked)
 
   @pl.when(t == max_q * group - 1)
   def _finish():
@@ -368,7 +378,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   g = h // hkv
   bq, bk = plan.block_q, plan.block_kv
   bmap, rows, t_rows = _runtime_map(plan, block_map)
-  spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None)
+  spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
+                   block_map is not None and bmap.segments_full)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = (delta.transpose(0, 2, 1) - d_lse)[..., None]  # [b, h, sq, 1]
   lse4 = lse[..., None]
