@@ -65,7 +65,16 @@ seg = jnp.asarray(np.repeat([0, 1], s // 2)[None], jnp.int32)
 out = jsa.attention(q, k, v, lm, segment_ids=seg)
 ref = jsa.attention(q, k, v, lm, segment_ids=seg, backend="reference")
 print("LM mask (window 32 | 4 sinks, two documents): max |diff|",
-      float(jnp.max(jnp.abs(out - ref))))'''),
+      float(jnp.max(jnp.abs(out - ref))))
+# On the kernel backends the documents shape the block map: block pairs of different
+# documents are skipped (here the sink block for the second document's queries).
+from jax_sparse_attn import block_map
+from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.plan import make_plan
+static = make_plan(lm, SequenceLayout(s, 32), SequenceLayout(s, 32)).block_map
+docs = block_map.from_segments(seg, seg, static)
+print("blocks visited: the mask's map", static.num_visited, "| with the documents",
+      int(docs.kv_counts.sum()))'''),
       new_markdown_cell("## A mask and its block map\nLeft: which keys each query sees. Right: "
                         "the blocks a kernel visits (full blocks run with no mask work, "
                         "partial ones test the mask)."),
