@@ -636,12 +636,16 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       width = onehot.shape[1]
   padded = tuple(g * t for g, t in zip(qb.grid, qb.tile))
   items = bmap.num_q_blocks * h * b
-  # Runtime maps: persistent where rows are short (at most 8 blocks, as packed documents
-  # under a sliding window), where the saved per-item start-up outweighs the imbalance.
+  # Runtime maps of documents (rows shared by the heads): persistent where rows are short (at
+  # most 8 blocks, as under a sliding window; H200, LM layer 0.28 vs 0.29 ms, causal window
+  # 512 0.19 vs 0.22, docs/experiments/h200-2026-11-29-lm-forward.json); routed maps (rows
+  # per head, lengths unknown until run time) one program per item.
   if cfg.persistent is not None:
     persistent = cfg.persistent
+  elif runtime:
+    persistent = walked.shares_heads and walked.max_kv <= 8
   else:
-    persistent = walked.max_kv <= 8 if runtime else _persistent_default(row_counts)
+    persistent = _persistent_default(row_counts)
   programs = min(items, _programs(cfg, interpret)) if persistent else items
   box = None
   if box_ok:
