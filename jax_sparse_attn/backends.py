@@ -47,9 +47,13 @@ class Backend(NamedTuple):
   # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
   # forward(..., block_map=) / backward(..., block_map=).
   runtime_maps: bool = False
-  # Bytes a runtime map's rows of one block (over the batch, 4 bytes an entry) may take: the
-  # TPU kernels scalar-prefetch them (0: no limit).
-  map_block_bytes: int = 0
+  # Takes the runtime maps of segment ids (`block_map.from_segments`: rows shared by every
+  # head, full blocks with no segment test), where they skip work (not the XLA scan, which
+  # walks the static map's width either way).
+  segment_maps: bool = False
+  # (row width, rows per block) -> whether a runtime map's block fits the kernels (the TPU
+  # kernels scalar-prefetch it), or None: any does.
+  runtime_map_fits: Callable[[int, int], bool] | None = None
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None):

@@ -286,16 +286,16 @@ def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg):
   (the plan's static map, segment ids tested on every visited block)."""
   from . import block_map as block_map_lib
   bmap = plan.block_map
-  if (q_seg is None or not SEGMENT_BLOCK_MAPS
-      or backend not in ("triton", "mosaic_gpu", "mosaic")
-      or not _get_backend(backend).runtime_maps or bmap.partial_groups != (None,)
-      or bmap.num_visited == 0):
+  if q_seg is None or not SEGMENT_BLOCK_MAPS or backend == "reference":  # (not registered)
+    return None
+  impl = _get_backend(backend)
+  if not impl.segment_maps or bmap.partial_groups != (None,) or bmap.num_visited == 0:
     return None
   b = q_seg.shape[0]
   if b * bmap.num_q_blocks * bmap.num_kv_blocks > _SEGMENT_MAP_BUDGET:
     return None
-  limit = _get_backend(backend).map_block_bytes  # TPU: a block's rows in scalar memory
-  if limit and 4 * (max(bmap.max_kv, bmap.max_q) + 2) * b > limit:
+  fits = impl.runtime_map_fits  # TPU: a block's rows in scalar memory
+  if fits is not None and not fits(max(bmap.max_kv, bmap.max_q), b):
     return None
   return block_map_lib.from_segments(q_seg, kv_seg, bmap)
 

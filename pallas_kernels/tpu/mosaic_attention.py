@@ -203,13 +203,25 @@ def _runtime_map(plan: AttentionPlan, block_map):
 _SMEM_MAP_BUDGET = 512 * 1024
 
 
+def _block_bytes(width: int, rows: int) -> int:
+  """Scalar memory of one block's map rows: `rows` rows of `width` ids, a count and a full
+  count each, int32."""
+  return 4 * (width + 2) * rows
+
+
+def map_block_fits(width: int, rows: int) -> bool:
+  """Whether one block's map rows fit `_SMEM_MAP_BUDGET` (longer maps run in chunks of
+  blocks, `_chunks`; a block over it cannot run)."""
+  return _block_bytes(width, rows) <= _SMEM_MAP_BUDGET
+
+
 def _chunks(ids, counts, full, runtime: bool, what: str):
   """[(first block, blocks, (ids, counts, full) of those rows)] so that each chunk's
   prefetched map fits `_SMEM_MAP_BUDGET`: one chunk for all but very long maps. Rows are
   the map's last-but-one axis (runtime maps: [batch, heads, blocks, width])."""
   ids, counts, full = (jnp.asarray(x) for x in (ids, counts, full))
   n, width = ids.shape[-2], ids.shape[-1]
-  per_block = 4 * (width + 2) * (ids.shape[0] * ids.shape[1] if runtime else 1)
+  per_block = _block_bytes(width, ids.shape[0] * ids.shape[1] if runtime else 1)
   size = _SMEM_MAP_BUDGET // per_block
   if size < 1:
     raise ValueError(
@@ -259,7 +271,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   bmap, rows, _ = _runtime_map(plan, block_map)
   max_kv = bmap.max_kv
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
-                   block_map is not None and bmap.segments_full)
+                   bmap.segments_full)
   qt, kt, vt = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v)
   outs = []
   for b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs in _forward_map_chunks(
@@ -379,7 +391,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   bq, bk = plan.block_q, plan.block_kv
   bmap, rows, t_rows = _runtime_map(plan, block_map)
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
-                   block_map is not None and bmap.segments_full)
+                   bmap.segments_full)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = (delta.transpose(0, 2, 1) - d_lse)[..., None]  # [b, h, sq, 1]
   lse4 = lse[..., None]

@@ -116,9 +116,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     live = kv_block < counts_ref.shape[2]
     kv_block = jnp.where(live, kv_block, 0)
     first = items_ref[batch, kv_head, item, 1] * chunk
-    heads = [kv_head * groups + j for j in range(groups)]
-    if shared:  # one row per batch element, shared by every head
-      heads = [0] * groups
+    # Each query head's map row: its own, or (``shared``) its batch element's.
+    heads = [0] * groups if shared else [kv_head * groups + j for j in range(groups)]
     count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
     entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
                for j in range(groups)]
@@ -438,8 +437,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
-      with_dq=not separate, direct=direct, segments_full=runtime and bmap.segments_full,
-      shared=runtime and bmap.shares_heads)
+      with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
+      shared=bmap.shares_heads)
   mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),

@@ -220,7 +220,7 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=stages, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
-      segments_full=runtime and bmap.segments_full, shared=bmap.shares_heads)
+      segments_full=bmap.segments_full, shared=bmap.shares_heads)
   mesh = plgpu.Mesh(grid=(bmap.num_q_blocks, h, b), grid_names=("q", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   return pl.kernel(

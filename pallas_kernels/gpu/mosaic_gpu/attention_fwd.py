@@ -657,7 +657,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
       mma_width=width, split=split is not None, box=box, window=window is not None,
       mask_fn=plan.mask_fn, segments=q_seg is not None, per_head=runtime,
-      segments_full=runtime and walked.segments_full,
+      segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1)
   out, lse = plgpu.kernel(
       kernel,
