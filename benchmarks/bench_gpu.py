@@ -49,6 +49,20 @@ def inputs(shape_q, shape_kv, dtype, seed=0):
   return q, k, v, do
 
 
+def documents(b, s, n=4, seed=0):
+  """Segment ids [b, s] int32 (host NumPy: a constant under jit) of `n` packed documents of
+  random lengths per batch row."""
+  rng = np.random.default_rng(seed)
+  cuts = np.sort(rng.integers(1, s, (b, n - 1)), axis=1)
+  return (np.arange(s)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
+
+
+def document_pairs(seg) -> np.ndarray:
+  """Causal (query, key) pairs inside the documents of each batch row of `seg` [b, s]."""
+  return np.array([sum(int(m) * (int(m) + 1) // 2 for m in np.bincount(row))
+                   for row in np.asarray(seg)])
+
+
 def fwd_bwd(fn):
   """Jitted f(*inputs, do) -> (out, gradient of every input) via vjp: (out, dq, dk, dv) for
   fn(q, k, v)."""

@@ -23,16 +23,10 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from pallas_kernels.gpu import MosaicGPUConfig
 
-from .bench_gpu import fwd_bwd, header, inputs, record, rel, timeit, write_results
+from .bench_gpu import (document_pairs, documents, fwd_bwd, header, inputs, record, rel,
+                        timeit, write_results)
 
 LM_MASK = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
-
-
-def documents(b, s, n=4, seed=0):
-  """Segment ids of `n` packed documents of random lengths per batch row."""
-  rng = np.random.default_rng(seed)
-  cuts = np.sort(rng.integers(1, s, (b, n - 1)), axis=1)
-  return jnp.asarray((np.arange(s)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32)
 
 
 def _blocks(mask, s):
@@ -213,7 +207,7 @@ def section_perf(dtype, iters, only, d=128):
     cls = np.asarray(block_map_lib.segment_classes(seg, seg, static))
     visited = int((cls > 0).sum())
     bound = b * static.num_visited / visited
-    pairs = sum(int(n) * (int(n) + 1) // 2 for row in np.asarray(seg) for n in np.bincount(row))
+    pairs = int(document_pairs(seg).sum())
     useful = 4 * h * d * pairs
     name = "causal, 4 documents, S=16384 B=2"
     _perf_documents(name, masks.causal(), seg, q, k, v, do, useful, iters, bound=bound,

@@ -37,7 +37,7 @@ from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import make_plan
 
-from .bench_gpu import fwd_bwd, inputs
+from .bench_gpu import document_pairs, documents, fwd_bwd, inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +108,10 @@ def _documents(b, s, h, d, n=4, seed=0):
   ids): the GPU kernels skip the blocks of different documents (`block_map.from_segments`).
   Pairs and the bound are batch means."""
   from jax_sparse_attn import block_map as block_map_lib
-  rng = np.random.default_rng(seed)
-  cuts = np.sort(rng.integers(1, s, (b, n - 1)), axis=1)
-  seg = (np.arange(s)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
+  seg = documents(b, s, n, seed)
   static = make_plan(masks.causal(), SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map
   cls = np.asarray(block_map_lib.segment_classes(seg, seg, static))
-  pairs = float(np.mean([sum(m * (m + 1) // 2 for m in np.bincount(row)) for row in seg]))
+  pairs = float(np.mean(document_pairs(seg)))
   bound = static.num_q_blocks * static.num_kv_blocks / ((cls > 0).sum() / b)
   run = lambda q, k, v, be: jsa.attention(q, k, v, masks.causal(), segment_ids=seg, backend=be)
   return Case("documents", f"causal, {n} packed documents, S={s}", (b, s, h, d), (b, s, h, d),

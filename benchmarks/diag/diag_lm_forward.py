@@ -22,7 +22,8 @@ from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig, triton_attention
 from pallas_kernels.gpu.mosaic_gpu import attention_fwd
 
-from ..bench_hopper_backward import LM_MASK, documents
+from ..bench_gpu import documents
+from ..bench_hopper_backward import LM_MASK
 
 FORMS = (None, "each", "and")  # attention_fwd.TEST_FORM (None: the default rule)
 
