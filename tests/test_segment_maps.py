@@ -159,6 +159,19 @@ def test_documents_cross_attention_and_unordered_ids():
   _check(q, k, v, d_out, masks.causal(offset=133), q_seg, kv_seg, "triton", interpret=True)
 
 
+def test_documents_cross_attention_mosaic_gpu():
+  """The Hopper backward walks a documents' map with the static map's work items: KV blocks
+  whose ids meet no query (batch 0's second block) get zero dK/dV, others their clipped
+  lists; q and kv lengths differ."""
+  p = dict(batch=2, sq=512, skv=384, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
+           seed=5)
+  q, k, v, d_out, _ = backend_cases.make_inputs(p)
+  q_seg = documents([[200], [130, 300]], 512)
+  kv_seg = jnp.asarray([[0] * 128 + [7] * 128 + [1] * 128, [0] * 100 + [1] * 150 + [2] * 134],
+                       jnp.int32)
+  _check(q, k, v, d_out, masks.full(), q_seg, kv_seg, "mosaic_gpu", interpret=True)
+
+
 def test_budget_falls_back_to_the_static_map(monkeypatch):
   """Past the map budget (or with the switch off) segment ids are tested on every block of
   the static map: the same numbers."""

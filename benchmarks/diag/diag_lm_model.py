@@ -14,8 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jax_sparse_attn as jsa
-from jax_sparse_attn import masks, ops
+from jax_sparse_attn import block_map, masks, ops
+from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.plan import make_plan
 from jax_sparse_attn.demo import time_ms
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd as bwd
 from models import causal_lm
 
 from ..bench_gpu import fwd_bwd
@@ -25,6 +28,7 @@ from ..bench_models import BF16, step_time
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--backends", default="auto,mosaic_gpu,triton,dense")
+  parser.add_argument("--parts", default="model,attention")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = []
@@ -34,7 +38,7 @@ def main():
     print(json.dumps(row), flush=True)
 
   tokens, seg = next(causal_lm.synthetic_batches(2, 8192, vocab=256))
-  for backend in args.backends.split(","):
+  for backend in args.backends.split(",") if "model" in args.parts else ():
     try:
       model = causal_lm.CausalLM(vocab=256, dim=512, depth=4, heads=8, kv_heads=2, window=512,
                                  backend=backend, attn_dtype=BF16, rngs=nnx.Rngs(0))
@@ -57,16 +61,27 @@ def main():
           q, k, v, is_causal=True, implementation="cudnn", local_window_size=(511, 0)),
   }
   for backend in ("mosaic_gpu", "triton"):
-    for label, maps in (("documents", True), ("documents, static map", False)):
-      def fn(q, k, v, backend=backend, maps=maps):
-        saved, ops.SEGMENT_BLOCK_MAPS = ops.SEGMENT_BLOCK_MAPS, maps
+    labels = [("documents", True, True), ("documents, static map", False, True)]
+    if backend == "mosaic_gpu":
+      labels.append(("documents, runtime work items", True, False))
+    for label, maps, static_items in labels:
+      def fn(q, k, v, backend=backend, maps=maps, static_items=static_items):
+        saved = ops.SEGMENT_BLOCK_MAPS, bwd.SHARED_STATIC_ITEMS
+        ops.SEGMENT_BLOCK_MAPS, bwd.SHARED_STATIC_ITEMS = maps, static_items
         try:
           return jsa.attention(q, k, v, mask, segment_ids=ids, backend=backend)
         finally:
-          ops.SEGMENT_BLOCK_MAPS = saved
+          ops.SEGMENT_BLOCK_MAPS, bwd.SHARED_STATIC_ITEMS = saved
       variants[f"{backend}: {label}"] = fn
     variants[f"{backend}: no documents"] = (
         lambda q, k, v, backend=backend: jsa.attention(q, k, v, mask, backend=backend))
+    variants[f"{backend}: causal (the bound's base)"] = (
+        lambda q, k, v, backend=backend: jsa.attention(q, k, v, masks.causal(), backend=backend))
+  blocks = lambda m: make_plan(m, SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map
+  lm, causal = blocks(mask), blocks(masks.causal())
+  docs = block_map.from_segments(ids, ids, lm)
+  record(part="blocks (128²)", lm=int(lm.num_visited), causal=int(causal.num_visited),
+         lm_documents_per_batch=float(jnp.sum(docs.kv_counts)) / b)
   for label, fn in variants.items():
     try:
       record(part="attention at the model's shapes", variant=label,

@@ -66,6 +66,9 @@ STAGES = 2  # Q/dO slots of the memory warpgroup's ring
 # (H=16, D=128): backward 3.48 vs 3.84 ms (docs/experiments/h200-2026-11-29-direct-dkv.json);
 # causal S=16384 splits KV blocks into several items, unchanged.
 DIRECT_DKV = True
+# Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
+# device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
+SHARED_STATIC_ITEMS = True
 
 
 def picks_mosaic(plan: AttentionPlan) -> bool:
@@ -123,6 +126,12 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                for j in range(groups)]
     full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
     q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
+  elif shared:  # the static map's items over a runtime map that only drops its blocks
+    kv_block, first = items_ref[item, 0], items_ref[item, 1]
+    count = lambda c: counts_ref[batch, 0, kv_block, c]
+    entries = [jnp.clip(count(1) - first, 0, items_ref[item, 2])] * groups
+    full = [jnp.clip(count(0) - first, 0, entries[0])] * groups
+    q_block = lambda j, e: ids_ref[batch, 0, kv_block, first + e]
   else:
     kv_block, first = items_ref[item, 0], items_ref[item, 1]
     entries = [items_ref[item, 2]] * groups
@@ -416,7 +425,17 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   stages = STAGES
   groups = h // hkv
   zeros = lambda n, heads, dtype=jnp.float32: jnp.zeros((b, n, heads, d), dtype)
-  if runtime:
+  # A documents' map (rows shared by the heads, `block_map.from_segments`) keeps the static
+  # map's Q lists or shortens them: the static map's work items cover it (an item's entries
+  # clipped to its runtime list), one per KV block where the static map has that.
+  shared_items = runtime and bmap.shares_heads and SHARED_STATIC_ITEMS
+  if shared_items:
+    counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
+    host_items, chunk = _work_items(np.asarray(plan.block_map.q_counts)), 0
+    items = jnp.asarray(host_items)
+    if not len(items):
+      return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
+  elif runtime:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
     chunk = _chunk(bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks)
     q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows too
@@ -430,7 +449,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   extras = fwd._extras(plan, b, q_seg, kv_seg)
   separate = _separate_dq(cfg, plan)
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
-  direct = (DIRECT_DKV and separate and not runtime
+  direct = (DIRECT_DKV and separate and (not runtime or shared_items)
             and len(np.unique(host_items[:, 0])) == len(host_items))
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,

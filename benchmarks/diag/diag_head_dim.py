@@ -1,0 +1,59 @@
+"""Head dims 32/64/96/128/256 on the H200: causal attention, S=8192, B=2, H=16, bf16, our
+`mosaic_gpu` and `triton` backends beside cuDNN, forward and fwd+bwd, with a real-size check
+of each of ours against the float32 XLA backend (S=2048) in the same call.
+
+    python -m benchmarks.diag.diag_head_dim --out x.json
+"""
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+from jax_sparse_attn.demo import time_ms
+
+from ..bench_gpu import fwd_bwd, rel
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--head-dims", default="32,64,96,128,256")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  rows = []
+
+  def record(**row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  mask = masks.causal()
+  for d in map(int, args.head_dims.split(",")):
+    ks = jax.random.split(jax.random.PRNGKey(d), 4)
+    make = lambda s: tuple(jax.random.normal(x, (2, s, 16, d), jnp.bfloat16) for x in ks)
+    small, big = make(2048), make(8192)
+    ref = jax.jit(fwd_bwd(lambda q, k, v: jsa.attention(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask,
+        backend="xla")))(*small)
+    impls = {f"ours: {be}": (lambda q, k, v, be=be: jsa.attention(q, k, v, mask, backend=be))
+             for be in ("mosaic_gpu", "triton")}
+    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")
+    for name, fn in impls.items():
+      row = dict(head_dim=d, impl=name)
+      try:
+        got = fwd_bwd(fn)(*small)
+        row["rel_err"] = {n: round(rel(g, r), 5) for n, g, r in zip(("out", "dq", "dk", "dv"),
+                                                                     got, ref)}
+        row["fwd_ms"] = time_ms(jax.jit(fn), *big[:3], iters=10, repeats=5)
+        row["fwd_bwd_ms"] = time_ms(fwd_bwd(fn), *big, iters=10, repeats=5)
+      except Exception as e:  # noqa: BLE001 (a path that fails is a result)
+        row["error"] = repr(e)[:300]
+      record(**row)
+  if args.out:
+    json.dump({"device": str(jax.devices()[0]), "rows": rows}, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
