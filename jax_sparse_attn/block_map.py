@@ -438,6 +438,27 @@ def _packed_rows(cls, num_cols: int):
   return jnp.where(key < 2 * num_cols, key % num_cols, 0).astype(jnp.int32), counts, full
 
 
+def _check_segments(q_seg, kv_seg, static: BlockMap):
+  """q_seg [batch, seq_q] and kv_seg [batch, seq_kv] integer ids that fit the static map's
+  blocks; else a ValueError naming the argument and the rule."""
+  import jax.numpy as jnp
+  out = []
+  for name, seg, blocks, block in (("q_seg", q_seg, static.num_q_blocks, static.block_q),
+                                   ("kv_seg", kv_seg, static.num_kv_blocks, static.block_kv)):
+    seg = jnp.asarray(seg)
+    if seg.ndim != 2 or not jnp.issubdtype(seg.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer [batch, seq] array, got {seg.dtype} "
+                       f"{seg.shape}")
+    if not 0 < seg.shape[1] <= blocks * block:
+      raise ValueError(f"{name} has {seg.shape[1]} positions; the map's {blocks} blocks of "
+                       f"{block} hold 1 to {blocks * block}")
+    out.append(seg)
+  if out[0].shape[0] != out[1].shape[0]:
+    raise ValueError(f"q_seg and kv_seg must have the same batch, got {out[0].shape[0]} and "
+                     f"{out[1].shape[0]}")
+  return out
+
+
 def segment_classes(q_seg, kv_seg, static: BlockMap):
   """[batch, 1, num_q_blocks, num_kv_blocks] int8 classes of (the static map) AND (segment
   ids equal), inside `jax.jit`, from each block's smallest and largest id: a pair of blocks
@@ -447,6 +468,7 @@ def segment_classes(q_seg, kv_seg, static: BlockMap):
   last id, so it changes no range). Exact at block level for packed documents (ids
   ascending); a conservative superset for ids in any order."""
   import jax.numpy as jnp
+  q_seg, kv_seg = _check_segments(q_seg, kv_seg, static)
 
   def ranges(seg, block, n):
     seg = jnp.asarray(seg, jnp.int32)

@@ -91,7 +91,13 @@ def test_attention(mask, sq, skv):
                                                        ("window_sink", 200, True)])
 def test_head_dim_256(mask, head_dim, segments):
   """head_dim 129-256 (padded to 256): the forward on 64-key blocks, the backward on the
-  Triton kernels; `auto` keeps Triton there (not measured yet)."""
+  Triton kernels; `auto` picks it for 1-D masks there (measured), not for neighborhoods."""
+  from pallas_kernels.gpu.mosaic_gpu import config as mg_config
+  pick = lambda m, d: mg_config.supports(m, jnp.bfloat16, d, False, None, None, None, None)
+  assert pick(masks.causal(), 256) and pick(masks.causal(), 160)
+  assert not pick(masks.causal(), 257) and not pick(masks.causal(), 32)
+  assert pick(masks.neighborhood((16, 16), 5), 128)
+  assert not pick(masks.neighborhood((16, 16), 5), 256)
   p = dict(batch=1, sq=200, skv=200, heads=2, kv_heads=1, head_dim=head_dim, mask=mask,
            segments=segments, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)

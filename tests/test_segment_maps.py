@@ -159,6 +159,21 @@ def test_documents_cross_attention_and_unordered_ids():
   _check(q, k, v, d_out, masks.causal(offset=133), q_seg, kv_seg, "triton", interpret=True)
 
 
+def test_segment_ids_bad_shapes():
+  """Ids of the wrong rank, dtype, length or batch are ValueErrors naming the argument."""
+  static = make_plan(masks.causal(), SequenceLayout(256, 64), SequenceLayout(200, 64)).block_map
+  ok_q, ok_kv = jnp.zeros((2, 256), jnp.int32), jnp.zeros((2, 200), jnp.int32)
+  for q_seg, kv_seg, match in [
+      (jnp.zeros((256,), jnp.int32), ok_kv, "q_seg must be an integer"),
+      (ok_q, jnp.zeros((2, 200), jnp.float32), "kv_seg must be an integer"),
+      (jnp.zeros((2, 300), jnp.int32), ok_kv, "q_seg has 300 positions"),
+      (ok_q, jnp.zeros((2, 257), jnp.int32), "kv_seg has 257 positions"),
+      (ok_q, jnp.zeros((3, 200), jnp.int32), "same batch")]:
+    with pytest.raises(ValueError, match=match):
+      block_map_lib.from_segments(q_seg, kv_seg, static)
+  assert block_map_lib.segment_classes(ok_q, ok_kv, static).shape == (2, 1, 4, 4)
+
+
 def test_documents_cross_attention_mosaic_gpu():
   """The Hopper backward walks a documents' map with the static map's work items: KV blocks
   whose ids meet no query (batch 0's second block) get zero dK/dV, others their clipped

@@ -33,9 +33,8 @@ def main():
     ks = jax.random.split(jax.random.PRNGKey(d), 4)
     make = lambda s: tuple(jax.random.normal(x, (2, s, 16, d), jnp.bfloat16) for x in ks)
     small, big = make(2048), make(8192)
-    ref = jax.jit(fwd_bwd(lambda q, k, v: jsa.attention(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask,
-        backend="xla")))(*small)
+    ref = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend="xla"))(
+        *(x.astype(jnp.float32) for x in small))
     impls = {f"ours: {be}": (lambda q, k, v, be=be: jsa.attention(q, k, v, mask, backend=be))
              for be in ("mosaic_gpu", "triton")}
     impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(

@@ -182,14 +182,17 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
              scale) -> bool:
   """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
   `unsupported`'s conditions on the call's facts (None: the defaults), no Triton-only
-  config, and 32 < head_dim <= 128: padded to 64 columns, a head_dim of 32 runs slower than on
+  config, and 32 < head_dim <= 256 (above 128: 1-D masks only): padded to 64 columns, a head_dim of 32 runs slower than on
   the Triton kernels (H100, the NAT model's shapes, 8x128x128x4x32 k13: 0.41 vs 0.33 ms
   forward, 1.20 vs 1.13 ms with the backward; docs/experiments/h100-2026-11-23-nat-backends.jsonl)."""
   if config is not None and not isinstance(config, MosaicGPUConfig):
     return False
-  if head_dim <= _MIN_AUTO_HEAD_DIM or head_dim > 128:
-    # head_dim 129-256: the forward runs (64-key blocks, its backward on Triton) but is not
-    # measured yet; `auto` keeps the Triton kernels there.
+  if head_dim <= _MIN_AUTO_HEAD_DIM or head_dim > 256:
+    return False
+  if head_dim > 128 and isinstance(mask, masks.Neighborhood):
+    # head_dim 129-256 (64-key blocks, the backward on Triton): measured on 1-D masks only
+    # (H200, causal S=8192 B=2 H=16 D=256: forward 1.83 vs 4.88 ms, fwd+bwd 16.2 vs 19.3;
+    # docs/experiments/h200-2026-12-02-head-dim.json); neighborhoods keep Triton there.
     return False
   if has_segments and isinstance(mask, masks.Neighborhood):
     # Padding masks / segment ids on a neighborhood: element tests on every block, and a
