@@ -7,8 +7,8 @@ check: `attention(..., block_selection=)` on Triton and the Hopper kernels (bf16
 the same selection. perf: the MoBA row of ../shared/tools/anchor_probe_sparse.py (S=32768
 causal, 128-token blocks, per query block and head the top 32 of random block scores among
 the visible blocks, plus its own and the previous block; H=16, D=128, B=1): selection +
-runtime-map build on device, forward and forward+backward (the Hopper forward and Triton
-backward by default; the Hopper forward and backward; all-Triton), beside our dense causal kernels
+runtime-map build on device, forward and forward+backward (the default: the Hopper forward
+and backward with the dQ kernel; the Triton backward; the fused Hopper backward; all-Triton), beside our dense causal kernels
 (Triton and Hopper) and the bound (visited fraction of the causal blocks). torch Flex runs
 in the probe (same selection rule), in the same device call. video: VMoBA-style routing on a
 16x64x64 latent in 2x8x8 blocks beside our static 3-D neighborhood (`--sections video`).
@@ -95,15 +95,15 @@ def section_perf(dtype, iters):
   record(section="perf", case=name, impl="ours: runtime map from a selection",
          ms=timeit(jax.jit(lambda ids: block_map_lib.from_selection(ids, static)), sel.ids,
                    iters=iters))
-  runs = [("mosaic_gpu forward + Triton backward (runtime map; the default)",
+  runs = [("the default (Hopper forward, Hopper backward with the dQ kernel; runtime map)",
            lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel)),
-          ("mosaic_gpu forward + backward (runtime map)", lambda q, k, v: jsa.attention(
+          ("mosaic_gpu forward + Triton backward (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel,
-              config=MosaicGPUConfig(backward="mosaic_gpu"))),
-          ("mosaic_gpu forward + backward, dQ kernel (runtime map)",
+              config=MosaicGPUConfig(backward="triton"))),
+          ("mosaic_gpu forward + fused backward (dQ reduce-added; runtime map)",
            lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
                                          config=MosaicGPUConfig(backward="mosaic_gpu",
-                                                                backward_dq="kernel"))),
+                                                                backward_dq="split"))),
           ("triton (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel, backend="triton")),
           ("triton dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
