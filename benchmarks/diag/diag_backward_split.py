@@ -3,6 +3,7 @@
 input dtype, `attention_bwd.DIRECT_DKV`), per mask, in one process.
 
     python -m benchmarks.diag.diag_backward_split --masks dense,causal,window --out x.json
+    python -m benchmarks.diag.diag_backward_split --masks lm,lm_no_sinks,lm_causal  # LM layer
 """
 import argparse
 import json
@@ -18,8 +19,13 @@ from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
 
-CASES = {"dense": (2, 16384, None), "causal": (2, 16384, masks.causal()),
-         "window": (1, 32768, masks.causal() & masks.sliding_window(2047))}
+CASES = {"dense": (2, 16384, None, 16), "causal": (2, 16384, masks.causal(), 16),
+         "window": (1, 32768, masks.causal() & masks.sliding_window(2047), 16),
+         # The LM layer (GQA 16/4) and its mask without the sinks (a pure interval mask).
+         "lm": (2, 8192, masks.causal() & (masks.sliding_window(511) | masks.sink(4)), 4),
+         "lm_no_sinks": (2, 8192, masks.causal() & masks.sliding_window(511), 4),
+         "lm_causal": (2, 8192, masks.causal(), 4)}
+SWEEPS = ("dense", "causal", "window")  # the others: forward, both kernels, dK/dV alone
 
 
 def main():
@@ -30,15 +36,17 @@ def main():
   rows = []
   h, d = 16, 128
   for name in args.masks.split(","):
-    b, s, mask = CASES[name]
+    b, s, mask, hkv = CASES[name]
     mask = mask or masks.full()
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q, k, v, do = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in ks)
+    q, do = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in ks[::3])
+    k, v = (jax.random.normal(x, (b, s, hkv, d), jnp.bfloat16) for x in ks[1:3])
     plan = make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128))
     scale = 1 / math.sqrt(d)
     cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel")
-    out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(q, k, v, None, None, plan, scale,
-                                                             cfg, False))(q, k, v)
+    fwd = jax.jit(lambda q, k, v: attention_fwd.forward(q, k, v, None, None, plan, scale, cfg,
+                                                        False))
+    out, lse = fwd(q, k, v)
     d_lse = jnp.zeros_like(lse)
 
     def timed(**patch):
@@ -58,7 +66,13 @@ def main():
           setattr(mod, attr, saved[key])
 
     no_dq = lambda q, *a, **kw: jnp.zeros((q.shape[0], lse.shape[-1], *q.shape[2:]), q.dtype)
-    row = dict(case=name, both_ms=timed())
+    row = dict(case=name, blocks=int(plan.block_map.num_visited),
+               fwd_ms=time_ms(fwd, q, k, v, iters=10, repeats=5), both_ms=timed())
+    if name not in SWEEPS:
+      row["dkv_ms"] = timed(dq=(attention_bwd_dq, "dq", no_dq))
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+      continue
     for stages in (2, 3, 4):
       row[f"dkv_stages{stages}_ms"] = timed(dq=(attention_bwd_dq, "dq", no_dq),
                                             st=(attention_bwd, "STAGES", stages))
