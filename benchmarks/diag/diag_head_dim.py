@@ -5,7 +5,6 @@ of each of ours against the float32 XLA backend (S=2048) in the same call.
     python -m benchmarks.diag.diag_head_dim --out x.json
 """
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from jax_sparse_attn.demo import time_ms
 
+from . import Rows
 from ..bench_gpu import fwd_bwd, rel
 
 
@@ -22,11 +22,8 @@ def main():
   parser.add_argument("--head-dims", default="32,64,96,128,256")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  rows = []
-
-  def record(**row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+  rows = Rows()
+  record = rows.record
 
   mask = masks.causal()
   for d in map(int, args.head_dims.split(",")):
@@ -50,8 +47,7 @@ def main():
       except Exception as e:  # noqa: BLE001 (a path that fails is a result)
         row["error"] = repr(e)[:300]
       record(**row)
-  if args.out:
-    json.dump({"device": str(jax.devices()[0]), "rows": rows}, open(args.out, "w"), indent=1)
+  rows.write(args.out)
 
 
 if __name__ == "__main__":

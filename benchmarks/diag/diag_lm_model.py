@@ -7,7 +7,6 @@ without the documents' block maps.
     python -m benchmarks.diag.diag_lm_model --out x.json
 """
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd as bwd
 from models import causal_lm
 
+from . import Rows
 from ..bench_gpu import fwd_bwd
 from ..bench_models import BF16, step_time
 
@@ -31,11 +31,8 @@ def main():
   parser.add_argument("--parts", default="model,attention")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  rows = []
-
-  def record(**row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+  rows = Rows()
+  record = rows.record
 
   tokens, seg = next(causal_lm.synthetic_batches(2, 8192, vocab=256))
   for backend in args.backends.split(",") if "model" in args.parts else ():
@@ -89,8 +86,7 @@ def main():
              fwd_bwd_ms=time_ms(fwd_bwd(fn), q, k, v, do, iters=20, repeats=5))
     except Exception as e:  # noqa: BLE001
       record(part="attention at the model's shapes", variant=label, error=repr(e)[:300])
-  if args.out:
-    json.dump({"device": str(jax.devices()[0]), "rows": rows}, open(args.out, "w"), indent=1)
+  rows.write(args.out)
 
 
 if __name__ == "__main__":
