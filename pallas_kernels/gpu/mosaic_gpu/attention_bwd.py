@@ -428,10 +428,14 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # A documents' map (rows shared by the heads, `block_map.from_segments`) keeps the static
   # map's Q lists or shortens them: the static map's work items cover it (an item's entries
   # clipped to its runtime list), one per KV block where the static map has that.
-  shared_items = runtime and bmap.shares_heads and SHARED_STATIC_ITEMS
+  static = plan.block_map
+  shared_items = (runtime and bmap.shares_heads and SHARED_STATIC_ITEMS
+                  and (static.num_q_blocks, static.num_kv_blocks, static.block_q,
+                       static.block_kv) == (bmap.num_q_blocks, bmap.num_kv_blocks,
+                                            bmap.block_q, bmap.block_kv))
   if shared_items:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
-    host_items, chunk = _work_items(np.asarray(plan.block_map.q_counts)), 0
+    host_items, chunk = _work_items(np.asarray(static.q_counts)), 0
     items = jnp.asarray(host_items)
     if not len(items):
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
