@@ -64,6 +64,27 @@ def test_na(p):
   backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
 
 
+@pytest.mark.parametrize("problem, tile", [
+    (((12, 21), (5, 9), (2, 3), (1, 1), (True, False)), (8, 16)),
+    (((4, 8, 16), (3, 5, 7), (1, 2, 1), (1, 1, 1), (False, True, False)), (2, 4, 16))])
+def test_na_mma_bias(monkeypatch, problem, tile):
+  """Neighborhoods on the Hopper backward with the forward's MMA bias in both kernels (128-row
+  tiles, so the tables apply; stride, a causal dim, 3-D, GQA, odd sizes) against the brute
+  force, forward and gradients."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
+  built = []
+
+  def spy(plan, scale):
+    built.append(tables.backward_mma_inputs(plan, scale))
+    return built[-1]
+
+  monkeypatch.setattr(attention_bwd, "backward_mma_inputs", spy)
+  p = dict(problem=problem, batch=1, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
+           seed=1, tile_q=tile, tile_kv=tile)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
+  assert built and all(x is not None for x in built)
+
+
 def test_picks():
   """backward=None: these kernels for 1-D maps (dense included), Triton for neighborhoods."""
   from jax_sparse_attn.layout import SequenceLayout, TiledLayout

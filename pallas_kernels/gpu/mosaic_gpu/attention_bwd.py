@@ -24,9 +24,11 @@ In the fused form dSᵀ goes through shared memory, and dQ needs every key row o
 with head_dim 128 the warpgroups meet once per step (after both wrote dSᵀ) and each computes
 64 of dQ's columns from both halves of dSᵀ (one 64×64 reduce-add per warpgroup); with
 head_dim 64 each adds its own rows' share. Full blocks
-run with no mask arithmetic; partial ones test each key's coordinates against the query's
-interval per mask dimension (the forward's element test), a mask function (on kernel
-positions) and segment ids (these on every block). dK/dV of chunked lists (and the fused
+run with no mask arithmetic; partial ones of neighborhoods add the forward's MMA bias (one
+wgmma of the KV block's one-hot coordinates [64, W] by the step's host-built test matrix [W,
+64 queries], `tables.backward_mma_inputs`), other partial ones test each key's coordinates
+against the query's interval per mask dimension (the forward's element test), a mask
+function (on kernel positions) and segment ids (these on every block). dK/dV of chunked lists (and the fused
 form's dQ) are float32 reduce-adds, so their rounding varies with the CTA schedule (as in
 FlashAttention-3 and cuDNN).
 
@@ -54,6 +56,7 @@ from . import attention_bwd_dq as bwd_dq
 from . import attention_fwd as fwd
 from .attention_bwd_dq import SWIZZLED as _SWIZZLED, mma_add
 from .boxes import caller_order, kernel_order
+from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 
@@ -77,8 +80,12 @@ def picks_mosaic(plan: AttentionPlan) -> bool:
   for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
   results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
   docs/experiments/h200-2026-11-29-dq-kernel-routing.json), the Triton kernels for
-  neighborhoods, where they are faster today (2-D NA 128² k33 3.58 vs 4.57 ms, 3-D k8×16²
-  15.1 vs 18.0), packed grids of different sizes included."""
+  neighborhoods, where they are faster today, packed grids of different sizes included: with
+  the MMA bias in both kernels (H200, bf16 D=128, backward ms, these kernels / Triton: 2-D NA
+  128² k33 4.08 / 3.60, 3-D k8×16² 15.5 / 15.2, stride 4×8×8 11.5 / 10.8; element test: 4.46,
+  18.2, 13.3; docs/experiments/h200-2026-12-03-na-backward.json). Here the dK/dV kernel's
+  short Q lists (one CTA per KV block: K/V loads and the dK/dV stores not overlapped) and the
+  permutation into kernel order (0.23-0.69 ms) are what is left."""
   packed = isinstance(plan.mask, masks.PackedNeighborhood)
   return not plan.gathered and not packed
 
@@ -95,7 +102,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool = False, segments_full: bool = False,
-            shared: bool = False):
+            shared: bool = False, mma_width: int = 0):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
@@ -105,12 +112,21 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   A runtime map (``chunk`` > 0: content-routed attention) has rows per (batch, query head):
   items [b, hkv, n, 2] (kv block, chunk of ``chunk`` entries; kv block = n_kv: no work,
   `_runtime_items`), ids [b, h, kv blocks, max q blocks], counts [b, h, kv blocks, 2]; each
-  query head of the GQA group walks its own list."""
+  query head of the GQA group walks its own list.
+
+  MMA-bias masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot
+  [128, W] of the KV block's coordinates, tables [n, W, 64] and table_ids [kv blocks, 2 * max
+  q] (entry e's 64-row halves at 2e, 2e + 1) follow the arrays above and replace the interval
+  test of partial blocks."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
+  mma = mma_width > 0
   qx_ref, kx_ref = refs[:2] if extras else (None, None)
-  dq_ref, dk_ref, dv_ref = ((None,) if not with_dq else ()) + tuple(refs[2 * extras:])
+  refs = refs[2 * extras:]
+  onehot_ref, tables_ref, table_ids_ref = refs[:3] if mma else (None,) * 3
+  refs = refs[3:] if mma else refs
+  dq_ref, dk_ref, dv_ref = ((None,) if not with_dq else ()) + tuple(refs)
   dq_cols = 64 if split_dq else head_dim
   item = lax.axis_index("kv")
   kv_head, batch = lax.axis_index("head"), lax.axis_index("batch")
@@ -152,8 +168,14 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     q0 = q_block(j, lax.div(r, sub)) * block_q + lax.rem(r, sub) * _ROWS
     return q0, kv_head * groups + j
 
+  def step_table(j, t):
+    """The MMA-bias table of step t (one of head j's): its entry's half (static maps)."""
+    r = t - bases[j]
+    return table_ids_ref[kv_block, (first + lax.div(r, sub)) * sub + lax.rem(r, sub)]
+
   def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem,
-           ds_smem, dq_smem, p_smem, kx_smem, qx_smem, kv_bar, q_bar, q_free, turn, sched):
+           ds_smem, dq_smem, p_smem, kx_smem, qx_smem, onehot_smem, table_smem, kv_bar, q_bar,
+           q_free, turn, sched):
     wg = lax.axis_index("wg")
     (q_smem, do_smem), stage = slots
 
@@ -188,6 +210,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         def sdp(refs):
           s_ref, dp_ref = refs
+          if masked and mma:  # the bias first: onehot [64 keys, W] @ test [W, 64 queries]
+            plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot])
           plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
           plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
           schedule()
@@ -197,7 +221,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         cols = lambda ref: lax.broadcast_in_dim(
             plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), (_ROWS, _ROWS), [1])
         p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
-        if masked:
+        if masked and not mma:
           for d in range(dims):
             ok = ((coords[d] >= cols(lo_smem.at[slot, d]))
                   & (coords[d] <= cols(hi_smem.at[slot, d])))
@@ -316,6 +340,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         if extras:
           plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, pl.ds(kv0 + w * _ROWS, _ROWS)],
                                   kx_smem.at[w], kv_bar)
+        if mma:
+          plgpu.copy_gmem_to_smem(onehot_ref.at[pl.ds(w * _ROWS, _ROWS)], onehot_smem.at[w],
+                                  kv_bar)
 
       def load(j, t):
         slot = lax.rem(t, stages)
@@ -336,6 +363,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         plgpu.copy_gmem_to_smem(hi_ref.at[:, pl.ds(q0, _ROWS)], hi_smem.at[slot], bar)
         if extras:
           plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, pl.ds(q0, _ROWS)], qx_smem.at[slot], bar)
+        if mma:  # full entries load table 0 too: a fixed arrival count
+          plgpu.copy_gmem_to_smem(tables_ref.at[step_table(j, t)], table_smem.at[slot], bar)
 
       for j in range(groups):
         pl.loop(bases[j], bases[j + 1])(functools.partial(load, j))
@@ -344,6 +373,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       for s in range(stages):
         pl.when(s < total)(lambda: plgpu.barrier_wait(q_free.at[s]))
 
+  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (as the forward's bias).
+  narrow = ((plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
+            if mma else None)
   pl.run_scoped(
       body,
       plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
@@ -365,8 +397,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=_SWIZZLED) if interpret else None,
       plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _ROWS), jnp.int32) if extras else None,
-      plgpu.Barrier(num_arrivals=2 + _WGS * (1 + extras)),
-      plgpu.Barrier(num_arrivals=6 + extras, num_barriers=stages),
+      plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,
+      plgpu.SMEM((stages, mma_width, _ROWS), jnp.bfloat16, transforms=narrow) if mma else None,
+      plgpu.Barrier(num_arrivals=2 + _WGS * (1 + extras + int(mma))),
+      plgpu.Barrier(num_arrivals=6 + extras + int(mma), num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS),
       plgpu.Barrier(num_arrivals=_WGS) if pingpong else None,
@@ -451,6 +485,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     if not len(items):  # no query sees any key
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   extras = fwd._extras(plan, b, q_seg, kv_seg)
+  # Neighborhoods: the forward's MMA bias on partial blocks, per kernel (static maps).
+  mma = (backward_mma_inputs(plan, scale) if cfg.mask_mma and not runtime and not extras
+         and plan.mask_fn is None else None)
+  mma_dq, mma_dkv = mma if mma is not None else (None, None)
   separate = _separate_dq(cfg, plan)
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
   direct = (DIRECT_DKV and separate and (not runtime or shared_items)
@@ -461,11 +499,12 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
-      shared=bmap.shares_heads)
+      shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
   mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
-          q, k, v, d_out, lse2, delta, lo, hi, c, *extras)
+          q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
+          *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]))
 
   def run(refs):  # dk and dv (and dq) accumulate in place
     pl.kernel(kernel, out_type=(), mesh=mesh,
@@ -477,7 +516,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dk, dv = pl.run_state(run)((zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
                                 zeros(n_kv, hkv, v.dtype if direct else jnp.float32)))
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
-                   mask_fn=plan.mask_fn, interpret=interpret)[:, :sq]
+                   mask_fn=plan.mask_fn, interpret=interpret, mma=mma_dq)[:, :sq]
   else:
     dq, dk, dv = pl.run_state(run)((zeros(n_q, h), zeros(n_kv, hkv), zeros(n_kv, hkv)))
     dq = (dq[:, :sq] * scale).astype(q.dtype)

@@ -12,9 +12,10 @@ warpgroups owns 64 query rows and keeps their dQ in registers. Per KV block, in 
     dS = P ∘ (dP − delta)
     dQ += dS K                              (dS from registers)
 
-and dQ·scale is stored once at the end. Masks are the fused kernel's element test, rows and
-columns swapped (`attention_bwd`): interval dims, a mask function on kernel positions,
-segment ids. dK and dV come from `attention_bwd._kernel` with its dQ turned off.
+and dQ·scale is stored once at the end. Masks are the fused kernel's, rows and columns
+swapped (`attention_bwd`): for neighborhoods the forward's MMA bias (the Q block's one-hot
+coordinates by the step's test matrix over 64 keys), else the element test of interval dims,
+a mask function on kernel positions, segment ids. dK and dV come from `attention_bwd._kernel` with its dQ turned off.
 
 Interpret mode (CPU) has no register operands and no accumulation into a live accumulator:
 there dS goes through shared memory and each product lands in a fresh accumulator.
@@ -53,13 +54,19 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
             runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
-            shared: bool = False):
+            shared: bool = False, mma_width: int = 0):
   """CTA (q block in visiting order, query head, batch). order [n_q blocks]; ids [n_q blocks,
   max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
   rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
   no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv]; dq [b, n_q, h, d]
-  (written, not accumulated)."""
-  if segments:
+  (written, not accumulated). MMA-bias masks (``mma_width`` > 0, neighborhoods:
+  `tables.backward_mma_inputs`): onehot [128, W] of the Q block's coordinates, tables [n, W, 64]
+  and table_ids [n_q blocks, 2 * max kv] (entry e's halves at 2e, 2e + 1) come before dq, and
+  replace the interval test of partial blocks (``kv_sub`` 64)."""
+  mma = mma_width > 0
+  if mma:
+    onehot_ref, tables_ref, table_ids_ref, dq_ref = refs
+  elif segments:
     qx_ref, kx_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
@@ -78,7 +85,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   qk_scale = scale * LOG2E
 
   def body(q_smem, do_smem, k_smem, v_smem, c_smem, lse_smem, delta_smem, lo_smem, hi_smem,
-           qx_smem, kx_smem, ds_smem, q_bar, kv_bar, kv_free):
+           qx_smem, kx_smem, ds_smem, onehot_smem, table_smem, q_bar, kv_bar, kv_free):
     wg = lax.axis_index("wg")
 
     @pl.when(wg < _WGS)
@@ -106,13 +113,15 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
           def sdp(refs):
             s_ref, dp_ref = refs
+            if masked and mma:  # the bias first: onehot [64, W] @ test [W, 64 keys]
+              plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot, part])
             plgpu.wgmma(s_ref, q_smem.at[own], k_half.transpose((1, 0)))
             plgpu.wgmma(dp_ref, do_smem.at[own], v_smem.at[slot, keys].transpose((1, 0)))
             return s_ref[...], dp_ref[...]
 
           s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
           p = jnp.exp2(s * qk_scale - lse)
-          if masked:
+          if masked and not mma:
             for d in range(dims):
               c = cols(c_smem.at[slot, d, keys])
               p = jnp.where((c >= lo[d]) & (c <= hi[d]), p, 0.0)
@@ -157,6 +166,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.copy_gmem_to_smem(hi_ref.at[:, rows], hi_smem, q_bar)
       if segments:
         plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, rows], qx_smem, q_bar)
+      if mma:
+        for w in range(_WGS):
+          plgpu.copy_gmem_to_smem(onehot_ref.at[pl.ds(w * _ROWS, _ROWS)], onehot_smem.at[w],
+                                  q_bar)
 
       @pl.loop(0, n_all)
       def _load(e):
@@ -173,12 +186,19 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         plgpu.copy_gmem_to_smem(c_ref.at[:, keys], c_smem.at[slot], bar)
         if segments:
           plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, keys], kx_smem.at[slot], bar)
+        if mma:  # full entries load table 0 too: a fixed arrival count
+          for part in range(2):
+            plgpu.copy_gmem_to_smem(tables_ref.at[table_ids_ref[q_block, 2 * e + part]],
+                                    table_smem.at[slot, part], bar)
 
       # Observe each slot's last release before the barriers are freed.
       for s in range(stages):
         pl.when(s < n_all)(lambda: plgpu.barrier_wait(kv_free.at[s]))
 
   extras = int(segments)
+  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (as the forward's bias).
+  narrow = ((plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
+            if mma else None)
   pl.run_scoped(
       body,
       plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
@@ -193,20 +213,26 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.SMEM((extras, _BLOCK_Q), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _BLOCK_KV), jnp.int32) if extras else None,
       plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=SWIZZLED) if interpret else None,
-      plgpu.Barrier(num_arrivals=6 + extras),
-      plgpu.Barrier(num_arrivals=3 + extras, num_barriers=stages),
+      plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,
+      plgpu.SMEM((stages, 2, mma_width, _ROWS), jnp.bfloat16, transforms=narrow)
+      if mma else None,
+      plgpu.Barrier(num_arrivals=6 + extras + (_WGS if mma else 0)),
+      plgpu.Barrier(num_arrivals=3 + extras + (2 if mma else 0), num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
       collective_axes="wg",
   )
 
 
 def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
-       interpret: bool, stages: int = 2, kv_sub: int | None = None):
+       interpret: bool, stages: int = 2, kv_sub: int | None = None, mma=None):
   """dQ [b, n_q, h, d] (n_q: the plan's padded length, a multiple of 128) from the backward's
   padded inputs (`attention_bwd.backward`): lse₂ and delta [b, h, n_q], intervals lo/hi
   [dims, n_q] and key coordinates c [dims, n_kv], `extras` the segment-id vectors
   (`attention_fwd._extras`) or []; `bmap` the forward block map (128-row Q blocks, 128-key KV
-  blocks), static or runtime."""
+  blocks), static or runtime; `mma` the dQ kernel's MMA-bias inputs (onehot, tables,
+  table_ids; `tables.backward_mma_inputs`) or None."""
+  if mma is not None:
+    kv_sub = _ROWS
   b, _, h, d = q.shape
   n_q = lse2.shape[-1]
   runtime = bmap.is_runtime
@@ -220,7 +246,8 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=stages, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
-      segments_full=bmap.segments_full, shared=bmap.shares_heads)
+      segments_full=bmap.segments_full, shared=bmap.shares_heads,
+      mma_width=0 if mma is None else mma[0].shape[1])
   mesh = plgpu.Mesh(grid=(bmap.num_q_blocks, h, b), grid_names=("q", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   return pl.kernel(
@@ -229,4 +256,4 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       interpret=plgpu.InterpretGPUParams() if interpret else False,
       name="sparse_attention_bwd_dq",
   )(order, jnp.asarray(bmap.kv_ids, jnp.int32), jnp.asarray(counts, jnp.int32), q, k, v, d_out,
-    lse2, delta, lo, hi, c, *extras)
+    lse2, delta, lo, hi, c, *extras, *([] if mma is None else [jnp.asarray(x) for x in mma]))

@@ -30,7 +30,8 @@ class MosaicGPUConfig:
   # interpreting.
   fused_pv: bool | None = None
   # Neighborhood masks as an MMA bias read from host tables (as the Triton kernels do) where
-  # the one-hot is <= 32 columns; False: the per-element interval test.
+  # the one-hot is <= 32 columns, in the forward and both backward kernels; False: the
+  # per-element interval test.
   mask_mma: bool = True
   # Persistent kernel: one program per SM looping over a static share of the work items
   # (q block, head, batch), so the next item's Q and K/V loads overlap this item's last

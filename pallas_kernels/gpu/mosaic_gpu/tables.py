@@ -230,3 +230,32 @@ def _split_inputs(plan: AttentionPlan, scale: float):
   onehot = np.tile(_onehot(spec, _ROWS), (_COMPUTE_WGS, 1))
   tables = np.where(np.concatenate([np.ones_like(tables[:1]), tables]), 0.0, spec.mma_value)
   return onehot.astype(jnp.bfloat16), tables.astype(jnp.bfloat16), loads, counts
+
+
+@functools.lru_cache(maxsize=64)
+def backward_mma_inputs(plan: AttentionPlan, scale: float):
+  """MMA-bias masks of the two backward kernels for a neighborhood plan in kernel order with
+  128-row Q and KV blocks: the forward's bias with the loop side cut into the kernels' 64-row
+  steps. Per kernel (dQ first, then dK/dV) (onehot [128, W] bf16 over the CTA's own tile: query
+  coordinates for dQ, key coordinates for dK/dV; tables [n, W, 64] bf16 of 0 / the masked value
+  over the step's 64 keys (dQ) or queries (dK/dV); table_ids [blocks, 2 * entries] int32: step
+  2e + s is half s of the block's e-th map entry (0 for full entries)), or None where the
+  bias does not apply (1-D masks, mask functions, runtime maps, one-hot wider than 32
+  columns, tables over budget)."""
+  if (plan.block_q != 2 * _ROWS or plan.block_kv != 2 * _ROWS
+      or not isinstance(plan.block_map.kv_ids, np.ndarray)):
+    return None
+  cfg = triton_attention.TritonConfig(mma_onehot="rows", single_loop=False)
+  out = []
+  for loop_is_kv in (True, False):
+    spec = mma_masks.mask_spec(plan, False, cfg, 2 * _ROWS, _ROWS, scale, loop_is_kv=loop_is_kv)
+    if spec.mma_cols is None or not spec.mma_tables:
+      return None
+    built = mma_masks.tables(plan, spec, 2 * _ROWS, _ROWS, loop_is_kv)
+    if built is None:
+      return None
+    tables, table_ids = built
+    out.append((_onehot(spec, 2 * _ROWS).astype(jnp.bfloat16),
+                np.where(tables, 0.0, spec.mma_value).astype(jnp.bfloat16),
+                table_ids.astype(np.int32)))
+  return tuple(out)
