@@ -6,8 +6,10 @@ order, and its dQ kernel alone. Gradients checked against the float32 XLA backen
 sizes.
 
     python -m benchmarks.diag.diag_na_backward --out na_backward.json
+    python -m benchmarks.diag.diag_na_backward --cases na2d --check 0 --probe 1  # dK/dV probe
 """
 import argparse
+import dataclasses
 import math
 
 import jax
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from jax_sparse_attn.demo import time_ms
-from jax_sparse_attn.layout import TiledLayout
+from jax_sparse_attn.layout import SequenceLayout, TiledLayout
 from jax_sparse_attn.plan import gathered, make_plan
 from jax_sparse_attn.simulate import best_tile_shapes
 from pallas_kernels.gpu import MosaicGPUConfig
@@ -43,12 +45,13 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--cases", default="na2d,strided,na3d")
   parser.add_argument("--check", type=int, default=1)
+  parser.add_argument("--probe", type=int, default=0)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   h, d = 16, 128
   mma_inputs = attention_bwd.backward_mma_inputs
-  for name in args.cases.split(","):
+  for name in filter(None, args.cases.split(",")):
     b, spatial, kern, stride = CASES[name]
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v, do = (jax.random.normal(x, (b, *spatial, h, d), jnp.bfloat16) for x in ks)
@@ -134,7 +137,57 @@ def main():
                   partial=int((kplan.block_map.kv_counts - kplan.block_map.kv_full_counts).sum()))
     except Exception as e:  # noqa: BLE001
       rows.record(case=name, part="dq kernel alone", error=repr(e)[:400])
+  if args.probe:
+    _probe(rows)
   rows.write(args.out)
+
+
+def _probe(rows):
+  """Where the dK/dV kernel's time goes on 2-D NA 128² k33 (kernel order, the MMA bias): the
+  backward and its dQ kernel alone as mapped, with every block run as full (no mask work:
+  wrong gradients, the time without masks), with GQA (longer Q lists per CTA: each KV head's
+  CTA walks every query head of its group), and dense S=16384 for the per-block cost."""
+  import numpy as np
+  b, h, d = 2, 16, 128
+  scale = 1 / math.sqrt(d)
+  cfg = MosaicGPUConfig(backward="mosaic_gpu")
+  spatial, kern = (128, 128), (33, 33)
+  mask = masks.neighborhood(spatial, kern)
+  lay = TiledLayout(spatial, (1, 1), (8, 16))
+  kplan = make_plan(mask, lay, lay)
+  bm = kplan.block_map
+  nomask = dataclasses.replace(kplan, block_map=dataclasses.replace(
+      bm, q_full_counts=np.asarray(bm.q_counts), kv_full_counts=np.asarray(bm.kv_counts)))
+  dense = make_plan(masks.full(), SequenceLayout(16384, 128), SequenceLayout(16384, 128))
+  n = 16384
+  for label, plan, hkv in (("na2d", kplan, 16), ("na2d all blocks full", nomask, 16),
+                           ("na2d GQA 16/4", kplan, 4), ("na2d GQA 16/1", kplan, 1),
+                           ("dense S=16384", dense, 16)):
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    q, do = (jax.random.normal(x, (b, n, h, d), jnp.bfloat16) for x in ks[:2])
+    k, v = (jax.random.normal(x, (b, n, hkv, d), jnp.bfloat16) for x in ks[2:])
+    try:
+      out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
+          q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
+      dlse = jnp.zeros_like(lse)
+      whole = jax.jit(lambda q, k, v, o, l, do, dl: attention_bwd.backward(
+          q, k, v, None, None, o, l, do, dl, plan, scale, cfg, False))
+      ms = time_ms(whole, q, k, v, out, lse, do, dlse)
+      lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
+      from pallas_kernels.gpu.mosaic_gpu.tables import backward_mma_inputs
+      mma = backward_mma_inputs(plan, scale)
+      lse2 = lse * math.log2(math.e)
+      dq_fn = jax.jit(lambda q, k, v, do, l2, dl: attention_bwd_dq.dq(
+          q, k, v, do, l2, dl, lo, hi, c, [], bmap=plan.block_map, scale=scale, mask_fn=None,
+          interpret=False, mma=None if mma is None else mma[0]))
+      ms_dq = time_ms(dq_fn, q, k, v, do, lse2, jnp.zeros_like(lse2))
+      blocks = int(np.asarray(plan.block_map.kv_counts).sum())
+      rows.record(case=label, part="probe", ms_backward=ms, ms_dq=ms_dq,
+                  ms_dkv=ms - ms_dq, blocks=blocks,
+                  ns_per_block_dq=ms_dq * 1e6 / (blocks * b * h),
+                  ns_per_block_dkv=(ms - ms_dq) * 1e6 / (blocks * b * h))
+    except Exception as e:  # noqa: BLE001
+      rows.record(case=label, part="probe", error=repr(e)[:400])
 
 
 if __name__ == "__main__":
