@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +59,6 @@ from .boxes import caller_order, kernel_order
 from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
-from .schedule import _programs
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
@@ -74,11 +72,6 @@ DIRECT_DKV = True
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
-# The dK/dV kernel as persistent programs (one per SM, each walking a static share of the work
-# items: the next item's K/V and Q/dO loads run under this item's last steps and stores). Off:
-# H200, 3-6% slower on dense/causal/window, 28% on the LM layer, +-5% on neighborhoods
-# (docs/experiments/h200-2026-12-03-persistent-dkv.json, docs/performance.md).
-PERSISTENT_DKV = False
 
 
 def picks_mosaic(plan: AttentionPlan) -> bool:
@@ -92,8 +85,9 @@ def picks_mosaic(plan: AttentionPlan) -> bool:
   128² k33 4.08 / 3.60, 3-D k8×16² 15.5 / 15.2, stride 4×8×8 11.5 / 10.8; element test: 4.46,
   18.2, 13.3; docs/experiments/h200-2026-12-03-na-backward.json). What is left: the dK/dV
   kernel at 0.71-0.87 of its dense efficiency per block (short Q lists per CTA: with GQA 16/4
-  0.89, masks 3%; docs/experiments/h200-2026-12-03-na-backward-probe.json) and the permutation
-  into kernel order (0.23-0.69 ms)."""
+  0.89, masks 3%; docs/experiments/h200-2026-12-03-na-backward-probe.json; a persistent
+  dK/dV kernel did not recover it, docs/performance.md) and the permutation into kernel order
+  (0.23-0.69 ms)."""
   packed = isinstance(plan.mask, masks.PackedNeighborhood)
   return not plan.gathered and not packed
 
@@ -110,12 +104,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool = False, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0, programs: int = 1, work: int = 1,
-            persistent: bool = False, kv_heads: int = 1, batch_size: int = 1):
-  """Program `p` of `programs` runs the (work item, kv head, batch) triples p, p + programs,
-  ... of `work` (kv heads fastest, then batch, then items; ``persistent``: the next item's
-  K/V loads wait only for this item's last step, so they and its Q/dO ring run under this
-  item's dK/dV stores; dK/dV staged in their own buffer) over the transposed map: items [n, 3] (kv block, first
+            shared: bool = False, mma_width: int = 0):
+  """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
   +inf where no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv];
@@ -140,64 +130,54 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   refs = refs[3:] if mma else refs
   dq_ref, dk_ref, dv_ref = ((None,) if not with_dq else ()) + tuple(refs)
   dq_cols = 64 if split_dq else head_dim
-  prog = lax.axis_index("prog")
-  mine = lax.div(work - prog + programs - 1, programs)  # my work items
-
-  def decode(f):
-    """The f-th (work item, kv head, batch): its KV block, Q list and steps."""
-    it = types.SimpleNamespace()
-    item = lax.div(f, kv_heads * batch_size)
-    kv_head, batch = lax.rem(f, kv_heads), lax.rem(lax.div(f, kv_heads), batch_size)
-    if chunk:  # a runtime map: each query head of the group has its own Q list
-      kv_block = items_ref[batch, kv_head, item, 0]
-      live = kv_block < counts_ref.shape[2]
-      kv_block = jnp.where(live, kv_block, 0)
-      first = items_ref[batch, kv_head, item, 1] * chunk
-      # Each query head's map row: its own, or (``shared``) its batch element's.
-      heads = [0] * groups if shared else [kv_head * groups + j for j in range(groups)]
-      count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
-      entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
-                 for j in range(groups)]
-      full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
-      q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
-    elif shared:  # the static map's items over a runtime map that only drops its blocks
-      kv_block, first = items_ref[item, 0], items_ref[item, 1]
-      count = lambda c: counts_ref[batch, 0, kv_block, c]
-      entries = [jnp.clip(count(1) - first, 0, items_ref[item, 2])] * groups
-      full = [jnp.clip(count(0) - first, 0, entries[0])] * groups
-      q_block = lambda j, e: ids_ref[batch, 0, kv_block, first + e]
-    else:
-      kv_block, first = items_ref[item, 0], items_ref[item, 1]
-      entries = [items_ref[item, 2]] * groups
-      full = [jnp.clip(counts_ref[kv_block, 0] - first, 0, entries[0])] * groups
-      q_block = lambda j, e: ids_ref[kv_block, first + e]
-    it.kv_head, it.batch, it.kv0 = kv_head, batch, kv_block * _BLOCK_KV
-    # Steps of 64 query rows, query head after query head of the group (head j's steps
-    # start at bases[j]): its entries' full blocks, then partial ones.
-    it.n_full = [x * sub for x in full]
-    n_all = [e * sub for e in entries]
-    it.bases = bases = [sum(n_all[:j], jnp.int32(0)) for j in range(groups + 1)]
-    it.total = bases[groups]
-
-    def step_q(j, t):
-      """(first query row, query head) of step t, one of head j's."""
-      r = t - bases[j]
-      q0 = q_block(j, lax.div(r, sub)) * block_q + lax.rem(r, sub) * _ROWS
-      return q0, kv_head * groups + j
-
-    def step_table(j, t):
-      """The MMA-bias table of step t (one of head j's): its entry's half (static maps)."""
-      r = t - bases[j]
-      return table_ids_ref[kv_block, (first + lax.div(r, sub)) * sub + lax.rem(r, sub)]
-
-    it.step_q, it.step_table = step_q, step_table
-    return it
-
+  item = lax.axis_index("kv")
+  kv_head, batch = lax.axis_index("head"), lax.axis_index("batch")
+  if chunk:  # a runtime map: each query head of the group has its own Q list
+    kv_block = items_ref[batch, kv_head, item, 0]
+    live = kv_block < counts_ref.shape[2]
+    kv_block = jnp.where(live, kv_block, 0)
+    first = items_ref[batch, kv_head, item, 1] * chunk
+    # Each query head's map row: its own, or (``shared``) its batch element's.
+    heads = [0] * groups if shared else [kv_head * groups + j for j in range(groups)]
+    count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
+    entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
+               for j in range(groups)]
+    full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
+    q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
+  elif shared:  # the static map's items over a runtime map that only drops its blocks
+    kv_block, first = items_ref[item, 0], items_ref[item, 1]
+    count = lambda c: counts_ref[batch, 0, kv_block, c]
+    entries = [jnp.clip(count(1) - first, 0, items_ref[item, 2])] * groups
+    full = [jnp.clip(count(0) - first, 0, entries[0])] * groups
+    q_block = lambda j, e: ids_ref[batch, 0, kv_block, first + e]
+  else:
+    kv_block, first = items_ref[item, 0], items_ref[item, 1]
+    entries = [items_ref[item, 2]] * groups
+    full = [jnp.clip(counts_ref[kv_block, 0] - first, 0, entries[0])] * groups
+    q_block = lambda j, e: ids_ref[kv_block, first + e]
+  kv0 = kv_block * _BLOCK_KV
+  # Steps of 64 query rows, query head after query head of the group (head j's steps start
+  # at bases[j]): its entries' full blocks, then partial ones.
+  n_full = [f * sub for f in full]
+  n_all = [e * sub for e in entries]
+  bases = [sum(n_all[:j], jnp.int32(0)) for j in range(groups + 1)]
+  total = bases[groups]
   qk_scale = scale * LOG2E
+
+  def step_q(j, t):
+    """(first query row, query head) of step t, one of head j's."""
+    r = t - bases[j]
+    q0 = q_block(j, lax.div(r, sub)) * block_q + lax.rem(r, sub) * _ROWS
+    return q0, kv_head * groups + j
+
+  def step_table(j, t):
+    """The MMA-bias table of step t (one of head j's): its entry's half (static maps)."""
+    r = t - bases[j]
+    return table_ids_ref[kv_block, (first + lax.div(r, sub)) * sub + lax.rem(r, sub)]
 
   def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem,
            ds_smem, dq_smem, p_smem, kx_smem, qx_smem, onehot_smem, table_smem, kv_bar, q_bar,
-           q_free, turn, sched, kv_free):
+           q_free, turn, sched):
     wg = lax.axis_index("wg")
     (q_smem, do_smem), stage = slots
 
@@ -212,10 +192,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
 
-    def compute_item(it, g):
-      """My item `it`, whose first step is the program's g-th."""
-      kv0, batch, kv_head, bases, n_full = it.kv0, it.batch, it.kv_head, it.bases, it.n_full
-      step_q = it.step_q
+    @pl.when((wg < _WGS) & (total > 0))
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(kv_bar)
       coords = [lax.broadcast_in_dim(
@@ -227,7 +206,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
       def step(t, carry, j: int, masked: bool):
         dk, dv = carry
-        slot = lax.rem(g + t, stages)
+        slot = lax.rem(t, stages)
         q0, head = step_q(j, t)
         plgpu.barrier_wait(q_bar.at[slot])
 
@@ -329,16 +308,12 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         carry = lax.fori_loop(base + n_full[j], bases[j + 1],
                               functools.partial(step, j=j, masked=True), carry)
       dk, dv = carry
-      if persistent:  # K/V (and the key coordinates) are free for the next item
-        plgpu.barrier_arrive(kv_free)
       if pingpong:  # warpgroup 0's last phase pairs with warpgroup 1's first
         pl.when(wg == 0)(schedule)
       # Several items may share a KV block: dK and dV are reduce-added in float32, staged
-      # in the step slots (free once both warpgroups are past their last step; persistent:
-      # their own buffer); with one item per KV block (``direct``) they are stored in the
-      # input dtype.
-      if not persistent:
-        rendezvous()
+      # in the step slots (free once both warpgroups are past their last step); with one
+      # item per KV block (``direct``) they are stored in the input dtype.
+      rendezvous()
       rows = (batch, pl.ds(kv0 + wg * _ROWS, _ROWS), kv_head)
       for value, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
         value = value.astype(ref.dtype)
@@ -354,25 +329,11 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[rows],
                                   reduction_op=None if direct else "add")
-
-    @pl.when(wg < _WGS)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
-
-      def run(k, g):
-        it = decode(prog + k * programs)
-        pl.when(it.total > 0)(functools.partial(compute_item, it, g))
-        return g + it.total
-
-      lax.fori_loop(0, mine, run, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
 
-    def memory_item(it, g, done):
-      """Loads of item `it`, whose first step is the program's g-th, after `done` items."""
-      kv0, batch, kv_head, bases = it.kv0, it.batch, it.kv_head, it.bases
-      step_q, step_table = it.step_q, it.step_table
-      if persistent:  # the last item's steps are done with K and V
-        pl.when(done > 0)(lambda: plgpu.barrier_wait(kv_free))
+    @pl.when((wg == _WGS) & (total > 0))
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
       rows = (batch, pl.ds(kv0, _BLOCK_KV), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar)
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar)
@@ -386,10 +347,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                                   kv_bar)
 
       def load(j, t):
-        slot = lax.rem(g + t, stages)
+        slot = lax.rem(t, stages)
         q0, head = step_q(j, t)
 
-        @pl.when(g + t >= stages)
+        @pl.when(t >= stages)
         def _():
           plgpu.barrier_wait(q_free.at[slot])
 
@@ -410,27 +371,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       for j in range(groups):
         pl.loop(bases[j], bases[j + 1])(functools.partial(load, j))
 
-    @pl.when(wg == _WGS)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def run(k, carry):
-        g, done = carry
-        it = decode(prog + k * programs)
-        pl.when(it.total > 0)(functools.partial(memory_item, it, g, done))
-        return g + it.total, done + (it.total > 0).astype(jnp.int32)
-
-      total, done = lax.fori_loop(0, mine, run, (jnp.int32(0), jnp.int32(0)))
-      # Observe each barrier's last completion before the barriers are freed.
+      # Observe each slot's last release before the barriers are freed.
       for s in range(stages):
         pl.when(s < total)(lambda: plgpu.barrier_wait(q_free.at[s]))
-      if persistent:
-        pl.when(done > 0)(lambda: plgpu.barrier_wait(kv_free))
 
-  slots = ((plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED),
-            plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED)),
-           plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=_SWIZZLED) if direct else
-           plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32))
   # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (as the forward's bias).
   narrow = ((plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
             if mma else None)
@@ -439,7 +383,11 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
       plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
       plgpu.SMEM((_WGS, dims, _ROWS), jnp.int32),
-      (slots if persistent else plgpu.RefUnion(*slots)),
+      plgpu.RefUnion(
+          (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED),
+           plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED)),
+          plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=_SWIZZLED) if direct else
+          plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       plgpu.SMEM((stages, _ROWS), jnp.float32),
       plgpu.SMEM((stages, _ROWS), jnp.float32),
       plgpu.SMEM((stages, dims, _ROWS), jnp.int32),
@@ -458,7 +406,6 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS),
       plgpu.Barrier(num_arrivals=_WGS) if pingpong else None,
-      plgpu.Barrier(num_arrivals=_WGS) if persistent else None,
       collective_axes="wg",
   )
 
@@ -548,20 +495,14 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
   direct = (DIRECT_DKV and separate and (not runtime or shared_items)
             and len(np.unique(host_items[:, 0])) == len(host_items))
-  # Persistent programs over the static map's items (not the fused dQ forms: their shared
-  # memory has no room for a separate dK/dV staging buffer).
-  work = items.shape[-2] * hkv * b
-  persistent = PERSISTENT_DKV and separate and not chunk
-  programs = min(work, _programs(cfg, interpret)) if persistent else work
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
-      shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
-      programs=programs, work=work, persistent=persistent, kv_heads=hkv, batch_size=b)
-  mesh = plgpu.Mesh(grid=(programs,), grid_names=("prog",),
+      shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
+  mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
