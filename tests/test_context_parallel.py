@@ -151,7 +151,7 @@ def test_sequence_strategies(mask_name, strategy, layout):
                   segments=mask_name in ("causal", "window"), seed=3)
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(mask_name=st.sampled_from(sorted(SEQ_CASES)),
        strategy=st.sampled_from(["auto", "ring", "halo", "allgather"]),
        zigzag=st.booleans(), context=st.sampled_from([2, 4, 8]), chunk=st.sampled_from([8, 12, 20]),
@@ -244,7 +244,7 @@ def test_na_context_parallel(case):
   _check_na(*case)
 
 
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(p=backend_cases.na_problems(), context=st.sampled_from([2, 4]),
        strategy=st.sampled_from(["auto", "halo", "allgather"]))
 def test_na_randomized(p, context, strategy):

@@ -53,7 +53,7 @@ def na_problems(draw):
               seed=draw(st.integers(0, 2**16)), tile_q=tile_q, tile_kv=tile_kv)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(p=na_problems(), mask_mma=st.booleans(), kv_windows=st.sampled_from([None, True]))
 def test_na(p, mask_mma, kv_windows):
   backend_cases.check_na(p, "mosaic_gpu", interpret=True,
@@ -129,7 +129,7 @@ def test_schedules_agree():
   same way: outputs and lse are bit-identical to the default, which test_attention checks
   against the brute force. Causal rows have different lengths, so the orders differ."""
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 333, 4, 64)), jnp.bfloat16) for _ in range(3))
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 333, 4, 64)), jnp.bfloat16) for _ in range(3))
   run = lambda cfg, **kw: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
                                         interpret=True, return_lse=True, config=cfg, **kw)
   want = run(None)

@@ -84,7 +84,7 @@ def check_routed(p, backend, **kwargs):
 
 
 @pytest.mark.parametrize("backend", sorted(KW))
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(p=routed_problems())
 def test_routed_attention(backend, p):
   check_routed(p, backend, **KW[backend])
