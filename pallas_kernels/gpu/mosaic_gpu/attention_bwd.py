@@ -67,7 +67,7 @@ STAGES = 2  # Q/dO slots of the memory warpgroup's ring
 # With one work item per KV block, store dK/dV in the input dtype instead of float32
 # reduce-adds into zero-filled buffers and a cast. H200, causal window 2048 at S=32768
 # (H=16, D=128): backward 3.48 vs 3.84 ms (docs/experiments/h200-2026-11-29-direct-dkv.json);
-# causal S=16384 splits KV blocks into several items, unchanged.
+# causal S=16384 too since its lists are cut only at outliers (`_work_items`).
 DIRECT_DKV = True
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
@@ -80,14 +80,12 @@ def picks_mosaic(plan: AttentionPlan) -> bool:
   for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
   results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
   docs/experiments/h200-2026-11-29-dq-kernel-routing.json), the Triton kernels for
-  neighborhoods, where they are faster today, packed grids of different sizes included: with
-  the MMA bias in both kernels (H200, bf16 D=128, backward ms, these kernels / Triton: 2-D NA
-  128² k33 4.08 / 3.60, 3-D k8×16² 15.5 / 15.2, stride 4×8×8 11.5 / 10.8; element test: 4.46,
-  18.2, 13.3; docs/experiments/h200-2026-12-03-na-backward.json). What is left: the dK/dV
-  kernel at 0.71-0.87 of its dense efficiency per block (short Q lists per CTA: with GQA 16/4
-  0.89, masks 3%; docs/experiments/h200-2026-12-03-na-backward-probe.json; a persistent
-  dK/dV kernel did not recover it, docs/performance.md) and the permutation into kernel order
-  (0.23-0.69 ms)."""
+  neighborhoods, where they are faster on 2 of 3 cases, packed grids of different sizes
+  included: with the MMA bias in both kernels and the dK/dV items in KV-block order (H200,
+  bf16 D=128, fwd+bwd ms, these kernels / Triton: 2-D NA 128² k33 4.90 / 4.45, 3-D k8×16²
+  18.8 / 19.4, stride 4×8×8 13.5 / 12.9; docs/experiments/h200-2026-12-03-dkv-items.json).
+  What is left: the grid order (`ITEMS_FASTEST`, not yet measured) and the permutation into
+  kernel order (0.23-0.69 ms; docs/performance.md)."""
   packed = isinstance(plan.mask, masks.PackedNeighborhood)
   return not plan.gathered and not packed
 
@@ -502,7 +500,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
-  mesh = plgpu.Mesh(grid=(items.shape[-2], hkv, b), grid_names=("kv", "head", "batch"),
+  grid = (("batch", b), ("head", hkv), ("kv", items.shape[-2]))  # the last axis runs fastest
+  if not ITEMS_FASTEST:
+    grid = grid[::-1]
+  mesh = plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
                     num_threads=_WGS + 1, thread_name="wg")
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
@@ -537,19 +538,40 @@ def _chunk(mean_entries: float) -> int:
   return max(8, int(np.ceil(mean_entries)))
 
 
+# The dK/dV work items (lab knobs, `benchmarks/diag/diag_dkv_items.py`). ITEM_ORDER "natural":
+# KV-block order; "longest": longest first. SPLIT_OUTLIERS: cut Q lists only where the longest
+# is more than twice the mean (a sink's), else one item per KV block (dK/dV stored in the
+# input dtype, `DIRECT_DKV`); False: every list longer than the mean. H200, backward ms
+# (docs/experiments/h200-2026-12-03-dkv-items.json): 2-D NA k33 3.78 -> 3.30 (Nsight Compute:
+# L2 hit rate 19% -> 35%, DRAM reads 4.65 -> 3.08 GB), 3-D NA 15.9 -> 15.0, causal 13.3 ->
+# 12.7 (direct dK/dV), window and the LM layer unchanged.
+ITEM_ORDER = "natural"
+SPLIT_OUTLIERS = True
+# The grid's last (fastest) axis: True, work items (CTAs that run at once share a head's Q
+# blocks); False, batch (they are one item of every head). Pallas runs the last grid axis
+# fastest. Not measured yet (no device time left; interpret-mode tests pass with both):
+# `diag_dkv_items --variants natural_split,natural_split_items_fastest,...`.
+ITEMS_FASTEST = False
+
+
 def _work_items(counts: np.ndarray) -> np.ndarray:
-  """Work items [n, 3] (KV block, first entry, entries) over the KV blocks' Q lists, longest
-  first: a list longer than the chunk (the mean length, at least 8) is split into chunks,
-  so that one long list (a sink or global token's keys, which every query visits) does not
-  hold the whole kernel up. KV blocks no query visits get no item (their dK/dV stay 0)."""
+  """Work items [n, 3] (KV block, first entry, entries) over the KV blocks' Q lists, in
+  KV-block order (neighbouring KV blocks share Q blocks: neighborhoods, windows; causal lists
+  come longest first that way): one per KV block, unless one list is more than twice the
+  mean (a sink or global token's keys, which every query visits): then lists longer than the
+  chunk (the mean, at least 8) are cut into chunks, so that the long one does not hold the
+  whole kernel up. KV blocks no query visits get no item (their dK/dV stay 0)."""
   counts = np.asarray(counts, np.int64)
   visited = counts[counts > 0]
   if not visited.size:
     return np.zeros((0, 3), np.int32)
   chunk = _chunk(visited.mean())
+  if SPLIT_OUTLIERS and visited.max() <= 2 * visited.mean():
+    chunk = int(visited.max())
   items = [(j, s, min(chunk, int(n) - s)) for j, n in enumerate(counts)
            for s in range(0, int(n), chunk)]
-  items.sort(key=lambda it: -it[2])
+  if ITEM_ORDER == "longest":
+    items.sort(key=lambda it: -it[2])
   return np.asarray(items, np.int32)
 
 

@@ -50,6 +50,10 @@ def mma_add(acc, a, b):
   return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
 
 
+# The grid's last (fastest) axis: True, Q blocks (CTAs that run at once share a head's K/V
+# blocks); False, batch. Not measured yet (`attention_bwd.ITEMS_FASTEST`).
+Q_FASTEST = False
+
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
@@ -248,7 +252,10 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,
       mma_width=0 if mma is None else mma[0].shape[1])
-  mesh = plgpu.Mesh(grid=(bmap.num_q_blocks, h, b), grid_names=("q", "head", "batch"),
+  grid = (("batch", b), ("head", h), ("q", bmap.num_q_blocks))  # the last axis runs fastest
+  if not Q_FASTEST:
+    grid = grid[::-1]
+  mesh = plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
                     num_threads=_WGS + 1, thread_name="wg")
   return pl.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype), mesh=mesh,

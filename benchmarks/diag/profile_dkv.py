@@ -1,0 +1,53 @@
+"""The Hopper dK/dV kernel once per case, for Nsight Compute: 2-D NA 128² k33 in kernel order
+(MHA, then GQA 16/4) and dense S=4096 (the same block work per CTA as dense S=16384, shorter
+launch), the dQ kernel patched out so that the profiled launches are dK/dV's only.
+
+    ncu --clock-control none -k regex:sparse_attention_bwd --section SpeedOfLight \\
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \\
+        python -m benchmarks.diag.profile_dkv [na2d|na2d_gqa4|dense4096 [longest|classes|natural]]
+"""
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jax_sparse_attn import masks
+from jax_sparse_attn.layout import SequenceLayout, TiledLayout
+from jax_sparse_attn.plan import make_plan
+from pallas_kernels.gpu import MosaicGPUConfig
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
+
+
+def main():
+  b, h, d = 2, 16, 128
+  scale = 1 / math.sqrt(d)
+  cfg = MosaicGPUConfig(backward="mosaic_gpu")
+  lay = TiledLayout((128, 128), (1, 1), (8, 16))
+  na = make_plan(masks.neighborhood((128, 128), (33, 33)), lay, lay)
+  dense = make_plan(masks.full(), SequenceLayout(4096, 128), SequenceLayout(4096, 128))
+  attention_bwd_dq.dq = lambda q, *a, **kw: jnp.zeros_like(q)
+  cases = (("na2d", na, 16384, 16), ("na2d_gqa4", na, 16384, 4), ("dense4096", dense, 4096, 16))
+  only = sys.argv[1] if len(sys.argv) > 1 else None
+  if len(sys.argv) > 2:  # a work-item order (`attention_bwd.ITEM_ORDER`), lists cut only at outliers
+    attention_bwd.ITEM_ORDER, attention_bwd.SPLIT_OUTLIERS = sys.argv[2], True
+  for label, plan, n, hkv in cases:
+    if only and label != only:
+      continue
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    q, do = (jax.random.normal(x, (b, n, h, d), jnp.bfloat16) for x in ks[:2])
+    k, v = (jax.random.normal(x, (b, n, hkv, d), jnp.bfloat16) for x in ks[2:])
+    out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
+        q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
+    f = jax.jit(lambda q, k, v, o, l, do: attention_bwd.backward(
+        q, k, v, None, None, o, l, do, jnp.zeros_like(l), plan, scale, cfg, False))
+    jax.block_until_ready(f(q, k, v, out, lse, do))
+    print(label, "blocks", int(plan.block_map.num_visited), flush=True)
+  if only:  # one case per process: leave at once (ncu's session ends with the process)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+  main()
