@@ -20,3 +20,22 @@ class Rows:
     if path:
       with open(path, "w") as f:
         json.dump({"device": str(jax.devices()[0]), "rows": self.rows}, f, indent=1)
+
+
+def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_dim: int, cfg,
+                    seed: int = 0):
+  """Random bf16 q, k, v, dO [batch, n, heads | kv_heads, head_dim] (in the plan's token
+  order) and the Hopper forward's out and lse on `plan`: the inputs of
+  `attention_bwd.backward`."""
+  import math
+
+  import jax.numpy as jnp
+
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q, do = (jax.random.normal(x, (batch, n, heads, head_dim), jnp.bfloat16) for x in ks[:2])
+  k, v = (jax.random.normal(x, (batch, n, kv_heads, head_dim), jnp.bfloat16) for x in ks[2:])
+  scale = 1 / math.sqrt(head_dim)
+  out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
+      q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
+  return q, k, v, do, out, lse

@@ -23,9 +23,9 @@ from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout, TiledLayout
 from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
 
-from . import Rows
+from . import Rows, backward_inputs
 
 H, D = 16, 128
 _LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
@@ -89,12 +89,8 @@ def main():
       lay = SequenceLayout(lay, 128)
     plan = make_plan(mask, lay, lay)
     n = plan.q_layout.padded_len
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q, do = (jax.random.normal(x, (b, n, H, D), jnp.bfloat16) for x in ks[:2])
-    k, v = (jax.random.normal(x, (b, n, hkv, D), jnp.bfloat16) for x in ks[2:])
     try:
-      out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
-          q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
+      q, k, v, do, out, lse = backward_inputs(plan, b, n, H, hkv, D, cfg)
     except Exception as e:  # noqa: BLE001 - a failed case is a row
       rows.record(case=name, error=repr(e)[:400])
       continue

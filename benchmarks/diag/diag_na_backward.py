@@ -25,7 +25,7 @@ from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
 from pallas_kernels.gpu.mosaic_gpu.boxes import kernel_order
 
-from . import Rows
+from . import Rows, backward_inputs
 
 # name: (batch, spatial, kernel, stride)
 CASES = {"na2d": (2, (128, 128), (33, 33), (1, 1)),
@@ -163,12 +163,8 @@ def _probe(rows):
   for label, plan, hkv in (("na2d", kplan, 16), ("na2d all blocks full", nomask, 16),
                            ("na2d GQA 16/4", kplan, 4), ("na2d GQA 16/1", kplan, 1),
                            ("dense S=16384", dense, 16)):
-    ks = jax.random.split(jax.random.PRNGKey(1), 4)
-    q, do = (jax.random.normal(x, (b, n, h, d), jnp.bfloat16) for x in ks[:2])
-    k, v = (jax.random.normal(x, (b, n, hkv, d), jnp.bfloat16) for x in ks[2:])
     try:
-      out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
-          q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
+      q, k, v, do, out, lse = backward_inputs(plan, b, n, h, hkv, d, cfg, seed=1)
       dlse = jnp.zeros_like(lse)
       whole = jax.jit(lambda q, k, v, o, l, do, dl: attention_bwd.backward(
           q, k, v, None, None, o, l, do, dl, plan, scale, cfg, False))

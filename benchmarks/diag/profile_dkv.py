@@ -17,7 +17,9 @@ from jax_sparse_attn import masks
 from jax_sparse_attn.layout import SequenceLayout, TiledLayout
 from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
+
+from . import backward_inputs
 
 
 def main():
@@ -35,11 +37,7 @@ def main():
   for label, plan, n, hkv in cases:
     if only and label != only:
       continue
-    ks = jax.random.split(jax.random.PRNGKey(1), 4)
-    q, do = (jax.random.normal(x, (b, n, h, d), jnp.bfloat16) for x in ks[:2])
-    k, v = (jax.random.normal(x, (b, n, hkv, d), jnp.bfloat16) for x in ks[2:])
-    out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
-        q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
+    q, k, v, do, out, lse = backward_inputs(plan, b, n, h, hkv, d, cfg, seed=1)
     f = jax.jit(lambda q, k, v, o, l, do: attention_bwd.backward(
         q, k, v, None, None, o, l, do, jnp.zeros_like(l), plan, scale, cfg, False))
     jax.block_until_ready(f(q, k, v, out, lse, do))
