@@ -30,7 +30,7 @@ def documents(cuts_per_row, length):
                      jnp.int32)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(sq=st.integers(1, 90), skv=st.integers(1, 90), bq=st.sampled_from([8, 16]),
        bk=st.sampled_from([8, 16, 32]),
        mask=st.sampled_from(sorted(backend_cases.SEQ_MASKS)), ordered=st.booleans(),
