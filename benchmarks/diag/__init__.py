@@ -1,7 +1,9 @@
 """Lab tools: one question each, run on the device machine (`run_device.sh`)."""
 import json
+import math
 
 import jax
+import jax.numpy as jnp
 
 
 class Rows:
@@ -27,11 +29,7 @@ def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_di
   """Random bf16 q, k, v, dO [batch, n, heads | kv_heads, head_dim] (in the plan's token
   order) and the Hopper forward's out and lse on `plan`: the inputs of
   `attention_bwd.backward`."""
-  import math
-
-  import jax.numpy as jnp
-
-  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd  # the lab's only GPU-kernel import
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   q, do = (jax.random.normal(x, (batch, n, heads, head_dim), jnp.bfloat16) for x in ks[:2])
   k, v = (jax.random.normal(x, (batch, n, kv_heads, head_dim), jnp.bfloat16) for x in ks[2:])

@@ -500,11 +500,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
-  grid = (("batch", b), ("head", hkv), ("kv", items.shape[-2]))  # the last axis runs fastest
-  if not ITEMS_FASTEST:
-    grid = grid[::-1]
-  mesh = plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
-                    num_threads=_WGS + 1, thread_name="wg")
+  mesh = bwd_dq.backward_mesh(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
           *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]))

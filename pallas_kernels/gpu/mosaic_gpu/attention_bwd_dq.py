@@ -54,6 +54,18 @@ def mma_add(acc, a, b):
 # blocks); False, batch. Not measured yet (`attention_bwd.ITEMS_FASTEST`).
 Q_FASTEST = False
 
+
+def backward_mesh(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
+  """A backward kernel's mesh: grid axes "batch", "head" and the work axis (name, size),
+  and the warpgroups. Pallas runs the grid's last axis fastest: the work axis there with
+  ``work_fastest``, else batch."""
+  grid = (("batch", batch), ("head", heads), work)
+  if not work_fastest:
+    grid = grid[::-1]
+  return plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
+                    num_threads=_WGS + 1, thread_name="wg")
+
+
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
@@ -252,11 +264,7 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,
       mma_width=0 if mma is None else mma[0].shape[1])
-  grid = (("batch", b), ("head", h), ("q", bmap.num_q_blocks))  # the last axis runs fastest
-  if not Q_FASTEST:
-    grid = grid[::-1]
-  mesh = plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
-                    num_threads=_WGS + 1, thread_name="wg")
+  mesh = backward_mesh(b, h, ("q", bmap.num_q_blocks), Q_FASTEST)
   return pl.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype), mesh=mesh,
       compiler_params=plgpu.CompilerParams(approx_math=True),
