@@ -649,7 +649,8 @@ def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionP
   forward plan's, else None: the forward plan's layouts (a context-parallel shard's too)
   with the backward's tiles (`fit_tile` adapts them to a shard)."""
   from .simulate import best_tile_shapes
-  blocks = impl.backward_blocks(head_dim, dtype, config) if impl.backward_blocks else None
+  blocks = (impl.backward_blocks(head_dim, dtype, config, mask) if impl.backward_blocks
+            else None)
   if blocks is None:
     return None
   bwd_q, bwd_kv = (tuple((fit_tile or (lambda t: t))(t)) for t in best_tile_shapes(mask, *blocks))

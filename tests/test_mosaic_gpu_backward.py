@@ -86,7 +86,8 @@ def test_na_mma_bias(monkeypatch, problem, tile):
 
 
 def test_picks():
-  """backward=None: these kernels for 1-D maps (dense included), Triton for neighborhoods."""
+  """backward=None: these kernels for 1-D maps (dense included) and 3-D neighborhoods at
+  head_dim 65-128 (their backward map blocks too), Triton for 2-D and packed ones."""
   from jax_sparse_attn.layout import SequenceLayout, TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
@@ -97,6 +98,16 @@ def test_picks():
   plan = gathered(make_plan(na, TiledLayout((32, 32), (1, 1), (8, 16)),
                             TiledLayout((32, 32), (1, 1), (8, 16))))
   assert not mgpu.picks_mosaic(plan)
+  na3 = masks.neighborhood((8, 16, 16), (3, 5, 5))
+  plan3 = gathered(make_plan(na3, TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16)),
+                             TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16))))
+  assert mgpu.picks_mosaic(plan3) and mgpu.picks_mosaic(plan3, 96)
+  assert not mgpu.picks_mosaic(plan3, 64)
+  blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
+  assert blocks(na3, 128) == (128, 128) and blocks(na, 128) != (128, 128)
+  assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) != (128, 128)
+  assert blocks(na3, 128, MosaicGPUConfig(backward="triton")) != (128, 128)
+  assert blocks(na, 128, MosaicGPUConfig(backward="mosaic_gpu")) == (128, 128)
   packed = masks.packed_neighborhood([(16, 16), (8, 24)], 5)
   assert not mgpu.picks_mosaic(make_plan(packed, SequenceLayout(448, 128),
                                          SequenceLayout(448, 128)))  # neighborhoods, 1-D

@@ -126,10 +126,9 @@ def main():
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v, do = (jax.random.normal(x, (b, *spatial, H, D), jnp.bfloat16) for x in ks)
     row, grads = dict(case=name, part="fwd+bwd"), {}
-    for label, cfgv, variant in (("triton", MosaicGPUConfig(backward="triton"), "longest"),
-                                 ("mosaic_longest", cfg, "longest"),
-                                 ("mosaic_natural_split_both_fastest", cfg,
-                                  "natural_split_both_fastest")):
+    e2e_variants = [("triton", MosaicGPUConfig(backward="triton"), "natural_split")]
+    e2e_variants += [(f"mosaic_{v}", cfg, v) for v in args.variants.split(",")]
+    for label, cfgv, variant in e2e_variants:
       loss = lambda q, k, v, c=cfgv: jnp.sum(
           jsa.na(q, k, v, kern, stride, backend="mosaic_gpu", config=c).astype(jnp.float32)
           * do.astype(jnp.float32))

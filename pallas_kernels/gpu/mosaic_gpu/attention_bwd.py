@@ -59,6 +59,7 @@ from .boxes import caller_order, kernel_order
 from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
+from .config import hopper_backward_neighborhood
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
@@ -74,20 +75,22 @@ DIRECT_DKV = True
 SHARED_STATIC_ITEMS = True
 
 
-def picks_mosaic(plan: AttentionPlan) -> bool:
+def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
   """`MosaicGPUConfig.backward=None`: these kernels (dQ as its own kernel) for 1-D masks,
   dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.7 vs 30.0 ms
   for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
   results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
-  docs/experiments/h200-2026-11-29-dq-kernel-routing.json), the Triton kernels for
-  neighborhoods, where they are faster on 2 of 3 cases, packed grids of different sizes
-  included: with the MMA bias in both kernels and the dK/dV items in KV-block order (H200,
-  bf16 D=128, fwd+bwd ms, these kernels / Triton: 2-D NA 128² k33 4.90 / 4.45, 3-D k8×16²
-  18.8 / 19.4, stride 4×8×8 13.5 / 12.9; docs/experiments/h200-2026-12-03-dkv-items.json).
-  What is left: the grid order (`ITEMS_FASTEST`, not yet measured) and the permutation into
-  kernel order (0.23-0.69 ms; docs/performance.md)."""
-  packed = isinstance(plan.mask, masks.PackedNeighborhood)
-  return not plan.gathered and not packed
+  docs/experiments/h200-2026-11-29-dq-kernel-routing.json) and for 3-D neighborhoods
+  (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with the
+  grid order below, docs/experiments/h200-2026-12-03-grid-order.json); the Triton kernels for
+  2-D neighborhoods (4.58 vs 4.38 ms at 128² k33: their 64-row query tiles) and packed grids
+  of different sizes. What is left for neighborhoods: the permutation into kernel order
+  (0.23-0.69 ms; docs/performance.md)."""
+  if isinstance(plan.mask, masks.PackedNeighborhood):
+    return False
+  if plan.gathered:
+    return hopper_backward_neighborhood(plan.mask, head_dim)
+  return True
 
 
 def _split_dq(cfg, head_dim: int) -> bool:
@@ -417,7 +420,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   runtime = block_map is not None
   # The Triton kernels where asked, where `picks_mosaic` prefers them, for plans made with
   # other blocks (attention(..., block_kv=64)) and above head_dim 128.
-  if (cfg.backward == "triton" or (cfg.backward is None and not picks_mosaic(plan))
+  if (cfg.backward == "triton"
+      or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1]))
       or plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS
       or q.shape[-1] > _MAX_BACKWARD_HEAD_DIM):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
@@ -545,9 +549,10 @@ ITEM_ORDER = "natural"
 SPLIT_OUTLIERS = True
 # The grid's last (fastest) axis: True, work items (CTAs that run at once share a head's Q
 # blocks); False, batch (they are one item of every head). Pallas runs the last grid axis
-# fastest. Not measured yet (no device time left; interpret-mode tests pass with both):
-# `diag_dkv_items --variants natural_split,natural_split_items_fastest,...`.
-ITEMS_FASTEST = False
+# fastest. H200, backward ms with `attention_bwd_dq.Q_FASTEST` too, batch last / both
+# fastest (docs/experiments/h200-2026-12-03-grid-order.json): dense S=16384 24.4 / 23.5,
+# causal 12.3 / 11.9, 3-D NA 14.3 / 13.3, 2-D NA 3.08 / 3.06, the LM layer 0.87 / 0.90.
+ITEMS_FASTEST = True
 
 
 def _work_items(counts: np.ndarray) -> np.ndarray:

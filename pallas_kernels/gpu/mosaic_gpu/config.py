@@ -87,12 +87,26 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
   return 2 * _ROWS, 128 if head_dim <= 128 else 64
 
 
-def default_backward_map_blocks(head_dim: int, dtype, config):
+def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
+  """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
+  3-D neighborhoods at head_dim 65-128 (padded to 128). H200, bf16 D=128, fwd+bwd ms, these
+  kernels / Triton (docs/experiments/h200-2026-12-03-grid-order.json): 3-D NA 16×64² k8×16²
+  17.4 / 19.0, the same with stride 4×8×8 12.7 / 12.6 (a tie); 2-D NA 128² k33 4.58 / 4.38
+  stays on Triton (its 64-row query tiles). Other head dims were not measured."""
+  return (isinstance(mask, masks.Neighborhood) and mask.num_dims == 3
+          and _padded_head_dim(head_dim) == 128)
+
+
+def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):
   """The backward's (query, key) blocks for neighborhoods (1-D masks keep the forward's
-  plan): the Mosaic GPU backward's 128 and 128 (`MosaicGPUConfig.backward="mosaic_gpu"`: its
-  CTA owns 128 keys), else the Triton backward's (`attention_bwd.picks_mosaic`)."""
-  if (isinstance(config, MosaicGPUConfig) and config.backward == "mosaic_gpu"
-      and head_dim <= _MAX_BACKWARD_HEAD_DIM):
+  plan): the Mosaic GPU backward's 128 and 128 (its CTA owns 128 keys) where it runs
+  (`MosaicGPUConfig.backward="mosaic_gpu"`, or None and `hopper_backward_neighborhood`),
+  else the Triton backward's."""
+  config = config if isinstance(config, MosaicGPUConfig) else None
+  backward = config.backward if config is not None else None
+  if head_dim <= _MAX_BACKWARD_HEAD_DIM and (
+      backward == "mosaic_gpu"
+      or (backward is None and hopper_backward_neighborhood(mask, head_dim))):
     return 2 * _ROWS, 2 * _ROWS
   tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
   return triton_attention.default_backward_map_blocks(head_dim, dtype, tconf)
