@@ -86,8 +86,9 @@ def test_na_mma_bias(monkeypatch, problem, tile):
 
 
 def test_picks():
-  """backward=None: these kernels for 1-D maps (dense included) and 3-D neighborhoods at
-  head_dim 65-128 (their backward map blocks too), Triton for 2-D and packed ones."""
+  """backward=None: these kernels for 1-D maps (dense included) and 3-D neighborhoods without
+  stride at head_dim 65-128 (their backward map blocks too), Triton for 2-D, strided and
+  packed ones."""
   from jax_sparse_attn.layout import SequenceLayout, TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
@@ -103,6 +104,10 @@ def test_picks():
                              TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16))))
   assert mgpu.picks_mosaic(plan3) and mgpu.picks_mosaic(plan3, 96)
   assert not mgpu.picks_mosaic(plan3, 64)
+  strided = masks.neighborhood((8, 16, 16), (3, 5, 5), (1, 2, 2))
+  assert not mgpu.picks_mosaic(gathered(make_plan(
+      strided, TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16)),
+      TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16)))))
   blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
   assert blocks(na3, 128) == (128, 128) and blocks(na, 128) != (128, 128)
   assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) != (128, 128)
