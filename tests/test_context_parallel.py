@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import backend_cases
 import brute_force
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import context_parallel as cp
 from jax_sparse_attn import masks
@@ -151,7 +152,7 @@ def test_sequence_strategies(mask_name, strategy, layout):
                   segments=mask_name in ("causal", "window"), seed=3)
 
 
-@settings(max_examples=5)
+@settings(max_examples=examples(3))
 @given(mask_name=st.sampled_from(sorted(SEQ_CASES)),
        strategy=st.sampled_from(["auto", "ring", "halo", "allgather"]),
        zigzag=st.booleans(), context=st.sampled_from([2, 4, 8]), chunk=st.sampled_from([8, 12, 20]),
@@ -244,7 +245,7 @@ def test_na_context_parallel(case):
   _check_na(*case)
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(3))
 @given(p=backend_cases.na_problems(), context=st.sampled_from([2, 4]),
        strategy=st.sampled_from(["auto", "halo", "allgather"]))
 def test_na_randomized(p, context, strategy):

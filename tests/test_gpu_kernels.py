@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 
 import backend_cases
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from jax_sparse_attn.layout import TiledLayout
@@ -14,7 +15,7 @@ from pallas_kernels.gpu import TritonConfig, export_for_gpu, mma_masks, triton_a
 KW = dict(interpret=True, block_q=32, block_kv=32)
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(4))
 @given(p=backend_cases.seq_problems(max_len=70))
 def test_attention(p):
   if p["mask"] == "or":  # generic masks: covered by the function case below (slow in interpret)
@@ -22,7 +23,7 @@ def test_attention(p):
   backend_cases.check_attention(p, "triton", **KW)
 
 
-@settings(max_examples=5)
+@settings(max_examples=examples(4))
 @given(p=backend_cases.na_problems())
 def test_na(p):
   backend_cases.check_na(p, "triton", interpret=True, block_q=16, block_kv=16)
@@ -72,7 +73,7 @@ def test_single_loop_matches():
   backend_cases.check_attention(p, "triton", config=TritonConfig(single_loop=True), **KW)
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(3))
 @given(p=backend_cases.na_problems(dtypes=(jnp.float32, jnp.bfloat16)))
 def test_na_element_masks(p):
   # Partial blocks through the per-element interval test instead of the MMA bias.
@@ -80,7 +81,7 @@ def test_na_element_masks(p):
                          config=TritonConfig(mask_mma=False))
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(2))
 @given(p=backend_cases.na_problems(dtypes=(jnp.bfloat16, jnp.float16)))
 def test_na_low_precision(p):
   backend_cases.check_na(p, "triton", interpret=True, block_q=16, block_kv=16)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backend_cases
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn.layout import TiledLayout
 from jax_sparse_attn.plan import gathered, make_plan
@@ -53,7 +54,7 @@ def na_problems(draw):
               seed=draw(st.integers(0, 2**16)), tile_q=tile_q, tile_kv=tile_kv)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=examples(3), deadline=None)
 @given(p=na_problems(), mask_mma=st.booleans(), kv_windows=st.sampled_from([None, True]))
 def test_na(p, mask_mma, kv_windows):
   backend_cases.check_na(p, "mosaic_gpu", interpret=True,
@@ -82,7 +83,9 @@ def test_mma_masks_where_narrow():
                                            ("causal_window", 131, 131), ("full", 100, 260),
                                            ("block_local", 70, 70)])
 def test_attention(mask, sq, skv):
-  p = dict(batch=2, sq=sq, skv=skv, heads=4, kv_heads=2, head_dim=64, mask=mask,
+  """The default path (Hopper forward, the backward `picks_mosaic` chooses) on fixed 1-D
+  masks, GQA 4/2; batch rows and every dQ form: `test_mosaic_gpu_backward`."""
+  p = dict(batch=1, sq=sq, skv=skv, heads=4, kv_heads=2, head_dim=64, mask=mask,
            segments=False, dtype=jnp.bfloat16, seed=sq + skv)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
 
@@ -433,7 +436,7 @@ def _window_plan(spatial, kernel, stride=1, causal=False, q_tile=(8, 16), kv_til
                             TiledLayout(spatial, (1,) * nd, kv_tile)), True)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(data=st.data())
 def test_window_boxes_count_every_pair_once(data):
   """Window-anchored KV boxes (`_window_inputs`) against the brute-force mask: summed over a
@@ -543,7 +546,7 @@ AUTO_MASKS = {
 }
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(mask=st.sampled_from(sorted(AUTO_MASKS)), head_dim=st.sampled_from([16, 32, 48, 64, 96,
                                                                            128, 200, 256]),
        dtype=st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]),

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 
@@ -117,20 +118,20 @@ def check_masked_na(p, backend, extra: int = 0, **kwargs):
 
 
 @pytest.mark.parametrize("backend", sorted(KW))
-@settings(max_examples=3)
+@settings(max_examples=examples(2))
 @given(p=masked_na_problems())
 def test_masked_na(backend, p):
   check_masked_na(p, backend, **KW[backend])
 
 
 @pytest.mark.parametrize("backend", ["xla", "triton"])
-@settings(max_examples=3)
+@settings(max_examples=examples(2))
 @given(p=masked_na_problems(), extra=st.integers(1, 20))
 def test_extra_tokens(backend, p, extra):
   check_masked_na(p, backend, extra=extra, **KW[backend])
 
 
-@settings(max_examples=2)
+@settings(max_examples=examples(2))
 @given(p=masked_na_problems(), extra=st.integers(1, 20))
 def test_extra_tokens_mosaic(p, extra):
   # The TPU kernels in interpret mode take ~40 s an example on CI's 2 cores: fewer examples.
@@ -201,7 +202,7 @@ def check_packed(p, backend, **kwargs):
 
 
 @pytest.mark.parametrize("backend", sorted(set(KW) - {"mosaic"}))
-@settings(max_examples=5)
+@settings(max_examples=examples(3))
 @given(p=packed_problems())
 def test_packed(backend, p):
   # One kernel, each grid in its own tiles (PackedLayout); reference: the raster order.
@@ -209,7 +210,7 @@ def test_packed(backend, p):
                **KW[backend])
 
 
-@settings(max_examples=2)
+@settings(max_examples=examples(2))
 @given(p=packed_problems())
 def test_packed_mosaic(p):
   # The TPU kernels in interpret mode (slow on CI's 2 cores): fewer examples.
@@ -218,7 +219,7 @@ def test_packed_mosaic(p):
 
 @pytest.mark.parametrize("backend, method", [("xla", "raster"), ("triton", "raster"),
                                              ("xla", "per_grid"), ("triton", "per_grid")])
-@settings(max_examples=3)
+@settings(max_examples=examples(2))
 @given(p=packed_problems())
 def test_packed_methods(backend, method, p):
   check_packed(p, backend, method=method, **KW[backend])
@@ -294,14 +295,15 @@ def test_bad_input_raises_value_error(call, match):
 
 
 # The Hopper kernels in GPU interpret mode (bf16; their blocks are 128 tokens).
-@pytest.mark.parametrize("backward", [None, "mosaic_gpu"])
-def test_masked_na_mosaic_gpu(backward):
+def test_masked_na_mosaic_gpu():
+  """The Hopper forward and backward (the Triton backward after the Hopper forward, the
+  default here, is `test_mosaic_gpu.test_na`'s path; masked NA on Triton: `test_masked_na`)."""
   from pallas_kernels.gpu import MosaicGPUConfig
   p = dict(problem=((12, 16), (5, 7), (2, 1), (1, 2), (False, True)), batch=1, heads=2,
            kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=(8, 16),
            tile_kv=(8, 16), valid="region", segments=True)
   check_masked_na(p, "mosaic_gpu", extra=5, interpret=True,
-                  config=MosaicGPUConfig(backward=backward))
+                  config=MosaicGPUConfig(backward="mosaic_gpu"))
 
 
 def test_packed_mosaic_gpu():

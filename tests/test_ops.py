@@ -7,6 +7,7 @@ from hypothesis import given, settings
 
 import backend_cases
 import brute_force
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 
@@ -18,7 +19,7 @@ def test_attention_fp32(backend, p):
   backend_cases.check_attention(p, backend, **kwargs)
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(4))
 @given(p=backend_cases.seq_problems(max_len=40, dtypes=(jnp.bfloat16, jnp.float16)))
 def test_attention_low_precision_xla(p):
   backend_cases.check_attention(p, "xla", block_q=16, block_kv=16)

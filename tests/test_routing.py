@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import block_map as block_map_lib
 from jax_sparse_attn import masks, routing
@@ -84,7 +85,7 @@ def check_routed(p, backend, **kwargs):
 
 
 @pytest.mark.parametrize("backend", sorted(KW))
-@settings(max_examples=4)
+@settings(max_examples=examples(3))
 @given(p=routed_problems())
 def test_routed_attention(backend, p):
   check_routed(p, backend, **KW[backend])
@@ -103,9 +104,10 @@ def test_routed_low_precision_triton():
 def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward, dq):
   # The Hopper forward and the dQ kernel walk per-(batch, head) rows; with GQA each query head
   # of a group has its own Q list per KV block (the dK/dV kernel's device-built work items);
-  # "own": dQ reduce-added by the dK/dV kernel.
+  # "own": dQ reduce-added by the dK/dV kernel. Two batch rows with GQA (per-batch rows), one
+  # otherwise (interpret-mode time).
   from pallas_kernels.gpu import MosaicGPUConfig
-  p = dict(batch=2, sq=300, skv=300, bs=128, kv_heads=kv_heads, heads=2, head_dim=64,
+  p = dict(batch=kv_heads, sq=300, skv=300, bs=128, kv_heads=kv_heads, heads=2, head_dim=64,
            mask=mask, k=2, segments=mask == "causal", dtype=jnp.bfloat16, seed=4)
   check_routed(p, "mosaic_gpu", interpret=True,
                config=MosaicGPUConfig(backward=backward, backward_dq=dq))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import block_map as block_map_lib
 from jax_sparse_attn import masks, ops, routing
@@ -30,7 +31,7 @@ def documents(cuts_per_row, length):
                      jnp.int32)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(sq=st.integers(1, 90), skv=st.integers(1, 90), bq=st.sampled_from([8, 16]),
        bk=st.sampled_from([8, 16, 32]),
        mask=st.sampled_from(sorted(backend_cases.SEQ_MASKS)), ordered=st.booleans(),

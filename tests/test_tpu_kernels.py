@@ -5,12 +5,13 @@ import pytest
 from hypothesis import given, settings
 
 import backend_cases
+from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from pallas_kernels.tpu import export_for_tpu
 
 
-@settings(max_examples=5)
+@settings(max_examples=examples(3))
 @given(p=backend_cases.seq_problems(max_len=150))
 def test_attention_interpret(p):
   if p["mask"] == "or":
@@ -18,7 +19,7 @@ def test_attention_interpret(p):
   backend_cases.check_attention(p, "mosaic", interpret=True)
 
 
-@settings(max_examples=3)
+@settings(max_examples=examples(2))
 @given(p=backend_cases.na_problems())
 def test_na_interpret(p):
   # Tiles must multiply to 128 on TPU: let the simulator choose them.

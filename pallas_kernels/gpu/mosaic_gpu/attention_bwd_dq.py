@@ -59,7 +59,9 @@ Q_FASTEST = True
 # The CTAs' order over a static map's Q blocks (lab knob, `benchmarks/diag/diag_dkv_items.py`):
 # "longest" lists first, so that short ones fill the tail; "reversed", last Q block first
 # (causal lists come longest first that way, and neighbouring Q blocks, which share KV
-# blocks, run side by side: the dK/dV kernel's L2 lesson, `attention_bwd.ITEM_ORDER`).
+# blocks, run side by side: the dK/dV kernel's L2 lesson, `attention_bwd.ITEM_ORDER`). H200
+# backward ms, longest / reversed (docs/experiments/h200-2026-12-03-dq-order.json): dense
+# 24.08 / 24.04, causal 12.12 / 12.29, 2-D NA 3.18 / 3.21, 3-D NA 13.60 / 13.63: no gain.
 Q_ORDER = "longest"
 
 

@@ -63,7 +63,8 @@ class MosaicGPUConfig:
   kv_windows: bool | None = None
   # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
   # `attention_bwd_dq.py`), "triton" (the Triton kernels, with `triton`'s config), None: by
-  # the plan (`attention_bwd.picks_mosaic`: 1-D masks here, neighborhoods on Triton).
+  # the plan (`attention_bwd.picks_mosaic`: 1-D masks and 3-D neighborhoods without stride
+  # here, other neighborhoods on Triton).
   backward: str | None = None
   # How the backward forms dQ: "kernel" (its own kernel over the forward map, no reductions;
   # plans with 128-row Q blocks), or reduce-added in float32 by the dK/dV kernel: "split"
