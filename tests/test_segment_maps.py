@@ -128,14 +128,14 @@ def _check(q, k, v, d_out, mask, q_seg, kv_seg, backend, **kwargs):
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("mask", sorted(CASES))
 def test_documents(backend, mask):
-  """Forward, lse and gradients with documents (GQA 4/2, bf16 on the GPU kernels); the map
+  """Forward, lse and gradients with documents (GQA 2/1, bf16 on the GPU kernels); the map
   the GPU backends build drops blocks and has full ones (so the test covers the skipped
   test; the TPU kernels too); XLA keeps the static map and tests ids on every block."""
   if mask == "masked_rows" and backend != "xla" or backend == "mosaic_gpu" and mask == "full":
     pytest.skip("covered by the other cases (rows that see nothing: xla here and each "
                 "kernel's own tests; full blocks: window_sink); interpret-mode time")
   dtype = jnp.float32 if backend in ("xla", "mosaic") else jnp.bfloat16
-  p = dict(batch=2, sq=512, skv=512, heads=4, kv_heads=2, head_dim=64, dtype=dtype, seed=5)
+  p = dict(batch=2, sq=512, skv=512, heads=2, kv_heads=1, head_dim=64, dtype=dtype, seed=5)
   q, k, v, d_out, _ = backend_cases.make_inputs(p)
   seg = documents(CUTS, 512)
   spec = CASES[mask]
@@ -179,7 +179,7 @@ def test_documents_cross_attention_mosaic_gpu():
   """The Hopper backward walks a documents' map with the static map's work items: KV blocks
   whose ids meet no query (batch 0's second block) get zero dK/dV, others their clipped
   lists; q and kv lengths differ."""
-  p = dict(batch=2, sq=512, skv=384, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
+  p = dict(batch=2, sq=512, skv=384, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
            seed=5)
   q, k, v, d_out, _ = backend_cases.make_inputs(p)
   q_seg = documents([[200], [130, 300]], 512)
