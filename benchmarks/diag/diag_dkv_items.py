@@ -2,8 +2,7 @@
 longest first or KV-block order; `SPLIT_OUTLIERS`: one item per KV block unless a list is an
 outlier, so that dK/dV are stored, not reduce-added) and both kernels' grid order
 (`attention_bwd.ITEMS_FASTEST`, `attention_bwd_dq.Q_FASTEST`: Pallas runs the grid's last axis
-fastest; batch there puts CTAs of every head side by side), and the dQ kernel's Q-block
-order (`attention_bwd_dq.Q_ORDER`: longest first or last block first). Nsight Compute on 2-D NA k33
+fastest; batch there puts CTAs of every head side by side). Nsight Compute on 2-D NA k33
 (`profile_dkv`) read a 19% L2 hit rate and 4.65 GB of DRAM reads for the dK/dV kernel with the
 longest-first items, against 59% on dense. The backward (both kernels) per mask and variant,
 gradients compared with the old default's ("longest"); then neighborhood fwd+bwd end to end
@@ -53,16 +52,14 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-# name: (ITEM_ORDER, SPLIT_OUTLIERS, ITEMS_FASTEST, attention_bwd_dq.Q_FASTEST,
-# attention_bwd_dq.Q_ORDER)
-VARIANTS = {"longest": ("longest", False, False, False, "longest"),
-            "natural_split": ("natural", True, False, False, "longest"),
-            "natural_split_items_fastest": ("natural", True, True, False, "longest"),
-            "natural_split_both_fastest": ("natural", True, True, True, "longest"),
-            "both_fastest_dq_reversed": ("natural", True, True, True, "reversed")}
+# name: (ITEM_ORDER, SPLIT_OUTLIERS, ITEMS_FASTEST, attention_bwd_dq.Q_FASTEST). A third
+# call also ran the dQ kernel's Q blocks last first (a knob since removed, 7ae9c81).
+VARIANTS = {"longest": ("longest", False, False, False),
+            "natural_split": ("natural", True, False, False),
+            "natural_split_items_fastest": ("natural", True, True, False),
+            "natural_split_both_fastest": ("natural", True, True, True)}
 _KNOBS = ((attention_bwd, "ITEM_ORDER"), (attention_bwd, "SPLIT_OUTLIERS"),
-          (attention_bwd, "ITEMS_FASTEST"), (attention_bwd_dq, "Q_FASTEST"),
-          (attention_bwd_dq, "Q_ORDER"))
+          (attention_bwd, "ITEMS_FASTEST"), (attention_bwd_dq, "Q_FASTEST"))
 
 
 def _with(variant, fn):

@@ -84,8 +84,8 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
   stride (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with
   the grid order below, docs/experiments/h200-2026-12-03-grid-order.json); the Triton kernels
   for 2-D neighborhoods (4.58 vs 4.38 ms at 128² k33: their 64-row query tiles), strided ones
-  (12.7 vs 12.6) and packed grids of different sizes. What is left for neighborhoods: the permutation into kernel order
-  (0.23-0.69 ms; docs/performance.md)."""
+  (12.7 vs 12.6) and packed grids of different sizes. What is left for neighborhoods: the
+  permutation into kernel order (0.23-0.69 ms; docs/performance.md)."""
   if isinstance(plan.mask, masks.PackedNeighborhood):
     return False
   if plan.gathered:

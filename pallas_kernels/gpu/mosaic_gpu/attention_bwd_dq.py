@@ -56,21 +56,6 @@ def mma_add(acc, a, b):
 Q_FASTEST = True
 
 
-# The CTAs' order over a static map's Q blocks (lab knob, `benchmarks/diag/diag_dkv_items.py`):
-# "longest" lists first, so that short ones fill the tail; "reversed", last Q block first
-# (causal lists come longest first that way, and neighbouring Q blocks, which share KV
-# blocks, run side by side: the dK/dV kernel's L2 lesson, `attention_bwd.ITEM_ORDER`). H200
-# backward ms, longest / reversed (docs/experiments/h200-2026-12-03-dq-order.json): dense
-# 24.08 / 24.04, causal 12.12 / 12.29, 2-D NA 3.18 / 3.21, 3-D NA 13.60 / 13.63: no gain.
-Q_ORDER = "longest"
-
-
-def _q_order(counts: np.ndarray) -> np.ndarray:
-  """The visiting order of the Q blocks, whose lists have `counts` entries (`Q_ORDER`)."""
-  if Q_ORDER == "reversed":
-    return np.arange(len(counts))[::-1].copy()
-  return np.argsort(-np.asarray(counts), kind="stable")
-
 
 def backward_mesh(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
   """A backward kernel's mesh: grid axes "batch", "head" and the work axis (name, size),
@@ -273,8 +258,9 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
             np.stack([np.asarray(bmap.kv_full_counts), np.asarray(bmap.kv_counts)], axis=1))
   if runtime:
     order = jnp.arange(bmap.num_q_blocks, dtype=jnp.int32)
-  else:
-    order = jnp.asarray(_q_order(counts[:, 1]), jnp.int32)
+  else:  # longest lists first, so that short ones fill the tail (last Q block first, as the
+    # dK/dV items, did no better: docs/experiments/h200-2026-12-03-dq-order.json)
+    order = jnp.asarray(np.argsort(-counts[:, 1], kind="stable"), jnp.int32)
   kernel = functools.partial(
       _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=stages, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),

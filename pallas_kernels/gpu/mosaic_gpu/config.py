@@ -104,14 +104,12 @@ def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):
   plan): the Mosaic GPU backward's 128 and 128 (its CTA owns 128 keys) where it runs
   (`MosaicGPUConfig.backward="mosaic_gpu"`, or None and `hopper_backward_neighborhood`),
   else the Triton backward's."""
-  config = config if isinstance(config, MosaicGPUConfig) else None
-  backward = config.backward if config is not None else None
+  config = config if isinstance(config, MosaicGPUConfig) else MosaicGPUConfig()
   if head_dim <= _MAX_BACKWARD_HEAD_DIM and (
-      backward == "mosaic_gpu"
-      or (backward is None and hopper_backward_neighborhood(mask, head_dim))):
+      config.backward == "mosaic_gpu"
+      or (config.backward is None and hopper_backward_neighborhood(mask, head_dim))):
     return 2 * _ROWS, 2 * _ROWS
-  tconf = config.triton if isinstance(config, MosaicGPUConfig) else None
-  return triton_attention.default_backward_map_blocks(head_dim, dtype, tconf)
+  return triton_attention.default_backward_map_blocks(head_dim, dtype, config.triton)
 
 
 def _config(config) -> MosaicGPUConfig:
