@@ -73,6 +73,14 @@ DIRECT_DKV = True
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
+# Register plan (lab knobs, benchmarks/diag/diag_fused_registers.py): the compute and memory
+# warpgroups' register budgets; the key coordinates (and key segment ids) held as row vectors
+# and broadcast in each masked step (False: held as [64, 64] broadcasts, 32 registers a
+# dimension across the loop); the fused form's dQ in a fresh accumulator ("scoped") or one
+# initialized from a zero array ("init").
+REGISTERS = (232, 40)
+COORD_VECTORS = True
+DQ_ACC = "init"
 
 
 def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
@@ -195,15 +203,17 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
     @pl.when((wg < _WGS) & (total > 0))
     def _compute():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(REGISTERS[0], action="increase")
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(kv_bar)
-      coords = [lax.broadcast_in_dim(
-          plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1)),
-          (_ROWS, _ROWS), [0]) for d in range(dims)]
-      keys_x = [lax.broadcast_in_dim(
-          plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1)),
-          (_ROWS, _ROWS), [0]) for i in range(extras)]
+      rows_of = lambda x: lax.broadcast_in_dim(x, (_ROWS, _ROWS), [0])
+      coords = [plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1))
+                for d in range(dims)]
+      keys_x = [plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1))
+                for i in range(extras)]
+      if not COORD_VECTORS:
+        coords, keys_x = [rows_of(x) for x in coords], [rows_of(x) for x in keys_x]
+      key_rows = (lambda x: rows_of(x)) if COORD_VECTORS else (lambda x: x)
 
       def step(t, carry, j: int, masked: bool):
         dk, dv = carry
@@ -226,15 +236,15 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
         if masked and not mma:
           for d in range(dims):
-            ok = ((coords[d] >= cols(lo_smem.at[slot, d]))
-                  & (coords[d] <= cols(hi_smem.at[slot, d])))
+            key = key_rows(coords[d])
+            ok = (key >= cols(lo_smem.at[slot, d])) & (key <= cols(hi_smem.at[slot, d]))
             p_t = jnp.where(ok, p_t, 0.0)
         if mask_fn is not None and masked:  # rows are keys, columns queries
           iota = lambda dim: plgpu.layout_cast(
               lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
           p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
         if segments and (masked or not segments_full):
-          p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
+          p_t = jnp.where(cols(qx_smem.at[slot, 0]) == key_rows(keys_x[0]), p_t, 0.0)
         ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
         # rewrite one only after the next step's rendezvous, which follows its reads).
@@ -257,26 +267,32 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         schedule()
 
-        def products(refs):  # dV, dK, then (once both dSᵀ halves are written) dQ
-          dv_ref, dk_ref, *dq_acc = refs
+        def products(refs, dq_acc=None):  # dV, dK, then (once both dSᵀ halves are written) dQ
+          dv_ref, dk_ref, *dq_init = refs
           plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
           if with_dq:
-            plgpu.wgmma(dq_acc[0], *dq_operands())
+            plgpu.wgmma(dq_acc if dq_acc is not None else dq_init[0], *dq_operands())
 
-        dq0 = (plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
-               if with_dq else None)
+        zeros_dq = lambda: plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32),
+                                             plgpu.Layout.WGMMA)
         if interpret:  # the same products through fresh accumulators
           dv = mma_add(dv, p16, do_smem.at[slot])
           dk = mma_add(dk, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
-          dq = mma_add(dq0, *dq_operands()) if with_dq else None
+          dq = mma_add(zeros_dq(), *dq_operands()) if with_dq else None
+        elif with_dq and DQ_ACC == "scoped":
+          def fused(dq_acc):
+            out = pl.run_state(functools.partial(products, dq_acc=dq_acc))(
+                (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            return (*out, dq_acc[...])
+          dv, dk, dq = pl.run_scoped(fused, plgpu.ACC((_ROWS, dq_cols), jnp.float32))
         elif with_dq:
           dv, dk, dq = pl.run_state(products)(
-              (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
+              (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros_dq())))
         else:
           dv, dk = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         plgpu.barrier_arrive(q_free.at[slot])
@@ -334,7 +350,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
     @pl.when((wg == _WGS) & (total > 0))
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(REGISTERS[1], action="decrease")
       rows = (batch, pl.ds(kv0, _BLOCK_KV), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar)
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar)

@@ -1,0 +1,139 @@
+"""The Hopper backward's register plan: per variant of the lab knobs in `attention_bwd`
+(REGISTERS, COORD_VECTORS, DQ_ACC) and form (two kernels or fused dQ), ptxas' register and
+spill report, a gradient check against a float32 reference and the backward's ms on dense,
+causal and the LM layer's mask. Each variant runs in its own process (ptxas' report goes to
+that process' stdout: `MOSAIC_GPU_DUMP_PTXAS=1`; SASS with `--sass`).
+
+    python -m benchmarks.diag.diag_fused_registers --out DIR [--variants a,b] [--sass a,b]
+"""
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+# name: (backward_dq, REGISTERS, COORD_VECTORS, DQ_ACC)
+VARIANTS = {
+    "two": (None, (232, 40), False, "init"),
+    "two_vec": (None, (232, 40), True, "init"),
+    "two_vec_240": (None, (240, 24), True, "init"),
+    "fused": ("split", (232, 40), False, "init"),
+    "fused_vec": ("split", (232, 40), True, "init"),
+    "fused_vec_scoped": ("split", (232, 40), True, "scoped"),
+    "fused_vec_240": ("split", (240, 24), True, "init"),
+    "fused_vec_scoped_240": ("split", (240, 24), True, "scoped"),
+}
+CASES = ("dense", "causal", "lm")
+
+
+def child(name: str, out_path: str):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import jax_sparse_attn as jsa
+  from jax_sparse_attn import masks
+  from jax_sparse_attn.demo import time_ms
+  from jax_sparse_attn.layout import SequenceLayout
+  from jax_sparse_attn.plan import make_plan
+  from pallas_kernels.gpu import MosaicGPUConfig
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_fwd
+
+  dq_form, regs, vec, acc = VARIANTS[name]
+  attention_bwd.REGISTERS, attention_bwd.COORD_VECTORS, attention_bwd.DQ_ACC = regs, vec, acc
+  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq_form)
+  row = {"variant": name}
+  # Gradients against float32 XLA attention: causal & window with documents-free GQA.
+  b, s, h, hkv, d = 1, 2048, 4, 2, 128
+  ks = jax.random.split(jax.random.PRNGKey(1), 4)
+  q, do = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in ks[::3])
+  k, v = (jax.random.normal(x, (b, s, hkv, d), jnp.bfloat16) for x in ks[1:3])
+  errs = {}
+  for label, mask in (("dense", masks.full()), ("causal_window", masks.causal()
+                                                & masks.sliding_window(700))):
+    def loss(q, k, v, backend, mask=mask):
+      kw = dict(backend=backend, config=cfg) if backend == "mosaic_gpu" else dict(backend=backend)
+      o = jsa.attention(q, k, v, mask, **kw)
+      return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
+    got = jax.jit(jax.grad(lambda *a: loss(*a, "mosaic_gpu"), argnums=(0, 1, 2)))(q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.jit(jax.grad(lambda *a: loss(*a, "xla"), argnums=(0, 1, 2)))(*f32)
+    errs[label] = [float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
+                   for g, w in zip(got, want)]
+  row["rel_err"] = errs
+  cases = {"dense": (2, 16384, masks.full(), 16),
+           "causal": (2, 16384, masks.causal(), 16),
+           "lm": (2, 8192, masks.causal() & (masks.sliding_window(511) | masks.sink(4)), 4)}
+  h = 16
+  for label in CASES:
+    b, s, mask, hkv = cases[label]
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, do = (jax.random.normal(x, (b, s, h, d), jnp.bfloat16) for x in ks[::3])
+    k, v = (jax.random.normal(x, (b, s, hkv, d), jnp.bfloat16) for x in ks[1:3])
+    plan = make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128))
+    scale = 1 / math.sqrt(d)
+    out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
+        q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
+    d_lse = jnp.zeros_like(lse)
+    bwd = jax.jit(lambda q, k, v, out, lse, do: attention_bwd.backward(
+        q, k, v, None, None, out, lse, do, d_lse, plan, scale, cfg, False))
+    row[f"{label}_ms"] = time_ms(bwd, q, k, v, out, lse, do, iters=10, repeats=7)
+  row["device"] = str(jax.devices()[0].device_kind)
+  json.dump(row, open(out_path, "w"))
+  print(json.dumps(row), flush=True)
+  sys.stdout.flush()
+  os._exit(0)
+
+
+def ptxas_report(text: str):
+  """(registers, spill store bytes, spill load bytes) per sparse_attention kernel."""
+  rows, name = [], None
+  for line in text.splitlines():
+    m = re.search(r"Compiling entry function '([^']+)'", line)
+    if m:
+      name = m.group(1)
+    m = re.search(r"Used (\d+) registers", line)
+    if m and name:
+      rows.append({"kernel": name, "registers": int(m.group(1))})
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name:
+      rows.append({"kernel": name, "spill_stores": int(m.group(1)),
+                   "spill_loads": int(m.group(2))})
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--sass", default="")
+  parser.add_argument("--child", default=None)
+  args = parser.parse_args()
+  if args.child:
+    return child(args.child, os.path.join(args.out, f"{args.child}.json"))
+  os.makedirs(args.out, exist_ok=True)
+  rows = []
+  for name in args.variants.split(","):
+    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1")
+    if name in args.sass.split(","):
+      env["MOSAIC_GPU_DUMP_SASS"] = "1"
+    log = os.path.join(args.out, f"{name}.log")
+    with open(log, "w") as f:
+      rc = subprocess.run([sys.executable, "-m", "benchmarks.diag.diag_fused_registers",
+                           "--out", args.out, "--child", name], env=env, stdout=f,
+                          stderr=subprocess.STDOUT, timeout=400).returncode
+    text = open(log).read()
+    path = os.path.join(args.out, f"{name}.json")
+    row = json.load(open(path)) if os.path.exists(path) else {"variant": name, "rc": rc,
+                                                              "tail": text[-1500:]}
+    row["ptxas"] = ptxas_report(text)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  json.dump({"variants": VARIANTS, "rows": rows}, open(os.path.join(args.out, "summary.json"),
+                                                       "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
