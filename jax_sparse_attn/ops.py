@@ -22,7 +22,7 @@ from . import context_parallel
 from .backends import (BACKENDS, Backend, check_available, get_backend as _get_backend,
                        has_array_mask as _has_array_mask, resolve_backend)
 from .merge import merge_attentions
-from .layout import PackedLayout, SequenceLayout, TiledLayout
+from .layout import PackedLayout, SequenceLayout, TiledLayout, cdiv
 from . import plan as plan_lib
 from .plan import AttentionPlan, make_plan
 
@@ -64,16 +64,48 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
                             config, interpret, **runtime(bmap))
     return (out, lse), (q, k, v, q_seg, kv_seg, bmap, out, lse)
 
+  pads = _kv_pads(plan, bwd_plan)
+
   def bwd(res, cotangents):
     q, k, v, q_seg, kv_seg, bmap, out, lse = res
     d_out, d_lse = cotangents
+    if pads is not None:  # the backward's key grid starts before the array
+      k, v = (_pad_grid(x, plan.kv_layout.spatial_shape, pads) for x in (k, v))
+      kv_seg = None if kv_seg is None else _pad_grid(kv_seg, plan.kv_layout.spatial_shape, pads)
     dq, dk, dv = impl.backward(q, k, v, *_kernel_segments(bwd_plan, q_seg, kv_seg), out, lse,
                                d_out.astype(q.dtype), d_lse.astype(jnp.float32), bwd_plan,
                                scale, config, interpret, **runtime(bmap))
+    if pads is not None:
+      dk, dv = (_crop_grid(x, plan.kv_layout.spatial_shape, pads) for x in (dk, dv))
     return dq, dk, dv, None, None, None
 
   core.defvjp(fwd, bwd)
   return core
+
+
+def _kv_pads(plan: AttentionPlan, bwd_plan: AttentionPlan):
+  """Per-dim (before, after) padding of the caller's key grid for a backward plan whose key
+  tiles start before the array (`_backward_plan`, `simulate.best_shifted_tiles`), or None."""
+  fwd, bwd = plan.kv_layout, bwd_plan.kv_layout
+  if not (isinstance(bwd, TiledLayout) and bwd.is_shard and not fwd.is_shard):
+    return None
+  lead = tuple(-o for o in bwd.origin)
+  return tuple((a, p - n - a) for a, p, n in zip(lead, bwd.spatial_shape, fwd.spatial_shape))
+
+
+def _pad_grid(x, spatial, pads):
+  """[batch, prod(spatial), ...] in the caller's order -> the padded grid's, flattened."""
+  x = x.reshape((x.shape[0], *spatial, *x.shape[2:]))
+  x = jnp.pad(x, [(0, 0), *pads] + [(0, 0)] * (x.ndim - 1 - len(spatial)))
+  return x.reshape((x.shape[0], -1, *x.shape[1 + len(spatial):]))
+
+
+def _crop_grid(y, spatial, pads):
+  """Inverse of `_pad_grid`."""
+  padded = tuple(n + a + b for n, (a, b) in zip(spatial, pads))
+  y = y.reshape((y.shape[0], *padded, *y.shape[2:]))
+  y = y[(slice(None),) + tuple(slice(a, a + n) for n, (a, _) in zip(spatial, pads))]
+  return y.reshape((y.shape[0], -1, *y.shape[1 + len(spatial):]))
 
 
 def _kernel_segments(plan: AttentionPlan, q_seg, kv_seg):
@@ -643,17 +675,30 @@ def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_
                           last_multiple=impl.tile_last_multiple)
 
 
+# Strided neighborhoods' backward on a key grid that starts before the array where that
+# holds whole windows (`simulate.best_shifted_tiles`); False: the forward's grid.
+SHIFTED_KV = True
+
+
 def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionPlan,
                    head_dim: int, dtype, config, fit_tile=None) -> AttentionPlan | None:
   """The gathered plan for the backward kernels when their best tiles differ from the
   forward plan's, else None: the forward plan's layouts (a context-parallel shard's too)
   with the backward's tiles (`fit_tile` adapts them to a shard)."""
-  from .simulate import best_tile_shapes
+  from .simulate import best_shifted_tiles, best_tile_shapes
   blocks = (impl.backward_blocks(head_dim, dtype, config, mask) if impl.backward_blocks
             else None)
   if blocks is None:
     return None
   bwd_q, bwd_kv = (tuple((fit_tile or (lambda t: t))(t)) for t in best_tile_shapes(mask, *blocks))
+  shifted = (best_shifted_tiles(mask, *blocks)
+             if fit_tile is None and not plan.kv_layout.is_shard and SHIFTED_KV else None)
+  if shifted is not None and any(shifted[2]):  # a key grid that starts before the array
+    tq, tk, lead = shifted
+    padded = tuple(cdiv(n + a, t) * t for n, a, t in zip(mask.spatial_shape, lead, tk))
+    kv_layout = TiledLayout(padded, mask.dilation, tk, tuple(-a for a in lead))
+    return plan_lib.gathered(make_plan(
+        mask, dataclasses.replace(plan.q_layout, tile_shape=tq), kv_layout))
   if (bwd_q, bwd_kv) == (plan.q_layout.tile_shape, plan.kv_layout.tile_shape):
     return None
   return plan_lib.gathered(make_plan(mask, dataclasses.replace(plan.q_layout, tile_shape=bwd_q),

@@ -203,6 +203,46 @@ def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
   return best
 
 
+@functools.lru_cache(maxsize=4096)
+def _lead_counts(mask: masks_lib.Neighborhood, dim: int, q_tile: int, kv_tile: int,
+                 lead: int) -> tuple[int, int]:
+  """(visited, full) (query tile, key tile) pairs along `dim` when the key grid's tiles start
+  `lead` positions before the array (`lead` padding positions, then the keys)."""
+  length = mask.spatial_shape[dim]
+  padded = cdiv(length + lead, kv_tile) * kv_tile
+  cls = block_map_lib._dim_classes(mask, dim, (length, 0), (padded, -lead), mask.dilation,
+                                   q_tile, kv_tile)
+  return int((cls > 0).sum()), int((cls == block_map_lib.FULL).sum())
+
+
+@functools.lru_cache(maxsize=256)
+def best_shifted_tiles(mask: masks_lib.Neighborhood, block_q: int, block_kv: int):
+  """(query tile, key tile, key lead) minimising `tile_cost` where the key grid may start
+  ``lead[d]`` positions before the array along each dim, or None where that cannot help
+  (no stride, or dilation). Strided windows start off the tile grid (kernel 16 stride 8:
+  NATTEN centres them at 4, 12, 20, ...), so grid tiles straddle them; a key grid that
+  starts 4 earlier holds whole windows: full blocks instead of partial ones, and fewer
+  (3-D 16×64² k8×16² stride 4×8×8 with 2×8×8 tiles: 10368 blocks instead of 12288, all
+  full but the edges'). The backward kernels take such a plan on padded K/V
+  (`ops._backward_plan`)."""
+  if all(s == 1 for s in mask.stride) or any(d != 1 for d in mask.dilation):
+    return None
+  best, best_key = None, None
+  for qt in candidate_tiles(mask, block_q):
+    for kt in candidate_tiles(mask, block_kv):
+      per_dim = [[_lead_counts(mask, d, qt[d], kt[d], lead) for lead in range(kt[d])]
+                 for d in range(mask.num_dims)]
+      factor = partial_block_cost(qt, kt)
+      for lead in itertools.product(*(range(t) for t in kt)):
+        visited = math.prod(per_dim[d][lead[d]][0] for d in range(mask.num_dims))
+        full = math.prod(per_dim[d][lead[d]][1] for d in range(mask.num_dims))
+        cost = (full + factor * (visited - full)) * (SMALL_Q_TILE_COST if block_q < 128 else 1)
+        key = (cost, sum(lead), max(qt) / min(qt) + max(kt) / min(kt))
+        if best_key is None or key < best_key:
+          best, best_key = (qt, kt, lead), key
+  return best
+
+
 def _attended_pairs(mask: masks_lib.Neighborhood) -> int:
   total = 1
   for dim, length in enumerate(mask.spatial_shape):

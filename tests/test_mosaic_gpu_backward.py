@@ -222,3 +222,30 @@ def test_direct_dkv(monkeypatch):
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
                         S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
   assert text.count("@mosaic_gpu_v2(") == 3
+
+
+def test_fused_dq_policy():
+  """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
+  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64), else dQ is its own
+  kernel (causal S=8192: 32.5; head_dim 64); explicit forms win. The fused dense backward
+  lowers to one kernel beside the forward."""
+  from jax_sparse_attn.layout import SequenceLayout
+  from jax_sparse_attn.plan import make_plan
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  seq = lambda m, s: make_plan(m, SequenceLayout(s, 128), SequenceLayout(s, 128))
+  dense, causal = seq(masks.full(), 8192), seq(masks.causal(), 8192)
+  cfg = lambda dq=None: mgpu.config._config(MosaicGPUConfig(backward="mosaic_gpu",
+                                                            backward_dq=dq))
+  assert attention_bwd._mean_entries(dense.block_map) == 64
+  assert not attention_bwd._separate_dq(cfg(), dense, 128)
+  assert attention_bwd._separate_dq(cfg(), dense, 64)
+  assert attention_bwd._separate_dq(cfg(), causal, 128)
+  assert attention_bwd._separate_dq(cfg("kernel"), dense, 128)
+  assert not attention_bwd._separate_dq(cfg("split"), causal, 128)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  f = lambda q, k, v: jsa.attention(q, k, v, masks.full(), backend="mosaic_gpu",
+                                    config=MosaicGPUConfig(backward="mosaic_gpu"))
+  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 8192, 2, 128),
+                        S(1, 8192, 2, 128), S(1, 8192, 2, 128)).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2

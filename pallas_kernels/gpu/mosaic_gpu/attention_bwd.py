@@ -73,14 +73,20 @@ DIRECT_DKV = True
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
-# Register plan (lab knobs, benchmarks/diag/diag_fused_registers.py): the compute and memory
-# warpgroups' register budgets; the key coordinates (and key segment ids) held as row vectors
-# and broadcast in each masked step (False: held as [64, 64] broadcasts, 32 registers a
-# dimension across the loop); the fused form's dQ in a fresh accumulator ("scoped") or one
-# initialized from a zero array ("init").
+# Registers a thread of the compute and memory warpgroups: the fused form (dQ reduce-added
+# here) at 240/24 spills a third less than at 232/40 and runs dense S=16384 in 23.0 ms instead
+# of 26.1 (H200, docs/experiments/h200-2026-12-03-fused-registers.json); the two-kernel form's
+# dK/dV kernel barely spills at 232/40 (24 bytes) and is 1% slower at 240/24.
 REGISTERS = (232, 40)
-COORD_VECTORS = True
-DQ_ACC = "init"
+FUSED_REGISTERS = (240, 24)
+# `MosaicGPUConfig.backward_dq=None` fuses dQ into this kernel (at head_dim 128) where KV
+# blocks visit at least this many Q blocks on average: the fused form does 5 matmuls per
+# block pair instead of the two kernels' 7 but pays more per CTA (dQ reduce-adds, spills).
+# H200 backward ms, fused / two kernels: dense S=16384 (128 Q blocks) 23.0 / 23.5, causal
+# (64.5) 11.9 / 11.9, the LM layer (window 512 + sinks, GQA 16/4: ~5) 1.14 / 0.86
+# (docs/experiments/h200-2026-12-03-fused-registers.json). 3-D NA k8×16² (32.7) and MoBA
+# (34) stay below the bar until measured.
+FUSED_MIN_ENTRIES = 48
 
 
 def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
@@ -203,17 +209,16 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
     @pl.when((wg < _WGS) & (total > 0))
     def _compute():
-      plgpu.set_max_registers(REGISTERS[0], action="increase")
+      plgpu.set_max_registers((FUSED_REGISTERS if with_dq else REGISTERS)[0],
+                              action="increase")
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(kv_bar)
-      rows_of = lambda x: lax.broadcast_in_dim(x, (_ROWS, _ROWS), [0])
-      coords = [plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1))
-                for d in range(dims)]
-      keys_x = [plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1))
-                for i in range(extras)]
-      if not COORD_VECTORS:
-        coords, keys_x = [rows_of(x) for x in coords], [rows_of(x) for x in keys_x]
-      key_rows = (lambda x: rows_of(x)) if COORD_VECTORS else (lambda x: x)
+      coords = [lax.broadcast_in_dim(
+          plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1)),
+          (_ROWS, _ROWS), [0]) for d in range(dims)]
+      keys_x = [lax.broadcast_in_dim(
+          plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1)),
+          (_ROWS, _ROWS), [0]) for i in range(extras)]
 
       def step(t, carry, j: int, masked: bool):
         dk, dv = carry
@@ -236,15 +241,15 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
         if masked and not mma:
           for d in range(dims):
-            key = key_rows(coords[d])
-            ok = (key >= cols(lo_smem.at[slot, d])) & (key <= cols(hi_smem.at[slot, d]))
+            ok = ((coords[d] >= cols(lo_smem.at[slot, d]))
+                  & (coords[d] <= cols(hi_smem.at[slot, d])))
             p_t = jnp.where(ok, p_t, 0.0)
         if mask_fn is not None and masked:  # rows are keys, columns queries
           iota = lambda dim: plgpu.layout_cast(
               lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
           p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
         if segments and (masked or not segments_full):
-          p_t = jnp.where(cols(qx_smem.at[slot, 0]) == key_rows(keys_x[0]), p_t, 0.0)
+          p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
         ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
         # rewrite one only after the next step's rendezvous, which follows its reads).
@@ -267,32 +272,26 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         schedule()
 
-        def products(refs, dq_acc=None):  # dV, dK, then (once both dSᵀ halves are written) dQ
-          dv_ref, dk_ref, *dq_init = refs
+        def products(refs):  # dV, dK, then (once both dSᵀ halves are written) dQ
+          dv_ref, dk_ref, *dq_acc = refs
           plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
           if with_dq:
-            plgpu.wgmma(dq_acc if dq_acc is not None else dq_init[0], *dq_operands())
+            plgpu.wgmma(dq_acc[0], *dq_operands())
 
-        zeros_dq = lambda: plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32),
-                                             plgpu.Layout.WGMMA)
+        dq0 = (plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
+               if with_dq else None)
         if interpret:  # the same products through fresh accumulators
           dv = mma_add(dv, p16, do_smem.at[slot])
           dk = mma_add(dk, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
-          dq = mma_add(zeros_dq(), *dq_operands()) if with_dq else None
-        elif with_dq and DQ_ACC == "scoped":
-          def fused(dq_acc):
-            out = pl.run_state(functools.partial(products, dq_acc=dq_acc))(
-                (plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-            return (*out, dq_acc[...])
-          dv, dk, dq = pl.run_scoped(fused, plgpu.ACC((_ROWS, dq_cols), jnp.float32))
+          dq = mma_add(dq0, *dq_operands()) if with_dq else None
         elif with_dq:
           dv, dk, dq = pl.run_state(products)(
-              (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(zeros_dq())))
+              (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
         else:
           dv, dk = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         plgpu.barrier_arrive(q_free.at[slot])
@@ -350,7 +349,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
     @pl.when((wg == _WGS) & (total > 0))
     def _memory():
-      plgpu.set_max_registers(REGISTERS[1], action="decrease")
+      plgpu.set_max_registers((FUSED_REGISTERS if with_dq else REGISTERS)[1],
+                              action="decrease")
       rows = (batch, pl.ds(kv0, _BLOCK_KV), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar)
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar)
@@ -509,9 +509,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   mma = (backward_mma_inputs(plan, scale) if cfg.mask_mma and not runtime and not extras
          and plan.mask_fn is None else None)
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
-  separate = _separate_dq(cfg, plan)
+  separate = _separate_dq(cfg, plan, d, bmap)
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
-  direct = (DIRECT_DKV and separate and (not runtime or shared_items)
+  direct = (DIRECT_DKV and (not runtime or shared_items)
             and len(np.unique(host_items[:, 0])) == len(host_items))
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
@@ -537,16 +537,30 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
                    mask_fn=plan.mask_fn, interpret=interpret, mma=mma_dq)[:, :sq]
   else:
-    dq, dk, dv = pl.run_state(run)((zeros(n_q, h), zeros(n_kv, hkv), zeros(n_kv, hkv)))
+    dq, dk, dv = pl.run_state(run)((zeros(n_q, h),
+                                    zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
+                                    zeros(n_kv, hkv, v.dtype if direct else jnp.float32)))
     dq = (dq[:, :sq] * scale).astype(q.dtype)
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
 
 
-def _separate_dq(cfg, plan: AttentionPlan) -> bool:
-  """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks:
-  the default there) rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`)."""
-  return (cfg.backward_dq in (None, "kernel") and not cfg.backward_pingpong
-          and plan.block_q == bwd_dq._BLOCK_Q)
+def _separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bool:
+  """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
+  rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`). None: fused ("split")
+  at head_dim 128 where KV blocks have long Q lists (`FUSED_MIN_ENTRIES`), else the kernel."""
+  if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
+    return False
+  if cfg.backward_dq is not None:
+    return cfg.backward_dq == "kernel"
+  return not (head_dim == 128 and _mean_entries(bmap or plan.block_map) >= FUSED_MIN_ENTRIES)
+
+
+def _mean_entries(bmap) -> float:
+  """Mean Q blocks per KV block that has any: the static map's, or a runtime map's bound."""
+  if isinstance(bmap.q_counts, np.ndarray):
+    counts = bmap.q_counts[bmap.q_counts > 0]
+    return float(counts.mean()) if len(counts) else 0.0
+  return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks
 
 
 def _chunk(mean_entries: float) -> int:

@@ -70,7 +70,9 @@ class MosaicGPUConfig:
   # plans with 128-row Q blocks), or reduce-added in float32 by the dK/dV kernel: "split"
   # (the warpgroups take 64 columns each from both halves of dSᵀ, meeting once per step;
   # head_dim 128 only), "own" (each its own key rows' share, all columns, twice the
-  # reduce-adds). None: "kernel" where the plan allows it, else "split" where it applies.
+  # reduce-adds). None: "split" at head_dim 128 where KV blocks visit many Q blocks
+  # (`attention_bwd.FUSED_MIN_ENTRIES`: dense, causal), else "kernel" where the plan allows
+  # it, else "split" where it applies.
   backward_dq: str | None = None
   # The backward's warpgroups alternate (FlashAttention-3's ping-pong, as the forward of jax's
   # attention_mgpu example): one's softmax/dS while the other's matmuls run, through a

@@ -1,0 +1,90 @@
+"""Which backward form per mask: fwd+bwd ms of the benchmark CLI's full-size cases (backend
+"mosaic_gpu", its defaults) with module knobs patched while each traces: dQ as its own
+kernel everywhere (the defaults before FUSED_MIN_ENTRIES), fused everywhere at head_dim 128,
+the current defaults; strided neighborhoods with and without the shifted key grid
+(`ops.SHIFTED_KV`) on the Triton and the Hopper backward; a gradient check of each variant
+against the first.
+
+    python -m benchmarks.diag.diag_backward_forms --cases window,routing,strided --out x.json
+"""
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_sparse_attn import ops
+from jax_sparse_attn.demo import time_ms
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, config as mgpu_config
+
+from ..bench_gpu import fwd_bwd, inputs
+from ..cli import suites
+
+BIG = 10 ** 9
+VARIANTS = {
+    "kernel": {(attention_bwd, "FUSED_MIN_ENTRIES"): BIG, (ops, "SHIFTED_KV"): False},
+    "fused": {(attention_bwd, "FUSED_MIN_ENTRIES"): 0, (ops, "SHIFTED_KV"): False},
+    "default": {},
+}
+STRIDED = {
+    "triton_grid": {(ops, "SHIFTED_KV"): False},
+    "triton_shifted": {(ops, "SHIFTED_KV"): True},
+    "hopper_grid": {(ops, "SHIFTED_KV"): False, "hopper": True},
+    "hopper_shifted": {(ops, "SHIFTED_KV"): True, "hopper": True},
+}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--cases", default="dense,causal,window,blocksparse,routing,gna3d,strided")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  built = suites(quick=False)
+  rows = []
+  for suite in args.cases.split(","):
+    for case in built[suite]():
+      if suite in ("dense", "causal") and "16384" not in case.name:
+        continue
+      q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
+      variants = STRIDED if suite == "strided" else VARIANTS
+      row = {"case": case.name}
+      ref = None
+      for name, patch in variants.items():
+        saved = {key: getattr(*key) for key in patch if key != "hopper"}
+        saved_pick = (mgpu_config.hopper_backward_neighborhood,
+                      attention_bwd.hopper_backward_neighborhood)
+        try:
+          for key, value in patch.items():
+            if key != "hopper":
+              setattr(*key, value)
+          if patch.get("hopper"):
+            mgpu_config.hopper_backward_neighborhood = lambda mask, d: True
+            attention_bwd.hopper_backward_neighborhood = lambda mask, d: True
+          ops._make_core.cache_clear()
+          fn = lambda q, k, v: case.run(q, k, v, "mosaic_gpu")
+          step = fwd_bwd(fn)
+          grads = step(q, k, v, do)
+          if ref is None:
+            ref = grads
+          err = max(float(jnp.linalg.norm((g.astype(jnp.float32) - r.astype(jnp.float32)))
+                          / jnp.linalg.norm(r.astype(jnp.float32))) for g, r in zip(grads, ref))
+          row[name] = {"fwd_bwd_ms": round(time_ms(step, q, k, v, do, iters=5, repeats=5), 3),
+                       "rel_diff_vs_first": err}
+        except Exception as e:  # noqa: BLE001 - a variant that fails is a result
+          row[name] = repr(e)[:300]
+        finally:
+          for key, value in saved.items():
+            setattr(*key, value)
+          (mgpu_config.hopper_backward_neighborhood,
+           attention_bwd.hopper_backward_neighborhood) = saved_pick
+          ops._make_core.cache_clear()
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  if args.out:
+    json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, open(args.out, "w"),
+              indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""Strided neighborhoods' backward on a key grid that starts before the array
+(`simulate.best_shifted_tiles`, `ops._backward_plan`): the choice, and gradients against the
+brute force on the Triton and Hopper backward kernels (interpret mode)."""
+import jax.numpy as jnp
+import pytest
+
+import backend_cases
+from jax_sparse_attn import masks, ops
+from jax_sparse_attn.simulate import best_shifted_tiles, visited_blocks
+from pallas_kernels.gpu import MosaicGPUConfig
+
+
+def test_best_shifted_tiles():
+  """The 3-D stride k/2 benchmark: windows start 4 past the 8-token grid in the last two
+  dims (NATTEN centres them on their stride group), so a key grid led by 4 holds whole
+  windows: 10368 visited blocks (6272 full) instead of the grid's 12288 (4096 full).
+  No stride or a dilation: nothing to shift."""
+  m = masks.neighborhood((16, 64, 64), (8, 16, 16), stride=(4, 8, 8))
+  tq, tk, lead = best_shifted_tiles(m, 128, 128)
+  assert lead[1:] == (4, 4) and tk[1:] == (8, 8)
+  from jax_sparse_attn.simulate import _lead_counts
+  count = lambda i: [_lead_counts(m, d, tq[d], tk[d], lead[d])[i] for d in range(3)]
+  assert (count(0)[0] * count(0)[1] * count(0)[2], count(1)[0] * count(1)[1] * count(1)[2]) \
+      == (10368, 6272)
+  assert visited_blocks(m, (4, 4, 8), (8, 4, 4)) == (12288, 4096)
+  assert best_shifted_tiles(masks.neighborhood((32, 32), (9, 9)), 128, 128) is None
+  assert best_shifted_tiles(masks.neighborhood((32, 32), (8, 8), (4, 4), (2, 1)), 128,
+                            128) is None
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_gpu"])
+@pytest.mark.parametrize("problem", [
+    ((16, 24), (8, 8), (4, 4), (1, 1), (False, False)),
+    ((12, 24), (4, 8), (2, 4), (1, 1), (True, False)),
+    ((6, 10, 16), (4, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))])
+def test_shifted_backward(monkeypatch, backend, problem):
+  """Forward and gradients against the brute force (odd sizes, GQA, a causal dim) with the
+  backward on a shifted key grid: the plan it ran is checked to be one."""
+  plans = []
+  make = ops._backward_plan
+
+  def spy(*args, **kwargs):
+    plans.append(make(*args, **kwargs))
+    return plans[-1]
+
+  monkeypatch.setattr(ops, "_backward_plan", spy)
+  config = MosaicGPUConfig(backward="mosaic_gpu") if backend == "mosaic_gpu" else None
+  p = dict(problem=problem, batch=1, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
+           seed=3, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, backend, interpret=True, config=config)
+  assert plans and plans[0] is not None and ops._kv_pads(plans[0], plans[0]) is None
+  assert any(o < 0 for o in plans[0].kv_layout.origin)
