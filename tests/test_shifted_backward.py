@@ -44,6 +44,7 @@ def test_shifted_backward(monkeypatch, backend, problem):
     return plans[-1]
 
   monkeypatch.setattr(ops, "_backward_plan", spy)
+  monkeypatch.setattr(ops, "SHIFTED_KV", True)
   config = MosaicGPUConfig(backward="mosaic_gpu") if backend == "mosaic_gpu" else None
   p = dict(problem=problem, batch=1, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
            seed=3, tile_q=None, tile_kv=None)

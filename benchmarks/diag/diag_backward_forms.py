@@ -1,7 +1,8 @@
 """Which backward form per mask: fwd+bwd ms of the benchmark CLI's full-size cases (backend
 "mosaic_gpu", its defaults) with module knobs patched while each traces: dQ as its own
-kernel everywhere (the defaults before FUSED_MIN_ENTRIES), fused everywhere at head_dim 128,
-the current defaults; strided neighborhoods with and without the shifted key grid
+kernel everywhere (the defaults before FUSED_MIN_ENTRIES), fused everywhere at head_dim 128
+(the defaults take one of the two by `attention_bwd.FUSED_MIN_ENTRIES`), cuDNN beside dense
+and causal; strided neighborhoods with and without the shifted key grid
 (`ops.SHIFTED_KV`) on the Triton and the Hopper backward; a gradient check of each variant
 against the first.
 
@@ -25,8 +26,8 @@ BIG = 10 ** 9
 VARIANTS = {
     "kernel": {(attention_bwd, "FUSED_MIN_ENTRIES"): BIG, (ops, "SHIFTED_KV"): False},
     "fused": {(attention_bwd, "FUSED_MIN_ENTRIES"): 0, (ops, "SHIFTED_KV"): False},
-    "default": {},
 }
+PEERS = ("dense", "causal")  # cuDNN beside them (jax.nn.dot_product_attention)
 STRIDED = {
     "triton_grid": {(ops, "SHIFTED_KV"): False},
     "triton_shifted": {(ops, "SHIFTED_KV"): True},
@@ -37,7 +38,7 @@ STRIDED = {
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default="dense,causal,window,blocksparse,routing,gna3d,strided")
+  parser.add_argument("--cases", default="strided,gna3d,routing,dense,causal,window,blocksparse")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   built = suites(quick=False)
@@ -79,6 +80,14 @@ def main():
           (mgpu_config.hopper_backward_neighborhood,
            attention_bwd.hopper_backward_neighborhood) = saved_pick
           ops._make_core.cache_clear()
+      if suite in PEERS:
+        cudnn = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=suite == "causal", implementation="cudnn")
+        try:
+          row["cudnn"] = {"fwd_bwd_ms": round(time_ms(fwd_bwd(cudnn), q, k, v, do, iters=5,
+                                                      repeats=5), 3)}
+        except Exception as e:  # noqa: BLE001
+          row["cudnn"] = repr(e)[:300]
       print(json.dumps(row), flush=True)
       rows.append(row)
   if args.out:
