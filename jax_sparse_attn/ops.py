@@ -678,10 +678,10 @@ def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_
 # Strided neighborhoods' backward on a key grid that starts before the array where that
 # holds whole windows (`simulate.best_shifted_tiles`: 3-D k8×16² stride 4×8×8, 18432 blocks
 # instead of 20480 on the Triton backward's 128×64 blocks, 10368 instead of 12288 on the
-# Hopper one's 128×128), K/V padded by the lead. Tested, not yet timed on a GPU (the pads
-# cost two copies of K/V and of dK/dV): off until measured
-# (`benchmarks/diag/diag_backward_forms.py --cases strided`).
-SHIFTED_KV = False
+# Hopper one's 128×128), K/V padded by the lead. H200 fwd+bwd (docs/experiments/
+# h200-2026-12-03-backward-forms.json): Triton backward 12.93 -> 12.25 ms, Hopper 13.09 ->
+# 12.00; False: the forward's grid.
+SHIFTED_KV = True
 
 
 def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionPlan,

@@ -87,9 +87,9 @@ def test_na_mma_bias(monkeypatch, problem, tile):
 
 
 def test_picks():
-  """backward=None: these kernels for 1-D maps (dense included) and 3-D neighborhoods without
-  stride at head_dim 65-128 (their backward map blocks too), Triton for 2-D, strided and
-  packed ones."""
+  """backward=None: these kernels for 1-D maps (dense included) and 3-D neighborhoods at
+  head_dim 65-128 (not with both stride and dilation; their backward map blocks too), Triton
+  for 2-D and packed ones."""
   from jax_sparse_attn.layout import SequenceLayout, TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
@@ -106,9 +106,11 @@ def test_picks():
   assert mgpu.picks_mosaic(plan3) and mgpu.picks_mosaic(plan3, 96)
   assert not mgpu.picks_mosaic(plan3, 64)
   strided = masks.neighborhood((8, 16, 16), (3, 5, 5), (1, 2, 2))
-  assert not mgpu.picks_mosaic(gathered(make_plan(
-      strided, TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16)),
-      TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16)))))
+  tiled = lambda m: gathered(make_plan(m, TiledLayout((8, 16, 16), m.dilation, (2, 4, 16)),
+                                       TiledLayout((8, 16, 16), m.dilation, (2, 4, 16))))
+  assert mgpu.picks_mosaic(tiled(strided))  # its shifted key grid (ops.SHIFTED_KV)
+  assert not mgpu.picks_mosaic(tiled(masks.neighborhood((8, 16, 16), (3, 5, 5), (1, 2, 2),
+                                                        (1, 2, 1))))  # stride and dilation
   blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
   assert blocks(na3, 128) == (128, 128) and blocks(na, 128) != (128, 128)
   assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) != (128, 128)
@@ -226,8 +228,8 @@ def test_direct_dkv(monkeypatch):
 
 def test_fused_dq_policy():
   """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
-  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64), else dQ is its own
-  kernel (causal S=8192: 32.5; head_dim 64); explicit forms win. The fused dense backward
+  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5), else dQ
+  is its own kernel (causal S=4096: 16.5; head_dim 64); explicit forms win. The fused dense backward
   lowers to one kernel beside the forward."""
   from jax_sparse_attn.layout import SequenceLayout
   from jax_sparse_attn.plan import make_plan
@@ -239,7 +241,8 @@ def test_fused_dq_policy():
   assert attention_bwd._mean_entries(dense.block_map) == 64
   assert not attention_bwd._separate_dq(cfg(), dense, 128)
   assert attention_bwd._separate_dq(cfg(), dense, 64)
-  assert attention_bwd._separate_dq(cfg(), causal, 128)
+  assert not attention_bwd._separate_dq(cfg(), causal, 128)  # 32.5
+  assert attention_bwd._separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
   assert attention_bwd._separate_dq(cfg("kernel"), dense, 128)
   assert not attention_bwd._separate_dq(cfg("split"), causal, 128)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)

@@ -82,11 +82,11 @@ FUSED_REGISTERS = (240, 24)
 # `MosaicGPUConfig.backward_dq=None` fuses dQ into this kernel (at head_dim 128) where KV
 # blocks visit at least this many Q blocks on average: the fused form does 5 matmuls per
 # block pair instead of the two kernels' 7 but pays more per CTA (dQ reduce-adds, spills).
-# H200 backward ms, fused / two kernels: dense S=16384 (128 Q blocks) 23.0 / 23.5, causal
-# (64.5) 11.9 / 11.9, the LM layer (window 512 + sinks, GQA 16/4: ~5) 1.14 / 0.86
-# (docs/experiments/h200-2026-12-03-fused-registers.json). 3-D NA k8×16² (32.7) and MoBA
-# (34) stay below the bar until measured.
-FUSED_MIN_ENTRIES = 48
+# H200 fwd+bwd ms, fused / two kernels (docs/experiments/h200-2026-12-03-backward-forms.json;
+# mean Q blocks per KV block in brackets): dense S=16384 (128) 29.8 / 31.2, causal (64.5)
+# 15.4 / 15.8, 3-D NA k8×16² (32.7) 16.9 / 17.9, MoBA (34) 8.37 / 8.89; the causal window
+# 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18.
+FUSED_MIN_ENTRIES = 24
 
 
 def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
@@ -94,11 +94,12 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
   dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.7 vs 30.0 ms
   for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
   results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
-  docs/experiments/h200-2026-11-29-dq-kernel-routing.json) and for 3-D neighborhoods without
-  stride (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with
-  the grid order below, docs/experiments/h200-2026-12-03-grid-order.json); the Triton kernels
-  for 2-D neighborhoods (4.58 vs 4.38 ms at 128² k33: their 64-row query tiles), strided ones
-  (12.7 vs 12.6) and packed grids of different sizes. What is left for neighborhoods: the
+  docs/experiments/h200-2026-11-29-dq-kernel-routing.json) and for 3-D neighborhoods
+  (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with the
+  grid order below, docs/experiments/h200-2026-12-03-grid-order.json; strided on a shifted
+  key grid 12.00 vs 12.25, -backward-forms.json); the Triton kernels for 2-D neighborhoods
+  (4.58 vs 4.38 ms at 128² k33: their 64-row query tiles) and packed grids of different
+  sizes. What is left for neighborhoods: the
   permutation into kernel order (0.23-0.69 ms; docs/performance.md)."""
   if isinstance(plan.mask, masks.PackedNeighborhood):
     return False

@@ -63,8 +63,8 @@ class MosaicGPUConfig:
   kv_windows: bool | None = None
   # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
   # `attention_bwd_dq.py`), "triton" (the Triton kernels, with `triton`'s config), None: by
-  # the plan (`attention_bwd.picks_mosaic`: 1-D masks and 3-D neighborhoods without stride
-  # here, other neighborhoods on Triton).
+  # the plan (`attention_bwd.picks_mosaic`: 1-D masks and 3-D neighborhoods here, other
+  # neighborhoods on Triton).
   backward: str | None = None
   # How the backward forms dQ: "kernel" (its own kernel over the forward map, no reductions;
   # plans with 128-row Q blocks), or reduce-added in float32 by the dK/dV kernel: "split"
@@ -92,13 +92,15 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
-  3-D neighborhoods without stride at head_dim 65-128 (padded to 128). H200, bf16 D=128,
-  fwd+bwd ms, these kernels / Triton, two calls (docs/experiments/h200-2026-12-03-grid-order
-  .json, -dq-order.json): 3-D NA 16×64² k8×16² 17.4 / 19.0 and 18.0 / 19.4; with stride 4×8×8
-  12.7 / 12.6 and 13.1 / 12.9 (Triton's); 2-D NA 128² k33 4.58 / 4.38 and 4.70 / 4.50
-  (Triton's: its 64-row query tiles). Other head dims were not measured."""
+  3-D neighborhoods at head_dim 65-128 (padded to 128), strided ones without dilation (their
+  backward runs on a shifted key grid, `ops.SHIFTED_KV`). H200, bf16 D=128, fwd+bwd ms, these
+  kernels / Triton (docs/experiments/h200-2026-12-03-grid-order.json, -backward-forms.json):
+  3-D NA 16×64² k8×16² 17.4 / 19.0 (16.9 with the fused dQ); with stride 4×8×8 on the
+  forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25; 2-D NA 128² k33 4.58 / 4.38
+  and 4.70 / 4.50 (Triton's: its 64-row query tiles). Other head dims were not measured."""
   return (isinstance(mask, masks.Neighborhood) and mask.num_dims == 3
-          and all(s == 1 for s in mask.stride) and _padded_head_dim(head_dim) == 128)
+          and (all(s == 1 for s in mask.stride) or all(d == 1 for d in mask.dilation))
+          and _padded_head_dim(head_dim) == 128)
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):
