@@ -88,8 +88,8 @@ def test_na_mma_bias(monkeypatch, problem, tile):
 
 def test_picks():
   """backward=None: these kernels for 1-D maps (dense included) and 3-D neighborhoods at
-  head_dim 65-128 (not with both stride and dilation; their backward map blocks too), Triton
-  for 2-D and packed ones."""
+  head_dim 65-128 without stride (their backward map blocks too), Triton for 2-D, strided
+  and packed ones."""
   from jax_sparse_attn.layout import SequenceLayout, TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
@@ -108,9 +108,7 @@ def test_picks():
   strided = masks.neighborhood((8, 16, 16), (3, 5, 5), (1, 2, 2))
   tiled = lambda m: gathered(make_plan(m, TiledLayout((8, 16, 16), m.dilation, (2, 4, 16)),
                                        TiledLayout((8, 16, 16), m.dilation, (2, 4, 16))))
-  assert mgpu.picks_mosaic(tiled(strided))  # its shifted key grid (ops.SHIFTED_KV)
-  assert not mgpu.picks_mosaic(tiled(masks.neighborhood((8, 16, 16), (3, 5, 5), (1, 2, 2),
-                                                        (1, 2, 1))))  # stride and dilation
+  assert not mgpu.picks_mosaic(tiled(strided))
   blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
   assert blocks(na3, 128) == (128, 128) and blocks(na, 128) != (128, 128)
   assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) != (128, 128)
