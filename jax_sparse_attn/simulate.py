@@ -48,7 +48,12 @@ def partial_block_cost(q_tile_shape, kv_tile_shape=None) -> float:
 
 def tile_cost(mask: masks_lib.Neighborhood, q_tile_shape, kv_tile_shape) -> float:
   """Simulated time of a tiling, in units of one dense 128x64 block."""
-  visited, full = _counts(mask, tuple(q_tile_shape), tuple(kv_tile_shape))
+  return _blocks_cost(*_counts(mask, tuple(q_tile_shape), tuple(kv_tile_shape)),
+                      q_tile_shape, kv_tile_shape)
+
+
+def _blocks_cost(visited: int, full: int, q_tile_shape, kv_tile_shape) -> float:
+  """`tile_cost` of `visited` blocks, `full` of them full."""
   bq, bk = math.prod(q_tile_shape), math.prod(kv_tile_shape)
   blocks = full + partial_block_cost(q_tile_shape, kv_tile_shape) * (visited - full)
   return blocks * bq * bk / (128 * 64) * (SMALL_Q_TILE_COST if bq < 128 else 1.0)
@@ -232,12 +237,11 @@ def best_shifted_tiles(mask: masks_lib.Neighborhood, block_q: int, block_kv: int
     for kt in candidate_tiles(mask, block_kv):
       per_dim = [[_lead_counts(mask, d, qt[d], kt[d], lead) for lead in range(kt[d])]
                  for d in range(mask.num_dims)]
-      factor = partial_block_cost(qt, kt)
       for lead in itertools.product(*(range(t) for t in kt)):
         visited = math.prod(per_dim[d][lead[d]][0] for d in range(mask.num_dims))
         full = math.prod(per_dim[d][lead[d]][1] for d in range(mask.num_dims))
-        cost = (full + factor * (visited - full)) * (SMALL_Q_TILE_COST if block_q < 128 else 1)
-        key = (cost, sum(lead), max(qt) / min(qt) + max(kt) / min(kt))
+        key = (_blocks_cost(visited, full, qt, kt), sum(lead),
+               max(qt) / min(qt) + max(kt) / min(kt))
         if best_key is None or key < best_key:
           best, best_key = (qt, kt, lead), key
   return best

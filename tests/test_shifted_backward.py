@@ -1,6 +1,8 @@
 """Strided neighborhoods' backward on a key grid that starts before the array
 (`simulate.best_shifted_tiles`, `ops._backward_plan`): the choice, and gradients against the
 brute force on the Triton and Hopper backward kernels (interpret mode)."""
+import math
+
 import jax.numpy as jnp
 import pytest
 
@@ -19,9 +21,8 @@ def test_best_shifted_tiles():
   tq, tk, lead = best_shifted_tiles(m, 128, 128)
   assert lead[1:] == (4, 4) and tk[1:] == (8, 8)
   from jax_sparse_attn.simulate import _lead_counts
-  count = lambda i: [_lead_counts(m, d, tq[d], tk[d], lead[d])[i] for d in range(3)]
-  assert (count(0)[0] * count(0)[1] * count(0)[2], count(1)[0] * count(1)[1] * count(1)[2]) \
-      == (10368, 6272)
+  per_dim = [_lead_counts(m, d, tq[d], tk[d], lead[d]) for d in range(3)]
+  assert tuple(math.prod(c[i] for c in per_dim) for i in (0, 1)) == (10368, 6272)
   assert visited_blocks(m, (4, 4, 8), (8, 4, 4)) == (12288, 4096)
   assert best_shifted_tiles(masks.neighborhood((32, 32), (9, 9)), 128, 128) is None
   assert best_shifted_tiles(masks.neighborhood((32, 32), (8, 8), (4, 4), (2, 1)), 128,

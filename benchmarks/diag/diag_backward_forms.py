@@ -13,7 +13,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms

@@ -1,7 +1,10 @@
-"""The Hopper backward's register plan: per variant of the lab knobs in `attention_bwd`
-(REGISTERS, COORD_VECTORS, DQ_ACC) and form (two kernels or fused dQ), ptxas' register and
+"""The Hopper backward's register plan: per variant of the register budgets in
+`attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one) and
+form, ptxas' register and
 spill report, a gradient check against a float32 reference and the backward's ms on dense,
-causal and the LM layer's mask. Each variant runs in its own process (ptxas' report goes to
+causal and the LM layer's mask. The `_vec` and `_scoped` variants need commit 69822f7 (its
+COORD_VECTORS and DQ_ACC knobs, since removed: they changed nothing); at later commits they
+run as their base variant. Each variant runs in its own process (ptxas' report goes to
 that process' stdout: `MOSAIC_GPU_DUMP_PTXAS=1`; SASS with `--sass`).
 
     python -m benchmarks.diag.diag_fused_registers --out DIR [--variants a,b] [--sass a,b]
@@ -14,7 +17,7 @@ import re
 import subprocess
 import sys
 
-# name: (backward_dq, REGISTERS, COORD_VECTORS, DQ_ACC)
+# name: (backward_dq, registers of the compute / memory warpgroups, COORD_VECTORS, DQ_ACC)
 VARIANTS = {
     "two": (None, (232, 40), False, "init"),
     "two_vec": (None, (232, 40), True, "init"),
@@ -42,7 +45,8 @@ def child(name: str, out_path: str):
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_fwd
 
   dq_form, regs, vec, acc = VARIANTS[name]
-  attention_bwd.REGISTERS, attention_bwd.COORD_VECTORS, attention_bwd.DQ_ACC = regs, vec, acc
+  setattr(attention_bwd, "FUSED_REGISTERS" if dq_form else "REGISTERS", regs)
+  attention_bwd.COORD_VECTORS, attention_bwd.DQ_ACC = vec, acc  # 69822f7's knobs
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq_form)
   row = {"variant": name}
   # Gradients against float32 XLA attention: causal & window with documents-free GQA.

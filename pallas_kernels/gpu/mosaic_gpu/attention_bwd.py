@@ -496,7 +496,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   elif runtime:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
-    chunk = _chunk(bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks)
+    chunk = _chunk(_mean_entries(bmap))
     q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows too
     items = _runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
   else:

@@ -71,7 +71,7 @@ class MosaicGPUConfig:
   # (the warpgroups take 64 columns each from both halves of dSᵀ, meeting once per step;
   # head_dim 128 only), "own" (each its own key rows' share, all columns, twice the
   # reduce-adds). None: "split" at head_dim 128 where KV blocks visit many Q blocks
-  # (`attention_bwd.FUSED_MIN_ENTRIES`: dense, causal), else "kernel" where the plan allows
+  # (`attention_bwd.FUSED_MIN_ENTRIES`: dense, causal, 3-D NA, MoBA), else "kernel" where the plan allows
   # it, else "split" where it applies.
   backward_dq: str | None = None
   # The backward's warpgroups alternate (FlashAttention-3's ping-pong, as the forward of jax's
@@ -93,8 +93,8 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
   3-D neighborhoods without stride at head_dim 65-128 (padded to 128); strided ones stay on
-  Triton until the forced Hopper measurement below is reproduced through `auto`. H200, bf16 D=128, fwd+bwd ms, these
-  kernels / Triton (docs/experiments/h200-2026-12-03-grid-order.json, -backward-forms.json):
+  Triton until the forced Hopper measurement below is reproduced through `auto`. H200, bf16
+  D=128, fwd+bwd ms, these kernels / Triton (docs/experiments/h200-2026-12-03-grid-order.json, -backward-forms.json):
   3-D NA 16×64² k8×16² 17.4 / 19.0 (16.9 with the fused dQ); with stride 4×8×8 on the
   forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25; 2-D NA 128² k33 4.58 / 4.38
   and 4.70 / 4.50 (Triton's: its 64-row query tiles). Other head dims were not measured."""
