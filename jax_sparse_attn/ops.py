@@ -701,8 +701,11 @@ def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionP
     tq, tk, lead = shifted
     padded = tuple(cdiv(n + a, t) * t for n, a, t in zip(mask.spatial_shape, lead, tk))
     kv_layout = TiledLayout(padded, mask.dilation, tk, tuple(-a for a in lead))
-    return plan_lib.gathered(make_plan(
-        mask, dataclasses.replace(plan.q_layout, tile_shape=tq), kv_layout))
+    shifted_plan = make_plan(mask, dataclasses.replace(plan.q_layout, tile_shape=tq), kv_layout)
+    # make_plan drops the mask of a grid with an origin (a shard's slab); this one covers the
+    # whole array, and backends route on the mask (`picks_mosaic`), so it is kept. No
+    # backward kernel re-tiles from it.
+    return plan_lib.gathered(dataclasses.replace(shifted_plan, mask=mask))
   if (bwd_q, bwd_kv) == (plan.q_layout.tile_shape, plan.kv_layout.tile_shape):
     return None
   return plan_lib.gathered(make_plan(mask, dataclasses.replace(plan.q_layout, tile_shape=bwd_q),

@@ -394,8 +394,9 @@ def test_split_where_it_pays():
                                   "na3d_rows", "na3d_window_3dims"])
 def test_lowers_for_gpu(case):
   """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
-  backward: Mosaic GPU for 1-D masks and 3-D neighborhoods (the fused form where KV blocks
-  see many Q blocks), the Triton kernels for 2-D ones (`attention_bwd.picks_mosaic`)."""
+  backward: Mosaic GPU for 1-D masks and 3-D neighborhoods, strided ones included (the fused
+  form where KV blocks see many Q blocks), the Triton kernels for 2-D ones
+  (`attention_bwd.picks_mosaic`)."""
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   if case == "na2d":
     f = lambda q, k, v: jsa.na2d(q, k, v, 33, backend="mosaic_gpu")
@@ -424,7 +425,7 @@ def test_lowers_for_gpu(case):
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), *args).mlir_module()
   if case == "na3d_rows":  # forward and the fused backward (33 Q blocks per KV block)
     assert text.count("@mosaic_gpu_v2(") == 2 and "__gpu$xla.gpu.triton" not in text
-  elif case == "causal_gqa":  # forward, dK/dV, dQ
+  elif case in ("causal_gqa", "na3d_strided", "na3d_window_3dims"):  # forward, dK/dV, dQ
     assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
   else:
     assert text.count("@mosaic_gpu_v2(") == 1

@@ -52,3 +52,4 @@ def test_shifted_backward(monkeypatch, backend, problem):
   backend_cases.check_na(p, backend, interpret=True, config=config)
   assert plans and plans[0] is not None and ops._kv_pads(plans[0], plans[0]) is None
   assert any(o < 0 for o in plans[0].kv_layout.origin)
+  assert plans[0].mask is not None  # routing reads it (`picks_mosaic`)

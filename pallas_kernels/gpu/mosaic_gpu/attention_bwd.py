@@ -94,12 +94,12 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
   dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.7 vs 30.0 ms
   for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
   results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
-  docs/experiments/h200-2026-11-29-dq-kernel-routing.json) and for 3-D neighborhoods without
-  stride (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with
-  the grid order below, docs/experiments/h200-2026-12-03-grid-order.json); the Triton kernels
-  for 2-D neighborhoods (4.58 vs 4.38 ms at 128² k33: their 64-row query tiles), strided ones
-  (on the shifted key grid 12.25 vs 12.00 forced here, -backward-forms.json; not yet switched)
-  and packed grids of different sizes. What is left for neighborhoods: the
+  docs/experiments/h200-2026-11-29-dq-kernel-routing.json) and for 3-D neighborhoods
+  (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with the grid
+  order below, docs/experiments/h200-2026-12-03-grid-order.json; strided ones on the shifted
+  key grid 12.00 vs 12.25, -backward-forms.json, and 11.76 through `auto` in
+  results/h200-2026-12-03b-headline.json); the Triton kernels for 2-D neighborhoods (4.58 vs
+  4.38 ms at 128² k33: their 64-row query tiles) and packed grids of different sizes. What is left for neighborhoods: the
   permutation into kernel order (0.23-0.69 ms; docs/performance.md)."""
   if isinstance(plan.mask, masks.PackedNeighborhood):
     return False

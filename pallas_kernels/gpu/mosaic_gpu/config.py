@@ -92,14 +92,15 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
-  3-D neighborhoods without stride at head_dim 65-128 (padded to 128); strided ones stay on
-  Triton until the forced Hopper measurement below is reproduced through `auto`. H200, bf16
+  3-D neighborhoods at head_dim 65-128 (padded to 128), strided ones on the shifted key grid
+  (`ops.SHIFTED_KV`). H200, bf16
   D=128, fwd+bwd ms, these kernels / Triton (docs/experiments/h200-2026-12-03-grid-order.json, -backward-forms.json):
   3-D NA 16×64² k8×16² 17.4 / 19.0 (16.9 with the fused dQ); with stride 4×8×8 on the
-  forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25; 2-D NA 128² k33 4.58 / 4.38
+  forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25 (11.76 through `auto`,
+  results/h200-2026-12-03b-headline.json); 2-D NA 128² k33 4.58 / 4.38
   and 4.70 / 4.50 (Triton's: its 64-row query tiles). Other head dims were not measured."""
   return (isinstance(mask, masks.Neighborhood) and mask.num_dims == 3
-          and all(s == 1 for s in mask.stride) and _padded_head_dim(head_dim) == 128)
+          and _padded_head_dim(head_dim) == 128)
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):
