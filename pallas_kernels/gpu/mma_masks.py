@@ -114,8 +114,8 @@ def mask_spec(plan: AttentionPlan, has_segments: bool, cfg, rows: int, loop_rows
                   tables, segments_full and has_segments)
 
 
-# Pairs x bias columns x loop elements evaluated on the host for one set of tables; beyond it
-# the kernels compute the test matrices in the loop instead.
+# Distinct pairs x bias columns x loop elements evaluated on the host for one set of tables;
+# beyond it the kernels compute the test matrices in the loop instead.
 TABLE_BUDGET = 1 << 27
 
 
@@ -126,8 +126,11 @@ def unsigned_intervals(plan: AttentionPlan):
 
 
 @functools.lru_cache(maxsize=64)
-def tables(plan: AttentionPlan, spec: MaskSpec, rows: int, loop_size: int, loop_is_kv: bool):
+def tables(plan: AttentionPlan, spec: MaskSpec, rows: int, loop_size: int, loop_is_kv: bool,
+           dedup: bool = True):
   """The MMA bias's test matrices of every masked step, deduplicated, or None (over budget).
+  ``dedup=False`` builds every pair's matrix before deduplicating (the reference the tests
+  compare the keyed build with).
 
   Mirrors `triton_attention._MMABias.__call__` on the host. Returns (tables: bool, True
   where the pair passes the column's dim, [n, W, loop_size] with one-hot rows or [n, rows, W]
@@ -149,8 +152,6 @@ def tables(plan: AttentionPlan, spec: MaskSpec, rows: int, loop_size: int, loop_
   prog, step = np.nonzero(masked)
   w = spec.mma_width
   n_elems = loop_size if spec.mma_onehot_rows else rows
-  if len(prog) * w * n_elems > TABLE_BUDGET:
-    return None
   row_start = prog * rows
   loop_start = ids[row[prog], step // sub] * block_loop + (step % sub) * loop_size
   # Columns (the one-hot side) and elements (the other side) of each table.
@@ -169,28 +170,74 @@ def tables(plan: AttentionPlan, spec: MaskSpec, rows: int, loop_size: int, loop_
   coord = plan.kv_c.astype(np.int64)
   test = lambda c, lo, width: ((c - lo) & 0xFFFFFFFF) <= width
 
-  packed = []
-  for c0 in range(0, len(prog), 4096):
-    cs, es = col_start[c0:c0 + 4096], elem_start[c0:c0 + 4096]
-    cols = cs[:, None] + rel[None, :]  # [n, W]: each column's representative position
-    elems = es[:, None] + np.arange(n_elems)[None, :]  # [n, E]
-    at_cols = lambda x: x[dsafe[None, :], cols][..., None]  # [n, W, 1]
-    at_elems = lambda x: x[dsafe[None, :, None], elems[:, None, :]]  # [n, W, E]
+  def build(cs_all, es_all):
+    """Packed test matrices [n, ceil(W * E / 8)] of the pairs (column start, element start)."""
+    packed = []
+    for c0 in range(0, len(cs_all), 4096):
+      cs, es = cs_all[c0:c0 + 4096], es_all[c0:c0 + 4096]
+      cols = cs[:, None] + rel[None, :]  # [n, W]: each column's representative position
+      elems = es[:, None] + np.arange(n_elems)[None, :]  # [n, E]
+      at_cols = lambda x: x[dsafe[None, :], cols][..., None]  # [n, W, 1]
+      at_elems = lambda x: x[dsafe[None, :, None], elems[:, None, :]]  # [n, W, E]
+      if cols_are_queries:
+        ok = test(at_elems(coord), at_cols(lo), at_cols(width))
+        fold = [test(coord[f][elems], lo[f][cs][:, None], width[f][cs][:, None])
+                for f in folded]
+      else:
+        ok = test(at_cols(coord), at_elems(lo), at_elems(width))
+        fold = [test(coord[f][cs][:, None], lo[f][elems], width[f][elems]) for f in folded]
+      ok |= (dim < 0)[None, :, None]  # padding columns: the one-hot never selects them
+      if fold:
+        ok &= (functools.reduce(np.logical_and, fold)[:, None, :]
+               | (dim != col_dims[0])[None, :, None])
+      if not spec.mma_onehot_rows:
+        ok = ok.transpose(0, 2, 1)  # [n, rows, W]: the matmul's A operand
+      packed.append(np.packbits(ok.reshape(len(cs), -1), axis=1))
+    size = w * n_elems
+    return np.concatenate(packed) if packed else np.zeros((0, (size + 7) // 8), np.uint8)
+
+  if dedup and len(prog):
+    # The test is shift-invariant ((x - lo) mod 2**32): a pair's table depends only on its
+    # operands relative to a base per dim, taken on the element side, so pairs whose
+    # relative operands agree share one. Keys of O(W) ints per pair (elements: an id of
+    # their block's relative pattern) find the distinct pairs; tables are built for one
+    # pair per key, and TABLE_BUDGET bounds that work (3-D NA k8x16^2 at 32x128^2: 140k
+    # masked pairs, 26 tables).
+    elem_starts, es_inv = np.unique(elem_start, return_inverse=True)
+    block = elem_starts[:, None] + np.arange(n_elems)[None, :]  # [U, E]
     if cols_are_queries:
-      ok = test(at_elems(coord), at_cols(lo), at_cols(width))
-      fold = [test(coord[f][elems], lo[f][cs][:, None], width[f][cs][:, None]) for f in folded]
+      base = coord[:, elem_starts]  # [D, U]
+      pattern = coord[:, block] - base[:, :, None]
     else:
-      ok = test(at_cols(coord), at_elems(lo), at_elems(width))
-      fold = [test(coord[f][cs][:, None], lo[f][elems], width[f][elems]) for f in folded]
-    ok |= (dim < 0)[None, :, None]  # padding columns: the one-hot never selects them
-    if fold:
-      ok &= functools.reduce(np.logical_and, fold)[:, None, :] | (dim != col_dims[0])[None, :, None]
-    if not spec.mma_onehot_rows:
-      ok = ok.transpose(0, 2, 1)  # [n, rows, W]: the matmul's A operand
-    packed.append(np.packbits(ok.reshape(len(cs), -1), axis=1))
+      base = lo[:, elem_starts]
+      pattern = np.concatenate([lo[:, block] - base[:, :, None], width[:, block]])
+    pattern = np.ascontiguousarray(pattern.transpose(1, 0, 2).reshape(len(elem_starts), -1))
+    _, pattern_id = unique_rows(pattern.view(np.uint8))
+    pair_base = base[:, es_inv]  # [D, n]
+    cols = col_start[:, None] + rel[None, :]
+    n = np.arange(len(prog))
+    col_base = pair_base[dsafe[None, :], n[:, None]]  # [n, W]
+    if cols_are_queries:
+      parts = [lo[dsafe[None, :], cols] - col_base, width[dsafe[None, :], cols]]
+      parts += [(lo[f][col_start] - pair_base[f])[:, None] for f in folded]
+      parts += [width[f][col_start][:, None] for f in folded]
+    else:
+      parts = [coord[dsafe[None, :], cols] - col_base]
+      parts += [(coord[f][col_start] - pair_base[f])[:, None] for f in folded]
+    key = np.ascontiguousarray(np.concatenate([pattern_id[es_inv][:, None]] + parts, axis=1),
+                               dtype=np.int64)
+    _, key_inv = unique_rows(key.view(np.uint8))
+    first = np.full(int(key_inv.max(initial=-1)) + 1, len(prog), np.int64)
+    np.minimum.at(first, key_inv, n)
+    if len(first) * w * n_elems > TABLE_BUDGET:
+      return None
+    uniq, inverse = unique_rows(build(col_start[first], elem_start[first]))
+    inverse = inverse[key_inv]
+  else:  # every pair's table (the reference for the keys above)
+    if len(prog) * w * n_elems > TABLE_BUDGET:
+      return None
+    uniq, inverse = unique_rows(build(col_start, elem_start))
   size = w * n_elems
-  packed = np.concatenate(packed) if packed else np.zeros((0, (size + 7) // 8), np.uint8)
-  uniq, inverse = unique_rows(packed)
   shape = (w, n_elems) if spec.mma_onehot_rows else (n_elems, w)
   tables = np.unpackbits(uniq, axis=1, count=size).astype(bool).reshape((-1,) + shape)
   if not len(tables):
