@@ -65,6 +65,14 @@ def test_na(p):
   backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
 
 
+def test_na1d():
+  """A 1-D neighborhood (odd length, dilation, causal, GQA) on these kernels, which `auto`
+  takes for 1-D neighborhoods at head_dim 65-128 (`test_picks`)."""
+  p = dict(problem=((300,), (33,), (1,), (2,), (True,)), batch=1, heads=2, kv_heads=1,
+           head_dim=64, dtype=jnp.bfloat16, seed=5, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
+
+
 @pytest.mark.parametrize("problem, tile", [
     (((12, 21), (5, 9), (2, 3), (1, 1), (True, False)), (8, 16)),
     (((4, 8, 16), (3, 5, 7), (1, 2, 1), (1, 1, 1), (False, True, False)), (2, 4, 16))])
@@ -80,16 +88,16 @@ def test_na_mma_bias(monkeypatch, problem, tile):
     return built[-1]
 
   monkeypatch.setattr(attention_bwd, "backward_mma_inputs", spy)
-  p = dict(problem=problem, batch=1, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
+  p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
            seed=1, tile_q=tile, tile_kv=tile)
   backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
   assert built and all(x is not None for x in built)
 
 
 def test_picks():
-  """backward=None: these kernels for 1-D maps (dense included) and 3-D neighborhoods at
-  head_dim 65-128 without stride (their backward map blocks too), Triton for 2-D, strided
-  and packed ones."""
+  """backward=None: these kernels for 1-D maps (dense included), 3-D neighborhoods and 1-D
+  ones with windows of >= 256 keys at head_dim 65-128, strided ones included (their backward
+  map blocks too), Triton for 2-D, short 1-D and packed ones."""
   from jax_sparse_attn.layout import SequenceLayout, TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
@@ -105,11 +113,18 @@ def test_picks():
                              TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16))))
   assert mgpu.picks_mosaic(plan3) and mgpu.picks_mosaic(plan3, 96)
   assert not mgpu.picks_mosaic(plan3, 64)
+  blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
   strided = masks.neighborhood((8, 16, 16), (3, 5, 5), (1, 2, 2))
   tiled = lambda m: gathered(make_plan(m, TiledLayout((8, 16, 16), m.dilation, (2, 4, 16)),
                                        TiledLayout((8, 16, 16), m.dilation, (2, 4, 16))))
-  assert not mgpu.picks_mosaic(tiled(strided))
-  blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
+  assert mgpu.picks_mosaic(tiled(strided)) and blocks(strided, 128) == (128, 128)
+  plan1 = lambda m: gathered(make_plan(m, TiledLayout((1000,), (2,), (128,)),
+                                      TiledLayout((1000,), (2,), (128,))))
+  na1 = masks.neighborhood((1000,), (257,), dilation=(2,))  # 1-D: windows of >= 256 keys
+  assert mgpu.picks_mosaic(plan1(na1)) and blocks(na1, 128) == (128, 128)
+  assert blocks(na1, 64) != (128, 128)
+  short = masks.neighborhood((1000,), (129,), dilation=(2,))
+  assert not mgpu.picks_mosaic(plan1(short)) and blocks(short, 128) != (128, 128)
   assert blocks(na3, 128) == (128, 128) and blocks(na, 128) != (128, 128)
   assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) != (128, 128)
   assert blocks(na3, 128, MosaicGPUConfig(backward="triton")) != (128, 128)

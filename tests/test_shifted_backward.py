@@ -29,11 +29,16 @@ def test_best_shifted_tiles():
                             128) is None
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic_gpu"])
-@pytest.mark.parametrize("problem", [
-    ((16, 24), (8, 8), (4, 4), (1, 1), (False, False)),
-    ((12, 24), (4, 8), (2, 4), (1, 1), (True, False)),
-    ((6, 10, 16), (4, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))])
+_2D = [((16, 24), (8, 8), (4, 4), (1, 1), (False, False)),
+       ((12, 24), (4, 8), (2, 4), (1, 1), (True, False))]
+
+
+# 3-D: a key grid led on both backends' blocks (Triton's 64-row ones need the larger grid;
+# the Hopper one's interpret-mode cost grows with it, so it gets the smaller).
+@pytest.mark.parametrize("backend, problem", [
+    *[(b, p) for b in ("triton", "mosaic_gpu") for p in _2D],
+    ("triton", ((6, 10, 16), (4, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))),
+    ("mosaic_gpu", ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False)))])
 def test_shifted_backward(monkeypatch, backend, problem):
   """Forward and gradients against the brute force (odd sizes, GQA, a causal dim) with the
   backward on a shifted key grid: the plan it ran is checked to be one."""
@@ -47,7 +52,7 @@ def test_shifted_backward(monkeypatch, backend, problem):
   monkeypatch.setattr(ops, "_backward_plan", spy)
   monkeypatch.setattr(ops, "SHIFTED_KV", True)
   config = MosaicGPUConfig(backward="mosaic_gpu") if backend == "mosaic_gpu" else None
-  p = dict(problem=problem, batch=1, heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
+  p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
            seed=3, tile_q=None, tile_kv=None)
   backend_cases.check_na(p, backend, interpret=True, config=config)
   assert plans and plans[0] is not None and ops._kv_pads(plans[0], plans[0]) is None

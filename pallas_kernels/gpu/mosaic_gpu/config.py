@@ -92,15 +92,25 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
-  3-D neighborhoods at head_dim 65-128 (padded to 128), strided ones on the shifted key grid
-  (`ops.SHIFTED_KV`). H200, bf16
+  3-D neighborhoods, and 1-D ones with windows of at least `NA1D_MIN_KERNEL` keys, at
+  head_dim 65-128 (padded to 128); strided 3-D ones on the shifted key grid
+  (`ops.SHIFTED_KV`). 1-D, H200, B=2, H=16, fwd+bwd ms, these kernels / Triton
+  (docs/experiments/h200-2026-12-03-na1d-backward.json): S=32768 k2049 9.01 / 10.84, S=16384
+  k513 causal 1.67 / 1.82, k385 causal 1.47 / 1.57, k257 1.30 / 1.30, k129 1.27 / 1.04, k129
+  dilation 4 1.93 / 1.36 (short lists of 128-key blocks, all partial: Triton's 64-row
+  tiles visit fewer pairs). 3-D and 2-D, H200, bf16
   D=128, fwd+bwd ms, these kernels / Triton (docs/experiments/h200-2026-12-03-grid-order.json, -backward-forms.json):
   3-D NA 16×64² k8×16² 17.4 / 19.0 (16.9 with the fused dQ); with stride 4×8×8 on the
   forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25 (11.76 through `auto`,
   results/h200-2026-12-03b-headline.json); 2-D NA 128² k33 4.58 / 4.38
   and 4.70 / 4.50 (Triton's: its 64-row query tiles). Other head dims were not measured."""
-  return (isinstance(mask, masks.Neighborhood) and mask.num_dims == 3
-          and _padded_head_dim(head_dim) == 128)
+  if not (isinstance(mask, masks.Neighborhood) and _padded_head_dim(head_dim) == 128):
+    return False
+  return mask.num_dims == 3 or (mask.num_dims == 1 and mask.kernel_size[0] >= NA1D_MIN_KERNEL)
+
+
+# Keys in a 1-D window from which the Hopper backward beats Triton's (tied at 257 keys).
+NA1D_MIN_KERNEL = 256
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):
