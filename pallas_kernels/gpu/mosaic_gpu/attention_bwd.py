@@ -428,6 +428,16 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   )
 
 
+# Gathered plans (neighborhoods): rowsum(dO ∘ O) taken in the caller's order and folded into
+# dLSE, so O is not permuted into kernel order; False: O permuted (the earlier form).
+FOLD_ROWSUM = True
+
+
+def _rowsum(out, d_out):
+  """rowsum(dO ∘ O) [batch, heads, n] in float32."""
+  return jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
              config, interpret, block_map=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
@@ -451,9 +461,15 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if plan.gathered:  # kernel order (the forward's TMA boxes are not needed here)
     ql, kl = plan.q_layout, plan.kv_layout
     rows = lambda x: kernel_order(x.transpose(0, 2, 1), ql).transpose(0, 2, 1)
+    # rowsum(dO ∘ O) in the caller's order, folded into dLSE: O is not permuted (one
+    # [batch, n, heads, head_dim] copy fewer; ``out=None`` below).
+    if FOLD_ROWSUM:
+      d_lse, out_k = d_lse - _rowsum(out, d_out), None
+    else:
+      out_k = kernel_order(out, ql)
     dq, dk, dv = backward(
         kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg, kv_seg,
-        kernel_order(out, ql), rows(lse), kernel_order(d_out, ql), rows(d_lse),
+        out_k, rows(lse), kernel_order(d_out, ql), rows(d_lse),
         gathered(plan, False), scale, cfg, interpret)
     return caller_order(dq, ql), caller_order(dk, kl), caller_order(dv, kl)
   dpad = _padded_head_dim(d)
@@ -462,16 +478,18 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                      f"(65..128), got head_dim {d}: use 'own' or None")
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
-    dq, dk, dv = backward(pad(q), pad(k), pad(v), q_seg, kv_seg, pad(out), lse, pad(d_out),
-                          d_lse, plan, scale, cfg, interpret, block_map)
+    dq, dk, dv = backward(pad(q), pad(k), pad(v), q_seg, kv_seg,
+                          None if out is None else pad(out), lse, pad(d_out), d_lse, plan,
+                          scale, cfg, interpret, block_map)
     return dq[..., :d], dk[..., :d], dv[..., :d]
   skv, hkv = k.shape[1], k.shape[2]
   bmap = walked_map(plan, block_map)
   n_q, n_kv = plan.q_layout.padded_len, plan.kv_layout.padded_len
   # delta = rowsum(dO ∘ O) - dLSE; lse in log2 units, +inf where the row saw no key (P = 0);
   # both padded to whole steps.
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta = jnp.pad(delta - d_lse, [(0, 0), (0, 0), (0, n_q - sq)])
+  # ``out=None``: the caller folded rowsum(dO ∘ O) into d_lse.
+  delta = (0.0 if out is None else _rowsum(out, d_out)) - d_lse
+  delta = jnp.pad(delta, [(0, 0), (0, 0), (0, n_q - sq)])
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, n_q - sq)], constant_values=jnp.inf)
   # Every plan has at least one interval dim (non-interval masks: token validity).
