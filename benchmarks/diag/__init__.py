@@ -1,6 +1,7 @@
 """Lab tools: one question each, run on the device machine (`run_device.sh`)."""
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,14 @@ class Rows:
   def write(self, path):
     if path:
       with open(path, "w") as f:
-        json.dump({"device": str(jax.devices()[0]), "rows": self.rows}, f, indent=1)
+        json.dump({"device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d"),
+                   "rows": self.rows}, f, indent=1)
+
+
+def max_rel_diff(grads, ref) -> float:
+  """The largest relative L2 difference (float32) between matching arrays of two tuples."""
+  return max(float(jnp.linalg.norm(g.astype(jnp.float32) - r.astype(jnp.float32))
+                   / jnp.linalg.norm(r.astype(jnp.float32))) for g, r in zip(grads, ref))
 
 
 def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_dim: int, cfg,

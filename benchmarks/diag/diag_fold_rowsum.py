@@ -8,16 +8,14 @@ against the first's.
     python -m benchmarks.diag.diag_fold_rowsum --cases gna1d,gna3d,strided --out x.json
 """
 import argparse
-import json
-import time
 
-import jax
 import jax.numpy as jnp
 
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
+from . import Rows, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 from ..cli import suites
 
@@ -35,7 +33,7 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   built = suites(quick=False)
-  rows = []
+  rows = Rows()
   for suite in args.cases.split(","):
     for case in built[suite]():
       q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
@@ -49,10 +47,7 @@ def main():
           steps[name] = fwd_bwd(lambda q, k, v: case.run(q, k, v, "auto"))
           grads = steps[name](q, k, v, do)
           ref = grads if ref is None else ref
-          row[name] = {"rel_diff_vs_first": max(
-              float(jnp.linalg.norm(g.astype(jnp.float32) - r.astype(jnp.float32))
-                    / jnp.linalg.norm(r.astype(jnp.float32))) for g, r in zip(grads, ref)),
-              "fwd_bwd_ms": []}
+          row[name] = {"rel_diff_vs_first": max_rel_diff(grads, ref), "fwd_bwd_ms": []}
         except Exception as e:  # noqa: BLE001 - a failing variant is a result
           row[name] = repr(e)[:300]
         finally:
@@ -63,11 +58,8 @@ def main():
         for name, step in steps.items():
           row[name]["fwd_bwd_ms"].append(round(time_ms(step, q, k, v, do, iters=5, repeats=5),
                                                3))
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-  if args.out:
-    json.dump({"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"),
-               "rows": rows}, open(args.out, "w"), indent=1)
+      rows.record(**row)
+  rows.write(args.out)
 
 
 if __name__ == "__main__":

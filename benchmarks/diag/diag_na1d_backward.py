@@ -7,10 +7,7 @@ name is in --cases runs (the headline's `gna1d` is "k2049").
     python -m benchmarks.diag.diag_na1d_backward --out na1d.json
 """
 import argparse
-import json
-import time
 
-import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
@@ -18,6 +15,7 @@ from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
 
+from . import Rows, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 
 CASES = {  # name: (batch, seq, kernel, dilation, causal)
@@ -35,7 +33,7 @@ def main():
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  rows = []
+  rows = Rows()
   for name in args.cases.split(","):
     b, s, kernel, dilation, causal = CASES[name]
     q, k, v, do = inputs((b, s, 16, 128), (b, s, 16, 128), jnp.bfloat16)
@@ -50,17 +48,12 @@ def main():
         grads = step(q, k, v, do)
         if ref is None:
           ref = grads
-        err = max(float(jnp.linalg.norm(g.astype(jnp.float32) - r.astype(jnp.float32))
-                        / jnp.linalg.norm(r.astype(jnp.float32))) for g, r in zip(grads, ref))
         row[variant] = {"fwd_bwd_ms": round(time_ms(step, q, k, v, do, iters=5, repeats=5), 3),
-                        "rel_diff_vs_triton": err}
+                        "rel_diff_vs_triton": max_rel_diff(grads, ref)}
       except Exception as e:  # noqa: BLE001 - a failing variant is a result
         row[variant] = repr(e)[:300]
-    print(json.dumps(row), flush=True)
-    rows.append(row)
-  if args.out:
-    json.dump({"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"),
-               "rows": rows}, open(args.out, "w"), indent=1)
+    rows.record(**row)
+  rows.write(args.out)
 
 
 if __name__ == "__main__":

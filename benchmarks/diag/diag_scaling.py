@@ -9,7 +9,6 @@ fused backward forced (`attention_bwd.FUSED_MIN_ENTRIES` = 0).
     python -m benchmarks.diag.diag_scaling --out scaling.json
 """
 import argparse
-import json
 import time
 
 import jax
@@ -24,6 +23,7 @@ from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
+from . import Rows
 from ..bench_gpu import fwd_bwd, inputs
 
 H, D = 16, 128
@@ -79,7 +79,7 @@ def main():
   parser.add_argument("--variants", action="store_true")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  rows = []
+  rows = Rows()
   for name in args.cases.split(","):
     small = None
     for size, make in CASES[name]:
@@ -106,11 +106,8 @@ def main():
         finally:
           attention_bwd.FUSED_MIN_ENTRIES = saved
           jsa.ops._make_core.cache_clear()
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-  if args.out:
-    json.dump({"device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d"),
-               "rows": rows}, open(args.out, "w"), indent=1)
+      rows.record(**row)
+  rows.write(args.out)
 
 
 if __name__ == "__main__":
