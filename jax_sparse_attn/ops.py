@@ -239,7 +239,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       per query block and head, the KV blocks to visit, chosen at run time; pairs attend
       when ``mask`` allows them and their key block is selected. Blocks are
       ``block_selection.block_size`` tokens on both sides. Backends "xla", "triton",
-      "mosaic_gpu" (its forward; the Triton backward) and "mosaic" (TPU; blocks of 128k),
+      "mosaic_gpu" (128-token blocks, head_dim <= 128) and "mosaic" (TPU; blocks of 128k),
       "auto" as for other masks; no mesh yet.
 
   Returns:

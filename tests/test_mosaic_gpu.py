@@ -94,13 +94,14 @@ def test_attention(mask, sq, skv):
                                                        ("window_sink", 200, True)])
 def test_head_dim_256(mask, head_dim, segments):
   """head_dim 129-256 (padded to 256): the forward on 64-key blocks, the backward on the
-  Triton kernels; `auto` picks it for 1-D masks there (measured), not for neighborhoods."""
+  role-split Hopper kernels (`attention_bwd_wide`; no Triton call); `auto` picks it there,
+  neighborhoods included (measured)."""
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
   pick = lambda m, d: mg_config.supports(m, jnp.bfloat16, d, False, None, None, None, None)
   assert pick(masks.causal(), 256) and pick(masks.causal(), 160)
   assert not pick(masks.causal(), 257) and not pick(masks.causal(), 32)
   assert pick(masks.neighborhood((16, 16), 5), 128)
-  assert not pick(masks.neighborhood((16, 16), 5), 256)
+  assert pick(masks.neighborhood((16, 16), 5), 256)
   p = dict(batch=1, sq=200, skv=200, heads=2, kv_heads=1, head_dim=head_dim, mask=mask,
            segments=segments, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
@@ -109,7 +110,7 @@ def test_head_dim_256(mask, head_dim, segments):
                                  .astype(jnp.float32))
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 256),
                         S(1, 1000, 2, 256), S(1, 1000, 2, 256)).mlir_module()
-  assert text.count("@mosaic_gpu_v2(") == 1 and text.count("__gpu$xla.gpu.triton") >= 2
+  assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
   with pytest.raises(ValueError, match="block_kv 128 with head_dim 256"):
     x = jnp.ones((1, 128, 2, 256), jnp.bfloat16)
     jsa.attention(x, x, x, backend="mosaic_gpu", block_kv=128, interpret=True)
@@ -168,7 +169,7 @@ def test_persistent_where_rows_are_even_or_short():
     (False, {}, "triton"),
     (True, dict(dtype=jnp.float32), "triton"),
     (True, dict(head_dim=256), "mosaic_gpu"),  # the forward 2.7x Triton's (H200)
-    (True, dict(head_dim=256, mask=masks.neighborhood((16, 16), 5)), "triton"),  # unmeasured
+    (True, dict(head_dim=256, mask=masks.neighborhood((16, 16), 5)), "mosaic_gpu"),
     (True, dict(head_dim=264), "triton"),
     (True, dict(head_dim=32), "triton"),  # padded to 64 it loses to Triton
     (True, dict(head_dim=48), "mosaic_gpu"),

@@ -32,6 +32,55 @@ def test_attention(p, head_dim, dq):
                                 config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
 
 
+@settings(max_examples=examples(2), deadline=None)
+@given(p=backend_cases.seq_problems(max_len=200, dtypes=(jnp.bfloat16, jnp.float16)),
+       head_dim=st.sampled_from([136, 192, 256]))
+def test_attention_wide(p, head_dim):
+  """head_dim 129-256 (padded to 256): the role-split kernels (`attention_bwd_wide`), the
+  default backward there."""
+  backend_cases.check_attention(dict(p, head_dim=head_dim), "mosaic_gpu", interpret=True)
+
+
+@pytest.mark.parametrize("mask, segments, kv_heads", [
+    ("masked_rows", False, 2), ("window_sink", True, 1), ("function", False, 1)])
+def test_attention_wide_cases(mask, segments, kv_heads):
+  """Fixed wide cases: rows that see nothing (zero gradients, never NaN), GQA with segment
+  ids on the union an LM uses (a documents' runtime map), a mask function."""
+  p = dict(batch=1, sq=190, skv=190, heads=4, kv_heads=kv_heads, head_dim=256, mask=mask,
+           segments=segments, dtype=jnp.bfloat16, seed=5)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
+
+
+def test_na_wide():
+  """A 2-D neighborhood (stride, causal dim) at head_dim 256: the role-split kernels in kernel
+  order (the default backward there: `hopper_backward_neighborhood`), element tests (no MMA
+  bias); no Triton call."""
+  assert mgpu.default_backward_map_blocks(256, jnp.bfloat16, BWD) == (128, 64)
+  p = dict(problem=((12, 21), (5, 9), (2, 3), (1, 1), (True, False)), batch=1, heads=2,
+           kv_heads=1, head_dim=256, dtype=jnp.bfloat16, seed=4, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True)
+  S = jax.ShapeDtypeStruct((1, 32, 32, 2, 256), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.na2d(q, k, v, (5, 9), stride=(2, 3), backend="mosaic_gpu")
+                                 .astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S, S, S).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
+
+
+def test_wide_sink_items():
+  """A sink's list cut into several dK/dV items at head_dim 256 (float32 reduce-adds instead
+  of stores): 1100 tokens, 18 KV blocks of 64, the first visited by all 9 Q blocks."""
+  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
+  from jax_sparse_attn.layout import SequenceLayout
+  from jax_sparse_attn.plan import make_plan
+  plan = make_plan(backend_cases.seq_mask("window_sink", 1100, 1100),
+                   SequenceLayout(1100, 128), SequenceLayout(1100, 64))
+  items = _work_items(plan.block_map.q_counts)
+  assert len(np.unique(items[:, 0])) < len(items)
+  p = dict(batch=1, sq=1100, skv=1100, heads=1, kv_heads=1, head_dim=256, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=9)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
+
+
 def test_pingpong_config():
   """The ping-pong schedule takes the "own" dQ form (interpret mode runs it without the
   schedule barrier: the same arithmetic); with "split" it is a ValueError."""
@@ -126,7 +175,8 @@ def test_picks():
   short = masks.neighborhood((1000,), (129,), dilation=(2,))
   assert not mgpu.picks_mosaic(plan1(short)) and blocks(short, 128) != (128, 128)
   assert blocks(na3, 128) == (128, 128) and blocks(na, 128) != (128, 128)
-  assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) != (128, 128)
+  assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) == (128, 64)  # role-split
+  assert mgpu.picks_mosaic(plan, 256) and blocks(na, 256) == (128, 64)
   assert blocks(na3, 128, MosaicGPUConfig(backward="triton")) != (128, 128)
   assert blocks(na, 128, MosaicGPUConfig(backward="mosaic_gpu")) == (128, 128)
   packed = masks.packed_neighborhood([(16, 16), (8, 24)], 5)

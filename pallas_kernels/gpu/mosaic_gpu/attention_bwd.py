@@ -32,6 +32,9 @@ function (on kernel positions) and segment ids (these on every block). dK/dV of 
 form's dQ) are float32 reduce-adds, so their rounding varies with the CTA schedule (as in
 FlashAttention-3 and cuDNN).
 
+head_dim 129-256 (padded to 256) runs `attention_bwd_wide` instead: 64-row CTAs whose two
+compute warpgroups split a step by role (one Sᵀ/Pᵀ and dV, the other dPᵀ/dSᵀ and dK).
+
 Interpret mode (CPU) has no TMA reductions, no register operands and no accumulation into
 a live accumulator: there the warpgroups add their dQ share in turn with plain loads and
 stores, Pᵀ goes through shared memory, and products land in fresh accumulators.
@@ -53,6 +56,7 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
+from . import attention_bwd_wide as bwd_wide
 from . import attention_fwd as fwd
 from .attention_bwd_dq import SWIZZLED as _SWIZZLED, mma_add
 from .boxes import caller_order, kernel_order
@@ -115,6 +119,38 @@ def _split_dq(cfg, head_dim: int) -> bool:
   return head_dim == 128 and cfg.backward_dq != "own" and not cfg.backward_pingpong
 
 
+def item_lists(items_ref, ids_ref, counts_ref, item, kv_head, batch, *, groups: int,
+               chunk: int, shared: bool):
+  """A dK/dV work item's KV block, first entry of its Q list, and per query head j of the
+  GQA group: its entries, its full entries, and ``q_block(j, e)`` (the Q block of entry e).
+  Static maps, runtime maps (``chunk`` > 0) and documents' maps over the static items
+  (``shared``); see `_kernel`."""
+  if chunk:  # a runtime map: each query head of the group has its own Q list
+    kv_block = items_ref[batch, kv_head, item, 0]
+    live = kv_block < counts_ref.shape[2]
+    kv_block = jnp.where(live, kv_block, 0)
+    first = items_ref[batch, kv_head, item, 1] * chunk
+    # Each query head's map row: its own, or (``shared``) its batch element's.
+    heads = [0] * groups if shared else [kv_head * groups + j for j in range(groups)]
+    count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
+    entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
+               for j in range(groups)]
+    full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
+    q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
+  elif shared:  # the static map's items over a runtime map that only drops its blocks
+    kv_block, first = items_ref[item, 0], items_ref[item, 1]
+    count = lambda c: counts_ref[batch, 0, kv_block, c]
+    entries = [jnp.clip(count(1) - first, 0, items_ref[item, 2])] * groups
+    full = [jnp.clip(count(0) - first, 0, entries[0])] * groups
+    q_block = lambda j, e: ids_ref[batch, 0, kv_block, first + e]
+  else:
+    kv_block, first = items_ref[item, 0], items_ref[item, 1]
+    entries = [items_ref[item, 2]] * groups
+    full = [jnp.clip(counts_ref[kv_block, 0] - first, 0, entries[0])] * groups
+    q_block = lambda j, e: ids_ref[kv_block, first + e]
+  return kv_block, first, entries, full, q_block
+
+
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
@@ -148,29 +184,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   dq_cols = 64 if split_dq else head_dim
   item = lax.axis_index("kv")
   kv_head, batch = lax.axis_index("head"), lax.axis_index("batch")
-  if chunk:  # a runtime map: each query head of the group has its own Q list
-    kv_block = items_ref[batch, kv_head, item, 0]
-    live = kv_block < counts_ref.shape[2]
-    kv_block = jnp.where(live, kv_block, 0)
-    first = items_ref[batch, kv_head, item, 1] * chunk
-    # Each query head's map row: its own, or (``shared``) its batch element's.
-    heads = [0] * groups if shared else [kv_head * groups + j for j in range(groups)]
-    count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
-    entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
-               for j in range(groups)]
-    full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
-    q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
-  elif shared:  # the static map's items over a runtime map that only drops its blocks
-    kv_block, first = items_ref[item, 0], items_ref[item, 1]
-    count = lambda c: counts_ref[batch, 0, kv_block, c]
-    entries = [jnp.clip(count(1) - first, 0, items_ref[item, 2])] * groups
-    full = [jnp.clip(count(0) - first, 0, entries[0])] * groups
-    q_block = lambda j, e: ids_ref[batch, 0, kv_block, first + e]
-  else:
-    kv_block, first = items_ref[item, 0], items_ref[item, 1]
-    entries = [items_ref[item, 2]] * groups
-    full = [jnp.clip(counts_ref[kv_block, 0] - first, 0, entries[0])] * groups
-    q_block = lambda j, e: ids_ref[kv_block, first + e]
+  kv_block, first, entries, full, q_block = item_lists(
+      items_ref, ids_ref, counts_ref, item, kv_head, batch, groups=groups, chunk=chunk,
+      shared=shared)
   kv0 = kv_block * _BLOCK_KV
   # Steps of 64 query rows, query head after query head of the group (head j's steps start
   # at bases[j]): its entries' full blocks, then partial ones.
@@ -445,12 +461,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows)."""
   cfg = _config(config)
   runtime = block_map is not None
-  # The Triton kernels where asked, where `picks_mosaic` prefers them, for plans made with
-  # other blocks (attention(..., block_kv=64)) and above head_dim 128.
+  wide = _wide(plan, q.shape[-1])
+  # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
+  # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
   if (cfg.backward == "triton"
       or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1]))
-      or plan.block_kv != _BLOCK_KV or plan.block_q % _ROWS
-      or q.shape[-1] > _MAX_BACKWARD_HEAD_DIM):
+      or not (wide or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
+                       and q.shape[-1] <= _MAX_BACKWARD_HEAD_DIM))):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
                                      **({"block_map": block_map} if runtime else {}))
@@ -473,7 +490,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         gathered(plan, False), scale, cfg, interpret)
     return caller_order(dq, ql), caller_order(dk, kl), caller_order(dv, kl)
   dpad = _padded_head_dim(d)
-  if cfg.backward_dq == "split" and dpad != 128:
+  if cfg.backward_dq == "split" and dpad != 128 and not wide:
     raise ValueError(f"MosaicGPUConfig.backward_dq='split' needs a head_dim padded to 128 "
                      f"(65..128), got head_dim {d}: use 'own' or None")
   if dpad != d:
@@ -526,12 +543,20 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   extras = fwd._extras(plan, b, q_seg, kv_seg)
   # Neighborhoods: the forward's MMA bias on partial blocks, per kernel (static maps).
   mma = (backward_mma_inputs(plan, scale) if cfg.mask_mma and not runtime and not extras
-         and plan.mask_fn is None else None)
+         and plan.mask_fn is None and not wide else None)
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
   separate = _separate_dq(cfg, plan, d, bmap)
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
   direct = (DIRECT_DKV and (not runtime or shared_items)
             and len(np.unique(host_items[:, 0])) == len(host_items))
+  if wide:  # head_dim 256: the role-split kernels (`attention_bwd_wide`)
+    dq, dk, dv = bwd_wide.backward(
+        items, functools.partial(item_lists, groups=groups, chunk=chunk,
+                                 shared=bmap.shares_heads),
+        q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
+        mask_fn=plan.mask_fn, interpret=interpret, sub=plan.block_q // _ROWS,
+        block_q=plan.block_q, direct=direct, fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
+    return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
@@ -561,6 +586,16 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                                     zeros(n_kv, hkv, v.dtype if direct else jnp.float32)))
     dq = (dq[:, :sq] * scale).astype(q.dtype)
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
+
+
+# head_dim 129-256 on the role-split kernels (`attention_bwd_wide`; plans with 64-key KV
+# blocks and 128-row Q blocks, the forward's at that head_dim); False: the Triton backward.
+WIDE_BACKWARD = True
+
+
+def _wide(plan: AttentionPlan, head_dim: int) -> bool:
+  return (WIDE_BACKWARD and _padded_head_dim(head_dim) == bwd_wide.HEAD_DIM
+          and plan.block_kv == bwd_wide.BLOCK_KV and plan.block_q == 2 * _ROWS)
 
 
 def _separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bool:

@@ -62,9 +62,9 @@ class MosaicGPUConfig:
   # they cost less than the grid (`window_pays`).
   kv_windows: bool | None = None
   # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
-  # `attention_bwd_dq.py`), "triton" (the Triton kernels, with `triton`'s config), None: by
-  # the plan (`attention_bwd.picks_mosaic`: 1-D masks and 3-D neighborhoods here, other
-  # neighborhoods on Triton).
+  # `attention_bwd_dq.py`; head_dim 129-256: `attention_bwd_wide.py`), "triton" (the Triton
+  # kernels, with `triton`'s config), None: by the plan (`attention_bwd.picks_mosaic`: 1-D
+  # masks and 3-D neighborhoods here, other neighborhoods on Triton).
   backward: str | None = None
   # How the backward forms dQ: "kernel" (its own kernel over the forward map, no reductions;
   # plans with 128-row Q blocks), or reduce-added in float32 by the dK/dV kernel: "split"
@@ -103,9 +103,15 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   3-D NA 16×64² k8×16² 17.4 / 19.0 (16.9 with the fused dQ); with stride 4×8×8 on the
   forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25 (11.76 through `auto`,
   results/h200-2026-12-03b-headline.json); 2-D NA 128² k33 4.58 / 4.38
-  and 4.70 / 4.50 (Triton's: its 64-row query tiles). Other head dims were not measured."""
-  if not (isinstance(mask, masks.Neighborhood) and _padded_head_dim(head_dim) == 128):
+  and 4.70 / 4.50 (Triton's: its 64-row query tiles). At head_dim 129-256 (padded to 256;
+  the role-split kernels, `attention_bwd_wide`) every neighborhood: H200, D=256, H=8, Hopper
+  forward, fwd+bwd ms with these / Triton's backward
+  (docs/experiments/h200-2026-12-03-wide-na.json): 1-D k1025 2.76 / 5.25, 2-D 96² k33
+  2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32. Head dims up to 64 were not measured."""
+  if not isinstance(mask, masks.Neighborhood) or _padded_head_dim(head_dim) not in (128, 256):
     return False
+  if _padded_head_dim(head_dim) == 256:  # the role-split kernels: every neighborhood
+    return True
   return mask.num_dims == 3 or (mask.num_dims == 1 and mask.kernel_size[0] >= NA1D_MIN_KERNEL)
 
 
@@ -119,6 +125,10 @@ def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):
   (`MosaicGPUConfig.backward="mosaic_gpu"`, or None and `hopper_backward_neighborhood`),
   else the Triton backward's."""
   config = config if isinstance(config, MosaicGPUConfig) else MosaicGPUConfig()
+  if _MAX_BACKWARD_HEAD_DIM < head_dim <= 256 and (
+      config.backward == "mosaic_gpu"
+      or (config.backward is None and hopper_backward_neighborhood(mask, head_dim))):
+    return 2 * _ROWS, _ROWS  # the role-split kernels' (`attention_bwd_wide`)
   if head_dim <= _MAX_BACKWARD_HEAD_DIM and (
       config.backward == "mosaic_gpu"
       or (config.backward is None and hopper_backward_neighborhood(mask, head_dim))):
@@ -174,8 +184,8 @@ def _padded_head_dim(d: int) -> int | None:
   return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else None
 
 
-# The backward kernels take head_dim <= 128; above, the backward runs on the Triton kernels
-# (`attention_bwd.backward`).
+# The 128-row backward kernels take head_dim <= 128; 129-256 run the role-split ones
+# (`attention_bwd_wide`, plans with 64-key KV blocks).
 _MAX_BACKWARD_HEAD_DIM = 128
 
 
@@ -211,18 +221,18 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
              scale) -> bool:
   """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
   `unsupported`'s conditions on the call's facts (None: the defaults), no Triton-only
-  config, and 32 < head_dim <= 256 (above 128: 1-D masks only): padded to 64 columns, a head_dim of 32 runs slower than on
+  config, and 32 < head_dim <= 256: padded to 64 columns, a head_dim of 32 runs slower than on
   the Triton kernels (H100, the NAT model's shapes, 8x128x128x4x32 k13: 0.41 vs 0.33 ms
   forward, 1.20 vs 1.13 ms with the backward; docs/experiments/h100-2026-11-23-nat-backends.jsonl)."""
   if config is not None and not isinstance(config, MosaicGPUConfig):
     return False
   if head_dim <= _MIN_AUTO_HEAD_DIM or head_dim > 256:
     return False
-  if head_dim > 128 and isinstance(mask, masks.Neighborhood):
-    # head_dim 129-256 (64-key blocks, the backward on Triton): measured on 1-D masks only
-    # (H200, causal S=8192 B=2 H=16 D=256: forward 1.83 vs 4.88 ms, fwd+bwd 16.2 vs 19.3;
-    # docs/experiments/h200-2026-12-02-head-dim.json); neighborhoods keep Triton there.
-    return False
+  # head_dim 129-256: 64-key blocks and the role-split backward. H200, D=256, fwd+bwd ms:
+  # causal S=8192 B=2 H=16 8.80 (forward 1.79) against 16.1 with the Triton backward and
+  # 19.4 all Triton, cuDNN 9.19 (docs/experiments/h200-2026-12-03-wide-backward.json,
+  # -head-dim.json); neighborhoods (H=8) 1-D k1025 2.76 vs Triton's 6.14, 2-D 96² k33 2.81 vs
+  # 5.07, 3-D 16×32² k8×16² 4.43 vs 8.56 (-wide-na.json).
   if has_segments and isinstance(mask, masks.Neighborhood):
     # Padding masks / segment ids on a neighborhood: element tests on every block, and a
     # permuted copy; the Triton kernels run them faster (H200, 96x96 k17 B2 H16: 0.46 vs

@@ -1,0 +1,80 @@
+"""head_dim 129-256 on the Hopper backward (`attention_bwd_wide`, the role-split kernels)
+against the Triton backward it replaces, both after the Hopper forward, beside cuDNN: ms
+forward and fwd+bwd, and each variant's gradients against the float32 XLA backend at a
+smaller length of the same case in the same call. bf16, H=16.
+
+    python -m benchmarks.diag.diag_wide_backward --out wide.json
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks, ops
+from jax_sparse_attn.demo import time_ms
+from pallas_kernels.gpu import MosaicGPUConfig
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide
+
+from . import Rows
+from ..bench_gpu import fwd_bwd, inputs, rel
+
+CASES = {  # name: (batch, seq, kv heads, head_dim, mask, cuDNN kwargs or None, check seq)
+    "causal_d256": (2, 8192, 16, 256, masks.causal(), dict(is_causal=True), 2048),
+    "dense_d256": (2, 8192, 16, 256, masks.full(), dict(), 2048),
+    "causal_d192": (2, 8192, 16, 192, masks.causal(), dict(is_causal=True), 2048),
+    "window4096_gqa_d256": (1, 32768, 8, 256, masks.causal() & masks.sliding_window(4096),
+                            dict(is_causal=True, local_window_size=(4095, 0)), 8192),
+    "lm_d256": (2, 8192, 4, 256, masks.causal() & (masks.sliding_window(512) | masks.sink(4)),
+                None, 2048),
+}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--registers", action="store_true",
+                      help="also 240/24 registers for the role-split kernels")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  rows = Rows()
+  for name in args.cases.split(","):
+    b, s, hkv, d, mask, cudnn, s_check = CASES[name]
+    big = inputs((b, s, 16, d), (b, s, hkv, d), jnp.bfloat16)
+    small = inputs((b, s_check, 16, d), (b, s_check, hkv, d), jnp.bfloat16, seed=1)
+    ref = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend="xla"))(
+        *(x.astype(jnp.float32) for x in small))
+    variants = {
+        "hopper_backward": (MosaicGPUConfig(), attention_bwd_wide.REGISTERS),
+        "triton_backward": (MosaicGPUConfig(backward="triton"), attention_bwd_wide.REGISTERS)}
+    if args.registers:
+      variants["hopper_backward_240_24"] = (MosaicGPUConfig(), (240, 24))
+    impls = {}
+    for v_name, (config, regs) in variants.items():
+      impls[v_name] = (lambda q, k, v, c=config: jsa.attention(
+          q, k, v, mask, backend="mosaic_gpu", config=c), regs)
+    if cudnn is not None:
+      impls["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, implementation="cudnn", **cudnn), None)
+    for impl, (fn, regs) in impls.items():
+      row = dict(case=name, impl=impl, batch=b, seq=s, kv_heads=hkv, head_dim=d)
+      saved = attention_bwd_wide.REGISTERS
+      try:
+        if regs is not None:
+          attention_bwd_wide.REGISTERS = regs
+        ops._make_core.cache_clear()
+        got = fwd_bwd(fn)(*small)
+        row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
+                                     zip(("out", "dq", "dk", "dv"), got, ref)}
+        row["fwd_ms"] = round(time_ms(jax.jit(fn), *big[:3], iters=10, repeats=5), 3)
+        row["fwd_bwd_ms"] = round(time_ms(fwd_bwd(fn), *big, iters=10, repeats=5), 3)
+      except Exception as e:  # noqa: BLE001 (a path that fails is a result)
+        row["error"] = repr(e)[:400]
+      finally:
+        attention_bwd_wide.REGISTERS = saved
+      rows.record(**row)
+  rows.write(args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,62 @@
+"""Neighborhoods at head_dim 256 on Hopper: fwd+bwd ms of the Triton kernels (what `auto`
+runs there), the Hopper forward with the Triton backward, and the Hopper forward with the
+role-split backward (`attention_bwd_wide`, element tests), with each variant's gradients
+against the first; bf16, H=8.
+
+    python -m benchmarks.diag.diag_wide_na --out wide_na.json
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import ops
+from jax_sparse_attn.demo import time_ms
+from pallas_kernels.gpu import MosaicGPUConfig
+
+from . import Rows, max_rel_diff
+from ..bench_gpu import fwd_bwd, inputs
+
+CASES = {  # name: (batch, spatial, kernel, stride)
+    "na1d_k1025": (2, (16384,), (1025,), (1,)),
+    "na2d_k33": (2, (96, 96), (33, 33), (1, 1)),
+    "na3d_k8x16": (1, (16, 32, 32), (8, 16, 16), (1, 1, 1)),
+}
+VARIANTS = {
+    "triton": ("triton", None),
+    "hopper_fwd_triton_bwd": ("mosaic_gpu", MosaicGPUConfig(backward="triton")),
+    "hopper_fwd_wide_bwd": ("mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu")),
+}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  rows = Rows()
+  for name in args.cases.split(","):
+    b, spatial, kernel, stride = CASES[name]
+    shape = (b, *spatial, 8, 256)
+    q, k, v, do = inputs(shape, shape, jnp.bfloat16)
+    row, ref = {"case": name}, None
+    for variant, (backend, config) in VARIANTS.items():
+      ops._make_core.cache_clear()
+      fn = lambda q, k, v, be=backend, c=config: jsa.na(q, k, v, kernel, stride, backend=be,
+                                                        config=c)
+      try:
+        grads = fwd_bwd(fn)(q, k, v, do)
+        ref = grads if ref is None else ref
+        row[variant] = {"fwd_ms": round(time_ms(jax.jit(fn), q, k, v, iters=5, repeats=5), 3),
+                        "fwd_bwd_ms": round(time_ms(fwd_bwd(fn), q, k, v, do, iters=5,
+                                                    repeats=5), 3),
+                        "rel_diff_vs_triton": max_rel_diff(grads, ref)}
+      except Exception as e:  # noqa: BLE001 - a failing variant is a result
+        row[variant] = repr(e)[:300]
+    rows.record(**row)
+  rows.write(args.out)
+
+
+if __name__ == "__main__":
+  main()
