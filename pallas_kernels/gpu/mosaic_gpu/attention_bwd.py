@@ -213,9 +213,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     wg = lax.axis_index("wg")
     (q_smem, do_smem), stage = slots
 
-    def rendezvous():
-      plgpu.barrier_arrive(turn)
-      plgpu.barrier_wait(turn)
+    rendezvous = functools.partial(bwd_dq.rendezvous, turn)
 
     def schedule():
       """Ping-pong: a warpgroup passes after issuing its matmuls, once the other is done
@@ -389,16 +387,11 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           plgpu.barrier_wait(q_free.at[slot])
 
         bar = q_bar.at[slot]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, _ROWS), head], q_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(do_ref.at[batch, pl.ds(q0, _ROWS), head], do_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, pl.ds(q0, _ROWS)], lse_smem.at[slot],
-                                bar)
-        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, pl.ds(q0, _ROWS)],
-                                delta_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(lo_ref.at[:, pl.ds(q0, _ROWS)], lo_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(hi_ref.at[:, pl.ds(q0, _ROWS)], hi_smem.at[slot], bar)
-        if extras:
-          plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, pl.ds(q0, _ROWS)], qx_smem.at[slot], bar)
+        bwd_dq.load_query_rows(
+            (q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, qx_ref),
+            (q_smem.at[slot], do_smem.at[slot], lse_smem.at[slot], delta_smem.at[slot],
+             lo_smem.at[slot], hi_smem.at[slot], qx_smem.at[slot] if extras else None),
+            batch, pl.ds(q0, _ROWS), head, bar)
         if mma:  # full entries load table 0 too: a fixed arrival count
           plgpu.copy_gmem_to_smem(tables_ref.at[step_table(j, t)], table_smem.at[slot], bar)
 

@@ -57,6 +57,37 @@ Q_FASTEST = True
 
 
 
+def rendezvous(turn):
+  """The compute warpgroups meet at barrier ``turn`` (one arrival each)."""
+  plgpu.barrier_arrive(turn)
+  plgpu.barrier_wait(turn)
+
+
+def load_query_rows(gmem, smem, batch, rows, head, bar):
+  """A backward step's query-side TMA copies, each arriving on ``bar``: ``gmem`` is (q, do,
+  lse, delta, lo, hi, qx) with q/do [b, n, h, d], lse/delta [b, h, n], lo/hi [dims, n] and
+  segment ids qx [b, 1, n]; ``smem`` their destinations. None (q or qx): not loaded here."""
+  q, do, lse, delta, lo, hi, qx = gmem
+  srcs = (None if q is None else q.at[batch, rows, head], do.at[batch, rows, head],
+          lse.at[batch, head, rows], delta.at[batch, head, rows], lo.at[:, rows],
+          hi.at[:, rows], None if qx is None else qx.at[batch, :, rows])
+  for src, dst in zip(srcs, smem):
+    if src is not None:
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+
+
+def load_key_rows(gmem, smem, batch, keys, kv_head, bar):
+  """A KV block's TMA copies, each arriving on ``bar``: ``gmem`` is (k, v, c, kx) with k/v
+  [b, n, hkv, d], key coordinates c [dims, n] and segment ids kx [b, 1, n] (None: none);
+  ``smem`` their destinations."""
+  k, v, c, kx = gmem
+  srcs = (k.at[batch, keys, kv_head], v.at[batch, keys, kv_head], c.at[:, keys],
+          None if kx is None else kx.at[batch, :, keys])
+  for src, dst in zip(srcs, smem):
+    if src is not None:
+      plgpu.copy_gmem_to_smem(src, dst, bar)
+
+
 def backward_mesh(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
   """A backward kernel's mesh: grid axes "batch", "head" and the work axis (name, size),
   and the warpgroups. Pallas runs the grid's last axis fastest: the work axis there with
@@ -175,15 +206,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     @pl.when(wg == _WGS)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      rows = pl.ds(q0, _BLOCK_Q)
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_bar)
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem, q_bar)
-      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem, q_bar)
-      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem, q_bar)
-      plgpu.copy_gmem_to_smem(lo_ref.at[:, rows], lo_smem, q_bar)
-      plgpu.copy_gmem_to_smem(hi_ref.at[:, rows], hi_smem, q_bar)
-      if segments:
-        plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, rows], qx_smem, q_bar)
+      load_query_rows(
+          (q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, qx_ref if segments else None),
+          (q_smem, do_smem, lse_smem, delta_smem, lo_smem, hi_smem, qx_smem), batch,
+          pl.ds(q0, _BLOCK_Q), head, q_bar)
       if mma:
         for w in range(_WGS):
           plgpu.copy_gmem_to_smem(onehot_ref.at[pl.ds(w * _ROWS, _ROWS)], onehot_smem.at[w],
@@ -199,11 +225,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         keys = pl.ds(kv_block(e) * _BLOCK_KV, _BLOCK_KV)
         bar = kv_bar.at[slot]
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(c_ref.at[:, keys], c_smem.at[slot], bar)
-        if segments:
-          plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, keys], kx_smem.at[slot], bar)
+        load_key_rows((k_ref, v_ref, c_ref, kx_ref if segments else None),
+                      (k_smem.at[slot], v_smem.at[slot], c_smem.at[slot],
+                       kx_smem.at[slot] if segments else None), batch, keys, kv_head, bar)
         if mma:  # full entries load table 0 too: a fixed arrival count
           for part in range(2):
             plgpu.copy_gmem_to_smem(tables_ref.at[table_ids_ref[q_block, 2 * e + part]],

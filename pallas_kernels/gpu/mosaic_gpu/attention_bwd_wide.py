@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from . import attention_bwd_dq as bwd_dq
 from .attention_bwd_dq import SWIZZLED, backward_mesh, mma_add
 from .config import _COMPUTE_WGS as _WGS, _ROWS
 
@@ -108,9 +109,7 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
     (q_smem, do_smem), stage = slots
     rows, cols = _tile_vectors(tile)
 
-    def rendezvous():
-      plgpu.barrier_arrive(turn)
-      plgpu.barrier_wait(turn)
+    rendezvous = functools.partial(bwd_dq.rendezvous, turn)
 
     def compute(role: int):
       plgpu.set_max_registers(REGISTERS[0], action="increase")
@@ -182,12 +181,8 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
     @pl.when((wg == _WGS) & (total > 0))
     def _memory():
       plgpu.set_max_registers(REGISTERS[1], action="decrease")
-      keys = pl.ds(kv0, BLOCK_KV)
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem, kv_bar)
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem, kv_bar)
-      plgpu.copy_gmem_to_smem(c_ref.at[:, keys], c_smem, kv_bar)
-      if extras:
-        plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, keys], kx_smem, kv_bar)
+      bwd_dq.load_key_rows((k_ref, v_ref, c_ref, kx_ref), (k_smem, v_smem, c_smem, kx_smem),
+                           batch, pl.ds(kv0, BLOCK_KV), kv_head, kv_bar)
 
       def load(j, t):
         slot = lax.rem(t, STAGES)
@@ -197,16 +192,11 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
         def _():
           plgpu.barrier_wait(q_free.at[slot])
 
-        bar = q_bar.at[slot]
-        q_rows = pl.ds(q0, _ROWS)
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, q_rows, head], q_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(do_ref.at[batch, q_rows, head], do_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, q_rows], lse_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, q_rows], delta_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(lo_ref.at[:, q_rows], lo_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(hi_ref.at[:, q_rows], hi_smem.at[slot], bar)
-        if extras:
-          plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, q_rows], qx_smem.at[slot], bar)
+        bwd_dq.load_query_rows(
+            (q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, qx_ref),
+            (q_smem.at[slot], do_smem.at[slot], lse_smem.at[slot], delta_smem.at[slot],
+             lo_smem.at[slot], hi_smem.at[slot], qx_smem.at[slot] if extras else None),
+            batch, pl.ds(q0, _ROWS), head, q_bar.at[slot])
 
       for j in range(groups):
         pl.loop(bases[j], bases[j + 1])(functools.partial(load, j))
@@ -272,9 +262,7 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
     wg = lax.axis_index("wg")
     rows, cols = _tile_vectors(tile)
 
-    def rendezvous():
-      plgpu.barrier_arrive(turn)
-      plgpu.barrier_wait(turn)
+    rendezvous = functools.partial(bwd_dq.rendezvous, turn)
 
     def compute(role: int):
       plgpu.set_max_registers(REGISTERS[0], action="increase")
@@ -342,16 +330,13 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
     def _memory():
       plgpu.set_max_registers(REGISTERS[1], action="decrease")
       q_rows = pl.ds(q0, _ROWS)
-      for w in range(_WGS):
+      for w in range(_WGS):  # Q in column halves
         plgpu.copy_gmem_to_smem(q_ref.at[batch, q_rows, head, pl.ds(w * half, half)],
                                 q_smem.at[w], q_bar)
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, q_rows, head], do_smem, q_bar)
-      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, q_rows], lse_smem, q_bar)
-      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, q_rows], delta_smem, q_bar)
-      plgpu.copy_gmem_to_smem(lo_ref.at[:, q_rows], lo_smem, q_bar)
-      plgpu.copy_gmem_to_smem(hi_ref.at[:, q_rows], hi_smem, q_bar)
-      if segments:
-        plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, q_rows], qx_smem, q_bar)
+      bwd_dq.load_query_rows(
+          (None, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, qx_ref if segments else None),
+          (None, do_smem, lse_smem, delta_smem, lo_smem, hi_smem, qx_smem), batch, q_rows,
+          head, q_bar)
 
       @pl.loop(0, n_all)
       def _load(e):
@@ -362,12 +347,10 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
           plgpu.barrier_wait(kv_free.at[slot])
 
         keys = pl.ds(kv_block(e) * BLOCK_KV, BLOCK_KV)
-        bar = kv_bar.at[slot]
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot], bar)
-        plgpu.copy_gmem_to_smem(c_ref.at[:, keys], c_smem.at[slot], bar)
-        if segments:
-          plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, keys], kx_smem.at[slot], bar)
+        bwd_dq.load_key_rows((k_ref, v_ref, c_ref, kx_ref if segments else None),
+                             (k_smem.at[slot], v_smem.at[slot], c_smem.at[slot],
+                              kx_smem.at[slot] if segments else None),
+                             batch, keys, kv_head, kv_bar.at[slot])
 
       for s in range(STAGES):
         pl.when(s < n_all)(lambda: plgpu.barrier_wait(kv_free.at[s]))
