@@ -546,7 +546,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dq, dk, dv = bwd_wide.backward(
         items, functools.partial(item_lists, groups=groups, chunk=chunk,
                                  shared=bmap.shares_heads),
-        q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
+        counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
         mask_fn=plan.mask_fn, interpret=interpret, sub=plan.block_q // _ROWS,
         block_q=plan.block_q, direct=direct, fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)

@@ -38,6 +38,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -379,15 +380,14 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
   )
 
 
-def backward(items, item_lists, q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap,
+def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap,
              scale: float, mask_fn, interpret: bool, sub: int, block_q: int, direct: bool,
              fastest: tuple[bool, bool]):
   """dq [b, n_q, h, 256] (the input dtype), dk and dv [b, n_kv, hkv, 256] (the input dtype if
   ``direct``, else float32) from `attention_bwd.backward`'s padded inputs: its work items and
   their `item_lists` (partial over the map's shape), the transposed and forward maps of
-  ``bmap`` (64-key KV blocks). ``fastest``: the work axis last in each kernel's grid."""
-  import numpy as np
-
+  ``bmap`` (64-key KV blocks); ``counts`` its transposed map's [.., kv blocks, 2] (full,
+  all), as the caller built them for its items. ``fastest``: the work axis last in each kernel's grid."""
   b, _, h, d = q.shape
   n_kv, hkv = k.shape[1], k.shape[2]
   n_q = lse2.shape[-1]
@@ -396,8 +396,6 @@ def backward(items, item_lists, q, k, v, d_out, lse2, delta, lo, hi, c, extras, 
   common = dict(groups=h // hkv, dims=lo.shape[0], scale=scale, dtype=q.dtype,
                 interpret=bool(interpret), mask_fn=mask_fn, segments=segments,
                 segments_full=bmap.segments_full)
-  kv_counts = (jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1) if runtime else
-               np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1))
   params = plgpu.CompilerParams(approx_math=True)
   interp = plgpu.InterpretGPUParams() if interpret else False
 
@@ -406,7 +404,7 @@ def backward(items, item_lists, q, k, v, d_out, lse2, delta, lo, hi, c, extras, 
                                 direct=direct, **common),
               out_type=(), mesh=backward_mesh(b, hkv, ("kv", items.shape[-2]), fastest[0]),
               compiler_params=params, interpret=interp, name="sparse_attention_bwd_wide")(
-        items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(kv_counts, jnp.int32), q, k, v,
+        items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32), q, k, v,
         d_out, lse2, delta, lo, hi, c, *extras, *refs)
 
   acc = k.dtype if direct else jnp.float32
