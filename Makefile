@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) -m jax_sparse_attn.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider tests
+	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider --durations=25 tests
 
 simulate: $(STAMP)
 	$(PY) -m jax_sparse_attn.simulate --shape 128 128 --kernel 33 33

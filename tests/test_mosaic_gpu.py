@@ -91,28 +91,33 @@ def test_attention(mask, sq, skv):
 
 
 @pytest.mark.parametrize("mask, head_dim, segments", [("causal", 256, False),
-                                                       ("window_sink", 200, True)])
+                                                       ("window_sink", 200, True),
+                                                       ("causal_window", 160, False)])
 def test_head_dim_256(mask, head_dim, segments):
-  """head_dim 129-256 (padded to 256): the forward on 64-key blocks, the backward on the
-  role-split Hopper kernels (`attention_bwd_wide`; no Triton call); `auto` picks it there,
-  neighborhoods included (measured)."""
+  """head_dim 129-256 (run at 192 columns up to 192, else 256): the forward on 64-key blocks,
+  the backward on the role-split Hopper kernels (`attention_bwd_wide`; no Triton call); `auto`
+  picks it there, neighborhoods included (measured)."""
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
   pick = lambda m, d: mg_config.supports(m, jnp.bfloat16, d, False, None, None, None, None)
   assert pick(masks.causal(), 256) and pick(masks.causal(), 160)
   assert not pick(masks.causal(), 257) and not pick(masks.causal(), 32)
   assert pick(masks.neighborhood((16, 16), 5), 128)
-  assert pick(masks.neighborhood((16, 16), 5), 256)
+  assert pick(masks.neighborhood((16, 16), 5), 256) and pick(masks.neighborhood(16, 5), 192)
+  cols = 192 if head_dim <= 192 else 256
+  assert [mg_config._padded_head_dim(d) for d in (129, 192, 193, 256)] == [192, 192, 256, 256]
   p = dict(batch=1, sq=200, skv=200, heads=2, kv_heads=1, head_dim=head_dim, mask=mask,
            segments=segments, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu")
                                  .astype(jnp.float32))
-  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 256),
-                        S(1, 1000, 2, 256), S(1, 1000, 2, 256)).mlir_module()
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, head_dim),
+                        S(1, 1000, 2, head_dim), S(1, 1000, 2, head_dim)).mlir_module()
   assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
-  with pytest.raises(ValueError, match="block_kv 128 with head_dim 256"):
-    x = jnp.ones((1, 128, 2, 256), jnp.bfloat16)
+  # The kernels take the columns they run at: 160 padded to 192, not to 256.
+  assert f"x{cols}xbf16>" in text and (cols == 256 or "x256xbf16>" not in text)
+  with pytest.raises(ValueError, match=f"block_kv 128 with head_dim {head_dim}"):
+    x = jnp.ones((1, 128, 2, head_dim), jnp.bfloat16)
     jsa.attention(x, x, x, backend="mosaic_gpu", block_kv=128, interpret=True)
 
 

@@ -36,18 +36,19 @@ def test_attention(p, head_dim, dq):
 @given(p=backend_cases.seq_problems(max_len=200, dtypes=(jnp.bfloat16, jnp.float16)),
        head_dim=st.sampled_from([136, 192, 256]))
 def test_attention_wide(p, head_dim):
-  """head_dim 129-256 (padded to 256): the role-split kernels (`attention_bwd_wide`), the
-  default backward there."""
+  """head_dim 129-256 (136 and 192 at 192 columns, 256 at 256): the role-split kernels
+  (`attention_bwd_wide`), the default backward there."""
   backend_cases.check_attention(dict(p, head_dim=head_dim), "mosaic_gpu", interpret=True)
 
 
-@pytest.mark.parametrize("mask, segments, kv_heads", [
-    ("masked_rows", False, 2), ("window_sink", True, 1), ("function", False, 1)])
-def test_attention_wide_cases(mask, segments, kv_heads):
+@pytest.mark.parametrize("mask, segments, kv_heads, head_dim", [
+    ("masked_rows", False, 2, 256), ("window_sink", True, 1, 192), ("function", False, 1, 176)])
+def test_attention_wide_cases(mask, segments, kv_heads, head_dim):
   """Fixed wide cases: rows that see nothing (zero gradients, never NaN), GQA with segment
-  ids on the union an LM uses (a documents' runtime map), a mask function."""
-  p = dict(batch=1, sq=190, skv=190, heads=4, kv_heads=kv_heads, head_dim=256, mask=mask,
-           segments=segments, dtype=jnp.bfloat16, seed=5)
+  ids on the union an LM uses (a documents' runtime map), a mask function; at 256 columns and
+  at 192 (176 padded to 192)."""
+  p = dict(batch=1, sq=140, skv=140, heads=4, kv_heads=kv_heads, head_dim=head_dim,
+           mask=mask, segments=segments, dtype=jnp.bfloat16, seed=5)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
 
 
@@ -66,17 +67,19 @@ def test_na_wide():
   assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
 
 
-def test_wide_sink_items():
+def test_wide_sink_items(monkeypatch):
   """A sink's list cut into several dK/dV items at head_dim 256 (float32 reduce-adds instead
-  of stores): 1100 tokens, 18 KV blocks of 64, the first visited by all 9 Q blocks."""
-  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
+  of stores): 640 tokens, 10 KV blocks of 64, the first visited by all 5 Q blocks (items of at
+  least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts)."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
   from jax_sparse_attn.layout import SequenceLayout
   from jax_sparse_attn.plan import make_plan
-  plan = make_plan(backend_cases.seq_mask("window_sink", 1100, 1100),
-                   SequenceLayout(1100, 128), SequenceLayout(1100, 64))
-  items = _work_items(plan.block_map.q_counts)
-  assert len(np.unique(items[:, 0])) < len(items)
-  p = dict(batch=1, sq=1100, skv=1100, heads=1, kv_heads=1, head_dim=256, mask="window_sink",
+  monkeypatch.setattr(attention_bwd, "MIN_CHUNK", 2)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640),
+                   SequenceLayout(640, 128), SequenceLayout(640, 64))
+  items = attention_bwd._work_items(plan.block_map.q_counts)
+  assert np.sum(items[:, 0] == 0) > 1 and len(np.unique(items[:, 0])) < len(items)
+  p = dict(batch=1, sq=640, skv=640, heads=1, kv_heads=1, head_dim=256, mask="window_sink",
            segments=False, dtype=jnp.bfloat16, seed=9)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
 
@@ -247,17 +250,19 @@ def test_grid_orders_agree(monkeypatch):
   assert float(jnp.abs(want[1].astype(jnp.float32)).sum()) > 0
 
 
-def test_sink_list_in_chunks():
+def test_sink_list_in_chunks(monkeypatch):
   """A sink's KV block is visited by every query block: its list runs as several items whose
-  dK/dV add up (1100 tokens: 9 blocks, the first visited 9 times, the rest about twice)."""
-  p = dict(batch=1, sq=1100, skv=1100, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
-           segments=False, dtype=jnp.bfloat16, seed=3)
-  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
+  dK/dV add up (640 tokens: 5 blocks, the first visited 5 times, the rest about twice; items
+  of at least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts)."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
   from jax_sparse_attn.layout import SequenceLayout
   from jax_sparse_attn.plan import make_plan
-  plan = make_plan(backend_cases.seq_mask("window_sink", 1100, 1100), SequenceLayout(1100, 128),
-                   SequenceLayout(1100, 128))
-  items = _work_items(plan.block_map.q_counts)
+  monkeypatch.setattr(attention_bwd, "MIN_CHUNK", 2)
+  p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=3)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
+                   SequenceLayout(640, 128))
+  items = attention_bwd._work_items(plan.block_map.q_counts)
   assert np.sum(items[:, 0] == 0) == 2
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
 

@@ -2,8 +2,10 @@
 against the Triton backward it replaces, both after the Hopper forward, beside cuDNN: ms
 forward and fwd+bwd, and each variant's gradients against the float32 XLA backend at a
 smaller length of the same case in the same call. bf16, H=16.
+``--padded``: also the 192-column cases padded to 256 (`config.NATIVE_192` off), as before.
 
     python -m benchmarks.diag.diag_wide_backward --out wide.json
+    python -m benchmarks.diag.diag_wide_backward --cases causal_d192,dense_d192 --padded
 """
 import argparse
 
@@ -14,7 +16,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide, config as mg_config
 
 from . import Rows
 from ..bench_gpu import fwd_bwd, inputs, rel
@@ -23,6 +25,14 @@ CASES = {  # name: (batch, seq, kv heads, head_dim, mask, cuDNN kwargs or None, 
     "causal_d256": (2, 8192, 16, 256, masks.causal(), dict(is_causal=True), 2048),
     "dense_d256": (2, 8192, 16, 256, masks.full(), dict(), 2048),
     "causal_d192": (2, 8192, 16, 192, masks.causal(), dict(is_causal=True), 2048),
+    "dense_d192": (2, 8192, 16, 192, masks.full(), dict(), 2048),
+    "causal_d160": (2, 8192, 16, 160, masks.causal(), dict(is_causal=True), 2048),
+    "window4096_gqa_d192": (1, 32768, 8, 192, masks.causal() & masks.sliding_window(4096),
+                            dict(is_causal=True, local_window_size=(4095, 0)), 8192),
+    "lm_d128": (2, 8192, 4, 128, masks.causal() & (masks.sliding_window(512) | masks.sink(4)),
+                None, 2048),
+    "lm_d192": (2, 8192, 4, 192, masks.causal() & (masks.sliding_window(512) | masks.sink(4)),
+                None, 2048),
     "window4096_gqa_d256": (1, 32768, 8, 256, masks.causal() & masks.sliding_window(4096),
                             dict(is_causal=True, local_window_size=(4095, 0)), 8192),
     "lm_d256": (2, 8192, 4, 256, masks.causal() & (masks.sliding_window(512) | masks.sink(4)),
@@ -35,33 +45,41 @@ def main():
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--registers", action="store_true",
                       help="also 240/24 registers for the role-split kernels")
+  parser.add_argument("--padded", action="store_true",
+                      help="also the 192-column cases padded to 256 (NATIVE_192 off)")
+  parser.add_argument("--no-triton", action="store_true", help="skip the Triton backward")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   for name in args.cases.split(","):
     b, s, hkv, d, mask, cudnn, s_check = CASES[name]
-    big = inputs((b, s, 16, d), (b, s, hkv, d), jnp.bfloat16)
-    small = inputs((b, s_check, 16, d), (b, s_check, hkv, d), jnp.bfloat16, seed=1)
+    heads = 16
+    big = inputs((b, s, heads, d), (b, s, hkv, d), jnp.bfloat16)
+    small = inputs((b, s_check, heads, d), (b, s_check, hkv, d), jnp.bfloat16, seed=1)
     ref = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend="xla"))(
         *(x.astype(jnp.float32) for x in small))
-    variants = {
-        "hopper_backward": (MosaicGPUConfig(), attention_bwd_wide.REGISTERS),
-        "triton_backward": (MosaicGPUConfig(backward="triton"), attention_bwd_wide.REGISTERS)}
+    regs0 = attention_bwd_wide.REGISTERS
+    variants = {"hopper_backward": (MosaicGPUConfig(), regs0, True)}
+    if args.padded and d <= 192:
+      variants["hopper_backward_padded_256"] = (MosaicGPUConfig(), regs0, False)
+    if not args.no_triton:
+      variants["triton_backward"] = (MosaicGPUConfig(backward="triton"), regs0, True)
     if args.registers:
-      variants["hopper_backward_240_24"] = (MosaicGPUConfig(), (240, 24))
+      variants["hopper_backward_240_24"] = (MosaicGPUConfig(), (240, 24), True)
     impls = {}
-    for v_name, (config, regs) in variants.items():
+    for v_name, (config, regs, native) in variants.items():
       impls[v_name] = (lambda q, k, v, c=config: jsa.attention(
-          q, k, v, mask, backend="mosaic_gpu", config=c), regs)
+          q, k, v, mask, backend="mosaic_gpu", config=c), regs, native)
     if cudnn is not None:
       impls["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, implementation="cudnn", **cudnn), None)
-    for impl, (fn, regs) in impls.items():
-      row = dict(case=name, impl=impl, batch=b, seq=s, kv_heads=hkv, head_dim=d)
+          q, k, v, implementation="cudnn", **cudnn), None, True)
+    for impl, (fn, regs, native) in impls.items():
+      row = dict(case=name, impl=impl, batch=b, seq=s, heads=heads, kv_heads=hkv, head_dim=d)
       saved = attention_bwd_wide.REGISTERS
       try:
         if regs is not None:
           attention_bwd_wide.REGISTERS = regs
+        mg_config.NATIVE_192 = native
         ops._make_core.cache_clear()
         got = fwd_bwd(fn)(*small)
         row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
@@ -72,6 +90,7 @@ def main():
         row["error"] = repr(e)[:400]
       finally:
         attention_bwd_wide.REGISTERS = saved
+        mg_config.NATIVE_192 = True
       rows.record(**row)
   rows.write(args.out)
 

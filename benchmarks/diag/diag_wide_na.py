@@ -1,9 +1,11 @@
-"""Neighborhoods at head_dim 256 on Hopper: fwd+bwd ms of the Triton kernels (what `auto`
-runs there), the Hopper forward with the Triton backward, and the Hopper forward with the
-role-split backward (`attention_bwd_wide`, element tests), with each variant's gradients
-against the first; bf16, H=8.
+"""Neighborhoods at head_dim 256 (or ``--head-dim``) on Hopper: fwd+bwd ms of the Triton
+kernels (what `auto` ran there), the Hopper forward with the Triton backward, and the Hopper
+forward with the role-split backward (`attention_bwd_wide`, element tests), with each
+variant's gradients against the first; bf16, H=8. ``--padded``: also the role-split path
+with head_dim <= 192 padded to 256 (`config.NATIVE_192` off).
 
     python -m benchmarks.diag.diag_wide_na --out wide_na.json
+    python -m benchmarks.diag.diag_wide_na --head-dim 192 --padded --out na192.json
 """
 import argparse
 
@@ -14,6 +16,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
+from pallas_kernels.gpu.mosaic_gpu import config as mg_config
 
 from . import Rows, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
@@ -23,25 +26,32 @@ CASES = {  # name: (batch, spatial, kernel, stride)
     "na2d_k33": (2, (96, 96), (33, 33), (1, 1)),
     "na3d_k8x16": (1, (16, 32, 32), (8, 16, 16), (1, 1, 1)),
 }
-VARIANTS = {
-    "triton": ("triton", None),
-    "hopper_fwd_triton_bwd": ("mosaic_gpu", MosaicGPUConfig(backward="triton")),
-    "hopper_fwd_wide_bwd": ("mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu")),
+VARIANTS = {  # name: (backend, config, columns at 129-192 native)
+    "triton": ("triton", None, True),
+    "hopper_fwd_triton_bwd": ("mosaic_gpu", MosaicGPUConfig(backward="triton"), True),
+    "hopper_fwd_wide_bwd": ("mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu"), True),
 }
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--head-dim", type=int, default=256)
+  parser.add_argument("--padded", action="store_true")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
+  variants = dict(VARIANTS)
+  if args.padded:
+    variants["hopper_fwd_wide_bwd_padded_256"] = (
+        "mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu"), False)
   for name in args.cases.split(","):
     b, spatial, kernel, stride = CASES[name]
-    shape = (b, *spatial, 8, 256)
+    shape = (b, *spatial, 8, args.head_dim)
     q, k, v, do = inputs(shape, shape, jnp.bfloat16)
-    row, ref = {"case": name}, None
-    for variant, (backend, config) in VARIANTS.items():
+    row, ref = {"case": name, "head_dim": args.head_dim}, None
+    for variant, (backend, config, native) in variants.items():
+      mg_config.NATIVE_192 = native
       ops._make_core.cache_clear()
       fn = lambda q, k, v, be=backend, c=config: jsa.na(q, k, v, kernel, stride, backend=be,
                                                         config=c)
@@ -54,6 +64,8 @@ def main():
                         "rel_diff_vs_triton": max_rel_diff(grads, ref)}
       except Exception as e:  # noqa: BLE001 - a failing variant is a result
         row[variant] = repr(e)[:300]
+      finally:
+        mg_config.NATIVE_192 = True
     rows.record(**row)
   rows.write(args.out)
 

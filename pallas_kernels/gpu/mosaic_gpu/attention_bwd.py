@@ -32,7 +32,7 @@ function (on kernel positions) and segment ids (these on every block). dK/dV of 
 form's dQ) are float32 reduce-adds, so their rounding varies with the CTA schedule (as in
 FlashAttention-3 and cuDNN).
 
-head_dim 129-256 (padded to 256) runs `attention_bwd_wide` instead: 64-row CTAs whose two
+head_dim 129-256 (at 192 or 256 columns) runs `attention_bwd_wide` instead: 64-row CTAs whose two
 compute warpgroups split a step by role (one Sᵀ/Pᵀ and dV, the other dPᵀ/dSᵀ and dK).
 
 Interpret mode (CPU) has no TMA reductions, no register operands and no accumulation into
@@ -190,17 +190,12 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   kv0 = kv_block * _BLOCK_KV
   # Steps of 64 query rows, query head after query head of the group (head j's steps start
   # at bases[j]): its entries' full blocks, then partial ones.
-  n_full = [f * sub for f in full]
-  n_all = [e * sub for e in entries]
-  bases = [sum(n_all[:j], jnp.int32(0)) for j in range(groups + 1)]
-  total = bases[groups]
+  n_full, n_all, bases, total = bwd_dq.item_steps(full, entries, sub, groups)
   qk_scale = scale * LOG2E
 
   def step_q(j, t):
     """(first query row, query head) of step t, one of head j's."""
-    r = t - bases[j]
-    q0 = q_block(j, lax.div(r, sub)) * block_q + lax.rem(r, sub) * _ROWS
-    return q0, kv_head * groups + j
+    return bwd_dq.step_rows(q_block, j, t - bases[j], sub, block_q), kv_head * groups + j
 
   def step_table(j, t):
     """The MMA-bias table of step t (one of head j's): its entry's half (static maps)."""
@@ -228,12 +223,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                               action="increase")
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(kv_bar)
-      coords = [lax.broadcast_in_dim(
-          plgpu.load(c_smem.at[wg, d], layout=plgpu.Layout.WGMMA.reduce(1)),
-          (_ROWS, _ROWS), [0]) for d in range(dims)]
-      keys_x = [lax.broadcast_in_dim(
-          plgpu.load(kx_smem.at[wg, i], layout=plgpu.Layout.WGMMA.reduce(1)),
-          (_ROWS, _ROWS), [0]) for i in range(extras)]
+      rows, cols = bwd_dq.tile_vectors((_ROWS, _ROWS))
+      coords = [rows(c_smem.at[wg, d]) for d in range(dims)]
+      keys_x = [rows(kx_smem.at[wg, i]) for i in range(extras)]
 
       def step(t, carry, j: int, masked: bool):
         dk, dv = carry
@@ -251,8 +243,6 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           return s_ref[...], dp_ref[...]
 
         s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
-        cols = lambda ref: lax.broadcast_in_dim(
-            plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), (_ROWS, _ROWS), [1])
         p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
         if masked and not mma:
           for d in range(dims):
@@ -345,20 +335,20 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       # in the step slots (free once both warpgroups are past their last step); with one
       # item per KV block (``direct``) they are stored in the input dtype.
       rendezvous()
-      rows = (batch, pl.ds(kv0 + wg * _ROWS, _ROWS), kv_head)
+      own_rows = (batch, pl.ds(kv0 + wg * _ROWS, _ROWS), kv_head)
       for value, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
         value = value.astype(ref.dtype)
         if interpret:
           for w in range(_WGS):
             @pl.when(wg == w)
             def _():
-              ref.at[rows][...] = value if direct else ref.at[rows][...] + value
+              ref.at[own_rows][...] = value if direct else ref.at[own_rows][...] + value
             rendezvous()
         else:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           stage.at[wg][...] = value
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[rows],
+          plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[own_rows],
                                   reduction_op=None if direct else "add")
       plgpu.wait_smem_to_gmem(0)
 
@@ -379,12 +369,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                                   kv_bar)
 
       def load(j, t):
-        slot = lax.rem(t, stages)
+        slot = bwd_dq.free_slot(q_free, t, stages)
         q0, head = step_q(j, t)
-
-        @pl.when(t >= stages)
-        def _():
-          plgpu.barrier_wait(q_free.at[slot])
 
         bar = q_bar.at[slot]
         bwd_dq.load_query_rows(
@@ -415,10 +401,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
            plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED)),
           plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=_SWIZZLED) if direct else
           plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
-      plgpu.SMEM((stages, _ROWS), jnp.float32),
-      plgpu.SMEM((stages, _ROWS), jnp.float32),
-      plgpu.SMEM((stages, dims, _ROWS), jnp.int32),
-      plgpu.SMEM((stages, dims, _ROWS), jnp.int32),
+      *bwd_dq.query_vectors((stages,), _ROWS, dims),
       plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
                  transforms=_SWIZZLED) if with_dq or interpret else None,
       plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32)
@@ -542,7 +525,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
   direct = (DIRECT_DKV and (not runtime or shared_items)
             and len(np.unique(host_items[:, 0])) == len(host_items))
-  if wide:  # head_dim 256: the role-split kernels (`attention_bwd_wide`)
+  if wide:  # head_dim 192 or 256: the role-split kernels (`attention_bwd_wide`)
     dq, dk, dv = bwd_wide.backward(
         items, functools.partial(item_lists, groups=groups, chunk=chunk,
                                  shared=bmap.shares_heads),
@@ -581,13 +564,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
 
 
-# head_dim 129-256 on the role-split kernels (`attention_bwd_wide`; plans with 64-key KV
+# head_dim 129-256 (192 or 256 columns) on the role-split kernels (`attention_bwd_wide`; plans with 64-key KV
 # blocks and 128-row Q blocks, the forward's at that head_dim); False: the Triton backward.
 WIDE_BACKWARD = True
 
 
 def _wide(plan: AttentionPlan, head_dim: int) -> bool:
-  return (WIDE_BACKWARD and _padded_head_dim(head_dim) == bwd_wide.HEAD_DIM
+  return (WIDE_BACKWARD and _padded_head_dim(head_dim) in bwd_wide.HEAD_DIMS
           and plan.block_kv == bwd_wide.BLOCK_KV and plan.block_q == 2 * _ROWS)
 
 
@@ -610,9 +593,12 @@ def _mean_entries(bmap) -> float:
   return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks
 
 
+MIN_CHUNK = 8  # entries of a cut list's items, at least (tests lower it to cut short lists)
+
+
 def _chunk(mean_entries: float) -> int:
-  """Entries per work item: the mean Q list length, at least 8."""
-  return max(8, int(np.ceil(mean_entries)))
+  """Entries per work item: the mean Q list length, at least `MIN_CHUNK`."""
+  return max(MIN_CHUNK, int(np.ceil(mean_entries)))
 
 
 # The dK/dV work items (lab knobs, `benchmarks/diag/diag_dkv_items.py`). ITEM_ORDER "natural":

@@ -57,6 +57,74 @@ Q_FASTEST = True
 
 
 
+def tile_vectors(tile):
+  """Broadcasts of shared-memory vectors to a WGMMA-layout tile: ``rows(ref)`` puts a
+  [tile[0]] vector down the rows, ``cols(ref)`` a [tile[1]] one across the columns."""
+  rows = lambda ref: lax.broadcast_in_dim(
+      plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
+  cols = lambda ref: lax.broadcast_in_dim(
+      plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), tile, [1])
+  return rows, cols
+
+
+def row_list(counts_ref, ids_ref, batch, head, q_block, runtime: bool, shared: bool):
+  """A Q block's row of the forward map in a dQ kernel: (full entries, all entries, entry →
+  KV block). Runtime maps have rows per (batch, head), or per batch (``shared`` by every
+  head); static maps one per Q block."""
+  if runtime:
+    row_head = 0 if shared else head
+    count = lambda c: counts_ref[batch, row_head, q_block, c]
+    kv_block = lambda e: ids_ref[batch, row_head, q_block, e]
+  else:
+    count = lambda c: counts_ref[q_block, c]
+    kv_block = lambda e: ids_ref[q_block, e]
+  return count(0), count(1), kv_block
+
+
+def item_steps(full, entries, sub: int, groups: int):
+  """A dK/dV work item's steps of 64 query rows, query head after query head of the group:
+  per head j its full steps n_full[j] and all steps n_all[j] (entries × `sub` steps each;
+  full blocks first, then partial ones), head j's first step bases[j], and the total."""
+  n_full = [f * sub for f in full]
+  n_all = [e * sub for e in entries]
+  bases = [sum(n_all[:j], jnp.int32(0)) for j in range(groups + 1)]
+  return n_full, n_all, bases, bases[groups]
+
+
+def step_rows(q_block, j, r, sub: int, block_q: int):
+  """First query row of step r of query head j's list in a dK/dV work item: its entry
+  r // sub (`q_block(j, entry)`, a Q block) and that block's (r % sub)-th 64-row part."""
+  return q_block(j, lax.div(r, sub)) * block_q + lax.rem(r, sub) * _ROWS
+
+
+def query_vectors(lead: tuple[int, ...], rows: int, dims: int):
+  """Shared memory for the vectors of `rows` query rows, each with leading dims `lead` (the
+  dK/dV kernels' step slots): lse₂ and delta (float32), then the intervals lo and hi per mask
+  dim (int32)."""
+  return (plgpu.SMEM((*lead, rows), jnp.float32), plgpu.SMEM((*lead, rows), jnp.float32),
+          plgpu.SMEM((*lead, dims, rows), jnp.int32), plgpu.SMEM((*lead, dims, rows), jnp.int32))
+
+
+def key_slots(stages: int, rows: int, head_dim: int, dims: int, dtype):
+  """Shared memory for the dQ kernels' KV steps: K and V [stages, rows, head_dim] (swizzled
+  for wgmma), key coordinates [stages, dims, rows]."""
+  return (plgpu.SMEM((stages, rows, head_dim), dtype, transforms=SWIZZLED),
+          plgpu.SMEM((stages, rows, head_dim), dtype, transforms=SWIZZLED),
+          plgpu.SMEM((stages, dims, rows), jnp.int32))
+
+
+def free_slot(free, t, stages: int):
+  """Step t's slot of a ring of `stages`, once the compute warpgroups released its last use
+  (the memory warpgroup's wait before it loads step t)."""
+  slot = lax.rem(t, stages)
+
+  @pl.when(t >= stages)
+  def _():
+    plgpu.barrier_wait(free.at[slot])
+
+  return slot
+
+
 def rendezvous(turn):
   """The compute warpgroups meet at barrier ``turn`` (one arrival each)."""
   plgpu.barrier_arrive(turn)
@@ -122,14 +190,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   head, batch = lax.axis_index("head"), lax.axis_index("batch")
   q_block = order_ref[lax.axis_index("q")]
   kv_head = lax.div(head, groups)
-  if runtime:  # rows per (batch, head), or per batch (``shared`` by every head)
-    row_head = 0 if shared else head
-    count = lambda c: counts_ref[batch, row_head, q_block, c]
-    kv_block = lambda e: ids_ref[batch, row_head, q_block, e]
-  else:
-    count = lambda c: counts_ref[q_block, c]
-    kv_block = lambda e: ids_ref[q_block, e]
-  n_full, n_all = count(0), count(1)
+  n_full, n_all, kv_block = row_list(counts_ref, ids_ref, batch, head, q_block, runtime,
+                                     shared)
   q0 = q_block * _BLOCK_Q
   qk_scale = scale * LOG2E
 
@@ -143,10 +205,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(q_bar)
       tile = (_ROWS, kv_sub)
-      rows = lambda ref: lax.broadcast_in_dim(
-          plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
-      cols = lambda ref: lax.broadcast_in_dim(
-          plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), tile, [1])
+      rows, cols = tile_vectors(tile)
       lse, delta = rows(lse_smem.at[own]), rows(delta_smem.at[own])
       lo = [rows(lo_smem.at[d, own]) for d in range(dims)]
       hi = [rows(hi_smem.at[d, own]) for d in range(dims)]
@@ -217,11 +276,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
       @pl.loop(0, n_all)
       def _load(e):
-        slot = lax.rem(e, stages)
-
-        @pl.when(e >= stages)
-        def _():
-          plgpu.barrier_wait(kv_free.at[slot])
+        slot = free_slot(kv_free, e, stages)
 
         keys = pl.ds(kv_block(e) * _BLOCK_KV, _BLOCK_KV)
         bar = kv_bar.at[slot]
@@ -245,13 +300,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       body,
       plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
       plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((stages, _BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((stages, dims, _BLOCK_KV), jnp.int32),
-      plgpu.SMEM((_BLOCK_Q,), jnp.float32),
-      plgpu.SMEM((_BLOCK_Q,), jnp.float32),
-      plgpu.SMEM((dims, _BLOCK_Q), jnp.int32),
-      plgpu.SMEM((dims, _BLOCK_Q), jnp.int32),
+      *key_slots(stages, _BLOCK_KV, head_dim, dims, dtype),
+      *query_vectors((), _BLOCK_Q, dims),
       plgpu.SMEM((extras, _BLOCK_Q), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _BLOCK_KV), jnp.int32) if extras else None,
       plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=SWIZZLED) if interpret else None,

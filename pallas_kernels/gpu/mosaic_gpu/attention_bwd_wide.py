@@ -1,5 +1,5 @@
-"""The Hopper backward at head_dim 129-256 (padded to 256): dK/dV and dQ kernels whose two
-compute warpgroups split the work by role instead of by rows.
+"""The Hopper backward at head_dim 129-256 (run at 192 or 256 columns): dK/dV and dQ kernels
+whose two compute warpgroups split the work by role instead of by rows.
 
 At head_dim 256 one warpgroup cannot hold both dK and dV of 64 key rows (64 x 256 float32
 each: 128 registers a thread apiece), nor the 128-row kernels' shared memory (`attention_bwd`,
@@ -15,9 +15,10 @@ dQ (CTA: 64 query rows and their KV list, over the forward map):
 
     warpgroup 0:  S = Q Kᵀ → P (masked) → shared memory
     warpgroup 1:  dP = dO Vᵀ;  P ← shared memory;  dS = P ∘ (dP − delta) → shared memory
-    both:         dQ[:, own 128 columns] += dS K[:, own 128 columns]
+    both:         dQ[:, own columns] += dS K[:, own columns]
 
-(Q is held as two column halves, so that each warpgroup's dQ leaves through its half.)
+(Q is held as two column parts, so that each warpgroup's dQ leaves through its part: 128
+columns each at 256; 64 for warpgroup 0 and 128 for warpgroup 1 at 192, `_column_parts`.)
 
 Each does half the matmul work of a step (FLOPs as the 128-row kernels: no recomputation).
 They meet once per step in the dK/dV kernel (Pᵀ double-buffered by step parity) and twice
@@ -49,19 +50,18 @@ from .config import _COMPUTE_WGS as _WGS, _ROWS
 
 LOG2E = math.log2(math.e)
 _SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-HEAD_DIM = 256
+HEAD_DIMS = (192, 256)  # the columns these kernels run (129-192 at 192, 193-256 at 256)
 BLOCK_KV = _ROWS  # keys of a KV block (the forward's at this head_dim)
 STAGES = 2
 REGISTERS = (232, 40)  # compute / memory warpgroups
 
 
-def _tile_vectors(tile):
-  """Row and column broadcasts of [64] shared-memory vectors to a WGMMA-layout tile."""
-  rows = lambda ref: lax.broadcast_in_dim(
-      plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1)), tile, [0])
-  cols = lambda ref: lax.broadcast_in_dim(
-      plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0)), tile, [1])
-  return rows, cols
+def _column_parts(head_dim: int) -> tuple[tuple[int, int], ...]:
+  """Each compute warpgroup's (first column, columns) of dQ in the dQ kernel, whole 64-column
+  swizzle groups: 128 each at 256; at 192 warpgroup 0 (which also forms P and applies the
+  masks) takes 64, warpgroup 1 128."""
+  own0 = 64 * (head_dim // 64 // _WGS)
+  return (0, own0), (own0, head_dim - own0)
 
 
 def _iota(tile, dim):
@@ -80,11 +80,12 @@ def _accumulate(acc, a, b, interpret: bool):
 
 def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, lo_ref, hi_ref, c_ref, *refs, item_lists, groups: int, dims: int,
-                sub: int, block_q: int, scale: float, dtype, interpret: bool, mask_fn=None,
-                segments: bool = False, direct: bool = False, segments_full: bool = False):
+                sub: int, block_q: int, scale: float, dtype, interpret: bool, head_dim: int,
+                mask_fn=None, segments: bool = False, direct: bool = False,
+                segments_full: bool = False):
   """CTA (work item, kv head, batch): `attention_bwd._kernel`'s arrays with 64-key KV blocks
   (items, ids and counts of the transposed map; lo/hi [dims, n_q], c [dims, n_kv]); dk/dv
-  [b, n_kv, hkv, 256] stored (``direct``) or float32 reduce-added."""
+  [b, n_kv, hkv, head_dim] stored (``direct``) or float32 reduce-added."""
   extras = int(segments)
   qx_ref, kx_ref = refs[:2] if extras else (None, None)
   dk_ref, dv_ref = refs[2 * extras:]
@@ -93,22 +94,18 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
   kv_block, first, entries, full, q_block = item_lists(items_ref, ids_ref, counts_ref, item,
                                                        kv_head, batch)
   kv0 = kv_block * BLOCK_KV
-  n_full = [f * sub for f in full]
-  n_all = [e * sub for e in entries]
-  bases = [sum(n_all[:j], jnp.int32(0)) for j in range(groups + 1)]
-  total = bases[groups]
+  n_full, n_all, bases, total = bwd_dq.item_steps(full, entries, sub, groups)
   qk_scale = scale * LOG2E
   tile = (_ROWS, _ROWS)
 
   def step_q(j, t):
-    r = t - bases[j]
-    return q_block(j, lax.div(r, sub)) * block_q + lax.rem(r, sub) * _ROWS, kv_head * groups + j
+    return bwd_dq.step_rows(q_block, j, t - bases[j], sub, block_q), kv_head * groups + j
 
   def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem, p_smem,
            ds_smem, kx_smem, qx_smem, kv_bar, q_bar, q_free, turn):
     wg = lax.axis_index("wg")
     (q_smem, do_smem), stage = slots
-    rows, cols = _tile_vectors(tile)
+    rows, cols = bwd_dq.tile_vectors(tile)
 
     rendezvous = functools.partial(bwd_dq.rendezvous, turn)
 
@@ -158,7 +155,7 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
         plgpu.barrier_arrive(q_free.at[slot])
         return acc
 
-      acc = plgpu.layout_cast(jnp.zeros((_ROWS, HEAD_DIM), jnp.float32), plgpu.Layout.WGMMA)
+      acc = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       for j in range(groups):  # full steps, then partial ones, for each query head
         acc = lax.fori_loop(bases[j], bases[j] + n_full[j],
                             functools.partial(step, j=j, masked=False), acc)
@@ -186,12 +183,8 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
                            batch, pl.ds(kv0, BLOCK_KV), kv_head, kv_bar)
 
       def load(j, t):
-        slot = lax.rem(t, STAGES)
+        slot = bwd_dq.free_slot(q_free, t, STAGES)
         q0, head = step_q(j, t)
-
-        @pl.when(t >= STAGES)
-        def _():
-          plgpu.barrier_wait(q_free.at[slot])
 
         bwd_dq.load_query_rows(
             (q_ref, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, qx_ref),
@@ -206,18 +199,15 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
 
   pl.run_scoped(
       body,
-      plgpu.SMEM((BLOCK_KV, HEAD_DIM), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((BLOCK_KV, HEAD_DIM), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
       plgpu.SMEM((dims, BLOCK_KV), jnp.int32),
       plgpu.RefUnion(
-          (plgpu.SMEM((STAGES, _ROWS, HEAD_DIM), dtype, transforms=SWIZZLED),
-           plgpu.SMEM((STAGES, _ROWS, HEAD_DIM), dtype, transforms=SWIZZLED)),
-          plgpu.SMEM((_WGS, BLOCK_KV, HEAD_DIM), dtype, transforms=SWIZZLED) if direct else
-          plgpu.SMEM((_WGS, BLOCK_KV, HEAD_DIM), jnp.float32, transforms=_SWIZZLED_F32)),
-      plgpu.SMEM((STAGES, _ROWS), jnp.float32),
-      plgpu.SMEM((STAGES, _ROWS), jnp.float32),
-      plgpu.SMEM((STAGES, dims, _ROWS), jnp.int32),
-      plgpu.SMEM((STAGES, dims, _ROWS), jnp.int32),
+          (plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=SWIZZLED),
+           plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=SWIZZLED)),
+          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), dtype, transforms=SWIZZLED) if direct else
+          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
+      *bwd_dq.query_vectors((STAGES,), _ROWS, dims),
       plgpu.SMEM((2, _ROWS, _ROWS), dtype, transforms=SWIZZLED),
       plgpu.SMEM((_ROWS, _ROWS), dtype, transforms=SWIZZLED) if interpret else None,
       plgpu.SMEM((extras, BLOCK_KV), jnp.int32) if extras else None,
@@ -232,11 +222,12 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
 
 def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                delta_ref, lo_ref, hi_ref, c_ref, *refs, groups: int, dims: int, scale: float,
-               dtype, interpret: bool, block_q: int, mask_fn=None, segments: bool = False,
+               dtype, interpret: bool, head_dim: int, block_q: int, mask_fn=None,
+               segments: bool = False,
                runtime: bool = False, segments_full: bool = False, shared: bool = False):
   """CTA (64 query rows in visiting order, query head, batch): order [2 n_q blocks] (Q block
   · 2 + half), the forward map's ids [n_q blocks, max kv] and counts [n_q blocks, 2] (a
-  runtime map: [b, h, ...]) over 64-key KV blocks; dq [b, n_q, h, 256] written."""
+  runtime map: [b, h, ...]) over 64-key KV blocks; dq [b, n_q, h, head_dim] written."""
   if segments:
     qx_ref, kx_ref, dq_ref = refs
   else:
@@ -245,30 +236,24 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
   rows64 = order_ref[lax.axis_index("q")]
   q_block = lax.div(rows64, 2)
   kv_head = lax.div(head, groups)
-  if runtime:
-    row_head = 0 if shared else head
-    count = lambda c: counts_ref[batch, row_head, q_block, c]
-    kv_block = lambda e: ids_ref[batch, row_head, q_block, e]
-  else:
-    count = lambda c: counts_ref[q_block, c]
-    kv_block = lambda e: ids_ref[q_block, e]
-  n_full, n_all = count(0), count(1)
+  n_full, n_all, kv_block = bwd_dq.row_list(counts_ref, ids_ref, batch, head, q_block,
+                                            runtime, shared)
   q0 = q_block * block_q + lax.rem(rows64, 2) * _ROWS
   qk_scale = scale * LOG2E
   tile = (_ROWS, BLOCK_KV)
-  half = HEAD_DIM // _WGS
+  parts = _column_parts(head_dim)
 
-  def body(q_smem, do_smem, k_smem, v_smem, c_smem, lse_smem, delta_smem, lo_smem, hi_smem,
+  def body(q_parts, do_smem, k_smem, v_smem, c_smem, lse_smem, delta_smem, lo_smem, hi_smem,
            qx_smem, kx_smem, p_smem, ds_smem, q_bar, kv_bar, kv_free, turn):
     wg = lax.axis_index("wg")
-    rows, cols = _tile_vectors(tile)
+    rows, cols = bwd_dq.tile_vectors(tile)
 
     rendezvous = functools.partial(bwd_dq.rendezvous, turn)
 
     def compute(role: int):
       plgpu.set_max_registers(REGISTERS[0], action="increase")
       plgpu.barrier_wait(q_bar)
-      own = pl.ds(role * half, half)
+      own = pl.ds(*parts[role])
       if role == 0:
         lse = rows(lse_smem)
         lo = [rows(lo_smem.at[d]) for d in range(dims)]
@@ -281,10 +266,10 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
         slot = lax.rem(e, STAGES)
         plgpu.barrier_wait(kv_bar.at[slot])
         if role == 0:  # S → P, shared
-          def s_product(ref):  # Q in two column halves (each half of dQ leaves through one)
+          def s_product(ref):  # Q in two column parts (each part of dQ leaves through one)
             for w in range(_WGS):
-              plgpu.wgmma(ref, q_smem.at[w],
-                          k_smem.at[slot, :, pl.ds(w * half, half)].transpose((1, 0)))
+              plgpu.wgmma(ref, q_parts[w],
+                          k_smem.at[slot, :, pl.ds(*parts[w])].transpose((1, 0)))
             return ref[...]
           s = pl.run_scoped(s_product, plgpu.ACC(tile, jnp.float32))
           p = jnp.exp2(s * qk_scale - lse)
@@ -315,13 +300,14 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
         plgpu.barrier_arrive(kv_free.at[slot])
         return dq
 
-      dq = plgpu.layout_cast(jnp.zeros((_ROWS, half), jnp.float32), plgpu.Layout.WGMMA)
+      dq = plgpu.layout_cast(jnp.zeros((_ROWS, parts[role][1]), jnp.float32),
+                             plgpu.Layout.WGMMA)
       dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
       dq = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), dq)
-      rendezvous()  # Q's last reader is done: dQ leaves through Q's column halves
-      q_smem.at[role][...] = (dq * scale).astype(dtype)
+      rendezvous()  # Q's last reader is done: dQ leaves through Q's column parts
+      q_parts[role][...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem.at[role], dq_ref.at[batch, pl.ds(q0, _ROWS), head, own])
+      plgpu.copy_smem_to_gmem(q_parts[role], dq_ref.at[batch, pl.ds(q0, _ROWS), head, own])
       plgpu.wait_smem_to_gmem(0)
 
     for role in range(_WGS):
@@ -331,9 +317,9 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
     def _memory():
       plgpu.set_max_registers(REGISTERS[1], action="decrease")
       q_rows = pl.ds(q0, _ROWS)
-      for w in range(_WGS):  # Q in column halves
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, q_rows, head, pl.ds(w * half, half)],
-                                q_smem.at[w], q_bar)
+      for w in range(_WGS):  # Q in column parts
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, q_rows, head, pl.ds(*parts[w])],
+                                q_parts[w], q_bar)
       bwd_dq.load_query_rows(
           (None, do_ref, lse_ref, delta_ref, lo_ref, hi_ref, qx_ref if segments else None),
           (None, do_smem, lse_smem, delta_smem, lo_smem, hi_smem, qx_smem), batch, q_rows,
@@ -341,11 +327,7 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
       @pl.loop(0, n_all)
       def _load(e):
-        slot = lax.rem(e, STAGES)
-
-        @pl.when(e >= STAGES)
-        def _():
-          plgpu.barrier_wait(kv_free.at[slot])
+        slot = bwd_dq.free_slot(kv_free, e, STAGES)
 
         keys = pl.ds(kv_block(e) * BLOCK_KV, BLOCK_KV)
         bwd_dq.load_key_rows((k_ref, v_ref, c_ref, kx_ref if segments else None),
@@ -359,15 +341,10 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
   extras = int(segments)
   pl.run_scoped(
       body,
-      plgpu.SMEM((_WGS, _ROWS, half), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((_ROWS, HEAD_DIM), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((STAGES, BLOCK_KV, HEAD_DIM), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((STAGES, BLOCK_KV, HEAD_DIM), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((STAGES, dims, BLOCK_KV), jnp.int32),
-      plgpu.SMEM((_ROWS,), jnp.float32),
-      plgpu.SMEM((_ROWS,), jnp.float32),
-      plgpu.SMEM((dims, _ROWS), jnp.int32),
-      plgpu.SMEM((dims, _ROWS), jnp.int32),
+      [plgpu.SMEM((_ROWS, n), dtype, transforms=SWIZZLED) for _, n in parts],
+      plgpu.SMEM((_ROWS, head_dim), dtype, transforms=SWIZZLED),
+      *bwd_dq.key_slots(STAGES, BLOCK_KV, head_dim, dims, dtype),
+      *bwd_dq.query_vectors((), _ROWS, dims),
       plgpu.SMEM((extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((STAGES, extras, BLOCK_KV), jnp.int32) if extras else None,
       plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=SWIZZLED),
@@ -383,7 +360,7 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
 def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap,
              scale: float, mask_fn, interpret: bool, sub: int, block_q: int, direct: bool,
              fastest: tuple[bool, bool]):
-  """dq [b, n_q, h, 256] (the input dtype), dk and dv [b, n_kv, hkv, 256] (the input dtype if
+  """dq [b, n_q, h, d] (the input dtype), dk and dv [b, n_kv, hkv, d] (the input dtype if
   ``direct``, else float32) from `attention_bwd.backward`'s padded inputs: its work items and
   their `item_lists` (partial over the map's shape), the transposed and forward maps of
   ``bmap`` (64-key KV blocks); ``counts`` its transposed map's [.., kv blocks, 2] (full,
@@ -393,7 +370,7 @@ def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, 
   n_q = lse2.shape[-1]
   runtime = bmap.is_runtime
   segments = bool(extras)
-  common = dict(groups=h // hkv, dims=lo.shape[0], scale=scale, dtype=q.dtype,
+  common = dict(groups=h // hkv, dims=lo.shape[0], scale=scale, dtype=q.dtype, head_dim=d,
                 interpret=bool(interpret), mask_fn=mask_fn, segments=segments,
                 segments_full=bmap.segments_full)
   params = plgpu.CompilerParams(approx_math=True)

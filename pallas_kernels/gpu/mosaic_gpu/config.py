@@ -103,14 +103,15 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   3-D NA 16×64² k8×16² 17.4 / 19.0 (16.9 with the fused dQ); with stride 4×8×8 on the
   forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25 (11.76 through `auto`,
   results/h200-2026-12-03b-headline.json); 2-D NA 128² k33 4.58 / 4.38
-  and 4.70 / 4.50 (Triton's: its 64-row query tiles). At head_dim 129-256 (padded to 256;
-  the role-split kernels, `attention_bwd_wide`) every neighborhood: H200, D=256, H=8, Hopper
+  and 4.70 / 4.50 (Triton's: its 64-row query tiles). At head_dim 129-256 (192 or 256
+  columns; the role-split kernels, `attention_bwd_wide`) every neighborhood: H200, D=256, H=8, Hopper
   forward, fwd+bwd ms with these / Triton's backward
   (docs/experiments/h200-2026-12-03-wide-na.json): 1-D k1025 2.76 / 5.25, 2-D 96² k33
   2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32. Head dims up to 64 were not measured."""
-  if not isinstance(mask, masks.Neighborhood) or _padded_head_dim(head_dim) not in (128, 256):
+  if (not isinstance(mask, masks.Neighborhood)
+      or _padded_head_dim(head_dim) not in (128, 192, 256)):
     return False
-  if _padded_head_dim(head_dim) == 256:  # the role-split kernels: every neighborhood
+  if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
   return mask.num_dims == 3 or (mask.num_dims == 1 and mask.kernel_size[0] >= NA1D_MIN_KERNEL)
 
@@ -180,8 +181,16 @@ def is_hopper() -> bool:
   return any(n in getattr(dev, "device_kind", "") for n in ("H100", "H200", "H800", "H20"))
 
 
+# head_dim 129-192 runs at 192 columns (three 64-column swizzle groups) rather than padded
+# to 256; False pads it to 256 (the lab knob of the 192-column measurement).
+NATIVE_192 = True
+
+
 def _padded_head_dim(d: int) -> int | None:
-  return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else None
+  """The columns the kernels run a head_dim at: 64, 128, 192 or 256 (None above 256)."""
+  if d <= 128:
+    return 64 if d <= 64 else 128
+  return 192 if d <= 192 and NATIVE_192 else 256 if d <= 256 else None
 
 
 # The 128-row backward kernels take head_dim <= 128; 129-256 run the role-split ones
@@ -232,7 +241,9 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   # causal S=8192 B=2 H=16 8.80 (forward 1.79) against 16.1 with the Triton backward and
   # 19.4 all Triton, cuDNN 9.19 (docs/experiments/h200-2026-12-03-wide-backward.json,
   # -head-dim.json); neighborhoods (H=8) 1-D k1025 2.76 vs Triton's 6.14, 2-D 96² k33 2.81 vs
-  # 5.07, 3-D 16×32² k8×16² 4.43 vs 8.56 (-wide-na.json).
+  # 5.07, 3-D 16×32² k8×16² 4.43 vs 8.56 (-wide-na.json). At 192 columns: causal 7.15 vs
+  # cuDNN 8.02, neighborhoods 2.27 / 2.35 / 3.63 vs Triton's 6.59 / 5.29 / 8.83
+  # (-head-dim-192.json, -na-192.json).
   if has_segments and isinstance(mask, masks.Neighborhood):
     # Padding masks / segment ids on a neighborhood: element tests on every block, and a
     # permuted copy; the Triton kernels run them faster (H200, 96x96 k17 B2 H16: 0.46 vs
