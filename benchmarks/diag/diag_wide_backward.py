@@ -48,8 +48,6 @@ def main():
   parser.add_argument("--padded", action="store_true",
                       help="also the 192-column cases padded to 256 (NATIVE_192 off)")
   parser.add_argument("--no-triton", action="store_true", help="skip the Triton backward")
-  parser.add_argument("--dq-split", action="store_true",
-                      help="also dQ's columns at 192 split 128 / 64 (warpgroup 0 / 1)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
@@ -68,23 +66,20 @@ def main():
       variants["triton_backward"] = (MosaicGPUConfig(backward="triton"), regs0, True)
     if args.registers:
       variants["hopper_backward_240_24"] = (MosaicGPUConfig(), (240, 24), True)
-    if args.dq_split and d == 192:
-      variants["hopper_backward_dq_128_64"] = (MosaicGPUConfig(), regs0, True, 128)
     impls = {}
-    for v_name, (config, regs, native, *split) in variants.items():
+    for v_name, (config, regs, native) in variants.items():
       impls[v_name] = (lambda q, k, v, c=config: jsa.attention(
-          q, k, v, mask, backend="mosaic_gpu", config=c), regs, native, *split)
+          q, k, v, mask, backend="mosaic_gpu", config=c), regs, native)
     if cudnn is not None:
       impls["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, implementation="cudnn", **cudnn), None, True)
-    for impl, (fn, regs, native, *split) in impls.items():
+    for impl, (fn, regs, native) in impls.items():
       row = dict(case=name, impl=impl, batch=b, seq=s, heads=heads, kv_heads=hkv, head_dim=d)
       saved = attention_bwd_wide.REGISTERS
       try:
         if regs is not None:
           attention_bwd_wide.REGISTERS = regs
         mg_config.NATIVE_192 = native
-        attention_bwd_wide.DQ_FIRST_COLUMNS = split[0] if split else None
         ops._make_core.cache_clear()
         got = fwd_bwd(fn)(*small)
         row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
@@ -96,7 +91,6 @@ def main():
       finally:
         attention_bwd_wide.REGISTERS = saved
         mg_config.NATIVE_192 = True
-        attention_bwd_wide.DQ_FIRST_COLUMNS = None
       rows.record(**row)
   rows.write(args.out)
 

@@ -56,17 +56,11 @@ STAGES = 2
 REGISTERS = (232, 40)  # compute / memory warpgroups
 
 
-# Warpgroup 0's share of dQ's columns at 192 (a lab knob: None, 64).
-DQ_FIRST_COLUMNS = None
-
-
 def _column_parts(head_dim: int) -> tuple[tuple[int, int], ...]:
   """Each compute warpgroup's (first column, columns) of dQ in the dQ kernel, whole 64-column
   swizzle groups: 128 each at 256; at 192 warpgroup 0 (which also forms P and applies the
-  masks) takes 64, warpgroup 1 128."""
+  masks) takes 64, warpgroup 1 128 (H200: 128/64 trained 3-5% slower, docs/performance.md)."""
   own0 = 64 * (head_dim // 64 // _WGS)
-  if DQ_FIRST_COLUMNS is not None and head_dim == 192:
-    own0 = DQ_FIRST_COLUMNS
   return (0, own0), (own0, head_dim - own0)
 
 
