@@ -48,6 +48,9 @@ def main():
   parser.add_argument("--padded", action="store_true",
                       help="also the 192-column cases padded to 256 (NATIVE_192 off)")
   parser.add_argument("--no-triton", action="store_true", help="skip the Triton backward")
+  parser.add_argument("--stages", type=int, default=None,
+                      help="also the role-split kernels with this many Q/dO and K/V slots "
+                           "(192-column cases only: 256 has no room for a third)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
@@ -66,20 +69,24 @@ def main():
       variants["triton_backward"] = (MosaicGPUConfig(backward="triton"), regs0, True)
     if args.registers:
       variants["hopper_backward_240_24"] = (MosaicGPUConfig(), (240, 24), True)
+    if args.stages and d <= 192:
+      variants[f"hopper_backward_stages_{args.stages}"] = (MosaicGPUConfig(), regs0, True,
+                                                           args.stages)
     impls = {}
-    for v_name, (config, regs, native) in variants.items():
+    for v_name, (config, regs, native, *stages) in variants.items():
       impls[v_name] = (lambda q, k, v, c=config: jsa.attention(
-          q, k, v, mask, backend="mosaic_gpu", config=c), regs, native)
+          q, k, v, mask, backend="mosaic_gpu", config=c), regs, native, *stages)
     if cudnn is not None:
       impls["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, implementation="cudnn", **cudnn), None, True)
-    for impl, (fn, regs, native) in impls.items():
+    for impl, (fn, regs, native, *stages) in impls.items():
       row = dict(case=name, impl=impl, batch=b, seq=s, heads=heads, kv_heads=hkv, head_dim=d)
-      saved = attention_bwd_wide.REGISTERS
+      saved, saved_stages = attention_bwd_wide.REGISTERS, attention_bwd_wide.STAGES
       try:
         if regs is not None:
           attention_bwd_wide.REGISTERS = regs
         mg_config.NATIVE_192 = native
+        attention_bwd_wide.STAGES = stages[0] if stages else saved_stages
         ops._make_core.cache_clear()
         got = fwd_bwd(fn)(*small)
         row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
@@ -91,6 +98,7 @@ def main():
       finally:
         attention_bwd_wide.REGISTERS = saved
         mg_config.NATIVE_192 = True
+        attention_bwd_wide.STAGES = saved_stages
       rows.record(**row)
   rows.write(args.out)
 
