@@ -121,6 +121,35 @@ def test_head_dim_256(mask, head_dim, segments):
     jsa.attention(x, x, x, backend="mosaic_gpu", block_kv=128, interpret=True)
 
 
+def test_head_dim_96():
+  """head_dim 65-96 runs at 96 columns (64-byte swizzle groups of 32 columns), forward and
+  backward: correct in interpret mode at 80 (padded to 96), and every kernel lowers with 96
+  columns for 1-D masks and for neighborhoods (box copies, MMA bias), with no Triton call
+  (`auto`'s backward for 2-D neighborhoods at 65-96)."""
+  from pallas_kernels.gpu.mosaic_gpu import config as mg_config
+  assert [mg_config._padded_head_dim(d) for d in (64, 65, 80, 96, 97, 128)] == [
+      64, 96, 96, 96, 128, 128]
+  assert [mg_config.swizzle_columns(d) for d in (64, 96, 128, 192, 256)] == [64, 32, 64, 64, 64]
+  # 2-D neighborhoods train on the Hopper backward at 96 columns (Triton's at 128, measured).
+  na2d = masks.neighborhood((16, 16), 5)
+  assert mg_config.hopper_backward_neighborhood(na2d, 80)
+  assert not mg_config.hopper_backward_neighborhood(na2d, 128)
+  p = dict(batch=1, sq=150, skv=150, heads=4, kv_heads=2, head_dim=80, mask="causal_window",
+           segments=False, dtype=jnp.bfloat16, seed=80)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  cases = [
+      (lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"), (1000,)),
+      (lambda q, k, v: jsa.na2d(q, k, v, (13, 13), backend="mosaic_gpu"), (64, 64)),
+      (lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), backend="mosaic_gpu"), (8, 32, 32))]
+  for fn, spatial in cases:
+    loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))
+    x = S(1, *spatial, 2, 80)
+    text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), x, x, x).mlir_module()
+    assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
+    assert "x96xbf16>" in text and (len(spatial) > 1 or "x128xbf16>" not in text)
+
+
 @pytest.mark.parametrize("form", ["each", "and"])
 def test_element_test_forms(monkeypatch, form):
   """Both ways of applying the element tests (`attention_fwd.TEST_FORM`) on a union with a

@@ -267,8 +267,10 @@ def test_sink_list_in_chunks(monkeypatch):
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
 
 
-def test_rejects_split_dq_below_128():
-  x = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_rejects_split_dq_below_128(head_dim):
+  """"split" shares dQ's 128 columns between the warpgroups: not at 64 or 96 columns."""
+  x = jnp.ones((1, 128, 2, head_dim), jnp.bfloat16)
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
   loss = lambda x: jnp.sum(jsa.attention(x, x, x, masks.causal(), backend="mosaic_gpu",
                                          interpret=True, config=cfg).astype(jnp.float32))

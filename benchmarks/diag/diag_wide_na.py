@@ -1,8 +1,9 @@
 """Neighborhoods at head_dim 256 (or ``--head-dim``) on Hopper: fwd+bwd ms of the Triton
 kernels (what `auto` ran there), the Hopper forward with the Triton backward, and the Hopper
 forward with the role-split backward (`attention_bwd_wide`, element tests), with each
-variant's gradients against the first; bf16, H=8. ``--padded``: also the role-split path
-with head_dim <= 192 padded to 256 (`config.NATIVE_192` off).
+variant's gradients against the first; bf16, H=8 (``--heads``). ``--padded``: also the Hopper backward
+with 65-96 padded to 128 and 129-192 to 256 (`config.NATIVE_96`, `NATIVE_192` off). At
+head_dim <= 128 "hopper_fwd_wide_bwd" runs the 128-row backward kernels.
 
     python -m benchmarks.diag.diag_wide_na --out wide_na.json
     python -m benchmarks.diag.diag_wide_na --head-dim 192 --padded --out na192.json
@@ -24,6 +25,7 @@ from ..bench_gpu import fwd_bwd, inputs
 CASES = {  # name: (batch, spatial, kernel, stride)
     "na1d_k1025": (2, (16384,), (1025,), (1,)),
     "na2d_k33": (2, (96, 96), (33, 33), (1, 1)),
+    "na2d_k33_128": (2, (128, 128), (33, 33), (1, 1)),  # the headline's (with --heads 16)
     "na3d_k8x16": (1, (16, 32, 32), (8, 16, 16), (1, 1, 1)),
 }
 VARIANTS = {  # name: (backend, config, columns at 129-192 native)
@@ -37,21 +39,22 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--head-dim", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--padded", action="store_true")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   variants = dict(VARIANTS)
   if args.padded:
-    variants["hopper_fwd_wide_bwd_padded_256"] = (
+    variants["hopper_fwd_wide_bwd_padded"] = (
         "mosaic_gpu", MosaicGPUConfig(backward="mosaic_gpu"), False)
   for name in args.cases.split(","):
     b, spatial, kernel, stride = CASES[name]
-    shape = (b, *spatial, 8, args.head_dim)
+    shape = (b, *spatial, args.heads, args.head_dim)
     q, k, v, do = inputs(shape, shape, jnp.bfloat16)
-    row, ref = {"case": name, "head_dim": args.head_dim}, None
+    row, ref = {"case": name, "head_dim": args.head_dim, "heads": args.heads}, None
     for variant, (backend, config, native) in variants.items():
-      mg_config.NATIVE_192 = native
+      mg_config.NATIVE_96 = mg_config.NATIVE_192 = native
       ops._make_core.cache_clear()
       fn = lambda q, k, v, be=backend, c=config: jsa.na(q, k, v, kernel, stride, backend=be,
                                                         config=c)
@@ -65,7 +68,7 @@ def main():
       except Exception as e:  # noqa: BLE001 - a failing variant is a result
         row[variant] = repr(e)[:300]
       finally:
-        mg_config.NATIVE_192 = True
+        mg_config.NATIVE_96 = mg_config.NATIVE_192 = True
     rows.record(**row)
   rows.write(args.out)
 

@@ -58,11 +58,11 @@ from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
 from . import attention_bwd_wide as bwd_wide
 from . import attention_fwd as fwd
-from .attention_bwd_dq import SWIZZLED as _SWIZZLED, mma_add
+from .attention_bwd_dq import mma_add
 from .boxes import caller_order, kernel_order
 from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
-from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
+from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, swizzled, unsupported
 from .config import hopper_backward_neighborhood
 
 LOG2E = math.log2(math.e)
@@ -102,8 +102,9 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
   (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with the grid
   order below, docs/experiments/h200-2026-12-03-grid-order.json; strided ones on the shifted
   key grid 12.00 vs 12.25, -backward-forms.json, and 11.76 through `auto` in
-  results/h200-2026-12-03b-headline.json); the Triton kernels for 2-D neighborhoods (4.58 vs
-  4.38 ms at 128² k33: their 64-row query tiles) and packed grids of different sizes. What is left for neighborhoods: the
+  results/h200-2026-12-03b-headline.json); the Triton kernels for 2-D neighborhoods at head_dim
+  97-128 (4.56 vs 4.39 ms at 128² k33: their 64-row query tiles; at 65-96 these, 3.92 vs 4.80,
+  docs/experiments/h200-2026-12-04-na2d_{128,96}.json) and packed grids of different sizes. What is left for neighborhoods: the
   permutation into kernel order (0.23-0.69 ms; docs/performance.md)."""
   if isinstance(plan.mask, masks.PackedNeighborhood):
     return False
@@ -393,20 +394,20 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             if mma else None)
   pl.run_scoped(
       body,
-      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
-      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=_SWIZZLED),
+      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
       plgpu.SMEM((_WGS, dims, _ROWS), jnp.int32),
       plgpu.RefUnion(
-          (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED),
-           plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=_SWIZZLED)),
-          plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=_SWIZZLED) if direct else
+          (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=swizzled(head_dim)),
+           plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=swizzled(head_dim))),
+          plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=swizzled(head_dim)) if direct else
           plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       *bwd_dq.query_vectors((stages,), _ROWS, dims),
       plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
-                 transforms=_SWIZZLED) if with_dq or interpret else None,
+                 transforms=swizzled(head_dim)) if with_dq or interpret else None,
       plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32)
       if with_dq else None,
-      plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=_SWIZZLED) if interpret else None,
+      plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=swizzled(head_dim)) if interpret else None,
       plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,
@@ -468,7 +469,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   dpad = _padded_head_dim(d)
   if cfg.backward_dq == "split" and dpad != 128 and not wide:
     raise ValueError(f"MosaicGPUConfig.backward_dq='split' needs a head_dim padded to 128 "
-                     f"(65..128), got head_dim {d}: use 'own' or None")
+                     f"(97..128), got head_dim {d}: use 'own' or None")
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
     dq, dk, dv = backward(pad(q), pad(k), pad(v), q_seg, kv_seg,

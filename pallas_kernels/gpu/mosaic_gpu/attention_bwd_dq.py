@@ -32,12 +32,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .config import _COMPUTE_WGS as _WGS, _ROWS
+from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled
 
 LOG2E = math.log2(math.e)
 _BLOCK_Q = _WGS * _ROWS  # a CTA's query rows: 64 per compute warpgroup
 _BLOCK_KV = 128
-SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 16-bit tiles
 KV_SUB = _ROWS  # keys per S tile: 64 (two per KV block) or 128
 
 
@@ -108,8 +107,8 @@ def query_vectors(lead: tuple[int, ...], rows: int, dims: int):
 def key_slots(stages: int, rows: int, head_dim: int, dims: int, dtype):
   """Shared memory for the dQ kernels' KV steps: K and V [stages, rows, head_dim] (swizzled
   for wgmma), key coordinates [stages, dims, rows]."""
-  return (plgpu.SMEM((stages, rows, head_dim), dtype, transforms=SWIZZLED),
-          plgpu.SMEM((stages, rows, head_dim), dtype, transforms=SWIZZLED),
+  return (plgpu.SMEM((stages, rows, head_dim), dtype, transforms=swizzled(head_dim)),
+          plgpu.SMEM((stages, rows, head_dim), dtype, transforms=swizzled(head_dim)),
           plgpu.SMEM((stages, dims, rows), jnp.int32))
 
 
@@ -298,13 +297,13 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             if mma else None)
   pl.run_scoped(
       body,
-      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=swizzled(head_dim)),
       *key_slots(stages, _BLOCK_KV, head_dim, dims, dtype),
       *query_vectors((), _BLOCK_Q, dims),
       plgpu.SMEM((extras, _BLOCK_Q), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _BLOCK_KV), jnp.int32) if extras else None,
-      plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=SWIZZLED) if interpret else None,
+      plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=swizzled(head_dim)) if interpret else None,
       plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,
       plgpu.SMEM((stages, 2, mma_width, _ROWS), jnp.bfloat16, transforms=narrow)
       if mma else None,

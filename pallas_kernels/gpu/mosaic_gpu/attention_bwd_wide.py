@@ -47,8 +47,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import attention_bwd_dq as bwd_dq
-from .attention_bwd_dq import SWIZZLED, backward_mesh, mma_add
-from .config import _COMPUTE_WGS as _WGS, _ROWS
+from .attention_bwd_dq import backward_mesh, mma_add
+from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled
 
 LOG2E = math.log2(math.e)
 _SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
@@ -201,17 +201,17 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
 
   pl.run_scoped(
       body,
-      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
       plgpu.SMEM((dims, BLOCK_KV), jnp.int32),
       plgpu.RefUnion(
-          (plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=SWIZZLED),
-           plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=SWIZZLED)),
-          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), dtype, transforms=SWIZZLED) if direct else
+          (plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=swizzled(head_dim)),
+           plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=swizzled(head_dim))),
+          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)) if direct else
           plgpu.SMEM((_WGS, BLOCK_KV, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       *bwd_dq.query_vectors((STAGES,), _ROWS, dims),
-      plgpu.SMEM((2, _ROWS, _ROWS), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((_ROWS, _ROWS), dtype, transforms=SWIZZLED) if interpret else None,
+      plgpu.SMEM((2, _ROWS, _ROWS), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((_ROWS, _ROWS), dtype, transforms=swizzled(head_dim)) if interpret else None,
       plgpu.SMEM((extras, BLOCK_KV), jnp.int32) if extras else None,
       plgpu.SMEM((STAGES, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.Barrier(num_arrivals=3 + extras),
@@ -343,14 +343,14 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
   extras = int(segments)
   pl.run_scoped(
       body,
-      [plgpu.SMEM((_ROWS, n), dtype, transforms=SWIZZLED) for _, n in parts],
-      plgpu.SMEM((_ROWS, head_dim), dtype, transforms=SWIZZLED),
+      [plgpu.SMEM((_ROWS, n), dtype, transforms=swizzled(head_dim)) for _, n in parts],
+      plgpu.SMEM((_ROWS, head_dim), dtype, transforms=swizzled(head_dim)),
       *bwd_dq.key_slots(STAGES, BLOCK_KV, head_dim, dims, dtype),
       *bwd_dq.query_vectors((), _ROWS, dims),
       plgpu.SMEM((extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((STAGES, extras, BLOCK_KV), jnp.int32) if extras else None,
-      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=SWIZZLED),
-      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=SWIZZLED),
+      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=swizzled(head_dim)),
       plgpu.Barrier(num_arrivals=5 + _WGS + extras),
       plgpu.Barrier(num_arrivals=3 + extras, num_barriers=STAGES),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=STAGES),

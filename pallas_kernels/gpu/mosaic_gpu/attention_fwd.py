@@ -16,7 +16,8 @@ block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight fro
 the last spatial dim is the TMA's out-of-bounds handling (zero fill on load, clipped on
 store), and tiles must divide the leading spatial dims (`_box_layout`). Plans in
 kernel order (1-D sequences, `tiling=`) are the 1-D case of the same. A K/V tile is one copy
-per 64 columns of head_dim (box copies, `_box_groups`) where the TMA's 5 strided dims allow,
+per swizzle group of head_dim (64 columns; 32 at head_dim 96, whose tiles take a 64-byte
+swizzle: `config.swizzle_columns`) (box copies, `_box_groups`) where the TMA's 5 strided dims allow,
 else one copy per row of its last dim; Q tiles (once per item) copy per row. KV boxes may
 also sit on each query tile's window instead of a fixed grid (`MosaicGPUConfig.kv_windows`,
 `_window_inputs`): strided windows (NATTEN centres them on their stride group) and odd
@@ -48,6 +49,7 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import mma_masks
 from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
+from .config import swizzle_columns, swizzled as tile_swizzle
 from .boxes import (_Boxes, _box_groups, _box_layout, _box_view, _boxes, _half_tile, _view,
                     _window_groups, _window_view, caller_order, kernel_order)
 from .tables import _mma_inputs
@@ -90,9 +92,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   Window-anchored KV boxes (``window``, `_window_inputs`): ids are the steps' box origins
   [q blocks, steps, dims], the rest as with MMA-bias masks.
 
-  ``box`` (`_box_groups`): K/V come as `_box_view`s and a slot is [head_dim // 64, *box, 8,
-  64], one TMA copy per 64 columns; scores sum one wgmma per 64 columns and the output
-  accumulates in 64-column parts. Else a slot is [block_kv, head_dim], one copy per row of
+  ``box`` (`_box_groups`): K/V come as `_box_view`s and a slot is [head_dim // w, *box, 8,
+  w] (w: a swizzle group's 64 columns, 32 at head_dim 96), one TMA copy per w columns;
+  scores sum one wgmma per w columns and the output accumulates in w-column parts. Else a slot is [block_kv, head_dim], one copy per row of
   the tile's last dim."""
   mma = mma_width > 0
   # Element masks may run a mask function (`mask_fn`, on the kernel positions of partial
@@ -132,11 +134,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     """KV tiles the memory warpgroup loads for an item."""
     return counts_ref[row(qi, head, batch), 1]
 
-  parts = head_dim // 64 if box is not None else 1  # output accumulator parts
+  # Output accumulator parts: one per swizzle group of a box slot.
+  parts = head_dim // swizzle_columns(head_dim) if box is not None else 1
   width = head_dim // parts
 
   def kv_part(smem, slot, i):
-    """Columns [64 i, 64 i + 64) of a K/V slot as [block_kv, 64] (box), or the slot."""
+    """Columns [w i, w i + w) of a K/V slot as [block_kv, w] (box), or the slot."""
     return smem.at[slot, i].reshape(block_kv, width) if box is not None else smem.at[slot]
 
   def q_origin(qi, wg):
@@ -162,7 +165,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       (k_smem, k_raw), (v_smem, v_raw) = k_smem, v_smem
 
     def scores(acc_ref, qo, slot):
-      """acc_ref += Q K^T of `slot` (one wgmma per 64 columns of a box slot)."""
+      """acc_ref += Q K^T of `slot` (one wgmma per swizzle group of a box slot)."""
       for i in range(parts):
         a = qo if parts == 1 else qo.at[:, pl.ds(i * width, width)]
         plgpu.wgmma(acc_ref, a, kv_part(k_smem, slot, i).transpose((1, 0)))
@@ -430,14 +433,14 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           slot = lax.rem(g + t, stages)
           reuse = g + t >= stages
 
-          def copy_rows(src, dst, bar):  # the step's KV tile: per 64 columns, or per row
+          def copy_rows(src, dst, bar):  # the step's KV tile: per column group, or per row
             if box is not None:
               tiled, raw = dst
-              if window:  # src: [batch, *spatial, heads, parts, 64]; dst: its raw view
+              if window:  # src: [batch, *spatial, heads, parts, width]; dst: its raw view
                 index = tuple(pl.ds(o, n) if n > 1 else o for o, n in zip(origin, kb.tile))
                 dst = raw
               else:
-                dst = tiled  # src: [batch, *spatial[:-1], last // 8, 8, heads, parts, 64]
+                dst = tiled  # src: [batch, *spatial[:-1], last // 8, 8, heads, parts, width]
                 start = (*origin[:-1], lax.div(origin[-1], 8))
                 index = tuple(pl.ds(o, n) if n > 1 else o
                               for o, n in zip(start, (*kb.tile[:-1], kb.tile[-1] // 8)))
@@ -488,17 +491,17 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         pl.when(b < mine)(lambda: plgpu.barrier_wait(q_free.at[b]))
 
   q_rows = math.prod(half[:-1])
-  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, 64]
+  swizzled = tile_swizzle(head_dim)
+  if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, width]
     kv_copies, kv_slot = parts, (parts, *box, 8, width)
-    kv_transforms = (plgpu.TilingTransform((1,) * len(box) + (8, 64)),
-                     plgpu.SwizzleTransform(128))
+    kv_transforms = (plgpu.TilingTransform((1,) * len(box) + (8, width)),
+                     plgpu.SwizzleTransform(2 * width))
   else:
     kv_copies, kv_slot, kv_transforms = math.prod(kb.tile[:-1]), (block_kv, head_dim), swizzled
   kv_smem = plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms)
-  if box is not None and window:  # the same bytes untiled: [parts, *tile less unit dims, 64]
+  if box is not None and window:  # the same bytes untiled: [parts, *tile less unit dims, width]
     raw = plgpu.SMEM((stages, parts, *(n for n in kb.tile if n > 1), width), dtype,
-                     transforms=(plgpu.SwizzleTransform(128),))
+                     transforms=(plgpu.SwizzleTransform(2 * width),))
     kv_smem = plgpu.RefUnion(kv_smem, raw)
   if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
     narrow = (plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))

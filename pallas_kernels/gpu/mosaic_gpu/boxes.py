@@ -12,6 +12,8 @@ from jax.experimental import pallas as pl
 
 from jax_sparse_attn.layout import SequenceLayout
 
+from .config import swizzle_columns
+
 
 @dataclasses.dataclass(frozen=True)
 class _Boxes:
@@ -120,13 +122,15 @@ def _window_groups(tile: tuple[int, ...]) -> tuple[int, ...] | None:
 
 def _box_view(x, boxes: _Boxes):
   """[batch, n, heads, d] -> the box copies' view [batch, *spatial[:-1], last // 8, 8,
-  heads, d // 64, 64]."""
+  heads, d // w, w] (w: the swizzle group's columns, `config.swizzle_columns`)."""
   b, _, h, d = x.shape
-  return x.reshape((b, *boxes.spatial[:-1], boxes.spatial[-1] // 8, 8, h, d // 64, 64))
+  w = swizzle_columns(d)
+  return x.reshape((b, *boxes.spatial[:-1], boxes.spatial[-1] // 8, 8, h, d // w, w))
 
 
 def _window_view(x, boxes: _Boxes):
-  """[batch, n, heads, d] -> window boxes' view [batch, *spatial, heads, d // 64, 64]: a box
+  """[batch, n, heads, d] -> window boxes' view [batch, *spatial, heads, d // w, w]: a box
   starts anywhere along the last dim (its 8 rows are the swizzle tile's)."""
   b, _, h, d = x.shape
-  return x.reshape((b, *boxes.spatial, h, d // 64, 64))
+  w = swizzle_columns(d)
+  return x.reshape((b, *boxes.spatial, h, d // w, w))

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_sparse_attn import masks
 from jax_sparse_attn.plan import AttentionPlan
@@ -47,9 +48,10 @@ class MosaicGPUConfig:
   # Neighborhood masks with MMA-bias tables; elsewhere the option has no effect. None: with
   # 64-token KV blocks where the block maps say it skips enough work (`_split_pays`).
   split: bool | None = None
-  # K/V tiles as TMA boxes: one copy per 64 columns of head_dim instead of one per row of
-  # the tile's last dim (16 copies of a 4x4x8 tile's K, 8 of an 8x16 tile's), with the
-  # slots and the output accumulator split by those 64 columns (`_box_groups`). None or True:
+  # K/V tiles as TMA boxes: one copy per swizzle group of head_dim (64 columns; 32 at 96)
+  # instead of one per row of the tile's last dim (16 copies of a 4x4x8 tile's K, 8 of an
+  # 8x16 tile's), with the slots and the output accumulator split by those groups
+  # (`_box_groups`). None or True:
   # wherever the tile allows it with the fused P·V form; True also in interpret mode where
   # that form runs (the default interpret form, unfused, and interpret mode's lack of
   # reshaped shared-memory refs keep row copies there). False: row copies.
@@ -64,7 +66,8 @@ class MosaicGPUConfig:
   # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
   # `attention_bwd_dq.py`; head_dim 129-256: `attention_bwd_wide.py`), "triton" (the Triton
   # kernels, with `triton`'s config), None: by the plan (`attention_bwd.picks_mosaic`: 1-D
-  # masks and 3-D neighborhoods here, other neighborhoods on Triton).
+  # masks, 3-D neighborhoods, long 1-D windows, 2-D ones at head_dim 65-96 here, other
+  # neighborhoods on Triton: `hopper_backward_neighborhood`).
   backward: str | None = None
   # How the backward forms dQ: "kernel" (its own kernel over the forward map, no reductions;
   # plans with 128-row Q blocks), or reduce-added in float32 by the dK/dV kernel: "split"
@@ -93,8 +96,10 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
   3-D neighborhoods, and 1-D ones with windows of at least `NA1D_MIN_KERNEL` keys, at
-  head_dim 65-128 (padded to 128); strided 3-D ones on the shifted key grid
-  (`ops.SHIFTED_KV`). 1-D, H200, B=2, H=16, fwd+bwd ms, these kernels / Triton
+  head_dim 65-128 (at 96 or 128 columns), 2-D ones at 65-96; strided 3-D ones on the shifted
+  key grid (`ops.SHIFTED_KV`). 2-D 128² k33, B=2, H=16, fwd+bwd ms, these kernels / Triton's
+  backward after the Hopper forward (docs/experiments/h200-2026-12-04-na2d_{128,96}.json):
+  head_dim 128 4.56 / 4.39, head_dim 96 3.92 / 4.80 (Triton's backward runs 96 at 128). 1-D, H200, B=2, H=16, fwd+bwd ms, these kernels / Triton
   (docs/experiments/h200-2026-12-03-na1d-backward.json): S=32768 k2049 9.01 / 10.84, S=16384
   k513 causal 1.67 / 1.82, k385 causal 1.47 / 1.57, k257 1.30 / 1.30, k129 1.27 / 1.04, k129
   dilation 4 1.93 / 1.36 (short lists of 128-key blocks, all partial: Triton's 64-row
@@ -109,11 +114,13 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   (docs/experiments/h200-2026-12-03-wide-na.json): 1-D k1025 2.76 / 5.25, 2-D 96² k33
   2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32. Head dims up to 64 were not measured."""
   if (not isinstance(mask, masks.Neighborhood)
-      or _padded_head_dim(head_dim) not in (128, 192, 256)):
+      or _padded_head_dim(head_dim) not in (96, 128, 192, 256)):
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
-  return mask.num_dims == 3 or (mask.num_dims == 1 and mask.kernel_size[0] >= NA1D_MIN_KERNEL)
+  if mask.num_dims == 2:  # at 96 columns (Triton's backward pads 65-96 to 128)
+    return _padded_head_dim(head_dim) == 96
+  return mask.num_dims == 3 or mask.kernel_size[0] >= NA1D_MIN_KERNEL
 
 
 # Keys in a 1-D window from which the Hopper backward beats Triton's (tied at 257 keys).
@@ -184,13 +191,29 @@ def is_hopper() -> bool:
 # head_dim 129-192 runs at 192 columns (three 64-column swizzle groups) rather than padded
 # to 256; False pads it to 256 (the lab knob of the 192-column measurement).
 NATIVE_192 = True
+# head_dim 65-96 runs at 96 columns (three 32-column groups of a 64-byte swizzle) rather than
+# padded to 128; False pads it to 128 (the lab knob of the 96-column measurement).
+NATIVE_96 = True
 
 
 def _padded_head_dim(d: int) -> int | None:
-  """The columns the kernels run a head_dim at: 64, 128, 192 or 256 (None above 256)."""
+  """The columns the kernels run a head_dim at: 64, 96, 128, 192 or 256 (None above 256)."""
   if d <= 128:
-    return 64 if d <= 64 else 128
+    return 64 if d <= 64 else 96 if d <= 96 and NATIVE_96 else 128
   return 192 if d <= 192 and NATIVE_192 else 256 if d <= 256 else None
+
+
+def swizzle_columns(head_dim: int) -> int:
+  """Columns of one swizzle group of the 16-bit shared-memory tiles that meet a head_dim
+  operand in one wgmma (both operands of a wgmma from shared memory take one swizzle): 64
+  (128-byte swizzle) where head_dim is a multiple of 64, else 32 (64-byte swizzle: 96)."""
+  return 64 if head_dim % 64 == 0 else 32
+
+
+def swizzled(head_dim: int) -> tuple:
+  """The transforms of those tiles: (8, columns) tiles, swizzled by their row's bytes."""
+  cols = swizzle_columns(head_dim)
+  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols))
 
 
 # The 128-row backward kernels take head_dim <= 128; 129-256 run the role-split ones
