@@ -100,7 +100,7 @@ def test_head_dim_256(mask, head_dim, segments):
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
   pick = lambda m, d: mg_config.supports(m, jnp.bfloat16, d, False, None, None, None, None)
   assert pick(masks.causal(), 256) and pick(masks.causal(), 160)
-  assert not pick(masks.causal(), 257) and not pick(masks.causal(), 32)
+  assert not pick(masks.causal(), 257) and pick(masks.causal(), 32) and pick(masks.causal(), 8)
   assert pick(masks.neighborhood((16, 16), 5), 128)
   assert pick(masks.neighborhood((16, 16), 5), 256) and pick(masks.neighborhood(16, 5), 192)
   cols = 192 if head_dim <= 192 else 256
@@ -121,33 +121,41 @@ def test_head_dim_256(mask, head_dim, segments):
     jsa.attention(x, x, x, backend="mosaic_gpu", block_kv=128, interpret=True)
 
 
-def test_head_dim_96():
-  """head_dim 65-96 runs at 96 columns (64-byte swizzle groups of 32 columns), forward and
-  backward: correct in interpret mode at 80 (padded to 96), and every kernel lowers with 96
-  columns for 1-D masks and for neighborhoods (box copies, MMA bias), with no Triton call
-  (`auto`'s backward for 2-D neighborhoods at 65-96)."""
+@pytest.mark.parametrize("head_dim, cols", [(80, 96), (24, 32)])
+def test_narrow_head_dims(head_dim, cols):
+  """head_dim 65-96 runs at 96 columns and up to 32 at 32 (64-byte swizzle groups of 32
+  columns), forward and backward: correct in interpret mode padded to those columns, and
+  every kernel lowers with them for 1-D masks and for neighborhoods (box copies, MMA bias),
+  with no Triton call (`auto`'s backward for 2-D neighborhoods at 65-96; forced at 32, where
+  `auto` keeps Triton's for neighborhoods)."""
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
-  assert [mg_config._padded_head_dim(d) for d in (64, 65, 80, 96, 97, 128)] == [
-      64, 96, 96, 96, 128, 128]
-  assert [mg_config.swizzle_columns(d) for d in (64, 96, 128, 192, 256)] == [64, 32, 64, 64, 64]
+  assert [mg_config._padded_head_dim(d) for d in (8, 32, 33, 64, 65, 80, 96, 97, 128)] == [
+      32, 32, 64, 64, 96, 96, 96, 128, 128]
+  assert [mg_config.swizzle_columns(d) for d in (32, 64, 96, 128, 192, 256)] == [
+      32, 64, 32, 64, 64, 64]
   # 2-D neighborhoods train on the Hopper backward at 96 columns (Triton's at 128, measured).
   na2d = masks.neighborhood((16, 16), 5)
   assert mg_config.hopper_backward_neighborhood(na2d, 80)
   assert not mg_config.hopper_backward_neighborhood(na2d, 128)
-  p = dict(batch=1, sq=150, skv=150, heads=4, kv_heads=2, head_dim=80, mask="causal_window",
-           segments=False, dtype=jnp.bfloat16, seed=80)
+  assert not mg_config.hopper_backward_neighborhood(na2d, 32)
+  p = dict(batch=1, sq=150, skv=150, heads=4, kv_heads=2, head_dim=head_dim,
+           mask="causal_window", segments=False, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  na_cfg = None if cols == 96 else MosaicGPUConfig(backward="mosaic_gpu")
   cases = [
       (lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"), (1000,)),
-      (lambda q, k, v: jsa.na2d(q, k, v, (13, 13), backend="mosaic_gpu"), (64, 64)),
-      (lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), backend="mosaic_gpu"), (8, 32, 32))]
+      (lambda q, k, v: jsa.na2d(q, k, v, (13, 13), backend="mosaic_gpu", config=na_cfg),
+       (64, 64)),
+      (lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), backend="mosaic_gpu", config=na_cfg),
+       (8, 32, 32))]
   for fn, spatial in cases:
     loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))
-    x = S(1, *spatial, 2, 80)
+    x = S(1, *spatial, 2, head_dim)
     text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), x, x, x).mlir_module()
     assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
-    assert "x96xbf16>" in text and (len(spatial) > 1 or "x128xbf16>" not in text)
+    assert f"x{cols}xbf16>" in text
+    assert len(spatial) > 1 or "x128xbf16>" not in text and "x64xbf16>" not in text
 
 
 @pytest.mark.parametrize("form", ["each", "and"])
@@ -205,7 +213,8 @@ def test_persistent_where_rows_are_even_or_short():
     (True, dict(head_dim=256), "mosaic_gpu"),  # the forward 2.7x Triton's (H200)
     (True, dict(head_dim=256, mask=masks.neighborhood((16, 16), 5)), "mosaic_gpu"),
     (True, dict(head_dim=264), "triton"),
-    (True, dict(head_dim=32), "triton"),  # padded to 64 it loses to Triton
+    (True, dict(head_dim=32), "mosaic_gpu"),  # at 32 columns (padded to 64 it lost)
+    (True, dict(head_dim=16), "mosaic_gpu"),
     (True, dict(head_dim=48), "mosaic_gpu"),
     (True, dict(segments=True), "mosaic_gpu"),
     (True, dict(mask=masks.neighborhood((16, 16), 5)), "mosaic_gpu"),

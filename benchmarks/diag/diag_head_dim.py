@@ -1,8 +1,8 @@
 """Head dims 32/64/96/128/256 on the H200: causal attention, S=8192, B=2, H=16, bf16, our
 `mosaic_gpu` and `triton` backends beside cuDNN, forward and fwd+bwd, with a real-size check
 of each of ours against the float32 XLA backend (S=2048) in the same call. ``--padded``: also
-`mosaic_gpu` with 65-96 padded to 128 and 129-192 to 256 (`config.NATIVE_96`, `NATIVE_192`
-off); ``--dense``: no mask (cuDNN without ``is_causal``).
+`mosaic_gpu` with up to 32 padded to 64, 65-96 to 128 and 129-192 to 256
+(`config.NATIVE_32`, `NATIVE_96`, `NATIVE_192` off); ``--dense``: no mask (cuDNN without ``is_causal``).
 
     python -m benchmarks.diag.diag_head_dim --out x.json
     python -m benchmarks.diag.diag_head_dim --head-dims 80,96 --padded --no-triton
@@ -55,7 +55,8 @@ def main():
         q, k, v, is_causal=not args.dense, implementation="cudnn")
     for name, fn in impls.items():
       row = dict(head_dim=d, impl=name, mask="full" if args.dense else "causal")
-      mg_config.NATIVE_96 = mg_config.NATIVE_192 = not name.endswith("padded")
+      native = not name.endswith("padded")
+      mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = native
       ops._make_core.cache_clear()
       try:
         got = fwd_bwd(fn)(*small)
@@ -66,7 +67,7 @@ def main():
       except Exception as e:  # noqa: BLE001 (a path that fails is a result)
         row["error"] = repr(e)[:300]
       finally:
-        mg_config.NATIVE_96 = mg_config.NATIVE_192 = True
+        mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = True
       record(**row)
   rows.write(args.out)
 

@@ -2,7 +2,8 @@
 kernels (what `auto` ran there), the Hopper forward with the Triton backward, and the Hopper
 forward with the role-split backward (`attention_bwd_wide`, element tests), with each
 variant's gradients against the first; bf16, H=8 (``--heads``). ``--padded``: also the Hopper backward
-with 65-96 padded to 128 and 129-192 to 256 (`config.NATIVE_96`, `NATIVE_192` off). At
+with up to 32 padded to 64, 65-96 to 128 and 129-192 to 256 (`config.NATIVE_32`,
+`NATIVE_96`, `NATIVE_192` off). At
 head_dim <= 128 "hopper_fwd_wide_bwd" runs the 128-row backward kernels.
 
     python -m benchmarks.diag.diag_wide_na --out wide_na.json
@@ -26,6 +27,7 @@ CASES = {  # name: (batch, spatial, kernel, stride)
     "na1d_k1025": (2, (16384,), (1025,), (1,)),
     "na2d_k33": (2, (96, 96), (33, 33), (1, 1)),
     "na2d_k33_128": (2, (128, 128), (33, 33), (1, 1)),  # the headline's (with --heads 16)
+    "na2d_k7_56": (64, (56, 56), (7, 7), (1, 1)),  # NAT's first stage (head_dim 32)
     "na3d_k8x16": (1, (16, 32, 32), (8, 16, 16), (1, 1, 1)),
 }
 VARIANTS = {  # name: (backend, config, columns at 129-192 native)
@@ -54,7 +56,7 @@ def main():
     q, k, v, do = inputs(shape, shape, jnp.bfloat16)
     row, ref = {"case": name, "head_dim": args.head_dim, "heads": args.heads}, None
     for variant, (backend, config, native) in variants.items():
-      mg_config.NATIVE_96 = mg_config.NATIVE_192 = native
+      mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = native
       ops._make_core.cache_clear()
       fn = lambda q, k, v, be=backend, c=config: jsa.na(q, k, v, kernel, stride, backend=be,
                                                         config=c)
@@ -68,7 +70,7 @@ def main():
       except Exception as e:  # noqa: BLE001 - a failing variant is a result
         row[variant] = repr(e)[:300]
       finally:
-        mg_config.NATIVE_96 = mg_config.NATIVE_192 = True
+        mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = True
     rows.record(**row)
   rows.write(args.out)
 

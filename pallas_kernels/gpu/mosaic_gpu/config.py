@@ -194,10 +194,16 @@ NATIVE_192 = True
 # head_dim 65-96 runs at 96 columns (three 32-column groups of a 64-byte swizzle) rather than
 # padded to 128; False pads it to 128 (the lab knob of the 96-column measurement).
 NATIVE_96 = True
+# head_dim up to 32 runs at 32 columns (one 32-column group of a 64-byte swizzle) rather than
+# padded to 64; False pads it to 64 (the lab knob).
+NATIVE_32 = True
 
 
 def _padded_head_dim(d: int) -> int | None:
-  """The columns the kernels run a head_dim at: 64, 96, 128, 192 or 256 (None above 256)."""
+  """The columns the kernels run a head_dim at: 32, 64, 96, 128, 192 or 256 (None above
+  256)."""
+  if d <= 32 and NATIVE_32:
+    return 32
   if d <= 128:
     return 64 if d <= 64 else 96 if d <= 96 and NATIVE_96 else 128
   return 192 if d <= 192 and NATIVE_192 else 256 if d <= 256 else None
@@ -206,7 +212,7 @@ def _padded_head_dim(d: int) -> int | None:
 def swizzle_columns(head_dim: int) -> int:
   """Columns of one swizzle group of the 16-bit shared-memory tiles that meet a head_dim
   operand in one wgmma (both operands of a wgmma from shared memory take one swizzle): 64
-  (128-byte swizzle) where head_dim is a multiple of 64, else 32 (64-byte swizzle: 96)."""
+  (128-byte swizzle) where head_dim is a multiple of 64, else 32 (64-byte swizzle: 32, 96)."""
   return 64 if head_dim % 64 == 0 else 32
 
 
@@ -246,19 +252,19 @@ def unsupported(plan: AttentionPlan, head_dim: int, dtype, has_segments: bool,
                   plan.block_kv)
 
 
-_MIN_AUTO_HEAD_DIM = 32  # `supports`: auto picks this backend only above it
-
-
 def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, config,
              scale) -> bool:
   """Whether `backend="auto"` may pick this backend for a call (before its plan exists):
   `unsupported`'s conditions on the call's facts (None: the defaults), no Triton-only
-  config, and 32 < head_dim <= 256: padded to 64 columns, a head_dim of 32 runs slower than on
-  the Triton kernels (H100, the NAT model's shapes, 8x128x128x4x32 k13: 0.41 vs 0.33 ms
-  forward, 1.20 vs 1.13 ms with the backward; docs/experiments/h100-2026-11-23-nat-backends.jsonl)."""
+  config, and head_dim <= 256. Up to 32 it runs at 32 columns (padded to 64 it lost to the
+  Triton kernels: H100, 8x128x128x4x32 k13, 0.41 vs 0.33 ms forward,
+  docs/experiments/h100-2026-11-23-nat-backends.jsonl); at 32 columns, H200, fwd+bwd ms against
+  all Triton: causal S=8192 B=2 H=16 2.22 vs 2.55 (cuDNN 2.36), 2-D NA 56² k7 B=64 H=4 1.44
+  vs 1.57, 96² k33 0.46 vs 0.53, 3-D k8×16² 0.68 vs 0.79 (docs/experiments/h200-2026-12-04-hd32.json,
+  -na32.json; neighborhoods keep Triton's backward there: `hopper_backward_neighborhood`)."""
   if config is not None and not isinstance(config, MosaicGPUConfig):
     return False
-  if head_dim <= _MIN_AUTO_HEAD_DIM or head_dim > 256:
+  if head_dim > 256:
     return False
   # head_dim 129-256: 64-key blocks and the role-split backward. H200, D=256, fwd+bwd ms:
   # causal S=8192 B=2 H=16 8.80 (forward 1.79) against 16.1 with the Triton backward and
