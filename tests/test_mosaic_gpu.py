@@ -94,7 +94,7 @@ def test_attention(mask, sq, skv):
                                                        ("window_sink", 200, True),
                                                        ("causal_window", 160, False)])
 def test_head_dim_256(mask, head_dim, segments):
-  """head_dim 129-256 (run at 192 columns up to 192, else 256): the forward on 64-key blocks,
+  """head_dim 129-256 (run at 160, 192 or 256 columns): the forward on 64-key blocks,
   the backward on the role-split Hopper kernels (`attention_bwd_wide`; no Triton call); `auto`
   picks it there, neighborhoods included (measured)."""
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
@@ -103,8 +103,9 @@ def test_head_dim_256(mask, head_dim, segments):
   assert not pick(masks.causal(), 257) and pick(masks.causal(), 32) and pick(masks.causal(), 8)
   assert pick(masks.neighborhood((16, 16), 5), 128)
   assert pick(masks.neighborhood((16, 16), 5), 256) and pick(masks.neighborhood(16, 5), 192)
-  cols = 192 if head_dim <= 192 else 256
-  assert [mg_config._padded_head_dim(d) for d in (129, 192, 193, 256)] == [192, 192, 256, 256]
+  cols = 160 if head_dim <= 160 else 192 if head_dim <= 192 else 256
+  assert [mg_config._padded_head_dim(d) for d in (129, 160, 161, 192, 193, 256)] == [
+      160, 160, 192, 192, 256, 256]
   p = dict(batch=1, sq=200, skv=200, heads=2, kv_heads=1, head_dim=head_dim, mask=mask,
            segments=segments, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
@@ -114,8 +115,9 @@ def test_head_dim_256(mask, head_dim, segments):
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, head_dim),
                         S(1, 1000, 2, head_dim), S(1, 1000, 2, head_dim)).mlir_module()
   assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
-  # The kernels take the columns they run at: 160 padded to 192, not to 256.
+  # The kernels take the columns they run at: 160 at 160 (32-column groups), 200 at 256.
   assert f"x{cols}xbf16>" in text and (cols == 256 or "x256xbf16>" not in text)
+  assert cols == 192 or "x192xbf16>" not in text
   with pytest.raises(ValueError, match=f"block_kv 128 with head_dim {head_dim}"):
     x = jnp.ones((1, 128, 2, head_dim), jnp.bfloat16)
     jsa.attention(x, x, x, backend="mosaic_gpu", block_kv=128, interpret=True)
@@ -131,8 +133,8 @@ def test_narrow_head_dims(head_dim, cols):
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
   assert [mg_config._padded_head_dim(d) for d in (8, 32, 33, 64, 65, 80, 96, 97, 128)] == [
       32, 32, 64, 64, 96, 96, 96, 128, 128]
-  assert [mg_config.swizzle_columns(d) for d in (32, 64, 96, 128, 192, 256)] == [
-      32, 64, 32, 64, 64, 64]
+  assert [mg_config.swizzle_columns(d) for d in (32, 64, 96, 128, 160, 192, 256)] == [
+      32, 64, 32, 64, 32, 64, 64]
   # 2-D neighborhoods train on the Hopper backward at 96 columns (Triton's at 128, measured).
   na2d = masks.neighborhood((16, 16), 5)
   assert mg_config.hopper_backward_neighborhood(na2d, 80)
@@ -145,10 +147,10 @@ def test_narrow_head_dims(head_dim, cols):
   na_cfg = None if cols == 96 else MosaicGPUConfig(backward="mosaic_gpu")
   cases = [
       (lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"), (1000,)),
-      (lambda q, k, v: jsa.na2d(q, k, v, (13, 13), backend="mosaic_gpu", config=na_cfg),
-       (64, 64)),
       (lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), backend="mosaic_gpu", config=na_cfg),
        (8, 32, 32))]
+  if cols == 96:  # `auto`'s 2-D backward there
+    cases.append((lambda q, k, v: jsa.na2d(q, k, v, (13, 13), backend="mosaic_gpu"), (64, 64)))
   for fn, spatial in cases:
     loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))
     x = S(1, *spatial, 2, head_dim)

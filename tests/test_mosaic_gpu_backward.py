@@ -36,7 +36,7 @@ def test_attention(p, head_dim, dq):
 @given(p=backend_cases.seq_problems(max_len=200, dtypes=(jnp.bfloat16, jnp.float16)),
        head_dim=st.sampled_from([136, 192, 256]))
 def test_attention_wide(p, head_dim):
-  """head_dim 129-256 (136 and 192 at 192 columns, 256 at 256): the role-split kernels
+  """head_dim 129-256 (136 at 160 columns, 192 at 192, 256 at 256): the role-split kernels
   (`attention_bwd_wide`), the default backward there."""
   backend_cases.check_attention(dict(p, head_dim=head_dim), "mosaic_gpu", interpret=True)
 

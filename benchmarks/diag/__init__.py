@@ -45,3 +45,27 @@ def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_di
   out, lse = jax.jit(lambda q, k, v: attention_fwd.forward(
       q, k, v, None, None, plan, scale, cfg, False))(q, k, v)
   return q, k, v, do, out, lse
+
+
+def native_widths(on: bool, head_dim: int | None = None):
+  """The Hopper kernels' head_dim widths (`mosaic_gpu.config.NATIVE_*`): all on, or ``on=False``
+  to run `head_dim` as before its own width existed (32 at 64, 96 at 128, 160 at 192, 192 at
+  256)."""
+  from pallas_kernels.gpu.mosaic_gpu import config
+  config.NATIVE_32 = config.NATIVE_96 = config.NATIVE_160 = config.NATIVE_192 = True
+  if not on:
+    knob = f"NATIVE_{config._padded_head_dim(head_dim)}"
+    if hasattr(config, knob):
+      setattr(config, knob, False)
+
+
+def check_and_time(row: dict, fn, small, ref, big, iters: int = 10, repeats: int = 5):
+  """Into `row`: fn(q, k, v)'s output and gradients at the inputs `small` (q, k, v, dO)
+  against `ref` (relative L2, float32), and its forward and fwd+bwd ms at `big`."""
+  from jax_sparse_attn.demo import time_ms
+  from ..bench_gpu import fwd_bwd, rel
+  got = fwd_bwd(fn)(*small)
+  row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
+                               zip(("out", "dq", "dk", "dv"), got, ref)}
+  row["fwd_ms"] = round(time_ms(jax.jit(fn), *big[:3], iters=iters, repeats=repeats), 3)
+  row["fwd_bwd_ms"] = round(time_ms(fwd_bwd(fn), *big, iters=iters, repeats=repeats), 3)

@@ -1,8 +1,8 @@
 """Head dims 32/64/96/128/256 on the H200: causal attention, S=8192, B=2, H=16, bf16, our
 `mosaic_gpu` and `triton` backends beside cuDNN, forward and fwd+bwd, with a real-size check
 of each of ours against the float32 XLA backend (S=2048) in the same call. ``--padded``: also
-`mosaic_gpu` with up to 32 padded to 64, 65-96 to 128 and 129-192 to 256
-(`config.NATIVE_32`, `NATIVE_96`, `NATIVE_192` off); ``--dense``: no mask (cuDNN without ``is_causal``).
+`mosaic_gpu` at the head dim's width before it had its own (`native_widths`: 32 at 64, 96 at
+128, 160 at 192, 192 at 256); ``--dense``: no mask (cuDNN without ``is_causal``).
 
     python -m benchmarks.diag.diag_head_dim --out x.json
     python -m benchmarks.diag.diag_head_dim --head-dims 80,96 --padded --no-triton
@@ -16,10 +16,9 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
 from jax_sparse_attn.demo import time_ms
 
-from . import Rows
+from . import Rows, native_widths
 from ..bench_gpu import fwd_bwd, rel
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import config as mg_config
 
 
 def main():
@@ -56,7 +55,7 @@ def main():
     for name, fn in impls.items():
       row = dict(head_dim=d, impl=name, mask="full" if args.dense else "causal")
       native = not name.endswith("padded")
-      mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = native
+      native_widths(native, d)
       ops._make_core.cache_clear()
       try:
         got = fwd_bwd(fn)(*small)
@@ -67,7 +66,7 @@ def main():
       except Exception as e:  # noqa: BLE001 (a path that fails is a result)
         row["error"] = repr(e)[:300]
       finally:
-        mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = True
+        native_widths(True)
       record(**row)
   rows.write(args.out)
 

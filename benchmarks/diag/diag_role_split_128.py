@@ -13,11 +13,10 @@ import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
-from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide
 
-from . import Rows
-from ..bench_gpu import fwd_bwd, inputs, rel
+from . import Rows, check_and_time
+from ..bench_gpu import fwd_bwd, inputs
 
 LM = masks.causal() & (masks.sliding_window(512) | masks.sink(4))
 CASES = {  # name: (batch, seq, kv heads, mask, cuDNN kwargs or None, check seq)
@@ -61,11 +60,7 @@ def main():
           attention_bwd_wide.HEAD_DIMS = (128,) + saved[0]
           attention_bwd_wide.STAGES = stages
         ops._make_core.cache_clear()
-        got = fwd_bwd(fn)(*small)
-        row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
-                                     zip(("out", "dq", "dk", "dv"), got, ref)}
-        row["fwd_ms"] = round(time_ms(jax.jit(fn), *big[:3], iters=10, repeats=5), 3)
-        row["fwd_bwd_ms"] = round(time_ms(fwd_bwd(fn), *big, iters=10, repeats=5), 3)
+        check_and_time(row, fn, small, ref, big)
         row["bwd_ms"] = round(row["fwd_bwd_ms"] - row["fwd_ms"], 3)
       except Exception as e:  # noqa: BLE001 (a path that fails is a result)
         row["error"] = repr(e)[:400]

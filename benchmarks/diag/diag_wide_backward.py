@@ -2,7 +2,8 @@
 against the Triton backward it replaces, both after the Hopper forward, beside cuDNN: ms
 forward and fwd+bwd, and each variant's gradients against the float32 XLA backend at a
 smaller length of the same case in the same call. bf16, H=16.
-``--padded``: also the 192-column cases padded to 256 (`config.NATIVE_192` off), as before.
+``--padded``: also each case at its head dim's width before it had its own (`native_widths`:
+192 at 256, 160 at 192).
 
     python -m benchmarks.diag.diag_wide_backward --out wide.json
     python -m benchmarks.diag.diag_wide_backward --cases causal_d192,dense_d192 --padded
@@ -14,12 +15,11 @@ import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
-from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide, config as mg_config
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide
 
-from . import Rows
-from ..bench_gpu import fwd_bwd, inputs, rel
+from . import Rows, check_and_time, native_widths
+from ..bench_gpu import fwd_bwd, inputs
 
 CASES = {  # name: (batch, seq, kv heads, head_dim, mask, cuDNN kwargs or None, check seq)
     "causal_d256": (2, 8192, 16, 256, masks.causal(), dict(is_causal=True), 2048),
@@ -46,7 +46,7 @@ def main():
   parser.add_argument("--registers", action="store_true",
                       help="also 240/24 registers for the role-split kernels")
   parser.add_argument("--padded", action="store_true",
-                      help="also the 192-column cases padded to 256 (NATIVE_192 off)")
+                      help="also each case at its previous width (192 at 256, 160 at 192)")
   parser.add_argument("--no-triton", action="store_true", help="skip the Triton backward")
   parser.add_argument("--stages", type=int, default=None,
                       help="also the role-split kernels with this many Q/dO and K/V slots "
@@ -63,8 +63,8 @@ def main():
         *(x.astype(jnp.float32) for x in small))
     regs0 = attention_bwd_wide.REGISTERS
     variants = {"hopper_backward": (MosaicGPUConfig(), regs0, True)}
-    if args.padded and d <= 192:
-      variants["hopper_backward_padded_256"] = (MosaicGPUConfig(), regs0, False)
+    if args.padded and d < 256:
+      variants["hopper_backward_padded"] = (MosaicGPUConfig(), regs0, False)
     if not args.no_triton:
       variants["triton_backward"] = (MosaicGPUConfig(backward="triton"), regs0, True)
     if args.registers:
@@ -85,19 +85,15 @@ def main():
       try:
         if regs is not None:
           attention_bwd_wide.REGISTERS = regs
-        mg_config.NATIVE_192 = native
+        native_widths(native, d)
         attention_bwd_wide.STAGES = stages[0] if stages else saved_stages
         ops._make_core.cache_clear()
-        got = fwd_bwd(fn)(*small)
-        row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
-                                     zip(("out", "dq", "dk", "dv"), got, ref)}
-        row["fwd_ms"] = round(time_ms(jax.jit(fn), *big[:3], iters=10, repeats=5), 3)
-        row["fwd_bwd_ms"] = round(time_ms(fwd_bwd(fn), *big, iters=10, repeats=5), 3)
+        check_and_time(row, fn, small, ref, big)
       except Exception as e:  # noqa: BLE001 (a path that fails is a result)
         row["error"] = repr(e)[:400]
       finally:
         attention_bwd_wide.REGISTERS = saved
-        mg_config.NATIVE_192 = True
+        native_widths(True)
         attention_bwd_wide.STAGES = saved_stages
       rows.record(**row)
   rows.write(args.out)

@@ -1,9 +1,8 @@
 """Neighborhoods at head_dim 256 (or ``--head-dim``) on Hopper: fwd+bwd ms of the Triton
 kernels (what `auto` ran there), the Hopper forward with the Triton backward, and the Hopper
 forward with the role-split backward (`attention_bwd_wide`, element tests), with each
-variant's gradients against the first; bf16, H=8 (``--heads``). ``--padded``: also the Hopper backward
-with up to 32 padded to 64, 65-96 to 128 and 129-192 to 256 (`config.NATIVE_32`,
-`NATIVE_96`, `NATIVE_192` off). At
+variant's gradients against the first; bf16, H=8 (``--heads``). ``--padded``: also the Hopper
+backward at the head dim's width before it had its own (`native_widths`). At
 head_dim <= 128 "hopper_fwd_wide_bwd" runs the 128-row backward kernels.
 
     python -m benchmarks.diag.diag_wide_na --out wide_na.json
@@ -18,9 +17,8 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import config as mg_config
 
-from . import Rows, max_rel_diff
+from . import Rows, max_rel_diff, native_widths
 from ..bench_gpu import fwd_bwd, inputs
 
 CASES = {  # name: (batch, spatial, kernel, stride)
@@ -56,7 +54,7 @@ def main():
     q, k, v, do = inputs(shape, shape, jnp.bfloat16)
     row, ref = {"case": name, "head_dim": args.head_dim, "heads": args.heads}, None
     for variant, (backend, config, native) in variants.items():
-      mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = native
+      native_widths(native, args.head_dim)
       ops._make_core.cache_clear()
       fn = lambda q, k, v, be=backend, c=config: jsa.na(q, k, v, kernel, stride, backend=be,
                                                         config=c)
@@ -70,7 +68,7 @@ def main():
       except Exception as e:  # noqa: BLE001 - a failing variant is a result
         row[variant] = repr(e)[:300]
       finally:
-        mg_config.NATIVE_32 = mg_config.NATIVE_96 = mg_config.NATIVE_192 = True
+        native_widths(True)
     rows.record(**row)
   rows.write(args.out)
 

@@ -32,7 +32,7 @@ function (on kernel positions) and segment ids (these on every block). dK/dV of 
 form's dQ) are float32 reduce-adds, so their rounding varies with the CTA schedule (as in
 FlashAttention-3 and cuDNN).
 
-head_dim 129-256 (at 192 or 256 columns) runs `attention_bwd_wide` instead: 64-row CTAs whose two
+head_dim 129-256 (at 160, 192 or 256 columns) runs `attention_bwd_wide` instead: 64-row CTAs whose two
 compute warpgroups split a step by role (one Sᵀ/Pᵀ and dV, the other dPᵀ/dSᵀ and dK).
 
 Interpret mode (CPU) has no TMA reductions, no register operands and no accumulation into
@@ -526,7 +526,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
   direct = (DIRECT_DKV and (not runtime or shared_items)
             and len(np.unique(host_items[:, 0])) == len(host_items))
-  if wide:  # head_dim 192 or 256: the role-split kernels (`attention_bwd_wide`)
+  if wide:  # head_dim 160, 192 or 256: the role-split kernels (`attention_bwd_wide`)
     dq, dk, dv = bwd_wide.backward(
         items, functools.partial(item_lists, groups=groups, chunk=chunk,
                                  shared=bmap.shares_heads),

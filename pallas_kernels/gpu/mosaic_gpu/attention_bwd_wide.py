@@ -1,4 +1,4 @@
-"""The Hopper backward at head_dim 129-256 (run at 192 or 256 columns): dK/dV and dQ kernels
+"""The Hopper backward at head_dim 129-256 (run at 160, 192 or 256 columns): dK/dV and dQ kernels
 whose two compute warpgroups split the work by role instead of by rows.
 
 At head_dim 256 one warpgroup cannot hold both dK and dV of 64 key rows (64 x 256 float32
@@ -52,16 +52,18 @@ from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled
 
 LOG2E = math.log2(math.e)
 _SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-HEAD_DIMS = (192, 256)  # the columns these kernels run (129-192 at 192, 193-256 at 256)
+HEAD_DIMS = (160, 192, 256)  # the columns these kernels run (129-160 at 160, to 192 at 192,
+                             # 193-256 at 256)
 BLOCK_KV = _ROWS  # keys of a KV block (the forward's at this head_dim)
 STAGES = 2
 REGISTERS = (232, 40)  # compute / memory warpgroups
 
 
 def _column_parts(head_dim: int) -> tuple[tuple[int, int], ...]:
-  """Each compute warpgroup's (first column, columns) of dQ in the dQ kernel, whole 64-column
-  swizzle groups: 128 each at 256; at 192 warpgroup 0 (which also forms P and applies the
-  masks) takes 64, warpgroup 1 128 (H200: 128/64 trained 3-5% slower, docs/performance.md)."""
+  """Each compute warpgroup's (first column, columns) of dQ in the dQ kernel, whole swizzle
+  groups: 128 each at 256; at 192 warpgroup 0 (which also forms P and applies the masks)
+  takes 64, warpgroup 1 128 (H200: 128/64 trained 3-5% slower, docs/performance.md); at 160
+  (32-column groups) 64 and 96."""
   own0 = 64 * (head_dim // 64 // _WGS)
   return (0, own0), (own0, head_dim - own0)
 

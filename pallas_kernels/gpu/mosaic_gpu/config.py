@@ -114,7 +114,7 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   (docs/experiments/h200-2026-12-03-wide-na.json): 1-D k1025 2.76 / 5.25, 2-D 96² k33
   2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32. Head dims up to 64 were not measured."""
   if (not isinstance(mask, masks.Neighborhood)
-      or _padded_head_dim(head_dim) not in (96, 128, 192, 256)):
+      or _padded_head_dim(head_dim) not in (96, 128, 160, 192, 256)):
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
@@ -191,6 +191,9 @@ def is_hopper() -> bool:
 # head_dim 129-192 runs at 192 columns (three 64-column swizzle groups) rather than padded
 # to 256; False pads it to 256 (the lab knob of the 192-column measurement).
 NATIVE_192 = True
+# head_dim 129-160 runs at 160 columns (five 32-column groups of a 64-byte swizzle) rather
+# than at 192; False runs it at 192 (the lab knob).
+NATIVE_160 = True
 # head_dim 65-96 runs at 96 columns (three 32-column groups of a 64-byte swizzle) rather than
 # padded to 128; False pads it to 128 (the lab knob of the 96-column measurement).
 NATIVE_96 = True
@@ -200,19 +203,22 @@ NATIVE_32 = True
 
 
 def _padded_head_dim(d: int) -> int | None:
-  """The columns the kernels run a head_dim at: 32, 64, 96, 128, 192 or 256 (None above
-  256)."""
+  """The columns the kernels run a head_dim at: 32, 64, 96, 128, 160, 192 or 256 (None
+  above 256)."""
   if d <= 32 and NATIVE_32:
     return 32
   if d <= 128:
     return 64 if d <= 64 else 96 if d <= 96 and NATIVE_96 else 128
+  if d <= 160 and NATIVE_160:
+    return 160
   return 192 if d <= 192 and NATIVE_192 else 256 if d <= 256 else None
 
 
 def swizzle_columns(head_dim: int) -> int:
   """Columns of one swizzle group of the 16-bit shared-memory tiles that meet a head_dim
   operand in one wgmma (both operands of a wgmma from shared memory take one swizzle): 64
-  (128-byte swizzle) where head_dim is a multiple of 64, else 32 (64-byte swizzle: 32, 96)."""
+  (128-byte swizzle) where head_dim is a multiple of 64, else 32 (64-byte swizzle: 32, 96,
+  160)."""
   return 64 if head_dim % 64 == 0 else 32
 
 
