@@ -126,7 +126,7 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
                     head_dim: int | None = None, segments: bool = False, block_q=None,
                     block_kv=None, config=None, scale=None) -> str:
   """The backend `backend="auto"` runs: on Hopper GPUs "mosaic_gpu" where it supports the
-  call (`pallas_kernels.gpu.mosaic_gpu.supports`: bf16/f16, 32 < head_dim <= 256, its
+  call (`pallas_kernels.gpu.mosaic_gpu.supports`: bf16/f16, head_dim <= 256, its
   block sizes and config; any mask but array masks, segment ids too), other GPUs and the rest
   "triton"; "mosaic" on TPU; "xla" elsewhere and for array masks."""
   if backend not in BACKENDS:
