@@ -47,16 +47,21 @@ def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_di
   return q, k, v, do, out, lse
 
 
+_ALL_WIDTHS = []  # `config.WIDTHS` as first seen
+_NEW_WIDTHS = (32, 96, 160, 192)  # widths added after 64, 128 and 256
+
+
 def native_widths(on: bool, head_dim: int | None = None):
-  """The Hopper kernels' head_dim widths (`mosaic_gpu.config.NATIVE_*`): all on, or ``on=False``
+  """The Hopper kernels' head_dim widths (`mosaic_gpu.config.WIDTHS`): all, or ``on=False``
   to run `head_dim` as before its own width existed (32 at 64, 96 at 128, 160 at 192, 192 at
   256)."""
   from pallas_kernels.gpu.mosaic_gpu import config
-  config.NATIVE_32 = config.NATIVE_96 = config.NATIVE_160 = config.NATIVE_192 = True
-  if not on:
-    knob = f"NATIVE_{config._padded_head_dim(head_dim)}"
-    if hasattr(config, knob):
-      setattr(config, knob, False)
+  if not _ALL_WIDTHS:
+    _ALL_WIDTHS.extend(config.WIDTHS)
+  config.WIDTHS = tuple(_ALL_WIDTHS)
+  own = config._padded_head_dim(head_dim) if not on else None
+  if own in _NEW_WIDTHS:
+    config.WIDTHS = tuple(w for w in _ALL_WIDTHS if w != own)
 
 
 def check_and_time(row: dict, fn, small, ref, big, iters: int = 10, repeats: int = 5):

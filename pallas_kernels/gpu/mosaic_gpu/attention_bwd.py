@@ -32,8 +32,9 @@ function (on kernel positions) and segment ids (these on every block). dK/dV of 
 form's dQ) are float32 reduce-adds, so their rounding varies with the CTA schedule (as in
 FlashAttention-3 and cuDNN).
 
-head_dim 129-256 (at 160, 192 or 256 columns) runs `attention_bwd_wide` instead: 64-row CTAs whose two
-compute warpgroups split a step by role (one Sᵀ/Pᵀ and dV, the other dPᵀ/dSᵀ and dK).
+head_dim 129-256 (at 160, 192 or 256 columns) runs `attention_bwd_wide` instead: 64-row CTAs
+whose two compute warpgroups split a step by role (one Sᵀ/Pᵀ and dV, the other dPᵀ/dSᵀ and
+dK).
 
 Interpret mode (CPU) has no TMA reductions, no register operands and no accumulation into
 a live accumulator: there the warpgroups add their dQ share in turn with plain loads and
@@ -104,8 +105,9 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
   key grid 12.00 vs 12.25, -backward-forms.json, and 11.76 through `auto` in
   results/h200-2026-12-03b-headline.json); the Triton kernels for 2-D neighborhoods at head_dim
   97-128 (4.56 vs 4.39 ms at 128² k33: their 64-row query tiles; at 65-96 these, 3.92 vs 4.80,
-  docs/experiments/h200-2026-12-04-na2d_{128,96}.json) and packed grids of different sizes. What is left for neighborhoods: the
-  permutation into kernel order (0.23-0.69 ms; docs/performance.md)."""
+  docs/experiments/h200-2026-12-04-na2d_{128,96}.json) and packed grids of different sizes.
+  What is left for neighborhoods: the permutation into kernel order (0.23-0.69 ms;
+  docs/performance.md)."""
   if isinstance(plan.mask, masks.PackedNeighborhood):
     return False
   if plan.gathered:
@@ -392,22 +394,23 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (as the forward's bias).
   narrow = ((plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
             if mma else None)
+  tiles = swizzled(head_dim)  # the 16-bit tiles that meet a head_dim operand
   pl.run_scoped(
       body,
-      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
-      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=tiles),
+      plgpu.SMEM((_BLOCK_KV, head_dim), dtype, transforms=tiles),
       plgpu.SMEM((_WGS, dims, _ROWS), jnp.int32),
       plgpu.RefUnion(
-          (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=swizzled(head_dim)),
-           plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=swizzled(head_dim))),
-          plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=swizzled(head_dim)) if direct else
+          (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=tiles),
+           plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=tiles)),
+          plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=tiles) if direct else
           plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       *bwd_dq.query_vectors((stages,), _ROWS, dims),
       plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
-                 transforms=swizzled(head_dim)) if with_dq or interpret else None,
+                 transforms=tiles) if with_dq or interpret else None,
       plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32)
       if with_dq else None,
-      plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=swizzled(head_dim)) if interpret else None,
+      plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=tiles) if interpret else None,
       plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,

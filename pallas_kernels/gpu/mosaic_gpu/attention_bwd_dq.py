@@ -295,15 +295,16 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (as the forward's bias).
   narrow = ((plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
             if mma else None)
+  tiles = swizzled(head_dim)  # the 16-bit tiles that meet a head_dim operand
   pl.run_scoped(
       body,
-      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=swizzled(head_dim)),
-      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=tiles),
+      plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=tiles),
       *key_slots(stages, _BLOCK_KV, head_dim, dims, dtype),
       *query_vectors((), _BLOCK_Q, dims),
       plgpu.SMEM((extras, _BLOCK_Q), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _BLOCK_KV), jnp.int32) if extras else None,
-      plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=swizzled(head_dim)) if interpret else None,
+      plgpu.SMEM((_WGS, _ROWS, kv_sub), dtype, transforms=tiles) if interpret else None,
       plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,
       plgpu.SMEM((stages, 2, mma_width, _ROWS), jnp.bfloat16, transforms=narrow)
       if mma else None,

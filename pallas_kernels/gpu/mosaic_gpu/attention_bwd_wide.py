@@ -201,19 +201,20 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
       for s in range(STAGES):  # observe each slot's last release before the barriers go
         pl.when(s < total)(lambda: plgpu.barrier_wait(q_free.at[s]))
 
+  tiles = swizzled(head_dim)  # the 16-bit tiles that meet a head_dim operand
   pl.run_scoped(
       body,
-      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
-      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=tiles),
+      plgpu.SMEM((BLOCK_KV, head_dim), dtype, transforms=tiles),
       plgpu.SMEM((dims, BLOCK_KV), jnp.int32),
       plgpu.RefUnion(
-          (plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=swizzled(head_dim)),
-           plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=swizzled(head_dim))),
-          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), dtype, transforms=swizzled(head_dim)) if direct else
+          (plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=tiles),
+           plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=tiles)),
+          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), dtype, transforms=tiles) if direct else
           plgpu.SMEM((_WGS, BLOCK_KV, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       *bwd_dq.query_vectors((STAGES,), _ROWS, dims),
-      plgpu.SMEM((2, _ROWS, _ROWS), dtype, transforms=swizzled(head_dim)),
-      plgpu.SMEM((_ROWS, _ROWS), dtype, transforms=swizzled(head_dim)) if interpret else None,
+      plgpu.SMEM((2, _ROWS, _ROWS), dtype, transforms=tiles),
+      plgpu.SMEM((_ROWS, _ROWS), dtype, transforms=tiles) if interpret else None,
       plgpu.SMEM((extras, BLOCK_KV), jnp.int32) if extras else None,
       plgpu.SMEM((STAGES, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.Barrier(num_arrivals=3 + extras),
@@ -343,16 +344,17 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
         pl.when(s < n_all)(lambda: plgpu.barrier_wait(kv_free.at[s]))
 
   extras = int(segments)
+  tiles = swizzled(head_dim)  # the 16-bit tiles that meet a head_dim operand
   pl.run_scoped(
       body,
-      [plgpu.SMEM((_ROWS, n), dtype, transforms=swizzled(head_dim)) for _, n in parts],
-      plgpu.SMEM((_ROWS, head_dim), dtype, transforms=swizzled(head_dim)),
+      [plgpu.SMEM((_ROWS, n), dtype, transforms=tiles) for _, n in parts],
+      plgpu.SMEM((_ROWS, head_dim), dtype, transforms=tiles),
       *bwd_dq.key_slots(STAGES, BLOCK_KV, head_dim, dims, dtype),
       *bwd_dq.query_vectors((), _ROWS, dims),
       plgpu.SMEM((extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((STAGES, extras, BLOCK_KV), jnp.int32) if extras else None,
-      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=swizzled(head_dim)),
-      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=swizzled(head_dim)),
+      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=tiles),
+      plgpu.SMEM((_ROWS, BLOCK_KV), dtype, transforms=tiles),
       plgpu.Barrier(num_arrivals=5 + _WGS + extras),
       plgpu.Barrier(num_arrivals=3 + extras, num_barriers=STAGES),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=STAGES),

@@ -16,8 +16,9 @@ block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight fro
 the last spatial dim is the TMA's out-of-bounds handling (zero fill on load, clipped on
 store), and tiles must divide the leading spatial dims (`_box_layout`). Plans in
 kernel order (1-D sequences, `tiling=`) are the 1-D case of the same. A K/V tile is one copy
-per swizzle group of head_dim (64 columns; 32 at head_dim 96, whose tiles take a 64-byte
-swizzle: `config.swizzle_columns`) (box copies, `_box_groups`) where the TMA's 5 strided dims allow,
+per swizzle group of head_dim (64 columns; 32 where head_dim is not a multiple of 64, whose
+tiles take a 64-byte swizzle: `config.swizzle_columns`; box copies, `_box_groups`) where the
+TMA's 5 strided dims allow,
 else one copy per row of its last dim; Q tiles (once per item) copy per row. KV boxes may
 also sit on each query tile's window instead of a fixed grid (`MosaicGPUConfig.kv_windows`,
 `_window_inputs`): strided windows (NATTEN centres them on their stride group) and odd
@@ -49,7 +50,7 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import mma_masks
 from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
-from .config import swizzle_columns, swizzled as tile_swizzle
+from .config import swizzle_columns, swizzled
 from .boxes import (_Boxes, _box_groups, _box_layout, _box_view, _boxes, _half_tile, _view,
                     _window_groups, _window_view, caller_order, kernel_order)
 from .tables import _mma_inputs
@@ -93,9 +94,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   [q blocks, steps, dims], the rest as with MMA-bias masks.
 
   ``box`` (`_box_groups`): K/V come as `_box_view`s and a slot is [head_dim // w, *box, 8,
-  w] (w: a swizzle group's 64 columns, 32 at head_dim 96), one TMA copy per w columns;
-  scores sum one wgmma per w columns and the output accumulates in w-column parts. Else a slot is [block_kv, head_dim], one copy per row of
-  the tile's last dim."""
+  w] (w: a swizzle group's 64 columns, or 32: `config.swizzle_columns`), one TMA copy per w
+  columns; scores sum one wgmma per w columns and the output accumulates in w-column parts.
+  Else a slot is [block_kv, head_dim], one copy per row of the tile's last dim."""
   mma = mma_width > 0
   # Element masks may run a mask function (`mask_fn`, on the kernel positions of partial
   # blocks) and compare segment ids (``segments``: vectors ``qx`` [batch, 1, n_q] and ``kx``
@@ -491,13 +492,13 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         pl.when(b < mine)(lambda: plgpu.barrier_wait(q_free.at[b]))
 
   q_rows = math.prod(half[:-1])
-  swizzled = tile_swizzle(head_dim)
+  tiles = swizzled(head_dim)
   if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, width]
     kv_copies, kv_slot = parts, (parts, *box, 8, width)
     kv_transforms = (plgpu.TilingTransform((1,) * len(box) + (8, width)),
                      plgpu.SwizzleTransform(2 * width))
   else:
-    kv_copies, kv_slot, kv_transforms = math.prod(kb.tile[:-1]), (block_kv, head_dim), swizzled
+    kv_copies, kv_slot, kv_transforms = math.prod(kb.tile[:-1]), (block_kv, head_dim), tiles
   kv_smem = plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms)
   if box is not None and window:  # the same bytes untiled: [parts, *tile less unit dims, width]
     raw = plgpu.SMEM((stages, parts, *(n for n in kb.tile if n > 1), width), dtype,
@@ -517,13 +518,13 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   step_copies = (_COMPUTE_WGS if split else 1) + extras
   pl.run_scoped(
       body,
-      plgpu.SMEM((q_bufs, _COMPUTE_WGS, _ROWS, head_dim), dtype, transforms=swizzled),
+      plgpu.SMEM((q_bufs, _COMPUTE_WGS, _ROWS, head_dim), dtype, transforms=tiles),
       kv_smem,
       kv_smem,
       row_smem,
       step_smem,
       plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
-      None if fused_pv else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype, transforms=swizzled),
+      None if fused_pv else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype, transforms=tiles),
       plgpu.Barrier(num_arrivals=q_rows + (0 if mma else 2) + extras,
                     num_barriers=q_bufs * _COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_bufs),

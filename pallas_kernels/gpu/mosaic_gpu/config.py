@@ -99,7 +99,8 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   head_dim 65-128 (at 96 or 128 columns), 2-D ones at 65-96; strided 3-D ones on the shifted
   key grid (`ops.SHIFTED_KV`). 2-D 128² k33, B=2, H=16, fwd+bwd ms, these kernels / Triton's
   backward after the Hopper forward (docs/experiments/h200-2026-12-04-na2d_{128,96}.json):
-  head_dim 128 4.56 / 4.39, head_dim 96 3.92 / 4.80 (Triton's backward runs 96 at 128). 1-D, H200, B=2, H=16, fwd+bwd ms, these kernels / Triton
+  head_dim 128 4.56 / 4.39, head_dim 96 3.92 / 4.80 (Triton's backward runs 96 at 128).
+  1-D, H200, B=2, H=16, fwd+bwd ms, these kernels / Triton
   (docs/experiments/h200-2026-12-03-na1d-backward.json): S=32768 k2049 9.01 / 10.84, S=16384
   k513 causal 1.67 / 1.82, k385 causal 1.47 / 1.57, k257 1.30 / 1.30, k129 1.27 / 1.04, k129
   dilation 4 1.93 / 1.36 (short lists of 128-key blocks, all partial: Triton's 64-row
@@ -112,14 +113,15 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   columns; the role-split kernels, `attention_bwd_wide`) every neighborhood: H200, D=256, H=8, Hopper
   forward, fwd+bwd ms with these / Triton's backward
   (docs/experiments/h200-2026-12-03-wide-na.json): 1-D k1025 2.76 / 5.25, 2-D 96² k33
-  2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32. Head dims up to 64 were not measured."""
-  if (not isinstance(mask, masks.Neighborhood)
-      or _padded_head_dim(head_dim) not in (96, 128, 160, 192, 256)):
+  2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32. Up to 64 columns Triton's backward (at 32 its
+  64-row tiles win on short windows: 2-D 56² k7 1.44 vs 2.22 ms, -na32.json)."""
+  width = _padded_head_dim(head_dim)
+  if not isinstance(mask, masks.Neighborhood) or width is None or width <= 64:
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
   if mask.num_dims == 2:  # at 96 columns (Triton's backward pads 65-96 to 128)
-    return _padded_head_dim(head_dim) == 96
+    return width == 96
   return mask.num_dims == 3 or mask.kernel_size[0] >= NA1D_MIN_KERNEL
 
 
@@ -188,30 +190,17 @@ def is_hopper() -> bool:
   return any(n in getattr(dev, "device_kind", "") for n in ("H100", "H200", "H800", "H20"))
 
 
-# head_dim 129-192 runs at 192 columns (three 64-column swizzle groups) rather than padded
-# to 256; False pads it to 256 (the lab knob of the 192-column measurement).
-NATIVE_192 = True
-# head_dim 129-160 runs at 160 columns (five 32-column groups of a 64-byte swizzle) rather
-# than at 192; False runs it at 192 (the lab knob).
-NATIVE_160 = True
-# head_dim 65-96 runs at 96 columns (three 32-column groups of a 64-byte swizzle) rather than
-# padded to 128; False pads it to 128 (the lab knob of the 96-column measurement).
-NATIVE_96 = True
-# head_dim up to 32 runs at 32 columns (one 32-column group of a 64-byte swizzle) rather than
-# padded to 64; False pads it to 64 (the lab knob).
-NATIVE_32 = True
+# The widths (columns) the kernels run a head_dim at: the first that holds it, zero-padded.
+# 32, 96 and 160 take 64-byte swizzle groups (`swizzle_columns`); 160-256 the role-split
+# backward. The lab knob of the width measurements: without a width, its head dims run at the
+# next one (docs/performance.md: 32 at 64, 96 at 128, 160 at 192, 192 at 256).
+WIDTHS = (32, 64, 96, 128, 160, 192, 256)
 
 
 def _padded_head_dim(d: int) -> int | None:
-  """The columns the kernels run a head_dim at: 32, 64, 96, 128, 160, 192 or 256 (None
+  """The columns the kernels run a head_dim at: the first of `WIDTHS` that holds it (None
   above 256)."""
-  if d <= 32 and NATIVE_32:
-    return 32
-  if d <= 128:
-    return 64 if d <= 64 else 96 if d <= 96 and NATIVE_96 else 128
-  if d <= 160 and NATIVE_160:
-    return 160
-  return 192 if d <= 192 and NATIVE_192 else 256 if d <= 256 else None
+  return next((w for w in WIDTHS if d <= w), None)
 
 
 def swizzle_columns(head_dim: int) -> int:
@@ -266,8 +255,9 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   Triton kernels: H100, 8x128x128x4x32 k13, 0.41 vs 0.33 ms forward,
   docs/experiments/h100-2026-11-23-nat-backends.jsonl); at 32 columns, H200, fwd+bwd ms against
   all Triton: causal S=8192 B=2 H=16 2.22 vs 2.55 (cuDNN 2.36), 2-D NA 56² k7 B=64 H=4 1.44
-  vs 1.57, 96² k33 0.46 vs 0.53, 3-D k8×16² 0.68 vs 0.79 (docs/experiments/h200-2026-12-04-hd32.json,
-  -na32.json; neighborhoods keep Triton's backward there: `hopper_backward_neighborhood`)."""
+  vs 1.57, 96² k33 0.46 vs 0.53, 3-D k8×16² 0.68 vs 0.79
+  (docs/experiments/h200-2026-12-04-hd32.json, -na32.json; neighborhoods keep Triton's
+  backward there: `hopper_backward_neighborhood`)."""
   if config is not None and not isinstance(config, MosaicGPUConfig):
     return False
   if head_dim > 256:
