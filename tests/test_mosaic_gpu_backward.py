@@ -322,24 +322,3 @@ def test_fused_dq_policy():
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 8192, 2, 128),
                         S(1, 8192, 2, 128), S(1, 8192, 2, 128)).mlir_module()
   assert text.count("@mosaic_gpu_v2(") == 2
-
-
-@pytest.mark.parametrize("forms, dq, mask, segments", [
-    (("fused",), "split", "function", True), (("fused",), "split", "masked_rows", False),
-    (("dkv",), "kernel", "window_sink", True), ((), "split", "masked_rows", False)])
-def test_query_rows(monkeypatch, forms, dq, mask, segments):
-  """S and dP with query rows (`attention_bwd.QUERY_ROWS`: P and dS through shared memory)
-  or transposed, in the fused form and the two-kernel form's dK/dV kernel: GQA, a mask
-  function, segment ids, rows that see nothing; and CUDA lowering of each form."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "QUERY_ROWS", forms)
-  p = dict(batch=1, sq=257, skv=257 if segments else 300, heads=4, kv_heads=2, head_dim=128,
-           mask=mask, segments=segments, dtype=jnp.bfloat16, seed=13)
-  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq)
-  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=cfg)
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
-                                               config=cfg).astype(jnp.float32))
-  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128),
-                        S(1, 2048, 2, 128), S(1, 2048, 2, 128)).mlir_module()
-  assert text.count("@mosaic_gpu_v2(") == (3 if dq == "kernel" else 2)

@@ -6,6 +6,9 @@ layer's mask, and MoBA fwd+bwd; cuDNN's forward and fwd+bwd beside them. Each va
 its own process (ptxas reports to that process' stdout: `MOSAIC_GPU_DUMP_PTXAS=1`).
 
     python -m benchmarks.diag.diag_query_rows --out DIR [--variants a,b] [--cases a,b]
+
+The query-rows form is at commit e8ac0e6 (removed after its measurement); at later commits
+the `_q` variants run as their `_t` base.
 """
 import argparse
 import json

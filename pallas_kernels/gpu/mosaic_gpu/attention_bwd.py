@@ -92,13 +92,6 @@ FUSED_REGISTERS = (240, 24)
 # 15.4 / 15.8, 3-D NA k8×16² (32.7) 16.9 / 17.9, MoBA (34) 8.37 / 8.89; the causal window
 # 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18.
 FUSED_MIN_ENTRIES = 24
-# The forms of this kernel that take S and dP with query rows (`_kernel`'s ``q_rows``; not with
-# the MMA bias of neighborhoods): "fused" (dQ here, "split": the "own" form's float32 dQ
-# staging leaves no shared memory for P), "dkv" (the two-kernel form's dK/dV). Off: H200
-# backward ms, transposed / query rows (docs/experiments/h200-2026-12-04-query-rows.json):
-# fused dense S=16384 22.6 / 29.2, causal 11.7 / 15.0; dK/dV kernel dense 24.1 / 24.6 (with
-# the dQ kernel); ptxas spills more with query rows (fused 416 -> 860 bytes of stores).
-QUERY_ROWS = ()
 
 
 def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
@@ -166,7 +159,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool = False, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0, q_rows: bool = False):
+            shared: bool = False, mma_width: int = 0):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
@@ -181,12 +174,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   MMA-bias masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot
   [128, W] of the KV block's coordinates, tables [n, W, 64] and table_ids [kv blocks, 2 * max
   q] (entry e's 64-row halves at 2e, 2e + 1) follow the arrays above and replace the interval
-  test of partial blocks.
-
-  ``q_rows`` (the fused form, no MMA bias): S and dP with query rows, as FlashAttention-3's
-  backward at head_dim 128: the log-sum-exp, delta and query intervals are row vectors (2
-  registers a thread where columns take 16), P and dS go through shared memory and dV, dK
-  read them transposed (no register operands)."""
+  test of partial blocks."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
@@ -239,11 +227,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(kv_bar)
       rows, cols = bwd_dq.tile_vectors((_ROWS, _ROWS))
-      # Vectors over the tile's queries and keys: columns and rows (rows = keys), or the
-      # other way round (``q_rows``).
-      by_query, by_key = (rows, cols) if q_rows else (cols, rows)
-      coords = [by_key(c_smem.at[wg, d]) for d in range(dims)]
-      keys_x = [by_key(kx_smem.at[wg, i]) for i in range(extras)]
+      coords = [rows(c_smem.at[wg, d]) for d in range(dims)]
+      keys_x = [rows(kx_smem.at[wg, i]) for i in range(extras)]
 
       def step(t, carry, j: int, masked: bool):
         dk, dv = carry
@@ -255,57 +240,43 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           s_ref, dp_ref = refs
           if masked and mma:  # the bias first: onehot [64 keys, W] @ test [W, 64 queries]
             plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot])
-          if q_rows:
-            plgpu.wgmma(s_ref, q_smem.at[slot], k_smem.at[own].transpose((1, 0)))
-            plgpu.wgmma(dp_ref, do_smem.at[slot], v_smem.at[own].transpose((1, 0)))
-          else:
-            plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
-            plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
           schedule()
           return s_ref[...], dp_ref[...]
 
         s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
-        # (Sᵀ, dPᵀ, Pᵀ, dSᵀ: transposed unless ``q_rows``.)
-        p_t = jnp.exp2(s_t * qk_scale - by_query(lse_smem.at[slot]))
+        p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
         if masked and not mma:
           for d in range(dims):
-            ok = ((coords[d] >= by_query(lo_smem.at[slot, d]))
-                  & (coords[d] <= by_query(hi_smem.at[slot, d])))
+            ok = ((coords[d] >= cols(lo_smem.at[slot, d]))
+                  & (coords[d] <= cols(hi_smem.at[slot, d])))
             p_t = jnp.where(ok, p_t, 0.0)
-        if mask_fn is not None and masked:
+        if mask_fn is not None and masked:  # rows are keys, columns queries
           iota = lambda dim: plgpu.layout_cast(
               lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
-          qd, kd = (0, 1) if q_rows else (1, 0)
-          p_t = jnp.where(mask_fn(q0 + iota(qd), kv0 + wg * _ROWS + iota(kd)), p_t, 0.0)
+          p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
         if segments and (masked or not segments_full):
-          p_t = jnp.where(by_query(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
-        ds_t = p_t * (dp_t - by_query(delta_smem.at[slot]))
+          p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
+        ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
         # rewrite one only after the next step's rendezvous, which follows its reads).
         # Without dQ (`attention_bwd_dq` makes it) dSᵀ stays in registers on the GPU.
         ds_ref = ds_smem.at[lax.rem(t, 2)] if split_dq else ds_smem
         ds16 = ds_t.astype(dtype)
-        mine = wg if q_rows else own  # my dS [64 queries, 64 keys] or dSᵀ rows
-        if with_dq or interpret or q_rows:
-          ds_ref.at[mine][...] = ds16
-          ds16 = ds_ref.at[mine]
+        if with_dq or interpret:
+          ds_ref.at[own][...] = ds16
+          ds16 = ds_ref.at[own]
         p16 = p_t.astype(dtype)
-        if interpret or q_rows:
+        if interpret:
           p_smem.at[wg][...] = p16
           p16 = p_smem.at[wg]
-        if q_rows:  # dV += Pᵀ dO and dK += dSᵀ Q read P and dS transposed
-          p16, ds16 = p16.transpose((1, 0)), ds16.transpose((1, 0))
         plgpu.commit_smem()
 
-        def dq_operands():  # [(dS, K) pairs]: dS (or a transposed view of dSᵀ) and K's part
-          if q_rows and split_dq:  # dQ's 64 columns over both warpgroups' keys
-            return [(ds_ref.at[w], k_smem.at[pl.ds(w * _ROWS, _ROWS), pl.ds(wg * 64, 64)])
-                    for w in range(_WGS)]
-          if q_rows:
-            return [(ds_ref.at[wg], k_smem.at[own])]
+        def dq_operands():  # dS (a transposed view of dSᵀ) and the matching K columns
           if split_dq:
-            return [(ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)])]
-          return [(ds_ref.at[own].transpose((1, 0)), k_smem.at[own])]
+            return ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)]
+          return ds_ref.at[own].transpose((1, 0)), k_smem.at[own]
 
         schedule()
 
@@ -316,8 +287,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           if split_dq:
             rendezvous()
           if with_dq:
-            for ds_k in dq_operands():
-              plgpu.wgmma(dq_acc[0], *ds_k)
+            plgpu.wgmma(dq_acc[0], *dq_operands())
 
         dq0 = (plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
                if with_dq else None)
@@ -326,9 +296,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           dk = mma_add(dk, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
-          dq = dq0
-          for ds_k in dq_operands() if with_dq else ():
-            dq = mma_add(dq, *ds_k)
+          dq = mma_add(dq0, *dq_operands()) if with_dq else None
         elif with_dq:
           dv, dk, dq = pl.run_state(products)(
               (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
@@ -438,11 +406,11 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=tiles) if direct else
           plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
       *bwd_dq.query_vectors((stages,), _ROWS, dims),
-      plgpu.SMEM(((2,) if split_dq else ()) + ((_WGS, _ROWS) if q_rows else (_BLOCK_KV,))
-                 + (_ROWS,), dtype, transforms=tiles) if with_dq or interpret or q_rows else None,
+      plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
+                 transforms=tiles) if with_dq or interpret else None,
       plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32)
       if with_dq else None,
-      plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=tiles) if interpret or q_rows else None,
+      plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=tiles) if interpret else None,
       plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,
@@ -569,16 +537,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         mask_fn=plan.mask_fn, interpret=interpret, sub=plan.block_q // _ROWS,
         block_q=plan.block_q, direct=direct, fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
-  split_dq = _split_dq(cfg, d) and not separate
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
-      split_dq=split_dq, mask_fn=plan.mask_fn,
+      split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
-      shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
-      q_rows=mma is None and ("dkv" in QUERY_ROWS if separate else
-                              split_dq and "fused" in QUERY_ROWS))
+      shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
   mesh = bwd_dq.backward_mesh(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
