@@ -123,33 +123,40 @@ def test_head_dim_256(mask, head_dim, segments):
     jsa.attention(x, x, x, backend="mosaic_gpu", block_kv=128, interpret=True)
 
 
-@pytest.mark.parametrize("head_dim, cols", [(80, 96), (24, 32)])
+@pytest.mark.parametrize("head_dim, cols", [(90, 96), (24, 32), (72, 80), (40, 48)])
 def test_narrow_head_dims(head_dim, cols):
-  """head_dim 65-96 runs at 96 columns and up to 32 at 32 (64-byte swizzle groups of 32
-  columns), forward and backward: correct in interpret mode padded to those columns, and
-  every kernel lowers with them for 1-D masks and for neighborhoods (box copies, MMA bias),
-  with no Triton call (`auto`'s backward for 2-D neighborhoods at 65-96; forced at 32, where
-  `auto` keeps Triton's for neighborhoods)."""
+  """head_dim 81-96 runs at 96 columns and up to 32 at 32 (64-byte swizzle groups of 32
+  columns), 65-80 at 80 and 33-48 at 48 (32-byte groups of 16), forward and backward:
+  correct in interpret mode padded to those columns, and every kernel lowers with them for
+  1-D masks and for neighborhoods (box copies, MMA bias, strided on the shifted key grid),
+  with no Triton call (`auto`'s backward for 2-D neighborhoods at 65-96; forced at 32 and 48,
+  where `auto` keeps Triton's for neighborhoods)."""
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
-  assert [mg_config._padded_head_dim(d) for d in (8, 32, 33, 64, 65, 80, 96, 97, 128)] == [
-      32, 32, 64, 64, 96, 96, 96, 128, 128]
-  assert [mg_config.swizzle_columns(d) for d in (32, 64, 96, 128, 160, 192, 256)] == [
-      32, 64, 32, 64, 32, 64, 64]
-  # 2-D neighborhoods train on the Hopper backward at 96 columns (Triton's at 128, measured).
+  assert [mg_config._padded_head_dim(d) for d in (8, 32, 33, 48, 49, 64, 65, 80, 81, 96, 97,
+                                                  128)] == [
+      32, 32, 48, 48, 64, 64, 80, 80, 96, 96, 128, 128]
+  assert [mg_config.swizzle_columns(d) for d in (32, 48, 64, 80, 96, 128, 160, 192, 256)] == [
+      32, 16, 64, 16, 32, 64, 32, 64, 64]
+  # 2-D neighborhoods train on the Hopper backward at 80 and 96 columns (Triton's at 128,
+  # measured).
   na2d = masks.neighborhood((16, 16), 5)
   assert mg_config.hopper_backward_neighborhood(na2d, 80)
+  assert mg_config.hopper_backward_neighborhood(na2d, 70)
   assert not mg_config.hopper_backward_neighborhood(na2d, 128)
   assert not mg_config.hopper_backward_neighborhood(na2d, 32)
   p = dict(batch=1, sq=150, skv=150, heads=4, kv_heads=2, head_dim=head_dim,
            mask="causal_window", segments=False, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  na_cfg = None if cols == 96 else MosaicGPUConfig(backward="mosaic_gpu")
+  na_cfg = None if cols in (80, 96) else MosaicGPUConfig(backward="mosaic_gpu")
   cases = [
       (lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"), (1000,)),
       (lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), backend="mosaic_gpu", config=na_cfg),
        (8, 32, 32))]
-  if cols == 96:  # `auto`'s 2-D backward there
+  if cols in (48, 80):  # float32 dK/dV staging at 16-column tiles (`config.swizzled_f32`)
+    cases.append((lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), stride=(2, 4, 4),
+                                           backend="mosaic_gpu", config=na_cfg), (8, 32, 32)))
+  if cols in (80, 96):  # `auto`'s 2-D backward there
     cases.append((lambda q, k, v: jsa.na2d(q, k, v, (13, 13), backend="mosaic_gpu"), (64, 64)))
   for fn, spatial in cases:
     loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))

@@ -22,7 +22,7 @@ BWD = MosaicGPUConfig(backward="mosaic_gpu")
 
 @settings(max_examples=examples(3), deadline=None)
 @given(p=backend_cases.seq_problems(max_len=300, dtypes=(jnp.bfloat16, jnp.float16)),
-       head_dim=st.sampled_from([32, 64, 96, 128]),
+       head_dim=st.sampled_from([32, 40, 64, 80, 96, 128]),
        dq=st.sampled_from([None, "kernel", "own", "split"]))
 def test_attention(p, head_dim, dq):
   if dq == "split":

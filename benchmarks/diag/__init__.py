@@ -48,13 +48,13 @@ def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_di
 
 
 _ALL_WIDTHS = []  # `config.WIDTHS` as first seen
-_NEW_WIDTHS = (32, 96, 160, 192)  # widths added after 64, 128 and 256
+_NEW_WIDTHS = (32, 48, 80, 96, 160, 192)  # widths added after 64, 128 and 256
 
 
 def native_widths(on: bool, head_dim: int | None = None):
   """The Hopper kernels' head_dim widths (`mosaic_gpu.config.WIDTHS`): all, or ``on=False``
-  to run `head_dim` as before its own width existed (32 at 64, 96 at 128, 160 at 192, 192 at
-  256)."""
+  to run `head_dim` as before its own width existed (32 and 48 at 64, 80 and 96 at 96 or 128,
+  160 at 192, 192 at 256)."""
   from pallas_kernels.gpu.mosaic_gpu import config
   if not _ALL_WIDTHS:
     _ALL_WIDTHS.extend(config.WIDTHS)

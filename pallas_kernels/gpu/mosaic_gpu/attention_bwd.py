@@ -63,13 +63,14 @@ from .attention_bwd_dq import mma_add
 from .boxes import caller_order, kernel_order
 from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
-from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, swizzled, unsupported
+from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
+from .config import swizzled, swizzled_f32
 from .config import hopper_backward_neighborhood
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
-_SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 STAGES = 2  # Q/dO slots of the memory warpgroup's ring
+FUSED_STAGES = 2  # the same with dQ fused (its dSᵀ and dQ staging leave room for two)
 # With one work item per KV block, store dK/dV in the input dtype instead of float32
 # reduce-adds into zero-filled buffers and a cast. H200, causal window 2048 at S=32768
 # (H=16, D=128): backward 3.48 vs 3.84 ms (docs/experiments/h200-2026-11-29-direct-dkv.json);
@@ -404,11 +405,12 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=tiles),
            plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=tiles)),
           plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=tiles) if direct else
-          plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
+          plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32,
+                     transforms=swizzled_f32(head_dim))),
       *bwd_dq.query_vectors((stages,), _ROWS, dims),
       plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
                  transforms=tiles) if with_dq or interpret else None,
-      plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=_SWIZZLED_F32)
+      plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=swizzled_f32(dq_cols))
       if with_dq else None,
       plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=tiles) if interpret else None,
       plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
@@ -492,7 +494,6 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # Every plan has at least one interval dim (non-interval masks: token validity).
   dims = plan.num_mask_dims
   lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
-  stages = STAGES
   groups = h // hkv
   zeros = lambda n, heads, dtype=jnp.float32: jnp.zeros((b, n, heads, d), dtype)
   # A documents' map (rows shared by the heads, `block_map.from_segments`) keeps the static
@@ -526,6 +527,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
          and plan.mask_fn is None and not wide else None)
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
   separate = _separate_dq(cfg, plan, d, bmap)
+  stages = STAGES if separate else FUSED_STAGES
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
   direct = (DIRECT_DKV and (not runtime or shared_items)
             and len(np.unique(host_items[:, 0])) == len(host_items))

@@ -53,6 +53,7 @@ def mma_add(acc, a, b):
 # blocks); False, batch. Measured with `attention_bwd.ITEMS_FASTEST` (3-4% on dense and
 # causal, 7% on 3-D NA).
 Q_FASTEST = True
+STAGES = 2  # K/V slots of the memory warpgroup's ring
 
 
 
@@ -316,7 +317,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
 
 def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
-       interpret: bool, stages: int = 2, kv_sub: int | None = None, mma=None):
+       interpret: bool, stages: int | None = None, kv_sub: int | None = None, mma=None):
   """dQ [b, n_q, h, d] (n_q: the plan's padded length, a multiple of 128) from the backward's
   padded inputs (`attention_bwd.backward`): lse₂ and delta [b, h, n_q], intervals lo/hi
   [dims, n_q] and key coordinates c [dims, n_kv], `extras` the segment-id vectors
@@ -325,6 +326,7 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
   table_ids; `tables.backward_mma_inputs`) or None."""
   if mma is not None:
     kv_sub = _ROWS
+  stages = stages or STAGES
   b, _, h, d = q.shape
   n_q = lse2.shape[-1]
   runtime = bmap.is_runtime

@@ -96,7 +96,7 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
   3-D neighborhoods, and 1-D ones with windows of at least `NA1D_MIN_KERNEL` keys, at
-  head_dim 65-128 (at 96 or 128 columns), 2-D ones at 65-96; strided 3-D ones on the shifted
+  head_dim 65-128 (at 80, 96 or 128 columns), 2-D ones at 65-96; strided 3-D ones on the shifted
   key grid (`ops.SHIFTED_KV`). 2-D 128² k33, B=2, H=16, fwd+bwd ms, these kernels / Triton's
   backward after the Hopper forward (docs/experiments/h200-2026-12-04-na2d_{128,96}.json):
   head_dim 128 4.56 / 4.39, head_dim 96 3.92 / 4.80 (Triton's backward runs 96 at 128).
@@ -120,8 +120,8 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
-  if mask.num_dims == 2:  # at 96 columns (Triton's backward pads 65-96 to 128)
-    return width == 96
+  if mask.num_dims == 2:  # at 80 or 96 columns (Triton's backward pads 65-96 to 128)
+    return width < 128
   return mask.num_dims == 3 or mask.kernel_size[0] >= NA1D_MIN_KERNEL
 
 
@@ -191,10 +191,13 @@ def is_hopper() -> bool:
 
 
 # The widths (columns) the kernels run a head_dim at: the first that holds it, zero-padded.
-# 32, 96 and 160 take 64-byte swizzle groups (`swizzle_columns`); 160-256 the role-split
-# backward. The lab knob of the width measurements: without a width, its head dims run at the
-# next one (docs/performance.md: 32 at 64, 96 at 128, 160 at 192, 192 at 256).
-WIDTHS = (32, 64, 96, 128, 160, 192, 256)
+# 32, 96 and 160 take 64-byte swizzle groups, 48 and 80 32-byte ones (`swizzle_columns`);
+# 160-256 the role-split backward. The lab knob of the width measurements: without a width,
+# its head dims run at the next one (docs/performance.md: 32 and 48 at 64, 80 at 96, 96 at
+# 128, 160 at 192, 192 at 256). H200, causal S=8192, B=2, H=16, fwd+bwd ms at the own width /
+# the next (docs/experiments/h200-2026-12-04-hd48-80-causal.json): 40 2.51 / 2.74, 72 3.28 /
+# 3.55, 80 3.11 / 3.66.
+WIDTHS = (32, 48, 64, 80, 96, 128, 160, 192, 256)
 
 
 def _padded_head_dim(d: int) -> int | None:
@@ -207,14 +210,22 @@ def swizzle_columns(head_dim: int) -> int:
   """Columns of one swizzle group of the 16-bit shared-memory tiles that meet a head_dim
   operand in one wgmma (both operands of a wgmma from shared memory take one swizzle): 64
   (128-byte swizzle) where head_dim is a multiple of 64, else 32 (64-byte swizzle: 32, 96,
-  160)."""
-  return 64 if head_dim % 64 == 0 else 32
+  160), else 16 (32-byte swizzle: 48, 80)."""
+  return 64 if head_dim % 64 == 0 else 32 if head_dim % 32 == 0 else 16
 
 
 def swizzled(head_dim: int) -> tuple:
   """The transforms of those tiles: (8, columns) tiles, swizzled by their row's bytes."""
   cols = swizzle_columns(head_dim)
   return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols))
+
+
+def swizzled_f32(columns: int) -> tuple:
+  """The transforms of float32 staging tiles (dK/dV, dQ on their way to a TMA reduce-add):
+  (8, 32) tiles with a 128-byte swizzle, or (8, 16) with a 64-byte one where the columns are
+  no multiple of 32 (head_dim 48 or 80)."""
+  cols = 32 if columns % 32 == 0 else 16
+  return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(4 * cols))
 
 
 # The 128-row backward kernels take head_dim <= 128; 129-256 run the role-split ones
