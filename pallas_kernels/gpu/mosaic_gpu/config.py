@@ -96,10 +96,11 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
   3-D neighborhoods, and 1-D ones with windows of at least `NA1D_MIN_KERNEL` keys, at
-  head_dim 65-128 (at 80, 96 or 128 columns), 2-D ones at 65-96; strided 3-D ones on the shifted
-  key grid (`ops.SHIFTED_KV`). 2-D 128² k33, B=2, H=16, fwd+bwd ms, these kernels / Triton's
-  backward after the Hopper forward (docs/experiments/h200-2026-12-04-na2d_{128,96}.json):
-  head_dim 128 4.56 / 4.39, head_dim 96 3.92 / 4.80 (Triton's backward runs 96 at 128).
+  head_dim 65-128 (at 80, 96 or 128 columns), 2-D ones at 65-96; strided 3-D ones on the
+  shifted key grid (`ops.SHIFTED_KV`). 2-D 128² k33, B=2, H=16, fwd+bwd ms, these kernels /
+  Triton's backward after the Hopper forward
+  (docs/experiments/h200-2026-12-04-na2d_{128,96}.json, -na72.json): head_dim 128 4.56 /
+  4.39, head_dim 96 3.92 / 4.80 (Triton's backward runs 96 at 128), 72 3.74 / 4.95.
   1-D, H200, B=2, H=16, fwd+bwd ms, these kernels / Triton
   (docs/experiments/h200-2026-12-03-na1d-backward.json): S=32768 k2049 9.01 / 10.84, S=16384
   k513 causal 1.67 / 1.82, k385 causal 1.47 / 1.57, k257 1.30 / 1.30, k129 1.27 / 1.04, k129
