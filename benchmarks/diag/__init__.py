@@ -1,4 +1,5 @@
 """Lab tools: one question each, run on the device machine (`run_device.sh`)."""
+import contextlib
 import json
 import math
 import time
@@ -30,6 +31,22 @@ def max_rel_diff(grads, ref) -> float:
   """The largest relative L2 difference (float32) between matching arrays of two tuples."""
   return max(float(jnp.linalg.norm(g.astype(jnp.float32) - r.astype(jnp.float32))
                    / jnp.linalg.norm(r.astype(jnp.float32))) for g, r in zip(grads, ref))
+
+
+@contextlib.contextmanager
+def hopper_backward_forced(on: bool = True):
+  """Inside, `auto`'s backward choice (`config.hopper_backward_neighborhood`, and its import
+  in `attention_bwd`) takes the Hopper kernels for every neighborhood (``on``; else leaves
+  it); restored on the way out. Callers clear `ops._make_core`'s cache around it."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, config
+  saved = config.hopper_backward_neighborhood, attention_bwd.hopper_backward_neighborhood
+  try:
+    if on:
+      config.hopper_backward_neighborhood = lambda mask, d: True
+      attention_bwd.hopper_backward_neighborhood = lambda mask, d: True
+    yield
+  finally:
+    config.hopper_backward_neighborhood, attention_bwd.hopper_backward_neighborhood = saved
 
 
 def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_dim: int, cfg,

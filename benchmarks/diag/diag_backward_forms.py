@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, config as mgpu_config
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
+from . import hopper_backward_forced, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 from ..cli import suites
 
@@ -52,32 +53,22 @@ def main():
       ref = None
       for name, patch in variants.items():
         saved = {key: getattr(*key) for key in patch if key != "hopper"}
-        saved_pick = (mgpu_config.hopper_backward_neighborhood,
-                      attention_bwd.hopper_backward_neighborhood)
         try:
           for key, value in patch.items():
             if key != "hopper":
               setattr(*key, value)
-          if patch.get("hopper"):
-            mgpu_config.hopper_backward_neighborhood = lambda mask, d: True
-            attention_bwd.hopper_backward_neighborhood = lambda mask, d: True
           ops._make_core.cache_clear()
-          fn = lambda q, k, v: case.run(q, k, v, "mosaic_gpu")
-          step = fwd_bwd(fn)
-          grads = step(q, k, v, do)
-          if ref is None:
-            ref = grads
-          err = max(float(jnp.linalg.norm((g.astype(jnp.float32) - r.astype(jnp.float32)))
-                          / jnp.linalg.norm(r.astype(jnp.float32))) for g, r in zip(grads, ref))
-          row[name] = {"fwd_bwd_ms": round(time_ms(step, q, k, v, do, iters=5, repeats=5), 3),
-                       "rel_diff_vs_first": err}
+          with hopper_backward_forced(patch.get("hopper", False)):
+            step = fwd_bwd(lambda q, k, v: case.run(q, k, v, "mosaic_gpu"))
+            grads = step(q, k, v, do)
+            ref = grads if ref is None else ref
+            row[name] = {"fwd_bwd_ms": round(time_ms(step, q, k, v, do, iters=5, repeats=5), 3),
+                         "rel_diff_vs_first": max_rel_diff(grads, ref)}
         except Exception as e:  # noqa: BLE001 - a variant that fails is a result
           row[name] = repr(e)[:300]
         finally:
           for key, value in saved.items():
             setattr(*key, value)
-          (mgpu_config.hopper_backward_neighborhood,
-           attention_bwd.hopper_backward_neighborhood) = saved_pick
           ops._make_core.cache_clear()
       if suite in PEERS:
         cudnn = lambda q, k, v: jax.nn.dot_product_attention(

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
-from pallas_kernels.gpu.mosaic_gpu import config as mgpu_config
 
-from . import max_rel_diff
+from . import hopper_backward_forced, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 from ..cli import suites
 
@@ -32,32 +31,27 @@ def main():
   args = parser.parse_args()
   built = suites(quick=False)
   rows = []
-  saved_pick = (mgpu_config.hopper_backward_neighborhood,
-                attention_bwd.hopper_backward_neighborhood)
   for suite in args.cases.split(","):
     for case in built[suite]():
       q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
       for forced in ((False, True) if suite == "gna2d" else (False,)):
         row = {"case": case.name, "hopper_backward_forced": forced}
-        if forced:
-          mgpu_config.hopper_backward_neighborhood = lambda mask, d: True
-          attention_bwd.hopper_backward_neighborhood = lambda mask, d: True
         ref = None
-        for i, (dkv, dq) in enumerate(VARIANTS):
-          name = f"dkv{dkv}_dq{dq}" + ("_again" if i == len(VARIANTS) - 1 else "")
-          attention_bwd.STAGES, attention_bwd_dq.STAGES = dkv, dq
-          ops._make_core.cache_clear()
-          try:
-            step = fwd_bwd(lambda q, k, v: case.run(q, k, v, "mosaic_gpu"))
-            grads = step(q, k, v, do)
-            ref = grads if ref is None else ref
-            row[name] = {"fwd_bwd_ms": round(time_ms(step, q, k, v, do, iters=5, repeats=7), 3),
-                         "rel_diff_vs_first": max_rel_diff(grads, ref)}
-          except Exception as e:  # noqa: BLE001 - a variant that fails is a result
-            row[name] = repr(e)[:300]
+        with hopper_backward_forced(forced):
+          for i, (dkv, dq) in enumerate(VARIANTS):
+            name = f"dkv{dkv}_dq{dq}" + ("_again" if i == len(VARIANTS) - 1 else "")
+            attention_bwd.STAGES, attention_bwd_dq.STAGES = dkv, dq
+            ops._make_core.cache_clear()
+            try:
+              step = fwd_bwd(lambda q, k, v: case.run(q, k, v, "mosaic_gpu"))
+              grads = step(q, k, v, do)
+              ref = grads if ref is None else ref
+              row[name] = {"fwd_bwd_ms": round(time_ms(step, q, k, v, do, iters=5, repeats=7),
+                                               3),
+                           "rel_diff_vs_first": max_rel_diff(grads, ref)}
+            except Exception as e:  # noqa: BLE001 - a variant that fails is a result
+              row[name] = repr(e)[:300]
         attention_bwd.STAGES, attention_bwd_dq.STAGES = 2, 2
-        (mgpu_config.hopper_backward_neighborhood,
-         attention_bwd.hopper_backward_neighborhood) = saved_pick
         ops._make_core.cache_clear()
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -317,7 +317,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
 
 def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
-       interpret: bool, stages: int | None = None, kv_sub: int | None = None, mma=None):
+       interpret: bool, kv_sub: int | None = None, mma=None):
   """dQ [b, n_q, h, d] (n_q: the plan's padded length, a multiple of 128) from the backward's
   padded inputs (`attention_bwd.backward`): lse₂ and delta [b, h, n_q], intervals lo/hi
   [dims, n_q] and key coordinates c [dims, n_kv], `extras` the segment-id vectors
@@ -326,7 +326,6 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
   table_ids; `tables.backward_mma_inputs`) or None."""
   if mma is not None:
     kv_sub = _ROWS
-  stages = stages or STAGES
   b, _, h, d = q.shape
   n_q = lse2.shape[-1]
   runtime = bmap.is_runtime
@@ -338,7 +337,7 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
     # dK/dV items, did no better: docs/experiments/h200-2026-12-03-dq-order.json)
     order = jnp.asarray(np.argsort(-counts[:, 1], kind="stable"), jnp.int32)
   kernel = functools.partial(
-      _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=stages, scale=scale,
+      _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=STAGES, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,

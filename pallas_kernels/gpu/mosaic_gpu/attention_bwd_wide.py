@@ -48,10 +48,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import attention_bwd_dq as bwd_dq
 from .attention_bwd_dq import backward_mesh, mma_add
-from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled
+from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled, swizzled_f32
 
 LOG2E = math.log2(math.e)
-_SWIZZLED_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 HEAD_DIMS = (160, 192, 256)  # the columns these kernels run (129-160 at 160, to 192 at 192,
                              # 193-256 at 256)
 BLOCK_KV = _ROWS  # keys of a KV block (the forward's at this head_dim)
@@ -211,7 +210,8 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
           (plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=tiles),
            plgpu.SMEM((STAGES, _ROWS, head_dim), dtype, transforms=tiles)),
           plgpu.SMEM((_WGS, BLOCK_KV, head_dim), dtype, transforms=tiles) if direct else
-          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), jnp.float32, transforms=_SWIZZLED_F32)),
+          plgpu.SMEM((_WGS, BLOCK_KV, head_dim), jnp.float32,
+                     transforms=swizzled_f32(head_dim))),
       *bwd_dq.query_vectors((STAGES,), _ROWS, dims),
       plgpu.SMEM((2, _ROWS, _ROWS), dtype, transforms=tiles),
       plgpu.SMEM((_ROWS, _ROWS), dtype, transforms=tiles) if interpret else None,

@@ -16,9 +16,9 @@ block is a spatial tile, e.g. ``q[b, y:y+8, x:x+16, h, :]``, copied straight fro
 the last spatial dim is the TMA's out-of-bounds handling (zero fill on load, clipped on
 store), and tiles must divide the leading spatial dims (`_box_layout`). Plans in
 kernel order (1-D sequences, `tiling=`) are the 1-D case of the same. A K/V tile is one copy
-per swizzle group of head_dim (64 columns; 32 where head_dim is not a multiple of 64, whose
-tiles take a 64-byte swizzle: `config.swizzle_columns`; box copies, `_box_groups`) where the
-TMA's 5 strided dims allow,
+per swizzle group of head_dim (64 columns; 32 or 16 where head_dim is no multiple of 64,
+whose tiles take a 64- or 32-byte swizzle: `config.swizzle_columns`; box copies,
+`_box_groups`) where the TMA's 5 strided dims allow,
 else one copy per row of its last dim; Q tiles (once per item) copy per row. KV boxes may
 also sit on each query tile's window instead of a fixed grid (`MosaicGPUConfig.kv_windows`,
 `_window_inputs`): strided windows (NATTEN centres them on their stride group) and odd
@@ -94,7 +94,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   [q blocks, steps, dims], the rest as with MMA-bias masks.
 
   ``box`` (`_box_groups`): K/V come as `_box_view`s and a slot is [head_dim // w, *box, 8,
-  w] (w: a swizzle group's 64 columns, or 32: `config.swizzle_columns`), one TMA copy per w
+  w] (w: a swizzle group's 64, 32 or 16 columns: `config.swizzle_columns`), one TMA copy per w
   columns; scores sum one wgmma per w columns and the output accumulates in w-column parts.
   Else a slot is [block_kv, head_dim], one copy per row of the tile's last dim."""
   mma = mma_width > 0
