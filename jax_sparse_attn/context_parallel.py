@@ -154,7 +154,10 @@ class _Plans:
     index = -1
     if int(np.sum(plan.block_map.kv_counts)):
       if vectors is not None:
-        plan = dataclasses.replace(plan, q_lo=canon[0], q_hi=canon[1], kv_c=canon[2])
+        # Shards share the plan by its canonical vectors: the union's (merged dims, in the
+        # first shard's coordinates) would not carry over.
+        plan = dataclasses.replace(plan, q_lo=canon[0], q_hi=canon[1], kv_c=canon[2],
+                                   union=None)
       self.plans.append(plan)
       index = len(self.plans) - 1
     if key is not None:

@@ -529,6 +529,50 @@ def from_array(array) -> Mask:
   return FromArray(array)
 
 
+# A union of at most this many interval terms runs as intervals on the Hopper kernels
+# (`interval_terms`); more, and the mask runs elementwise.
+MAX_TERMS = 4
+
+
+def interval_terms(mask: Mask, max_terms: int = MAX_TERMS) -> tuple[Mask, ...] | None:
+  """``mask`` as a union of interval masks (its disjunctive form: ``&`` distributes over
+  ``|``), or None where it has no such form of at most ``max_terms`` terms (a mask function,
+  an array, too many terms). ``causal() & (sliding_window(w) | sink(4))`` is the two terms
+  ``causal & window`` and ``causal & sink``; an interval mask is its own one term."""
+  if mask.is_interval:
+    return (mask,)
+  if isinstance(mask, (And, Or)):
+    a, b = interval_terms(mask.a, max_terms), interval_terms(mask.b, max_terms)
+    if a is None or b is None:
+      return None
+    terms = a + b if isinstance(mask, Or) else tuple(x & y for x in a for y in b)
+    return terms if len(terms) <= max_terms else None
+  return None
+
+
+def union_intervals(terms: Sequence[Mask], q_idx: np.ndarray, kv_idx: np.ndarray,
+                    q_valid: np.ndarray, kv_valid: np.ndarray):
+  """Per-token vectors of a union of interval masks (`interval_terms`): ``lo, hi [T * D,
+  n_q]`` and ``c [T * D, n_kv]``, term t's dims at rows ``t * D .. t * D + D - 1``; a pair
+  attends when every dim of some term holds. Within a term, dims on the same key coordinate
+  merge into one (``causal & window``: lo the larger, hi the smaller bound); a term with fewer
+  than D dims repeats its first. Padding as `per_token_intervals` (in every term)."""
+  parts = []
+  for term in terms:
+    lo, hi, c = per_token_intervals(term, q_idx, kv_idx, q_valid, kv_valid)
+    merged: list[list] = []
+    for d in range(len(c)):
+      same = next((m for m in merged if np.array_equal(m[2], c[d])), None)
+      if same is None:
+        merged.append([lo[d], hi[d], c[d]])
+      else:
+        same[0], same[1] = np.maximum(same[0], lo[d]), np.minimum(same[1], hi[d])
+    parts.append(merged)
+  dims = max(len(m) for m in parts)
+  rows = [m[min(d, len(m) - 1)] for m in parts for d in range(dims)]
+  return tuple(np.stack([r[i] for r in rows]).astype(np.int32) for i in range(3))
+
+
 def per_token_intervals(mask: Mask, q_idx: np.ndarray, kv_idx: np.ndarray,
                         q_valid: np.ndarray, kv_valid: np.ndarray):
   """Evaluate an interval mask's per-token vectors, with padding folded in.

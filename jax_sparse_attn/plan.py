@@ -9,6 +9,11 @@ per-token int32 vectors from which kernels rebuild the element mask of partial b
   kernel positions ``q_index / kv_index`` (the caller's indices; on a context-parallel shard
   a `masks.Remapped` mask maps them to global ones). The interval vectors then only encode
   padding.
+* ``union``: for 1-D masks that are unions of interval masks (``causal & (window | sink)``:
+  `masks.interval_terms`), ``(terms, lo, hi, c)``: the terms' interval vectors
+  (`masks.union_intervals`, T * D rows; dims on one coordinate merged), which the Hopper
+  kernels test instead of running ``mask_fn``; also for interval masks whose dims merge. Other
+  backends run ``mask_fn`` (or the interval vectors above).
 * ``q_rows, kv_rows [padded]``: the caller's flat row of every kernel position, -1 for
   padding. A ``gathered`` plan (`gathered`) tells a backend that q/k/v and the outputs stay in
   the caller's order and the kernels read and write rows through these vectors: no permuted
@@ -43,6 +48,7 @@ class AttentionPlan:
   # The mask the plan was made for (kernels that re-tile a plan, e.g. per-warpgroup query
   # rows of the Mosaic GPU forward, build block maps of their own from it).
   mask: masks_lib.Mask | None = None
+  union: tuple | None = None
 
   @property
   def num_mask_dims(self) -> int:
@@ -109,12 +115,30 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
                                    kv_layout.segments or ((0, kv_layout.seq_len),))
       q_index = np.minimum(np.arange(q_layout.padded_len), q_layout.seq_len - 1)
       kv_index = np.minimum(np.arange(kv_layout.padded_len), kv_layout.seq_len - 1)
+  union = _union(mask, q_layout, kv_layout, lo.shape[0])
   # A shard of a larger problem (context parallelism) keeps no mask: kernels that re-derive
   # layouts from a Neighborhood's grid would take the global grid for the local tensor.
   shard = q_layout.is_shard or kv_layout.is_shard
   return AttentionPlan(q_layout, kv_layout, bmap, lo, hi, c, q_index.astype(np.int32),
                        kv_index.astype(np.int32), mask_fn, q_layout.rows().astype(np.int32),
-                       kv_layout.rows().astype(np.int32), mask=None if shard else mask)
+                       kv_layout.rows().astype(np.int32), mask=None if shard else mask,
+                       union=union)
+
+
+def _union(mask, q_layout, kv_layout, dims: int):
+  """`AttentionPlan.union` (None where the mask is one term whose dims do not merge, or the
+  layouts are not sequences). Indices from the layouts (global ones on a shard)."""
+  if not (isinstance(q_layout, SequenceLayout) and isinstance(kv_layout, SequenceLayout)):
+    return None
+  terms = masks_lib.interval_terms(mask)
+  if terms is None:
+    return None
+  q_idx, q_valid = q_layout.token_index()
+  kv_idx, kv_valid = kv_layout.token_index()
+  lo, hi, c = masks_lib.union_intervals(terms, q_idx, kv_idx, q_valid, kv_valid)
+  if len(terms) == 1 and lo.shape[0] >= dims:
+    return None
+  return len(terms), lo, hi, c
 
 
 @functools.lru_cache(maxsize=256)

@@ -27,6 +27,8 @@ SEQ_MASKS = {
     "or": lambda sq, skv: masks.causal() | masks.sliding_window(0, 4),
     "masked_rows": lambda sq, skv: masks.causal(offset=-5),  # first rows see nothing
     "window_sink": lambda sq, skv: masks.causal() & (masks.sliding_window(5) | masks.sink(2)),
+    "union3": lambda sq, skv: ((masks.sliding_window(6) | masks.sink(2) | masks.block_local(16))
+                               & masks.causal(offset=1)),
 }
 # A stable function object, so block maps are cached across examples.
 SEQ_MASKS_CACHE: dict = {}

@@ -1,7 +1,7 @@
 """Mask semantics against the float64/loop brute force, and argument validation."""
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, strategies as st
 
 import brute_force
 from strategies import gna_problems
@@ -89,3 +89,53 @@ def test_combinators():
 def test_bad_arguments(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+_ATOMS = st.sampled_from([
+    masks.full(), masks.causal(), masks.causal(offset=3), masks.causal(offset=-4),
+    masks.sliding_window(5), masks.sliding_window(3, 6), masks.block_local(8, 2),
+    masks.sink(3), masks.neighborhood(40, 7), masks.neighborhood(40, 9, stride=3)])
+_COMPOSED = st.recursive(
+    _ATOMS, lambda inner: st.tuples(inner, inner, st.booleans()).map(
+        lambda t: (t[0] & t[1]) if t[2] else (t[0] | t[1])), max_leaves=5)
+
+
+@given(mask=_COMPOSED, n_q=st.integers(1, 40), n_kv=st.integers(1, 40),
+       pad=st.integers(0, 9))
+def test_union_intervals_equal_the_mask(mask, n_q, n_kv, pad):
+  """`interval_terms` / `union_intervals` (the Hopper kernels' test of unions: an OR over
+  terms of the AND over each term's merged dims) equal the mask on every pair, padded
+  positions (past n_q / n_kv) seeing nothing; more than `MAX_TERMS` terms: no union form."""
+  terms = masks.interval_terms(mask)
+  if terms is None:
+    return
+  assert 1 <= len(terms) <= masks.MAX_TERMS
+  q = np.arange(n_q + pad)
+  kv = np.arange(n_kv + pad)
+  lo, hi, c = masks.union_intervals(terms, np.minimum(q, n_q - 1), np.minimum(kv, n_kv - 1),
+                                    q < n_q, kv < n_kv)
+  assert lo.shape[0] % len(terms) == 0 and lo.shape == (lo.shape[0], len(q))
+  per = lo.shape[0] // len(terms)
+  got = np.zeros((len(q), len(kv)), bool)
+  for t in range(len(terms)):
+    term = np.ones_like(got)
+    for d in range(t * per, (t + 1) * per):
+      term &= (lo[d][:, None] <= c[d][None]) & (c[d][None] <= hi[d][:, None])
+    got |= term
+  want = np.zeros_like(got)
+  want[:n_q, :n_kv] = _dense(mask, n_q, n_kv)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_interval_terms_forms():
+  """The LM mask is two one-dim terms; a mask function has no union form; a product of
+  unions past `MAX_TERMS` terms has none either."""
+  lm = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+  terms = masks.interval_terms(lm)
+  assert len(terms) == 2
+  lo, _, _ = masks.union_intervals(terms, np.arange(10), np.arange(10), np.ones(10, bool),
+                                   np.ones(10, bool))
+  assert lo.shape == (2, 10)  # causal & window merged into one dim per term
+  assert masks.interval_terms(lm | masks.from_function(lambda q, k: q == k)) is None
+  two = masks.sink(1) | masks.causal()
+  assert masks.interval_terms(two & two) is not None and masks.interval_terms(two & two & two) is None

@@ -129,25 +129,28 @@ def test_narrow_head_dims(head_dim, cols):
   columns), 65-80 at 80 and 33-48 at 48 (32-byte groups of 16), forward and backward:
   correct in interpret mode padded to those columns, and every kernel lowers with them for
   1-D masks and for neighborhoods (box copies, MMA bias, strided on the shifted key grid),
-  with no Triton call (`auto`'s backward for 2-D neighborhoods at 65-96; forced at 32 and 48,
-  where `auto` keeps Triton's for neighborhoods)."""
+  with no Triton call (`auto`'s backward for neighborhoods of >= 128 keys at 33-96; forced at
+  32, where `auto` keeps Triton's for neighborhoods)."""
   from pallas_kernels.gpu.mosaic_gpu import config as mg_config
   widths = [mg_config._padded_head_dim(d) for d in (8, 32, 33, 48, 49, 64, 65, 80, 81, 96, 97)]
   assert widths == [32, 32, 48, 48, 64, 64, 80, 80, 96, 96, 128]
   assert [mg_config.swizzle_columns(d) for d in (32, 48, 64, 80, 96, 128, 160, 192, 256)] == [
       32, 16, 64, 16, 32, 64, 32, 64, 64]
-  # 2-D neighborhoods train on the Hopper backward at 80 and 96 columns (Triton's at 128,
-  # measured).
-  na2d = masks.neighborhood((16, 16), 5)
+  # 2-D neighborhoods of >= 128 keys train on the Hopper backward at 48, 80 and 96 columns
+  # (Triton's at 32, 64 and 128, and for shorter windows: measured).
+  na2d = masks.neighborhood((16, 16), 13)
   assert mg_config.hopper_backward_neighborhood(na2d, 80)
   assert mg_config.hopper_backward_neighborhood(na2d, 70)
+  assert mg_config.hopper_backward_neighborhood(na2d, 40)
   assert not mg_config.hopper_backward_neighborhood(na2d, 128)
+  assert not mg_config.hopper_backward_neighborhood(na2d, 64)
   assert not mg_config.hopper_backward_neighborhood(na2d, 32)
+  assert not mg_config.hopper_backward_neighborhood(masks.neighborhood((16, 16), 7), 80)
   p = dict(batch=1, sq=150, skv=150, heads=4, kv_heads=2, head_dim=head_dim,
            mask="causal_window", segments=False, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  na_cfg = None if cols in (80, 96) else MosaicGPUConfig(backward="mosaic_gpu")
+  na_cfg = None if cols in (48, 80, 96) else MosaicGPUConfig(backward="mosaic_gpu")
   cases = [
       (lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"), (1000,)),
       (lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), backend="mosaic_gpu", config=na_cfg),
@@ -155,7 +158,7 @@ def test_narrow_head_dims(head_dim, cols):
   if cols in (48, 80):  # float32 dK/dV staging at 16-column tiles (`config.swizzled_f32`)
     cases.append((lambda q, k, v: jsa.na3d(q, k, v, (4, 8, 8), stride=(2, 4, 4),
                                            backend="mosaic_gpu", config=na_cfg), (8, 32, 32)))
-  if cols in (80, 96):  # `auto`'s 2-D backward there
+  if cols in (48, 80, 96):  # `auto`'s 2-D backward there
     cases.append((lambda q, k, v: jsa.na2d(q, k, v, (13, 13), backend="mosaic_gpu"), (64, 64)))
   for fn, spatial in cases:
     loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))
@@ -465,7 +468,8 @@ def test_lowers_for_gpu(case):
   elif case == "na3d_window_3dims":  # window boxes of a tile with 3 non-unit dims, raw view
     f = lambda q, k, v: jsa.na3d(q, k, v, (4, 7, 7), stride=(2, 3, 3), backend="mosaic_gpu",
                                  q_tile_shape=(2, 8, 8), kv_tile_shape=(2, 4, 16),
-                                 config=MosaicGPUConfig(kv_windows=True))
+                                 config=MosaicGPUConfig(kv_windows=True,
+                                                        backward="mosaic_gpu"))  # 196 keys
     args = (S(1, 8, 24, 24, 4, 128),) * 3
   elif case == "na1d":  # 1-D neighborhoods train on these kernels too
     f = lambda q, k, v: jsa.na1d(q, k, v, 257, dilation=2, backend="mosaic_gpu")

@@ -15,6 +15,8 @@ from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu
+from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import mosaic_gpu as mgpu
 
 BWD = MosaicGPUConfig(backward="mosaic_gpu")
@@ -72,8 +74,6 @@ def test_wide_sink_items(monkeypatch):
   of stores): 640 tokens, 10 KV blocks of 64, the first visited by all 5 Q blocks (items of at
   least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts)."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  from jax_sparse_attn.layout import SequenceLayout
-  from jax_sparse_attn.plan import make_plan
   monkeypatch.setattr(attention_bwd, "MIN_CHUNK", 2)
   plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640),
                    SequenceLayout(640, 128), SequenceLayout(640, 64))
@@ -108,6 +108,21 @@ def test_attention_cases(mask, segments, dq):
            kv_heads=1, head_dim=128, mask=mask, segments=segments, dtype=jnp.bfloat16, seed=7)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
                                 config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
+
+
+def test_union_terms():
+  """A union of three interval terms (window | sink | block-local, each & causal) with segment
+  ids and GQA runs as intervals per term (`element.mask_vectors`: no mask function) forward
+  and backward; gradients against the brute force."""
+  from pallas_kernels.gpu.mosaic_gpu import element
+  plan = make_plan(backend_cases.seq_mask("union3", 300, 300), SequenceLayout(300, 128),
+                   SequenceLayout(300, 128))
+  lo, _, c, terms, mask_fn = element.mask_vectors(plan)
+  assert terms == 3 and lo.shape == (3, 384) and c.shape == (3, 384)
+  assert plan.mask_fn is not None and mask_fn is None  # other backends: the mask function
+  p = dict(batch=1, sq=300, skv=300, heads=4, kv_heads=2, head_dim=64, mask="union3",
+           segments=True, dtype=jnp.bfloat16, seed=11)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
 
 
 @settings(max_examples=examples(1), deadline=None)
@@ -147,11 +162,13 @@ def test_na_mma_bias(monkeypatch, problem, tile):
 
 
 def test_picks():
-  """backward=None: these kernels for 1-D maps (dense included), 3-D neighborhoods and 1-D
-  ones with windows of >= 256 keys at head_dim 65-128, strided ones included (their backward
-  map blocks too), Triton for 2-D, short 1-D and packed ones."""
-  from jax_sparse_attn.layout import SequenceLayout, TiledLayout
-  from jax_sparse_attn.plan import gathered, make_plan
+  """backward=None: these kernels for 1-D maps (dense included); for neighborhoods by the
+  window's keys and the width (`config.hopper_backward_neighborhood`): 1-D windows of >= 256
+  keys; at 64 and 128 3-D windows of >= 1024 keys (strided ones included, their backward map
+  blocks too), Triton's for 2-D and shorter windows; at 48, 80 and 96 windows of >= 128 keys;
+  at 32 and for packed neighborhoods Triton's."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
   assert mgpu.picks_mosaic(seq(masks.causal()))
   assert mgpu.picks_mosaic(seq(masks.causal() & (masks.sliding_window(99) | masks.sink(4))))
@@ -160,25 +177,33 @@ def test_picks():
   plan = gathered(make_plan(na, TiledLayout((32, 32), (1, 1), (8, 16)),
                             TiledLayout((32, 32), (1, 1), (8, 16))))
   assert not mgpu.picks_mosaic(plan)
-  na3 = masks.neighborhood((8, 16, 16), (3, 5, 5))
-  plan3 = gathered(make_plan(na3, TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16)),
-                             TiledLayout((8, 16, 16), (1, 1, 1), (2, 4, 16))))
-  assert mgpu.picks_mosaic(plan3) and mgpu.picks_mosaic(plan3, 96)
-  assert not mgpu.picks_mosaic(plan3, 64)
+  tiled = lambda m: gathered(make_plan(m, TiledLayout((8, 32, 32), m.dilation, (2, 4, 16)),
+                                       TiledLayout((8, 32, 32), m.dilation, (2, 4, 16))))
+  na3 = masks.neighborhood((8, 32, 32), (4, 16, 16))  # 1024 keys
+  plan3 = tiled(na3)
+  assert mgpu.picks_mosaic(plan3) and mgpu.picks_mosaic(plan3, 96) and mgpu.picks_mosaic(plan3, 64)
+  assert not mgpu.picks_mosaic(plan3, 32)
+  small3 = masks.neighborhood((8, 32, 32), (3, 7, 7))  # 147 keys
+  assert not mgpu.picks_mosaic(tiled(small3)) and not mgpu.picks_mosaic(tiled(small3), 64)
+  assert mgpu.picks_mosaic(tiled(small3), 96) and mgpu.picks_mosaic(tiled(small3), 40)
+  assert not mgpu.picks_mosaic(plan, 96) and not mgpu.picks_mosaic(plan, 40)  # 49 keys
+  na13 = masks.neighborhood((32, 32), (13, 13))  # 169 keys
+  plan13 = gathered(make_plan(na13, TiledLayout((32, 32), (1, 1), (8, 16)),
+                              TiledLayout((32, 32), (1, 1), (8, 16))))
+  assert mgpu.picks_mosaic(plan13, 80) and mgpu.picks_mosaic(plan13, 48)
+  assert not mgpu.picks_mosaic(plan13) and not mgpu.picks_mosaic(plan13, 64)
   blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
-  strided = masks.neighborhood((8, 16, 16), (3, 5, 5), (1, 2, 2))
-  tiled = lambda m: gathered(make_plan(m, TiledLayout((8, 16, 16), m.dilation, (2, 4, 16)),
-                                       TiledLayout((8, 16, 16), m.dilation, (2, 4, 16))))
+  strided = masks.neighborhood((8, 32, 32), (4, 16, 16), (2, 8, 8))
   assert mgpu.picks_mosaic(tiled(strided)) and blocks(strided, 128) == (128, 128)
   plan1 = lambda m: gathered(make_plan(m, TiledLayout((1000,), (2,), (128,)),
                                       TiledLayout((1000,), (2,), (128,))))
   na1 = masks.neighborhood((1000,), (257,), dilation=(2,))  # 1-D: windows of >= 256 keys
   assert mgpu.picks_mosaic(plan1(na1)) and blocks(na1, 128) == (128, 128)
-  assert blocks(na1, 64) != (128, 128)
+  assert blocks(na1, 64) == (128, 128) and blocks(na1, 32) != (128, 128)
   short = masks.neighborhood((1000,), (129,), dilation=(2,))
   assert not mgpu.picks_mosaic(plan1(short)) and blocks(short, 128) != (128, 128)
   assert blocks(na3, 128) == (128, 128) and blocks(na, 128) != (128, 128)
-  assert blocks(na3, 64) != (128, 128) and blocks(na3, 256) == (128, 64)  # role-split
+  assert blocks(small3, 64) != (128, 128) and blocks(na3, 256) == (128, 64)  # role-split
   assert mgpu.picks_mosaic(plan, 256) and blocks(na, 256) == (128, 64)
   assert blocks(na3, 128, MosaicGPUConfig(backward="triton")) != (128, 128)
   assert blocks(na, 128, MosaicGPUConfig(backward="mosaic_gpu")) == (128, 128)
@@ -255,8 +280,6 @@ def test_sink_list_in_chunks(monkeypatch):
   dK/dV add up (640 tokens: 5 blocks, the first visited 5 times, the rest about twice; items
   of at least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts)."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  from jax_sparse_attn.layout import SequenceLayout
-  from jax_sparse_attn.plan import make_plan
   monkeypatch.setattr(attention_bwd, "MIN_CHUNK", 2)
   p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
            segments=False, dtype=jnp.bfloat16, seed=3)
@@ -301,8 +324,6 @@ def test_fused_dq_policy():
   at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5), else dQ
   is its own kernel (causal S=4096: 16.5; head_dim 64); explicit forms win. The fused dense backward
   lowers to one kernel beside the forward."""
-  from jax_sparse_attn.layout import SequenceLayout
-  from jax_sparse_attn.plan import make_plan
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
   seq = lambda m, s: make_plan(m, SequenceLayout(s, 128), SequenceLayout(s, 128))
   dense, causal = seq(masks.full(), 8192), seq(masks.causal(), 8192)

@@ -27,6 +27,10 @@ CASES = {  # name: (batch, spatial, kernel, stride)
     "na2d_k33_128": (2, (128, 128), (33, 33), (1, 1)),  # the headline's (with --heads 16)
     "na2d_k7_56": (64, (56, 56), (7, 7), (1, 1)),  # NAT's first stage (head_dim 32)
     "na3d_k8x16": (1, (16, 32, 32), (8, 16, 16), (1, 1, 1)),
+    "na2d_k13_64": (4, (64, 64), (13, 13), (1, 1)),  # 169 keys
+    "na3d_k3x7": (2, (8, 32, 32), (3, 7, 7), (1, 1, 1)),  # 147 keys
+    "na3d_k4x9": (2, (8, 32, 32), (4, 9, 9), (1, 1, 1)),  # 324 keys
+    "na1d_k257": (2, (16384,), (257,), (1,)),
 }
 VARIANTS = {  # name: (backend, config, columns at 129-192 native)
     "triton": ("triton", None, True),

@@ -61,6 +61,7 @@ from . import attention_bwd_wide as bwd_wide
 from . import attention_fwd as fwd
 from .attention_bwd_dq import mma_add
 from .boxes import caller_order, kernel_order
+from .element import mask_intervals, mask_vectors
 from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
@@ -160,11 +161,12 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool = False, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0):
+            shared: bool = False, mma_width: int = 0, terms: int = 1):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
-  +inf where no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv];
+  +inf where no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv]
+  (``terms`` > 1: a union, `element.interval_test`);
   dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into (zero-filled).
 
   A runtime map (``chunk`` > 0: content-routed attention) has rows per (batch, query head):
@@ -248,11 +250,12 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
         p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
-        if masked and not mma:
-          for d in range(dims):
-            ok = ((coords[d] >= cols(lo_smem.at[slot, d]))
+        def in_dim(d):  # rows are keys, columns queries
+          return ((coords[d] >= cols(lo_smem.at[slot, d]))
                   & (coords[d] <= cols(hi_smem.at[slot, d])))
-            p_t = jnp.where(ok, p_t, 0.0)
+
+        if masked and not mma:
+          p_t = mask_intervals(p_t, in_dim, dims, terms)
         if mask_fn is not None and masked:  # rows are keys, columns queries
           iota = lambda dim: plgpu.layout_cast(
               lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
@@ -491,9 +494,11 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   delta = jnp.pad(delta, [(0, 0), (0, 0), (0, n_q - sq)])
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, n_q - sq)], constant_values=jnp.inf)
-  # Every plan has at least one interval dim (non-interval masks: token validity).
-  dims = plan.num_mask_dims
-  lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c))
+  # Every plan has at least one interval dim (non-interval masks: token validity); unions of
+  # interval masks as intervals per term (`element.mask_vectors`).
+  lo, hi, c, terms, mask_fn = mask_vectors(plan)
+  lo, hi, c = (jnp.asarray(x, jnp.int32) for x in (lo, hi, c))
+  dims = lo.shape[0]
   groups = h // hkv
   zeros = lambda n, heads, dtype=jnp.float32: jnp.zeros((b, n, heads, d), dtype)
   # A documents' map (rows shared by the heads, `block_map.from_segments`) keeps the static
@@ -524,7 +529,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   extras = fwd._extras(plan, b, q_seg, kv_seg)
   # Neighborhoods: the forward's MMA bias on partial blocks, per kernel (static maps).
   mma = (backward_mma_inputs(plan, scale) if cfg.mask_mma and not runtime and not extras
-         and plan.mask_fn is None and not wide else None)
+         and plan.mask_fn is None and terms == 1 and not wide else None)
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
   separate = _separate_dq(cfg, plan, d, bmap)
   stages = STAGES if separate else FUSED_STAGES
@@ -536,13 +541,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         items, functools.partial(item_lists, groups=groups, chunk=chunk,
                                  shared=bmap.shares_heads),
         counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
-        mask_fn=plan.mask_fn, interpret=interpret, sub=plan.block_q // _ROWS,
+        mask_fn=mask_fn, terms=terms, interpret=interpret, sub=plan.block_q // _ROWS,
         block_q=plan.block_q, direct=direct, fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
-      split_dq=_split_dq(cfg, d) and not separate, mask_fn=plan.mask_fn,
+      split_dq=_split_dq(cfg, d) and not separate, mask_fn=mask_fn, terms=terms,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
@@ -561,7 +566,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dk, dv = pl.run_state(run)((zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
                                 zeros(n_kv, hkv, v.dtype if direct else jnp.float32)))
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
-                   mask_fn=plan.mask_fn, interpret=interpret, mma=mma_dq)[:, :sq]
+                   mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq)[:, :sq]
   else:
     dq, dk, dv = pl.run_state(run)((zeros(n_q, h),
                                     zeros(n_kv, hkv, k.dtype if direct else jnp.float32),

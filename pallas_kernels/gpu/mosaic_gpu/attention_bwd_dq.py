@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled
+from .element import mask_intervals
 
 LOG2E = math.log2(math.e)
 _BLOCK_Q = _WGS * _ROWS  # a CTA's query rows: 64 per compute warpgroup
@@ -171,12 +172,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
             runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0):
+            shared: bool = False, mma_width: int = 0, terms: int = 1):
   """CTA (q block in visiting order, query head, batch). order [n_q blocks]; ids [n_q blocks,
   max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
   rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
-  no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv]; dq [b, n_q, h, d]
-  (written, not accumulated). MMA-bias masks (``mma_width`` > 0, neighborhoods:
+  no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a
+  union, `element.interval_test`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias masks (``mma_width`` > 0, neighborhoods:
   `tables.backward_mma_inputs`): onehot [128, W] of the Q block's coordinates, tables [n, W, 64]
   and table_ids [n_q blocks, 2 * max kv] (entry e's halves at 2e, 2e + 1) come before dq, and
   replace the interval test of partial blocks (``kv_sub`` 64)."""
@@ -230,9 +231,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
           p = jnp.exp2(s * qk_scale - lse)
           if masked and not mma:
-            for d in range(dims):
+            def in_dim(d):
               c = cols(c_smem.at[slot, d, keys])
-              p = jnp.where((c >= lo[d]) & (c <= hi[d]), p, 0.0)
+              return (c >= lo[d]) & (c <= hi[d])
+            p = mask_intervals(p, in_dim, dims, terms)
             if mask_fn is not None:
               iota = lambda dim: plgpu.layout_cast(
                   lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA)
@@ -317,10 +319,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
 
 def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
-       interpret: bool, kv_sub: int | None = None, mma=None):
+       interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1):
   """dQ [b, n_q, h, d] (n_q: the plan's padded length, a multiple of 128) from the backward's
   padded inputs (`attention_bwd.backward`): lse₂ and delta [b, h, n_q], intervals lo/hi
-  [dims, n_q] and key coordinates c [dims, n_kv], `extras` the segment-id vectors
+  [dims, n_q] and key coordinates c [dims, n_kv] (``terms`` of a union), `extras` the segment-id vectors
   (`attention_fwd._extras`) or []; `bmap` the forward block map (128-row Q blocks, 128-key KV
   blocks), static or runtime; `mma` the dQ kernel's MMA-bias inputs (onehot, tables,
   table_ids; `tables.backward_mma_inputs`) or None."""
@@ -341,7 +343,7 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,
-      mma_width=0 if mma is None else mma[0].shape[1])
+      mma_width=0 if mma is None else mma[0].shape[1], terms=terms)
   mesh = backward_mesh(b, h, ("q", bmap.num_q_blocks), Q_FASTEST)
   return pl.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype), mesh=mesh,

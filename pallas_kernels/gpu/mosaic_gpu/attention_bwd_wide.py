@@ -49,6 +49,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from . import attention_bwd_dq as bwd_dq
 from .attention_bwd_dq import backward_mesh, mma_add
 from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled, swizzled_f32
+from .element import mask_intervals
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (160, 192, 256)  # the columns these kernels run (129-160 at 160, to 192 at 192,
@@ -85,7 +86,7 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
                 delta_ref, lo_ref, hi_ref, c_ref, *refs, item_lists, groups: int, dims: int,
                 sub: int, block_q: int, scale: float, dtype, interpret: bool, head_dim: int,
                 mask_fn=None, segments: bool = False, direct: bool = False,
-                segments_full: bool = False):
+                segments_full: bool = False, terms: int = 1):
   """CTA (work item, kv head, batch): `attention_bwd._kernel`'s arrays with 64-key KV blocks
   (items, ids and counts of the transposed map; lo/hi [dims, n_q], c [dims, n_kv]); dk/dv
   [b, n_kv, hkv, head_dim] stored (``direct``) or float32 reduce-added."""
@@ -130,9 +131,10 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
           s_t = pl.run_scoped(s_product, plgpu.ACC(tile, jnp.float32))
           p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
           if masked:
-            for d in range(dims):
-              ok = (coords[d] >= cols(lo_smem.at[slot, d])) & (coords[d] <= cols(hi_smem.at[slot, d]))
-              p_t = jnp.where(ok, p_t, 0.0)
+            def in_dim(d):
+              return ((coords[d] >= cols(lo_smem.at[slot, d]))
+                      & (coords[d] <= cols(hi_smem.at[slot, d])))
+            p_t = mask_intervals(p_t, in_dim, dims, terms)
             if mask_fn is not None:  # rows are keys, columns queries
               p_t = jnp.where(mask_fn(q0 + _iota(tile, 1), kv0 + _iota(tile, 0)), p_t, 0.0)
           if segments and (masked or not segments_full):
@@ -228,8 +230,8 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
 def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                delta_ref, lo_ref, hi_ref, c_ref, *refs, groups: int, dims: int, scale: float,
                dtype, interpret: bool, head_dim: int, block_q: int, mask_fn=None,
-               segments: bool = False,
-               runtime: bool = False, segments_full: bool = False, shared: bool = False):
+               segments: bool = False, runtime: bool = False, segments_full: bool = False,
+               shared: bool = False, terms: int = 1):
   """CTA (64 query rows in visiting order, query head, batch): order [2 n_q blocks] (Q block
   · 2 + half), the forward map's ids [n_q blocks, max kv] and counts [n_q blocks, 2] (a
   runtime map: [b, h, ...]) over 64-key KV blocks; dq [b, n_q, h, head_dim] written."""
@@ -279,9 +281,10 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
           s = pl.run_scoped(s_product, plgpu.ACC(tile, jnp.float32))
           p = jnp.exp2(s * qk_scale - lse)
           if masked:
-            for d in range(dims):
+            def in_dim(d):
               c = cols(c_smem.at[slot, d])
-              p = jnp.where((c >= lo[d]) & (c <= hi[d]), p, 0.0)
+              return (c >= lo[d]) & (c <= hi[d])
+            p = mask_intervals(p, in_dim, dims, terms)
             if mask_fn is not None:
               kv0 = kv_block(e) * BLOCK_KV
               p = jnp.where(mask_fn(q0 + _iota(tile, 0), kv0 + _iota(tile, 1)), p, 0.0)
@@ -365,7 +368,7 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap,
              scale: float, mask_fn, interpret: bool, sub: int, block_q: int, direct: bool,
-             fastest: tuple[bool, bool]):
+             fastest: tuple[bool, bool], terms: int = 1):
   """dq [b, n_q, h, d] (the input dtype), dk and dv [b, n_kv, hkv, d] (the input dtype if
   ``direct``, else float32) from `attention_bwd.backward`'s padded inputs: its work items and
   their `item_lists` (partial over the map's shape), the transposed and forward maps of
@@ -378,7 +381,7 @@ def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, 
   segments = bool(extras)
   common = dict(groups=h // hkv, dims=lo.shape[0], scale=scale, dtype=q.dtype, head_dim=d,
                 interpret=bool(interpret), mask_fn=mask_fn, segments=segments,
-                segments_full=bmap.segments_full)
+                segments_full=bmap.segments_full, terms=terms)
   params = plgpu.CompilerParams(approx_math=True)
   interp = plgpu.InterpretGPUParams() if interpret else False
 

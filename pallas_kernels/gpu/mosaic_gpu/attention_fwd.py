@@ -51,6 +51,7 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 from .. import mma_masks
 from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
 from .config import swizzle_columns, swizzled
+from .element import interval_test, mask_vectors
 from .boxes import (_Boxes, _box_groups, _box_layout, _box_view, _boxes, _half_tile, _view,
                     _window_groups, _window_view, caller_order, kernel_order)
 from .tables import _mma_inputs
@@ -76,13 +77,14 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
-            segments_full: bool = False, map_heads: int = 1):
+            segments_full: bool = False, map_heads: int = 1, terms: int = 1):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
   One KV list per q block (``split=False``): ids [q blocks, steps], counts [q blocks, 2]
   (full, all). Element masks (``mma_width == 0``): refs are q_lo, q_hi [dims, n_q], kv_c
-  [dims, n_kv] (kernel positions). MMA-bias masks: onehot [128, W], tables [n, W, block_kv]
+  [dims, n_kv] (kernel positions; ``terms`` > 1: a union, `element.interval_test`).
+  MMA-bias masks: onehot [128, W], tables [n, W, block_kv]
   and table_ids [q blocks, steps] (`_mma_inputs`).
 
   Per-warpgroup lists (``split=True``, `_split_inputs`): ids are the loads [q blocks, loads,
@@ -276,24 +278,29 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           elementwise = (masked or test_segments) and not mma
           # TEST_FORM "each": each test masks the scores as soon as it is made; "and": the
           # tests' running AND masks them once.
-          terms = []
+          tests = []
           form = TEST_FORM or ("each" if test_segments else "and")
 
           def mask_out(term, s):
             if form == "and":
-              terms.append(term)
+              tests.append(term)
               return s
             return jnp.where(term, s, -jnp.inf)
 
           shape = (_ROWS, block_kv)
-          if masked and not mma:
+          def in_dim(d):  # lo[q] <= c[k] <= hi[q] along mask dim d
+            c = plgpu.load(step_smem.at[slot, d], layout=plgpu.Layout.WGMMA.reduce(0))
+            c = lax.broadcast_in_dim(c, shape, [1])
+            lo, hi = (plgpu.load(row_smem.at[buf, wg, i, d],
+                                 layout=plgpu.Layout.WGMMA.reduce(1)) for i in range(2))
+            return ((c >= lax.broadcast_in_dim(lo, shape, [0]))
+                    & (c <= lax.broadcast_in_dim(hi, shape, [0])))
+
+          if masked and not mma and terms > 1:  # a union: one test, an OR of ANDs
+            s = mask_out(interval_test(in_dim, dims, terms), s)
+          elif masked and not mma:
             for d in range(dims):
-              c = plgpu.load(step_smem.at[slot, d], layout=plgpu.Layout.WGMMA.reduce(0))
-              c = lax.broadcast_in_dim(c, shape, [1])
-              lo, hi = (plgpu.load(row_smem.at[buf, wg, i, d],
-                                   layout=plgpu.Layout.WGMMA.reduce(1)) for i in range(2))
-              s = mask_out((c >= lax.broadcast_in_dim(lo, shape, [0]))
-                           & (c <= lax.broadcast_in_dim(hi, shape, [0])), s)
+              s = mask_out(in_dim(d), s)
           if mask_fn is not None and masked:  # on kernel positions, as the Triton kernels
             iota = lambda dim: plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim),
                                                  plgpu.Layout.WGMMA)
@@ -307,8 +314,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                                             layout=plgpu.Layout.WGMMA.reduce(0)),
                                                  shape, [1]), s)
           plgpu.barrier_arrive(k_free.at[slot])
-          if terms:
-            s = jnp.where(functools.reduce(lambda a, b: a & b, terms), s, -jnp.inf)
+          if tests:
+            s = jnp.where(functools.reduce(lambda a, b: a & b, tests), s, -jnp.inf)
           acc, m_new, l_i, p16 = softmax(s, m_i, l_i, acc, elementwise)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
           plgpu.barrier_arrive(turn)
@@ -606,8 +613,10 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   box_ok = cfg.box_copies is not False and fused_pv and (cfg.box_copies or not interpret)
   # On the GPU window boxes need box copies: Mosaic's row copies start a tiled dim only on
   # a multiple of 8 rows.
-  # Mask functions and segment ids: the element test (segment ids as vectors, `_extras`).
-  extras = plan.mask_fn is not None or q_seg is not None
+  # Mask functions and segment ids: the element test (segment ids as vectors, `_extras`);
+  # unions of interval masks as intervals per term (`element.mask_vectors`).
+  lo, hi, c, terms, mask_fn = mask_vectors(plan)
+  extras = mask_fn is not None or q_seg is not None or terms > 1
   runtime = block_map is not None
   window = (window_lists(plan, scale, cfg) if not extras and not runtime
             and (interpret or (box_ok and _window_groups(kb.tile))) else None)
@@ -631,7 +640,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     row_counts = bmap.kv_counts
     mma = _mma_inputs(plan, scale) if cfg.mask_mma and not extras and not runtime else None
     if mma is None:
-      mask_arrays = [jnp.asarray(x, jnp.int32) for x in (plan.q_lo, plan.q_hi, plan.kv_c)]
+      mask_arrays = [jnp.asarray(x, jnp.int32) for x in (lo, hi, c)]
       mask_arrays += _extras(plan, b, q_seg, kv_seg)
       width = 0
     else:
@@ -657,12 +666,12 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   kv_view = _view if box is None else _window_view if window is not None else _box_view
   kernel = functools.partial(
       _kernel, qb=qb, kb=kb, half=half, half_dim=half_dim, head_dim=d, heads=h,
-      groups=h // hkv, dims=plan.num_mask_dims, stages=stages, q_bufs=q_bufs,
+      groups=h // hkv, dims=lo.shape[0], stages=stages, q_bufs=q_bufs,
       programs=programs, items=items, scale=scale, dtype=q.dtype, fused_pv=fused_pv,
       mma_width=width, split=split is not None, box=box, window=window is not None,
-      mask_fn=plan.mask_fn, segments=q_seg is not None, per_head=runtime,
+      mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
-      map_heads=walked.kv_ids.shape[1] if runtime else 1)
+      map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -94,40 +95,53 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 
 
 def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
-  """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels:
-  3-D neighborhoods, and 1-D ones with windows of at least `NA1D_MIN_KERNEL` keys, at
-  head_dim 65-128 (at 80, 96 or 128 columns), 2-D ones at 65-96; strided 3-D ones on the
-  shifted key grid (`ops.SHIFTED_KV`). 2-D 128² k33, B=2, H=16, fwd+bwd ms, these kernels /
-  Triton's backward after the Hopper forward
-  (docs/experiments/h200-2026-12-04-na2d_{128,96}.json, -na72.json): head_dim 128 4.56 /
-  4.39, head_dim 96 3.92 / 4.80 (Triton's backward runs 96 at 128), 72 3.74 / 4.95.
-  1-D, H200, B=2, H=16, fwd+bwd ms, these kernels / Triton
-  (docs/experiments/h200-2026-12-03-na1d-backward.json): S=32768 k2049 9.01 / 10.84, S=16384
-  k513 causal 1.67 / 1.82, k385 causal 1.47 / 1.57, k257 1.30 / 1.30, k129 1.27 / 1.04, k129
-  dilation 4 1.93 / 1.36 (short lists of 128-key blocks, all partial: Triton's 64-row
-  tiles visit fewer pairs). 3-D and 2-D, H200, bf16
-  D=128, fwd+bwd ms, these kernels / Triton (docs/experiments/h200-2026-12-03-grid-order.json, -backward-forms.json):
-  3-D NA 16×64² k8×16² 17.4 / 19.0 (16.9 with the fused dQ); with stride 4×8×8 on the
-  forward's grid 13.1 / 12.9, on the shifted grid 12.00 / 12.25 (11.76 through `auto`,
-  results/h200-2026-12-03b-headline.json); 2-D NA 128² k33 4.58 / 4.38
-  and 4.70 / 4.50 (Triton's: its 64-row query tiles). At head_dim 129-256 (192 or 256
-  columns; the role-split kernels, `attention_bwd_wide`) every neighborhood: H200, D=256, H=8, Hopper
-  forward, fwd+bwd ms with these / Triton's backward
-  (docs/experiments/h200-2026-12-03-wide-na.json): 1-D k1025 2.76 / 5.25, 2-D 96² k33
-  2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32. Up to 64 columns Triton's backward (at 32 its
-  64-row tiles win on short windows: 2-D 56² k7 1.44 vs 2.22 ms, -na32.json)."""
+  """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels
+  (else Triton's), by the window's keys (prod(kernel_size)) and the head_dim's width:
+
+  * 129-256 (the role-split kernels, `attention_bwd_wide`): every neighborhood. H200, D=256,
+    H=8, fwd+bwd ms, these / Triton's backward after the Hopper forward
+    (docs/experiments/h200-2026-12-03-wide-na.json): 1-D k1025 2.76 / 5.25, 2-D 96² k33
+    2.81 / 4.42, 3-D 16×32² k8×16² 4.43 / 7.32.
+  * 1-D windows of at least `NA1D_MIN_KERNEL` keys at every width from 48: H200, B=2,
+    H=16, at 128 S=32768 k2049 9.01 / 10.84, k257 1.30 / 1.30, k129 1.27 / 1.04
+    (-12-03-na1d-backward.json); H=8, S=16384, at 64 k1025 0.95 / 1.06, k257 0.51 / 0.52, at
+    40 k1025 1.01 / 1.26.
+  * 2-D/3-D at 48, 80 and 96 columns (Triton's backward pads them to 64 or 128): windows of
+    at least `NA_MIN_WINDOW` keys. H200, H=8 (2-D 128², H=16), fwd+bwd ms
+    (docs/experiments/h200-2026-12-04-na-backward-pick.json, -na72.json, -na2d_96.json):
+    at head_dim 40 2-D 96² k33 0.90 / 1.14, 3-D 16×32² k8×16² 1.39 / 1.73, 3×7² 0.51 / 0.60,
+    1-D k1025 1.01 / 1.26, but 2-D 56² k7 (B=64, H=4) 2.78 / 2.55; at 96 2-D 64² k13 0.60 /
+    0.64, 3-D 4×9² 0.80 / 0.94, 56² k7 6.90 / 6.27; at 80 64² k13 0.59 / 0.64, 56² k7 6.52 /
+    5.92; 72 at 80, 2-D 128² k33 3.74 / 4.95.
+  * 2-D/3-D at 64 and 128 (Triton's own widths): 3-D windows of at least `NA3D_MIN_WINDOW`
+    keys; 2-D ones on Triton's (its 64-row query tiles). At 128
+    3-D 16×64² k8×16² 17.4 / 19.0 (-12-03-grid-order.json; strided on the shifted key grid
+    12.00 / 12.25, -backward-forms.json), but 3×7² 0.82 / 0.77 and 4×9² 0.95 / 0.87; 2-D 128²
+    k33 4.56 / 4.39. At 64, 3-D k8×16² 1.38 / 1.55, 2-D 96² k33 0.97 / 0.99, 56² k7 5.47 /
+    3.60.
+  * 32: Triton's (2-D 56² k7 1.44 vs 2.22 ms; k33 and 3-D within 3%, -na32.json).
+
+  Short windows give short lists of 128-key blocks per CTA, where Triton's 64-row tiles
+  visit fewer pairs."""
   width = _padded_head_dim(head_dim)
-  if not isinstance(mask, masks.Neighborhood) or width is None or width <= 64:
+  if not isinstance(mask, masks.Neighborhood) or width is None or width <= 32:
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
-  if mask.num_dims == 2:  # at 80 or 96 columns (Triton's backward pads 65-96 to 128)
-    return width < 128
-  return mask.num_dims == 3 or mask.kernel_size[0] >= NA1D_MIN_KERNEL
+  keys = math.prod(mask.kernel_size)
+  if mask.num_dims == 1:
+    return keys >= NA1D_MIN_KERNEL
+  if width in (64, 128):
+    return mask.num_dims == 3 and keys >= NA3D_MIN_WINDOW
+  return keys >= NA_MIN_WINDOW
 
 
 # Keys in a 1-D window from which the Hopper backward beats Triton's (tied at 257 keys).
 NA1D_MIN_KERNEL = 256
+# Keys in a 2-D/3-D window from which it does at 48, 80 and 96 columns (loses at 49, wins at
+# 147 and 169), and in a 3-D window at 64 and 128 (loses at 324, wins at 2048).
+NA_MIN_WINDOW = 128
+NA3D_MIN_WINDOW = 1024
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):

@@ -1,0 +1,85 @@
+"""Unions of interval masks on the Hopper kernels: intervals per term (`element.UNION_TERMS`,
+an OR over terms of each term's merged dims) against the mask function on the kernel
+positions (the form before). fwd and fwd+bwd ms, backend "mosaic_gpu", the variants
+interleaved over two rounds; each case's gradients at a smaller size against float32 XLA, and
+the two forms against each other at full size.
+
+    python -m benchmarks.diag.diag_union_terms --out x.json [--cases lm,lm_docs,lm_d64,window]
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks, ops
+from jax_sparse_attn.demo import time_ms
+from pallas_kernels.gpu.mosaic_gpu import element
+
+from . import Rows, max_rel_diff
+from ..bench_gpu import documents, fwd_bwd, inputs, rel
+
+LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+# name: (mask, batch, seq, heads, kv heads, head_dim, documents)
+CASES = {
+    "lm": (LM, 2, 8192, 16, 4, 128, 0),
+    "lm_docs": (LM, 2, 8192, 16, 4, 128, 4),
+    "lm_d64": (LM, 2, 8192, 8, 2, 64, 2),  # the models/ causal LM's attention
+    "window": (masks.causal() & masks.sliding_window(2047), 1, 32768, 16, 16, 128, 0),
+    "sinks_only_window": (masks.sliding_window(2047) | masks.sink(64), 1, 32768, 16, 16, 128,
+                          0),
+}
+
+
+def run(mask, seg):
+  return lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="mosaic_gpu")
+
+
+def set_union(on: bool):
+  element.UNION_TERMS = on
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  rows = Rows()
+  for name in args.cases.split(","):
+    mask, b, s, h, hkv, d, docs = CASES[name]
+    row = {"case": name, "batch": b, "seq": s, "heads": f"{h}/{hkv}", "head_dim": d,
+           "documents": docs}
+    # Gradients at a smaller size against float32 XLA (the union form).
+    sb, ss = 1, min(s, 4096)
+    small = inputs((sb, ss, 4, d), (sb, ss, 4 * hkv // h, d), jnp.bfloat16, seed=1)
+    seg_s = documents(sb, ss, docs) if docs else None
+    f32 = [x.astype(jnp.float32) for x in small]
+    want = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg_s,
+                                                 backend="xla"))(*f32)
+    set_union(True)
+    got = fwd_bwd(run(mask, seg_s))(*small)
+    row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
+                                 for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
+    seg = documents(b, s, docs) if docs else None
+    steps, grads = {}, {}
+    for on in (True, False):  # traced and compiled under each setting, then timed
+      set_union(on)
+      key = "union" if on else "mask_fn"
+      steps[key] = jax.jit(run(mask, seg)), fwd_bwd(run(mask, seg))
+      grads[key] = steps[key][1](*big)
+      jax.block_until_ready(steps[key][0](*big[:3]))
+    for rnd in range(2):
+      for key, (fwd, step) in steps.items():
+        row[f"{key}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=10, repeats=5), 4)
+        row[f"{key}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=10, repeats=5), 4)
+    row["union_vs_mask_fn_rel_diff"] = max_rel_diff(grads["union"], grads["mask_fn"])
+    set_union(True)
+    rows.record(**row)
+    rows.write(args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,46 @@
+"""The element test of partial blocks in the Hopper kernels: which per-token vectors they read
+(`mask_vectors`) and how per-dim interval tests combine (`interval_test`)."""
+from __future__ import annotations
+
+import functools
+import operator
+
+import jax.numpy as jnp
+
+from jax_sparse_attn.plan import AttentionPlan
+
+# Unions of interval masks (`AttentionPlan.union`, e.g. ``causal & (window | sink)``) tested
+# as intervals per term, an OR of ANDs, instead of running the mask function on the kernel
+# positions (False: the mask function; a lab knob).
+UNION_TERMS = True
+
+
+def mask_vectors(plan: AttentionPlan):
+  """(lo, hi, c, terms, mask_fn) of the element test: the union's interval vectors (T * D
+  rows, `masks.union_intervals`) and no mask function where the plan has them, else the
+  plan's intervals (one term) and its mask function."""
+  if UNION_TERMS and plan.union is not None:
+    terms, lo, hi, c = plan.union
+    return lo, hi, c, terms, None
+  return plan.q_lo, plan.q_hi, plan.kv_c, 1, plan.mask_fn
+
+
+def interval_test(test, dims: int, terms: int):
+  """OR over the terms of the AND of their dims' tests: ``test(d)`` is row d's boolean tile
+  (``lo[d] <= c[d] <= hi[d]``), term t owns rows ``t * dims // terms ...``."""
+  per = dims // terms
+  out = None
+  for t in range(terms):
+    term = functools.reduce(operator.and_, (test(t * per + d) for d in range(per)))
+    out = term if out is None else out | term
+  return out
+
+
+def mask_intervals(x, test, dims: int, terms: int, fill=0.0):
+  """``x`` with ``fill`` where the element test fails: one ``where`` per dim (one term), or
+  one for the union's `interval_test`."""
+  if terms > 1:
+    return jnp.where(interval_test(test, dims, terms), x, fill)
+  for d in range(dims):
+    x = jnp.where(test(d), x, fill)
+  return x
