@@ -138,4 +138,5 @@ def test_interval_terms_forms():
   assert lo.shape == (2, 10)  # causal & window merged into one dim per term
   assert masks.interval_terms(lm | masks.from_function(lambda q, k: q == k)) is None
   two = masks.sink(1) | masks.causal()
-  assert masks.interval_terms(two & two) is not None and masks.interval_terms(two & two & two) is None
+  assert masks.interval_terms(two & two) is not None
+  assert masks.interval_terms(two & two & two) is None

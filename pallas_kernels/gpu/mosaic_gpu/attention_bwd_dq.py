@@ -177,10 +177,11 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
   rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
   no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a
-  union, `element.interval_test`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias masks (``mma_width`` > 0, neighborhoods:
-  `tables.backward_mma_inputs`): onehot [128, W] of the Q block's coordinates, tables [n, W, 64]
-  and table_ids [n_q blocks, 2 * max kv] (entry e's halves at 2e, 2e + 1) come before dq, and
-  replace the interval test of partial blocks (``kv_sub`` 64)."""
+  union, `element.interval_test`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias
+  masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot [128, W] of
+  the Q block's coordinates, tables [n, W, 64] and table_ids [n_q blocks, 2 * max kv] (entry
+  e's halves at 2e, 2e + 1) come before dq, and replace the interval test of partial blocks
+  (``kv_sub`` 64)."""
   mma = mma_width > 0
   if mma:
     onehot_ref, tables_ref, table_ids_ref, dq_ref = refs
@@ -322,8 +323,8 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
        interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1):
   """dQ [b, n_q, h, d] (n_q: the plan's padded length, a multiple of 128) from the backward's
   padded inputs (`attention_bwd.backward`): lse₂ and delta [b, h, n_q], intervals lo/hi
-  [dims, n_q] and key coordinates c [dims, n_kv] (``terms`` of a union), `extras` the segment-id vectors
-  (`attention_fwd._extras`) or []; `bmap` the forward block map (128-row Q blocks, 128-key KV
+  [dims, n_q] and key coordinates c [dims, n_kv] (``terms`` of a union), `extras` the
+  segment-id vectors (`attention_fwd._extras`) or []; `bmap` the forward block map (128-row Q blocks, 128-key KV
   blocks), static or runtime; `mma` the dQ kernel's MMA-bias inputs (onehot, tables,
   table_ids; `tables.backward_mma_inputs`) or None."""
   if mma is not None:
