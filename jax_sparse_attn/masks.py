@@ -569,7 +569,7 @@ def union_intervals(terms: Sequence[Mask], q_idx: np.ndarray, kv_idx: np.ndarray
         same[0], same[1] = np.maximum(same[0], lo[d]), np.minimum(same[1], hi[d])
     parts.append(merged)
   dims = max(len(m) for m in parts)
-  rows = [m[min(d, len(m) - 1)] for m in parts for d in range(dims)]
+  rows = [m[d if d < len(m) else 0] for m in parts for d in range(dims)]
   return tuple(np.stack([r[i] for r in rows]).astype(np.int32) for i in range(3))
 
 

@@ -100,6 +100,7 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
   bmap = block_map_lib.build(mask, q_layout, kv_layout)
   q_index, q_valid = q_layout.token_index()
   kv_index, kv_valid = kv_layout.token_index()
+  union = _union(mask, q_layout, kv_layout, q_index, q_valid, kv_index, kv_valid)
   mask_fn = None
   vectors = interval_vectors(mask, q_layout, kv_layout)
   if vectors is not None:
@@ -115,7 +116,6 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
                                    kv_layout.segments or ((0, kv_layout.seq_len),))
       q_index = np.minimum(np.arange(q_layout.padded_len), q_layout.seq_len - 1)
       kv_index = np.minimum(np.arange(kv_layout.padded_len), kv_layout.seq_len - 1)
-  union = _union(mask, q_layout, kv_layout, lo.shape[0])
   # A shard of a larger problem (context parallelism) keeps no mask: kernels that re-derive
   # layouts from a Neighborhood's grid would take the global grid for the local tensor.
   shard = q_layout.is_shard or kv_layout.is_shard
@@ -125,18 +125,16 @@ def make_plan(mask: masks_lib.Mask, q_layout, kv_layout) -> AttentionPlan:
                        union=union)
 
 
-def _union(mask, q_layout, kv_layout, dims: int):
+def _union(mask, q_layout, kv_layout, q_index, q_valid, kv_index, kv_valid):
   """`AttentionPlan.union` (None where the mask is one term whose dims do not merge, or the
-  layouts are not sequences). Indices from the layouts (global ones on a shard)."""
+  layouts are not sequences), from the layouts' token indices (global ones on a shard)."""
   if not (isinstance(q_layout, SequenceLayout) and isinstance(kv_layout, SequenceLayout)):
     return None
   terms = masks_lib.interval_terms(mask)
   if terms is None:
     return None
-  q_idx, q_valid = q_layout.token_index()
-  kv_idx, kv_valid = kv_layout.token_index()
-  lo, hi, c = masks_lib.union_intervals(terms, q_idx, kv_idx, q_valid, kv_valid)
-  if len(terms) == 1 and lo.shape[0] >= dims:
+  lo, hi, c = masks_lib.union_intervals(terms, q_index, kv_index, q_valid, kv_valid)
+  if len(terms) == 1 and lo.shape[0] >= terms[0].num_dims:
     return None
   return len(terms), lo, hi, c
 

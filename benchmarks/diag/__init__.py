@@ -1,4 +1,5 @@
 """Lab tools: one question each, run on the device machine (`run_device.sh`)."""
+import argparse
 import contextlib
 import json
 import math
@@ -25,6 +26,15 @@ class Rows:
       with open(path, "w") as f:
         json.dump({"device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d"),
                    "rows": self.rows}, f, indent=1)
+
+
+def case_parser(cases: str) -> argparse.ArgumentParser:
+  """A diagnostic's command line: ``--cases`` (comma-separated, default `cases`) and
+  ``--out`` (a JSON path); callers add their own arguments."""
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--cases", default=cases)
+  parser.add_argument("--out", default=None)
+  return parser
 
 
 def max_rel_diff(grads, ref) -> float:

@@ -8,7 +8,6 @@ against the first.
 
     python -m benchmarks.diag.diag_backward_forms --cases window,routing,strided --out x.json
 """
-import argparse
 import json
 
 import jax
@@ -18,7 +17,7 @@ from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
-from . import hopper_backward_forced, max_rel_diff
+from . import case_parser, hopper_backward_forced, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 from ..cli import suites
 
@@ -37,9 +36,7 @@ STRIDED = {
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default="strided,gna3d,routing,dense,causal,window,blocksparse")
-  parser.add_argument("--out", default=None)
+  parser = case_parser("strided,gna3d,routing,dense,causal,window,blocksparse")
   args = parser.parse_args()
   built = suites(quick=False)
   rows = []

@@ -7,7 +7,6 @@ them.
 
     python -m benchmarks.diag.diag_backward_stages --out x.json [--cases gna2d,strided]
 """
-import argparse
 import json
 
 import jax
@@ -17,7 +16,7 @@ from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
 
-from . import hopper_backward_forced, max_rel_diff
+from . import case_parser, hopper_backward_forced, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 from ..cli import suites
 
@@ -25,9 +24,7 @@ VARIANTS = ((2, 2), (3, 2), (4, 2), (2, 2))  # dQ at 3 slots: 263 KB of shared m
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default="gna2d,strided,window,blocksparse")
-  parser.add_argument("--out", default=None)
+  parser = case_parser("gna2d,strided,window,blocksparse")
   args = parser.parse_args()
   built = suites(quick=False)
   rows = []

@@ -11,7 +11,6 @@ classes, within noise of "natural".)
 
     python -m benchmarks.diag.diag_dkv_items --out items.json
 """
-import argparse
 import math
 
 import jax
@@ -25,7 +24,7 @@ from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
 
-from . import Rows, backward_inputs
+from . import Rows, backward_inputs, case_parser
 
 H, D = 16, 128
 _LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
@@ -75,11 +74,9 @@ def _with(variant, fn):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default=",".join(CASES))
+  parser = case_parser(",".join(CASES))
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--e2e", default=",".join(NA_E2E))
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   scale = 1 / math.sqrt(D)

@@ -7,7 +7,6 @@ against the first's.
 
     python -m benchmarks.diag.diag_fold_rowsum --cases gna1d,gna3d,strided --out x.json
 """
-import argparse
 
 import jax.numpy as jnp
 
@@ -15,7 +14,7 @@ from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
-from . import Rows, max_rel_diff
+from . import Rows, case_parser, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 from ..cli import suites
 
@@ -27,10 +26,8 @@ VARIANTS = {
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default="gna1d,gna3d,strided")
+  parser = case_parser("gna1d,gna3d,strided")
   parser.add_argument("--repeats", type=int, default=2, help="rounds over the variants")
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   built = suites(quick=False)
   rows = Rows()

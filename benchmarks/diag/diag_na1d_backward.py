@@ -6,7 +6,6 @@ name is in --cases runs (the headline's `gna1d` is "k2049").
 
     python -m benchmarks.diag.diag_na1d_backward --out na1d.json
 """
-import argparse
 
 import jax.numpy as jnp
 
@@ -15,7 +14,7 @@ from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
 
-from . import Rows, max_rel_diff
+from . import Rows, case_parser, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
 
 CASES = {  # name: (batch, seq, kernel, dilation, causal)
@@ -29,9 +28,7 @@ CASES = {  # name: (batch, seq, kernel, dilation, causal)
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default=",".join(CASES))
-  parser.add_argument("--out", default=None)
+  parser = case_parser(",".join(CASES))
   args = parser.parse_args()
   rows = Rows()
   for name in args.cases.split(","):

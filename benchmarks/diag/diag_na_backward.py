@@ -8,7 +8,6 @@ sizes.
     python -m benchmarks.diag.diag_na_backward --out na_backward.json
     python -m benchmarks.diag.diag_na_backward --cases na2d --check 0 --probe 1  # dK/dV probe
 """
-import argparse
 import dataclasses
 import math
 
@@ -25,7 +24,7 @@ from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
 from pallas_kernels.gpu.mosaic_gpu.boxes import kernel_order
 
-from . import Rows, backward_inputs
+from . import Rows, backward_inputs, case_parser
 
 # name: (batch, spatial, kernel, stride)
 CASES = {"na2d": (2, (128, 128), (33, 33), (1, 1)),
@@ -42,11 +41,9 @@ def _rel(a, b):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default="na2d,strided,na3d")
+  parser = case_parser("na2d,strided,na3d")
   parser.add_argument("--check", type=int, default=1)
   parser.add_argument("--probe", type=int, default=0)
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   h, d = 16, 128

@@ -6,7 +6,6 @@ the float32 XLA backend at a smaller length of the same case in the same call.
 
     python -m benchmarks.diag.diag_role_split_128 --out rs128.json
 """
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide
 
-from . import Rows, check_and_time
+from . import Rows, case_parser, check_and_time
 from ..bench_gpu import fwd_bwd, inputs
 
 LM = masks.causal() & (masks.sliding_window(512) | masks.sink(4))
@@ -30,10 +29,8 @@ CASES = {  # name: (batch, seq, kv heads, mask, cuDNN kwargs or None, check seq)
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default=",".join(CASES))
+  parser = case_parser(",".join(CASES))
   parser.add_argument("--stages", default="2,3", help="role-split K/V and Q/dO slots to try")
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   saved = attention_bwd_wide.HEAD_DIMS, attention_bwd_wide.STAGES

@@ -8,7 +8,6 @@ fused backward forced (`attention_bwd.FUSED_MIN_ENTRIES` = 0).
 
     python -m benchmarks.diag.diag_scaling --out scaling.json
 """
-import argparse
 import time
 
 import jax
@@ -23,7 +22,7 @@ from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
-from . import Rows
+from . import Rows, case_parser
 from ..bench_gpu import fwd_bwd, inputs
 
 H, D = 16, 128
@@ -74,10 +73,8 @@ def _time(run, shape, iters):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default=",".join(CASES))
+  parser = case_parser(",".join(CASES))
   parser.add_argument("--variants", action="store_true")
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   for name in args.cases.split(","):

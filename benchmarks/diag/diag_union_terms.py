@@ -6,7 +6,6 @@ the two forms against each other at full size.
 
     python -m benchmarks.diag.diag_union_terms --out x.json [--cases lm,lm_docs,lm_d64,window]
 """
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from jax_sparse_attn import masks, ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import element
 
-from . import Rows, max_rel_diff
+from . import Rows, case_parser, max_rel_diff
 from ..bench_gpu import documents, fwd_bwd, inputs, rel
 
 LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
@@ -42,9 +41,7 @@ def set_union(on: bool):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default=",".join(CASES))
-  parser.add_argument("--out", default=None)
+  parser = case_parser(",".join(CASES))
   args = parser.parse_args()
   rows = Rows()
   for name in args.cases.split(","):

@@ -8,7 +8,6 @@ smaller length of the same case in the same call. bf16, H=16.
     python -m benchmarks.diag.diag_wide_backward --out wide.json
     python -m benchmarks.diag.diag_wide_backward --cases causal_d192,dense_d192 --padded
 """
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from jax_sparse_attn import masks, ops
 from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd_wide
 
-from . import Rows, check_and_time, native_widths
+from . import Rows, case_parser, check_and_time, native_widths
 from ..bench_gpu import fwd_bwd, inputs
 
 CASES = {  # name: (batch, seq, kv heads, head_dim, mask, cuDNN kwargs or None, check seq)
@@ -41,8 +40,7 @@ CASES = {  # name: (batch, seq, kv heads, head_dim, mask, cuDNN kwargs or None, 
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default=",".join(CASES))
+  parser = case_parser(",".join(CASES))
   parser.add_argument("--registers", action="store_true",
                       help="also 240/24 registers for the role-split kernels")
   parser.add_argument("--padded", action="store_true",
@@ -51,7 +49,6 @@ def main():
   parser.add_argument("--stages", type=int, default=None,
                       help="also the role-split kernels with this many Q/dO and K/V slots "
                            "(192-column cases only: 256 has no room for a third)")
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   for name in args.cases.split(","):

@@ -8,7 +8,6 @@ head_dim <= 128 "hopper_fwd_wide_bwd" runs the 128-row backward kernels.
     python -m benchmarks.diag.diag_wide_na --out wide_na.json
     python -m benchmarks.diag.diag_wide_na --head-dim 192 --padded --out na192.json
 """
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
 
-from . import Rows, max_rel_diff, native_widths
+from . import Rows, case_parser, max_rel_diff, native_widths
 from ..bench_gpu import fwd_bwd, inputs
 
 CASES = {  # name: (batch, spatial, kernel, stride)
@@ -40,12 +39,10 @@ VARIANTS = {  # name: (backend, config, columns at 129-192 native)
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--cases", default=",".join(CASES))
+  parser = case_parser(",".join(CASES))
   parser.add_argument("--head-dim", type=int, default=256)
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--padded", action="store_true")
-  parser.add_argument("--out", default=None)
   args = parser.parse_args()
   rows = Rows()
   variants = dict(VARIANTS)

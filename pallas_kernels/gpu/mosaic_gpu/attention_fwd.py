@@ -51,7 +51,7 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 from .. import mma_masks
 from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
 from .config import swizzle_columns, swizzled
-from .element import interval_test, mask_vectors
+from .element import mask_intervals, mask_vectors
 from .boxes import (_Boxes, _box_groups, _box_layout, _box_view, _boxes, _half_tile, _view,
                     _window_groups, _window_view, caller_order, kernel_order)
 from .tables import _mma_inputs
@@ -296,11 +296,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             return ((c >= lax.broadcast_in_dim(lo, shape, [0]))
                     & (c <= lax.broadcast_in_dim(hi, shape, [0])))
 
-          if masked and not mma and terms > 1:  # a union: one test, an OR of ANDs
-            s = mask_out(interval_test(in_dim, dims, terms), s)
-          elif masked and not mma:
-            for d in range(dims):
-              s = mask_out(in_dim(d), s)
+          if masked and not mma:  # per dim, or a union's OR of ANDs as one test
+            s = mask_intervals(s, in_dim, dims, terms, mask_out)
           if mask_fn is not None and masked:  # on kernel positions, as the Triton kernels
             iota = lambda dim: plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim),
                                                  plgpu.Layout.WGMMA)

@@ -36,11 +36,16 @@ def interval_test(test, dims: int, terms: int):
   return out
 
 
-def mask_intervals(x, test, dims: int, terms: int, fill=0.0):
-  """``x`` with ``fill`` where the element test fails: one ``where`` per dim (one term), or
-  one for the union's `interval_test`."""
+def _zero_out(ok, x):
+  return jnp.where(ok, x, 0.0)
+
+
+def mask_intervals(x, test, dims: int, terms: int, where=_zero_out):
+  """``x`` masked by the element test, ``where(ok, x)``: once per dim (one term), or once
+  with the union's `interval_test`. The default zeroes P where the test fails (the backward
+  kernels); the forward passes its own (-inf, or the tests' running AND)."""
   if terms > 1:
-    return jnp.where(interval_test(test, dims, terms), x, fill)
+    return where(interval_test(test, dims, terms), x)
   for d in range(dims):
-    x = jnp.where(test(d), x, fill)
+    x = where(test(d), x)
   return x
