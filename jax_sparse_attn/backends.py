@@ -33,10 +33,11 @@ class Backend(NamedTuple):
   # Takes `plan_lib.gathered` plans: neighborhood attention hands it q/k/v in the caller's
   # order (no permuted copies); the kernels gather rows.
   gathers: bool = False
-  # (head_dim, dtype, config, mask) -> map blocks for the backward kernels of gathered plans
-  # (whose token order does not depend on the tiling: the backward may tile differently from
-  # the forward), or None: the forward's.
-  backward_blocks: Callable[[int, Any, Any, Any], tuple[int, int] | None] | None = None
+  # (head_dim, dtype, config, mask, segments: the call has a padding mask or segment ids) ->
+  # map blocks for the backward kernels of gathered plans (whose token order does not depend
+  # on the tiling: the backward may tile differently from the forward), or None: the
+  # forward's.
+  backward_blocks: Callable[[int, Any, Any, Any, bool], tuple[int, int] | None] | None = None
   # Neighborhood tile choice: also consider query tiles of half the default block (when no
   # block_q is given), and prefer tiles whose last dim is a multiple of this.
   half_q_tiles: bool = False

@@ -532,7 +532,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                        default_tiles=default_tiles)
   plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
                    TiledLayout(spatial, mask.dilation, kv_tile_shape))
-  bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config)
+  bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config,
+                             segments=q_seg is not None)
               if default_tiles and impl.gathers else None)
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
                       kv_seg, bwd_plan=bwd_plan)
@@ -685,13 +686,15 @@ SHIFTED_KV = True
 
 
 def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionPlan,
-                   head_dim: int, dtype, config, fit_tile=None) -> AttentionPlan | None:
+                   head_dim: int, dtype, config, fit_tile=None,
+                   segments: bool = False) -> AttentionPlan | None:
   """The gathered plan for the backward kernels when their best tiles differ from the
   forward plan's, else None: the forward plan's layouts (a context-parallel shard's too)
-  with the backward's tiles (`fit_tile` adapts them to a shard)."""
+  with the backward's tiles (`fit_tile` adapts them to a shard; ``segments``: the call has a
+  padding mask or segment ids, which the backward's choice of kernels may depend on)."""
   from .simulate import best_shifted_tiles, best_tile_shapes
-  blocks = (impl.backward_blocks(head_dim, dtype, config, mask) if impl.backward_blocks
-            else None)
+  blocks = (impl.backward_blocks(head_dim, dtype, config, mask, segments)
+            if impl.backward_blocks else None)
   if blocks is None:
     return None
   bwd_q, bwd_kv = (tuple((fit_tile or (lambda t: t))(t)) for t in best_tile_shapes(mask, *blocks))

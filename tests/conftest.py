@@ -13,6 +13,14 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
                               " --xla_llvm_disable_expensive_passes=true")
 
+# GPU interpret mode runs each warpgroup as its own XLA:CPU computation whose barrier waits
+# block inside host callbacks. XLA's concurrency-optimized scheduler lets the CPU runtime run
+# a computation's independent callbacks on its intra-op pool (one thread per core): on 2
+# cores, waits blocked on both pool threads starve the warpgroup they wait for (a deadlock
+# at e.g. GQA 2-D neighborhoods on the Hopper backward; README, Tests).
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=8, derandomize=True,

@@ -446,7 +446,7 @@ def test_split_where_it_pays():
 
 
 @pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa", "na1d", "na2d_split",
-                                  "na3d_rows", "na3d_window_3dims"])
+                                  "na3d_rows", "na3d_window_3dims", "na3d_padded"])
 def test_lowers_for_gpu(case):
   """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
   backward: Mosaic GPU for 1-D masks, 1-D and 3-D neighborhoods, strided ones included (the
@@ -456,6 +456,11 @@ def test_lowers_for_gpu(case):
   if case == "na2d":
     f = lambda q, k, v: jsa.na2d(q, k, v, 33, backend="mosaic_gpu")
     args = (S(2, 128, 128, 16, 128),) * 3
+  elif case == "na3d_padded":  # a padding mask: segment vectors on the box path, Triton's
+    # backward (`hopper_backward_neighborhood` with segments)
+    valid = jnp.broadcast_to(jnp.arange(64) < 56, (1, 16, 64, 64))
+    f = lambda q, k, v: jsa.na3d(q, k, v, (8, 16, 16), backend="mosaic_gpu", kv_valid=valid)
+    args = (S(1, 16, 64, 64, 4, 128),) * 3
   elif case == "na2d_split":  # per-warpgroup lists (stride k/2's best grid tiles)
     f = lambda q, k, v: jsa.na2d(q, k, v, 16, stride=8, backend="mosaic_gpu",
                                  q_tile_shape=(16, 8), kv_tile_shape=(4, 16),
@@ -489,6 +494,29 @@ def test_lowers_for_gpu(case):
   else:
     assert text.count("@mosaic_gpu_v2(") == 1
     assert text.count("__gpu$xla.gpu.triton") >= 2  # dQ and dK/dV
+
+
+def test_padded_neighborhood_picks():
+  """Neighborhoods with a padding mask or segment ids: `auto` takes the Hopper forward for
+  2-D/3-D windows of >= 1024 keys (Triton's below, and for 1-D), and Triton's backward at 64
+  and 128 columns (the role-split Hopper kernels above 128), with the backward plan's blocks
+  to match (measured, `config.hopper_forward_segments`)."""
+  from pallas_kernels.gpu import triton_attention
+  from pallas_kernels.gpu.mosaic_gpu import config as mg_config
+  pick = lambda m, seg, d=128: mg_config.supports(m, jnp.bfloat16, d, seg, None, None, None,
+                                                   None)
+  na = masks.neighborhood
+  big2, big3 = na((128, 128), 33), na((16, 64, 64), (8, 16, 16))
+  for m in (big2, big3):
+    assert pick(m, True) and pick(m, False)
+  for m in (na((96, 96), 17), na((64, 128), 25), na((16, 64, 64), (4, 9, 9)), na(8192, 1025)):
+    assert pick(m, False) and not pick(m, True)
+  backward = mg_config.hopper_backward_neighborhood
+  assert backward(big3, 128) and not backward(big3, 128, segments=True)
+  assert not backward(big3, 64, segments=True) and backward(big3, 256, segments=True)
+  blocks = lambda seg: mg_config.default_backward_map_blocks(128, jnp.bfloat16, None, big3, seg)
+  assert blocks(False) == (128, 128)
+  assert blocks(True) == triton_attention.default_backward_map_blocks(128, jnp.bfloat16, None)
 
 
 def _window_plan(spatial, kernel, stride=1, causal=False, q_tile=(8, 16), kv_tile=(16, 8)):

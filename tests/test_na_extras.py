@@ -306,6 +306,24 @@ def test_masked_na_mosaic_gpu():
                   config=MosaicGPUConfig(backward="mosaic_gpu"))
 
 
+def test_masked_na_mosaic_gpu_boxes(monkeypatch):
+  """Padding masks and segment ids on the Hopper forward's box path: Q/K/V read as boxes of
+  the caller's layout (no permutation into kernel order), the segment vectors per kernel
+  position; GQA, a causal dim, random padding, the Hopper backward."""
+  from pallas_kernels.gpu import MosaicGPUConfig
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+
+  def permuted(*args):
+    raise AssertionError("the forward permuted into kernel order")
+
+  monkeypatch.setattr(attention_fwd, "kernel_order", permuted)
+  p = dict(problem=((16, 16), (5, 7), (1, 1), (1, 1), (False, True)), batch=2, heads=2,
+           kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=4, tile_q=(8, 16),
+           tile_kv=(8, 16), valid="random", segments=True)
+  check_masked_na(p, "mosaic_gpu", interpret=True,
+                  config=MosaicGPUConfig(backward="mosaic_gpu"))
+
+
 def test_packed_mosaic_gpu():
   p = dict(shapes=[(9, 12), (7, 10), (11, 8)], problem=((3, 5), (1, 2), (2, 1), (True, False)),
            batch=1, heads=2, kv_heads=2, head_dim=64, dtype=jnp.bfloat16, seed=5)

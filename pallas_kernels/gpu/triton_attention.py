@@ -104,10 +104,13 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
   return _tuned(head_dim)["map"]
 
 
-def default_backward_map_blocks(head_dim: int, dtype, config: TritonConfig | None, mask=None):
+def default_backward_map_blocks(head_dim: int, dtype, config: TritonConfig | None, mask=None,
+                                segments: bool = False):
   """Map blocks matching the backward kernels' tiles: the dQ query tile, the dK/dV key tile
   (a 128-row map under 64-row dQ programs visits the whole row's blocks twice). None when
-  `config` sets backward tiles (they must divide the forward's map). Any mask."""
+  `config` sets backward tiles (they must divide the forward's map). Any mask, with or
+  without segment ids."""
+  del segments
   if config is not None and any(x is not None for x in (
       config.dq_block_q, config.dq_block_kv, config.bwd_block_q, config.bwd_block_kv)):
     return None

@@ -96,7 +96,7 @@ FUSED_REGISTERS = (240, 24)
 FUSED_MIN_ENTRIES = 24
 
 
-def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
+def picks_mosaic(plan: AttentionPlan, head_dim: int = 128, segments: bool = False) -> bool:
   """`MosaicGPUConfig.backward=None`: these kernels (dQ as its own kernel) for 1-D masks,
   dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.7 vs 30.0 ms
   for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
@@ -112,8 +112,8 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128) -> bool:
   docs/performance.md)."""
   if isinstance(plan.mask, masks.PackedNeighborhood):
     return False
-  if plan.gathered:
-    return hopper_backward_neighborhood(plan.mask, head_dim)
+  if plan.gathered:  # ``segments``: a padding mask or segment ids
+    return hopper_backward_neighborhood(plan.mask, head_dim, segments)
   return True
 
 
@@ -450,7 +450,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
   # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
   if (cfg.backward == "triton"
-      or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1]))
+      or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1], q_seg is not None))
       or not (wide or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
                        and q.shape[-1] <= _MAX_BACKWARD_HEAD_DIM))):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,

@@ -58,6 +58,13 @@ from .tables import _mma_inputs
 from .cost import split_lists, window_lists
 from .schedule import _SMEM_LIMIT, _order, _persistent_default, _programs, _smem_bytes, _stages
 
+# Segment ids and padding masks of neighborhoods on the box path: Q/K/V read as TMA boxes of
+# the caller's layout, the segment vectors per kernel position (`ops._kernel_segments`)
+# loaded beside the intervals. False: Q/K/V permuted into kernel order first (the earlier
+# form, kept while GPU interpret mode hung on this path: XLA:CPU's concurrency-optimized
+# scheduler, tests/conftest.py).
+BOX_SEGMENTS = True
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # How partial blocks apply their element tests (interval dims, mask function, segment ids):
@@ -569,11 +576,9 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   if why is not None:
     raise ValueError(f"backend='mosaic_gpu' does not support {why}")
   walked = walked_map(plan, block_map)
-  if plan.gathered and (q_seg is not None
+  if plan.gathered and ((q_seg is not None and not BOX_SEGMENTS)
                        or not (_box_layout(plan.q_layout) and _box_layout(plan.kv_layout))):
-    # Blocks that are not boxes of the caller's layout (`_box_layout`), or segment ids
-    # (they come per kernel position: `ops._kernel_segments`; the box path with them hangs
-    # in GPU interpret mode, so CI could not check it): permute.
+    # Blocks that are not boxes of the caller's layout (`_box_layout`): permute.
     ql, kl = plan.q_layout, plan.kv_layout
     # Q and K/V grids differ on context-parallel shards (a slab and its halo).
     out, lse = forward(kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg,

@@ -94,7 +94,19 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
   return 2 * _ROWS, 128 if head_dim <= 128 else 64
 
 
-def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
+def hopper_forward_segments(mask) -> bool:
+  """Whether `auto` runs the forward of a neighborhood with a padding mask or segment ids on
+  these kernels (else Triton's): 2-D/3-D windows of at least `NA_SEGMENTS_MIN_WINDOW` keys.
+  With segments the forward tests every element of partial blocks and every block's segments
+  (no MMA bias). H200, B=2 (3-D B=1), H=16, D=128, padded last dim, forward ms, these /
+  Triton's (docs/experiments/h200-2026-12-04-na-padding.json): 2-D 128² k33 1.18-1.24 / 1.67-1.71,
+  3-D 16×64² k8×16² 5.53-5.69 / 8.34-8.39, 2-D 64×128 k25 0.65-0.66 / 0.64-0.67, 2-D 96² k17
+  0.51-0.53 / 0.45-0.46, 3-D k4×9² 4.17-4.26 / 2.78-2.79. (1-D: Triton's, not measured.)"""
+  return (isinstance(mask, masks.Neighborhood) and mask.num_dims >= 2
+          and math.prod(mask.kernel_size) >= NA_SEGMENTS_MIN_WINDOW)
+
+
+def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) -> bool:
   """Whether `MosaicGPUConfig.backward=None` runs a neighborhood's backward on these kernels
   (else Triton's), by the window's keys (prod(kernel_size)) and the head_dim's width:
 
@@ -120,6 +132,10 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
     k33 4.56 / 4.39. At 64, 3-D k8×16² 1.38 / 1.55, 2-D 96² k33 0.97 / 0.99, 56² k7 5.47 /
     3.60.
   * 32: Triton's (2-D 56² k7 1.44 vs 2.22 ms; k33 and 3-D within 3%, -na32.json).
+  * With a padding mask or segment ids (``segments``), 2-D/3-D at 64 and 128: Triton's (the
+    segment test on every block, no MMA bias). H200, D=128, fwd+bwd ms after the Hopper
+    forward, these / Triton's backward (-12-04-na-padding.json): 3-D 16×64² k8×16² 24.4 /
+    22.9-23.4, 2-D 128² k33 5.43-5.53 / 5.04-5.06, 96² k17 2.03-2.06 / 1.48-1.49.
 
   Short windows give short lists of 128-key blocks per CTA, where Triton's 64-row tiles
   visit fewer pairs."""
@@ -128,6 +144,8 @@ def hopper_backward_neighborhood(mask, head_dim: int) -> bool:
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
+  if segments and mask.num_dims >= 2 and width in (64, 128):
+    return False
   keys = math.prod(mask.kernel_size)
   if mask.num_dims == 1:
     return keys >= NA1D_MIN_KERNEL
@@ -142,21 +160,26 @@ NA1D_MIN_KERNEL = 256
 # 147 and 169), and in a 3-D window at 64 and 128 (loses at 324, wins at 2048).
 NA_MIN_WINDOW = 128
 NA3D_MIN_WINDOW = 1024
+# Keys in a 2-D/3-D window from which the Hopper forward runs a padding mask or segment ids
+# faster than Triton's (ties at 625, wins at 1089 and 2048: `hopper_forward_segments`).
+NA_SEGMENTS_MIN_WINDOW = 1024
 
 
-def default_backward_map_blocks(head_dim: int, dtype, config, mask=None):
+def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segments=False):
   """The backward's (query, key) blocks for neighborhoods (1-D masks keep the forward's
   plan): the Mosaic GPU backward's 128 and 128 (its CTA owns 128 keys) where it runs
-  (`MosaicGPUConfig.backward="mosaic_gpu"`, or None and `hopper_backward_neighborhood`),
-  else the Triton backward's."""
+  (`MosaicGPUConfig.backward="mosaic_gpu"`, or None and `hopper_backward_neighborhood`; with
+  ``segments``: a padding mask or segment ids), else the Triton backward's."""
   config = config if isinstance(config, MosaicGPUConfig) else MosaicGPUConfig()
   if _MAX_BACKWARD_HEAD_DIM < head_dim <= 256 and (
       config.backward == "mosaic_gpu"
-      or (config.backward is None and hopper_backward_neighborhood(mask, head_dim))):
+      or (config.backward is None
+          and hopper_backward_neighborhood(mask, head_dim, segments))):
     return 2 * _ROWS, _ROWS  # the role-split kernels' (`attention_bwd_wide`)
   if head_dim <= _MAX_BACKWARD_HEAD_DIM and (
       config.backward == "mosaic_gpu"
-      or (config.backward is None and hopper_backward_neighborhood(mask, head_dim))):
+      or (config.backward is None
+          and hopper_backward_neighborhood(mask, head_dim, segments))):
     return 2 * _ROWS, 2 * _ROWS
   return triton_attention.default_backward_map_blocks(head_dim, dtype, config.triton)
 
@@ -295,10 +318,7 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   # 5.07, 3-D 16×32² k8×16² 4.43 vs 8.56 (-wide-na.json). At 192 columns: causal 7.15 vs
   # cuDNN 8.02, neighborhoods 2.27 / 2.35 / 3.63 vs Triton's 6.59 / 5.29 / 8.83
   # (-head-dim-192.json, -na-192.json).
-  if has_segments and isinstance(mask, masks.Neighborhood):
-    # Padding masks / segment ids on a neighborhood: element tests on every block, and a
-    # permuted copy; the Triton kernels run them faster (H200, 96x96 k17 B2 H16: 0.46 vs
-    # 0.73 ms forward; results/h200-2026-11-29-na-extras.json).
+  if has_segments and isinstance(mask, masks.Neighborhood) and not hopper_forward_segments(mask):
     return False
   return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
                   1.0 if scale is None else scale, block_q or 2 * _ROWS,

@@ -1,0 +1,107 @@
+"""Neighborhoods with a padding mask on the Hopper forward: Q/K/V as TMA boxes of the
+caller's layout with the segment vectors per kernel position (`attention_fwd.BOX_SEGMENTS`)
+against the permuted copies into kernel order (the form before), Triton's kernels and the
+unpadded neighborhood. fwd and fwd+bwd ms (the backward is `auto`'s for the mask), the
+variants interleaved over two rounds; gradients at a smaller size against float32 XLA, and
+the box path against Triton's at full size. ``--backward``: the Hopper forward (boxes) with
+each backward forced (Triton's, the Hopper one) beside all-Triton and the unpadded
+neighborhood, for `auto`'s rule.
+
+    python -m benchmarks.diag.diag_na_padding --out x.json [--cases na2d_96,na2d_128,na3d]
+        [--backward]
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import ops
+from jax_sparse_attn.demo import time_ms
+from pallas_kernels.gpu import MosaicGPUConfig
+from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+
+from . import Rows, case_parser, max_rel_diff
+from ..bench_gpu import fwd_bwd, inputs, rel
+
+# name: (spatial, kernel, batch, heads, padded keys along the last dim)
+CASES = {
+    "na2d_96": ((96, 96), (17, 17), 2, 16, 16),  # bench_na_extras' padded row
+    "na2d_64_k25": ((64, 128), (25, 25), 2, 16, 16),
+    "na2d_128": ((128, 128), (33, 33), 2, 16, 24),
+    "na3d": ((16, 64, 64), (8, 16, 16), 1, 16, 8),
+    "na3d_k4x9": ((16, 64, 64), (4, 9, 9), 1, 16, 8),
+}
+D = 128
+
+
+def padding(batch, spatial, pad):
+  """kv_valid [batch, *spatial]: the last `pad` positions of the last dim are padding."""
+  valid = np.arange(spatial[-1]) < spatial[-1] - pad
+  return jnp.asarray(np.broadcast_to(valid, (batch, *spatial)))
+
+
+def run(kernel, valid, backend, backward=None):
+  config = None if backward is None else MosaicGPUConfig(backward=backward)
+  return lambda q, k, v: jsa.na(q, k, v, kernel, kv_valid=valid, backend=backend,
+                                config=config)
+
+
+def set_boxes(on: bool):
+  attention_fwd.BOX_SEGMENTS = on
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+
+
+def main():
+  parser = case_parser("na2d_96,na2d_128,na3d")
+  parser.add_argument("--backward", action="store_true")
+  args = parser.parse_args()
+  rows = Rows()
+  for name in args.cases.split(","):
+    spatial, kernel, b, h, pad = CASES[name]
+    row = {"case": name, "spatial": spatial, "kernel": kernel, "batch": b, "heads": h,
+           "head_dim": D, "padded": pad}
+    # Gradients at a smaller size (batch 1, 4 heads) against float32 XLA (the box path).
+    small_spatial = (8, 32, 32) if len(spatial) == 3 else (48, 64)
+    small = inputs((1, *small_spatial, 4, D), (1, *small_spatial, 4, D), jnp.bfloat16, seed=1)
+    small_valid = padding(1, small_spatial, pad)
+    f32 = [x.astype(jnp.float32) for x in small]
+    want = fwd_bwd(run(kernel, small_valid, "xla"))(*f32)
+    set_boxes(True)
+    got = fwd_bwd(run(kernel, small_valid, "mosaic_gpu"))(*small)
+    row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
+                                 for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    big = inputs((b, *spatial, h, D), (b, *spatial, h, D), jnp.bfloat16)
+    valid = padding(b, spatial, pad)
+    steps, grads = {}, {}
+    if args.backward:
+      variants = {"boxes": (True, valid, "mosaic_gpu", "triton"),
+                  "hopper_backward": (True, valid, "mosaic_gpu", "mosaic_gpu"),
+                  "triton": (True, valid, "triton", None),
+                  "unpadded": (True, None, "mosaic_gpu", None)}
+    else:
+      variants = {"boxes": (True, valid, "mosaic_gpu", None),
+                  "permuted": (False, valid, "mosaic_gpu", None),
+                  "triton": (True, valid, "triton", None),
+                  "unpadded": (True, None, "mosaic_gpu", None)}
+    for key, (boxes, kv_valid, backend, bwd) in variants.items():  # traced under its knob
+      set_boxes(boxes)
+      fn = run(kernel, kv_valid, backend, bwd)
+      steps[key] = jax.jit(fn), fwd_bwd(fn)
+      grads[key] = steps[key][1](*big)
+      jax.block_until_ready(steps[key][0](*big[:3]))
+    for rnd in range(2):
+      for key, (fwd, step) in steps.items():
+        row[f"{key}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=10, repeats=5), 4)
+        row[f"{key}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=10, repeats=5), 4)
+    row["boxes_vs_triton_rel_diff"] = max_rel_diff(grads["boxes"], grads["triton"])
+    other = "hopper_backward" if args.backward else "permuted"
+    row[f"boxes_vs_{other}_rel_diff"] = max_rel_diff(grads["boxes"], grads[other])
+    set_boxes(True)
+    rows.record(**row)
+    rows.write(args.out)
+
+
+if __name__ == "__main__":
+  main()
