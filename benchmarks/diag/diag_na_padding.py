@@ -5,12 +5,11 @@ unpadded neighborhood. fwd and fwd+bwd ms (the backward is `auto`'s for the mask
 variants interleaved over two rounds; gradients at a smaller size against float32 XLA, and
 the box path against Triton's at full size. ``--compare backward``: the Hopper forward
 (boxes) with each backward forced (Triton's, the Hopper one) beside all-Triton and the
-unpadded neighborhood, for `auto`'s rule; ``--compare mma``: the forward with the MMA bias
-for the neighborhood and only the segments tested elementwise (`attention_fwd.MMA_SEGMENTS`)
-against the element test of every dim, Triton's backward after both.
+unpadded neighborhood, for `auto`'s rule. (``--compare mma``, the MMA bias with segment ids,
+ran at commit 2175991: docs/performance.md.)
 
     python -m benchmarks.diag.diag_na_padding --out x.json [--cases na2d_96,na2d_128,na3d]
-        [--compare boxes|backward|mma]
+        [--compare boxes|backward]
 """
 
 import jax
@@ -35,7 +34,7 @@ CASES = {
     "na3d_k4x9": ((16, 64, 64), (4, 9, 9), 1, 16, 8),
 }
 D = 128
-DEFAULTS = attention_fwd.BOX_SEGMENTS, attention_fwd.MMA_SEGMENTS
+DEFAULT = attention_fwd.BOX_SEGMENTS
 
 
 def padding(batch, spatial, pad):
@@ -50,16 +49,15 @@ def run(kernel, valid, backend, backward=None):
                                 config=config)
 
 
-def set_forms(boxes: bool, mma: bool = False):
+def set_forms(boxes: bool):
   attention_fwd.BOX_SEGMENTS = boxes
-  attention_fwd.MMA_SEGMENTS = mma
   ops._make_core.cache_clear()
   jax.clear_caches()
 
 
 def main():
   parser = case_parser("na2d_96,na2d_128,na3d")
-  parser.add_argument("--compare", default="boxes", choices=["boxes", "backward", "mma"])
+  parser.add_argument("--compare", default="boxes", choices=["boxes", "backward"])
   args = parser.parse_args()
   rows = Rows()
   for name in args.cases.split(","):
@@ -72,31 +70,26 @@ def main():
     small_valid = padding(1, small_spatial, pad)
     f32 = [x.astype(jnp.float32) for x in small]
     want = fwd_bwd(run(kernel, small_valid, "xla"))(*f32)
-    set_forms(True, args.compare == "mma")
+    set_forms(True)
     got = fwd_bwd(run(kernel, small_valid, "mosaic_gpu"))(*small)
     row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
                                  for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
     big = inputs((b, *spatial, h, D), (b, *spatial, h, D), jnp.bfloat16)
     valid = padding(b, spatial, pad)
     steps, grads = {}, {}
-    # name: (BOX_SEGMENTS, MMA_SEGMENTS, kv_valid, backend, backward)
+    # name: (BOX_SEGMENTS, kv_valid, backend, backward)
     if args.compare == "backward":
-      variants = {"boxes": (True, False, valid, "mosaic_gpu", "triton"),
-                  "hopper_backward": (True, False, valid, "mosaic_gpu", "mosaic_gpu"),
-                  "triton": (True, False, valid, "triton", None),
-                  "unpadded": (True, False, None, "mosaic_gpu", None)}
-    elif args.compare == "mma":
-      variants = {"mma": (True, True, valid, "mosaic_gpu", "triton"),
-                  "element": (True, False, valid, "mosaic_gpu", "triton"),
-                  "triton": (True, False, valid, "triton", None),
-                  "unpadded": (True, False, None, "mosaic_gpu", None)}
+      variants = {"boxes": (True, valid, "mosaic_gpu", "triton"),
+                  "hopper_backward": (True, valid, "mosaic_gpu", "mosaic_gpu"),
+                  "triton": (True, valid, "triton", None),
+                  "unpadded": (True, None, "mosaic_gpu", None)}
     else:
-      variants = {"boxes": (True, False, valid, "mosaic_gpu", None),
-                  "permuted": (False, False, valid, "mosaic_gpu", None),
-                  "triton": (True, False, valid, "triton", None),
-                  "unpadded": (True, False, None, "mosaic_gpu", None)}
-    for key, (boxes, mma, kv_valid, backend, bwd) in variants.items():  # under its knobs
-      set_forms(boxes, mma)
+      variants = {"boxes": (True, valid, "mosaic_gpu", None),
+                  "permuted": (False, valid, "mosaic_gpu", None),
+                  "triton": (True, valid, "triton", None),
+                  "unpadded": (True, None, "mosaic_gpu", None)}
+    for key, (boxes, kv_valid, backend, bwd) in variants.items():  # traced under its knob
+      set_forms(boxes)
       fn = run(kernel, kv_valid, backend, bwd)
       steps[key] = jax.jit(fn), fwd_bwd(fn)
       grads[key] = steps[key][1](*big)
@@ -105,11 +98,10 @@ def main():
       for key, (fwd, step) in steps.items():
         row[f"{key}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=10, repeats=5), 4)
         row[f"{key}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=10, repeats=5), 4)
-    first, other = {"boxes": ("boxes", "permuted"), "backward": ("boxes", "hopper_backward"),
-                    "mma": ("mma", "element")}[args.compare]
-    row[f"{first}_vs_triton_rel_diff"] = max_rel_diff(grads[first], grads["triton"])
-    row[f"{first}_vs_{other}_rel_diff"] = max_rel_diff(grads[first], grads[other])
-    set_forms(*DEFAULTS)
+    other = "hopper_backward" if args.compare == "backward" else "permuted"
+    row["boxes_vs_triton_rel_diff"] = max_rel_diff(grads["boxes"], grads["triton"])
+    row[f"boxes_vs_{other}_rel_diff"] = max_rel_diff(grads["boxes"], grads[other])
+    set_forms(DEFAULT)
     rows.record(**row)
     rows.write(args.out)
 

@@ -64,10 +64,6 @@ from .schedule import _SMEM_LIMIT, _order, _persistent_default, _programs, _smem
 # form, kept while GPU interpret mode hung on this path: XLA:CPU's concurrency-optimized
 # scheduler, tests/conftest.py).
 BOX_SEGMENTS = True
-# Neighborhoods with segment ids (padding masks) add the MMA bias on partial blocks and test
-# only the segments elementwise; False: the element test of every interval dim (the form
-# before).
-MMA_SEGMENTS = True
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -118,8 +114,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   extras = int(segments)
   if split:
     onehot_ref, tables_ref, out_ref, lse_ref = refs
-  elif mma and extras:
-    onehot_ref, tables_ref, table_ids_ref, qx_ref, kx_ref, out_ref, lse_ref = refs
   elif mma:
     onehot_ref, tables_ref, table_ids_ref, out_ref, lse_ref = refs
   elif extras:
@@ -234,10 +228,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         # its max below half of that; element masks leave such a row at l == 0.
         seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
         l_safe = jnp.where(seen, l_i, 1.0)
-        # A row that saw no key may still hold the MMA bias's floor scores in acc (with
-        # segment ids: a window of padding): its output is zeros.
-        if mma and segments:
-          l_safe = jnp.where(seen, l_safe, jnp.inf)
         for i, a in enumerate(acc):
           out = (a / lax.broadcast_in_dim(l_safe, a.shape, [0])).astype(dtype)
           if parts == 1:
@@ -292,8 +282,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
           s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
           test_segments = segments and (masked or not segments_full)
-          # Scores masked to -inf (not the MMA bias's finite floor) need the softmax's guard.
-          elementwise = (masked and not mma) or test_segments
+          elementwise = (masked or test_segments) and not mma
           # TEST_FORM "each": each test masks the scores as soon as it is made; "and": the
           # tests' running AND masks them once.
           tests = []
@@ -436,14 +425,14 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           for r, index in qb.rows(q_origin(qi, w), half):
             plgpu.copy_gmem_to_smem(q_ref.at[(batch, *index, head)],
                                     q_smem.at[buf, w, pl.ds(r, half[-1])], bar)
-          row0 = qi * (2 * _ROWS) + w * _ROWS
           if not mma:
+            row0 = qi * (2 * _ROWS) + w * _ROWS
             for i, ref in enumerate((lo_ref, hi_ref)):
               plgpu.copy_gmem_to_smem(ref.at[:, pl.ds(row0, _ROWS)], row_smem.at[buf, w, i],
                                       bar)
-          if extras:
-            plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, pl.ds(row0, _ROWS)],
-                                    qx_smem.at[buf, w], bar)
+            if extras:
+              plgpu.copy_gmem_to_smem(qx_ref.at[batch, :, pl.ds(row0, _ROWS)],
+                                      qx_smem.at[buf, w], bar)
         kv_head = lax.div(head, groups)
 
         @pl.loop(0, loads(qi, head, batch))
@@ -491,9 +480,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           else:
             plgpu.copy_gmem_to_smem(c_ref.at[:, pl.ds(j * block_kv, block_kv)],
                                     step_smem.at[slot], k_bar.at[slot])
-          if extras:  # segment ids (not with split lists or window boxes)
-            plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, pl.ds(j * block_kv, block_kv)],
-                                    kx_smem.at[slot], k_bar.at[slot])
+            if extras:
+              plgpu.copy_gmem_to_smem(kx_ref.at[batch, :, pl.ds(j * block_kv, block_kv)],
+                                      kx_smem.at[slot], k_bar.at[slot])
 
           @pl.when(reuse)
           def _():
@@ -534,9 +523,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   else:
     row_smem = plgpu.SMEM((q_bufs, _COMPUTE_WGS, 2, dims, _ROWS), jnp.int32)
     step_smem = plgpu.SMEM((stages, dims, block_kv), jnp.int32)
-  if extras:
-    row_smem = (row_smem, plgpu.SMEM((q_bufs, _COMPUTE_WGS, extras, _ROWS), jnp.int32))
-    step_smem = (step_smem, plgpu.SMEM((stages, extras, block_kv), jnp.int32))
+    if extras:
+      row_smem = (row_smem, plgpu.SMEM((q_bufs, _COMPUTE_WGS, extras, _ROWS), jnp.int32))
+      step_smem = (step_smem, plgpu.SMEM((stages, extras, block_kv), jnp.int32))
   step_copies = (_COMPUTE_WGS if split else 1) + extras
   pl.run_scoped(
       body,
@@ -651,18 +640,15 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     counts = jnp.stack([jnp.asarray(walked.kv_full_counts, jnp.int32),
                         jnp.asarray(walked.kv_counts, jnp.int32)], axis=-1).reshape(-1, 2)
     row_counts = bmap.kv_counts
-    # Segment ids (padding masks) keep the MMA bias for the neighborhood (`MMA_SEGMENTS`).
-    element_only = mask_fn is not None or terms > 1 or (q_seg is not None and not MMA_SEGMENTS)
-    mma = (_mma_inputs(plan, scale) if cfg.mask_mma and not element_only and not runtime
-           else None)
+    mma = _mma_inputs(plan, scale) if cfg.mask_mma and not extras and not runtime else None
     if mma is None:
       mask_arrays = [jnp.asarray(x, jnp.int32) for x in (lo, hi, c)]
+      mask_arrays += _extras(plan, b, q_seg, kv_seg)
       width = 0
     else:
       onehot, tables, table_ids = mma
       mask_arrays = [jnp.asarray(onehot), jnp.asarray(tables), jnp.asarray(table_ids)]
       width = onehot.shape[1]
-    mask_arrays += _extras(plan, b, q_seg, kv_seg)
   padded = tuple(g * t for g, t in zip(qb.grid, qb.tile))
   items = bmap.num_q_blocks * h * b
   # Runtime maps of documents (rows shared by the heads): persistent where rows are short (at
