@@ -324,6 +324,21 @@ def test_masked_na_mosaic_gpu_boxes(monkeypatch):
                   config=MosaicGPUConfig(backward="mosaic_gpu"))
 
 
+def test_masked_na_mosaic_gpu_wide(monkeypatch):
+  """A padding mask at head_dim 160 (160 columns, 64-key blocks) on the Hopper forward and the
+  role-split Hopper backward, which `auto`'s rule keeps for padded neighborhoods above 128
+  columns (`config.hopper_backward_neighborhood`); GQA, a causal dim, random padding."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  calls, wide = [], attention_bwd.bwd_wide.backward
+  monkeypatch.setattr(attention_bwd.bwd_wide, "backward",
+                      lambda *a, **k: calls.append(1) or wide(*a, **k))
+  p = dict(problem=((12, 16), (5, 7), (1, 1), (1, 1), (False, True)), batch=1, heads=2,
+           kv_heads=1, head_dim=160, dtype=jnp.bfloat16, seed=4, tile_q=None, tile_kv=None,
+           valid="random", segments=False)
+  check_masked_na(p, "mosaic_gpu", interpret=True)
+  assert calls
+
+
 def test_packed_mosaic_gpu():
   p = dict(shapes=[(9, 12), (7, 10), (11, 8)], problem=((3, 5), (1, 2), (2, 1), (True, False)),
            batch=1, heads=2, kv_heads=2, head_dim=64, dtype=jnp.bfloat16, seed=5)
