@@ -5,11 +5,13 @@ unpadded neighborhood. fwd and fwd+bwd ms (the backward is `auto`'s for the mask
 variants interleaved over two rounds; gradients at a smaller size against float32 XLA, and
 the box path against Triton's at full size. ``--compare backward``: the Hopper forward
 (boxes) with each backward forced (Triton's, the Hopper one) beside all-Triton and the
-unpadded neighborhood, for `auto`'s rule. (``--compare mma``, the MMA bias with segment ids,
+unpadded neighborhood, for `auto`'s rule; ``--compare auto``: `backend="auto"` (the rule's
+pick, on the GPU) beside all-Triton, the Hopper forward with Triton's backward and the
+unpadded neighborhood, at ``--head-dim`` (heads halved above 128). (``--compare mma``, the MMA bias with segment ids,
 ran at commit 2175991: docs/performance.md.)
 
     python -m benchmarks.diag.diag_na_padding --out x.json [--cases na2d_96,na2d_128,na3d]
-        [--compare boxes|backward]
+        [--compare boxes|backward|auto] [--head-dim 128]
 """
 
 import jax
@@ -57,28 +59,37 @@ def set_forms(boxes: bool):
 
 def main():
   parser = case_parser("na2d_96,na2d_128,na3d")
-  parser.add_argument("--compare", default="boxes", choices=["boxes", "backward"])
+  parser.add_argument("--compare", default="boxes", choices=["boxes", "backward", "auto"])
+  parser.add_argument("--head-dim", type=int, default=D)
   args = parser.parse_args()
+  d = args.head_dim
   rows = Rows()
   for name in args.cases.split(","):
     spatial, kernel, b, h, pad = CASES[name]
+    h = h if d <= 128 else h // 2
     row = {"case": name, "spatial": spatial, "kernel": kernel, "batch": b, "heads": h,
-           "head_dim": D, "padded": pad}
+           "head_dim": d, "padded": pad}
     # Gradients at a smaller size (batch 1, 4 heads) against float32 XLA (the box path).
     small_spatial = (8, 32, 32) if len(spatial) == 3 else (48, 64)
-    small = inputs((1, *small_spatial, 4, D), (1, *small_spatial, 4, D), jnp.bfloat16, seed=1)
+    small = inputs((1, *small_spatial, 4, d), (1, *small_spatial, 4, d), jnp.bfloat16, seed=1)
     small_valid = padding(1, small_spatial, pad)
     f32 = [x.astype(jnp.float32) for x in small]
     want = fwd_bwd(run(kernel, small_valid, "xla"))(*f32)
     set_forms(True)
-    got = fwd_bwd(run(kernel, small_valid, "mosaic_gpu"))(*small)
+    got = fwd_bwd(run(kernel, small_valid,
+                      "auto" if args.compare == "auto" else "mosaic_gpu"))(*small)
     row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
                                  for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
-    big = inputs((b, *spatial, h, D), (b, *spatial, h, D), jnp.bfloat16)
+    big = inputs((b, *spatial, h, d), (b, *spatial, h, d), jnp.bfloat16)
     valid = padding(b, spatial, pad)
     steps, grads = {}, {}
     # name: (BOX_SEGMENTS, kv_valid, backend, backward)
-    if args.compare == "backward":
+    if args.compare == "auto":
+      variants = {"auto": (True, valid, "auto", None),
+                  "hopper_fwd_triton_bwd": (True, valid, "mosaic_gpu", "triton"),
+                  "triton": (True, valid, "triton", None),
+                  "unpadded": (True, None, "auto", None)}
+    elif args.compare == "backward":
       variants = {"boxes": (True, valid, "mosaic_gpu", "triton"),
                   "hopper_backward": (True, valid, "mosaic_gpu", "mosaic_gpu"),
                   "triton": (True, valid, "triton", None),
@@ -98,9 +109,11 @@ def main():
       for key, (fwd, step) in steps.items():
         row[f"{key}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=10, repeats=5), 4)
         row[f"{key}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=10, repeats=5), 4)
-    other = "hopper_backward" if args.compare == "backward" else "permuted"
-    row["boxes_vs_triton_rel_diff"] = max_rel_diff(grads["boxes"], grads["triton"])
-    row[f"boxes_vs_{other}_rel_diff"] = max_rel_diff(grads["boxes"], grads[other])
+    other = {"backward": "hopper_backward", "auto": "hopper_fwd_triton_bwd",
+             "boxes": "permuted"}[args.compare]
+    first = "auto" if args.compare == "auto" else "boxes"
+    row[f"{first}_vs_triton_rel_diff"] = max_rel_diff(grads[first], grads["triton"])
+    row[f"{first}_vs_{other}_rel_diff"] = max_rel_diff(grads[first], grads[other])
     set_forms(DEFAULT)
     rows.record(**row)
     rows.write(args.out)
