@@ -87,6 +87,27 @@ def _na(suite, name, b, spatial, h, d, kernel, stride=1, dilation=1, causal=Fals
               float(sim.attended_pairs), bound, None, flex)
 
 
+def _padded(b, spatial, h, d, kernel, pad):
+  """A neighborhood whose last `pad` positions of the last dim are padding (`kv_valid`, the
+  same for every batch row): pairs counted per dim (stride 1, dilation 1: a window is the
+  product of its dims' intervals), the block bound of the unpadded neighborhood."""
+  kernel = [int(x) for x in np.broadcast_to(kernel, len(spatial))]
+  valid = np.broadcast_to(np.arange(spatial[-1]) < spatial[-1] - pad, (b, *spatial))
+  pairs = 1.0
+  for i, (n, k) in enumerate(zip(spatial, kernel)):
+    x = np.arange(n)
+    seen = np.asarray(masks.neighborhood((n,), k)(x[:, None], x[None, :]))
+    if i == len(spatial) - 1:
+      seen = seen & (x < n - pad)[None, :]
+    pairs *= float(seen.sum())
+  sim = jsa.simulate(spatial, kernel)
+  run = lambda q, k, v, be: jsa.na(q, k, v, kernel, kv_valid=valid, backend=be)
+  name = f"{len(spatial)}-D NA {'x'.join(map(str, spatial))} k{tuple(kernel)}, {pad} padded"
+  return Case("padded", name + (f", B={b}" if b == 1 else ""), (b, *spatial, h, d),
+              (b, *spatial, h, d), run, pairs,
+              sim.window_speedup_bound or sim.block_speedup_bound)
+
+
 def _routing(b, s, h, d, top_k):
   bs = 128
   nb = s // bs
@@ -137,6 +158,7 @@ def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
                                                                    | masks.sink(4)), None)],
         "routing": lambda: [_routing(b, 512, h, d, 1)],
         "documents": lambda: [_documents(2, s, h, d)],
+        "padded": lambda: [_padded(b, (16, 16), h, d, 5, 3)],
         "cp": lambda: _cp_cases(b, 512, h, d),
         "models": lambda: [],  # (run_suites: bench_models.cases(quick=True))
     }
@@ -161,6 +183,8 @@ def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
                                                           sinks=4))],
       "routing": lambda: [_routing(1, 32768, h, d, 32)],
       "documents": lambda: [_documents(b, 16384, h, d)],
+      "padded": lambda: [_padded(b, (128, 128), h, d, 33, 24),
+                         _padded(1, (16, 64, 64), h, d, (8, 16, 16), 8)],
       "cp": lambda: _cp_cases(1, 65536, h, d),
       "models": lambda: [],
   }
@@ -179,7 +203,7 @@ def _cp_cases(b, s, h, d):
 
 
 SUITES = ("dense", "causal", "window", "gna1d", "gna2d", "gna3d", "strided", "blocksparse",
-          "routing", "documents", "cp", "models")
+          "routing", "documents", "padded", "cp", "models")
 NOT_HERE = {"cp": "needs 2 or more devices (jax.device_count() is 1)",
             "models": "training-step time of the models/ (ours vs dense attention)"}
 

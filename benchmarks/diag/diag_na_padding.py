@@ -7,8 +7,8 @@ the box path against Triton's at full size. ``--compare backward``: the Hopper f
 (boxes) with each backward forced (Triton's, the Hopper one) beside all-Triton and the
 unpadded neighborhood, for `auto`'s rule; ``--compare auto``: `backend="auto"` (the rule's
 pick, on the GPU) beside all-Triton, the Hopper forward with Triton's backward and the
-unpadded neighborhood, at ``--head-dim`` (heads halved above 128). (``--compare mma``, the MMA bias with segment ids,
-ran at commit 2175991: docs/performance.md.)
+unpadded neighborhood, at ``--head-dim`` (heads halved above 128). (``--compare mma``, the
+MMA bias with segment ids, ran at commit 2175991: docs/performance.md.)
 
     python -m benchmarks.diag.diag_na_padding --out x.json [--cases na2d_96,na2d_128,na3d]
         [--compare boxes|backward|auto] [--head-dim 128]

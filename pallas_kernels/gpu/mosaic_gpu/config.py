@@ -99,9 +99,10 @@ def hopper_forward_segments(mask) -> bool:
   these kernels (else Triton's): 2-D/3-D windows of at least `NA_SEGMENTS_MIN_WINDOW` keys.
   With segments the forward tests every element of partial blocks and every block's segments
   (no MMA bias). H200, B=2 (3-D B=1), H=16, D=128, padded last dim, forward ms, these /
-  Triton's (docs/experiments/h200-2026-12-04-na-padding.json): 2-D 128² k33 1.18-1.24 / 1.67-1.71,
-  3-D 16×64² k8×16² 5.53-5.69 / 8.34-8.39, 2-D 64×128 k25 0.65-0.66 / 0.64-0.67, 2-D 96² k17
-  0.51-0.53 / 0.45-0.46, 3-D k4×9² 4.17-4.26 / 2.78-2.79. (1-D: Triton's, not measured.)"""
+  Triton's (docs/experiments/h200-2026-12-04-na-padding.json): 2-D 128² k33 1.18-1.36 /
+  1.66-1.72, 3-D 16×64² k8×16² 5.53-5.92 / 8.34-8.39, 2-D 64×128 k25 0.65-0.67 / 0.64-0.67,
+  2-D 96² k17 0.51-0.53 / 0.45-0.46, 3-D k4×9² 4.10-4.26 / 2.77-2.83; k33 at head_dim 64
+  0.98-1.00 / 1.40-1.41, at 160 (H=8) 0.85-0.86 / 2.67-2.68. (1-D: Triton's, not measured.)"""
   return (isinstance(mask, masks.Neighborhood) and mask.num_dims >= 2
           and math.prod(mask.kernel_size) >= NA_SEGMENTS_MIN_WINDOW)
 
@@ -135,7 +136,9 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
   * With a padding mask or segment ids (``segments``), 2-D/3-D at 64 and 128: Triton's (the
     segment test on every block, no MMA bias). H200, D=128, fwd+bwd ms after the Hopper
     forward, these / Triton's backward (-12-04-na-padding.json): 3-D 16×64² k8×16² 24.4 /
-    22.9-23.4, 2-D 128² k33 5.43-5.53 / 5.04-5.06, 96² k17 2.03-2.06 / 1.48-1.49.
+    22.8-23.5, 2-D 128² k33 5.43-5.53 / 4.95-5.14, 96² k17 2.03-2.06 / 1.44-1.49. Above 128
+    the role-split kernels keep them (head_dim 160, H=8: k33 3.89-3.93 / 8.22-8.23, 3-D
+    16.8-17.1 / 36.4).
 
   Short windows give short lists of 128-key blocks per CTA, where Triton's 64-row tiles
   visit fewer pairs."""
@@ -318,7 +321,8 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   # 5.07, 3-D 16×32² k8×16² 4.43 vs 8.56 (-wide-na.json). At 192 columns: causal 7.15 vs
   # cuDNN 8.02, neighborhoods 2.27 / 2.35 / 3.63 vs Triton's 6.59 / 5.29 / 8.83
   # (-head-dim-192.json, -na-192.json).
-  if has_segments and isinstance(mask, masks.Neighborhood) and not hopper_forward_segments(mask):
+  if has_segments and isinstance(mask, masks.Neighborhood) and not hopper_forward_segments(
+      mask):
     return False
   return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
                   1.0 if scale is None else scale, block_q or 2 * _ROWS,
