@@ -91,6 +91,29 @@ def native_widths(on: bool, head_dim: int | None = None):
     config.WIDTHS = tuple(w for w in _ALL_WIDTHS if w != own)
 
 
+def interleaved(row: dict, variants: dict, big, rounds: int = 2, iters: int = 10,
+                repeats: int = 5) -> dict:
+  """Into `row`: each variant's forward and fwd+bwd ms at `big` (q, k, v, dO), the variants
+  interleaved over `rounds` (``{name}_fwd_ms_{round}``, ``{name}_fwd_bwd_ms_{round}``).
+  `variants` maps a name to a function that sets the variant's knobs and returns its fn(q, k,
+  v), traced and compiled right then. Returns each variant's output and gradients at `big`."""
+  from jax_sparse_attn.demo import time_ms
+  from ..bench_gpu import fwd_bwd
+  steps, grads = {}, {}
+  for name, make in variants.items():
+    fn = make()
+    steps[name] = jax.jit(fn), fwd_bwd(fn)
+    grads[name] = steps[name][1](*big)
+    jax.block_until_ready(steps[name][0](*big[:3]))
+  for rnd in range(rounds):
+    for name, (fwd, step) in steps.items():
+      row[f"{name}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=iters,
+                                                  repeats=repeats), 4)
+      row[f"{name}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=iters,
+                                                      repeats=repeats), 4)
+  return grads
+
+
 def check_and_time(row: dict, fn, small, ref, big, iters: int = 10, repeats: int = 5):
   """Into `row`: fn(q, k, v)'s output and gradients at the inputs `small` (q, k, v, dO)
   against `ref` (relative L2, float32), and its forward and fwd+bwd ms at `big`."""

@@ -14,17 +14,18 @@ MMA bias with segment ids, ran at commit 2175991: docs/performance.md.)
         [--compare boxes|backward|auto] [--head-dim 128]
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import ops
-from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_fwd
 
-from . import Rows, case_parser, max_rel_diff
+from . import Rows, case_parser, interleaved, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs, rel
 
 # name: (spatial, kernel, batch, heads, padded keys along the last dim)
@@ -82,7 +83,6 @@ def main():
                                  for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
     big = inputs((b, *spatial, h, d), (b, *spatial, h, d), jnp.bfloat16)
     valid = padding(b, spatial, pad)
-    steps, grads = {}, {}
     # name: (BOX_SEGMENTS, kv_valid, backend, backward)
     if args.compare == "auto":
       variants = {"auto": (True, valid, "auto", None),
@@ -99,16 +99,13 @@ def main():
                   "permuted": (False, valid, "mosaic_gpu", None),
                   "triton": (True, valid, "triton", None),
                   "unpadded": (True, None, "mosaic_gpu", None)}
-    for key, (boxes, kv_valid, backend, bwd) in variants.items():  # traced under its knob
+
+    def variant(boxes, kv_valid, backend, bwd):
       set_forms(boxes)
-      fn = run(kernel, kv_valid, backend, bwd)
-      steps[key] = jax.jit(fn), fwd_bwd(fn)
-      grads[key] = steps[key][1](*big)
-      jax.block_until_ready(steps[key][0](*big[:3]))
-    for rnd in range(2):
-      for key, (fwd, step) in steps.items():
-        row[f"{key}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=10, repeats=5), 4)
-        row[f"{key}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=10, repeats=5), 4)
+      return run(kernel, kv_valid, backend, bwd)
+
+    grads = interleaved(row, {key: functools.partial(variant, *v)
+                              for key, v in variants.items()}, big)
     other = {"backward": "hopper_backward", "auto": "hopper_fwd_triton_bwd",
              "boxes": "permuted"}[args.compare]
     first = "auto" if args.compare == "auto" else "boxes"

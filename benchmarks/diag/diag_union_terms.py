@@ -12,10 +12,9 @@ import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
-from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu.mosaic_gpu import element
 
-from . import Rows, case_parser, max_rel_diff
+from . import Rows, case_parser, interleaved, max_rel_diff
 from ..bench_gpu import documents, fwd_bwd, inputs, rel
 
 LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
@@ -61,17 +60,13 @@ def main():
                                  for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
     big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
     seg = documents(b, s, docs) if docs else None
-    steps, grads = {}, {}
-    for on in (True, False):  # traced and compiled under each setting, then timed
+
+    def variant(on):  # traced and compiled under each setting, then timed
       set_union(on)
-      key = "union" if on else "mask_fn"
-      steps[key] = jax.jit(run(mask, seg)), fwd_bwd(run(mask, seg))
-      grads[key] = steps[key][1](*big)
-      jax.block_until_ready(steps[key][0](*big[:3]))
-    for rnd in range(2):
-      for key, (fwd, step) in steps.items():
-        row[f"{key}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=10, repeats=5), 4)
-        row[f"{key}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=10, repeats=5), 4)
+      return run(mask, seg)
+
+    grads = interleaved(row, {"union": lambda: variant(True),
+                              "mask_fn": lambda: variant(False)}, big)
     row["union_vs_mask_fn_rel_diff"] = max_rel_diff(grads["union"], grads["mask_fn"])
     set_union(True)
     rows.record(**row)
