@@ -671,3 +671,21 @@ def test_auto_never_picks_a_path_that_raises(mask, head_dim, dtype, segments, bl
     assert picked in ("mosaic_gpu", "triton")
   finally:
     jax.default_backend, mgpu.is_hopper = saved
+
+
+def test_interpret_scheduler_warning(monkeypatch):
+  """GPU interpret mode warns (once) where XLA_FLAGS leaves XLA:CPU's concurrency-optimized
+  scheduler on, under which it can deadlock (this suite turns it off: conftest.py)."""
+  import warnings
+  from pallas_kernels.gpu.mosaic_gpu import config as mg_config
+  assert mg_config.interpret_params(False) is False
+  monkeypatch.setattr(mg_config, "_warned_scheduler", [])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert mg_config.interpret_params(True)  # the suite's flags: no warning
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  with pytest.warns(RuntimeWarning, match="concurrency_optimized_scheduler=false"):
+    mg_config.interpret_params(True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    mg_config.interpret_params(True)  # once per process

@@ -66,7 +66,7 @@ from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 from .config import swizzled, swizzled_f32
-from .config import hopper_backward_neighborhood
+from .config import hopper_backward_neighborhood, interpret_params
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
@@ -559,7 +559,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   def run(refs):  # dk and dv (and dq) accumulate in place
     pl.kernel(kernel, out_type=(), mesh=mesh,
               compiler_params=plgpu.CompilerParams(approx_math=True),
-              interpret=plgpu.InterpretGPUParams() if interpret else False,
+              interpret=interpret_params(interpret),
               name="sparse_attention_bwd")(*args, *refs)
 
   if separate:

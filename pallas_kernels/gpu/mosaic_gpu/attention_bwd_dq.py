@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled
+from .config import _COMPUTE_WGS as _WGS, _ROWS, interpret_params, swizzled
 from .element import mask_intervals
 
 LOG2E = math.log2(math.e)
@@ -349,7 +349,7 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
   return pl.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype), mesh=mesh,
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if interpret else False,
+      interpret=interpret_params(interpret),
       name="sparse_attention_bwd_dq",
   )(order, jnp.asarray(bmap.kv_ids, jnp.int32), jnp.asarray(counts, jnp.int32), q, k, v, d_out,
     lse2, delta, lo, hi, c, *extras, *([] if mma is None else [jnp.asarray(x) for x in mma]))

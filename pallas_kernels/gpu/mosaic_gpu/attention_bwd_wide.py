@@ -48,7 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from . import attention_bwd_dq as bwd_dq
 from .attention_bwd_dq import backward_mesh, mma_add
-from .config import _COMPUTE_WGS as _WGS, _ROWS, swizzled, swizzled_f32
+from .config import _COMPUTE_WGS as _WGS, _ROWS, interpret_params, swizzled, swizzled_f32
 from .element import mask_intervals
 
 LOG2E = math.log2(math.e)
@@ -383,7 +383,7 @@ def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, 
                 interpret=bool(interpret), mask_fn=mask_fn, segments=segments,
                 segments_full=bmap.segments_full, terms=terms)
   params = plgpu.CompilerParams(approx_math=True)
-  interp = plgpu.InterpretGPUParams() if interpret else False
+  interp = interpret_params(interpret)
 
   def run(refs):
     pl.kernel(functools.partial(_dkv_kernel, item_lists=item_lists, sub=sub, block_q=block_q,

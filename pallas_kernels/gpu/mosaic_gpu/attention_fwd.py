@@ -50,7 +50,7 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import mma_masks
 from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
-from .config import swizzle_columns, swizzled
+from .config import interpret_params, swizzle_columns, swizzled
 from .element import mask_intervals, mask_vectors
 from .boxes import (_Boxes, _box_groups, _box_layout, _box_view, _boxes, _half_tile, _view,
                     _window_groups, _window_view, caller_order, kernel_order)
@@ -683,7 +683,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       num_threads=_COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if interpret else False,
+      interpret=interpret_params(interpret),
   )(_order(row_counts, cfg.longest_first), ids, counts, _view(q, qb), kv_view(k, kb),
     kv_view(v, kb), *mask_arrays)
   lse = lse[(slice(None), slice(None), *(slice(0, s) for s in qb.spatial))]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +219,29 @@ def _config(config) -> MosaicGPUConfig:
     raise ValueError("MosaicGPUConfig.triton must be a TritonConfig or None, got "
                      f"{type(config.triton).__name__}")
   return config
+
+
+# GPU interpret mode runs each warpgroup as its own XLA:CPU computation whose barrier waits
+# block in host callbacks; XLA:CPU's concurrency-optimized scheduler runs such callbacks on
+# its intra-op pool (one thread per core), where blocked waits can starve the warpgroup they
+# wait for: a deadlock on machines with few cores (docs/performance.md, 2026-12-04).
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+_warned_scheduler = []
+
+
+def interpret_params(interpret):
+  """The kernels' ``interpret`` argument: `plgpu.InterpretGPUParams()` in interpret mode
+  (else False), with a warning, once per process, where XLA_FLAGS leaves XLA:CPU's
+  concurrency-optimized scheduler on (`SCHEDULER_FLAG`; it must be set before jax starts)."""
+  if not interpret:
+    return False
+  if not _warned_scheduler and SCHEDULER_FLAG[2:] not in os.environ.get("XLA_FLAGS", ""):
+    _warned_scheduler.append(True)
+    warnings.warn(
+        "GPU interpret mode can deadlock under XLA:CPU's concurrency-optimized scheduler on "
+        f"machines with few cores: set XLA_FLAGS={SCHEDULER_FLAG} before importing jax",
+        RuntimeWarning, stacklevel=3)
+  return plgpu.InterpretGPUParams()
 
 
 def is_hopper() -> bool:
