@@ -83,22 +83,19 @@ def main():
                                  for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
     big = inputs((b, *spatial, h, d), (b, *spatial, h, d), jnp.bfloat16)
     valid = padding(b, spatial, pad)
-    # name: (BOX_SEGMENTS, kv_valid, backend, backward)
-    if args.compare == "auto":
-      variants = {"auto": (True, valid, "auto", None),
-                  "hopper_fwd_triton_bwd": (True, valid, "mosaic_gpu", "triton"),
-                  "triton": (True, valid, "triton", None),
-                  "unpadded": (True, None, "auto", None)}
-    elif args.compare == "backward":
-      variants = {"boxes": (True, valid, "mosaic_gpu", "triton"),
-                  "hopper_backward": (True, valid, "mosaic_gpu", "mosaic_gpu"),
-                  "triton": (True, valid, "triton", None),
-                  "unpadded": (True, None, "mosaic_gpu", None)}
-    else:
-      variants = {"boxes": (True, valid, "mosaic_gpu", None),
-                  "permuted": (False, valid, "mosaic_gpu", None),
-                  "triton": (True, valid, "triton", None),
-                  "unpadded": (True, None, "mosaic_gpu", None)}
+    # name: (BOX_SEGMENTS, kv_valid, backend, backward); all-Triton and unpadded last.
+    variants = {
+        "auto": {"auto": (True, valid, "auto", None),
+                 "hopper_fwd_triton_bwd": (True, valid, "mosaic_gpu", "triton")},
+        "backward": {"boxes": (True, valid, "mosaic_gpu", "triton"),
+                     "hopper_backward": (True, valid, "mosaic_gpu", "mosaic_gpu")},
+        "boxes": {"boxes": (True, valid, "mosaic_gpu", None),
+                  "permuted": (False, valid, "mosaic_gpu", None)},
+    }[args.compare]
+    first, other = variants
+    variants["triton"] = (True, valid, "triton", None)
+    variants["unpadded"] = (True, None, "auto" if args.compare == "auto" else "mosaic_gpu",
+                            None)
 
     def variant(boxes, kv_valid, backend, bwd):
       set_forms(boxes)
@@ -106,9 +103,6 @@ def main():
 
     grads = interleaved(row, {key: functools.partial(variant, *v)
                               for key, v in variants.items()}, big)
-    other = {"backward": "hopper_backward", "auto": "hopper_fwd_triton_bwd",
-             "boxes": "permuted"}[args.compare]
-    first = "auto" if args.compare == "auto" else "boxes"
     row[f"{first}_vs_triton_rel_diff"] = max_rel_diff(grads[first], grads["triton"])
     row[f"{first}_vs_{other}_rel_diff"] = max_rel_diff(grads[first], grads[other])
     set_forms(DEFAULT)

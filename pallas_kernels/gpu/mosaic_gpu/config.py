@@ -176,15 +176,11 @@ def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segment
   (`MosaicGPUConfig.backward="mosaic_gpu"`, or None and `hopper_backward_neighborhood`; with
   ``segments``: a padding mask or segment ids), else the Triton backward's."""
   config = config if isinstance(config, MosaicGPUConfig) else MosaicGPUConfig()
-  if _MAX_BACKWARD_HEAD_DIM < head_dim <= 256 and (
-      config.backward == "mosaic_gpu"
-      or (config.backward is None
-          and hopper_backward_neighborhood(mask, head_dim, segments))):
+  hopper = config.backward == "mosaic_gpu" or (
+      config.backward is None and hopper_backward_neighborhood(mask, head_dim, segments))
+  if hopper and _MAX_BACKWARD_HEAD_DIM < head_dim <= 256:
     return 2 * _ROWS, _ROWS  # the role-split kernels' (`attention_bwd_wide`)
-  if head_dim <= _MAX_BACKWARD_HEAD_DIM and (
-      config.backward == "mosaic_gpu"
-      or (config.backward is None
-          and hopper_backward_neighborhood(mask, head_dim, segments))):
+  if hopper and head_dim <= _MAX_BACKWARD_HEAD_DIM:
     return 2 * _ROWS, 2 * _ROWS
   return triton_attention.default_backward_map_blocks(head_dim, dtype, config.triton)
 
@@ -346,8 +342,8 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   # 5.07, 3-D 16×32² k8×16² 4.43 vs 8.56 (-wide-na.json). At 192 columns: causal 7.15 vs
   # cuDNN 8.02, neighborhoods 2.27 / 2.35 / 3.63 vs Triton's 6.59 / 5.29 / 8.83
   # (-head-dim-192.json, -na-192.json).
-  if has_segments and isinstance(mask, masks.Neighborhood) and not hopper_forward_segments(
-      mask):
+  if (has_segments and isinstance(mask, masks.Neighborhood)
+      and not hopper_forward_segments(mask)):
     return False
   return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
                   1.0 if scale is None else scale, block_q or 2 * _ROWS,
