@@ -94,11 +94,6 @@ FUSED_REGISTERS = (240, 24)
 # 15.4 / 15.8, 3-D NA k8×16² (32.7) 16.9 / 17.9, MoBA (34) 8.37 / 8.89; the causal window
 # 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18.
 FUSED_MIN_ENTRIES = 24
-# How a work item's compute loops run its steps (a lab knob): "split", per query head of the
-# group a loop over its full steps and one over its partial ones; "tested", per head one loop
-# that tests every step; "one", one loop over all the group's steps, every step tested;
-# "one_cond", one loop, the tests under a run-time branch on partial steps.
-STEP_LOOPS = "split"
 
 
 def picks_mosaic(plan: AttentionPlan, head_dim: int = 128, segments: bool = False) -> bool:
@@ -146,9 +141,7 @@ def item_lists(items_ref, ids_ref, counts_ref, item, kv_head, batch, *, groups: 
     entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
                for j in range(groups)]
     full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
-    # (j may be traced: `STEP_LOOPS` "one")
-    q_block = lambda j, e: ids_ref[batch, 0 if shared else kv_head * groups + j, kv_block,
-                                   first + e]
+    q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
   elif shared:  # the static map's items over a runtime map that only drops its blocks
     kv_block, first = items_ref[item, 0], items_ref[item, 1]
     count = lambda c: counts_ref[batch, 0, kv_block, c]
@@ -206,25 +199,13 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   n_full, n_all, bases, total = bwd_dq.item_steps(full, entries, sub, groups)
   qk_scale = scale * LOG2E
 
-  def head_base(j, t):
-    """Step t's query head j of the group and that head's first step; j=None: found at run
-    time (`STEP_LOOPS` "one")."""
-    if j is not None:
-      return j, bases[j]
-    j, base = jnp.int32(0), bases[0]
-    for i in range(1, groups):
-      later = t >= bases[i]
-      j, base = jnp.where(later, i, j), jnp.where(later, bases[i], base)
-    return j, base
-
   def step_q(j, t):
     """(first query row, query head) of step t, one of head j's."""
-    j, base = head_base(j, t)
-    return bwd_dq.step_rows(q_block, j, t - base, sub, block_q), kv_head * groups + j
+    return bwd_dq.step_rows(q_block, j, t - bases[j], sub, block_q), kv_head * groups + j
 
   def step_table(j, t):
     """The MMA-bias table of step t (one of head j's): its entry's half (static maps)."""
-    r = t - head_base(j, t)[1]
+    r = t - bases[j]
     return table_ids_ref[kv_block, (first + lax.div(r, sub)) * sub + lax.rem(r, sub)]
 
   def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem,
@@ -260,7 +241,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         def sdp(refs):
           s_ref, dp_ref = refs
-          if masked is True and mma:  # the bias first: onehot [64 keys, W] @ test [W, 64 queries]
+          if masked and mma:  # the bias first: onehot [64 keys, W] @ test [W, 64 queries]
             plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot])
           plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
           plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
@@ -273,26 +254,14 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           return ((coords[d] >= cols(lo_smem.at[slot, d]))
                   & (coords[d] <= cols(hi_smem.at[slot, d])))
 
-        def partial_tests(p_t):
-          if not mma:
-            p_t = mask_intervals(p_t, in_dim, dims, terms)
-          if mask_fn is not None:  # rows are keys, columns queries
-            iota = lambda dim: plgpu.layout_cast(
-                lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
-            p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
-          if segments and segments_full:  # (else tested on every step, below)
-            p_t = same_segment(p_t)
-          return p_t
-
-        def same_segment(p_t):
-          return jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
-
-        if masked is True:
-          p_t = partial_tests(p_t)
-        elif masked is not False:  # decided at run time (`STEP_LOOPS` "one_cond")
-          p_t = lax.cond(masked(t), partial_tests, lambda p: p, p_t)
-        if segments and not segments_full:
-          p_t = same_segment(p_t)
+        if masked and not mma:
+          p_t = mask_intervals(p_t, in_dim, dims, terms)
+        if mask_fn is not None and masked:  # rows are keys, columns queries
+          iota = lambda dim: plgpu.layout_cast(
+              lax.broadcasted_iota(jnp.int32, (_ROWS, _ROWS), dim), plgpu.Layout.WGMMA)
+          p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
+        if segments and (masked or not segments_full):
+          p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
         ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
         # rewrite one only after the next step's rendezvous, which follows its reads).
@@ -360,23 +329,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       carry = (zeros, zeros)
       if pingpong:
         pl.when(wg == 1)(schedule)
-      if STEP_LOOPS == "one":  # one loop, every step tested
-        carry = lax.fori_loop(0, total, functools.partial(step, j=None, masked=True), carry)
-      elif STEP_LOOPS == "one_cond":  # one loop, partial steps tested (MMA bias: every step)
-        def is_partial(t):
-          j, base = head_base(None, t)
-          n = functools.reduce(lambda a, i: jnp.where(j == i, n_full[i], a),
-                               range(1, groups), n_full[0])
-          return t - base >= n
-        carry = lax.fori_loop(0, total, functools.partial(
-            step, j=None, masked=True if mma else is_partial), carry)
-      for j in range(groups if not STEP_LOOPS.startswith("one") else 0):
+      for j in range(groups):  # full steps, then partial ones, for each query head
         base = bases[j]
-        if STEP_LOOPS == "tested":
-          carry = lax.fori_loop(base, bases[j + 1], functools.partial(step, j=j, masked=True),
-                                carry)
-          continue
-        # full steps, then partial ones, for each query head
         carry = lax.fori_loop(base, base + n_full[j],
                               functools.partial(step, j=j, masked=False), carry)
         carry = lax.fori_loop(base + n_full[j], bases[j + 1],
