@@ -277,19 +277,35 @@ def test_grid_orders_agree(monkeypatch):
   assert float(jnp.abs(want[1].astype(jnp.float32)).sum()) > 0
 
 
-def test_sink_list_in_chunks(monkeypatch):
+@pytest.mark.parametrize("mixed, head_dim, dq", [(True, 64, None), (False, 64, None),
+                                                 (True, 128, "split")])
+def test_sink_list_in_chunks(monkeypatch, mixed, head_dim, dq):
   """A sink's KV block is visited by every query block: its list runs as several items whose
   dK/dV add up (640 tokens: 5 blocks, the first visited 5 times, the rest about twice; items
-  of at least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts)."""
+  of at least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts).
+  ``mixed`` (`attention_bwd.MIXED_DKV`): only the cut block's items reduce-add (into its own
+  float32 buffer), the others store dK/dV; with dQ fused into the kernel too."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
   monkeypatch.setattr(attention_bwd, "MIN_CHUNK", 2)
-  p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
-           segments=False, dtype=jnp.bfloat16, seed=3)
+  monkeypatch.setattr(attention_bwd, "MIXED_DKV", mixed)
+  p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=head_dim,
+           mask="window_sink", segments=False, dtype=jnp.bfloat16, seed=3)
   plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
                    SequenceLayout(640, 128))
   items = attention_bwd._work_items(plan.block_map.q_counts)
   assert np.sum(items[:, 0] == 0) == 2
-  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+  slots, cut_blocks = attention_bwd._cut_slots(items)
+  assert cut_blocks.tolist() == [0] and slots.tolist() == [0, 0] + [-1] * (len(items) - 2)
+  config = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=config)
+  if mixed:  # it lowers for CUDA: the forward and the two backward kernels
+    S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(jsa.attention(
+        q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+        backend="mosaic_gpu", config=BWD).astype(jnp.float32))
+    text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128),
+                          S(1, 2048, 2, 128), S(1, 2048, 2, 128)).mlir_module()
+    assert text.count("@mosaic_gpu_v2(") == 3
 
 
 @pytest.mark.parametrize("head_dim", [64, 80])

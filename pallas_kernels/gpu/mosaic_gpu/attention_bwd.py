@@ -77,6 +77,11 @@ FUSED_STAGES = 2  # the same with dQ fused (its dSᵀ and dQ staging leave room 
 # (H=16, D=128): backward 3.48 vs 3.84 ms (docs/experiments/h200-2026-11-29-direct-dkv.json);
 # causal S=16384 too since its lists are cut only at outliers (`_work_items`).
 DIRECT_DKV = True
+# Where some KV blocks' lists are cut into several items (a sink's, which every query visits):
+# the other KV blocks' items store dK/dV in the input dtype too, and only the cut blocks'
+# items reduce-add into a float32 buffer of those blocks (``direct="mixed"``); False: every
+# item reduce-adds into float32 buffers of the whole K/V.
+MIXED_DKV = True
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
@@ -160,7 +165,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
-            with_dq: bool = True, direct: bool = False, segments_full: bool = False,
+            with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1):
   """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
@@ -186,6 +191,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   refs = refs[2 * extras:]
   onehot_ref, tables_ref, table_ids_ref = refs[:3] if mma else (None,) * 3
   refs = refs[3:] if mma else refs
+  mixed = direct == "mixed"
+  if mixed:  # then the cut KV blocks' float32 buffers, [b, cut blocks * 128, hkv, d]
+    refs, (dk_cut_ref, dv_cut_ref) = refs[:-2], refs[-2:]
   dq_ref, dk_ref, dv_ref = ((None,) if not with_dq else ()) + tuple(refs)
   dq_cols = 64 if split_dq else head_dim
   item = lax.axis_index("kv")
@@ -212,7 +220,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
            ds_smem, dq_smem, p_smem, kx_smem, qx_smem, onehot_smem, table_smem, kv_bar, q_bar,
            q_free, turn, sched):
     wg = lax.axis_index("wg")
-    (q_smem, do_smem), stage = slots
+    (q_smem, do_smem), stage, *stage_cut = slots  # stage_cut: float32 (``mixed``)
 
     rendezvous = functools.partial(bwd_dq.rendezvous, turn)
 
@@ -340,23 +348,36 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         pl.when(wg == 0)(schedule)
       # Several items may share a KV block: dK and dV are reduce-added in float32, staged
       # in the step slots (free once both warpgroups are past their last step); with one
-      # item per KV block (``direct``) they are stored in the input dtype.
+      # item per KV block (``direct``) they are stored in the input dtype. ``mixed``: items
+      # with a cut slot (items[:, 3] >= 0) reduce-add into the cut blocks' float32 buffers
+      # at that slot, the others store.
       rendezvous()
       own_rows = (batch, pl.ds(kv0 + wg * _ROWS, _ROWS), kv_head)
-      for value, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+      cut = items_ref[item, 3] if mixed else None
+
+      def write(value, ref, rows, add: bool, stage):
         value = value.astype(ref.dtype)
         if interpret:
           for w in range(_WGS):
             @pl.when(wg == w)
             def _():
-              ref.at[own_rows][...] = value if direct else ref.at[own_rows][...] + value
+              ref.at[rows][...] = ref.at[rows][...] + value if add else value
             rendezvous()
         else:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           stage.at[wg][...] = value
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[own_rows],
-                                  reduction_op=None if direct else "add")
+          plgpu.copy_smem_to_gmem(stage.at[wg], ref.at[rows],
+                                  reduction_op="add" if add else None)
+
+      for value, ref, cut_ref in ((dk * scale, dk_ref, dk_cut_ref if mixed else None),
+                                  (dv, dv_ref, dv_cut_ref if mixed else None)):
+        if not mixed:
+          write(value, ref, own_rows, not direct, stage)
+          continue
+        pl.when(cut < 0)(lambda: write(value, ref, own_rows, False, stage))
+        cut_rows = (batch, pl.ds(cut * _BLOCK_KV + wg * _ROWS, _ROWS), kv_head)
+        pl.when(cut >= 0)(lambda: write(value, cut_ref, cut_rows, True, stage_cut[0]))
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when((wg == _WGS) & (total > 0))
@@ -407,9 +428,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.RefUnion(
           (plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=tiles),
            plgpu.SMEM((stages, _ROWS, head_dim), dtype, transforms=tiles)),
-          plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=tiles) if direct else
-          plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32,
-                     transforms=swizzled_f32(head_dim))),
+          *[plgpu.SMEM((_WGS, _ROWS, head_dim), dtype, transforms=tiles)] * bool(direct),
+          *[plgpu.SMEM((_WGS, _ROWS, head_dim), jnp.float32,
+                       transforms=swizzled_f32(head_dim))] * (direct is not True)),
       *bwd_dq.query_vectors((stages,), _ROWS, dims),
       plgpu.SMEM((2, _BLOCK_KV, _ROWS) if split_dq else (_BLOCK_KV, _ROWS), dtype,
                  transforms=tiles) if with_dq or interpret else None,
@@ -533,16 +554,22 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
   separate = _separate_dq(cfg, plan, d, bmap)
   stages = STAGES if separate else FUSED_STAGES
-  # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added.
-  direct = (DIRECT_DKV and (not runtime or shared_items)
-            and len(np.unique(host_items[:, 0])) == len(host_items))
+  # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added;
+  # some lists cut: "mixed" (`MIXED_DKV`, `_cut_slots`).
+  direct = False
+  if DIRECT_DKV and (not runtime or shared_items):
+    slots, cut_blocks = _cut_slots(host_items)
+    direct = True if not len(cut_blocks) else "mixed" if MIXED_DKV and not wide else False
+    if direct == "mixed":
+      items = jnp.asarray(np.concatenate([host_items, slots[:, None]], axis=1))
   if wide:  # head_dim 160, 192 or 256: the role-split kernels (`attention_bwd_wide`)
     dq, dk, dv = bwd_wide.backward(
         items, functools.partial(item_lists, groups=groups, chunk=chunk,
                                  shared=bmap.shares_heads),
         counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
         mask_fn=mask_fn, terms=terms, interpret=interpret, sub=plan.block_q // _ROWS,
-        block_q=plan.block_q, direct=direct, fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
+        block_q=plan.block_q, direct=direct is True,
+        fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
@@ -562,17 +589,30 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
               interpret=interpret_params(interpret),
               name="sparse_attention_bwd")(*args, *refs)
 
+  kv_bufs = (zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
+             zeros(n_kv, hkv, v.dtype if direct else jnp.float32))
+  if direct == "mixed":
+    kv_bufs += (zeros(len(cut_blocks) * _BLOCK_KV, hkv),) * 2
   if separate:
-    dk, dv = pl.run_state(run)((zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
-                                zeros(n_kv, hkv, v.dtype if direct else jnp.float32)))
+    dk, dv, *cut = pl.run_state(run)(kv_bufs)
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
                    mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq)[:, :sq]
   else:
-    dq, dk, dv = pl.run_state(run)((zeros(n_q, h),
-                                    zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
-                                    zeros(n_kv, hkv, v.dtype if direct else jnp.float32)))
+    dq, dk, dv, *cut = pl.run_state(run)((zeros(n_q, h), *kv_bufs))
     dq = (dq[:, :sq] * scale).astype(q.dtype)
+  if cut:  # the cut blocks' rows from their float32 buffers
+    rows = (cut_blocks[:, None] * _BLOCK_KV + np.arange(_BLOCK_KV)).reshape(-1)
+    dk, dv = (x.at[:, rows].set(y.astype(x.dtype)) for x, y in zip((dk, dv), cut))
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
+
+
+def _cut_slots(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """For work items [n, 3] (`_work_items`): each item's slot among the KV blocks that have
+  several items (-1 for a KV block's only item), and those KV blocks in slot order."""
+  blocks = items[:, 0]
+  cut_blocks = np.unique(blocks[np.bincount(blocks)[blocks] > 1])
+  slots = np.where(np.isin(blocks, cut_blocks), np.searchsorted(cut_blocks, blocks), -1)
+  return slots.astype(np.int32), cut_blocks.astype(np.int32)
 
 
 # head_dim 129-256 (192 or 256 columns) on the role-split kernels (`attention_bwd_wide`; plans with 64-key KV
