@@ -337,6 +337,20 @@ def test_direct_dkv(monkeypatch):
   assert text.count("@mosaic_gpu_v2(") == 3
 
 
+@pytest.mark.parametrize("written", [True, False])
+def test_written_dkv(monkeypatch, written):
+  """`attention_bwd.WRITTEN_DKV`: where every KV block is one item's (causal self-attention,
+  dQ as its own kernel), dK/dV are the kernel's outputs rather than zero-filled buffers:
+  every row must be stored (interpret mode leaves an output's unwritten rows NaN)."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "WRITTEN_DKV", written)
+  p = dict(batch=1, sq=300, skv=300, heads=4, kv_heads=2, head_dim=64, mask="causal",
+           segments=False, dtype=jnp.bfloat16, seed=5)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                config=MosaicGPUConfig(backward="mosaic_gpu",
+                                                       backward_dq="kernel"))
+
+
 def test_fused_dq_policy():
   """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
   at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5), else dQ

@@ -1,0 +1,70 @@
+"""Where a benchmark case's fwd+bwd step goes, kernel by kernel (ours and the XLA ops around
+them: delta, zero fills, casts, pads): the step repeated under `jax.profiler.trace`, the GPU
+plane's events summed by name, per step.
+
+    python -m benchmarks.diag.profile_step lm [steps] [--out x.json]
+"""
+import collections
+import glob
+import json
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+
+from ..bench_gpu import documents, fwd_bwd, inputs
+
+LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+# name: (mask, batch, seq, heads, kv heads, head_dim, documents)
+CASES = {
+    "lm": (LM, 2, 8192, 16, 4, 128, 0),
+    "lm_docs": (LM, 2, 8192, 16, 4, 128, 4),
+    "lm_d64": (LM, 2, 8192, 8, 2, 64, 2),
+    "window": (masks.causal() & masks.sliding_window(2047), 1, 32768, 16, 16, 128, 0),
+    "causal": (masks.causal(), 2, 16384, 16, 16, 128, 0),
+}
+
+
+def main():
+  name = sys.argv[1]
+  steps = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 20
+  mask, b, s, h, hkv, d, docs = CASES[name]
+  seg = documents(b, s, docs) if docs else None
+  big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
+  step = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg))
+  jax.block_until_ready(step(*big))
+  trace_dir = tempfile.mkdtemp()
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      out = step(*big)
+    jax.block_until_ready(out)
+  data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb",
+                                                      recursive=True)[0])
+  total, count = collections.Counter(), collections.Counter()
+  lines = []
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU:0"):
+      continue
+    for line in plane.lines:
+      lines.append(line.name)
+      if "stream" not in line.name.lower():  # kernels per stream, not the XLA op lines
+        continue
+      for event in line.events:
+        total[event.name] += event.duration_ns
+        count[event.name] += 1
+  rows = [{"kernel": k[:120], "us_per_step": round(t / steps / 1e3, 2),
+           "launches_per_step": count[k] / steps} for k, t in total.most_common()]
+  summary = {"case": name, "steps": steps,
+             "gpu_us_per_step": round(sum(total.values()) / steps / 1e3, 1), "lines": lines,
+             "kernels": rows}
+  print(json.dumps(summary, indent=1), flush=True)
+  if "--out" in sys.argv:
+    json.dump(summary, open(sys.argv[sys.argv.index("--out") + 1], "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
