@@ -11,6 +11,7 @@ loads no Pallas code.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -36,7 +37,8 @@ class Backend(NamedTuple):
   # (head_dim, dtype, config, mask, segments: the call has a padding mask or segment ids) ->
   # map blocks for the backward kernels of gathered plans (whose token order does not depend
   # on the tiling: the backward may tile differently from the forward), or None: the
-  # forward's.
+  # forward's. (Called through `backward_map_blocks`: a four-parameter callable, without
+  # ``segments``, still works.)
   backward_blocks: Callable[[int, Any, Any, Any, bool], tuple[int, int] | None] | None = None
   # Neighborhood tile choice: also consider query tiles of half the default block (when no
   # block_q is given), and prefer tiles whose last dim is a multiple of this.
@@ -74,6 +76,26 @@ def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, c
 _REGISTRY: dict[str, Backend] = {
     "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64), runtime_maps=True),
 }
+
+
+def backward_map_blocks(impl: Backend, head_dim: int, dtype, config, mask, segments: bool):
+  """`impl.backward_blocks`' answer (None where it has none). A callable of four parameters
+  (written before the fifth, ``segments``) is called without it."""
+  fn = impl.backward_blocks
+  if fn is None:
+    return None
+  if _takes_segments(fn):
+    return fn(head_dim, dtype, config, mask, segments)
+  return fn(head_dim, dtype, config, mask)
+
+
+def _takes_segments(fn) -> bool:
+  try:
+    params = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):  # no signature to read: pass it
+    return True
+  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  return len(positional) >= 5 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def register_backend(name: str, backend: Backend) -> None:

@@ -19,8 +19,9 @@ import numpy as np
 from . import masks as masks_lib
 from . import reference as reference_lib
 from . import context_parallel
-from .backends import (BACKENDS, Backend, check_available, get_backend as _get_backend,
-                       has_array_mask as _has_array_mask, resolve_backend)
+from .backends import (BACKENDS, Backend, backward_map_blocks, check_available,
+                       get_backend as _get_backend, has_array_mask as _has_array_mask,
+                       resolve_backend)
 from .merge import merge_attentions
 from .layout import PackedLayout, SequenceLayout, TiledLayout, cdiv
 from . import plan as plan_lib
@@ -693,8 +694,7 @@ def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionP
   with the backward's tiles (`fit_tile` adapts them to a shard; ``segments``: the call has a
   padding mask or segment ids, which the backward's choice of kernels may depend on)."""
   from .simulate import best_shifted_tiles, best_tile_shapes
-  blocks = (impl.backward_blocks(head_dim, dtype, config, mask, segments)
-            if impl.backward_blocks else None)
+  blocks = backward_map_blocks(impl, head_dim, dtype, config, mask, segments)
   if blocks is None:
     return None
   bwd_q, bwd_kv = (tuple((fit_tile or (lambda t: t))(t)) for t in best_tile_shapes(mask, *blocks))

@@ -71,10 +71,9 @@ def test_na_wide():
 
 def test_wide_sink_items(monkeypatch):
   """A sink's list cut into several dK/dV items at head_dim 256 (float32 reduce-adds instead
-  of stores): 640 tokens, 10 KV blocks of 64, the first visited by all 5 Q blocks (items of at
-  least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts)."""
+  of stores): 640 tokens, 10 KV blocks of 64, the first visited by all 5 Q blocks (items of
+  the mean list length, 2 entries)."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "MIN_CHUNK", 2)
   plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640),
                    SequenceLayout(640, 128), SequenceLayout(640, 64))
   items = attention_bwd._work_items(plan.block_map.q_counts)
@@ -248,11 +247,14 @@ def test_lowers_for_gpu(case):
 
 def test_work_items():
   """One item per KV block, in KV-block order (neighbouring KV blocks share Q blocks in L2),
-  unless a Q list is an outlier (longer than twice the mean: a sink's): then every list is cut
-  into chunks of the mean (at least 8). KV blocks with empty lists get no item."""
+  except Q lists longer than twice the mean (a sink's): those are cut into chunks of the mean
+  (rounded up). KV blocks with empty lists get no item."""
   from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
   items = _work_items(np.array([20, 2, 0, 3]))  # 20 > 2 * 8.3: chunks of 9
   assert items.tolist() == [[0, 0, 9], [0, 9, 9], [0, 18, 2], [1, 0, 2], [3, 0, 3]]
+  items = _work_items(np.array([30, 6, 7, 5, 7]))  # mean 11: 30 cut into 11s, 6-7 whole
+  assert items.tolist() == [[0, 0, 11], [0, 11, 11], [0, 22, 8], [1, 0, 6], [2, 0, 7],
+                            [3, 0, 5], [4, 0, 7]]
   items = _work_items(np.array([6, 9, 12, 9, 0, 15]))  # 15 <= 2 * 10.2: whole lists
   assert items.tolist() == [[0, 0, 6], [1, 0, 9], [2, 0, 12], [3, 0, 9], [5, 0, 15]]
   assert _work_items(np.zeros(4, int)).shape == (0, 3)
@@ -282,11 +284,10 @@ def test_grid_orders_agree(monkeypatch):
 def test_sink_list_in_chunks(monkeypatch, mixed, head_dim, dq):
   """A sink's KV block is visited by every query block: its list runs as several items whose
   dK/dV add up (640 tokens: 5 blocks, the first visited 5 times, the rest about twice; items
-  of at least 2 entries here, `attention_bwd.MIN_CHUNK`, so that a short sequence cuts).
+  of the mean list length, 3 entries).
   ``mixed`` (`attention_bwd.MIXED_DKV`): only the cut block's items reduce-add (into its own
   float32 buffer), the others store dK/dV; with dQ fused into the kernel too."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "MIN_CHUNK", 2)
   monkeypatch.setattr(attention_bwd, "MIXED_DKV", mixed)
   p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=head_dim,
            mask="window_sink", segments=False, dtype=jnp.bfloat16, seed=3)

@@ -170,3 +170,21 @@ def test_function_mask_with_jnp_ops_first_built_under_jit():
   got = jax.jit(lambda x: jsa.attention(x, x, x, mask, backend="xla"))(x)
   want = jsa.attention(x, x, x, mask, backend="reference")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_backward_blocks_of_four_parameters():
+  """A registered backend's `backward_blocks` written before its fifth parameter
+  (``segments``) existed is called without it; one with five gets it."""
+  from jax_sparse_attn import backends, ops
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import make_plan
+  mask = masks.neighborhood((16, 16), 5)
+  lay = TiledLayout((16, 16), (1, 1), (4, 4))
+  plan = make_plan(mask, lay, lay)
+  seen = []
+  xla = backends.get_backend("xla")
+  four = xla._replace(backward_blocks=lambda h, dtype, config, m: seen.append(4))
+  five = xla._replace(backward_blocks=lambda h, dtype, config, m, segments: seen.append(segments))
+  assert ops._backward_plan(four, mask, plan, 32, jnp.float32, None, segments=True) is None
+  assert ops._backward_plan(five, mask, plan, 32, jnp.float32, None, segments=True) is None
+  assert seen == [4, True]

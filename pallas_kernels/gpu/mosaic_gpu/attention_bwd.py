@@ -655,11 +655,13 @@ def _mean_entries(bmap) -> float:
   return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks
 
 
-MIN_CHUNK = 8  # entries of a cut list's items, at least (tests lower it to cut short lists)
+MIN_CHUNK = 8  # entries of a runtime map's items (`_runtime_items`), at least
 
 
 def _chunk(mean_entries: float) -> int:
-  """Entries per work item: the mean Q list length, at least `MIN_CHUNK`."""
+  """Entries per work item of a runtime map (and of static maps' cut lists with
+  `SPLIT_OUTLIERS` off or `OUTLIER_CHUNK` "min8"): the mean Q list length, at least
+  `MIN_CHUNK`."""
   return max(MIN_CHUNK, int(np.ceil(mean_entries)))
 
 
@@ -672,6 +674,12 @@ def _chunk(mean_entries: float) -> int:
 # 12.7 (direct dK/dV), window and the LM layer unchanged.
 ITEM_ORDER = "natural"
 SPLIT_OUTLIERS = True
+# The entries of an outlier's items: "mean", the mean list length (rounded up); "min8", the
+# mean, at least `MIN_CHUNK` (the form before). H200, the LM layer (GQA 16/4, D=128, S=8192,
+# B=2; a sink's list of 64 entries, mean 5.8): backward 0.762-0.777 ms with 6 entries vs
+# 0.795-0.810 with 8; head_dim 64 and `window 2047 | sink 64` at S=32768 within noise
+# (docs/experiments/h200-2026-12-04-sink-chunks.json).
+OUTLIER_CHUNK = "mean"
 # The grid's last (fastest) axis: True, work items (CTAs that run at once share a head's Q
 # blocks); False, batch (they are one item of every head). Pallas runs the last grid axis
 # fastest. H200, backward ms with `attention_bwd_dq.Q_FASTEST` too, batch last / both
@@ -683,19 +691,24 @@ ITEMS_FASTEST = True
 def _work_items(counts: np.ndarray) -> np.ndarray:
   """Work items [n, 3] (KV block, first entry, entries) over the KV blocks' Q lists, in
   KV-block order (neighbouring KV blocks share Q blocks: neighborhoods, windows; causal lists
-  come longest first that way): one per KV block, unless one list is more than twice the
-  mean (a sink or global token's keys, which every query visits): then lists longer than the
-  chunk (the mean, at least 8) are cut into chunks, so that the long one does not hold the
-  whole kernel up. KV blocks no query visits get no item (their dK/dV stay 0)."""
+  come longest first that way): one per KV block, except lists more than twice the mean (a
+  sink or global token's keys, which every query visits), cut into chunks of the mean
+  (rounded up, at least 2), so that the long one does not hold the whole kernel up and its
+  items are no longer than the others (`OUTLIER_CHUNK`). KV blocks no query visits get no
+  item (their dK/dV stay 0)."""
   counts = np.asarray(counts, np.int64)
   visited = counts[counts > 0]
   if not visited.size:
     return np.zeros((0, 3), np.int32)
-  chunk = _chunk(visited.mean())
-  if SPLIT_OUTLIERS and visited.max() <= 2 * visited.mean():
-    chunk = int(visited.max())
-  items = [(j, s, min(chunk, int(n) - s)) for j, n in enumerate(counts)
-           for s in range(0, int(n), chunk)]
+  mean = visited.mean()
+  if not SPLIT_OUTLIERS:  # every list longer than the chunk cut
+    chunk = _chunk(mean)
+    step = lambda n: chunk
+  else:
+    chunk = max(2, int(np.ceil(mean))) if OUTLIER_CHUNK == "mean" else _chunk(mean)
+    step = lambda n: chunk if n > 2 * mean else max(int(n), 1)
+  items = [(j, s, min(step(n), int(n) - s)) for j, n in enumerate(counts)
+           for s in range(0, int(n), step(n))]
   if ITEM_ORDER == "longest":
     items.sort(key=lambda it: -it[2])
   return np.asarray(items, np.int32)
