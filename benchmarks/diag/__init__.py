@@ -124,3 +124,42 @@ def check_and_time(row: dict, fn, small, ref, big, iters: int = 10, repeats: int
                                zip(("out", "dq", "dk", "dv"), got, ref)}
   row["fwd_ms"] = round(time_ms(jax.jit(fn), *big[:3], iters=iters, repeats=repeats), 3)
   row["fwd_bwd_ms"] = round(time_ms(fwd_bwd(fn), *big, iters=iters, repeats=repeats), 3)
+
+
+def knob_rows(cases: dict, names: str, variants: dict, set_variant, run, rows: Rows,
+              out: str | None):
+  """Per case of `cases` (name: (mask, batch, seq, heads, kv heads, head_dim, documents)):
+  the first variant's output and gradients at a smaller size against float32 XLA, then every
+  variant's fwd and fwd+bwd ms at full size (`interleaved`, each traced under
+  ``set_variant(value)``) and each later variant's gradients against the first's.
+  `variants` maps a name to its value; ``run(mask, segment_ids)`` is fn(q, k, v)."""
+  from jax_sparse_attn import ops
+  from ..bench_gpu import documents, fwd_bwd, inputs, rel
+  first, *others = variants
+  for name in names.split(","):
+    mask, b, s, h, hkv, d, docs = cases[name]
+    row = {"case": name, "batch": b, "seq": s, "heads": f"{h}/{hkv}", "head_dim": d,
+           "documents": docs}
+    sb, ss = 1, min(s, 4096)
+    small = inputs((sb, ss, 4, d), (sb, ss, 4 * hkv // h, d), jnp.bfloat16, seed=1)
+    seg_s = documents(sb, ss, docs) if docs else None
+    f32 = [x.astype(jnp.float32) for x in small]
+    want = fwd_bwd(lambda q, k, v: ops.attention(q, k, v, mask, segment_ids=seg_s,
+                                                 backend="xla"))(*f32)
+    set_variant(variants[first])
+    got = fwd_bwd(run(mask, seg_s))(*small)
+    row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
+                                 for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
+    seg = documents(b, s, docs) if docs else None
+
+    def variant(value):  # traced and compiled under each setting, then timed
+      set_variant(value)
+      return run(mask, seg)
+
+    grads = interleaved(row, {n: (lambda v=v: variant(v)) for n, v in variants.items()}, big)
+    for other in others:
+      row[f"{first}_vs_{other}_rel_diff"] = max_rel_diff(grads[first], grads[other])
+    set_variant(variants[first])
+    rows.record(**row)
+    rows.write(out)

@@ -9,13 +9,11 @@ the two forms against each other at full size.
 """
 
 import jax
-import jax.numpy as jnp
 
 from jax_sparse_attn import masks, ops
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
-from . import Rows, case_parser, interleaved, max_rel_diff
-from ..bench_gpu import documents, fwd_bwd, inputs, rel
+from . import Rows, case_parser, knob_rows
 from .diag_union_terms import LM, run
 
 # name: (mask, batch, seq, heads, kv heads, head_dim, documents)
@@ -38,34 +36,8 @@ def set_mixed(on: bool):
 def main():
   parser = case_parser(",".join(CASES))
   args = parser.parse_args()
-  rows = Rows()
-  for name in args.cases.split(","):
-    mask, b, s, h, hkv, d, docs = CASES[name]
-    row = {"case": name, "batch": b, "seq": s, "heads": f"{h}/{hkv}", "head_dim": d,
-           "documents": docs}
-    sb, ss = 1, min(s, 4096)
-    small = inputs((sb, ss, 4, d), (sb, ss, 4 * hkv // h, d), jnp.bfloat16, seed=1)
-    seg_s = documents(sb, ss, docs) if docs else None
-    f32 = [x.astype(jnp.float32) for x in small]
-    want = fwd_bwd(lambda q, k, v: ops.attention(q, k, v, mask, segment_ids=seg_s,
-                                                 backend="xla"))(*f32)
-    set_mixed(True)
-    got = fwd_bwd(run(mask, seg_s))(*small)
-    row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
-                                 for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
-    big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
-    seg = documents(b, s, docs) if docs else None
-
-    def variant(on):  # traced and compiled under each setting, then timed
-      set_mixed(on)
-      return run(mask, seg)
-
-    grads = interleaved(row, {"mixed": lambda: variant(True),
-                              "reduce_all": lambda: variant(False)}, big)
-    row["mixed_vs_reduce_all_rel_diff"] = max_rel_diff(grads["mixed"], grads["reduce_all"])
-    set_mixed(True)
-    rows.record(**row)
-    rows.write(args.out)
+  knob_rows(CASES, args.cases, {"mixed": True, "reduce_all": False}, set_mixed, run, Rows(),
+            args.out)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ the two forms against each other at full size.
 """
 
 import jax
-import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
 from pallas_kernels.gpu.mosaic_gpu import element
 
-from . import Rows, case_parser, interleaved, max_rel_diff
-from ..bench_gpu import documents, fwd_bwd, inputs, rel
+from . import Rows, case_parser, knob_rows
 
 LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
 # name: (mask, batch, seq, heads, kv heads, head_dim, documents)
@@ -42,35 +40,8 @@ def set_union(on: bool):
 def main():
   parser = case_parser(",".join(CASES))
   args = parser.parse_args()
-  rows = Rows()
-  for name in args.cases.split(","):
-    mask, b, s, h, hkv, d, docs = CASES[name]
-    row = {"case": name, "batch": b, "seq": s, "heads": f"{h}/{hkv}", "head_dim": d,
-           "documents": docs}
-    # Gradients at a smaller size against float32 XLA (the union form).
-    sb, ss = 1, min(s, 4096)
-    small = inputs((sb, ss, 4, d), (sb, ss, 4 * hkv // h, d), jnp.bfloat16, seed=1)
-    seg_s = documents(sb, ss, docs) if docs else None
-    f32 = [x.astype(jnp.float32) for x in small]
-    want = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg_s,
-                                                 backend="xla"))(*f32)
-    set_union(True)
-    got = fwd_bwd(run(mask, seg_s))(*small)
-    row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
-                                 for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
-    big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
-    seg = documents(b, s, docs) if docs else None
-
-    def variant(on):  # traced and compiled under each setting, then timed
-      set_union(on)
-      return run(mask, seg)
-
-    grads = interleaved(row, {"union": lambda: variant(True),
-                              "mask_fn": lambda: variant(False)}, big)
-    row["union_vs_mask_fn_rel_diff"] = max_rel_diff(grads["union"], grads["mask_fn"])
-    set_union(True)
-    rows.record(**row)
-    rows.write(args.out)
+  knob_rows(CASES, args.cases, {"union": True, "mask_fn": False}, set_union, run, Rows(),
+            args.out)
 
 
 if __name__ == "__main__":
