@@ -163,3 +163,20 @@ def knob_rows(cases: dict, names: str, variants: dict, set_variant, run, rows: R
     set_variant(variants[first])
     rows.record(**row)
     rows.write(out)
+
+
+def knob_setter(module, attr: str):
+  """A `knob_rows` ``set_variant``: sets ``module.attr`` and clears the caches of traced
+  kernels (`ops._make_core`'s and jax's), so that the next call traces under it."""
+  def set_variant(value):
+    from jax_sparse_attn import ops
+    setattr(module, attr, value)
+    ops._make_core.cache_clear()
+    jax.clear_caches()
+  return set_variant
+
+
+def knob_main(cases: dict, variants: dict, set_variant, run):
+  """A `knob_rows` diagnostic's command line: ``--cases`` (default: all) and ``--out``."""
+  args = case_parser(",".join(cases)).parse_args()
+  knob_rows(cases, args.cases, variants, set_variant, run, Rows(), args.out)

@@ -8,12 +8,10 @@ the two forms against each other at full size.
     python -m benchmarks.diag.diag_mixed_dkv --out x.json [--cases lm,lm_docs,lm_d64,...]
 """
 
-import jax
-
-from jax_sparse_attn import masks, ops
+from jax_sparse_attn import masks
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
-from . import Rows, case_parser, knob_rows
+from . import knob_main, knob_setter
 from .diag_union_terms import LM, run
 
 # name: (mask, batch, seq, heads, kv heads, head_dim, documents)
@@ -27,17 +25,9 @@ CASES = {
 }
 
 
-def set_mixed(on: bool):
-  attention_bwd.MIXED_DKV = on
-  ops._make_core.cache_clear()
-  jax.clear_caches()
-
-
 def main():
-  parser = case_parser(",".join(CASES))
-  args = parser.parse_args()
-  knob_rows(CASES, args.cases, {"mixed": True, "reduce_all": False}, set_mixed, run, Rows(),
-            args.out)
+  knob_main(CASES, {"mixed": True, "reduce_all": False},
+            knob_setter(attention_bwd, "MIXED_DKV"), run)
 
 
 if __name__ == "__main__":

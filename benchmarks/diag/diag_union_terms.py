@@ -7,13 +7,11 @@ the two forms against each other at full size.
     python -m benchmarks.diag.diag_union_terms --out x.json [--cases lm,lm_docs,lm_d64,window]
 """
 
-import jax
-
 import jax_sparse_attn as jsa
-from jax_sparse_attn import masks, ops
+from jax_sparse_attn import masks
 from pallas_kernels.gpu.mosaic_gpu import element
 
-from . import Rows, case_parser, knob_rows
+from . import knob_main, knob_setter
 
 LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
 # name: (mask, batch, seq, heads, kv heads, head_dim, documents)
@@ -31,17 +29,11 @@ def run(mask, seg):
   return lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg, backend="mosaic_gpu")
 
 
-def set_union(on: bool):
-  element.UNION_TERMS = on
-  ops._make_core.cache_clear()
-  jax.clear_caches()
+set_union = knob_setter(element, "UNION_TERMS")
 
 
 def main():
-  parser = case_parser(",".join(CASES))
-  args = parser.parse_args()
-  knob_rows(CASES, args.cases, {"union": True, "mask_fn": False}, set_union, run, Rows(),
-            args.out)
+  knob_main(CASES, {"union": True, "mask_fn": False}, set_union, run)
 
 
 if __name__ == "__main__":
