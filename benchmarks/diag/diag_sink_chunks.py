@@ -1,6 +1,6 @@
-"""How a sink's Q list is cut into dK/dV work items: entries per item (`attention_bwd._chunk`,
-today the mean list length, at least `MIN_CHUNK` = 8) and the items' order
-(`attention_bwd.ITEM_ORDER`). Nsight Compute read the LM layer's dK/dV kernel at 4.3 waves
+"""How a sink's Q list is cut into dK/dV work items: entries per item (the mean list length,
+at least `MIN_CHUNK` = 8, when this was written; now `attention_bwd.OUTLIER_CHUNK`: the mean)
+and the items' order (`attention_bwd.ITEM_ORDER`). Nsight Compute read the LM layer's dK/dV kernel at 4.3 waves
 of CTAs, the sink's items (8 entries x 4 query heads: 64 steps) longer than the others (~39):
 shorter sink items may fill the last wave better. Both backward kernels timed, the variants
 interleaved over two rounds; gradients against the first variant's.
@@ -27,8 +27,9 @@ LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
 CASES = {"lm": (2, 8192, LM, 16, 4, 128), "lm_d64": (2, 8192, LM, 8, 2, 64),
          "lm_mha": (2, 8192, LM, 16, 16, 128),
          "window_sinks": (1, 32768, masks.sliding_window(2047) | masks.sink(64), 16, 16, 128)}
-# "chunk,order": `_chunk` fixed at chunk (every list longer than it cut, where some list is
-# an outlier); "outlierN,order": only the outliers' lists (> 2x the mean) cut, into N entries.
+# "chunk,order": every list longer than chunk cut (`SPLIT_OUTLIERS` off, `_chunk` fixed; "8"
+# gives the LM layer the items it had before); "outlierN,order": only the outliers' lists
+# (> 2x the mean) cut, into N entries.
 VARIANTS = ("8,natural", "outlier8,natural", "outlier4,natural", "outlier6,natural",
             "outlier12,natural", "outlier16,natural", "outlier4,longest", "4,natural")
 
@@ -67,13 +68,15 @@ def main():
     fns, ref = {}, None
     for chunk, order in variants:
       key = f"chunk{chunk}_{order}"
-      saved = attention_bwd._chunk, attention_bwd.ITEM_ORDER, attention_bwd._work_items
+      saved = (attention_bwd._chunk, attention_bwd.ITEM_ORDER, attention_bwd._work_items,
+               attention_bwd.SPLIT_OUTLIERS)
       try:
         if chunk.startswith("outlier"):
           make = outlier_items(int(chunk[len("outlier"):]))
           attention_bwd._work_items = lambda counts, make=make, order=order: make(counts, order)
         else:
           attention_bwd._chunk = lambda mean, c=int(chunk): c
+          attention_bwd.SPLIT_OUTLIERS = False
         attention_bwd.ITEM_ORDER = order
         items = attention_bwd._work_items(np.asarray(plan.block_map.q_counts))
         row[f"{key}_items"] = int(len(items))
@@ -85,7 +88,8 @@ def main():
         row[f"{key}_error"] = repr(e)[:300]
         continue
       finally:
-        attention_bwd._chunk, attention_bwd.ITEM_ORDER, attention_bwd._work_items = saved
+        (attention_bwd._chunk, attention_bwd.ITEM_ORDER, attention_bwd._work_items,
+         attention_bwd.SPLIT_OUTLIERS) = saved
       fns[key] = fn
       if ref is None:
         ref = grads

@@ -364,7 +364,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           for w in range(_WGS):
             @pl.when(wg == w)
             def _():
-              ref.at[rows][...] = ref.at[rows][...] + value if add else value
+              ref.at[rows][...] = (ref.at[rows][...] + value) if add else value
             rendezvous()
         else:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -592,24 +592,27 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                      interpret=interpret_params(interpret),
                      name="sparse_attention_bwd")(*args, *refs)
 
-  kv_bufs = (zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
-             zeros(n_kv, hkv, v.dtype if direct else jnp.float32))
-  if direct == "mixed":
-    kv_bufs += (zeros(len(cut_blocks) * _BLOCK_KV, hkv),) * 2
-  # Every KV block stored by its one item (static maps): dK/dV are the kernel's outputs, with
-  # no zero fill (`WRITTEN_DKV`; H200, the causal window at S=32768: 80 us of 4.1 ms).
+  # Every KV block stored by its one item (``direct``: one item per KV block; static maps):
+  # dK/dV are the kernel's outputs, with no zero fill (`WRITTEN_DKV`; H200, the causal window
+  # at S=32768: 80 us of 4.1 ms).
   written = (WRITTEN_DKV and separate and direct is True and not runtime
-             and np.array_equal(np.unique(host_items[:, 0]), np.arange(n_kv // _BLOCK_KV)))
+             and len(host_items) == n_kv // _BLOCK_KV)
   if written:
     dk, dv = run((), (jax.ShapeDtypeStruct((b, n_kv, hkv, d), k.dtype),) * 2)
     cut = ()
-  if separate:
-    if not written:
+  else:
+    kv_bufs = (zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
+               zeros(n_kv, hkv, v.dtype if direct else jnp.float32))
+    if direct == "mixed":
+      kv_bufs += (zeros(len(cut_blocks) * _BLOCK_KV, hkv),) * 2
+    if separate:
       dk, dv, *cut = pl.run_state(run)(kv_bufs)
+    else:
+      dq, dk, dv, *cut = pl.run_state(run)((zeros(n_q, h), *kv_bufs))
+  if separate:
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
                    mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq)[:, :sq]
   else:
-    dq, dk, dv, *cut = pl.run_state(run)((zeros(n_q, h), *kv_bufs))
     dq = (dq[:, :sq] * scale).astype(q.dtype)
   if cut:  # the cut blocks' rows from their float32 buffers
     rows = (cut_blocks[:, None] * _BLOCK_KV + np.arange(_BLOCK_KV)).reshape(-1)
@@ -675,7 +678,8 @@ def _chunk(mean_entries: float) -> int:
 ITEM_ORDER = "natural"
 SPLIT_OUTLIERS = True
 # The entries of an outlier's items: "mean", the mean list length (rounded up); "min8", the
-# mean, at least `MIN_CHUNK` (the form before). H200, the LM layer (GQA 16/4, D=128, S=8192,
+# mean, at least `MIN_CHUNK` (the form before cut every list longer than that, where a list
+# was an outlier: the same items for the cases below). H200, the LM layer (GQA 16/4, D=128, S=8192,
 # B=2; a sink's list of 64 entries, mean 5.8): backward 0.762-0.777 ms with 6 entries vs
 # 0.795-0.810 with 8; head_dim 64 and `window 2047 | sink 64` at S=32768 within noise
 # (docs/experiments/h200-2026-12-04-sink-chunks.json).
