@@ -1,6 +1,7 @@
 """Where a benchmark case's fwd+bwd step goes, kernel by kernel (ours and the XLA ops around
 them: delta, zero fills, casts, pads): the step repeated under `jax.profiler.trace`, the GPU
-plane's events summed by name, per step.
+plane's events summed by name, per step, with the GPU's idle time before each kernel (since
+the previous one ended) and the host's time per event name (launches, thunks).
 
     python -m benchmarks.diag.profile_step lm [steps] [--out x.json]
 """
@@ -45,22 +46,37 @@ def main():
   data = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb",
                                                       recursive=True)[0])
   total, count = collections.Counter(), collections.Counter()
-  lines = []
+  gaps, host = collections.Counter(), collections.Counter()
+  lines, spans = [], []
   for plane in data.planes:
+    if plane.name.startswith("/host:CPU"):  # host time per event name (launches, thunks)
+      for line in plane.lines:
+        for event in line.events:
+          host[f"{line.name}: {event.name}"[:120]] += event.duration_ns
     if not plane.name.startswith("/device:GPU:0"):
       continue
     for line in plane.lines:
       lines.append(line.name)
       if "stream" not in line.name.lower():  # kernels per stream, not the XLA op lines
         continue
-      for event in line.events:
+      events = sorted(line.events, key=lambda e: e.start_ns)
+      for prev, event in zip([None] + events[:-1], events):
         total[event.name] += event.duration_ns
         count[event.name] += 1
+        if prev is not None:  # the GPU idle before this kernel, since the last one ended
+          gaps[event.name] += max(0.0, event.start_ns - prev.start_ns - prev.duration_ns)
+      if events:
+        spans.append(events[-1].start_ns + events[-1].duration_ns - events[0].start_ns)
   rows = [{"kernel": k[:120], "us_per_step": round(t / steps / 1e3, 2),
+           "idle_before_us_per_step": round(gaps[k] / steps / 1e3, 2),
            "launches_per_step": count[k] / steps} for k, t in total.most_common()]
   summary = {"case": name, "steps": steps,
-             "gpu_us_per_step": round(sum(total.values()) / steps / 1e3, 1), "lines": lines,
-             "kernels": rows}
+             "gpu_us_per_step": round(sum(total.values()) / steps / 1e3, 1),
+             "gpu_span_us_per_step": round(max(spans, default=0) / steps / 1e3, 1),
+             "gpu_idle_us_per_step": round(sum(gaps.values()) / steps / 1e3, 1),
+             "lines": lines, "kernels": rows,
+             "host_us_per_step": [{"event": k, "us": round(t / steps / 1e3, 2)}
+                                  for k, t in host.most_common(25)]}
   print(json.dumps(summary, indent=1), flush=True)
   if "--out" in sys.argv:
     json.dump(summary, open(sys.argv[sys.argv.index("--out") + 1], "w"), indent=1)

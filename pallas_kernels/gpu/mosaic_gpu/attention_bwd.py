@@ -169,8 +169,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0, terms: int = 1):
-  """CTA (work item, kv head, batch) over the transposed map: items [n, 3] (kv block, first
+            shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None):
+  """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head"
+  and "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
   max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
   +inf where no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv]
@@ -199,8 +200,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     refs, (dk_cut_ref, dv_cut_ref) = refs[:-2], refs[-2:]
   dq_ref, dk_ref, dv_ref = ((None,) if not with_dq else ()) + tuple(refs)
   dq_cols = 64 if split_dq else head_dim
-  item = lax.axis_index("kv")
-  kv_head, batch = lax.axis_index("head"), lax.axis_index("batch")
+  item, kv_head, batch = cta or [lax.axis_index(a) for a in ("kv", "head", "batch")]
   kv_block, first, entries, full, q_block = item_lists(
       items_ref, ids_ref, counts_ref, item, kv_head, batch, groups=groups, chunk=chunk,
       shared=shared)
@@ -592,24 +592,42 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                      interpret=interpret_params(interpret),
                      name="sparse_attention_bwd")(*args, *refs)
 
+  joint = JOINT_DQ and separate
+  if joint:  # dQ's CTAs after the dK/dV items in one launch (`_joint`)
+    dq_launch = bwd_dq.dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
+                                 scale=scale, mask_fn=mask_fn, terms=terms,
+                                 interpret=interpret, mma=mma_dq)
+    run = _joint(kernel, args, bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]),
+                                                    ITEMS_FASTEST),
+                 dq_launch, 12 + len(extras), interpret)
+
   # Every KV block stored by its one item (``direct``: one item per KV block; static maps):
   # dK/dV are the kernel's outputs, with no zero fill (`WRITTEN_DKV`; H200, the causal window
   # at S=32768: 80 us of 4.1 ms).
   written = (WRITTEN_DKV and separate and direct is True and not runtime
              and len(host_items) == n_kv // _BLOCK_KV)
+  dq_type = (jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype),) if joint else ()
   if written:
-    dk, dv = run((), (jax.ShapeDtypeStruct((b, n_kv, hkv, d), k.dtype),) * 2)
+    dq, dk, dv = ((None,) if not joint else ()) + tuple(
+        run((), (*dq_type, *(jax.ShapeDtypeStruct((b, n_kv, hkv, d), k.dtype),) * 2)))
     cut = ()
   else:
     kv_bufs = (zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
                zeros(n_kv, hkv, v.dtype if direct else jnp.float32))
     if direct == "mixed":
       kv_bufs += (zeros(len(cut_blocks) * _BLOCK_KV, hkv),) * 2
-    if separate:
+    if joint:  # dq an output, kept in a state buffer (fully written: XLA drops its zeros)
+      def run_state(refs):
+        *bufs, dq_ref = refs
+        dq_ref[...] = run(bufs, dq_type)[0]
+      dk, dv, *cut, dq = pl.run_state(run_state)((*kv_bufs, zeros(n_q, h, q.dtype)))
+    elif separate:
       dk, dv, *cut = pl.run_state(run)(kv_bufs)
     else:
       dq, dk, dv, *cut = pl.run_state(run)((zeros(n_q, h), *kv_bufs))
-  if separate:
+  if joint:
+    dq = dq[:, :sq]
+  elif separate:
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
                    mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq)[:, :sq]
   else:
@@ -618,6 +636,52 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     rows = (cut_blocks[:, None] * _BLOCK_KV + np.arange(_BLOCK_KV)).reshape(-1)
     dk, dv = (x.at[:, rows].set(y.astype(x.dtype)) for x, y in zip((dk, dv), cut))
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
+
+
+# dQ (its own kernel) in the dK/dV kernel's launch: one grid of the dK/dV work items, then
+# the dQ kernel's CTAs, so that the many short dQ CTAs fill the SMs that the dK/dV kernel's
+# last wave of long items leaves idle (the LM layer: 568 items, 4.3 waves of ~46 steps),
+# and one launch fewer. False: two launches.
+JOINT_DQ = True
+
+
+def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, shared: int, interpret):
+  """``run(refs, out_type)`` of one launch of both backward kernels (`JOINT_DQ`): program
+  ids below the dK/dV grid's size run `dkv_kernel` (over `dkv_args`, its grid `dkv_grid`),
+  the rest the dQ kernel of `dq_launch` (`attention_bwd_dq.dq_launch`), which takes
+  ``dkv_args[3:shared]`` too. ``refs``: the dK/dV buffers written in place (or none);
+  ``out_type``: dq's, then dk/dv's where the dK/dV kernel writes them as outputs."""
+  dq_kernel, (map_args, _), dq_grid, _ = dq_launch
+  n_dkv = math.prod(n for _, n in dkv_grid)
+  n_dq = math.prod(n for _, n in dq_grid)
+
+  def kernel(*refs, outputs: bool):
+    dkv_in, refs = refs[:len(dkv_args)], refs[len(dkv_args):]
+    maps, refs = refs[:len(map_args)], refs[len(map_args):]
+    # dq, dk, dv as outputs; or the dK/dV buffers (inputs), then dq
+    dq_out, dkv_out = (refs[0], refs[1:]) if outputs else (refs[-1], refs[:-1])
+    pid = lax.axis_index("cta")
+
+    @pl.when(pid < n_dkv)
+    def _():
+      at = bwd_dq.grid_indices(pid, dkv_grid)
+      dkv_kernel(*dkv_in, *dkv_out, cta=(at["kv"], at["head"], at["batch"]))
+
+    @pl.when(pid >= n_dkv)
+    def _():
+      at = bwd_dq.grid_indices(pid - n_dkv, dq_grid)
+      dq_kernel(*maps[:3], *dkv_in[3:shared], *maps[3:], dq_out,
+                cta=(at["q"], at["head"], at["batch"]))
+
+  def run(refs, out_type):
+    mesh = plgpu.Mesh(grid=(n_dkv + n_dq,), grid_names=("cta",), num_threads=_WGS + 1,
+                      thread_name="wg")
+    return pl.kernel(functools.partial(kernel, outputs=not refs), out_type=out_type,
+                     mesh=mesh, compiler_params=plgpu.CompilerParams(approx_math=True),
+                     interpret=interpret_params(interpret),
+                     name="sparse_attention_bwd_joint")(*dkv_args, *map_args, *refs)
+
+  return run
 
 
 def _cut_slots(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -157,23 +157,37 @@ def load_key_rows(gmem, smem, batch, keys, kv_head, bar):
       plgpu.copy_gmem_to_smem(src, dst, bar)
 
 
-def backward_mesh(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
-  """A backward kernel's mesh: grid axes "batch", "head" and the work axis (name, size),
-  and the warpgroups. Pallas runs the grid's last axis fastest: the work axis there with
-  ``work_fastest``, else batch."""
+def backward_grid(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
+  """A backward kernel's grid axes, (name, size) each: "batch", "head" and the work axis.
+  Pallas runs the grid's last axis fastest: the work axis there with ``work_fastest``, else
+  batch."""
   grid = (("batch", batch), ("head", heads), work)
-  if not work_fastest:
-    grid = grid[::-1]
+  return grid if work_fastest else grid[::-1]
+
+
+def backward_mesh(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
+  """A backward kernel's mesh: its `backward_grid` and the warpgroups."""
+  grid = backward_grid(batch, heads, work, work_fastest)
   return plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
                     num_threads=_WGS + 1, thread_name="wg")
+
+
+def grid_indices(pid, grid) -> dict:
+  """The index along each axis of `grid` ((name, size) pairs, the last fastest) of the
+  flat program id `pid`."""
+  out = {}
+  for name, size in reversed(grid):
+    out[name], pid = lax.rem(pid, size), lax.div(pid, size)
+  return out
 
 
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
             runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0, terms: int = 1):
-  """CTA (q block in visiting order, query head, batch). order [n_q blocks]; ids [n_q blocks,
+            shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None):
+  """CTA (q block in visiting order, query head, batch): the grid's axes "q", "head" and
+  "batch", or ``cta`` (their indices in a joint launch, `attention_bwd.JOINT_DQ`). order [n_q blocks]; ids [n_q blocks,
   max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
   rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
   no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a
@@ -189,8 +203,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     qx_ref, kx_ref, dq_ref = refs
   else:
     (dq_ref,) = refs
-  head, batch = lax.axis_index("head"), lax.axis_index("batch")
-  q_block = order_ref[lax.axis_index("q")]
+  q_index, head, batch = cta or [lax.axis_index(a) for a in ("q", "head", "batch")]
+  q_block = order_ref[q_index]
   kv_head = lax.div(head, groups)
   n_full, n_all, kv_block = row_list(counts_ref, ids_ref, batch, head, q_block, runtime,
                                      shared)
@@ -319,14 +333,30 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   )
 
 
-def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
-       interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1):
+def dq(q, k, v, d_out, lse2, delta, *rest, interpret: bool, **kw):
   """dQ [b, n_q, h, d] (n_q: the plan's padded length, a multiple of 128) from the backward's
-  padded inputs (`attention_bwd.backward`): lse₂ and delta [b, h, n_q], intervals lo/hi
-  [dims, n_q] and key coordinates c [dims, n_kv] (``terms`` of a union), `extras` the
-  segment-id vectors (`attention_fwd._extras`) or []; `bmap` the forward block map (128-row Q blocks, 128-key KV
-  blocks), static or runtime; `mma` the dQ kernel's MMA-bias inputs (onehot, tables,
-  table_ids; `tables.backward_mma_inputs`) or None."""
+  padded inputs (`attention_bwd.backward`); the arguments are `dq_launch`'s."""
+  kernel, (map_args, args), grid, out_type = dq_launch(q, k, v, d_out, lse2, delta, *rest,
+                                                       interpret=interpret, **kw)
+  mesh = plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
+                    num_threads=_WGS + 1, thread_name="wg")
+  return pl.kernel(
+      kernel, out_type=out_type, mesh=mesh,
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret_params(interpret), name="sparse_attention_bwd_dq",
+  )(*map_args[:3], *args, *map_args[3:])
+
+
+def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
+              interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1):
+  """The dQ kernel's launch: (kernel, (map arrays, arrays it shares with the dK/dV kernel),
+  grid, out_type); the kernel's inputs are the map's first three arrays, the shared ones,
+  then the map's others (its MMA-bias inputs). From the backward's padded inputs: lse₂ and
+  delta [b, h, n_q], intervals lo/hi [dims, n_q] and key coordinates c [dims, n_kv]
+  (``terms`` of a union), `extras` the segment-id vectors (`attention_fwd._extras`) or [];
+  `bmap` the forward block map (128-row Q blocks, 128-key KV blocks), static or runtime;
+  `mma` the dQ kernel's MMA-bias inputs (onehot, tables, table_ids;
+  `tables.backward_mma_inputs`) or None."""
   if mma is not None:
     kv_sub = _ROWS
   b, _, h, d = q.shape
@@ -345,11 +375,8 @@ def dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, ma
       runtime=runtime, kv_sub=kv_sub or KV_SUB,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,
       mma_width=0 if mma is None else mma[0].shape[1], terms=terms)
-  mesh = backward_mesh(b, h, ("q", bmap.num_q_blocks), Q_FASTEST)
-  return pl.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype), mesh=mesh,
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret_params(interpret),
-      name="sparse_attention_bwd_dq",
-  )(order, jnp.asarray(bmap.kv_ids, jnp.int32), jnp.asarray(counts, jnp.int32), q, k, v, d_out,
-    lse2, delta, lo, hi, c, *extras, *([] if mma is None else [jnp.asarray(x) for x in mma]))
+  grid = backward_grid(b, h, ("q", bmap.num_q_blocks), Q_FASTEST)
+  map_args = (order, jnp.asarray(bmap.kv_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
+              *([] if mma is None else [jnp.asarray(x) for x in mma]))
+  return (kernel, (map_args, (q, k, v, d_out, lse2, delta, lo, hi, c, *extras)), grid,
+          jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype))
