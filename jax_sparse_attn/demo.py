@@ -18,25 +18,11 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 
 
-# The least time of one repeat of `time_ms`, in ms: its calls are raised above `iters` until
-# they take this long, so that the first call's dispatch and the final wait (~0.1-0.5 ms on
-# the H200, before the device starts and after it ends) stay a small share of the mean. With
-# 10 calls of a ~1 ms step they added 5-9% (docs/performance.md).
-MIN_REPEAT_MS = 50.0
-
-
-def time_ms(fn, *args, iters=10, repeats=3, warmup=1, min_repeat_ms=None):
-  """Median over `repeats` of the mean of back-to-back calls, in ms, after `warmup` calls:
-  `iters` calls, or more, as many as take `min_repeat_ms` (default `MIN_REPEAT_MS`) by one
-  timed call. Dispatch is asynchronous, so host overhead overlaps device work as in
-  training."""
+def time_ms(fn, *args, iters=10, repeats=3, warmup=1):
+  """Median over `repeats` of the mean of `iters` back-to-back calls, in ms, after `warmup`
+  calls. Dispatch is asynchronous, so host overhead overlaps device work as in training."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = max(time.perf_counter() - t, 1e-6)
-  least = (MIN_REPEAT_MS if min_repeat_ms is None else min_repeat_ms) / 1e3
-  iters = max(iters, min(1000, int(np.ceil(least / once))))
   means = []
   for _ in range(repeats):
     t = time.perf_counter()
