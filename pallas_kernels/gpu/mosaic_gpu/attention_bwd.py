@@ -4,7 +4,8 @@ By default two kernels, as FlashAttention-2 splits the work: this one (dK/dV ove
 transposed block map) and `attention_bwd_dq` (dQ over the forward map, no reductions); on the
 H200 the pair runs 1.27x faster than this kernel also forming dQ (the fused form below,
 `MosaicGPUConfig.backward_dq="split" | "own"`), because each runs at the forward's
-tensor-core efficiency (docs/performance.md). This kernel: a CTA runs one work
+tensor-core efficiency (docs/performance.md); the two run as one launch (`JOINT_DQ`: the
+dK/dV work items, then the dQ CTAs). This kernel: a CTA runs one work
 item: a KV block of 128 rows (of a KV head and batch element) and a chunk of its Q list
 (`_work_items`: long lists, e.g. a sink's, are cut so that one CTA does not set the
 kernel's length), and keeps K and V in shared memory; two compute warpgroups own 64 of its
