@@ -579,8 +579,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=mask_fn, terms=terms,
-      segments=q_seg is not None, chunk=chunk,
-      pingpong=(cfg.backward_pingpong or (PINGPONG_DKV and separate)) and not interpret,
+      segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
   mesh = bwd_dq.backward_mesh(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
@@ -640,10 +639,6 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   return dq, dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
 
 
-# The dK/dV kernel's warpgroups alternate through a schedule barrier (one's Pᵀ/dSᵀ while the
-# other's matmuls run, `MosaicGPUConfig.backward_pingpong`) where dQ is its own kernel (a lab
-# knob: ping-pong was measured only with dQ fused, where it cost 11%).
-PINGPONG_DKV = False
 # dQ (its own kernel) in the dK/dV kernel's launch: one grid of the dK/dV work items, then
 # the dQ kernel's CTAs, so that the many short dQ CTAs fill the SMs that the dK/dV kernel's
 # last wave of long items leaves idle (the LM layer: 568 items, 4.3 waves of ~46 steps),
