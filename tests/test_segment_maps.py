@@ -253,7 +253,8 @@ def test_documents_lower_for_gpu(backend):
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(2, 1000, 8, 64), S(2, 1000, 2, 64),
                         S(2, 1000, 2, 64), seg).mlir_module()
   kind = "@mosaic_gpu_v2(" if backend == "mosaic_gpu" else "__gpu$xla.gpu.triton"
-  assert text.count(kind) >= 3
+  # Mosaic GPU: the forward, then dQ's CTAs in the dK/dV launch (`attention_bwd.JOINT_DQ`)
+  assert text.count(kind) >= (2 if backend == "mosaic_gpu" else 3)
 
 
 def test_documents_lower_for_tpu():
