@@ -587,8 +587,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
           *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]))
 
-  def run(refs, out_type=()):  # dk and dv (and dq) accumulate in place
-    return pl.kernel(kernel, out_type=out_type, mesh=mesh,
+  def run(refs, out_type):
+    """The kernel over `args`, writing into the state `refs` (zero-filled buffers) and
+    returning `out_type`; it takes its outputs before the state (dK/dV, then cut buffers)."""
+    def ordered(*all_refs):
+      ins, rest = all_refs[:len(args)], all_refs[len(args):]
+      kernel(*ins, *rest[len(refs):], *rest[:len(refs)])
+    return pl.kernel(ordered, out_type=out_type, mesh=mesh,
                      compiler_params=plgpu.CompilerParams(approx_math=True),
                      interpret=interpret_params(interpret),
                      name="sparse_attention_bwd")(*args, *refs)
@@ -602,30 +607,32 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                                                     ITEMS_FASTEST),
                  dq_launch, 12 + len(extras), interpret)
 
-  # Every KV block stored by its one item (``direct``: one item per KV block; static maps):
-  # dK/dV are the kernel's outputs, with no zero fill (`WRITTEN_DKV`; H200, the causal window
-  # at S=32768: 80 us of 4.1 ms).
-  written = (WRITTEN_DKV and separate and direct is True and not runtime
-             and len(host_items) == n_kv // _BLOCK_KV)
-  dq_type = (jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype),) if joint else ()
-  if written:
-    dq, dk, dv = ((None,) if not joint else ()) + tuple(
-        run((), (*dq_type, *(jax.ShapeDtypeStruct((b, n_kv, hkv, d), k.dtype),) * 2)))
-    cut = ()
-  else:
-    kv_bufs = (zeros(n_kv, hkv, k.dtype if direct else jnp.float32),
-               zeros(n_kv, hkv, v.dtype if direct else jnp.float32))
-    if direct == "mixed":
-      kv_bufs += (zeros(len(cut_blocks) * _BLOCK_KV, hkv),) * 2
-    if joint:  # dq an output, kept in a state buffer (fully written: XLA drops its zeros)
-      def run_state(refs):
-        *bufs, dq_ref = refs
-        dq_ref[...] = run(bufs, dq_type)[0]
-      dk, dv, *cut, dq = pl.run_state(run_state)((*kv_bufs, zeros(n_q, h, q.dtype)))
-    elif separate:
-      dk, dv, *cut = pl.run_state(run)(kv_bufs)
-    else:
-      dq, dk, dv, *cut = pl.run_state(run)((zeros(n_q, h), *kv_bufs))
+  # Every KV block stored by one item (``direct``, or ``mixed`` with the cut blocks' rows
+  # scattered in below; static maps, every KV block visited): dK/dV are the kernel's outputs,
+  # with no zero fill (`WRITTEN_DKV`; H200, the causal window at S=32768: 80 us of 4.1 ms).
+  # Zero-filled state the kernel writes into: float32 reduce-add targets (fused dQ, the cut
+  # blocks' buffers) and dK/dV where some KV block has no single storing item.
+  written = (WRITTEN_DKV and separate and direct in (True, "mixed") and not runtime
+             and len(np.unique(host_items[:, 0])) == n_kv // _BLOCK_KV)
+  outs = ((jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype),) * joint
+          + (jax.ShapeDtypeStruct((b, n_kv, hkv, d), k.dtype),) * 2 * written)
+  state = () if separate else (zeros(n_q, h),)
+  if not written:
+    state += tuple(zeros(n_kv, hkv, x.dtype if direct else jnp.float32) for x in (k, v))
+  if direct == "mixed":
+    state += (zeros(len(cut_blocks) * _BLOCK_KV, hkv),) * 2
+  if not state:
+    results = run((), outs)
+  else:  # outputs kept in state buffers (written whole: XLA drops their zeros)
+    def body(refs):
+      values = run(refs[:len(state)], outs)
+      for ref, value in zip(refs[len(state):], values if outs else ()):
+        ref[...] = value
+    *state, = pl.run_state(body)((*state, *(jnp.zeros(o.shape, o.dtype) for o in outs)))
+    state, results = state[:len(state) - len(outs)], state[len(state) - len(outs):]
+  dq = results[0] if joint else state[0] if not separate else None
+  dk, dv = results[joint:] if written else state[(not separate):][:2]
+  cut = state[len(state) - 2:] if direct == "mixed" else ()
   if joint:
     dq = dq[:, :sq]
   elif separate:
@@ -650,17 +657,18 @@ def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, shared: int, interpret):
   """``run(refs, out_type)`` of one launch of both backward kernels (`JOINT_DQ`): program
   ids below the dK/dV grid's size run `dkv_kernel` (over `dkv_args`, its grid `dkv_grid`),
   the rest the dQ kernel of `dq_launch` (`attention_bwd_dq.dq_launch`), which takes
-  ``dkv_args[3:shared]`` too. ``refs``: the dK/dV buffers written in place (or none);
+  ``dkv_args[3:shared]`` too. ``refs``: the dK/dV kernel's state buffers (written in place, or none);
   ``out_type``: dq's, then dk/dv's where the dK/dV kernel writes them as outputs."""
   dq_kernel, (map_args, _), dq_grid, _ = dq_launch
   n_dkv = math.prod(n for _, n in dkv_grid)
   n_dq = math.prod(n for _, n in dq_grid)
 
-  def kernel(*refs, outputs: bool):
+  def kernel(*refs, n_state: int):
     dkv_in, refs = refs[:len(dkv_args)], refs[len(dkv_args):]
     maps, refs = refs[:len(map_args)], refs[len(map_args):]
-    # dq, dk, dv as outputs; or the dK/dV buffers (inputs), then dq
-    dq_out, dkv_out = (refs[0], refs[1:]) if outputs else (refs[-1], refs[:-1])
+    # the state (the dK/dV kernel's buffers), then the outputs: dq and dK/dV's
+    state, (dq_out, *dkv_out) = refs[:n_state], refs[n_state:]
+    dkv_out = (*dkv_out, *state)
     pid = lax.axis_index("cta")
 
     @pl.when(pid < n_dkv)
@@ -677,7 +685,7 @@ def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, shared: int, interpret):
   def run(refs, out_type):
     mesh = plgpu.Mesh(grid=(n_dkv + n_dq,), grid_names=("cta",), num_threads=_WGS + 1,
                       thread_name="wg")
-    return pl.kernel(functools.partial(kernel, outputs=not refs), out_type=out_type,
+    return pl.kernel(functools.partial(kernel, n_state=len(refs)), out_type=out_type,
                      mesh=mesh, compiler_params=plgpu.CompilerParams(approx_math=True),
                      interpret=interpret_params(interpret),
                      name="sparse_attention_bwd_joint")(*dkv_args, *map_args, *refs)
