@@ -628,11 +628,17 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       values = run(refs[:len(state)], outs)
       for ref, value in zip(refs[len(state):], values if outs else ()):
         ref[...] = value
-    *state, = pl.run_state(body)((*state, *(jnp.zeros(o.shape, o.dtype) for o in outs)))
-    state, results = state[:len(state) - len(outs)], state[len(state) - len(outs):]
-  dq = results[0] if joint else state[0] if not separate else None
-  dk, dv = results[joint:] if written else state[(not separate):][:2]
-  cut = state[len(state) - 2:] if direct == "mixed" else ()
+    final = pl.run_state(body)((*state, *(jnp.zeros(o.shape, o.dtype) for o in outs)))
+    n = len(final) - len(outs)
+    state, results = tuple(final[:n]), tuple(final[n:])
+  # results: (dq if joint) + (dk, dv if written); state: (fused dq) + (dk, dv if not
+  # written) + (the cut blocks' dk, dv if mixed)
+  if not separate:
+    dq, state = state[0], state[1:]
+  elif joint:
+    dq, results = results[0], results[1:]
+  dk, dv = results if written else state[:2]
+  cut = state[-2:] if direct == "mixed" else ()
   if joint:
     dq = dq[:, :sq]
   elif separate:
@@ -657,8 +663,9 @@ def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, shared: int, interpret):
   """``run(refs, out_type)`` of one launch of both backward kernels (`JOINT_DQ`): program
   ids below the dK/dV grid's size run `dkv_kernel` (over `dkv_args`, its grid `dkv_grid`),
   the rest the dQ kernel of `dq_launch` (`attention_bwd_dq.dq_launch`), which takes
-  ``dkv_args[3:shared]`` too. ``refs``: the dK/dV kernel's state buffers (written in place, or none);
-  ``out_type``: dq's, then dk/dv's where the dK/dV kernel writes them as outputs."""
+  ``dkv_args[3:shared]`` too. ``refs``: the dK/dV kernel's state buffers (written in place,
+  or none); ``out_type``: dq's, then dk/dv's where the dK/dV kernel writes them as
+  outputs."""
   dq_kernel, (map_args, _), dq_grid, _ = dq_launch
   n_dkv = math.prod(n for _, n in dkv_grid)
   n_dq = math.prod(n for _, n in dq_grid)
