@@ -171,13 +171,13 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None):
-  """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head"
-  and "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
-  entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks,
-  max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units,
-  +inf where no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv]
-  (``terms`` > 1: a union, `element.interval_test`);
-  dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into (zero-filled).
+  """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
+  "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
+  entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks, max q
+  blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no
+  key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union,
+  `element.interval_test`); dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into
+  (zero-filled).
 
   A runtime map (``chunk`` > 0: content-routed attention) has rows per (batch, query head):
   items [b, hkv, n, 2] (kv block, chunk of ``chunk`` entries; kv block = n_kv: no work,
@@ -582,7 +582,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
-  mesh = bwd_dq.backward_mesh(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
+  grid = bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
           *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]))
@@ -593,7 +593,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     def ordered(*all_refs):
       ins, rest = all_refs[:len(args)], all_refs[len(args):]
       kernel(*ins, *rest[len(refs):], *rest[:len(refs)])
-    return pl.kernel(ordered, out_type=out_type, mesh=mesh,
+    return pl.kernel(ordered, out_type=out_type, mesh=bwd_dq.grid_mesh(grid),
                      compiler_params=plgpu.CompilerParams(approx_math=True),
                      interpret=interpret_params(interpret),
                      name="sparse_attention_bwd")(*args, *refs)
@@ -603,9 +603,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dq_launch = bwd_dq.dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
                                  scale=scale, mask_fn=mask_fn, terms=terms,
                                  interpret=interpret, mma=mma_dq)
-    run = _joint(kernel, args, bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]),
-                                                    ITEMS_FASTEST),
-                 dq_launch, 12 + len(extras), interpret)
+    run = _joint(kernel, args, grid, dq_launch, interpret)
 
   # Every KV block stored by one item (``direct``, or ``mixed`` with the cut blocks' rows
   # scattered in below; static maps, every KV block visited): dK/dV are the kernel's outputs,
@@ -659,14 +657,16 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
 JOINT_DQ = True
 
 
-def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, shared: int, interpret):
+def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, interpret):
   """``run(refs, out_type)`` of one launch of both backward kernels (`JOINT_DQ`): program
   ids below the dK/dV grid's size run `dkv_kernel` (over `dkv_args`, its grid `dkv_grid`),
-  the rest the dQ kernel of `dq_launch` (`attention_bwd_dq.dq_launch`), which takes
-  ``dkv_args[3:shared]`` too. ``refs``: the dK/dV kernel's state buffers (written in place,
-  or none); ``out_type``: dq's, then dk/dv's where the dK/dV kernel writes them as
-  outputs."""
-  dq_kernel, (map_args, _), dq_grid, _ = dq_launch
+  the rest the dQ kernel of `dq_launch` (`attention_bwd_dq.dq_launch`), whose shared arrays
+  are the dK/dV kernel's after its three map arrays. ``refs``: the dK/dV kernel's state
+  buffers (written in place, or none); ``out_type``: dq's, then dk/dv's where the dK/dV
+  kernel writes them as outputs."""
+  dq_kernel, (map_args, dq_args), dq_grid, _ = dq_launch
+  shared = slice(3, 3 + len(dq_args))  # q, k, v, dO, lse2, delta, lo, hi, c, extras
+  assert all(x is y for x, y in zip(dkv_args[shared], dq_args))
   n_dkv = math.prod(n for _, n in dkv_grid)
   n_dq = math.prod(n for _, n in dq_grid)
 
@@ -686,14 +686,13 @@ def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, shared: int, interpret):
     @pl.when(pid >= n_dkv)
     def _():
       at = bwd_dq.grid_indices(pid - n_dkv, dq_grid)
-      dq_kernel(*maps[:3], *dkv_in[3:shared], *maps[3:], dq_out,
+      dq_kernel(*maps[:3], *dkv_in[shared], *maps[3:], dq_out,
                 cta=(at["q"], at["head"], at["batch"]))
 
   def run(refs, out_type):
-    mesh = plgpu.Mesh(grid=(n_dkv + n_dq,), grid_names=("cta",), num_threads=_WGS + 1,
-                      thread_name="wg")
     return pl.kernel(functools.partial(kernel, n_state=len(refs)), out_type=out_type,
-                     mesh=mesh, compiler_params=plgpu.CompilerParams(approx_math=True),
+                     mesh=bwd_dq.grid_mesh((("cta", n_dkv + n_dq),)),
+                     compiler_params=plgpu.CompilerParams(approx_math=True),
                      interpret=interpret_params(interpret),
                      name="sparse_attention_bwd_joint")(*dkv_args, *map_args, *refs)
 

@@ -165,11 +165,15 @@ def backward_grid(batch: int, heads: int, work: tuple[str, int], work_fastest: b
   return grid if work_fastest else grid[::-1]
 
 
-def backward_mesh(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
-  """A backward kernel's mesh: its `backward_grid` and the warpgroups."""
-  grid = backward_grid(batch, heads, work, work_fastest)
+def grid_mesh(grid) -> plgpu.Mesh:
+  """A backward kernel's mesh over `grid` ((name, size) pairs) and the warpgroups."""
   return plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
                     num_threads=_WGS + 1, thread_name="wg")
+
+
+def backward_mesh(batch: int, heads: int, work: tuple[str, int], work_fastest: bool):
+  """A backward kernel's mesh: its `backward_grid` and the warpgroups."""
+  return grid_mesh(backward_grid(batch, heads, work, work_fastest))
 
 
 def grid_indices(pid, grid) -> dict:
@@ -186,16 +190,15 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
             runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None):
-  """CTA (q block in visiting order, query head, batch): the grid's axes "q", "head" and
-  "batch", or ``cta`` (their indices in a joint launch, `attention_bwd.JOINT_DQ`). order [n_q blocks]; ids [n_q blocks,
-  max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
-  rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where
-  no key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a
-  union, `element.interval_test`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias
-  masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot [128, W] of
-  the Q block's coordinates, tables [n, W, 64] and table_ids [n_q blocks, 2 * max kv] (entry
-  e's halves at 2e, 2e + 1) come before dq, and replace the interval test of partial blocks
-  (``kv_sub`` 64)."""
+  """CTA (q block in visiting order, query head, batch): the grid's axes "q", "head" and "batch", or
+  ``cta`` (their indices in a joint launch, `attention_bwd.JOINT_DQ`). order [n_q blocks]; ids [n_q
+  blocks, max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
+  rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no key
+  was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union,
+  `element.interval_test`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias masks
+  (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot [128, W] of the Q block's
+  coordinates, tables [n, W, 64] and table_ids [n_q blocks, 2 * max kv] (entry e's halves at 2e, 2e
+  + 1) come before dq, and replace the interval test of partial blocks (``kv_sub`` 64)."""
   mma = mma_width > 0
   if mma:
     onehot_ref, tables_ref, table_ids_ref, dq_ref = refs
@@ -338,10 +341,8 @@ def dq(q, k, v, d_out, lse2, delta, *rest, interpret: bool, **kw):
   padded inputs (`attention_bwd.backward`); the arguments are `dq_launch`'s."""
   kernel, (map_args, args), grid, out_type = dq_launch(q, k, v, d_out, lse2, delta, *rest,
                                                        interpret=interpret, **kw)
-  mesh = plgpu.Mesh(grid=tuple(n for _, n in grid), grid_names=tuple(a for a, _ in grid),
-                    num_threads=_WGS + 1, thread_name="wg")
   return pl.kernel(
-      kernel, out_type=out_type, mesh=mesh,
+      kernel, out_type=out_type, mesh=grid_mesh(grid),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret_params(interpret), name="sparse_attention_bwd_dq",
   )(*map_args[:3], *args, *map_args[3:])
