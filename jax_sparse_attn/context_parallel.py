@@ -565,10 +565,73 @@ def routed(query, key, value, ids, q_seg, kv_seg, *, mesh, context_axis, single_
                   *((q_seg, kv_seg) if has_seg else ()))
 
 
-def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, strategy,
-       backend, scale, q_tile, kv_tile, config, interpret, single_device, backward_plan=None):
+@functools.lru_cache(maxsize=64)
+def plan_routed(mask: masks_lib.Mask, seq_q: int, seq_kv: int, num_shards: int,
+                block_size: int) -> ContextPlan:
+  """Plan content-routed attention (`routed_sequence`) with the sequence sharded
+  `num_shards` ways: every device gathers all K/V and runs its Q shard's rows of the
+  selection against it, so the local plans are (Q shard, whole sequence); their static maps
+  bound what the selection may visit (`block_map.from_selection`)."""
+  n = num_shards
+  for name, s in (("seq_q", seq_q), ("seq_kv", seq_kv)):
+    if s % (n * block_size):
+      raise ValueError(f"with a block_selection, {name}={s} must be divisible by the context "
+                       f"axis size times block_size ({n} x {block_size}): each device holds "
+                       "whole query blocks")
+  cq = seq_q // n
+  plans = _Plans(mask)
+  every = SequenceLayout(seq_kv, block_size)
+  table = np.array([[plans.add(SequenceLayout(cq, block_size, ((s * cq, cq),)), every)
+                     for s in range(n)]], np.int32)
+  return ContextPlan("allgather", n, tuple(plans.plans), table, (0, 0), 0, {})
+
+
+def routed_sequence(query, key, value, mask, ids, q_seg, kv_seg, block_size: int, *, mesh,
+                    context_axis, strategy, context_layout, run):
+  """`ops.attention(..., block_selection=)` with the sequence sharded over `context_axis`
+  (size > 1): batch and heads as in `attention`, the selection's query-block rows with the
+  queries. Each device all-gathers K/V (and the keys' segment ids): a selection row may
+  reach any block of the sequence. Top-k rows visit at most k blocks each, so contiguous
+  shards are balanced without the zigzag order. `run(plan, q, k, v, ids, q_seg, kv_seg)`
+  runs one local plan. Returns (out, lse)."""
+  if strategy not in ("auto", "allgather"):
+    raise ValueError(f"with a block_selection the sequence shards by strategy='allgather' "
+                     f"(a selected block may be anywhere in the sequence), got {strategy!r}")
+  if context_layout != "contiguous":
+    raise ValueError("with a block_selection, context_layout must be 'contiguous' (the top-k "
+                     "rows balance the causal work; selection rows follow the token order)")
+  b, sq, h, _ = query.shape
+  skv, hkv = key.shape[1], key.shape[2]
+  n = mesh.shape[context_axis]
+  qkv, lse_spec, seg_spec, batch_axes, head_axes = _local_specs(mesh, context_axis, b, h,
+                                                                hkv, 1)
+  cp = plan_routed(mask, sq, skv, n, block_size)
+  ids_spec = P(batch_axes, head_axes, context_axis, None)
+  has_seg = q_seg is not None
+
+  def local(i, q, k, v, ids, ks, qs):
+    return run(cp.plans[i], q, k, v, ids, qs, ks)
+
+  def body(q, k, v, ids, *segs):
+    qs, ks = segs if segs else (None, None)
+    gather = lambda x: None if x is None else lax.all_gather(x, context_axis, axis=1,
+                                                             tiled=True)
+    return _run_row(cp.table[0], lax.axis_index(context_axis), local, q, gather(k), gather(v),
+                    ids, gather(ks), qs)
+
+  in_specs = (qkv, qkv, qkv, ids_spec) + ((seg_spec, seg_spec) if has_seg else ())
+  return _sharded(body, mesh, in_specs, (qkv, lse_spec), query, key, value, ids,
+                  *((q_seg, kv_seg) if has_seg else ()))
+
+
+def na(query, key, value, mask: masks_lib.Neighborhood, q_seg=None, kv_seg=None, *, mesh,
+       context_axis, strategy, backend, scale, q_tile, kv_tile, config, interpret,
+       single_device, backward_plan=None):
   """`ops.na` on a mesh: batch/heads as in `attention`, the leading spatial dim over
-  `context_axis`. Returns (out, lse [batch, *spatial, heads]). `backward_plan(plan,
+  `context_axis`. Returns (out, lse [batch, *spatial, heads]). q_seg, kv_seg: int32
+  [batch, *spatial] segment ids (`ops._na_segments`: padding and packed images), sharded
+  like the tokens, the keys' ids travelling with their K/V halos; with them the context
+  axis must have size > 1 (`single_device` takes q, k, v only). `backward_plan(plan,
   fit_tile=)`: the backward kernels' own plan for a local plan (`ops._backward_plan`), or
   None."""
   from . import ops
@@ -577,12 +640,15 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
   rank = query.ndim - 3
   qkv, lse_spec, _, batch_axes, head_axes = _local_specs(mesh, context_axis, b, h, hkv, rank)
   n = 1 if context_axis is None else mesh.shape[context_axis]
+  has_seg = q_seg is not None
   if n == 1:
+    if has_seg:
+      raise ValueError("context_parallel.na: segment ids need a context axis of size > 1")
     return _sharded(single_device, mesh, (qkv,) * 3, (qkv, lse_spec), query, key, value)
   local_b = b // _local_sizes(mesh, batch_axes)
   local_hkv = hkv // _local_sizes(mesh, head_axes)
-  row_bytes = (2 * local_b * local_hkv * d * jnp.dtype(key.dtype).itemsize
-               * math.prod(mask.spatial_shape[1:]))
+  row_bytes = ((2 * local_b * local_hkv * d * jnp.dtype(key.dtype).itemsize
+                + (4 * local_b if has_seg else 0)) * math.prod(mask.spatial_shape[1:]))
   cp = plan_context_nd(mask, n, tuple(q_tile), tuple(kv_tile), strategy, row_bytes)
   size = mask.spatial_shape[0] // n
   # A local plan's relation is the same on every device that shares it: so is its
@@ -590,32 +656,45 @@ def na(query, key, value, mask: masks_lib.Neighborhood, *, mesh, context_axis, s
   bwd = [backward_plan(p, fit_tile=lambda t: _fit_tile(t, size)) if backward_plan else None
          for p in cp.plans]
 
-  def run(i, q, k, v):
-    return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v,
+  def run(i, q, k, v, ks, qs):
+    return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v, qs, ks,
                         bwd_plan=bwd[i])
 
-  def body(q, k, v):
+  def body(q, k, v, *segs):
+    qs, ks = segs if segs else (None, None)
     shard = lax.axis_index(context_axis)
     if cp.strategy == "allgather":
-      gather = lambda x: lax.all_gather(x, context_axis, axis=1, tiled=True)
-      return _run_row(cp.table[0], shard, run, q, gather(k), gather(v))
-    halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v)))
-    return _merge_steps(cp, shard, run, q, [(k, v), *halos])
+      gather = lambda x: None if x is None else lax.all_gather(x, context_axis, axis=1,
+                                                               tiled=True)
+      return _run_row(cp.table[0], shard, run, q, gather(k), gather(v), gather(ks), qs)
+    # The keys' segment ids travel with their halos (past the grid's ends the plans mask).
+    halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v, ks)))
+    return _merge_steps(cp, shard, run, q, [(k, v, ks), *halos], qs)
 
-  return _sharded(body, mesh, (qkv,) * 3, (qkv, lse_spec), query, key, value)
+  seg_spec = P(batch_axes, context_axis, *(None,) * (rank - 1))
+  return _sharded(body, mesh, (qkv,) * 3 + ((seg_spec,) * 2 if has_seg else ()),
+                  (qkv, lse_spec), query, key, value, *((q_seg, kv_seg) if has_seg else ()))
 
 
 def emulate(plan: ContextPlan, query, key, value, backend: str, *, layout: str = "contiguous",
-            scale: float | None = None, config=None, interpret: bool = False):
+            scale: float | None = None, config=None, interpret: bool = False, q_seg=None,
+            kv_seg=None):
   """The sharded computation of `plan` on one device, shard after shard: the same local
   kernels, K/V parts and log-sum-exp merges every device runs, without the collectives.
   For testing kernels on shard plans (and where a multi-device interpreter is not
-  available). query/key/value: the global arrays; returns the output in global order."""
+  available). query/key/value: the global arrays; q_seg, kv_seg: their int32 segment ids
+  ([batch, *tokens], as `ops.run_plan` takes them; the keys' ids go with their K/V parts);
+  returns the output in global order."""
   from . import ops
   n = plan.num_shards
   scale = scale or 1 / math.sqrt(query.shape[-1])
-  run = lambda i, q, k, v: ops.run_plan(backend, plan.plans[i], scale, config, interpret,
-                                        q, k, v)
+  run = lambda i, q, k, v, qs, ks: ops.run_plan(backend, plan.plans[i], scale, config,
+                                                interpret, q, k, v, qs, ks)
+  if q_seg is None:
+    q_seg = kv_seg = jnp.zeros(query.shape[:2], jnp.int32)  # a no-op, not given to kernels
+    run_seg = lambda i, q, k, v, qs, ks: run(i, q, k, v, None, None)
+  else:
+    run_seg = run
   left, right = plan.halo
   pad = lambda x: jnp.pad(x, [(0, 0), (left, right)] + [(0, 0)] * (x.ndim - 2))
   if plan.strategy != "halo":
@@ -624,27 +703,26 @@ def emulate(plan: ContextPlan, query, key, value, backend: str, *, layout: str =
   take = lambda x, rs: jnp.concatenate([x[:, a:a + m] for a, m in rs], axis=1)
   size, kv_size = query.shape[1] // n, key.shape[1] // n
   outs = []
+  kvs = (key, value, kv_seg)
   for s in range(n):
     if plan.strategy == "halo":
-      q_s = query[:, s * size:(s + 1) * size]
+      q_s, qs_s = (x[:, s * size:(s + 1) * size] for x in (query, q_seg))
       own = s * kv_size
-      parts = [(key[:, own:own + kv_size], value[:, own:own + kv_size])]
+      parts = [tuple(x[:, own:own + kv_size] for x in kvs)]
       for rows, start in ((left, own), (right, own + left + kv_size)):
         if rows:
-          parts.append((pad(key)[:, start:start + rows], pad(value)[:, start:start + rows]))
+          parts.append(tuple(pad(x)[:, start:start + rows] for x in kvs))
     elif plan.strategy == "ring":
-      q_s = take(query, q_runs[s])
-      parts = [(take(key, kv_runs[(s - t) % n]), take(value, kv_runs[(s - t) % n]))
-               for t in range(plan.steps)]
+      q_s, qs_s = (take(x, q_runs[s]) for x in (query, q_seg))
+      parts = [tuple(take(x, kv_runs[(s - t) % n]) for x in kvs) for t in range(plan.steps)]
     else:
-      q_s = take(query, q_runs[s])
-      parts = [(take(key, [r for rs in kv_runs for r in rs]),
-                take(value, [r for rs in kv_runs for r in rs]))]
+      q_s, qs_s = (take(x, q_runs[s]) for x in (query, q_seg))
+      parts = [tuple(take(x, [r for rs in kv_runs for r in rs]) for x in kvs)]
     acc = None
-    for t, (k_t, v_t) in enumerate(parts):
+    for t, (k_t, v_t, ks_t) in enumerate(parts):
       i = int(plan.table[t, s])
       if i >= 0:
-        part = run(i, q_s, k_t, v_t)
+        part = run_seg(i, q_s, k_t, v_t, qs_s, ks_t)
         acc = part if acc is None else merge_attentions([acc[0], part[0]], [acc[1], part[1]],
                                                         out_dtype=jnp.float32)
     outs.append(jnp.zeros(q_s.shape, query.dtype) if acc is None else acc[0].astype(query.dtype))

@@ -333,8 +333,9 @@ class MixtureOfBlockAttention(nnx.Module):
   matches its mean query (`routing.topk_blocks`), plus the ``local_blocks`` blocks ending at
   its own and the first ``sink_blocks``, within a causal mask if ``causal``. The selection
   runs on device in the same jit (no gradient through it). Other arguments as
-  `SparseAttention` (GQA, RoPE, qk_norm, segment ids); backend "dense" is the causal (or
-  full) `jax.nn.dot_product_attention` baseline.
+  `SparseAttention` (GQA, RoPE, qk_norm, segment ids, ``context_axis``: with the sequence
+  sharded each device runs its query blocks' selection against all-gathered K/V); backend
+  "dense" is the causal (or full) `jax.nn.dot_product_attention` baseline.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, block_size: int, top_k: int, *,
@@ -342,12 +343,13 @@ class MixtureOfBlockAttention(nnx.Module):
                num_kv_heads: int | None = None, head_dim: int | None = None,
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
-               interpret: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               interpret: bool = False, context_axis: str | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     routing._check_block_size(block_size)
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
-                               backend=backend, interpret=interpret, context_axis=None,
+                               backend=backend, interpret=interpret, context_axis=context_axis,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.block_size, self.top_k, self.causal = block_size, top_k, causal
     self.local_blocks, self.sink_blocks = local_blocks, sink_blocks
@@ -360,7 +362,7 @@ class MixtureOfBlockAttention(nnx.Module):
                               local_blocks=self.local_blocks, sink_blocks=self.sink_blocks)
     o = attention(q, k, v, masks_lib.causal() if self.causal else None,
                   segment_ids=segment_ids, block_selection=sel, backend=self.core.backend,
-                  interpret=self.core.interpret)
+                  interpret=self.core.interpret, context_axis=self.core.context_axis)
     return self.core._output(o)
 
 

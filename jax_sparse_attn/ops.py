@@ -241,7 +241,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       when ``mask`` allows them and their key block is selected. Blocks are
       ``block_selection.block_size`` tokens on both sides. Backends "xla", "triton",
       "mosaic_gpu" (128-token blocks, head_dim <= 128) and "mosaic" (TPU; blocks of 128k),
-      "auto" as for other masks; no mesh yet.
+      "auto" as for other masks. On a mesh batch and heads shard with the selection's rows;
+      a context axis shards the sequence (and the rows) by all-gathering K/V
+      (`context_parallel.routed_sequence`).
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
@@ -275,7 +277,8 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
 
   if block_selection is not None:
     return _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret,
-                   return_lse, block_q, block_kv, config, mesh, context_axis, block_selection)
+                   return_lse, block_q, block_kv, config, mesh, context_axis, block_selection,
+                   strategy, context_layout)
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
                             segments=q_seg is not None, block_q=block_q, block_kv=block_kv,
                             config=config, scale=scale)
@@ -334,9 +337,9 @@ def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg):
 
 
 def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, return_lse,
-            block_q, block_kv, config, mesh, context_axis, selection):
+            block_q, block_kv, config, mesh, context_axis, selection, strategy="auto",
+            context_layout="contiguous"):
   """`attention` with a runtime block selection (`routing`)."""
-  from . import block_map as block_map_lib
   from .routing import BlockSelection
   if not isinstance(selection, BlockSelection):
     raise ValueError(f"block_selection must be a jax_sparse_attn.routing.BlockSelection, got "
@@ -354,18 +357,38 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
   for name, given in (("block_q", block_q), ("block_kv", block_kv)):
     if given is not None and given != bs:
       raise ValueError(f"{name}={given} differs from block_selection.block_size={bs}")
+  context_parallel.check_options(strategy, context_layout)
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
   if mesh is not None:
     if context_axis is not None and mesh.shape[context_axis] > 1:
-      raise ValueError("block_selection shards batch and heads over a mesh, not the sequence: "
-                       f"context_axis={context_axis!r} has size {mesh.shape[context_axis]} "
-                       "(a selection row reaches any block of the sequence)")
+      backend = _routed_backend(backend, mask, query, q_seg, bs, config, scale)
+      local = lambda plan, q, k, v, ids, qs, ks: _run_routed(
+          backend, plan, scale, config, interpret, q, k, v, qs, ks, ids)
+      out, lse = context_parallel.routed_sequence(
+          query, key, value, mask, ids, q_seg, kv_seg, bs, mesh=mesh,
+          context_axis=context_axis, strategy=strategy, context_layout=context_layout,
+          run=local)
+      return (out, lse) if return_lse else out
+    if context_layout != "contiguous":
+      raise ValueError("context_layout='zigzag' needs a context_axis of size > 1")
     single = lambda q, k, v, ids, qs, ks: _routed(
         q, k, v, mask, scale, qs, ks, backend, interpret, True, block_q, block_kv, config,
         _LOCAL, None, BlockSelection(ids, bs))
     out, lse = context_parallel.routed(query, key, value, ids, q_seg, kv_seg, mesh=mesh,
                                        context_axis=context_axis, single_device=single)
     return (out, lse) if return_lse else out
+  if context_layout != "contiguous":
+    raise ValueError("context_layout='zigzag' needs a mesh with a context_axis")
+  backend = _routed_backend(backend, mask, query, q_seg, bs, config, scale)
+  plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))
+  out, lse = _run_routed(backend, plan, scale, config, interpret, query, key, value, q_seg,
+                         kv_seg, ids)
+  return (out, lse) if return_lse else out
+
+
+def _routed_backend(backend, mask, query, q_seg, bs, config, scale) -> str:
+  """The backend of a content-routed call: "auto" takes a kernel backend that runs runtime
+  maps on `bs`-token blocks, else "xla"; an explicit one must run them."""
   if backend == "auto":
     backend = resolve_backend("auto", mask, dtype=query.dtype, head_dim=query.shape[-1],
                               segments=q_seg is not None, block_q=bs, block_kv=bs,
@@ -379,12 +402,18 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
                      f"'mosaic', not {backend!r}")
   if _has_array_mask(mask):
     raise ValueError("block_selection takes structured or function masks, not from_array")
-  plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))
+  return backend
+
+
+def _run_routed(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
+                ids):
+  """Attention over `plan`'s static mask AND the selected KV blocks `ids` [batch, heads,
+  plan's Q blocks, k] (global KV block numbers of `plan.kv_layout`): (out, lse)."""
+  from . import block_map as block_map_lib
   bmap = block_map_lib.from_selection(ids, plan.block_map,
                                       None if q_seg is None else (q_seg, kv_seg))
-  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                      block_map=bmap)
-  return (out, lse) if return_lse else out
+  return run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
+                  block_map=bmap)
 
 
 def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret, query, key,
@@ -459,8 +488,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   mesh, context_axis, strategy: as in `attention`; the context axis shards the leading
   spatial dim (time in video), which its size must divide; strategy "auto" | "halo" |
   "allgather". Extra tokens run on any mesh (replicated over the context axis: each device
-  attends its slab to all of them); kv_valid / segment_ids on a mesh without a context axis
-  (batch and heads sharded).
+  attends its slab to all of them); so do kv_valid / segment_ids (the keys' ids travel
+  with their K/V halos).
   """
   context_parallel.check_options(strategy, "contiguous")
   if additional_keys is not None or additional_values is not None or additional_valid is not None:
@@ -526,8 +555,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
       raise ValueError(f"{name} must be positive with a power-of-two product, got {tile}")
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
   if mesh is not None:
-    return _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, return_lse,
-                       mesh=mesh, context_axis=context_axis, strategy=strategy, impl=impl,
+    return _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg,
+                       return_lse, mesh=mesh, context_axis=context_axis, strategy=strategy, impl=impl,
                        backend=backend, scale=scale, interpret=interpret, config=config,
                        q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
                        default_tiles=default_tiles)
@@ -541,7 +570,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   return (out, lse) if return_lse else out
 
 
-def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, return_lse, *, mesh,
+def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, return_lse, *,
+                mesh,
                 context_axis, strategy, impl, backend, scale, interpret, config, q_tile_shape,
                 kv_tile_shape, default_tiles):
   """`na` on a mesh: each device runs it on its shards, with the tiles chosen by the caller."""
@@ -552,10 +582,8 @@ def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, return_lse, *, m
       is_causal=mask.is_causal, scale=scale, backend=backend, interpret=interpret,
       return_lse=True, q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, config=config,
       mesh=_LOCAL)
-  if kv_valid is not None or segment_ids is not None:
-    if context_axis is not None and mesh.shape[context_axis] > 1:
-      raise ValueError("kv_valid / segment_ids do not run with a context_axis yet (shards "
-                       "would need their halos' ids); use a mesh without one")
+  sharded_context = context_axis is not None and mesh.shape[context_axis] > 1
+  if (kv_valid is not None or segment_ids is not None) and not sharded_context:
     # Batch and heads sharded, each device runs its part with its rows' masks.
     qkv, lse_spec, _, batch_axes, _ = context_parallel._local_specs(mesh, None, b, h, hkv, ndim)
     named = [(n, jnp.asarray(x)) for n, x in (("kv_valid", kv_valid),
@@ -567,10 +595,12 @@ def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, return_lse, *, m
                                          *[x for _, x in named])
     return (out, lse) if return_lse else out
   backward_plan = (functools.partial(_backward_plan, impl, mask, head_dim=d,
-                                     dtype=query.dtype, config=config)
+                                     dtype=query.dtype, config=config,
+                                     segments=q_seg is not None)
                    if default_tiles and impl.gathers else None)
   out, lse = context_parallel.na(
-      query, key, value, mask, mesh=mesh, context_axis=context_axis, strategy=strategy,
+      query, key, value, mask, q_seg, kv_seg, mesh=mesh, context_axis=context_axis,
+      strategy=strategy,
       backend=backend, scale=scale, q_tile=q_tile_shape, kv_tile=kv_tile_shape,
       config=config, interpret=interpret, single_device=single, backward_plan=backward_plan)
   return (out, lse) if return_lse else out

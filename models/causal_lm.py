@@ -27,7 +27,8 @@ class Block(nnx.Module):
     if moba is not None:  # (block_size, top_k): content-routed blocks instead of the mask
       self.attn = MixtureOfBlockAttention(dim, heads, *moba, local_blocks=1,
                                           num_kv_heads=kv_heads, use_rope=True,
-                                          backend=backend, dtype=attn_dtype, rngs=rngs)
+                                          backend=backend, dtype=attn_dtype,
+                                          context_axis=context_axis, rngs=rngs)
     else:
       self.attn = SparseAttention(dim, heads, mask, num_kv_heads=kv_heads, use_rope=True,
                                   backend=backend, dtype=attn_dtype, context_axis=context_axis,

@@ -312,6 +312,29 @@ def test_emulated_shards(backend):
   _assert_close(got, want, 2e-2, f"{backend} ring")
 
 
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "xla"])
+def test_emulated_shards_padding_mask(backend):
+  """A padding mask and packed images on shard plans (`emulate`'s segment ids): the Hopper
+  forward's segment test on slabs and halos whose key grid starts before the array."""
+  from jax_sparse_attn import ops
+  kw = dict(interpret=True) if backend == "mosaic_gpu" else {}
+  spatial, kernel = (8, 8, 12), (3, 5, 5)
+  q, k, v, d_out, rng = _inputs(16, (1,) + spatial + (2, 64), (1,) + spatial + (1, 64),
+                                jnp.bfloat16)
+  valid = jnp.asarray(rng.random((1,) + spatial) < 0.7)
+  seg = jnp.asarray(np.arange(8)[None, :, None, None] >= 5, jnp.int32) * jnp.ones(
+      (1,) + spatial, jnp.int32)  # two clips: frames 0-4 and 5-7
+  qs, ks = ops._na_segments(valid, seg, (1,) + spatial, "")
+  plan = cp.plan_context_nd(masks.neighborhood(spatial, kernel), 2, (2, 8, 8), (1, 8, 8),
+                            "halo")
+  got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, backend, q_seg=qs,
+                                                    kv_seg=ks, **kw), q, k, v, d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.na(q, k, v, kernel, kv_valid=valid,
+                                                 segment_ids=seg, backend="reference"),
+                          q, k, v, d_out)
+  _assert_close(got, want, 2e-2, f"{backend} halo, padded")
+
+
 def test_na_triton_interpret_backward_tiles(monkeypatch):
   # Default tiles: the Triton backward runs on its own tiles on every shard plan too.
   from jax_sparse_attn import ops
@@ -528,5 +551,39 @@ def test_na_padding_mask_on_a_mesh():
     return jax.jit(lambda *a: _value_and_grads(f, *a))(q, k, v, d_out)
 
   _assert_close(run(mesh), run(None), 1e-5, "batch/heads")
-  with pytest.raises(ValueError, match="kv_valid / segment_ids do not run with a context_axis"):
-    jsa.na2d(q, k, v, 3, kv_valid=valid, backend="xla", mesh=_mesh(2), context_axis="context")
+
+
+@pytest.mark.parametrize("spatial, kernel, causal, strategy, context, with_seg", [
+    ((8, 7), 3, False, "halo", 4, True),
+    ((8, 7), (5, 3), (True, False), "halo", 4, False),
+    ((16, 5), (7, 3), False, "halo", 8, True),  # a halo of 3 slices: two hops of 2
+    ((8, 4, 5), (3, 3, 3), (True, False, False), "allgather", 4, True),
+])
+def test_na_padding_mask_context_parallel(spatial, kernel, causal, strategy, context,
+                                          with_seg, backend="xla", tol=1e-5, **kw):
+  """kv_valid and segment ids with the leading dim sharded: the keys' ids travel with their
+  halos. Rows whose whole neighborhood is padding are zero (not NaN) with zero gradients."""
+  q, k, v, d_out, rng = _inputs(15, (2,) + spatial + (4, 16), (2,) + spatial + (2, 16))
+  valid = rng.random((2,) + spatial) < 0.6
+  valid[0, :spatial[0] // 2] = False  # whole padded slabs: queries that see nothing
+  valid = jnp.asarray(valid)
+  seg = jnp.asarray(rng.integers(0, 2, (2,) + spatial), jnp.int32) if with_seg else None
+
+  def run(mesh, context_axis, backend, **kw):
+    f = lambda q, k, v: jsa.na(q, k, v, kernel, is_causal=causal, kv_valid=valid,
+                               segment_ids=seg, backend=backend, mesh=mesh,
+                               context_axis=context_axis, strategy=strategy, **kw)
+    return jax.jit(lambda *a: _value_and_grads(f, *a))(q, k, v, d_out)
+
+  got = run(_mesh(context, other="model"), "context", backend, **kw)
+  _assert_close(got, run(None, None, "reference"), tol, f"{spatial} {kernel} {strategy}")
+  empty = np.asarray(jsa.na(q, k, v, kernel, is_causal=causal, kv_valid=valid,
+                            segment_ids=seg, backend="reference", return_lse=True)[1]) == -np.inf
+  assert empty.any()
+  assert np.all(np.asarray(got[0])[empty] == 0) and np.all(np.asarray(got[1])[empty] == 0)
+
+
+def test_na_padding_mask_context_parallel_triton_interpret():
+  test_na_padding_mask_context_parallel((8, 8), (3, 5), (True, False), "halo", 4, True,
+                                        backend="triton", tol=1e-4, interpret=True,
+                                        block_q=16, block_kv=16)

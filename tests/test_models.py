@@ -36,7 +36,7 @@ def test_model_trains(name):
   assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
 
 
-@pytest.mark.parametrize("name", ["dit", "lm"])
+@pytest.mark.parametrize("name", ["dit", "lm", "moba"])
 def test_context_parallel_training_matches_single_device(name):
   def run(context_axis):
     if name == "dit":  # 4 frames, one per device: the causal-time halo takes two hops
@@ -44,10 +44,11 @@ def test_context_parallel_training_matches_single_device(name):
                                  rngs=nnx.Rngs(0))
       return train(model, video_dit.loss_fn, video_dit.synthetic_batches(2, 8), 3, 2e-3,
                    verbose=False)
-    model = causal_lm.CausalLM(dim=32, backend="xla", context_axis=context_axis,
+    moba = (16, 2) if name == "moba" else None  # 16-token blocks, one per device
+    model = causal_lm.CausalLM(dim=32, backend="xla", context_axis=context_axis, moba=moba,
                                rngs=nnx.Rngs(0))
-    return train(model, causal_lm.loss_fn, causal_lm.synthetic_batches(4, 48), 3, 5e-3,
-                 verbose=False)
+    return train(model, causal_lm.loss_fn, causal_lm.synthetic_batches(4, 64 if moba else 48),
+                 3, 5e-3, verbose=False)
 
   want = run(None)
   with jax.set_mesh(context_mesh(4)):

@@ -348,8 +348,7 @@ def test_video_blocks_route_in_tile_order():
 
 def test_routed_attention_on_a_mesh():
   """Batch and heads sharded (the selection with them): forward and gradients equal the
-  unsharded op, no all-gather in the compiled program, the output keeps q's sharding; a
-  context axis of size > 1 is a ValueError."""
+  unsharded op, no all-gather in the compiled program, the output keeps q's sharding."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   auto = (jax.sharding.AxisType.Auto,) * 2
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=auto)
@@ -375,10 +374,97 @@ def test_routed_attention_on_a_mesh():
   got = jax.jit(jax.grad(loss(mesh), argnums=(0, 1, 2)))(qs, ks, vs)
   for g, w in zip(got, jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)):
     assert brute_force.rel_err(g, w) < 1e-5
-  cmesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=auto)
-  with pytest.raises(ValueError, match="shards batch and heads"):
-    jsa.attention(q, k, v, masks.causal(), block_selection=routing.BlockSelection(ids, bs),
-                  mesh=cmesh, context_axis="context")
+
+
+def _context_mesh(context):
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((8 // context, context), ("data", "context"), axis_types=auto)
+
+
+@settings(max_examples=examples(3))
+@given(p=routed_problems(), context=st.sampled_from([2, 4, 8]), blocks=st.integers(1, 2))
+def test_routed_context_parallel(p, context, blocks):
+  """The sequence sharded over a context axis (each device: its Q blocks' selection rows
+  against all-gathered K/V), against the brute force under the same selected blocks."""
+  p = dict(p, sq=context * blocks * p["bs"], batch=2)
+  p["skv"] = p["sq"]
+  check_routed(p, "xla", mesh=_context_mesh(context), context_axis="context")
+
+
+def test_routed_context_parallel_triton_interpret():
+  p = dict(batch=2, sq=128, skv=128, bs=16, kv_heads=1, heads=2, head_dim=16, mask="causal",
+           k=3, segments=True, dtype=jnp.float32, seed=4)
+  check_routed(p, "triton", interpret=True, mesh=_context_mesh(4), context_axis="context")
+
+
+def test_routed_shard_plan_mosaic_gpu_interpret():
+  """The Hopper kernels on a context-parallel device's local problem (its Q shard, at a
+  global offset, against all K/V; the Mosaic GPU interpreter does not run on 8 host devices
+  at once): the second of two shards, causal, with GQA, forward and gradients."""
+  from jax_sparse_attn import context_parallel as cp, ops
+  from pallas_kernels.gpu import MosaicGPUConfig
+  p = dict(batch=1, sq=512, skv=512, bs=128, kv_heads=1, heads=2, head_dim=64, mask="causal",
+           k=2, segments=False, dtype=jnp.bfloat16, seed=7)
+  q, k, v, d_out, rng = backend_cases.make_inputs(p)
+  ids = rng.integers(-1, 4, (1, 2, 4, 2)).astype(np.int32)
+  plan = cp.plan_routed(masks.causal(), 512, 512, 2, 128)
+  local = plan.plans[int(plan.table[0, 1])]
+  assert local.q_layout.token_index()[0][0] == 256
+  m = (dense_selected(ids, 512, 512, 128) & np.tril(np.ones((512, 512), bool)))[:, :, 256:]
+  run = lambda q, k, v: ops._run_routed(
+      "mosaic_gpu", local, 0.125, MosaicGPUConfig(backward="mosaic_gpu"), True, q, k, v, None,
+      None, jnp.asarray(ids[:, :, 2:]))[0]
+  q_s, d_s = q[:, 256:], d_out[:, 256:]
+  out, vjp = jax.vjp(run, q_s, k, v)
+  want, _ = brute_force.attention(q_s, k, v, m, 0.125)
+  assert brute_force.rel_err(out, want) < backend_cases.TOL[jnp.bfloat16]
+  for name, got, ref in zip("qkv", vjp(d_s), brute_force.attention_grads(q_s, k, v, m, 0.125,
+                                                                           d_s)):
+    assert brute_force.rel_err(got, ref) < 2 * backend_cases.TOL[jnp.bfloat16], name
+
+
+def test_moba_selection_and_attention_with_the_sequence_sharded():
+  """MoBA end to end in one jit on inputs sharded over the sequence: the pooled scores and
+  top-k partition with them (XLA), the attention runs context-parallel; the same result and
+  gradients as one device."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = _context_mesh(4)
+  rng = np.random.default_rng(5)
+  b, s, h, hkv, d, bs = 2, 256, 4, 2, 16, 16
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+             for shape in ((b, s, h, d), (b, s, hkv, d), (b, s, hkv, d)))
+
+  def f(q, k, v, mesh):
+    sel = routing.topk_blocks(q, k, bs, 3, causal=True, local_blocks=1, sink_blocks=1)
+    return jsa.attention(q, k, v, masks.causal(), block_selection=sel, backend="xla",
+                         mesh=mesh, context_axis="context")
+
+  spec = NamedSharding(mesh, P("data", "context"))
+  qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
+  loss = lambda mesh: (lambda q, k, v: jnp.sum(f(q, k, v, mesh) ** 2))
+  out = jax.jit(lambda *a: f(*a, mesh))(qs, ks, vs)
+  assert brute_force.rel_err(out, f(q, k, v, None)) < 1e-5
+  assert out.sharding.spec == P("data", "context")
+  got = jax.jit(jax.grad(loss(mesh), argnums=(0, 1, 2)))(qs, ks, vs)
+  for g, w in zip(got, jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)):
+    assert brute_force.rel_err(g, w) < 1e-5
+
+
+def test_routed_context_parallel_bad_input():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((2, 128, 2, 16)), jnp.float32)
+  sel = routing.BlockSelection(jnp.zeros((2, 2, 4, 1), jnp.int32), 32)
+  mesh = _context_mesh(8)
+  run = lambda **kw: jsa.attention(x, x, x, masks.causal(), block_selection=sel, mesh=mesh,
+                                   context_axis="context", backend="xla", **kw)
+  with pytest.raises(ValueError, match=r"seq_q=128 must be divisible by the context axis size "
+                                       r"times block_size \(8 x 32\)"):
+    run()
+  mesh = _context_mesh(4)
+  with pytest.raises(ValueError, match="strategy='allgather'"):
+    run(strategy="ring")
+  with pytest.raises(ValueError, match="context_layout must be 'contiguous'"):
+    run(context_layout="zigzag")
 
 
 def test_routed_tpu_long_maps_in_chunks(monkeypatch):
