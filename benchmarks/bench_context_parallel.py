@@ -6,13 +6,15 @@ and the measured pieces of the scaling model (docs/performance.md "Context paral
 
 Sections (each recorded as it finishes; a failing one is recorded and the rest still run):
   link      device-to-device bytes/s of a ppermute and an all_gather (>= 2 devices)
-  check     ring (contiguous, zigzag), halo (causal window, 3-D NA) on N devices vs one device:
-            relative error of out, dq, dk, dv
+  check     ring (contiguous, zigzag), halo (causal window, 3-D NA, 3-D NA with a padding
+            mask), MoBA (all-gather) on N devices vs one device: relative error of out, dq,
+            dk, dv
   emulate   the same on ONE device: each shard's local kernels, K/V parts and LSE merges run
             one after the other (every kernel a device runs, without the collectives)
   size_one  a context axis of size 1 against no mesh
-  scaling   causal S=262144 and 3-D NA 16x128x128 k8x16x16 on 1 and N devices, forward and
-            forward+backward, with cuDNN (one device) beside them
+  scaling   causal S=262144, MoBA (top 32 of 128-token blocks) at S=131072 and 3-D NA
+            16x128x128 k8x16x16 on 1 and N devices, forward and forward+backward, with cuDNN
+            (one device) beside them
   pieces    every local kernel a device runs for N = 2, 4, 8 (causal zigzag ring, 3-D NA halo
             weak scaling), timed on one device, and the model's predicted step times
 """
@@ -29,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import context_parallel as cp
-from jax_sparse_attn import masks, ops
+from jax_sparse_attn import masks, ops, routing
 from benchmarks.bench_gpu import (RESULTS, fwd_bwd, header, inputs, record, rel, timeit,
                                   write_results)
 
@@ -77,7 +79,26 @@ def _sharded(fn_of_mesh, n):
   return mesh, fn_of_mesh(mesh)
 
 
-def check(n, seq, spatial, backend):
+def _moba(q, k, top_k, block=128):
+  """A fixed MoBA selection (pooled scores, top-k + own + previous block, causal) computed
+  once on one device: N-device and one-device runs visit the same blocks."""
+  return jax.jit(lambda q, k: routing.topk_blocks(q, k, block, top_k, causal=True,
+                                                  local_blocks=2).ids)(q, k)
+
+
+def _check_row(name, n, fn_single, fn_many, mesh, args, **extra):
+  try:
+    want = fn_single(*args)
+    got = fn_many(*(_place(mesh, x) for x in args))
+    errs = [rel(g, w) for g, w in zip(got, want)]
+    record(section="check", case=name, devices=n, err_out=errs[0], err_dq=errs[1],
+           err_dk=errs[2], err_dv=errs[3], ok=bool(max(errs) < 2e-2), **extra)
+  except Exception as e:  # noqa: BLE001
+    record(section="check", case=name, devices=n, error=repr(e)[:400])
+    traceback.print_exc()
+
+
+def check(n, seq, spatial, backend, top_k=32):
   """N devices vs one device, same backend, bf16: relative errors of out and gradients."""
   cases = [
       ("causal ring contiguous", masks.causal(), "ring", "contiguous"),
@@ -124,9 +145,26 @@ def check(n, seq, spatial, backend):
   except Exception as e:  # noqa: BLE001
     record(section="check", case="3-D NA halo", devices=n, error=repr(e)[:400])
     traceback.print_exc()
+  mesh = _mesh(n)
+  # A padding mask on the 3-D grid (the last 8 columns of every frame, and a whole frame in
+  # the middle): the keys' ids travel with the halos.
+  shape = (1,) + spatial + (16, D)
+  valid = jnp.ones((1,) + spatial, bool).at[..., -8:].set(False).at[:, spatial[0] // 2].set(False)
+  padded = lambda mesh: fwd_bwd(lambda q, k, v: jsa.na(
+      q, k, v, NA["kernel"], kv_valid=valid, backend=backend, mesh=mesh,
+      context_axis=None if mesh is None else "context"))
+  _check_row(f"3-D NA {spatial} k8x16x16 padded halo", n, padded(None), padded(mesh), mesh,
+             inputs(shape, shape, jnp.bfloat16, seed=5), backend=backend)
+  q, k, v, do = inputs((1, seq, 16, D), (1, seq, 8, D), jnp.bfloat16, seed=6)
+  ids = _moba(q, k, top_k)
+  moba = lambda mesh: fwd_bwd(lambda q, k, v: jsa.attention(
+      q, k, v, masks.causal(), block_selection=routing.BlockSelection(ids, 128),
+      backend=backend, mesh=mesh, context_axis=None if mesh is None else "context"))
+  _check_row(f"MoBA S={seq} top {top_k} allgather", n, moba(None), moba(mesh), mesh,
+             (q, k, v, do), backend=backend)
 
 
-def scaling(n, seq, spatial, backend, reps):
+def scaling(n, seq, spatial, backend, reps, moba_seq=131072, top_k=32):
   """Causal and 3-D NA on one device and on n devices: forward and forward+backward ms."""
   flops = 4 * 16 * seq * seq * D / 2
   q, k, v, do = inputs((1, seq, 16, D), (1, seq, 16, D), jnp.bfloat16, seed=3)
@@ -161,6 +199,23 @@ def scaling(n, seq, spatial, backend, reps):
              fwd_bwd_tflops=3.5 * flops / both / 1e9)
     except Exception as e:  # noqa: BLE001
       record(section="scaling", case=f"causal S={seq}", run=name, error=repr(e)[:400])
+      traceback.print_exc()
+  # MoBA: the same fixed selection on 1 and n devices (all-gather; strong scaling).
+  q, k, v, do = inputs((1, moba_seq, 16, D), (1, moba_seq, 16, D), jnp.bfloat16, seed=10)
+  ids = _moba(q, k, top_k)
+  for devices in (1, n):
+    try:
+      mesh = _mesh(devices) if devices > 1 else None
+      op = lambda q, k, v, mesh=mesh: jsa.attention(
+          q, k, v, masks.causal(), block_selection=routing.BlockSelection(ids, 128),
+          backend=backend, mesh=mesh, context_axis="context" if mesh else None)
+      args = (q, k, v, do) if mesh is None else tuple(_place(mesh, x) for x in (q, k, v, do))
+      record(section="scaling", case=f"MoBA S={moba_seq} top {top_k}", devices=devices,
+             run="allgather" if mesh else "1 device",
+             fwd_ms=_time(jax.jit(op), *args[:3], reps=reps),
+             fwd_bwd_ms=_time(fwd_bwd(op), *args, reps=reps))
+    except Exception as e:  # noqa: BLE001
+      record(section="scaling", case="MoBA", devices=devices, error=repr(e)[:400])
       traceback.print_exc()
   # Strong scaling (the same latent on 1 and n devices), then weak (n times the frames on n).
   for devices, frames in ((1, spatial[0]), (n, spatial[0]), (n, n * spatial[0])):
@@ -397,10 +452,10 @@ def main():
   link_gb_s = link_gb_s or cp.Hardware().link_bytes_per_s / 1e9
   if "check" in sections and n >= 2:
     check(n, 4096 if args.small else 32768, (8, 16, 16) if args.small else (16, 64, 64),
-          backend)
+          backend, 4 if args.small else 32)
     write_results(args.out, head)
   if "scaling" in sections and n >= 2:
-    scaling(n, seq, spatial, backend, reps)
+    scaling(n, seq, spatial, backend, reps, *((4096, 4) if args.small else ()))
     write_results(args.out, head)
   if "emulate" in sections:
     emulate(backend, 8192 if args.small else 32768, (8, 16, 16) if args.small else (16, 64, 64),
