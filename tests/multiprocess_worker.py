@@ -2,7 +2,7 @@
 
     python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT
 
-Runs ring and halo attention (forward and dQ) over the 8 devices of both processes and
+Runs ring, halo and content-routed (all-gather) attention (forward and dQ) over the 8 devices of both processes and
 compares them with this process's single-device result. Prints "ok" lines; exits non-zero
 on a mismatch.
 """
@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_sparse_attn as jsa  # noqa: E402
-from jax_sparse_attn import masks  # noqa: E402
+from jax_sparse_attn import masks, routing  # noqa: E402
 
 assert jax.device_count() == 4 * num_processes, jax.devices()
 mesh = jax.make_mesh((jax.device_count(),), ("context",),
@@ -65,4 +65,9 @@ check("halo 3-D", lambda q, k, v, on_mesh: jsa.na(
     q, k, v, (3, 3, 5), is_causal=(True, False, False), backend="xla",
     **(dict(mesh=mesh, context_axis="context", strategy="halo") if on_mesh else {})),
       [(1, 8, 4, 6, 2, 16)] * 4, P(None, "context"))
+ids = np.random.default_rng(1).integers(-1, 8, (2, 4, 8, 3)).astype(np.int32)
+check("allgather MoBA", lambda q, k, v, on_mesh: jsa.attention(
+    q, k, v, masks.causal(), block_selection=routing.BlockSelection(jnp.asarray(ids), 16),
+    backend="xla", **(dict(mesh=mesh, context_axis="context") if on_mesh else {})),
+      [(2, 128, 4, 16), (2, 128, 2, 16), (2, 128, 2, 16), (2, 128, 4, 16)], P(None, "context"))
 jax.distributed.shutdown()

@@ -34,5 +34,5 @@ def test_ring_and_halo_across_two_processes():
     outputs.append(out)
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
-    for name in ("ring", "halo", "halo 3-D"):
+    for name in ("ring", "halo", "halo 3-D", "allgather MoBA"):
       assert f"ok {name} process {i}" in out, out[-4000:]
