@@ -423,6 +423,16 @@ def test_routed_shard_plan_mosaic_gpu_interpret():
     assert brute_force.rel_err(got, ref) < 2 * backend_cases.TOL[jnp.bfloat16], name
 
 
+def test_routed_context_parallel_tpu_interpret():
+  # Two devices (as the TPU ring test in test_context_parallel: the TPU interpreter's
+  # all-device barrier), each running its query blocks' rows against the gathered K/V.
+  two = jax.make_mesh((2,), ("context",), axis_types=(jax.sharding.AxisType.Auto,),
+                      devices=jax.devices()[:2])
+  p = dict(batch=1, sq=512, skv=512, bs=128, kv_heads=1, heads=2, head_dim=32, mask="causal",
+           k=2, segments=True, dtype=jnp.float32, seed=8)
+  check_routed(p, "mosaic", interpret=True, mesh=two, context_axis="context")
+
+
 def test_moba_selection_and_attention_with_the_sequence_sharded():
   """MoBA end to end in one jit on inputs sharded over the sequence: the pooled scores and
   top-k partition with them (XLA), the attention runs context-parallel; the same result and
