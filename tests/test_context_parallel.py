@@ -227,16 +227,21 @@ NA_CASES = [
 
 
 def _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=0,
-              backend="xla", tol=2e-5, dtype=jnp.float32, head_dim=16, **kw):
+              backend="xla", tol=2e-5, dtype=jnp.float32, head_dim=16, padded=False, **kw):
   mesh = _mesh(context, other="model")
-  q, k, v, d_out, _ = _inputs(seed, (2,) + spatial + (4, head_dim),
-                              (2,) + spatial + (2, head_dim), dtype)
+  q, k, v, d_out, rng = _inputs(seed, (2,) + spatial + (4, head_dim),
+                                (2,) + spatial + (2, head_dim), dtype)
   args = (kernel, stride, dilation, causal)
+  if padded:  # a padding mask and two packed segments (ids travel with the halos)
+    kw = dict(kw, kv_valid=jnp.asarray(rng.random((2,) + spatial) < 0.7),
+              segment_ids=jnp.asarray(rng.integers(0, 2, (2,) + spatial), jnp.int32))
+  masked = {n: kw.pop(n) for n in ("kv_valid", "segment_ids") if n in kw}
   sharded = jax.jit(lambda q, k, v: jsa.na(q, k, v, *args, backend=backend, mesh=mesh,
-                                           context_axis="context", strategy=strategy, **kw))
+                                           context_axis="context", strategy=strategy,
+                                           **masked, **kw))
   got = _value_and_grads(sharded, q, k, v, d_out)
-  want = _value_and_grads(lambda q, k, v: jsa.na(q, k, v, *args, backend="reference"),
-                          q, k, v, d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.na(q, k, v, *args, backend="reference",
+                                                 **masked), q, k, v, d_out)
   _assert_close(got, want, tol, f"{spatial} {args} {strategy}")
 
 
@@ -247,8 +252,8 @@ def test_na_context_parallel(case):
 
 @settings(max_examples=examples(3))
 @given(p=backend_cases.na_problems(), context=st.sampled_from([2, 4]),
-       strategy=st.sampled_from(["auto", "halo", "allgather"]))
-def test_na_randomized(p, context, strategy):
+       strategy=st.sampled_from(["auto", "halo", "allgather"]), padded=st.booleans())
+def test_na_randomized(p, context, strategy, padded):
   spatial, kernel, stride, dilation, causal = p["problem"]
   spatial = (spatial[0] * context,) + tuple(spatial[1:])  # the leading dim divides
   try:
@@ -257,7 +262,8 @@ def test_na_randomized(p, context, strategy):
   except ValueError as e:
     assert strategy == "halo" and "every other shard" in str(e)
     return
-  _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=p["seed"])
+  _check_na(spatial, kernel, stride, dilation, causal, strategy, context, seed=p["seed"],
+            padded=padded)
 
 
 def test_sequence_tpu_interpret():

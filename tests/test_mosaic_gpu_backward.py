@@ -3,6 +3,8 @@ float64 brute force: every 1-D mask (unions with sinks, `from_function`, rows th
 nothing), segment ids, GQA, odd lengths, head dims 32-128 (padded), bf16 and fp16, every dQ
 form (its own kernel, or reduce-added "split" / "own"); neighborhoods (stride, dilation,
 causal dims) with the Mosaic GPU backward asked for; CUDA lowering on CPU."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backend_cases
+import brute_force
 from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
@@ -393,7 +396,6 @@ def test_joint_dq(monkeypatch, case):
            skv=400 if case == "gqa_batch" else 640, heads=4, kv_heads=2, head_dim=64,
            mask=mask, segments=case == "documents", dtype=jnp.bfloat16, seed=7)
   config = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel")
-  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=config)
   q, k, v, d_out, _ = backend_cases.make_inputs(p)
   m = backend_cases.seq_mask(mask, p["sq"], p["skv"])
   seg = (jnp.asarray(np.repeat(np.arange(4), 160)[None], jnp.int32)
@@ -408,6 +410,13 @@ def test_joint_dq(monkeypatch, case):
     grads[joint] = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(grads[True], grads[False]):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  dense = np.asarray(m(np.arange(p["sq"])[:, None], np.arange(p["skv"])[None, :]))
+  want = brute_force.attention_grads(q, k, v, dense, 1.0 / math.sqrt(p["head_dim"]), d_out,
+                                     seg, seg)
+  tol = backend_cases.TOL[jnp.bfloat16]
+  for name, got, ref in zip("qkv", grads[True], want):
+    err = brute_force.rel_err(got, ref)
+    assert err < tol * 2 or backend_cases._small(got, ref, tol), (name, err)
   monkeypatch.setattr(attention_bwd, "JOINT_DQ", True)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   cuda = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
