@@ -131,7 +131,8 @@ def sharded():
   return [
       new_markdown_cell("# Sharded attention over all cores\nContext parallelism (the sequence "
                         "sharded over a mesh axis: ring for causal attention, halo exchange for "
-                        "neighborhoods) and batch/head sharding, with JAX's own `Mesh`, "
+                        "neighborhoods, all-gather for content-routed blocks) and batch/head "
+                        "sharding, with JAX's own `Mesh`, "
                         "`shard_map` and collectives. On a CPU runtime the notebook makes 8 "
                         "host devices."),
       new_code_cell('''import os
@@ -175,6 +176,26 @@ print("rel. error vs one device:", rel(halo(*map(place, (q, k, v))), jsa.na3d(q,
 hlo = halo.lower(*map(place, (q, k, v))).compile().as_text()
 print("collective-permutes:", hlo.count("collective-permute-start") or hlo.count("collective-permute"),
       "all-gathers:", hlo.count("all-gather"))'''),
+      new_markdown_cell("## Padded frames\nA padding mask (`kv_valid`) or packed clips "
+                        "(`segment_ids`) on the sharded latent: the keys' ids travel with their "
+                        "halos, so padded keys are never attended on any device."),
+      new_code_cell('''valid = jnp.ones(shape[:4], bool).at[:, :, :, -4:].set(False)  # 4 padded columns
+padded = jax.jit(lambda q, k, v: jsa.na3d(q, k, v, (3, 5, 5), kv_valid=valid, mesh=mesh,
+                                          context_axis="context"))
+print("rel. error vs one device:", rel(padded(*map(place, (q, k, v))),
+                                       jsa.na3d(q, k, v, (3, 5, 5), kv_valid=valid)))'''),
+      new_markdown_cell("## MoBA with the sequence sharded\nContent-routed blocks: the "
+                        "selection (`routing.topk_blocks`) partitions with the sharded q and k; "
+                        "each device gathers K/V and runs its own query blocks' rows."),
+      new_code_cell('''from jax_sparse_attn import routing
+bs = 16 if small else 128
+q, k, v = (rand((1, s, 4, 64), i + 10) for i in range(3))
+def moba(q, k, v, mesh=None):
+  sel = routing.topk_blocks(q, k, bs, 4, causal=True, local_blocks=1)
+  return jsa.attention(q, k, v, masks.causal(), block_selection=sel, mesh=mesh,
+                       context_axis="context" if mesh else None)
+got = jax.jit(lambda *a: moba(*a, mesh=mesh))(*map(place, (q, k, v)))
+print("rel. error vs one device:", rel(got, moba(q, k, v)))'''),
       new_markdown_cell("## Batch and head sharding\nWith q/k/v sharded over `data` (batch) "
                         "and `model` (heads) the op runs per shard, with no all-gather."),
       new_code_cell('''mesh2 = jax.make_mesh((2, n // 2), ("data", "model"),
@@ -190,6 +211,8 @@ print("rel. error:", rel(f(xs), jsa.na2d(x, x, x, 5)), "| all-gathers in HLO:",
 def main():
   for name, cells in (("01_quickstart", quickstart()), ("02_train_nat", train_nat()),
                       ("03_sharded", sharded())):
+    for i, cell in enumerate(cells):
+      cell["id"] = f"{name[:2]}-{i:02d}"  # stable ids: regenerating changes only what changed
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "accelerator": "TPU", "colab": {"provenance": []}})
