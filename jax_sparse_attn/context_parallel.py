@@ -567,21 +567,25 @@ def routed(query, key, value, ids, q_seg, kv_seg, *, mesh, context_axis, single_
 
 @functools.lru_cache(maxsize=64)
 def plan_routed(mask: masks_lib.Mask, seq_q: int, seq_kv: int, num_shards: int,
-                block_size: int) -> ContextPlan:
+                block_size: int, context_layout: str = "contiguous") -> ContextPlan:
   """Plan content-routed attention (`routed_sequence`) with the sequence sharded
   `num_shards` ways: every device gathers all K/V and runs its Q shard's rows of the
-  selection against it, so the local plans are (Q shard, whole sequence); their static maps
-  bound what the selection may visit (`block_map.from_selection`)."""
+  selection against it, so the local plans are (Q shard, all K/V in the gathered order);
+  their static maps bound what the selection may visit (`block_map.from_selection`)."""
   n = num_shards
+  check_options("allgather", context_layout)
+  div = n * block_size * (2 if context_layout == "zigzag" else 1)
   for name, s in (("seq_q", seq_q), ("seq_kv", seq_kv)):
-    if s % (n * block_size):
-      raise ValueError(f"with a block_selection, {name}={s} must be divisible by the context "
-                       f"axis size times block_size ({n} x {block_size}): each device holds "
-                       "whole query blocks")
-  cq = seq_q // n
+    if s % div:
+      unit = "zigzag chunk" if context_layout == "zigzag" else "device"
+      raise ValueError(f"with a block_selection, {name}={s} must be divisible by "
+                       f"{div // block_size} x block_size ({block_size}): each {unit} holds "
+                       "whole blocks")
+  q_runs = _seq_shards(seq_q, n, context_layout)
+  kv_runs = _seq_shards(seq_kv, n, context_layout)
   plans = _Plans(mask)
-  every = SequenceLayout(seq_kv, block_size)
-  table = np.array([[plans.add(SequenceLayout(cq, block_size, ((s * cq, cq),)), every)
+  every = SequenceLayout(seq_kv, block_size, tuple(r for runs in kv_runs for r in runs))
+  table = np.array([[plans.add(SequenceLayout(seq_q // n, block_size, q_runs[s]), every)
                      for s in range(n)]], np.int32)
   return ContextPlan("allgather", n, tuple(plans.plans), table, (0, 0), 0, {})
 
@@ -592,22 +596,26 @@ def routed_sequence(query, key, value, mask, ids, q_seg, kv_seg, block_size: int
   (size > 1): batch and heads as in `attention`, the selection's query-block rows with the
   queries. Each device all-gathers K/V (and the keys' segment ids): a selection row may
   reach any block of the sequence. Top-k rows visit at most k blocks each, so contiguous
-  shards are balanced without the zigzag order. `run(plan, q, k, v, ids, q_seg, kv_seg)`
-  runs one local plan. Returns (out, lse)."""
+  shards are balanced without the zigzag order; with ``context_layout="zigzag"`` (a model
+  whose other layers want it) the rows follow the queries' zigzag order and the ids stay
+  sequence block numbers (`routing.select(..., zigzag_shards=)`), mapped here to the
+  gathered K/V's order. `run(plan, q, k, v, ids, q_seg, kv_seg)` runs one local plan.
+  Returns (out, lse)."""
   if strategy not in ("auto", "allgather"):
     raise ValueError(f"with a block_selection the sequence shards by strategy='allgather' "
                      f"(a selected block may be anywhere in the sequence), got {strategy!r}")
-  if context_layout != "contiguous":
-    raise ValueError("with a block_selection, context_layout must be 'contiguous' (the top-k "
-                     "rows balance the causal work; selection rows follow the token order)")
   b, sq, h, _ = query.shape
   skv, hkv = key.shape[1], key.shape[2]
   n = mesh.shape[context_axis]
   qkv, lse_spec, seg_spec, batch_axes, head_axes = _local_specs(mesh, context_axis, b, h,
                                                                 hkv, 1)
-  cp = plan_routed(mask, sq, skv, n, block_size)
+  cp = plan_routed(mask, sq, skv, n, block_size, context_layout)
   ids_spec = P(batch_axes, head_axes, context_axis, None)
   has_seg = q_seg is not None
+  if context_layout == "zigzag":  # sequence block numbers -> blocks of the gathered K/V
+    nk = skv // block_size
+    position = jnp.asarray(np.argsort(zigzag_permutation(nk, n)), jnp.int32)
+    ids = jnp.where((ids >= 0) & (ids < nk), position[jnp.clip(ids, 0, nk - 1)], -1)
 
   def local(i, q, k, v, ids, ks, qs):
     return run(cp.plans[i], q, k, v, ids, qs, ks)

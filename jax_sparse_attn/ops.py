@@ -243,7 +243,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       "mosaic_gpu" (128-token blocks, head_dim <= 128) and "mosaic" (TPU; blocks of 128k),
       "auto" as for other masks. On a mesh batch and heads shard with the selection's rows;
       a context axis shards the sequence (and the rows) by all-gathering K/V
-      (`context_parallel.routed_sequence`).
+      (`context_parallel.routed_sequence`; with the zigzag layout the rows follow the
+      queries' order and the ids are sequence block numbers: `routing.select`'s
+      ``zigzag_shards``).
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["ids"],
@@ -39,9 +40,32 @@ def _visible(num_q_blocks: int, num_kv_blocks: int, causal: bool):
   return jnp.arange(num_kv_blocks)[None, :] <= jnp.arange(num_q_blocks)[:, None]
 
 
+def _zigzag_blocks(num_blocks: int, shards: int):
+  """The block order of `context_parallel.to_zigzag` over `shards` devices (its chunks whole
+  blocks): position i of the zigzag order holds natural block ``perm[i]``."""
+  from .context_parallel import zigzag_permutation
+  if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+    raise ValueError(f"zigzag_shards must be a positive int, got {shards!r}")
+  if num_blocks % (2 * shards):
+    raise ValueError(f"zigzag_shards={shards}: the zigzag layout's 2 x {shards} chunks must "
+                     f"be whole blocks, got {num_blocks} blocks")
+  return zigzag_permutation(num_blocks, shards)
+
+
+def _in_zigzag_order(fn, scores, zigzag_shards):
+  """Run a selection rule on block scores given in the zigzag order of both axes: scores
+  reordered to the sequence's order (the causal, local and sink rules hold there), ids
+  returned as sequence block numbers, rows in the zigzag order of the queries."""
+  q_perm = _zigzag_blocks(scores.shape[2], zigzag_shards)
+  kv_perm = _zigzag_blocks(scores.shape[3], zigzag_shards)
+  natural = scores[:, :, np.argsort(q_perm)][:, :, :, np.argsort(kv_perm)]
+  sel = fn(natural)
+  return BlockSelection(sel.ids[:, :, q_perm], sel.block_size)
+
+
 def select(scores, block_size: int, top_k: int, *, causal: bool = False,
-           local_blocks: int = 0, sink_blocks: int = 0,
-           top_fraction: float | None = None) -> BlockSelection:
+           local_blocks: int = 0, sink_blocks: int = 0, top_fraction: float | None = None,
+           zigzag_shards: int | None = None) -> BlockSelection:
   """Top-k selection from block scores [batch, heads, num_q_blocks, num_kv_blocks] (a gate's
   output, or `pooled_scores`). Always visits the ``local_blocks`` blocks ending at the query's
   own block (causal; centred on it otherwise) and the first ``sink_blocks`` blocks, then the
@@ -49,7 +73,15 @@ def select(scores, block_size: int, top_k: int, *, causal: bool = False,
   blocks with score -inf are never chosen over visible ones; rows with fewer candidates
   than top_k pad with -1. ``top_fraction``: each row chooses at most
   ``ceil(top_fraction * its visible blocks)`` (``top_k`` stays the rows' static width), e.g.
-  1/8 of what each causal row can see."""
+  1/8 of what each causal row can see. ``zigzag_shards=n``: the scores' blocks (both axes)
+  are in `context_parallel.to_zigzag` order over n devices, as the activations of a model
+  trained with ``context_layout="zigzag"``; the rules apply in sequence order, ids are
+  sequence block numbers and rows follow the queries' zigzag order (what `attention` with
+  that layout takes)."""
+  if zigzag_shards is not None:
+    return _in_zigzag_order(functools.partial(
+        select, block_size=block_size, top_k=top_k, causal=causal, local_blocks=local_blocks,
+        sink_blocks=sink_blocks, top_fraction=top_fraction), scores, zigzag_shards)
   _check_block_size(block_size)
   if top_fraction is not None and not 0 < top_fraction <= 1:
     raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
@@ -93,12 +125,17 @@ def select(scores, block_size: int, top_k: int, *, causal: bool = False,
 
 def select_mass(scores, block_size: int, threshold: float, max_blocks: int, *,
                 causal: bool = False, local_blocks: int = 0, sink_blocks: int = 0,
-                temperature: float = 1.0) -> BlockSelection:
+                temperature: float = 1.0, zigzag_shards: int | None = None) -> BlockSelection:
   """VMoBA-style selection by cumulative score: per query block and head, the fewest
   best-scoring blocks whose softmax mass (over the visible blocks, ``scores / temperature``)
   reaches ``threshold`` (0 < threshold <= 1), at most ``max_blocks`` of them (the static
   bound of the map's rows: more are cut, lowest scores first), plus the forced local and sink
-  blocks as in `select`."""
+  blocks as in `select` (``zigzag_shards`` too)."""
+  if zigzag_shards is not None:
+    return _in_zigzag_order(functools.partial(
+        select_mass, block_size=block_size, threshold=threshold, max_blocks=max_blocks,
+        causal=causal, local_blocks=local_blocks, sink_blocks=sink_blocks,
+        temperature=temperature), scores, zigzag_shards)
   if not 0 < threshold <= 1:
     raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
   if not temperature > 0:
@@ -138,11 +175,15 @@ def pooled_scores(query, key, block_size: int):
 
 
 def topk_blocks(query, key, block_size: int, top_k: int, *, causal: bool = False,
-                local_blocks: int = 0, sink_blocks: int = 0) -> BlockSelection:
+                local_blocks: int = 0, sink_blocks: int = 0,
+                zigzag_shards: int | None = None) -> BlockSelection:
   """MoBA: `select` on `pooled_scores` (e.g. ``topk_blocks(q, k, 128, 32, causal=True,
-  local_blocks=2)``: the diagonal and previous block plus the 32 best earlier blocks)."""
+  local_blocks=2)``: the diagonal and previous block plus the 32 best earlier blocks).
+  ``zigzag_shards=n``: q and k are in `context_parallel.to_zigzag` order over n devices
+  (see `select`)."""
   return select(pooled_scores(query, key, block_size), block_size, top_k, causal=causal,
-                local_blocks=local_blocks, sink_blocks=sink_blocks)
+                local_blocks=local_blocks, sink_blocks=sink_blocks,
+                zigzag_shards=zigzag_shards)
 
 
 def tile_order(spatial_shape, tile_shape):

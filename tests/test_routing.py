@@ -391,6 +391,43 @@ def test_routed_context_parallel(p, context, blocks):
   check_routed(p, "xla", mesh=_context_mesh(context), context_axis="context")
 
 
+@pytest.mark.parametrize("context, local_blocks, sink_blocks", [(2, 2, 1), (4, 1, 0)])
+def test_routed_zigzag(context, local_blocks, sink_blocks):
+  """Inputs in the zigzag order (a model whose causal layers want it): the selection made
+  on zigzag-ordered q and k (`zigzag_shards`) is the sequence-order selection with its rows
+  permuted, and the sharded attention equals one device's in sequence order, forward and
+  gradients."""
+  from jax_sparse_attn import context_parallel as cp
+  rng = np.random.default_rng(9)
+  b, s, h, hkv, d, bs = 2, 256, 4, 2, 16, 16
+  q, k, v, d_out = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+                    ((b, s, h, d), (b, s, hkv, d), (b, s, hkv, d), (b, s, h, d)))
+  seg = jnp.asarray(np.repeat([[0, 1, 2]], b, 0).repeat([100, 60, 96], 1), jnp.int32)
+  rule = dict(causal=True, local_blocks=local_blocks, sink_blocks=sink_blocks)
+  z = lambda x: cp.to_zigzag(x, context)
+  natural = routing.topk_blocks(q, k, bs, 3, **rule)
+  zigzag = routing.topk_blocks(z(q), z(k), bs, 3, zigzag_shards=context, **rule)
+  perm = cp.zigzag_permutation(s // bs, context)
+  np.testing.assert_array_equal(np.asarray(zigzag.ids), np.asarray(natural.ids)[:, :, perm])
+  mesh = _context_mesh(context)
+
+  def f(q, k, v, seg, ids, mesh, layout):
+    return jsa.attention(q, k, v, masks.causal(), segment_ids=seg,
+                         block_selection=routing.BlockSelection(ids, bs), backend="xla",
+                         mesh=mesh, context_axis="context" if mesh else None,
+                         context_layout=layout)
+
+  def run(mesh, layout, q, k, v, seg, ids, d):
+    out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, seg, ids, mesh, layout), q, k, v)
+    return (out,) + vjp(d)
+
+  got = jax.jit(lambda *a: run(mesh, "zigzag", *a))(z(q), z(k), z(v), z(seg), zigzag.ids,
+                                                    z(d_out))
+  want = run(None, "contiguous", q, k, v, seg, natural.ids, d_out)
+  for g, w in zip(got, want):
+    assert brute_force.rel_err(cp.from_zigzag(g, context), w) < 1e-5
+
+
 def test_routed_context_parallel_triton_interpret():
   p = dict(batch=2, sq=128, skv=128, bs=16, kv_heads=1, heads=2, head_dim=16, mask="causal",
            k=3, segments=True, dtype=jnp.float32, seed=4)
@@ -467,14 +504,17 @@ def test_routed_context_parallel_bad_input():
   mesh = _context_mesh(8)
   run = lambda **kw: jsa.attention(x, x, x, masks.causal(), block_selection=sel, mesh=mesh,
                                    context_axis="context", backend="xla", **kw)
-  with pytest.raises(ValueError, match=r"seq_q=128 must be divisible by the context axis size "
-                                       r"times block_size \(8 x 32\)"):
+  with pytest.raises(ValueError, match=r"seq_q=128 must be divisible by 8 x block_size "
+                                       r"\(32\): each device holds whole blocks"):
     run()
   mesh = _context_mesh(4)
   with pytest.raises(ValueError, match="strategy='allgather'"):
     run(strategy="ring")
-  with pytest.raises(ValueError, match="context_layout must be 'contiguous'"):
+  with pytest.raises(ValueError, match=r"divisible by 8 x block_size \(32\): each zigzag "
+                                       "chunk"):
     run(context_layout="zigzag")
+  with pytest.raises(ValueError, match="zigzag_shards=3: the zigzag layout's 2 x 3 chunks"):
+    routing.topk_blocks(x, x, 16, 2, causal=True, zigzag_shards=3)
 
 
 def test_routed_tpu_long_maps_in_chunks(monkeypatch):
