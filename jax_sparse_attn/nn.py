@@ -14,9 +14,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from . import context_parallel
 from . import masks as masks_lib
 from . import routing
 from .ops import attention, na
@@ -172,12 +174,30 @@ class _AttentionBase(nnx.Module):
     v = constrain(v, names + ("kv_heads", "head_dim"))
     return q, k, v
 
-  def _project_sequence(self, x, positions):
-    """q, k, v of ``x [batch, seq, embed_dim]``; RoPE positions default to 0..seq-1."""
+  def _zigzag_shards(self, context_layout: str) -> int | None:
+    """The context axis size of the zigzag layout (None: contiguous); ValueError without a
+    mesh holding the context axis."""
+    if context_layout not in ("contiguous", "zigzag"):
+      raise ValueError(f"context_layout must be 'contiguous' or 'zigzag', got "
+                       f"{context_layout!r}")
+    if context_layout == "contiguous":
+      return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh is None or mesh.empty or self.context_axis is None
+        or self.context_axis not in mesh.axis_names):
+      raise ValueError("context_layout='zigzag' needs a context_axis of the mesh set with "
+                       "jax.set_mesh (inputs in context_parallel.to_zigzag order)")
+    return mesh.shape[self.context_axis]
+
+  def _project_sequence(self, x, positions, zigzag_shards=None):
+    """q, k, v of ``x [batch, seq, embed_dim]``; RoPE positions default to 0..seq-1 (in the
+    zigzag order of the tokens when `zigzag_shards`)."""
     if x.ndim != 3:
       raise ValueError(f"x must be [batch, seq, embed_dim], got shape {x.shape}")
     if positions is None and self.use_rope:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      order = (np.arange(x.shape[1]) if zigzag_shards is None else
+               context_parallel.zigzag_permutation(x.shape[1], zigzag_shards))
+      positions = jnp.broadcast_to(jnp.asarray(order), x.shape[:2])
     return self._project(x, positions[..., None] if positions is not None else None)
 
   def _output(self, o):
@@ -302,28 +322,37 @@ class SparseAttention(nnx.Module):
   them per document.
   ``context_axis``: a mesh axis that shards the sequence under `jax.set_mesh` (context
   parallelism, `jax_sparse_attn.context_parallel`); ignored without a mesh.
+  ``context_layout="zigzag"``: x (and segment ids, labels) come in
+  `context_parallel.to_zigzag` order over the context axis, which balances causal work on a
+  ring; default RoPE positions follow that order. Needs the mesh.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, mask: masks_lib.Mask | None = None, *,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
-               interpret: bool = False, context_axis: str | None = None, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               interpret: bool = False, context_axis: str | None = None,
+               context_layout: str = "contiguous", dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
                                backend=backend, interpret=interpret, context_axis=context_axis,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.mask = mask
+    self.mask, self.context_layout = mask, context_layout
+    context_parallel.check_options("auto", context_layout)
 
   def __call__(self, x, segment_ids=None, positions=None):
-    q, k, v = self.core._project_sequence(x, positions)
+    shards = self.core._zigzag_shards(self.context_layout)
+    q, k, v = self.core._project_sequence(x, positions, shards)
     if self.core.backend == "dense":
+      if shards is not None:
+        raise ValueError("backend='dense' (a speed baseline) runs the contiguous layout")
       o = _dense_baseline(q, k, v, causal=True)
     else:
       o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
-                    interpret=self.core.interpret, context_axis=self.core.context_axis)
+                    interpret=self.core.interpret, context_axis=self.core.context_axis,
+                    context_layout=self.context_layout)
     return self.core._output(o)
 
 
@@ -334,7 +363,8 @@ class MixtureOfBlockAttention(nnx.Module):
   its own and the first ``sink_blocks``, within a causal mask if ``causal``. The selection
   runs on device in the same jit (no gradient through it). Other arguments as
   `SparseAttention` (GQA, RoPE, qk_norm, segment ids, ``context_axis``: with the sequence
-  sharded each device runs its query blocks' selection against all-gathered K/V); backend
+  sharded each device runs its query blocks' selection against all-gathered K/V;
+  ``context_layout``: the zigzag order of the causal layers beside it); backend
   "dense" is the causal (or full) `jax.nn.dot_product_attention` baseline.
   """
 
@@ -343,9 +373,11 @@ class MixtureOfBlockAttention(nnx.Module):
                num_kv_heads: int | None = None, head_dim: int | None = None,
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
-               interpret: bool = False, context_axis: str | None = None, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               interpret: bool = False, context_axis: str | None = None,
+               context_layout: str = "contiguous", dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     routing._check_block_size(block_size)
+    context_parallel.check_options("auto", context_layout)
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
@@ -353,16 +385,22 @@ class MixtureOfBlockAttention(nnx.Module):
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.block_size, self.top_k, self.causal = block_size, top_k, causal
     self.local_blocks, self.sink_blocks = local_blocks, sink_blocks
+    self.context_layout = context_layout
 
   def __call__(self, x, segment_ids=None, positions=None):
-    q, k, v = self.core._project_sequence(x, positions)
+    shards = self.core._zigzag_shards(self.context_layout)
+    q, k, v = self.core._project_sequence(x, positions, shards)
     if self.core.backend == "dense":
+      if shards is not None:
+        raise ValueError("backend='dense' (a speed baseline) runs the contiguous layout")
       return self.core._output(_dense_baseline(q, k, v, causal=self.causal))
     sel = routing.topk_blocks(q, k, self.block_size, self.top_k, causal=self.causal,
-                              local_blocks=self.local_blocks, sink_blocks=self.sink_blocks)
+                              local_blocks=self.local_blocks, sink_blocks=self.sink_blocks,
+                              zigzag_shards=shards)
     o = attention(q, k, v, masks_lib.causal() if self.causal else None,
                   segment_ids=segment_ids, block_selection=sel, backend=self.core.backend,
-                  interpret=self.core.interpret, context_axis=self.core.context_axis)
+                  interpret=self.core.interpret, context_axis=self.core.context_axis,
+                  context_layout=self.context_layout)
     return self.core._output(o)
 
 
@@ -419,14 +457,17 @@ class LinenNeighborhoodAttention(_LinenBase):
 
 
 class LinenSparseAttention(_LinenBase):
-  """Linen masked attention on [batch, seq, embed_dim]."""
+  """Linen masked attention on [batch, seq, embed_dim] (``context_layout`` as in the NNX
+  `SparseAttention`; no RoPE here)."""
   mask: object = None
+  context_layout: str = "contiguous"
 
   @_ln.compact
   def __call__(self, x, segment_ids=None):
     q, k, v = self._qkv(x)
     o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.backend,
-                  interpret=self.interpret, context_axis=self.context_axis)
+                  interpret=self.interpret, context_axis=self.context_axis,
+                  context_layout=self.context_layout)
     return self._out(o)
 
 

@@ -130,6 +130,36 @@ def test_context_parallel_modules_match_single_device():
   assert brute_force.rel_err(got, lin.apply(params, y)) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["causal", "moba"])
+def test_zigzag_layout_modules(kind):
+  """context_layout="zigzag": inputs in `to_zigzag` order give the zigzag order of the
+  single-device output (RoPE positions follow the tokens' order; MoBA's selection runs in
+  sequence order), forward and parameter gradients; without a mesh a ValueError."""
+  from jax_sparse_attn import context_parallel as cp
+  mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  y = jax.random.normal(jax.random.PRNGKey(9), (2, 128, 32))
+  seg = jnp.asarray(np.repeat([[0, 1]], 64, axis=1).repeat(2, 0), jnp.int32)
+  make = lambda layout, axis: (
+      nn.SparseAttention(32, 4, masks.causal(), num_kv_heads=2, use_rope=True, backend="xla",
+                         context_axis=axis, context_layout=layout, rngs=nnx.Rngs(0))
+      if kind == "causal" else
+      nn.MixtureOfBlockAttention(32, 4, 16, 2, num_kv_heads=2, use_rope=True, backend="xla",
+                                 context_axis=axis, context_layout=layout, rngs=nnx.Rngs(0)))
+  loss = lambda m, y, s: jnp.sum(m(y, s) ** 2)
+  single = make("contiguous", None)
+  want, want_grads = single(y, seg), nnx.grad(loss)(single, y, seg)
+  z = lambda x: cp.to_zigzag(x, 4)
+  with jax.set_mesh(mesh):
+    model = make("zigzag", "context")
+    got = nnx.jit(lambda m, y, s: m(y, s))(model, z(y), z(seg))
+    grads = nnx.jit(nnx.grad(loss))(model, z(y), z(seg))
+  assert brute_force.rel_err(cp.from_zigzag(got, 4), want) < 1e-5
+  assert brute_force.rel_err(grads["core"]["query"]["kernel"][...],
+                             want_grads["core"]["query"]["kernel"][...]) < 1e-4
+  with pytest.raises(ValueError, match="context_layout='zigzag' needs a context_axis"):
+    make("zigzag", "context")(y, seg)
+
+
 def test_dense_baseline_backend_equals_full_neighborhood():
   # A kernel as large as the map is full attention: the "dense" speed baseline must agree.
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 7, 32))
