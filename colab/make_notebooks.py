@@ -179,7 +179,7 @@ print("collective-permutes:", hlo.count("collective-permute-start") or hlo.count
       new_markdown_cell("## Padded frames\nA padding mask (`kv_valid`) or packed clips "
                         "(`segment_ids`) on the sharded latent: the keys' ids travel with their "
                         "halos, so padded keys are never attended on any device."),
-      new_code_cell('''valid = jnp.ones(shape[:4], bool).at[:, :, :, -4:].set(False)  # 4 padded columns
+      new_code_cell('''valid = jnp.ones(shape[:4], bool).at[:, :, :, -4:].set(False)  # 4 padded cols
 padded = jax.jit(lambda q, k, v: jsa.na3d(q, k, v, (3, 5, 5), kv_valid=valid, mesh=mesh,
                                           context_axis="context"))
 print("rel. error vs one device:", rel(padded(*map(place, (q, k, v))),

@@ -440,6 +440,11 @@ def _halos(x, axis_name: str, n: int, left: int, right: int, axis: int = 1):
   return out
 
 
+def _gather(x, axis_name: str):
+  """All of the context axis' shards of x (tokens on axis 1) in shard order; None stays."""
+  return None if x is None else lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+
 def _merge_steps(cp: ContextPlan, shard, run, q, kv_steps, *extra):
   """Run step t of `cp.table` on the t-th K/V (a tuple of arrays) and merge the partial
   attentions by log-sum-exp (float32), returning (out in q's dtype, lse)."""
@@ -533,7 +538,7 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
     qs, ks = segs if segs else (None, None)
     shard = lax.axis_index(context_axis)
     if cp.strategy == "allgather":
-      gather = lambda x: None if x is None else lax.all_gather(x, context_axis, axis=1, tiled=True)
+      gather = lambda x: _gather(x, context_axis)
       return _run_row(cp.table[0], shard, run, q, gather(k), gather(v), gather(ks), qs)
     if cp.strategy == "halo":
       # The exchange is issued first: it overlaps the kernel on the device's own K/V.
@@ -622,8 +627,7 @@ def routed_sequence(query, key, value, mask, ids, q_seg, kv_seg, block_size: int
 
   def body(q, k, v, ids, *segs):
     qs, ks = segs if segs else (None, None)
-    gather = lambda x: None if x is None else lax.all_gather(x, context_axis, axis=1,
-                                                             tiled=True)
+    gather = lambda x: _gather(x, context_axis)
     return _run_row(cp.table[0], lax.axis_index(context_axis), local, q, gather(k), gather(v),
                     ids, gather(ks), qs)
 
@@ -672,8 +676,7 @@ def na(query, key, value, mask: masks_lib.Neighborhood, q_seg=None, kv_seg=None,
     qs, ks = segs if segs else (None, None)
     shard = lax.axis_index(context_axis)
     if cp.strategy == "allgather":
-      gather = lambda x: None if x is None else lax.all_gather(x, context_axis, axis=1,
-                                                               tiled=True)
+      gather = lambda x: _gather(x, context_axis)
       return _run_row(cp.table[0], shard, run, q, gather(k), gather(v), gather(ks), qs)
     # The keys' segment ids travel with their halos (past the grid's ends the plans mask).
     halos = zip(*(_halos(x, context_axis, n, *cp.halo) for x in (k, v, ks)))
@@ -699,7 +702,7 @@ def emulate(plan: ContextPlan, query, key, value, backend: str, *, layout: str =
   run = lambda i, q, k, v, qs, ks: ops.run_plan(backend, plan.plans[i], scale, config,
                                                 interpret, q, k, v, qs, ks)
   if q_seg is None:
-    q_seg = kv_seg = jnp.zeros(query.shape[:2], jnp.int32)  # a no-op, not given to kernels
+    q_seg, kv_seg = (jnp.zeros(x.shape[:2], jnp.int32) for x in (query, key))  # not used
     run_seg = lambda i, q, k, v, qs, ks: run(i, q, k, v, None, None)
   else:
     run_seg = run

@@ -558,9 +558,9 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
   if mesh is not None:
     return _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg,
-                       return_lse, mesh=mesh, context_axis=context_axis, strategy=strategy, impl=impl,
-                       backend=backend, scale=scale, interpret=interpret, config=config,
-                       q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
+                       return_lse, mesh=mesh, context_axis=context_axis, strategy=strategy,
+                       impl=impl, backend=backend, scale=scale, interpret=interpret,
+                       config=config, q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
                        default_tiles=default_tiles)
   plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
                    TiledLayout(spatial, mask.dilation, kv_tile_shape))
@@ -573,9 +573,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
 
 
 def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, return_lse, *,
-                mesh,
-                context_axis, strategy, impl, backend, scale, interpret, config, q_tile_shape,
-                kv_tile_shape, default_tiles):
+                mesh, context_axis, strategy, impl, backend, scale, interpret, config,
+                q_tile_shape, kv_tile_shape, default_tiles):
   """`na` on a mesh: each device runs it on its shards, with the tiles chosen by the caller."""
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
   hkv, ndim = key.shape[-2], query.ndim - 3

@@ -2,9 +2,9 @@
 
     python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT
 
-Runs ring, halo and content-routed (all-gather) attention (forward and dQ) over the 8 devices of both processes and
-compares them with this process's single-device result. Prints "ok" lines; exits non-zero
-on a mismatch.
+Runs ring, halo and content-routed (all-gather) attention (forward and dQ) over the 8
+devices of both processes and compares them with this process's single-device result.
+Prints "ok" lines; exits non-zero on a mismatch.
 """
 import os
 import sys
