@@ -428,6 +428,15 @@ def test_routed_zigzag(context, local_blocks, sink_blocks):
     assert brute_force.rel_err(cp.from_zigzag(g, context), w) < 1e-5
 
 
+def test_routed_context_parallel_with_heads_sharded():
+  # data x model x context: the selection's rows shard over batch, heads and query blocks.
+  mesh = jax.make_mesh((2, 2, 2), ("data", "model", "context"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  p = dict(batch=2, sq=128, skv=128, bs=16, kv_heads=2, heads=4, head_dim=16, mask="window",
+           k=3, segments=True, dtype=jnp.float32, seed=10)
+  check_routed(p, "xla", mesh=mesh, context_axis="context")
+
+
 def test_routed_context_parallel_triton_interpret():
   p = dict(batch=2, sq=128, skv=128, bs=16, kv_heads=1, heads=2, head_dim=16, mask="causal",
            k=3, segments=True, dtype=jnp.float32, seed=4)
