@@ -129,32 +129,20 @@ def check(n, seq, spatial, backend, top_k=32):
     except Exception as e:  # noqa: BLE001
       record(section="check", case=name, devices=n, error=repr(e)[:400])
       traceback.print_exc()
-  try:
-    shape = (1,) + spatial + (16, D)
-    q, k, v, do = inputs(shape, shape, jnp.bfloat16, seed=2)
-    args3 = (NA["kernel"],)
-    want = fwd_bwd(lambda q, k, v: jsa.na(q, k, v, *args3, backend=backend))(q, k, v, do)
-    mesh = _mesh(n)
-    got = fwd_bwd(lambda q, k, v: jsa.na(q, k, v, *args3, backend=backend, mesh=mesh,
-                                         context_axis="context", strategy="halo"))(
-        *(_place(mesh, x) for x in (q, k, v, do)))
-    errs = [rel(g, w) for g, w in zip(got, want)]
-    record(section="check", case=f"3-D NA {spatial} k8x16x16 halo", devices=n, backend=backend,
-           err_out=errs[0], err_dq=errs[1], err_dk=errs[2], err_dv=errs[3],
-           ok=bool(max(errs) < 2e-2))
-  except Exception as e:  # noqa: BLE001
-    record(section="check", case="3-D NA halo", devices=n, error=repr(e)[:400])
-    traceback.print_exc()
   mesh = _mesh(n)
+  shape = (1,) + spatial + (16, D)
+  na_op = lambda mesh, **kw: fwd_bwd(lambda q, k, v: jsa.na(
+      q, k, v, NA["kernel"], backend=backend, mesh=mesh,
+      context_axis=None if mesh is None else "context", **kw))
+  _check_row(f"3-D NA {spatial} k8x16x16 halo", n, na_op(None), na_op(mesh, strategy="halo"),
+             mesh, inputs(shape, shape, jnp.bfloat16, seed=2), backend=backend)
   # A padding mask on the 3-D grid (the last 8 columns of every frame, and a whole frame in
   # the middle): the keys' ids travel with the halos.
-  shape = (1,) + spatial + (16, D)
-  valid = jnp.ones((1,) + spatial, bool).at[..., -8:].set(False).at[:, spatial[0] // 2].set(False)
-  padded = lambda mesh: fwd_bwd(lambda q, k, v: jsa.na(
-      q, k, v, NA["kernel"], kv_valid=valid, backend=backend, mesh=mesh,
-      context_axis=None if mesh is None else "context"))
-  _check_row(f"3-D NA {spatial} k8x16x16 padded halo", n, padded(None), padded(mesh), mesh,
-             inputs(shape, shape, jnp.bfloat16, seed=5), backend=backend)
+  valid = jnp.ones((1,) + spatial, bool).at[..., -8:].set(False)
+  valid = valid.at[:, spatial[0] // 2].set(False)
+  _check_row(f"3-D NA {spatial} k8x16x16 padded halo", n, na_op(None, kv_valid=valid),
+             na_op(mesh, kv_valid=valid), mesh, inputs(shape, shape, jnp.bfloat16, seed=5),
+             backend=backend)
   q, k, v, do = inputs((1, seq, 16, D), (1, seq, 8, D), jnp.bfloat16, seed=6)
   ids = _moba(q, k, top_k)
   moba = lambda mesh: fwd_bwd(lambda q, k, v: jsa.attention(

@@ -175,13 +175,13 @@ class _AttentionBase(nnx.Module):
     return q, k, v
 
   def _zigzag_shards(self, context_layout: str) -> int | None:
-    """The context axis size of the zigzag layout (None: contiguous); ValueError without a
-    mesh holding the context axis."""
-    if context_layout not in ("contiguous", "zigzag"):
-      raise ValueError(f"context_layout must be 'contiguous' or 'zigzag', got "
-                       f"{context_layout!r}")
+    """The context axis size of the zigzag layout (None: contiguous; the modules check the
+    name when built); ValueError without a mesh holding the context axis, or with the dense
+    baseline."""
     if context_layout == "contiguous":
       return None
+    if self.backend == "dense":
+      raise ValueError("backend='dense' (a speed baseline) runs the contiguous layout")
     mesh = jax.sharding.get_abstract_mesh()
     if (mesh is None or mesh.empty or self.context_axis is None
         or self.context_axis not in mesh.axis_names):
@@ -346,8 +346,6 @@ class SparseAttention(nnx.Module):
     shards = self.core._zigzag_shards(self.context_layout)
     q, k, v = self.core._project_sequence(x, positions, shards)
     if self.core.backend == "dense":
-      if shards is not None:
-        raise ValueError("backend='dense' (a speed baseline) runs the contiguous layout")
       o = _dense_baseline(q, k, v, causal=True)
     else:
       o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
@@ -391,8 +389,6 @@ class MixtureOfBlockAttention(nnx.Module):
     shards = self.core._zigzag_shards(self.context_layout)
     q, k, v = self.core._project_sequence(x, positions, shards)
     if self.core.backend == "dense":
-      if shards is not None:
-        raise ValueError("backend='dense' (a speed baseline) runs the contiguous layout")
       return self.core._output(_dense_baseline(q, k, v, causal=self.causal))
     sel = routing.topk_blocks(q, k, self.block_size, self.top_k, causal=self.causal,
                               local_blocks=self.local_blocks, sink_blocks=self.sink_blocks,

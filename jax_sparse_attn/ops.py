@@ -601,9 +601,9 @@ def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, r
                    if default_tiles and impl.gathers else None)
   out, lse = context_parallel.na(
       query, key, value, mask, q_seg, kv_seg, mesh=mesh, context_axis=context_axis,
-      strategy=strategy,
-      backend=backend, scale=scale, q_tile=q_tile_shape, kv_tile=kv_tile_shape,
-      config=config, interpret=interpret, single_device=single, backward_plan=backward_plan)
+      strategy=strategy, backend=backend, scale=scale, q_tile=q_tile_shape,
+      kv_tile=kv_tile_shape, config=config, interpret=interpret, single_device=single,
+      backward_plan=backward_plan)
   return (out, lse) if return_lse else out
 
 

@@ -2,8 +2,9 @@
 at least `MIN_CHUNK` = 8, when this was written; now `attention_bwd.OUTLIER_CHUNK`: the mean)
 and the items' order (`attention_bwd.ITEM_ORDER`). Nsight Compute read the LM layer's dK/dV
 kernel at 4.3 waves of CTAs, the sink's items (8 entries x 4 query heads: 64 steps) longer
-than the others (~39): shorter sink items may fill the last wave better. Both backward kernels timed, the variants
-interleaved over two rounds; gradients against the first variant's.
+than the others (~39): shorter sink items may fill the last wave better. Both backward
+kernels timed, the variants interleaved over two rounds; gradients against the first
+variant's.
 
     python -m benchmarks.diag.diag_sink_chunks --cases lm,lm_d64 --out x.json
 """
