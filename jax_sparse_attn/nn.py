@@ -131,7 +131,8 @@ class _AttentionBase(nnx.Module):
   def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None,
                head_dim: int | None, qkv_bias: bool, out_bias: bool, use_rope: bool,
                rope_base: float, qk_norm: bool, backend: str, interpret: bool,
-               context_axis: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+               context_axis: str | None, dtype, param_dtype, rngs: nnx.Rngs,
+               learned_sinks: bool = False):
     num_kv_heads = num_kv_heads or num_heads
     if embed_dim <= 0 or num_heads <= 0:
       raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
@@ -156,6 +157,16 @@ class _AttentionBase(nnx.Module):
                       param_dtype)
     self.q_norm = nnx.RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype) if qk_norm else None
     self.k_norm = nnx.RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype) if qk_norm else None
+    if learned_sinks and backend == "dense":
+      raise ValueError("learned_sinks needs a backend of `attention` (backend='dense' is "
+                       "jax.nn.dot_product_attention, a speed baseline without sinks)")
+    # gpt-oss attention sinks: a logit per head in every row's softmax denominator.
+    self.sinks = nnx.Param(nnx.with_partitioning(
+        nnx.initializers.zeros_init(), ("heads",), eager_sharding=False)(
+            rngs.params(), (num_heads,), param_dtype)) if learned_sinks else None
+
+  def _sinks(self):
+    return None if self.sinks is None else self.sinks.value
 
   def _project(self, x, positions):
     lead = x.shape[:-1]
@@ -215,6 +226,9 @@ class NeighborhoodAttention(nnx.Module):
   baseline), tile shapes, context_axis (a mesh axis that shards the leading spatial dim
   under `jax.set_mesh`: context parallelism; without a mesh it is ignored).
 
+  ``learned_sinks``: a learned sink logit per head (gpt-oss attention sinks, `na`'s
+  ``sinks``), the parameter ``core.sinks`` [heads], zeros at init.
+
   ``extra_dim``: give it to attend to extra tokens too (text tokens of a text-to-image DiT,
   registers): the layer then owns key/value projections of its own for ``[batch, n_extra,
   extra_dim]`` features (and a key RMSNorm with qk_norm; no RoPE on them), and
@@ -228,13 +242,15 @@ class NeighborhoodAttention(nnx.Module):
                head_dim: int | None = None, qkv_bias: bool = True, out_bias: bool = True,
                use_rope: bool = False, rope_base: float = 10000.0, qk_norm: bool = False,
                backend: str = "auto", interpret: bool = False, context_axis: str | None = None,
-               q_tile_shape=None, kv_tile_shape=None, extra_dim: int | None = None, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               q_tile_shape=None, kv_tile_shape=None, extra_dim: int | None = None,
+               learned_sinks: bool = False, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
                                backend=backend, interpret=interpret, context_axis=context_axis,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               learned_sinks=learned_sinks)
     self.spatial_dims = spatial_dims
     self.kernel_size, self.stride, self.dilation, self.is_causal = (kernel_size, stride,
                                                                     dilation, is_causal)
@@ -292,7 +308,8 @@ class NeighborhoodAttention(nnx.Module):
              kv_valid=kv_valid, additional_keys=extra_k, additional_values=extra_v,
              additional_valid=extra_valid, backend=self.core.backend,
              interpret=self.core.interpret, q_tile_shape=self.q_tile_shape,
-             kv_tile_shape=self.kv_tile_shape, context_axis=self.core.context_axis)
+             kv_tile_shape=self.kv_tile_shape, context_axis=self.core.context_axis,
+             sinks=self.core._sinks())
     return self.core._output(o)
 
 
@@ -325,6 +342,9 @@ class SparseAttention(nnx.Module):
   ``context_layout="zigzag"``: x (and segment ids, labels) come in
   `context_parallel.to_zigzag` order over the context axis, which balances causal work on a
   ring; default RoPE positions follow that order. Needs the mesh.
+  ``learned_sinks``: a learned sink logit per head in every row's softmax denominator
+  (gpt-oss attention sinks, `attention`'s ``sinks``): the parameter ``core.sinks``
+  [heads], zeros at init.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, mask: masks_lib.Mask | None = None, *,
@@ -332,13 +352,14 @@ class SparseAttention(nnx.Module):
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
                interpret: bool = False, context_axis: str | None = None,
-               context_layout: str = "contiguous", dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               context_layout: str = "contiguous", learned_sinks: bool = False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
                                backend=backend, interpret=interpret, context_axis=context_axis,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               learned_sinks=learned_sinks)
     self.mask, self.context_layout = mask, context_layout
     context_parallel.check_options("auto", context_layout)
 
@@ -350,7 +371,7 @@ class SparseAttention(nnx.Module):
     else:
       o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
                     interpret=self.core.interpret, context_axis=self.core.context_axis,
-                    context_layout=self.context_layout)
+                    context_layout=self.context_layout, sinks=self.core._sinks())
     return self.core._output(o)
 
 
@@ -363,7 +384,8 @@ class MixtureOfBlockAttention(nnx.Module):
   `SparseAttention` (GQA, RoPE, qk_norm, segment ids, ``context_axis``: with the sequence
   sharded each device runs its query blocks' selection against all-gathered K/V;
   ``context_layout``: the zigzag order of the causal layers beside it); backend
-  "dense" is the causal (or full) `jax.nn.dot_product_attention` baseline.
+  "dense" is the causal (or full) `jax.nn.dot_product_attention` baseline;
+  ``learned_sinks`` as in `SparseAttention`.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, block_size: int, top_k: int, *,
@@ -372,15 +394,16 @@ class MixtureOfBlockAttention(nnx.Module):
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
                interpret: bool = False, context_axis: str | None = None,
-               context_layout: str = "contiguous", dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               context_layout: str = "contiguous", learned_sinks: bool = False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     routing._check_block_size(block_size)
     context_parallel.check_options("auto", context_layout)
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
                                backend=backend, interpret=interpret, context_axis=context_axis,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               learned_sinks=learned_sinks)
     self.block_size, self.top_k, self.causal = block_size, top_k, causal
     self.local_blocks, self.sink_blocks = local_blocks, sink_blocks
     self.context_layout = context_layout
@@ -396,7 +419,7 @@ class MixtureOfBlockAttention(nnx.Module):
     o = attention(q, k, v, masks_lib.causal() if self.causal else None,
                   segment_ids=segment_ids, block_selection=sel, backend=self.core.backend,
                   interpret=self.core.interpret, context_axis=self.core.context_axis,
-                  context_layout=self.context_layout)
+                  context_layout=self.context_layout, sinks=self.core._sinks())
     return self.core._output(o)
 
 
@@ -416,6 +439,7 @@ class _LinenBase(_ln.Module):
   backend: str = "auto"
   interpret: bool = False
   context_axis: str | None = None
+  learned_sinks: bool = False
   dtype: object = None
 
   def _qkv(self, x):
@@ -429,6 +453,13 @@ class _LinenBase(_ln.Module):
     k = dense(hkv, ("kv_heads", "head_dim"), "key")(x)
     v = dense(hkv, ("kv_heads", "head_dim"), "value")(x)
     return q, k, v
+
+  def _sinks(self):
+    """The learned sink logits [heads] (``learned_sinks``), or None."""
+    if not self.learned_sinks:
+      return None
+    init = _ln.with_logical_partitioning(_ln.initializers.zeros_init(), ("heads",))
+    return self.param("sinks", init, (self.num_heads,), jnp.float32)
 
   def _out(self, o):
     return _ln.DenseGeneral(
@@ -448,7 +479,8 @@ class LinenNeighborhoodAttention(_LinenBase):
   def __call__(self, x):
     q, k, v = self._qkv(x)
     o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
-           backend=self.backend, interpret=self.interpret, context_axis=self.context_axis)
+           backend=self.backend, interpret=self.interpret, context_axis=self.context_axis,
+           sinks=self._sinks())
     return self._out(o)
 
 
@@ -463,7 +495,7 @@ class LinenSparseAttention(_LinenBase):
     q, k, v = self._qkv(x)
     o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.backend,
                   interpret=self.interpret, context_axis=self.context_axis,
-                  context_layout=self.context_layout)
+                  context_layout=self.context_layout, sinks=self._sinks())
     return self._out(o)
 
 

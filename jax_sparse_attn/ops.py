@@ -210,7 +210,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
               segment_ids=None, backend: str = "auto", interpret: bool = False,
               return_lse: bool = False, block_q: int | None = None, block_kv: int | None = None,
               config=None, mesh=None, context_axis: str | None = None, strategy: str = "auto",
-              context_layout: str = "contiguous", block_selection=None):
+              context_layout: str = "contiguous", block_selection=None, sinks=None):
   """Block-sparse attention over 1-D sequences.
 
   Args:
@@ -246,12 +246,24 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       (`context_parallel.routed_sequence`; with the zigzag layout the rows follow the
       queries' order and the ids are sequence block numbers: `routing.select`'s
       ``zigzag_shards``).
+    sinks: learned attention-sink logits (gpt-oss), a float scalar or ``[heads]`` array
+      (e.g. a trained parameter): one more logit per head in every row's softmax
+      denominator, with a zero value vector. The output is scaled by
+      ``sigmoid(lse - sinks)`` and the returned lse includes the sink; gradients reach
+      q, k, v and the sinks. Works with every backend, mask and mesh option.
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
     lse if ``return_lse``.
   """
   _check_qkv(query, key, value, None)
+  if sinks is not None:
+    run = lambda: attention(
+        query, key, value, mask, scale=scale, segment_ids=segment_ids, backend=backend,
+        interpret=interpret, return_lse=True, block_q=block_q, block_kv=block_kv,
+        config=config, mesh=mesh, context_axis=context_axis, strategy=strategy,
+        context_layout=context_layout, block_selection=block_selection)
+    return _with_sinks(run, sinks, query.shape[-2], return_lse)
   if mask is None:
     mask = masks_lib.Full()
   masks_lib._check_mask(mask, "mask")
@@ -315,6 +327,23 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
                       block_map=_segment_map(backend, plan, q_seg, kv_seg))
+  return (out, lse) if return_lse else out
+
+
+def _with_sinks(run, sinks, heads: int, return_lse: bool):
+  """``run() -> (out, lse)`` with a sink logit per head in each row's denominator:
+  out · σ(lse − sink) (a row that sees no key stays zero) and lse ⊕ sink."""
+  if not hasattr(sinks, "shape"):
+    sinks = jnp.asarray(sinks, jnp.float32) if isinstance(sinks, (int, float)) else sinks
+  if (not hasattr(sinks, "dtype") or not jnp.issubdtype(sinks.dtype, jnp.floating)
+      or tuple(sinks.shape) not in ((), (heads,))):
+    raise ValueError(f"sinks must be a float scalar or a float array of shape [heads] = "
+                     f"[{heads}], got {getattr(sinks, 'shape', type(sinks).__name__)} "
+                     f"{getattr(sinks, 'dtype', '')}".rstrip())
+  out, lse = run()
+  sink = sinks.astype(jnp.float32)
+  out = (out.astype(jnp.float32) * jax.nn.sigmoid(lse - sink)[..., None]).astype(out.dtype)
+  lse = jnp.logaddexp(lse, sink)
   return (out, lse) if return_lse else out
 
 
@@ -461,7 +490,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
        interpret: bool = False, return_lse: bool = False, q_tile_shape=None,
        kv_tile_shape=None, block_q: int | None = None, block_kv: int | None = None,
        config=None, tiling: "NATiling | None" = None, mesh=None,
-       context_axis: str | None = None, strategy: str = "auto"):
+       context_axis: str | None = None, strategy: str = "auto", sinks=None):
   """Generalized neighborhood attention on [batch, *spatial, heads, head_dim] (1-3 spatial dims).
 
   kernel_size/stride/dilation: int or one int per spatial dim; is_causal: bool or per-dim.
@@ -492,7 +521,19 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   "allgather". Extra tokens run on any mesh (replicated over the context axis: each device
   attends its slab to all of them); so do kv_valid / segment_ids (the keys' ids travel
   with their K/V halos).
+
+  sinks: learned attention-sink logits, a float scalar or ``[heads]`` array: as in
+  `attention` (one more logit per head in each query's softmax denominator).
   """
+  if sinks is not None:
+    run = lambda: na(
+        query, key, value, kernel_size, stride, dilation, is_causal, scale=scale,
+        kv_valid=kv_valid, segment_ids=segment_ids, additional_keys=additional_keys,
+        additional_values=additional_values, additional_valid=additional_valid,
+        backend=backend, interpret=interpret, return_lse=True, q_tile_shape=q_tile_shape,
+        kv_tile_shape=kv_tile_shape, block_q=block_q, block_kv=block_kv, config=config,
+        tiling=tiling, mesh=mesh, context_axis=context_axis, strategy=strategy)
+    return _with_sinks(run, sinks, getattr(query, "shape", (0, 0))[-2], return_lse)
   context_parallel.check_options(strategy, "contiguous")
   if additional_keys is not None or additional_values is not None or additional_valid is not None:
     return _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal,

@@ -86,6 +86,9 @@ def cli(description: str, defaults: dict) -> argparse.Namespace:
   if "moba" in defaults:
     parser.add_argument("--moba", type=int, nargs=2, default=defaults["moba"],
                         metavar=("BLOCK", "TOP_K"), help="MoBA routing instead of the mask")
+  if "learned_sinks" in defaults:
+    parser.add_argument("--learned-sinks", action="store_true",
+                        help="a learned sink logit per head (gpt-oss attention sinks)")
   args = parser.parse_args()
   args.context_axis = "context" if args.context_parallel > 1 else None
   return args

@@ -97,3 +97,37 @@ def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None):
   dk = dk.reshape(b, -1, hkv, g, d).sum(3)
   dv = dv.reshape(b, -1, hkv, g, d).sum(3)
   return dq, dk, dv
+
+
+def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=None):
+  """Float64 attention with a sink logit per head: one more column in every row's softmax
+  (logit ``sinks[h]``, not scaled; value vector zero). Returns out, lse [b, sq, h] and the
+  gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h]."""
+  q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+  b, sq, h, d = q.shape
+  hkv, skv = k.shape[2], k.shape[1]
+  kr, vr = _repeat_kv(q, k), _repeat_kv(q, v)
+  s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+  mask = np.asarray(mask)
+  m = np.broadcast_to({2: mask[None, None], 3: mask[:, None], 4: mask}[mask.ndim], s.shape).copy()
+  if q_seg is not None:
+    m &= (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
+  sink = np.broadcast_to(np.asarray(sinks, np.float64), (h,))
+  s = np.concatenate([np.where(m, s, -np.inf),
+                      np.broadcast_to(sink[None, :, None, None], (b, h, sq, 1))], axis=-1)
+  mx = s.max(-1, keepdims=True)  # finite: the sink column
+  e = np.exp(s - mx)
+  den = e.sum(-1, keepdims=True)
+  p = e / den
+  out = np.einsum("bhqk,bkhd->bqhd", p[..., :skv], vr)
+  lse = (np.log(den) + mx)[..., 0].transpose(0, 2, 1)
+  dp = np.concatenate([np.einsum("bqhd,bkhd->bhqk", d_out, vr), np.zeros((b, h, sq, 1))], -1)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dq = np.einsum("bhqk,bkhd->bqhd", ds[..., :skv], kr) * scale
+  dk = np.einsum("bhqk,bqhd->bkhd", ds[..., :skv], q) * scale
+  dv = np.einsum("bhqk,bqhd->bkhd", p[..., :skv], d_out)
+  g = h // hkv
+  dk = dk.reshape(b, skv, hkv, g, d).sum(3)
+  dv = dv.reshape(b, skv, hkv, g, d).sum(3)
+  d_sinks = ds[..., skv].sum(axis=(0, 2))
+  return out, lse, (dq, dk, dv, d_sinks)

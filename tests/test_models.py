@@ -9,9 +9,13 @@ from models import causal_lm, nat_classifier, text_to_image, video_dit
 from models.train import context_mesh, train
 
 
-@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i", "moba"])
+@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i", "moba", "lm_sinks"])
 def test_model_trains(name):
-  if name == "moba":  # the LM with content-routed blocks (MoBA): top 2 of 16-token blocks
+  if name == "lm_sinks":  # learned sink logits (gpt-oss) beside the mask's sink tokens
+    model = causal_lm.CausalLM(dim=32, backend="xla", learned_sinks=True, rngs=nnx.Rngs(0))
+    batches = causal_lm.synthetic_batches(4, 48)
+    loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
+  elif name == "moba":  # the LM with content-routed blocks (MoBA): top 2 of 16-token blocks
     model = causal_lm.CausalLM(dim=32, backend="xla", moba=(16, 2), rngs=nnx.Rngs(0))
     batches = causal_lm.synthetic_batches(4, 48)
     loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
@@ -34,6 +38,8 @@ def test_model_trains(name):
   losses = train(model, loss_fn, batches, steps, lr, verbose=False)
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+  if name == "lm_sinks":  # the sinks learned something
+    assert float(np.abs(model.blocks[0].attn.core.sinks.value).max()) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["dit", "lm", "moba"])

@@ -4,6 +4,9 @@ plane's events summed by name, per step, with the GPU's idle time before each ke
 the previous one ended) and the host's time per event name (launches, thunks).
 
     python -m benchmarks.diag.profile_step lm [steps] [--out x.json]
+
+Cases: the LM layer (`lm`, `lm_docs`, `lm_d64`), the causal window, causal, and `moba` (the
+CLI's MoBA row: S=32768 causal, top 32 + 2 local of 256 blocks, selection included).
 """
 import collections
 import glob
@@ -30,13 +33,22 @@ CASES = {
 }
 
 
-def main():
-  name = sys.argv[1]
-  steps = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 20
+def _step(name):
+  if name == "moba":
+    from ..cli import suites
+    case = suites(quick=False)["routing"]()[0]
+    big = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
+    return fwd_bwd(lambda q, k, v: case.run(q, k, v, "auto")), big
   mask, b, s, h, hkv, d, docs = CASES[name]
   seg = documents(b, s, docs) if docs else None
   big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
-  step = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg))
+  return fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg)), big
+
+
+def main():
+  name = sys.argv[1]
+  steps = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 20
+  step, big = _step(name)
   jax.block_until_ready(step(*big))
   trace_dir = tempfile.mkdtemp()
   with jax.profiler.trace(trace_dir):

@@ -1,0 +1,62 @@
+"""What learned sink logits (`attention(..., sinks=)`) cost on the GPU: the LM layer, the
+causal window and 2-D NA, forward and fwd+bwd with and without sinks (interleaved rounds),
+and a gradient check (q, k, v and the sinks) against the float32 XLA backend.
+
+    python -m benchmarks.diag.diag_sinks [--out x.json]
+"""
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+
+from . import interleaved
+from ..bench_gpu import inputs, rel
+
+LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+# name: (q shape, kv shape, fn(q, k, v, sinks, backend))
+CASES = {
+    "lm": ((2, 8192, 16, 128), (2, 8192, 4, 128),
+           lambda q, k, v, s, be: jsa.attention(q, k, v, LM, sinks=s, backend=be)),
+    "window": ((1, 32768, 16, 128), (1, 32768, 16, 128),
+               lambda q, k, v, s, be: jsa.attention(
+                   q, k, v, masks.causal() & masks.sliding_window(2047), sinks=s, backend=be)),
+    "na2d": ((2, 128, 128, 16, 128), (2, 128, 128, 16, 128),
+             lambda q, k, v, s, be: jsa.na2d(q, k, v, 33, sinks=s, backend=be)),
+}
+
+
+def main():
+  out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+  rows = []
+  sinks = jnp.asarray(np.random.default_rng(0).standard_normal(16), jnp.float32)
+  # Gradient check at a smaller LM size: every gradient, the sinks' too.
+  small = inputs((2, 2048, 16, 128), (2, 2048, 4, 128), jnp.bfloat16)
+  loss = lambda be, *a: jnp.sum(CASES["lm"][2](*a, be).astype(jnp.float32)
+                                * small[3].astype(jnp.float32))
+  got = jax.jit(jax.grad(lambda *a: loss("auto", *a), argnums=(0, 1, 2, 3)))(*small[:3], sinks)
+  f32 = [x.astype(jnp.float32) for x in small[:3]]
+  want = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3)))(*f32, sinks)
+  row = {"check": "LM layer S=2048 with sinks, auto (bf16) vs xla (f32)",
+         "rel_err": {n: round(rel(g, w), 5) for n, g, w in
+                     zip(("dq", "dk", "dv", "d_sinks"), got, want)}}
+  print(json.dumps(row), flush=True)
+  rows.append(row)
+  for name, (qs, ks, fn) in CASES.items():
+    big = inputs(qs, ks, jnp.bfloat16)
+    row = {"case": name, "q": qs, "kv": ks}
+    interleaved(row, {"plain": lambda: lambda q, k, v: fn(q, k, v, None, "auto"),
+                      "sinks": lambda: lambda q, k, v: fn(q, k, v, sinks, "auto")}, big)
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows}
+  if out:
+    json.dump(result, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
