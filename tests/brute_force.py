@@ -101,8 +101,9 @@ def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None):
 
 def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=None):
   """Float64 attention with a sink logit per head: one more column in every row's softmax
-  (logit ``sinks[h]``, not scaled; value vector zero). Returns out, lse [b, sq, h] and the
-  gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h]."""
+  (logit ``sinks[h]``, not scaled; value vector zero). Returns out, lse [b, sq, h], the
+  gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h], and the magnitude of the
+  sinks' gradient terms per head (the sum cancels: judge its error against that)."""
   q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
   b, sq, h, d = q.shape
   hkv, skv = k.shape[2], k.shape[1]
@@ -130,4 +131,4 @@ def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=
   dk = dk.reshape(b, skv, hkv, g, d).sum(3)
   dv = dv.reshape(b, skv, hkv, g, d).sum(3)
   d_sinks = ds[..., skv].sum(axis=(0, 2))
-  return out, lse, (dq, dk, dv, d_sinks)
+  return out, lse, (dq, dk, dv, d_sinks), np.abs(ds[..., skv]).sum(axis=(0, 2))
