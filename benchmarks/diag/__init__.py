@@ -96,20 +96,24 @@ def interleaved(row: dict, variants: dict, big, rounds: int = 2, iters: int = 10
   """Into `row`: each variant's forward and fwd+bwd ms at `big` (q, k, v, dO), the variants
   interleaved over `rounds` (``{name}_fwd_ms_{round}``, ``{name}_fwd_bwd_ms_{round}``).
   `variants` maps a name to a function that sets the variant's knobs and returns its fn(q, k,
-  v), traced and compiled right then. Returns each variant's output and gradients at `big`."""
+  v). Each timing calls it again and jits what it returns (compiled in `time_ms`'s warm-up
+  call, not timed): a knob setter that clears jax's caches (`knob_setter`) makes every
+  jitted function retrace under the knobs set last, so a step jitted under an earlier
+  variant's knobs would run the last one's kernels (every knob diagnostic before 2026-12-05
+  timed its last variant under each name). Returns each variant's output and gradients at
+  `big`, computed right after its knobs were set."""
   from jax_sparse_attn.demo import time_ms
   from ..bench_gpu import fwd_bwd
-  steps, grads = {}, {}
+  grads = {}
   for name, make in variants.items():
-    fn = make()
-    steps[name] = jax.jit(fn), fwd_bwd(fn)
-    grads[name] = steps[name][1](*big)
-    jax.block_until_ready(steps[name][0](*big[:3]))
+    grads[name] = jax.block_until_ready(fwd_bwd(make())(*big))
   for rnd in range(rounds):
-    for name, (fwd, step) in steps.items():
-      row[f"{name}_fwd_ms_{rnd}"] = round(time_ms(fwd, *big[:3], iters=iters,
+    for name, make in variants.items():
+      fn = make()
+      row[f"{name}_fwd_ms_{rnd}"] = round(time_ms(jax.jit(fn), *big[:3], iters=iters,
                                                   repeats=repeats), 4)
-      row[f"{name}_fwd_bwd_ms_{rnd}"] = round(time_ms(step, *big, iters=iters,
+      fn = make()
+      row[f"{name}_fwd_bwd_ms_{rnd}"] = round(time_ms(fwd_bwd(fn), *big, iters=iters,
                                                       repeats=repeats), 4)
   return grads
 
