@@ -124,6 +124,54 @@ def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
   check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))
 
 
+@pytest.mark.parametrize("kv_heads, dq", [(1, None), (2, "own")])
+def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq):
+  """dK/dV items of whole lists (`RUNTIME_ITEMS="whole"`, stored in the input dtype): every
+  query block selects every block before it but one (lists as long as the map allows, of
+  different lengths per GQA head), one KV block no query selects (zero gradients); dQ as its
+  own kernel and reduce-added by the dK/dV kernel; segment ids."""
+  from pallas_kernels.gpu import MosaicGPUConfig
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "RUNTIME_ITEMS", "whole")
+  b, h, s, bs = kv_heads, 2, 520, 128
+  p = dict(batch=b, sq=s, skv=s, heads=h, kv_heads=kv_heads, head_dim=32, dtype=jnp.bfloat16,
+           seed=7)
+  q, k, v, d_out, rng = backend_cases.make_inputs(p)
+  nq = -(-s // bs)
+  ids = np.tile(np.arange(nq, dtype=np.int32), (b, h, nq, 1))
+  ids[:, 1, :, 1] = -1  # head 1 never selects block 1
+  sel = routing.BlockSelection(jnp.asarray(ids), bs)
+  seg = jnp.asarray(np.repeat([[0] * 300 + [1] * 220], b, axis=0), jnp.int32)
+  m = (dense_selected(ids, s, s, bs) & np.tril(np.ones((s, s), bool))[None, None]
+       & (np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :]))
+  scale = 1 / math.sqrt(32)
+  want, _ = brute_force.attention(q, k, v, m, scale)
+  run = lambda q, k, v: jsa.attention(
+      q, k, v, masks.causal(), segment_ids=seg, block_selection=sel, backend="mosaic_gpu",
+      interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
+  assert brute_force.rel_err(jax.jit(run)(q, k, v), want) < 2e-2
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a).astype(jnp.float32) * d_out),
+                           argnums=(0, 1, 2)))(q, k, v)
+  for name, got, ref in zip("qkv", grads, brute_force.attention_grads(q, k, v, m, scale, d_out)):
+    assert brute_force.rel_err(got, ref) < 4e-2, name
+
+
+def test_whole_lists_rule():
+  """`RUNTIME_ITEMS="auto"`: whole lists where the longest possible item is short against
+  an SM's share (the MoBA row), chunks where one list could be most of it."""
+  from jax_sparse_attn import block_map
+  from jax_sparse_attn.layout import SequenceLayout
+  from jax_sparse_attn.plan import make_plan
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  def rule(s, top_k, heads):
+    static = make_plan(masks.causal(), SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map
+    ids = jnp.zeros((1, heads, s // 128, top_k + 2), jnp.int32)
+    bmap = block_map.from_selection(ids, static)
+    return attention_bwd._whole_lists(bmap, 1, heads, 1)
+  assert rule(32768, 32, 16)  # MoBA: 256 entries at most per item, ~1000 steps per SM
+  assert not rule(4096, 8, 2)  # 32 entries, but only ~5 per SM
+
+
 def test_runtime_work_items():
   """The Hopper backward's work items of a runtime map, built on device: every KV block's
   group-longest list in chunks, KV-block order, then no-work items (KV block = n_kv)."""

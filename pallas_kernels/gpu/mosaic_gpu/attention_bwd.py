@@ -67,7 +67,8 @@ from .tables import backward_mma_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 from .config import swizzled, swizzled_f32
-from .config import hopper_backward_neighborhood, interpret_params
+from .config import MosaicGPUConfig, hopper_backward_neighborhood, interpret_params
+from .schedule import _programs
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
@@ -530,6 +531,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # map's Q lists or shortens them: the static map's work items cover it (an item's entries
   # clipped to its runtime list), one per KV block where the static map has that.
   static = plan.block_map
+  whole = False
   shared_items = (runtime and bmap.shares_heads and SHARED_STATIC_ITEMS
                   and (static.num_q_blocks, static.num_kv_blocks, static.block_q,
                        static.block_kv) == (bmap.num_q_blocks, bmap.num_kv_blocks,
@@ -542,9 +544,17 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   elif runtime:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
-    chunk = _chunk(_mean_entries(bmap))
-    q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows too
-    items = _runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
+    whole = _whole_lists(bmap, b, hkv, groups)
+    if whole:  # one item per KV block, its whole lists: dK/dV stored (`RUNTIME_ITEMS`)
+      chunk = bmap.max_q
+      items = jnp.broadcast_to(
+          jnp.stack([jnp.arange(bmap.num_kv_blocks, dtype=jnp.int32),
+                     jnp.zeros(bmap.num_kv_blocks, jnp.int32)], axis=-1),
+          (b, hkv, bmap.num_kv_blocks, 2))
+    else:
+      chunk = _chunk(_mean_entries(bmap))
+      q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows
+      items = _runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
   else:
     counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
     host_items, chunk = _work_items(counts[:, 1]), 0
@@ -560,7 +570,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   stages = STAGES if separate else FUSED_STAGES
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added;
   # some lists cut: "mixed" (`MIXED_DKV`, `_cut_slots`).
-  direct = False
+  direct = runtime and not shared_items and DIRECT_DKV and whole and not wide
   if DIRECT_DKV and (not runtime or shared_items):
     slots, cut_blocks = _cut_slots(host_items)
     direct = True if not len(cut_blocks) else "mixed" if MIXED_DKV and not wide else False
@@ -795,6 +805,29 @@ def _work_items(counts: np.ndarray) -> np.ndarray:
   if ITEM_ORDER == "longest":
     items.sort(key=lambda it: -it[2])
   return np.asarray(items, np.int32)
+
+
+# The dK/dV work items of a runtime map (content-routed): "chunks", each KV block's lists cut
+# into chunks of the mean list length (`_runtime_items`; dK/dV reduce-added in float32 into
+# zero-filled buffers, then cast); "whole", one item per KV block with its whole lists (dK/dV
+# stored in the input dtype: half the zero fill, no cast, no reduce-adds), where the longest
+# possible item is short against each SM's share of the work (`_whole_lists`); "auto" decides
+# by that rule, "chunks" / "whole" force a form.
+RUNTIME_ITEMS = "auto"
+# "auto": whole lists where the longest possible item (every Q block of a KV head's group)
+# has at most this share of the map's bound on steps per SM.
+WHOLE_LIST_SHARE = 0.5
+
+
+def _whole_lists(bmap, batch: int, kv_heads: int, groups: int) -> bool:
+  """Whether a runtime map's dK/dV items are whole lists (`RUNTIME_ITEMS`). Whole lists
+  come in KV-block order, so under a causal mask the longest start first."""
+  if RUNTIME_ITEMS != "auto":
+    return RUNTIME_ITEMS == "whole"
+  longest = groups * bmap.max_q
+  per_sm = batch * kv_heads * groups * bmap.num_q_blocks * bmap.max_kv / _programs(
+      MosaicGPUConfig(), False)
+  return longest <= WHOLE_LIST_SHARE * per_sm
 
 
 def _runtime_items(q_counts, groups: int, chunk: int, max_entries: int):
