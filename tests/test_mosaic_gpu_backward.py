@@ -313,6 +313,37 @@ def test_sink_list_in_chunks(monkeypatch, mixed, head_dim, dq):
     assert text.count("@mosaic_gpu_v2(") == 2
 
 
+def test_quarters(monkeypatch):
+  """`attention_bwd.QUARTERS`: a dK/dV warpgroup skips the partial steps whose 64 queries
+  none of its 64 keys may see (the sink block's second half seen from far queries, the causal
+  diagonal's corner): gradients vs the brute force, GQA; the map has such
+  quarters, and the kernel lowers with them."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
+  monkeypatch.setattr(attention_bwd, "QUARTERS", True)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
+                   SequenceLayout(640, 128))
+  _, bits = tables.live_quarters(plan)
+  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.q_counts)[:, None]
+  assert np.any(visited & (bits != 15))  # some visited block has a dead quarter
+  def share(mask, s):
+    plan = make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128))
+    return attention_bwd._dead_share(plan.block_map, tables.live_quarters(plan)[1])
+  lm = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+  assert share(lm, 8192) > attention_bwd.QUARTERS_MIN_DEAD  # "auto" skips there
+  window = masks.causal() & masks.sliding_window(2047)
+  assert share(window, 32768) < attention_bwd.QUARTERS_MIN_DEAD  # every step runs there
+  p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=5)  # (segment ids: a runtime map)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                config=MosaicGPUConfig(backward="mosaic_gpu"))
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+      backend="mosaic_gpu", config=BWD).astype(jnp.float32))
+  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128), S(1, 2048, 2, 128),
+                 S(1, 2048, 2, 128)).mlir_module()
+
+
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_rejects_split_dq_below_128(head_dim):
   """"split" shares dQ's 128 columns between the warpgroups: not at 64 or 96 columns."""

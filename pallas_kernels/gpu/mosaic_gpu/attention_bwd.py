@@ -63,7 +63,7 @@ from . import attention_fwd as fwd
 from .attention_bwd_dq import mma_add
 from .boxes import caller_order, kernel_order
 from .element import mask_intervals, mask_vectors
-from .tables import backward_mma_inputs
+from .tables import backward_mma_inputs, live_quarters
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 from .config import swizzled, swizzled_f32
@@ -87,6 +87,16 @@ MIXED_DKV = True
 # With dQ as its own kernel and every KV block one item's: dK/dV as the kernel's outputs
 # instead of zero-filled buffers it writes into (False: the buffers).
 WRITTEN_DKV = True
+# Partial blocks' 64x64 quarters that no query-key pair of the mask may pass
+# (`tables.live_quarters`: a sink's KV block seen from far queries, the causal diagonal's
+# corner): a dK/dV warpgroup skips such 64-query steps of its keys (static maps, dQ its own
+# kernel; a `lax.cond` per partial step). "auto": where at least `QUARTERS_MIN_DEAD` of the
+# visited blocks' quarters are dead. H200, the LM layer (`causal & (window 512 | 4 sinks)`,
+# S=8192, GQA 16/4, D=128; 16% dead): fwd+bwd 0.922 vs 0.950 ms, gradients bit-identical
+# (docs/experiments/h200-2026-12-05-quarters.json; the 2026-12-04 A/B had timed one variant
+# twice). Below the share (causal, windows) every step runs, as measured before.
+QUARTERS = "auto"
+QUARTERS_MIN_DEAD = 0.1  # the LM layer 16%, `window 2047 | sink 64` 5.5%, the window 2.9%
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
@@ -171,7 +181,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None):
+            shared: bool = False, mma_width: int = 0, terms: int = 1, quarters: bool = False,
+            cta=None):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
   "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks, max q
@@ -188,7 +199,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   MMA-bias masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot
   [128, W] of the KV block's coordinates, tables [n, W, 64] and table_ids [kv blocks, 2 * max
   q] (entry e's 64-row halves at 2e, 2e + 1) follow the arrays above and replace the interval
-  test of partial blocks."""
+  test of partial blocks. ``quarters`` (dQ its own kernel): then `tables.live_quarters`'
+  transposed map bits [kv blocks, max q]; a warpgroup skips the partial steps whose queries
+  none of its 64 keys may see."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
@@ -197,6 +210,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   refs = refs[2 * extras:]
   onehot_ref, tables_ref, table_ids_ref = refs[:3] if mma else (None,) * 3
   refs = refs[3:] if mma else refs
+  quarters_ref, refs = (refs[0], refs[1:]) if quarters else (None, refs)
   mixed = direct == "mixed"
   if mixed:  # then the cut KV blocks' float32 buffers, [b, cut blocks * 128, hkv, d]
     refs, (dk_cut_ref, dv_cut_ref) = refs[:-2], refs[-2:]
@@ -247,10 +261,24 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       keys_x = [rows(kx_smem.at[wg, i]) for i in range(extras)]
 
       def step(t, carry, j: int, masked: bool):
-        dk, dv = carry
         slot = lax.rem(t, stages)
-        q0, head = step_q(j, t)
         plgpu.barrier_wait(q_bar.at[slot])
+        if not (quarters and masked):
+          return step_products(carry, t, j, masked, slot)
+        # A step whose 64 queries none of my keys may see (`tables.live_quarters`): skipped.
+        r = t - bases[j]
+        bits = quarters_ref[kv_block, first + lax.div(r, sub)]
+        live = lax.shift_right_logical(bits, 2 * lax.rem(r, sub) + wg) & 1
+        carry = lax.cond(live != 0, functools.partial(step_products, t=t, j=j, masked=True,
+                                                      slot=slot, release=False),
+                         lambda c: c, carry)
+        plgpu.barrier_arrive(q_free.at[slot])
+        return carry
+
+      def step_products(carry, t, j: int, masked: bool, slot, release: bool = True):
+        """Step t's products (of query head j); ``release``: then its slot."""
+        dk, dv = carry
+        q0, head = step_q(j, t)
 
         def sdp(refs):
           s_ref, dp_ref = refs
@@ -319,7 +347,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
               (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
         else:
           dv, dk = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-        plgpu.barrier_arrive(q_free.at[slot])
+        if release:
+          plgpu.barrier_arrive(q_free.at[slot])
         if not with_dq:
           return dk, dv
         dst = dq_ref.at[batch, pl.ds(q0, _ROWS), head]
@@ -585,17 +614,25 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         block_q=plan.block_q, direct=direct is True,
         fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
+  # Quarters of partial blocks that no pair may pass, skipped (static maps, dQ its own kernel).
+  quarters = (live_quarters(plan) if QUARTERS and separate and not runtime and not
+              cfg.backward_pingpong else None)
+  if quarters is not None and QUARTERS == "auto" and (
+      _dead_share(bmap, quarters[1]) < QUARTERS_MIN_DEAD):
+    quarters = None
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=_split_dq(cfg, d) and not separate, mask_fn=mask_fn, terms=terms,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
-      shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1])
+      shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
+      quarters=quarters is not None)
   grid = bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
-          *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]))
+          *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]),
+          *([] if quarters is None else [jnp.asarray(quarters[1])]))
 
   def run(refs, out_type):
     """The kernel over `args`, writing into the state `refs` (zero-filled buffers) and
@@ -707,6 +744,17 @@ def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, interpret):
                      name="sparse_attention_bwd_joint")(*dkv_args, *map_args, *refs)
 
   return run
+
+
+def _dead_share(bmap, bits: np.ndarray) -> float:
+  """The share of dead 64x64 quarters among every visited block's quarters of a static map
+  (`tables.live_quarters`' transposed bits [kv blocks, max q]; full blocks have none)."""
+  e = np.arange(bits.shape[1])[None]
+  visited = e < np.asarray(bmap.q_counts)[:, None]
+  if not visited.any():
+    return 0.0
+  live = sum((bits[visited] >> i) & 1 for i in range(4))
+  return 1.0 - float(live.sum()) / (4 * int(visited.sum()))
 
 
 def _cut_slots(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -259,3 +259,66 @@ def backward_mma_inputs(plan: AttentionPlan, scale: float):
                 np.where(tables, 0.0, spec.mma_value).astype(jnp.bfloat16),
                 table_ids.astype(np.int32)))
   return tuple(out)
+
+
+def _half_ranges(c: np.ndarray, blocks: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
+  """Per block of `blocks` and 64-row part of it: the smallest and largest valid coordinate
+  per mask row of ``c`` [rows, n] (padding, coordinate -1, left out; a part with none gets
+  an empty range): ([P, parts, rows], [P, parts, rows])."""
+  idx = blocks[:, None] * block + np.arange(block)
+  x = c[:, idx].transpose(1, 0, 2).reshape(len(blocks), c.shape[0], block // _ROWS, _ROWS)
+  valid = x >= 0
+  big = np.iinfo(np.int32).max
+  lo = np.where(valid, x, big).min(-1).transpose(0, 2, 1)
+  hi = np.where(valid, x, -1).max(-1).transpose(0, 2, 1)
+  return lo, hi
+
+
+@functools.lru_cache(maxsize=64)
+def live_quarters(plan: AttentionPlan):
+  """Which 64x64 quarters of each visited (Q block, KV block) pair of a static map may hold
+  a query-key pair that the element test passes, for the backward kernels to skip the
+  others (a sink's KV block seen from far queries: only its first 64 keys; the causal
+  diagonal: its upper right quarter). Bit ``2 * q_part + kv_half`` of an entry (q_part: the
+  64-row part of the 128-row Q block, kv_half: of the 128-key KV block); full entries have
+  every bit. From the interval vectors (`element.mask_vectors`), per dim as ranges: a
+  quarter is kept where, for some term, each dim's query interval meets the range of the
+  quarter's key coordinates, a superset of the pairs the kernels test (mask functions and
+  segment ids only remove more). Returns (forward map bits [n_q, max_kv], transposed map
+  bits [n_kv, max_q]) int32, or None (runtime maps, other block sizes)."""
+  from .element import mask_vectors
+  bm = plan.block_map
+  if (plan.block_q != 2 * _ROWS or plan.block_kv != 2 * _ROWS
+      or not isinstance(bm.kv_ids, np.ndarray)):
+    return None
+  lo, hi, c, terms, _ = mask_vectors(plan)
+  lo, hi, c = (np.asarray(x, np.int64) for x in (lo, hi, c))
+  per = lo.shape[0] // terms
+  every = (1 << 4) - 1
+
+  def bits(ids, counts, full, rows_are_q: bool):
+    ids, counts, full = np.asarray(ids), np.asarray(counts), np.asarray(full)
+    e = np.arange(ids.shape[1])[None]
+    out = np.where(e < counts[:, None], every, 0).astype(np.int32)
+    row, ent = np.nonzero((e >= full[:, None]) & (e < counts[:, None]))
+    if not len(row):
+      return out
+    qb, kb = (row, ids[row, ent]) if rows_are_q else (ids[row, ent], row)
+    # Query intervals by part [P, parts, rows] (a part's union of its rows' intervals is
+    # too coarse for windows: test each query row) and key ranges by half.
+    q_idx = qb[:, None] * plan.block_q + np.arange(plan.block_q)  # [P, 128]
+    k_lo, k_hi = _half_ranges(c, kb, plan.block_kv)  # [P, 2, rows]
+    live = np.zeros((len(qb), plan.block_q, 2), bool)
+    for t in range(terms):
+      ok = np.ones_like(live)
+      for d in range(t * per, (t + 1) * per):
+        ql, qh = lo[d][q_idx][..., None], hi[d][q_idx][..., None]  # [P, 128, 1]
+        ok &= (ql <= k_hi[:, None, :, d]) & (k_lo[:, None, :, d] <= qh)
+      live |= ok
+    live = live.reshape(len(qb), 2, _ROWS, 2).any(2)  # [P, q part, kv half]
+    out[row, ent] = (live[:, :, :] * (1 << (2 * np.arange(2)[:, None] + np.arange(2)))
+                     ).sum((1, 2))
+    return out
+
+  return (bits(bm.kv_ids, bm.kv_counts, bm.kv_full_counts, True),
+          bits(bm.q_ids, bm.q_counts, bm.q_full_counts, False))
