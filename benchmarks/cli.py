@@ -415,7 +415,9 @@ def markdown(rows) -> str:
   return "\n".join(out)
 
 
-def plot(rows, path):
+def plot(rows, path, title=None):
+  """speedup.png of `rows`; ``title`` defaults to this machine's device (pass the results'
+  device when plotting a results.json elsewhere)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -428,7 +430,7 @@ def plot(rows, path):
   top = max([1.0] + [r["bound"] for r in pts]) * 1.1
   ax.plot([1, top], [1, top], "k--", lw=0.8, label="bound")
   ax.set(xscale="log", yscale="log", xlabel="block bound (dense / visited blocks)",
-         ylabel="speedup over our dense kernel", title=jax.devices()[0].device_kind)
+         ylabel="speedup over our dense kernel", title=title or jax.devices()[0].device_kind)
   ax.scatter([], [], marker="o", color="C0", label="forward")
   ax.scatter([], [], marker="s", color="C1", label="forward+backward")
   ax.legend()
