@@ -54,3 +54,34 @@ def test_unknown_suite_is_an_error():
   res = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "nope"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode != 0 and "unknown suite" in res.stderr
+
+
+def test_interleaved_times_each_variant_under_its_knobs():
+  """The lab harness (`benchmarks.diag.interleaved`): a knob read at trace time, set by a
+  variant's maker that clears jax's caches (as `knob_setter` does), is the variant's own in
+  every trace that gets timed, not the knob set last (which every earlier jitted step would
+  retrace under)."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import diag
+  knob, traced = {"v": None}, []
+
+  def make(v):
+    knob["v"] = v
+    jax.clear_caches()
+
+    def fn(q, k, v_):
+      traced.append(knob["v"])
+      return q * 2.0 + k + v_
+    return fn
+
+  x = jnp.ones((1, 8, 1, 4))
+  row = {}
+  grads = diag.interleaved(row, {"a": lambda: make("a"), "b": lambda: make("b")},
+                           (x, x, x, x), rounds=1, iters=1, repeats=1)
+  assert set(grads) == {"a", "b"} and "a_fwd_bwd_ms_0" in row and "b_fwd_ms_0" in row
+  # Traces in order: each variant's gradients, then each timing (forward, fwd+bwd).
+  assert traced and traced[-1] == "b"
+  assert [t for t in traced if t == "a"] and traced.index("b") > traced.index("a")
+  timed = traced[traced.index("b"):]  # after the first "b" trace: b's grads, then timings
+  assert "a" in timed, "a's timing must retrace under a's knob"

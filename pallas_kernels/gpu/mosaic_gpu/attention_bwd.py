@@ -599,7 +599,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   stages = STAGES if separate else FUSED_STAGES
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added;
   # some lists cut: "mixed" (`MIXED_DKV`, `_cut_slots`).
-  direct = runtime and not shared_items and DIRECT_DKV and whole and not wide
+  direct = whole and DIRECT_DKV and not wide  # a runtime map's whole lists: stored
   if DIRECT_DKV and (not runtime or shared_items):
     slots, cut_blocks = _cut_slots(host_items)
     direct = True if not len(cut_blocks) else "mixed" if MIXED_DKV and not wide else False
