@@ -57,12 +57,18 @@ class Backend(NamedTuple):
   # (row width, rows per block) -> whether a runtime map's block fits the kernels (the TPU
   # kernels scalar-prefetch it), or None: any does.
   runtime_map_fits: Callable[[int, int], bool] | None = None
+  # Takes learned sink logits as forward(..., sinks=[heads] float32), joined to every row's
+  # softmax in the epilogue (`merge.join_sink`: the output scaled, the lse with the sink):
+  # no pass over the output after the kernel. The backward needs nothing more (its lse
+  # holds the sink; `ops` adds the sinks' gradient).
+  sinks: bool = False
 
 
-def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None):
+def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None,
+                 sinks=None):
   from . import xla_backend
   del config, interpret
-  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale, block_map)
+  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale, block_map, sinks)
 
 
 def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret,
@@ -74,7 +80,8 @@ def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, c
 
 
 _REGISTRY: dict[str, Backend] = {
-    "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64), runtime_maps=True),
+    "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64), runtime_maps=True,
+                   sinks=True),
 }
 
 

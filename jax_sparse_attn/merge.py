@@ -47,3 +47,16 @@ def merge_attentions(outputs: Sequence, lses: Sequence, out_dtype=None):
   out = out / safe_total[..., None]
   merged_lse = jnp.where(seen, shift + jnp.log(safe_total), -jnp.inf)
   return out.astype(out_dtype), merged_lse
+
+
+def join_sink(lse, sink, seen, exp=jnp.exp, log=jnp.log):
+  """A learned sink logit joined to rows' softmax, as kernels do in their epilogue:
+  ``(lse ⊕ sink, share)`` where ``share = exp(lse - lse ⊕ sink)`` scales the rows' output
+  (the weight of their keys against the sink's zero value vector).
+
+  In the kernel's units: `exp`/`log` base e, or base 2 with lse and sink in log2 units.
+  `seen`: rows that saw a key (lse finite); the others get lse = sink and share 0 (never
+  NaN, a sink of -inf included)."""
+  top = jnp.maximum(lse, sink)
+  joined = top + log(exp(lse - top) + exp(sink - top))
+  return jnp.where(seen, joined, sink), jnp.where(seen, exp(lse - joined), 0.0)

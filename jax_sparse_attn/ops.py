@@ -22,7 +22,7 @@ from . import context_parallel
 from .backends import (BACKENDS, Backend, backward_map_blocks, check_available,
                        get_backend as _get_backend, has_array_mask as _has_array_mask,
                        resolve_backend)
-from .merge import merge_attentions
+from .merge import join_sink, merge_attentions
 from .layout import PackedLayout, SequenceLayout, TiledLayout, cdiv
 from . import plan as plan_lib
 from .plan import AttentionPlan, make_plan
@@ -55,21 +55,29 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
   # A runtime block map (content-routed attention) is an argument: traced data.
   runtime = lambda bmap: {} if bmap is None else {"block_map": bmap}
 
-  @jax.custom_vjp
-  def core(q, k, v, q_seg, kv_seg, bmap):
-    return impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale, config,
-                        interpret, **runtime(bmap))
+  # Learned sinks (`impl.sinks`): [heads] float32, joined in the forward's epilogue.
+  sunk = lambda sinks: {} if sinks is None else {"sinks": sinks}
 
-  def fwd(q, k, v, q_seg, kv_seg, bmap):
-    out, lse = impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale,
-                            config, interpret, **runtime(bmap))
-    return (out, lse), (q, k, v, q_seg, kv_seg, bmap, out, lse)
+  def forward(q, k, v, q_seg, kv_seg, bmap, sinks):
+    return impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale, config,
+                        interpret, **runtime(bmap), **sunk(sinks))
+
+  @jax.custom_vjp
+  def core(q, k, v, q_seg, kv_seg, bmap, sinks):
+    return forward(q, k, v, q_seg, kv_seg, bmap, sinks)
+
+  def fwd(q, k, v, q_seg, kv_seg, bmap, sinks):
+    out, lse = forward(q, k, v, q_seg, kv_seg, bmap, sinks)
+    return (out, lse), (q, k, v, q_seg, kv_seg, bmap, sinks, out, lse)
 
   pads = _kv_pads(plan, bwd_plan)
 
   def bwd(res, cotangents):
-    q, k, v, q_seg, kv_seg, bmap, out, lse = res
+    # With sinks the residual lse holds them: the kernels' backward is unchanged (the sink
+    # column's value vector is zero), and the sinks' gradient is one reduction beside it.
+    q, k, v, q_seg, kv_seg, bmap, sinks, out, lse = res
     d_out, d_lse = cotangents
+    d_sinks = None if sinks is None else _sinks_grad(sinks, out, lse, d_out, d_lse)
     if pads is not None:  # the backward's key grid starts before the array
       k, v = (_pad_grid(x, plan.kv_layout.spatial_shape, pads) for x in (k, v))
       kv_seg = None if kv_seg is None else _pad_grid(kv_seg, plan.kv_layout.spatial_shape, pads)
@@ -78,10 +86,19 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
                                scale, config, interpret, **runtime(bmap))
     if pads is not None:
       dk, dv = (_crop_grid(x, plan.kv_layout.spatial_shape, pads) for x in (dk, dv))
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, d_sinks
 
   core.defvjp(fwd, bwd)
   return core
+
+
+def _sinks_grad(sinks, out, lse, d_out, d_lse):
+  """d sinks [heads] of a forward whose lse [b, h, n] holds them (out [b, n, h, d]): each
+  row's sink probability exp(sink - lse) times (d_lse - rowsum(dO · O))."""
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = delta.transpose(0, 2, 1) - d_lse.astype(jnp.float32)
+  p_sink = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(sinks[None, :, None] - lse))
+  return -jnp.sum(p_sink * delta, axis=(0, 2))
 
 
 def _kv_pads(plan: AttentionPlan, bwd_plan: AttentionPlan):
@@ -120,9 +137,16 @@ def _kernel_segments(plan: AttentionPlan, q_seg, kv_seg):
 
 
 def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg, bwd_plan=None,
-              block_map=None):
+              block_map=None, sinks=None):
+  """The backend's op: (out, lse [b, h, n]). `sinks` ([heads] float32, `_check_sinks`):
+  joined in the kernels' epilogue where the backend takes them (`Backend.sinks`), else to
+  the kernels' output (`_join_sinks`)."""
   core = _make_core(backend, plan, float(scale), config, interpret, bwd_plan)
-  return core(q, k, v, q_seg, kv_seg, block_map)
+  if sinks is None or _get_backend(backend).sinks:
+    return core(q, k, v, q_seg, kv_seg, block_map, sinks)
+  out, lse = core(q, k, v, q_seg, kv_seg, block_map, None)
+  out, lse = _join_sinks(out, lse.transpose(0, 2, 1), sinks)
+  return out, lse.transpose(0, 2, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,13 +281,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     lse if ``return_lse``.
   """
   _check_qkv(query, key, value, None)
-  if sinks is not None:
-    run = lambda: attention(
-        query, key, value, mask, scale=scale, segment_ids=segment_ids, backend=backend,
-        interpret=interpret, return_lse=True, block_q=block_q, block_kv=block_kv,
-        config=config, mesh=mesh, context_axis=context_axis, strategy=strategy,
-        context_layout=context_layout, block_selection=block_selection)
-    return _with_sinks(run, sinks, query.shape[-2], return_lse)
+  sinks = _check_sinks(sinks, query.shape[-2])
   if mask is None:
     mask = masks_lib.Full()
   masks_lib._check_mask(mask, "mask")
@@ -292,7 +310,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   if block_selection is not None:
     return _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret,
                    return_lse, block_q, block_kv, config, mesh, context_axis, block_selection,
-                   strategy, context_layout)
+                   strategy, context_layout, sinks)
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
                             segments=q_seg is not None, block_q=block_q, block_kv=block_kv,
                             config=config, scale=scale)
@@ -312,27 +330,28 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
         block_q=bq, block_kv=bk, config=config, interpret=interpret,
         single_device=lambda q, k, v, qs, ks: single(
             q, k, v, segment_ids=None if qs is None else (qs, ks)))
-    return (out, lse) if return_lse else out
+    return _finish(out, lse, return_lse, sinks)
   if context_layout != "contiguous":
     raise ValueError("context_layout='zigzag' needs a mesh with a context_axis (and a "
                      "kernel or xla backend)")
   if backend == "reference":
     out, lse = reference_lib.attention(query, key, value, mask, scale=scale,
                                        q_segment_ids=q_seg, kv_segment_ids=kv_seg)
-    return (out, lse) if return_lse else out
+    return _finish(out, lse, return_lse, sinks)
   if backend != "xla" and _has_array_mask(mask):
     raise ValueError(f"from_array masks run on backend='xla' or 'reference', not {backend!r}")
 
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                      block_map=_segment_map(backend, plan, q_seg, kv_seg))
+                      block_map=_segment_map(backend, plan, q_seg, kv_seg), sinks=sinks)
   return (out, lse) if return_lse else out
 
 
-def _with_sinks(run, sinks, heads: int, return_lse: bool):
-  """``run() -> (out, lse)`` with a sink logit per head in each row's denominator:
-  out · σ(lse − sink) (a row that sees no key stays zero) and lse ⊕ sink."""
+def _check_sinks(sinks, heads: int):
+  """Learned sink logits as the kernels take them: float32 [heads] (None passes)."""
+  if sinks is None:
+    return None
   if not hasattr(sinks, "shape"):
     sinks = jnp.asarray(sinks, jnp.float32) if isinstance(sinks, (int, float)) else sinks
   if (not hasattr(sinks, "dtype") or not jnp.issubdtype(sinks.dtype, jnp.floating)
@@ -340,10 +359,22 @@ def _with_sinks(run, sinks, heads: int, return_lse: bool):
     raise ValueError(f"sinks must be a float scalar or a float array of shape [heads] = "
                      f"[{heads}], got {getattr(sinks, 'shape', type(sinks).__name__)} "
                      f"{getattr(sinks, 'dtype', '')}".rstrip())
-  out, lse = run()
-  sink = sinks.astype(jnp.float32)
-  out = (out.astype(jnp.float32) * jax.nn.sigmoid(lse - sink)[..., None]).astype(out.dtype)
-  lse = jnp.logaddexp(lse, sink)
+  return jnp.broadcast_to(jnp.asarray(sinks).astype(jnp.float32), (heads,))
+
+
+def _join_sinks(out, lse, sinks):
+  """out [..., heads, d] and lse [..., heads] with a sink logit per head joined to each
+  row's softmax (a column whose value vector is zero): out · exp(lse − lse ⊕ sink) (a row
+  that sees no key stays zero) and lse ⊕ sink. For the paths whose kernels do not join
+  them (`Backend.sinks`): meshes, merges, the reference."""
+  if sinks is None:
+    return out, lse
+  lse_joined, share = join_sink(lse, sinks, lse > -jnp.inf)
+  return (out.astype(jnp.float32) * share[..., None]).astype(out.dtype), lse_joined
+
+
+def _finish(out, lse, return_lse: bool, sinks=None):
+  out, lse = _join_sinks(out, lse, sinks)
   return (out, lse) if return_lse else out
 
 
@@ -369,7 +400,7 @@ def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg):
 
 def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, return_lse,
             block_q, block_kv, config, mesh, context_axis, selection, strategy="auto",
-            context_layout="contiguous"):
+            context_layout="contiguous", sinks=None):
   """`attention` with a runtime block selection (`routing`)."""
   from .routing import BlockSelection
   if not isinstance(selection, BlockSelection):
@@ -399,7 +430,7 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
           query, key, value, mask, ids, q_seg, kv_seg, bs, mesh=mesh,
           context_axis=context_axis, strategy=strategy, context_layout=context_layout,
           run=local)
-      return (out, lse) if return_lse else out
+      return _finish(out, lse, return_lse, sinks)
     if context_layout != "contiguous":
       raise ValueError("context_layout='zigzag' needs a context_axis of size > 1")
     single = lambda q, k, v, ids, qs, ks: _routed(
@@ -407,13 +438,13 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
         _LOCAL, None, BlockSelection(ids, bs))
     out, lse = context_parallel.routed(query, key, value, ids, q_seg, kv_seg, mesh=mesh,
                                        context_axis=context_axis, single_device=single)
-    return (out, lse) if return_lse else out
+    return _finish(out, lse, return_lse, sinks)
   if context_layout != "contiguous":
     raise ValueError("context_layout='zigzag' needs a mesh with a context_axis")
   backend = _routed_backend(backend, mask, query, q_seg, bs, config, scale)
   plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))
   out, lse = _run_routed(backend, plan, scale, config, interpret, query, key, value, q_seg,
-                         kv_seg, ids)
+                         kv_seg, ids, sinks)
   return (out, lse) if return_lse else out
 
 
@@ -437,25 +468,26 @@ def _routed_backend(backend, mask, query, q_seg, bs, config, scale) -> str:
 
 
 def _run_routed(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                ids):
+                ids, sinks=None):
   """Attention over `plan`'s static mask AND the selected KV blocks `ids` [batch, heads,
   plan's Q blocks, k] (global KV block numbers of `plan.kv_layout`): (out, lse)."""
   from . import block_map as block_map_lib
   bmap = block_map_lib.from_selection(ids, plan.block_map,
                                       None if q_seg is None else (q_seg, kv_seg))
   return run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                  block_map=bmap)
+                  block_map=bmap, sinks=sinks)
 
 
 def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret, query, key,
              value, q_seg=None, kv_seg=None, bwd_plan: AttentionPlan | None = None,
-             block_map=None):
+             block_map=None, sinks=None):
   """Run a kernel backend on the caller's tensors for a plan made on their layouts.
 
   query: [batch, *q_shape, heads, head_dim] (q_shape: the q layout's sequence length or
   spatial shape); key, value likewise on the kv layout; segment ids [batch, *q_shape] and
   [batch, *kv_shape]. Pads/permutes into kernel order as the backend needs. Returns out (like
-  query) and lse [batch, *q_shape, heads] float32. `bwd_plan`: see `_make_core`.
+  query) and lse [batch, *q_shape, heads] float32. `bwd_plan`: see `_make_core`; `sinks`:
+  see `_run_core`.
   """
   impl = _get_backend(backend)
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)  # NumPy too
@@ -470,13 +502,13 @@ def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret,
       q_seg, kv_seg = q_seg.reshape(b, -1), kv_seg.reshape(b, -1)
     out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
                          flat(query, h), flat(key, hkv), flat(value, hkv), q_seg, kv_seg,
-                         bwd_plan)
+                         bwd_plan, sinks=sinks)
     return out.reshape(query.shape), lse.transpose(0, 2, 1).reshape(query.shape[:-1])
   q, k, v = q_layout.to_kernel(query), kv_layout.to_kernel(key), kv_layout.to_kernel(value)
   if q_seg is not None:
     q_seg, kv_seg = q_layout.to_kernel(q_seg), kv_layout.to_kernel(kv_seg)
   out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg,
-                       block_map=block_map)
+                       block_map=block_map, sinks=sinks)
   return q_layout.from_kernel(out), q_layout.from_kernel(lse.transpose(0, 2, 1))
 
 
@@ -525,17 +557,20 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   sinks: learned attention-sink logits, a float scalar or ``[heads]`` array: as in
   `attention` (one more logit per head in each query's softmax denominator).
   """
-  if sinks is not None:
-    run = lambda: na(
+  extra = (additional_keys is not None or additional_values is not None
+           or additional_valid is not None)
+  if sinks is not None and extra:  # joined after the merge with the extra tokens
+    sinks = _check_sinks(sinks, getattr(query, "shape", (0, 0))[-2])
+    out, lse = na(
         query, key, value, kernel_size, stride, dilation, is_causal, scale=scale,
         kv_valid=kv_valid, segment_ids=segment_ids, additional_keys=additional_keys,
         additional_values=additional_values, additional_valid=additional_valid,
         backend=backend, interpret=interpret, return_lse=True, q_tile_shape=q_tile_shape,
         kv_tile_shape=kv_tile_shape, block_q=block_q, block_kv=block_kv, config=config,
         tiling=tiling, mesh=mesh, context_axis=context_axis, strategy=strategy)
-    return _with_sinks(run, sinks, getattr(query, "shape", (0, 0))[-2], return_lse)
+    return _finish(out, lse, return_lse, sinks)
   context_parallel.check_options(strategy, "contiguous")
-  if additional_keys is not None or additional_values is not None or additional_valid is not None:
+  if extra:
     return _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal,
                           scale=scale, kv_valid=kv_valid, segment_ids=segment_ids,
                           additional_keys=additional_keys, additional_values=additional_values,
@@ -552,12 +587,13 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     if want != tiling.mask:
       raise ValueError("kernel_size/stride/dilation/is_causal differ from the tiling's mask")
     return _na_tiled(query, key, value, tiling, scale, backend, interpret, return_lse, config,
-                     kv_valid, segment_ids)
+                     kv_valid, segment_ids, sinks)
   if not hasattr(query, "ndim") or query.ndim not in (4, 5, 6):
     raise ValueError("query must be [batch, *spatial, heads, head_dim] with 1 to 3 spatial "
                      f"dims, got shape {getattr(query, 'shape', None)}")
   ndim = query.ndim - 3
   _check_qkv(query, key, value, ndim)
+  sinks = _check_sinks(sinks, query.shape[-2])
   spatial = tuple(query.shape[1:1 + ndim])
   mask = masks_lib.neighborhood(spatial, kernel_size, stride, dilation, is_causal)
   scale = _check_scale(scale, query.shape[-1])
@@ -579,8 +615,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                                        value.reshape(b, n, hkv, d), mask, scale=scale,
                                        q_segment_ids=flat_seg(q_seg),
                                        kv_segment_ids=flat_seg(kv_seg))
-    out = out.reshape(query.shape)
-    return (out, lse.reshape(query.shape[:-1])) if return_lse else out
+    return _finish(out.reshape(query.shape), lse.reshape(query.shape[:-1]), return_lse, sinks)
 
   bq, bk = _block_sizes(backend, d, query.dtype, block_q, block_kv)
   impl = _get_backend(backend)
@@ -598,18 +633,19 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
       raise ValueError(f"{name} must be positive with a power-of-two product, got {tile}")
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
   if mesh is not None:
-    return _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg,
-                       return_lse, mesh=mesh, context_axis=context_axis, strategy=strategy,
-                       impl=impl, backend=backend, scale=scale, interpret=interpret,
-                       config=config, q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
-                       default_tiles=default_tiles)
+    out, lse = _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg,
+                           True, mesh=mesh, context_axis=context_axis, strategy=strategy,
+                           impl=impl, backend=backend, scale=scale, interpret=interpret,
+                           config=config, q_tile_shape=q_tile_shape,
+                           kv_tile_shape=kv_tile_shape, default_tiles=default_tiles)
+    return _finish(out, lse, return_lse, sinks)
   plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
                    TiledLayout(spatial, mask.dilation, kv_tile_shape))
   bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config,
                              segments=q_seg is not None)
               if default_tiles and impl.gathers else None)
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
-                      kv_seg, bwd_plan=bwd_plan)
+                      kv_seg, bwd_plan=bwd_plan, sinks=sinks)
   return (out, lse) if return_lse else out
 
 
@@ -829,10 +865,11 @@ def na_tiling(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False,
 
 
 def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, return_lse, config,
-              kv_valid=None, segment_ids=None):
+              kv_valid=None, segment_ids=None, sinks=None):
   if not isinstance(tiling, NATiling):
     raise ValueError(f"tiling must come from jax_sparse_attn.na_tiling, got {type(tiling).__name__}")
   _check_qkv(query, key, value, None)
+  sinks = _check_sinks(sinks, query.shape[-2])
   if query.shape[1] != tiling.num_tokens or key.shape[1] != tiling.num_tokens:
     raise ValueError(f"with tiling=, inputs must be [batch, {tiling.num_tokens} (tiling.num_tokens),"
                      f" heads, head_dim]; got query {query.shape}, key {key.shape}")
@@ -847,7 +884,7 @@ def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, re
                      "backend='reference'")
   plan = make_plan(tiling.mask, tiling.layout, tiling.layout)
   out, lse = _run_core(backend, plan, scale, config, interpret, query, key, value, q_seg,
-                       kv_seg)
+                       kv_seg, sinks=sinks)
   return (out, lse.transpose(0, 2, 1)) if return_lse else out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .merge import join_sink
 from .plan import AttentionPlan, element_mask
 
 _HI = jax.lax.Precision.HIGHEST
@@ -106,9 +107,11 @@ def _steps(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap):
   return qb, kb_all, vb_all, blocks, "bhgnkd", bmap.max_kv
 
 
-def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, block_map=None):
+def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, block_map=None,
+            sinks=None):
   """Online softmax over the plan's map, or over `block_map` (a runtime map) if given.
-  Returns out [b, sq, h, d] (zeros where a row saw nothing) and lse [b, h, sq]."""
+  Returns out [b, sq, h, d] (zeros where a row saw nothing) and lse [b, h, sq]. `sinks`:
+  learned sink logits [h] float32 joined to every row's softmax (`merge.join_sink`)."""
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g, bq = h // hkv, plan.block_q
@@ -133,6 +136,9 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, block_map
   seen = l_fin > 0
   out = acc / jnp.where(seen, l_fin, 1.0)[..., None]
   lse = jnp.where(seen, m_fin + jnp.log(jnp.where(seen, l_fin, 1.0)), -jnp.inf)
+  if sinks is not None:  # [h] as [hkv, g, 1] against [b, nq, hkv, g, bq]
+    lse, share = join_sink(lse, sinks.astype(jnp.float32).reshape(hkv, g, 1), seen)
+    out = out * share[..., None]
   out = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, nq * bq, h, d).astype(q.dtype)
   return out, lse.transpose(0, 2, 3, 1, 4).reshape(b, h, nq * bq)
 

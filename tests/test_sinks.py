@@ -211,3 +211,46 @@ def test_routed_sinks():
   run = lambda q, k, v, s: jsa.attention(q, k, v, masks.causal(), block_selection=sel, sinks=s,
                                          backend="xla", return_lse=True)
   _check(run, q, k, v, d_out, sinks, want, want_lse, want_grads, 2e-4, terms)
+
+
+def test_kernels_join_sinks_and_lower():
+  """The kernel backends join sinks in their forward's epilogue (`Backend.sinks`): the op
+  runs no pass over the output after the kernel, and it lowers for CUDA (Triton, Mosaic
+  GPU) and TPU on this machine, gradients included."""
+  from jax_sparse_attn.backends import get_backend
+  from pallas_kernels.gpu import export_for_gpu
+  from pallas_kernels.tpu import export_for_tpu
+  assert all(get_backend(b).sinks for b in ("xla", "triton", "mosaic_gpu", "mosaic"))
+  S = jax.ShapeDtypeStruct
+  mask = masks.causal() & masks.sliding_window(256)
+  q, kv, s = S((1, 1024, 4, 128), jnp.bfloat16), S((1, 1024, 2, 128), jnp.bfloat16), S(
+      (4,), jnp.float32)
+  for backend, export in (("triton", export_for_gpu), ("mosaic_gpu", export_for_gpu),
+                          ("mosaic", export_for_tpu)):
+    loss = lambda q, k, v, s: jnp.sum(jsa.attention(q, k, v, mask, backend=backend, sinks=s)
+                                      .astype(jnp.float32))
+    export(jax.grad(loss, argnums=(0, 1, 2, 3)), q, kv, kv, s)
+    # The forward alone: the kernel's output is the op's (no exp of the lse after the call;
+    # the kernels' own code is serialized in other dialects).
+    fwd = jax.jit(lambda q, k, v, s: jsa.attention(q, k, v, mask, backend=backend, sinks=s))
+    text = export(fwd, q, kv, kv, s).mlir_module()
+    assert "stablehlo.exponential" not in text, backend
+
+
+def test_backends_without_sinks_join_them_after_the_kernel():
+  """A registered backend that does not take sinks (`Backend.sinks` False) gets them joined
+  to its output and lse by the op: same values and gradients."""
+  from jax_sparse_attn import backends
+  xla = backends.get_backend("xla")
+  backends.register_backend("xla_no_sinks", xla._replace(sinks=False))
+  try:
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(backends, "BACKENDS", backends.BACKENDS + ("xla_no_sinks",))
+    from jax_sparse_attn import ops
+    monkey.setattr(ops, "BACKENDS", backends.BACKENDS)
+    p = dict(batch=2, sq=40, skv=40, heads=4, kv_heads=2, head_dim=16, mask="window_sink",
+             segments=True, dtype=jnp.float32, seed=7)
+    _check_sequence(p, "xla_no_sinks")
+  finally:
+    monkey.undo()
+    backends._REGISTRY.pop("xla_no_sinks")

@@ -11,12 +11,14 @@ from .mosaic_gpu import MosaicGPUConfig
 # Mosaic GPU reads tiles as TMA boxes with rows of a multiple of 8 tokens.
 register_backend("triton", Backend(forward, backward, default_map_blocks, gathers=True,
                                    backward_blocks=default_backward_map_blocks,
-                                   half_q_tiles=True, runtime_maps=True, segment_maps=True))
+                                   half_q_tiles=True, runtime_maps=True, segment_maps=True,
+                                   sinks=True))
 
 register_backend("mosaic_gpu", Backend(
     mosaic_gpu.forward, mosaic_gpu.backward,
     mosaic_gpu.default_map_blocks, min_block=128, gathers=True,
     backward_blocks=mosaic_gpu.default_backward_map_blocks, tile_last_multiple=8,
-    choose_tiles=mosaic_gpu.auto_tiles, runtime_maps=True, segment_maps=True))
+    choose_tiles=mosaic_gpu.auto_tiles, runtime_maps=True, segment_maps=True,
+    sinks=True))
 
 __all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

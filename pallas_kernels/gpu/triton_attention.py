@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jax_sparse_attn import backends
+from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, walked_map
 
 from . import mma_masks
@@ -467,7 +468,10 @@ def _head_dim_mask(dpad: int, head_dim: int):
 
 def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks.MaskSpec,
                 scale: float, block_q: int, block_kv: int, tq: int, tk: int, head_dim: int,
-                allow_tf32: bool):
+                allow_tf32: bool, sink_heads: int = 0):
+  """``sink_heads`` > 0: the first of `rest` holds a learned sink logit per head (grid axis 1
+  runs over batch x `sink_heads` heads), joined to each row's softmax in the epilogue."""
+  sinks_ref, rest = (rest[0], rest[1:]) if sink_heads else (None, rest)
   (q_rows_ref, kv_rows_ref), mask_refs, tables, (o_ref, lse_ref) = _split_refs(rest, spec)
   q_start = pl.program_id(0) * tq
   dmask = _head_dim_mask(q_ref.shape[-1], head_dim)
@@ -504,8 +508,14 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks
   acc, m, l = _run_groups(spec, counts_ref, sub, body, init)
   seen = (m > 0.5 * mma_masks.MASKED) if mma else (l > 0)
   l_safe = jnp.where(seen, l, 1.0)
-  out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-  lse = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  lse2 = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)
+  inv_l = 1.0 / l_safe
+  if sinks_ref is not None:
+    sink2 = sinks_ref[pl.program_id(1) % sink_heads] * LOG2E
+    lse2, share = join_sink(lse2, sink2, seen, jnp.exp2, jnp.log2)
+    inv_l = inv_l * share
+  out = jnp.where(seen[:, None], acc * inv_l[:, None], 0.0).astype(o_ref.dtype)
+  lse = lse2 * LN2
   _store_tile(o_ref, out, q_rows, q_ok, dmask)
   if q_rows is None:
     lse_ref[...] = lse
@@ -600,11 +610,12 @@ def _vector_spec(spec: mma_masks.MaskSpec, n: int, tile: int, index):
 
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
-            block_map=None):
+            block_map=None, sinks=None):
   """q [batch, n_q, heads, head_dim], k/v [batch, n_kv, kv_heads, head_dim]: kernel order
   (n = padded length), or the caller's flat order if ``plan.gathered``. Returns out like q
   and lse [batch, heads, n_q] float32. `block_map`: a runtime map (per batch and head)
-  instead of the plan's."""
+  instead of the plan's. `sinks`: learned sink logits [heads] float32, joined to every
+  row's softmax in the epilogue (`merge.join_sink`)."""
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
@@ -622,20 +633,25 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
                                       bmap.kv_group_ends, plan.block_q // tq, grid_heads=h)
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                              block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d,
-                             allow_tf32=cfg.allow_tf32)
+                             allow_tf32=cfg.allow_tf32, sink_heads=h if sinks is not None else 0)
   bh = lambda j: (j // h, j % h)
   kv_full = pl.BlockSpec((None, skv, None, dpad), lambda i, j: (j // h, 0, (j % h) // g, 0))
+  sink_arrays, sink_specs = [], []
+  if sinks is not None:  # padded to a power of two (Triton's block shapes)
+    sink_arrays = [jnp.pad(sinks.astype(jnp.float32), (0, pl.next_power_of_2(h) - h))]
+    sink_specs = [pl.BlockSpec((sink_arrays[0].shape[0],), lambda i, j: (0,))]
   out, lse = pl.pallas_call(
       kernel,
       grid=(plan.q_layout.padded_len // tq, b * h),
-      in_specs=map_specs + [_tile_spec(spec, sq, tq, dpad, bh), kv_full, kv_full] + mask_specs,
+      in_specs=(map_specs + [_tile_spec(spec, sq, tq, dpad, bh), kv_full, kv_full] + sink_specs
+                + mask_specs),
       out_specs=[_tile_spec(spec, sq, tq, dpad, bh), _vector_spec(spec, sq, tq, bh)],
       out_shape=[jax.ShapeDtypeStruct((b, sq, h, dpad), q.dtype),
                  jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="sparse_attention_fwd",
-  )(*map_arrays, qp, kp, vp, *mask_arrays)
+  )(*map_arrays, qp, kp, vp, *sink_arrays, *mask_arrays)
   return out[..., :d], lse
 
 

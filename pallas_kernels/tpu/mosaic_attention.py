@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jax_sparse_attn import backends
+from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, walked_map
 
 NUM_LANES = 128
@@ -143,7 +144,10 @@ def _map_row(rows, bb, hh, i):
 
 
 def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq, bk,
-                max_kv, rows=None, block0=0):
+                max_kv, rows=None, block0=0, sinks=False):
+  """``sinks``: the first of `refs` holds learned sink logits [heads] (SMEM), joined to
+  each row's softmax when the row is done (`merge.join_sink`)."""
+  sinks_ref, refs = (refs[0], refs[1:]) if sinks else (None, refs)
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(
       refs, spec.has_segments)
   i, j = pl.program_id(2), pl.program_id(3)
@@ -182,8 +186,12 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
     l = l_sc[...][:, :1]
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
+    lse = jnp.where(seen, m_sc[...][:, :1] + jnp.log(l_safe), -jnp.inf)
+    if sinks_ref is not None:  # acc / l * share: l / share is inf where share = 0
+      lse, share = join_sink(lse, sinks_ref[pl.program_id(1)], seen)
+      l_safe = l_safe / share
     o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_sc[...][:, :1] + jnp.log(l_safe), -jnp.inf)
+    lse_ref[...] = lse
 
 
 def _runtime_map(plan: AttentionPlan, block_map):
@@ -260,9 +268,10 @@ def _forward_map_chunks(plan: AttentionPlan, bmap, rows, q_seg, kv_seg):
 
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
-            block_map=None):
+            block_map=None, sinks=None):
   """`block_map`: a runtime map (`block_map.from_selection`): rows per (batch, head, block),
-  scalar-prefetched like the static map's."""
+  scalar-prefetched like the static map's. `sinks`: learned sink logits [heads] float32 (in
+  scalar memory), joined to every row's softmax when it is done."""
   del config
   _check_blocks(plan)
   b, sq, h, d = q.shape
@@ -273,11 +282,15 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
                    bmap.segments_full)
   qt, kt, vt = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v)
+  sink_arrays, sink_specs = [], []
+  if sinks is not None:
+    sink_arrays = [sinks.astype(jnp.float32)]
+    sink_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)]
   outs = []
   for b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs in _forward_map_chunks(
       plan, bmap, rows, q_seg, kv_seg):
     kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
-                               rows=rows_n, block0=b0)
+                               rows=rows_n, block0=b0, sinks=sinks is not None)
     kv_spec = pl.BlockSpec((None, None, bk, d),
                            lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
     outs.append(pl.pallas_call(
@@ -289,7 +302,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
                 pl.BlockSpec((None, None, bq, d),
                              lambda bb, hh, i, j, *r: (bb, hh, q_of(bb, hh, i), 0)),
                 kv_spec, kv_spec,
-            ] + mask_specs,
+            ] + sink_specs + mask_specs,
             out_specs=[
                 pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
                 pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, *_: (bb, hh, i, 0)),
@@ -303,7 +316,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_interpret(interpret),
         name="sparse_attention_fwd_tpu",
-    )(*prefetch, qt, kt, vt, *mask_arrays))
+    )(*prefetch, qt, kt, vt, *sink_arrays, *mask_arrays))
   out, lse = (_join(x) for x in zip(*outs))
   return _to_bhsd(out), lse[..., 0]
 

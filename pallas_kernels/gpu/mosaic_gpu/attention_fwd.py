@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import mma_masks
@@ -84,7 +85,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             dims: int, stages: int, q_bufs: int, programs: int, items: int, scale: float, dtype,
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
-            segments_full: bool = False, map_heads: int = 1, terms: int = 1):
+            segments_full: bool = False, map_heads: int = 1, terms: int = 1,
+            sinks: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -97,7 +99,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   Per-warpgroup lists (``split=True``, `_split_inputs`): ids are the loads [q blocks, loads,
   3] (KV block, each warpgroup's table), counts [q blocks, 6] (steps, loads, each
   warpgroup's active steps, shared steps, paired steps); refs are onehot [128, W] and tables
-  [n, W, block_kv]. Then out, lse.
+  [n, W, block_kv]. Then (``sinks``) learned sink logits [heads] float32, joined to each
+  row's softmax in the epilogue (`merge.join_sink`), and out, lse.
 
   Window-anchored KV boxes (``window``, `_window_inputs`): ids are the steps' box origins
   [q blocks, steps, dims], the rest as with MMA-bias masks.
@@ -112,6 +115,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   # [batch, 1, n_kv], tested on every block, or on partial blocks only where the map's full
   # blocks hold one segment, ``segments_full``).
   extras = int(segments)
+  sinks_ref = None
+  if sinks:
+    *refs, sinks_ref, out_ref, lse_ref = refs
+    refs = (*refs, out_ref, lse_ref)
   if split:
     onehot_ref, tables_ref, out_ref, lse_ref = refs
   elif mma:
@@ -228,14 +235,18 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         # its max below half of that; element masks leave such a row at l == 0.
         seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
         l_safe = jnp.where(seen, l_i, 1.0)
+        lse2 = jnp.where(seen, m_i + jnp.log(l_safe) * LOG2E, -jnp.inf)  # log2 units
+        if sinks_ref is not None:  # out = acc / l * share: l / share is inf where share = 0
+          lse2, share = join_sink(lse2, sinks_ref[head] * LOG2E, seen, jnp.exp2,
+                                  lambda x: jnp.log(x) * LOG2E)
+          l_safe = l_safe / share
         for i, a in enumerate(acc):
           out = (a / lax.broadcast_in_dim(l_safe, a.shape, [0])).astype(dtype)
           if parts == 1:
             qo[...] = out
           else:
             qo.at[:, pl.ds(i * width, width)][...] = out
-        lse = jnp.where(seen, (m_i + jnp.log(l_safe) * LOG2E) * LN2, -jnp.inf)
-        lse_smem.at[wg][...] = lse
+        lse_smem.at[wg][...] = lse2 * LN2
         plgpu.commit_smem()
         for r, index in qb.rows(q_origin(qi, wg), half):
           plgpu.copy_smem_to_gmem(qo.at[pl.ds(r, half[-1])], out_ref.at[(batch, *index, head)])
@@ -565,11 +576,12 @@ def _extras(plan: AttentionPlan, batch: int, q_seg, kv_seg) -> list:
   return [jnp.stack(qx, axis=1), jnp.stack(kx, axis=1)]
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
-            block_map=None):
+            block_map=None, sinks=None):
   """Arrays as `triton_attention.forward` (kernel order, or the caller's flat order for
   gathered plans). Returns out like q and lse [batch, heads, n_q] float32 (natural log).
   `block_map`: a runtime map (`block_map.from_selection`, 1-D plans) instead of the plan's:
-  the element test on partial blocks, one program per item."""
+  the element test on partial blocks, one program per item. `sinks`: learned sink logits
+  [heads] float32, joined to every row's softmax in the epilogue."""
   cfg = _config(config)
   b, sq, h, d = q.shape
   why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
@@ -582,13 +594,13 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     ql, kl = plan.q_layout, plan.kv_layout
     # Q and K/V grids differ on context-parallel shards (a slab and its halo).
     out, lse = forward(kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg,
-                       kv_seg, gathered(plan, False), scale, cfg, interpret)
+                       kv_seg, gathered(plan, False), scale, cfg, interpret, sinks=sinks)
     return caller_order(out, ql), caller_order(lse.transpose(0, 2, 1), ql).transpose(0, 2, 1)
   dpad = _padded_head_dim(d)
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
     out, lse = forward(pad(q), pad(k), pad(v), q_seg, kv_seg, plan, scale, cfg, interpret,
-                       block_map)
+                       block_map, sinks)
     return out[..., :d], lse
   hkv = k.shape[2]
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
@@ -673,7 +685,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mma_width=width, split=split is not None, box=box, window=window is not None,
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
-      map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms)
+      map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
+      sinks=sinks is not None)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
@@ -685,6 +698,6 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret_params(interpret),
   )(_order(row_counts, cfg.longest_first), ids, counts, _view(q, qb), kv_view(k, kb),
-    kv_view(v, kb), *mask_arrays)
+    kv_view(v, kb), *mask_arrays, *([] if sinks is None else [sinks.astype(jnp.float32)]))
   lse = lse[(slice(None), slice(None), *(slice(0, s) for s in qb.spatial))]
   return out.reshape(q.shape), lse.reshape(b, h, sq)
