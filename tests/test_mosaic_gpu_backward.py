@@ -344,6 +344,32 @@ def test_quarters(monkeypatch):
                  S(1, 2048, 2, 128)).mlir_module()
 
 
+def test_quarters_dq(monkeypatch):
+  """`attention_bwd.QUARTERS_DQ`: the dQ kernel's warpgroups skip the 64-key halves of
+  partial blocks that none of their 64 queries may see (the joint launch and dQ's own):
+  gradients vs the brute force, GQA; the map has such halves; the kernels lower."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
+  monkeypatch.setattr(attention_bwd, "QUARTERS", True)
+  monkeypatch.setattr(attention_bwd, "QUARTERS_DQ", True)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
+                   SequenceLayout(640, 128))
+  bits, _ = tables.live_quarters(plan)
+  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.kv_counts)[:, None]
+  assert np.any(visited & (bits != 15))
+  p = dict(batch=1, sq=640, skv=640, heads=4, kv_heads=2, head_dim=64, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=8)
+  for joint in (True, False):
+    monkeypatch.setattr(attention_bwd, "JOINT_DQ", joint)
+    backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                  config=MosaicGPUConfig(backward="mosaic_gpu"))
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+      backend="mosaic_gpu", config=BWD).astype(jnp.float32))
+  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128), S(1, 2048, 2, 128),
+                 S(1, 2048, 2, 128)).mlir_module()
+
+
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_rejects_split_dq_below_128(head_dim):
   """"split" shares dQ's 128 columns between the warpgroups: not at 64 or 96 columns."""

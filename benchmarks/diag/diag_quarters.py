@@ -1,5 +1,6 @@
 """The dK/dV kernel skipping partial steps whose 64 queries none of a warpgroup's 64 keys may
-see (`attention_bwd.QUARTERS`, `tables.live_quarters`) against every step run. fwd and
+see (`attention_bwd.QUARTERS`, `tables.live_quarters`), and the dQ kernel skipping the 64-key
+halves none of a warpgroup's 64 queries may see too (`QUARTERS_DQ`), against every step run. fwd and
 fwd+bwd ms, backend "mosaic_gpu", the variants interleaved over two rounds (the fixed harness: each
 timing jitted under its own knob); each case's gradients at a smaller size against float32
 XLA, and the two forms against each other at full size.
@@ -10,6 +11,8 @@ from jax_sparse_attn import masks
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
 from . import knob_main, knob_setter
+
+_QUARTERS = knob_setter(attention_bwd, "QUARTERS")
 from .diag_union_terms import LM, run
 
 # name: (mask, batch, seq, heads, kv heads, head_dim, documents); no documents: their
@@ -21,9 +24,15 @@ CASES = {
 }
 
 
+def _set(value):
+  """(QUARTERS, QUARTERS_DQ)."""
+  attention_bwd.QUARTERS_DQ = value[1]
+  _QUARTERS(value[0])
+
+
 def main():
-  knob_main(CASES, {"quarters": True, "all": False},
-            knob_setter(attention_bwd, "QUARTERS"), run)
+  knob_main(CASES, {"both": (True, True), "dkv": (True, False), "all": (False, False)},
+            _set, run)
 
 
 if __name__ == "__main__":

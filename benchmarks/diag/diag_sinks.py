@@ -1,6 +1,9 @@
 """What learned sink logits (`attention(..., sinks=)`) cost on the GPU: the LM layer, the
-causal window and 2-D NA, forward and fwd+bwd with and without sinks (interleaved rounds),
-and a gradient check (q, k, v and the sinks) against the float32 XLA backend.
+causal window and 2-D NA, forward and fwd+bwd without sinks, with sinks joined in the
+kernels' epilogue (`Backend.sinks`) and with sinks joined after the kernel (the GPU
+backends registered without the flag: the form before 2026-12-05), interleaved rounds; and
+checks of the output, lse and every gradient (q, k, v and the sinks) on the Mosaic GPU and
+Triton kernels against the float32 XLA backend.
 
     python -m benchmarks.diag.diag_sinks [--out x.json]
 """
@@ -30,6 +33,15 @@ CASES = {
 }
 
 
+def _epilogue(on: bool, fn):
+  """Register the GPU backends with (`on`) or without `Backend.sinks`; returns fn (traced
+  after this, under that registration)."""
+  from jax_sparse_attn import backends
+  for name in ("mosaic_gpu", "triton"):
+    backends.register_backend(name, backends.get_backend(name)._replace(sinks=on))
+  return fn
+
+
 def main():
   out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
   rows = []
@@ -38,21 +50,31 @@ def main():
   small = inputs((2, 2048, 16, 128), (2, 2048, 4, 128), jnp.bfloat16)
   loss = lambda be, *a: jnp.sum(CASES["lm"][2](*a, be).astype(jnp.float32)
                                 * small[3].astype(jnp.float32))
-  got = jax.jit(jax.grad(lambda *a: loss("auto", *a), argnums=(0, 1, 2, 3)))(*small[:3], sinks)
   f32 = [x.astype(jnp.float32) for x in small[:3]]
+  lm = lambda be: lambda q, k, v, s: jsa.attention(q, k, v, LM, sinks=s, backend=be,
+                                                   return_lse=True)
+  want_out, want_lse = jax.jit(lm("xla"))(*f32, sinks)
   want = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3)))(*f32, sinks)
-  row = {"check": "LM layer S=2048 with sinks, auto (bf16) vs xla (f32)",
-         "rel_err": {n: round(rel(g, w), 5) for n, g, w in
-                     zip(("dq", "dk", "dv", "d_sinks"), got, want)}}
-  print(json.dumps(row), flush=True)
-  rows.append(row)
+  for be in ("mosaic_gpu", "triton"):
+    out, lse = jax.jit(lm(be))(*small[:3], sinks)
+    got = jax.jit(jax.grad(lambda *a: loss(be, *a), argnums=(0, 1, 2, 3)))(*small[:3], sinks)
+    row = {"check": f"LM layer S=2048 with sinks, {be} (bf16) vs xla (f32)",
+           "rel_err": {"out": round(rel(out, want_out), 5),
+                       "lse_max_abs": round(float(jnp.max(jnp.abs(lse - want_lse))), 5),
+                       **{n: round(rel(g, w), 5) for n, g, w in
+                          zip(("dq", "dk", "dv", "d_sinks"), got, want)}}}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
   for name, (qs, ks, fn) in CASES.items():
     big = inputs(qs, ks, jnp.bfloat16)
     row = {"case": name, "q": qs, "kv": ks}
-    interleaved(row, {"plain": lambda: lambda q, k, v: fn(q, k, v, None, "auto"),
-                      "sinks": lambda: lambda q, k, v: fn(q, k, v, sinks, "auto")}, big)
+    interleaved(row, {"plain": lambda: _epilogue(True, lambda q, k, v: fn(q, k, v, None, "auto")),
+                      "sinks": lambda: _epilogue(True, lambda q, k, v: fn(q, k, v, sinks, "auto")),
+                      "sinks_after": lambda: _epilogue(
+                          False, lambda q, k, v: fn(q, k, v, sinks, "auto"))}, big)
     print(json.dumps(row), flush=True)
     rows.append(row)
+  _epilogue(True, None)
   result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows}
   if out:
     json.dump(result, open(out, "w"), indent=1)

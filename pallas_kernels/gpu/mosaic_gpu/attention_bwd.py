@@ -97,6 +97,9 @@ WRITTEN_DKV = True
 # twice). Below the share (causal, windows) every step runs, as measured before.
 QUARTERS = "auto"
 QUARTERS_MIN_DEAD = 0.1  # the LM layer 16%, `window 2047 | sink 64` 5.5%, the window 2.9%
+# The dQ kernel skips them too (64-key halves per warpgroup) where the dK/dV kernel does: a
+# lab switch, off until timed with the fixed harness (the 2026-12-04 A/B was void).
+QUARTERS_DQ = False
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
@@ -620,6 +623,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if quarters is not None and QUARTERS == "auto" and (
       _dead_share(bmap, quarters[1]) < QUARTERS_MIN_DEAD):
     quarters = None
+  dq_quarters = quarters[0] if quarters is not None and QUARTERS_DQ else None
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
@@ -649,7 +653,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if joint:  # dQ's CTAs after the dK/dV items in one launch (`_joint`)
     dq_launch = bwd_dq.dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
                                  scale=scale, mask_fn=mask_fn, terms=terms,
-                                 interpret=interpret, mma=mma_dq)
+                                 interpret=interpret, mma=mma_dq, quarters=dq_quarters)
     run = _joint(kernel, args, grid, dq_launch, interpret)
 
   # Every KV block stored by one item (``direct``, or ``mixed`` with the cut blocks' rows
@@ -688,7 +692,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dq = dq[:, :sq]
   elif separate:
     dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
-                   mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq)[:, :sq]
+                   mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq,
+                   quarters=dq_quarters)[:, :sq]
   else:
     dq = (dq[:, :sq] * scale).astype(q.dtype)
   if cut:  # the cut blocks' rows from their float32 buffers

@@ -189,7 +189,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, stages: int,
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
             runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
-            shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None):
+            shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None,
+            quarters: bool = False):
   """CTA (q block in visiting order, query head, batch): the grid's axes "q", "head" and "batch", or
   ``cta`` (their indices in a joint launch, `attention_bwd.JOINT_DQ`). order [n_q blocks]; ids [n_q
   blocks, max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
@@ -198,8 +199,15 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   `element.interval_test`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias masks
   (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot [128, W] of the Q block's
   coordinates, tables [n, W, 64] and table_ids [n_q blocks, 2 * max kv] (entry e's halves at 2e, 2e
-  + 1) come before dq, and replace the interval test of partial blocks (``kv_sub`` 64)."""
+  + 1) come before dq, and replace the interval test of partial blocks (``kv_sub`` 64).
+  ``quarters``: the last array before dq is `tables.live_quarters`' forward map bits [n_q
+  blocks, max kv]; a warpgroup skips the 64-key halves of partial blocks that none of its
+  rows may see (``kv_sub`` 64)."""
   mma = mma_width > 0
+  quarters_ref = None
+  if quarters:
+    *refs, quarters_ref, dq_ref = refs
+    refs = (*refs, dq_ref)
   if mma:
     onehot_ref, tables_ref, table_ids_ref, dq_ref = refs
   elif segments:
@@ -234,43 +242,54 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         slot = lax.rem(e, stages)
         plgpu.barrier_wait(kv_bar.at[slot])
         kv0 = kv_block(e) * _BLOCK_KV
+        bits = quarters_ref[q_block, e] if quarters_ref is not None and masked else None
         for part in range(_BLOCK_KV // kv_sub):
-          keys = pl.ds(part * kv_sub, kv_sub)
-          k_half = k_smem.at[slot, keys]
-
-          def sdp(refs):
-            s_ref, dp_ref = refs
-            if masked and mma:  # the bias first: onehot [64, W] @ test [W, 64 keys]
-              plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot, part])
-            plgpu.wgmma(s_ref, q_smem.at[own], k_half.transpose((1, 0)))
-            plgpu.wgmma(dp_ref, do_smem.at[own], v_smem.at[slot, keys].transpose((1, 0)))
-            return s_ref[...], dp_ref[...]
-
-          s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
-          p = jnp.exp2(s * qk_scale - lse)
-          if masked and not mma:
-            def in_dim(d):
-              c = cols(c_smem.at[slot, d, keys])
-              return (c >= lo[d]) & (c <= hi[d])
-            p = mask_intervals(p, in_dim, dims, terms)
-            if mask_fn is not None:
-              iota = lambda dim: plgpu.layout_cast(
-                  lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA)
-              p = jnp.where(mask_fn(q0 + wg * _ROWS + iota(0), kv0 + part * kv_sub + iota(1)),
-                            p, 0.0)
-          if segments and (masked or not segments_full):
-            p = jnp.where(cols(kx_smem.at[slot, 0, keys]) == q_x, p, 0.0)
-          ds = (p * (dp - delta)).astype(dtype)
-          if interpret:
-            ds_smem.at[wg][...] = ds
-            plgpu.commit_smem()
-            dq = mma_add(dq, ds_smem.at[wg], k_half)
-          else:
-            def product(acc_ref):
-              plgpu.wgmma(acc_ref, ds, k_half)
-            dq = pl.run_state(product)(plgpu.ACC.init(dq))
+          if bits is None:
+            dq = keys_step(dq, slot, kv0, part, masked)
+          else:  # a 64-key half that some of my rows may see (`tables.live_quarters`)
+            live = lax.shift_right_logical(bits, 2 * wg + part) & 1
+            dq = lax.cond(live != 0, functools.partial(keys_step, slot=slot, kv0=kv0,
+                                                       part=part, masked=masked),
+                          lambda x: x, dq)
         plgpu.barrier_arrive(kv_free.at[slot])
         return dq
+
+      def keys_step(dq, slot, kv0, part: int, masked: bool):
+        """dQ += dS K over the step's `part`-th `kv_sub` keys."""
+        keys = pl.ds(part * kv_sub, kv_sub)
+        k_half = k_smem.at[slot, keys]
+
+        def sdp(refs):
+          s_ref, dp_ref = refs
+          if masked and mma:  # the bias first: onehot [64, W] @ test [W, 64 keys]
+            plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot, part])
+          plgpu.wgmma(s_ref, q_smem.at[own], k_half.transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_smem.at[own], v_smem.at[slot, keys].transpose((1, 0)))
+          return s_ref[...], dp_ref[...]
+
+        s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
+        p = jnp.exp2(s * qk_scale - lse)
+        if masked and not mma:
+          def in_dim(d):
+            c = cols(c_smem.at[slot, d, keys])
+            return (c >= lo[d]) & (c <= hi[d])
+          p = mask_intervals(p, in_dim, dims, terms)
+          if mask_fn is not None:
+            iota = lambda dim: plgpu.layout_cast(
+                lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA)
+            p = jnp.where(mask_fn(q0 + wg * _ROWS + iota(0), kv0 + part * kv_sub + iota(1)),
+                          p, 0.0)
+        if segments and (masked or not segments_full):
+          p = jnp.where(cols(kx_smem.at[slot, 0, keys]) == q_x, p, 0.0)
+        ds = (p * (dp - delta)).astype(dtype)
+        if interpret:
+          ds_smem.at[wg][...] = ds
+          plgpu.commit_smem()
+          return mma_add(dq, ds_smem.at[wg], k_half)
+
+        def product(acc_ref):
+          plgpu.wgmma(acc_ref, ds, k_half)
+        return pl.run_state(product)(plgpu.ACC.init(dq))
 
       dq = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
@@ -349,7 +368,8 @@ def dq(q, k, v, d_out, lse2, delta, *rest, interpret: bool, **kw):
 
 
 def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
-              interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1):
+              interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1,
+              quarters=None):
   """The dQ kernel's launch: (kernel, (map arrays, arrays it shares with the dK/dV kernel),
   grid, out_type); the kernel's inputs are the map's first three arrays, the shared ones,
   then the map's others (its MMA-bias inputs). From the backward's padded inputs: lse₂ and
@@ -357,9 +377,13 @@ def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: fl
   (``terms`` of a union), `extras` the segment-id vectors (`attention_fwd._extras`) or [];
   `bmap` the forward block map (128-row Q blocks, 128-key KV blocks), static or runtime;
   `mma` the dQ kernel's MMA-bias inputs (onehot, tables, table_ids;
-  `tables.backward_mma_inputs`) or None."""
+  `tables.backward_mma_inputs`) or None; `quarters` the forward map's bits of
+  `tables.live_quarters` (static maps; 64-key steps) or None."""
   if mma is not None:
     kv_sub = _ROWS
+  kv_sub = kv_sub or KV_SUB
+  if kv_sub != _ROWS or bmap.is_runtime:
+    quarters = None
   b, _, h, d = q.shape
   n_q = lse2.shape[-1]
   runtime = bmap.is_runtime
@@ -373,11 +397,13 @@ def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: fl
   kernel = functools.partial(
       _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=STAGES, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
-      runtime=runtime, kv_sub=kv_sub or KV_SUB,
+      runtime=runtime, kv_sub=kv_sub,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,
-      mma_width=0 if mma is None else mma[0].shape[1], terms=terms)
+      mma_width=0 if mma is None else mma[0].shape[1], terms=terms,
+      quarters=quarters is not None)
   grid = backward_grid(b, h, ("q", bmap.num_q_blocks), Q_FASTEST)
   map_args = (order, jnp.asarray(bmap.kv_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
-              *([] if mma is None else [jnp.asarray(x) for x in mma]))
+              *([] if mma is None else [jnp.asarray(x) for x in mma]),
+              *([] if quarters is None else [jnp.asarray(quarters, jnp.int32)]))
   return (kernel, (map_args, (q, k, v, d_out, lse2, delta, lo, hi, c, *extras)), grid,
           jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype))
