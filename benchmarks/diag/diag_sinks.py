@@ -5,7 +5,7 @@ backends registered without the flag: the form before 2026-12-05), interleaved r
 checks of the output, lse and every gradient (q, k, v and the sinks) on the Mosaic GPU and
 Triton kernels against the float32 XLA backend.
 
-    python -m benchmarks.diag.diag_sinks [--out x.json]
+    python -m benchmarks.diag.diag_sinks [--cases lm,window,na2d] [--out x.json]
 """
 import json
 import sys
@@ -43,7 +43,7 @@ def _epilogue(on: bool, fn):
 
 
 def main():
-  out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+  path = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
   rows = []
   sinks = jnp.asarray(np.random.default_rng(0).standard_normal(16), jnp.float32)
   # Gradient check at a smaller LM size: every gradient, the sinks' too.
@@ -53,19 +53,39 @@ def main():
   f32 = [x.astype(jnp.float32) for x in small[:3]]
   lm = lambda be: lambda q, k, v, s: jsa.attention(q, k, v, LM, sinks=s, backend=be,
                                                    return_lse=True)
-  want_out, want_lse = jax.jit(lm("xla"))(*f32, sinks)
-  want = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3)))(*f32, sinks)
-  for be in ("mosaic_gpu", "triton"):
-    out, lse = jax.jit(lm(be))(*small[:3], sinks)
+  cases = (sys.argv[sys.argv.index("--cases") + 1].split(",") if "--cases" in sys.argv
+           else list(CASES))
+  if "lm" in cases:
+    lm_out, lm_lse = jax.jit(lm("xla"))(*f32, sinks)
+    want = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3)))(*f32, sinks)
+  checks = {}
+  if "na2d" in cases:  # 2-D NA k33 at 64x64 (the window boxes' forward)
+    na_small = inputs((1, 64, 64, 16, 128), (1, 64, 64, 16, 128), jnp.bfloat16)
+    na = lambda be: lambda q, k, v, s: jsa.na2d(q, k, v, 33, sinks=s, backend=be,
+                                                return_lse=True)
+    checks["na2d"] = (na, na_small, [x.astype(jnp.float32) for x in na_small[:3]])
+  for case, (fn, args, args32) in checks.items():
+    want_out, want_lse = jax.jit(fn("xla"))(*args32, sinks)
+    for be in ("mosaic_gpu", "triton"):
+      got_out, lse = jax.jit(fn(be))(*args[:3], sinks)
+      row = {"check": f"{case} forward with sinks, {be} (bf16) vs xla (f32)",
+             "rel_err": {"out": round(rel(got_out, want_out), 5),
+                         "lse_max_abs": round(float(jnp.max(jnp.abs(lse - want_lse))), 5)}}
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  for be in ("mosaic_gpu", "triton") if "lm" in cases else ():
+    got_out, lse = jax.jit(lm(be))(*small[:3], sinks)
     got = jax.jit(jax.grad(lambda *a: loss(be, *a), argnums=(0, 1, 2, 3)))(*small[:3], sinks)
     row = {"check": f"LM layer S=2048 with sinks, {be} (bf16) vs xla (f32)",
-           "rel_err": {"out": round(rel(out, want_out), 5),
-                       "lse_max_abs": round(float(jnp.max(jnp.abs(lse - want_lse))), 5),
+           "rel_err": {"out": round(rel(got_out, lm_out), 5),
+                       "lse_max_abs": round(float(jnp.max(jnp.abs(lse - lm_lse))), 5),
                        **{n: round(rel(g, w), 5) for n, g, w in
                           zip(("dq", "dk", "dv", "d_sinks"), got, want)}}}
     print(json.dumps(row), flush=True)
     rows.append(row)
   for name, (qs, ks, fn) in CASES.items():
+    if name not in cases:
+      continue
     big = inputs(qs, ks, jnp.bfloat16)
     row = {"case": name, "q": qs, "kv": ks}
     interleaved(row, {"plain": lambda: _epilogue(True, lambda q, k, v: fn(q, k, v, None, "auto")),
@@ -76,8 +96,8 @@ def main():
     rows.append(row)
   _epilogue(True, None)
   result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows}
-  if out:
-    json.dump(result, open(out, "w"), indent=1)
+  if path:
+    json.dump(result, open(path, "w"), indent=1)
 
 
 if __name__ == "__main__":

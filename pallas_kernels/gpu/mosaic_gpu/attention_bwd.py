@@ -97,9 +97,11 @@ WRITTEN_DKV = True
 # twice). Below the share (causal, windows) every step runs, as measured before.
 QUARTERS = "auto"
 QUARTERS_MIN_DEAD = 0.1  # the LM layer 16%, `window 2047 | sink 64` 5.5%, the window 2.9%
-# The dQ kernel skips them too (64-key halves per warpgroup) where the dK/dV kernel does: a
-# lab switch, off until timed with the fixed harness (the 2026-12-04 A/B was void).
-QUARTERS_DQ = False
+# The dQ kernel skips them too (64-key halves per warpgroup) where the dK/dV kernel does.
+# H200, the LM layer: fwd+bwd 0.887-0.905 ms against 0.925-0.937 with the dK/dV kernel's
+# skips alone and 0.942-0.949 with none, gradients equal; at head_dim 64 (8/2 heads) within
+# noise, 0.366-0.377 vs 0.355-0.405 vs 0.375 (docs/experiments/h200-2026-12-05-quarters-dq.json).
+QUARTERS_DQ = True
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
