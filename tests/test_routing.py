@@ -124,15 +124,18 @@ def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
   check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))
 
 
-@pytest.mark.parametrize("kv_heads, dq", [(1, None), (2, "own")])
-def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq):
+@pytest.mark.parametrize("kv_heads, dq, written", [(1, None, True), (2, "own", True),
+                                                   (2, "own", False)])
+def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq, written):
   """dK/dV items of whole lists (`RUNTIME_ITEMS="whole"`, stored in the input dtype): every
   query block selects every block before it but one (lists as long as the map allows, of
-  different lengths per GQA head), one KV block no query selects (zero gradients); dQ as its
-  own kernel and reduce-added by the dK/dV kernel; segment ids."""
+  different lengths per GQA head), KV blocks no query selects (zero gradients: zero-filled,
+  or stored by their items with dK/dV the kernel's outputs, `WRITTEN_RUNTIME`); dQ as its
+  own kernel and reduce-added by the dK/dV kernel; segment ids. The forms lower for CUDA."""
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
   monkeypatch.setattr(attention_bwd, "RUNTIME_ITEMS", "whole")
+  monkeypatch.setattr(attention_bwd, "WRITTEN_RUNTIME", written)
   b, h, s, bs = kv_heads, 2, 520, 128
   p = dict(batch=b, sq=s, skv=s, heads=h, kv_heads=kv_heads, head_dim=32, dtype=jnp.bfloat16,
            seed=7)
@@ -140,6 +143,7 @@ def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq):
   nq = -(-s // bs)
   ids = np.tile(np.arange(nq, dtype=np.int32), (b, h, nq, 1))
   ids[:, 1, :, 1] = -1  # head 1 never selects block 1
+  ids[:, :, :, 3] = -1  # no head selects block 3: its item stores zeros (`WRITTEN_RUNTIME`)
   sel = routing.BlockSelection(jnp.asarray(ids), bs)
   seg = jnp.asarray(np.repeat([[0] * 300 + [1] * 220], b, axis=0), jnp.int32)
   m = (dense_selected(ids, s, s, bs) & np.tril(np.ones((s, s), bool))[None, None]
@@ -154,6 +158,13 @@ def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq):
                            argnums=(0, 1, 2)))(q, k, v)
   for name, got, ref in zip("qkv", grads, brute_force.attention_grads(q, k, v, m, scale, d_out)):
     assert brute_force.rel_err(got, ref) < 4e-2, name
+  from pallas_kernels.gpu import export_for_gpu
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  lowered = lambda q, k, v: jax.grad(lambda *a: jnp.sum(jsa.attention(
+      *a, masks.causal(), block_selection=sel, backend="mosaic_gpu",
+      config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq)).astype(jnp.float32)),
+      argnums=(0, 1, 2))(q, k, v)
+  export_for_gpu(lowered, S(b, s, h, 128), S(b, s, kv_heads, 128), S(b, s, kv_heads, 128))
 
 
 def test_whole_lists_rule():

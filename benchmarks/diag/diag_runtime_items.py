@@ -4,7 +4,11 @@ one item per KV block with its whole lists (dK/dV stored in bf16), `attention_bw
 Forward and fwd+bwd ms interleaved, the variants' gradients against each other, and "whole"
 against the float32 XLA backend at S=4096.
 
-    python -m benchmarks.diag.diag_runtime_items [--cases moba,eighth] [--out x.json]
+With ``--written``: whole lists whose items store zeros for blocks no query visits, dK/dV
+the kernel's outputs (`WRITTEN_RUNTIME`) against zero-filled dK/dV buffers, and the same with
+dQ as its own kernel (no float32 dQ buffer to fill and cast; `FUSED_MIN_ENTRIES` raised).
+
+    python -m benchmarks.diag.diag_runtime_items [--cases moba,eighth] [--written] [--out x.json]
 """
 import json
 import sys
@@ -42,8 +46,13 @@ CASES = {
 }
 
 
-def _set(value):
+_FUSED_MIN = attention_bwd.FUSED_MIN_ENTRIES
+
+
+def _set(value, written=True, dq_kernel=False):
   attention_bwd.RUNTIME_ITEMS = value
+  attention_bwd.WRITTEN_RUNTIME = written
+  attention_bwd.FUSED_MIN_ENTRIES = 1 << 30 if dq_kernel else _FUSED_MIN
   ops._make_core.cache_clear()
   jax.clear_caches()
 
@@ -69,9 +78,18 @@ def main():
     big = inputs(qs, ks, jnp.bfloat16)
     row = {"case": name, "q": qs, "kv": ks}
     _set("auto")
-    variants = {v: (lambda v=v: (_set(v), fn)[1]) for v in ("chunks", "whole")}
-    grads = interleaved(row, variants, big)
-    row["whole_vs_chunks_rel_diff"] = max_rel_diff(grads["whole"], grads["chunks"])
+    if "--written" in sys.argv:
+      variants = {v: (lambda v=v: (_set("whole", v != "filled", v == "written_dq_kernel"),
+                                   fn)[1])
+                  for v in ("written", "filled", "written_dq_kernel")}
+      grads = interleaved(row, variants, big)
+      row["written_vs_filled_rel_diff"] = max_rel_diff(grads["written"], grads["filled"])
+      row["dq_kernel_vs_filled_rel_diff"] = max_rel_diff(grads["written_dq_kernel"],
+                                                         grads["filled"])
+    else:
+      variants = {v: (lambda v=v: (_set(v), fn)[1]) for v in ("chunks", "whole")}
+      grads = interleaved(row, variants, big)
+      row["whole_vs_chunks_rel_diff"] = max_rel_diff(grads["whole"], grads["chunks"])
     print(json.dumps(row), flush=True)
     rows.append(row)
   _set("auto")

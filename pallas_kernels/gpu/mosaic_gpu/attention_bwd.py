@@ -102,6 +102,12 @@ QUARTERS_MIN_DEAD = 0.1  # the LM layer 16%, `window 2047 | sink 64` 5.5%, the w
 # skips alone and 0.942-0.949 with none, gradients equal; at head_dim 64 (8/2 heads) within
 # noise, 0.366-0.377 vs 0.355-0.405 vs 0.375 (docs/experiments/h200-2026-12-05-quarters-dq.json).
 QUARTERS_DQ = True
+# A runtime map's whole-list items (`RUNTIME_ITEMS`) write dK/dV as the kernel's outputs,
+# an item with no entries zeros (False: zero-filled buffers the items store into). A lab
+# switch, off: H100, MoBA S=32768 fwd+bwd 8.12-8.19 ms against 8.00-8.15 with the fill (and
+# 8.14-8.22 with dQ as its own kernel besides): the 80 us fill in the profile buys nothing
+# (docs/experiments/h100-2026-12-05-runtime-written.json).
+WRITTEN_RUNTIME = False
 # Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
 # device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
@@ -187,7 +193,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, quarters: bool = False,
-            cta=None):
+            cta=None, zero_empty: bool = False):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
   "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks, max q
@@ -206,7 +212,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   q] (entry e's 64-row halves at 2e, 2e + 1) follow the arrays above and replace the interval
   test of partial blocks. ``quarters`` (dQ its own kernel): then `tables.live_quarters`'
   transposed map bits [kv blocks, max q]; a warpgroup skips the partial steps whose queries
-  none of its 64 keys may see."""
+  none of its 64 keys may see.
+
+  ``zero_empty`` (``direct``, one item per KV block: a runtime map's whole lists): an item
+  with no entries stores zeros as its block's dK/dV, so they need no zero fill."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
@@ -254,6 +263,25 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       if pingpong:
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
+
+    if zero_empty:
+      @pl.when((wg < _WGS) & (total == 0))
+      def _zeros():  # a KV block that no query visits: its rows of dK/dV are zeros
+        own_rows = (batch, pl.ds(kv0 + wg * _ROWS, _ROWS), kv_head)
+        zero = jnp.zeros((_ROWS, head_dim), dtype)
+        if interpret:
+          for w in range(_WGS):
+            @pl.when(wg == w)
+            def _():
+              dk_ref.at[own_rows][...] = zero
+              dv_ref.at[own_rows][...] = zero
+            rendezvous()
+          return
+        stage.at[wg][...] = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage.at[wg], dk_ref.at[own_rows])
+        plgpu.copy_smem_to_gmem(stage.at[wg], dv_ref.at[own_rows])
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when((wg < _WGS) & (total > 0))
     def _compute():
@@ -619,6 +647,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         block_q=plan.block_q, direct=direct is True,
         fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
+  # A runtime map's whole lists (every KV block one item) stored by the kernel, blocks that no
+  # query visits as zeros: dK/dV are its outputs, with no zero fill (`WRITTEN_RUNTIME`).
+  zero_empty = WRITTEN_RUNTIME and whole and direct is True
   # Quarters of partial blocks that no pair may pass, skipped (static maps, dQ its own kernel).
   quarters = (live_quarters(plan) if QUARTERS and separate and not runtime and not
               cfg.backward_pingpong else None)
@@ -633,7 +664,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
-      quarters=quarters is not None)
+      quarters=quarters is not None, zero_empty=zero_empty)
   grid = bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
@@ -645,7 +676,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     returning `out_type`; it takes its outputs before the state (dK/dV, then cut buffers)."""
     def ordered(*all_refs):
       ins, rest = all_refs[:len(args)], all_refs[len(args):]
-      kernel(*ins, *rest[len(refs):], *rest[:len(refs)])
+      state, outputs = rest[:len(refs)], rest[len(refs):]
+      if not separate and outputs:  # the fused dQ's buffer comes before dK/dV
+        state, outputs = state[1:], (state[0], *outputs)
+      kernel(*ins, *outputs, *state)
     return pl.kernel(ordered, out_type=out_type, mesh=bwd_dq.grid_mesh(grid),
                      compiler_params=plgpu.CompilerParams(approx_math=True),
                      interpret=interpret_params(interpret),
@@ -663,8 +697,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # with no zero fill (`WRITTEN_DKV`; H200, the causal window at S=32768: 80 us of 4.1 ms).
   # Zero-filled state the kernel writes into: float32 reduce-add targets (fused dQ, the cut
   # blocks' buffers) and dK/dV where some KV block has no single storing item.
-  written = (WRITTEN_DKV and separate and direct in (True, "mixed") and not runtime
-             and len(np.unique(host_items[:, 0])) == n_kv // _BLOCK_KV)
+  written = zero_empty or (
+      WRITTEN_DKV and separate and direct in (True, "mixed") and not runtime
+      and len(np.unique(host_items[:, 0])) == n_kv // _BLOCK_KV)
   outs = ((jax.ShapeDtypeStruct((b, n_q, h, d), q.dtype),) * joint
           + (jax.ShapeDtypeStruct((b, n_kv, hkv, d), k.dtype),) * 2 * written)
   state = () if separate else (zeros(n_q, h),)
