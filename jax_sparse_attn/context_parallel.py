@@ -504,11 +504,12 @@ def _local_sizes(mesh, axes) -> int:
 
 def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, strategy,
               context_layout, backend, scale, block_q, block_kv, config, interpret,
-              single_device):
+              single_device, sinks=None):
   """`ops.attention` on a mesh: (out, lse [batch, seq_q, heads]) with batch and heads
   sharded over `BATCH_AXES`/`HEAD_AXES` where they divide, and the sequence over
-  `context_axis` (None: not sharded; `single_device(q, k, v, q_seg, kv_seg)` runs per
-  shard)."""
+  `context_axis` (None: not sharded; `single_device(q, k, v, q_seg, kv_seg, sinks)` runs
+  per shard, `sinks` [heads] sharded with the heads: its kernels join them; with a
+  context axis the caller joins them after the merge and passes None)."""
   from . import ops
   b, sq, h, d = query.shape
   skv, hkv = key.shape[1], key.shape[2]
@@ -521,8 +522,16 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
   if n == 1:
     if context_layout == "zigzag":
       raise ValueError("context_layout='zigzag' needs a context_axis of size > 1")
-    body = lambda q, k, v, *segs: single_device(q, k, v, *(segs or (None, None)))
-    return _sharded(body, mesh, in_specs, (qkv, lse_spec), query, key, value, *seg_args)
+    sink_args = () if sinks is None else (sinks,)
+
+    def body(q, k, v, *rest):
+      segs, rest = (rest[:2], rest[2:]) if has_seg else ((None, None), rest)
+      return single_device(q, k, v, *segs, *(rest or (None,)))
+
+    return _sharded(body, mesh, in_specs + (P(head_axes),) * len(sink_args), (qkv, lse_spec),
+                    query, key, value, *seg_args, *sink_args)
+  if sinks is not None:
+    raise ValueError("with a context axis, sinks are joined after the shards' merge")
   local_b = b // _local_sizes(mesh, batch_axes)
   local_hkv = hkv // _local_sizes(mesh, head_axes)
   row_bytes = 2 * local_b * local_hkv * d * jnp.dtype(key.dtype).itemsize + (4 if has_seg else 0)

@@ -324,13 +324,17 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     single = functools.partial(attention, mask=mask, scale=scale, backend=backend,
                                interpret=interpret, block_q=block_q, block_kv=block_kv,
                                config=config, mesh=_LOCAL, return_lse=True)
+    # Batch and heads sharded only: each device's kernels join its heads' sinks; a context
+    # axis merges the shards' partial rows first, then the sinks join once.
+    local_sinks = sinks if n == 1 else None
     out, lse = context_parallel.attention(
         query, key, value, mask, q_seg, kv_seg, mesh=mesh, context_axis=context_axis,
         strategy=strategy, context_layout=context_layout, backend=backend, scale=scale,
         block_q=bq, block_kv=bk, config=config, interpret=interpret,
-        single_device=lambda q, k, v, qs, ks: single(
-            q, k, v, segment_ids=None if qs is None else (qs, ks)))
-    return _finish(out, lse, return_lse, sinks)
+        single_device=lambda q, k, v, qs, ks, s=None: single(
+            q, k, v, segment_ids=None if qs is None else (qs, ks), sinks=s),
+        sinks=local_sinks)
+    return _finish(out, lse, return_lse, None if n == 1 else sinks)
   if context_layout != "contiguous":
     raise ValueError("context_layout='zigzag' needs a mesh with a context_axis (and a "
                      "kernel or xla backend)")

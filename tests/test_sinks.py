@@ -254,3 +254,26 @@ def test_backends_without_sinks_join_them_after_the_kernel():
   finally:
     monkey.undo()
     backends._REGISTRY.pop("xla_no_sinks")
+
+
+def test_sinks_on_a_mesh_of_batch_and_heads():
+  """Batch and heads sharded (no context axis): each device's kernels join its heads'
+  sinks; equals one device, segment ids too, and the sinks' gradient sums over the batch
+  shards."""
+  rng = np.random.default_rng(5)
+  q, k, v, d_out = (jnp.asarray(rng.standard_normal((4, 48, 4, 16)), jnp.float32)
+                    for _ in range(4))
+  sinks = jnp.asarray(rng.standard_normal(4), jnp.float32)
+  seg = jnp.asarray(np.sort(rng.integers(0, 3, (4, 48)), axis=1), jnp.int32)
+  mask = masks.causal() & masks.sliding_window(20)
+  loss = lambda fn: jax.jit(jax.value_and_grad(
+      lambda *a: jnp.sum(fn(*a) * d_out), argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+  want = loss(lambda q, k, v, s: jsa.attention(q, k, v, mask, segment_ids=seg, backend="xla",
+                                               sinks=s))
+  for types in ((AUTO, AUTO), (jax.sharding.AxisType.Explicit,) * 2):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=types)
+    got = loss(lambda q, k, v, s: jsa.attention(q, k, v, mask, segment_ids=seg, backend="xla",
+                                                sinks=s, mesh=mesh))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+      np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)
