@@ -638,7 +638,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
   if mesh is not None:
     out, lse = _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg,
-                           True, mesh=mesh, context_axis=context_axis, strategy=strategy,
+                           mesh=mesh, context_axis=context_axis, strategy=strategy,
                            impl=impl, backend=backend, scale=scale, interpret=interpret,
                            config=config, q_tile_shape=q_tile_shape,
                            kv_tile_shape=kv_tile_shape, default_tiles=default_tiles)
@@ -653,10 +653,11 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   return (out, lse) if return_lse else out
 
 
-def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, return_lse, *,
-                mesh, context_axis, strategy, impl, backend, scale, interpret, config,
-                q_tile_shape, kv_tile_shape, default_tiles):
-  """`na` on a mesh: each device runs it on its shards, with the tiles chosen by the caller."""
+def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, *, mesh,
+                context_axis, strategy, impl, backend, scale, interpret, config, q_tile_shape,
+                kv_tile_shape, default_tiles):
+  """`na` on a mesh: (out, lse), each device running it on its shards with the tiles chosen
+  by the caller."""
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
   hkv, ndim = key.shape[-2], query.ndim - 3
   single = functools.partial(
@@ -672,20 +673,18 @@ def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, r
                                                ("segment_ids", segment_ids)) if x is not None]
     body = lambda q, k, v, *xs: single(q, k, v, **{n: x for (n, _), x in zip(named, xs)})
     seg_spec = jax.sharding.PartitionSpec(batch_axes, *(None,) * ndim)
-    out, lse = context_parallel._sharded(body, mesh, (qkv,) * 3 + (seg_spec,) * len(named),
-                                         (qkv, lse_spec), query, key, value,
-                                         *[x for _, x in named])
-    return (out, lse) if return_lse else out
+    return context_parallel._sharded(body, mesh, (qkv,) * 3 + (seg_spec,) * len(named),
+                                     (qkv, lse_spec), query, key, value,
+                                     *[x for _, x in named])
   backward_plan = (functools.partial(_backward_plan, impl, mask, head_dim=d,
                                      dtype=query.dtype, config=config,
                                      segments=q_seg is not None)
                    if default_tiles and impl.gathers else None)
-  out, lse = context_parallel.na(
+  return context_parallel.na(
       query, key, value, mask, q_seg, kv_seg, mesh=mesh, context_axis=context_axis,
       strategy=strategy, backend=backend, scale=scale, q_tile=q_tile_shape,
       kv_tile=kv_tile_shape, config=config, interpret=interpret, single_device=single,
       backward_plan=backward_plan)
-  return (out, lse) if return_lse else out
 
 
 def _na_segments(kv_valid, segment_ids, shape, layout: str):

@@ -509,12 +509,11 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks
   seen = (m > 0.5 * mma_masks.MASKED) if mma else (l > 0)
   l_safe = jnp.where(seen, l, 1.0)
   lse2 = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)
-  inv_l = 1.0 / l_safe
-  if sinks_ref is not None:
+  if sinks_ref is not None:  # acc / l * share: l / share is inf where share = 0
     sink2 = sinks_ref[pl.program_id(1) % sink_heads] * LOG2E
     lse2, share = join_sink(lse2, sink2, seen, jnp.exp2, jnp.log2)
-    inv_l = inv_l * share
-  out = jnp.where(seen[:, None], acc * inv_l[:, None], 0.0).astype(o_ref.dtype)
+    l_safe = l_safe / share
+  out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
   lse = lse2 * LN2
   _store_tile(o_ref, out, q_rows, q_ok, dmask)
   if q_rows is None:
