@@ -59,9 +59,22 @@ class Backend(NamedTuple):
   runtime_map_fits: Callable[[int, int], bool] | None = None
   # Takes learned sink logits as forward(..., sinks=[heads] float32), joined to every row's
   # softmax in the epilogue (`merge.join_sink`: the output scaled, the lse with the sink):
-  # no pass over the output after the kernel. The backward needs nothing more (its lse
-  # holds the sink; `ops` adds the sinks' gradient).
+  # no pass over the output after the kernel. Its backward is then called with
+  # ``out=None`` and ``d_lse`` already holding ``d_lse - rowsum(dO ∘ O)`` (`backward_delta`):
+  # `ops` takes that rowsum once for the sinks' gradient and the kernels (its lse holds the
+  # sink: nothing else changes).
   sinks: bool = False
+
+
+def backward_delta(out, d_out, d_lse):
+  """The backward's per-row term ``rowsum(dO ∘ O) - dLSE`` [batch, heads, n] in float32
+  (out, d_out [batch, n, heads, d]). ``out=None``: the caller already folded the rowsum into
+  ``d_lse`` (`Backend.sinks`)."""
+  f32 = jax.numpy.float32
+  if out is None:
+    return -d_lse.astype(f32)
+  rowsum = jax.numpy.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # one fused pass
+  return rowsum.transpose(0, 2, 1) - d_lse.astype(f32)
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None,

@@ -19,9 +19,9 @@ import numpy as np
 from . import masks as masks_lib
 from . import reference as reference_lib
 from . import context_parallel
-from .backends import (BACKENDS, Backend, backward_map_blocks, check_available,
-                       get_backend as _get_backend, has_array_mask as _has_array_mask,
-                       resolve_backend)
+from .backends import (BACKENDS, Backend, backward_delta, backward_map_blocks,
+                       check_available, get_backend as _get_backend,
+                       has_array_mask as _has_array_mask, resolve_backend)
 from .merge import join_sink, merge_attentions
 from .layout import PackedLayout, SequenceLayout, TiledLayout, cdiv
 from . import plan as plan_lib
@@ -75,9 +75,14 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
   def bwd(res, cotangents):
     # With sinks the residual lse holds them: the kernels' backward is unchanged (the sink
     # column's value vector is zero), and the sinks' gradient is one reduction beside it.
+    # rowsum(dO ∘ O) is taken once, here, and handed to the kernels folded into d_lse
+    # (``out=None``: the `Backend.sinks` contract).
     q, k, v, q_seg, kv_seg, bmap, sinks, out, lse = res
     d_out, d_lse = cotangents
-    d_sinks = None if sinks is None else _sinks_grad(sinks, out, lse, d_out, d_lse)
+    d_sinks = None
+    if sinks is not None:
+      d_lse, out = -backward_delta(out, d_out, d_lse), None
+      d_sinks = _sinks_grad(sinks, lse, d_lse)
     if pads is not None:  # the backward's key grid starts before the array
       k, v = (_pad_grid(x, plan.kv_layout.spatial_shape, pads) for x in (k, v))
       kv_seg = None if kv_seg is None else _pad_grid(kv_seg, plan.kv_layout.spatial_shape, pads)
@@ -92,13 +97,11 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
   return core
 
 
-def _sinks_grad(sinks, out, lse, d_out, d_lse):
-  """d sinks [heads] of a forward whose lse [b, h, n] holds them (out [b, n, h, d]): each
-  row's sink probability exp(sink - lse) times (d_lse - rowsum(dO · O))."""
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  delta = delta.transpose(0, 2, 1) - d_lse.astype(jnp.float32)
+def _sinks_grad(sinks, lse, folded):
+  """d sinks [heads] of a forward whose lse [b, h, n] holds them: each row's sink
+  probability exp(sink - lse) times ``folded`` = d_lse - rowsum(dO ∘ O) [b, h, n]."""
   p_sink = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(sinks[None, :, None] - lse))
-  return -jnp.sum(p_sink * delta, axis=(0, 2))
+  return jnp.sum(p_sink * folded, axis=(0, 2))
 
 
 def _kv_pads(plan: AttentionPlan, bwd_plan: AttentionPlan):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .backends import backward_delta
 from .merge import join_sink
 from .plan import AttentionPlan, element_mask
 
@@ -152,8 +153,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                                                      block_map)
   dob = d_out.reshape(b, nq, bq, hkv, g, d)
   # delta = rowsum(dO * O) - dLSE  (the lse cotangent folds into the same term).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, sq, h]
-  delta = delta.transpose(0, 2, 1) - d_lse
+  delta = backward_delta(out, d_out, d_lse)  # [b, h, sq]
   delta = delta.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
   lse_b = lse.reshape(b, hkv, g, nq, bq).transpose(0, 3, 1, 2, 4)
   lse_safe = jnp.where(jnp.isneginf(lse_b), jnp.inf, lse_b)

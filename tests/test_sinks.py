@@ -225,11 +225,20 @@ def test_kernels_join_sinks_and_lower():
   mask = masks.causal() & masks.sliding_window(256)
   q, kv, s = S((1, 1024, 4, 128), jnp.bfloat16), S((1, 1024, 2, 128), jnp.bfloat16), S(
       (4,), jnp.float32)
+  # Reductions outside the kernels: rowsum(dO ∘ O) (or a dot) and, with sinks, their
+  # gradient's sum, never a second rowsum (`Backend.sinks`: the op folds it into d_lse).
+  reductions = lambda text: sum(text.count(op) for op in ("stablehlo.reduce(",
+                                                          "stablehlo.dot_general"))
   for backend, export in (("triton", export_for_gpu), ("mosaic_gpu", export_for_gpu),
                           ("mosaic", export_for_tpu)):
-    loss = lambda q, k, v, s: jnp.sum(jsa.attention(q, k, v, mask, backend=backend, sinks=s)
-                                      .astype(jnp.float32))
-    export(jax.grad(loss, argnums=(0, 1, 2, 3)), q, kv, kv, s)
+    counts = []
+    for sinks in (s, None):
+      loss = lambda q, k, v, s, sinks=sinks: jnp.sum(jsa.attention(
+          q, k, v, mask, backend=backend, sinks=None if sinks is None else s)
+          .astype(jnp.float32))
+      grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+      counts.append(reductions(export(grad, q, kv, kv, s).mlir_module()))
+    assert counts[0] == counts[1] + 1, (backend, counts)
     # The forward alone: the kernel's output is the op's (no exp of the lse after the call;
     # the kernels' own code is serialized in other dialects).
     fwd = jax.jit(lambda q, k, v, s: jsa.attention(q, k, v, mask, backend=backend, sinks=s))

@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_sparse_attn import masks
+from jax_sparse_attn.backends import backward_delta
 from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import triton_attention
@@ -522,11 +523,6 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 FOLD_ROWSUM = True
 
 
-def _rowsum(out, d_out):
-  """rowsum(dO ∘ O) [batch, heads, n] in float32."""
-  return jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-
-
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
              config, interpret, block_map=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
@@ -553,8 +549,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     rows = lambda x: kernel_order(x.transpose(0, 2, 1), ql).transpose(0, 2, 1)
     # rowsum(dO ∘ O) in the caller's order, folded into dLSE: O is not permuted (one
     # [batch, n, heads, head_dim] copy fewer; ``out=None`` below).
-    if FOLD_ROWSUM:
-      d_lse, out_k = d_lse - _rowsum(out, d_out), None
+    if FOLD_ROWSUM or out is None:
+      d_lse, out_k = -backward_delta(out, d_out, d_lse), None
     else:
       out_k = kernel_order(out, ql)
     dq, dk, dv = backward(
@@ -578,7 +574,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # delta = rowsum(dO ∘ O) - dLSE; lse in log2 units, +inf where the row saw no key (P = 0);
   # both padded to whole steps.
   # ``out=None``: the caller folded rowsum(dO ∘ O) into d_lse.
-  delta = (0.0 if out is None else _rowsum(out, d_out)) - d_lse
+  delta = backward_delta(out, d_out, d_lse)
   delta = jnp.pad(delta, [(0, 0), (0, 0), (0, n_q - sq)])
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   lse2 = jnp.pad(lse2, [(0, 0), (0, 0), (0, n_q - sq)], constant_values=jnp.inf)
