@@ -74,13 +74,6 @@ LN2 = math.log(2.0)
 # 4 sinks), S=8192 B=2 H=16/4; docs/experiments/h200-2026-11-29-lm-forward.json): with
 # documents 0.28 ms "each" vs 0.41 "and"; without 0.31 vs 0.26; a pure interval mask ties.
 TEST_FORM = None
-# How the two compute warpgroups take turns on the tensor cores. False: one shared barrier
-# that both meet at, after each QKᵀ issue and before each P·V (warpgroup 1 a phase behind);
-# True: a signal per warpgroup (FlashAttention-3's named-barrier order): after issuing its
-# QKᵀ a warpgroup signals the other and runs on to its softmax, and waits for the other's
-# signal only before its P·V; so one warpgroup's softmax may start before the other's has
-# ended.
-TURN_SIGNALS = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +165,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     return origin
 
   def body(q_smem, k_smem, v_smem, row_smem, step_smem, lse_smem, p_smem, q_bar, q_free,
-           row_bar, k_bar, v_bar, k_free, v_free, turn, signals):
+           row_bar, k_bar, v_bar, k_free, v_free, turn):
     """q_smem: [q_bufs, warpgroup] Q tiles (the memory warpgroup loads item k into buffer
     k % q_bufs; the output leaves through it). row_smem: the one-hot [warpgroup, 64, W] or
     per buffer and warpgroup (lo, hi) [.., 2, dims, 64]; step_smem: per slot, the key
@@ -197,39 +190,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
     def rendezvous():
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
-
-    # The turn order (`TURN_SIGNALS`): warpgroup 1 starts an item a turn behind (`turn_start`)
-    # and warpgroup 0 gives the last turn back when its item ends (`turn_end`); between
-    # them, per step, `turn_issued` after the QKᵀ issue and `turn_before_pv`.
-    def turn_start():
-      if signals is None:
-        pl.when(wg == 1)(rendezvous)
-      else:
-        pl.when(wg == 1)(lambda: plgpu.barrier_wait(signals.at[1]))
-
-    def turn_issued():
-      if signals is None:
-        rendezvous()
-      else:
-        plgpu.barrier_arrive(signals.at[1 - wg])
-
-    def turn_before_pv(wait_v):
-      if signals is None:
-        plgpu.barrier_arrive(turn)
-        wait_v()
-        plgpu.barrier_wait(turn)
-      else:
-        wait_v()
-        plgpu.barrier_wait(signals.at[wg])
-
-    def turn_end():
-      if signals is None:
-        pl.when(wg == 0)(rendezvous)
-      else:  # and both meet, so that warpgroup 0's next signal (the next item's first
-        # QKᵀ) cannot come before warpgroup 1 has taken this one: a barrier's waiters
-        # must see each phase complete before the next phase's arrivals.
-        pl.when(wg == 0)(lambda: plgpu.barrier_arrive(signals.at[1]))
-        rendezvous()
 
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
@@ -270,7 +230,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                        plgpu.ACC((_ROWS, head_dim), jnp.float32)),)
 
       def finish(qi, head, batch, qo, buf, acc, m_i, l_i):
-        turn_end()
+        pl.when(wg == 0)(rendezvous)
         # MMA bias: masked scores sit near -2**20 (log2 units), so a row that saw no key has
         # its max below half of that; element masks leave such a row at l == 0.
         seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
@@ -318,7 +278,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         def _():
           plgpu.barrier_wait(k_bar.at[lax.rem(g, stages)])
 
-        turn_start()
+        pl.when(wg == 1)(rendezvous)
 
         def step(t, carry, masked: bool):
           acc, m_i, l_i = carry
@@ -328,7 +288,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             if masked and mma:  # the bias first: onehot [64, W] @ test [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot])
             scores(acc_ref, qo, slot)
-            turn_issued()
+            rendezvous()
             return acc_ref[...]
 
           s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
@@ -373,7 +333,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             s = jnp.where(functools.reduce(lambda a, b: a & b, tests), s, -jnp.inf)
           acc, m_new, l_i, p16 = softmax(s, m_i, l_i, acc, elementwise)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-          turn_before_pv(lambda: plgpu.barrier_wait(v_bar.at[slot]))
+          plgpu.barrier_arrive(turn)
+          plgpu.barrier_wait(v_bar.at[slot])
+          plgpu.barrier_wait(turn)
 
           def next_k():  # wait for the next K while the P·V wgmma runs
             nxt = t + 1
@@ -418,7 +380,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           pl.when(t < n_steps)(lambda: each_load(t, lambda s: plgpu.barrier_wait(k_bar.at[s])))
 
         wait_k(0)
-        turn_start()
+        pl.when(wg == 1)(rendezvous)
 
         def step(t, carry, active: bool):
           acc, m_i, l_i = carry
@@ -429,17 +391,19 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             def qk(acc_ref):  # the bias first: onehot [64, W] @ my test matrix [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot, wg])
               scores(acc_ref, qo, slot)
-              turn_issued()
+              rendezvous()
               return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
           else:
-            turn_issued()
+            rendezvous()
           each_load(t, lambda s: plgpu.barrier_arrive(k_free.at[s]))
           if active:
             acc, m_i, l_i, p16 = softmax(s, m_i, l_i, acc, False)
             acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
-          turn_before_pv(lambda: each_load(t, lambda s: plgpu.barrier_wait(v_bar.at[s])))
+          plgpu.barrier_arrive(turn)
+          each_load(t, lambda s: plgpu.barrier_wait(v_bar.at[s]))
+          plgpu.barrier_wait(turn)
           if active:  # wait for the next step's K while the P·V wgmma runs
             acc = pv(acc, p16, slot, lambda: wait_k(t + 1))
           else:
@@ -592,7 +556,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
-      plgpu.Barrier(num_arrivals=1, num_barriers=_COMPUTE_WGS) if TURN_SIGNALS else None,
       collective_axes="wg",
   )
 
