@@ -232,10 +232,9 @@ def test_kernels_join_sinks_and_lower():
   for backend, export in (("triton", export_for_gpu), ("mosaic_gpu", export_for_gpu),
                           ("mosaic", export_for_tpu)):
     counts = []
-    for sinks in (s, None):
-      loss = lambda q, k, v, s, sinks=sinks: jnp.sum(jsa.attention(
-          q, k, v, mask, backend=backend, sinks=None if sinks is None else s)
-          .astype(jnp.float32))
+    for with_sinks in (True, False):
+      loss = lambda q, k, v, s, with_sinks=with_sinks: jnp.sum(jsa.attention(
+          q, k, v, mask, backend=backend, sinks=s if with_sinks else None).astype(jnp.float32))
       grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
       counts.append(reductions(export(grad, q, kv, kv, s).mlir_module()))
     assert counts[0] == counts[1] + 1, (backend, counts)

@@ -27,7 +27,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jax_sparse_attn import backends
-from jax_sparse_attn.backends import backward_delta
 from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, walked_map
 
@@ -769,7 +768,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   cfg = default_config(d, q.dtype, plan, config)
   bmap = walked_map(plan, block_map)
   # delta = rowsum(dO * O) - dLSE: one fused elementwise pass.
-  delta = backward_delta(out, d_out, d_lse)  # [b, h, sq]
+  delta = backends.backward_delta(out, d_out, d_lse)  # [b, h, sq]
   qp, kp, vp, dop = _pad_head_dim(q, k, v, d_out)
   dpad = qp.shape[-1]
 

@@ -28,7 +28,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jax_sparse_attn import backends
-from jax_sparse_attn.backends import backward_delta
 from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, walked_map
 
@@ -406,7 +405,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   bmap, rows, t_rows = _runtime_map(plan, block_map)
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
                    bmap.segments_full)
-  delta = backward_delta(out, d_out, d_lse)[..., None]  # [b, h, sq, 1]
+  delta = backends.backward_delta(out, d_out, d_lse)[..., None]  # [b, h, sq, 1]
   lse4 = lse[..., None]
   qt, kt, vt, dot_ = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), _to_bhsd(d_out)
   params = pltpu.CompilerParams(
