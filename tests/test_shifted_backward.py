@@ -58,3 +58,64 @@ def test_shifted_backward(monkeypatch, backend, problem):
   assert plans and plans[0] is not None and ops._kv_pads(plans[0], plans[0]) is None
   assert any(o < 0 for o in plans[0].kv_layout.origin)
   assert plans[0].mask is not None  # routing reads it (`picks_mosaic`)
+
+
+def test_window_dq_tile():
+  """The strided benchmark's dQ over window-anchored KV boxes: 8192 blocks, all full, against
+  the shifted grid's 10368 (6272 full); each step's test matrix cut into the kernel's two
+  64-key halves, box origins in the padded key grid (led by the shift). An unstrided
+  neighborhood keeps its map (the windows would not pay)."""
+  import dataclasses
+  import numpy as np
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered, make_plan
+  from pallas_kernels.gpu.mosaic_gpu import cost, tables
+
+  def shifted_plan(m):
+    tq, tk, lead = best_shifted_tiles(m, 128, 128)
+    padded = tuple(math.ceil((n + a) / t) * t for n, a, t in zip(m.spatial_shape, lead, tk))
+    kv = TiledLayout(padded, m.dilation, tk, tuple(-a for a in lead))
+    p = make_plan(m, TiledLayout(m.spatial_shape, m.dilation, tq), kv)
+    return gathered(dataclasses.replace(p, mask=m)), lead
+
+  m = masks.neighborhood((16, 64, 64), (8, 16, 16), stride=(4, 8, 8))
+  plan, lead = shifted_plan(m)
+  tile = cost.window_dq_tile(plan)
+  assert tile is not None and math.prod(tile) == 128
+  origins, counts, onehot, halves, ids = tables.window_dq_inputs(plan, tile, 0.1)
+  assert counts.sum(0).tolist() == [8192, 8192]
+  assert onehot.shape[0] == 128 and halves.shape[1:] == (onehot.shape[1], 64)
+  assert ids.shape == (origins.shape[0], 2 * origins.shape[1])
+  assert np.all(ids[:, 1::2] == ids[:, ::2] + 1)
+  # every box lies in the padded key grid, and the first one of query tile 0 at the lead
+  assert origins.min() >= 0 and np.all(origins.max((0, 1)) + tile <= plan.kv_layout.spatial_shape)
+  assert tuple(origins[0, 0]) == lead
+  plain = gathered(make_plan(masks.neighborhood((16, 64, 64), (8, 16, 16)),
+                             TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8)),
+                             TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8))))
+  assert cost.window_dq_tile(plain) is None
+  assert cost.window_dq_tile(plain, force=True) is not None
+
+
+@pytest.mark.parametrize("problem", [_2D[1],
+                                     ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1),
+                                      (False, False, True))])
+def test_window_dq(monkeypatch, problem):
+  """Gradients against the brute force with the dQ kernel on window-anchored KV boxes
+  (`attention_bwd.WINDOW_DQ`, forced with `kv_windows=True`; boxes past the shifted grid's
+  lead, partial boxes with their MMA bias, GQA, a causal dim): the path is checked to run."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  ran = []
+  window = attention_bwd._dq_window
+
+  def spy(*args):
+    ran.append(window(*args))
+    return ran[-1]
+
+  monkeypatch.setattr(attention_bwd, "_dq_window", spy)
+  monkeypatch.setattr(ops, "SHIFTED_KV", True)
+  p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
+           seed=5, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True,
+                         config=MosaicGPUConfig(backward="mosaic_gpu", kv_windows=True))
+  assert ran and all(r is not None for r in ran)

@@ -62,9 +62,10 @@ from . import attention_bwd_dq as bwd_dq
 from . import attention_bwd_wide as bwd_wide
 from . import attention_fwd as fwd
 from .attention_bwd_dq import mma_add
-from .boxes import caller_order, kernel_order
+from .boxes import _Boxes, _view, _window_groups, _window_view, caller_order, kernel_order
+from .cost import window_dq_tile
 from .element import mask_intervals, mask_vectors
-from .tables import backward_mma_inputs, live_quarters
+from .tables import backward_mma_inputs, live_quarters, window_dq_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 from .config import swizzled, swizzled_f32
@@ -522,12 +523,44 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 # dLSE, so O is not permuted into kernel order; False: O permuted (the earlier form).
 FOLD_ROWSUM = True
 
+# dQ (its own kernel) over window-anchored KV boxes where they cost less than the backward
+# plan's map (`cost.window_dq_tile`): strided neighborhoods, whose shifted key grid
+# (`ops._backward_plan`) holds only interior windows whole.
+WINDOW_DQ = True
+
+
+def _dq_window(cfg, plan: AttentionPlan, k, v, head_dim: int, segments: bool, scale: float,
+               interpret):
+  """The dQ kernel's window boxes for a gathered plan, (geometry, box groups, inputs) with
+  the caller-order k/v views (`attention_bwd_dq.dq_launch`'s ``window``), or None: not with
+  segment ids or padding masks, mask functions, head dims the kernels pad, or where dQ is
+  fused into the dK/dV kernel. `MosaicGPUConfig.kv_windows`: True wherever they apply, None
+  where they pay (`cost.window_dq_tile`), False never."""
+  if not (WINDOW_DQ and cfg.mask_mma and cfg.kv_windows is not False and not segments
+          and isinstance(plan.mask, masks.Neighborhood) and plan.mask_fn is None
+          and _padded_head_dim(head_dim) == head_dim and not _wide(plan, head_dim)
+          and plan.block_kv == _BLOCK_KV and _separate_dq(cfg, plan, head_dim)):
+    return None
+  box_ok = cfg.box_copies is not False and (cfg.box_copies or not interpret)
+  tile = window_dq_tile(plan, force=cfg.kv_windows is True)
+  if tile is None or not (interpret or (box_ok and _window_groups(tile))):
+    return None
+  inputs = window_dq_inputs(plan, tile, scale)
+  if inputs is None:
+    return None
+  geometry = _Boxes(tuple(plan.kv_layout.spatial_shape), tile, ())
+  box = _window_groups(tile) if box_ok else None
+  view = _window_view if box is not None else _view
+  return view(k, geometry), view(v, geometry), (geometry, box, inputs)
+
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             config, interpret, block_map=None):
+             config, interpret, block_map=None, dq_window=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
   Triton kernels). `block_map`: a runtime map (`block_map.from_selection`), whose work items
-  are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows)."""
+  are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows).
+  `dq_window`: (k view, v view, window) of the dQ kernel's window boxes (`_dq_window`; set
+  by the gathered plans' call into kernel order)."""
   cfg = _config(config)
   runtime = block_map is not None
   wide = _wide(plan, q.shape[-1])
@@ -556,7 +589,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     dq, dk, dv = backward(
         kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg, kv_seg,
         out_k, rows(lse), kernel_order(d_out, ql), rows(d_lse),
-        gathered(plan, False), scale, cfg, interpret)
+        gathered(plan, False), scale, cfg, interpret,
+        dq_window=_dq_window(cfg, plan, k, v, d, q_seg is not None, scale, interpret))
     return caller_order(dq, ql), caller_order(dk, kl), caller_order(dv, kl)
   dpad = _padded_head_dim(d)
   if cfg.backward_dq == "split" and dpad != 128 and not wide:
@@ -681,7 +715,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                      interpret=interpret_params(interpret),
                      name="sparse_attention_bwd")(*args, *refs)
 
-  joint = JOINT_DQ and separate
+  joint = JOINT_DQ and separate and dq_window is None  # window dQ reads other K/V arrays
   if joint:  # dQ's CTAs after the dK/dV items in one launch (`_joint`)
     dq_launch = bwd_dq.dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
                                  scale=scale, mask_fn=mask_fn, terms=terms,
@@ -724,9 +758,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if joint:
     dq = dq[:, :sq]
   elif separate:
-    dq = bwd_dq.dq(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
-                   mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq,
-                   quarters=dq_quarters)[:, :sq]
+    k_dq, v_dq, window = dq_window if dq_window is not None else (k, v, None)
+    dq = bwd_dq.dq(q, k_dq, v_dq, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
+                   scale=scale, mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq,
+                   quarters=dq_quarters, window=window)[:, :sq]
   else:
     dq = (dq[:, :sq] * scale).astype(q.dtype)
   if cut:  # the cut blocks' rows from their float32 buffers

@@ -32,7 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .config import _COMPUTE_WGS as _WGS, _ROWS, interpret_params, swizzled
+from .boxes import _Boxes
+from .config import _COMPUTE_WGS as _WGS, _ROWS, interpret_params, swizzle_columns, swizzled
 from .element import mask_intervals
 
 LOG2E = math.log2(math.e)
@@ -190,7 +191,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
             runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None,
-            quarters: bool = False):
+            quarters: bool = False, window: _Boxes | None = None, box: tuple | None = None):
   """CTA (q block in visiting order, query head, batch): the grid's axes "q", "head" and "batch", or
   ``cta`` (their indices in a joint launch, `attention_bwd.JOINT_DQ`). order [n_q blocks]; ids [n_q
   blocks, max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
@@ -202,7 +203,14 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   + 1) come before dq, and replace the interval test of partial blocks (``kv_sub`` 64).
   ``quarters``: the last array before dq is `tables.live_quarters`' forward map bits [n_q
   blocks, max kv]; a warpgroup skips the 64-key halves of partial blocks that none of its
-  rows may see (``kv_sub`` 64)."""
+  rows may see (``kv_sub`` 64).
+
+  Window-anchored KV boxes (``window``: the K/V view's geometry and box tile,
+  `tables.window_dq_inputs`): ids are the steps' box origins [n_q blocks, steps, view dims]
+  and k/v the caller's [b, *spatial, hkv, ...] views; with ``box`` (`_window_groups`, the
+  GPU) `_window_view`s copied per swizzle group of columns into a slot [parts, *box, 8, w]
+  (scores sum one wgmma per part, dQ accumulates in w-column parts), else one copy per row
+  of the box into a [128, head_dim] slot (interpret mode)."""
   mma = mma_width > 0
   quarters_ref = None
   if quarters:
@@ -221,10 +229,28 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                                      shared)
   q0 = q_block * _BLOCK_Q
   qk_scale = scale * LOG2E
+  # K/V slots of window box copies: one per swizzle group of columns (`attention_fwd`'s)
+  parts = head_dim // swizzle_columns(head_dim) if box is not None else 1
+  width = head_dim // parts
 
   def body(q_smem, do_smem, k_smem, v_smem, c_smem, lse_smem, delta_smem, lo_smem, hi_smem,
            qx_smem, kx_smem, ds_smem, onehot_smem, table_smem, q_bar, kv_bar, kv_free):
     wg = lax.axis_index("wg")
+    # Window boxes start anywhere along the last dim: the TMA writes through an untiled view
+    # of the same bytes (`k_raw`), the wgmmas read the tiled one (as `attention_fwd`).
+    k_raw, v_raw = k_smem, v_smem
+    if box is not None:
+      (k_smem, k_raw), (v_smem, v_raw) = k_smem, v_smem
+
+    def key_part(smem, slot, keys, i):
+      """Keys `keys` of a K/V slot, columns [w i, w i + w) of a box slot (else all)."""
+      if box is None:
+        return smem.at[slot, keys]
+      return smem.at[slot, i].reshape(_BLOCK_KV, width).at[keys]
+
+    def cols_of(ref, i):
+      """Columns [w i, w i + w) of a [rows, head_dim] ref (all of it with one part)."""
+      return ref if parts == 1 else ref.at[:, pl.ds(i * width, width)]
 
     @pl.when(wg < _WGS)
     def _compute():
@@ -241,7 +267,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       def step(e, dq, masked: bool):
         slot = lax.rem(e, stages)
         plgpu.barrier_wait(kv_bar.at[slot])
-        kv0 = kv_block(e) * _BLOCK_KV
+        kv0 = None if window is not None else kv_block(e) * _BLOCK_KV
         bits = quarters_ref[q_block, e] if quarters_ref is not None and masked else None
         for part in range(_BLOCK_KV // kv_sub):
           if bits is None:
@@ -257,14 +283,17 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       def keys_step(dq, slot, kv0, part: int, masked: bool):
         """dQ += dS K over the step's `part`-th `kv_sub` keys."""
         keys = pl.ds(part * kv_sub, kv_sub)
-        k_half = k_smem.at[slot, keys]
+        k_half = [key_part(k_smem, slot, keys, i) for i in range(parts)]
 
         def sdp(refs):
           s_ref, dp_ref = refs
           if masked and mma:  # the bias first: onehot [64, W] @ test [W, 64 keys]
             plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot, part])
-          plgpu.wgmma(s_ref, q_smem.at[own], k_half.transpose((1, 0)))
-          plgpu.wgmma(dp_ref, do_smem.at[own], v_smem.at[slot, keys].transpose((1, 0)))
+          for i in range(parts):
+            plgpu.wgmma(s_ref, cols_of(q_smem.at[own], i), k_half[i].transpose((1, 0)))
+          for i in range(parts):
+            plgpu.wgmma(dp_ref, cols_of(do_smem.at[own], i),
+                        key_part(v_smem, slot, keys, i).transpose((1, 0)))
           return s_ref[...], dp_ref[...]
 
         s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
@@ -285,17 +314,20 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         if interpret:
           ds_smem.at[wg][...] = ds
           plgpu.commit_smem()
-          return mma_add(dq, ds_smem.at[wg], k_half)
+          return tuple(mma_add(a, ds_smem.at[wg], k) for a, k in zip(dq, k_half))
 
-        def product(acc_ref):
-          plgpu.wgmma(acc_ref, ds, k_half)
-        return pl.run_state(product)(plgpu.ACC.init(dq))
+        def product(acc_refs):  # dQ (its column parts) += dS K
+          for i, acc_ref in enumerate(acc_refs):
+            plgpu.wgmma(acc_ref, ds, key_part(k_smem, slot, keys, i))
+        return pl.run_state(product)(tuple(plgpu.ACC.init(a) for a in dq))
 
-      dq = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+      dq = tuple(plgpu.layout_cast(jnp.zeros((_ROWS, width), jnp.float32), plgpu.Layout.WGMMA)
+                 for _ in range(parts))
       dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
       dq = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), dq)
       # Q's rows are free once the last products are waited: dQ leaves through them.
-      q_smem.at[own][...] = (dq * scale).astype(dtype)
+      for i, a in enumerate(dq):
+        cols_of(q_smem.at[own], i)[...] = (a * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem.at[own], dq_ref.at[batch, pl.ds(q0 + wg * _ROWS, _ROWS),
                                                          head])
@@ -317,11 +349,24 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       def _load(e):
         slot = free_slot(kv_free, e, stages)
 
-        keys = pl.ds(kv_block(e) * _BLOCK_KV, _BLOCK_KV)
         bar = kv_bar.at[slot]
-        load_key_rows((k_ref, v_ref, c_ref, kx_ref if segments else None),
-                      (k_smem.at[slot], v_smem.at[slot], c_smem.at[slot],
-                       kx_smem.at[slot] if segments else None), batch, keys, kv_head, bar)
+        if window is not None:  # the step's box at its origin, K then V
+          origin = [ids_ref[q_block, e, d] for d in range(len(window.tile))]
+          for src, dst in ((k_ref, k_raw), (v_ref, v_raw)):
+            if box is not None:  # src: [b, *spatial, hkv, parts, w]; dst: the raw view
+              index = tuple(pl.ds(o, n) if n > 1 else o for o, n in zip(origin, window.tile))
+              for i in range(parts):
+                plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head, i, slice(None))],
+                                        dst.at[slot, i], bar)
+            else:  # src: [b, *spatial, hkv, d]; one copy per row of the box
+              for r, index in window.rows(origin):
+                plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head)],
+                                        dst.at[slot, pl.ds(r, window.tile[-1])], bar)
+        else:
+          keys = pl.ds(kv_block(e) * _BLOCK_KV, _BLOCK_KV)
+          load_key_rows((k_ref, v_ref, c_ref, kx_ref if segments else None),
+                        (k_smem.at[slot], v_smem.at[slot], c_smem.at[slot],
+                         kx_smem.at[slot] if segments else None), batch, keys, kv_head, bar)
         if mma:  # full entries load table 0 too: a fixed arrival count
           for part in range(2):
             plgpu.copy_gmem_to_smem(tables_ref.at[table_ids_ref[q_block, 2 * e + part]],
@@ -336,11 +381,23 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   narrow = ((plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
             if mma else None)
   tiles = swizzled(head_dim)  # the 16-bit tiles that meet a head_dim operand
+  k_slots, v_slots, c_slots = key_slots(stages, _BLOCK_KV, head_dim, dims, dtype)
+  # A step's K/V copies: one per row of the key block, of a box's rows, or per column part
+  key_copies = 1 if window is None else parts if box is not None else math.prod(
+      window.tile[:-1])
+  if box is not None:  # unit tiling over the box dims (the slot folds to [128, w]), and the
+    # same bytes untiled for the copies: [parts, *tile less unit dims, w]
+    k_slots = v_slots = plgpu.RefUnion(
+        plgpu.SMEM((stages, parts, *box, 8, width), dtype,
+                   transforms=(plgpu.TilingTransform((1,) * len(box) + (8, width)),
+                               plgpu.SwizzleTransform(2 * width))),
+        plgpu.SMEM((stages, parts, *(n for n in window.tile if n > 1), width), dtype,
+                   transforms=(plgpu.SwizzleTransform(2 * width),)))
   pl.run_scoped(
       body,
       plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=tiles),
       plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=tiles),
-      *key_slots(stages, _BLOCK_KV, head_dim, dims, dtype),
+      k_slots, v_slots, c_slots,
       *query_vectors((), _BLOCK_Q, dims),
       plgpu.SMEM((extras, _BLOCK_Q), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _BLOCK_KV), jnp.int32) if extras else None,
@@ -349,7 +406,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.SMEM((stages, 2, mma_width, _ROWS), jnp.bfloat16, transforms=narrow)
       if mma else None,
       plgpu.Barrier(num_arrivals=6 + extras + (_WGS if mma else 0)),
-      plgpu.Barrier(num_arrivals=3 + extras + (2 if mma else 0), num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2 * key_copies + (window is None) + extras + (2 if mma else 0),
+                    num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
       collective_axes="wg",
   )
@@ -369,7 +427,7 @@ def dq(q, k, v, d_out, lse2, delta, *rest, interpret: bool, **kw):
 
 def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
               interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1,
-              quarters=None):
+              quarters=None, window=None):
   """The dQ kernel's launch: (kernel, (map arrays, arrays it shares with the dK/dV kernel),
   grid, out_type); the kernel's inputs are the map's first three arrays, the shared ones,
   then the map's others (its MMA-bias inputs). From the backward's padded inputs: lse₂ and
@@ -378,7 +436,14 @@ def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: fl
   `bmap` the forward block map (128-row Q blocks, 128-key KV blocks), static or runtime;
   `mma` the dQ kernel's MMA-bias inputs (onehot, tables, table_ids;
   `tables.backward_mma_inputs`) or None; `quarters` the forward map's bits of
-  `tables.live_quarters` (static maps; 64-key steps) or None."""
+  `tables.live_quarters` (static maps; 64-key steps) or None. `window`: window-anchored KV
+  boxes instead of the map's blocks, (geometry `_Boxes` of the K/V view, its box groups or
+  None, `tables.window_dq_inputs`), with k and v the caller's views (`_window_view` with box
+  groups, else `_view`)."""
+  box = None
+  if window is not None:
+    window, box, (origins, counts_w, onehot, tables, table_ids) = window
+    mma, quarters = (onehot, tables, table_ids), None
   if mma is not None:
     kv_sub = _ROWS
   kv_sub = kv_sub or KV_SUB
@@ -389,20 +454,24 @@ def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: fl
   runtime = bmap.is_runtime
   counts = (jnp.stack([bmap.kv_full_counts, bmap.kv_counts], axis=-1) if runtime else
             np.stack([np.asarray(bmap.kv_full_counts), np.asarray(bmap.kv_counts)], axis=1))
+  if window is not None:
+    counts = counts_w
   if runtime:
     order = jnp.arange(bmap.num_q_blocks, dtype=jnp.int32)
   else:  # longest lists first, so that short ones fill the tail (last Q block first, as the
     # dK/dV items, did no better: docs/experiments/h200-2026-12-03-dq-order.json)
     order = jnp.asarray(np.argsort(-counts[:, 1], kind="stable"), jnp.int32)
+  hkv = k.shape[-3] if box is not None else k.shape[-2]  # a window box view: [.., hkv, parts, w]
   kernel = functools.partial(
-      _kernel, head_dim=d, groups=h // k.shape[2], dims=lo.shape[0], stages=STAGES, scale=scale,
+      _kernel, head_dim=d, groups=h // hkv, dims=lo.shape[0], stages=STAGES, scale=scale,
       dtype=q.dtype, interpret=bool(interpret), mask_fn=mask_fn, segments=bool(extras),
       runtime=runtime, kv_sub=kv_sub,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,
       mma_width=0 if mma is None else mma[0].shape[1], terms=terms,
-      quarters=quarters is not None)
+      quarters=quarters is not None, window=window, box=box)
   grid = backward_grid(b, h, ("q", bmap.num_q_blocks), Q_FASTEST)
-  map_args = (order, jnp.asarray(bmap.kv_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
+  ids = bmap.kv_ids if window is None else origins
+  map_args = (order, jnp.asarray(ids, jnp.int32), jnp.asarray(counts, jnp.int32),
               *([] if mma is None else [jnp.asarray(x) for x in mma]),
               *([] if quarters is None else [jnp.asarray(quarters, jnp.int32)]))
   return (kernel, (map_args, (q, k, v, d_out, lse2, delta, lo, hi, c, *extras)), grid,

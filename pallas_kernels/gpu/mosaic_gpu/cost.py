@@ -82,6 +82,33 @@ def split_lists(plan: AttentionPlan, scale: float, config=None):
   return split
 
 
+@functools.lru_cache(maxsize=64)
+def window_dq_tile(plan: AttentionPlan, force: bool = False) -> tuple[int, ...] | None:
+  """The 128-key KV tile whose window-anchored boxes cost the backward's dQ kernel least for
+  a gathered neighborhood plan's query tiles (`tile_costs`' "window", then the squarer tile),
+  where that costs less than the plan's own map read in kernel order (its visited and full
+  blocks in the same units, one copy per K load; ``force``: wherever they apply), else None.
+  Strided windows on a key grid
+  that holds only interior windows whole (`ops._backward_plan`): 3-D k8×16² stride 4×8×8
+  visits 10368 blocks (6272 full) on that grid, 8192 (all full) as anchored boxes."""
+  from jax_sparse_attn.simulate import PARTIAL_BLOCK_COST_MMA, candidate_tiles
+  mask, tq = plan.mask, plan.q_layout.tile_shape
+  if not isinstance(mask, masks.Neighborhood) or math.prod(tq) != 2 * _ROWS:
+    return None
+  best = None
+  for kt in candidate_tiles(mask, 2 * _ROWS, last_multiple=8):
+    cost = tile_costs(mask, tuple(tq), kt).get("window")
+    key = None if cost is None else (cost, max(kt) / min(kt))
+    if key is not None and (best is None or key < best[0]):
+      best = (key, kt)
+  if best is None:
+    return None
+  bmap = plan.block_map
+  visited, full = int(np.sum(bmap.kv_counts)), int(np.sum(bmap.kv_full_counts))
+  own = (full + PARTIAL_BLOCK_COST_MMA * (visited - full)) * 4 + _TMA_COPY_COST * visited
+  return best[1] if force or best[0][0] < own else None
+
+
 @functools.lru_cache(maxsize=4096)
 def tile_costs(mask, q_tile: tuple, kv_tile: tuple) -> dict:
   """Modeled forward cost of a tiling per KV scheme, in 64x64 units of one warpgroup step

@@ -152,6 +152,40 @@ def _window_inputs(plan: AttentionPlan, scale: float):
   return (origins, counts, _onehot(spec, 2 * _ROWS).astype(jnp.bfloat16), tables, table_ids)
 
 
+@functools.lru_cache(maxsize=16)
+def window_dq_inputs(plan: AttentionPlan, kv_tile: tuple[int, ...], scale: float):
+  """Window-anchored KV boxes of `kv_tile` for the backward's dQ kernel (`attention_bwd_dq`,
+  ``window``) on a gathered neighborhood plan: the forward's `_window_inputs` for the plan's
+  query tiles, with each step's test matrix cut into the kernel's two 64-key halves.
+
+  Returns (origins [q blocks, steps, dims] int32 in the plan's key grid: shifted by its lead
+  where that grid starts before the array (`ops._backward_plan`); counts [q blocks, 2] (full,
+  all); onehot [128, W]; tables [2n, W, 64]; table_ids [q blocks, 2 * steps]: step t's halves
+  at 2t, 2t + 1), or None where window boxes do not apply."""
+  mask = plan.mask
+  kl = plan.kv_layout
+  if not (isinstance(mask, masks.Neighborhood) and isinstance(kl, TiledLayout)
+          and isinstance(plan.q_layout, TiledLayout) and not plan.q_layout.is_shard):
+    return None
+  nd = len(mask.spatial_shape)
+  lead = np.asarray([-o for o in kl.origin] if kl.origin else [0] * nd, np.int32)
+  # the key grid holds the whole array (a shifted grid), not a slab of it
+  if np.any(lead < 0) or any(a + n > p for a, n, p in zip(lead, mask.spatial_shape,
+                                                          kl.spatial_shape)):
+    return None
+  wplan = make_plan(mask, plan.q_layout,
+                    TiledLayout(tuple(mask.spatial_shape), tuple(mask.dilation), tuple(kv_tile)))
+  built = _window_inputs(wplan, scale)
+  if built is None:
+    return None
+  origins, counts, onehot, tables, table_ids = built
+  n, width, keys = tables.shape
+  halves = tables.reshape(n, width, 2, keys // 2).transpose(0, 2, 1, 3)
+  ids = np.stack([2 * table_ids, 2 * table_ids + 1], axis=-1).reshape(len(table_ids), -1)
+  return (origins + lead, counts, onehot, halves.reshape(2 * n, width, keys // 2),
+          ids.astype(np.int32))
+
+
 _SPLIT_MAX_WIDTH = 16  # one-hot columns of a 64-row half tile (two tables per K/V slot)
 
 
