@@ -5,11 +5,17 @@ its GQA 16/4 form: gradients against float32 XLA at 16x32x32 (H=4), the variants
 against each other at full size, and fwd / fwd+bwd ms interleaved over rounds.
 
     python -m benchmarks.diag.diag_window_dq --out x.json
+
+``--routing``: neighborhoods that `auto` trains on the Triton backward (2-D strided and odd
+kernels, a small 3-D stride) where the window boxes apply to the Hopper dQ: `auto` against
+the Hopper backward with and without them (B=2, H=16, D=128; gradients of each Hopper
+variant against `auto`'s at full size).
 """
 import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
+from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
 from . import Rows, case_parser, interleaved, knob_setter, max_rel_diff
@@ -26,9 +32,40 @@ def _inputs(spatial, heads, kv_heads, dtype, seed=0):
   return q, k, v, do
 
 
+# name: (spatial, kernel, stride, batch)
+ROUTING = {"na2d_k16_s8": ((128, 128), 16, 8, 2), "na2d_k32_s16": ((128, 128), 32, 16, 2),
+           "na2d_k13": ((128, 128), 13, 1, 2),
+           "na3d_k4x8x8_s2x4x4": ((16, 64, 64), (4, 8, 8), (2, 4, 4), 1)}
+
+
+def routing(names: str, rows: Rows, out):
+  setter = knob_setter(attention_bwd, "WINDOW_DQ")
+  hopper = MosaicGPUConfig(backward="mosaic_gpu")
+  for name in names.split(","):
+    spatial, kern, stride, b = ROUTING[name]
+    fn = lambda cfg: (lambda q, k, v: jsa.na(q, k, v, kern, stride, backend="mosaic_gpu",
+                                             config=cfg))
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    big = tuple(jax.random.normal(x, (b, *spatial, 16, 128), jnp.bfloat16) for x in ks)
+    variants = {"auto": lambda: (setter(True), fn(None))[1],
+                "hopper_window": lambda: (setter(True), fn(hopper))[1],
+                "hopper_map": lambda: (setter(False), fn(hopper))[1]}
+    row = {"case": name}
+    grads = interleaved(row, variants, big, rounds=2)
+    for v in ("hopper_window", "hopper_map"):
+      row[f"{v}_vs_auto_rel_diff"] = max_rel_diff(grads[v], grads["auto"])
+    setter(True)
+    rows.record(**row)
+    rows.write(out)
+
+
 def main():
-  args = case_parser(",".join(CASES)).parse_args()
+  parser = case_parser(",".join(CASES))
+  parser.add_argument("--routing", default=None, help="cases of ROUTING, comma-separated")
+  args = parser.parse_args()
   rows = Rows()
+  if args.routing:
+    return routing(args.routing, rows, args.out)
   setter = knob_setter(attention_bwd, "WINDOW_DQ")
   run = lambda backend="mosaic_gpu": (lambda q, k, v: jsa.na3d(q, k, v, KERNEL, stride=STRIDE,
                                                                 backend=backend))
