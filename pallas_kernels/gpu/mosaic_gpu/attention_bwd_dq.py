@@ -17,6 +17,11 @@ swapped (`attention_bwd`): for neighborhoods the forward's MMA bias (the Q block
 coordinates by the step's test matrix over 64 keys), else the element test of interval dims,
 a mask function on kernel positions, segment ids. dK and dV come from `attention_bwd._kernel` with its dQ turned off.
 
+Strided neighborhoods read K/V as the forward's window-anchored boxes instead of the
+backward plan's blocks (`attention_bwd.WINDOW_DQ`): boxes of the caller's key grid placed on
+each query tile's window, all full where the plan's shifted grid leaves edge windows
+partial (`tables.window_dq_inputs`).
+
 Interpret mode (CPU) has no register operands and no accumulation into a live accumulator:
 there dS goes through shared memory and each product lands in a fresh accumulator.
 """
