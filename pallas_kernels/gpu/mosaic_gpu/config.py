@@ -64,7 +64,9 @@ class MosaicGPUConfig:
   # grid (NATTEN centres it on its stride group) is loaded as whole boxes, e.g. every block
   # of 3-D stride k/2 full. Neighborhood masks with MMA-bias tables and one KV list per tile
   # (not with `split`); on the GPU only with box copies. None: where the cost model says
-  # they cost less than the grid (`window_pays`).
+  # they cost less than the grid (`window_pays`). The backward's dQ kernel (its own kernel,
+  # not fused) takes the same boxes, None: where they cost less than the backward plan's
+  # map (`cost.window_dq_tile`: strided windows on the shifted key grid).
   kv_windows: bool | None = None
   # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
   # `attention_bwd_dq.py`; head_dim 129-256: `attention_bwd_wide.py`), "triton" (the Triton
