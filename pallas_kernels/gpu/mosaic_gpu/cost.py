@@ -88,9 +88,9 @@ def window_dq_tile(plan: AttentionPlan, force: bool = False) -> tuple[int, ...] 
   a gathered neighborhood plan's query tiles (`tile_costs`' "window", then the squarer tile),
   where that costs less than the plan's own map read in kernel order (its visited and full
   blocks in the same units, one copy per K load; ``force``: wherever they apply), else None.
-  Strided windows on a key grid
-  that holds only interior windows whole (`ops._backward_plan`): 3-D k8×16² stride 4×8×8
-  visits 10368 blocks (6272 full) on that grid, 8192 (all full) as anchored boxes."""
+  Strided windows on a key grid that holds only interior windows whole
+  (`ops._backward_plan`): 3-D k8×16² stride 4×8×8 visits 10368 blocks (6272 full) on that
+  grid, 8192 (all full) as anchored boxes."""
   from jax_sparse_attn.simulate import PARTIAL_BLOCK_COST_MMA, candidate_tiles
   mask, tq = plan.mask, plan.q_layout.tile_shape
   if not isinstance(mask, masks.Neighborhood) or math.prod(tq) != 2 * _ROWS:
