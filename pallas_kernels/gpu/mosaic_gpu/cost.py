@@ -91,7 +91,7 @@ def window_dq_tile(plan: AttentionPlan, force: bool = False) -> tuple[int, ...] 
   Strided windows on a key grid that holds only interior windows whole
   (`ops._backward_plan`): 3-D k8×16² stride 4×8×8 visits 10368 blocks (6272 full) on that
   grid, 8192 (all full) as anchored boxes."""
-  from jax_sparse_attn.simulate import PARTIAL_BLOCK_COST_MMA, candidate_tiles
+  from jax_sparse_attn.simulate import candidate_tiles
   mask, tq = plan.mask, plan.q_layout.tile_shape
   if not isinstance(mask, masks.Neighborhood) or math.prod(tq) != 2 * _ROWS:
     return None
@@ -104,9 +104,20 @@ def window_dq_tile(plan: AttentionPlan, force: bool = False) -> tuple[int, ...] 
   if best is None:
     return None
   bmap = plan.block_map
-  visited, full = int(np.sum(bmap.kv_counts)), int(np.sum(bmap.kv_full_counts))
-  own = (full + PARTIAL_BLOCK_COST_MMA * (visited - full)) * 4 + _TMA_COPY_COST * visited
+  own = list_cost(int(np.sum(bmap.kv_counts)), int(np.sum(bmap.kv_full_counts)), 1,
+                  2 * _ROWS, mma=True)
   return best[1] if force or best[0][0] < own else None
+
+
+def list_cost(visited: int, full: int, copies: int, kv_keys: int, mma: bool) -> float:
+  """Modeled cost of walking `visited` KV blocks of `kv_keys` keys (`full` of them unmasked),
+  in the units of `tile_costs`: partial blocks as in the simulator's model (``mma``: the MMA
+  bias, else the element test), 64-key blocks at `_KV64_COST`, and `copies` TMA copies per
+  K (or V) load at `_TMA_COPY_COST` each."""
+  from jax_sparse_attn.simulate import PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA
+  partial_cost = PARTIAL_BLOCK_COST_MMA if mma else PARTIAL_BLOCK_COST
+  rate = 2 * kv_keys // _ROWS * (1.0 if kv_keys > _ROWS else _KV64_COST)
+  return (full + partial_cost * (visited - full)) * rate + _TMA_COPY_COST * copies * visited
 
 
 @functools.lru_cache(maxsize=4096)
@@ -117,16 +128,11 @@ def tile_costs(mask, q_tile: tuple, kv_tile: tuple) -> dict:
   each where it applies. Visited-block counts are the simulator's, partial blocks cost as
   in its model (the MMA bias, or the element test past 32 one-hot columns), and every KV
   load adds the cost of its TMA copies (`_TMA_COPY_COST`)."""
-  from jax_sparse_attn.simulate import (PARTIAL_BLOCK_COST, PARTIAL_BLOCK_COST_MMA,
-                                        mma_columns, visited_blocks, window_blocks)
+  from jax_sparse_attn.simulate import mma_columns, visited_blocks, window_blocks
   kv = math.prod(kv_tile)
   half = _half_tile(q_tile)[0]
   mma = mma_columns(q_tile) <= mma_masks.MAX_WIDTH
-  partial_cost = PARTIAL_BLOCK_COST_MMA if mma else PARTIAL_BLOCK_COST
-  rate = 2 * kv // _ROWS * (1.0 if kv > _ROWS else _KV64_COST)
-
-  def one_list(visited, full, copies):
-    return (full + partial_cost * (visited - full)) * rate + _TMA_COPY_COST * copies * visited
+  one_list = lambda visited, full, copies: list_cost(visited, full, copies, kv, mma)
 
   visited, full = visited_blocks(mask, q_tile, kv_tile)
   copies = _tma_copies(kv_tile)
