@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .boxes import _Boxes
+from .boxes import _Boxes, box_slots, copy_box
 from .config import _COMPUTE_WGS as _WGS, _ROWS, interpret_params, swizzle_columns, swizzled
 from .element import mask_intervals
 
@@ -358,15 +358,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         if window is not None:  # the step's box at its origin, K then V
           origin = [ids_ref[q_block, e, d] for d in range(len(window.tile))]
           for src, dst in ((k_ref, k_raw), (v_ref, v_raw)):
-            if box is not None:  # src: [b, *spatial, hkv, parts, w]; dst: the raw view
-              index = tuple(pl.ds(o, n) if n > 1 else o for o, n in zip(origin, window.tile))
-              for i in range(parts):
-                plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head, i, slice(None))],
-                                        dst.at[slot, i], bar)
-            else:  # src: [b, *spatial, hkv, d]; one copy per row of the box
-              for r, index in window.rows(origin):
-                plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head)],
-                                        dst.at[slot, pl.ds(r, window.tile[-1])], bar)
+            copy_box(src, dst, slot, batch, kv_head, origin, window, parts, box, bar)
         else:
           keys = pl.ds(kv_block(e) * _BLOCK_KV, _BLOCK_KV)
           load_key_rows((k_ref, v_ref, c_ref, kx_ref if segments else None),
@@ -390,14 +382,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   # A step's K/V copies: one per row of the key block, of a box's rows, or per column part
   key_copies = 1 if window is None else parts if box is not None else math.prod(
       window.tile[:-1])
-  if box is not None:  # unit tiling over the box dims (the slot folds to [128, w]), and the
-    # same bytes untiled for the copies: [parts, *tile less unit dims, w]
-    k_slots = v_slots = plgpu.RefUnion(
-        plgpu.SMEM((stages, parts, *box, 8, width), dtype,
-                   transforms=(plgpu.TilingTransform((1,) * len(box) + (8, width)),
-                               plgpu.SwizzleTransform(2 * width))),
-        plgpu.SMEM((stages, parts, *(n for n in window.tile if n > 1), width), dtype,
-                   transforms=(plgpu.SwizzleTransform(2 * width),)))
+  if box is not None:  # each part folds to [128, w]; the copies write the raw view
+    k_slots = v_slots = box_slots(stages, parts, box, width, dtype, window.tile)
   pl.run_scoped(
       body,
       plgpu.SMEM((_BLOCK_Q, head_dim), dtype, transforms=tiles),

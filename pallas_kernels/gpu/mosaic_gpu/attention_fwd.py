@@ -54,7 +54,8 @@ from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
 from .config import interpret_params, swizzle_columns, swizzled
 from .element import mask_intervals, mask_vectors
 from .boxes import (_Boxes, _box_groups, _box_layout, _box_view, _boxes, _half_tile, _view,
-                    _window_groups, _window_view, caller_order, kernel_order)
+                    _window_groups, _window_view, box_slots, caller_order, copy_box,
+                    kernel_order)
 from .tables import _mma_inputs
 from .cost import split_lists, window_lists
 from .schedule import _SMEM_LIMIT, _order, _persistent_default, _programs, _smem_bytes, _stages
@@ -457,24 +458,20 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           reuse = g + t >= stages
 
           def copy_rows(src, dst, bar):  # the step's KV tile: per column group, or per row
-            if box is not None:
-              tiled, raw = dst
-              if window:  # src: [batch, *spatial, heads, parts, width]; dst: its raw view
-                index = tuple(pl.ds(o, n) if n > 1 else o for o, n in zip(origin, kb.tile))
-                dst = raw
-              else:
-                dst = tiled  # src: [batch, *spatial[:-1], last // 8, 8, heads, parts, width]
-                start = (*origin[:-1], lax.div(origin[-1], 8))
-                index = tuple(pl.ds(o, n) if n > 1 else o
-                              for o, n in zip(start, (*kb.tile[:-1], kb.tile[-1] // 8)))
-                index += (slice(None),)
+            tiled, raw = dst
+            if box is not None and not window:
+              # src: [batch, *spatial[:-1], last // 8, 8, heads, parts, width]
+              start = (*origin[:-1], lax.div(origin[-1], 8))
+              index = tuple(pl.ds(o, n) if n > 1 else o
+                            for o, n in zip(start, (*kb.tile[:-1], kb.tile[-1] // 8)))
               for i in range(parts):
-                plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head, i, slice(None))],
-                                        dst.at[slot, i], bar.at[slot])
+                plgpu.copy_gmem_to_smem(src.at[(batch, *index, slice(None), kv_head, i,
+                                                slice(None))], tiled.at[slot, i], bar.at[slot])
               return
-            for r, index in kb.rows(origin):
-              plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head)],
-                                      dst[0].at[slot, pl.ds(r, kb.tile[-1])], bar.at[slot])
+            # window boxes (src: [batch, *spatial, heads, parts, width]; dst: its raw view),
+            # or one copy per row
+            copy_box(src, raw if box is not None else tiled, slot, batch, kv_head, origin, kb,
+                     parts, box, bar.at[slot])
 
           @pl.when(reuse)
           def _():
@@ -516,16 +513,11 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
   q_rows = math.prod(half[:-1])
   tiles = swizzled(head_dim)
   if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, width]
-    kv_copies, kv_slot = parts, (parts, *box, 8, width)
-    kv_transforms = (plgpu.TilingTransform((1,) * len(box) + (8, width)),
-                     plgpu.SwizzleTransform(2 * width))
+    kv_copies = parts
+    kv_smem = box_slots(stages, parts, box, width, dtype, kb.tile if window else None)
   else:
-    kv_copies, kv_slot, kv_transforms = math.prod(kb.tile[:-1]), (block_kv, head_dim), tiles
-  kv_smem = plgpu.SMEM((stages, *kv_slot), dtype, transforms=kv_transforms)
-  if box is not None and window:  # the same bytes untiled: [parts, *tile less unit dims, width]
-    raw = plgpu.SMEM((stages, parts, *(n for n in kb.tile if n > 1), width), dtype,
-                     transforms=(plgpu.SwizzleTransform(2 * width),))
-    kv_smem = plgpu.RefUnion(kv_smem, raw)
+    kv_copies = math.prod(kb.tile[:-1])
+    kv_smem = plgpu.SMEM((stages, block_kv, head_dim), dtype, transforms=tiles)
   if mma:  # wgmma operands with K = W: (8, W) tiles, swizzle 2W bytes (bf16)
     narrow = (plgpu.TilingTransform((8, mma_width)), plgpu.SwizzleTransform(2 * mma_width))
     row_smem = plgpu.SMEM((_COMPUTE_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow)

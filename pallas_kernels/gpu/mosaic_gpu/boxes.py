@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_sparse_attn.layout import SequenceLayout
 
@@ -134,3 +135,39 @@ def _window_view(x, boxes: _Boxes):
   b, _, h, d = x.shape
   w = swizzle_columns(d)
   return x.reshape((b, *boxes.spatial, h, d // w, w))
+
+
+def box_slots(stages: int, parts: int, box: tuple[int, ...], width: int, dtype,
+              window_tile: tuple[int, ...] | None = None):
+  """Shared memory for K/V tiles taken by box copies: [stages, parts, *box, 8, w] with unit
+  tiling over the box dims (each part folds to [rows, w] for the wgmmas) and the swizzle of
+  its w columns. With ``window_tile`` (boxes at any origin, `_window_view`) the same bytes
+  also untiled, [stages, parts, *tile less unit dims, w], as a `plgpu.RefUnion` (tiled,
+  raw): Mosaic's tiled copies start a tiled dim only on a multiple of its 8 rows, so the
+  copies write through the raw view."""
+  tiled = plgpu.SMEM((stages, parts, *box, 8, width), dtype,
+                     transforms=(plgpu.TilingTransform((1,) * len(box) + (8, width)),
+                                 plgpu.SwizzleTransform(2 * width)))
+  if window_tile is None:
+    return tiled
+  raw = plgpu.SMEM((stages, parts, *(n for n in window_tile if n > 1), width), dtype,
+                   transforms=(plgpu.SwizzleTransform(2 * width),))
+  return plgpu.RefUnion(tiled, raw)
+
+
+def copy_box(src, dst, slot, batch, kv_head, origin, geometry: _Boxes, parts: int,
+             box: tuple | None, bar):
+  """The TMA copies of the K (or V) box of `geometry.tile` at spatial `origin` (traced; any
+  offset) into `dst`'s `slot`, each arriving on `bar`. With box groups ``box``: src is a
+  `_window_view` [b, *spatial, hkv, parts, w] and dst the raw view of `box_slots`, one copy
+  per part; else src is a `_view` [b, *spatial, hkv, d] and dst [stages, rows, d], one copy
+  per row of the box's last dim."""
+  if box is not None:
+    index = tuple(pl.ds(o, n) if n > 1 else o for o, n in zip(origin, geometry.tile))
+    for i in range(parts):
+      plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head, i, slice(None))], dst.at[slot, i],
+                              bar)
+    return
+  for r, index in geometry.rows(origin):
+    plgpu.copy_gmem_to_smem(src.at[(batch, *index, kv_head)],
+                            dst.at[slot, pl.ds(r, geometry.tile[-1])], bar)
