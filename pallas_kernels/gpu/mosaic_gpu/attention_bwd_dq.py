@@ -443,10 +443,12 @@ def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: fl
   b, _, h, d = q.shape
   n_q = lse2.shape[-1]
   runtime = bmap.is_runtime
-  counts = (jnp.stack([bmap.kv_full_counts, bmap.kv_counts], axis=-1) if runtime else
-            np.stack([np.asarray(bmap.kv_full_counts), np.asarray(bmap.kv_counts)], axis=1))
   if window is not None:
     counts = counts_w
+  elif runtime:
+    counts = jnp.stack([bmap.kv_full_counts, bmap.kv_counts], axis=-1)
+  else:
+    counts = np.stack([np.asarray(bmap.kv_full_counts), np.asarray(bmap.kv_counts)], axis=1)
   if runtime:
     order = jnp.arange(bmap.num_q_blocks, dtype=jnp.int32)
   else:  # longest lists first, so that short ones fill the tail (last Q block first, as the
