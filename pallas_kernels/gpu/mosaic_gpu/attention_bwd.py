@@ -69,7 +69,7 @@ from .tables import backward_mma_inputs, live_quarters, window_dq_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 from .config import swizzled, swizzled_f32
-from .config import MosaicGPUConfig, hopper_backward_neighborhood, interpret_params
+from .config import MosaicGPUConfig, box_copies, hopper_backward_neighborhood, interpret_params
 from .schedule import _programs
 
 LOG2E = math.log2(math.e)
@@ -541,7 +541,7 @@ def _dq_window(cfg, plan: AttentionPlan, k, v, head_dim: int, segments: bool, sc
           and _padded_head_dim(head_dim) == head_dim and not _wide(plan, head_dim)
           and plan.block_kv == _BLOCK_KV and _separate_dq(cfg, plan, head_dim)):
     return None
-  box_ok = cfg.box_copies is not False and (cfg.box_copies or not interpret)
+  box_ok = box_copies(cfg, interpret)
   tile = window_dq_tile(plan, force=cfg.kv_windows is True)
   if tile is None or not (interpret or (box_ok and _window_groups(tile))):
     return None

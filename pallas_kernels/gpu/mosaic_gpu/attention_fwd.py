@@ -51,7 +51,7 @@ from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
 
 from .. import mma_masks
 from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
-from .config import interpret_params, swizzle_columns, swizzled
+from .config import box_copies, interpret_params, swizzle_columns, swizzled
 from .element import mask_intervals, mask_vectors
 from .boxes import (_Boxes, _box_groups, _box_layout, _box_view, _boxes, _half_tile, _view,
                     _window_groups, _window_view, box_slots, caller_order, copy_box,
@@ -616,7 +616,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     kb = _boxes(SequenceLayout(plan.kv_layout.padded_len, plan.block_kv))
   half, half_dim = _half_tile(qb.tile)
   bmap = plan.block_map
-  box_ok = cfg.box_copies is not False and fused_pv and (cfg.box_copies or not interpret)
+  box_ok = box_copies(cfg, interpret) and fused_pv
   # On the GPU window boxes need box copies: Mosaic's row copies start a tiled dim only on
   # a multiple of 8 rows.
   # Mask functions and segment ids: the element test (segment ids as vectors, `_extras`);

@@ -227,6 +227,13 @@ SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 _warned_scheduler = []
 
 
+def box_copies(cfg, interpret) -> bool:
+  """Whether K/V tiles may be taken as TMA boxes (`MosaicGPUConfig.box_copies`): None on
+  the GPU, True also in interpret mode (whose lack of reshaped shared-memory refs keeps row
+  copies there by default), False never. The forward also needs its fused P·V form."""
+  return cfg.box_copies is not False and bool(cfg.box_copies or not interpret)
+
+
 def interpret_params(interpret):
   """The kernels' ``interpret`` argument: `plgpu.InterpretGPUParams()` in interpret mode
   (else False), with a warning, once per process, where XLA_FLAGS leaves XLA:CPU's
