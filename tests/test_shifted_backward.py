@@ -65,21 +65,19 @@ def test_window_dq_tile():
   the shifted grid's 10368 (6272 full); each step's test matrix cut into the kernel's two
   64-key halves, box origins in the padded key grid (led by the shift). An unstrided
   neighborhood keeps its map (the windows would not pay)."""
-  import dataclasses
   import numpy as np
+  from jax_sparse_attn.backends import get_backend
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered, make_plan
   from pallas_kernels.gpu.mosaic_gpu import cost, tables
 
-  def shifted_plan(m):
-    tq, tk, lead = best_shifted_tiles(m, 128, 128)
-    padded = tuple(math.ceil((n + a) / t) * t for n, a, t in zip(m.spatial_shape, lead, tk))
-    kv = TiledLayout(padded, m.dilation, tk, tuple(-a for a in lead))
-    p = make_plan(m, TiledLayout(m.spatial_shape, m.dilation, tq), kv)
-    return gathered(dataclasses.replace(p, mask=m)), lead
-
   m = masks.neighborhood((16, 64, 64), (8, 16, 16), stride=(4, 8, 8))
-  plan, lead = shifted_plan(m)
+  grid = TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8))
+  # the backward's plan as `na` makes it: its key grid led by the shift
+  plan = ops._backward_plan(get_backend("mosaic_gpu"), m, gathered(make_plan(m, grid, grid)),
+                            128, jnp.bfloat16, MosaicGPUConfig(backward="mosaic_gpu"))
+  lead = tuple(-o for o in plan.kv_layout.origin)
+  assert int(np.sum(plan.block_map.kv_counts)) == 10368
   tile = cost.window_dq_tile(plan)
   assert tile is not None and math.prod(tile) == 128
   origins, counts, onehot, halves, ids = tables.window_dq_inputs(plan, tile, 0.1)
@@ -90,9 +88,7 @@ def test_window_dq_tile():
   # every box lies in the padded key grid, and the first one of query tile 0 at the lead
   assert origins.min() >= 0 and np.all(origins.max((0, 1)) + tile <= plan.kv_layout.spatial_shape)
   assert tuple(origins[0, 0]) == lead
-  plain = gathered(make_plan(masks.neighborhood((16, 64, 64), (8, 16, 16)),
-                             TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8)),
-                             TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8))))
+  plain = gathered(make_plan(masks.neighborhood((16, 64, 64), (8, 16, 16)), grid, grid))
   assert cost.window_dq_tile(plain) is None
   assert cost.window_dq_tile(plain, force=True) is not None
 
