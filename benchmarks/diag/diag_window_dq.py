@@ -10,6 +10,10 @@ against each other at full size, and fwd / fwd+bwd ms interleaved over rounds.
 kernels, a small 3-D stride) where the window boxes apply to the Hopper dQ: `auto` against
 the Hopper backward with and without them (B=2, H=16, D=128; gradients of each Hopper
 variant against `auto`'s at full size).
+
+``--fused``: the strided cases' default backward (dK/dV kernel + dQ on window boxes) against
+the fused form (dQ reduce-added by the dK/dV kernel on the shifted map,
+``backward_dq="split"``), interleaved, gradients against each other.
 """
 import jax
 import jax.numpy as jnp
@@ -59,13 +63,30 @@ def routing(names: str, rows: Rows, out):
     rows.write(out)
 
 
+def fused(names: str, rows: Rows, out):
+  run = lambda cfg: (lambda q, k, v: jsa.na3d(q, k, v, KERNEL, stride=STRIDE,
+                                               backend="mosaic_gpu", config=cfg))
+  for name in names.split(","):
+    big = _inputs((16, 64, 64), 16, CASES[name], jnp.bfloat16)
+    row = {"case": name, "heads": f"16/{CASES[name]}"}
+    grads = interleaved(row, {"default": lambda: run(None),
+                              "fused": lambda: run(MosaicGPUConfig(backward_dq="split"))},
+                        big, rounds=2)
+    row["fused_vs_default_rel_diff"] = max_rel_diff(grads["fused"], grads["default"])
+    rows.record(**row)
+    rows.write(out)
+
+
 def main():
   parser = case_parser(",".join(CASES))
   parser.add_argument("--routing", default=None, help="cases of ROUTING, comma-separated")
+  parser.add_argument("--fused", action="store_true")
   args = parser.parse_args()
   rows = Rows()
   if args.routing:
     return routing(args.routing, rows, args.out)
+  if args.fused:
+    return fused(args.cases, rows, args.out)
   setter = knob_setter(attention_bwd, "WINDOW_DQ")
   run = lambda backend="mosaic_gpu": (lambda q, k, v: jsa.na3d(q, k, v, KERNEL, stride=STRIDE,
                                                                 backend=backend))

@@ -5,8 +5,9 @@ the previous one ended) and the host's time per event name (launches, thunks).
 
     python -m benchmarks.diag.profile_step lm [steps] [--out x.json]
 
-Cases: the LM layer (`lm`, `lm_docs`, `lm_d64`), the causal window, causal, and `moba` (the
-CLI's MoBA row: S=32768 causal, top 32 + 2 local of 256 blocks, selection included).
+Cases: the LM layer (`lm`, `lm_docs`, `lm_d64`), the causal window, causal, and the CLI's
+rows `moba` (S=32768 causal, top 32 + 2 local of 256 blocks, selection included), `na2d`,
+`na3d` and `strided`.
 """
 import collections
 import glob
@@ -33,10 +34,13 @@ CASES = {
 }
 
 
+SUITES = {"moba": "routing", "na2d": "gna2d", "na3d": "gna3d", "strided": "strided"}
+
+
 def _step(name):
-  if name == "moba":
+  if name in SUITES:  # the benchmark CLI's case
     from ..cli import suites
-    case = suites(quick=False)["routing"]()[0]
+    case = suites(quick=False)[SUITES[name]]()[0]
     big = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
     return fwd_bwd(lambda q, k, v: case.run(q, k, v, "auto")), big
   mask, b, s, h, hkv, d, docs = CASES[name]
@@ -45,10 +49,9 @@ def _step(name):
   return fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, segment_ids=seg)), big
 
 
-def main():
-  name = sys.argv[1]
-  steps = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 20
-  step, big = _step(name)
+def profile(step, big, steps: int) -> dict:
+  """GPU time per kernel name, the GPU's idle time and the host's time per event name of
+  `steps` calls of step(*big) (compiled and warmed first) under `jax.profiler.trace`."""
   jax.block_until_ready(step(*big))
   trace_dir = tempfile.mkdtemp()
   with jax.profiler.trace(trace_dir):
@@ -82,13 +85,20 @@ def main():
   rows = [{"kernel": k[:120], "us_per_step": round(t / steps / 1e3, 2),
            "idle_before_us_per_step": round(gaps[k] / steps / 1e3, 2),
            "launches_per_step": count[k] / steps} for k, t in total.most_common()]
-  summary = {"case": name, "steps": steps,
-             "gpu_us_per_step": round(sum(total.values()) / steps / 1e3, 1),
-             "gpu_span_us_per_step": round(max(spans, default=0) / steps / 1e3, 1),
-             "gpu_idle_us_per_step": round(sum(gaps.values()) / steps / 1e3, 1),
-             "lines": lines, "kernels": rows,
-             "host_us_per_step": [{"event": k, "us": round(t / steps / 1e3, 2)}
-                                  for k, t in host.most_common(25)]}
+  return {"steps": steps,
+          "gpu_us_per_step": round(sum(total.values()) / steps / 1e3, 1),
+          "gpu_span_us_per_step": round(max(spans, default=0) / steps / 1e3, 1),
+          "gpu_idle_us_per_step": round(sum(gaps.values()) / steps / 1e3, 1),
+          "lines": lines, "kernels": rows,
+          "host_us_per_step": [{"event": k, "us": round(t / steps / 1e3, 2)}
+                               for k, t in host.most_common(25)]}
+
+
+def main():
+  name = sys.argv[1]
+  steps = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 20
+  step, big = _step(name)
+  summary = {"case": name, **profile(step, big, steps)}
   print(json.dumps(summary, indent=1), flush=True)
   if "--out" in sys.argv:
     json.dump(summary, open(sys.argv[sys.argv.index("--out") + 1], "w"), indent=1)

@@ -1,0 +1,68 @@
+"""Dead 64x64 quarters in the neighborhood backward. 2-D neighborhoods at head_dim 64 and
+128, which `auto` trains on Triton's backward (its 64-row query tiles): that against the
+Hopper backward as it runs when forced, with the dead quarters skipped at every share
+(`attention_bwd.QUARTERS_MIN_DEAD` = 0; by default only from 10%: 2-D k33 has 10.0% minus
+rounding, k13 and k7 23%) and never (`QUARTERS=False`). 3-D NA k8x16² (10% dead; `auto`:
+the fused backward, which skips none): that with the skips (`QUARTERS_FUSED`) and against
+dQ as its own kernel with and without them. fwd / fwd+bwd ms interleaved over two rounds, every variant's gradients against
+the first's at full size.
+
+    python -m benchmarks.diag.diag_na_quarters --out x.json
+"""
+import jax
+import jax.numpy as jnp
+
+import jax_sparse_attn as jsa
+from pallas_kernels.gpu import MosaicGPUConfig
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+
+from . import Rows, case_parser, interleaved, knob_setter, max_rel_diff
+
+# name: (spatial, kernel, batch, heads, head_dim)
+CASES = {"k33_d128": ((128, 128), 33, 2, 16, 128), "k13_d128": ((64, 64), 13, 8, 16, 128),
+         "k7_d64": ((56, 56), 7, 16, 8, 64), "k33_d64": ((96, 96), 33, 4, 8, 64),
+         "na3d": ((16, 64, 64), (8, 16, 16), 1, 16, 128)}
+
+
+def main():
+  args = case_parser(",".join(CASES)).parse_args()
+  rows = Rows()
+  min_dead = knob_setter(attention_bwd, "QUARTERS_MIN_DEAD")
+  quarters = knob_setter(attention_bwd, "QUARTERS")
+  fused = knob_setter(attention_bwd, "QUARTERS_FUSED")
+  default_min = attention_bwd.QUARTERS_MIN_DEAD
+  hopper = MosaicGPUConfig(backward="mosaic_gpu")
+  for name in args.cases.split(","):
+    spatial, kern, b, h, d = CASES[name]
+    fn = lambda cfg: (lambda q, k, v: jsa.na(q, k, v, kern, backend="mosaic_gpu", config=cfg))
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    big = tuple(jax.random.normal(x, (b, *spatial, h, d), jnp.bfloat16) for x in ks)
+    variants = {
+        "auto": lambda: (quarters("auto"), min_dead(default_min), fn(None))[-1],
+        "hopper": lambda: (quarters("auto"), min_dead(default_min), fn(hopper))[-1],
+        "hopper_quarters": lambda: (quarters("auto"), min_dead(0.0), fn(hopper))[-1],
+        "hopper_no_quarters": lambda: (quarters(False), min_dead(default_min), fn(hopper))[-1],
+    }
+    if len(spatial) == 3:  # auto is the fused Hopper backward: with the skips, and against
+      own = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel")  # dQ's own kernel
+      variants = {
+          "auto": lambda: (fused(False), quarters("auto"), min_dead(default_min), fn(None))[-1],
+          "fused_quarters": lambda: (fused(True), quarters("auto"), min_dead(0.0),
+                                     fn(None))[-1],
+          "dq_kernel_quarters": lambda: (fused(False), quarters("auto"), min_dead(0.0),
+                                         fn(own))[-1],
+          "dq_kernel_no_quarters": lambda: (fused(False), quarters(False),
+                                            min_dead(default_min), fn(own))[-1]}
+    row = {"case": name, "batch": b, "heads": h, "head_dim": d}
+    grads = interleaved(row, variants, big, rounds=2)
+    for v in list(variants)[1:]:
+      row[f"{v}_vs_auto_rel_diff"] = max_rel_diff(grads[v], grads["auto"])
+    quarters("auto")
+    min_dead(default_min)
+    fused(False)
+    rows.record(**row)
+    rows.write(args.out)
+
+
+if __name__ == "__main__":
+  main()
