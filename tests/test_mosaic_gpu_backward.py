@@ -372,39 +372,6 @@ def test_quarters_dq(monkeypatch):
                  S(1, 2048, 2, 128)).mlir_module()
 
 
-@pytest.mark.parametrize("head_dim, dq", [(128, "split"), (64, "own")])
-def test_quarters_fused(monkeypatch, head_dim, dq):
-  """`attention_bwd.QUARTERS_FUSED`: with dQ reduce-added by the dK/dV kernel, a warpgroup
-  whose quarter no pair may pass skips Sᵀ, dPᵀ, dV and dK and gives zeros as its half of
-  dSᵀ to the shared dQ product ("split") or adds no dQ share ("own"): gradients vs the brute
-  force on the LM-style union (GQA) and on a neighborhood with the MMA bias; the kernel lowers
-  with the skips."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
-  from jax_sparse_attn.layout import TiledLayout
-  from jax_sparse_attn.plan import gathered
-  monkeypatch.setattr(attention_bwd, "QUARTERS", True)
-  monkeypatch.setattr(attention_bwd, "QUARTERS_FUSED", True)
-  config = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq)
-  p = dict(batch=1, sq=640, skv=640, heads=4, kv_heads=2, head_dim=head_dim,
-           mask="window_sink", segments=False, dtype=jnp.bfloat16, seed=9)
-  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=config)
-  problem, tile = ((12, 21), (5, 9), (1, 1), (1, 1), (False, False)), (8, 16)
-  plan = gathered(make_plan(masks.neighborhood(*problem[:2]), TiledLayout((12, 21), (1, 1), tile),
-                            TiledLayout((12, 21), (1, 1), tile)))
-  _, bits = tables.live_quarters(plan)
-  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.q_counts)[:, None]
-  assert np.any(visited & (bits != 15))  # the neighborhood has dead quarters too
-  p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=head_dim,
-           dtype=jnp.bfloat16, seed=4, tile_q=tile, tile_kv=tile)
-  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=config)
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(jsa.attention(
-      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
-      backend="mosaic_gpu", config=config).astype(jnp.float32))
-  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, head_dim),
-                 S(1, 2048, 2, head_dim), S(1, 2048, 2, head_dim)).mlir_module()
-
-
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_rejects_split_dq_below_128(head_dim):
   """"split" shares dQ's 128 columns between the warpgroups: not at 64 or 96 columns."""

@@ -3,8 +3,9 @@
 Hopper backward as it runs when forced, with the dead quarters skipped at every share
 (`attention_bwd.QUARTERS_MIN_DEAD` = 0; by default only from 10%: 2-D k33 has 10.0% minus
 rounding, k13 and k7 23%) and never (`QUARTERS=False`). 3-D NA k8x16² (10% dead; `auto`:
-the fused backward, which skips none): that with the skips (`QUARTERS_FUSED`) and against
-dQ as its own kernel with and without them. fwd / fwd+bwd ms interleaved over two rounds, every variant's gradients against
+the fused backward, which skips none): that against dQ as its own kernel with and without
+the skips. (The fused kernel skipping them too, commit acdf882's `QUARTERS_FUSED`, ran 5%
+slower than without: docs/experiments/h100-2026-12-05-quarters-na.json.) fwd / fwd+bwd ms interleaved over two rounds, every variant's gradients against
 the first's at full size.
 
     python -m benchmarks.diag.diag_na_quarters --out x.json
@@ -29,7 +30,6 @@ def main():
   rows = Rows()
   min_dead = knob_setter(attention_bwd, "QUARTERS_MIN_DEAD")
   quarters = knob_setter(attention_bwd, "QUARTERS")
-  fused = knob_setter(attention_bwd, "QUARTERS_FUSED")
   default_min = attention_bwd.QUARTERS_MIN_DEAD
   hopper = MosaicGPUConfig(backward="mosaic_gpu")
   for name in args.cases.split(","):
@@ -43,15 +43,13 @@ def main():
         "hopper_quarters": lambda: (quarters("auto"), min_dead(0.0), fn(hopper))[-1],
         "hopper_no_quarters": lambda: (quarters(False), min_dead(default_min), fn(hopper))[-1],
     }
-    if len(spatial) == 3:  # auto is the fused Hopper backward: with the skips, and against
-      own = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel")  # dQ's own kernel
+    if len(spatial) == 3:  # auto is the fused Hopper backward: against dQ as its own kernel
+      own = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel")
       variants = {
-          "auto": lambda: (fused(False), quarters("auto"), min_dead(default_min), fn(None))[-1],
-          "fused_quarters": lambda: (fused(True), quarters("auto"), min_dead(0.0),
-                                     fn(None))[-1],
-          "dq_kernel_quarters": lambda: (fused(False), quarters("auto"), min_dead(0.0),
+          "auto": lambda: (quarters("auto"), min_dead(default_min), fn(None))[-1],
+          "dq_kernel_quarters": lambda: (quarters("auto"), min_dead(0.0),
                                          fn(own))[-1],
-          "dq_kernel_no_quarters": lambda: (fused(False), quarters(False),
+          "dq_kernel_no_quarters": lambda: (quarters(False),
                                             min_dead(default_min), fn(own))[-1]}
     row = {"case": name, "batch": b, "heads": h, "head_dim": d}
     grads = interleaved(row, variants, big, rounds=2)
@@ -59,7 +57,6 @@ def main():
       row[f"{v}_vs_auto_rel_diff"] = max_rel_diff(grads[v], grads["auto"])
     quarters("auto")
     min_dead(default_min)
-    fused(False)
     rows.record(**row)
     rows.write(args.out)
 

@@ -99,10 +99,6 @@ WRITTEN_DKV = True
 # twice). Below the share (causal, windows) every step runs, as measured before.
 QUARTERS = "auto"
 QUARTERS_MIN_DEAD = 0.1  # the LM layer 16%, `window 2047 | sink 64` 5.5%, the window 2.9%
-# With dQ fused into this kernel too: a dead quarter's warpgroup skips Sᵀ, dPᵀ, dV and dK
-# and gives zeros as its half of dSᵀ to the dQ product the warpgroups share (the rule
-# above). A lab switch until measured: off.
-QUARTERS_FUSED = False
 # The dQ kernel skips them too (64-key halves per warpgroup) where the dK/dV kernel does.
 # H200, the LM layer: fwd+bwd 0.887-0.905 ms against 0.925-0.937 with the dK/dV kernel's
 # skips alone and 0.942-0.949 with none, gradients equal; at head_dim 64 (8/2 heads) within
@@ -216,7 +212,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   MMA-bias masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot
   [128, W] of the KV block's coordinates, tables [n, W, 64] and table_ids [kv blocks, 2 * max
   q] (entry e's 64-row halves at 2e, 2e + 1) follow the arrays above and replace the interval
-  test of partial blocks. ``quarters`` (static maps): then `tables.live_quarters`'
+  test of partial blocks. ``quarters`` (dQ its own kernel): then `tables.live_quarters`'
   transposed map bits [kv blocks, max q]; a warpgroup skips the partial steps whose queries
   none of its 64 keys may see.
 
@@ -308,23 +304,16 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         r = t - bases[j]
         bits = quarters_ref[kv_block, first + lax.div(r, sub)]
         live = lax.shift_right_logical(bits, 2 * lax.rem(r, sub) + wg) & 1
-        skip = (functools.partial(step_products, t=t, j=j, masked=True, slot=slot,
-                                  release=False, dead=True) if with_dq else lambda c: c)
         carry = lax.cond(live != 0, functools.partial(step_products, t=t, j=j, masked=True,
                                                       slot=slot, release=False),
-                         skip, carry)
+                         lambda c: c, carry)
         plgpu.barrier_arrive(q_free.at[slot])
         return carry
 
-      def step_products(carry, t, j: int, masked: bool, slot, release: bool = True,
-                        dead: bool = False):
-        """Step t's products (of query head j); ``release``: then its slot. ``dead`` (dQ
-        fused, a quarter no pair of mine may pass): no Sᵀ, dPᵀ, dV or dK; my half of dSᵀ is
-        zeros for the dQ product, which the warpgroups share."""
+      def step_products(carry, t, j: int, masked: bool, slot, release: bool = True):
+        """Step t's products (of query head j); ``release``: then its slot."""
         dk, dv = carry
         q0, head = step_q(j, t)
-        if dead:
-          return dead_products(carry, t, q0, head, slot, release)
 
         def sdp(refs):
           s_ref, dp_ref = refs
@@ -397,11 +386,6 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           plgpu.barrier_arrive(q_free.at[slot])
         if not with_dq:
           return dk, dv
-        add_dq(dq, q0, head)
-        return dk, dv
-
-      def add_dq(dq, q0, head):
-        """My share of the step's dQ, reduce-added into dQ's float32 rows."""
         dst = dq_ref.at[batch, pl.ds(q0, _ROWS), head]
         if split_dq:
           dst = dst.at[:, pl.ds(wg * 64, 64)]
@@ -416,32 +400,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           dq_smem.at[wg][...] = dq
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst, reduction_op="add")
-
-      def dead_products(carry, t, q0, head, slot, release: bool):
-        """`step_products` of a dead quarter (dQ fused): zeros as my half of dSᵀ, then the
-        dQ share as in a live step (with head_dim 128 it reads both halves); with my own
-        rows' share (head_dim 64) there is none to add."""
-        if release:
-          plgpu.barrier_arrive(q_free.at[slot])
-        if not split_dq:
-          if interpret:  # the live step's turns
-            for _ in range(_WGS):
-              rendezvous()
-          return carry
-        ds_ref = ds_smem.at[lax.rem(t, 2)]
-        zero = jnp.zeros((_ROWS, _ROWS), dtype)
-        ds_ref.at[own][...] = zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
-        plgpu.commit_smem()
-        rendezvous()
-        operands = (ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)])
-        dq0 = jnp.zeros((_ROWS, dq_cols), jnp.float32)
-        if interpret:
-          dq = mma_add(dq0, *operands)
-        else:
-          dq = pl.run_state(lambda refs: plgpu.wgmma(refs[0], *operands))(
-              (plgpu.ACC.init(plgpu.layout_cast(dq0, plgpu.Layout.WGMMA)),))[0]
-        add_dq(dq, q0, head)
-        return carry
+        return dk, dv
 
       zeros = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros)
@@ -721,10 +680,9 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # A runtime map's whole lists (every KV block one item) stored by the kernel, blocks that no
   # query visits as zeros: dK/dV are its outputs, with no zero fill (`WRITTEN_RUNTIME`).
   zero_empty = WRITTEN_RUNTIME and whole and direct is True
-  # Quarters of partial blocks that no pair may pass, skipped (static maps; with dQ fused
-  # where `QUARTERS_FUSED`).
-  quarters = (live_quarters(plan) if QUARTERS and (separate or QUARTERS_FUSED)
-              and not runtime and not cfg.backward_pingpong else None)
+  # Quarters of partial blocks that no pair may pass, skipped (static maps, dQ its own kernel).
+  quarters = (live_quarters(plan) if QUARTERS and separate and not runtime and not
+              cfg.backward_pingpong else None)
   if quarters is not None and QUARTERS == "auto" and (
       _dead_share(bmap, quarters[1]) < QUARTERS_MIN_DEAD):
     quarters = None
