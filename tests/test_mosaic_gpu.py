@@ -450,8 +450,8 @@ def test_split_where_it_pays():
                                   "na3d_rows", "na3d_window_3dims", "na3d_padded"])
 def test_lowers_for_gpu(case):
   """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
-  backward: Mosaic GPU for 1-D masks, 1-D and 3-D neighborhoods, strided ones included (the
-  fused form where KV blocks see many Q blocks), the Triton kernels for 2-D ones
+  backward: Mosaic GPU for 1-D masks, 1-D and 3-D neighborhoods (strided ones included) and
+  2-D ones of >= 1024 keys at 128 columns, the Triton kernels for other 2-D ones
   (`attention_bwd.picks_mosaic`)."""
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   if case == "na2d":
@@ -488,9 +488,9 @@ def test_lowers_for_gpu(case):
     args = (S(2, 1000, 8, 64), S(2, 1000, 2, 64), S(2, 1000, 2, 64))
   loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
   text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), *args).mlir_module()
-  if case == "na3d_rows":  # forward and the fused backward (33 Q blocks per KV block)
+  if case == "na3d_rows":  # forward, then dK/dV (skipping dead quarters) and dQ
     assert text.count("@mosaic_gpu_v2(") == 2 and "__gpu$xla.gpu.triton" not in text
-  elif case in ("causal_gqa", "na1d"):
+  elif case in ("causal_gqa", "na1d", "na2d"):
     # fwd, and dK/dV with dQ in one launch (`attention_bwd.JOINT_DQ`)
     assert text.count("@mosaic_gpu_v2(") == 2 and "__gpu$xla.gpu.triton" not in text
   elif case in ("na3d_strided", "na3d_window_3dims"):

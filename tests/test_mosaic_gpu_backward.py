@@ -169,8 +169,9 @@ def test_picks():
   """backward=None: these kernels for 1-D maps (dense included); for neighborhoods by the
   window's keys and the width (`config.hopper_backward_neighborhood`): 1-D windows of >= 256
   keys; at 64 and 128 3-D windows of >= 1024 keys (strided ones included, their backward map
-  blocks too), Triton's for 2-D and shorter windows; at 48, 80 and 96 windows of >= 128 keys;
-  at 32 and for packed neighborhoods Triton's."""
+  blocks too), at 128 2-D ones of >= 1024 keys without stride, Triton's for other 2-D and
+  shorter windows; at 48, 80 and 96 windows of >= 128 keys; at 32 and for packed
+  neighborhoods Triton's."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))
@@ -196,6 +197,14 @@ def test_picks():
                               TiledLayout((32, 32), (1, 1), (8, 16))))
   assert mgpu.picks_mosaic(plan13, 80) and mgpu.picks_mosaic(plan13, 48)
   assert not mgpu.picks_mosaic(plan13) and not mgpu.picks_mosaic(plan13, 64)
+  na33 = masks.neighborhood((64, 64), (33, 33))  # 1089 keys: at 128 ours (no stride)
+  plan33 = gathered(make_plan(na33, TiledLayout((64, 64), (1, 1), (8, 16)),
+                              TiledLayout((64, 64), (1, 1), (8, 16))))
+  assert mgpu.picks_mosaic(plan33) and not mgpu.picks_mosaic(plan33, 64)
+  strided33 = masks.neighborhood((64, 64), (32, 32), (16, 16))
+  plan_s = gathered(make_plan(strided33, TiledLayout((64, 64), (1, 1), (8, 16)),
+                              TiledLayout((64, 64), (1, 1), (8, 16))))
+  assert not mgpu.picks_mosaic(plan_s)
   blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
   strided = masks.neighborhood((8, 32, 32), (4, 16, 16), (2, 8, 8))
   assert mgpu.picks_mosaic(tiled(strided)) and blocks(strided, 128) == (128, 128)
@@ -415,12 +424,15 @@ def test_written_dkv(monkeypatch, written):
                                                        backward_dq="kernel"))
 
 
-def test_fused_dq_policy():
+def test_fused_dq_policy(monkeypatch):
   """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
-  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5), else dQ
-  is its own kernel (causal S=4096: 16.5; head_dim 64); explicit forms win. The fused dense backward
-  lowers to one kernel beside the forward."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5) and the
+  map has no dead quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else
+  dQ is its own kernel (causal S=4096: 16.5; head_dim 64); explicit forms win. The fused
+  dense backward lowers to one kernel beside the forward."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
   seq = lambda m, s: make_plan(m, SequenceLayout(s, 128), SequenceLayout(s, 128))
   dense, causal = seq(masks.full(), 8192), seq(masks.causal(), 8192)
   cfg = lambda dq=None: mgpu.config._config(MosaicGPUConfig(backward="mosaic_gpu",
@@ -432,6 +444,13 @@ def test_fused_dq_policy():
   assert attention_bwd._separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
   assert attention_bwd._separate_dq(cfg("kernel"), dense, 128)
   assert not attention_bwd._separate_dq(cfg("split"), causal, 128)
+  tile = TiledLayout((16, 32, 32), (1, 1, 1), (2, 4, 16))
+  na3 = gathered(make_plan(masks.neighborhood((16, 32, 32), (8, 16, 16)), tile, tile))
+  share = attention_bwd._dead_share(na3.block_map, tables.live_quarters(na3)[1])
+  assert attention_bwd._mean_entries(na3.block_map) >= attention_bwd.FUSED_MIN_ENTRIES
+  assert share >= attention_bwd.QUARTERS_MIN_DEAD and attention_bwd._separate_dq(cfg(), na3, 128)
+  monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # no skips: fused
+  assert not attention_bwd._separate_dq(cfg(), na3, 128)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   f = lambda q, k, v: jsa.attention(q, k, v, masks.full(), backend="mosaic_gpu",
                                     config=MosaicGPUConfig(backward="mosaic_gpu"))

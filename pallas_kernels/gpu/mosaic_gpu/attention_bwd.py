@@ -96,9 +96,12 @@ WRITTEN_DKV = True
 # visited blocks' quarters are dead. H200, the LM layer (`causal & (window 512 | 4 sinks)`,
 # S=8192, GQA 16/4, D=128; 16% dead): fwd+bwd 0.922 vs 0.950 ms, gradients bit-identical
 # (docs/experiments/h200-2026-12-05-quarters.json; the 2026-12-04 A/B had timed one variant
-# twice). Below the share (causal, windows) every step runs, as measured before.
+# twice). H100, 10% dead (docs/experiments/h100-2026-12-05-quarters-na.json; fwd+bwd ms,
+# skipped / every step): 2-D NA 128² k33 (B=2, H=16) 4.44-4.46 / 4.64-4.72, 3-D NA 16×64²
+# k8×16² (B=1) 17.13-17.14 / 18.02-18.03. Below the share (causal, windows) every step
+# runs, as measured before.
 QUARTERS = "auto"
-QUARTERS_MIN_DEAD = 0.1  # the LM layer 16%, `window 2047 | sink 64` 5.5%, the window 2.9%
+QUARTERS_MIN_DEAD = 0.08  # 2-D k33 and 3-D k8×16² 10%, LM 16%; `window 2047 | sink 64` 5.5%
 # The dQ kernel skips them too (64-key halves per warpgroup) where the dK/dV kernel does.
 # H200, the LM layer: fwd+bwd 0.887-0.905 ms against 0.925-0.937 with the dK/dV kernel's
 # skips alone and 0.942-0.949 with none, gradients equal; at head_dim 64 (8/2 heads) within
@@ -125,7 +128,10 @@ FUSED_REGISTERS = (240, 24)
 # H200 fwd+bwd ms, fused / two kernels (docs/experiments/h200-2026-12-03-backward-forms.json;
 # mean Q blocks per KV block in brackets): dense S=16384 (128) 29.8 / 31.2, causal (64.5)
 # 15.4 / 15.8, 3-D NA k8×16² (32.7) 16.9 / 17.9, MoBA (34) 8.37 / 8.89; the causal window
-# 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18.
+# 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18. Not where the dK/dV
+# kernel skips dead quarters (`QUARTERS`; the fused form does not): H100, 3-D NA k8×16²
+# 17.13-17.14 ms with dQ its own kernel and the skips against 17.23-17.34 fused
+# (docs/experiments/h100-2026-12-05-quarters-na.json).
 FUSED_MIN_ENTRIES = 24
 
 
@@ -681,11 +687,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # query visits as zeros: dK/dV are its outputs, with no zero fill (`WRITTEN_RUNTIME`).
   zero_empty = WRITTEN_RUNTIME and whole and direct is True
   # Quarters of partial blocks that no pair may pass, skipped (static maps, dQ its own kernel).
-  quarters = (live_quarters(plan) if QUARTERS and separate and not runtime and not
-              cfg.backward_pingpong else None)
-  if quarters is not None and QUARTERS == "auto" and (
-      _dead_share(bmap, quarters[1]) < QUARTERS_MIN_DEAD):
-    quarters = None
+  quarters = _dead_quarters(cfg, plan, bmap) if separate and not runtime else None
   dq_quarters = quarters[0] if quarters is not None and QUARTERS_DQ else None
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
@@ -857,7 +859,22 @@ def _separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bo
     return False
   if cfg.backward_dq is not None:
     return cfg.backward_dq == "kernel"
-  return not (head_dim == 128 and _mean_entries(bmap or plan.block_map) >= FUSED_MIN_ENTRIES)
+  bmap = bmap or plan.block_map
+  return not (head_dim == 128 and _mean_entries(bmap) >= FUSED_MIN_ENTRIES
+              and _dead_quarters(cfg, plan, bmap) is None)
+
+
+def _dead_quarters(cfg, plan: AttentionPlan, bmap):
+  """`tables.live_quarters` of a static map where the dK/dV kernel (with dQ its own kernel)
+  skips the dead quarters (`QUARTERS`; "auto": at least `QUARTERS_MIN_DEAD` of them), else
+  None."""
+  if not QUARTERS or cfg.backward_pingpong or not isinstance(bmap.q_counts, np.ndarray):
+    return None
+  quarters = live_quarters(plan)
+  if quarters is not None and QUARTERS == "auto" and (
+      _dead_share(bmap, quarters[1]) < QUARTERS_MIN_DEAD):
+    return None
+  return quarters
 
 
 def _mean_entries(bmap) -> float:
