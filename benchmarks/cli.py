@@ -349,8 +349,7 @@ def run_suites(names, *, quick, backends, peers, iters, repeats, dtype, log=prin
         row.update(measure(fn, args, iters, repeats))
         row.update(_tflops(case, row))
         if case.bound is not None and dense_ms.get(key) and impl.startswith("ours"):
-          row["speedup_fwd"] = round(dense_ms[key][0] / row["fwd_ms"], 2)
-          row["speedup_fwd_bwd"] = round(dense_ms[key][1] / row["fwd_bwd_ms"], 2)
+          row.update(speedups(*dense_ms[key], row["fwd_ms"], row["fwd_bwd_ms"], case.bound))
       except Exception as e:  # noqa: BLE001 - one failure must not hide the others
         row["error"] = repr(e)[:300]
         traceback.print_exc()
@@ -375,6 +374,19 @@ def run_suites(names, *, quick, backends, peers, iters, repeats, dtype, log=prin
   return rows
 
 
+def speedups(dense_fwd: float, dense_fwd_bwd: float, fwd: float, fwd_bwd: float,
+             bound: float) -> dict:
+  """Speedups over our dense kernel on the same shapes: forward, forward+backward, and the
+  backward alone (fwd+bwd less fwd, where both differences are positive) with its share of
+  the block bound (issue #21's measure for the neighborhood rows)."""
+  out = {"speedup_fwd": round(dense_fwd / fwd, 2),
+         "speedup_fwd_bwd": round(dense_fwd_bwd / fwd_bwd, 2)}
+  if fwd_bwd > fwd and dense_fwd_bwd > dense_fwd:
+    bwd = (dense_fwd_bwd - dense_fwd) / (fwd_bwd - fwd)
+    out.update(speedup_bwd=round(bwd, 2), bwd_share_of_bound=round(bwd / bound, 3))
+  return out
+
+
 def _models(quick, backends, peers, log):
   """Training-step ms of the models/ with our attention (and dense attention as the peer)."""
   from benchmarks import bench_models
@@ -396,7 +408,7 @@ def _models(quick, backends, peers, log):
 def markdown(rows) -> str:
   cell = lambda text: str(text).replace("|", "\\|")
   out = ["| suite | case | implementation | fwd ms | fwd+bwd ms | fwd TFLOP/s | speedup fwd / "
-         "fwd+bwd (bound) | compile s | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+         "fwd+bwd / bwd (bound) | compile s | peak MB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "skipped" in r:
       out.append(f"| {r['suite']} | skipped: {r['skipped']} | | | | | | | |")
@@ -406,7 +418,8 @@ def markdown(rows) -> str:
                  " | | | | | |")
       continue
     f = lambda key, fmt="{:.3f}": fmt.format(r[key]) if r.get(key) is not None else "—"
-    speed = (f"{r['speedup_fwd']} / {r['speedup_fwd_bwd']}" if "speedup_fwd" in r else "—")
+    speed = (f"{r['speedup_fwd']} / {r['speedup_fwd_bwd']} / {r.get('speedup_bwd', '—')}"
+             if "speedup_fwd" in r else "—")
     bound = f" ({r['bound']:.2f})" if r.get("bound") else ""
     out.append(f"| {r['suite']} | {cell(r['case'])} | {r['impl']} | {f('fwd_ms')} | {f('fwd_bwd_ms')} | "
                f"{f('fwd_tflops', '{:.1f}')} | {speed}{bound} | {f('fwd_compile_s', '{:.1f}')} | "

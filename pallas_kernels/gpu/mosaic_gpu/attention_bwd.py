@@ -129,9 +129,12 @@ FUSED_REGISTERS = (240, 24)
 # mean Q blocks per KV block in brackets): dense S=16384 (128) 29.8 / 31.2, causal (64.5)
 # 15.4 / 15.8, 3-D NA k8×16² (32.7) 16.9 / 17.9, MoBA (34) 8.37 / 8.89; the causal window
 # 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18. Not where the dK/dV
-# kernel skips dead quarters (`QUARTERS`; the fused form does not): H100, 3-D NA k8×16²
-# 17.13-17.14 ms with dQ its own kernel and the skips against 17.23-17.34 fused
-# (docs/experiments/h100-2026-12-05-quarters-na.json).
+# kernel skips dead quarters (`QUARTERS`; the fused form does not, and skipping there too
+# was 5% slower): H100, 3-D NA k8×16² with dQ its own kernel and the skips 17.13-17.14 ms
+# against 17.23-17.34 fused (docs/experiments/h100-2026-12-05-quarters-na.json), a tie in
+# a second call (17.09-17.19 vs 17.08-17.12, -12-05-routing-check.json); the two kernels
+# then win on what else they give: gradients without float32 reduce-adds (the same bits
+# every run) and no float32 dQ buffer (537 MB there).
 FUSED_MIN_ENTRIES = 24
 
 

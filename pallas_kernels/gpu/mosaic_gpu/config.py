@@ -79,8 +79,8 @@ class MosaicGPUConfig:
   # (the warpgroups take 64 columns each from both halves of dSᵀ, meeting once per step;
   # head_dim 128 only), "own" (each its own key rows' share, all columns, twice the
   # reduce-adds). None: "split" at head_dim 128 where KV blocks visit many Q blocks
-  # (`attention_bwd.FUSED_MIN_ENTRIES`: dense, causal, 3-D NA, MoBA), else "kernel" where the plan allows
-  # it, else "split" where it applies.
+  # (`attention_bwd.FUSED_MIN_ENTRIES`: dense, causal, MoBA) and no dead quarters are left
+  # to skip, else "kernel" where the plan allows it, else "split" where it applies.
   backward_dq: str | None = None
   # The backward's warpgroups alternate (FlashAttention-3's ping-pong, as the forward of jax's
   # attention_mgpu example): one's softmax/dS while the other's matmuls run, through a
@@ -172,8 +172,9 @@ NA_MIN_WINDOW = 128
 NA3D_MIN_WINDOW = 1024
 # Keys in a 2-D window without stride from which it does at 128 columns: with its dead
 # quarters skipped (`attention_bwd.QUARTERS_MIN_DEAD`) it ties Triton's at k33 (1089 keys;
-# H100, 128² B=2 H=16: 4.44-4.46 vs 4.47-4.49 ms, -12-05-quarters-na.json) and takes the
-# row off the deprecated Triton lowering; k13 (169) still 1.35x slower. Strided 2-D windows
+# H100, 128² B=2 H=16: 4.44-4.46 vs 4.47-4.49 ms, -12-05-quarters-na.json; 4.39-4.52 vs
+# 4.47-4.50 in a second call, -12-05-routing-check.json) and takes the row off the
+# deprecated Triton lowering; k13 (169) still 1.35x slower. Strided 2-D windows
 # stay on Triton's (k32 stride 16: 2.76-2.85 vs 3.18-3.22, -12-05-window-dq-routing.json).
 NA2D_MIN_WINDOW_128 = 1024
 # Keys in a 2-D/3-D window from which the Hopper forward runs a padding mask or segment ids

@@ -295,6 +295,9 @@ def backward_mma_inputs(plan: AttentionPlan, scale: float):
   return tuple(out)
 
 
+_ENTRY_CHUNK = 2048  # `live_quarters`' partial entries per step
+
+
 def _half_ranges(c: np.ndarray, blocks: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
   """Per block of `blocks` and 64-row part of it: the smallest and largest valid coordinate
   per mask row of ``c`` [rows, n] (padding, coordinate -1, left out; a part with none gets
@@ -326,7 +329,7 @@ def live_quarters(plan: AttentionPlan):
       or not isinstance(bm.kv_ids, np.ndarray)):
     return None
   lo, hi, c, terms, _ = mask_vectors(plan)
-  lo, hi, c = (np.asarray(x, np.int64) for x in (lo, hi, c))
+  lo, hi, c = (np.asarray(x, np.int32) for x in (lo, hi, c))
   per = lo.shape[0] // terms
   every = (1 << 4) - 1
 
@@ -340,18 +343,23 @@ def live_quarters(plan: AttentionPlan):
     qb, kb = (row, ids[row, ent]) if rows_are_q else (ids[row, ent], row)
     # Query intervals by part [P, parts, rows] (a part's union of its rows' intervals is
     # too coarse for windows: test each query row) and key ranges by half.
-    q_idx = qb[:, None] * plan.block_q + np.arange(plan.block_q)  # [P, 128]
-    k_lo, k_hi = _half_ranges(c, kb, plan.block_kv)  # [P, 2, rows]
-    live = np.zeros((len(qb), plan.block_q, 2), bool)
-    for t in range(terms):
-      ok = np.ones_like(live)
-      for d in range(t * per, (t + 1) * per):
-        ql, qh = lo[d][q_idx][..., None], hi[d][q_idx][..., None]  # [P, 128, 1]
-        ok &= (ql <= k_hi[:, None, :, d]) & (k_lo[:, None, :, d] <= qh)
-      live |= ok
-    live = live.reshape(len(qb), 2, _ROWS, 2).any(2)  # [P, q part, kv half]
-    out[row, ent] = (live[:, :, :] * (1 << (2 * np.arange(2)[:, None] + np.arange(2)))
-                     ).sum((1, 2))
+    # Key ranges once per KV block (entries repeat blocks many times), then per entry.
+    blocks, of_entry = np.unique(kb, return_inverse=True)
+    half_lo, half_hi = _half_ranges(c, blocks, plan.block_kv)  # [blocks, 2, rows]
+    weight = 1 << (2 * np.arange(2)[:, None] + np.arange(2))  # bit of (q part, kv half)
+    for s in range(0, len(qb), _ENTRY_CHUNK):  # in chunks: the temporaries stay in cache
+      part = slice(s, s + _ENTRY_CHUNK)
+      q_idx = qb[part, None] * plan.block_q + np.arange(plan.block_q)  # [P, 128]
+      k_lo, k_hi = half_lo[of_entry[part]], half_hi[of_entry[part]]  # [P, 2, rows]
+      live = np.zeros((len(q_idx), plan.block_q, 2), bool)
+      for t in range(terms):
+        ok = np.ones_like(live)
+        for d in range(t * per, (t + 1) * per):
+          ql, qh = lo[d][q_idx][..., None], hi[d][q_idx][..., None]  # [P, 128, 1]
+          ok &= (ql <= k_hi[:, None, :, d]) & (k_lo[:, None, :, d] <= qh)
+        live |= ok
+      live = live.reshape(len(q_idx), 2, _ROWS, 2).any(2)  # [P, q part, kv half]
+      out[row[part], ent[part]] = (live * weight).sum((1, 2))
     return out
 
   return (bits(bm.kv_ids, bm.kv_counts, bm.kv_full_counts, True),
