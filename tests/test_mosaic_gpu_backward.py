@@ -169,7 +169,8 @@ def test_picks():
   """backward=None: these kernels for 1-D maps (dense included); for neighborhoods by the
   window's keys and the width (`config.hopper_backward_neighborhood`): 1-D windows of >= 256
   keys; at 64 and 128 3-D windows of >= 1024 keys (strided ones included, their backward map
-  blocks too), at 128 2-D ones of >= 1024 keys without stride, Triton's for other 2-D and
+  blocks too), at 128 plain 2-D ones (no stride, dilation or causal dim) of >= 1024 keys,
+  Triton's for other 2-D and
   shorter windows; at 48, 80 and 96 windows of >= 128 keys; at 32 and for packed
   neighborhoods Triton's."""
   from jax_sparse_attn.layout import TiledLayout
@@ -205,6 +206,10 @@ def test_picks():
   plan_s = gathered(make_plan(strided33, TiledLayout((64, 64), (1, 1), (8, 16)),
                               TiledLayout((64, 64), (1, 1), (8, 16))))
   assert not mgpu.picks_mosaic(plan_s)
+  for other in (masks.neighborhood((64, 96), (33, 33), dilation=(1, 2)),
+                masks.neighborhood((64, 96), (33, 33), is_causal=(True, False))):
+    layout = TiledLayout((64, 96), other.dilation, (8, 16))
+    assert not mgpu.picks_mosaic(gathered(make_plan(other, layout, layout)))
   blocks = lambda mask, d, cfg=None: mgpu.default_backward_map_blocks(d, jnp.bfloat16, cfg, mask)
   strided = masks.neighborhood((8, 32, 32), (4, 16, 16), (2, 8, 8))
   assert mgpu.picks_mosaic(tiled(strided)) and blocks(strided, 128) == (128, 128)
