@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
-from strategies import examples
+from strategies import examples, gna_problems
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu
@@ -400,6 +400,59 @@ def test_live_quarters_brute_force(monkeypatch, spatial, kernel, tile):
   chunked = tables.live_quarters.__wrapped__(plan)
   np.testing.assert_array_equal(chunked[0], fwd_bits)
   np.testing.assert_array_equal(chunked[1], t_bits)
+
+
+def _quarter_truth(plan, dense, q_layout, kv_layout):
+  """Per visited entry of the transposed map: the 4 quarter bits from the dense mask (caller
+  order) through the layouts' kernel order."""
+  to_rows = lambda layout, n: np.asarray(layout.to_kernel(
+      np.arange(1, n + 1).reshape(1, *layout.spatial_shape)))[0] - 1
+  n = dense.shape[0]
+  q_rows, k_rows = to_rows(q_layout, n), to_rows(kv_layout, n)
+  bm = plan.block_map
+  out = np.zeros(np.asarray(bm.q_ids).shape, np.int32)
+  for kb in range(bm.num_kv_blocks):
+    for e in range(int(bm.q_counts[kb])):
+      qb = int(bm.q_ids[kb, e])
+      for p in range(2):
+        for h in range(2):
+          rows = q_rows[qb * 128 + p * 64: qb * 128 + (p + 1) * 64]
+          cols = k_rows[kb * 128 + h * 64: kb * 128 + (h + 1) * 64]
+          rows, cols = rows[rows >= 0], cols[cols >= 0]
+          if len(rows) and len(cols) and dense[np.ix_(rows, cols)].any():
+            out[kb, e] |= 1 << (2 * p + h)
+  return out
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(problem=gna_problems(max_ndim=3, max_len=14))
+def test_live_quarters_separable(problem):
+  """A neighborhood's quarters per dim (`tables.SEPARABLE_QUARTERS`: each dim's valid rows
+  reduced to one range per 64-row part) on random neighborhoods (stride, dilation, causal
+  dims, padding; the simulator's tiles): every partial entry's bits are exactly the dense
+  mask's, and never more than the row-by-row test's (which also keeps parts of padding
+  rows)."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered
+  from jax_sparse_attn.simulate import best_tile_shapes
+  from pallas_kernels.gpu.mosaic_gpu import tables
+  spatial, kernel, stride, dilation, causal = problem
+  mask = masks.neighborhood(spatial, kernel, stride, dilation, causal)
+  tq, tk = best_tile_shapes(mask, 128, 128)
+  q_layout, kv_layout = TiledLayout(spatial, dilation, tq), TiledLayout(spatial, dilation, tk)
+  plan = gathered(make_plan(mask, q_layout, kv_layout))
+  _, fast = tables.live_quarters.__wrapped__(plan)
+  try:
+    tables.SEPARABLE_QUARTERS = False
+    _, rows = tables.live_quarters.__wrapped__(plan)
+  finally:
+    tables.SEPARABLE_QUARTERS = True
+  bm = plan.block_map
+  e = np.arange(fast.shape[1])[None]
+  partial = (e >= np.asarray(bm.q_full_counts)[:, None]) & (e < np.asarray(bm.q_counts)[:, None])
+  truth = _quarter_truth(plan, brute_force.gna_mask(*problem), q_layout, kv_layout)
+  np.testing.assert_array_equal(np.where(partial, fast, 0), np.where(partial, truth, 0))
+  assert not np.any(fast & ~rows)
 
 
 def test_quarters_dq(monkeypatch):
