@@ -360,48 +360,6 @@ def test_quarters(monkeypatch):
                  S(1, 2048, 2, 128)).mlir_module()
 
 
-@pytest.mark.parametrize("spatial, kernel, tile", [
-    ((24, 40), (7, 9), (8, 16)), ((6, 12, 20), (3, 5, 7), (2, 4, 16))])
-def test_live_quarters_brute_force(monkeypatch, spatial, kernel, tile):
-  """`tables.live_quarters` on a neighborhood (a product of per-dim intervals on box tiles,
-  so exact): each partial entry's bit (64-row query part, 64-key half) is set iff some pair
-  in that quarter attends in the brute-force mask; full entries have every bit; the same
-  bits when the partial entries go in chunks of 5 (`tables._ENTRY_CHUNK`)."""
-  from jax_sparse_attn.layout import TiledLayout
-  from jax_sparse_attn.plan import gathered
-  from pallas_kernels.gpu.mosaic_gpu import tables
-  n = int(np.prod(spatial))
-  layout = TiledLayout(spatial, (1,) * len(spatial), tile)
-  plan = gathered(make_plan(masks.neighborhood(spatial, kernel), layout, layout))
-  dense = brute_force.gna_mask(spatial, kernel, (1,) * len(spatial), (1,) * len(spatial),
-                               (False,) * len(spatial))
-  # Kernel position -> caller index (-1: padding).
-  order = np.asarray(layout.to_kernel(np.arange(1, n + 1).reshape(1, *spatial)))[0] - 1
-  fwd_bits, t_bits = tables.live_quarters.__wrapped__(plan)
-  bm = plan.block_map
-  partial = 0
-  for kb in range(bm.num_kv_blocks):
-    for e in range(int(bm.q_counts[kb])):
-      qb = int(bm.q_ids[kb, e])
-      if e < int(bm.q_full_counts[kb]):
-        assert t_bits[kb, e] == 15
-        continue
-      partial += 1
-      for p in range(2):
-        for h in range(2):
-          rows = order[qb * 128 + p * 64: qb * 128 + (p + 1) * 64]
-          cols = order[kb * 128 + h * 64: kb * 128 + (h + 1) * 64]
-          rows, cols = rows[rows >= 0], cols[cols >= 0]
-          want = bool(dense[np.ix_(rows, cols)].any()) if len(rows) and len(cols) else False
-          assert bool((t_bits[kb, e] >> (2 * p + h)) & 1) == want, (kb, e, p, h)
-  assert partial and np.any(t_bits[np.arange(t_bits.shape[1])[None] <
-                                   np.asarray(bm.q_counts)[:, None]] != 15)
-  monkeypatch.setattr(tables, "_ENTRY_CHUNK", 5)
-  chunked = tables.live_quarters.__wrapped__(plan)
-  np.testing.assert_array_equal(chunked[0], fwd_bits)
-  np.testing.assert_array_equal(chunked[1], t_bits)
-
-
 def _quarter_truth(plan, dense, q_layout, kv_layout):
   """Per visited entry of the transposed map: the 4 quarter bits from the dense mask (caller
   order) through the layouts' kernel order."""
@@ -424,6 +382,35 @@ def _quarter_truth(plan, dense, q_layout, kv_layout):
   return out
 
 
+@pytest.mark.parametrize("spatial, kernel, tile", [
+    ((24, 40), (7, 9), (8, 16)), ((6, 12, 20), (3, 5, 7), (2, 4, 16))])
+def test_live_quarters_brute_force(monkeypatch, spatial, kernel, tile):
+  """`tables.live_quarters` on a neighborhood (a product of per-dim intervals on box tiles,
+  so exact): each partial entry's bit (64-row query part, 64-key half) is set iff some pair
+  in that quarter attends in the brute-force mask; full entries have every bit. Both forms:
+  per dim (`tables.SEPARABLE_QUARTERS`, the default for neighborhoods) and row by row with
+  the partial entries in chunks of 5 (`tables._ENTRY_CHUNK`)."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered
+  from pallas_kernels.gpu.mosaic_gpu import tables
+  layout = TiledLayout(spatial, (1,) * len(spatial), tile)
+  plan = gathered(make_plan(masks.neighborhood(spatial, kernel), layout, layout))
+  dense = brute_force.gna_mask(spatial, kernel, (1,) * len(spatial), (1,) * len(spatial),
+                               (False,) * len(spatial))
+  truth = _quarter_truth(plan, dense, layout, layout)
+  bm = plan.block_map
+  e = np.arange(truth.shape[1])[None]
+  full = e < np.asarray(bm.q_full_counts)[:, None]
+  partial = ~full & (e < np.asarray(bm.q_counts)[:, None])
+  assert partial.any() and np.any(truth[partial] != 15)  # the map has dead quarters
+  for separable, chunk in ((True, tables._ENTRY_CHUNK), (False, 5)):
+    monkeypatch.setattr(tables, "SEPARABLE_QUARTERS", separable)
+    monkeypatch.setattr(tables, "_ENTRY_CHUNK", chunk)
+    _, t_bits = tables._live_quarters.__wrapped__(plan)
+    assert np.all(t_bits[full] == 15)
+    np.testing.assert_array_equal(t_bits[partial], truth[partial])
+
+
 @settings(max_examples=examples(30), deadline=None)
 @given(problem=gna_problems(max_ndim=3, max_len=14))
 def test_live_quarters_separable(problem):
@@ -441,10 +428,10 @@ def test_live_quarters_separable(problem):
   tq, tk = best_tile_shapes(mask, 128, 128)
   q_layout, kv_layout = TiledLayout(spatial, dilation, tq), TiledLayout(spatial, dilation, tk)
   plan = gathered(make_plan(mask, q_layout, kv_layout))
-  _, fast = tables.live_quarters.__wrapped__(plan)
+  _, fast = tables._live_quarters.__wrapped__(plan)
   try:
     tables.SEPARABLE_QUARTERS = False
-    _, rows = tables.live_quarters.__wrapped__(plan)
+    _, rows = tables._live_quarters.__wrapped__(plan)
   finally:
     tables.SEPARABLE_QUARTERS = True
   bm = plan.block_map

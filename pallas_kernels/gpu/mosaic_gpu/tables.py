@@ -12,7 +12,7 @@ import numpy as np
 
 from jax_sparse_attn import masks
 from jax_sparse_attn.layout import TiledLayout
-from jax_sparse_attn.plan import AttentionPlan, make_plan
+from jax_sparse_attn.plan import AttentionPlan, gathered, make_plan
 
 from .. import mma_masks, triton_attention
 from .config import _COMPUTE_WGS, _ROWS
@@ -326,8 +326,14 @@ def _half_ranges(c: np.ndarray, blocks: np.ndarray, block: int) -> tuple[np.ndar
   return lo, hi
 
 
-@functools.lru_cache(maxsize=64)
 def live_quarters(plan: AttentionPlan):
+  """`_live_quarters` of the plan in kernel order: a gathered plan and its kernel-order twin
+  (`plan.gathered`, which the backward's kernels take) share one computation."""
+  return _live_quarters(gathered(plan, False) if plan.gathered else plan)
+
+
+@functools.lru_cache(maxsize=64)
+def _live_quarters(plan: AttentionPlan):
   """Which 64x64 quarters of each visited (Q block, KV block) pair of a static map may hold
   a query-key pair that the element test passes, for the backward kernels to skip the
   others (a sink's KV block seen from far queries: only its first 64 keys; the causal
@@ -352,7 +358,7 @@ def live_quarters(plan: AttentionPlan):
   # A neighborhood's one term is a product of per-dim intervals, each a function of the
   # query's own coordinate in that dim, and a 64-row part of a tile is a box: a quarter is
   # live iff every dim has some row whose interval meets the half's key range, so each dim's
-  # rows reduce to one range first (`SEPARABLE_QUARTERS`; checked against the row test).
+  # rows reduce to one range first (`SEPARABLE_QUARTERS`; exact against the dense mask).
   separable = (SEPARABLE_QUARTERS and terms == 1 and isinstance(plan.mask, masks.Neighborhood)
                and not plan.q_layout.is_shard and not plan.kv_layout.is_shard)
 
@@ -364,9 +370,7 @@ def live_quarters(plan: AttentionPlan):
     if not len(row):
       return out
     qb, kb = (row, ids[row, ent]) if rows_are_q else (ids[row, ent], row)
-    # Query intervals by part [P, parts, rows] (a part's union of its rows' intervals is
-    # too coarse for windows: test each query row) and key ranges by half.
-    # Key ranges once per KV block (entries repeat blocks many times), then per entry.
+    # Key ranges by half, once per KV block (entries repeat blocks many times).
     blocks, of_entry = np.unique(kb, return_inverse=True)
     half_lo, half_hi = _half_ranges(c, blocks, plan.block_kv)  # [blocks, 2, rows]
     weight = 1 << (2 * np.arange(2)[:, None] + np.arange(2))  # bit of (q part, kv half)
@@ -378,7 +382,10 @@ def live_quarters(plan: AttentionPlan):
       live = ((ql <= k_hi) & (k_lo <= qh)).all(-1)  # [P, q part, kv half]
       out[row, ent] = (live * weight).sum((1, 2))
       return out
-    for s in range(0, len(qb), _ENTRY_CHUNK):  # in chunks: the temporaries stay in cache
+    # The general form (unions of terms, dims on one coordinate): a part's union of its
+    # rows' intervals is too coarse there, so each query row is tested; in chunks of
+    # entries, so that the temporaries stay in cache.
+    for s in range(0, len(qb), _ENTRY_CHUNK):
       part = slice(s, s + _ENTRY_CHUNK)
       q_idx = qb[part, None] * plan.block_q + np.arange(plan.block_q)  # [P, 128]
       k_lo, k_hi = half_lo[of_entry[part]], half_hi[of_entry[part]]  # [P, 2, rows]
