@@ -170,9 +170,8 @@ def test_picks():
   window's keys and the width (`config.hopper_backward_neighborhood`): 1-D windows of >= 256
   keys; at 64 and 128 3-D windows of >= 1024 keys (strided ones included, their backward map
   blocks too), at 128 plain 2-D ones (no stride, dilation or causal dim) of >= 1024 keys,
-  Triton's for other 2-D and
-  shorter windows; at 48, 80 and 96 windows of >= 128 keys; at 32 and for packed
-  neighborhoods Triton's."""
+  Triton's for other 2-D and shorter windows; at 48, 80 and 96 windows of >= 128 keys; at 32
+  and for packed neighborhoods Triton's."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered
   seq = lambda m: make_plan(m, SequenceLayout(1000, 128), SequenceLayout(1000, 128))

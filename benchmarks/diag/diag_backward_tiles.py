@@ -8,13 +8,13 @@ fwd / fwd+bwd ms, variants interleaved, gradients against the first variant's.
 
     python -m benchmarks.diag.diag_backward_tiles --cases k33_d128 --out x.json
 """
-import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from pallas_kernels.gpu import MosaicGPUConfig
 
 from . import Rows, case_parser, interleaved, max_rel_diff
+from ..bench_gpu import inputs
 
 # name: (spatial, kernel, batch, heads, head_dim)
 CASES = {"k33_d128": ((128, 128), 33, 2, 16, 128), "k13_d128": ((64, 64), 13, 8, 16, 128),
@@ -36,8 +36,7 @@ def main():
       return lambda q, k, v: jsa.na(q, k, v, kern, backend="mosaic_gpu", config=hopper,
                                     q_tile_shape=q_tile, kv_tile_shape=kv_tile)
 
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    big = tuple(jax.random.normal(x, (b, *spatial, h, d), jnp.bfloat16) for x in ks)
+    big = inputs((b, *spatial, h, d), (b, *spatial, h, d), jnp.bfloat16)
     row = {"case": name}
     variants = {v: (lambda t=t: fn(t)) for v, t in TILES.items()}
     grads = interleaved(row, variants, big, rounds=args.rounds)

@@ -10,7 +10,6 @@ the first's at full size.
 
     python -m benchmarks.diag.diag_na_quarters --out x.json
 """
-import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
@@ -18,6 +17,7 @@ from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
 from . import Rows, case_parser, interleaved, knob_setter, max_rel_diff
+from ..bench_gpu import inputs
 
 # name: (spatial, kernel, batch, heads, head_dim)
 CASES = {"k33_d128": ((128, 128), 33, 2, 16, 128), "k13_d128": ((64, 64), 13, 8, 16, 128),
@@ -35,8 +35,7 @@ def main():
   for name in args.cases.split(","):
     spatial, kern, b, h, d = CASES[name]
     fn = lambda cfg: (lambda q, k, v: jsa.na(q, k, v, kern, backend="mosaic_gpu", config=cfg))
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    big = tuple(jax.random.normal(x, (b, *spatial, h, d), jnp.bfloat16) for x in ks)
+    big = inputs((b, *spatial, h, d), (b, *spatial, h, d), jnp.bfloat16)
     variants = {
         "auto": lambda: (quarters("auto"), min_dead(default_min), fn(None))[-1],
         "hopper": lambda: (quarters("auto"), min_dead(default_min), fn(hopper))[-1],

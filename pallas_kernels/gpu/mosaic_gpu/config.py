@@ -132,8 +132,7 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
     5.92; 72 at 80, 2-D 128² k33 3.74 / 4.95.
   * 2-D/3-D at 64 and 128 (Triton's own widths): 3-D windows of at least `NA3D_MIN_WINDOW`
     keys, plain 2-D ones (no stride, dilation or causal dim) at 128 from
-    `NA2D_MIN_WINDOW_128` keys; other 2-D ones on
-    Triton's (its 64-row query tiles). At 128
+    `NA2D_MIN_WINDOW_128` keys; other 2-D ones on Triton's (its 64-row query tiles). At 128
     3-D 16×64² k8×16² 17.4 / 19.0 (-12-03-grid-order.json; strided on the shifted key grid
     12.00 / 12.25, -backward-forms.json), but 3×7² 0.82 / 0.77 and 4×9² 0.95 / 0.87; 2-D 128²
     k33 4.56 / 4.39 (before the quarters; 4.44-4.46 / 4.47-4.49 with them, an H100). At
@@ -172,13 +171,16 @@ NA1D_MIN_KERNEL = 256
 NA_MIN_WINDOW = 128
 NA3D_MIN_WINDOW = 1024
 # Keys in a 2-D window (no stride, dilation or causal dim) from which it does at 128
-# columns: with its dead
-# quarters skipped (`attention_bwd.QUARTERS_MIN_DEAD`) it ties Triton's at k33 (1089 keys;
-# H100, 128² B=2 H=16: 4.44-4.46 vs 4.47-4.49 ms, -12-05-quarters-na.json; 4.39-4.52 vs
-# 4.47-4.50 in a second call, -12-05-routing-check.json) and takes the row off the
-# deprecated Triton lowering; k13 (169) still 1.35x slower. Strided 2-D windows
-# stay on Triton's (k32 stride 16: 2.76-2.85 vs 3.18-3.22, -12-05-window-dq-routing.json).
+# columns: with its dead quarters skipped (`attention_bwd.QUARTERS_MIN_DEAD`) it ties
+# Triton's at k33 (1089 keys; H100, 128² B=2 H=16: 4.44-4.46 vs 4.47-4.49 ms,
+# -12-05-quarters-na.json; 4.39-4.52 vs 4.47-4.50 in a second call,
+# -12-05-routing-check.json) and takes the row off the deprecated Triton lowering; k13 (169)
+# still 1.35x slower. Strided 2-D windows stay on Triton's (k32 stride 16: 2.76-2.85 vs
+# 3.18-3.22, -12-05-window-dq-routing.json).
 NA2D_MIN_WINDOW_128 = 1024
+# Keys in a 2-D/3-D window from which the Hopper forward runs a padding mask or segment ids
+# faster than Triton's (ties at 625, wins at 1089 and 2048: `hopper_forward_segments`).
+NA_SEGMENTS_MIN_WINDOW = 1024
 
 
 def _plain(mask) -> bool:
@@ -186,9 +188,6 @@ def _plain(mask) -> bool:
   measured on."""
   return (all(s == 1 for s in mask.stride) and all(d == 1 for d in mask.dilation)
           and not any(mask.is_causal))
-# Keys in a 2-D/3-D window from which the Hopper forward runs a padding mask or segment ids
-# faster than Triton's (ties at 625, wins at 1089 and 2048: `hopper_forward_segments`).
-NA_SEGMENTS_MIN_WINDOW = 1024
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segments=False):
