@@ -47,6 +47,10 @@ class Backend(NamedTuple):
   # (mask, block_q, block_kv) -> (q tile, kv tile): the backend's own tile choice for `na`'s
   # defaults (None: the simulator's `best_tile_shapes` with the fields above).
   choose_tiles: Callable | None = None
+  # (mask, block_q, block_kv) -> (q tile, kv tile) of the backward's plan (`backward_blocks`'
+  # blocks; None: the simulator's `best_tile_shapes`). Not for shards of a context-parallel
+  # plan, which fit the simulator's tiles to the shard.
+  choose_backward_tiles: Callable | None = None
   # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
   # forward(..., block_map=) / backward(..., block_map=).
   runtime_maps: bool = False

@@ -811,7 +811,9 @@ def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionP
   blocks = backward_map_blocks(impl, head_dim, dtype, config, mask, segments)
   if blocks is None:
     return None
-  bwd_q, bwd_kv = (tuple((fit_tile or (lambda t: t))(t)) for t in best_tile_shapes(mask, *blocks))
+  choose = (impl.choose_backward_tiles if impl.choose_backward_tiles and fit_tile is None
+            and not plan.q_layout.is_shard and not plan.kv_layout.is_shard else best_tile_shapes)
+  bwd_q, bwd_kv = (tuple((fit_tile or (lambda t: t))(t)) for t in choose(mask, *blocks))
   shifted = (best_shifted_tiles(mask, *blocks)
              if fit_tile is None and not plan.kv_layout.is_shard and SHIFTED_KV else None)
   if shifted is not None and any(shifted[2]):  # a key grid that starts before the array

@@ -165,6 +165,49 @@ def test_na_mma_bias(monkeypatch, problem, tile):
   assert built and all(x is not None for x in built)
 
 
+def test_quarter_tiles(monkeypatch):
+  """The backward's tiles by live 64x64 quarters (`cost.backward_tile_shapes`, with
+  `QUARTER_TILES` on): 2-D 128² k33 takes (16, 8) tiles (the same 1920 blocks, 6400 live
+  quarters instead of 6912), the simulator's with `QUARTER_TILES` off; on 32×40 k11 it picks (16, 8) tiles, not the
+  forward's (16, 8) / (8, 8): the backward's own gathered plan, whose gradients match the
+  brute force."""
+  from jax_sparse_attn import ops
+  from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
+  from pallas_kernels.gpu.mosaic_gpu import cost
+  monkeypatch.setattr(cost, "QUARTER_TILES", True)  # off by default until measured
+  k33 = masks.neighborhood((128, 128), 33)
+  assert cost.backward_tile_shapes(k33, 128, 128) == ((16, 8), (16, 8))
+  assert cost._live_quarter_count(k33, (16, 8), (16, 8)) == 6400
+  assert cost._live_quarter_count(k33, (8, 16), (8, 16)) == 6912
+  for spatial, kernel in [((32, 40), 11), ((56, 56), 7), ((96, 96), 17), ((40, 24), 9)]:
+    mask = masks.neighborhood(spatial, kernel)
+    base, pick = best_tile_shapes(mask, 128, 128), cost.backward_tile_shapes(mask, 128, 128)
+    assert visited_blocks(mask, *pick)[0] <= visited_blocks(mask, *base)[0]
+    assert cost._live_quarter_count(mask, *pick) <= cost._live_quarter_count(mask, *base)
+  monkeypatch.setattr(cost, "QUARTER_TILES", False)
+  assert cost.backward_tile_shapes(k33, 128, 128) == best_tile_shapes(k33, 128, 128)
+  monkeypatch.setattr(cost, "QUARTER_TILES", True)
+  plans = []
+  real = ops._backward_plan
+
+  def spy(*args, **kwargs):
+    plans.append(real(*args, **kwargs))
+    return plans[-1]
+
+  monkeypatch.setattr(ops, "_backward_plan", spy)
+  ops._make_core.cache_clear()
+  p = dict(problem=((32, 40), (11, 11), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
+           kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
+  pick = cost.backward_tile_shapes(masks.neighborhood((32, 40), 11), 128, 128)
+  assert pick == ((16, 8), (16, 8)) != cost.auto_tiles(masks.neighborhood((32, 40), 11), 128, 128)
+  assert plans and all(x is not None and (x.q_layout.tile_shape, x.kv_layout.tile_shape) == pick
+                       for x in plans)
+  monkeypatch.undo()  # and no later test reuses a trace made under the knob
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+
+
 def test_picks():
   """backward=None: these kernels for 1-D maps (dense included); for neighborhoods by the
   window's keys and the width (`config.hopper_backward_neighborhood`): 1-D windows of >= 256
@@ -262,6 +305,41 @@ def test_lowers_for_gpu(case):
   # (`attention_bwd.WINDOW_DQ`: other K/V arrays than the dK/dV kernel's)
   assert text.count("@mosaic_gpu_v2(") == (3 if case == "na3d" else 2)
   assert "__gpu$xla.gpu.triton" not in text
+
+
+def test_p_smem(monkeypatch):
+  """`attention_bwd.P_SMEM`: the fused form with Pᵀ through shared memory traces no wgmma
+  with a register operand in the backward (the forward keeps its P V one), and lowers for
+  CUDA (its 16 KB more shared memory fit). (Interpret mode always takes Pᵀ from shared
+  memory: `test_attention`'s fused cases check those products.)"""
+  import re
+  from jax._src import mesh as mesh_lib
+  from jax_sparse_attn import backends, ops
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  S = jax.ShapeDtypeStruct((1, 2048, 4, 128), jnp.bfloat16)
+  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
+  loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
+                                               config=cfg).astype(jnp.float32))
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                   platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+  def register_operands():  # wgmmas whose A operand is a value: `acc[...] <- a[...] @ b...`
+    with jax.sharding.use_abstract_mesh(mesh), backends.target("gpu"):
+      text = str(jax.make_jaxpr(grad)(S, S, S))
+    return len(re.findall(r"wgmma_ref \w+\[\.\.\.\] <- \w+\[\.\.\.\] @", text))
+
+  default = register_operands()
+  monkeypatch.setattr(attention_bwd, "P_SMEM", True)
+  ops._make_core.cache_clear()  # retrace under the knob
+  jax.clear_caches()
+  assert register_operands() == 2 < default  # the forward's P V alone (full, masked steps)
+  text = export_for_gpu(grad, S, S, S).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2
+  monkeypatch.undo()  # and no later test reuses a trace made under the knob
+  ops._make_core.cache_clear()
+  jax.clear_caches()
 
 
 def test_work_items():

@@ -1,11 +1,11 @@
 """The Hopper backward's register plan: per variant of the register budgets in
-`attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one) and
-form, ptxas' register and
-spill report, a gradient check against a float32 reference and the backward's ms on dense,
-causal and the LM layer's mask. The `_vec` and `_scoped` variants need commit 69822f7 (its
-COORD_VECTORS and DQ_ACC knobs, since removed: they changed nothing); at later commits they
-run as their base variant. Each variant runs in its own process (ptxas' report goes to
-that process' stdout: `MOSAIC_GPU_DUMP_PTXAS=1`; SASS with `--sass`).
+`attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one), the
+form and `attention_bwd.P_SMEM` (the fused form's Pᵀ through shared memory: no wgmma with a
+register operand), ptxas' register and spill report, a gradient check against a float32
+reference and the backward's ms on dense, causal and the LM layer's mask. (The variants of
+2026-12-03, coordinate vectors and the dQ accumulator's form, are at commit 69822f7,
+docs/experiments/h200-2026-12-03-fused-registers.json.) Each variant runs in its own process
+(ptxas' report goes to that process' stdout: `MOSAIC_GPU_DUMP_PTXAS=1`; SASS with `--sass`).
 
     python -m benchmarks.diag.diag_fused_registers --out DIR [--variants a,b] [--sass a,b]
 """
@@ -17,16 +17,12 @@ import re
 import subprocess
 import sys
 
-# name: (backward_dq, registers of the compute / memory warpgroups, COORD_VECTORS, DQ_ACC)
+# name: (backward_dq, registers of the compute / memory warpgroups, P_SMEM)
 VARIANTS = {
-    "two": (None, (232, 40), False, "init"),
-    "two_vec": (None, (232, 40), True, "init"),
-    "two_vec_240": (None, (240, 24), True, "init"),
-    "fused": ("split", (232, 40), False, "init"),
-    "fused_vec": ("split", (232, 40), True, "init"),
-    "fused_vec_scoped": ("split", (232, 40), True, "scoped"),
-    "fused_vec_240": ("split", (240, 24), True, "init"),
-    "fused_vec_scoped_240": ("split", (240, 24), True, "scoped"),
+    "two": ("kernel", (232, 40), False),
+    "fused": ("split", (240, 24), False),
+    "fused_p_smem": ("split", (240, 24), True),
+    "fused_p_smem_232": ("split", (232, 40), True),
 }
 CASES = ("dense", "causal", "lm")
 
@@ -44,9 +40,9 @@ def child(name: str, out_path: str):
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_fwd
 
-  dq_form, regs, vec, acc = VARIANTS[name]
-  setattr(attention_bwd, "FUSED_REGISTERS" if dq_form else "REGISTERS", regs)
-  attention_bwd.COORD_VECTORS, attention_bwd.DQ_ACC = vec, acc  # 69822f7's knobs
+  dq_form, regs, p_smem = VARIANTS[name]
+  setattr(attention_bwd, "FUSED_REGISTERS" if dq_form == "split" else "REGISTERS", regs)
+  attention_bwd.P_SMEM = p_smem
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq_form)
   row = {"variant": name}
   # Gradients against float32 XLA attention: causal & window with documents-free GQA.

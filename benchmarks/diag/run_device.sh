@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
-# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all]
+# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all|pending]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -23,4 +23,14 @@ if [ "$what" = peers ] || [ "$what" = all ]; then
 fi
 if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
+fi
+if [ "$what" = pending ]; then
+  # The A/Bs prepared on the CPU and not yet measured (docs/performance.md, twentieth
+  # session): the backward's tiles by live quarters, 2-D masks on the Hopper backward, the
+  # fused form's Pᵀ through shared memory (each variant in its own process, ptxas' report).
+  timeout 180 python3 -m benchmarks.diag.diag_backward_tiles --cases k33_d128,k33_d64 \
+    --out $OUT/tiles.json 2>&1 | grep '^{'
+  timeout 170 python3 -m benchmarks.diag.diag_na2d_masks --out $OUT/masks.json 2>&1 | grep '^{'
+  timeout 220 python3 -m benchmarks.diag.diag_fused_registers --variants fused,fused_p_smem,fused_p_smem_232 \
+    --out $OUT/registers 2>&1 | grep '^{'
 fi

@@ -179,3 +179,59 @@ def auto_tiles(mask, block_q: int, block_kv: int):
   if best is None:  # no box tiles: the simulator's choice (the forward permutes)
     return best_tile_shapes(mask, block_q, block_kv, last_multiple=8)
   return best
+
+
+# The backward's tiles for 2-D neighborhoods count the 64x64 quarters its kernels compute
+# (`attention_bwd.QUARTERS` skips the dead ones) instead of the simulator's blocks: among
+# the tilings that visit no more blocks than the simulator's, the one with the fewest live
+# quarters. 2-D 128² k33: (16, 8) tiles (8x8 halves) over the same 1920 blocks leave 6400
+# live quarters instead of 6912. Off until measured (the A/B is
+# `benchmarks/diag/diag_backward_tiles.py` and `diag_na2d_masks.py`; no device came for it
+# on 2026-12-05): False, the simulator's tiles.
+QUARTER_TILES = False
+
+
+def backward_tile_shapes(mask, block_q: int, block_kv: int):
+  """(query tile, key tile) of the backward's plan for a neighborhood (`ops._backward_plan`):
+  the simulator's best (`simulate.best_tile_shapes`), or for 2-D windows on the two 128-row
+  kernels (where they skip dead quarters, `QUARTER_TILES`) the tiling of no more visited
+  blocks with the fewest live 64x64 quarters (`_live_quarter_count`), ties to the
+  simulator's."""
+  from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles, visited_blocks
+  base = best_tile_shapes(mask, block_q, block_kv)
+  if not (QUARTER_TILES and isinstance(mask, masks.Neighborhood) and mask.num_dims == 2
+          and (block_q, block_kv) == (2 * _ROWS, 2 * _ROWS)):
+    return base
+  limit = visited_blocks(mask, *base)[0]
+  cands = candidate_tiles(mask, block_q, last_multiple=8)
+  best, best_live = base, _live_quarter_count(mask, *base)
+  for qt in cands:
+    for kt in cands:
+      if (qt, kt) == tuple(base) or visited_blocks(mask, qt, kt)[0] > limit:
+        continue
+      live = _live_quarter_count(mask, qt, kt)
+      if live < best_live:
+        best, best_live = (qt, kt), live
+  return best
+
+
+@functools.lru_cache(maxsize=256)
+def _live_quarter_count(mask, q_tile: tuple, kv_tile: tuple) -> int:
+  """64x64 quarters the backward's dK/dV kernel computes on this tiling: the live ones
+  (`tables.live_quarters`) where it skips the dead (at least
+  `attention_bwd.QUARTERS_MIN_DEAD` of them), else four per visited block."""
+  from jax_sparse_attn.plan import make_plan
+  from . import attention_bwd
+  from .tables import _live_quarters
+  plan = make_plan(mask, TiledLayout(mask.spatial_shape, mask.dilation, q_tile),
+                   TiledLayout(mask.spatial_shape, mask.dilation, kv_tile))
+  bmap = plan.block_map
+  e = np.arange(np.asarray(bmap.q_ids).shape[1])[None]
+  visited = e < np.asarray(bmap.q_counts)[:, None]
+  every = 4 * int(visited.sum())
+  quarters = _live_quarters(plan) if attention_bwd.QUARTERS else None
+  if quarters is None or (attention_bwd.QUARTERS == "auto" and attention_bwd._dead_share(
+      bmap, quarters[1]) < attention_bwd.QUARTERS_MIN_DEAD):
+    return every
+  bits = quarters[1][visited]
+  return int(sum(((bits >> i) & 1).sum() for i in range(4)))
