@@ -68,6 +68,10 @@ class Backend(NamedTuple):
   # `ops` takes that rowsum once for the sinks' gradient and the kernels (its lse holds the
   # sink: nothing else changes).
   sinks: bool = False
+  # Takes logit soft-capping as forward(..., softcap=cap) and backward(..., softcap=cap)
+  # (a Python float; `softcap.capped`): scores capped before the mask. Backends without it
+  # raise ValueError for ``logits_soft_cap``.
+  softcap: bool = False
 
 
 def backward_delta(out, d_out, d_lse):
@@ -82,23 +86,23 @@ def backward_delta(out, d_out, d_lse):
 
 
 def _xla_forward(q, k, v, q_seg, kv_seg, plan, scale, config, interpret, block_map=None,
-                 sinks=None):
+                 sinks=None, softcap=None):
   from . import xla_backend
   del config, interpret
-  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale, block_map, sinks)
+  return xla_backend.forward(q, k, v, q_seg, kv_seg, plan, scale, block_map, sinks, softcap)
 
 
 def _xla_backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale, config, interpret,
-                  block_map=None):
+                  block_map=None, softcap=None):
   from . import xla_backend
   del config, interpret
   return xla_backend.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan, scale,
-                              block_map)
+                              block_map, softcap)
 
 
 _REGISTRY: dict[str, Backend] = {
     "xla": Backend(_xla_forward, _xla_backward, lambda d, dt: (64, 64), runtime_maps=True,
-                   sinks=True),
+                   sinks=True, softcap=True),
 }
 
 

@@ -504,12 +504,13 @@ def _local_sizes(mesh, axes) -> int:
 
 def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, strategy,
               context_layout, backend, scale, block_q, block_kv, config, interpret,
-              single_device, sinks=None):
+              single_device, sinks=None, softcap=None):
   """`ops.attention` on a mesh: (out, lse [batch, seq_q, heads]) with batch and heads
   sharded over `BATCH_AXES`/`HEAD_AXES` where they divide, and the sequence over
   `context_axis` (None: not sharded; `single_device(q, k, v, q_seg, kv_seg, sinks)` runs
   per shard, `sinks` [heads] sharded with the heads: its kernels join them; with a
-  context axis the caller joins them after the merge and passes None)."""
+  context axis the caller joins them after the merge and passes None). `softcap`: the
+  shards' logit soft-capping (per score, so the merge is unchanged)."""
   from . import ops
   b, sq, h, d = query.shape
   skv, hkv = key.shape[1], key.shape[2]
@@ -541,7 +542,8 @@ def attention(query, key, value, mask, q_seg, kv_seg, *, mesh, context_axis, str
   def run(i, q, k, v, ks, qs):
     # Segment ids skip the shard's cross-document blocks as on one device (`ops._segment_map`).
     return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v, qs, ks,
-                        block_map=ops._segment_map(backend, cp.plans[i], qs, ks))
+                        block_map=ops._segment_map(backend, cp.plans[i], qs, ks),
+                        softcap=softcap)
 
   def body(q, k, v, *segs):
     qs, ks = segs if segs else (None, None)
@@ -647,14 +649,14 @@ def routed_sequence(query, key, value, mask, ids, q_seg, kv_seg, block_size: int
 
 def na(query, key, value, mask: masks_lib.Neighborhood, q_seg=None, kv_seg=None, *, mesh,
        context_axis, strategy, backend, scale, q_tile, kv_tile, config, interpret,
-       single_device, backward_plan=None):
+       single_device, backward_plan=None, softcap=None):
   """`ops.na` on a mesh: batch/heads as in `attention`, the leading spatial dim over
   `context_axis`. Returns (out, lse [batch, *spatial, heads]). q_seg, kv_seg: int32
   [batch, *spatial] segment ids (`ops._na_segments`: padding and packed images), sharded
   like the tokens, the keys' ids travelling with their K/V halos; with them the context
   axis must have size > 1 (`single_device` takes q, k, v only). `backward_plan(plan,
   fit_tile=)`: the backward kernels' own plan for a local plan (`ops._backward_plan`), or
-  None."""
+  None. `softcap`: the shards' logit soft-capping."""
   from . import ops
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
   hkv = key.shape[-2]
@@ -679,7 +681,7 @@ def na(query, key, value, mask: masks_lib.Neighborhood, q_seg=None, kv_seg=None,
 
   def run(i, q, k, v, ks, qs):
     return ops.run_plan(backend, cp.plans[i], scale, config, interpret, q, k, v, qs, ks,
-                        bwd_plan=bwd[i])
+                        bwd_plan=bwd[i], softcap=softcap)
 
   def body(q, k, v, *segs):
     qs, ks = segs if segs else (None, None)

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 from . import context_parallel
 from . import masks as masks_lib
 from . import routing
+from . import softcap as softcap_lib
 from .ops import attention, na
 
 # logical axis -> mesh axis
@@ -132,7 +133,7 @@ class _AttentionBase(nnx.Module):
                head_dim: int | None, qkv_bias: bool, out_bias: bool, use_rope: bool,
                rope_base: float, qk_norm: bool, backend: str, interpret: bool,
                context_axis: str | None, dtype, param_dtype, rngs: nnx.Rngs,
-               learned_sinks: bool = False):
+               learned_sinks: bool = False, logits_soft_cap: float | None = None):
     num_kv_heads = num_kv_heads or num_heads
     if embed_dim <= 0 or num_heads <= 0:
       raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
@@ -160,6 +161,10 @@ class _AttentionBase(nnx.Module):
     if learned_sinks and backend == "dense":
       raise ValueError("learned_sinks needs a backend of `attention` (backend='dense' is "
                        "jax.nn.dot_product_attention, a speed baseline without sinks)")
+    self.logits_soft_cap = softcap_lib.check(logits_soft_cap)
+    if self.logits_soft_cap is not None and backend == "dense":
+      raise ValueError("logits_soft_cap needs a backend of `attention` (backend='dense' is "
+                       "jax.nn.dot_product_attention, a speed baseline without a cap)")
     # gpt-oss attention sinks: a logit per head in every row's softmax denominator.
     self.sinks = nnx.Param(nnx.with_partitioning(
         nnx.initializers.zeros_init(), ("heads",), eager_sharding=False)(
@@ -227,7 +232,8 @@ class NeighborhoodAttention(nnx.Module):
   under `jax.set_mesh`: context parallelism; without a mesh it is ignored).
 
   ``learned_sinks``: a learned sink logit per head (gpt-oss attention sinks, `na`'s
-  ``sinks``), the parameter ``core.sinks`` [heads], zeros at init.
+  ``sinks``), the parameter ``core.sinks`` [heads], zeros at init. ``logits_soft_cap``:
+  scores capped to ``c·tanh(s / c)`` (`na`'s ``logits_soft_cap``).
 
   ``extra_dim``: give it to attend to extra tokens too (text tokens of a text-to-image DiT,
   registers): the layer then owns key/value projections of its own for ``[batch, n_extra,
@@ -243,14 +249,14 @@ class NeighborhoodAttention(nnx.Module):
                use_rope: bool = False, rope_base: float = 10000.0, qk_norm: bool = False,
                backend: str = "auto", interpret: bool = False, context_axis: str | None = None,
                q_tile_shape=None, kv_tile_shape=None, extra_dim: int | None = None,
-               learned_sinks: bool = False, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               learned_sinks: bool = False, logits_soft_cap: float | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
                                backend=backend, interpret=interpret, context_axis=context_axis,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               learned_sinks=learned_sinks)
+                               learned_sinks=learned_sinks, logits_soft_cap=logits_soft_cap)
     self.spatial_dims = spatial_dims
     self.kernel_size, self.stride, self.dilation, self.is_causal = (kernel_size, stride,
                                                                     dilation, is_causal)
@@ -309,7 +315,7 @@ class NeighborhoodAttention(nnx.Module):
              additional_valid=extra_valid, backend=self.core.backend,
              interpret=self.core.interpret, q_tile_shape=self.q_tile_shape,
              kv_tile_shape=self.kv_tile_shape, context_axis=self.core.context_axis,
-             sinks=self.core._sinks())
+             sinks=self.core._sinks(), logits_soft_cap=self.core.logits_soft_cap)
     return self.core._output(o)
 
 
@@ -344,7 +350,8 @@ class SparseAttention(nnx.Module):
   ring; default RoPE positions follow that order. Needs the mesh.
   ``learned_sinks``: a learned sink logit per head in every row's softmax denominator
   (gpt-oss attention sinks, `attention`'s ``sinks``): the parameter ``core.sinks``
-  [heads], zeros at init.
+  [heads], zeros at init. ``logits_soft_cap``: scores capped to ``c·tanh(s / c)`` (Gemma 2's
+  50; `attention`'s ``logits_soft_cap``).
   """
 
   def __init__(self, embed_dim: int, num_heads: int, mask: masks_lib.Mask | None = None, *,
@@ -352,14 +359,15 @@ class SparseAttention(nnx.Module):
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
                interpret: bool = False, context_axis: str | None = None,
-               context_layout: str = "contiguous", learned_sinks: bool = False, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               context_layout: str = "contiguous", learned_sinks: bool = False,
+               logits_soft_cap: float | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
                                backend=backend, interpret=interpret, context_axis=context_axis,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               learned_sinks=learned_sinks)
+                               learned_sinks=learned_sinks, logits_soft_cap=logits_soft_cap)
     self.mask, self.context_layout = mask, context_layout
     context_parallel.check_options("auto", context_layout)
 
@@ -371,7 +379,8 @@ class SparseAttention(nnx.Module):
     else:
       o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.core.backend,
                     interpret=self.core.interpret, context_axis=self.core.context_axis,
-                    context_layout=self.context_layout, sinks=self.core._sinks())
+                    context_layout=self.context_layout, sinks=self.core._sinks(),
+                    logits_soft_cap=self.core.logits_soft_cap)
     return self.core._output(o)
 
 
@@ -385,7 +394,7 @@ class MixtureOfBlockAttention(nnx.Module):
   sharded each device runs its query blocks' selection against all-gathered K/V;
   ``context_layout``: the zigzag order of the causal layers beside it); backend
   "dense" is the causal (or full) `jax.nn.dot_product_attention` baseline;
-  ``learned_sinks`` as in `SparseAttention`.
+  ``learned_sinks`` and ``logits_soft_cap`` as in `SparseAttention`.
   """
 
   def __init__(self, embed_dim: int, num_heads: int, block_size: int, top_k: int, *,
@@ -394,8 +403,9 @@ class MixtureOfBlockAttention(nnx.Module):
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
                interpret: bool = False, context_axis: str | None = None,
-               context_layout: str = "contiguous", learned_sinks: bool = False, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               context_layout: str = "contiguous", learned_sinks: bool = False,
+               logits_soft_cap: float | None = None, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     routing._check_block_size(block_size)
     context_parallel.check_options("auto", context_layout)
     self.core = _AttentionBase(embed_dim, num_heads, num_kv_heads=num_kv_heads,
@@ -403,7 +413,7 @@ class MixtureOfBlockAttention(nnx.Module):
                                use_rope=use_rope, rope_base=rope_base, qk_norm=qk_norm,
                                backend=backend, interpret=interpret, context_axis=context_axis,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               learned_sinks=learned_sinks)
+                               learned_sinks=learned_sinks, logits_soft_cap=logits_soft_cap)
     self.block_size, self.top_k, self.causal = block_size, top_k, causal
     self.local_blocks, self.sink_blocks = local_blocks, sink_blocks
     self.context_layout = context_layout
@@ -419,7 +429,8 @@ class MixtureOfBlockAttention(nnx.Module):
     o = attention(q, k, v, masks_lib.causal() if self.causal else None,
                   segment_ids=segment_ids, block_selection=sel, backend=self.core.backend,
                   interpret=self.core.interpret, context_axis=self.core.context_axis,
-                  context_layout=self.context_layout, sinks=self.core._sinks())
+                  context_layout=self.context_layout, sinks=self.core._sinks(),
+                  logits_soft_cap=self.core.logits_soft_cap)
     return self.core._output(o)
 
 
@@ -440,6 +451,7 @@ class _LinenBase(_ln.Module):
   interpret: bool = False
   context_axis: str | None = None
   learned_sinks: bool = False
+  logits_soft_cap: float | None = None
   dtype: object = None
 
   def _qkv(self, x):
@@ -480,7 +492,7 @@ class LinenNeighborhoodAttention(_LinenBase):
     q, k, v = self._qkv(x)
     o = na(q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
            backend=self.backend, interpret=self.interpret, context_axis=self.context_axis,
-           sinks=self._sinks())
+           sinks=self._sinks(), logits_soft_cap=self.logits_soft_cap)
     return self._out(o)
 
 
@@ -495,7 +507,8 @@ class LinenSparseAttention(_LinenBase):
     q, k, v = self._qkv(x)
     o = attention(q, k, v, self.mask, segment_ids=segment_ids, backend=self.backend,
                   interpret=self.interpret, context_axis=self.context_axis,
-                  context_layout=self.context_layout, sinks=self._sinks())
+                  context_layout=self.context_layout, sinks=self._sinks(),
+                  logits_soft_cap=self.logits_soft_cap)
     return self._out(o)
 
 

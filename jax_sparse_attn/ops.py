@@ -25,6 +25,7 @@ from .backends import (BACKENDS, Backend, backward_delta, backward_map_blocks,
 from .merge import join_sink, merge_attentions
 from .layout import PackedLayout, SequenceLayout, TiledLayout, cdiv
 from . import plan as plan_lib
+from . import softcap as softcap_lib
 from .plan import AttentionPlan, make_plan
 
 # `mesh=_LOCAL`: already inside the op's shard_map, run on the local shards.
@@ -46,8 +47,9 @@ _SEGMENT_MAP_BUDGET = 1 << 24
 
 @functools.lru_cache(maxsize=512)
 def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpret,
-               bwd_plan: AttentionPlan | None = None):
-  """`bwd_plan`: the backward's plan if it differs (gathered plans over the same tokens)."""
+               bwd_plan: AttentionPlan | None = None, softcap: float | None = None):
+  """`bwd_plan`: the backward's plan if it differs (gathered plans over the same tokens);
+  `softcap`: logit soft-capping (`Backend.softcap`)."""
   check_available(backend, interpret)
   impl = _get_backend(backend)
   bwd_plan = bwd_plan or plan
@@ -57,10 +59,11 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
 
   # Learned sinks (`impl.sinks`): [heads] float32, joined in the forward's epilogue.
   sunk = lambda sinks: {} if sinks is None else {"sinks": sinks}
+  capping = {} if softcap is None else {"softcap": softcap}
 
   def forward(q, k, v, q_seg, kv_seg, bmap, sinks):
     return impl.forward(q, k, v, *_kernel_segments(plan, q_seg, kv_seg), plan, scale, config,
-                        interpret, **runtime(bmap), **sunk(sinks))
+                        interpret, **runtime(bmap), **sunk(sinks), **capping)
 
   @jax.custom_vjp
   def core(q, k, v, q_seg, kv_seg, bmap, sinks):
@@ -88,7 +91,7 @@ def _make_core(backend: str, plan: AttentionPlan, scale: float, config, interpre
       kv_seg = None if kv_seg is None else _pad_grid(kv_seg, plan.kv_layout.spatial_shape, pads)
     dq, dk, dv = impl.backward(q, k, v, *_kernel_segments(bwd_plan, q_seg, kv_seg), out, lse,
                                d_out.astype(q.dtype), d_lse.astype(jnp.float32), bwd_plan,
-                               scale, config, interpret, **runtime(bmap))
+                               scale, config, interpret, **runtime(bmap), **capping)
     if pads is not None:
       dk, dv = (_crop_grid(x, plan.kv_layout.spatial_shape, pads) for x in (dk, dv))
     return dq, dk, dv, None, None, None, d_sinks
@@ -140,11 +143,13 @@ def _kernel_segments(plan: AttentionPlan, q_seg, kv_seg):
 
 
 def _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg, bwd_plan=None,
-              block_map=None, sinks=None):
+              block_map=None, sinks=None, softcap=None):
   """The backend's op: (out, lse [b, h, n]). `sinks` ([heads] float32, `_check_sinks`):
   joined in the kernels' epilogue where the backend takes them (`Backend.sinks`), else to
-  the kernels' output (`_join_sinks`)."""
-  core = _make_core(backend, plan, float(scale), config, interpret, bwd_plan)
+  the kernels' output (`_join_sinks`). `softcap`: logit soft-capping (`softcap.check`)."""
+  if softcap is not None and not _get_backend(backend).softcap:
+    raise ValueError(f"logits_soft_cap is not supported by backend={backend!r}")
+  core = _make_core(backend, plan, float(scale), config, interpret, bwd_plan, softcap)
   if sinks is None or _get_backend(backend).sinks:
     return core(q, k, v, q_seg, kv_seg, block_map, sinks)
   out, lse = core(q, k, v, q_seg, kv_seg, block_map, None)
@@ -237,7 +242,8 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
               segment_ids=None, backend: str = "auto", interpret: bool = False,
               return_lse: bool = False, block_q: int | None = None, block_kv: int | None = None,
               config=None, mesh=None, context_axis: str | None = None, strategy: str = "auto",
-              context_layout: str = "contiguous", block_selection=None, sinks=None):
+              context_layout: str = "contiguous", block_selection=None, sinks=None,
+              logits_soft_cap: float | None = None):
   """Block-sparse attention over 1-D sequences.
 
   Args:
@@ -278,6 +284,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       denominator, with a zero value vector. The output is scaled by
       ``sigmoid(lse - sinks)`` and the returned lse includes the sink; gradients reach
       q, k, v and the sinks. Works with every backend, mask and mesh option.
+    logits_soft_cap: a positive float ``c`` (Gemma 2: 50, Grok-1: 30): every score
+      ``s = q·k·scale`` becomes ``c·tanh(s / c)`` before the mask and the softmax
+      (gradients through it). Every backend, mask and mesh option; None: no cap.
 
   Returns:
     out [batch, seq_q, heads, head_dim] in the query dtype (zeros on fully masked rows), and
@@ -293,6 +302,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
                      f"{(query.shape[1], key.shape[1])}")
   _check_grid_tokens(mask, query.shape[1], key.shape[1])
   scale = _check_scale(scale, query.shape[-1])
+  cap = softcap_lib.check(logits_soft_cap)
   b, sq = query.shape[:2]
   skv = key.shape[1]
   q_seg = kv_seg = None
@@ -313,7 +323,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   if block_selection is not None:
     return _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret,
                    return_lse, block_q, block_kv, config, mesh, context_axis, block_selection,
-                   strategy, context_layout, sinks)
+                   strategy, context_layout, sinks, cap)
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
                             segments=q_seg is not None, block_q=block_q, block_kv=block_kv,
                             config=config, scale=scale)
@@ -326,7 +336,8 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
                           skv // n)
     single = functools.partial(attention, mask=mask, scale=scale, backend=backend,
                                interpret=interpret, block_q=block_q, block_kv=block_kv,
-                               config=config, mesh=_LOCAL, return_lse=True)
+                               config=config, mesh=_LOCAL, return_lse=True,
+                               logits_soft_cap=cap)
     # Batch and heads sharded only: each device's kernels join its heads' sinks; a context
     # axis merges the shards' partial rows first, then the sinks join once.
     local_sinks = sinks if n == 1 else None
@@ -336,14 +347,14 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
         block_q=bq, block_kv=bk, config=config, interpret=interpret,
         single_device=lambda q, k, v, qs, ks, s=None: single(
             q, k, v, segment_ids=None if qs is None else (qs, ks), sinks=s),
-        sinks=local_sinks)
+        sinks=local_sinks, softcap=cap)
     return _finish(out, lse, return_lse, None if n == 1 else sinks)
   if context_layout != "contiguous":
     raise ValueError("context_layout='zigzag' needs a mesh with a context_axis (and a "
                      "kernel or xla backend)")
   if backend == "reference":
     out, lse = reference_lib.attention(query, key, value, mask, scale=scale,
-                                       q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+                                       q_segment_ids=q_seg, kv_segment_ids=kv_seg, softcap=cap)
     return _finish(out, lse, return_lse, sinks)
   if backend != "xla" and _has_array_mask(mask):
     raise ValueError(f"from_array masks run on backend='xla' or 'reference', not {backend!r}")
@@ -351,7 +362,8 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                      block_map=_segment_map(backend, plan, q_seg, kv_seg), sinks=sinks)
+                      block_map=_segment_map(backend, plan, q_seg, kv_seg), sinks=sinks,
+                      softcap=cap)
   return (out, lse) if return_lse else out
 
 
@@ -407,8 +419,8 @@ def _segment_map(backend: str, plan: AttentionPlan, q_seg, kv_seg):
 
 def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, return_lse,
             block_q, block_kv, config, mesh, context_axis, selection, strategy="auto",
-            context_layout="contiguous", sinks=None):
-  """`attention` with a runtime block selection (`routing`)."""
+            context_layout="contiguous", sinks=None, cap=None):
+  """`attention` with a runtime block selection (`routing`); `cap`: logit soft-capping."""
   from .routing import BlockSelection
   if not isinstance(selection, BlockSelection):
     raise ValueError(f"block_selection must be a jax_sparse_attn.routing.BlockSelection, got "
@@ -432,7 +444,7 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
     if context_axis is not None and mesh.shape[context_axis] > 1:
       backend = _routed_backend(backend, mask, query, q_seg, bs, config, scale)
       local = lambda plan, q, k, v, ids, qs, ks: _run_routed(
-          backend, plan, scale, config, interpret, q, k, v, qs, ks, ids)
+          backend, plan, scale, config, interpret, q, k, v, qs, ks, ids, cap=cap)
       out, lse = context_parallel.routed_sequence(
           query, key, value, mask, ids, q_seg, kv_seg, bs, mesh=mesh,
           context_axis=context_axis, strategy=strategy, context_layout=context_layout,
@@ -442,7 +454,7 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
       raise ValueError("context_layout='zigzag' needs a context_axis of size > 1")
     single = lambda q, k, v, ids, qs, ks: _routed(
         q, k, v, mask, scale, qs, ks, backend, interpret, True, block_q, block_kv, config,
-        _LOCAL, None, BlockSelection(ids, bs))
+        _LOCAL, None, BlockSelection(ids, bs), cap=cap)
     out, lse = context_parallel.routed(query, key, value, ids, q_seg, kv_seg, mesh=mesh,
                                        context_axis=context_axis, single_device=single)
     return _finish(out, lse, return_lse, sinks)
@@ -451,7 +463,7 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
   backend = _routed_backend(backend, mask, query, q_seg, bs, config, scale)
   plan = make_plan(mask, SequenceLayout(sq, bs), SequenceLayout(skv, bs))
   out, lse = _run_routed(backend, plan, scale, config, interpret, query, key, value, q_seg,
-                         kv_seg, ids, sinks)
+                         kv_seg, ids, sinks, cap)
   return (out, lse) if return_lse else out
 
 
@@ -475,26 +487,26 @@ def _routed_backend(backend, mask, query, q_seg, bs, config, scale) -> str:
 
 
 def _run_routed(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                ids, sinks=None):
+                ids, sinks=None, cap=None):
   """Attention over `plan`'s static mask AND the selected KV blocks `ids` [batch, heads,
   plan's Q blocks, k] (global KV block numbers of `plan.kv_layout`): (out, lse)."""
   from . import block_map as block_map_lib
   bmap = block_map_lib.from_selection(ids, plan.block_map,
                                       None if q_seg is None else (q_seg, kv_seg))
   return run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg, kv_seg,
-                  block_map=bmap, sinks=sinks)
+                  block_map=bmap, sinks=sinks, softcap=cap)
 
 
 def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret, query, key,
              value, q_seg=None, kv_seg=None, bwd_plan: AttentionPlan | None = None,
-             block_map=None, sinks=None):
+             block_map=None, sinks=None, softcap=None):
   """Run a kernel backend on the caller's tensors for a plan made on their layouts.
 
   query: [batch, *q_shape, heads, head_dim] (q_shape: the q layout's sequence length or
   spatial shape); key, value likewise on the kv layout; segment ids [batch, *q_shape] and
   [batch, *kv_shape]. Pads/permutes into kernel order as the backend needs. Returns out (like
-  query) and lse [batch, *q_shape, heads] float32. `bwd_plan`: see `_make_core`; `sinks`:
-  see `_run_core`.
+  query) and lse [batch, *q_shape, heads] float32. `bwd_plan`: see `_make_core`; `sinks`,
+  `softcap`: see `_run_core`.
   """
   impl = _get_backend(backend)
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)  # NumPy too
@@ -509,13 +521,13 @@ def run_plan(backend: str, plan: AttentionPlan, scale: float, config, interpret,
       q_seg, kv_seg = q_seg.reshape(b, -1), kv_seg.reshape(b, -1)
     out, lse = _run_core(backend, plan_lib.gathered(plan), scale, config, interpret,
                          flat(query, h), flat(key, hkv), flat(value, hkv), q_seg, kv_seg,
-                         bwd_plan, sinks=sinks)
+                         bwd_plan, sinks=sinks, softcap=softcap)
     return out.reshape(query.shape), lse.transpose(0, 2, 1).reshape(query.shape[:-1])
   q, k, v = q_layout.to_kernel(query), kv_layout.to_kernel(key), kv_layout.to_kernel(value)
   if q_seg is not None:
     q_seg, kv_seg = q_layout.to_kernel(q_seg), kv_layout.to_kernel(kv_seg)
   out, lse = _run_core(backend, plan, scale, config, interpret, q, k, v, q_seg, kv_seg,
-                       block_map=block_map, sinks=sinks)
+                       block_map=block_map, sinks=sinks, softcap=softcap)
   return q_layout.from_kernel(out), q_layout.from_kernel(lse.transpose(0, 2, 1))
 
 
@@ -529,7 +541,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
        interpret: bool = False, return_lse: bool = False, q_tile_shape=None,
        kv_tile_shape=None, block_q: int | None = None, block_kv: int | None = None,
        config=None, tiling: "NATiling | None" = None, mesh=None,
-       context_axis: str | None = None, strategy: str = "auto", sinks=None):
+       context_axis: str | None = None, strategy: str = "auto", sinks=None,
+       logits_soft_cap: float | None = None):
   """Generalized neighborhood attention on [batch, *spatial, heads, head_dim] (1-3 spatial dims).
 
   kernel_size/stride/dilation: int or one int per spatial dim; is_causal: bool or per-dim.
@@ -563,6 +576,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
 
   sinks: learned attention-sink logits, a float scalar or ``[heads]`` array: as in
   `attention` (one more logit per head in each query's softmax denominator).
+  logits_soft_cap: as in `attention` (scores ``c·tanh(s / c)``; the extra tokens' too).
   """
   extra = (additional_keys is not None or additional_values is not None
            or additional_valid is not None)
@@ -574,7 +588,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
         additional_values=additional_values, additional_valid=additional_valid,
         backend=backend, interpret=interpret, return_lse=True, q_tile_shape=q_tile_shape,
         kv_tile_shape=kv_tile_shape, block_q=block_q, block_kv=block_kv, config=config,
-        tiling=tiling, mesh=mesh, context_axis=context_axis, strategy=strategy)
+        tiling=tiling, mesh=mesh, context_axis=context_axis, strategy=strategy,
+        logits_soft_cap=logits_soft_cap)
     return _finish(out, lse, return_lse, sinks)
   context_parallel.check_options(strategy, "contiguous")
   if extra:
@@ -585,7 +600,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                           interpret=interpret, return_lse=return_lse,
                           q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape,
                           block_q=block_q, block_kv=block_kv, config=config, tiling=tiling,
-                          mesh=mesh, context_axis=context_axis, strategy=strategy)
+                          mesh=mesh, context_axis=context_axis, strategy=strategy,
+                          logits_soft_cap=logits_soft_cap)
   if tiling is not None:
     if context_parallel.resolve_mesh(mesh, context_axis) is not None:
       raise ValueError("tiling= runs on one device; on a mesh pass the spatial layout")
@@ -594,7 +610,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     if want != tiling.mask:
       raise ValueError("kernel_size/stride/dilation/is_causal differ from the tiling's mask")
     return _na_tiled(query, key, value, tiling, scale, backend, interpret, return_lse, config,
-                     kv_valid, segment_ids, sinks)
+                     kv_valid, segment_ids, sinks, logits_soft_cap)
   if not hasattr(query, "ndim") or query.ndim not in (4, 5, 6):
     raise ValueError("query must be [batch, *spatial, heads, head_dim] with 1 to 3 spatial "
                      f"dims, got shape {getattr(query, 'shape', None)}")
@@ -604,6 +620,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   spatial = tuple(query.shape[1:1 + ndim])
   mask = masks_lib.neighborhood(spatial, kernel_size, stride, dilation, is_causal)
   scale = _check_scale(scale, query.shape[-1])
+  cap = softcap_lib.check(logits_soft_cap)
   q_seg, kv_seg = _na_segments(kv_valid, segment_ids, (query.shape[0],) + spatial,
                                "[batch, *spatial]")
   tile_block = lambda tile, name: (None if tile is None else
@@ -621,7 +638,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     out, lse = reference_lib.attention(query.reshape(b, n, h, d), key.reshape(b, n, hkv, d),
                                        value.reshape(b, n, hkv, d), mask, scale=scale,
                                        q_segment_ids=flat_seg(q_seg),
-                                       kv_segment_ids=flat_seg(kv_seg))
+                                       kv_segment_ids=flat_seg(kv_seg), softcap=cap)
     return _finish(out.reshape(query.shape), lse.reshape(query.shape[:-1]), return_lse, sinks)
 
   bq, bk = _block_sizes(backend, d, query.dtype, block_q, block_kv)
@@ -644,7 +661,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                            mesh=mesh, context_axis=context_axis, strategy=strategy,
                            impl=impl, backend=backend, scale=scale, interpret=interpret,
                            config=config, q_tile_shape=q_tile_shape,
-                           kv_tile_shape=kv_tile_shape, default_tiles=default_tiles)
+                           kv_tile_shape=kv_tile_shape, default_tiles=default_tiles, cap=cap)
     return _finish(out, lse, return_lse, sinks)
   plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
                    TiledLayout(spatial, mask.dilation, kv_tile_shape))
@@ -652,13 +669,13 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                              segments=q_seg is not None)
               if default_tiles and impl.gathers else None)
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
-                      kv_seg, bwd_plan=bwd_plan, sinks=sinks)
+                      kv_seg, bwd_plan=bwd_plan, sinks=sinks, softcap=cap)
   return (out, lse) if return_lse else out
 
 
 def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, *, mesh,
                 context_axis, strategy, impl, backend, scale, interpret, config, q_tile_shape,
-                kv_tile_shape, default_tiles):
+                kv_tile_shape, default_tiles, cap=None):
   """`na` on a mesh: (out, lse), each device running it on its shards with the tiles chosen
   by the caller."""
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
@@ -667,7 +684,7 @@ def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, *
       na, kernel_size=mask.kernel_size, stride=mask.stride, dilation=mask.dilation,
       is_causal=mask.is_causal, scale=scale, backend=backend, interpret=interpret,
       return_lse=True, q_tile_shape=q_tile_shape, kv_tile_shape=kv_tile_shape, config=config,
-      mesh=_LOCAL)
+      mesh=_LOCAL, logits_soft_cap=cap)
   sharded_context = context_axis is not None and mesh.shape[context_axis] > 1
   if (kv_valid is not None or segment_ids is not None) and not sharded_context:
     # Batch and heads sharded, each device runs its part with its rows' masks.
@@ -687,7 +704,7 @@ def _na_on_mesh(query, key, value, mask, kv_valid, segment_ids, q_seg, kv_seg, *
       query, key, value, mask, q_seg, kv_seg, mesh=mesh, context_axis=context_axis,
       strategy=strategy, backend=backend, scale=scale, q_tile=q_tile_shape,
       kv_tile=kv_tile_shape, config=config, interpret=interpret, single_device=single,
-      backward_plan=backward_plan)
+      backward_plan=backward_plan, softcap=cap)
 
 
 def _na_segments(kv_valid, segment_ids, shape, layout: str):
@@ -721,7 +738,8 @@ def _na_segments(kv_valid, segment_ids, shape, layout: str):
 
 def _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal, *, scale,
                    additional_keys, additional_values, additional_valid, return_lse, mesh,
-                   context_axis, backend, interpret, config, tiling, **na_kwargs):
+                   context_axis, backend, interpret, config, tiling, logits_soft_cap=None,
+                   **na_kwargs):
   """`na` with extra tokens: the neighborhood pass and a dense pass over the extra tokens,
   merged by log-sum-exp."""
   if additional_keys is None or additional_values is None:
@@ -749,7 +767,8 @@ def _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal, 
                      f"array, got {getattr(additional_valid, 'shape', None)}")
   out, lse = na(query, key, value, kernel_size, stride, dilation, is_causal, scale=scale,
                 backend=backend, interpret=interpret, return_lse=True, config=config,
-                tiling=tiling, mesh=mesh, context_axis=context_axis, **na_kwargs)
+                tiling=tiling, mesh=mesh, context_axis=context_axis,
+                logits_soft_cap=logits_soft_cap, **na_kwargs)
 
   def extra_pass(q, ek, ev, *valid):
     """Every (local) query against every extra token: dense, any backend's defaults."""
@@ -759,7 +778,8 @@ def _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal, 
       seg = (jnp.zeros(flat_q.shape[:2], jnp.int32),
              jnp.where(valid[0], 0, 1).astype(jnp.int32))
     o, l = attention(flat_q, ek, ev, scale=scale, segment_ids=seg, backend=backend,
-                     interpret=interpret, return_lse=True, mesh=_LOCAL)
+                     interpret=interpret, return_lse=True, mesh=_LOCAL,
+                     logits_soft_cap=logits_soft_cap)
     return o.reshape(q.shape), l.reshape(q.shape[:-1])
 
   valid = () if additional_valid is None else (jnp.asarray(additional_valid),)
@@ -873,7 +893,7 @@ def na_tiling(spatial_shape, kernel_size, stride=1, dilation=1, is_causal=False,
 
 
 def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, return_lse, config,
-              kv_valid=None, segment_ids=None, sinks=None):
+              kv_valid=None, segment_ids=None, sinks=None, logits_soft_cap=None):
   if not isinstance(tiling, NATiling):
     raise ValueError(f"tiling must come from jax_sparse_attn.na_tiling, got {type(tiling).__name__}")
   _check_qkv(query, key, value, None)
@@ -892,7 +912,7 @@ def _na_tiled(query, key, value, tiling: NATiling, scale, backend, interpret, re
                      "backend='reference'")
   plan = make_plan(tiling.mask, tiling.layout, tiling.layout)
   out, lse = _run_core(backend, plan, scale, config, interpret, query, key, value, q_seg,
-                       kv_seg, sinks=sinks)
+                       kv_seg, sinks=sinks, softcap=softcap_lib.check(logits_soft_cap))
   return (out, lse.transpose(0, 2, 1)) if return_lse else out
 
 
@@ -933,8 +953,8 @@ def na_packed(query, key, value, spatial_shapes, kernel_size, stride=1, dilation
   even for 16 grids (38400 tokens, k13: 2.29 ms forward vs 4.31 tiled;
   results/h200-2026-11-29-na-extras.json): a grid's own plan gets the neighborhood
   kernels' MMA masks and no permuted copy, which the packed kernel lacks.
-  Keyword arguments: scale, backend, interpret, return_lse, block_q, block_kv, config (and,
-  with "raster", the rest of `attention`'s).
+  Keyword arguments: scale, backend, interpret, return_lse, block_q, block_kv, config,
+  logits_soft_cap (and, with "raster", the rest of `attention`'s).
   """
   mask = masks_lib.packed_neighborhood(spatial_shapes, kernel_size, stride, dilation,
                                        is_causal)
@@ -946,13 +966,14 @@ def na_packed(query, key, value, spatial_shapes, kernel_size, stride=1, dilation
   _check_qkv(query, key, value, None)
   _check_grid_tokens(mask, query.shape[1], key.shape[1])
   extra = set(kwargs) - {"scale", "backend", "interpret", "return_lse", "block_q", "block_kv",
-                         "config"}
+                         "config", "logits_soft_cap"}
   backend = kwargs.get("backend", "auto")
   if method == "auto":
     method = "raster" if extra or backend == "reference" else "per_grid"
   if extra and method != "raster":
     raise ValueError(f"method={method!r} takes scale, backend, interpret, return_lse, "
-                     f"block_q, block_kv, config; {sorted(extra)} need method='raster'")
+                     f"block_q, block_kv, config, logits_soft_cap; {sorted(extra)} need "
+                     f"method='raster'")
   if method == "raster":
     return attention(query, key, value, mask, **kwargs)
   if method == "per_grid":
@@ -988,5 +1009,6 @@ def na_packed(query, key, value, spatial_shapes, kernel_size, stride=1, dilation
     q_grids.append(TiledLayout(shape, one.dilation, tuple(tq)))
     kv_grids.append(TiledLayout(shape, one.dilation, tuple(tk)))
   plan = make_plan(mask, PackedLayout(tuple(q_grids)), PackedLayout(tuple(kv_grids)))
-  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value)
+  out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value,
+                      softcap=softcap_lib.check(kwargs.get("logits_soft_cap")))
   return (out, lse) if kwargs.get("return_lse") else out

@@ -9,17 +9,19 @@ import jax
 import jax.numpy as jnp
 
 from . import masks as masks_lib
+from .softcap import capped
 
 # float32 scores of batch*heads*seq_q*seq_kv above this are refused.
 MAX_SCORE_ELEMENTS = 1 << 28
 
 
 def attention(query, key, value, mask: masks_lib.Mask, *, scale: float, q_segment_ids=None,
-              kv_segment_ids=None):
+              kv_segment_ids=None, softcap: float | None = None):
   """Dense masked attention.
 
   query: [batch, seq_q, heads, head_dim]; key/value: [batch, seq_kv, kv_heads, head_dim];
-  segment ids: [batch, seq] int32 or None. Returns (out [batch, seq_q, heads, head_dim] in
+  segment ids: [batch, seq] int32 or None; `softcap`: scores capped to softcap·tanh(s /
+  softcap) before the mask (`softcap.capped`). Returns (out [batch, seq_q, heads, head_dim] in
   the query dtype, lse [batch, seq_q, heads] float32, -inf on fully masked rows).
   """
   b, sq, h, d = query.shape
@@ -34,6 +36,7 @@ def attention(query, key, value, mask: masks_lib.Mask, *, scale: float, q_segmen
   k = key.astype(jnp.float32)
   v = value.astype(jnp.float32)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, precision=jax.lax.Precision.HIGHEST) * scale
+  s = capped(s, softcap)
   m = mask(jnp.arange(sq)[:, None], jnp.arange(skv)[None, :])
   m = jnp.broadcast_to(m, (sq, skv))[None]
   if q_segment_ids is not None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from .backends import backward_delta
 from .merge import join_sink
 from .plan import AttentionPlan, element_mask
+from .softcap import capped, slope
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -48,11 +49,11 @@ def _step_mask(plan: AttentionPlan, t, q_seg, kv_seg):
   return kv_ids, m
 
 
-def _scores(qb, kb, m, scale):
+def _scores(qb, kb, m, scale, cap):
   # qb [b, nq, bq, hkv, g, d], kb [b, nq, bk, hkv, d] -> s [b, nq, hkv, g, bq, bk]
   s = jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, kb, preferred_element_type=jnp.float32,
                  precision=_HI) * scale
-  return jnp.where(m[:, :, None, None], s, -jnp.inf)
+  return jnp.where(m[:, :, None, None], capped(s, cap), -jnp.inf)
 
 
 # Runtime block maps (`block_map.from_selection`): ids per (batch, head).
@@ -80,12 +81,13 @@ def _gather(blocks, ids):
   return blocks[jnp.arange(b)[:, None, None, None], ids, :, jnp.arange(hkv)[None, :, None, None]]
 
 
-def _steps(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap):
+def _steps(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap, cap=None):
   """The map walk both passes share: (qb, kb_all, vb_all, blocks, kv, num_steps), where
   ``blocks(t) -> (masked scores [b, nq, hkv, g, bq, bk], K blocks, V blocks, their index
   into kb_all)`` for every Q block's t-th entry of the plan's map (``bmap`` None: one id per
   Q block, K/V blocks [b, nq, bk, hkv, d]) or of a runtime map (ids per batch and head,
-  K/V blocks [b, hkv, g, nq, bk, d]); `kv`: the K/V blocks' einsum subscripts."""
+  K/V blocks [b, hkv, g, nq, bk, d]); `kv`: the K/V blocks' einsum subscripts. `cap`: the
+  scores soft-capped (`softcap.capped`) before the mask."""
   b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
   qb = q.reshape(b, nq, bq, hkv, g, d)
   kb_all = k.reshape(b, nk, bk, hkv, d)
@@ -94,7 +96,7 @@ def _steps(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap):
     def blocks(t):
       kv_ids, m = _step_mask(plan, t, q_seg, kv_seg)
       kb, vb = kb_all[:, kv_ids], vb_all[:, kv_ids]
-      return _scores(qb, kb, m, scale), kb, vb, (slice(None), kv_ids)
+      return _scores(qb, kb, m, scale, cap), kb, vb, (slice(None), kv_ids)
     return qb, kb_all, vb_all, blocks, "bnkhd", plan.block_map.max_kv
   bi = jnp.arange(b)[:, None, None, None]
   hi = jnp.arange(hkv)[None, :, None, None]
@@ -104,20 +106,22 @@ def _steps(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, bmap):
     kb, vb = _gather(kb_all, ids), _gather(vb_all, ids)
     s = jnp.einsum("bnqhgd,bhgnkd->bnhgqk", qb, kb, preferred_element_type=jnp.float32,
                    precision=_HI) * scale
-    return jnp.where(m, s, -jnp.inf), kb, vb, (bi, ids, slice(None), hi)
+    return jnp.where(m, capped(s, cap), -jnp.inf), kb, vb, (bi, ids, slice(None), hi)
   return qb, kb_all, vb_all, blocks, "bhgnkd", bmap.max_kv
 
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, block_map=None,
-            sinks=None):
+            sinks=None, softcap=None):
   """Online softmax over the plan's map, or over `block_map` (a runtime map) if given.
   Returns out [b, sq, h, d] (zeros where a row saw nothing) and lse [b, h, sq]. `sinks`:
-  learned sink logits [h] float32 joined to every row's softmax (`merge.join_sink`)."""
+  learned sink logits [h] float32 joined to every row's softmax (`merge.join_sink`);
+  `softcap`: the logits soft-capped (`softcap.capped`)."""
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g, bq = h // hkv, plan.block_q
   nq = sq // bq
-  _, _, _, blocks, kv, num_steps = _steps(q, k, v, q_seg, kv_seg, plan, scale, block_map)
+  _, _, _, blocks, kv, num_steps = _steps(q, k, v, q_seg, kv_seg, plan, scale, block_map,
+                                          softcap)
 
   def step(carry, t):
     m_prev, l_prev, acc = carry
@@ -145,12 +149,12 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, block_map
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             block_map=None):
+             block_map=None, softcap=None):
   """dq, dk, dv over the map `forward` walked: probabilities recomputed per step, dQ in
   place, dK/dV scatter-added into the visited blocks."""
   b, h, hkv, g, d, bq, bk, nq, nk = _split(q, k, plan)
   qb, kb_all, vb_all, blocks, kv, num_steps = _steps(q, k, v, q_seg, kv_seg, plan, scale,
-                                                     block_map)
+                                                     block_map, softcap)
   dob = d_out.reshape(b, nq, bq, hkv, g, d)
   # delta = rowsum(dO * O) - dLSE  (the lse cotangent folds into the same term).
   delta = backward_delta(out, d_out, d_lse)  # [b, h, sq]
@@ -166,6 +170,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     p = jnp.exp(s - lse_safe[..., None])
     dv_blk = dot(f"bnhgqk,bnqhgd->{kv}", p.astype(d_out.dtype), dob)
     ds = p * (dot(f"bnqhgd,{kv}->bnhgqk", dob, vb) - delta[..., None])
+    if softcap is not None:  # through the cap: dS of the capped score times its slope
+      ds = ds * slope(s, softcap)
     dq = dq + dot(f"bnhgqk,{kv}->bnqhgd", ds.astype(k.dtype), kb)
     dk_blk = dot(f"bnhgqk,bnqhgd->{kv}", ds.astype(q.dtype), qb)
     return (dq, dk.at[index].add(dk_blk), dv.at[index].add(dv_blk)), None

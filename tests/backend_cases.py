@@ -73,7 +73,8 @@ def make_inputs(p, spatial=None):
 
 
 def check_attention(p, backend, **kwargs):
-  """Forward, lse and gradients of `attention` vs the float64 brute force."""
+  """Forward, lse and gradients of `attention` vs the float64 brute force (with
+  ``logits_soft_cap`` among `kwargs`, against the capped brute force)."""
   q, k, v, d_out, rng = make_inputs(p)
   sq, skv = p["sq"], p["skv"]
   mask = seq_mask(p["mask"], sq, skv)
@@ -82,7 +83,8 @@ def check_attention(p, backend, **kwargs):
     seg = jnp.asarray(np.sort(rng.integers(0, 3, (p["batch"], sq)), axis=1), jnp.int32)
   scale = 1.0 / math.sqrt(p["head_dim"])
   dense = np.asarray(mask(np.arange(sq)[:, None], np.arange(skv)[None, :]))
-  want, want_lse = brute_force.attention(q, k, v, dense, scale, seg, seg)
+  cap = kwargs.get("logits_soft_cap")
+  want, want_lse = brute_force.attention(q, k, v, dense, scale, seg, seg, cap=cap)
 
   def run(q, k, v):
     return jsa.attention(q, k, v, mask, segment_ids=seg, backend=backend, return_lse=True,
@@ -98,7 +100,7 @@ def check_attention(p, backend, **kwargs):
   assert np.all(np.asarray(out, np.float32)[~finite.transpose(0, 1, 2)] == 0)
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0].astype(jnp.float32) *
                                               d_out.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
-  want_grads = brute_force.attention_grads(q, k, v, dense, scale, d_out, seg, seg)
+  want_grads = brute_force.attention_grads(q, k, v, dense, scale, d_out, seg, seg, cap=cap)
   for name, got, ref in zip("qkv", grads, want_grads):
     assert got.dtype == q.dtype
     err = brute_force.rel_err(got, ref)
@@ -123,7 +125,8 @@ def check_na(p, backend, **kwargs):
   n = int(np.prod(spatial))
   flat = lambda x: x.reshape(x.shape[0], n, *x.shape[-2:])
   scale = 1.0 / math.sqrt(p["head_dim"])
-  want, want_lse = brute_force.attention(flat(q), flat(k), flat(v), dense, scale)
+  cap = kwargs.get("logits_soft_cap")
+  want, want_lse = brute_force.attention(flat(q), flat(k), flat(v), dense, scale, cap=cap)
   if backend != "reference" and p["tile_q"] is not None:
     kwargs = dict(q_tile_shape=p["tile_q"], kv_tile_shape=p["tile_kv"], **kwargs)
 
@@ -139,7 +142,8 @@ def check_na(p, backend, **kwargs):
                              atol=tol * 10, rtol=tol)
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0].astype(jnp.float32) *
                                               d_out.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
-  want_grads = brute_force.attention_grads(flat(q), flat(k), flat(v), dense, scale, flat(d_out))
+  want_grads = brute_force.attention_grads(flat(q), flat(k), flat(v), dense, scale, flat(d_out),
+                                           cap=cap)
   for name, got, ref in zip("qkv", grads, want_grads):
     err = brute_force.rel_err(flat(got), ref)
     assert err < tol * 2 or _small(flat(got), ref, tol), (name, err)

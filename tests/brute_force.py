@@ -46,10 +46,12 @@ def _repeat_kv(q, x):
   return np.repeat(x, q.shape[2] // x.shape[2], axis=2)
 
 
-def _probs(q, k, mask, scale, q_seg, kv_seg):
+def _probs(q, k, mask, scale, q_seg, kv_seg, cap=None):
   """Softmax probabilities [b, h, sq, skv] (zero rows where nothing is visible), the
-  denominators and row maxima (for the LSE)."""
+  denominators and row maxima (for the LSE); ``cap``: scores soft-capped, cap·tanh(s / cap)."""
   s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  if cap is not None:
+    s = cap * np.tanh(s / cap)
   mask = np.asarray(mask)  # [sq, skv], [batch, sq, skv] or [batch, heads, sq, skv]
   m = np.broadcast_to({2: mask[None, None], 3: mask[:, None], 4: mask}[mask.ndim],
                       s.shape).copy()
@@ -63,12 +65,12 @@ def _probs(q, k, mask, scale, q_seg, kv_seg):
   return p / np.where(den == 0, 1, den), den, mx
 
 
-def attention(q, k, v, mask, scale, q_seg=None, kv_seg=None):
+def attention(q, k, v, mask, scale, q_seg=None, kv_seg=None, cap=None):
   """q [b, sq, h, d], k/v [b, skv, hkv, d], mask [sq, skv], [b, sq, skv] or [b, h, sq, skv]
-  -> (out, lse [b, sq, h]) float64."""
+  -> (out, lse [b, sq, h]) float64; ``cap``: soft-capped scores."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   k, v = _repeat_kv(q, k), _repeat_kv(q, v)
-  p, den, mx = _probs(q, k, mask, scale, q_seg, kv_seg)
+  p, den, mx = _probs(q, k, mask, scale, q_seg, kv_seg, cap)
   out = np.einsum("bhqk,bkhd->bqhd", p, v)
   with np.errstate(divide="ignore"):
     lse = np.where(den[..., 0] > 0, np.log(den[..., 0]) + mx[..., 0], -np.inf)
@@ -81,16 +83,19 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None):
-  """Float64 gradients of sum(out * d_out) w.r.t. q, k, v (GQA summed over the group)."""
+def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None, cap=None):
+  """Float64 gradients of sum(out * d_out) w.r.t. q, k, v (GQA summed over the group);
+  ``cap``: soft-capped scores (dS times the cap's slope 1 - tanh²)."""
   q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
   kr, vr = _repeat_kv(q, k), _repeat_kv(q, v)
-  p, _, _ = _probs(q, kr, mask, scale, q_seg, kv_seg)
+  p, _, _ = _probs(q, kr, mask, scale, q_seg, kv_seg, cap)
   dp = np.einsum("bqhd,bkhd->bhqk", d_out, vr)
   ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  if cap is not None:
+    ds = ds * (1 - np.tanh(np.einsum("bqhd,bkhd->bhqk", q, kr) * scale / cap) ** 2)
   dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
   dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
   dv = np.einsum("bhqk,bqhd->bkhd", p, d_out)

@@ -224,3 +224,27 @@ def test_mixture_of_block_attention_matches_functional_ops():
   assert brute_force.rel_err(full(x), dense(x)) < 1e-5
   with pytest.raises(ValueError, match="block_size must be"):
     nn.MixtureOfBlockAttention(32, 4, 24, 2, rngs=nnx.Rngs(0))
+
+
+def test_soft_cap_modules():
+  """`logits_soft_cap` on the NNX and Linen layers equals the functional op with the cap,
+  and differs from the layer without it."""
+  rngs = lambda: nnx.Rngs(0)
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 40, 32)) * 4
+  layer = nn.SparseAttention(32, 4, masks.causal(), logits_soft_cap=0.5, backend="xla",
+                             rngs=rngs())
+  plain = nn.SparseAttention(32, 4, masks.causal(), backend="xla", rngs=rngs())
+  q, k, v = layer.core._project_sequence(x, None, None)
+  want = layer.core._output(jsa.attention(q, k, v, masks.causal(), backend="reference",
+                                          logits_soft_cap=0.5))
+  np.testing.assert_allclose(layer(x), want, atol=1e-5)
+  assert float(jnp.abs(layer(x) - plain(x)).max()) > 1e-3
+  na_layer = nn.NeighborhoodAttention2D(32, 4, 3, logits_soft_cap=0.5, backend="xla",
+                                        rngs=rngs())
+  assert na_layer(x.reshape(1, 5, 8, 32)).shape == (1, 5, 8, 32)
+  lin = nn.linen.SparseAttention(32, 4, mask=masks.causal(), backend="xla", logits_soft_cap=0.5)
+  params = lin.init(jax.random.PRNGKey(0), x)
+  lin_plain = nn.linen.SparseAttention(32, 4, mask=masks.causal(), backend="xla")
+  assert float(jnp.abs(lin.apply(params, x) - lin_plain.apply(params, x)).max()) > 1e-3
+  with pytest.raises(ValueError, match="logits_soft_cap"):
+    nn.SparseAttention(32, 4, logits_soft_cap=5.0, backend="dense", rngs=rngs())

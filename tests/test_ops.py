@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
@@ -29,6 +30,67 @@ def test_attention_low_precision_xla(p):
 @given(p=backend_cases.na_problems())
 def test_na(backend, p):
   backend_cases.check_na(p, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+@settings(max_examples=examples(4))
+@given(p=backend_cases.seq_problems(), cap=st.sampled_from([0.3, 1.0, 4.0]))
+def test_soft_cap(backend, p, cap):
+  """`logits_soft_cap`: scores cap·tanh(s / cap) before the mask, forward, lse and gradients
+  against the capped float64 brute force (every mask, GQA, segment ids, rows that see
+  nothing)."""
+  kwargs = {} if backend == "reference" else dict(block_q=16, block_kv=16)
+  backend_cases.check_attention(p, backend, logits_soft_cap=cap, **kwargs)
+
+
+@settings(max_examples=examples(3))
+@given(p=backend_cases.na_problems(), cap=st.sampled_from([0.5, 2.0]))
+def test_na_soft_cap(p, cap):
+  backend_cases.check_na(p, "xla", logits_soft_cap=cap)
+
+
+def test_soft_cap_paths():
+  """The cap reaches every path of the ops: extra tokens, content-routed maps, `na_tiling`
+  and packed grids give what the capped reference gives; and it changes the result."""
+  rng = np.random.default_rng(0)
+  x = lambda *s: jnp.asarray(rng.standard_normal(s) * 2, jnp.float32)
+  q, k, v = x(1, 6, 7, 4, 16), x(1, 6, 7, 2, 16), x(1, 6, 7, 2, 16)
+  ek, ev = x(1, 5, 2, 16), x(1, 5, 2, 16)
+  cap = 0.8
+  ref = lambda **kw: jsa.na(q, k, v, 3, backend="reference", logits_soft_cap=cap, **kw)
+  extra = jsa.na(q, k, v, 3, additional_keys=ek, additional_values=ev, backend="xla",
+                 logits_soft_cap=cap)
+  # the extra tokens' pass is capped too: against one dense capped attention over both
+  flat = lambda t: t.reshape(1, 42, *t.shape[-2:])
+  union = masks.from_function(lambda i, j: (j >= 42) | masks.neighborhood((6, 7), 3)(
+      i, jnp.minimum(j, 41)))
+  both = jsa.attention(flat(q), jnp.concatenate([flat(k), ek], 1),
+                       jnp.concatenate([flat(v), ev], 1), union, backend="reference",
+                       logits_soft_cap=cap)
+  assert brute_force.rel_err(flat(extra), both) < 1e-5
+  tiling = jsa.na_tiling((6, 7), 3, tile_shape=(2, 4))
+  tiled = tiling.untile(jsa.na(tiling.tile(q), tiling.tile(k), tiling.tile(v), 3,
+                               tiling=tiling, backend="xla", logits_soft_cap=cap))
+  assert brute_force.rel_err(tiled, ref()) < 1e-5
+  assert brute_force.rel_err(jsa.na(q, k, v, 3, backend="xla"), ref()) > 0.05
+  packed = jsa.na_packed(flat(q), flat(k), flat(v), [(6, 7)], 3, method="tiled",
+                         backend="xla", logits_soft_cap=cap)
+  assert brute_force.rel_err(packed, flat(ref())) < 1e-5
+  from jax_sparse_attn import routing
+  qs, ks, vs = x(1, 64, 2, 16), x(1, 64, 2, 16), x(1, 64, 2, 16)
+  sel = routing.topk_blocks(qs, ks, block_size=16, top_k=1, causal=True)
+  routed = jsa.attention(qs, ks, vs, masks.causal(), block_selection=sel, backend="xla",
+                         logits_soft_cap=cap)
+  ids = np.asarray(sel.ids)  # [b, h, q blocks, k]: the same selection as a dense mask
+  dense = np.zeros((2, 64, 64), bool)
+  for h in range(2):
+    for i in range(4):
+      for j in ids[0, h, i]:
+        if j >= 0:
+          dense[h, i * 16:(i + 1) * 16, j * 16:(j + 1) * 16] = True
+  dense &= np.tril(np.ones((64, 64), bool))
+  want, _ = brute_force.attention(qs, ks, vs, dense[None], 0.25, cap=cap)
+  assert brute_force.rel_err(routed, want) < 1e-5
 
 
 def test_fully_masked_rows_are_zero_not_nan():
@@ -102,6 +164,11 @@ X = jnp.ones((1, 16, 4, 32))
                       jnp.ones((1, 6, 6, 2, 8)), 3, q_tile_shape=(3, 1)), "power-of-two product"),
     (lambda: jsa.attention(jnp.ones((1, 4096, 64, 64)), jnp.ones((1, 4096, 64, 64)),
                            jnp.ones((1, 4096, 64, 64)), backend="reference"), "materializes"),
+    (lambda: jsa.attention(X, X, X, logits_soft_cap=0.0), "logits_soft_cap must be a positive"),
+    (lambda: jsa.attention(X, X, X, logits_soft_cap=jnp.float32(2.0)), "logits_soft_cap must be"),
+    (lambda: jsa.na2d(jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 6, 2, 8)),
+                      jnp.ones((1, 6, 6, 2, 8)), 3, logits_soft_cap=float("inf")),
+     "logits_soft_cap must be"),
 ])
 def test_bad_input_raises_value_error(call, match):
   with pytest.raises(ValueError, match=match):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
-# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all|pending]
+# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all|pending|soft_cap]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -33,4 +33,7 @@ if [ "$what" = pending ]; then
   timeout 170 python3 -m benchmarks.diag.diag_na2d_masks --out $OUT/masks.json 2>&1 | grep '^{'
   timeout 220 python3 -m benchmarks.diag.diag_fused_registers --variants fused,fused_p_smem,fused_p_smem_232 \
     --out $OUT/registers 2>&1 | grep '^{'
+fi
+if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")
+  timeout 300 python3 -m benchmarks.diag.diag_soft_cap --out $OUT/soft_cap.json 2>&1 | grep '^{'
 fi

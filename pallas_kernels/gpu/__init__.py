@@ -12,7 +12,7 @@ from .mosaic_gpu import MosaicGPUConfig
 register_backend("triton", Backend(forward, backward, default_map_blocks, gathers=True,
                                    backward_blocks=default_backward_map_blocks,
                                    half_q_tiles=True, runtime_maps=True, segment_maps=True,
-                                   sinks=True))
+                                   sinks=True, softcap=True))
 
 register_backend("mosaic_gpu", Backend(
     mosaic_gpu.forward, mosaic_gpu.backward,
@@ -20,6 +20,6 @@ register_backend("mosaic_gpu", Backend(
     backward_blocks=mosaic_gpu.default_backward_map_blocks, tile_last_multiple=8,
     choose_tiles=mosaic_gpu.auto_tiles,
     choose_backward_tiles=mosaic_gpu.backward_tile_shapes, runtime_maps=True, segment_maps=True,
-    sinks=True))
+    sinks=True, softcap=True))
 
 __all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

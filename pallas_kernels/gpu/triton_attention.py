@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax_sparse_attn import backends
 from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, walked_map
+from jax_sparse_attn.softcap import capped2, slope2
 
 from . import mma_masks
 
@@ -468,9 +469,10 @@ def _head_dim_mask(dpad: int, head_dim: int):
 
 def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks.MaskSpec,
                 scale: float, block_q: int, block_kv: int, tq: int, tk: int, head_dim: int,
-                allow_tf32: bool, sink_heads: int = 0):
+                allow_tf32: bool, sink_heads: int = 0, softcap: float | None = None):
   """``sink_heads`` > 0: the first of `rest` holds a learned sink logit per head (grid axis 1
-  runs over batch x `sink_heads` heads), joined to each row's softmax in the epilogue."""
+  runs over batch x `sink_heads` heads), joined to each row's softmax in the epilogue.
+  `softcap`: scores soft-capped before the mask (`softcap.capped2`)."""
   sinks_ref, rest = (rest[0], rest[1:]) if sink_heads else (None, rest)
   (q_rows_ref, kv_rows_ref), mask_refs, tables, (o_ref, lse_ref) = _split_refs(rest, spec)
   q_start = pl.program_id(0) * tq
@@ -489,9 +491,9 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, *rest, spec: mma_masks
     k = _load_rows(k_ref, kv_rows, dmask)
     s = _dot(q, k, allow_tf32, trans_b=True)
     if masked and mma:
-      s = (s + bias(kv_start, t)) * qk_scale
+      s = capped2((s + bias(kv_start, t)) * qk_scale, softcap, floor=True)
     else:
-      s = s * qk_scale
+      s = capped2(s * qk_scale, softcap)
       if masked:
         s = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk, dims=dims), s,
                       -jnp.inf)
@@ -609,12 +611,13 @@ def _vector_spec(spec: mma_masks.MaskSpec, n: int, tile: int, index):
 
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
-            block_map=None, sinks=None):
+            block_map=None, sinks=None, softcap=None):
   """q [batch, n_q, heads, head_dim], k/v [batch, n_kv, kv_heads, head_dim]: kernel order
   (n = padded length), or the caller's flat order if ``plan.gathered``. Returns out like q
   and lse [batch, heads, n_q] float32. `block_map`: a runtime map (per batch and head)
   instead of the plan's. `sinks`: learned sink logits [heads] float32, joined to every
-  row's softmax in the epilogue (`merge.join_sink`)."""
+  row's softmax in the epilogue (`merge.join_sink`). `softcap`: logit soft-capping
+  (`softcap.capped`)."""
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
@@ -632,7 +635,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
                                       bmap.kv_group_ends, plan.block_q // tq, grid_heads=h)
   kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                              block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d,
-                             allow_tf32=cfg.allow_tf32, sink_heads=h if sinks is not None else 0)
+                             allow_tf32=cfg.allow_tf32, sink_heads=h if sinks is not None else 0,
+                             softcap=softcap)
   bh = lambda j: (j // h, j % h)
   kv_full = pl.BlockSpec((None, skv, None, dpad), lambda i, j: (j // h, 0, (j % h) // g, 0))
   sink_arrays, sink_specs = [], []
@@ -659,7 +663,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
 
 
 def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-               spec, scale, block_q, block_kv, tq, tk, head_dim, allow_tf32):
+               spec, scale, block_q, block_kv, tq, tk, head_dim, allow_tf32, softcap=None):
   (q_rows_ref, kv_rows_ref), mask_refs, tables, (dq_ref,) = _split_refs(rest, spec)
   q_start = pl.program_id(0) * tq
   dmask = _head_dim_mask(q_ref.shape[-1], head_dim)
@@ -682,11 +686,14 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     s = _dot(q, k, allow_tf32, trans_b=True)
     if masked and mma:
       s = s + bias(kv_start, t)
-    p = jnp.exp2(s * qk_scale - lse2[:, None])
+    s = capped2(s * qk_scale, softcap, floor=masked and mma)
+    p = jnp.exp2(s - lse2[:, None])
     if masked and not mma:
       p = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk, dims=dims), p, 0.0)
     dp = _dot(do, v, allow_tf32, trans_b=True)
     ds = p * (dp - delta[:, None])
+    if softcap is not None:  # through the cap
+      ds = ds * slope2(s, softcap)
     return dq + _dot(ds.astype(k.dtype), k, allow_tf32)
 
   dq = _run_groups(spec, counts_ref, sub, body, jnp.zeros((tq, q.shape[-1]), jnp.float32))
@@ -710,8 +717,9 @@ class _HeadRow:
 
 def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                 spec, scale, block_q, block_kv, tq, tk, head_dim, group, allow_tf32,
-                per_head: bool = False):
-  """per_head: a runtime map, rows [group, ...] (one per query head of the GQA group)."""
+                per_head: bool = False, softcap: float | None = None):
+  """per_head: a runtime map, rows [group, ...] (one per query head of the GQA group);
+  `softcap`: scores soft-capped (`softcap.capped2`)."""
   (q_rows_ref, kv_rows_ref), mask_refs, tables, (dk_ref, dv_ref) = _split_refs(rest, spec)
   kv_start = pl.program_id(0) * tk
   dmask = _head_dim_mask(k_ref.shape[-1], head_dim)
@@ -740,13 +748,16 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     s_t = _dot(k, q, allow_tf32, trans_b=True)  # [tk, tq]
     if masked and mma:
       s_t = s_t + bias(q_start, t)
-    p_t = jnp.exp2(s_t * qk_scale - lse2[None, :])
+    s_t = capped2(s_t * qk_scale, softcap, floor=masked and mma)
+    p_t = jnp.exp2(s_t - lse2[None, :])
     if masked and not mma:
       p_t = jnp.where(_tile_mask(spec, mask_refs, q_start, kv_start, tq, tk, transposed=True,
                                  dims=dims), p_t, 0.0)
     dv = dv + _dot(p_t.astype(do.dtype), do, allow_tf32)
     dp_t = _dot(v, do, allow_tf32, trans_b=True)
     ds_t = p_t * (dp_t - delta[None, :])
+    if softcap is not None:  # through the cap
+      ds_t = ds_t * slope2(s_t, softcap)
     dk = dk + _dot(ds_t.astype(q.dtype), q, allow_tf32)
     return dk, dv
 
@@ -761,7 +772,7 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             config, interpret, block_map=None):
+             config, interpret, block_map=None, softcap=None):
   b, sq, h, d = q.shape
   skv, hkv = k.shape[1], k.shape[2]
   g = h // hkv
@@ -787,7 +798,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                         block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d,
-                        allow_tf32=cfg.allow_tf32),
+                        allow_tf32=cfg.allow_tf32, softcap=softcap),
       grid=(plan.q_layout.padded_len // tq, b * h),
       in_specs=map_specs + [q_spec, kv_full, kv_full, q_spec, row_spec, row_spec] + mask_specs,
       out_specs=q_spec,
@@ -816,7 +827,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, spec=spec, scale=scale, block_q=plan.block_q,
                         block_kv=plan.block_kv, tq=tq, tk=tk, head_dim=d, group=g,
-                        allow_tf32=cfg.allow_tf32,
+                        allow_tf32=cfg.allow_tf32, softcap=softcap,
                         per_head=bmap.is_runtime and not bmap.shares_heads),
       grid=(plan.kv_layout.padded_len // tk, b * hkv),
       in_specs=map_specs + [q_all, kv_spec, kv_spec, q_all, rows_all, rows_all] + mask_specs,

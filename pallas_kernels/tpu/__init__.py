@@ -6,6 +6,6 @@ from .mosaic_attention import (backward, default_map_blocks, export_for_tpu, for
 
 register_backend("mosaic", Backend(forward, backward, default_map_blocks, min_block=128,
                                    runtime_maps=True, segment_maps=True,
-                                   runtime_map_fits=map_block_fits, sinks=True))
+                                   runtime_map_fits=map_block_fits, sinks=True, softcap=True))
 
 __all__ = ["forward", "backward", "export_for_tpu", "tpu_target"]

@@ -30,6 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax_sparse_attn import backends
 from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, walked_map
+from jax_sparse_attn.softcap import capped, slope
 
 NUM_LANES = 128
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -105,10 +106,12 @@ def _mask_operands(plan: AttentionPlan, q_seg, kv_seg, q_index, kv_index, bq, bk
   return arrays, specs
 
 
-def _recompute_p(q, k, lse, scale):
-  """P = exp(q k^T * scale - lse), zero on rows that saw nothing (lse = -inf)."""
-  s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
-  return jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse))
+def _recompute_p(q, k, lse, scale, softcap=None):
+  """(P = exp(s - lse), zero on rows that saw nothing (lse = -inf), and the scores s = q k^T
+  * scale, soft-capped with `softcap`)."""
+  s = capped(jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale,
+             softcap)
+  return jnp.exp(s - jnp.where(lse == -jnp.inf, jnp.inf, lse)), s
 
 
 def _split_refs(refs, has_segments):
@@ -144,9 +147,10 @@ def _map_row(rows, bb, hh, i):
 
 
 def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec, scale, bq, bk,
-                max_kv, rows=None, block0=0, sinks=False):
+                max_kv, rows=None, block0=0, sinks=False, softcap=None):
   """``sinks``: the first of `refs` holds learned sink logits [heads] (SMEM), joined to
-  each row's softmax when the row is done (`merge.join_sink`)."""
+  each row's softmax when the row is done (`merge.join_sink`); ``softcap``: scores
+  soft-capped before the mask (`softcap.capped`)."""
   sinks_ref, refs = (refs[0], refs[1:]) if sinks else (None, refs)
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _split_refs(
       refs, spec.has_segments)
@@ -162,7 +166,7 @@ def _fwd_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, *refs, spec,
 
   def update(masked):
     s = jax.lax.dot_general(q_ref[...], k_ref[...], NT, preferred_element_type=jnp.float32)
-    s = s * scale
+    s = capped(s * scale, softcap)
     if masked:
       kv_block = ids_ref[r * max_kv + j]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, (i + block0) * bq, kv_block * bk,
@@ -268,7 +272,7 @@ def _forward_map_chunks(plan: AttentionPlan, bmap, rows, q_seg, kv_seg):
 
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
-            block_map=None, sinks=None):
+            block_map=None, sinks=None, softcap=None):
   """`block_map`: a runtime map (`block_map.from_selection`): rows per (batch, head, block),
   scalar-prefetched like the static map's. `sinks`: learned sink logits [heads] float32 (in
   scalar memory), joined to every row's softmax when it is done."""
@@ -290,7 +294,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   for b0, n, prefetch, rows_n, q_of, kv_of, mask_arrays, mask_specs in _forward_map_chunks(
       plan, bmap, rows, q_seg, kv_seg):
     kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
-                               rows=rows_n, block0=b0, sinks=sinks is not None)
+                               rows=rows_n, block0=b0, sinks=sinks is not None,
+                               softcap=softcap)
     kv_spec = pl.BlockSpec((None, None, bk, d),
                            lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
     outs.append(pl.pallas_call(
@@ -326,7 +331,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
 
 
 def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, spec, scale, bq, bk, max_kv, rows=None, block0=0):
+               *refs, spec, scale, bq, bk, max_kv, rows=None, block0=0, softcap=None):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (dq_ref, dq_sc) = _split_refs(refs, spec.has_segments)
   i, j = pl.program_id(2), pl.program_id(3)
   r = _map_row(rows, pl.program_id(0), pl.program_id(1), i)
@@ -338,7 +343,7 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
   def update(masked):
     k = k_ref[...]
-    p = _recompute_p(q_ref[...], k, lse_ref[...], scale)
+    p, s = _recompute_p(q_ref[...], k, lse_ref[...], scale, softcap)
     if masked:
       kv_block = ids_ref[r * max_kv + j]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, (i + block0) * bq, kv_block * bk,
@@ -346,6 +351,8 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
       p = jnp.where(keep, p, 0.0)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
+    if softcap is not None:  # through the cap
+      ds = ds * slope(s, softcap)
     dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, NN,
                                       preferred_element_type=jnp.float32)
 
@@ -357,7 +364,7 @@ def _dq_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_r
 
 
 def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                *refs, spec, scale, bq, bk, max_q, group, rows=None, block0=0):
+                *refs, spec, scale, bq, bk, max_q, group, rows=None, block0=0, softcap=None):
   (q_lo, q_hi, kv_c, q_seg, kv_seg), (dk_ref, dv_ref, dk_sc, dv_sc) = _split_refs(
       refs, spec.has_segments)
   i, t = pl.program_id(2), pl.program_id(3)
@@ -373,7 +380,7 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
   def update(masked):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    p = _recompute_p(q, k, lse_ref[...], scale)
+    p, s = _recompute_p(q, k, lse_ref[...], scale, softcap)
     if masked:
       q_block = ids_ref[r * max_q + entry]
       keep = _tile_mask(spec, q_lo, q_hi, kv_c, q_seg, kv_seg, q_block * bq, (i + block0) * bk,
@@ -383,6 +390,8 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
                                       preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
+    if softcap is not None:  # through the cap
+      ds = ds * slope(s, softcap)
     dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, TN,
                                       preferred_element_type=jnp.float32)
 
@@ -395,7 +404,7 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             config, interpret, block_map=None):
+             config, interpret, block_map=None, softcap=None):
   del config
   _check_blocks(plan)
   b, sq, h, d = q.shape
@@ -424,7 +433,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                            lambda bb, hh, i, j, *r: (bb, hh // g, kv_of(bb, hh, i, j, *r), 0))
     dqs.append(pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_kv=max_kv,
-                          rows=rows_n, block0=b0),
+                          rows=rows_n, block0=b0, softcap=softcap),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(b, h, n, max_kv),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + mask_specs,
@@ -456,7 +465,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     out_kv = pl.BlockSpec((None, None, bk, d), lambda bb, hh, i, t, *_: (bb, hh, i, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, scale=scale, bq=bq, bk=bk, max_q=max_q,
-                          group=g, rows=rows_n, block0=b0),
+                          group=g, rows=rows_n, block0=b0, softcap=softcap),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(b, hkv, n, max_q * g),
             in_specs=[qg_spec, own_kv, own_kv, qg_spec, rowg_spec, rowg_spec] + mask_specs,

@@ -56,6 +56,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax_sparse_attn import masks
 from jax_sparse_attn.backends import backward_delta
 from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
+from jax_sparse_attn.softcap import capped2, slope2
 
 from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
@@ -212,7 +213,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, quarters: bool = False,
-            cta=None, zero_empty: bool = False):
+            cta=None, zero_empty: bool = False, softcap: float | None = None):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
   "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks, max q
@@ -234,7 +235,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   none of its 64 keys may see.
 
   ``zero_empty`` (``direct``, one item per KV block: a runtime map's whole lists): an item
-  with no entries stores zeros as its block's dK/dV, so they need no zero fill."""
+  with no entries stores zeros as its block's dK/dV, so they need no zero fill.
+
+  ``softcap``: scores soft-capped before the mask (`softcap.capped2`), dSᵀ times the cap's
+  slope."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
@@ -342,7 +346,11 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           return s_ref[...], dp_ref[...]
 
         s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
-        p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
+        if softcap is not None:
+          s_t = capped2(s_t * qk_scale, softcap, floor=masked and mma)
+          p_t = jnp.exp2(s_t - cols(lse_smem.at[slot]))
+        else:
+          p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
         def in_dim(d):  # rows are keys, columns queries
           return ((coords[d] >= cols(lo_smem.at[slot, d]))
                   & (coords[d] <= cols(hi_smem.at[slot, d])))
@@ -356,6 +364,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         if segments and (masked or not segments_full):
           p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
         ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
+        if softcap is not None:  # through the cap
+          ds_t = ds_t * slope2(s_t, softcap)
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
         # rewrite one only after the next step's rendezvous, which follows its reads).
         # Without dQ (`attention_bwd_dq` makes it) dSᵀ stays in registers on the GPU.
@@ -573,24 +583,27 @@ def _dq_window(cfg, plan: AttentionPlan, k, v, head_dim: int, segments: bool, sc
 
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
-             config, interpret, block_map=None, dq_window=None):
+             config, interpret, block_map=None, dq_window=None, softcap=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
   Triton kernels). `block_map`: a runtime map (`block_map.from_selection`), whose work items
   are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows).
   `dq_window`: (k view, v view, window) of the dQ kernel's window boxes (`_dq_window`; set
-  by the gathered plans' call into kernel order)."""
+  by the gathered plans' call into kernel order). `softcap`: logit soft-capping."""
   cfg = _config(config)
+  capping = {} if softcap is None else {"softcap": softcap}
   runtime = block_map is not None
   wide = _wide(plan, q.shape[-1])
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
   # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
-  if (cfg.backward == "triton"
+  # Logit soft-capping at head_dim 129-256 too: the role-split kernels (`attention_bwd_wide`)
+  # have the scores in one warpgroup and dS in the other.
+  if (cfg.backward == "triton" or (softcap is not None and wide)
       or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1], q_seg is not None))
       or not (wide or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
                        and q.shape[-1] <= _MAX_BACKWARD_HEAD_DIM))):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
-                                     **({"block_map": block_map} if runtime else {}))
+                                     **({"block_map": block_map} if runtime else {}), **capping)
   b, sq, h, d = q.shape
   why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
@@ -608,7 +621,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg, kv_seg,
         out_k, rows(lse), kernel_order(d_out, ql), rows(d_lse),
         gathered(plan, False), scale, cfg, interpret,
-        dq_window=_dq_window(cfg, plan, k, v, d, q_seg is not None, scale, interpret))
+        dq_window=_dq_window(cfg, plan, k, v, d, q_seg is not None, scale, interpret),
+        softcap=softcap)
     return caller_order(dq, ql), caller_order(dk, kl), caller_order(dv, kl)
   dpad = _padded_head_dim(d)
   if cfg.backward_dq == "split" and dpad != 128 and not wide:
@@ -618,7 +632,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
     dq, dk, dv = backward(pad(q), pad(k), pad(v), q_seg, kv_seg,
                           None if out is None else pad(out), lse, pad(d_out), d_lse, plan,
-                          scale, cfg, interpret, block_map)
+                          scale, cfg, interpret, block_map, softcap=softcap)
     return dq[..., :d], dk[..., :d], dv[..., :d]
   skv, hkv = k.shape[1], k.shape[2]
   bmap = walked_map(plan, block_map)
@@ -708,7 +722,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
-      quarters=quarters is not None, zero_empty=zero_empty)
+      quarters=quarters is not None, zero_empty=zero_empty, softcap=softcap)
   grid = bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
@@ -733,7 +747,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if joint:  # dQ's CTAs after the dK/dV items in one launch (`_joint`)
     dq_launch = bwd_dq.dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
                                  scale=scale, mask_fn=mask_fn, terms=terms,
-                                 interpret=interpret, mma=mma_dq, quarters=dq_quarters)
+                                 interpret=interpret, mma=mma_dq, quarters=dq_quarters,
+                                 softcap=softcap)
     run = _joint(kernel, args, grid, dq_launch, interpret)
 
   # Every KV block stored by one item (``direct``, or ``mixed`` with the cut blocks' rows
@@ -775,7 +790,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
     k_dq, v_dq, window = dq_window if dq_window is not None else (k, v, None)
     dq = bwd_dq.dq(q, k_dq, v_dq, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
                    scale=scale, mask_fn=mask_fn, terms=terms, interpret=interpret, mma=mma_dq,
-                   quarters=dq_quarters, window=window)[:, :sq]
+                   quarters=dq_quarters, window=window, softcap=softcap)[:, :sq]
   else:
     dq = (dq[:, :sq] * scale).astype(q.dtype)
   if cut:  # the cut blocks' rows from their float32 buffers

@@ -37,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jax_sparse_attn.softcap import capped2, slope2
+
 from .boxes import _Boxes, box_slots, copy_box
 from .config import _COMPUTE_WGS as _WGS, _ROWS, interpret_params, swizzle_columns, swizzled
 from .element import mask_intervals
@@ -196,7 +198,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             scale: float, dtype, interpret: bool, mask_fn=None, segments: bool = False,
             runtime: bool = False, kv_sub: int = _ROWS, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, cta=None,
-            quarters: bool = False, window: _Boxes | None = None, box: tuple | None = None):
+            quarters: bool = False, window: _Boxes | None = None, box: tuple | None = None,
+            softcap: float | None = None):
   """CTA (q block in visiting order, query head, batch): the grid's axes "q", "head" and "batch", or
   ``cta`` (their indices in a joint launch, `attention_bwd.JOINT_DQ`). order [n_q blocks]; ids [n_q
   blocks, max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
@@ -302,7 +305,11 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           return s_ref[...], dp_ref[...]
 
         s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
-        p = jnp.exp2(s * qk_scale - lse)
+        if softcap is not None:  # capped in log2 units, before any mask
+          s = capped2(s * qk_scale, softcap, floor=masked and mma)
+          p = jnp.exp2(s - lse)
+        else:
+          p = jnp.exp2(s * qk_scale - lse)
         if masked and not mma:
           def in_dim(d):
             c = cols(c_smem.at[slot, d, keys])
@@ -315,7 +322,10 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                           p, 0.0)
         if segments and (masked or not segments_full):
           p = jnp.where(cols(kx_smem.at[slot, 0, keys]) == q_x, p, 0.0)
-        ds = (p * (dp - delta)).astype(dtype)
+        ds = p * (dp - delta)
+        if softcap is not None:  # through the cap
+          ds = ds * slope2(s, softcap)
+        ds = ds.astype(dtype)
         if interpret:
           ds_smem.at[wg][...] = ds
           plgpu.commit_smem()
@@ -418,7 +428,7 @@ def dq(q, k, v, d_out, lse2, delta, *rest, interpret: bool, **kw):
 
 def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: float, mask_fn,
               interpret: bool, kv_sub: int | None = None, mma=None, terms: int = 1,
-              quarters=None, window=None):
+              quarters=None, window=None, softcap=None):
   """The dQ kernel's launch: (kernel, (map arrays, arrays it shares with the dK/dV kernel),
   grid, out_type); the kernel's inputs are the map's first three arrays, the shared ones,
   then the map's others (its MMA-bias inputs). From the backward's padded inputs: lse₂ and
@@ -430,7 +440,8 @@ def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: fl
   `tables.live_quarters` (static maps; 64-key steps) or None. `window`: window-anchored KV
   boxes instead of the map's blocks, (geometry `_Boxes` of the K/V view, its box groups or
   None, `tables.window_dq_inputs`), with k and v the caller's views (`_window_view` with box
-  groups, else `_view`)."""
+  groups, else `_view`). `softcap`: logit soft-capping (`softcap.capped2`, dS times its
+  slope)."""
   box = None
   if window is not None:
     window, box, (origins, counts_w, onehot, tables, table_ids) = window
@@ -461,7 +472,7 @@ def dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap, scale: fl
       runtime=runtime, kv_sub=kv_sub,
       segments_full=bmap.segments_full, shared=bmap.shares_heads,
       mma_width=0 if mma is None else mma[0].shape[1], terms=terms,
-      quarters=quarters is not None, window=window, box=box)
+      quarters=quarters is not None, window=window, box=box, softcap=softcap)
   grid = backward_grid(b, h, ("q", bmap.num_q_blocks), Q_FASTEST)
   ids = bmap.kv_ids if window is None else origins
   map_args = (order, jnp.asarray(ids, jnp.int32), jnp.asarray(counts, jnp.int32),

@@ -48,6 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.merge import join_sink
 from jax_sparse_attn.plan import AttentionPlan, gathered, walked_map
+from jax_sparse_attn.softcap import capped2
 
 from .. import mma_masks
 from .config import _COMPUTE_WGS, _ROWS, _config, _padded_head_dim, unsupported
@@ -87,7 +88,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
             segments_full: bool = False, map_heads: int = 1, terms: int = 1,
-            sinks: bool = False):
+            sinks: bool = False, softcap: float | None = None):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -201,11 +202,13 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         plgpu.barrier_wait(row_bar.at[wg])
 
       def softmax(s, m_i, l_i, acc, elementwise):
-        """Online softmax of scores `s`: (the rescaled acc, new max, new sum, P)."""
-        m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
+        """Online softmax of scores `s` (with `softcap`: capped, in log2 units already): (the
+        rescaled acc, new max, new sum, P)."""
+        to_log2 = (lambda x: x) if softcap is not None else (lambda x: x * qk_scale)
+        m_new = jnp.maximum(m_i, to_log2(s.max(axis=1)))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
         alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        p = jnp.exp2(to_log2(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
         acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
         l_i = l_i * alpha + p.sum(axis=1)
         return acc, m_new, l_i, p.astype(dtype)
@@ -293,6 +296,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             return acc_ref[...]
 
           s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
+          if softcap is not None:  # capped in log2 units, before any mask
+            s = capped2(s * qk_scale, softcap, floor=masked and bool(mma))
           test_segments = segments and (masked or not segments_full)
           elementwise = (masked or test_segments) and not mma
           # TEST_FORM "each": each test masks the scores as soon as it is made; "and": the
@@ -396,6 +401,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
               return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
+            if softcap is not None:  # every step has the bias: its masked scores stay
+              s = capped2(s * qk_scale, softcap, floor=True)
           else:
             rendezvous()
           each_load(t, lambda s: plgpu.barrier_arrive(k_free.at[s]))
@@ -568,12 +575,13 @@ def _extras(plan: AttentionPlan, batch: int, q_seg, kv_seg) -> list:
   return [jnp.stack(qx, axis=1), jnp.stack(kx, axis=1)]
 
 def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, interpret,
-            block_map=None, sinks=None):
+            block_map=None, sinks=None, softcap=None):
   """Arrays as `triton_attention.forward` (kernel order, or the caller's flat order for
   gathered plans). Returns out like q and lse [batch, heads, n_q] float32 (natural log).
   `block_map`: a runtime map (`block_map.from_selection`, 1-D plans) instead of the plan's:
   the element test on partial blocks, one program per item. `sinks`: learned sink logits
-  [heads] float32, joined to every row's softmax in the epilogue."""
+  [heads] float32, joined to every row's softmax in the epilogue. `softcap`: logit
+  soft-capping (`softcap.capped`)."""
   cfg = _config(config)
   b, sq, h, d = q.shape
   why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
@@ -586,13 +594,14 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
     ql, kl = plan.q_layout, plan.kv_layout
     # Q and K/V grids differ on context-parallel shards (a slab and its halo).
     out, lse = forward(kernel_order(q, ql), kernel_order(k, kl), kernel_order(v, kl), q_seg,
-                       kv_seg, gathered(plan, False), scale, cfg, interpret, sinks=sinks)
+                       kv_seg, gathered(plan, False), scale, cfg, interpret, sinks=sinks,
+                       softcap=softcap)
     return caller_order(out, ql), caller_order(lse.transpose(0, 2, 1), ql).transpose(0, 2, 1)
   dpad = _padded_head_dim(d)
   if dpad != d:
     pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, dpad - d)])
     out, lse = forward(pad(q), pad(k), pad(v), q_seg, kv_seg, plan, scale, cfg, interpret,
-                       block_map, sinks)
+                       block_map, sinks, softcap)
     return out[..., :d], lse
   hkv = k.shape[2]
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
@@ -678,7 +687,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
-      sinks=sinks is not None)
+      sinks=sinks is not None, softcap=softcap)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
