@@ -117,6 +117,16 @@ def interleaved(row: dict, variants: dict, big, rounds: int = 2, iters: int = 10
   return grads
 
 
+def interleaved_vs_first(row: dict, variants: dict, big, rounds: int = 2) -> dict:
+  """`interleaved`, then into `row` every later variant's gradients against the first's
+  (``{name}_rel_diff``, `max_rel_diff`). Returns the gradients."""
+  grads = interleaved(row, variants, big, rounds=rounds)
+  first, *others = variants
+  for name in others:
+    row[f"{name}_rel_diff"] = max_rel_diff(grads[name], grads[first])
+  return grads
+
+
 def check_and_time(row: dict, fn, small, ref, big, iters: int = 10, repeats: int = 5):
   """Into `row`: fn(q, k, v)'s output and gradients at the inputs `small` (q, k, v, dO)
   against `ref` (relative L2, float32), and its forward and fwd+bwd ms at `big`."""

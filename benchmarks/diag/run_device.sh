@@ -28,10 +28,9 @@ if [ "$what" = pending ]; then
   # The A/Bs prepared on the CPU and not yet measured (docs/performance.md, twentieth
   # session): the backward's tiles by live quarters, 2-D masks on the Hopper backward, the
   # fused form's Pᵀ through shared memory (each variant in its own process, ptxas' report).
-  timeout 180 python3 -m benchmarks.diag.diag_backward_tiles --cases k33_d128,k33_d64 \
-    --out $OUT/tiles.json 2>&1 | grep '^{'
-  timeout 170 python3 -m benchmarks.diag.diag_na2d_masks --out $OUT/masks.json 2>&1 | grep '^{'
-  timeout 220 python3 -m benchmarks.diag.diag_fused_registers --variants fused,fused_p_smem,fused_p_smem_232 \
+  timeout 350 python3 -m benchmarks.diag.diag_backward_tiles \
+    --cases k33_d128,k33_dil2,k33_causal_h,k33_d64,k17_dil4 --out $OUT/tiles.json 2>&1 | grep '^{'
+  timeout 230 python3 -m benchmarks.diag.diag_fused_registers --variants fused,fused_p_smem,fused_p_smem_232 \
     --out $OUT/registers 2>&1 | grep '^{'
 fi
 if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")

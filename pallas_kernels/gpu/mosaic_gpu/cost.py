@@ -186,8 +186,8 @@ def auto_tiles(mask, block_q: int, block_kv: int):
 # the tilings that visit no more blocks than the simulator's, the one with the fewest live
 # quarters. 2-D 128² k33: (16, 8) tiles (8x8 halves) over the same 1920 blocks leave 6400
 # live quarters instead of 6912. Off until measured (the A/B is
-# `benchmarks/diag/diag_backward_tiles.py` and `diag_na2d_masks.py`; no device came for it
-# on 2026-12-05): False, the simulator's tiles.
+# `benchmarks/diag/diag_backward_tiles.py`; no device came for it on 2026-12-05): False,
+# the simulator's tiles.
 QUARTER_TILES = False
 
 
