@@ -97,3 +97,15 @@ def test_interleaved_times_each_variant_under_its_knobs():
   assert [t for t in traced if t == "a"] and traced.index("b") > traced.index("a")
   timed = traced[traced.index("b"):]  # after the first "b" trace: b's grads, then timings
   assert "a" in timed, "a's timing must retrace under a's knob"
+
+
+def test_interleaved_vs_first():
+  """`diag.interleaved_vs_first`: each later variant's gradients against the first's."""
+  import jax.numpy as jnp
+  from benchmarks import diag
+  x = jnp.ones((1, 8, 1, 4))
+  row = {}
+  diag.interleaved_vs_first(row, {"a": lambda: (lambda q, k, v: q + k + v),
+                                  "b": lambda: (lambda q, k, v: q + k + 2 * v)},
+                            (x, x, x, x), rounds=1)
+  assert row["b_rel_diff"] > 0.1 and "a_rel_diff" not in row and "a_fwd_ms_0" in row
