@@ -165,11 +165,19 @@ def test_na_mma_bias(monkeypatch, problem, tile):
   assert built and all(x is not None for x in built)
 
 
-@pytest.mark.parametrize("case", ["two_kernels", "fused", "na"])
+@pytest.mark.parametrize("case", ["two_kernels", "fused", "na", "wide"])
 def test_soft_cap(case):
   """`logits_soft_cap` in the Hopper forward and backward kernels (dK/dV and dQ as two
   kernels, or dQ fused; a neighborhood with the MMA bias, whose masked scores stay masked
-  under the cap) against the capped brute force."""
+  under the cap; head_dim 256's role-split kernels, whose dS warpgroup takes the slope
+  from P) against the capped brute force."""
+  if case == "wide":
+    for mask in ("window_sink", "masked_rows"):  # rows that see nothing: lse₂ = +inf
+      p = dict(batch=1, sq=140, skv=140, heads=2, kv_heads=1, head_dim=256, mask=mask,
+               segments=False, dtype=jnp.bfloat16, seed=5)
+      backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD,
+                                    logits_soft_cap=1.5)
+    return
   if case == "na":
     p = dict(problem=((12, 21), (5, 9), (2, 3), (1, 1), (True, False)), batch=1, heads=2,
              kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=4, tile_q=None, tile_kv=None)
@@ -186,8 +194,7 @@ def test_soft_cap(case):
 
 def test_soft_cap_lowers_for_gpu():
   """With `logits_soft_cap` the forward and backward lower to Mosaic GPU kernels (no Triton)
-  at head_dim 128; at 256 the backward is Triton's (the role-split kernels have the scores
-  and dS in different warpgroups)."""
+  at head_dim 128 and at 256 (the role-split kernels: `attention_bwd_wide._cap_slope`)."""
   def lowered(d):
     S = jax.ShapeDtypeStruct((1, 1024, 4, d), jnp.bfloat16)
     loss = lambda q, k, v: jnp.sum(jsa.attention(
@@ -197,7 +204,7 @@ def test_soft_cap_lowers_for_gpu():
   text = lowered(128)
   assert "@mosaic_gpu_v2(" in text and "__gpu$xla.gpu.triton" not in text
   text = lowered(256)
-  assert text.count("@mosaic_gpu_v2(") == 1 and "__gpu$xla.gpu.triton" in text
+  assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
 
 
 def test_quarter_tiles(monkeypatch):

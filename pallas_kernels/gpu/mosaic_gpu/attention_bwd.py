@@ -595,9 +595,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   wide = _wide(plan, q.shape[-1])
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
   # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
-  # Logit soft-capping at head_dim 129-256 too: the role-split kernels (`attention_bwd_wide`)
-  # have the scores in one warpgroup and dS in the other.
-  if (cfg.backward == "triton" or (softcap is not None and wide)
+  if (cfg.backward == "triton"
       or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1], q_seg is not None))
       or not (wide or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
                        and q.shape[-1] <= _MAX_BACKWARD_HEAD_DIM))):
@@ -707,7 +705,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
         mask_fn=mask_fn, terms=terms, interpret=interpret, sub=plan.block_q // _ROWS,
         block_q=plan.block_q, direct=direct is True,
-        fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST))
+        fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST), softcap=softcap)
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
   # A runtime map's whole lists (every KV block one item) stored by the kernel, blocks that no
   # query visits as zeros: dK/dV are its outputs, with no zero fill (`WRITTEN_RUNTIME`).

@@ -46,6 +46,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jax_sparse_attn.softcap import capped2, slope2
+
 from . import attention_bwd_dq as bwd_dq
 from .attention_bwd_dq import backward_mesh, mma_add
 from .config import _COMPUTE_WGS as _WGS, _ROWS, interpret_params, swizzled, swizzled_f32
@@ -72,6 +74,14 @@ def _iota(tile, dim):
   return plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA)
 
 
+def _cap_slope(p, lse2, cap: float):
+  """The soft cap's slope 1 - tanh² for the warpgroup that forms dS but not the scores: the
+  capped score is log2(P) + lse₂ (log2 units), from P as the other warpgroup shared it (in
+  the input dtype: a relative error of 2^-9 in P moves the capped score by < 0.003, against
+  caps of tens). 0 where P is 0 (masked keys, rows that saw nothing: lse₂ = +inf)."""
+  return jnp.where(p > 0.0, slope2(jnp.log2(p) + lse2, cap), 0.0)
+
+
 def _accumulate(acc, a, b, interpret: bool):
   """acc + a @ b (a from registers or shared memory, b from shared memory)."""
   if interpret:
@@ -86,7 +96,7 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
                 delta_ref, lo_ref, hi_ref, c_ref, *refs, item_lists, groups: int, dims: int,
                 sub: int, block_q: int, scale: float, dtype, interpret: bool, head_dim: int,
                 mask_fn=None, segments: bool = False, direct: bool = False,
-                segments_full: bool = False, terms: int = 1):
+                segments_full: bool = False, terms: int = 1, softcap: float | None = None):
   """CTA (work item, kv head, batch): `attention_bwd._kernel`'s arrays with 64-key KV blocks
   (items, ids and counts of the transposed map; lo/hi [dims, n_q], c [dims, n_kv]); dk/dv
   [b, n_kv, hkv, head_dim] stored (``direct``) or float32 reduce-added."""
@@ -129,7 +139,7 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
             plgpu.wgmma(ref, k_smem, q_smem.at[slot].transpose((1, 0)))
             return ref[...]
           s_t = pl.run_scoped(s_product, plgpu.ACC(tile, jnp.float32))
-          p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
+          p_t = jnp.exp2(capped2(s_t * qk_scale, softcap) - cols(lse_smem.at[slot]))
           if masked:
             def in_dim(d):
               return ((coords[d] >= cols(lo_smem.at[slot, d]))
@@ -151,7 +161,10 @@ def _dkv_kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse
           dp_t = pl.run_scoped(dp_product, plgpu.ACC(tile, jnp.float32))
           rendezvous()
           p_t = plgpu.load(p_buf, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-          ds16 = (p_t * (dp_t - cols(delta_smem.at[slot]))).astype(dtype)
+          ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
+          if softcap is not None:  # the cap's slope, from P and lse (`_cap_slope`)
+            ds_t = ds_t * _cap_slope(p_t, cols(lse_smem.at[slot]), softcap)
+          ds16 = ds_t.astype(dtype)
           if interpret:
             ds_smem[...] = ds16
             plgpu.commit_smem()
@@ -231,7 +244,7 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
                delta_ref, lo_ref, hi_ref, c_ref, *refs, groups: int, dims: int, scale: float,
                dtype, interpret: bool, head_dim: int, block_q: int, mask_fn=None,
                segments: bool = False, runtime: bool = False, segments_full: bool = False,
-               shared: bool = False, terms: int = 1):
+               shared: bool = False, terms: int = 1, softcap: float | None = None):
   """CTA (64 query rows in visiting order, query head, batch): order [2 n_q blocks] (Q block
   · 2 + half), the forward map's ids [n_q blocks, max kv] and counts [n_q blocks, 2] (a
   runtime map: [b, h, ...]) over 64-key KV blocks; dq [b, n_q, h, head_dim] written."""
@@ -279,7 +292,7 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
                           k_smem.at[slot, :, pl.ds(*parts[w])].transpose((1, 0)))
             return ref[...]
           s = pl.run_scoped(s_product, plgpu.ACC(tile, jnp.float32))
-          p = jnp.exp2(s * qk_scale - lse)
+          p = jnp.exp2(capped2(s * qk_scale, softcap) - lse)
           if masked:
             def in_dim(d):
               c = cols(c_smem.at[slot, d])
@@ -301,7 +314,10 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
           dp = pl.run_scoped(dp_product, plgpu.ACC(tile, jnp.float32))
           rendezvous()
           p = plgpu.load(p_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-          ds_smem[...] = (p * (dp - delta)).astype(dtype)
+          ds = p * (dp - delta)
+          if softcap is not None:  # the cap's slope, from P and lse (`_cap_slope`)
+            ds = ds * _cap_slope(p, rows(lse_smem), softcap)
+          ds_smem[...] = ds.astype(dtype)
           plgpu.commit_smem()
           rendezvous()
         dq = _accumulate(dq, ds_smem, k_smem.at[slot, :, own], interpret)
@@ -368,7 +384,7 @@ def _dq_kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, *, bmap,
              scale: float, mask_fn, interpret: bool, sub: int, block_q: int, direct: bool,
-             fastest: tuple[bool, bool], terms: int = 1):
+             fastest: tuple[bool, bool], terms: int = 1, softcap: float | None = None):
   """dq [b, n_q, h, d] (the input dtype), dk and dv [b, n_kv, hkv, d] (the input dtype if
   ``direct``, else float32) from `attention_bwd.backward`'s padded inputs: its work items and
   their `item_lists` (partial over the map's shape), the transposed and forward maps of
@@ -381,7 +397,7 @@ def backward(items, item_lists, counts, q, k, v, d_out, lse2, delta, lo, hi, c, 
   segments = bool(extras)
   common = dict(groups=h // hkv, dims=lo.shape[0], scale=scale, dtype=q.dtype, head_dim=d,
                 interpret=bool(interpret), mask_fn=mask_fn, segments=segments,
-                segments_full=bmap.segments_full, terms=terms)
+                segments_full=bmap.segments_full, terms=terms, softcap=softcap)
   params = plgpu.CompilerParams(approx_math=True)
   interp = interpret_params(interpret)
 
