@@ -89,6 +89,9 @@ def cli(description: str, defaults: dict) -> argparse.Namespace:
   if "learned_sinks" in defaults:
     parser.add_argument("--learned-sinks", action="store_true",
                         help="a learned sink logit per head (gpt-oss attention sinks)")
+  if "logits_soft_cap" in defaults:
+    parser.add_argument("--logits-soft-cap", type=float, default=defaults["logits_soft_cap"],
+                        metavar="C", help="attention scores capped to C·tanh(s / C) (Gemma 2: 50)")
   args = parser.parse_args()
   args.context_axis = "context" if args.context_parallel > 1 else None
   return args

@@ -9,10 +9,14 @@ from models import causal_lm, nat_classifier, text_to_image, video_dit
 from models.train import context_mesh, train
 
 
-@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i", "moba", "lm_sinks"])
+@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i", "moba", "lm_sinks", "lm_soft_cap"])
 def test_model_trains(name):
   if name == "lm_sinks":  # learned sink logits (gpt-oss) beside the mask's sink tokens
     model = causal_lm.CausalLM(dim=32, backend="xla", learned_sinks=True, rngs=nnx.Rngs(0))
+    batches = causal_lm.synthetic_batches(4, 48)
+    loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
+  elif name == "lm_soft_cap":  # Gemma 2's capped scores (a small cap, so that it binds)
+    model = causal_lm.CausalLM(dim=32, backend="xla", logits_soft_cap=5.0, rngs=nnx.Rngs(0))
     batches = causal_lm.synthetic_batches(4, 48)
     loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
   elif name == "moba":  # the LM with content-routed blocks (MoBA): top 2 of 16-token blocks
