@@ -91,6 +91,11 @@ def test_soft_cap_paths():
   dense &= np.tril(np.ones((64, 64), bool))
   want, _ = brute_force.attention(qs, ks, vs, dense[None], 0.25, cap=cap)
   assert brute_force.rel_err(routed, want) < 1e-5
+  # with learned sinks (not capped: a logit of their own), joined in the XLA kernel's epilogue
+  sunk = lambda backend: jax.grad(lambda q: jnp.sum(jsa.attention(
+      q, ks, vs, masks.causal(), sinks=jnp.asarray([0.5, -1.0]), logits_soft_cap=cap,
+      backend=backend) ** 2))(qs)
+  assert brute_force.rel_err(sunk("xla"), sunk("reference")) < 1e-5
 
 
 def test_fully_masked_rows_are_zero_not_nan():
