@@ -210,9 +210,9 @@ def test_soft_cap_lowers_for_gpu():
 def test_quarter_tiles(monkeypatch):
   """The backward's tiles by live 64x64 quarters (`cost.backward_tile_shapes`, with
   `QUARTER_TILES` on): 2-D 128² k33 takes (16, 8) tiles (the same 1920 blocks, 6400 live
-  quarters instead of 6912), the simulator's with `QUARTER_TILES` off; on 32×40 k11 it picks (16, 8) tiles, not the
-  forward's (16, 8) / (8, 8): the backward's own gathered plan, whose gradients match the
-  brute force."""
+  quarters instead of 6912), the simulator's with `QUARTER_TILES` off; on 24×24 k5 it picks
+  (4, 32) tiles, not the forward's (8, 16) / (4, 16): the backward's own gathered plan,
+  whose gradients match the brute force."""
   from jax_sparse_attn import ops
   from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
   from pallas_kernels.gpu.mosaic_gpu import cost
@@ -238,11 +238,12 @@ def test_quarter_tiles(monkeypatch):
 
   monkeypatch.setattr(ops, "_backward_plan", spy)
   ops._make_core.cache_clear()
-  p = dict(problem=((32, 40), (11, 11), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
+  p = dict(problem=((24, 24), (5, 5), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
            kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=None, tile_kv=None)
   backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
-  pick = cost.backward_tile_shapes(masks.neighborhood((32, 40), 11), 128, 128)
-  assert pick == ((16, 8), (16, 8)) != cost.auto_tiles(masks.neighborhood((32, 40), 11), 128, 128)
+  small = masks.neighborhood((24, 24), 5)
+  pick = cost.backward_tile_shapes(small, 128, 128)
+  assert pick == ((4, 32), (4, 32)) != cost.auto_tiles(small, 128, 128)
   assert plans and all(x is not None and (x.q_layout.tile_shape, x.kv_layout.tile_shape) == pick
                        for x in plans)
   monkeypatch.undo()  # and no later test reuses a trace made under the knob
