@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import backend_cases
 from strategies import examples
@@ -116,23 +115,6 @@ def test_wide_tiles_use_element_masks():
     assert (fwd.mma_width, fwd.mma_onehot_rows) == ((32, False) if tables else (0, True))
     assert spec(32, 64, loop_is_kv=False).mma_cols is not None  # over a key tile of 32
     backend_cases.check_na(p, "triton", interpret=True, config=config)
-
-
-@settings(max_examples=examples(3))
-@given(p=backend_cases.seq_problems(max_len=70), cap=st.sampled_from([0.5, 2.0]))
-def test_soft_cap(p, cap):
-  """`logits_soft_cap` in the Triton kernels against the capped brute force."""
-  if p["mask"] == "or":
-    p = dict(p, mask="function")
-  backend_cases.check_attention(p, "triton", logits_soft_cap=cap, **KW)
-
-
-def test_na_soft_cap():
-  """`logits_soft_cap` with the neighborhood kernels' MMA bias (its masked scores stay
-  masked under the cap: `softcap.FLOOR`), stride and a causal dim."""
-  p = dict(problem=((12, 21), (5, 9), (2, 3), (1, 1), (True, False)), batch=1, heads=2,
-           kv_heads=1, head_dim=32, dtype=jnp.float32, seed=4, tile_q=None, tile_kv=None)
-  backend_cases.check_na(p, "triton", interpret=True, logits_soft_cap=1.0)
 
 
 def _fwd_bwd(f):

@@ -165,48 +165,6 @@ def test_na_mma_bias(monkeypatch, problem, tile):
   assert built and all(x is not None for x in built)
 
 
-@pytest.mark.parametrize("case", ["two_kernels", "fused", "na", "wide"])
-def test_soft_cap(case):
-  """`logits_soft_cap` in the Hopper forward and backward kernels (dK/dV and dQ as two
-  kernels, or dQ fused; a neighborhood with the MMA bias, whose masked scores stay masked
-  under the cap; head_dim 256's role-split kernels, whose dS warpgroup takes the slope
-  from P) against the capped brute force."""
-  if case == "wide":
-    for mask in ("window_sink", "masked_rows"):  # rows that see nothing: lse₂ = +inf
-      p = dict(batch=1, sq=140, skv=140, heads=2, kv_heads=1, head_dim=256, mask=mask,
-               segments=False, dtype=jnp.bfloat16, seed=5)
-      backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD,
-                                    logits_soft_cap=1.5)
-    return
-  if case == "na":
-    p = dict(problem=((12, 21), (5, 9), (2, 3), (1, 1), (True, False)), batch=1, heads=2,
-             kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=4, tile_q=None, tile_kv=None)
-    backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD, logits_soft_cap=1.0)
-    return
-  fused = case == "fused"
-  p = dict(batch=1, sq=200, skv=200, heads=4, kv_heads=2, head_dim=128 if fused else 64,
-           mask="window_sink" if fused else "causal", segments=not fused,
-           dtype=jnp.bfloat16, seed=5)
-  config = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split" if fused else "kernel")
-  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=config,
-                                logits_soft_cap=1.5)
-
-
-def test_soft_cap_lowers_for_gpu():
-  """With `logits_soft_cap` the forward and backward lower to Mosaic GPU kernels (no Triton)
-  at head_dim 128 and at 256 (the role-split kernels: `attention_bwd_wide._cap_slope`)."""
-  def lowered(d):
-    S = jax.ShapeDtypeStruct((1, 1024, 4, d), jnp.bfloat16)
-    loss = lambda q, k, v: jnp.sum(jsa.attention(
-        q, k, v, masks.causal() & masks.sliding_window(300), backend="mosaic_gpu",
-        logits_soft_cap=30.0).astype(jnp.float32))
-    return export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S, S, S).mlir_module()
-  text = lowered(128)
-  assert "@mosaic_gpu_v2(" in text and "__gpu$xla.gpu.triton" not in text
-  text = lowered(256)
-  assert text.count("@mosaic_gpu_v2(") == 3 and "__gpu$xla.gpu.triton" not in text
-
-
 def test_quarter_tiles(monkeypatch):
   """The backward's tiles by live 64x64 quarters (`cost.backward_tile_shapes`, with
   `QUARTER_TILES` on): 2-D 128² k33 takes (16, 8) tiles (the same 1920 blocks, 6400 live

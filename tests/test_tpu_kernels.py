@@ -33,22 +33,6 @@ def test_gqa_segments_bf16_interpret():
   backend_cases.check_attention(p, "mosaic", interpret=True)
 
 
-def test_soft_cap_interpret():
-  """`logits_soft_cap` in the TPU kernels (interpret mode) against the capped brute force:
-  GQA, segment ids, a union with sinks; a 2-D neighborhood; and the TPU lowering."""
-  for mask, segments in (("causal", True), ("window_sink", False)):
-    p = dict(batch=1, sq=256, skv=256, heads=4, kv_heads=2, head_dim=64, mask=mask,
-             segments=segments, dtype=jnp.float32, seed=5)
-    backend_cases.check_attention(p, "mosaic", interpret=True, logits_soft_cap=1.5)
-  p = dict(problem=((12, 21), (5, 9), (2, 3), (1, 1), (True, False)), batch=1, heads=2,
-           kv_heads=1, head_dim=64, dtype=jnp.float32, seed=4, tile_q=None, tile_kv=None)
-  backend_cases.check_na(p, "mosaic", interpret=True, logits_soft_cap=1.0)
-  f = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic",
-                                    logits_soft_cap=30.0)
-  shape = ((1, 512, 4, 128), jnp.bfloat16)
-  assert _custom_calls(_fwd_bwd(f), shape, shape, shape) == 3
-
-
 def _custom_calls(fn, *shapes):
   args = [jax.ShapeDtypeStruct(s, dt) for s, dt in shapes]
   return export_for_tpu(fn, *args).mlir_module().count("tpu_custom_call")
