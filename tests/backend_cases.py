@@ -147,3 +147,18 @@ def check_na(p, backend, **kwargs):
   for name, got, ref in zip("qkv", grads, want_grads):
     err = brute_force.rel_err(flat(got), ref)
     assert err < tol * 2 or _small(flat(got), ref, tol), (name, err)
+
+
+def spy_backward_plans(monkeypatch) -> list:
+  """The plans `ops._backward_plan` returns from now on (the backward's own plan, or None),
+  appended to the returned list; the op cache is cleared so that the next call plans again."""
+  from jax_sparse_attn import ops
+  plans, real = [], ops._backward_plan
+
+  def spy(*args, **kwargs):
+    plans.append(real(*args, **kwargs))
+    return plans[-1]
+
+  monkeypatch.setattr(ops, "_backward_plan", spy)
+  ops._make_core.cache_clear()
+  return plans

@@ -187,15 +187,7 @@ def test_quarter_tiles(monkeypatch):
   monkeypatch.setattr(cost, "QUARTER_TILES", False)
   assert cost.backward_tile_shapes(k33, 128, 128) == best_tile_shapes(k33, 128, 128)
   monkeypatch.setattr(cost, "QUARTER_TILES", True)
-  plans = []
-  real = ops._backward_plan
-
-  def spy(*args, **kwargs):
-    plans.append(real(*args, **kwargs))
-    return plans[-1]
-
-  monkeypatch.setattr(ops, "_backward_plan", spy)
-  ops._make_core.cache_clear()
+  plans = backend_cases.spy_backward_plans(monkeypatch)
   p = dict(problem=((24, 24), (5, 5), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
            kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=None, tile_kv=None)
   backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)

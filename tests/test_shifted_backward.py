@@ -42,14 +42,7 @@ _2D = [((16, 24), (8, 8), (4, 4), (1, 1), (False, False)),
 def test_shifted_backward(monkeypatch, backend, problem):
   """Forward and gradients against the brute force (odd sizes, GQA, a causal dim) with the
   backward on a shifted key grid: the plan it ran is checked to be one."""
-  plans = []
-  make = ops._backward_plan
-
-  def spy(*args, **kwargs):
-    plans.append(make(*args, **kwargs))
-    return plans[-1]
-
-  monkeypatch.setattr(ops, "_backward_plan", spy)
+  plans = backend_cases.spy_backward_plans(monkeypatch)
   monkeypatch.setattr(ops, "SHIFTED_KV", True)
   config = MosaicGPUConfig(backward="mosaic_gpu") if backend == "mosaic_gpu" else None
   p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
