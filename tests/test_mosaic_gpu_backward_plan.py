@@ -1,0 +1,411 @@
+"""The Hopper backward's work plan in GPU interpret mode (CPU) and CUDA lowering: work items
+(lists cut at outliers, mixed and written dK/dV stores, the grid orders), dead 64x64 quarters
+(`tables.live_quarters` against the dense mask; both kernels' skips), the backward's tiles by
+live quarters, the dQ forms (fused or its own kernel, one launch with dK/dV) and the fused
+form's Pᵀ from shared memory; gradients against the float64 brute force. The masks
+themselves: test_mosaic_gpu_backward."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import backend_cases
+import brute_force
+from strategies import examples, gna_problems
+import jax_sparse_attn as jsa
+from jax_sparse_attn import masks
+from jax_sparse_attn.layout import SequenceLayout
+from jax_sparse_attn.plan import make_plan
+from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu
+from pallas_kernels.gpu import mosaic_gpu as mgpu
+
+BWD = MosaicGPUConfig(backward="mosaic_gpu")
+
+
+def test_quarter_tiles(monkeypatch):
+  """The backward's tiles by live 64x64 quarters (`cost.backward_tile_shapes`, with
+  `QUARTER_TILES` on): 2-D 128² k33 takes (16, 8) tiles (the same 1920 blocks, 6400 live
+  quarters instead of 6912), the simulator's with `QUARTER_TILES` off; on 24×24 k5 it picks
+  (4, 32) tiles, not the forward's (8, 16) / (4, 16): the backward's own gathered plan,
+  whose gradients match the brute force."""
+  from jax_sparse_attn import ops
+  from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
+  from pallas_kernels.gpu.mosaic_gpu import cost
+  monkeypatch.setattr(cost, "QUARTER_TILES", True)  # off by default until measured
+  k33 = masks.neighborhood((128, 128), 33)
+  assert cost.backward_tile_shapes(k33, 128, 128) == ((16, 8), (16, 8))
+  assert cost._live_quarter_count(k33, (16, 8), (16, 8)) == 6400
+  assert cost._live_quarter_count(k33, (8, 16), (8, 16)) == 6912
+  for spatial, kernel in [((32, 40), 11), ((56, 56), 7), ((96, 96), 17), ((40, 24), 9)]:
+    mask = masks.neighborhood(spatial, kernel)
+    base, pick = best_tile_shapes(mask, 128, 128), cost.backward_tile_shapes(mask, 128, 128)
+    assert visited_blocks(mask, *pick)[0] <= visited_blocks(mask, *base)[0]
+    assert cost._live_quarter_count(mask, *pick) <= cost._live_quarter_count(mask, *base)
+  monkeypatch.setattr(cost, "QUARTER_TILES", False)
+  assert cost.backward_tile_shapes(k33, 128, 128) == best_tile_shapes(k33, 128, 128)
+  monkeypatch.setattr(cost, "QUARTER_TILES", True)
+  plans = backend_cases.spy_backward_plans(monkeypatch)
+  p = dict(problem=((24, 24), (5, 5), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
+           kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
+  small = masks.neighborhood((24, 24), 5)
+  pick = cost.backward_tile_shapes(small, 128, 128)
+  assert pick == ((4, 32), (4, 32)) != cost.auto_tiles(small, 128, 128)
+  assert plans and all(x is not None and (x.q_layout.tile_shape, x.kv_layout.tile_shape) == pick
+                       for x in plans)
+  monkeypatch.undo()  # and no later test reuses a trace made under the knob
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+
+
+def test_p_smem(monkeypatch):
+  """`attention_bwd.P_SMEM`: the fused form with Pᵀ through shared memory traces no wgmma
+  with a register operand in the backward (the forward keeps its P V one), and lowers for
+  CUDA (its 16 KB more shared memory fit). (Interpret mode always takes Pᵀ from shared
+  memory: `test_attention`'s fused cases check those products.)"""
+  import re
+  from jax._src import mesh as mesh_lib
+  from jax_sparse_attn import backends, ops
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  S = jax.ShapeDtypeStruct((1, 2048, 4, 128), jnp.bfloat16)
+  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
+  loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
+                                               config=cfg).astype(jnp.float32))
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                   platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+  def register_operands():  # wgmmas whose A operand is a value: `acc[...] <- a[...] @ b...`
+    with jax.sharding.use_abstract_mesh(mesh), backends.target("gpu"):
+      text = str(jax.make_jaxpr(grad)(S, S, S))
+    return len(re.findall(r"wgmma_ref \w+\[\.\.\.\] <- \w+\[\.\.\.\] @", text))
+
+  default = register_operands()
+  monkeypatch.setattr(attention_bwd, "P_SMEM", True)
+  ops._make_core.cache_clear()  # retrace under the knob
+  jax.clear_caches()
+  assert register_operands() == 2 < default  # the forward's P V alone (full, masked steps)
+  text = export_for_gpu(grad, S, S, S).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2
+  monkeypatch.undo()  # and no later test reuses a trace made under the knob
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+
+
+def test_work_items():
+  """One item per KV block, in KV-block order (neighbouring KV blocks share Q blocks in L2),
+  except Q lists longer than twice the mean (a sink's): those are cut into chunks of the mean
+  (rounded up). KV blocks with empty lists get no item."""
+  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
+  items = _work_items(np.array([20, 2, 0, 3]))  # 20 > 2 * 8.3: chunks of 9
+  assert items.tolist() == [[0, 0, 9], [0, 9, 9], [0, 18, 2], [1, 0, 2], [3, 0, 3]]
+  items = _work_items(np.array([30, 6, 7, 5, 7]))  # mean 11: 30 cut into 11s, 6-7 whole
+  assert items.tolist() == [[0, 0, 11], [0, 11, 11], [0, 22, 8], [1, 0, 6], [2, 0, 7],
+                            [3, 0, 5], [4, 0, 7]]
+  items = _work_items(np.array([6, 9, 12, 9, 0, 15]))  # 15 <= 2 * 10.2: whole lists
+  assert items.tolist() == [[0, 0, 6], [1, 0, 9], [2, 0, 12], [3, 0, 9], [5, 0, 15]]
+  assert _work_items(np.zeros(4, int)).shape == (0, 3)
+
+
+def test_grid_orders_agree(monkeypatch):
+  """The lab knobs that put work items (dK/dV) and Q blocks (dQ) on the grid's fastest axis
+  give the default's gradients, bit for bit (the same items, in another order)."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((1, 200, 2, 64)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.standard_normal((1, 200, 1, 64)), jnp.bfloat16) for _ in range(2))
+  mask = masks.causal() & (masks.sliding_window(90) | masks.sink(3))
+  loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, mask, backend="mosaic_gpu",
+                                               interpret=True, config=BWD).astype(jnp.float32))
+  grad = lambda: jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  want = grad()
+  monkeypatch.setattr(attention_bwd, "ITEMS_FASTEST", not attention_bwd.ITEMS_FASTEST)
+  monkeypatch.setattr(attention_bwd_dq, "Q_FASTEST", not attention_bwd_dq.Q_FASTEST)
+  for g, w in zip(grad(), want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  assert float(jnp.abs(want[1].astype(jnp.float32)).sum()) > 0
+
+
+@pytest.mark.parametrize("mixed, head_dim, dq", [(True, 64, None), (False, 64, None),
+                                                 (True, 128, "split")])
+def test_sink_list_in_chunks(monkeypatch, mixed, head_dim, dq):
+  """A sink's KV block is visited by every query block: its list runs as several items whose
+  dK/dV add up (640 tokens: 5 blocks, the first visited 5 times, the rest about twice; items
+  of the mean list length, 3 entries).
+  ``mixed`` (`attention_bwd.MIXED_DKV`): only the cut block's items reduce-add (into its own
+  float32 buffer), the others store dK/dV; with dQ fused into the kernel too."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "MIXED_DKV", mixed)
+  p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=head_dim,
+           mask="window_sink", segments=False, dtype=jnp.bfloat16, seed=3)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
+                   SequenceLayout(640, 128))
+  items = attention_bwd._work_items(plan.block_map.q_counts)
+  assert np.sum(items[:, 0] == 0) == 2
+  slots, cut_blocks = attention_bwd._cut_slots(items)
+  assert cut_blocks.tolist() == [0] and slots.tolist() == [0, 0] + [-1] * (len(items) - 2)
+  config = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=config)
+  if mixed:  # it lowers for CUDA: the forward and both backward kernels in one launch
+    S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(jsa.attention(
+        q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+        backend="mosaic_gpu", config=BWD).astype(jnp.float32))
+    text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128),
+                          S(1, 2048, 2, 128), S(1, 2048, 2, 128)).mlir_module()
+    assert text.count("@mosaic_gpu_v2(") == 2
+
+
+def test_quarters(monkeypatch):
+  """`attention_bwd.QUARTERS`: a dK/dV warpgroup skips the partial steps whose 64 queries
+  none of its 64 keys may see (the sink block's second half seen from far queries, the causal
+  diagonal's corner): gradients vs the brute force, GQA; the map has such
+  quarters, and the kernel lowers with them."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
+  monkeypatch.setattr(attention_bwd, "QUARTERS", True)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
+                   SequenceLayout(640, 128))
+  _, bits = tables.live_quarters(plan)
+  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.q_counts)[:, None]
+  assert np.any(visited & (bits != 15))  # some visited block has a dead quarter
+  def share(mask, s):
+    plan = make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128))
+    return attention_bwd._dead_share(plan.block_map, tables.live_quarters(plan)[1])
+  lm = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
+  assert share(lm, 8192) > attention_bwd.QUARTERS_MIN_DEAD  # "auto" skips there
+  window = masks.causal() & masks.sliding_window(2047)
+  assert share(window, 32768) < attention_bwd.QUARTERS_MIN_DEAD  # every step runs there
+  p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=5)  # (segment ids: a runtime map)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                config=MosaicGPUConfig(backward="mosaic_gpu"))
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+      backend="mosaic_gpu", config=BWD).astype(jnp.float32))
+  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128), S(1, 2048, 2, 128),
+                 S(1, 2048, 2, 128)).mlir_module()
+
+
+def _quarter_truth(plan, dense, q_layout, kv_layout):
+  """Per visited entry of the transposed map: the 4 quarter bits from the dense mask (caller
+  order) through the layouts' kernel order."""
+  to_rows = lambda layout, n: np.asarray(layout.to_kernel(
+      np.arange(1, n + 1).reshape(1, *layout.spatial_shape)))[0] - 1
+  n = dense.shape[0]
+  q_rows, k_rows = to_rows(q_layout, n), to_rows(kv_layout, n)
+  bm = plan.block_map
+  out = np.zeros(np.asarray(bm.q_ids).shape, np.int32)
+  for kb in range(bm.num_kv_blocks):
+    for e in range(int(bm.q_counts[kb])):
+      qb = int(bm.q_ids[kb, e])
+      for p in range(2):
+        for h in range(2):
+          rows = q_rows[qb * 128 + p * 64: qb * 128 + (p + 1) * 64]
+          cols = k_rows[kb * 128 + h * 64: kb * 128 + (h + 1) * 64]
+          rows, cols = rows[rows >= 0], cols[cols >= 0]
+          if len(rows) and len(cols) and dense[np.ix_(rows, cols)].any():
+            out[kb, e] |= 1 << (2 * p + h)
+  return out
+
+
+@pytest.mark.parametrize("spatial, kernel, tile", [
+    ((24, 40), (7, 9), (8, 16)), ((6, 12, 20), (3, 5, 7), (2, 4, 16))])
+def test_live_quarters_brute_force(monkeypatch, spatial, kernel, tile):
+  """`tables.live_quarters` on a neighborhood (a product of per-dim intervals on box tiles,
+  so exact): each partial entry's bit (64-row query part, 64-key half) is set iff some pair
+  in that quarter attends in the brute-force mask; full entries have every bit. Both forms:
+  per dim (`tables.SEPARABLE_QUARTERS`, the default for neighborhoods) and row by row with
+  the partial entries in chunks of 5 (`tables._ENTRY_CHUNK`)."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered
+  from pallas_kernels.gpu.mosaic_gpu import tables
+  layout = TiledLayout(spatial, (1,) * len(spatial), tile)
+  plan = gathered(make_plan(masks.neighborhood(spatial, kernel), layout, layout))
+  dense = brute_force.gna_mask(spatial, kernel, (1,) * len(spatial), (1,) * len(spatial),
+                               (False,) * len(spatial))
+  truth = _quarter_truth(plan, dense, layout, layout)
+  bm = plan.block_map
+  e = np.arange(truth.shape[1])[None]
+  full = e < np.asarray(bm.q_full_counts)[:, None]
+  partial = ~full & (e < np.asarray(bm.q_counts)[:, None])
+  assert partial.any() and np.any(truth[partial] != 15)  # the map has dead quarters
+  for separable, chunk in ((True, tables._ENTRY_CHUNK), (False, 5)):
+    monkeypatch.setattr(tables, "SEPARABLE_QUARTERS", separable)
+    monkeypatch.setattr(tables, "_ENTRY_CHUNK", chunk)
+    _, t_bits = tables._live_quarters.__wrapped__(plan)
+    assert np.all(t_bits[full] == 15)
+    np.testing.assert_array_equal(t_bits[partial], truth[partial])
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(problem=gna_problems(max_ndim=3, max_len=14))
+def test_live_quarters_separable(problem):
+  """A neighborhood's quarters per dim (`tables.SEPARABLE_QUARTERS`: each dim's valid rows
+  reduced to one range per 64-row part) on random neighborhoods (stride, dilation, causal
+  dims, padding; the simulator's tiles): every partial entry's bits are exactly the dense
+  mask's, and never more than the row-by-row test's (which also keeps parts of padding
+  rows)."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered
+  from jax_sparse_attn.simulate import best_tile_shapes
+  from pallas_kernels.gpu.mosaic_gpu import tables
+  spatial, kernel, stride, dilation, causal = problem
+  mask = masks.neighborhood(spatial, kernel, stride, dilation, causal)
+  tq, tk = best_tile_shapes(mask, 128, 128)
+  q_layout, kv_layout = TiledLayout(spatial, dilation, tq), TiledLayout(spatial, dilation, tk)
+  plan = gathered(make_plan(mask, q_layout, kv_layout))
+  _, fast = tables._live_quarters.__wrapped__(plan)
+  try:
+    tables.SEPARABLE_QUARTERS = False
+    _, rows = tables._live_quarters.__wrapped__(plan)
+  finally:
+    tables.SEPARABLE_QUARTERS = True
+  bm = plan.block_map
+  e = np.arange(fast.shape[1])[None]
+  partial = (e >= np.asarray(bm.q_full_counts)[:, None]) & (e < np.asarray(bm.q_counts)[:, None])
+  truth = _quarter_truth(plan, brute_force.gna_mask(*problem), q_layout, kv_layout)
+  np.testing.assert_array_equal(np.where(partial, fast, 0), np.where(partial, truth, 0))
+  assert not np.any(fast & ~rows)
+
+
+def test_quarters_dq(monkeypatch):
+  """`attention_bwd.QUARTERS_DQ`: the dQ kernel's warpgroups skip the 64-key halves of
+  partial blocks that none of their 64 queries may see (the joint launch and dQ's own):
+  gradients vs the brute force, GQA; the map has such halves; the kernels lower."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
+  monkeypatch.setattr(attention_bwd, "QUARTERS", True)
+  monkeypatch.setattr(attention_bwd, "QUARTERS_DQ", True)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
+                   SequenceLayout(640, 128))
+  bits, _ = tables.live_quarters(plan)
+  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.kv_counts)[:, None]
+  assert np.any(visited & (bits != 15))
+  p = dict(batch=1, sq=640, skv=640, heads=4, kv_heads=2, head_dim=64, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=8)
+  for joint in (True, False):
+    monkeypatch.setattr(attention_bwd, "JOINT_DQ", joint)
+    backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                  config=MosaicGPUConfig(backward="mosaic_gpu"))
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+      backend="mosaic_gpu", config=BWD).astype(jnp.float32))
+  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128), S(1, 2048, 2, 128),
+                 S(1, 2048, 2, 128)).mlir_module()
+
+
+def test_direct_dkv(monkeypatch):
+  """The lab knob `attention_bwd.DIRECT_DKV`: with one work item per KV block the dK/dV kernel
+  stores dK/dV in the input dtype instead of reduce-adding float32; KV blocks no query visits
+  (keys past the queries' causal reach) stay zero. It lowers for CUDA too."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "DIRECT_DKV", True)
+  p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=64, mask="masked_rows",
+           segments=False, dtype=jnp.bfloat16, seed=11)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & masks.sliding_window(255), backend="mosaic_gpu",
+      config=BWD).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
+                        S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2  # dQ in the dK/dV launch
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_written_dkv(monkeypatch, written):
+  """`attention_bwd.WRITTEN_DKV`: where every KV block is one item's (causal self-attention,
+  dQ as its own kernel), dK/dV are the kernel's outputs rather than zero-filled buffers:
+  every row must be stored (interpret mode leaves an output's unwritten rows NaN)."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "WRITTEN_DKV", written)
+  p = dict(batch=1, sq=300, skv=300, heads=4, kv_heads=2, head_dim=64, mask="causal",
+           segments=False, dtype=jnp.bfloat16, seed=5)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
+                                config=MosaicGPUConfig(backward="mosaic_gpu",
+                                                       backward_dq="kernel"))
+
+
+def test_fused_dq_policy(monkeypatch):
+  """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
+  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5) and the
+  map has no dead quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else
+  dQ is its own kernel (causal S=4096: 16.5; head_dim 64); explicit forms win. The fused
+  dense backward lowers to one kernel beside the forward."""
+  from jax_sparse_attn.layout import TiledLayout
+  from jax_sparse_attn.plan import gathered
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
+  seq = lambda m, s: make_plan(m, SequenceLayout(s, 128), SequenceLayout(s, 128))
+  dense, causal = seq(masks.full(), 8192), seq(masks.causal(), 8192)
+  cfg = lambda dq=None: mgpu.config._config(MosaicGPUConfig(backward="mosaic_gpu",
+                                                            backward_dq=dq))
+  assert attention_bwd._mean_entries(dense.block_map) == 64
+  assert not attention_bwd._separate_dq(cfg(), dense, 128)
+  assert attention_bwd._separate_dq(cfg(), dense, 64)
+  assert not attention_bwd._separate_dq(cfg(), causal, 128)  # 32.5
+  assert attention_bwd._separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
+  assert attention_bwd._separate_dq(cfg("kernel"), dense, 128)
+  assert not attention_bwd._separate_dq(cfg("split"), causal, 128)
+  tile = TiledLayout((16, 32, 32), (1, 1, 1), (2, 4, 16))
+  na3 = gathered(make_plan(masks.neighborhood((16, 32, 32), (8, 16, 16)), tile, tile))
+  share = attention_bwd._dead_share(na3.block_map, tables.live_quarters(na3)[1])
+  assert attention_bwd._mean_entries(na3.block_map) >= attention_bwd.FUSED_MIN_ENTRIES
+  assert share >= attention_bwd.QUARTERS_MIN_DEAD and attention_bwd._separate_dq(cfg(), na3, 128)
+  monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # no skips: fused
+  assert not attention_bwd._separate_dq(cfg(), na3, 128)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  f = lambda q, k, v: jsa.attention(q, k, v, masks.full(), backend="mosaic_gpu",
+                                    config=MosaicGPUConfig(backward="mosaic_gpu"))
+  loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 8192, 2, 128),
+                        S(1, 8192, 2, 128), S(1, 8192, 2, 128)).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2
+
+
+@pytest.mark.parametrize("case", ["sinks", "gqa_batch", "documents"])
+def test_joint_dq(monkeypatch, case):
+  """`attention_bwd.JOINT_DQ`: dQ's CTAs after the dK/dV work items in one launch give the
+  gradients of two launches, bit for bit (interpret mode runs the grid in order): a sink's
+  list cut into several items (mixed dK/dV stores and float32 buffers), GQA with batch 2
+  (the program id's decode into item, head and batch; dK/dV written as outputs) and
+  documents (a runtime map over the static items); and against the float64 brute force.
+  One launch for both backward kernels on CUDA."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  mask = {"sinks": "window_sink", "gqa_batch": "causal", "documents": "window_sink"}[case]
+  p = dict(batch=2 if case == "gqa_batch" else 1, sq=400 if case == "gqa_batch" else 640,
+           skv=400 if case == "gqa_batch" else 640, heads=4, kv_heads=2, head_dim=64,
+           mask=mask, segments=case == "documents", dtype=jnp.bfloat16, seed=7)
+  config = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="kernel")
+  q, k, v, d_out, _ = backend_cases.make_inputs(p)
+  m = backend_cases.seq_mask(mask, p["sq"], p["skv"])
+  seg = (jnp.asarray(np.repeat(np.arange(4), 160)[None], jnp.int32)
+         if case == "documents" else None)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, m, segment_ids=seg, backend="mosaic_gpu", interpret=True,
+      config=config).astype(jnp.float32) * d_out.astype(jnp.float32))
+  grads = {}
+  for joint in (True, False):
+    monkeypatch.setattr(attention_bwd, "JOINT_DQ", joint)
+    jax.clear_caches()
+    grads[joint] = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grads[True], grads[False]):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  dense = np.asarray(m(np.arange(p["sq"])[:, None], np.arange(p["skv"])[None, :]))
+  want = brute_force.attention_grads(q, k, v, dense, 1.0 / math.sqrt(p["head_dim"]), d_out,
+                                     seg, seg)
+  tol = backend_cases.TOL[jnp.bfloat16]
+  for name, got, ref in zip("qkv", grads[True], want):
+    err = brute_force.rel_err(got, ref)
+    assert err < tol * 2 or backend_cases._small(got, ref, tol), (name, err)
+  monkeypatch.setattr(attention_bwd, "JOINT_DQ", True)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  cuda = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
+                                               config=config).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(cuda, argnums=(0, 1, 2)), S(2, 1000, 4, 64),
+                        S(2, 1000, 2, 64), S(2, 1000, 2, 64)).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2
