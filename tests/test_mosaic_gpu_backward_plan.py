@@ -160,6 +160,17 @@ def test_sink_list_in_chunks(monkeypatch, mixed, head_dim, dq):
     assert text.count("@mosaic_gpu_v2(") == 2
 
 
+def _lm_mask_lowers():
+  """The LM layer's mask (`causal & (window 255 | 4 sinks)`, GQA 4/2) lowers for CUDA, forward
+  and backward, under the knobs the caller set."""
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+      backend="mosaic_gpu", config=BWD).astype(jnp.float32))
+  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128), S(1, 2048, 2, 128),
+                 S(1, 2048, 2, 128)).mlir_module()
+
+
 def test_quarters(monkeypatch):
   """`attention_bwd.QUARTERS`: a dK/dV warpgroup skips the partial steps whose 64 queries
   none of its 64 keys may see (the sink block's second half seen from far queries, the causal
@@ -183,12 +194,7 @@ def test_quarters(monkeypatch):
            segments=False, dtype=jnp.bfloat16, seed=5)  # (segment ids: a runtime map)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
                                 config=MosaicGPUConfig(backward="mosaic_gpu"))
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(jsa.attention(
-      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
-      backend="mosaic_gpu", config=BWD).astype(jnp.float32))
-  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128), S(1, 2048, 2, 128),
-                 S(1, 2048, 2, 128)).mlir_module()
+  _lm_mask_lowers()
 
 
 def _quarter_truth(plan, dense, q_layout, kv_layout):
@@ -291,12 +297,7 @@ def test_quarters_dq(monkeypatch):
     monkeypatch.setattr(attention_bwd, "JOINT_DQ", joint)
     backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
                                   config=MosaicGPUConfig(backward="mosaic_gpu"))
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(jsa.attention(
-      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
-      backend="mosaic_gpu", config=BWD).astype(jnp.float32))
-  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 2048, 4, 128), S(1, 2048, 2, 128),
-                 S(1, 2048, 2, 128)).mlir_module()
+  _lm_mask_lowers()
 
 
 def test_direct_dkv(monkeypatch):
