@@ -346,11 +346,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           return s_ref[...], dp_ref[...]
 
         s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
-        if softcap is not None:
-          s_t = capped2(s_t * qk_scale, softcap, floor=masked and mma)
-          p_t = jnp.exp2(s_t - cols(lse_smem.at[slot]))
-        else:
-          p_t = jnp.exp2(s_t * qk_scale - cols(lse_smem.at[slot]))
+        s_t = capped2(s_t * qk_scale, softcap, floor=masked and mma)  # log2 units
+        p_t = jnp.exp2(s_t - cols(lse_smem.at[slot]))
         def in_dim(d):  # rows are keys, columns queries
           return ((coords[d] >= cols(lo_smem.at[slot, d]))
                   & (coords[d] <= cols(hi_smem.at[slot, d])))
@@ -590,7 +587,6 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   `dq_window`: (k view, v view, window) of the dQ kernel's window boxes (`_dq_window`; set
   by the gathered plans' call into kernel order). `softcap`: logit soft-capping."""
   cfg = _config(config)
-  capping = {} if softcap is None else {"softcap": softcap}
   runtime = block_map is not None
   wide = _wide(plan, q.shape[-1])
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
@@ -601,7 +597,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                        and q.shape[-1] <= _MAX_BACKWARD_HEAD_DIM))):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
-                                     **({"block_map": block_map} if runtime else {}), **capping)
+                                     **({"block_map": block_map} if runtime else {}),
+                                     softcap=softcap)
   b, sq, h, d = q.shape
   why = unsupported(plan, d, q.dtype, q_seg is not None, scale)
   if why is not None:
@@ -846,15 +843,20 @@ def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, interpret):
   return run
 
 
-def _dead_share(bmap, bits: np.ndarray) -> float:
-  """The share of dead 64x64 quarters among every visited block's quarters of a static map
-  (`tables.live_quarters`' transposed bits [kv blocks, max q]; full blocks have none)."""
+def _quarter_counts(bmap, bits: np.ndarray) -> tuple[int, int]:
+  """(live, all) 64x64 quarters of a static map's visited blocks (`tables.live_quarters`'
+  transposed bits [kv blocks, max q]; full blocks have every bit)."""
   e = np.arange(bits.shape[1])[None]
   visited = e < np.asarray(bmap.q_counts)[:, None]
-  if not visited.any():
-    return 0.0
-  live = sum((bits[visited] >> i) & 1 for i in range(4))
-  return 1.0 - float(live.sum()) / (4 * int(visited.sum()))
+  live = sum(int(((bits[visited] >> i) & 1).sum()) for i in range(4))
+  return live, 4 * int(visited.sum())
+
+
+def _dead_share(bmap, bits: np.ndarray) -> float:
+  """The share of dead 64x64 quarters among every visited block's quarters of a static map
+  (`_quarter_counts`)."""
+  live, every = _quarter_counts(bmap, bits)
+  return 1.0 - live / every if every else 0.0
 
 
 def _cut_slots(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -305,11 +305,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           return s_ref[...], dp_ref[...]
 
         s, dp = pl.run_scoped(sdp, (plgpu.ACC(tile, jnp.float32),) * 2)
-        if softcap is not None:  # capped in log2 units, before any mask
-          s = capped2(s * qk_scale, softcap, floor=masked and mma)
-          p = jnp.exp2(s - lse)
-        else:
-          p = jnp.exp2(s * qk_scale - lse)
+        s = capped2(s * qk_scale, softcap, floor=masked and mma)  # log2 units, before masks
+        p = jnp.exp2(s - lse)
         if masked and not mma:
           def in_dim(d):
             c = cols(c_smem.at[slot, d, keys])

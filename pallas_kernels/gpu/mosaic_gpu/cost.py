@@ -222,16 +222,10 @@ def _live_quarter_count(mask, q_tile: tuple, kv_tile: tuple) -> int:
   `attention_bwd.QUARTERS_MIN_DEAD` of them), else four per visited block."""
   from jax_sparse_attn.plan import make_plan
   from . import attention_bwd
-  from .tables import _live_quarters
   plan = make_plan(mask, TiledLayout(mask.spatial_shape, mask.dilation, q_tile),
                    TiledLayout(mask.spatial_shape, mask.dilation, kv_tile))
   bmap = plan.block_map
-  e = np.arange(np.asarray(bmap.q_ids).shape[1])[None]
-  visited = e < np.asarray(bmap.q_counts)[:, None]
-  every = 4 * int(visited.sum())
-  quarters = _live_quarters(plan) if attention_bwd.QUARTERS else None
-  if quarters is None or (attention_bwd.QUARTERS == "auto" and attention_bwd._dead_share(
-      bmap, quarters[1]) < attention_bwd.QUARTERS_MIN_DEAD):
-    return every
-  bits = quarters[1][visited]
-  return int(sum(((bits >> i) & 1).sum() for i in range(4)))
+  quarters = attention_bwd._dead_quarters(_config(None), plan, bmap)  # the kernel's rule
+  if quarters is None:
+    return 4 * int(np.asarray(bmap.q_counts).sum())
+  return attention_bwd._quarter_counts(bmap, quarters[1])[0]
