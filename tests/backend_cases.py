@@ -72,6 +72,21 @@ def make_inputs(p, spatial=None):
   return q, k, v, d_out, rng
 
 
+def outputs_and_grads(run, d_out, *args, argnums=None):
+  """``run(*args)`` and the gradients of sum(out · d_out) (out: its first output) from one
+  jitted call: an interpret-mode kernel's forward runs once, not once for the outputs and
+  again under the gradient."""
+  argnums = tuple(range(len(args))) if argnums is None else argnums
+
+  def loss(*a):
+    res = run(*a)
+    out = res[0] if isinstance(res, tuple) else res
+    return jnp.sum(out.astype(jnp.float32) * jnp.asarray(d_out, jnp.float32)), res
+
+  grads, res = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(*args)
+  return res, grads
+
+
 def check_attention(p, backend, **kwargs):
   """Forward, lse and gradients of `attention` vs the float64 brute force (with
   ``logits_soft_cap`` among `kwargs`, against the capped brute force)."""
@@ -90,7 +105,7 @@ def check_attention(p, backend, **kwargs):
     return jsa.attention(q, k, v, mask, segment_ids=seg, backend=backend, return_lse=True,
                          **kwargs)
 
-  out, lse = jax.jit(run)(q, k, v)
+  (out, lse), grads = outputs_and_grads(run, d_out, q, k, v)
   tol = TOL[p["dtype"]]
   assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == (p["batch"], sq, p["heads"])
   assert brute_force.rel_err(out, want) < tol
@@ -98,8 +113,6 @@ def check_attention(p, backend, **kwargs):
   np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
   np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=tol * 10, rtol=tol)
   assert np.all(np.asarray(out, np.float32)[~finite.transpose(0, 1, 2)] == 0)
-  grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0].astype(jnp.float32) *
-                                              d_out.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
   want_grads = brute_force.attention_grads(q, k, v, dense, scale, d_out, seg, seg, cap=cap)
   for name, got, ref in zip("qkv", grads, want_grads):
     assert got.dtype == q.dtype
@@ -134,14 +147,12 @@ def check_na(p, backend, **kwargs):
     return jsa.na(q, k, v, kernel, stride, dilation, causal, backend=backend,
                   return_lse=True, **kwargs)
 
-  out, lse = jax.jit(run)(q, k, v)
+  (out, lse), grads = outputs_and_grads(run, d_out, q, k, v)
   tol = TOL[p["dtype"]]
   assert out.shape == q.shape and lse.shape == q.shape[:-1]
   assert brute_force.rel_err(flat(out), want) < tol
   np.testing.assert_allclose(np.asarray(lse).reshape(want_lse.shape), want_lse,
                              atol=tol * 10, rtol=tol)
-  grads = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0].astype(jnp.float32) *
-                                              d_out.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
   want_grads = brute_force.attention_grads(flat(q), flat(k), flat(v), dense, scale, flat(d_out),
                                            cap=cap)
   for name, got, ref in zip("qkv", grads, want_grads):

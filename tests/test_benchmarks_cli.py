@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  # The CLI's own 4 host devices; conftest's cheaper LLVM passes (compiles dominate here).
+  env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                              if "xla_force_host_platform_device_count" not in f)
   res = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "all", "--quick",
                         "--peers", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)

@@ -30,7 +30,7 @@ def test_notebook_runs(name, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PYTHONPATH", ROOT)
   if name == "03_sharded.ipynb":
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])  # conftest's: 8 host devices
   nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": ROOT}}).execute()
