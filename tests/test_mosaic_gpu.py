@@ -146,6 +146,8 @@ def test_narrow_head_dims(head_dim, cols):
   assert not mg_config.hopper_backward_neighborhood(na2d, 64)
   assert not mg_config.hopper_backward_neighborhood(na2d, 32)
   assert not mg_config.hopper_backward_neighborhood(masks.neighborhood((16, 16), 7), 80)
+  k33 = masks.neighborhood((64, 64), 33, dilation=(1, 1), is_causal=(True, False))
+  assert all(mg_config.hopper_backward_neighborhood(k33, d) for d in (64, 128))
   p = dict(batch=1, sq=150, skv=150, heads=4, kv_heads=2, head_dim=head_dim,
            mask="causal_window", segments=False, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)

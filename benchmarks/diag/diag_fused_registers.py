@@ -1,7 +1,7 @@
 """The Hopper backward's register plan: per variant of the register budgets in
 `attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one), the
-form and `attention_bwd.P_SMEM` (the fused form's Pᵀ through shared memory: no wgmma with a
-register operand), ptxas' register and spill report, a gradient check against a float32
+form (the fused form's Pᵀ through shared memory, `P_SMEM`, measured 2026-12-06 at commit
+a542e24: docs/experiments/h100-2026-12-06-fused-registers.json), ptxas' register and spill report, a gradient check against a float32
 reference and the backward's ms on dense, causal and the LM layer's mask. (The variants of
 2026-12-03, coordinate vectors and the dQ accumulator's form, are at commit 69822f7,
 docs/experiments/h200-2026-12-03-fused-registers.json.) Each variant runs in its own process
@@ -17,12 +17,11 @@ import re
 import subprocess
 import sys
 
-# name: (backward_dq, registers of the compute / memory warpgroups, P_SMEM)
+# name: (backward_dq, registers of the compute / memory warpgroups)
 VARIANTS = {
-    "two": ("kernel", (232, 40), False),
-    "fused": ("split", (240, 24), False),
-    "fused_p_smem": ("split", (240, 24), True),
-    "fused_p_smem_232": ("split", (232, 40), True),
+    "two": ("kernel", (232, 40)),
+    "fused": ("split", (240, 24)),
+    "fused_232": ("split", (232, 40)),
 }
 CASES = ("dense", "causal", "lm")
 
@@ -40,9 +39,8 @@ def child(name: str, out_path: str):
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_fwd
 
-  dq_form, regs, p_smem = VARIANTS[name]
+  dq_form, regs = VARIANTS[name]
   setattr(attention_bwd, "FUSED_REGISTERS" if dq_form == "split" else "REGISTERS", regs)
-  attention_bwd.P_SMEM = p_smem
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq_form)
   row = {"variant": name}
   # Gradients against float32 XLA attention: causal & window with documents-free GQA.

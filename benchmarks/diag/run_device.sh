@@ -30,7 +30,7 @@ if [ "$what" = pending ]; then
   # fused form's Pᵀ through shared memory (each variant in its own process, ptxas' report).
   timeout 350 python3 -m benchmarks.diag.diag_backward_tiles \
     --cases k33_d128,k33_dil2,k33_causal_h,k33_d64,k17_dil4 --out $OUT/tiles.json 2>&1 | grep '^{'
-  timeout 230 python3 -m benchmarks.diag.diag_fused_registers --variants fused,fused_p_smem,fused_p_smem_232 \
+  timeout 230 python3 -m benchmarks.diag.diag_fused_registers --variants two,fused \
     --out $OUT/registers 2>&1 | grep '^{'
 fi
 if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")

@@ -123,14 +123,6 @@ SHARED_STATIC_ITEMS = True
 # dK/dV kernel barely spills at 232/40 (24 bytes) and is 1% slower at 240/24.
 REGISTERS = (232, 40)
 FUSED_REGISTERS = (240, 24)
-# The fused form's Pᵀ through shared memory too (dV += Pᵀ dO from shared memory, as dK +=
-# dSᵀ Q already is there), so no wgmma takes a register operand: the 16 registers a thread
-# of bf16 Pᵀ are not held while the dV/dK/dQ matmuls run (the fused form spills 336-488
-# bytes a thread at 240 registers; ptxas reports `warpgroup.arrive` insertions where an
-# in-flight wgmma's registers are touched). 16 KB more shared memory (208 KB in all at
-# head_dim 128), so not with the MMA bias' tables (neighborhoods). Not measured yet
-# (`benchmarks/diag/diag_fused_registers.py --variants fused,fused_p_smem`): False.
-P_SMEM = False
 # `MosaicGPUConfig.backward_dq=None` fuses dQ into this kernel (at head_dim 128) where KV
 # blocks visit at least this many Q blocks on average: the fused form does 5 matmuls per
 # block pair instead of the two kernels' 7 but pays more per CTA (dQ reduce-adds, spills).
@@ -530,7 +522,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.SMEM((_WGS, _ROWS, dq_cols), jnp.float32, transforms=swizzled_f32(dq_cols))
       if with_dq else None,
       plgpu.SMEM((_WGS, _ROWS, _ROWS), dtype, transforms=tiles)
-      if interpret or (with_dq and P_SMEM and not mma) else None,
+      if interpret else None,
       plgpu.SMEM((_WGS, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((stages, extras, _ROWS), jnp.int32) if extras else None,
       plgpu.SMEM((_WGS, _ROWS, mma_width), jnp.bfloat16, transforms=narrow) if mma else None,

@@ -131,8 +131,8 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
     0.64, 3-D 4×9² 0.80 / 0.94, 56² k7 6.90 / 6.27; at 80 64² k13 0.59 / 0.64, 56² k7 6.52 /
     5.92; 72 at 80, 2-D 128² k33 3.74 / 4.95.
   * 2-D/3-D at 64 and 128 (Triton's own widths): 3-D windows of at least `NA3D_MIN_WINDOW`
-    keys, plain 2-D ones (no stride, dilation or causal dim) at 128 from
-    `NA2D_MIN_WINDOW_128` keys; other 2-D ones on Triton's (its 64-row query tiles). At 128
+    keys, unstrided 2-D ones (dilation and causal dims allowed) from `NA2D_MIN_WINDOW` keys;
+    other 2-D ones on Triton's (its 64-row query tiles). At 128
     3-D 16×64² k8×16² 17.4 / 19.0 (-12-03-grid-order.json; strided on the shifted key grid
     12.00 / 12.25, -backward-forms.json), but 3×7² 0.82 / 0.77 and 4×9² 0.95 / 0.87; 2-D 128²
     k33 4.56 / 4.39 (before the quarters; 4.44-4.46 / 4.47-4.49 with them, an H100). At
@@ -157,8 +157,8 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
   keys = math.prod(mask.kernel_size)
   if mask.num_dims == 1:
     return keys >= NA1D_MIN_KERNEL
-  if width == 128 and mask.num_dims == 2 and _plain(mask):
-    return keys >= NA2D_MIN_WINDOW_128
+  if mask.num_dims == 2 and width in (64, 128) and all(st == 1 for st in mask.stride):
+    return keys >= NA2D_MIN_WINDOW
   if width in (64, 128):
     return mask.num_dims == 3 and keys >= NA3D_MIN_WINDOW
   return keys >= NA_MIN_WINDOW
@@ -170,24 +170,18 @@ NA1D_MIN_KERNEL = 256
 # 147 and 169), and in a 3-D window at 64 and 128 (loses at 324, wins at 2048).
 NA_MIN_WINDOW = 128
 NA3D_MIN_WINDOW = 1024
-# Keys in a 2-D window (no stride, dilation or causal dim) from which it does at 128
-# columns: with its dead quarters skipped (`attention_bwd.QUARTERS_MIN_DEAD`) it ties
-# Triton's at k33 (1089 keys; H100, 128² B=2 H=16: 4.44-4.46 vs 4.47-4.49 ms,
-# -12-05-quarters-na.json; 4.39-4.52 vs 4.47-4.50 in a second call,
-# -12-05-routing-check.json) and takes the row off the deprecated Triton lowering; k13 (169)
-# still 1.35x slower. Strided 2-D windows stay on Triton's (k32 stride 16: 2.76-2.85 vs
-# 3.18-3.22, -12-05-window-dq-routing.json).
-NA2D_MIN_WINDOW_128 = 1024
+# Keys in an unstrided 2-D window from which it does at 64 and 128 columns, with its dead
+# quarters skipped (`attention_bwd.QUARTERS_MIN_DEAD`) on tiles chosen by them
+# (`cost.QUARTER_TILES`). H100, B=2, H=16, fwd+bwd ms, these / Triton's backward after the
+# Hopper forward (docs/experiments/h100-2026-12-06-backward-tiles.json, two rounds): 128²
+# k33 4.32-4.27 / 4.51-4.40, dilation 2 4.75-4.71 / 4.74-4.85, causal along h 3.95-3.90 /
+# 4.06-4.08, at 64 (96², B=4, H=8) 1.56 / 1.71; but k17 dilation 4 (289 keys) 3.09 / 2.22
+# and at 64 56² k7 (B=16, H=8) 1.18 / 0.94; k13 (169) was 1.35x slower. Strided 2-D windows
+# stay on Triton's (k32 stride 16: 2.76-2.85 vs 3.18-3.22, -12-05-window-dq-routing.json).
+NA2D_MIN_WINDOW = 1024
 # Keys in a 2-D/3-D window from which the Hopper forward runs a padding mask or segment ids
 # faster than Triton's (ties at 625, wins at 1089 and 2048: `hopper_forward_segments`).
 NA_SEGMENTS_MIN_WINDOW = 1024
-
-
-def _plain(mask) -> bool:
-  """No stride, dilation or causal dim: the 2-D neighborhoods `NA2D_MIN_WINDOW_128` was
-  measured on."""
-  return (all(s == 1 for s in mask.stride) and all(d == 1 for d in mask.dilation)
-          and not any(mask.is_causal))
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segments=False):

@@ -185,10 +185,12 @@ def auto_tiles(mask, block_q: int, block_kv: int):
 # (`attention_bwd.QUARTERS` skips the dead ones) instead of the simulator's blocks: among
 # the tilings that visit no more blocks than the simulator's, the one with the fewest live
 # quarters. 2-D 128² k33: (16, 8) tiles (8x8 halves) over the same 1920 blocks leave 6400
-# live quarters instead of 6912. Off until measured (the A/B is
-# `benchmarks/diag/diag_backward_tiles.py`; no device came for it on 2026-12-05): False,
-# the simulator's tiles.
-QUARTER_TILES = False
+# live quarters instead of 6912. H100, B=2, H=16, fwd+bwd ms, these / the simulator's tiles
+# (`benchmarks/diag/diag_backward_tiles.py`, docs/experiments/h100-2026-12-06-backward-tiles
+# .json, two rounds): 128² k33 4.32-4.27 / 4.47-4.41, dilation 2 4.75-4.71 / 5.11-5.07,
+# causal along h 3.95-3.90 / 4.02-4.03, at head_dim 64 (96², B=4, H=8) 1.56 / 1.60, k17
+# dilation 4 3.09 / 3.10, 56² k7 1.18 / 1.28. False: the simulator's tiles.
+QUARTER_TILES = True
 
 
 def backward_tile_shapes(mask, block_q: int, block_kv: int):
@@ -196,18 +198,23 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
   the simulator's best (`simulate.best_tile_shapes`), or for 2-D windows on the two 128-row
   kernels (where they skip dead quarters, `QUARTER_TILES`) the tiling of no more visited
   blocks with the fewest live 64x64 quarters (`_live_quarter_count`), ties to the
-  simulator's."""
+  simulator's; where the simulator's tiles take the MMA bias, only tilings that keep it
+  (one-hot columns of a 128-row tile within `mma_masks.MAX_WIDTH`)."""
   from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles, visited_blocks
   base = best_tile_shapes(mask, block_q, block_kv)
   if not (QUARTER_TILES and isinstance(mask, masks.Neighborhood) and mask.num_dims == 2
           and (block_q, block_kv) == (2 * _ROWS, 2 * _ROWS)):
     return base
   limit = visited_blocks(mask, *base)[0]
+  biased = lambda tiles: all(mma_masks.onehot_columns(t, block_q)[1] <= mma_masks.MAX_WIDTH
+                             for t in tiles)
   cands = candidate_tiles(mask, block_q, last_multiple=8)
+  keep_bias = biased(base)
   best, best_live = base, _live_quarter_count(mask, *base)
   for qt in cands:
     for kt in cands:
-      if (qt, kt) == tuple(base) or visited_blocks(mask, qt, kt)[0] > limit:
+      if ((qt, kt) == tuple(base) or keep_bias and not biased((qt, kt))
+          or visited_blocks(mask, qt, kt)[0] > limit):
         continue
       live = _live_quarter_count(mask, qt, kt)
       if live < best_live:
