@@ -28,9 +28,7 @@ def test_three_notebooks_generated_from_their_source(tmp_path):
 def test_notebook_runs(name, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.setenv("PYTHONPATH", ROOT)
-  if name == "03_sharded.ipynb":
-    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])  # conftest's: 8 host devices
+  monkeypatch.setenv("PYTHONPATH", ROOT)  # (the kernel inherits conftest's XLA_FLAGS: 8 devices)
   nb = nbformat.read(os.path.join(ROOT, "colab", name), as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3",
                  resources={"metadata": {"path": ROOT}}).execute()

@@ -25,9 +25,9 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # The A/Bs prepared on the CPU and not yet measured (docs/performance.md, twentieth
-  # session): the backward's tiles by live quarters, 2-D masks on the Hopper backward, the
-  # fused form's Pᵀ through shared memory (each variant in its own process, ptxas' report).
+  # The A/Bs of the twentieth session, measured 2026-12-06 (docs/performance.md): the
+  # backward's tiles by live quarters and 2-D masks on the Hopper backward; the fused and
+  # two-kernel forms' registers (each variant in its own process, ptxas' report).
   timeout 350 python3 -m benchmarks.diag.diag_backward_tiles \
     --cases k33_d128,k33_dil2,k33_causal_h,k33_d64,k17_dil4 --out $OUT/tiles.json 2>&1 | grep '^{'
   timeout 230 python3 -m benchmarks.diag.diag_fused_registers --variants two,fused \

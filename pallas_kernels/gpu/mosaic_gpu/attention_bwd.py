@@ -364,7 +364,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           ds_ref.at[own][...] = ds16
           ds16 = ds_ref.at[own]
         p16 = p_t.astype(dtype)
-        if p_smem is not None:
+        if interpret:  # wgmma's operand A from shared memory only there
           p_smem.at[wg][...] = p16
           p16 = p_smem.at[wg]
         plgpu.commit_smem()
