@@ -171,7 +171,7 @@ class _AttentionBase(nnx.Module):
             rngs.params(), (num_heads,), param_dtype)) if learned_sinks else None
 
   def _sinks(self):
-    return None if self.sinks is None else self.sinks.value
+    return None if self.sinks is None else self.sinks[...]
 
   def _project(self, x, positions):
     lead = x.shape[:-1]

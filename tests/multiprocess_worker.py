@@ -10,7 +10,10 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# The suite's cheaper LLVM passes (tests/conftest.py), 4 devices a process.
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4"
+                           " --xla_backend_optimization_level=0"
+                           " --xla_llvm_disable_expensive_passes=true")
 
 import jax  # noqa: E402
 

@@ -33,8 +33,12 @@ def _inputs(seed, shape_q, shape_kv, dtype=jnp.float32):
 
 
 def _value_and_grads(fn, q, k, v, d_out):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out,) + vjp(d_out)
+  """fn's output and its VJP with d_out, from one jitted call (op by op, interpret-mode
+  kernels and the shard loops dispatch one small program each)."""
+  def run(q, k, v, d_out):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out,) + vjp(d_out)
+  return jax.jit(run)(q, k, v, d_out)
 
 
 def _assert_close(got, want, tol, what=""):

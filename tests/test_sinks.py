@@ -171,16 +171,16 @@ def test_modules_learn_sinks():
   gradients; the layer equals `attention(..., sinks=)` with it."""
   layer = jnn.SparseAttention(32, 4, masks.causal(), num_kv_heads=2, learned_sinks=True,
                                  backend="xla", rngs=nnx.Rngs(0))
-  assert layer.core.sinks.value.shape == (4,) and not np.any(layer.core.sinks.value)
-  assert nnx.get_partition_spec(nnx.state(layer)).core.sinks.value == jax.sharding.PartitionSpec(
-      "heads")
+  assert layer.core.sinks[...].shape == (4,) and not np.any(layer.core.sinks[...])
+  spec = nnx.get_partition_spec(nnx.state(layer)).core.sinks.get_value()
+  assert spec == jax.sharding.PartitionSpec("heads")
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 24, 32)), jnp.float32)
-  layer.core.sinks.value = jnp.asarray([0.0, 1.0, -1.0, 2.0])
+  layer.core.sinks[...] = jnp.asarray([0.0, 1.0, -1.0, 2.0])
   grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
-  assert float(jnp.abs(grads.core.sinks.value).min()) > 0
+  assert float(jnp.abs(grads.core.sinks[...]).min()) > 0
   q, k, v = layer.core._project_sequence(x, None)
   want = layer.core._output(jsa.attention(q, k, v, masks.causal(), backend="xla",
-                                          sinks=layer.core.sinks.value))
+                                          sinks=layer.core.sinks[...]))
   np.testing.assert_allclose(layer(x), want, rtol=1e-6)
   na_layer = jnn.NeighborhoodAttention2D(32, 4, 3, learned_sinks=True, backend="xla",
                                             rngs=nnx.Rngs(0))

@@ -75,6 +75,12 @@ def onehot_columns(tile_shape, rows: int):
   return tuple(cols), max(16, pl.next_power_of_2(offset))
 
 
+def bias_fits(tile_shape, rows: int) -> bool:
+  """Whether an aligned chunk of `rows` rows of this tile takes the MMA bias: its one-hot
+  columns (`onehot_columns`) within `MAX_WIDTH`, else the kernels test elements."""
+  return onehot_columns(tile_shape, rows)[1] <= MAX_WIDTH
+
+
 def column_dims(cols):
   """(dims with bias columns, dims folded into the first of them) of `columns` output."""
   return ([d for d, c in enumerate(cols) if c[0] >= 0], [d for d, c in enumerate(cols) if c[0] < 0])

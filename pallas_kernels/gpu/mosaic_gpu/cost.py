@@ -199,15 +199,14 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
   kernels (where they skip dead quarters, `QUARTER_TILES`) the tiling of no more visited
   blocks with the fewest live 64x64 quarters (`_live_quarter_count`), ties to the
   simulator's; where the simulator's tiles take the MMA bias, only tilings that keep it
-  (one-hot columns of a 128-row tile within `mma_masks.MAX_WIDTH`)."""
+  (`mma_masks.bias_fits` for a 128-row tile)."""
   from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles, visited_blocks
   base = best_tile_shapes(mask, block_q, block_kv)
   if not (QUARTER_TILES and isinstance(mask, masks.Neighborhood) and mask.num_dims == 2
           and (block_q, block_kv) == (2 * _ROWS, 2 * _ROWS)):
     return base
   limit = visited_blocks(mask, *base)[0]
-  biased = lambda tiles: all(mma_masks.onehot_columns(t, block_q)[1] <= mma_masks.MAX_WIDTH
-                             for t in tiles)
+  biased = lambda tiles: all(mma_masks.bias_fits(t, block_q) for t in tiles)
   cands = candidate_tiles(mask, block_q, last_multiple=8)
   keep_bias = biased(base)
   best, best_live = base, _live_quarter_count(mask, *base)
