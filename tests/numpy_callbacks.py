@@ -7,6 +7,7 @@ scalars as Python ints), so `install` hands them numpy copies instead: the same 
 for bit (`test_mosaic_gpu.test_numpy_callbacks_change_nothing`). Only on the jax it was
 checked on; JSA_NUMPY_CALLBACKS=0 keeps jax's own."""
 import contextlib
+import functools
 import inspect
 import os
 
@@ -23,9 +24,14 @@ def _as_numpy(a):
   return a.item() if a.ndim == 0 and np.issubdtype(a.dtype, np.integer) else a
 
 
+@functools.cache
+def _cpu_device():
+  return xla_bridge.local_devices(backend="cpu")[0]
+
+
 def _numpy_impl(*args, result_avals, callback, sharding, ordered):
   del result_avals, sharding, ordered
-  with config.default_device(xla_bridge.local_devices(backend="cpu")[0]):
+  with config.default_device(_cpu_device()):  # as jax's: arrays a callback makes stay on the CPU
     return tree_util.tree_map(np.asarray, callback(*map(_as_numpy, args)))
 
 
