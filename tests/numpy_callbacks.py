@@ -4,7 +4,7 @@ every memory access, copy and barrier (`io_callback`). jax 0.11.2's `io_callback
 on the CI machine (a 300-token fwd+bwd on the Hopper kernels: 6.6 s, 1.6 s without; the suite
 19.2 -> 14.3 minutes). The interpreters' callbacks read their arguments as numpy (integer
 scalars as Python ints), so `install` hands them numpy copies instead: the same results bit
-for bit (`test_mosaic_gpu.test_numpy_callbacks_change_nothing`). Only on the jax it was
+for bit (`test_numpy_callbacks.py` checks it every run). Only on the jax it was
 checked on; JSA_NUMPY_CALLBACKS=0 keeps jax's own."""
 import contextlib
 import functools

@@ -10,7 +10,6 @@ from jax._src import callback
 import backend_cases
 import numpy_callbacks
 import jax_sparse_attn as jsa
-from jax_sparse_attn import masks
 from pallas_kernels.gpu import MosaicGPUConfig
 
 
