@@ -10,10 +10,9 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite's cheaper LLVM passes (tests/conftest.py), 4 devices a process.
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4"
-                           " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true")
+# 4 devices a process, beside the flags it was given (the suite's: tests/test_multiprocess.py).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4").strip()
 
 import jax  # noqa: E402
 

@@ -33,12 +33,10 @@ def _inputs(seed, shape_q, shape_kv, dtype=jnp.float32):
 
 
 def _value_and_grads(fn, q, k, v, d_out):
-  """fn's output and its VJP with d_out, from one jitted call (op by op, interpret-mode
+  """(out, dq, dk, dv) of fn with d_out, from one jitted call (op by op, interpret-mode
   kernels and the shard loops dispatch one small program each)."""
-  def run(q, k, v, d_out):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out,) + vjp(d_out)
-  return jax.jit(run)(q, k, v, d_out)
+  out, grads = backend_cases.outputs_and_grads(fn, d_out, q, k, v)
+  return (out,) + tuple(grads)
 
 
 def _assert_close(got, want, tol, what=""):

@@ -360,7 +360,7 @@ def test_joint_dq(monkeypatch, case):
     monkeypatch.setattr(attention_bwd, "JOINT_DQ", joint)
     jax.clear_caches()
     grads[joint] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  for a, b in zip(grads[True], grads.get(False, grads[True])):
+  for a, b in zip(grads[True], grads[False]) if False in grads else ():
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   dense = np.asarray(m(np.arange(p["sq"])[:, None], np.arange(p["skv"])[None, :]))
   want = brute_force.attention_grads(q, k, v, dense, 1.0 / math.sqrt(p["head_dim"]), d_out,

@@ -2,7 +2,8 @@
 `attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one), the
 form (the fused form's Pᵀ through shared memory, `P_SMEM`, measured 2026-12-06 at commit
 a542e24: docs/experiments/h100-2026-12-06-fused-registers.json), ptxas' register and spill
-report, a gradient check against a float32 reference and the backward's ms on dense, causal and the LM layer's mask. (The variants of
+report, a gradient check against a float32 reference and the backward's ms on dense, causal
+and the LM layer's mask. (The variants of
 2026-12-03, coordinate vectors and the dQ accumulator's form, are at commit 69822f7,
 docs/experiments/h200-2026-12-03-fused-registers.json.) Each variant runs in its own process
 (ptxas' report goes to that process' stdout: `MOSAIC_GPU_DUMP_PTXAS=1`; SASS with `--sass`).
