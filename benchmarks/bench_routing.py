@@ -95,15 +95,15 @@ def section_perf(dtype, iters):
   record(section="perf", case=name, impl="ours: runtime map from a selection",
          ms=timeit(jax.jit(lambda ids: block_map_lib.from_selection(ids, static)), sel.ids,
                    iters=iters))
-  runs = [("the default (Hopper forward, Hopper backward with the dQ kernel; runtime map)",
+  runs = [("the default (Hopper forward, fused Hopper backward: dQ reduce-added; runtime map)",
            lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel)),
           ("mosaic_gpu forward + Triton backward (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel,
               config=MosaicGPUConfig(backward="triton"))),
-          ("mosaic_gpu forward + fused backward (dQ reduce-added; runtime map)",
+          ("mosaic_gpu forward + Hopper backward with dQ its own kernel (runtime map)",
            lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
                                          config=MosaicGPUConfig(backward="mosaic_gpu",
-                                                                backward_dq="split"))),
+                                                                backward_dq="kernel"))),
           ("triton (runtime map)", lambda q, k, v: jsa.attention(
               q, k, v, masks.causal(), block_selection=sel, backend="triton")),
           ("triton dense causal", lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
