@@ -156,7 +156,12 @@ def target(platform: str):
 
 def check_available(name: str, interpret) -> None:
   """ValueError when kernel backend `name` cannot run here: `triton` needs an NVIDIA GPU,
-  `mosaic_gpu` a Hopper GPU, `mosaic` a TPU, unless in interpret mode (or under `target`)."""
+  `mosaic_gpu` a Hopper GPU, `mosaic` a TPU, unless in interpret mode (or under `target`);
+  `triton` also needs jax's Pallas Triton lowering (`triton_attention.available`), in
+  interpret mode too."""
+  if name == "triton":
+    from pallas_kernels.gpu import triton_attention
+    triton_attention.check_available()
   if name not in _NEEDS or interpret:
     return
   platform, what = _NEEDS[name]
@@ -179,7 +184,8 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
   """The backend `backend="auto"` runs: on Hopper GPUs "mosaic_gpu" where it supports the
   call (`pallas_kernels.gpu.mosaic_gpu.supports`: bf16/f16, head_dim <= 256, its
   block sizes and config; any mask but array masks, segment ids too), other GPUs and the rest
-  "triton"; "mosaic" on TPU; "xla" elsewhere and for array masks."""
+  "triton" (where jax has the Triton lowering, `triton_attention.available`; else "xla");
+  "mosaic" on TPU; "xla" elsewhere and for array masks."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend != "auto":
@@ -191,7 +197,8 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
     if (dtype is not None and head_dim is not None and mg.is_hopper()
         and mg.supports(mask, dtype, head_dim, segments, block_q, block_kv, config, scale)):
       return "mosaic_gpu"
-    return "triton"
+    from pallas_kernels.gpu import triton_attention
+    return "triton" if triton_attention.available() else "xla"
   if platform == "tpu" and not has_array:
     return "mosaic"
   return "xla"

@@ -20,11 +20,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:  # deprecated from jax 0.11: a later jax may not have it
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:
+  plgpu = None
 
 from jax_sparse_attn import backends
 from jax_sparse_attn.merge import join_sink
@@ -35,6 +40,30 @@ from . import mma_masks
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+
+# JSA_TRITON=0 runs nothing on Pallas' Triton lowering (as if jax had none): `auto` and the
+# Hopper backend's backward then never pick these kernels.
+_DISABLED_BY_ENV = os.environ.get("JSA_TRITON", "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def available() -> bool:
+  """Whether these kernels can run: this jax has Pallas' Triton lowering
+  (`jax.experimental.pallas.triton`, deprecated in jax 0.11/0.12) and ``JSA_TRITON=0`` is
+  not set. Without it `backend="auto"` runs the Hopper kernels (every mask, forward and
+  backward) on sm90 and `xla` on other GPUs."""
+  return plgpu is not None and not _DISABLED_BY_ENV
+
+
+def check_available() -> None:
+  """ValueError naming why the Triton kernels cannot run here (`available`)."""
+  if plgpu is None:
+    raise ValueError(
+        f"backend='triton' needs Pallas' Triton lowering (jax.experimental.pallas.triton), "
+        f"which jax {jax.__version__} does not have: use backend='mosaic_gpu' (Hopper), "
+        f"'xla' or 'auto'")
+  if _DISABLED_BY_ENV:
+    raise ValueError("backend='triton' is switched off by JSA_TRITON=0 in the environment: "
+                     "use backend='mosaic_gpu' (Hopper), 'xla' or 'auto'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -618,6 +647,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   instead of the plan's. `sinks`: learned sink logits [heads] float32, joined to every
   row's softmax in the epilogue (`merge.join_sink`). `softcap`: logit soft-capping
   (`softcap.capped`)."""
+  check_available()
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
@@ -773,6 +803,7 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
              config, interpret, block_map=None, softcap=None):
+  check_available()
   b, sq, h, d = q.shape
   skv, hkv = k.shape[1], k.shape[2]
   g = h // hkv

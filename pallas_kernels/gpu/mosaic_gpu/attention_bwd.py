@@ -153,6 +153,8 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128, segments: bool = Fals
   docs/experiments/h200-2026-12-04-na2d_{128,96}.json) and packed grids of different sizes.
   What is left for neighborhoods: the permutation into kernel order (0.23-0.69 ms;
   docs/performance.md)."""
+  if not triton_attention.available():  # no Triton kernels to leave for
+    return True
   if isinstance(plan.mask, masks.PackedNeighborhood):
     return False
   if plan.gathered:  # ``segments``: a padding mask or segment ids

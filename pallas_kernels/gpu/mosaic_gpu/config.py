@@ -148,7 +148,11 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
   Short windows give short lists of 128-key blocks per CTA, where Triton's 64-row tiles
   visit fewer pairs."""
   width = _padded_head_dim(head_dim)
-  if not isinstance(mask, masks.Neighborhood) or width is None or width <= 32:
+  if not isinstance(mask, masks.Neighborhood) or width is None:
+    return False
+  if not triton_attention.available():  # no Triton kernels to leave for
+    return True
+  if width <= 32:
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
     return True
@@ -225,6 +229,8 @@ def _config(config) -> MosaicGPUConfig:
                      "the warpgroups meet every step)")
   if config.programs is not None and config.programs < 1:
     raise ValueError(f"MosaicGPUConfig.programs must be >= 1, got {config.programs}")
+  if config.backward == "triton" and not triton_attention.available():
+    triton_attention.check_available()
   if config.triton is not None and not isinstance(config.triton, triton_attention.TritonConfig):
     raise ValueError("MosaicGPUConfig.triton must be a TritonConfig or None, got "
                      f"{type(config.triton).__name__}")
@@ -364,7 +370,7 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   # cuDNN 8.02, neighborhoods 2.27 / 2.35 / 3.63 vs Triton's 6.59 / 5.29 / 8.83
   # (-head-dim-192.json, -na-192.json).
   if (has_segments and isinstance(mask, masks.Neighborhood)
-      and not hopper_forward_segments(mask)):
+      and not hopper_forward_segments(mask) and triton_attention.available()):
     return False
   return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
                   1.0 if scale is None else scale, block_q or 2 * _ROWS,
