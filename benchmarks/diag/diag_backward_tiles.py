@@ -14,7 +14,11 @@ instead of 6912. Variants, fwd / fwd+bwd ms interleaved, gradients against the f
 - ``square_halves``: (16, 8) tiles given to `na` (the forward takes them too, and the
   backward runs on the forward's plan);
 - ``triton_bwd``: the Hopper forward with Triton's backward (`auto`'s choice today for
-  every case here but k33_d128).
+  every case here but k33_d128);
+- ``bwd_tiles_both``: the backward's tiles (`cost.backward_tile_shapes`) given to `na`, so
+  the forward takes them too and the backward runs on the forward's plan (2026-12-06: (16, 8)
+  for both passes had taken k17 dilation 4 from 3.09 to 2.36 ms, where the backward's own
+  (4, 32) plan needs its own kernel-order copies of the non-box dilated tiles).
 
     python -m benchmarks.diag.diag_backward_tiles --cases k33_d128 --out x.json
 """
@@ -34,13 +38,15 @@ CASES = {"k33_d128": ((128, 128), 33, 1, False, 2, 16, 128),
          "k33_dil2": ((128, 128), 33, 2, False, 2, 16, 128),
          "k33_causal_h": ((128, 128), 33, 1, (True, False), 2, 16, 128),
          "k45_causal_hw": ((128, 128), 45, 1, (True, True), 2, 16, 128),
-         "k17_dil4": ((128, 128), 17, 4, False, 2, 16, 128)}
+         "k17_dil4": ((128, 128), 17, 4, False, 2, 16, 128),
+         "k13_d128": ((64, 64), 13, 1, False, 8, 16, 128)}
 SQUARE = ((16, 8), (16, 8))
 
 
 def main():
   parser = case_parser(",".join(CASES))
   parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--variants", default=None, help="a comma-separated subset")
   args = parser.parse_args()
   rows = Rows()
   quarter_tiles = knob_setter(cost, "QUARTER_TILES")
@@ -59,11 +65,16 @@ def main():
     big = inputs((b, *spatial, h, d), (b, *spatial, h, d), jnp.bfloat16)
     mask = jsa.masks.neighborhood(spatial, kern, 1, dil, causal)
     quarter_tiles(True)  # the pick, in the row
+    bwd_tiles = tuple(cost.backward_tile_shapes(mask, 128, 128))
     row = {"case": name, "batch": b, "heads": h, "head_dim": d,
-           "tiles": [list(t) for t in cost.backward_tile_shapes(mask, 128, 128)]}
+           "tiles": [list(t) for t in bwd_tiles],
+           "forward_tiles": [list(t) for t in cost.auto_tiles(mask, 128, 128)]}
     variants = {"simulator": lambda: fn(False), "quarter_tiles": lambda: fn(True),
                 "square_halves": lambda: fn(True, SQUARE),
-                "triton_bwd": lambda: fn(True, cfg=triton)}
+                "triton_bwd": lambda: fn(True, cfg=triton),
+                "bwd_tiles_both": lambda: fn(True, bwd_tiles)}
+    if args.variants:
+      variants = {n: variants[n] for n in args.variants.split(",")}
     interleaved_vs_first(row, variants, big, rounds=args.rounds)
     quarter_tiles(False)
     rows.record(**row)
