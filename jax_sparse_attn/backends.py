@@ -51,6 +51,9 @@ class Backend(NamedTuple):
   # blocks; None: the simulator's `best_tile_shapes`). Not for shards of a context-parallel
   # plan, which fit the simulator's tiles to the shard.
   choose_backward_tiles: Callable | None = None
+  # (mask, forward tiles, backward tiles) -> whether `na` runs the forward on the backward's
+  # tiles where they differ (one plan for both passes), or None: never.
+  shares_backward_tiles: Callable | None = None
   # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
   # forward(..., block_map=) / backward(..., block_map=).
   runtime_maps: bool = False

@@ -668,6 +668,9 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config,
                              segments=q_seg is not None)
               if default_tiles and impl.gathers else None)
+  if bwd_plan is not None and _shares_tiles(impl, mask, plan, bwd_plan):
+    plan = make_plan(mask, bwd_plan.q_layout, bwd_plan.kv_layout)  # one plan for both passes
+    bwd_plan = None
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
                       kv_seg, bwd_plan=bwd_plan, sinks=sinks, softcap=cap)
   return (out, lse) if return_lse else out
@@ -849,6 +852,16 @@ def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionP
     return None
   return plan_lib.gathered(make_plan(mask, dataclasses.replace(plan.q_layout, tile_shape=bwd_q),
                                      dataclasses.replace(plan.kv_layout, tile_shape=bwd_kv)))
+
+
+def _shares_tiles(impl: Backend, mask, plan: AttentionPlan, bwd_plan: AttentionPlan) -> bool:
+  """Whether the forward runs on the backward's plan's tiles (`Backend.shares_backward_tiles`):
+  not for a key grid that starts before the array (strided windows' shifted grid)."""
+  ql, kl = bwd_plan.q_layout, bwd_plan.kv_layout
+  if impl.shares_backward_tiles is None or any(kl.origin) or kl.spatial_shape != mask.spatial_shape:
+    return False
+  return impl.shares_backward_tiles(mask, (plan.q_layout.tile_shape, plan.kv_layout.tile_shape),
+                                    (ql.tile_shape, kl.tile_shape))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,6 +160,21 @@ def check_na(p, backend, **kwargs):
     assert err < tol * 2 or _small(flat(got), ref, tol), (name, err)
 
 
+def spy_run_plans(monkeypatch) -> list:
+  """(forward plan, backward plan or None) of every `ops.run_plan` call from now on, appended
+  to the returned list; the op cache is cleared so that the next call plans again."""
+  from jax_sparse_attn import ops
+  plans, real = [], ops.run_plan
+
+  def spy(backend, plan, *args, bwd_plan=None, **kwargs):
+    plans.append((plan, bwd_plan))
+    return real(backend, plan, *args, bwd_plan=bwd_plan, **kwargs)
+
+  monkeypatch.setattr(ops, "run_plan", spy)
+  ops._make_core.cache_clear()
+  return plans
+
+
 def spy_backward_plans(monkeypatch) -> list:
   """The plans `ops._backward_plan` returns from now on (the backward's own plan, or None),
   appended to the returned list; the op cache is cleared so that the next call plans again."""

@@ -28,35 +28,73 @@ BWD = MosaicGPUConfig(backward="mosaic_gpu")
 def test_quarter_tiles(monkeypatch):
   """The backward's tiles by live 64x64 quarters (`cost.backward_tile_shapes`,
   `QUARTER_TILES`): 2-D 128² k33 takes (16, 8) tiles (the same 1920 blocks, 6400 live
-  quarters instead of 6912), the simulator's with `QUARTER_TILES` off; on 24×24 k5 it picks
-  (4, 32) tiles, not the forward's (8, 16) / (4, 16): the backward's own gathered plan,
-  whose gradients match the brute force."""
+  quarters instead of 6912), the simulator's with `QUARTER_TILES` off. Tilings that keep the
+  MMA bias come first (`BIAS_BLOCKS_SLACK`): 128² k17 dilation 4 takes (16, 8)-wide ones,
+  not (4, 32) (no bias) as by the quarters alone. On 24×24 k5 the pick, ((8, 16), (16, 8)),
+  is no TMA box where the forward's tiles are: the backward's own gathered plan, whose
+  gradients match the brute force."""
   from jax_sparse_attn import ops
   from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
+  from pallas_kernels.gpu import mma_masks
   from pallas_kernels.gpu.mosaic_gpu import cost
-  assert cost.QUARTER_TILES  # on by default (measured: docs/performance.md)
+  assert cost.QUARTER_TILES and cost.BIAS_BLOCKS_SLACK  # on by default (docs/performance.md)
   k33 = masks.neighborhood((128, 128), 33)
   assert cost.backward_tile_shapes(k33, 128, 128) == ((16, 8), (16, 8))
   assert cost._live_quarter_count(k33, (16, 8), (16, 8)) == 6400
   assert cost._live_quarter_count(k33, (8, 16), (8, 16)) == 6912
-  for spatial, kernel in [((32, 40), 11), ((56, 56), 7), ((96, 96), 17), ((40, 24), 9)]:
-    mask = masks.neighborhood(spatial, kernel)
+  biased = lambda tiles: all(mma_masks.bias_fits(t, 128) for t in tiles)
+  for spatial, kernel, dil in [((32, 40), 11, 1), ((56, 56), 7, 1), ((96, 96), 17, 1),
+                               ((40, 24), 9, 1), ((128, 128), 17, 4), ((40, 40), 7, 2)]:
+    mask = masks.neighborhood(spatial, kernel, dilation=dil)
     base, pick = best_tile_shapes(mask, 128, 128), cost.backward_tile_shapes(mask, 128, 128)
-    assert visited_blocks(mask, *pick)[0] <= visited_blocks(mask, *base)[0]
-    assert cost._live_quarter_count(mask, *pick) <= cost._live_quarter_count(mask, *base)
+    blocks = lambda t: visited_blocks(mask, *t)[0]
+    if biased(pick) and not biased(base):
+      assert blocks(pick) <= cost.BIAS_BLOCKS_SLACK * blocks(base)
+    else:
+      assert biased(pick) == biased(base) and blocks(pick) <= blocks(base)
+      assert cost._live_quarter_count(mask, *pick) <= cost._live_quarter_count(mask, *base)
+  k17 = masks.neighborhood((128, 128), 17, dilation=4)
+  assert biased(cost.backward_tile_shapes(k17, 128, 128))
+  monkeypatch.setattr(cost, "BIAS_BLOCKS_SLACK", 0)
+  assert cost.backward_tile_shapes(k17, 128, 128) == ((4, 32), (4, 32))
   monkeypatch.setattr(cost, "QUARTER_TILES", False)
   assert cost.backward_tile_shapes(k33, 128, 128) == best_tile_shapes(k33, 128, 128)
-  monkeypatch.setattr(cost, "QUARTER_TILES", True)
-  plans = backend_cases.spy_backward_plans(monkeypatch)
+  monkeypatch.undo()
+  plans = backend_cases.spy_run_plans(monkeypatch)
   p = dict(problem=((24, 24), (5, 5), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
            kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=None, tile_kv=None)
   backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
   small = masks.neighborhood((24, 24), 5)
   pick = cost.backward_tile_shapes(small, 128, 128)
-  assert pick == ((4, 32), (4, 32)) != cost.auto_tiles(small, 128, 128)
-  assert plans and all(x is not None and (x.q_layout.tile_shape, x.kv_layout.tile_shape) == pick
-                       for x in plans)
+  assert pick == ((8, 16), (16, 8)) and not cost.shares_backward_tiles(
+      small, cost.auto_tiles(small, 128, 128), pick)
+  assert plans and all(b is not None and (b.q_layout.tile_shape, b.kv_layout.tile_shape) == pick
+                       and (f.q_layout.tile_shape, f.kv_layout.tile_shape) != pick
+                       for f, b in plans)
   monkeypatch.undo()  # and no later test reuses a trace made under the knob
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_forward_takes_backward_tiles(monkeypatch, shared):
+  """Where the Hopper backward runs a 2-D window on tiles of its own and the forward's are no
+  TMA boxes either (dilation), the forward runs on the backward's tiles: one plan for both
+  passes (`cost.SHARED_TILES`; off: each its own), gradients against the brute force."""
+  from jax_sparse_attn import ops
+  from pallas_kernels.gpu.mosaic_gpu import cost
+  monkeypatch.setattr(cost, "SHARED_TILES", shared)
+  mask = masks.neighborhood((24, 24), 5, dilation=2)
+  fwd, bwd = cost.auto_tiles(mask, 128, 128), cost.backward_tile_shapes(mask, 128, 128)
+  assert fwd != bwd == ((8, 16), (8, 16))
+  plans = backend_cases.spy_run_plans(monkeypatch)
+  p = dict(problem=((24, 24), (5, 5), (1, 1), (2, 2), (False, False)), batch=1, heads=2,
+           kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=5, tile_q=None, tile_kv=None)
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
+  tiles = lambda plan: (plan.q_layout.tile_shape, plan.kv_layout.tile_shape)
+  assert plans and all((tiles(f), b) == (bwd, None) if shared else
+                       (tiles(f), tiles(b)) == (fwd, bwd) for f, b in plans)
+  monkeypatch.undo()
   ops._make_core.cache_clear()
   jax.clear_caches()
 

@@ -15,6 +15,9 @@ instead of 6912. Variants, fwd / fwd+bwd ms interleaved, gradients against the f
   backward runs on the forward's plan);
 - ``triton_bwd``: the Hopper forward with Triton's backward (`auto`'s choice today for
   every case here but k33_d128);
+- ``rules_new`` / ``rules_old``: `na`'s defaults with the Hopper backward forced, with and
+  without `cost.BIAS_BLOCKS_SLACK` and `cost.SHARED_TILES` (tilings that keep the MMA bias
+  first; the forward on the backward's tiles);
 - ``bwd_tiles_both``: the backward's tiles (`cost.backward_tile_shapes`) given to `na`, so
   the forward takes them too and the backward runs on the forward's plan (2026-12-06: (16, 8)
   for both passes had taken k17 dilation 4 from 3.09 to 2.36 ms, where the backward's own
@@ -50,6 +53,14 @@ def main():
   args = parser.parse_args()
   rows = Rows()
   quarter_tiles = knob_setter(cost, "QUARTER_TILES")
+  slack, shared = knob_setter(cost, "BIAS_BLOCKS_SLACK"), knob_setter(cost, "SHARED_TILES")
+  new_slack = cost.BIAS_BLOCKS_SLACK
+
+  def rules(new: bool):
+    slack(new_slack if new else 0)
+    shared(new)
+    return fn(True)
+
   hopper = MosaicGPUConfig(backward="mosaic_gpu")
   triton = MosaicGPUConfig(backward="triton")
   for name in args.cases.split(","):
@@ -72,10 +83,12 @@ def main():
     variants = {"simulator": lambda: fn(False), "quarter_tiles": lambda: fn(True),
                 "square_halves": lambda: fn(True, SQUARE),
                 "triton_bwd": lambda: fn(True, cfg=triton),
-                "bwd_tiles_both": lambda: fn(True, bwd_tiles)}
+                "bwd_tiles_both": lambda: fn(True, bwd_tiles),
+                "rules_new": lambda: rules(True), "rules_old": lambda: rules(False)}
     if args.variants:
       variants = {n: variants[n] for n in args.variants.split(",")}
     interleaved_vs_first(row, variants, big, rounds=args.rounds)
+    rules(True)
     quarter_tiles(False)
     rows.record(**row)
     rows.write(args.out)

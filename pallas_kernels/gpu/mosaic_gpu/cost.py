@@ -191,15 +191,31 @@ def auto_tiles(mask, block_q: int, block_kv: int):
 # causal along h 3.95-3.90 / 4.02-4.03, at head_dim 64 (96², B=4, H=8) 1.56 / 1.60, k17
 # dilation 4 3.09 / 3.10, 56² k7 1.18 / 1.28. False: the simulator's tiles.
 QUARTER_TILES = True
+# Tilings whose tiles both take the MMA bias (`mma_masks.bias_fits`) come first, where the
+# simulator's tiles do not up to this many times their visited blocks; the kernels test
+# elements on the others' partial blocks. 2-D 128² k17 dilation 4: the quarters alone picked (4, 32) tiles (640
+# blocks, 2304 live quarters, element tests) over (16, 8) (768 blocks, the same quarters, the
+# MMA bias): H100, fwd+bwd 3.00-3.04 ms against 2.38-2.40 with (16, 8) for both passes
+# (docs/experiments/h100-2026-12-06-backward-tiles-both.json). 0: the quarters alone.
+BIAS_BLOCKS_SLACK = 1.25
+# The forward takes the backward's tiles (one plan, no second kernel-order copy) where the
+# Hopper backward runs a 2-D window on tiles of its own, unless they would cost the forward
+# its TMA boxes (the forward's own tiles are boxes of the layout and the backward's are
+# not: 56² k7's (16, 8)). H100, fwd+bwd ms, the backward's tiles for both passes / the
+# forward's own (-12-06-backward-tiles.json, -backward-tiles-both.json): 128² k33 dilation
+# 2 4.52-4.63 / 4.71-4.75, k33 4.25-4.30 / 4.27-4.32, causal along h 3.88-3.91 /
+# 3.90-3.95, at head_dim 64 1.57 / 1.56. False: each pass its own tiles.
+SHARED_TILES = True
 
 
 def backward_tile_shapes(mask, block_q: int, block_kv: int):
   """(query tile, key tile) of the backward's plan for a neighborhood (`ops._backward_plan`):
   the simulator's best (`simulate.best_tile_shapes`), or for 2-D windows on the two 128-row
-  kernels (where they skip dead quarters, `QUARTER_TILES`) the tiling of no more visited
-  blocks with the fewest live 64x64 quarters (`_live_quarter_count`), ties to the
-  simulator's; where the simulator's tiles take the MMA bias, only tilings that keep it
-  (`mma_masks.bias_fits` for a 128-row tile)."""
+  kernels (where they skip dead quarters, `QUARTER_TILES`) the tiling with the fewest live
+  64x64 quarters (`_live_quarter_count`) among those that visit no more blocks than the
+  simulator's, ties to the simulator's; tilings that take the MMA bias on both sides
+  (`mma_masks.bias_fits` for a 128-row tile) first, where the simulator's do not up to
+  `BIAS_BLOCKS_SLACK` times its blocks."""
   from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles, visited_blocks
   base = best_tile_shapes(mask, block_q, block_kv)
   if not (QUARTER_TILES and isinstance(mask, masks.Neighborhood) and mask.num_dims == 2
@@ -208,17 +224,33 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
   limit = visited_blocks(mask, *base)[0]
   biased = lambda tiles: all(mma_masks.bias_fits(t, block_q) for t in tiles)
   cands = candidate_tiles(mask, block_q, last_multiple=8)
-  keep_bias = biased(base)
-  best, best_live = base, _live_quarter_count(mask, *base)
+  slack = 1.0 if biased(base) else max(1.0, BIAS_BLOCKS_SLACK)
+
+  def key(tiles):  # None: not a candidate
+    blocks = visited_blocks(mask, *tiles)[0]
+    bias = biased(tiles)
+    if blocks > (slack * limit if bias else limit):
+      return None
+    return (not (bias and BIAS_BLOCKS_SLACK), _live_quarter_count(mask, *tiles))
+
+  best, best_key = tuple(base), key(tuple(base))
   for qt in cands:
     for kt in cands:
-      if ((qt, kt) == tuple(base) or keep_bias and not biased((qt, kt))
-          or visited_blocks(mask, qt, kt)[0] > limit):
-        continue
-      live = _live_quarter_count(mask, qt, kt)
-      if live < best_live:
-        best, best_live = (qt, kt), live
+      k = key((qt, kt))
+      if k is not None and k < best_key:
+        best, best_key = (qt, kt), k
   return best
+
+
+def shares_backward_tiles(mask, forward_tiles, backward_tiles) -> bool:
+  """Whether the forward runs on the backward's tiles (`SHARED_TILES`): 2-D windows on the
+  Hopper backward (128-token tiles; Triton's backward takes others) whose backward tiles
+  keep the forward's TMA boxes or whose forward tiles are no boxes."""
+  if not (SHARED_TILES and isinstance(mask, masks.Neighborhood) and mask.num_dims == 2
+          and all(math.prod(t) == 2 * _ROWS for t in backward_tiles)):
+    return False
+  box = lambda t: _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, t))
+  return all(box(t) for t in backward_tiles) or not all(box(t) for t in forward_tiles)
 
 
 @functools.lru_cache(maxsize=256)
