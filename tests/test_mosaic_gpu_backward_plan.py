@@ -29,8 +29,8 @@ def test_quarter_tiles(monkeypatch):
   """The backward's tiles by live 64x64 quarters (`cost.backward_tile_shapes`,
   `QUARTER_TILES`): 2-D 128² k33 takes (16, 8) tiles (the same 1920 blocks, 6400 live
   quarters instead of 6912), the simulator's with `QUARTER_TILES` off. Tilings that keep the
-  MMA bias come first (`BIAS_BLOCKS_SLACK`): 128² k17 dilation 4 takes (16, 8)-wide ones,
-  not (4, 32) (no bias) as by the quarters alone. On 24×24 k5 the pick, ((8, 16), (16, 8)),
+  MMA bias come first (`BIAS_BLOCKS_SLACK`), ties to square 64-row halves: 128² k17
+  dilation 4 takes (16, 8) tiles, not (4, 32) (no bias) as by the quarters alone. On 24×24 k5 the pick, ((8, 16), (16, 8)),
   is no TMA box where the forward's tiles are: the backward's own gathered plan, whose
   gradients match the brute force."""
   from jax_sparse_attn import ops
@@ -54,7 +54,7 @@ def test_quarter_tiles(monkeypatch):
       assert biased(pick) == biased(base) and blocks(pick) <= blocks(base)
       assert cost._live_quarter_count(mask, *pick) <= cost._live_quarter_count(mask, *base)
   k17 = masks.neighborhood((128, 128), 17, dilation=4)
-  assert biased(cost.backward_tile_shapes(k17, 128, 128))
+  assert cost.backward_tile_shapes(k17, 128, 128) == ((16, 8), (16, 8))  # square halves
   monkeypatch.setattr(cost, "BIAS_BLOCKS_SLACK", 0)
   assert cost.backward_tile_shapes(k17, 128, 128) == ((4, 32), (4, 32))
   monkeypatch.setattr(cost, "QUARTER_TILES", False)

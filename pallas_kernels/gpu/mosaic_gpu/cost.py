@@ -193,10 +193,12 @@ def auto_tiles(mask, block_q: int, block_kv: int):
 QUARTER_TILES = True
 # Tilings whose tiles both take the MMA bias (`mma_masks.bias_fits`) come first, where the
 # simulator's tiles do not up to this many times their visited blocks; the kernels test
-# elements on the others' partial blocks. 2-D 128² k17 dilation 4: the quarters alone picked (4, 32) tiles (640
-# blocks, 2304 live quarters, element tests) over (16, 8) (768 blocks, the same quarters, the
-# MMA bias): H100, fwd+bwd 3.00-3.04 ms against 2.38-2.40 with (16, 8) for both passes
-# (docs/experiments/h100-2026-12-06-backward-tiles-both.json). 0: the quarters alone.
+# elements on the others' partial blocks. 2-D 128² k17 dilation 4: the quarters alone
+# picked (4, 32) tiles (640 blocks, 2304 live quarters, element tests) over (16, 8) (768
+# blocks, the same quarters, the MMA bias): H100, fwd+bwd 3.00-3.04 ms against 2.38-2.40
+# with (16, 8) for both passes (docs/experiments/h100-2026-12-06-backward-tiles-both.json).
+# Among biased tilings with as many live quarters, (8, 16) query tiles (4x16 halves) ran
+# 2.82-2.84 ms (-12-06-tile-rules.json): ties go to square halves. 0: the quarters alone.
 BIAS_BLOCKS_SLACK = 1.25
 # The forward takes the backward's tiles (one plan, no second kernel-order copy) where the
 # Hopper backward runs a 2-D window on tiles of its own, unless they would cost the forward
@@ -213,7 +215,8 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
   the simulator's best (`simulate.best_tile_shapes`), or for 2-D windows on the two 128-row
   kernels (where they skip dead quarters, `QUARTER_TILES`) the tiling with the fewest live
   64x64 quarters (`_live_quarter_count`) among those that visit no more blocks than the
-  simulator's, ties to the simulator's; tilings that take the MMA bias on both sides
+  simulator's, ties to the squarest 64-row halves, then the simulator's; tilings that take
+  the MMA bias on both sides
   (`mma_masks.bias_fits` for a 128-row tile) first, where the simulator's do not up to
   `BIAS_BLOCKS_SLACK` times its blocks."""
   from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles, visited_blocks
@@ -231,7 +234,8 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
     bias = biased(tiles)
     if blocks > (slack * limit if bias else limit):
       return None
-    return (not (bias and BIAS_BLOCKS_SLACK), _live_quarter_count(mask, *tiles))
+    squareness = sum(max(h) / min(h) for h in (_half_tile(t)[0] for t in tiles))
+    return (not (bias and BIAS_BLOCKS_SLACK), _live_quarter_count(mask, *tiles), squareness)
 
   best, best_key = tuple(base), key(tuple(base))
   for qt in cands:
