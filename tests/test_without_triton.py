@@ -99,6 +99,24 @@ def test_packed_gradients_without_triton(no_triton):
   check_packed(p, "mosaic_gpu", method="tiled", interpret=True)
 
 
+def test_other_blocks_without_triton(no_triton, monkeypatch):
+  """A plan of 64-key blocks at head_dim <= 128 trains only on Triton's backward: without it
+  `auto` leaves Hopper for `xla`, and asking the Hopper backend for its gradient is a
+  ValueError that names the block size (not a Triton error)."""
+  _on_hopper(monkeypatch)
+  assert backends.resolve_backend("auto", masks.causal(), dtype=jnp.bfloat16, head_dim=128,
+                                  block_kv=64) == "xla"
+  assert backends.resolve_backend("auto", masks.causal(), dtype=jnp.bfloat16, head_dim=128,
+                                  block_kv=128) == "mosaic_gpu"
+  monkeypatch.undo()
+  monkeypatch.setattr(triton_attention, "_DISABLED_BY_ENV", True)
+  S = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu",
+                                               block_kv=64).astype(jnp.float32))
+  with pytest.raises(ValueError, match="block_kv=64"):
+    export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S, S, S)
+
+
 def test_asking_for_triton_says_why(no_triton):
   x = jnp.zeros((1, 64, 2, 32), jnp.float32)
   with pytest.raises(ValueError, match="JSA_TRITON=0"):

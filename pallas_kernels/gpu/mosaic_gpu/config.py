@@ -372,6 +372,9 @@ def supports(mask, dtype, head_dim: int, has_segments: bool, block_q, block_kv, 
   if (has_segments and isinstance(mask, masks.Neighborhood)
       and not hopper_forward_segments(mask) and triton_attention.available()):
     return False
+  if (not triton_attention.available() and head_dim <= _MAX_BACKWARD_HEAD_DIM
+      and block_kv not in (None, 2 * _ROWS)):  # a backward only Triton's kernels take
+    return False
   return _why_not(dtype, head_dim, has_segments, mask is None or mask.is_interval,
                   1.0 if scale is None else scale, block_q or 2 * _ROWS,
                   block_kv or default_map_blocks(head_dim, dtype)[1]) is None
