@@ -858,7 +858,8 @@ def _shares_tiles(impl: Backend, mask, plan: AttentionPlan, bwd_plan: AttentionP
   """Whether the forward runs on the backward's plan's tiles (`Backend.shares_backward_tiles`):
   not for a key grid that starts before the array (strided windows' shifted grid)."""
   ql, kl = bwd_plan.q_layout, bwd_plan.kv_layout
-  if impl.shares_backward_tiles is None or any(kl.origin) or kl.spatial_shape != mask.spatial_shape:
+  if (impl.shares_backward_tiles is None or any(kl.origin)
+      or kl.spatial_shape != mask.spatial_shape):
     return False
   return impl.shares_backward_tiles(mask, (plan.q_layout.tile_shape, plan.kv_layout.tile_shape),
                                     (ql.tile_shape, kl.tile_shape))

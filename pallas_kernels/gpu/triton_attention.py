@@ -43,7 +43,8 @@ LN2 = math.log(2.0)
 
 # JSA_TRITON=0 runs nothing on Pallas' Triton lowering (as if jax had none): `auto` and the
 # Hopper backend's backward then never pick these kernels.
-_DISABLED_BY_ENV = os.environ.get("JSA_TRITON", "1").strip().lower() in ("0", "false", "off", "no")
+_DISABLED_BY_ENV = os.environ.get("JSA_TRITON", "1").strip().lower() in ("0", "false", "off",
+                                                                        "no")
 
 
 def available() -> bool:

@@ -11,7 +11,8 @@ from .attention_bwd import backward, picks_mosaic
 from .attention_fwd import forward
 from .config import (MosaicGPUConfig, default_backward_map_blocks, default_map_blocks, is_hopper,
                      supports, unsupported)
-from .cost import auto_tiles, backward_tile_shapes, shares_backward_tiles, split_lists, tile_costs, window_lists, window_pays
+from .cost import (auto_tiles, backward_tile_shapes, shares_backward_tiles, split_lists,
+                   tile_costs, window_lists, window_pays)
 
 __all__ = ["MosaicGPUConfig", "auto_tiles", "backward", "backward_tile_shapes",
            "shares_backward_tiles", "default_backward_map_blocks",

@@ -216,9 +216,8 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
   kernels (where they skip dead quarters, `QUARTER_TILES`) the tiling with the fewest live
   64x64 quarters (`_live_quarter_count`) among those that visit no more blocks than the
   simulator's, ties to the squarest 64-row halves, then the simulator's; tilings that take
-  the MMA bias on both sides
-  (`mma_masks.bias_fits` for a 128-row tile) first, where the simulator's do not up to
-  `BIAS_BLOCKS_SLACK` times its blocks."""
+  the MMA bias on both sides (`mma_masks.bias_fits` for a 128-row tile) first, where the
+  simulator's do not up to `BIAS_BLOCKS_SLACK` times its blocks."""
   from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles, visited_blocks
   base = best_tile_shapes(mask, block_q, block_kv)
   if not (QUARTER_TILES and isinstance(mask, masks.Neighborhood) and mask.num_dims == 2
