@@ -54,6 +54,9 @@ class Backend(NamedTuple):
   # (mask, forward tiles, backward tiles) -> whether `na` runs the forward on the backward's
   # tiles where they differ (one plan for both passes), or None: never.
   shares_backward_tiles: Callable | None = None
+  # (plan, head_dim) -> whether the backward runs on the forward's plan, or None: always.
+  # Where it does not (blocks of tiles the caller chose), `na` gives it a plan of its own.
+  backward_runs: Callable | None = None
   # Takes runtime block maps (`block_map.from_selection`: content-routed attention) as
   # forward(..., block_map=) / backward(..., block_map=).
   runtime_maps: bool = False

@@ -665,10 +665,13 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
     return _finish(out, lse, return_lse, sinks)
   plan = make_plan(mask, TiledLayout(spatial, mask.dilation, q_tile_shape),
                    TiledLayout(spatial, mask.dilation, kv_tile_shape))
+  # The backward's own plan: its tiles where `na` picks them, its blocks where the caller's
+  # tiles make blocks it cannot take (`Backend.backward_runs`).
+  own = default_tiles or (impl.backward_runs is not None and not impl.backward_runs(plan, d))
   bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config,
                              segments=q_seg is not None)
-              if default_tiles and impl.gathers else None)
-  if bwd_plan is not None and _shares_tiles(impl, mask, plan, bwd_plan):
+              if own and impl.gathers else None)
+  if default_tiles and bwd_plan is not None and _shares_tiles(impl, mask, plan, bwd_plan):
     plan = make_plan(mask, bwd_plan.q_layout, bwd_plan.kv_layout)  # one plan for both passes
     bwd_plan = None
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,

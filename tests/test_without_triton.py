@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import backend_cases
+
 from jax_sparse_attn import backends, masks
 import jax_sparse_attn as jsa
 from pallas_kernels.gpu import MosaicGPUConfig, export_for_gpu, triton_attention
@@ -115,6 +117,19 @@ def test_other_blocks_without_triton(no_triton, monkeypatch):
                                                block_kv=64).astype(jnp.float32))
   with pytest.raises(ValueError, match="block_kv=64"):
     export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S, S, S)
+
+
+def test_caller_tiles_of_64_keys(no_triton, monkeypatch):
+  """`na` on tiles the caller chose whose KV blocks (64 keys) only Triton's backward takes:
+  without it the Hopper backward gets a plan of its own 128-key blocks over the same tokens
+  (`Backend.backward_runs`); gradients against the float64 brute force."""
+  plans = backend_cases.spy_run_plans(monkeypatch)
+  p = dict(problem=((12, 16), (5, 7), (1, 2), (1, 1), (True, False)), batch=1, heads=2,
+           kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=2, tile_q=(8, 16),
+           tile_kv=(8, 8))
+  backend_cases.check_na(p, "mosaic_gpu", interpret=True)
+  assert plans and all(f.block_kv == 64 and b is not None and b.block_kv == 128
+                       for f, b in plans)
 
 
 def test_asking_for_triton_says_why(no_triton):

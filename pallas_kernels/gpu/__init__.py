@@ -20,7 +20,8 @@ register_backend("mosaic_gpu", Backend(
     backward_blocks=mosaic_gpu.default_backward_map_blocks, tile_last_multiple=8,
     choose_tiles=mosaic_gpu.auto_tiles,
     choose_backward_tiles=mosaic_gpu.backward_tile_shapes,
-    shares_backward_tiles=mosaic_gpu.shares_backward_tiles, runtime_maps=True, segment_maps=True,
+    shares_backward_tiles=mosaic_gpu.shares_backward_tiles, backward_runs=mosaic_gpu.runs_plan,
+    runtime_maps=True, segment_maps=True,
     sinks=True, softcap=True))
 
 __all__ = ["MosaicGPUConfig", "TritonConfig", "forward", "backward", "export_for_gpu"]

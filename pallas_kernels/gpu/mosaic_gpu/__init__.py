@@ -7,7 +7,7 @@ what the backend supports), `boxes` (TMA box geometry of the caller's layout), `
 (host-built mask inputs: MMA-bias tables, window-anchored boxes, per-warpgroup lists), `cost`
 (the tile cost model) and `schedule` (shared memory, stages, persistent programs, order).
 """
-from .attention_bwd import backward, picks_mosaic
+from .attention_bwd import backward, picks_mosaic, runs_plan
 from .attention_fwd import forward
 from .config import (MosaicGPUConfig, default_backward_map_blocks, default_map_blocks, is_hopper,
                      supports, unsupported)
@@ -16,5 +16,5 @@ from .cost import (auto_tiles, backward_tile_shapes, shares_backward_tiles, spli
 
 __all__ = ["MosaicGPUConfig", "auto_tiles", "backward", "backward_tile_shapes",
            "shares_backward_tiles", "default_backward_map_blocks",
-           "default_map_blocks", "forward", "is_hopper", "picks_mosaic", "split_lists",
+           "default_map_blocks", "forward", "is_hopper", "picks_mosaic", "runs_plan", "split_lists",
            "supports", "tile_costs", "unsupported", "window_lists", "window_pays"]

@@ -162,6 +162,19 @@ def picks_mosaic(plan: AttentionPlan, head_dim: int = 128, segments: bool = Fals
   return True
 
 
+def _own_blocks(plan: AttentionPlan, head_dim: int) -> bool:
+  """Whether these kernels take the plan's blocks: 128-key blocks and query blocks of whole
+  64-row steps at head_dim <= 128, the role-split kernels' above."""
+  return _wide(plan, head_dim) or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
+                                   and head_dim <= _MAX_BACKWARD_HEAD_DIM)
+
+
+def runs_plan(plan: AttentionPlan, head_dim: int) -> bool:
+  """Whether the backward runs on this plan (`Backend.backward_runs`): these kernels' blocks
+  (`_own_blocks`), or any with Triton's kernels available to take the others."""
+  return _own_blocks(plan, head_dim) or triton_attention.available()
+
+
 def _split_dq(cfg, head_dim: int) -> bool:
   """Whether the warpgroups split dQ's columns (meeting once per step) rather than each
   adding its own key rows' share (`MosaicGPUConfig.backward_dq`: "split" | "own"; None:
@@ -585,8 +598,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   wide = _wide(plan, q.shape[-1])
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
   # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
-  own_blocks = wide or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
-                        and q.shape[-1] <= _MAX_BACKWARD_HEAD_DIM)
+  own_blocks = _own_blocks(plan, q.shape[-1])
   if not own_blocks and not triton_attention.available():
     raise ValueError(
         f"backend='mosaic_gpu' trains plans of {_BLOCK_KV}-key blocks at head_dim <= "
