@@ -598,8 +598,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   wide = _wide(plan, q.shape[-1])
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
   # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
-  own_blocks = _own_blocks(plan, q.shape[-1])
-  if not own_blocks and not triton_attention.available():
+  if not runs_plan(plan, q.shape[-1]):
     raise ValueError(
         f"backend='mosaic_gpu' trains plans of {_BLOCK_KV}-key blocks at head_dim <= "
         f"{_MAX_BACKWARD_HEAD_DIM} (this one: block_kv={plan.block_kv}, head_dim "
@@ -607,7 +606,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
         f"(`triton_attention.available`): leave block_kv unset")
   if (cfg.backward == "triton"
       or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1], q_seg is not None))
-      or not own_blocks):
+      or not _own_blocks(plan, q.shape[-1])):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
                                      **({"block_map": block_map} if runtime else {}),

@@ -229,7 +229,7 @@ def _config(config) -> MosaicGPUConfig:
                      "the warpgroups meet every step)")
   if config.programs is not None and config.programs < 1:
     raise ValueError(f"MosaicGPUConfig.programs must be >= 1, got {config.programs}")
-  if config.backward == "triton" and not triton_attention.available():
+  if config.backward == "triton":
     triton_attention.check_available()
   if config.triton is not None and not isinstance(config.triton, triton_attention.TritonConfig):
     raise ValueError("MosaicGPUConfig.triton must be a TritonConfig or None, got "
