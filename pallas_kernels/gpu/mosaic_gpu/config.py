@@ -152,6 +152,12 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
     return False
   if not triton_attention.available():  # no Triton kernels to leave for
     return True
+  return _beats_triton(mask, head_dim, segments)
+
+
+def _beats_triton(mask, head_dim: int, segments: bool) -> bool:
+  """`hopper_backward_neighborhood` with the Triton kernels available: the measured rule."""
+  width = _padded_head_dim(head_dim)
   if width <= 32:
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
@@ -188,6 +194,21 @@ NA2D_MIN_WINDOW = 1024
 NA_SEGMENTS_MIN_WINDOW = 1024
 
 
+# Short neighborhoods at head_dim 97-128 (those `hopper_backward_neighborhood` leaves to
+# Triton's backward where it is available) on the role-split kernels with 64-key blocks
+# (`attention_bwd_wide`: a CTA of 64 keys, 18-27% fewer block pairs than 128-key blocks on
+# 2-D k7-k17 and k32 stride 16) instead of the 128-row kernels. A lab knob, off: not measured.
+NARROW_BACKWARD = False
+
+
+def narrow_backward(mask, head_dim: int, segments: bool = False) -> bool:
+  """Whether the Hopper backward takes this neighborhood on 64-key blocks at head_dim
+  97-128 (`NARROW_BACKWARD`)."""
+  return (NARROW_BACKWARD and isinstance(mask, masks.Neighborhood)
+          and _padded_head_dim(head_dim) == 128 and mask.num_dims >= 2
+          and not _beats_triton(mask, head_dim, segments))
+
+
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segments=False):
   """The backward's (query, key) blocks for neighborhoods (1-D masks keep the forward's
   plan): the Mosaic GPU backward's 128 and 128 (its CTA owns 128 keys) where it runs
@@ -196,7 +217,8 @@ def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segment
   config = config if isinstance(config, MosaicGPUConfig) else MosaicGPUConfig()
   hopper = config.backward == "mosaic_gpu" or (
       config.backward is None and hopper_backward_neighborhood(mask, head_dim, segments))
-  if hopper and _MAX_BACKWARD_HEAD_DIM < head_dim <= 256:
+  if hopper and (_MAX_BACKWARD_HEAD_DIM < head_dim <= 256
+                 or narrow_backward(mask, head_dim, segments)):
     return 2 * _ROWS, _ROWS  # the role-split kernels' (`attention_bwd_wide`)
   if hopper and head_dim <= _MAX_BACKWARD_HEAD_DIM:
     return 2 * _ROWS, 2 * _ROWS
