@@ -44,15 +44,17 @@ class Backend(NamedTuple):
   # block_q is given), and prefer tiles whose last dim is a multiple of this.
   half_q_tiles: bool = False
   tile_last_multiple: int = 1
-  # (mask, block_q, block_kv) -> (q tile, kv tile): the backend's own tile choice for `na`'s
-  # defaults (None: the simulator's `best_tile_shapes` with the fields above).
+  # (mask, block_q, block_kv, segments) -> (q tile, kv tile): the backend's own tile choice
+  # for `na`'s defaults (``segments``: the call has a padding mask or segment ids; None: the
+  # simulator's `best_tile_shapes` with the fields above).
   choose_tiles: Callable | None = None
   # (mask, block_q, block_kv) -> (q tile, kv tile) of the backward's plan (`backward_blocks`'
   # blocks; None: the simulator's `best_tile_shapes`). Not for shards of a context-parallel
   # plan, which fit the simulator's tiles to the shard.
   choose_backward_tiles: Callable | None = None
-  # (mask, forward tiles, backward tiles) -> whether `na` runs the forward on the backward's
-  # tiles where they differ (one plan for both passes), or None: never.
+  # (mask, forward tiles, backward tiles, segments) -> whether `na` runs the forward on the
+  # backward's tiles where they differ (one plan for both passes; ``segments``: the call has
+  # a padding mask or segment ids), or None: never.
   shares_backward_tiles: Callable | None = None
   # (plan, head_dim) -> whether the backward runs on the forward's plan, or None: always.
   # Where it does not (blocks of tiles the caller chose), `na` gives it a plan of its own.

@@ -646,7 +646,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   default_tiles = (q_tile_shape is None and kv_tile_shape is None and block_q is None
                    and block_kv is None)
   if q_tile_shape is None or kv_tile_shape is None:
-    best_q, best_kv = auto_tiles(impl, mask, bq, bk, half_q=block_q is None)
+    best_q, best_kv = auto_tiles(impl, mask, bq, bk, half_q=block_q is None,
+                                 segments=q_seg is not None)
     q_tile_shape = tuple(q_tile_shape or best_q)
     kv_tile_shape = tuple(kv_tile_shape or best_kv)
   q_tile_shape = masks_lib._as_tuple(q_tile_shape, ndim, "q_tile_shape")
@@ -671,7 +672,8 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config,
                              segments=q_seg is not None)
               if own and impl.gathers else None)
-  if default_tiles and bwd_plan is not None and _shares_tiles(impl, mask, plan, bwd_plan):
+  if (default_tiles and bwd_plan is not None
+      and _shares_tiles(impl, mask, plan, bwd_plan, q_seg is not None)):
     plan = make_plan(mask, bwd_plan.q_layout, bwd_plan.kv_layout)  # one plan for both passes
     bwd_plan = None
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,
@@ -805,12 +807,13 @@ def _na_with_extra(query, key, value, kernel_size, stride, dilation, is_causal, 
 
 
 def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
-               half_q: bool = True):
-  """The (query, key) tile shapes `na` picks for a backend's blocks: the simulator's best,
+               half_q: bool = True, segments: bool = False):
+  """The (query, key) tile shapes `na` picks for a backend's blocks: the backend's choice
+  (``segments``: the call has a padding mask or segment ids), else the simulator's best,
   also over half-height query tiles where the backend runs them well (``half_q``: no
   block_q was given)."""
   if impl.choose_tiles is not None:
-    return impl.choose_tiles(mask, block_q, block_kv)
+    return impl.choose_tiles(mask, block_q, block_kv, segments)
   from .simulate import best_tile_shapes
   options = (block_q // 2,) if impl.half_q_tiles and half_q and block_q >= 128 else ()
   return best_tile_shapes(mask, block_q, block_kv, block_q_options=options,
@@ -857,15 +860,17 @@ def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionP
                                      dataclasses.replace(plan.kv_layout, tile_shape=bwd_kv)))
 
 
-def _shares_tiles(impl: Backend, mask, plan: AttentionPlan, bwd_plan: AttentionPlan) -> bool:
-  """Whether the forward runs on the backward's plan's tiles (`Backend.shares_backward_tiles`):
-  not for a key grid that starts before the array (strided windows' shifted grid)."""
+def _shares_tiles(impl: Backend, mask, plan: AttentionPlan, bwd_plan: AttentionPlan,
+                  segments: bool = False) -> bool:
+  """Whether the forward runs on the backward's plan's tiles (`Backend.shares_backward_tiles`;
+  ``segments``: a padding mask or segment ids): not for a key grid that starts before the
+  array (strided windows' shifted grid)."""
   ql, kl = bwd_plan.q_layout, bwd_plan.kv_layout
   if (impl.shares_backward_tiles is None or any(kl.origin)
       or kl.spatial_shape != mask.spatial_shape):
     return False
   return impl.shares_backward_tiles(mask, (plan.q_layout.tile_shape, plan.kv_layout.tile_shape),
-                                    (ql.tile_shape, kl.tile_shape))
+                                    (ql.tile_shape, kl.tile_shape), segments)
 
 
 @dataclasses.dataclass(frozen=True)

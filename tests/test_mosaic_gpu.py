@@ -508,7 +508,8 @@ def test_lowers_for_gpu(case):
 
 def test_padded_neighborhood_picks():
   """Neighborhoods with a padding mask or segment ids: `auto` takes the Hopper forward for
-  2-D/3-D windows of >= 1024 keys (Triton's below, and for 1-D), and Triton's backward at 64
+  2-D windows of >= 256 keys and 3-D ones of >= 1024 (Triton's below, and for 1-D), on tiles
+  chosen for the element test (`cost.auto_tiles`' ``segments``), and Triton's backward at 64
   and 128 columns (the role-split Hopper kernels above 128), with the backward plan's blocks
   to match (measured, `config.hopper_forward_segments`)."""
   from pallas_kernels.gpu import triton_attention
@@ -519,8 +520,13 @@ def test_padded_neighborhood_picks():
   big2, big3 = na((128, 128), 33), na((16, 64, 64), (8, 16, 16))
   for m in (big2, big3):
     assert pick(m, True) and pick(m, False)
-  for m in (na((96, 96), 17), na((64, 128), 25), na((16, 64, 64), (4, 9, 9)), na(8192, 1025)):
+  for m in (na((96, 96), 17), na((64, 128), 25)):
+    assert pick(m, True) and pick(m, False)
+  for m in (na((48, 48), 13), na((16, 64, 64), (4, 9, 9)), na(8192, 1025)):
     assert pick(m, False) and not pick(m, True)
+  from pallas_kernels.gpu.mosaic_gpu import cost  # 64-key tiles for the element test
+  assert cost.auto_tiles(na((96, 96), 17), 128, 128) == ((8, 16), (4, 32))
+  assert cost.auto_tiles(na((96, 96), 17), 128, 128, True) == ((8, 16), (8, 8))
   backward = mg_config.hopper_backward_neighborhood
   assert backward(big3, 128) and not backward(big3, 128, segments=True)
   assert not backward(big3, 64, segments=True) and backward(big3, 256, segments=True)

@@ -99,6 +99,22 @@ def test_forward_takes_backward_tiles(monkeypatch, shared):
   jax.clear_caches()
 
 
+def test_shared_tiles_by_forward_cost(monkeypatch):
+  """The forward keeps its own tiles where the backward's cost it more than
+  `cost.SHARED_TILES_SLACK` in its model (64² k13: +29%, ran 21% slower), and takes them
+  where the model ties (128² k33) or where one plan saves a kernel-order copy (k17
+  dilation 4, no boxes either way)."""
+  from pallas_kernels.gpu.mosaic_gpu import cost
+  shares = lambda mask: cost.shares_backward_tiles(
+      mask, cost.auto_tiles(mask, 128, 128), cost.backward_tile_shapes(mask, 128, 128))
+  k13 = masks.neighborhood((64, 64), 13)
+  assert not shares(k13)
+  assert shares(masks.neighborhood((128, 128), 33))
+  assert shares(masks.neighborhood((128, 128), 17, dilation=4))
+  monkeypatch.setattr(cost, "SHARED_TILES_SLACK", 0.5)  # the cost is what refuses k13
+  assert shares(k13)
+
+
 def test_work_items():
   """One item per KV block, in KV-block order (neighbouring KV blocks share Q blocks in L2),
   except Q lists longer than twice the mean (a sink's): those are cut into chunks of the mean

@@ -322,6 +322,25 @@ def test_masked_na_mosaic_gpu_boxes(monkeypatch):
                   config=MosaicGPUConfig(backward="mosaic_gpu"))
 
 
+def test_masked_na_mosaic_gpu_segment_tiles(monkeypatch):
+  """With a padding mask `na`'s default tiles on the Hopper forward are chosen for the
+  element test it runs then (`cost.auto_tiles(..., segments=True)`: here (16, 8) KV tiles
+  where window boxes would take (8, 16)); gradients against the brute force."""
+  from pallas_kernels.gpu import MosaicGPUConfig
+  from pallas_kernels.gpu.mosaic_gpu import cost
+  mask = masks.neighborhood((16, 24), (7, 9))
+  pick = cost.auto_tiles(mask, 128, 128, True)
+  assert pick != cost.auto_tiles(mask, 128, 128)
+  plans = backend_cases.spy_run_plans(monkeypatch)
+  p = dict(problem=((16, 24), (7, 9), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
+           kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=6, tile_q=None, tile_kv=None,
+           valid="random", segments=False)
+  check_masked_na(p, "mosaic_gpu", interpret=True,
+                  config=MosaicGPUConfig(backward="mosaic_gpu"))
+  assert plans and all((f.q_layout.tile_shape, f.kv_layout.tile_shape) == pick
+                       for f, _ in plans)
+
+
 def test_masked_na_mosaic_gpu_wide(monkeypatch):
   """A padding mask at head_dim 160 (160 columns, 64-key blocks) on the Hopper forward and the
   role-split Hopper backward, which `auto`'s rule keeps for padded neighborhoods above 128

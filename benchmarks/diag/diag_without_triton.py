@@ -6,10 +6,11 @@ Variants, fwd / fwd+bwd ms interleaved (two rounds), the second's gradients agai
 first's:
 
 - ``auto``: today's choice (Triton's backward for these cases, Triton's forward with a
-  padding mask under 1024 keys);
-- ``no_triton``: the same call traced with the Triton kernels unavailable;
-- ``narrow``: ``no_triton`` with `config.NARROW_BACKWARD` (short neighborhoods at head_dim
-  97-128 on the role-split kernels with 64-key blocks instead of the 128-row kernels).
+  padding mask on 2-D windows under 256 keys and 3-D ones under 1024);
+- ``no_triton``: the same call traced with the Triton kernels unavailable.
+
+(``narrow``, the role-split kernels on 64-key blocks at head_dim 128, ran at commit cb67df0:
+docs/performance.md.)
 
     python -m benchmarks.diag.diag_without_triton --cases k7_d64,k17_dil4 --out x.json
 """
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from pallas_kernels.gpu import triton_attention
-from pallas_kernels.gpu.mosaic_gpu import config as mgpu_config
 
 from . import Rows, case_parser, interleaved_vs_first, knob_setter
 from ..bench_gpu import inputs
@@ -41,7 +41,6 @@ def main():
   args = parser.parse_args()
   rows = Rows()
   disabled = knob_setter(triton_attention, "_DISABLED_BY_ENV")
-  narrow = knob_setter(mgpu_config, "NARROW_BACKWARD")
   for name in args.cases.split(","):
     spatial, kern, stride, dil, b, h, d, padded = CASES[name]
     packed = isinstance(spatial[0], tuple)
@@ -50,8 +49,7 @@ def main():
     if padded:
       valid = jnp.ones((b, *spatial), bool).at[..., spatial[-1] - padded:].set(False)
 
-    def fn(off, narrow_kv=False):
-      narrow(narrow_kv)
+    def fn(off):
       disabled(off)
       if packed:
         return lambda q, k, v: jsa.na_packed(q, k, v, list(spatial), kern)
@@ -61,12 +59,10 @@ def main():
     big = inputs((b, *tokens, h, d), (b, *tokens, h, d), jnp.bfloat16)
     row = {"case": name, "spatial": spatial, "kernel": kern, "stride": stride,
            "dilation": dil, "batch": b, "heads": h, "head_dim": d, "padded": padded}
-    variants = {"auto": lambda: fn(False), "no_triton": lambda: fn(True),
-                "narrow": lambda: fn(True, True)}
+    variants = {"auto": lambda: fn(False), "no_triton": lambda: fn(True)}
     interleaved_vs_first(row, {v: variants[v] for v in args.variants.split(",")},
                          big, rounds=args.rounds)
     disabled(False)
-    narrow(False)
     rows.record(**row)
     rows.write(args.out)
 

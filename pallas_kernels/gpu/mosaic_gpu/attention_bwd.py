@@ -62,7 +62,6 @@ from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
 from . import attention_bwd_wide as bwd_wide
 from . import attention_fwd as fwd
-from . import config as config_lib
 from .attention_bwd_dq import mma_add
 from .boxes import _Boxes, _view, _window_groups, _window_view, caller_order, kernel_order
 from .cost import window_dq_tile
@@ -887,11 +886,7 @@ WIDE_BACKWARD = True
 
 
 def _wide(plan: AttentionPlan, head_dim: int) -> bool:
-  """Whether the role-split kernels run the plan: head_dim 129-256, or 97-128 with
-  `config.NARROW_BACKWARD` (64-key plans)."""
-  width = _padded_head_dim(head_dim)
-  return (WIDE_BACKWARD and (width in bwd_wide.HEAD_DIMS
-                             or (width == 128 and config_lib.NARROW_BACKWARD))
+  return (WIDE_BACKWARD and _padded_head_dim(head_dim) in bwd_wide.HEAD_DIMS
           and plan.block_kv == bwd_wide.BLOCK_KV and plan.block_q == 2 * _ROWS)
 
 

@@ -100,15 +100,23 @@ def default_map_blocks(head_dim: int, dtype) -> tuple[int, int]:
 
 def hopper_forward_segments(mask) -> bool:
   """Whether `auto` runs the forward of a neighborhood with a padding mask or segment ids on
-  these kernels (else Triton's): 2-D/3-D windows of at least `NA_SEGMENTS_MIN_WINDOW` keys.
-  With segments the forward tests every element of partial blocks and every block's segments
-  (no MMA bias). H200, B=2 (3-D B=1), H=16, D=128, padded last dim, forward ms, these /
-  Triton's (docs/experiments/h200-2026-12-04-na-padding.json): 2-D 128² k33 1.18-1.36 /
-  1.66-1.72, 3-D 16×64² k8×16² 5.53-5.92 / 8.34-8.39, 2-D 64×128 k25 0.65-0.67 / 0.64-0.67,
-  2-D 96² k17 0.51-0.53 / 0.45-0.46, 3-D k4×9² 4.10-4.26 / 2.77-2.83; k33 at head_dim 64
-  0.98-1.00 / 1.40-1.41, at 160 (H=8) 0.85-0.86 / 2.67-2.68. (1-D: Triton's, not measured.)"""
-  return (isinstance(mask, masks.Neighborhood) and mask.num_dims >= 2
-          and math.prod(mask.kernel_size) >= NA_SEGMENTS_MIN_WINDOW)
+  these kernels (else Triton's): 2-D windows of at least `NA2D_SEGMENTS_MIN_WINDOW` keys, 3-D
+  ones of at least `NA_SEGMENTS_MIN_WINDOW`. With segments the forward tests every element
+  of partial blocks and every block's segments (no MMA bias, no window boxes), on tiles
+  chosen for that (`cost.auto_tiles`' ``segments``). H100, B=2 (3-D B=1), H=16, D=128,
+  padded last dim, forward ms, these / Triton's (docs/experiments/h100-2026-12-06-segment-
+  tiles.json; before the segment-aware tiles, -padding-auto-before.json): 2-D 96² k17
+  0.37-0.39 / 0.45-0.46 (0.52-0.53 on the tiles chosen for window boxes), 64×128 k25
+  0.56-0.57 / 0.68 (0.66-0.67), 3-D 16×64² k4×9² 2.98-3.02 / 2.80-2.82 (4.07-4.08); fwd+bwd
+  with Triton's backward 1.34-1.35 / 1.39-1.45 and 2.02-2.04 / 2.12-2.13; 64² k13 (B=8)
+  0.59-0.60 / 0.61, fwd+bwd 2.07-2.09 / 2.08-2.09 (-padding-auto-after.json). H200
+  (-12-04-na-padding.json): 2-D 128² k33 1.18-1.36 / 1.66-1.72, 3-D 16×64² k8×16² 5.53-5.92
+  / 8.34-8.39; k33 at head_dim 64 0.98-1.00 / 1.40-1.41, at 160 (H=8) 0.85-0.86 / 2.67-2.68.
+  (1-D: Triton's, not measured.)"""
+  if not (isinstance(mask, masks.Neighborhood) and mask.num_dims >= 2):
+    return False
+  least = NA2D_SEGMENTS_MIN_WINDOW if mask.num_dims == 2 else NA_SEGMENTS_MIN_WINDOW
+  return math.prod(mask.kernel_size) >= least
 
 
 def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) -> bool:
@@ -152,12 +160,6 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
     return False
   if not triton_attention.available():  # no Triton kernels to leave for
     return True
-  return _beats_triton(mask, head_dim, segments)
-
-
-def _beats_triton(mask, head_dim: int, segments: bool) -> bool:
-  """`hopper_backward_neighborhood` with the Triton kernels available: the measured rule."""
-  width = _padded_head_dim(head_dim)
   if width <= 32:
     return False
   if head_dim > _MAX_BACKWARD_HEAD_DIM:  # the role-split kernels: every neighborhood
@@ -189,24 +191,11 @@ NA3D_MIN_WINDOW = 1024
 # and at 64 56² k7 (B=16, H=8) 1.18 / 0.94; k13 (169) was 1.35x slower. Strided 2-D windows
 # stay on Triton's (k32 stride 16: 2.76-2.85 vs 3.18-3.22, -12-05-window-dq-routing.json).
 NA2D_MIN_WINDOW = 1024
-# Keys in a 2-D/3-D window from which the Hopper forward runs a padding mask or segment ids
-# faster than Triton's (ties at 625, wins at 1089 and 2048: `hopper_forward_segments`).
+# Keys in a 3-D window from which the Hopper forward runs a padding mask or segment ids
+# faster than Triton's (loses at 324, wins at 2048), and in a 2-D one (wins at 289, 625 and
+# 1089, ties at 169): `hopper_forward_segments`.
 NA_SEGMENTS_MIN_WINDOW = 1024
-
-
-# Short neighborhoods at head_dim 97-128 (those `hopper_backward_neighborhood` leaves to
-# Triton's backward where it is available) on the role-split kernels with 64-key blocks
-# (`attention_bwd_wide`: a CTA of 64 keys, 18-27% fewer block pairs than 128-key blocks on
-# 2-D k7-k17 and k32 stride 16) instead of the 128-row kernels. A lab knob, off: not measured.
-NARROW_BACKWARD = False
-
-
-def narrow_backward(mask, head_dim: int, segments: bool = False) -> bool:
-  """Whether the Hopper backward takes this neighborhood on 64-key blocks at head_dim
-  97-128 (`NARROW_BACKWARD`)."""
-  return (NARROW_BACKWARD and isinstance(mask, masks.Neighborhood)
-          and _padded_head_dim(head_dim) == 128 and mask.num_dims >= 2
-          and not _beats_triton(mask, head_dim, segments))
+NA2D_SEGMENTS_MIN_WINDOW = 256
 
 
 def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segments=False):
@@ -217,8 +206,7 @@ def default_backward_map_blocks(head_dim: int, dtype, config, mask=None, segment
   config = config if isinstance(config, MosaicGPUConfig) else MosaicGPUConfig()
   hopper = config.backward == "mosaic_gpu" or (
       config.backward is None and hopper_backward_neighborhood(mask, head_dim, segments))
-  if hopper and (_MAX_BACKWARD_HEAD_DIM < head_dim <= 256
-                 or narrow_backward(mask, head_dim, segments)):
+  if hopper and _MAX_BACKWARD_HEAD_DIM < head_dim <= 256:
     return 2 * _ROWS, _ROWS  # the role-split kernels' (`attention_bwd_wide`)
   if hopper and head_dim <= _MAX_BACKWARD_HEAD_DIM:
     return 2 * _ROWS, 2 * _ROWS

@@ -154,11 +154,12 @@ def window_pays(mask, q_tile: tuple, kv_tile: tuple) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def auto_tiles(mask, block_q: int, block_kv: int):
+def auto_tiles(mask, block_q: int, block_kv: int, segments: bool = False):
   """(q tile, kv tile) for `na`'s defaults: the lowest modeled cost (`tile_costs`, over its
-  KV schemes) over 128-row query tiles that are TMA boxes (last dim, and that of the half
-  tile, a multiple of 8) and KV tiles of `block_kv` keys, or of 64 keys when `block_kv` is
-  128; tiles that are not boxes of the layout (ragged leading dims) add the permuted copy
+  KV schemes; ``segments``, a padding mask or segment ids: grid tiles with the element test,
+  `_forward_cost`) over 128-row query tiles that are TMA boxes (last dim, and that of the
+  half tile, a multiple of 8) and KV tiles of `block_kv` keys, or of 64 keys when `block_kv`
+  is 128; tiles that are not boxes of the layout (ragged leading dims) add the permuted copy
   (`_PERMUTE_COST`)."""
   from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles
   tiles = lambda n: candidate_tiles(mask, n, last_multiple=8)
@@ -170,7 +171,7 @@ def auto_tiles(mask, block_q: int, block_kv: int):
     q_box = is_box(qt)
     for kv in kv_sizes:
       for kt in tiles(kv):
-        cost = min(tile_costs(mask, qt, kt).values())
+        cost = _forward_cost(mask, (qt, kt), segments)
         if not (q_box and is_box(kt)):
           cost += _PERMUTE_COST * mask.num_tokens
         key = (cost, max(qt) / min(qt) + max(kt) / min(kt))
@@ -245,15 +246,45 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
   return best
 
 
-def shares_backward_tiles(mask, forward_tiles, backward_tiles) -> bool:
+# ... and where the forward's modeled cost on them (`tile_costs`) is at most this much above
+# its own tiles' (with the kernel-order copy they save where its own tiles are no boxes).
+# 2-D 64² k13 without the Triton kernels: the backward's (8, 16)/(16, 8) tiles model the
+# forward 29% above its own (8, 16)/(4, 32) and ran it 21% slower (H100, 0.41 vs 0.34 ms,
+# docs/experiments/h100-2026-12-06-narrow-backward.json); 128² k33 ties (equal costs).
+# With a padding mask or segment ids the forward runs grid tiles with the element test (no
+# window boxes, no MMA bias), and the cost compares those: 96² k17 with 16 padded columns
+# ran its forward in 0.39 ms on the backward's tiles and 0.52-0.61 on its own
+# (-12-06-share-rule.json).
+SHARED_TILES_SLACK = 0.02
+
+
+def _forward_cost(mask, tiles, segments: bool) -> float:
+  """The forward's modeled cost of a tiling (`tile_costs`); with ``segments`` its grid tiles
+  with the element test on partial blocks."""
+  qt, kt = (tuple(t) for t in tiles)
+  if segments:
+    from jax_sparse_attn.simulate import visited_blocks
+    return list_cost(*visited_blocks(mask, qt, kt), _tma_copies(kt), math.prod(kt), mma=False)
+  return min(tile_costs(mask, qt, kt).values())
+
+
+def shares_backward_tiles(mask, forward_tiles, backward_tiles, segments: bool = False) -> bool:
   """Whether the forward runs on the backward's tiles (`SHARED_TILES`): 2-D windows on the
   Hopper backward (128-token tiles; Triton's backward takes others) whose backward tiles
-  keep the forward's TMA boxes or whose forward tiles are no boxes."""
+  keep the forward's TMA boxes or whose forward tiles are no boxes, where the forward's
+  modeled cost on them (``segments``: a padding mask or segment ids) is within
+  `SHARED_TILES_SLACK` of its own tiles' (less the kernel-order copy one plan saves where
+  the forward's tiles are no boxes)."""
   if not (SHARED_TILES and isinstance(mask, masks.Neighborhood) and mask.num_dims == 2
           and all(math.prod(t) == 2 * _ROWS for t in backward_tiles)):
     return False
   box = lambda t: _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, t))
-  return all(box(t) for t in backward_tiles) or not all(box(t) for t in forward_tiles)
+  own_boxes = all(box(t) for t in forward_tiles)
+  if not (all(box(t) for t in backward_tiles) or not own_boxes):
+    return False
+  cost = lambda tiles: _forward_cost(mask, tiles, segments)
+  saved = 0.0 if own_boxes else _PERMUTE_COST * mask.num_tokens
+  return cost(backward_tiles) <= (1 + SHARED_TILES_SLACK) * cost(forward_tiles) + saved
 
 
 @functools.lru_cache(maxsize=256)
