@@ -184,6 +184,7 @@ def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
       "routing": lambda: [_routing(1, 32768, h, d, 32)],
       "documents": lambda: [_documents(b, 16384, h, d)],
       "padded": lambda: [_padded(b, (128, 128), h, d, 33, 24),
+                         _padded(b, (96, 96), h, d, 17, 16),
                          _padded(1, (16, 64, 64), h, d, (8, 16, 16), 8)],
       "cp": lambda: _cp_cases(1, 65536, h, d),
       "models": lambda: [],

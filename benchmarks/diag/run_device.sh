@@ -25,14 +25,11 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # Queued by the twenty-third session (docs/performance.md, 2026-12-06): the backward tile
-  # rules after the square-halves tie (k17 dilation 4 on (16, 8) for both passes, the rest
-  # as measured), and what leaving the Triton lowering costs on the tiles chosen since.
-  timeout 300 python3 -m benchmarks.diag.diag_backward_tiles \
-    --cases k17_dil4,k33_dil2,k33_causal_h,k33_d64 --variants rules_new,rules_old,triton_bwd \
-    --out $OUT/tile_rules.json 2>&1 | grep '^{'
-  timeout 280 python3 -m benchmarks.diag.diag_without_triton --rounds 1 \
-    --out $OUT/no_triton.json 2>&1 | grep '^{'
+  # Queued by the twenty-fourth session (docs/performance.md, 2026-12-06): the padded rows
+  # after the Hopper forward took 2-D windows from 256 keys on tiles for the element test
+  # (measured on an H100 only), beside all-Triton, on the card lent.
+  timeout 420 python3 -m benchmarks run --suite padded --backends auto,triton \
+    --out $OUT/padded 2>&1 | grep -v Warning | tail -n 20
 fi
 if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")
   timeout 300 python3 -m benchmarks.diag.diag_soft_cap --out $OUT/soft_cap.json 2>&1 | grep '^{'
