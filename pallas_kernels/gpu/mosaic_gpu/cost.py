@@ -246,15 +246,17 @@ def backward_tile_shapes(mask, block_q: int, block_kv: int):
   return best
 
 
-# ... and where the forward's modeled cost on them (`tile_costs`) is at most this much above
-# its own tiles' (with the kernel-order copy they save where its own tiles are no boxes).
+# `SHARED_TILES` takes the backward's tiles only where the forward's modeled cost on them
+# (`_forward_cost`) is at most this much above its own tiles' (less the kernel-order copy
+# they save where its own tiles are no boxes).
 # 2-D 64² k13 without the Triton kernels: the backward's (8, 16)/(16, 8) tiles model the
 # forward 29% above its own (8, 16)/(4, 32) and ran it 21% slower (H100, 0.41 vs 0.34 ms,
 # docs/experiments/h100-2026-12-06-narrow-backward.json); 128² k33 ties (equal costs).
 # With a padding mask or segment ids the forward runs grid tiles with the element test (no
 # window boxes, no MMA bias), and the cost compares those: 96² k17 with 16 padded columns
-# ran its forward in 0.39 ms on the backward's tiles and 0.52-0.61 on its own
-# (-12-06-share-rule.json).
+# ran its forward in 0.39 ms on the backward's tiles, 0.52-0.61 on its tiles for window
+# boxes (-12-06-share-rule.json) and 0.37-0.38 on its tiles for the element test, which it
+# takes now (-12-06-segment-tiles-no-triton.json).
 SHARED_TILES_SLACK = 0.02
 
 
