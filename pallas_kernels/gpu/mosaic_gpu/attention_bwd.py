@@ -370,19 +370,20 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         dk, dv = carry
         q0, head = step_q(j, t)
 
-        def sdp(refs):
-          s_ref, dp_ref = refs
+        def s_product(s_ref):
           if masked and mma:  # the bias first: onehot [64 keys, W] @ test [W, 64 queries]
             plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot])
           plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
+
+        def sdp(refs):
+          s_ref, dp_ref = refs
+          s_product(s_ref)
           plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
           schedule()
           return s_ref[...], dp_ref[...]
 
         def s_only(s_ref):  # ``p_first``: Sᵀ alone (dPᵀ is issued with dV below)
-          if masked and mma:
-            plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot])
-          plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
+          s_product(s_ref)
           return s_ref[...]
 
         if p_first:

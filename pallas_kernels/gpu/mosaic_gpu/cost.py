@@ -282,7 +282,7 @@ def shares_backward_tiles(mask, forward_tiles, backward_tiles, segments: bool = 
     return False
   box = lambda t: _box_layout(TiledLayout(mask.spatial_shape, mask.dilation, t))
   own_boxes = all(box(t) for t in forward_tiles)
-  if not (all(box(t) for t in backward_tiles) or not own_boxes):
+  if own_boxes and not all(box(t) for t in backward_tiles):  # the forward's boxes kept
     return False
   cost = lambda tiles: _forward_cost(mask, tiles, segments)
   saved = 0.0 if own_boxes else _PERMUTE_COST * mask.num_tokens
