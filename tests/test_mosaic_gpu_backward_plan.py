@@ -443,39 +443,3 @@ def test_joint_dq(monkeypatch, case):
                         S(2, 1000, 2, 64), S(2, 1000, 2, 64)).mlir_module()
   assert text.count("@mosaic_gpu_v2(") == 2
 
-
-@pytest.mark.parametrize("form, mask, segments", [("kernel", "window_sink", True),
-                                                  ("split", "masked_rows", False),
-                                                  ("na", None, False)])
-def test_p_first(monkeypatch, form, mask, segments):
-  """`attention_bwd.P_FIRST` (Sᵀ alone, then dV += Pᵀ dO and dPᵀ issued together, dSᵀ from the
-  16-bit Pᵀ) against the float64 brute force: the two-kernel form with GQA and segment ids,
-  the fused form with rows that see nothing (zero gradients), a neighborhood with the MMA
-  bias; and it lowers for CUDA."""
-  from jax_sparse_attn import ops
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "P_FIRST", True)
-  calls, both = [], attention_bwd._dv_and_dp
-  monkeypatch.setattr(attention_bwd, "_dv_and_dp", lambda *a: calls.append(1) or both(*a))
-  ops._make_core.cache_clear()
-  jax.clear_caches()
-  if form == "na":
-    p = dict(problem=((12, 16), (5, 7), (1, 1), (1, 1), (False, True)), batch=1, heads=2,
-             kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=None, tile_kv=None)
-    backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
-  else:
-    p = dict(batch=1, sq=200, skv=200, heads=4, kv_heads=2 if form == "kernel" else 4,
-             head_dim=128, mask=mask, segments=segments, dtype=jnp.bfloat16, seed=7)
-    backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(
-        backward="mosaic_gpu", backward_dq=form))
-  assert calls
-  if form != "na":
-    S = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
-    loss = lambda q, k, v: jnp.sum(jsa.attention(
-        q, k, v, masks.causal(), backend="mosaic_gpu",
-        config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=form)).astype(jnp.float32))
-    text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S, S, S).mlir_module()
-    assert text.count("@mosaic_gpu_v2(") == 2
-  monkeypatch.undo()
-  ops._make_core.cache_clear()
-  jax.clear_caches()

@@ -1,6 +1,5 @@
 """The Hopper backward's register plan: per variant of the register budgets in
 `attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one), the
-step's order (`P_FIRST`: dV and dPᵀ issued together after Pᵀ, dSᵀ from the 16-bit Pᵀ), the
 form (the fused form's Pᵀ through shared memory, `P_SMEM`, measured 2026-12-06 at commit
 a542e24: docs/experiments/h100-2026-12-06-fused-registers.json), ptxas' register and spill
 report, a gradient check against a float32 reference and the backward's ms on dense, causal
@@ -19,13 +18,11 @@ import re
 import subprocess
 import sys
 
-# name: (backward_dq, registers of the compute / memory warpgroups, `attention_bwd.P_FIRST`)
+# name: (backward_dq, registers of the compute / memory warpgroups)
 VARIANTS = {
-    "two": ("kernel", (232, 40), False),
-    "fused": ("split", (240, 24), False),
-    "fused_232": ("split", (232, 40), False),
-    "two_p_first": ("kernel", (232, 40), True),
-    "fused_p_first": ("split", (240, 24), True),
+    "two": ("kernel", (232, 40)),
+    "fused": ("split", (240, 24)),
+    "fused_232": ("split", (232, 40)),
 }
 CASES = ("dense", "causal", "lm")
 
@@ -43,9 +40,8 @@ def child(name: str, out_path: str):
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_fwd
 
-  dq_form, regs, p_first = VARIANTS[name]
+  dq_form, regs = VARIANTS[name]
   setattr(attention_bwd, "FUSED_REGISTERS" if dq_form == "split" else "REGISTERS", regs)
-  attention_bwd.P_FIRST = p_first
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq_form)
   row = {"variant": name}
   # Gradients against float32 XLA attention: causal & window with documents-free GQA.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
-# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all|pending|soft_cap|p_first]
+# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all|pending|soft_cap]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -30,10 +30,6 @@ if [ "$what" = pending ]; then
   # (measured on an H100 only), beside all-Triton, on the card lent.
   timeout 420 python3 -m benchmarks run --suite padded --backends auto,triton \
     --out $OUT/padded 2>&1 | grep -v Warning | tail -n 20
-fi
-if [ "$what" = p_first ]; then  # `attention_bwd.P_FIRST` against the spills (its own call)
-  timeout 560 python3 -m benchmarks.diag.diag_fused_registers --out $OUT/p_first \
-    --variants fused,fused_p_first,two,two_p_first 2>&1 | grep '^{'
 fi
 if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")
   timeout 300 python3 -m benchmarks.diag.diag_soft_cap --out $OUT/soft_cap.json 2>&1 | grep '^{'

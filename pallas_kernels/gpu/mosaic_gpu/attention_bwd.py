@@ -123,13 +123,6 @@ SHARED_STATIC_ITEMS = True
 # dK/dV kernel barely spills at 232/40 (24 bytes) and is 1% slower at 240/24.
 REGISTERS = (232, 40)
 FUSED_REGISTERS = (240, 24)
-# The step's order, a lab knob against the spills above: Sᵀ alone first; from Pᵀ (masked) the
-# dV += Pᵀ dO and dPᵀ = V dOᵀ wgmmas issued together; dSᵀ from Pᵀ in the input dtype (the
-# operand dV took). Live at dSᵀ: dK, dV, Pᵀ (16-bit) and dPᵀ instead of dK, dV, Sᵀ/Pᵀ and
-# dPᵀ in float32 (-16 registers a thread). The cost: dPᵀ's wgmma no longer runs under the
-# exp2 of Pᵀ. Not with soft-capping (its slope needs Sᵀ) or ping-pong. Off: not measured
-# (`diag_fused_registers --variants fused,fused_p_first,two,two_p_first`).
-P_FIRST = False
 # `MosaicGPUConfig.backward_dq=None` fuses dQ into this kernel (at head_dim 128) where KV
 # blocks visit at least this many Q blocks on average: the fused form does 5 matmuls per
 # block pair instead of the two kernels' 7 but pays more per CTA (dQ reduce-adds, spills).
@@ -221,33 +214,13 @@ def item_lists(items_ref, ids_ref, counts_ref, item, kv_head, batch, *, groups: 
   return kv_block, first, entries, full, q_block
 
 
-def _dv_and_dp(dv, p16, v_rows, do_rows, p_buf=None):
-  """(dV + Pᵀ dO, V dOᵀ) for `P_FIRST`: both wgmmas issued before either is waited on. A
-  warpgroup's 64 key rows: ``v_rows`` [64, d], ``do_rows`` the step's [64 queries, d].
-  Interpret mode (``p_buf``: shared memory for Pᵀ, wgmma's operand A there) through fresh
-  accumulators."""
-  if p_buf is not None:
-    p_buf[...] = p16
-    plgpu.commit_smem()
-    return mma_add(dv, p_buf, do_rows), mma_add(
-        jnp.zeros((_ROWS, _ROWS), jnp.float32), v_rows, do_rows.transpose((1, 0)))
-
-  def run(refs):
-    dv_ref, dp_ref = refs
-    plgpu.wgmma(dv_ref, p16, do_rows)
-    plgpu.wgmma(dp_ref, v_rows, do_rows.transpose((1, 0)))
-  zeros = plgpu.layout_cast(jnp.zeros((_ROWS, _ROWS), jnp.float32), plgpu.Layout.WGMMA)
-  return pl.run_state(run)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-
-
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, quarters: bool = False,
-            cta=None, zero_empty: bool = False, softcap: float | None = None,
-            p_first: bool = False):
+            cta=None, zero_empty: bool = False, softcap: float | None = None):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
   "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
   entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks, max q
@@ -272,7 +245,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   with no entries stores zeros as its block's dK/dV, so they need no zero fill.
 
   ``softcap``: scores soft-capped before the mask (`softcap.capped2`), dSᵀ times the cap's
-  slope. ``p_first``: the step's order of `P_FIRST`."""
+  slope."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
@@ -370,26 +343,16 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         dk, dv = carry
         q0, head = step_q(j, t)
 
-        def s_product(s_ref):
+        def sdp(refs):
+          s_ref, dp_ref = refs
           if masked and mma:  # the bias first: onehot [64 keys, W] @ test [W, 64 queries]
             plgpu.wgmma(s_ref, onehot_smem.at[wg], table_smem.at[slot])
           plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
-
-        def sdp(refs):
-          s_ref, dp_ref = refs
-          s_product(s_ref)
           plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
           schedule()
           return s_ref[...], dp_ref[...]
 
-        def s_only(s_ref):  # ``p_first``: Sᵀ alone (dPᵀ is issued with dV below)
-          s_product(s_ref)
-          return s_ref[...]
-
-        if p_first:
-          s_t, dp_t = pl.run_scoped(s_only, plgpu.ACC((_ROWS, _ROWS), jnp.float32)), None
-        else:
-          s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
+        s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
         s_t = capped2(s_t * qk_scale, softcap, floor=masked and mma)  # log2 units
         p_t = jnp.exp2(s_t - cols(lse_smem.at[slot]))
         def in_dim(d):  # rows are keys, columns queries
@@ -404,11 +367,6 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
         if segments and (masked or not segments_full):
           p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
-        if p_first:  # dV += Pᵀ dO and dPᵀ = V dOᵀ together; dSᵀ from the 16-bit Pᵀ
-          p16 = p_t.astype(dtype)
-          dv, dp_t = _dv_and_dp(dv, p16, v_smem.at[own], do_smem.at[slot],
-                                p_smem.at[wg] if interpret else None)
-          p_t = p16.astype(jnp.float32)
         ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
         if softcap is not None:  # through the cap
           ds_t = ds_t * slope2(s_t, softcap)
@@ -420,11 +378,10 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         if with_dq or interpret:
           ds_ref.at[own][...] = ds16
           ds16 = ds_ref.at[own]
-        if not p_first:
-          p16 = p_t.astype(dtype)
-          if interpret:  # wgmma's operand A from shared memory only there
-            p_smem.at[wg][...] = p16
-            p16 = p_smem.at[wg]
+        p16 = p_t.astype(dtype)
+        if interpret:  # wgmma's operand A from shared memory only there
+          p_smem.at[wg][...] = p16
+          p16 = p_smem.at[wg]
         plgpu.commit_smem()
 
         def dq_operands():  # dS (a transposed view of dSᵀ) and the matching K columns
@@ -434,12 +391,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         schedule()
 
-        def products(refs):  # dV (unless done), dK, then (once both dSᵀ halves are written) dQ
-          if p_first:
-            dk_ref, *dq_acc = refs
-          else:
-            dv_ref, dk_ref, *dq_acc = refs
-            plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
+        def products(refs):  # dV, dK, then (once both dSᵀ halves are written) dQ
+          dv_ref, dk_ref, *dq_acc = refs
+          plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
@@ -449,17 +403,16 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         dq0 = (plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32), plgpu.Layout.WGMMA)
                if with_dq else None)
         if interpret:  # the same products through fresh accumulators
-          dv = dv if p_first else mma_add(dv, p16, do_smem.at[slot])
+          dv = mma_add(dv, p16, do_smem.at[slot])
           dk = mma_add(dk, ds16, q_smem.at[slot])
           if split_dq:
             rendezvous()
           dq = mma_add(dq0, *dq_operands()) if with_dq else None
+        elif with_dq:
+          dv, dk, dq = pl.run_state(products)(
+              (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
         else:
-          accs = ((() if p_first else (dv,)) + (dk,) + ((dq0,) if with_dq else ()))
-          accs = pl.run_state(products)(tuple(plgpu.ACC.init(a) for a in accs))
-          if not p_first:
-            dv, *accs = accs
-          dk, dq = accs if with_dq else (accs[0], None)
+          dv, dk = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
         if release:
           plgpu.barrier_arrive(q_free.at[slot])
         if not with_dq:
@@ -776,8 +729,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
-      quarters=quarters is not None, zero_empty=zero_empty, softcap=softcap,
-      p_first=P_FIRST and softcap is None and not cfg.backward_pingpong)
+      quarters=quarters is not None, zero_empty=zero_empty, softcap=softcap)
   grid = bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
