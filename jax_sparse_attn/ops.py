@@ -623,10 +623,11 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   cap = softcap_lib.check(logits_soft_cap)
   q_seg, kv_seg = _na_segments(kv_valid, segment_ids, (query.shape[0],) + spatial,
                                "[batch, *spatial]")
+  segments = q_seg is not None
   tile_block = lambda tile, name: (None if tile is None else
                                    math.prod(masks_lib._as_tuple(tile, ndim, name)))
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
-                            segments=q_seg is not None,
+                            segments=segments,
                             block_q=block_q or tile_block(q_tile_shape, "q_tile_shape"),
                             block_kv=block_kv or tile_block(kv_tile_shape, "kv_tile_shape"),
                             config=config, scale=scale)
@@ -647,7 +648,7 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                    and block_kv is None)
   if q_tile_shape is None or kv_tile_shape is None:
     best_q, best_kv = auto_tiles(impl, mask, bq, bk, half_q=block_q is None,
-                                 segments=q_seg is not None)
+                                 segments=segments)
     q_tile_shape = tuple(q_tile_shape or best_q)
     kv_tile_shape = tuple(kv_tile_shape or best_kv)
   q_tile_shape = masks_lib._as_tuple(q_tile_shape, ndim, "q_tile_shape")
@@ -669,11 +670,10 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
   # The backward's own plan: its tiles where `na` picks them, its blocks where the caller's
   # tiles make blocks it cannot take (`Backend.backward_runs`).
   own = default_tiles or (impl.backward_runs is not None and not impl.backward_runs(plan, d))
-  bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config,
-                             segments=q_seg is not None)
+  bwd_plan = (_backward_plan(impl, mask, plan, d, query.dtype, config, segments=segments)
               if own and impl.gathers else None)
   if (default_tiles and bwd_plan is not None
-      and _shares_tiles(impl, mask, plan, bwd_plan, q_seg is not None)):
+      and _shares_tiles(impl, mask, plan, bwd_plan, segments)):
     plan = make_plan(mask, bwd_plan.q_layout, bwd_plan.kv_layout)  # one plan for both passes
     bwd_plan = None
   out, lse = run_plan(backend, plan, scale, config, interpret, query, key, value, q_seg,

@@ -26,6 +26,9 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", deadline=None, max_examples=8, derandomize=True,
                           print_blob=True)
 settings.register_profile("thorough", deadline=None, max_examples=200)
+# A randomized sweep between releases: new examples each run, as many as HYPOTHESIS_EXAMPLES.
+settings.register_profile("sweep", deadline=None, print_blob=True,
+                          max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "25")))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Interpret-mode kernels' callbacks take numpy arguments (3-4x faster; tests/numpy_callbacks.py).

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 def examples(ci: int) -> int:
   """A test's max_examples: `ci` under the CI profile (what its interpret-mode kernels cost on
-  the 2-core CI machine), else the loaded profile's (thorough: 200; an explicit max_examples
-  would otherwise override the profile's)."""
+  the 2-core CI machine), else the loaded profile's (thorough: 200, sweep: HYPOTHESIS_EXAMPLES;
+  an explicit max_examples would otherwise override the profile's)."""
   if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
     return ci
   return settings.default.max_examples

@@ -9,8 +9,9 @@ first's:
   padding mask on 2-D windows under 256 keys and 3-D ones under 1024);
 - ``no_triton``: the same call traced with the Triton kernels unavailable.
 
-(``narrow``, the role-split kernels on 64-key blocks at head_dim 128, ran at commit cb67df0:
-docs/performance.md.)
+(``narrow``, the role-split kernels on 64-key blocks at head_dim 128, ran at commit cb67df0;
+padded calls' backward tiles chosen without the MMA-bias preference, a two-line change of
+`cost.backward_tile_shapes` measured on 3594705 and dropped: docs/performance.md.)
 
     python -m benchmarks.diag.diag_without_triton --cases k7_d64,k17_dil4 --out x.json
 """
@@ -29,6 +30,9 @@ CASES = {"k7_d64": ((56, 56), 7, 1, 1, 16, 8, 64, 0),
          "k17_dil4": ((128, 128), 17, 1, 4, 2, 16, 128, 0),
          "k32_s16": ((128, 128), 32, 16, 1, 2, 16, 128, 0),
          "k17_padded": ((96, 96), 17, 1, 1, 2, 16, 128, 16),
+         "k17_dil4_padded": ((128, 128), 17, 1, 4, 2, 16, 128, 16),
+         "k7_d64_padded": ((56, 56), 7, 1, 1, 16, 8, 64, 8),
+         "k25_padded": ((64, 128), 25, 1, 1, 2, 16, 128, 16),
          "3d_3x9x9": ((8, 48, 48), (3, 9, 9), 1, 1, 4, 16, 128, 0),
          "1d_k129": ((32768,), 129, 1, 1, 2, 16, 128, 0),
          "packed_k13": (((64, 64), (48, 80), (32, 32)), 13, 1, 1, 2, 16, 128, 0)}
