@@ -172,4 +172,3 @@ def test_jax_without_the_triton_lowering():
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=300)
   assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
-
