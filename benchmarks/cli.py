@@ -139,11 +139,15 @@ def _documents(b, s, h, d, n=4, seed=0):
               run, pairs, bound)
 
 
-def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
-  """Suite name -> a function building its cases (full size, or tiny with `quick`)."""
+def suites(quick: bool, batch: int | None = None, heads: int | None = None,
+           head_dim: int | None = None) -> dict[str, Callable[[], list[Case]]]:
+  """Suite name -> a function building its cases (full size, or tiny with `quick`). `batch`,
+  `heads`, `head_dim` replace the cases' own (``--batch``, ``--heads``, ``--head-dim``): the
+  GQA case keeps a quarter of the heads as KV heads where they divide by 4, and the names
+  say what was replaced."""
   if quick:
-    b, h, d, s = 1, 2, 32, 256
-    return {
+    b, h, d, s = batch or 1, heads or 2, head_dim or 32, 256
+    return {name: _renamed(build, batch, heads, head_dim) for name, build in {
         "dense": lambda: [_seq("dense", f"dense S={s}", b, s, h, d, masks.full(), ("dense", 0))],
         "causal": lambda: [_seq("causal", f"causal S={s}", b, s, h, d, masks.causal(),
                                 ("causal", 0))],
@@ -157,38 +161,52 @@ def suites(quick: bool) -> dict[str, Callable[[], list[Case]]]:
                                      b, s, h, d, masks.causal() & (masks.sliding_window(31)
                                                                    | masks.sink(4)), None)],
         "routing": lambda: [_routing(b, 512, h, d, 1)],
-        "documents": lambda: [_documents(2, s, h, d)],
+        "documents": lambda: [_documents(batch or 2, s, h, d)],
         "padded": lambda: [_padded(b, (16, 16), h, d, 5, 3)],
         "cp": lambda: _cp_cases(b, 512, h, d),
         "models": lambda: [],  # (run_suites: bench_models.cases(quick=True))
-    }
-  b, h, d = 2, 16, 128
-  return {
+    }.items()}
+  b, h, d = batch or 2, heads or 16, head_dim or 128
+  b1 = batch or 1  # the cases of one batch row
+  hkv = h // 4 if h % 4 == 0 else h
+  gqa = f"GQA {h}/{hkv}" if hkv != h else "MHA"
+  return {name: _renamed(build, batch, heads, head_dim) for name, build in {
       "dense": lambda: [_seq("dense", f"dense S={s}", b, s, h, d, masks.full(), ("dense", 0))
                         for s in (4096, 16384)],
       "causal": lambda: [_seq("causal", f"causal S={s}", b, s, h, d, masks.causal(),
                               ("causal", 0)) for s in (4096, 16384)],
-      "window": lambda: [_seq("window", "causal window 2048, S=32768, B=1", 1, 32768, h, d,
+      "window": lambda: [_seq("window", "causal window 2048, S=32768, B=1", b1, 32768, h, d,
                               masks.causal() & masks.sliding_window(2047), ("window", 2047))],
       "gna1d": lambda: [_na("gna1d", "1-D NA 32768 k2049", b, (32768,), h, d, 2049)],
       "gna2d": lambda: [_na("gna2d", "2-D NA 128x128 k33", b, (128, 128), h, d, 33)],
-      "gna3d": lambda: [_na("gna3d", "3-D NA 16x64x64 k(8,16,16), B=1", 1, (16, 64, 64), h, d,
-                            (8, 16, 16))],
-      "strided": lambda: [_na("strided", "3-D NA 16x64x64 k(8,16,16) stride (4,8,8), B=1", 1,
+      "gna3d": lambda: [_na("gna3d", "3-D NA 16x64x64 k(8,16,16), B=1", b1, (16, 64, 64), h,
+                            d, (8, 16, 16))],
+      "strided": lambda: [_na("strided", "3-D NA 16x64x64 k(8,16,16) stride (4,8,8), B=1", b1,
                               (16, 64, 64), h, d, (8, 16, 16), (4, 8, 8))],
       "blocksparse": lambda: [_seq("blocksparse", "causal & (window 512 | 4 sinks), S=8192, "
-                                   "GQA 16/4", b, 8192, h, d,
+                                   + gqa, b, 8192, h, d,
                                    masks.causal() & (masks.sliding_window(511) | masks.sink(4)),
-                                   None, hkv=4, flex=dict(kind="window_sink", window=511,
-                                                          sinks=4))],
-      "routing": lambda: [_routing(1, 32768, h, d, 32)],
+                                   None, hkv=hkv, flex=dict(kind="window_sink", window=511,
+                                                            sinks=4))],
+      "routing": lambda: [_routing(b1, 32768, h, d, 32)],
       "documents": lambda: [_documents(b, 16384, h, d)],
       "padded": lambda: [_padded(b, (128, 128), h, d, 33, 24),
                          _padded(b, (96, 96), h, d, 17, 16),
-                         _padded(1, (16, 64, 64), h, d, (8, 16, 16), 8)],
-      "cp": lambda: _cp_cases(1, 65536, h, d),
+                         _padded(b1, (16, 64, 64), h, d, (8, 16, 16), 8)],
+      "cp": lambda: _cp_cases(b1, 65536, h, d),
       "models": lambda: [],
-  }
+  }.items()}
+
+
+def _renamed(build, batch, heads, head_dim):
+  """`build` whose cases' names say the batch, heads and head_dim given in their place (a
+  batch given replaces the names' own ", B=1")."""
+  given = [f"{k}={v}" for k, v in (("B", batch), ("H", heads), ("D", head_dim)) if v]
+  if not given:
+    return build
+  suffix = f" [{', '.join(given)}]"
+  strip = (lambda n: n.replace(", B=1", "")) if batch else (lambda n: n)
+  return lambda: [dataclasses.replace(c, name=strip(c.name) + suffix) for c in build()]
 
 
 def _cp_cases(b, s, h, d):
@@ -309,10 +327,10 @@ def _git_commit():
 
 
 def run_suites(names, *, quick, backends, peers, iters, repeats, dtype, log=print,
-               save=lambda rows: None):
+               save=lambda rows: None, shapes=None):
   """The rows of every case of the named suites (`save(rows)` after each, so that a run cut
-  short keeps what it measured)."""
-  table = suites(quick)
+  short keeps what it measured); `shapes`: `suites`' batch, heads and head_dim."""
+  table = suites(quick, **(shapes or {}))
   platform = jax.default_backend()
   rows, cases = [], []
   for name in names:
@@ -452,6 +470,14 @@ def plot(rows, path, title=None):
   fig.savefig(path, dpi=150)
 
 
+def _positive(text: str) -> int:
+  """An argparse type: a positive int."""
+  value = int(text)
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+  return value
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -465,6 +491,10 @@ def main(argv=None):
   run.add_argument("--iters", type=int, default=None)
   run.add_argument("--repeats", type=int, default=None)
   run.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
+  for flag, what in (("--batch", "batch"), ("--heads", "query heads"),
+                     ("--head-dim", "head_dim")):
+    run.add_argument(flag, type=_positive, default=None,
+                     help=f"every case's {what} (default: each case's own)")
   sub.add_parser("list", help="list the suites and their cases")
   args = parser.parse_args(argv)
   if args.command == "list":
@@ -478,6 +508,7 @@ def main(argv=None):
   bad = [n for n in names if n not in SUITES]
   if bad:
     parser.error(f"unknown suite(s) {bad}; choose from {', '.join(SUITES)}")
+  shapes = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim)
   platform = jax.default_backend()
   dtype = jnp.dtype(args.dtype or ("float32" if platform == "cpu" else "bfloat16"))
   iters = args.iters or (1 if args.quick else 10)
@@ -491,7 +522,8 @@ def main(argv=None):
               jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
               python=sys.version.split()[0], date=datetime.date.today().isoformat(),
               dtype=str(dtype),
-              commit=_git_commit(), quick=args.quick, backends=backends, suites=names)
+              commit=_git_commit(), quick=args.quick, backends=backends, suites=names,
+              **{k: v for k, v in shapes.items() if v})
   print(json.dumps(head), flush=True)
   t = time.perf_counter()
 
@@ -500,7 +532,7 @@ def main(argv=None):
       json.dump(dict(head, seconds=round(time.perf_counter() - t, 1), rows=rows), f, indent=1)
 
   rows = run_suites(names, quick=args.quick, backends=backends, peers=args.peers, iters=iters,
-                    repeats=repeats, dtype=dtype, save=save)
+                    repeats=repeats, dtype=dtype, save=save, shapes=shapes)
   save(rows)
   table = markdown(rows)
   with open(os.path.join(args.out, "results.md"), "w") as f:

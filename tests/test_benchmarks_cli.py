@@ -111,3 +111,22 @@ def test_interleaved_vs_first():
                                   "b": lambda: (lambda q, k, v: q + k + 2 * v)},
                             (x, x, x, x), rounds=1)
   assert row["b_rel_diff"] > 0.1 and "a_rel_diff" not in row and "a_fwd_ms_0" in row
+
+
+def test_shape_flags():
+  """``--batch``, ``--heads``, ``--head-dim`` replace every case's own (the GQA case keeps a
+  quarter of the heads as KV heads where they divide by 4) and the names say so; a value
+  that is not a positive integer is an error that names the flag."""
+  from benchmarks.cli import suites
+  built = suites(False, heads=12, head_dim=64)
+  gqa, = built["blocksparse"]()
+  assert gqa.q_shape == (2, 8192, 12, 64) and gqa.kv_shape == (2, 8192, 3, 64)
+  assert gqa.name.endswith("GQA 12/3 [H=12, D=64]")
+  window, = built["window"]()
+  assert window.q_shape == (1, 32768, 12, 64) and "B=1 [H=12, D=64]" in window.name
+  na3d, = suites(False, batch=4)["gna3d"]()
+  assert na3d.q_shape[0] == 4 and "B=1" not in na3d.name and na3d.name.endswith("[B=4]")
+  assert [c.name for c in suites(False)["dense"]()] == ["dense S=4096", "dense S=16384"]
+  res = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--heads", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0 and "--heads: must be a positive integer" in res.stderr
