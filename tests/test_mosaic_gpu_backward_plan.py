@@ -365,8 +365,10 @@ def test_fused_dq_policy(monkeypatch):
   """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
   at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5) and the
   map has no dead quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else
-  dQ is its own kernel (causal S=4096: 16.5; head_dim 64); explicit forms win. The fused
-  dense backward lowers to one kernel beside the forward."""
+  dQ is its own kernel (causal S=4096: 16.5); at head_dim 64 from `FUSED_MIN_ENTRIES_64` on
+  1-D masks (causal S=4096 fused, the LM mask's 5.8 not; a neighborhood never), with
+  `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
+  beside the forward."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
@@ -376,7 +378,12 @@ def test_fused_dq_policy(monkeypatch):
                                                             backward_dq=dq))
   assert attention_bwd._mean_entries(dense.block_map) == 64
   assert not attention_bwd._separate_dq(cfg(), dense, 128)
-  assert attention_bwd._separate_dq(cfg(), dense, 64)
+  assert not attention_bwd._separate_dq(cfg(), dense, 64)
+  assert not attention_bwd._separate_dq(cfg(), seq(masks.causal(), 4096), 64)
+  lm = seq(masks.causal() & (masks.sliding_window(511) | masks.sink(4)), 8192)
+  assert attention_bwd._mean_entries(lm.block_map) < attention_bwd.FUSED_MIN_ENTRIES_64
+  assert attention_bwd._separate_dq(cfg(), lm, 64)
+  assert attention_bwd._separate_dq(cfg(), dense, 96)  # not measured there: two kernels
   assert not attention_bwd._separate_dq(cfg(), causal, 128)  # 32.5
   assert attention_bwd._separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
   assert attention_bwd._separate_dq(cfg("kernel"), dense, 128)
@@ -443,3 +450,35 @@ def test_joint_dq(monkeypatch, case):
                         S(2, 1000, 2, 64), S(2, 1000, 2, 64)).mlir_module()
   assert text.count("@mosaic_gpu_v2(") == 2
 
+
+
+def test_fused_at_head_dim_64(monkeypatch):
+  """At head_dim 64 the default fuses dQ into the dK/dV kernel on 1-D masks with long lists
+  (`FUSED_MIN_ENTRIES_64`, the "own" form) over `FUSED_STAGES_64` Q/dO slots: against the
+  float64 brute force in interpret mode (the threshold lowered and dead-quarter skips off to
+  reach it on a small problem; GQA, rows that see nothing), and dense S=8192 lowers to the fused kernel (no
+  joint dQ launch) where the LM mask keeps the two kernels."""
+  from jax_sparse_attn import ops
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  stages, kernel = [], attention_bwd._kernel
+  monkeypatch.setattr(attention_bwd, "_kernel",
+                      lambda *a, **kw: stages.append((kw["stages"], kw["split_dq"],
+                                                      kw["with_dq"])) or kernel(*a, **kw))
+  monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64", 1)
+  monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # the small causal map's dead quarters
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+  p = dict(batch=1, sq=384, skv=384, heads=4, kv_heads=2, head_dim=64, mask="masked_rows",
+           segments=False, dtype=jnp.bfloat16, seed=7)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+  assert stages and set(stages) == {(attention_bwd.FUSED_STAGES_64, False, True)}
+  monkeypatch.undo()
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+  S = jax.ShapeDtypeStruct((1, 8192, 2, 64), jnp.bfloat16)
+  lowered = lambda mask: export_for_gpu(jax.grad(lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, mask, backend="mosaic_gpu", config=BWD).astype(jnp.float32)),
+      argnums=(0, 1, 2)), S, S, S).mlir_module()
+  assert "sparse_attention_bwd_joint" not in lowered(masks.full())
+  assert "sparse_attention_bwd_joint" in lowered(
+      masks.causal() & (masks.sliding_window(511) | masks.sink(4)))

@@ -80,7 +80,8 @@ class MosaicGPUConfig:
   # head_dim 128 only), "own" (each its own key rows' share, all columns, twice the
   # reduce-adds). None: "split" at head_dim 128 where KV blocks visit many Q blocks
   # (`attention_bwd.FUSED_MIN_ENTRIES`: dense, causal, MoBA) and no dead quarters are left
-  # to skip, else "kernel" where the plan allows it, else "split" where it applies.
+  # to skip, "own" at head_dim 64 on such 1-D masks (`FUSED_MIN_ENTRIES_64`), else "kernel"
+  # where the plan allows it, else "split" where it applies.
   backward_dq: str | None = None
   # The backward's warpgroups alternate (FlashAttention-3's ping-pong, as the forward of jax's
   # attention_mgpu example): one's softmax/dS while the other's matmuls run, through a
