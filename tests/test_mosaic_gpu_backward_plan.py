@@ -452,12 +452,14 @@ def test_joint_dq(monkeypatch, case):
 
 
 
-def test_fused_at_head_dim_64(monkeypatch):
+@pytest.mark.parametrize("mask, segments", [("masked_rows", False), ("window_sink", True)])
+def test_fused_at_head_dim_64(monkeypatch, mask, segments):
   """At head_dim 64 the default fuses dQ into the dK/dV kernel on 1-D masks with long lists
   (`FUSED_MIN_ENTRIES_64`, the "own" form) over `FUSED_STAGES_64` Q/dO slots: against the
   float64 brute force in interpret mode (the threshold lowered and dead-quarter skips off to
-  reach it on a small problem; GQA, rows that see nothing), and dense S=8192 lowers to the fused kernel (no
-  joint dQ launch) where the LM mask keeps the two kernels."""
+  reach it on a small problem; GQA with rows that see nothing, or packed documents: the
+  runtime map over the static items), and dense S=8192 lowers to the fused kernel (no joint
+  dQ launch) where the LM mask keeps the two kernels."""
   from jax_sparse_attn import ops
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
   stages, kernel = [], attention_bwd._kernel
@@ -468,13 +470,15 @@ def test_fused_at_head_dim_64(monkeypatch):
   monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # the small causal map's dead quarters
   ops._make_core.cache_clear()
   jax.clear_caches()
-  p = dict(batch=1, sq=384, skv=384, heads=4, kv_heads=2, head_dim=64, mask="masked_rows",
-           segments=False, dtype=jnp.bfloat16, seed=7)
+  p = dict(batch=1, sq=384, skv=384, heads=4, kv_heads=2, head_dim=64, mask=mask,
+           segments=segments, dtype=jnp.bfloat16, seed=7)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
   assert stages and set(stages) == {(attention_bwd.FUSED_STAGES_64, False, True)}
   monkeypatch.undo()
   ops._make_core.cache_clear()
   jax.clear_caches()
+  if segments:
+    return
   S = jax.ShapeDtypeStruct((1, 8192, 2, 64), jnp.bfloat16)
   lowered = lambda mask: export_for_gpu(jax.grad(lambda q, k, v: jnp.sum(jsa.attention(
       q, k, v, mask, backend="mosaic_gpu", config=BWD).astype(jnp.float32)),

@@ -8,14 +8,21 @@ fwd+bwd ms, gradients against the first's:
 - ``fused``: dQ reduce-added by the dK/dV kernel, each warpgroup its own keys' share
   (``backward_dq="own"``: 5 matmuls per block pair instead of 7; at 64 columns the dK/dV
   accumulators leave room for it without spills);
-- ``kernel_stages4``: the default with 4 Q/dO slots (a slot is half the bytes of 128 columns');
-- ``fused_stages4``: both (the default on 1-D masks with long lists since 2026-12-06:
-  `attention_bwd.FUSED_MIN_ENTRIES_64`, `FUSED_STAGES_64`; the variants set the forms
-  explicitly, so they stay what they say).
+- ``kernel_stages4``: the two kernels with 4 Q/dO slots (a slot is half the bytes of 128
+  columns');
+- ``fused_stages4``: both (the default at 64 columns on 1-D masks with long lists since
+  2026-12-06: `attention_bwd.FUSED_MIN_ENTRIES_64`, `FUSED_STAGES_64`);
+- ``default``: what `backward_dq=None` picks with the module's slots.
 
-cuDNN beside each case, and a gradient check of ``fused`` against float32 XLA at S=2048.
+The variants set the form and slots explicitly, so they stay what they say. ``--head-dim``
+(64 by default; other widths take "own" too) and the case ``na3d`` (3-D 16×64² k8×16², B=1,
+which keeps the two kernels by default) are the next questions: not measured yet.
 
-    python -m benchmarks.diag.diag_d64_backward --out x.json [--cases dense,causal,window,lm]
+cuDNN beside dense and causal, and a gradient check of ``fused`` against float32 XLA at a
+smaller size (S=2048, or 8×32² for ``na3d``).
+
+    python -m benchmarks.diag.diag_d64_backward --out x.json [--cases dense,causal,window,lm,na3d]
+        [--head-dim 64]
 """
 import jax
 import jax.numpy as jnp
@@ -29,41 +36,59 @@ from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 from . import Rows, case_parser, interleaved_vs_first
 from ..bench_gpu import fwd_bwd, inputs, rel
 
-CASES = {"dense": masks.full(), "causal": masks.causal(),
-         "window": masks.causal() & masks.sliding_window(2047),
-         "lm": masks.causal() & (masks.sliding_window(511) | masks.sink(4))}
-B, S, H, D = 2, 16384, 12, 64
+SEQ = {"dense": masks.full(), "causal": masks.causal(),
+       "window": masks.causal() & masks.sliding_window(2047),
+       "lm": masks.causal() & (masks.sliding_window(511) | masks.sink(4))}
+NA3D = ((16, 64, 64), (8, 16, 16))  # "na3d": B=1, the headline's 3-D neighborhood
+B, S, H = 2, 16384, 12
+DEFAULTS = (attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64)
 
 
-def _set_stages(n: int):
-  attention_bwd.STAGES = attention_bwd.FUSED_STAGES = n
+def _set_stages(*stages: int):
+  """Q/dO slots of the two-kernel form, the fused form, the fused form at 64 columns."""
+  attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64 = stages
   ops._make_core.cache_clear()
   jax.clear_caches()
 
 
+def _case(name: str, d: int):
+  """(fn(dq form) -> fn(q, k, v, backend), q shape at full size, q shape of the check)."""
+  if name == "na3d":
+    spatial, kernel = NA3D
+    run = lambda dq, backend="mosaic_gpu": (lambda q, k, v: jsa.na(
+        q, k, v, kernel, backend=backend,
+        config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq) if dq else None))
+    return run, (1, *spatial, H, d), (1, 8, 32, 32, 4, d)
+  mask = SEQ[name]
+  run = lambda dq, backend="mosaic_gpu": (lambda q, k, v: jsa.attention(
+      q, k, v, mask, backend=backend,
+      config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq) if dq else None))
+  return run, (B, S, H, d), (1, 2048, 4, d)
+
+
 def main():
   parser = case_parser("dense,causal")
+  parser.add_argument("--head-dim", type=int, default=64)
   args = parser.parse_args()
+  d = args.head_dim
   rows = Rows()
   for name in args.cases.split(","):
-    mask = CASES[name]
-    run = lambda dq: (lambda q, k, v: jsa.attention(
-        q, k, v, mask, backend="mosaic_gpu",
-        config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq)))
-    row = {"case": f"{name} S={S}", "batch": B, "heads": H, "head_dim": D}
-    small = inputs((1, 2048, 4, D), (1, 2048, 4, D), jnp.bfloat16)
-    want = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, mask, backend="xla"))(
-        *(x.astype(jnp.float32) for x in small))
+    run, shape, small_shape = _case(name, d)
+    row = {"case": name, "q_shape": shape}
+    small = inputs(small_shape, small_shape, jnp.bfloat16)
+    want = fwd_bwd(run(None, "xla"))(*(x.astype(jnp.float32) for x in small))
+    _set_stages(*DEFAULTS)
     got = fwd_bwd(run("own"))(*small)
     row["fused_rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5) for n, g, w in
                                        zip(("out", "dq", "dk", "dv"), got, want)}
-    big = inputs((B, S, H, D), (B, S, H, D), jnp.bfloat16)
-    variants = {"kernel": lambda: (_set_stages(2), run("kernel"))[1],
-                "fused": lambda: (_set_stages(2), run("own"))[1],
-                "kernel_stages4": lambda: (_set_stages(4), run("kernel"))[1],
-                "fused_stages4": lambda: (_set_stages(4), run("own"))[1]}
+    big = inputs(shape, shape, jnp.bfloat16)
+    variants = {"kernel": lambda: (_set_stages(2, 2, 2), run("kernel"))[1],
+                "fused": lambda: (_set_stages(2, 2, 2), run("own"))[1],
+                "kernel_stages4": lambda: (_set_stages(4, 4, 4), run("kernel"))[1],
+                "fused_stages4": lambda: (_set_stages(4, 4, 4), run("own"))[1],
+                "default": lambda: (_set_stages(*DEFAULTS), run(None))[1]}
     interleaved_vs_first(row, variants, big)
-    _set_stages(2)
+    _set_stages(*DEFAULTS)
     if name in ("dense", "causal"):
       cudnn = lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=name == "causal", implementation="cudnn")
