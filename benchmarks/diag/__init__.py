@@ -3,6 +3,8 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 
 import jax
@@ -35,6 +37,27 @@ def case_parser(cases: str) -> argparse.ArgumentParser:
   parser.add_argument("--cases", default=cases)
   parser.add_argument("--out", default=None)
   return parser
+
+
+def variant_parser(variants) -> argparse.ArgumentParser:
+  """The command line of a diagnostic that runs each variant in a child process of its own
+  (ptxas' report and the compile cache per variant): ``--out`` (required), ``--variants``
+  (comma-separated, default: all of `variants`) and ``--child`` (the variant a child runs);
+  callers add their own arguments."""
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--variants", default=",".join(variants))
+  parser.add_argument("--child", default=None)
+  return parser
+
+
+def child_done(row: dict, path: str):
+  """A variant's child process ends: `row` printed and written to `path` as JSON, then the
+  process exits at once (no teardown of the GPU runtime to wait for or fail in)."""
+  json.dump(row, open(path, "w"))
+  print(json.dumps(row), flush=True)
+  sys.stdout.flush()
+  os._exit(0)
 
 
 def max_rel_diff(grads, ref) -> float:

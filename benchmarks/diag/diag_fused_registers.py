@@ -10,13 +10,14 @@ docs/experiments/h200-2026-12-03-fused-registers.json.) Each variant runs in its
 
     python -m benchmarks.diag.diag_fused_registers --out DIR [--variants a,b] [--sass a,b]
 """
-import argparse
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+
+from . import child_done, variant_parser
 
 # name: (backward_dq, registers of the compute / memory warpgroups)
 VARIANTS = {
@@ -80,10 +81,7 @@ def child(name: str, out_path: str):
         q, k, v, None, None, out, lse, do, d_lse, plan, scale, cfg, False))
     row[f"{label}_ms"] = time_ms(bwd, q, k, v, out, lse, do, iters=10, repeats=7)
   row["device"] = str(jax.devices()[0].device_kind)
-  json.dump(row, open(out_path, "w"))
-  print(json.dumps(row), flush=True)
-  sys.stdout.flush()
-  os._exit(0)
+  child_done(row, out_path)
 
 
 def ptxas_report(text: str):
@@ -104,11 +102,8 @@ def ptxas_report(text: str):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser = variant_parser(VARIANTS)
   parser.add_argument("--sass", default="")
-  parser.add_argument("--child", default=None)
   args = parser.parse_args()
   if args.child:
     return child(args.child, os.path.join(args.out, f"{args.child}.json"))

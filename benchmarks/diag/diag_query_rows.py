@@ -10,13 +10,13 @@ its own process (ptxas reports to that process' stdout: `MOSAIC_GPU_DUMP_PTXAS=1
 The query-rows form is at commit e8ac0e6 (removed after its measurement); at later commits
 the `_q` variants run as their `_t` base.
 """
-import argparse
 import json
 import math
 import os
 import subprocess
 import sys
 
+from . import child_done, variant_parser
 from .diag_fused_registers import ptxas_report
 
 # name: (backward_dq, QUERY_ROWS, registers of the compute / memory warpgroups or None)
@@ -67,9 +67,7 @@ def child(name: str, out_path: str, cases):
       row[f"{label}_fwd_ms"] = time_ms(jax.jit(f), q, k, v, iters=10, repeats=7)
       row[f"{label}_fwd_bwd_ms"] = time_ms(fwd_bwd(f), q, k, v, do, iters=10, repeats=7)
       row[f"{label}_bwd_ms"] = row[f"{label}_fwd_bwd_ms"] - row[f"{label}_fwd_ms"]
-    json.dump(row, open(out_path, "w"))
-    print(json.dumps(row), flush=True)
-    os._exit(0)
+    child_done(row, out_path)
   dq_form, query_rows, regs = VARIANTS[name]
   attention_bwd.QUERY_ROWS = query_rows
   if regs:
@@ -115,18 +113,12 @@ def child(name: str, out_path: str, cases):
     row[f"{label}_bwd_ms"] = time_ms(bwd, q, k, v, out, lse, do, iters=10, repeats=7)
     print(json.dumps(row), flush=True)
   row["device"] = str(jax.devices()[0].device_kind)
-  json.dump(row, open(out_path, "w"))
-  print(json.dumps(row), flush=True)
-  sys.stdout.flush()
-  os._exit(0)
+  child_done(row, out_path)
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser = variant_parser(VARIANTS)
   parser.add_argument("--cases", default=",".join(CASES))
-  parser.add_argument("--child", default=None)
   parser.add_argument("--timeout", type=int, default=150)
   args = parser.parse_args()
   cases = args.cases.split(",")

@@ -8,11 +8,12 @@ SM of the card: where two CTAs are resident at once, 2 per SM takes about the ti
 
     python -m benchmarks.diag.probe_two_ctas --out x.json
 """
-import argparse
 import json
 import os
 import subprocess
 import sys
+
+from . import child_done, variant_parser
 
 # name: (warpgroups, (compute, memory) registers or None: no set_max_registers)
 VARIANTS = {"wg3_setmaxnreg": (3, (232, 40)),
@@ -68,18 +69,12 @@ def child(name: str, out: str):
   for per_sm in (1, 2, 4):
     f = spin_kernel(threads, regs, per_sm * sms)
     row[f"ms_{per_sm}_per_sm"] = round(time_ms(f, iters=5, repeats=5), 4)
-  json.dump(row, open(out, "w"))
-  sys.stdout.flush()
-  os._exit(0)
+  child_done(row, out)
 
 
 def main():
   from .diag_fused_registers import ptxas_report
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--variants", default=",".join(VARIANTS))
-  parser.add_argument("--child", default=None)
-  args = parser.parse_args()
+  args = variant_parser(VARIANTS).parse_args()
   if args.child:
     return child(args.child, args.out)
   rows = []
