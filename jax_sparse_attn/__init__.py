@@ -8,9 +8,10 @@ from . import block_map, context_parallel, masks, routing
 from .block_map import BlockMap
 from .merge import merge_attentions
 from .backends import register_backend, resolve_backend
+from .compat import dot_product_attention
 from .ops import NATiling, attention, na, na1d, na2d, na3d, na_packed, na_tiling
 from .simulate import simulate
 
-__all__ = ["attention", "na", "na1d", "na2d", "na3d", "na_packed", "na_tiling", "NATiling", "masks", "block_map", "BlockMap",
+__all__ = ["attention", "dot_product_attention", "na", "na1d", "na2d", "na3d", "na_packed", "na_tiling", "NATiling", "masks", "block_map", "BlockMap",
            "simulate", "register_backend", "resolve_backend", "merge_attentions", "context_parallel", "routing"]
 __version__ = "0.1.0"
