@@ -384,6 +384,50 @@ class SparseAttention(nnx.Module):
     return self.core._output(o)
 
 
+def attention_fn(mask: masks_lib.Mask | None = None, **attention_kwargs):
+  """An ``attention_fn`` for Flax's own attention modules (`flax.nnx.MultiHeadAttention`,
+  `flax.linen.MultiHeadDotProductAttention`) that runs `jax_sparse_attn.attention` with the
+  mask spec ``mask`` (and `attention`'s keyword arguments: ``backend``, ``sinks``,
+  ``logits_soft_cap``, ...): an existing model swaps its attention for block-sparse kernels
+  without other changes. Flax's ``is_causal`` adds `masks.causal()`. Flax's dense ``mask``
+  array, ``bias``, attention dropout while training and ``sow_weights`` (the weights are
+  never formed) are ValueErrors that say so; ``dtype`` casts q, k and v as Flax's does;
+  ``precision`` and ``force_fp32_for_softmax`` are moot (the kernels' softmax runs in
+  float32). Inputs ``[batch..., length, heads, head_dim]``."""
+
+  spec = mask
+
+  def fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
+         dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
+         is_causal=False, force_fp32_for_softmax=False, **unused):
+    del broadcast_dropout, dropout_rng, precision, force_fp32_for_softmax
+    if mask is not None:
+      raise ValueError("mask: Flax's dense attention mask is not used; give the mask spec to "
+                       "jax_sparse_attn.nn.attention_fn(mask=...) (segment ids for padding "
+                       "or packed documents: SparseAttention(...)(x, segment_ids=...))")
+    if bias is not None:
+      raise ValueError("bias is not supported: a dense attention bias defeats block sparsity")
+    if dropout_rate and not deterministic:
+      raise ValueError(f"dropout_rate={dropout_rate}: attention dropout is not supported "
+                       "(the kernels never form the weights); set it to 0")
+    if module is not None:
+      raise ValueError("sow_weights: the attention weights are never formed")
+    extra = {k: v for k, v in unused.items() if v is not None}
+    if extra:
+      raise ValueError(f"unsupported attention_fn arguments: {sorted(extra)}")
+    full = spec
+    if is_causal:
+      full = masks_lib.causal() if full is None else full & masks_lib.causal()
+    if dtype is not None:
+      query, key, value = (x.astype(dtype) for x in (query, key, value))
+    lead = query.shape[:-3]
+    flat = lambda x: x.reshape((-1,) + x.shape[-3:])
+    out = attention(flat(query), flat(key), flat(value), full, **attention_kwargs)
+    return out.reshape(lead + out.shape[1:])
+
+  return fn
+
+
 class MixtureOfBlockAttention(nnx.Module):
   """MoBA (mixture of block attention) on ``[batch, seq, embed_dim]``: each query block of
   each head attends to the ``top_k`` key blocks of ``block_size`` tokens whose mean key best

@@ -248,3 +248,40 @@ def test_soft_cap_modules():
   assert float(jnp.abs(lin.apply(params, x) - lin_plain.apply(params, x)).max()) > 1e-3
   with pytest.raises(ValueError, match="logits_soft_cap"):
     nn.SparseAttention(32, 4, logits_soft_cap=5.0, backend="dense", rngs=rngs())
+
+
+def test_attention_fn_in_flax_modules():
+  """`nn.attention_fn(mask)` in Flax's own attention modules equals those modules with the
+  same mask as a dense array: nnx.MultiHeadAttention (its ``is_causal`` adds causal; output
+  and gradients, two batch dims) and linen.MultiHeadDotProductAttention; what it cannot do
+  is a ValueError that says so."""
+  from flax import linen
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 40, 32))
+  n = 40
+  window = (jnp.arange(n)[:, None] - jnp.arange(n)[None, :]) <= 6
+  dense = (nnx.make_causal_mask(jnp.ones((2, 3, n))) > 0) & window
+  make = lambda **kw: nnx.MultiHeadAttention(4, 32, decode=False, rngs=nnx.Rngs(0), **kw)
+  ref, ours = make(), make(attention_fn=nn.attention_fn(masks.sliding_window(6),
+                                                         backend="xla"))
+  f = lambda m, **kw: lambda x: jnp.sum(jnp.sin(m(x, **kw)))
+  np.testing.assert_allclose(ours(x, is_causal=True), ref(x, mask=dense), atol=1e-5)
+  np.testing.assert_allclose(jax.grad(f(ours, is_causal=True))(x),
+                             jax.grad(f(ref, mask=dense))(x), atol=1e-5)
+  lin = linen.MultiHeadDotProductAttention(4, attention_fn=nn.attention_fn(masks.causal(),
+                                                                           backend="xla"))
+  lin_ref = linen.MultiHeadDotProductAttention(4)
+  y = x[0]
+  params = lin_ref.init(jax.random.PRNGKey(1), y)
+  np.testing.assert_allclose(lin.apply(params, y),
+                             lin_ref.apply(params, y, mask=linen.make_causal_mask(y[..., 0])),
+                             atol=1e-5)
+  fn = nn.attention_fn(masks.causal())
+  q = jnp.zeros((1, 8, 2, 16))
+  for kw, match in [(dict(mask=jnp.ones((1, 2, 8, 8), bool)), "dense attention mask"),
+                    (dict(bias=jnp.zeros((1, 2, 8, 8))), "bias is not supported"),
+                    (dict(dropout_rate=0.1), "attention dropout is not supported"),
+                    (dict(module=object()), "sow_weights"),
+                    (dict(qk_attn_weights_einsum=object()), "unsupported attention_fn")]:
+    with pytest.raises(ValueError, match=match):
+      fn(q, q, q, **kw)
+  fn(q, q, q, dropout_rate=0.1, deterministic=True)  # evaluation: no dropout to do
