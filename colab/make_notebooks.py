@@ -75,6 +75,18 @@ static = make_plan(lm, SequenceLayout(s, 32), SequenceLayout(s, 32)).block_map
 docs = block_map.from_segments(seg, seg, static)
 print("blocks visited: the mask's map", static.num_visited, "| with the documents",
       int(docs.kv_counts.sum()))'''),
+      new_markdown_cell("## Coming from `jax.nn.dot_product_attention`\n"
+                        "`jsa.dot_product_attention` takes jax's arguments: `is_causal` and "
+                        "`local_window_size` become block-sparse masks (skipped blocks are "
+                        "never computed), the sequence lengths segment ids. Flax's own "
+                        "attention modules take `attention_fn=jax_sparse_attn.nn.attention_fn(mask)`."),
+      new_code_cell('''kw = dict(is_causal=True, local_window_size=(63, 0),
+          query_seq_lengths=jnp.array([s - 16]))
+ours = jsa.dot_product_attention(q, k, v, **kw)
+theirs = jax.nn.dot_product_attention(q, k, v, **kw)
+diff = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
+print("jsa.dot_product_attention vs jax.nn.dot_product_attention: max |diff|", diff)
+assert diff < (1e-4 if dtype == jnp.float32 else 3e-2)'''),
       new_markdown_cell("## A mask and its block map\nLeft: which keys each query sees. Right: "
                         "the blocks a kernel visits (full blocks run with no mask work, "
                         "partial ones test the mask)."),
