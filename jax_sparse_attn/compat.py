@@ -3,9 +3,9 @@ jax's function switches by changing the import, and its causal, window and paddi
 become block-sparse masks (blocks nobody sees are skipped, not masked)."""
 from __future__ import annotations
 
-import numpy as np
-
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import masks as masks_lib
 from .ops import attention
@@ -32,7 +32,7 @@ def _array_mask(mask, seq_q: int, seq_kv: int) -> masks_lib.Mask:
   only one [T, S] pattern shared by every batch row and head, known at trace time."""
   try:
     arr = np.asarray(mask)
-  except Exception as e:  # a traced array: no block map can be built from it
+  except jax.errors.TracerArrayConversionError as e:  # no block map from a traced array
     raise ValueError("mask must be a concrete boolean array (a block map is built from it "
                      "at trace time); for masks computed inside jit use `masks` specs or "
                      "segment ids") from e

@@ -17,13 +17,13 @@ from strategies import examples
 @st.composite
 def problems(draw):
   kv_heads = draw(st.sampled_from([1, 2]))
-  t = draw(st.integers(1, 90))
+  t = draw(st.sampled_from([1, 37, 90]))  # few shapes: each is a compile of both functions
   causal = draw(st.booleans())
   window = draw(st.sampled_from([None, 3, (5, 0), (2, 7)]))
   lengths = draw(st.sampled_from([None, "q", "kv", "both"]))
   # Every query row sees a key (jax averages over none where ours gives zeros): with a
   # window S = T (each query sees itself); padded keys only where key 0 is always seen.
-  s = t if window is not None else draw(st.integers(1, 90))
+  s = t if window is not None else draw(st.sampled_from([1, 37, 90]))
   if causal and s < t:
     s = t
   if window is not None and lengths in ("kv", "both"):
@@ -55,7 +55,8 @@ def _check(p, tol=2e-5, dtype=jnp.float32, **ours):
     def loss(q, k, v):
       out, lse = f(q, k, v, **kw, return_residual=True)
       return jnp.sum(out.astype(jnp.float32) * d_out), (out, lse)
-    (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (_, (out, lse)), grads = step(q, k, v)
     return out, lse, grads
 
   got_out, got_lse, got_grads = outputs(lambda *a, **k: jsa.dot_product_attention(*a, **k,
@@ -73,16 +74,16 @@ def _check(p, tol=2e-5, dtype=jnp.float32, **ours):
                                atol=tol * 10, rtol=tol * 10)
 
 
-@settings(max_examples=examples(10), deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(p=problems())
 def test_matches_jax_xla(p):
   _check(p, backend="xla")
 
 
-@pytest.mark.parametrize("backend", ["triton", "mosaic_gpu"])
+@pytest.mark.parametrize("backend", ["xla", "triton", "mosaic_gpu"])
 def test_matches_jax_kernels(backend):
-  """The GPU kernels in interpret mode, bf16, against jax's function on the same bf16
-  inputs: a causal window with padded queries and keys, GQA."""
+  """The GPU kernels in interpret mode (and xla), bf16, against jax's function on the same
+  bf16 inputs: causal with padded queries and keys, GQA."""
   p = dict(batch=2, t=200, s=200, heads=4, kv_heads=2, causal=True, window=None,
            lengths="both", seed=3)
   _check(p, tol=2e-2, dtype=jnp.bfloat16, backend=backend, interpret=True)

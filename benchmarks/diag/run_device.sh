@@ -25,11 +25,15 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # Queued by the twenty-fourth session (docs/performance.md, 2026-12-06): the padded rows
-  # after the Hopper forward took 2-D windows from 256 keys on tiles for the element test
-  # (measured on an H100 only), beside all-Triton, on the card lent.
-  timeout 420 python3 -m benchmarks run --suite padded --backends auto,triton \
-    --out $OUT/padded 2>&1 | grep -v Warning | tail -n 20
+  # Queued by the twenty-fifth session (docs/performance.md, 2026-12-06): the CLI's head_dim
+  # 64 table after the fused dQ at 64 columns (measured before it), then the fused form on a
+  # 3-D neighborhood at 64 and on 1-D masks at 96 columns (not measured).
+  timeout 300 python3 -m benchmarks run --suite dense,causal,window,blocksparse --heads 12 \
+    --head-dim 64 --peers --out $OUT/hd64 2>&1 | grep -v Warning | tail -n 20
+  timeout 240 python3 -m benchmarks.diag.diag_d64_backward --cases na3d,dense \
+    --out $OUT/d64_na3d.json 2>&1 | grep '^{'
+  timeout 200 python3 -m benchmarks.diag.diag_d64_backward --cases dense,causal --head-dim 96 \
+    --out $OUT/d96.json 2>&1 | grep '^{'
 fi
 if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")
   timeout 300 python3 -m benchmarks.diag.diag_soft_cap --out $OUT/soft_cap.json 2>&1 | grep '^{'
