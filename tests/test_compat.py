@@ -1,8 +1,8 @@
 """`jax_sparse_attn.dot_product_attention` against `jax.nn.dot_product_attention` itself:
 outputs, log-sum-exp and gradients on randomized shapes (GQA, T != S without rows that see
 nothing, causal, windows, padding lengths, an array mask), on the xla backend and the GPU
-kernels in interpret mode; and every argument it does not take is a ValueError that names
-it."""
+and TPU kernels in interpret mode; and every argument it does not take is a ValueError that
+names it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,10 +80,10 @@ def test_matches_jax_xla(p):
   _check(p, backend="xla")
 
 
-@pytest.mark.parametrize("backend", ["xla", "triton", "mosaic_gpu"])
+@pytest.mark.parametrize("backend", ["xla", "triton", "mosaic_gpu", "mosaic"])
 def test_matches_jax_kernels(backend):
-  """The GPU kernels in interpret mode (and xla), bf16, against jax's function on the same
-  bf16 inputs: causal with padded queries and keys, GQA."""
+  """The GPU and TPU kernels in interpret mode (and xla), bf16, against jax's function on
+  the same bf16 inputs: causal with padded queries and keys, GQA."""
   p = dict(batch=2, t=200, s=200, heads=4, kv_heads=2, causal=True, window=None,
            lengths="both", seed=3)
   _check(p, tol=2e-2, dtype=jnp.bfloat16, backend=backend, interpret=True)
