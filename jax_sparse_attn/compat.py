@@ -65,7 +65,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                           implementation=None, return_residual: bool = False,
                           backend: str = "auto", **kwargs):
   """`jax.nn.dot_product_attention` on this package's kernels: the same arguments and layout
-  (query [B, T, N, H], key/value [B, S, K, H] with N % K == 0), the same results.
+  (query [B, T, N, H], key/value [B, S, K, H] with N % K == 0, or the three without B), the
+  same results.
 
   ``is_causal`` (top-left aligned, as jax's) and ``local_window_size`` (an int w: w keys on
   each side; (left, right): keys ``i - left .. i + right``) become `masks.causal()` and
@@ -94,9 +95,18 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     backend = "xla"
   if not isinstance(is_causal, (bool, np.bool_)):
     raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
-  if getattr(query, "ndim", None) != 4 or getattr(key, "ndim", None) != 4:
-    raise ValueError("query and key must be [batch, seq, heads, head_dim], got shapes "
-                     f"{getattr(query, 'shape', None)} and {getattr(key, 'shape', None)}")
+  ndims = {getattr(x, "ndim", None) for x in (query, key, value)}
+  if ndims not in ({4}, {3}):
+    raise ValueError("query, key and value must all be [batch, seq, heads, head_dim] or all "
+                     "[seq, heads, head_dim], got shapes "
+                     f"{[getattr(x, 'shape', None) for x in (query, key, value)]}")
+  if ndims == {3}:  # jax's TNH form: one batch row
+    result = dot_product_attention(
+        query[None], key[None], value[None], bias, mask, scale=scale, is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, implementation=implementation,
+        return_residual=return_residual, backend=backend, **kwargs)
+    return tuple(x[0] for x in result) if return_residual else result[0]
   b, t = query.shape[:2]
   s = key.shape[1]
   spec = None

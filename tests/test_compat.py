@@ -100,6 +100,17 @@ def test_array_mask_and_rows_that_see_nothing():
   assert np.all(np.asarray(got[:, 0]) == 0) and np.any(np.asarray(want[:, 0]) != 0)
 
 
+def test_without_batch_dim():
+  """jax's [T, N, H] form (no batch dim): the same as with a batch of one."""
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (30, 2, 16)) for i in range(3))
+  kw = dict(is_causal=True, local_window_size=(4, 0), return_residual=True)
+  got = jsa.dot_product_attention(q, k, v, backend="xla", **kw)
+  want = jax.nn.dot_product_attention(q, k, v, **kw)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+
+
 def test_bad_arguments_name_the_rule():
   x = jnp.zeros((1, 8, 2, 16))
   cases = [
@@ -119,5 +130,7 @@ def test_bad_arguments_name_the_rule():
   for kw, match in cases:
     with pytest.raises(ValueError, match=match):
       jsa.dot_product_attention(x, x, x, **kw)
+  with pytest.raises(ValueError, match="all be \\[batch, seq, heads, head_dim\\] or all"):
+    jsa.dot_product_attention(x, x[0], x)
   with pytest.raises(ValueError, match="mask must be a concrete boolean array"):
     jax.jit(lambda m: jsa.dot_product_attention(x, x, x, mask=m))(jnp.ones((8, 8), bool))
