@@ -3,6 +3,9 @@ jax's function switches by changing the import, and its causal, window and paddi
 become block-sparse masks (blocks nobody sees are skipped, not masked)."""
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,15 +112,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     return tuple(x[0] for x in result) if return_residual else result[0]
   b, t = query.shape[:2]
   s = key.shape[1]
-  spec = None
-  if is_causal:
-    spec = masks_lib.causal()
-  if local_window_size is not None:
-    window = _window(local_window_size)
-    spec = window if spec is None else spec & window
-  if mask is not None:
-    arr = _array_mask(mask, t, s)
-    spec = arr if spec is None else spec & arr
+  parts = (([masks_lib.causal()] if is_causal else [])
+           + ([_window(local_window_size)] if local_window_size is not None else [])
+           + ([_array_mask(mask, t, s)] if mask is not None else []))
+  spec = functools.reduce(operator.and_, parts) if parts else None
   q_len = _lengths(query_seq_lengths, "query_seq_lengths", b)
   kv_len = _lengths(key_value_seq_lengths, "key_value_seq_lengths", b)
   if q_len is not None or kv_len is not None:
@@ -125,13 +123,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       raise ValueError("segment_ids cannot be combined with query_seq_lengths / "
                        "key_value_seq_lengths (both are segment ids)")
     # Equal ids attend: valid tokens 0; padded queries -1 and padded keys -2 see nothing.
-    q_seg = jnp.zeros((b, t), jnp.int32)
-    kv_seg = jnp.zeros((b, s), jnp.int32)
-    if q_len is not None:
-      q_seg = jnp.where(jnp.arange(t)[None, :] < q_len[:, None], 0, -1)
-    if kv_len is not None:
-      kv_seg = jnp.where(jnp.arange(s)[None, :] < kv_len[:, None], 0, -2)
-    kwargs["segment_ids"] = (q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+    ids = lambda lengths, n, pad: (jnp.zeros((b, n), jnp.int32) if lengths is None else
+                                   jnp.where(jnp.arange(n)[None, :] < lengths[:, None], 0,
+                                             pad).astype(jnp.int32))
+    kwargs["segment_ids"] = (ids(q_len, t, -1), ids(kv_len, s, -2))
   result = attention(query, key, value, spec, scale=scale, backend=backend,
                      return_lse=return_residual, **kwargs)
   if return_residual:
