@@ -120,7 +120,7 @@ from flax import nnx
 from models import nat_classifier
 from models.train import train
 small = jax.default_backend() == "cpu"
-size, steps, batch = (32, 30, 8) if small else (128, 300, 32)
+size, steps, batch = (32, 15, 8) if small else (128, 300, 32)
 print(jax.default_backend(), "image", size, "steps", steps)'''),
       new_code_cell('''results = {}
 for backend in ("auto", "dense"):
