@@ -101,13 +101,18 @@ def test_array_mask_and_rows_that_see_nothing():
 
 
 def test_without_batch_dim():
-  """jax's [T, N, H] form (no batch dim): the same as with a batch of one."""
+  """jax's [T, N, H] form (no batch dim): the same outputs, log-sum-exp and gradients."""
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (30, 2, 16)) for i in range(3))
   kw = dict(is_causal=True, local_window_size=(4, 0), return_residual=True)
   got = jsa.dot_product_attention(q, k, v, backend="xla", **kw)
   want = jax.nn.dot_product_attention(q, k, v, **kw)
   for g, w in zip(got, want):
     assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+  grads = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, **kw)[0])),
+                                     argnums=(0, 1, 2)))(q, k, v)
+  ours = lambda *a, **k: jsa.dot_product_attention(*a, backend="xla", **k)
+  for g, w in zip(grads(ours), grads(jax.nn.dot_product_attention)):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
 
 
