@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+import compiled
 from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
@@ -145,11 +146,14 @@ def test_extra_tokens_only_and_tiled_order():
   q, k, v = x(b, *spatial, h, d), x(b, *spatial, 2, d), x(b, *spatial, 2, d)
   ak, av = x(b, 7, 2, d), x(b, 7, 2, d)
   valid = jnp.asarray(rng.random((b,) + spatial) < 0.5)
-  want = jsa.na2d(q, k, v, (3, 5), kv_valid=valid, additional_keys=ak, additional_values=av,
-                  backend="reference")
-  got = jsa.na(t.tile(q), t.tile(k), t.tile(v), (3, 5), tiling=t, kv_valid=t.tile(valid),
-               additional_keys=ak, additional_values=av, backend="triton", interpret=True)
-  np.testing.assert_allclose(np.asarray(t.untile(got)), np.asarray(want), atol=2e-5)
+  want = compiled.run(lambda q, k, v, valid, ak, av: jsa.na2d(
+      q, k, v, (3, 5), kv_valid=valid, additional_keys=ak, additional_values=av,
+      backend="reference"), q, k, v, valid, ak, av)
+  got = compiled.run(lambda q, k, v, valid, ak, av: t.untile(jsa.na(
+      t.tile(q), t.tile(k), t.tile(v), (3, 5), tiling=t, kv_valid=t.tile(valid),
+      additional_keys=ak, additional_values=av, backend="triton", interpret=True)),
+      q, k, v, valid, ak, av)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
 @st.composite

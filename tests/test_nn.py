@@ -7,6 +7,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import brute_force
+import compiled
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, nn
 
@@ -18,9 +19,10 @@ def test_neighborhood_module_matches_functional_op():
   q = m.core.query(x).reshape(2, 7, 11, 4, 8)
   k = m.core.key(x).reshape(2, 7, 11, 2, 8)
   v = m.core.value(x).reshape(2, 7, 11, 2, 8)
-  want = m.core.out(jsa.na2d(q, k, v, (3, 5), dilation=(1, 2), backend="reference")
-                    .reshape(2, 7, 11, 32))
-  assert brute_force.rel_err(m(x), want) < 1e-4
+  want = m.core.out(compiled.run(
+      lambda q, k, v: jsa.na2d(q, k, v, (3, 5), dilation=(1, 2), backend="reference"),
+      q, k, v).reshape(2, 7, 11, 32))
+  assert brute_force.rel_err(compiled.call(m, x), want) < 1e-4
 
 
 @pytest.mark.parametrize("cls, shape", [(nn.NeighborhoodAttention1D, (2, 17, 32)),
@@ -29,7 +31,7 @@ def test_rope_qknorm_shapes(cls, shape):
   kernel = 3
   m = cls(32, 2, kernel, use_rope=True, qk_norm=True, backend="xla", rngs=nnx.Rngs(0),
           head_dim=12 if cls is nn.NeighborhoodAttention3D else None)
-  assert m(jnp.ones(shape)).shape == shape
+  assert compiled.call(m, jnp.ones(shape)).shape == shape
 
 
 def test_rope_is_relative():
@@ -47,11 +49,11 @@ def test_sparse_attention_module_with_segments():
                          rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 40, 32))
   seg = jnp.asarray(np.repeat([[0, 1]], 20, axis=1).repeat(2, 0), jnp.int32)
-  out = m(x, seg)
+  out = compiled.call(m, x, seg)
   assert out.shape == x.shape
   # Documents are independent: changing document 1 leaves document 0's outputs unchanged.
   x2 = x.at[:, 25].add(5.0)
-  np.testing.assert_allclose(m(x2, seg)[:, :20], out[:, :20], atol=1e-5)
+  np.testing.assert_allclose(compiled.call(m, x2, seg)[:, :20], out[:, :20], atol=1e-5)
 
 
 def test_partitioning_metadata():
@@ -69,7 +71,7 @@ def test_sharded_model_under_jit_matches_unsharded():
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 64))
   ref_model = nn.NeighborhoodAttention2D(64, 4, 3, backend="xla", rngs=nnx.Rngs(0))
-  want = ref_model(x)
+  want = compiled.call(ref_model, x)
   with jax.set_mesh(mesh):
     model = nn.NeighborhoodAttention2D(64, 4, 3, backend="xla", rngs=nnx.Rngs(0))
     nn.shard_model(model, mesh)
@@ -82,12 +84,12 @@ def test_sharded_model_under_jit_matches_unsharded():
 def test_linen_modules():
   x = jnp.ones((2, 9, 9, 32))
   m = nn.linen.NeighborhoodAttention(embed_dim=32, num_heads=4, kernel_size=3, backend="xla")
-  params = m.init(jax.random.PRNGKey(0), x)
-  assert m.apply(params, x).shape == x.shape
+  params = jax.jit(m.init)(jax.random.PRNGKey(0), x)
+  assert jax.jit(m.apply)(params, x).shape == x.shape
   s = nn.linen.SparseAttention(embed_dim=32, num_heads=4, num_kv_heads=2, mask=masks.causal(),
                                backend="xla")
   y = jnp.ones((2, 21, 32))
-  assert s.apply(s.init(jax.random.PRNGKey(0), y), y).shape == y.shape
+  assert jax.jit(s.apply)(jax.jit(s.init)(jax.random.PRNGKey(0), y), y).shape == y.shape
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -110,8 +112,9 @@ def test_context_parallel_modules_match_single_device():
                                                     rngs=nnx.Rngs(0))
   make_lm = lambda axis: nn.SparseAttention(32, 4, mask, num_kv_heads=2, use_rope=True,
                                             backend="xla", context_axis=axis, rngs=nnx.Rngs(0))
-  want_na, want_lm = make_na(None)(x), make_lm(None)(y, seg)
-  assert brute_force.rel_err(make_na("context")(x), want_na) < 1e-5  # no mesh: ignored
+  want_na, want_lm = compiled.call(make_na(None), x), compiled.call(make_lm(None), y, seg)
+  # No mesh: the context axis is ignored.
+  assert brute_force.rel_err(compiled.call(make_na("context"), x), want_na) < 1e-5
   with jax.set_mesh(mesh):
     na_model, lm_model = make_na("context"), make_lm("context")
     got_na = nnx.jit(lambda m, x: m(x))(na_model, x)
@@ -124,10 +127,10 @@ def test_context_parallel_modules_match_single_device():
                              want_grads["core"]["query"]["kernel"][...]) < 1e-4
   lin = nn.linen.SparseAttention(embed_dim=32, num_heads=4, mask=mask, backend="xla",
                                  context_axis="context")
-  params = lin.init(jax.random.PRNGKey(0), y)
+  params = jax.jit(lin.init)(jax.random.PRNGKey(0), y)
   with jax.set_mesh(mesh):
     got = jax.jit(lin.apply)(params, y)
-  assert brute_force.rel_err(got, lin.apply(params, y)) < 1e-5
+  assert brute_force.rel_err(got, jax.jit(lin.apply)(params, y)) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["causal", "moba"])
@@ -147,7 +150,7 @@ def test_zigzag_layout_modules(kind):
                                  context_axis=axis, context_layout=layout, rngs=nnx.Rngs(0)))
   loss = lambda m, y, s: jnp.sum(m(y, s) ** 2)
   single = make("contiguous", None)
-  want, want_grads = single(y, seg), nnx.grad(loss)(single, y, seg)
+  want, want_grads = compiled.call(single, y, seg), compiled.grad(loss)(single, y, seg)
   z = lambda x: cp.to_zigzag(x, 4)
   with jax.set_mesh(mesh):
     model = make("zigzag", "context")
@@ -165,11 +168,11 @@ def test_dense_baseline_backend_equals_full_neighborhood():
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 6, 7, 32))
   dense = nn.NeighborhoodAttention2D(32, 4, (6, 7), backend="dense", rngs=nnx.Rngs(0))
   sparse = nn.NeighborhoodAttention2D(32, 4, (6, 7), backend="xla", rngs=nnx.Rngs(0))
-  assert brute_force.rel_err(dense(x), sparse(x)) < 1e-4
+  assert brute_force.rel_err(compiled.call(dense, x), compiled.call(sparse, x)) < 1e-4
   lm_dense = nn.SparseAttention(32, 4, masks.causal(), backend="dense", rngs=nnx.Rngs(0))
   lm_sparse = nn.SparseAttention(32, 4, masks.causal(), backend="xla", rngs=nnx.Rngs(0))
   y = jax.random.normal(jax.random.PRNGKey(6), (2, 19, 32))
-  assert brute_force.rel_err(lm_dense(y), lm_sparse(y)) < 1e-4
+  assert brute_force.rel_err(compiled.call(lm_dense, y), compiled.call(lm_sparse, y)) < 1e-4
 
 
 def test_neighborhood_module_with_extra_tokens():
@@ -180,20 +183,24 @@ def test_neighborhood_module_with_extra_tokens():
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6, 32))
   text = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 24))
   text_valid = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
-  q, k, v = m.core._project(x, None)
-  ek, ev = m._extra_kv(text, 2)
-  want = m.core.out(jsa.na2d(q, k, v, 3, additional_keys=ek, additional_values=ev,
-                             additional_valid=text_valid, backend="reference")
-                    .reshape(2, 5, 6, 32))
-  assert brute_force.rel_err(m(x, text, text_valid), want) < 1e-4
+
+  def reference(m, x, text, text_valid):
+    q, k, v = m.core._project(x, None)
+    ek, ev = m._extra_kv(text, 2)
+    return m.core.out(jsa.na2d(q, k, v, 3, additional_keys=ek, additional_values=ev,
+                               additional_valid=text_valid, backend="reference")
+                      .reshape(2, 5, 6, 32))
+
+  want = nnx.jit(reference)(m, x, text, text_valid)
+  assert brute_force.rel_err(compiled.call(m, x, text, text_valid), want) < 1e-4
   # Gradients reach the text projections.
-  grads = nnx.grad(lambda m: jnp.sum(m(x, text, text_valid) ** 2))(m)
+  grads = compiled.grad(lambda m: jnp.sum(m(x, text, text_valid) ** 2))(m)
   assert float(jnp.abs(grads.extra_key.kernel[...]).sum()) > 0
   full = nn.NeighborhoodAttention2D(32, 4, (5, 6), extra_dim=24, backend="dense",
                                     rngs=nnx.Rngs(0))
   sparse = nn.NeighborhoodAttention2D(32, 4, (5, 6), extra_dim=24, backend="xla",
                                       rngs=nnx.Rngs(0))
-  assert brute_force.rel_err(full(x, text), sparse(x, text)) < 1e-4
+  assert brute_force.rel_err(compiled.call(full, x, text), compiled.call(sparse, x, text)) < 1e-4
   with pytest.raises(ValueError, match="extra_dim="):
     nn.NeighborhoodAttention2D(32, 4, 3, backend="xla", rngs=nnx.Rngs(0))(x, text)
   with pytest.raises(ValueError, match="extra_tokens must be"):
@@ -212,16 +219,20 @@ def test_mixture_of_block_attention_matches_functional_ops():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 70, 32))
   seg = jnp.asarray(np.arange(70)[None, :] >= np.array([[30], [50]]), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(70), (2, 70))[..., None]
-  q, k, v = m.core._project(x, pos)
   from jax_sparse_attn import routing
-  sel = routing.topk_blocks(q, k, 16, 2, causal=True, local_blocks=1)
-  want = m.core._output(jsa.attention(q, k, v, masks.causal(), segment_ids=seg,
-                                      block_selection=sel, backend="xla"))
-  assert brute_force.rel_err(m(x, seg), want) < 1e-5
+
+  def reference(m, x, seg):
+    q, k, v = m.core._project(x, pos)
+    sel = routing.topk_blocks(q, k, 16, 2, causal=True, local_blocks=1)
+    return m.core._output(jsa.attention(q, k, v, masks.causal(), segment_ids=seg,
+                                        block_selection=sel, backend="xla"))
+
+  want = nnx.jit(reference)(m, x, seg)
+  assert brute_force.rel_err(compiled.call(m, x, seg), want) < 1e-5
   # A top_k covering every block is plain causal attention.
   full = nn.MixtureOfBlockAttention(32, 4, 16, 8, backend="xla", rngs=nnx.Rngs(0))
   dense = nn.SparseAttention(32, 4, masks.causal(), backend="xla", rngs=nnx.Rngs(0))
-  assert brute_force.rel_err(full(x), dense(x)) < 1e-5
+  assert brute_force.rel_err(compiled.call(full, x), compiled.call(dense, x)) < 1e-5
   with pytest.raises(ValueError, match="block_size must be"):
     nn.MixtureOfBlockAttention(32, 4, 24, 2, rngs=nnx.Rngs(0))
 
@@ -234,18 +245,23 @@ def test_soft_cap_modules():
   layer = nn.SparseAttention(32, 4, masks.causal(), logits_soft_cap=0.5, backend="xla",
                              rngs=rngs())
   plain = nn.SparseAttention(32, 4, masks.causal(), backend="xla", rngs=rngs())
-  q, k, v = layer.core._project_sequence(x, None, None)
-  want = layer.core._output(jsa.attention(q, k, v, masks.causal(), backend="reference",
-                                          logits_soft_cap=0.5))
-  np.testing.assert_allclose(layer(x), want, atol=1e-5)
-  assert float(jnp.abs(layer(x) - plain(x)).max()) > 1e-3
+
+  def reference(layer, x):
+    q, k, v = layer.core._project_sequence(x, None, None)
+    return layer.core._output(jsa.attention(q, k, v, masks.causal(), backend="reference",
+                                            logits_soft_cap=0.5))
+
+  got = compiled.call(layer, x)
+  np.testing.assert_allclose(got, nnx.jit(reference)(layer, x), atol=1e-5)
+  assert float(jnp.abs(got - compiled.call(plain, x)).max()) > 1e-3
   na_layer = nn.NeighborhoodAttention2D(32, 4, 3, logits_soft_cap=0.5, backend="xla",
                                         rngs=rngs())
-  assert na_layer(x.reshape(1, 5, 8, 32)).shape == (1, 5, 8, 32)
+  assert compiled.call(na_layer, x.reshape(1, 5, 8, 32)).shape == (1, 5, 8, 32)
   lin = nn.linen.SparseAttention(32, 4, mask=masks.causal(), backend="xla", logits_soft_cap=0.5)
-  params = lin.init(jax.random.PRNGKey(0), x)
+  params = jax.jit(lin.init)(jax.random.PRNGKey(0), x)
   lin_plain = nn.linen.SparseAttention(32, 4, mask=masks.causal(), backend="xla")
-  assert float(jnp.abs(lin.apply(params, x) - lin_plain.apply(params, x)).max()) > 1e-3
+  assert float(jnp.abs(jax.jit(lin.apply)(params, x)
+                       - jax.jit(lin_plain.apply)(params, x)).max()) > 1e-3
   with pytest.raises(ValueError, match="logits_soft_cap"):
     nn.SparseAttention(32, 4, logits_soft_cap=5.0, backend="dense", rngs=rngs())
 
@@ -263,17 +279,20 @@ def test_attention_fn_in_flax_modules():
   make = lambda **kw: nnx.MultiHeadAttention(4, 32, decode=False, rngs=nnx.Rngs(0), **kw)
   ref, ours = make(), make(attention_fn=nn.attention_fn(masks.sliding_window(6),
                                                          backend="xla"))
-  f = lambda m, **kw: lambda x: jnp.sum(jnp.sin(m(x, **kw)))
-  np.testing.assert_allclose(ours(x, is_causal=True), ref(x, mask=dense), atol=1e-5)
-  np.testing.assert_allclose(jax.grad(f(ours, is_causal=True))(x),
-                             jax.grad(f(ref, mask=dense))(x), atol=1e-5)
+  loss = lambda m, x, **kw: jnp.sum(jnp.sin(m(x, **kw)))
+  x_grad = lambda m, x, **kw: jax.grad(lambda x: loss(m, x, **kw))(x)
+  np.testing.assert_allclose(compiled.call(ours, x, is_causal=True),
+                             compiled.call(ref, x, mask=dense), atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: x_grad(m, x, is_causal=True))(ours, x),
+                             nnx.jit(x_grad)(ref, x, mask=dense), atol=1e-5)
   lin = linen.MultiHeadDotProductAttention(4, attention_fn=nn.attention_fn(masks.causal(),
                                                                            backend="xla"))
   lin_ref = linen.MultiHeadDotProductAttention(4)
   y = x[0]
-  params = lin_ref.init(jax.random.PRNGKey(1), y)
-  np.testing.assert_allclose(lin.apply(params, y),
-                             lin_ref.apply(params, y, mask=linen.make_causal_mask(y[..., 0])),
+  params = jax.jit(lin_ref.init)(jax.random.PRNGKey(1), y)
+  np.testing.assert_allclose(jax.jit(lin.apply)(params, y),
+                             jax.jit(lin_ref.apply)(params, y,
+                                                    mask=linen.make_causal_mask(y[..., 0])),
                              atol=1e-5)
   fn = nn.attention_fn(masks.causal())
   q = jnp.zeros((1, 8, 2, 16))

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+import compiled
 from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
@@ -57,30 +58,37 @@ def test_soft_cap_paths():
   q, k, v = x(1, 6, 7, 4, 16), x(1, 6, 7, 2, 16), x(1, 6, 7, 2, 16)
   ek, ev = x(1, 5, 2, 16), x(1, 5, 2, 16)
   cap = 0.8
-  ref = lambda **kw: jsa.na(q, k, v, 3, backend="reference", logits_soft_cap=cap, **kw)
-  extra = jsa.na(q, k, v, 3, additional_keys=ek, additional_values=ev, backend="xla",
-                 logits_soft_cap=cap)
+  ref = compiled.run(lambda q, k, v: jsa.na(q, k, v, 3, backend="reference",
+                                            logits_soft_cap=cap), q, k, v)
+  extra = compiled.run(lambda q, k, v, ek, ev: jsa.na(
+      q, k, v, 3, additional_keys=ek, additional_values=ev, backend="xla",
+      logits_soft_cap=cap), q, k, v, ek, ev)
   # the extra tokens' pass is capped too: against one dense capped attention over both
   flat = lambda t: t.reshape(1, 42, *t.shape[-2:])
   union = masks.from_function(lambda i, j: (j >= 42) | masks.neighborhood((6, 7), 3)(
       i, jnp.minimum(j, 41)))
-  both = jsa.attention(flat(q), jnp.concatenate([flat(k), ek], 1),
-                       jnp.concatenate([flat(v), ev], 1), union, backend="reference",
-                       logits_soft_cap=cap)
+  both = compiled.run(lambda q, k, v, ek, ev: jsa.attention(
+      flat(q), jnp.concatenate([flat(k), ek], 1), jnp.concatenate([flat(v), ev], 1), union,
+      backend="reference", logits_soft_cap=cap), q, k, v, ek, ev)
   assert brute_force.rel_err(flat(extra), both) < 1e-5
   tiling = jsa.na_tiling((6, 7), 3, tile_shape=(2, 4))
-  tiled = tiling.untile(jsa.na(tiling.tile(q), tiling.tile(k), tiling.tile(v), 3,
-                               tiling=tiling, backend="xla", logits_soft_cap=cap))
-  assert brute_force.rel_err(tiled, ref()) < 1e-5
-  assert brute_force.rel_err(jsa.na(q, k, v, 3, backend="xla"), ref()) > 0.05
-  packed = jsa.na_packed(flat(q), flat(k), flat(v), [(6, 7)], 3, method="tiled",
-                         backend="xla", logits_soft_cap=cap)
-  assert brute_force.rel_err(packed, flat(ref())) < 1e-5
+  tiled = compiled.run(lambda q, k, v: tiling.untile(jsa.na(
+      tiling.tile(q), tiling.tile(k), tiling.tile(v), 3, tiling=tiling, backend="xla",
+      logits_soft_cap=cap)), q, k, v)
+  assert brute_force.rel_err(tiled, ref) < 1e-5
+  uncapped = compiled.run(lambda q, k, v: jsa.na(q, k, v, 3, backend="xla"), q, k, v)
+  assert brute_force.rel_err(uncapped, ref) > 0.05
+  packed = compiled.run(lambda q, k, v: jsa.na_packed(
+      flat(q), flat(k), flat(v), [(6, 7)], 3, method="tiled", backend="xla",
+      logits_soft_cap=cap), q, k, v)
+  assert brute_force.rel_err(packed, flat(ref)) < 1e-5
   from jax_sparse_attn import routing
   qs, ks, vs = x(1, 64, 2, 16), x(1, 64, 2, 16), x(1, 64, 2, 16)
-  sel = routing.topk_blocks(qs, ks, block_size=16, top_k=1, causal=True)
-  routed = jsa.attention(qs, ks, vs, masks.causal(), block_selection=sel, backend="xla",
-                         logits_soft_cap=cap)
+  sel = compiled.run(lambda q, k: routing.topk_blocks(q, k, block_size=16, top_k=1,
+                                                      causal=True), qs, ks)
+  routed = compiled.run(lambda q, k, v, sel: jsa.attention(
+      q, k, v, masks.causal(), block_selection=sel, backend="xla", logits_soft_cap=cap),
+      qs, ks, vs, sel)
   ids = np.asarray(sel.ids)  # [b, h, q blocks, k]: the same selection as a dense mask
   dense = np.zeros((2, 64, 64), bool)
   for h in range(2):
@@ -92,9 +100,9 @@ def test_soft_cap_paths():
   want, _ = brute_force.attention(qs, ks, vs, dense[None], 0.25, cap=cap)
   assert brute_force.rel_err(routed, want) < 1e-5
   # with learned sinks (not capped: a logit of their own), joined in the XLA kernel's epilogue
-  sunk = lambda backend: jax.grad(lambda q: jnp.sum(jsa.attention(
+  sunk = lambda backend: compiled.run(jax.grad(lambda q: jnp.sum(jsa.attention(
       q, ks, vs, masks.causal(), sinks=jnp.asarray([0.5, -1.0]), logits_soft_cap=cap,
-      backend=backend) ** 2))(qs)
+      backend=backend) ** 2)), qs)
   assert brute_force.rel_err(sunk("xla"), sunk("reference")) < 1e-5
 
 
@@ -102,9 +110,11 @@ def test_fully_masked_rows_are_zero_not_nan():
   q = k = v = jnp.ones((1, 20, 2, 16))
   mask = masks.causal(offset=-5)
   for backend in ("reference", "xla"):
-    out, lse = jsa.attention(q, k, v, mask, backend=backend, return_lse=True)
+    out, lse = compiled.run(lambda q: jsa.attention(q, k, v, mask, backend=backend,
+                                                    return_lse=True), q)
     assert np.all(np.asarray(out[:, :5]) == 0) and np.all(np.isneginf(np.asarray(lse[:, :5])))
-    g = jax.grad(lambda q: jnp.sum(jsa.attention(q, k, v, mask, backend=backend)))(q)
+    g = compiled.run(jax.grad(lambda q: jnp.sum(jsa.attention(q, k, v, mask,
+                                                              backend=backend))), q)
     assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -117,7 +127,7 @@ def test_lse_gradient_matches_reference():
     def f(q, k, v):
       out, lse = jsa.attention(q, k, v, mask, backend=backend, return_lse=True)
       return jnp.sum(out) + jnp.sum(jnp.sin(lse))
-    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    return compiled.run(jax.grad(f, argnums=(0, 1, 2)), q, k, v)
 
   for a, b in zip(loss("xla"), loss("reference")):
     assert brute_force.rel_err(a, b) < 1e-4

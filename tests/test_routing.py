@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+import compiled
 from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import block_map as block_map_lib
@@ -174,9 +175,12 @@ def test_whole_lists_rule():
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
   def rule(s, top_k, heads):
     static = make_plan(masks.causal(), SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map
-    ids = jnp.zeros((1, heads, s // 128, top_k + 2), jnp.int32)
-    bmap = block_map.from_selection(ids, static)
-    return attention_bwd._whole_lists(bmap, 1, heads, 1)
+    ids = jax.ShapeDtypeStruct((1, heads, s // 128, top_k + 2), jnp.int32)
+    # The rule reads the map's static sizes: trace the map, never build it.
+    found = []
+    jax.eval_shape(lambda ids: found.append(attention_bwd._whole_lists(
+        block_map.from_selection(ids, static), 1, heads, 1)), ids)
+    return found[0]
   assert rule(32768, 32, 16)  # MoBA: 256 entries at most per item, ~1000 steps per SM
   assert not rule(4096, 8, 2)  # 32 entries, but only ~5 per SM
 
@@ -380,12 +384,16 @@ def test_video_blocks_route_in_tile_order():
   t = routing.tile_order(spatial, tile)
   x = lambda: jnp.asarray(rng.standard_normal((b, *spatial, h, d)), jnp.float32)
   q, k, v = x(), x(), x()
-  qt, kt, vt = t.to_kernel(q), t.to_kernel(k), t.to_kernel(v)
   valid = routing.tile_valid(t)
   seg = jnp.broadcast_to(jnp.where(valid, 0, 1), (b, t.padded_len)).astype(jnp.int32)
-  sel = routing.topk_blocks(qt, kt, 32, 2, local_blocks=1)
-  out = t.from_kernel(jsa.attention(qt, kt, vt, block_selection=sel, segment_ids=seg,
-                                    backend="xla"))
+
+  def route_and_attend(q, k, v, seg):
+    qt, kt, vt = t.to_kernel(q), t.to_kernel(k), t.to_kernel(v)
+    sel = routing.topk_blocks(qt, kt, 32, 2, local_blocks=1)
+    return sel, t.from_kernel(jsa.attention(qt, kt, vt, block_selection=sel, segment_ids=seg,
+                                            backend="xla"))
+
+  sel, out = compiled.run(route_and_attend, q, k, v, seg)
   assert out.shape == q.shape
   # The same pairs in the caller's order: brute force over real tokens only.
   rows = t.rows()
@@ -423,13 +431,13 @@ def test_routed_attention_on_a_mesh():
   ids_s = jax.device_put(ids, NamedSharding(mesh, P("data", "model")))
   sharded = jax.jit(lambda *a: run(*a, mesh))
   out = sharded(qs, ks, vs, ids_s)
-  want = run(q, k, v, ids, None)
+  want = compiled.run(lambda *a: run(*a, None), q, k, v, ids)
   assert brute_force.rel_err(out, want) < 1e-6
   assert out.sharding.spec == P("data", None, "model", None)
   assert "all-gather" not in sharded.lower(qs, ks, vs, ids_s).compile().as_text()
   loss = lambda mesh: (lambda q, k, v: jnp.sum(run(q, k, v, ids, mesh) ** 2))
   got = jax.jit(jax.grad(loss(mesh), argnums=(0, 1, 2)))(qs, ks, vs)
-  for g, w in zip(got, jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)):
+  for g, w in zip(got, compiled.run(jax.grad(loss(None), argnums=(0, 1, 2)), q, k, v)):
     assert brute_force.rel_err(g, w) < 1e-5
 
 
@@ -462,8 +470,9 @@ def test_routed_zigzag(context, local_blocks, sink_blocks):
   seg = jnp.asarray(np.repeat([[0, 1, 2]], b, 0).repeat([100, 60, 96], 1), jnp.int32)
   rule = dict(causal=True, local_blocks=local_blocks, sink_blocks=sink_blocks)
   z = lambda x: cp.to_zigzag(x, context)
-  natural = routing.topk_blocks(q, k, bs, 3, **rule)
-  zigzag = routing.topk_blocks(z(q), z(k), bs, 3, zigzag_shards=context, **rule)
+  natural = compiled.run(lambda q, k: routing.topk_blocks(q, k, bs, 3, **rule), q, k)
+  zigzag = compiled.run(lambda q, k: routing.topk_blocks(q, k, bs, 3, zigzag_shards=context,
+                                                         **rule), z(q), z(k))
   perm = cp.zigzag_permutation(s // bs, context)
   np.testing.assert_array_equal(np.asarray(zigzag.ids), np.asarray(natural.ids)[:, :, perm])
   mesh = _context_mesh(context)
@@ -480,7 +489,8 @@ def test_routed_zigzag(context, local_blocks, sink_blocks):
 
   got = jax.jit(lambda *a: run(mesh, "zigzag", *a))(z(q), z(k), z(v), z(seg), zigzag.ids,
                                                     z(d_out))
-  want = run(None, "contiguous", q, k, v, seg, natural.ids, d_out)
+  want = compiled.run(lambda *a: run(None, "contiguous", *a), q, k, v, seg, natural.ids,
+                      d_out)
   for g, w in zip(got, want):
     assert brute_force.rel_err(cp.from_zigzag(g, context), w) < 1e-5
 
@@ -556,10 +566,10 @@ def test_moba_selection_and_attention_with_the_sequence_sharded():
   qs, ks, vs = (jax.device_put(x, spec) for x in (q, k, v))
   loss = lambda mesh: (lambda q, k, v: jnp.sum(f(q, k, v, mesh) ** 2))
   out = jax.jit(lambda *a: f(*a, mesh))(qs, ks, vs)
-  assert brute_force.rel_err(out, f(q, k, v, None)) < 1e-5
+  assert brute_force.rel_err(out, compiled.run(lambda *a: f(*a, None), q, k, v)) < 1e-5
   assert out.sharding.spec == P("data", "context")
   got = jax.jit(jax.grad(loss(mesh), argnums=(0, 1, 2)))(qs, ks, vs)
-  for g, w in zip(got, jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)):
+  for g, w in zip(got, compiled.run(jax.grad(loss(None), argnums=(0, 1, 2)), q, k, v)):
     assert brute_force.rel_err(g, w) < 1e-5
 
 

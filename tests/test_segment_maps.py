@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+import compiled
 from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import block_map as block_map_lib
@@ -49,8 +50,8 @@ def test_segment_classes_match_elements(sq, skv, bq, bk, mask, ordered, seed):
     q_seg, kv_seg = rng.integers(0, 3, (b, sq)), rng.integers(0, 3, (b, skv))
   spec = backend_cases.seq_mask(mask, sq, skv)
   static = make_plan(spec, SequenceLayout(sq, bq), SequenceLayout(skv, bk)).block_map
-  cls = np.asarray(block_map_lib.segment_classes(jnp.asarray(q_seg), jnp.asarray(kv_seg),
-                                                 static))[:, 0]
+  cls = np.asarray(compiled.run(lambda q, kv: block_map_lib.segment_classes(q, kv, static),
+                                jnp.asarray(q_seg), jnp.asarray(kv_seg)))[:, 0]
   dense = np.asarray(spec(np.arange(sq)[:, None], np.arange(skv)[None, :]))
   static_cls = static.dense_classes()
   for bi in range(b):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import backend_cases
 import brute_force
+import compiled
 from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
@@ -176,18 +177,21 @@ def test_modules_learn_sinks():
   assert spec == jax.sharding.PartitionSpec("heads")
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 24, 32)), jnp.float32)
   layer.core.sinks[...] = jnp.asarray([0.0, 1.0, -1.0, 2.0])
-  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+  grads = compiled.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
   assert float(jnp.abs(grads.core.sinks[...]).min()) > 0
-  q, k, v = layer.core._project_sequence(x, None)
-  want = layer.core._output(jsa.attention(q, k, v, masks.causal(), backend="xla",
-                                          sinks=layer.core.sinks[...]))
-  np.testing.assert_allclose(layer(x), want, rtol=1e-6)
+
+  def reference(layer, x):
+    q, k, v = layer.core._project_sequence(x, None)
+    return layer.core._output(jsa.attention(q, k, v, masks.causal(), backend="xla",
+                                            sinks=layer.core.sinks[...]))
+
+  np.testing.assert_allclose(compiled.call(layer, x), nnx.jit(reference)(layer, x), rtol=1e-6)
   na_layer = jnn.NeighborhoodAttention2D(32, 4, 3, learned_sinks=True, backend="xla",
                                             rngs=nnx.Rngs(0))
-  assert na_layer(jnp.ones((1, 5, 5, 32))).shape == (1, 5, 5, 32)
+  assert compiled.call(na_layer, jnp.ones((1, 5, 5, 32))).shape == (1, 5, 5, 32)
   linen = jnn.linen.SparseAttention(32, 4, mask=masks.causal(), learned_sinks=True,
                                     backend="xla")
-  params = linen.init(jax.random.PRNGKey(0), x)
+  params = jax.jit(linen.init)(jax.random.PRNGKey(0), x)
   assert params["params"]["sinks"].value.shape == (4,)
   with pytest.raises(ValueError, match="learned_sinks"):
     jnn.SparseAttention(32, 4, learned_sinks=True, backend="dense", rngs=nnx.Rngs(0))
