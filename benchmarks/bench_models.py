@@ -45,7 +45,8 @@ def cases(backend, quick=False):
   """(name, model factory, loss, batch) per model; `quick`: tiny sizes for a CPU smoke run."""
   if quick:
     yield ("causal LM 256 tokens, window 32 + 4 sinks",
-           lambda: causal_lm.CausalLM(backend=backend, rngs=nnx.Rngs(0)), causal_lm.loss_fn,
+           lambda: causal_lm.CausalLM(depth=1, backend=backend, rngs=nnx.Rngs(0)),
+           causal_lm.loss_fn,
            next(causal_lm.synthetic_batches(2, 256)))
     yield ("NAT classifier 32x32 images, kernel 5",
            lambda: nat_classifier.NATClassifier(image_size=32, dims=(16, 32), depths=(1, 1),
