@@ -365,9 +365,9 @@ def test_fused_dq_policy(monkeypatch):
   """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
   at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5) and the
   map has no dead quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else
-  dQ is its own kernel (causal S=4096: 16.5); at head_dim 64 from `FUSED_MIN_ENTRIES_64` on
-  1-D masks (causal S=4096 fused, the LM mask's 5.8 not; a neighborhood never), with
-  `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
+  dQ is its own kernel (causal S=4096: 16.5); at head_dim 64 from `FUSED_MIN_ENTRIES_64`
+  (causal S=4096 fused, the LM mask's 5.8 not; the 3-D neighborhood too, dead quarters or
+  not), with `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
   beside the forward."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered
@@ -393,6 +393,7 @@ def test_fused_dq_policy(monkeypatch):
   share = attention_bwd._dead_share(na3.block_map, tables.live_quarters(na3)[1])
   assert attention_bwd._mean_entries(na3.block_map) >= attention_bwd.FUSED_MIN_ENTRIES
   assert share >= attention_bwd.QUARTERS_MIN_DEAD and attention_bwd._separate_dq(cfg(), na3, 128)
+  assert not attention_bwd._separate_dq(cfg(), na3, 64)
   monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # no skips: fused
   assert not attention_bwd._separate_dq(cfg(), na3, 128)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -486,3 +487,37 @@ def test_fused_at_head_dim_64(monkeypatch, mask, segments):
   assert "sparse_attention_bwd_joint" not in lowered(masks.full())
   assert "sparse_attention_bwd_joint" in lowered(
       masks.causal() & (masks.sliding_window(511) | masks.sink(4)))
+
+
+@pytest.mark.parametrize("head_dim, case", [(64, "na"), (96, "na"), (96, "seq")])
+def test_slots_by_head_dim(monkeypatch, head_dim, case):
+  """The default's forms and Q/dO slots by width, against the float64 brute force in
+  interpret mode: at 64 a neighborhood with the MMA-bias tables fuses dQ ("own", threshold
+  lowered to reach it on a small problem) over `FUSED_STAGES_64` slots; at 96 the two kernels
+  run over `STAGES_96` slots on a 1-D mask (GQA, packed documents) and over `STAGES` where
+  the MMA-bias tables are staged beside them."""
+  from jax_sparse_attn import ops
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  calls, kernel = [], attention_bwd._kernel
+  monkeypatch.setattr(attention_bwd, "_kernel",
+                      lambda *a, **kw: calls.append((kw["stages"], kw["with_dq"],
+                                                     kw["mma_width"] > 0)) or kernel(*a, **kw))
+  monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64", 1)
+  ops._make_core.cache_clear()
+  jax.clear_caches()
+  if case == "na":
+    problem = ((12, 21), (5, 9), (2, 3), (1, 1), (True, False))
+    p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=head_dim,
+             dtype=jnp.bfloat16, seed=3, tile_q=(8, 16), tile_kv=(8, 16))
+    backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
+    want = ((attention_bwd.FUSED_STAGES_64, True, True) if head_dim == 64
+            else (attention_bwd.STAGES, False, True))
+  else:
+    p = dict(batch=1, sq=300, skv=300, heads=4, kv_heads=2, head_dim=head_dim,
+             mask="window_sink", segments=True, dtype=jnp.bfloat16, seed=9)
+    backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
+    want = (attention_bwd.STAGES_96, False, False)
+  assert calls and set(calls) == {want}, calls
+  monkeypatch.undo()
+  ops._make_core.cache_clear()
+  jax.clear_caches()

@@ -145,10 +145,18 @@ FUSED_MIN_ENTRIES = 24
 # 13.83-13.85 (cuDNN 12.67), causal (64.5) 6.71-6.73 / 7.11-7.13 (cuDNN 6.66), causal window
 # 2048 (15.9) 1.89-1.90 / 2.00, the LM mask (5.9) 1.00-1.03 / 0.97-0.98. With 2 slots the
 # fused form gained half as much (13.46-13.52, 6.85, 1.93-1.96); the two kernels gained
-# nothing from 4 (13.81-13.82). Neighborhoods (the MMA bias, dQ on window boxes, dead
-# quarters) were not measured there and keep the two kernels.
+# nothing from 4 (13.81-13.82). Neighborhoods too, dead quarters or not (the two kernels
+# would skip them): H100, 3-D NA 16×64² k8×16² (32.7; B=1, H=12) 7.44-7.46 fused with 4 slots
+# against 8.01-8.02 for the two kernels with the skips, 8.42-8.44 fused with 2 slots
+# (docs/experiments/h100-2026-12-06-d64-na3d.json).
 FUSED_MIN_ENTRIES_64 = 12
 FUSED_STAGES_64 = 4
+# The two kernels' Q/dO slots at head_dim 96 (1-D masks; no MMA-bias tables to stage beside
+# them). H100, B=2, H=12, S=16384, fwd+bwd ms, 4 slots / 2 (interleaved, two rounds;
+# docs/experiments/h100-2026-12-06-d96-backward.json): dense 17.90-17.96 / 18.29-18.32
+# (cuDNN 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14); the fused form ("own") gained
+# nothing there (18.28-18.36, 9.44-9.56).
+STAGES_96 = 4
 
 
 def picks_mosaic(plan: AttentionPlan, head_dim: int = 128, segments: bool = False) -> bool:
@@ -710,7 +718,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
          and plan.mask_fn is None and terms == 1 and not wide else None)
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
   separate = _separate_dq(cfg, plan, d, bmap)
-  stages = STAGES if separate else FUSED_STAGES_64 if d == 64 else FUSED_STAGES
+  stages = (FUSED_STAGES_64 if d == 64 else FUSED_STAGES) if not separate else (
+      STAGES_96 if d == 96 and mma is None else STAGES)
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added;
   # some lists cut: "mixed" (`MIXED_DKV`, `_cut_slots`).
   direct = whole and DIRECT_DKV and not wide  # a runtime map's whole lists: stored
@@ -905,17 +914,16 @@ def _wide(plan: AttentionPlan, head_dim: int) -> bool:
 def _separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bool:
   """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
   rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`). None: fused where KV
-  blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`), "own" at 64 on 1-D
-  masks (`FUSED_MIN_ENTRIES_64`); else the kernel."""
+  blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`) unless the dK/dV
+  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`); else the kernel."""
   if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
     return False
   if cfg.backward_dq is not None:
     return cfg.backward_dq == "kernel"
-  one_d = plan.mask is not None and not isinstance(
-      plan.mask, (masks.Neighborhood, masks.PackedNeighborhood))
-  least = {128: FUSED_MIN_ENTRIES, 64: FUSED_MIN_ENTRIES_64 if one_d else None}.get(head_dim)
   bmap = bmap or plan.block_map
-  return not (least is not None and _mean_entries(bmap) >= least
+  if head_dim == 64:
+    return _mean_entries(bmap) < FUSED_MIN_ENTRIES_64
+  return not (head_dim == 128 and _mean_entries(bmap) >= FUSED_MIN_ENTRIES
               and _dead_quarters(cfg, plan, bmap) is None)
 
 
