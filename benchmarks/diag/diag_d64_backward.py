@@ -15,14 +15,13 @@ fwd+bwd ms, gradients against the first's:
 - ``default``: what `backward_dq=None` picks with the module's slots.
 
 The variants set the form and slots explicitly, so they stay what they say. ``--head-dim``
-(64 by default; other widths take "own" too) and the case ``na3d`` (3-D 16×64² k8×16², B=1,
-which keeps the two kernels by default) are the next questions: not measured yet.
-
+(64 by default; other widths take "own" too), the case ``na3d`` (3-D 16×64² k8×16², B=1)
+and ``--seq`` (the 1-D cases' length): measured 2026-12-06 (docs/performance.md).
 cuDNN beside dense and causal, and a gradient check of ``fused`` against float32 XLA at a
 smaller size (S=2048, or 8×32² for ``na3d``).
 
     python -m benchmarks.diag.diag_d64_backward --out x.json [--cases dense,causal,window,lm,na3d]
-        [--head-dim 64]
+        [--head-dim 64] [--seq 16384]
 """
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ def _set_stages(*stages: int):
   jax.clear_caches()
 
 
-def _case(name: str, d: int):
+def _case(name: str, d: int, seq: int = S):
   """(fn(dq form) -> fn(q, k, v, backend), q shape at full size, q shape of the check)."""
   if name == "na3d":
     spatial, kernel = NA3D
@@ -63,17 +62,18 @@ def _case(name: str, d: int):
   run = lambda dq, backend="mosaic_gpu": (lambda q, k, v: jsa.attention(
       q, k, v, mask, backend=backend,
       config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq) if dq else None))
-  return run, (B, S, H, d), (1, 2048, 4, d)
+  return run, (B, seq, H, d), (1, 2048, 4, d)
 
 
 def main():
   parser = case_parser("dense,causal")
   parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--seq", type=int, default=S, help="1-D cases' length")
   args = parser.parse_args()
   d = args.head_dim
   rows = Rows()
   for name in args.cases.split(","):
-    run, shape, small_shape = _case(name, d)
+    run, shape, small_shape = _case(name, d, args.seq)
     row = {"case": name, "q_shape": shape}
     small = inputs(small_shape, small_shape, jnp.bfloat16)
     want = fwd_bwd(run(None, "xla"))(*(x.astype(jnp.float32) for x in small))
