@@ -4,14 +4,15 @@ benchmarks/results/h100-2026-12-06-hd64.json). Variants, interleaved over two ro
 fwd+bwd ms, gradients against the first's:
 
 - ``kernel``: dQ its own kernel over 2 Q/dO slots (the default at 64 columns before this
-  diagnostic; since, it stays so on short lists and neighborhoods);
+  diagnostic; since, it stays so on short lists);
 - ``fused``: dQ reduce-added by the dK/dV kernel, each warpgroup its own keys' share
   (``backward_dq="own"``: 5 matmuls per block pair instead of 7; at 64 columns the dK/dV
   accumulators leave room for it without spills);
 - ``kernel_stages4``: the two kernels with 4 Q/dO slots (a slot is half the bytes of 128
   columns');
-- ``fused_stages4``: both (the default at 64 columns on 1-D masks with long lists since
-  2026-12-06: `attention_bwd.FUSED_MIN_ENTRIES_64`, `FUSED_STAGES_64`);
+- ``fused_stages4``: both (the default at 64 columns on masks with long lists since
+  2026-12-06: `attention_bwd.FUSED_MIN_ENTRIES_64`, `FUSED_STAGES_64`; at 96 the two kernels
+  over 4 slots, `STAGES_96`);
 - ``default``: what `backward_dq=None` picks with the module's slots.
 
 The variants set the form and slots explicitly, so they stay what they say. ``--head-dim``
@@ -40,12 +41,16 @@ SEQ = {"dense": masks.full(), "causal": masks.causal(),
        "lm": masks.causal() & (masks.sliding_window(511) | masks.sink(4))}
 NA3D = ((16, 64, 64), (8, 16, 16))  # "na3d": B=1, the headline's 3-D neighborhood
 B, S, H = 2, 16384, 12
-DEFAULTS = (attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64)
+DEFAULTS = (attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64,
+            attention_bwd.STAGES_96)
 
 
 def _set_stages(*stages: int):
-  """Q/dO slots of the two-kernel form, the fused form, the fused form at 64 columns."""
-  attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64 = stages
+  """Q/dO slots of the two-kernel form, the fused form, the fused form at 64 columns (and
+  the two-kernel form at 96: the first's unless given)."""
+  stages = stages + stages[:1] if len(stages) == 3 else stages
+  (attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64,
+   attention_bwd.STAGES_96) = stages
   ops._make_core.cache_clear()
   jax.clear_caches()
 
