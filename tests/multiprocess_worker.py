@@ -48,8 +48,8 @@ def check(name, op, shapes, spec):
   sharded = jax.jit(jax.value_and_grad(loss))
   value, dq = sharded(*(global_array(x, spec) for x in (q, k, v)))
   dq = multihost_utils.process_allgather(dq, tiled=True)
-  want_value, want_dq = jax.value_and_grad(lambda q, k, v: jnp.sum(op(q, k, v, False) * d_out))(
-      q, k, v)
+  want_value, want_dq = jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.sum(op(q, k, v, False) * d_out)))(q, k, v)
   err = float(np.abs(np.asarray(dq) - np.asarray(want_dq)).max())
   assert abs(float(value) - float(want_value)) < 1e-3 * abs(float(want_value)) + 1e-3, name
   assert err < 1e-4, (name, err)
