@@ -25,15 +25,14 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # Queued by the twenty-fifth session (docs/performance.md, 2026-12-06): the CLI's head_dim
-  # 64 table after the fused dQ at 64 columns (measured before it), then the fused form on a
-  # 3-D neighborhood at 64 and on 1-D masks at 96 columns (not measured).
-  timeout 300 python3 -m benchmarks run --suite dense,causal,window,blocksparse --heads 12 \
-    --head-dim 64 --peers --out $OUT/hd64 2>&1 | grep -v Warning | tail -n 20
-  timeout 240 python3 -m benchmarks.diag.diag_d64_backward --cases na3d,dense \
-    --out $OUT/d64_na3d.json 2>&1 | grep '^{'
-  timeout 200 python3 -m benchmarks.diag.diag_d64_backward --cases dense,causal --head-dim 96 \
-    --out $OUT/d96.json 2>&1 | grep '^{'
+  # Queued by the twenty-seventh session (docs/performance.md, 2026-12-06): causal S=4096 at
+  # head_dim 64, fused since (16.5 Q blocks per KV block; the CLI showed 0.614 vs 0.584 ms
+  # across two calls), A/B inside one call; then the 96-column defaults (4 Q/dO slots)
+  # through the CLI with the peers.
+  timeout 240 python3 -m benchmarks.diag.diag_d64_backward --cases causal,window --seq 4096 \
+    --out $OUT/d64_s4096.json 2>&1 | grep '^{'
+  timeout 300 python3 -m benchmarks run --suite dense,causal,window,gna2d --heads 12 \
+    --head-dim 96 --peers --out $OUT/hd96 2>&1 | grep -v Warning | tail -n 20
 fi
 if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")
   timeout 300 python3 -m benchmarks.diag.diag_soft_cap --out $OUT/soft_cap.json 2>&1 | grep '^{'
