@@ -366,8 +366,9 @@ def test_fused_dq_policy(monkeypatch):
   at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5) and the
   map has no dead quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else
   dQ is its own kernel (causal S=4096: 16.5); at head_dim 64 from `FUSED_MIN_ENTRIES_64`
-  (causal S=4096 fused, the LM mask's 5.8 not; the 3-D neighborhood too, dead quarters or
-  not), with `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
+  (causal S=4096 fused, the LM mask's 5.8 not), on neighborhoods from
+  `FUSED_MIN_ENTRIES_64_NA` (the 3-D one fused, dead quarters or not; a 2-D k33 at ~15 not),
+  with `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
   beside the forward."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered
@@ -394,6 +395,11 @@ def test_fused_dq_policy(monkeypatch):
   assert attention_bwd._mean_entries(na3.block_map) >= attention_bwd.FUSED_MIN_ENTRIES
   assert share >= attention_bwd.QUARTERS_MIN_DEAD and attention_bwd._separate_dq(cfg(), na3, 128)
   assert not attention_bwd._separate_dq(cfg(), na3, 64)
+  tile2 = TiledLayout((128, 128), (1, 1), (8, 16))
+  na2 = gathered(make_plan(masks.neighborhood((128, 128), (33, 33)), tile2, tile2))
+  assert (attention_bwd.FUSED_MIN_ENTRIES_64 <= attention_bwd._mean_entries(na2.block_map)
+          < attention_bwd.FUSED_MIN_ENTRIES_64_NA)
+  assert attention_bwd._separate_dq(cfg(), na2, 64)
   monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # no skips: fused
   assert not attention_bwd._separate_dq(cfg(), na3, 128)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -492,7 +498,7 @@ def test_fused_at_head_dim_64(monkeypatch, mask, segments):
 @pytest.mark.parametrize("head_dim, case", [(64, "na"), (96, "na"), (96, "seq")])
 def test_slots_by_head_dim(monkeypatch, head_dim, case):
   """The default's forms and Q/dO slots by width, against the float64 brute force in
-  interpret mode: at 64 a neighborhood with the MMA-bias tables fuses dQ ("own", threshold
+  interpret mode: at 64 a neighborhood with the MMA-bias tables fuses dQ ("own", thresholds
   lowered to reach it on a small problem) over `FUSED_STAGES_64` slots; at 96 the two kernels
   run over `STAGES_96` slots on a 1-D mask (GQA, packed documents) and over `STAGES` where
   the MMA-bias tables are staged beside them."""
@@ -503,6 +509,7 @@ def test_slots_by_head_dim(monkeypatch, head_dim, case):
                       lambda *a, **kw: calls.append((kw["stages"], kw["with_dq"],
                                                      kw["mma_width"] > 0)) or kernel(*a, **kw))
   monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64", 1)
+  monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64_NA", 1)
   ops._make_core.cache_clear()
   jax.clear_caches()
   if case == "na":

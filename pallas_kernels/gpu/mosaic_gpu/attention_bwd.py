@@ -145,11 +145,15 @@ FUSED_MIN_ENTRIES = 24
 # 13.83-13.85 (cuDNN 12.67), causal (64.5) 6.71-6.73 / 7.11-7.13 (cuDNN 6.66), causal window
 # 2048 (15.9) 1.89-1.90 / 2.00, the LM mask (5.9) 1.00-1.03 / 0.97-0.98. With 2 slots the
 # fused form gained half as much (13.46-13.52, 6.85, 1.93-1.96); the two kernels gained
-# nothing from 4 (13.81-13.82). Neighborhoods too, dead quarters or not (the two kernels
-# would skip them): H100, 3-D NA 16×64² k8×16² (32.7; B=1, H=12) 7.44-7.46 fused with 4 slots
-# against 8.01-8.02 for the two kernels with the skips, 8.42-8.44 fused with 2 slots
-# (docs/experiments/h100-2026-12-06-d64-na3d.json).
+# nothing from 4 (13.81-13.82). On neighborhoods, where the two kernels have more of their
+# own (dead-quarter skips, dQ on window-anchored KV boxes), the fused form won on long lists:
+# H100, 3-D NA 16×64² k8×16² (32.7; B=1, H=12) 7.44-7.46 fused with 4 slots against
+# 8.01-8.02 for the two kernels with the skips, 8.42-8.44 fused with 2 slots
+# (docs/experiments/h100-2026-12-06-d64-na3d.json); shorter lists (2-D NA 128² k33: 15,
+# strided 3-D k8×16²: 16) were not measured and keep the two kernels
+# (`FUSED_MIN_ENTRIES_64_NA`, the bar at 128).
 FUSED_MIN_ENTRIES_64 = 12
+FUSED_MIN_ENTRIES_64_NA = 24
 FUSED_STAGES_64 = 4
 # The two kernels' Q/dO slots at head_dim 96 (1-D masks; no MMA-bias tables to stage beside
 # them). H100, B=2, H=12, S=16384, fwd+bwd ms, 4 slots / 2 (interleaved, two rounds;
@@ -915,14 +919,16 @@ def _separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bo
   """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
   rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`). None: fused where KV
   blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`) unless the dK/dV
-  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`); else the kernel."""
+  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`; on neighborhoods
+  `FUSED_MIN_ENTRIES_64_NA`); else the kernel."""
   if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
     return False
   if cfg.backward_dq is not None:
     return cfg.backward_dq == "kernel"
   bmap = bmap or plan.block_map
   if head_dim == 64:
-    return _mean_entries(bmap) < FUSED_MIN_ENTRIES_64
+    na = isinstance(plan.mask, (masks.Neighborhood, masks.PackedNeighborhood))
+    return _mean_entries(bmap) < (FUSED_MIN_ENTRIES_64_NA if na else FUSED_MIN_ENTRIES_64)
   return not (head_dim == 128 and _mean_entries(bmap) >= FUSED_MIN_ENTRIES
               and _dead_quarters(cfg, plan, bmap) is None)
 
