@@ -17,11 +17,13 @@ fwd+bwd ms, gradients against the first's:
 
 The variants set the form and slots explicitly, so they stay what they say. ``--head-dim``
 (64 by default; other widths take "own" too), the case ``na3d`` (3-D 16×64² k8×16², B=1)
-and ``--seq`` (the 1-D cases' length): measured 2026-12-06 (docs/performance.md).
+and ``--seq`` (the 1-D cases' length): measured 2026-12-06 (docs/performance.md); ``na2d``
+(128² k33, B=2) and ``na3d_strided`` (stride 4×8×8) next: at 64 they keep the two kernels
+(`FUSED_MIN_ENTRIES_64_NA`), the fused form unmeasured there.
 cuDNN beside dense and causal, and a gradient check of ``fused`` against float32 XLA at a
-smaller size (S=2048, or 8×32² for ``na3d``).
+smaller size (S=2048, or a smaller grid for the neighborhoods).
 
-    python -m benchmarks.diag.diag_d64_backward --out x.json [--cases dense,causal,window,lm,na3d]
+    python -m benchmarks.diag.diag_d64_backward --out x.json [--cases dense,causal,window,lm,na3d,na3d_strided,na2d]
         [--head-dim 64] [--seq 16384]
 """
 import jax
@@ -39,7 +41,10 @@ from ..bench_gpu import fwd_bwd, inputs, rel
 SEQ = {"dense": masks.full(), "causal": masks.causal(),
        "window": masks.causal() & masks.sliding_window(2047),
        "lm": masks.causal() & (masks.sliding_window(511) | masks.sink(4))}
-NA3D = ((16, 64, 64), (8, 16, 16))  # "na3d": B=1, the headline's 3-D neighborhood
+# Neighborhoods: (spatial, kernel, stride, batch, the gradient check's spatial shape).
+NA = {"na3d": ((16, 64, 64), (8, 16, 16), 1, 1, (8, 32, 32)),  # the headline's 3-D
+      "na3d_strided": ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, (8, 32, 32)),
+      "na2d": ((128, 128), (33, 33), 1, 2, (64, 64))}
 B, S, H = 2, 16384, 12
 DEFAULTS = (attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64,
             attention_bwd.STAGES_96)
@@ -57,12 +62,12 @@ def _set_stages(*stages: int):
 
 def _case(name: str, d: int, seq: int = S):
   """(fn(dq form) -> fn(q, k, v, backend), q shape at full size, q shape of the check)."""
-  if name == "na3d":
-    spatial, kernel = NA3D
+  if name in NA:
+    spatial, kernel, stride, batch, small = NA[name]
     run = lambda dq, backend="mosaic_gpu": (lambda q, k, v: jsa.na(
-        q, k, v, kernel, backend=backend,
+        q, k, v, kernel, stride=stride, backend=backend,
         config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq) if dq else None))
-    return run, (1, *spatial, H, d), (1, 8, 32, 32, 4, d)
+    return run, (batch, *spatial, H, d), (1, *small, 4, d)
   mask = SEQ[name]
   run = lambda dq, backend="mosaic_gpu": (lambda q, k, v: jsa.attention(
       q, k, v, mask, backend=backend,
