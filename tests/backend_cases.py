@@ -175,6 +175,23 @@ def spy_run_plans(monkeypatch) -> list:
   return plans
 
 
+def spy_backward_kernels(monkeypatch) -> list:
+  """The keyword arguments of every Hopper dK/dV kernel trace (`attention_bwd._kernel`:
+  stages, with_dq, split_dq, mma_width, ...) from now on, appended to the returned list; the
+  op cache is cleared so that the next call plans again."""
+  from jax_sparse_attn import ops
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  calls, real = [], attention_bwd._kernel
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(attention_bwd, "_kernel", spy)
+  ops._make_core.cache_clear()
+  return calls
+
+
 def spy_backward_plans(monkeypatch) -> list:
   """The plans `ops._backward_plan` returns from now on (the backward's own plan, or None),
   appended to the returned list; the op cache is cleared so that the next call plans again."""

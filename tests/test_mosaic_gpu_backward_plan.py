@@ -469,10 +469,7 @@ def test_fused_at_head_dim_64(monkeypatch, mask, segments):
   dQ launch) where the LM mask keeps the two kernels."""
   from jax_sparse_attn import ops
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  stages, kernel = [], attention_bwd._kernel
-  monkeypatch.setattr(attention_bwd, "_kernel",
-                      lambda *a, **kw: stages.append((kw["stages"], kw["split_dq"],
-                                                      kw["with_dq"])) or kernel(*a, **kw))
+  calls = backend_cases.spy_backward_kernels(monkeypatch)
   monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64", 1)
   monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # the small causal map's dead quarters
   ops._make_core.cache_clear()
@@ -480,7 +477,8 @@ def test_fused_at_head_dim_64(monkeypatch, mask, segments):
   p = dict(batch=1, sq=384, skv=384, heads=4, kv_heads=2, head_dim=64, mask=mask,
            segments=segments, dtype=jnp.bfloat16, seed=7)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
-  assert stages and set(stages) == {(attention_bwd.FUSED_STAGES_64, False, True)}
+  stages = {(kw["stages"], kw["split_dq"], kw["with_dq"]) for kw in calls}
+  assert stages == {(attention_bwd.FUSED_STAGES_64, False, True)}
   monkeypatch.undo()
   ops._make_core.cache_clear()
   jax.clear_caches()
@@ -504,10 +502,7 @@ def test_slots_by_head_dim(monkeypatch, head_dim, case):
   the MMA-bias tables are staged beside them."""
   from jax_sparse_attn import ops
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  calls, kernel = [], attention_bwd._kernel
-  monkeypatch.setattr(attention_bwd, "_kernel",
-                      lambda *a, **kw: calls.append((kw["stages"], kw["with_dq"],
-                                                     kw["mma_width"] > 0)) or kernel(*a, **kw))
+  calls = backend_cases.spy_backward_kernels(monkeypatch)
   monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64", 1)
   monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64_NA", 1)
   ops._make_core.cache_clear()
@@ -524,7 +519,8 @@ def test_slots_by_head_dim(monkeypatch, head_dim, case):
              mask="window_sink", segments=True, dtype=jnp.bfloat16, seed=9)
     backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
     want = (attention_bwd.STAGES_96, False, False)
-  assert calls and set(calls) == {want}, calls
+  forms = {(kw["stages"], kw["with_dq"], kw["mma_width"] > 0) for kw in calls}
+  assert forms == {want}, forms
   monkeypatch.undo()
   ops._make_core.cache_clear()
   jax.clear_caches()

@@ -78,7 +78,7 @@ def test_sharded_model_under_jit_matches_unsharded():
     nn.shard_model(model, mesh)
     assert model.core.query.kernel[...].sharding.spec == P(None, "model")
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    out = nnx.jit(lambda m, x: m(x))(model, xs)
+    out = compiled.call(model, xs)
   assert brute_force.rel_err(out, want) < 1e-5
 
 
@@ -118,12 +118,12 @@ def test_context_parallel_modules_match_single_device():
   assert brute_force.rel_err(compiled.call(make_na("context"), x), want_na) < 1e-5
   with jax.set_mesh(mesh):
     na_model, lm_model = make_na("context"), make_lm("context")
-    got_na = nnx.jit(lambda m, x: m(x))(na_model, x)
-    got_lm = nnx.jit(lambda m, y, s: m(y, s))(lm_model, y, seg)
-    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(y, seg) ** 2)))(lm_model)
+    got_na = compiled.call(na_model, x)
+    got_lm = compiled.call(lm_model, y, seg)
+    grads = compiled.grad(lambda m: jnp.sum(m(y, seg) ** 2))(lm_model)
   assert brute_force.rel_err(got_na, want_na) < 1e-5
   assert brute_force.rel_err(got_lm, want_lm) < 1e-5
-  want_grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(y, seg) ** 2)))(make_lm(None))
+  want_grads = compiled.grad(lambda m: jnp.sum(m(y, seg) ** 2))(make_lm(None))
   assert brute_force.rel_err(grads["core"]["query"]["kernel"][...],
                              want_grads["core"]["query"]["kernel"][...]) < 1e-4
   lin = nn.linen.SparseAttention(embed_dim=32, num_heads=4, mask=mask, backend="xla",
@@ -155,8 +155,8 @@ def test_zigzag_layout_modules(kind):
   z = lambda x: cp.to_zigzag(x, 4)
   with jax.set_mesh(mesh):
     model = make("zigzag", "context")
-    got = nnx.jit(lambda m, y, s: m(y, s))(model, z(y), z(seg))
-    grads = nnx.jit(nnx.grad(loss))(model, z(y), z(seg))
+    got = compiled.call(model, z(y), z(seg))
+    grads = compiled.grad(loss)(model, z(y), z(seg))
   assert brute_force.rel_err(cp.from_zigzag(got, 4), want) < 1e-5
   assert brute_force.rel_err(grads["core"]["query"]["kernel"][...],
                              want_grads["core"]["query"]["kernel"][...]) < 1e-4

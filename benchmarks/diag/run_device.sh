@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
-# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh [ours|peers|all|pending|soft_cap]
+# Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
+#   [ours|peers|all|pending|pending_na|soft_cap]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -33,10 +34,11 @@ if [ "$what" = pending ]; then
     --out $OUT/d64_s4096.json 2>&1 | grep '^{'
   timeout 300 python3 -m benchmarks run --suite dense,causal,window,gna2d --heads 12 \
     --head-dim 96 --peers --out $OUT/hd96 2>&1 | grep -v Warning | tail -n 20
-  # A second call: the fused form on the shorter neighborhood lists at 64 (kept on the two
-  # kernels below `FUSED_MIN_ENTRIES_64_NA`).
-  # timeout 500 python3 -m benchmarks.diag.diag_d64_backward --cases na2d,na3d_strided \
-  #   --out $OUT/d64_na_short.json 2>&1 | grep '^{'
+fi
+if [ "$what" = pending_na ]; then  # a second call: the fused form on the shorter
+  # neighborhood lists at 64 (kept on the two kernels below `FUSED_MIN_ENTRIES_64_NA`)
+  timeout 500 python3 -m benchmarks.diag.diag_d64_backward --cases na2d,na3d_strided \
+    --out $OUT/d64_na_short.json 2>&1 | grep '^{'
 fi
 if [ "$what" = soft_cap ]; then  # logits_soft_cap's cost (a second call after "pending")
   timeout 300 python3 -m benchmarks.diag.diag_soft_cap --out $OUT/soft_cap.json 2>&1 | grep '^{'

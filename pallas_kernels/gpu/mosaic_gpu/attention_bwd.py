@@ -722,8 +722,10 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
          and plan.mask_fn is None and terms == 1 and not wide else None)
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
   separate = _separate_dq(cfg, plan, d, bmap)
-  stages = (FUSED_STAGES_64 if d == 64 else FUSED_STAGES) if not separate else (
-      STAGES_96 if d == 96 and mma is None else STAGES)
+  if not separate:
+    stages = FUSED_STAGES_64 if d == 64 else FUSED_STAGES
+  else:  # with the MMA-bias tables (neighborhoods) 4 slots at 96 were not measured
+    stages = STAGES_96 if d == 96 and mma is None else STAGES
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added;
   # some lists cut: "mixed" (`MIXED_DKV`, `_cut_slots`).
   direct = whole and DIRECT_DKV and not wide  # a runtime map's whole lists: stored
