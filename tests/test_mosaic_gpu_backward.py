@@ -73,10 +73,10 @@ def test_wide_sink_items(monkeypatch):
   """A sink's list cut into several dK/dV items at head_dim 256 (float32 reduce-adds instead
   of stores): 640 tokens, 10 KV blocks of 64, the first visited by all 5 Q blocks (items of
   the mean list length, 2 entries)."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  from pallas_kernels.gpu.mosaic_gpu import work_items
   plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640),
                    SequenceLayout(640, 128), SequenceLayout(640, 64))
-  items = attention_bwd._work_items(plan.block_map.q_counts)
+  items = work_items.static_items(plan.block_map.q_counts)
   assert np.sum(items[:, 0] == 0) > 1 and len(np.unique(items[:, 0])) < len(items)
   p = dict(batch=1, sq=640, skv=640, heads=1, kv_heads=1, head_dim=256, mask="window_sink",
            segments=False, dtype=jnp.bfloat16, seed=9)

@@ -129,21 +129,21 @@ def test_work_items():
   """One item per KV block, in KV-block order (neighbouring KV blocks share Q blocks in L2),
   except Q lists longer than twice the mean (a sink's): those are cut into chunks of the mean
   (rounded up). KV blocks with empty lists get no item."""
-  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _work_items
-  items = _work_items(np.array([20, 2, 0, 3]))  # 20 > 2 * 8.3: chunks of 9
+  from pallas_kernels.gpu.mosaic_gpu.work_items import static_items
+  items = static_items(np.array([20, 2, 0, 3]))  # 20 > 2 * 8.3: chunks of 9
   assert items.tolist() == [[0, 0, 9], [0, 9, 9], [0, 18, 2], [1, 0, 2], [3, 0, 3]]
-  items = _work_items(np.array([30, 6, 7, 5, 7]))  # mean 11: 30 cut into 11s, 6-7 whole
+  items = static_items(np.array([30, 6, 7, 5, 7]))  # mean 11: 30 cut into 11s, 6-7 whole
   assert items.tolist() == [[0, 0, 11], [0, 11, 11], [0, 22, 8], [1, 0, 6], [2, 0, 7],
                             [3, 0, 5], [4, 0, 7]]
-  items = _work_items(np.array([6, 9, 12, 9, 0, 15]))  # 15 <= 2 * 10.2: whole lists
+  items = static_items(np.array([6, 9, 12, 9, 0, 15]))  # 15 <= 2 * 10.2: whole lists
   assert items.tolist() == [[0, 0, 6], [1, 0, 9], [2, 0, 12], [3, 0, 9], [5, 0, 15]]
-  assert _work_items(np.zeros(4, int)).shape == (0, 3)
+  assert static_items(np.zeros(4, int)).shape == (0, 3)
 
 
 def test_grid_orders_agree(monkeypatch):
   """The lab knobs that put work items (dK/dV) and Q blocks (dQ) on the grid's fastest axis
   give the default's gradients, bit for bit (the same items, in another order)."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd_dq, work_items
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((1, 200, 2, 64)), jnp.bfloat16)
   k, v = (jnp.asarray(rng.standard_normal((1, 200, 1, 64)), jnp.bfloat16) for _ in range(2))
@@ -152,7 +152,7 @@ def test_grid_orders_agree(monkeypatch):
                                                interpret=True, config=BWD).astype(jnp.float32))
   grad = lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)  # traced anew each call
   want = grad()
-  monkeypatch.setattr(attention_bwd, "ITEMS_FASTEST", not attention_bwd.ITEMS_FASTEST)
+  monkeypatch.setattr(work_items, "ITEMS_FASTEST", not work_items.ITEMS_FASTEST)
   monkeypatch.setattr(attention_bwd_dq, "Q_FASTEST", not attention_bwd_dq.Q_FASTEST)
   for g, w in zip(grad(), want):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
@@ -167,15 +167,15 @@ def test_sink_list_in_chunks(monkeypatch, mixed, head_dim, dq):
   of the mean list length, 3 entries).
   ``mixed`` (`attention_bwd.MIXED_DKV`): only the cut block's items reduce-add (into its own
   float32 buffer), the others store dK/dV; with dQ fused into the kernel too."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, work_items
   monkeypatch.setattr(attention_bwd, "MIXED_DKV", mixed)
   p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=head_dim,
            mask="window_sink", segments=False, dtype=jnp.bfloat16, seed=3)
   plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
                    SequenceLayout(640, 128))
-  items = attention_bwd._work_items(plan.block_map.q_counts)
+  items = work_items.static_items(plan.block_map.q_counts)
   assert np.sum(items[:, 0] == 0) == 2
-  slots, cut_blocks = attention_bwd._cut_slots(items)
+  slots, cut_blocks = work_items.cut_slots(items)
   assert cut_blocks.tolist() == [0] and slots.tolist() == [0, 0] + [-1] * (len(items) - 2)
   config = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=config)

@@ -117,8 +117,8 @@ def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
   """KV blocks whose Q lists are longer than a work item's chunk (1 here): several CTAs
   reduce-add their dK/dV; GQA heads of a group with different list lengths."""
   from pallas_kernels.gpu import MosaicGPUConfig
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "_chunk", lambda mean: 1)
+  from pallas_kernels.gpu.mosaic_gpu import work_items
+  monkeypatch.setattr(work_items, "chunk_entries", lambda mean: 1)
   p = dict(batch=1, sq=640, skv=640, bs=128, kv_heads=1, heads=2, head_dim=32, mask="causal",
            k=3, segments=False, dtype=jnp.bfloat16, seed=5)
   check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))
@@ -133,8 +133,8 @@ def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq, written):
   or stored by their items with dK/dV the kernel's outputs, `WRITTEN_RUNTIME`); dQ as its
   own kernel and reduce-added by the dK/dV kernel; segment ids. The forms lower for CUDA."""
   from pallas_kernels.gpu import MosaicGPUConfig
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "RUNTIME_ITEMS", "whole")
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, work_items
+  monkeypatch.setattr(work_items, "RUNTIME_ITEMS", "whole")
   monkeypatch.setattr(attention_bwd, "WRITTEN_RUNTIME", written)
   b, h, s, bs = kv_heads, 2, 400, 128
   p = dict(batch=b, sq=s, skv=s, heads=h, kv_heads=kv_heads, head_dim=32, dtype=jnp.bfloat16,
@@ -172,13 +172,13 @@ def test_whole_lists_rule():
   from jax_sparse_attn import block_map
   from jax_sparse_attn.layout import SequenceLayout
   from jax_sparse_attn.plan import make_plan
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  from pallas_kernels.gpu.mosaic_gpu import work_items
   def rule(s, top_k, heads):
     static = make_plan(masks.causal(), SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map
     ids = jax.ShapeDtypeStruct((1, heads, s // 128, top_k + 2), jnp.int32)
     # The rule reads the map's static sizes: trace the map, never build it.
     found = []
-    jax.eval_shape(lambda ids: found.append(attention_bwd._whole_lists(
+    jax.eval_shape(lambda ids: found.append(work_items.whole_lists(
         block_map.from_selection(ids, static), 1, heads, 1)), ids)
     return found[0]
   assert rule(32768, 32, 16)  # MoBA: 256 entries at most per item, ~1000 steps per SM
@@ -188,11 +188,11 @@ def test_whole_lists_rule():
 def test_runtime_work_items():
   """The Hopper backward's work items of a runtime map, built on device: every KV block's
   group-longest list in chunks, KV-block order, then no-work items (KV block = n_kv)."""
-  from pallas_kernels.gpu.mosaic_gpu.attention_bwd import _runtime_items
+  from pallas_kernels.gpu.mosaic_gpu.work_items import runtime_items
   rng = np.random.default_rng(0)
   counts = rng.integers(0, 30, (2, 4, 7))
   counts[0, :, 3] = 0
-  items = np.asarray(_runtime_items(jnp.asarray(counts), 2, 8, int(counts.sum(-1).max())))
+  items = np.asarray(runtime_items(jnp.asarray(counts), 2, 8, int(counts.sum(-1).max())))
   for b in range(2):
     for g in range(2):
       longest = counts[b, 2 * g:2 * g + 2].max(0)

@@ -1,7 +1,7 @@
-"""The Hopper backward's work order: the dK/dV kernel's items (`attention_bwd.ITEM_ORDER`:
+"""The Hopper backward's work order: the dK/dV kernel's items (`work_items.ITEM_ORDER`:
 longest first or KV-block order; `SPLIT_OUTLIERS`: one item per KV block unless a list is an
 outlier, so that dK/dV are stored, not reduce-added) and both kernels' grid order
-(`attention_bwd.ITEMS_FASTEST`, `attention_bwd_dq.Q_FASTEST`: Pallas runs the grid's last axis
+(`work_items.ITEMS_FASTEST`, `attention_bwd_dq.Q_FASTEST`: Pallas runs the grid's last axis
 fastest; batch there puts CTAs of every head side by side). Nsight Compute on 2-D NA k33
 (`profile_dkv`) read a 19% L2 hit rate and 4.65 GB of DRAM reads for the dK/dV kernel with the
 longest-first items, against 59% on dense. The backward (both kernels) per mask and variant,
@@ -22,7 +22,7 @@ from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout, TiledLayout
 from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, work_items
 
 from . import Rows, backward_inputs, case_parser
 
@@ -57,8 +57,8 @@ VARIANTS = {"longest": ("longest", False, False, False),
             "natural_split": ("natural", True, False, False),
             "natural_split_items_fastest": ("natural", True, True, False),
             "natural_split_both_fastest": ("natural", True, True, True)}
-_KNOBS = ((attention_bwd, "ITEM_ORDER"), (attention_bwd, "SPLIT_OUTLIERS"),
-          (attention_bwd, "ITEMS_FASTEST"), (attention_bwd_dq, "Q_FASTEST"))
+_KNOBS = ((work_items, "ITEM_ORDER"), (work_items, "SPLIT_OUTLIERS"),
+          (work_items, "ITEMS_FASTEST"), (attention_bwd_dq, "Q_FASTEST"))
 
 
 def _with(variant, fn):

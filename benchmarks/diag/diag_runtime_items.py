@@ -1,6 +1,6 @@
 """The Hopper backward's dK/dV work items on runtime (content-routed) maps: lists cut into
 chunks of the mean length (float32 reduce-adds into zero-filled dK/dV, then a cast) against
-one item per KV block with its whole lists (dK/dV stored in bf16), `attention_bwd.RUNTIME_ITEMS`.
+one item per KV block with its whole lists (dK/dV stored in bf16), `work_items.RUNTIME_ITEMS`.
 Forward and fwd+bwd ms interleaved, the variants' gradients against each other, and "whole"
 against the float32 XLA backend at S=4096.
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops, routing
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, work_items
 
 from . import interleaved, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs, rel
@@ -50,7 +50,7 @@ _FUSED_MIN = attention_bwd.FUSED_MIN_ENTRIES
 
 
 def _set(value, written=True, dq_kernel=False):
-  attention_bwd.RUNTIME_ITEMS = value
+  work_items.RUNTIME_ITEMS = value
   attention_bwd.WRITTEN_RUNTIME = written
   attention_bwd.FUSED_MIN_ENTRIES = 1 << 30 if dq_kernel else _FUSED_MIN
   ops._make_core.cache_clear()

@@ -1,6 +1,6 @@
 """How a sink's Q list is cut into dK/dV work items: entries per item (the mean list length,
-at least `MIN_CHUNK` = 8, when this was written; now `attention_bwd.OUTLIER_CHUNK`: the mean)
-and the items' order (`attention_bwd.ITEM_ORDER`). Nsight Compute read the LM layer's dK/dV
+at least `MIN_CHUNK` = 8, when this was written; now `work_items.OUTLIER_CHUNK`: the mean)
+and the items' order (`work_items.ITEM_ORDER`). Nsight Compute read the LM layer's dK/dV
 kernel at 4.3 waves of CTAs, the sink's items (8 entries x 4 query heads: 64 steps) longer
 than the others (~39): shorter sink items may fill the last wave better. Both backward
 kernels timed, the variants interleaved over two rounds; gradients against the first
@@ -19,7 +19,7 @@ from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, work_items
 
 from . import Rows, backward_inputs, case_parser, max_rel_diff
 
@@ -28,7 +28,7 @@ LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
 CASES = {"lm": (2, 8192, LM, 16, 4, 128), "lm_d64": (2, 8192, LM, 8, 2, 64),
          "lm_mha": (2, 8192, LM, 16, 16, 128),
          "window_sinks": (1, 32768, masks.sliding_window(2047) | masks.sink(64), 16, 16, 128)}
-# "chunk,order": every list longer than chunk cut (`SPLIT_OUTLIERS` off, `_chunk` fixed; "8"
+# "chunk,order": every list longer than chunk cut (`SPLIT_OUTLIERS` off, `chunk_entries` fixed; "8"
 # gives the LM layer the items it had before); "outlierN,order": only the outliers' lists
 # (> 2x the mean) cut, into N entries.
 VARIANTS = ("8,natural", "outlier8,natural", "outlier4,natural", "outlier6,natural",
@@ -36,7 +36,7 @@ VARIANTS = ("8,natural", "outlier8,natural", "outlier4,natural", "outlier6,natur
 
 
 def outlier_items(chunk: int):
-  """`_work_items` with only the outliers' lists cut, into `chunk` entries."""
+  """`work_items.static_items` with only the outliers' lists cut, into `chunk` entries."""
   def items(counts, order):
     counts = np.asarray(counts, np.int64)
     mean = counts[counts > 0].mean()
@@ -69,17 +69,17 @@ def main():
     fns, ref = {}, None
     for chunk, order in variants:
       key = f"chunk{chunk}_{order}"
-      saved = (attention_bwd._chunk, attention_bwd.ITEM_ORDER, attention_bwd._work_items,
-               attention_bwd.SPLIT_OUTLIERS)
+      saved = (work_items.chunk_entries, work_items.ITEM_ORDER, work_items.static_items,
+               work_items.SPLIT_OUTLIERS)
       try:
         if chunk.startswith("outlier"):
           make = outlier_items(int(chunk[len("outlier"):]))
-          attention_bwd._work_items = lambda counts, make=make, order=order: make(counts, order)
+          work_items.static_items = lambda counts, make=make, order=order: make(counts, order)
         else:
-          attention_bwd._chunk = lambda mean, c=int(chunk): c
-          attention_bwd.SPLIT_OUTLIERS = False
-        attention_bwd.ITEM_ORDER = order
-        items = attention_bwd._work_items(np.asarray(plan.block_map.q_counts))
+          work_items.chunk_entries = lambda mean, c=int(chunk): c
+          work_items.SPLIT_OUTLIERS = False
+        work_items.ITEM_ORDER = order
+        items = work_items.static_items(np.asarray(plan.block_map.q_counts))
         row[f"{key}_items"] = int(len(items))
         fn = jax.jit(lambda q, k, v, out, lse, do: attention_bwd.backward(
             q, k, v, None, None, out, lse, do, d_lse, plan, scale, cfg, False))
@@ -89,8 +89,8 @@ def main():
         row[f"{key}_error"] = repr(e)[:300]
         continue
       finally:
-        (attention_bwd._chunk, attention_bwd.ITEM_ORDER, attention_bwd._work_items,
-         attention_bwd.SPLIT_OUTLIERS) = saved
+        (work_items.chunk_entries, work_items.ITEM_ORDER, work_items.static_items,
+         work_items.SPLIT_OUTLIERS) = saved
       fns[key] = fn
       if ref is None:
         ref = grads

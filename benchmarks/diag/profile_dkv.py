@@ -23,7 +23,7 @@ from jax_sparse_attn import masks
 from jax_sparse_attn.layout import SequenceLayout, TiledLayout
 from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, work_items
 
 from . import backward_inputs
 
@@ -48,8 +48,8 @@ def main():
            ("lm", lm, 8192, 4, b), ("lm_mha", lm, 8192, 16, b),
            ("lm_no_sinks", lm_no_sinks, 8192, 4, b))
   only = sys.argv[1] if len(sys.argv) > 1 else None
-  if len(sys.argv) > 2:  # a work-item order (`attention_bwd.ITEM_ORDER`), lists cut only at outliers
-    attention_bwd.ITEM_ORDER, attention_bwd.SPLIT_OUTLIERS = sys.argv[2], True
+  if len(sys.argv) > 2:  # a work-item order (`work_items.ITEM_ORDER`), lists cut only at outliers
+    work_items.ITEM_ORDER, work_items.SPLIT_OUTLIERS = sys.argv[2], True
   for label, plan, n, hkv, batch in cases:
     if only and label != only:
       continue

@@ -5,7 +5,8 @@ block map (or with dQ reduce-added by the TMA: FlashAttention-3's fused form);
 `attention_bwd_dq`: dQ per Q block over the forward map. Beside them: `config` (the config and
 what the backend supports), `boxes` (TMA box geometry of the caller's layout), `tables`
 (host-built mask inputs: MMA-bias tables, window-anchored boxes, per-warpgroup lists), `cost`
-(the tile cost model) and `schedule` (shared memory, stages, persistent programs, order).
+(the tile cost model), `schedule` (shared memory, stages, persistent programs, order) and
+`work_items` (the dK/dV kernel's work items, static and runtime).
 """
 from .attention_bwd import backward, picks_mosaic, runs_plan
 from .attention_fwd import forward

@@ -7,7 +7,7 @@ H200 the pair runs 1.27x faster than this kernel also forming dQ (the fused form
 tensor-core efficiency (docs/performance.md); the two run as one launch (`JOINT_DQ`: the
 dK/dV work items, then the dQ CTAs). This kernel: a CTA runs one work
 item: a KV block of 128 rows (of a KV head and batch element) and a chunk of its Q list
-(`_work_items`: long lists, e.g. a sink's, are cut so that one CTA does not set the
+(`work_items.static_items`: long lists, e.g. a sink's, are cut so that one CTA does not set the
 kernel's length), and keeps K and V in shared memory; two compute warpgroups own 64 of its
 rows each and hold their dK and dV accumulators in registers; the third, the memory
 warpgroup, walks the chunk's Q blocks (``q_ids``; each 128-row Q block as two 64-row steps,
@@ -62,6 +62,7 @@ from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
 from . import attention_bwd_wide as bwd_wide
 from . import attention_fwd as fwd
+from . import work_items
 from .attention_bwd_dq import mma_add
 from .boxes import _Boxes, _view, _window_groups, _window_view, caller_order, kernel_order
 from .cost import window_dq_tile
@@ -70,8 +71,7 @@ from .tables import backward_mma_inputs, live_quarters, window_dq_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 from .config import swizzled, swizzled_f32
-from .config import MosaicGPUConfig, box_copies, hopper_backward_neighborhood, interpret_params
-from .schedule import _programs
+from .config import box_copies, hopper_backward_neighborhood, interpret_params
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
@@ -80,7 +80,7 @@ FUSED_STAGES = 2  # the same with dQ fused (its dSᵀ and dQ staging leave room 
 # With one work item per KV block, store dK/dV in the input dtype instead of float32
 # reduce-adds into zero-filled buffers and a cast. H200, causal window 2048 at S=32768
 # (H=16, D=128): backward 3.48 vs 3.84 ms (docs/experiments/h200-2026-11-29-direct-dkv.json);
-# causal S=16384 too since its lists are cut only at outliers (`_work_items`).
+# causal S=16384 too since its lists are cut only at outliers (`work_items.static_items`).
 DIRECT_DKV = True
 # Where some KV blocks' lists are cut into several items (a sink's, which every query visits):
 # the other KV blocks' items store dK/dV in the input dtype too, and only the cut blocks'
@@ -108,14 +108,14 @@ QUARTERS_MIN_DEAD = 0.08  # 2-D k33 and 3-D k8×16² 10%, LM 16%; `window 2047 |
 # skips alone and 0.942-0.949 with none, gradients equal; at head_dim 64 (8/2 heads) within
 # noise, 0.366-0.377 vs 0.355-0.405 vs 0.375 (docs/experiments/h200-2026-12-05-quarters-dq.json).
 QUARTERS_DQ = True
-# A runtime map's whole-list items (`RUNTIME_ITEMS`) write dK/dV as the kernel's outputs,
-# an item with no entries zeros (False: zero-filled buffers the items store into). A lab
-# switch, off: H100, MoBA S=32768 fwd+bwd 8.12-8.19 ms against 8.00-8.15 with the fill (and
+# A runtime map's whole-list items (`work_items.RUNTIME_ITEMS`) write dK/dV as the kernel's
+# outputs, an item with no entries zeros (False: zero-filled buffers the items store into). A
+# lab switch, off: H100, MoBA S=32768 fwd+bwd 8.12-8.19 ms against 8.00-8.15 with the fill (and
 # 8.14-8.22 with dQ as its own kernel besides): the 80 us fill in the profile buys nothing
 # (docs/experiments/h100-2026-12-05-runtime-written.json).
 WRITTEN_RUNTIME = False
-# Documents' maps walked with the static map's work items (False: `_runtime_items`, built on
-# device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
+# Documents' maps walked with the static map's work items (False: `work_items.runtime_items`,
+# built on device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
 SHARED_STATIC_ITEMS = True
 # Registers a thread of the compute and memory warpgroups: the fused form (dQ reduce-added
 # here) at 240/24 spills a third less than at 232/40 and runs dense S=16384 in 23.0 ms instead
@@ -206,38 +206,6 @@ def _split_dq(cfg, head_dim: int) -> bool:
   return head_dim == 128 and cfg.backward_dq != "own" and not cfg.backward_pingpong
 
 
-def item_lists(items_ref, ids_ref, counts_ref, item, kv_head, batch, *, groups: int,
-               chunk: int, shared: bool):
-  """A dK/dV work item's KV block, first entry of its Q list, and per query head j of the
-  GQA group: its entries, its full entries, and ``q_block(j, e)`` (the Q block of entry e).
-  Static maps, runtime maps (``chunk`` > 0) and documents' maps over the static items
-  (``shared``); see `_kernel`."""
-  if chunk:  # a runtime map: each query head of the group has its own Q list
-    kv_block = items_ref[batch, kv_head, item, 0]
-    live = kv_block < counts_ref.shape[2]
-    kv_block = jnp.where(live, kv_block, 0)
-    first = items_ref[batch, kv_head, item, 1] * chunk
-    # Each query head's map row: its own, or (``shared``) its batch element's.
-    heads = [0] * groups if shared else [kv_head * groups + j for j in range(groups)]
-    count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
-    entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
-               for j in range(groups)]
-    full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
-    q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
-  elif shared:  # the static map's items over a runtime map that only drops its blocks
-    kv_block, first = items_ref[item, 0], items_ref[item, 1]
-    count = lambda c: counts_ref[batch, 0, kv_block, c]
-    entries = [jnp.clip(count(1) - first, 0, items_ref[item, 2])] * groups
-    full = [jnp.clip(count(0) - first, 0, entries[0])] * groups
-    q_block = lambda j, e: ids_ref[batch, 0, kv_block, first + e]
-  else:
-    kv_block, first = items_ref[item, 0], items_ref[item, 1]
-    entries = [items_ref[item, 2]] * groups
-    full = [jnp.clip(counts_ref[kv_block, 0] - first, 0, entries[0])] * groups
-    q_block = lambda j, e: ids_ref[kv_block, first + e]
-  return kv_block, first, entries, full, q_block
-
-
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
             lo_ref, hi_ref, c_ref, *refs, head_dim: int, groups: int, dims: int, sub: int,
             block_q: int, stages: int, scale: float, dtype, interpret: bool, split_dq: bool,
@@ -247,7 +215,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             cta=None, zero_empty: bool = False, softcap: float | None = None):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
   "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
-  entry of its Q list, entries: a KV block's list in chunks, `_work_items`), ids [kv blocks, max q
+  entry of its Q list, entries: a KV block's list in chunks, `work_items.static_items`), ids [kv blocks, max q
   blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no
   key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union,
   `element.interval_test`); dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into
@@ -255,7 +223,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
   A runtime map (``chunk`` > 0: content-routed attention) has rows per (batch, query head):
   items [b, hkv, n, 2] (kv block, chunk of ``chunk`` entries; kv block = n_kv: no work,
-  `_runtime_items`), ids [b, h, kv blocks, max q blocks], counts [b, h, kv blocks, 2]; each
+  `work_items.runtime_items`), ids [b, h, kv blocks, max q blocks], counts [b, h, kv blocks, 2]; each
   query head of the GQA group walks its own list.
 
   MMA-bias masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot
@@ -285,7 +253,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   dq_ref, dk_ref, dv_ref = ((None,) if not with_dq else ()) + tuple(refs)
   dq_cols = 64 if split_dq else head_dim
   item, kv_head, batch = cta or [lax.axis_index(a) for a in ("kv", "head", "batch")]
-  kv_block, first, entries, full, q_block = item_lists(
+  kv_block, first, entries, full, q_block = work_items.item_lists(
       items_ref, ids_ref, counts_ref, item, kv_head, batch, groups=groups, chunk=chunk,
       shared=shared)
   kv0 = kv_block * _BLOCK_KV
@@ -614,7 +582,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
              config, interpret, block_map=None, dq_window=None, softcap=None):
   """dq, dk, dv for `forward`'s arrays and plan (`MosaicGPUConfig.backward="triton"`: the
   Triton kernels). `block_map`: a runtime map (`block_map.from_selection`), whose work items
-  are built on device (`_runtime_items` for dK/dV; the dQ kernel reads the map's rows).
+  are built on device (`work_items.runtime_items` for dK/dV; the dQ kernel reads the map's rows).
   `dq_window`: (k view, v view, window) of the dQ kernel's window boxes (`_dq_window`; set
   by the gathered plans' call into kernel order). `softcap`: logit soft-capping."""
   cfg = _config(config)
@@ -693,13 +661,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                                             bmap.block_q, bmap.block_kv))
   if shared_items:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
-    host_items, chunk = _work_items(np.asarray(static.q_counts)), 0
+    host_items, chunk = work_items.static_items(np.asarray(static.q_counts)), 0
     items = jnp.asarray(host_items)
     if not len(items):
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
   elif runtime:
     counts = jnp.stack([bmap.q_full_counts, bmap.q_counts], axis=-1).astype(jnp.int32)
-    whole = _whole_lists(bmap, b, hkv, groups)
+    whole = work_items.whole_lists(bmap, b, hkv, groups)
     if whole:  # one item per KV block, its whole lists: dK/dV stored (`RUNTIME_ITEMS`)
       chunk = bmap.max_q
       items = jnp.broadcast_to(
@@ -707,12 +675,12 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                      jnp.zeros(bmap.num_kv_blocks, jnp.int32)], axis=-1),
           (b, hkv, bmap.num_kv_blocks, 2))
     else:
-      chunk = _chunk(_mean_entries(bmap))
+      chunk = work_items.chunk_entries(_mean_entries(bmap))
       q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows
-      items = _runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
+      items = work_items.runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
   else:
     counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
-    host_items, chunk = _work_items(counts[:, 1]), 0
+    host_items, chunk = work_items.static_items(counts[:, 1]), 0
     items = jnp.asarray(host_items)
     if not len(items):  # no query sees any key
       return (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
@@ -727,21 +695,21 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   else:  # with the MMA-bias tables (neighborhoods) 4 slots at 96 were not measured
     stages = STAGES_96 if d == 96 and mma is None else STAGES
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added;
-  # some lists cut: "mixed" (`MIXED_DKV`, `_cut_slots`).
+  # some lists cut: "mixed" (`MIXED_DKV`, `work_items.cut_slots`).
   direct = whole and DIRECT_DKV and not wide  # a runtime map's whole lists: stored
   if DIRECT_DKV and (not runtime or shared_items):
-    slots, cut_blocks = _cut_slots(host_items)
+    slots, cut_blocks = work_items.cut_slots(host_items)
     direct = True if not len(cut_blocks) else "mixed" if MIXED_DKV and not wide else False
     if direct == "mixed":
       items = jnp.asarray(np.concatenate([host_items, slots[:, None]], axis=1))
   if wide:  # head_dim 160, 192 or 256: the role-split kernels (`attention_bwd_wide`)
     dq, dk, dv = bwd_wide.backward(
-        items, functools.partial(item_lists, groups=groups, chunk=chunk,
+        items, functools.partial(work_items.item_lists, groups=groups, chunk=chunk,
                                  shared=bmap.shares_heads),
         counts, q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap, scale=scale,
         mask_fn=mask_fn, terms=terms, interpret=interpret, sub=plan.block_q // _ROWS,
         block_q=plan.block_q, direct=direct is True,
-        fastest=(ITEMS_FASTEST, bwd_dq.Q_FASTEST), softcap=softcap)
+        fastest=(work_items.ITEMS_FASTEST, bwd_dq.Q_FASTEST), softcap=softcap)
     return dq[:, :sq], dk[:, :skv].astype(k.dtype), dv[:, :skv].astype(v.dtype)
   # A runtime map's whole lists (every KV block one item) stored by the kernel, blocks that no
   # query visits as zeros: dK/dV are its outputs, with no zero fill (`WRITTEN_RUNTIME`).
@@ -757,7 +725,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
       quarters=quarters is not None, zero_empty=zero_empty, softcap=softcap)
-  grid = bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]), ITEMS_FASTEST)
+  grid = bwd_dq.backward_grid(b, hkv, ("kv", items.shape[-2]), work_items.ITEMS_FASTEST)
   args = (items, jnp.asarray(bmap.q_ids, jnp.int32), jnp.asarray(counts, jnp.int32),
           q, k, v, d_out, lse2, delta, lo, hi, c, *extras,
           *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]),
@@ -898,15 +866,6 @@ def _dead_share(bmap, bits: np.ndarray) -> float:
   return 1.0 - live / every if every else 0.0
 
 
-def _cut_slots(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """For work items [n, 3] (`_work_items`): each item's slot among the KV blocks that have
-  several items (-1 for a KV block's only item), and those KV blocks in slot order."""
-  blocks = items[:, 0]
-  cut_blocks = np.unique(blocks[np.bincount(blocks)[blocks] > 1])
-  slots = np.where(np.isin(blocks, cut_blocks), np.searchsorted(cut_blocks, blocks), -1)
-  return slots.astype(np.int32), cut_blocks.astype(np.int32)
-
-
 # head_dim 129-256 (192 or 256 columns) on the role-split kernels (`attention_bwd_wide`; plans with 64-key KV
 # blocks and 128-row Q blocks, the forward's at that head_dim); False: the Triton backward.
 WIDE_BACKWARD = True
@@ -954,105 +913,3 @@ def _mean_entries(bmap) -> float:
     counts = bmap.q_counts[bmap.q_counts > 0]
     return float(counts.mean()) if len(counts) else 0.0
   return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks
-
-
-MIN_CHUNK = 8  # entries of a runtime map's items (`_runtime_items`), at least
-
-
-def _chunk(mean_entries: float) -> int:
-  """Entries per work item of a runtime map (and of static maps' cut lists with
-  `SPLIT_OUTLIERS` off or `OUTLIER_CHUNK` "min8"): the mean Q list length, at least
-  `MIN_CHUNK`."""
-  return max(MIN_CHUNK, int(np.ceil(mean_entries)))
-
-
-# The dK/dV work items (lab knobs, `benchmarks/diag/diag_dkv_items.py`). ITEM_ORDER "natural":
-# KV-block order; "longest": longest first. SPLIT_OUTLIERS: cut Q lists only where the longest
-# is more than twice the mean (a sink's), else one item per KV block (dK/dV stored in the
-# input dtype, `DIRECT_DKV`); False: every list longer than the mean. H200, backward ms
-# (docs/experiments/h200-2026-12-03-dkv-items.json): 2-D NA k33 3.78 -> 3.30 (Nsight Compute:
-# L2 hit rate 19% -> 35%, DRAM reads 4.65 -> 3.08 GB), 3-D NA 15.9 -> 15.0, causal 13.3 ->
-# 12.7 (direct dK/dV), window and the LM layer unchanged.
-ITEM_ORDER = "natural"
-SPLIT_OUTLIERS = True
-# The entries of an outlier's items: "mean", the mean list length (rounded up); "min8", the
-# mean, at least `MIN_CHUNK` (the form before cut every list longer than that, where a list
-# was an outlier: the same items for the cases below). H200, the LM layer (GQA 16/4, D=128, S=8192,
-# B=2; a sink's list of 64 entries, mean 5.8): backward 0.762-0.777 ms with 6 entries vs
-# 0.795-0.810 with 8; head_dim 64 and `window 2047 | sink 64` at S=32768 within noise
-# (docs/experiments/h200-2026-12-04-sink-chunks.json).
-OUTLIER_CHUNK = "mean"
-# The grid's last (fastest) axis: True, work items (CTAs that run at once share a head's Q
-# blocks); False, batch (they are one item of every head). Pallas runs the last grid axis
-# fastest. H200, backward ms with `attention_bwd_dq.Q_FASTEST` too, batch last / both
-# fastest (docs/experiments/h200-2026-12-03-grid-order.json): dense S=16384 24.4 / 23.5,
-# causal 12.3 / 11.9, 3-D NA 14.3 / 13.3, 2-D NA 3.08 / 3.06, the LM layer 0.87 / 0.90.
-ITEMS_FASTEST = True
-
-
-def _work_items(counts: np.ndarray) -> np.ndarray:
-  """Work items [n, 3] (KV block, first entry, entries) over the KV blocks' Q lists, in
-  KV-block order (neighbouring KV blocks share Q blocks: neighborhoods, windows; causal lists
-  come longest first that way): one per KV block, except lists more than twice the mean (a
-  sink or global token's keys, which every query visits), cut into chunks of the mean
-  (rounded up, at least 2), so that the long one does not hold the whole kernel up and its
-  items are no longer than the others (`OUTLIER_CHUNK`). KV blocks no query visits get no
-  item (their dK/dV stay 0)."""
-  counts = np.asarray(counts, np.int64)
-  visited = counts[counts > 0]
-  if not visited.size:
-    return np.zeros((0, 3), np.int32)
-  mean = visited.mean()
-  if not SPLIT_OUTLIERS:  # every list longer than the chunk cut
-    chunk = _chunk(mean)
-    step = lambda n: chunk
-  else:
-    chunk = max(2, int(np.ceil(mean))) if OUTLIER_CHUNK == "mean" else _chunk(mean)
-    step = lambda n: chunk if n > 2 * mean else max(int(n), 1)
-  items = [(j, s, min(step(n), int(n) - s)) for j, n in enumerate(counts)
-           for s in range(0, int(n), step(n))]
-  if ITEM_ORDER == "longest":
-    items.sort(key=lambda it: -it[2])
-  return np.asarray(items, np.int32)
-
-
-# The dK/dV work items of a runtime map (content-routed): "chunks", each KV block's lists cut
-# into chunks of the mean list length (`_runtime_items`; dK/dV reduce-added in float32 into
-# zero-filled buffers, then cast); "whole", one item per KV block with its whole lists (dK/dV
-# stored in the input dtype: half the zero fill, no cast, no reduce-adds), where the longest
-# possible item is short against each SM's share of the work (`_whole_lists`); "auto" decides
-# by that rule, "chunks" / "whole" force a form.
-RUNTIME_ITEMS = "auto"
-# "auto": whole lists where the longest possible item (every Q block of a KV head's group)
-# has at most this share of the map's bound on steps per SM.
-WHOLE_LIST_SHARE = 0.5
-
-
-def _whole_lists(bmap, batch: int, kv_heads: int, groups: int) -> bool:
-  """Whether a runtime map's dK/dV items are whole lists (`RUNTIME_ITEMS`). Whole lists
-  come in KV-block order, so under a causal mask the longest start first."""
-  if RUNTIME_ITEMS != "auto":
-    return RUNTIME_ITEMS == "whole"
-  longest = groups * bmap.max_q
-  per_sm = batch * kv_heads * groups * bmap.num_q_blocks * bmap.max_kv / _programs(
-      MosaicGPUConfig(), False)
-  return longest <= WHOLE_LIST_SHARE * per_sm
-
-
-def _runtime_items(q_counts, groups: int, chunk: int, max_entries: int):
-  """Work items of a runtime map, on device: [b, hkv, n, 2] (KV block, chunk index), each
-  KV block of each KV head cut into chunks of `chunk` entries of its group's longest Q list,
-  in KV-block order. n is static: every KV block's last chunk, plus at most
-  groups·max_entries / chunk more (max_entries bounds a head's entries over all KV blocks:
-  q blocks × the selection width); items past the real ones have KV block = n_kv (no work).
-  q_counts: [b, h, n_kv]."""
-  b, h, nk = q_counts.shape
-  longest = jnp.max(q_counts.reshape(b, h // groups, groups, nk), axis=2)
-  chunks = (longest + chunk - 1) // chunk
-  n = min(nk + -(-groups * max_entries // chunk), nk * -(-max_entries // chunk))
-  ends = jnp.cumsum(chunks, axis=-1)  # [b, hkv, nk]
-  index = jnp.arange(n, dtype=jnp.int32)
-  find = jax.vmap(lambda e: jnp.searchsorted(e, index, side="right"))
-  block = find(ends.reshape(-1, nk)).reshape(b, h // groups, n).astype(jnp.int32)
-  starts = jnp.take_along_axis(ends - chunks, jnp.minimum(block, nk - 1), axis=-1)
-  return jnp.stack([block, jnp.where(block < nk, index - starts, 0)], axis=-1)

@@ -59,7 +59,7 @@ def mma_add(acc, a, b):
 
 
 # The grid's last (fastest) axis: True, Q blocks (CTAs that run at once share a head's K/V
-# blocks); False, batch. Measured with `attention_bwd.ITEMS_FASTEST` (3-4% on dense and
+# blocks); False, batch. Measured with `work_items.ITEMS_FASTEST` (3-4% on dense and
 # causal, 7% on 3-D NA).
 Q_FASTEST = True
 STAGES = 2  # K/V slots of the memory warpgroup's ring

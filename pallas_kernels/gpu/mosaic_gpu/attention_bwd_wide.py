@@ -29,7 +29,7 @@ Pᵀ is exchanged in the input dtype (the dV product takes it so anyway). Masks 
 neighborhoods included: `auto` runs them here at this head_dim, 1.8-2.9x faster than the
 Triton kernels), applied by warpgroup 0.
 Static maps, runtime maps and documents' maps take the 128-row dK/dV kernel's work items
-(`attention_bwd.item_lists`). The memory warpgroup loads as in the 128-row kernels.
+(`work_items.item_lists`). The memory warpgroup loads as in the 128-row kernels.
 
 Interpret mode (CPU): no register operands and no accumulation into a live accumulator: dSᵀ
 goes through shared memory there and products land in fresh accumulators (`mma_add`).
