@@ -35,7 +35,7 @@ def _blocks(mask, s):
   return make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128)).block_map.num_visited
 
 
-OURS = {"mosaic": MosaicGPUConfig(),  # the default: backward by `attention_bwd.picks_mosaic`
+OURS = {"mosaic": MosaicGPUConfig(),  # the default: backward by `policy.picks_mosaic`
         "mosaic-bwd": MosaicGPUConfig(backward="mosaic_gpu"),
         "mosaic-own-dq": MosaicGPUConfig(backward="mosaic_gpu", backward_dq="own"),
         "mosaic-split-dq": MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split"),

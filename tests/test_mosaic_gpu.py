@@ -455,7 +455,7 @@ def test_lowers_for_gpu(case):
   """Pallas -> Mosaic GPU lowering on CPU (PTX compilation happens on the GPU), forward and
   backward: Mosaic GPU for 1-D masks, 1-D and 3-D neighborhoods (strided ones included) and
   2-D ones of >= 1024 keys at 128 columns, the Triton kernels for other 2-D ones
-  (`attention_bwd.picks_mosaic`)."""
+  (`policy.picks_mosaic`)."""
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   if case == "na2d":
     f = lambda q, k, v: jsa.na2d(q, k, v, 33, backend="mosaic_gpu")

@@ -201,12 +201,12 @@ def _lm_mask_lowers():
 
 
 def test_quarters(monkeypatch):
-  """`attention_bwd.QUARTERS`: a dK/dV warpgroup skips the partial steps whose 64 queries
+  """`policy.QUARTERS`: a dK/dV warpgroup skips the partial steps whose 64 queries
   none of its 64 keys may see (the sink block's second half seen from far queries, the causal
   diagonal's corner): gradients vs the brute force, GQA; the map has such
   quarters, and the kernel lowers with them."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
-  monkeypatch.setattr(attention_bwd, "QUARTERS", True)
+  from pallas_kernels.gpu.mosaic_gpu import policy, tables
+  monkeypatch.setattr(policy, "QUARTERS", True)
   plan = make_plan(backend_cases.seq_mask("window_sink", 640, 640), SequenceLayout(640, 128),
                    SequenceLayout(640, 128))
   _, bits = tables.live_quarters(plan)
@@ -214,11 +214,11 @@ def test_quarters(monkeypatch):
   assert np.any(visited & (bits != 15))  # some visited block has a dead quarter
   def share(mask, s):
     plan = make_plan(mask, SequenceLayout(s, 128), SequenceLayout(s, 128))
-    return attention_bwd._dead_share(plan.block_map, tables.live_quarters(plan)[1])
+    return policy.dead_share(plan.block_map, tables.live_quarters(plan)[1])
   lm = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
-  assert share(lm, 8192) > attention_bwd.QUARTERS_MIN_DEAD  # "auto" skips there
+  assert share(lm, 8192) > policy.QUARTERS_MIN_DEAD  # "auto" skips there
   window = masks.causal() & masks.sliding_window(2047)
-  assert share(window, 32768) < attention_bwd.QUARTERS_MIN_DEAD  # every step runs there
+  assert share(window, 32768) < policy.QUARTERS_MIN_DEAD  # every step runs there
   p = dict(batch=1, sq=640, skv=640, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
            segments=False, dtype=jnp.bfloat16, seed=5)  # (segment ids: a runtime map)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True,
@@ -312,8 +312,8 @@ def test_quarters_dq(monkeypatch):
   """`attention_bwd.QUARTERS_DQ`: the dQ kernel's warpgroups skip the 64-key halves of
   partial blocks that none of their 64 queries may see (the joint launch and dQ's own):
   gradients vs the brute force, GQA; the map has such halves; the kernels lower."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
-  monkeypatch.setattr(attention_bwd, "QUARTERS", True)
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy, tables
+  monkeypatch.setattr(policy, "QUARTERS", True)
   monkeypatch.setattr(attention_bwd, "QUARTERS_DQ", True)
   plan = make_plan(backend_cases.seq_mask("window_sink", 384, 384), SequenceLayout(384, 128),
                    SequenceLayout(384, 128))
@@ -372,36 +372,36 @@ def test_fused_dq_policy(monkeypatch):
   beside the forward."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
+  from pallas_kernels.gpu.mosaic_gpu import policy, tables
   seq = lambda m, s: make_plan(m, SequenceLayout(s, 128), SequenceLayout(s, 128))
   dense, causal = seq(masks.full(), 8192), seq(masks.causal(), 8192)
   cfg = lambda dq=None: mgpu.config._config(MosaicGPUConfig(backward="mosaic_gpu",
                                                             backward_dq=dq))
-  assert attention_bwd._mean_entries(dense.block_map) == 64
-  assert not attention_bwd._separate_dq(cfg(), dense, 128)
-  assert not attention_bwd._separate_dq(cfg(), dense, 64)
-  assert not attention_bwd._separate_dq(cfg(), seq(masks.causal(), 4096), 64)
+  assert policy.mean_entries(dense.block_map) == 64
+  assert not policy.separate_dq(cfg(), dense, 128)
+  assert not policy.separate_dq(cfg(), dense, 64)
+  assert not policy.separate_dq(cfg(), seq(masks.causal(), 4096), 64)
   lm = seq(masks.causal() & (masks.sliding_window(511) | masks.sink(4)), 8192)
-  assert attention_bwd._mean_entries(lm.block_map) < attention_bwd.FUSED_MIN_ENTRIES_64
-  assert attention_bwd._separate_dq(cfg(), lm, 64)
-  assert attention_bwd._separate_dq(cfg(), dense, 96)  # not measured there: two kernels
-  assert not attention_bwd._separate_dq(cfg(), causal, 128)  # 32.5
-  assert attention_bwd._separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
-  assert attention_bwd._separate_dq(cfg("kernel"), dense, 128)
-  assert not attention_bwd._separate_dq(cfg("split"), causal, 128)
+  assert policy.mean_entries(lm.block_map) < policy.FUSED_MIN_ENTRIES_64
+  assert policy.separate_dq(cfg(), lm, 64)
+  assert policy.separate_dq(cfg(), dense, 96)  # not measured there: two kernels
+  assert not policy.separate_dq(cfg(), causal, 128)  # 32.5
+  assert policy.separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
+  assert policy.separate_dq(cfg("kernel"), dense, 128)
+  assert not policy.separate_dq(cfg("split"), causal, 128)
   tile = TiledLayout((16, 32, 32), (1, 1, 1), (2, 4, 16))
   na3 = gathered(make_plan(masks.neighborhood((16, 32, 32), (8, 16, 16)), tile, tile))
-  share = attention_bwd._dead_share(na3.block_map, tables.live_quarters(na3)[1])
-  assert attention_bwd._mean_entries(na3.block_map) >= attention_bwd.FUSED_MIN_ENTRIES
-  assert share >= attention_bwd.QUARTERS_MIN_DEAD and attention_bwd._separate_dq(cfg(), na3, 128)
-  assert not attention_bwd._separate_dq(cfg(), na3, 64)
+  share = policy.dead_share(na3.block_map, tables.live_quarters(na3)[1])
+  assert policy.mean_entries(na3.block_map) >= policy.FUSED_MIN_ENTRIES
+  assert share >= policy.QUARTERS_MIN_DEAD and policy.separate_dq(cfg(), na3, 128)
+  assert not policy.separate_dq(cfg(), na3, 64)
   tile2 = TiledLayout((128, 128), (1, 1), (8, 16))
   na2 = gathered(make_plan(masks.neighborhood((128, 128), (33, 33)), tile2, tile2))
-  assert (attention_bwd.FUSED_MIN_ENTRIES_64 <= attention_bwd._mean_entries(na2.block_map)
-          < attention_bwd.FUSED_MIN_ENTRIES_64_NA)
-  assert attention_bwd._separate_dq(cfg(), na2, 64)
-  monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # no skips: fused
-  assert not attention_bwd._separate_dq(cfg(), na3, 128)
+  assert (policy.FUSED_MIN_ENTRIES_64 <= policy.mean_entries(na2.block_map)
+          < policy.FUSED_MIN_ENTRIES_64_NA)
+  assert policy.separate_dq(cfg(), na2, 64)
+  monkeypatch.setattr(policy, "QUARTERS", False)  # no skips: fused
+  assert not policy.separate_dq(cfg(), na3, 128)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   f = lambda q, k, v: jsa.attention(q, k, v, masks.full(), backend="mosaic_gpu",
                                     config=MosaicGPUConfig(backward="mosaic_gpu"))
@@ -468,17 +468,17 @@ def test_fused_at_head_dim_64(monkeypatch, mask, segments):
   runtime map over the static items), and dense S=8192 lowers to the fused kernel (no joint
   dQ launch) where the LM mask keeps the two kernels."""
   from jax_sparse_attn import ops
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  from pallas_kernels.gpu.mosaic_gpu import policy
   calls = backend_cases.spy_backward_kernels(monkeypatch)
-  monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64", 1)
-  monkeypatch.setattr(attention_bwd, "QUARTERS", False)  # the small causal map's dead quarters
+  monkeypatch.setattr(policy, "FUSED_MIN_ENTRIES_64", 1)
+  monkeypatch.setattr(policy, "QUARTERS", False)  # the small causal map's dead quarters
   ops._make_core.cache_clear()
   jax.clear_caches()
   p = dict(batch=1, sq=384, skv=384, heads=4, kv_heads=2, head_dim=64, mask=mask,
            segments=segments, dtype=jnp.bfloat16, seed=7)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
   stages = {(kw["stages"], kw["split_dq"], kw["with_dq"]) for kw in calls}
-  assert stages == {(attention_bwd.FUSED_STAGES_64, False, True)}
+  assert stages == {(policy.FUSED_STAGES_64, False, True)}
   monkeypatch.undo()
   ops._make_core.cache_clear()
   jax.clear_caches()
@@ -501,10 +501,10 @@ def test_slots_by_head_dim(monkeypatch, head_dim, case):
   run over `STAGES_96` slots on a 1-D mask (GQA, packed documents) and over `STAGES` where
   the MMA-bias tables are staged beside them."""
   from jax_sparse_attn import ops
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  from pallas_kernels.gpu.mosaic_gpu import policy
   calls = backend_cases.spy_backward_kernels(monkeypatch)
-  monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64", 1)
-  monkeypatch.setattr(attention_bwd, "FUSED_MIN_ENTRIES_64_NA", 1)
+  monkeypatch.setattr(policy, "FUSED_MIN_ENTRIES_64", 1)
+  monkeypatch.setattr(policy, "FUSED_MIN_ENTRIES_64_NA", 1)
   ops._make_core.cache_clear()
   jax.clear_caches()
   if case == "na":
@@ -512,13 +512,13 @@ def test_slots_by_head_dim(monkeypatch, head_dim, case):
     p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=head_dim,
              dtype=jnp.bfloat16, seed=3, tile_q=(8, 16), tile_kv=(8, 16))
     backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)
-    want = ((attention_bwd.FUSED_STAGES_64, True, True) if head_dim == 64
-            else (attention_bwd.STAGES, False, True))
+    want = ((policy.FUSED_STAGES_64, True, True) if head_dim == 64
+            else (policy.STAGES, False, True))
   else:
     p = dict(batch=1, sq=300, skv=300, heads=4, kv_heads=2, head_dim=head_dim,
              mask="window_sink", segments=True, dtype=jnp.bfloat16, seed=9)
     backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
-    want = (attention_bwd.STAGES_96, False, False)
+    want = (policy.STAGES_96, False, False)
   forms = {(kw["stages"], kw["with_dq"], kw["mma_width"] > 0) for kw in calls}
   assert forms == {want}, forms
   monkeypatch.undo()

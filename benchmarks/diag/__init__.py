@@ -69,17 +69,17 @@ def max_rel_diff(grads, ref) -> float:
 @contextlib.contextmanager
 def hopper_backward_forced(on: bool = True):
   """Inside, `auto`'s backward choice (`config.hopper_backward_neighborhood`, and its import
-  in `attention_bwd`) takes the Hopper kernels for every neighborhood (``on``; else leaves
+  in `policy`) takes the Hopper kernels for every neighborhood (``on``; else leaves
   it); restored on the way out. Callers clear `ops._make_core`'s cache around it."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, config
-  saved = config.hopper_backward_neighborhood, attention_bwd.hopper_backward_neighborhood
+  from pallas_kernels.gpu.mosaic_gpu import config, policy
+  saved = config.hopper_backward_neighborhood, policy.hopper_backward_neighborhood
   try:
     if on:
       config.hopper_backward_neighborhood = lambda mask, d: True
-      attention_bwd.hopper_backward_neighborhood = lambda mask, d: True
+      policy.hopper_backward_neighborhood = lambda mask, d: True
     yield
   finally:
-    config.hopper_backward_neighborhood, attention_bwd.hopper_backward_neighborhood = saved
+    config.hopper_backward_neighborhood, policy.hopper_backward_neighborhood = saved
 
 
 def backward_inputs(plan, batch: int, n: int, heads: int, kv_heads: int, head_dim: int, cfg,

@@ -1,7 +1,7 @@
 """Which backward form per mask: fwd+bwd ms of the benchmark CLI's full-size cases (backend
 "mosaic_gpu", its defaults) with module knobs patched while each traces: dQ as its own
 kernel everywhere (the defaults before FUSED_MIN_ENTRIES), fused everywhere at head_dim 128
-(the defaults take one of the two by `attention_bwd.FUSED_MIN_ENTRIES`), cuDNN beside dense
+(the defaults take one of the two by `policy.FUSED_MIN_ENTRIES`), cuDNN beside dense
 and causal; strided neighborhoods with and without the shifted key grid
 (`ops.SHIFTED_KV`) on the Triton and the Hopper backward; a gradient check of each variant
 against the first.
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+from pallas_kernels.gpu.mosaic_gpu import policy
 
 from . import case_parser, hopper_backward_forced, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
@@ -23,8 +23,8 @@ from ..cli import suites
 
 BIG = 10 ** 9
 VARIANTS = {
-    "kernel": {(attention_bwd, "FUSED_MIN_ENTRIES"): BIG, (ops, "SHIFTED_KV"): False},
-    "fused": {(attention_bwd, "FUSED_MIN_ENTRIES"): 0, (ops, "SHIFTED_KV"): False},
+    "kernel": {(policy, "FUSED_MIN_ENTRIES"): BIG, (ops, "SHIFTED_KV"): False},
+    "fused": {(policy, "FUSED_MIN_ENTRIES"): 0, (ops, "SHIFTED_KV"): False},
 }
 PEERS = ("dense", "causal")  # cuDNN beside them (jax.nn.dot_product_attention)
 STRIDED = {

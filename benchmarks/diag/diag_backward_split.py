@@ -17,7 +17,7 @@ from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq, attention_fwd, policy
 
 CASES = {"dense": (2, 16384, None, 16), "causal": (2, 16384, masks.causal(), 16),
          "window": (1, 32768, masks.causal() & masks.sliding_window(2047), 16),
@@ -75,7 +75,7 @@ def main():
       continue
     for stages in (2, 3, 4):
       row[f"dkv_stages{stages}_ms"] = timed(dq=(attention_bwd_dq, "dq", no_dq),
-                                            st=(attention_bwd, "STAGES", stages))
+                                            st=(policy, "STAGES", stages))
     for sub in (64, 128):
       row[f"both_sub{sub}_ms"] = timed(sub=(attention_bwd_dq, "KV_SUB", sub))
     row["both_direct_dkv_ms"] = timed(direct=(attention_bwd, "DIRECT_DKV", True))

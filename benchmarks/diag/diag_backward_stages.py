@@ -1,6 +1,6 @@
 """Ring depth of the Hopper backward's two kernels on short lists: fwd+bwd ms of the benchmark
 CLI's full-size cases (backend "mosaic_gpu") per (Q/dO slots of the dK/dV kernel, K/V slots of
-the dQ kernel) = (`attention_bwd.STAGES`, `attention_bwd_dq.STAGES`); the default first and
+the dQ kernel) = (`policy.STAGES`, `attention_bwd_dq.STAGES`); the default first and
 again last (the call's drift), each variant's gradients against the first's. 2-D
 neighborhoods with the Hopper backward forced (`auto` takes Triton's there) and as `auto` runs
 them.
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jax_sparse_attn import ops
 from jax_sparse_attn.demo import time_ms
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_bwd_dq
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd_dq, policy
 
 from . import case_parser, hopper_backward_forced, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs
@@ -37,7 +37,7 @@ def main():
         with hopper_backward_forced(forced):
           for i, (dkv, dq) in enumerate(VARIANTS):
             name = f"dkv{dkv}_dq{dq}" + ("_again" if i == len(VARIANTS) - 1 else "")
-            attention_bwd.STAGES, attention_bwd_dq.STAGES = dkv, dq
+            policy.STAGES, attention_bwd_dq.STAGES = dkv, dq
             ops._make_core.cache_clear()
             try:
               step = fwd_bwd(lambda q, k, v: case.run(q, k, v, "mosaic_gpu"))
@@ -48,7 +48,7 @@ def main():
                            "rel_diff_vs_first": max_rel_diff(grads, ref)}
             except Exception as e:  # noqa: BLE001 - a variant that fails is a result
               row[name] = repr(e)[:300]
-        attention_bwd.STAGES, attention_bwd_dq.STAGES = 2, 2
+        policy.STAGES, attention_bwd_dq.STAGES = 2, 2
         ops._make_core.cache_clear()
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -4,7 +4,7 @@ blocks, and the 2-D windows `auto` trains on Triton's backward because they were
 measured on ours (`config.hopper_backward_neighborhood`: dilated and causal-dim windows at
 128 columns, every 2-D window at 64). 2-D 128² k33: the simulator's (8, 16) against (16, 8),
 whose 64-row halves are 8x8 squares with more dead quarters (the dK/dV and dQ kernels skip
-them: `attention_bwd.QUARTERS`): the same 1920 visited blocks (520 full), 6400 live quarters
+them: `policy.QUARTERS`): the same 1920 visited blocks (520 full), 6400 live quarters
 instead of 6912. Variants, fwd / fwd+bwd ms interleaved, gradients against the first's:
 
 - ``simulator``: the simulator's tiles for the backward (`QUARTER_TILES=False`), the Hopper

@@ -11,7 +11,7 @@ fwd+bwd ms, gradients against the first's:
 - ``kernel_stages4``: the two kernels with 4 Q/dO slots (a slot is half the bytes of 128
   columns');
 - ``fused_stages4``: both (the default at 64 columns on masks with long lists since
-  2026-12-06: `attention_bwd.FUSED_MIN_ENTRIES_64`, `FUSED_STAGES_64`; at 96 the two kernels
+  2026-12-06: `policy.FUSED_MIN_ENTRIES_64`, `FUSED_STAGES_64`; at 96 the two kernels
   over 4 slots, `STAGES_96`);
 - ``default``: what `backward_dq=None` picks with the module's slots.
 
@@ -33,7 +33,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops
 from jax_sparse_attn.demo import time_ms
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+from pallas_kernels.gpu.mosaic_gpu import policy
 
 from . import Rows, case_parser, interleaved_vs_first
 from ..bench_gpu import fwd_bwd, inputs, rel
@@ -46,15 +46,15 @@ NA = {"na3d": ((16, 64, 64), (8, 16, 16), 1, 1, (8, 32, 32)),  # the headline's 
       "na3d_strided": ((16, 64, 64), (8, 16, 16), (4, 8, 8), 1, (8, 32, 32)),
       "na2d": ((128, 128), (33, 33), 1, 2, (64, 64))}
 B, S, H = 2, 16384, 12
-DEFAULTS = (attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64,
-            attention_bwd.STAGES_96)
+DEFAULTS = (policy.STAGES, policy.FUSED_STAGES, policy.FUSED_STAGES_64,
+            policy.STAGES_96)
 
 
 def _set_stages(*stages: int):
   """Q/dO slots of the two-kernel form, the fused form, the fused form at 64 columns, the
   two-kernel form at 96 columns."""
-  (attention_bwd.STAGES, attention_bwd.FUSED_STAGES, attention_bwd.FUSED_STAGES_64,
-   attention_bwd.STAGES_96) = stages
+  (policy.STAGES, policy.FUSED_STAGES, policy.FUSED_STAGES_64,
+   policy.STAGES_96) = stages
   ops._make_core.cache_clear()
   jax.clear_caches()
 

@@ -20,7 +20,7 @@ CASES = {
     "lm_docs": (LM, 2, 8192, 16, 4, 128, 4),
     "lm_d64": (LM, 2, 8192, 8, 2, 64, 2),  # the models/ causal LM's attention
     "window_sinks": (masks.sliding_window(2047) | masks.sink(64), 1, 32768, 16, 16, 128, 0),
-    # long lists: dQ fused into the dK/dV kernel (`attention_bwd.FUSED_MIN_ENTRIES`)
+    # long lists: dQ fused into the dK/dV kernel (`policy.FUSED_MIN_ENTRIES`)
     "window8k_sinks": (masks.sliding_window(8191) | masks.sink(64), 1, 32768, 16, 16, 128, 0),
 }
 

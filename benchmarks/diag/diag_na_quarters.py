@@ -1,7 +1,7 @@
 """Dead 64x64 quarters in the neighborhood backward. 2-D neighborhoods at head_dim 64 and
 128, which `auto` trains on Triton's backward (its 64-row query tiles): that against the
 Hopper backward as it runs when forced, with the dead quarters skipped at every share
-(`attention_bwd.QUARTERS_MIN_DEAD` = 0; by default only from 10%: 2-D k33 has 10.0% minus
+(`policy.QUARTERS_MIN_DEAD` = 0; by default only from 10%: 2-D k33 has 10.0% minus
 rounding, k13 and k7 23%) and never (`QUARTERS=False`). 3-D NA k8x16² (10% dead; `auto`:
 the fused backward, which skips none): that against dQ as its own kernel with and without
 the skips. (The fused kernel skipping them too, commit acdf882's `QUARTERS_FUSED`, ran 5%
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+from pallas_kernels.gpu.mosaic_gpu import policy
 
 from . import Rows, case_parser, interleaved, knob_setter, max_rel_diff
 from ..bench_gpu import inputs
@@ -28,9 +28,9 @@ CASES = {"k33_d128": ((128, 128), 33, 2, 16, 128), "k13_d128": ((64, 64), 13, 8,
 def main():
   args = case_parser(",".join(CASES)).parse_args()
   rows = Rows()
-  min_dead = knob_setter(attention_bwd, "QUARTERS_MIN_DEAD")
-  quarters = knob_setter(attention_bwd, "QUARTERS")
-  default_min = attention_bwd.QUARTERS_MIN_DEAD
+  min_dead = knob_setter(policy, "QUARTERS_MIN_DEAD")
+  quarters = knob_setter(policy, "QUARTERS")
+  default_min = policy.QUARTERS_MIN_DEAD
   hopper = MosaicGPUConfig(backward="mosaic_gpu")
   for name in args.cases.split(","):
     spatial, kern, b, h, d = CASES[name]

@@ -1,5 +1,5 @@
 """The dK/dV kernel skipping partial steps whose 64 queries none of a warpgroup's 64 keys may
-see (`attention_bwd.QUARTERS`, `tables.live_quarters`), and the dQ kernel skipping the 64-key
+see (`policy.QUARTERS`, `tables.live_quarters`), and the dQ kernel skipping the 64-key
 halves none of a warpgroup's 64 queries may see too (`QUARTERS_DQ`), against every step run. fwd and
 fwd+bwd ms, backend "mosaic_gpu", the variants interleaved over two rounds (the fixed harness: each
 timing jitted under its own knob); each case's gradients at a smaller size against float32
@@ -8,11 +8,11 @@ XLA, and the two forms against each other at full size.
     python -m benchmarks.diag.diag_quarters --out x.json [--cases lm,lm_d64,window]"""
 
 from jax_sparse_attn import masks
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy
 
 from . import knob_main, knob_setter
 
-_QUARTERS = knob_setter(attention_bwd, "QUARTERS")
+_QUARTERS = knob_setter(policy, "QUARTERS")
 from .diag_union_terms import LM, run
 
 # name: (mask, batch, seq, heads, kv heads, head_dim, documents); no documents: their

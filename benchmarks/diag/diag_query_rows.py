@@ -49,7 +49,7 @@ def child(name: str, out_path: str, cases):
   from jax_sparse_attn.layout import SequenceLayout
   from jax_sparse_attn.plan import make_plan
   from pallas_kernels.gpu import MosaicGPUConfig
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy
   from . import backward_inputs
   from ..bench_gpu import fwd_bwd, inputs
   from ..cli import suites
@@ -99,7 +99,7 @@ def child(name: str, out_path: str, cases):
       case = suites(quick=False)["routing"]()[0]
       q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
       # The CLI's case takes the default config: the form through FUSED_MIN_ENTRIES.
-      attention_bwd.FUSED_MIN_ENTRIES = 0 if dq_form == "split" else 10 ** 9
+      policy.FUSED_MIN_ENTRIES = 0 if dq_form == "split" else 10 ** 9
       step = fwd_bwd(lambda q, k, v: case.run(q, k, v, "mosaic_gpu"))
       row["moba_fwd_bwd_ms"] = time_ms(step, q, k, v, do, iters=5, repeats=5)
       continue

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, ops, routing
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, work_items
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy, work_items
 
 from . import interleaved, max_rel_diff
 from ..bench_gpu import fwd_bwd, inputs, rel
@@ -46,13 +46,13 @@ CASES = {
 }
 
 
-_FUSED_MIN = attention_bwd.FUSED_MIN_ENTRIES
+_FUSED_MIN = policy.FUSED_MIN_ENTRIES
 
 
 def _set(value, written=True, dq_kernel=False):
   work_items.RUNTIME_ITEMS = value
   attention_bwd.WRITTEN_RUNTIME = written
-  attention_bwd.FUSED_MIN_ENTRIES = 1 << 30 if dq_kernel else _FUSED_MIN
+  policy.FUSED_MIN_ENTRIES = 1 << 30 if dq_kernel else _FUSED_MIN
   ops._make_core.cache_clear()
   jax.clear_caches()
 

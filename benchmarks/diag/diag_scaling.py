@@ -4,7 +4,7 @@ and a large problem of each mask, B=1, H=16, D=128, bf16, with the visited 128×
 the simulator's best tiles (`simulate.best_tile_shapes`, `visited_blocks`; 1-D masks: the
 block map) and the rate per visited block of the large problem relative to the small one
 (1.0: the same rate; below: slower per block). ``--variants`` adds strided rows with the
-fused backward forced (`attention_bwd.FUSED_MIN_ENTRIES` = 0).
+fused backward forced (`policy.FUSED_MIN_ENTRIES` = 0).
 
     python -m benchmarks.diag.diag_scaling --out scaling.json
 """
@@ -20,7 +20,7 @@ from jax_sparse_attn.block_map import build
 from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+from pallas_kernels.gpu.mosaic_gpu import policy
 
 from . import Rows, case_parser
 from ..bench_gpu import fwd_bwd, inputs
@@ -93,15 +93,15 @@ def main():
           row[f"{key[:-3]}_rate_vs_small"] = round(
               (small[key] / small["visited"]) / (row[key] / row["visited"]), 3)
       if args.variants and "stride" in name:
-        saved = attention_bwd.FUSED_MIN_ENTRIES
+        saved = policy.FUSED_MIN_ENTRIES
         try:
-          attention_bwd.FUSED_MIN_ENTRIES = 0
+          policy.FUSED_MIN_ENTRIES = 0
           jsa.ops._make_core.cache_clear()
           row["fused"] = _time(run, shape, iters=3 if small is not row else 10)
         except Exception as e:  # noqa: BLE001
           row["fused"] = repr(e)[:300]
         finally:
-          attention_bwd.FUSED_MIN_ENTRIES = saved
+          policy.FUSED_MIN_ENTRIES = saved
           jsa.ops._make_core.cache_clear()
       rows.record(**row)
   rows.write(args.out)

@@ -19,7 +19,7 @@ from jax_sparse_attn.demo import time_ms
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.plan import make_plan
 from pallas_kernels.gpu import MosaicGPUConfig
-from pallas_kernels.gpu.mosaic_gpu import attention_bwd, work_items
+from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy, work_items
 
 from . import Rows, backward_inputs, case_parser, max_rel_diff
 
@@ -65,7 +65,7 @@ def main():
     d_lse = jnp.zeros_like(lse)
     scale = 1 / math.sqrt(d)
     row = dict(case=name, blocks=int(plan.block_map.num_visited),
-               mean_entries=round(attention_bwd._mean_entries(plan.block_map), 2))
+               mean_entries=round(policy.mean_entries(plan.block_map), 2))
     fns, ref = {}, None
     for chunk, order in variants:
       key = f"chunk{chunk}_{order}"

@@ -62,21 +62,19 @@ from .. import triton_attention
 from . import attention_bwd_dq as bwd_dq
 from . import attention_bwd_wide as bwd_wide
 from . import attention_fwd as fwd
-from . import work_items
+from . import policy, work_items
 from .attention_bwd_dq import mma_add
 from .boxes import _Boxes, _view, _window_groups, _window_view, caller_order, kernel_order
 from .cost import window_dq_tile
 from .element import mask_intervals, mask_vectors
-from .tables import backward_mma_inputs, live_quarters, window_dq_inputs
+from .tables import backward_mma_inputs, window_dq_inputs
 from .config import _COMPUTE_WGS as _WGS, _ROWS  # rows: KV rows owned, Q rows per step
 from .config import _MAX_BACKWARD_HEAD_DIM, _config, _padded_head_dim, unsupported
 from .config import swizzled, swizzled_f32
-from .config import box_copies, hopper_backward_neighborhood, interpret_params
+from .config import box_copies, interpret_params
 
 LOG2E = math.log2(math.e)
 _BLOCK_KV = _WGS * _ROWS
-STAGES = 2  # Q/dO slots of the memory warpgroup's ring
-FUSED_STAGES = 2  # the same with dQ fused (its dSᵀ and dQ staging leave room for two)
 # With one work item per KV block, store dK/dV in the input dtype instead of float32
 # reduce-adds into zero-filled buffers and a cast. H200, causal window 2048 at S=32768
 # (H=16, D=128): backward 3.48 vs 3.84 ms (docs/experiments/h200-2026-11-29-direct-dkv.json);
@@ -90,19 +88,6 @@ MIXED_DKV = True
 # With dQ as its own kernel and every KV block one item's: dK/dV as the kernel's outputs
 # instead of zero-filled buffers it writes into (False: the buffers).
 WRITTEN_DKV = True
-# Partial blocks' 64x64 quarters that no query-key pair of the mask may pass
-# (`tables.live_quarters`: a sink's KV block seen from far queries, the causal diagonal's
-# corner): a dK/dV warpgroup skips such 64-query steps of its keys (static maps, dQ its own
-# kernel; a `lax.cond` per partial step). "auto": where at least `QUARTERS_MIN_DEAD` of the
-# visited blocks' quarters are dead. H200, the LM layer (`causal & (window 512 | 4 sinks)`,
-# S=8192, GQA 16/4, D=128; 16% dead): fwd+bwd 0.922 vs 0.950 ms, gradients bit-identical
-# (docs/experiments/h200-2026-12-05-quarters.json; the 2026-12-04 A/B had timed one variant
-# twice). H100, 10% dead (docs/experiments/h100-2026-12-05-quarters-na.json; fwd+bwd ms,
-# skipped / every step): 2-D NA 128² k33 (B=2, H=16) 4.44-4.46 / 4.64-4.72, 3-D NA 16×64²
-# k8×16² (B=1) 17.13-17.14 / 18.02-18.03. Below the share (causal, windows) every step
-# runs, as measured before.
-QUARTERS = "auto"
-QUARTERS_MIN_DEAD = 0.08  # 2-D k33 and 3-D k8×16² 10%, LM 16%; `window 2047 | sink 64` 5.5%
 # The dQ kernel skips them too (64-key halves per warpgroup) where the dK/dV kernel does.
 # H200, the LM layer: fwd+bwd 0.887-0.905 ms against 0.925-0.937 with the dK/dV kernel's
 # skips alone and 0.942-0.949 with none, gradients equal; at head_dim 64 (8/2 heads) within
@@ -115,7 +100,8 @@ QUARTERS_DQ = True
 # (docs/experiments/h100-2026-12-05-runtime-written.json).
 WRITTEN_RUNTIME = False
 # Documents' maps walked with the static map's work items (False: `work_items.runtime_items`,
-# built on device for per-head rows; several times more CTAs, most with no work, and dK/dV reduce-added).
+# built on device for per-head rows; several times more CTAs, most with no work, and dK/dV
+# reduce-added).
 SHARED_STATIC_ITEMS = True
 # Registers a thread of the compute and memory warpgroups: the fused form (dQ reduce-added
 # here) at 240/24 spills a third less than at 232/40 and runs dense S=16384 in 23.0 ms instead
@@ -123,87 +109,6 @@ SHARED_STATIC_ITEMS = True
 # dK/dV kernel barely spills at 232/40 (24 bytes) and is 1% slower at 240/24.
 REGISTERS = (232, 40)
 FUSED_REGISTERS = (240, 24)
-# `MosaicGPUConfig.backward_dq=None` fuses dQ into this kernel (at head_dim 128) where KV
-# blocks visit at least this many Q blocks on average: the fused form does 5 matmuls per
-# block pair instead of the two kernels' 7 but pays more per CTA (dQ reduce-adds, spills).
-# H200 fwd+bwd ms, fused / two kernels (docs/experiments/h200-2026-12-03-backward-forms.json;
-# mean Q blocks per KV block in brackets): dense S=16384 (128) 29.8 / 31.2, causal (64.5)
-# 15.4 / 15.8, 3-D NA k8×16² (32.7) 16.9 / 17.9, MoBA (34) 8.37 / 8.89; the causal window
-# 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18. Not where the dK/dV
-# kernel skips dead quarters (`QUARTERS`; the fused form does not, and skipping there too
-# was 5% slower): H100, 3-D NA k8×16² with dQ its own kernel and the skips 17.13-17.14 ms
-# against 17.23-17.34 fused (docs/experiments/h100-2026-12-05-quarters-na.json), a tie in
-# a second call (17.09-17.19 vs 17.08-17.12, -12-05-routing-check.json); the two kernels
-# then win on what else they give: gradients without float32 reduce-adds (the same bits
-# every run) and no float32 dQ buffer (537 MB there).
-FUSED_MIN_ENTRIES = 24
-# At head_dim 64 the fused form ("own": each warpgroup reduce-adds its own keys' share; the
-# dK/dV accumulators take half the registers, so it does not spill) with 4 Q/dO slots wins on
-# 1-D masks whose KV blocks visit ~16 Q blocks or more and loses on short lists. H100, B=2,
-# H=12, S=16384, fwd+bwd ms, fused with 4 slots / two kernels (mean Q blocks per KV block in
-# brackets; docs/experiments/h100-2026-12-06-d64-backward.json): dense (128) 12.99 /
-# 13.83-13.85 (cuDNN 12.67), causal (64.5) 6.71-6.73 / 7.11-7.13 (cuDNN 6.66), causal window
-# 2048 (15.9) 1.89-1.90 / 2.00, the LM mask (5.9) 1.00-1.03 / 0.97-0.98. With 2 slots the
-# fused form gained half as much (13.46-13.52, 6.85, 1.93-1.96); the two kernels gained
-# nothing from 4 (13.81-13.82). On neighborhoods, where the two kernels have more of their
-# own (dead-quarter skips, dQ on window-anchored KV boxes), the fused form won on long lists:
-# H100, 3-D NA 16×64² k8×16² (32.7; B=1, H=12) 7.44-7.46 fused with 4 slots against
-# 8.01-8.02 for the two kernels with the skips, 8.42-8.44 fused with 2 slots
-# (docs/experiments/h100-2026-12-06-d64-na3d.json); shorter lists (2-D NA 128² k33: 15,
-# strided 3-D k8×16²: 16) were not measured and keep the two kernels
-# (`FUSED_MIN_ENTRIES_64_NA`, the bar at 128).
-FUSED_MIN_ENTRIES_64 = 12
-FUSED_MIN_ENTRIES_64_NA = 24
-FUSED_STAGES_64 = 4
-# The two kernels' Q/dO slots at head_dim 96 (1-D masks; no MMA-bias tables to stage beside
-# them). H100, B=2, H=12, S=16384, fwd+bwd ms, 4 slots / 2 (interleaved, two rounds;
-# docs/experiments/h100-2026-12-06-d96-backward.json): dense 17.90-17.96 / 18.29-18.32
-# (cuDNN 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14); the fused form ("own") gained
-# nothing there (18.28-18.36, 9.44-9.56).
-STAGES_96 = 4
-
-
-def picks_mosaic(plan: AttentionPlan, head_dim: int = 128, segments: bool = False) -> bool:
-  """`MosaicGPUConfig.backward=None`: these kernels (dQ as its own kernel) for 1-D masks,
-  dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.7 vs 30.0 ms
-  for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
-  results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
-  docs/experiments/h200-2026-11-29-dq-kernel-routing.json) and for 3-D neighborhoods
-  (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with the grid
-  order below, docs/experiments/h200-2026-12-03-grid-order.json; strided ones on the shifted
-  key grid 12.00 vs 12.25, -backward-forms.json, and 11.76 through `auto` in
-  results/h200-2026-12-03b-headline.json); the Triton kernels for 2-D neighborhoods at head_dim
-  97-128 (4.56 vs 4.39 ms at 128² k33: their 64-row query tiles; at 65-96 these, 3.92 vs 4.80,
-  docs/experiments/h200-2026-12-04-na2d_{128,96}.json) and packed grids of different sizes.
-  What is left for neighborhoods: the permutation into kernel order (0.23-0.69 ms;
-  docs/performance.md)."""
-  if not triton_attention.available():  # no Triton kernels to leave for
-    return True
-  if isinstance(plan.mask, masks.PackedNeighborhood):
-    return False
-  if plan.gathered:  # ``segments``: a padding mask or segment ids
-    return hopper_backward_neighborhood(plan.mask, head_dim, segments)
-  return True
-
-
-def _own_blocks(plan: AttentionPlan, head_dim: int) -> bool:
-  """Whether these kernels take the plan's blocks: 128-key blocks and query blocks of whole
-  64-row steps at head_dim <= 128, the role-split kernels' above."""
-  return _wide(plan, head_dim) or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
-                                   and head_dim <= _MAX_BACKWARD_HEAD_DIM)
-
-
-def runs_plan(plan: AttentionPlan, head_dim: int) -> bool:
-  """Whether the backward runs on this plan (`Backend.backward_runs`): these kernels' blocks
-  (`_own_blocks`), or any with Triton's kernels available to take the others."""
-  return _own_blocks(plan, head_dim) or triton_attention.available()
-
-
-def _split_dq(cfg, head_dim: int) -> bool:
-  """Whether the warpgroups split dQ's columns (meeting once per step) rather than each
-  adding its own key rows' share (`MosaicGPUConfig.backward_dq`: "split" | "own"; None:
-  "split" with head_dim 128; `backward` refuses "split" below 128)."""
-  return head_dim == 128 and cfg.backward_dq != "own" and not cfg.backward_pingpong
 
 
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -215,8 +120,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             cta=None, zero_empty: bool = False, softcap: float | None = None):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
   "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
-  entry of its Q list, entries: a KV block's list in chunks, `work_items.static_items`), ids [kv blocks, max q
-  blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no
+  entry of its Q list, entries: a KV block's list in chunks, `work_items.static_items`), ids
+  [kv blocks, max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no
   key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union,
   `element.interval_test`); dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into
   (zero-filled).
@@ -562,8 +467,8 @@ def _dq_window(cfg, plan: AttentionPlan, k, v, head_dim: int, segments: bool, sc
   where they pay (`cost.window_dq_tile`), False never."""
   if not (WINDOW_DQ and cfg.mask_mma and cfg.kv_windows is not False and not segments
           and isinstance(plan.mask, masks.Neighborhood) and plan.mask_fn is None
-          and _padded_head_dim(head_dim) == head_dim and not _wide(plan, head_dim)
-          and plan.block_kv == _BLOCK_KV and _separate_dq(cfg, plan, head_dim)):
+          and _padded_head_dim(head_dim) == head_dim and not policy.wide(plan, head_dim)
+          and plan.block_kv == _BLOCK_KV and policy.separate_dq(cfg, plan, head_dim)):
     return None
   box_ok = box_copies(cfg, interpret)
   tile = window_dq_tile(plan, force=cfg.kv_windows is True)
@@ -587,18 +492,18 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   by the gathered plans' call into kernel order). `softcap`: logit soft-capping."""
   cfg = _config(config)
   runtime = block_map is not None
-  wide = _wide(plan, q.shape[-1])
+  wide = policy.wide(plan, q.shape[-1])
   # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
   # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
-  if not runs_plan(plan, q.shape[-1]):
+  if not policy.runs_plan(plan, q.shape[-1]):
     raise ValueError(
         f"backend='mosaic_gpu' trains plans of {_BLOCK_KV}-key blocks at head_dim <= "
         f"{_MAX_BACKWARD_HEAD_DIM} (this one: block_kv={plan.block_kv}, head_dim "
         f"{q.shape[-1]}), and the Triton backward it would take is unavailable "
         f"(`triton_attention.available`): leave block_kv unset")
   if (cfg.backward == "triton"
-      or (cfg.backward is None and not picks_mosaic(plan, q.shape[-1], q_seg is not None))
-      or not _own_blocks(plan, q.shape[-1])):
+      or (cfg.backward is None and not policy.picks_mosaic(plan, q.shape[-1], q_seg is not None))
+      or not policy.own_blocks(plan, q.shape[-1])):
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
                                      **({"block_map": block_map} if runtime else {}),
@@ -675,7 +580,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                      jnp.zeros(bmap.num_kv_blocks, jnp.int32)], axis=-1),
           (b, hkv, bmap.num_kv_blocks, 2))
     else:
-      chunk = work_items.chunk_entries(_mean_entries(bmap))
+      chunk = work_items.chunk_entries(policy.mean_entries(bmap))
       q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows
       items = work_items.runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv)
   else:
@@ -689,11 +594,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   mma = (backward_mma_inputs(plan, scale) if cfg.mask_mma and not runtime and not extras
          and plan.mask_fn is None and terms == 1 and not wide else None)
   mma_dq, mma_dkv = mma if mma is not None else (None, None)
-  separate = _separate_dq(cfg, plan, d, bmap)
-  if not separate:
-    stages = FUSED_STAGES_64 if d == 64 else FUSED_STAGES
-  else:  # with the MMA-bias tables (neighborhoods) 4 slots at 96 were not measured
-    stages = STAGES_96 if d == 96 and mma is None else STAGES
+  separate = policy.separate_dq(cfg, plan, d, bmap)
+  stages = policy.slots(separate, d, mma)
   # One item per KV block (no chunked lists, static map): dK/dV stored, not reduce-added;
   # some lists cut: "mixed" (`MIXED_DKV`, `work_items.cut_slots`).
   direct = whole and DIRECT_DKV and not wide  # a runtime map's whole lists: stored
@@ -715,12 +617,12 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # query visits as zeros: dK/dV are its outputs, with no zero fill (`WRITTEN_RUNTIME`).
   zero_empty = WRITTEN_RUNTIME and whole and direct is True
   # Quarters of partial blocks that no pair may pass, skipped (static maps, dQ its own kernel).
-  quarters = _dead_quarters(cfg, plan, bmap) if separate and not runtime else None
+  quarters = policy.dead_quarters(cfg, plan, bmap) if separate and not runtime else None
   dq_quarters = quarters[0] if quarters is not None and QUARTERS_DQ else None
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
-      split_dq=_split_dq(cfg, d) and not separate, mask_fn=mask_fn, terms=terms,
+      split_dq=policy.split_dq(cfg, d) and not separate, mask_fn=mask_fn, terms=terms,
       segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
@@ -848,68 +750,3 @@ def _joint(dkv_kernel, dkv_args, dkv_grid, dq_launch, interpret):
                      name="sparse_attention_bwd_joint")(*dkv_args, *map_args, *refs)
 
   return run
-
-
-def _quarter_counts(bmap, bits: np.ndarray) -> tuple[int, int]:
-  """(live, all) 64x64 quarters of a static map's visited blocks (`tables.live_quarters`'
-  transposed bits [kv blocks, max q]; full blocks have every bit)."""
-  e = np.arange(bits.shape[1])[None]
-  visited = e < np.asarray(bmap.q_counts)[:, None]
-  live = sum(int(((bits[visited] >> i) & 1).sum()) for i in range(4))
-  return live, 4 * int(visited.sum())
-
-
-def _dead_share(bmap, bits: np.ndarray) -> float:
-  """The share of dead 64x64 quarters among every visited block's quarters of a static map
-  (`_quarter_counts`)."""
-  live, every = _quarter_counts(bmap, bits)
-  return 1.0 - live / every if every else 0.0
-
-
-# head_dim 129-256 (192 or 256 columns) on the role-split kernels (`attention_bwd_wide`; plans with 64-key KV
-# blocks and 128-row Q blocks, the forward's at that head_dim); False: the Triton backward.
-WIDE_BACKWARD = True
-
-
-def _wide(plan: AttentionPlan, head_dim: int) -> bool:
-  return (WIDE_BACKWARD and _padded_head_dim(head_dim) in bwd_wide.HEAD_DIMS
-          and plan.block_kv == bwd_wide.BLOCK_KV and plan.block_q == 2 * _ROWS)
-
-
-def _separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bool:
-  """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
-  rather than reduce-added by this one (`MosaicGPUConfig.backward_dq`). None: fused where KV
-  blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`) unless the dK/dV
-  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`; on neighborhoods
-  `FUSED_MIN_ENTRIES_64_NA`); else the kernel."""
-  if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
-    return False
-  if cfg.backward_dq is not None:
-    return cfg.backward_dq == "kernel"
-  bmap = bmap or plan.block_map
-  if head_dim == 64:
-    na = isinstance(plan.mask, (masks.Neighborhood, masks.PackedNeighborhood))
-    return _mean_entries(bmap) < (FUSED_MIN_ENTRIES_64_NA if na else FUSED_MIN_ENTRIES_64)
-  return not (head_dim == 128 and _mean_entries(bmap) >= FUSED_MIN_ENTRIES
-              and _dead_quarters(cfg, plan, bmap) is None)
-
-
-def _dead_quarters(cfg, plan: AttentionPlan, bmap):
-  """`tables.live_quarters` of a static map where the dK/dV kernel (with dQ its own kernel)
-  skips the dead quarters (`QUARTERS`; "auto": at least `QUARTERS_MIN_DEAD` of them), else
-  None."""
-  if not QUARTERS or cfg.backward_pingpong or not isinstance(bmap.q_counts, np.ndarray):
-    return None
-  quarters = live_quarters(plan)
-  if quarters is not None and QUARTERS == "auto" and (
-      _dead_share(bmap, quarters[1]) < QUARTERS_MIN_DEAD):
-    return None
-  return quarters
-
-
-def _mean_entries(bmap) -> float:
-  """Mean Q blocks per KV block that has any: the static map's, or a runtime map's bound."""
-  if isinstance(bmap.q_counts, np.ndarray):
-    counts = bmap.q_counts[bmap.q_counts > 0]
-    return float(counts.mean()) if len(counts) else 0.0
-  return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks

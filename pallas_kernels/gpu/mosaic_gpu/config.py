@@ -70,7 +70,7 @@ class MosaicGPUConfig:
   kv_windows: bool | None = None
   # The backward: "mosaic_gpu" (`attention_bwd.py`: dK/dV per KV block, dQ by its own kernel
   # `attention_bwd_dq.py`; head_dim 129-256: `attention_bwd_wide.py`), "triton" (the Triton
-  # kernels, with `triton`'s config), None: by the plan (`attention_bwd.picks_mosaic`: 1-D
+  # kernels, with `triton`'s config), None: by the plan (`policy.picks_mosaic`: 1-D
   # masks, 3-D neighborhoods, long 1-D windows, 2-D ones at head_dim 65-96 here, other
   # neighborhoods on Triton: `hopper_backward_neighborhood`).
   backward: str | None = None
@@ -79,7 +79,7 @@ class MosaicGPUConfig:
   # (the warpgroups take 64 columns each from both halves of dSᵀ, meeting once per step;
   # head_dim 128 only), "own" (each its own key rows' share, all columns, twice the
   # reduce-adds). None: "split" at head_dim 128 where KV blocks visit many Q blocks
-  # (`attention_bwd.FUSED_MIN_ENTRIES`: dense, causal, MoBA) and no dead quarters are left
+  # (`policy.FUSED_MIN_ENTRIES`: dense, causal, MoBA) and no dead quarters are left
   # to skip, "own" at head_dim 64 on such 1-D masks (`FUSED_MIN_ENTRIES_64`), else "kernel"
   # where the plan allows it, else "split" where it applies.
   backward_dq: str | None = None
@@ -184,7 +184,7 @@ NA1D_MIN_KERNEL = 256
 NA_MIN_WINDOW = 128
 NA3D_MIN_WINDOW = 1024
 # Keys in an unstrided 2-D window from which it does at 64 and 128 columns, with its dead
-# quarters skipped (`attention_bwd.QUARTERS_MIN_DEAD`) on tiles chosen by them
+# quarters skipped (`policy.QUARTERS_MIN_DEAD`) on tiles chosen by them
 # (`cost.QUARTER_TILES`). H100, B=2, H=16, fwd+bwd ms, these / Triton's backward after the
 # Hopper forward (docs/experiments/h100-2026-12-06-backward-tiles.json, two rounds): 128²
 # k33 4.32-4.27 / 4.51-4.40, dilation 2 4.75-4.71 / 4.74-4.85, causal along h 3.95-3.90 /

@@ -183,7 +183,7 @@ def auto_tiles(mask, block_q: int, block_kv: int, segments: bool = False):
 
 
 # The backward's tiles for 2-D neighborhoods count the 64x64 quarters its kernels compute
-# (`attention_bwd.QUARTERS` skips the dead ones) instead of the simulator's blocks: among
+# (`policy.QUARTERS` skips the dead ones) instead of the simulator's blocks: among
 # the tilings that visit no more blocks than the simulator's, the one with the fewest live
 # quarters. 2-D 128² k33: (16, 8) tiles (8x8 halves) over the same 1920 blocks leave 6400
 # live quarters instead of 6912. H100, B=2, H=16, fwd+bwd ms, these / the simulator's tiles
@@ -293,13 +293,13 @@ def shares_backward_tiles(mask, forward_tiles, backward_tiles, segments: bool = 
 def _live_quarter_count(mask, q_tile: tuple, kv_tile: tuple) -> int:
   """64x64 quarters the backward's dK/dV kernel computes on this tiling: the live ones
   (`tables.live_quarters`) where it skips the dead (at least
-  `attention_bwd.QUARTERS_MIN_DEAD` of them), else four per visited block."""
+  `policy.QUARTERS_MIN_DEAD` of them), else four per visited block."""
   from jax_sparse_attn.plan import make_plan
-  from . import attention_bwd
+  from . import policy
   plan = make_plan(mask, TiledLayout(mask.spatial_shape, mask.dilation, q_tile),
                    TiledLayout(mask.spatial_shape, mask.dilation, kv_tile))
   bmap = plan.block_map
-  quarters = attention_bwd._dead_quarters(_config(None), plan, bmap)  # the kernel's rule
+  quarters = policy.dead_quarters(_config(None), plan, bmap)  # the kernel's rule
   if quarters is None:
     return 4 * int(np.asarray(bmap.q_counts).sum())
-  return attention_bwd._quarter_counts(bmap, quarters[1])[0]
+  return policy.quarter_counts(bmap, quarters[1])[0]

@@ -1,0 +1,198 @@
+"""Which Hopper backward runs, and in which form: the measured rules.
+
+`picks_mosaic` / `runs_plan` / `own_blocks`: these kernels or Triton's; `wide`: the
+role-split kernels above head_dim 128 (`attention_bwd_wide`); `separate_dq`: dQ as its own
+kernel (`attention_bwd_dq`) or reduce-added by the dK/dV kernel (the fused form, `split_dq`:
+how its warpgroups share dQ); `dead_quarters`: the 64x64 quarters the dK/dV kernel skips;
+`slots`: the Q/dO ring's depth. Each knob keeps the measurement that set it (H200 / H100;
+docs/performance.md); `attention_bwd` reads them at trace time, so the lab scripts
+(`benchmarks/diag/`) set them on this module.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from jax_sparse_attn import masks
+from jax_sparse_attn.plan import AttentionPlan
+
+from .. import triton_attention
+from . import attention_bwd_dq as bwd_dq
+from . import attention_bwd_wide as bwd_wide
+from .config import _COMPUTE_WGS, _MAX_BACKWARD_HEAD_DIM, _ROWS, _padded_head_dim
+from .config import hopper_backward_neighborhood
+from .tables import live_quarters
+
+_BLOCK_KV = _COMPUTE_WGS * _ROWS
+
+STAGES = 2  # Q/dO slots of the memory warpgroup's ring
+FUSED_STAGES = 2  # the same with dQ fused (its dSᵀ and dQ staging leave room for two)
+# Partial blocks' 64x64 quarters that no query-key pair of the mask may pass
+# (`tables.live_quarters`: a sink's KV block seen from far queries, the causal diagonal's
+# corner): a dK/dV warpgroup skips such 64-query steps of its keys (static maps, dQ its own
+# kernel; a `lax.cond` per partial step). "auto": where at least `QUARTERS_MIN_DEAD` of the
+# visited blocks' quarters are dead. H200, the LM layer (`causal & (window 512 | 4 sinks)`,
+# S=8192, GQA 16/4, D=128; 16% dead): fwd+bwd 0.922 vs 0.950 ms, gradients bit-identical
+# (docs/experiments/h200-2026-12-05-quarters.json; the 2026-12-04 A/B had timed one variant
+# twice). H100, 10% dead (docs/experiments/h100-2026-12-05-quarters-na.json; fwd+bwd ms,
+# skipped / every step): 2-D NA 128² k33 (B=2, H=16) 4.44-4.46 / 4.64-4.72, 3-D NA 16×64²
+# k8×16² (B=1) 17.13-17.14 / 18.02-18.03. Below the share (causal, windows) every step
+# runs, as measured before.
+QUARTERS = "auto"
+QUARTERS_MIN_DEAD = 0.08  # 2-D k33 and 3-D k8×16² 10%, LM 16%; `window 2047 | sink 64` 5.5%
+# `MosaicGPUConfig.backward_dq=None` fuses dQ into the dK/dV kernel (at head_dim 128) where KV
+# blocks visit at least this many Q blocks on average: the fused form does 5 matmuls per
+# block pair instead of the two kernels' 7 but pays more per CTA (dQ reduce-adds, spills).
+# H200 fwd+bwd ms, fused / two kernels (docs/experiments/h200-2026-12-03-backward-forms.json;
+# mean Q blocks per KV block in brackets): dense S=16384 (128) 29.8 / 31.2, causal (64.5)
+# 15.4 / 15.8, 3-D NA k8×16² (32.7) 16.9 / 17.9, MoBA (34) 8.37 / 8.89; the causal window
+# 2048 (17) 4.37 / 4.31, the LM layer (~5, GQA 16/4) 1.44 / 1.18. Not where the dK/dV
+# kernel skips dead quarters (`QUARTERS`; the fused form does not, and skipping there too
+# was 5% slower): H100, 3-D NA k8×16² with dQ its own kernel and the skips 17.13-17.14 ms
+# against 17.23-17.34 fused (docs/experiments/h100-2026-12-05-quarters-na.json), a tie in
+# a second call (17.09-17.19 vs 17.08-17.12, -12-05-routing-check.json); the two kernels
+# then win on what else they give: gradients without float32 reduce-adds (the same bits
+# every run) and no float32 dQ buffer (537 MB there).
+FUSED_MIN_ENTRIES = 24
+# At head_dim 64 the fused form ("own": each warpgroup reduce-adds its own keys' share; the
+# dK/dV accumulators take half the registers, so it does not spill) with 4 Q/dO slots wins on
+# 1-D masks whose KV blocks visit ~16 Q blocks or more and loses on short lists. H100, B=2,
+# H=12, S=16384, fwd+bwd ms, fused with 4 slots / two kernels (mean Q blocks per KV block in
+# brackets; docs/experiments/h100-2026-12-06-d64-backward.json): dense (128) 12.99 /
+# 13.83-13.85 (cuDNN 12.67), causal (64.5) 6.71-6.73 / 7.11-7.13 (cuDNN 6.66), causal window
+# 2048 (15.9) 1.89-1.90 / 2.00, the LM mask (5.9) 1.00-1.03 / 0.97-0.98. With 2 slots the
+# fused form gained half as much (13.46-13.52, 6.85, 1.93-1.96); the two kernels gained
+# nothing from 4 (13.81-13.82). On neighborhoods, where the two kernels have more of their
+# own (dead-quarter skips, dQ on window-anchored KV boxes), the fused form won on long lists:
+# H100, 3-D NA 16×64² k8×16² (32.7; B=1, H=12) 7.44-7.46 fused with 4 slots against
+# 8.01-8.02 for the two kernels with the skips, 8.42-8.44 fused with 2 slots
+# (docs/experiments/h100-2026-12-06-d64-na3d.json); shorter lists (2-D NA 128² k33: 15,
+# strided 3-D k8×16²: 16) were not measured and keep the two kernels
+# (`FUSED_MIN_ENTRIES_64_NA`, the bar at 128).
+FUSED_MIN_ENTRIES_64 = 12
+FUSED_MIN_ENTRIES_64_NA = 24
+FUSED_STAGES_64 = 4
+# The two kernels' Q/dO slots at head_dim 96 (1-D masks; no MMA-bias tables to stage beside
+# them). H100, B=2, H=12, S=16384, fwd+bwd ms, 4 slots / 2 (interleaved, two rounds;
+# docs/experiments/h100-2026-12-06-d96-backward.json): dense 17.90-17.96 / 18.29-18.32
+# (cuDNN 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14); the fused form ("own") gained
+# nothing there (18.28-18.36, 9.44-9.56).
+STAGES_96 = 4
+
+
+def picks_mosaic(plan: AttentionPlan, head_dim: int = 128, segments: bool = False) -> bool:
+  """`MosaicGPUConfig.backward=None`: these kernels (dQ as its own kernel) for 1-D masks,
+  dense and runtime maps included (H200, bf16 D=128 backward: dense S=16384 25.7 vs 30.0 ms
+  for the Triton backward, causal 13.0 vs 15.0, the LM layer 0.87 vs 2.39,
+  results/h200-2026-11-29-hopper-backward-dq.json; MoBA fwd+bwd 8.97 vs 9.39,
+  docs/experiments/h200-2026-11-29-dq-kernel-routing.json) and for 3-D neighborhoods
+  (`config.hopper_backward_neighborhood`: 3-D NA k8×16² fwd+bwd 17.4 vs 19.0 ms, with the grid
+  order below, docs/experiments/h200-2026-12-03-grid-order.json; strided ones on the shifted
+  key grid 12.00 vs 12.25, -backward-forms.json, and 11.76 through `auto` in
+  results/h200-2026-12-03b-headline.json); the Triton kernels for 2-D neighborhoods at head_dim
+  97-128 (4.56 vs 4.39 ms at 128² k33: their 64-row query tiles; at 65-96 these, 3.92 vs 4.80,
+  docs/experiments/h200-2026-12-04-na2d_{128,96}.json) and packed grids of different sizes.
+  What is left for neighborhoods: the permutation into kernel order (0.23-0.69 ms;
+  docs/performance.md)."""
+  if not triton_attention.available():  # no Triton kernels to leave for
+    return True
+  if isinstance(plan.mask, masks.PackedNeighborhood):
+    return False
+  if plan.gathered:  # ``segments``: a padding mask or segment ids
+    return hopper_backward_neighborhood(plan.mask, head_dim, segments)
+  return True
+
+
+def own_blocks(plan: AttentionPlan, head_dim: int) -> bool:
+  """Whether these kernels take the plan's blocks: 128-key blocks and query blocks of whole
+  64-row steps at head_dim <= 128, the role-split kernels' above."""
+  return wide(plan, head_dim) or (plan.block_kv == _BLOCK_KV and plan.block_q % _ROWS == 0
+                                   and head_dim <= _MAX_BACKWARD_HEAD_DIM)
+
+
+def runs_plan(plan: AttentionPlan, head_dim: int) -> bool:
+  """Whether the backward runs on this plan (`Backend.backward_runs`): these kernels' blocks
+  (`own_blocks`), or any with Triton's kernels available to take the others."""
+  return own_blocks(plan, head_dim) or triton_attention.available()
+
+
+def split_dq(cfg, head_dim: int) -> bool:
+  """Whether the warpgroups split dQ's columns (meeting once per step) rather than each
+  adding its own key rows' share (`MosaicGPUConfig.backward_dq`: "split" | "own"; None:
+  "split" with head_dim 128; `backward` refuses "split" below 128)."""
+  return head_dim == 128 and cfg.backward_dq != "own" and not cfg.backward_pingpong
+
+
+# head_dim 129-256 (192 or 256 columns) on the role-split kernels (`attention_bwd_wide`; plans
+# with 64-key KV blocks and 128-row Q blocks, the forward's at that head_dim); False: the
+# Triton backward.
+WIDE_BACKWARD = True
+
+
+def wide(plan: AttentionPlan, head_dim: int) -> bool:
+  """Whether the role-split kernels (`attention_bwd_wide`) take this plan (`WIDE_BACKWARD`)."""
+  return (WIDE_BACKWARD and _padded_head_dim(head_dim) in bwd_wide.HEAD_DIMS
+          and plan.block_kv == bwd_wide.BLOCK_KV and plan.block_q == 2 * _ROWS)
+
+
+def separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bool:
+  """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
+  rather than reduce-added by the dK/dV kernel (`MosaicGPUConfig.backward_dq`). None: fused where KV
+  blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`) unless the dK/dV
+  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`; on neighborhoods
+  `FUSED_MIN_ENTRIES_64_NA`); else the kernel."""
+  if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
+    return False
+  if cfg.backward_dq is not None:
+    return cfg.backward_dq == "kernel"
+  bmap = bmap or plan.block_map
+  if head_dim == 64:
+    na = isinstance(plan.mask, (masks.Neighborhood, masks.PackedNeighborhood))
+    return mean_entries(bmap) < (FUSED_MIN_ENTRIES_64_NA if na else FUSED_MIN_ENTRIES_64)
+  return not (head_dim == 128 and mean_entries(bmap) >= FUSED_MIN_ENTRIES
+              and dead_quarters(cfg, plan, bmap) is None)
+
+
+def dead_quarters(cfg, plan: AttentionPlan, bmap):
+  """`tables.live_quarters` of a static map where the dK/dV kernel (with dQ its own kernel)
+  skips the dead quarters (`QUARTERS`; "auto": at least `QUARTERS_MIN_DEAD` of them), else
+  None."""
+  if not QUARTERS or cfg.backward_pingpong or not isinstance(bmap.q_counts, np.ndarray):
+    return None
+  quarters = live_quarters(plan)
+  if quarters is not None and QUARTERS == "auto" and (
+      dead_share(bmap, quarters[1]) < QUARTERS_MIN_DEAD):
+    return None
+  return quarters
+
+
+def mean_entries(bmap) -> float:
+  """Mean Q blocks per KV block that has any: the static map's, or a runtime map's bound."""
+  if isinstance(bmap.q_counts, np.ndarray):
+    counts = bmap.q_counts[bmap.q_counts > 0]
+    return float(counts.mean()) if len(counts) else 0.0
+  return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks
+
+
+def quarter_counts(bmap, bits: np.ndarray) -> tuple[int, int]:
+  """(live, all) 64x64 quarters of a static map's visited blocks (`tables.live_quarters`'
+  transposed bits [kv blocks, max q]; full blocks have every bit)."""
+  e = np.arange(bits.shape[1])[None]
+  visited = e < np.asarray(bmap.q_counts)[:, None]
+  live = sum(int(((bits[visited] >> i) & 1).sum()) for i in range(4))
+  return live, 4 * int(visited.sum())
+
+
+def dead_share(bmap, bits: np.ndarray) -> float:
+  """The share of dead 64x64 quarters among every visited block's quarters of a static map
+  (`quarter_counts`)."""
+  live, every = quarter_counts(bmap, bits)
+  return 1.0 - live / every if every else 0.0
+
+
+def slots(separate: bool, head_dim: int, mma) -> int:
+  """Q/dO slots of the dK/dV kernel's ring: `FUSED_STAGES_64` / `FUSED_STAGES` with dQ fused,
+  else `STAGES_96` at head_dim 96 without MMA-bias tables (4 slots beside the tables were not
+  measured) and `STAGES` otherwise."""
+  if not separate:
+    return FUSED_STAGES_64 if head_dim == 64 else FUSED_STAGES
+  return STAGES_96 if head_dim == 96 and mma is None else STAGES
