@@ -366,9 +366,8 @@ def test_fused_dq_policy(monkeypatch):
   at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5) and the
   map has no dead quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else
   dQ is its own kernel (causal S=4096: 16.5); at head_dim 64 from `FUSED_MIN_ENTRIES_64`
-  (causal S=4096 fused, the LM mask's 5.8 not), on neighborhoods from
-  `FUSED_MIN_ENTRIES_64_NA` (the 3-D one fused, dead quarters or not; a 2-D k33 at ~15 not),
-  with `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
+  on every mask (causal S=4096 and a 2-D k33 at ~15 fused, the LM mask's 5.8 not; a 3-D
+  neighborhood with dead quarters fused too), with `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
   beside the forward."""
   from jax_sparse_attn.layout import TiledLayout
   from jax_sparse_attn.plan import gathered
@@ -397,9 +396,9 @@ def test_fused_dq_policy(monkeypatch):
   assert not policy.separate_dq(cfg(), na3, 64)
   tile2 = TiledLayout((128, 128), (1, 1), (8, 16))
   na2 = gathered(make_plan(masks.neighborhood((128, 128), (33, 33)), tile2, tile2))
-  assert (policy.FUSED_MIN_ENTRIES_64 <= policy.mean_entries(na2.block_map)
-          < policy.FUSED_MIN_ENTRIES_64_NA)
-  assert policy.separate_dq(cfg(), na2, 64)
+  assert policy.FUSED_MIN_ENTRIES_64 <= policy.mean_entries(na2.block_map) < 16
+  assert not policy.separate_dq(cfg(), na2, 64)
+  assert policy.separate_dq(cfg(), na2, 128)  # at 128: below `FUSED_MIN_ENTRIES`
   monkeypatch.setattr(policy, "QUARTERS", False)  # no skips: fused
   assert not policy.separate_dq(cfg(), na3, 128)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
@@ -504,7 +503,6 @@ def test_slots_by_head_dim(monkeypatch, head_dim, case):
   from pallas_kernels.gpu.mosaic_gpu import policy
   calls = backend_cases.spy_backward_kernels(monkeypatch)
   monkeypatch.setattr(policy, "FUSED_MIN_ENTRIES_64", 1)
-  monkeypatch.setattr(policy, "FUSED_MIN_ENTRIES_64_NA", 1)
   ops._make_core.cache_clear()
   jax.clear_caches()
   if case == "na":

@@ -124,14 +124,20 @@ def interleaved(row: dict, variants: dict, big, rounds: int = 2, iters: int = 10
   jitted function retrace under the knobs set last, so a step jitted under an earlier
   variant's knobs would run the last one's kernels (every knob diagnostic before 2026-12-05
   timed its last variant under each name). Returns each variant's output and gradients at
-  `big`, computed right after its knobs were set."""
+  `big`, computed right after its knobs were set. A variant that does not compile (shared
+  memory, registers) is a result: ``{name}_error``, and it is left out of the timings."""
   from jax_sparse_attn.demo import time_ms
   from ..bench_gpu import fwd_bwd
   grads = {}
   for name, make in variants.items():
-    grads[name] = jax.block_until_ready(fwd_bwd(make())(*big))
+    try:
+      grads[name] = jax.block_until_ready(fwd_bwd(make())(*big))
+    except Exception as e:  # noqa: BLE001
+      row[f"{name}_error"] = repr(e)[-300:]
   for rnd in range(rounds):
     for name, make in variants.items():
+      if name not in grads:
+        continue
       fn = make()  # its knobs hold for both timings
       row[f"{name}_fwd_ms_{rnd}"] = round(time_ms(jax.jit(fn), *big[:3], iters=iters,
                                                   repeats=repeats), 4)
@@ -144,7 +150,7 @@ def interleaved_vs_first(row: dict, variants: dict, big, rounds: int = 2) -> dic
   """`interleaved`, then into `row` every later variant's gradients against the first's
   (``{name}_rel_diff``, `max_rel_diff`). Returns the gradients."""
   grads = interleaved(row, variants, big, rounds=rounds)
-  first, *others = variants
+  first, *others = grads
   for name in others:
     row[f"{name}_rel_diff"] = max_rel_diff(grads[name], grads[first])
   return grads

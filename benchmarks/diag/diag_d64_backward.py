@@ -4,7 +4,7 @@ benchmarks/results/h100-2026-12-06-hd64.json). Variants, interleaved over two ro
 fwd+bwd ms, gradients against the first's:
 
 - ``kernel``: dQ its own kernel over 2 Q/dO slots (the default at 64 columns before this
-  diagnostic; since, it stays so on short lists);
+  diagnostic; since, on short lists only);
 - ``fused``: dQ reduce-added by the dK/dV kernel, each warpgroup its own keys' share
   (``backward_dq="own"``: 5 matmuls per block pair instead of 7; at 64 columns the dK/dV
   accumulators leave room for it without spills);
@@ -16,10 +16,10 @@ fwd+bwd ms, gradients against the first's:
 - ``default``: what `backward_dq=None` picks with the module's slots.
 
 The variants set the form and slots explicitly, so they stay what they say. ``--head-dim``
-(64 by default; other widths take "own" too), the case ``na3d`` (3-D 16×64² k8×16², B=1)
-and ``--seq`` (the 1-D cases' length): measured 2026-12-06 (docs/performance.md); ``na2d``
-(128² k33, B=2) and ``na3d_strided`` (stride 4×8×8) next: at 64 they keep the two kernels
-(`FUSED_MIN_ENTRIES_64_NA`), the fused form unmeasured there.
+(64 by default; other widths take "own" too), the cases ``na3d`` (3-D 16×64² k8×16², B=1),
+``na2d`` (128² k33, B=2) and ``na3d_strided`` (stride 4×8×8), and ``--seq`` (the 1-D cases'
+length): measured 2026-12-06 (docs/performance.md). A variant that does not compile (the
+fused form over 4 slots beside the MMA-bias tables at 96) is recorded as its error.
 cuDNN beside dense and causal, and a gradient check of ``fused`` against float32 XLA at a
 smaller size (S=2048, or a smaller grid for the neighborhoods).
 

@@ -54,28 +54,26 @@ QUARTERS_MIN_DEAD = 0.08  # 2-D k33 and 3-D k8×16² 10%, LM 16%; `window 2047 |
 # every run) and no float32 dQ buffer (537 MB there).
 FUSED_MIN_ENTRIES = 24
 # At head_dim 64 the fused form ("own": each warpgroup reduce-adds its own keys' share; the
-# dK/dV accumulators take half the registers, so it does not spill) with 4 Q/dO slots wins on
-# 1-D masks whose KV blocks visit ~16 Q blocks or more and loses on short lists. H100, B=2,
-# H=12, S=16384, fwd+bwd ms, fused with 4 slots / two kernels (mean Q blocks per KV block in
-# brackets; docs/experiments/h100-2026-12-06-d64-backward.json): dense (128) 12.99 /
-# 13.83-13.85 (cuDNN 12.67), causal (64.5) 6.71-6.73 / 7.11-7.13 (cuDNN 6.66), causal window
-# 2048 (15.9) 1.89-1.90 / 2.00, the LM mask (5.9) 1.00-1.03 / 0.97-0.98. With 2 slots the
-# fused form gained half as much (13.46-13.52, 6.85, 1.93-1.96); the two kernels gained
-# nothing from 4 (13.81-13.82). On neighborhoods, where the two kernels have more of their
-# own (dead-quarter skips, dQ on window-anchored KV boxes), the fused form won on long lists:
-# H100, 3-D NA 16×64² k8×16² (32.7; B=1, H=12) 7.44-7.46 fused with 4 slots against
-# 8.01-8.02 for the two kernels with the skips, 8.42-8.44 fused with 2 slots
-# (docs/experiments/h100-2026-12-06-d64-na3d.json); shorter lists (2-D NA 128² k33: 15,
-# strided 3-D k8×16²: 16) were not measured and keep the two kernels
-# (`FUSED_MIN_ENTRIES_64_NA`, the bar at 128).
+# dK/dV accumulators take half the registers, so it does not spill) with 4 Q/dO slots wins
+# where KV blocks visit ~15 Q blocks or more and loses on short lists, on every mask. H100,
+# fwd+bwd ms, fused with 4 slots / two kernels (mean Q blocks per KV block in brackets;
+# interleaved rounds in one call): B=2, H=12, S=16384
+# (docs/experiments/h100-2026-12-06-d64-backward.json): dense (128) 12.99 / 13.83-13.85
+# (cuDNN 12.67), causal (64.5) 6.71-6.73 / 7.11-7.13 (cuDNN 6.66), causal window 2048 (15.9)
+# 1.89-1.90 / 2.00, the LM mask (5.9) 1.00-1.03 / 0.97-0.98; with 2 slots the fused form
+# gained half as much, the two kernels nothing from 4. Causal S=4096 (16.5) a tie, 0.574-0.577
+# / 0.577-0.579 (cuDNN 0.615; -d64-s4096.json). Neighborhoods, against the two kernels with
+# their dead-quarter skips and window-anchored dQ boxes: 3-D NA 16×64² k8×16² (32.7, B=1)
+# 7.44-7.46 / 8.01-8.02 (-d64-na3d.json), 2-D NA 128² k33 (15, B=2) 2.016-2.034 /
+# 2.066-2.082, strided 3-D k8×16² stride 4×8×8 (16, B=1) 5.00 / 5.24-5.26 (-d64-na-short.json).
 FUSED_MIN_ENTRIES_64 = 12
-FUSED_MIN_ENTRIES_64_NA = 24
 FUSED_STAGES_64 = 4
-# The two kernels' Q/dO slots at head_dim 96 (1-D masks; no MMA-bias tables to stage beside
-# them). H100, B=2, H=12, S=16384, fwd+bwd ms, 4 slots / 2 (interleaved, two rounds;
-# docs/experiments/h100-2026-12-06-d96-backward.json): dense 17.90-17.96 / 18.29-18.32
-# (cuDNN 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14); the fused form ("own") gained
-# nothing there (18.28-18.36, 9.44-9.56).
+# The two kernels' Q/dO slots at head_dim 96 where no MMA-bias tables are staged beside them
+# (neighborhoods: not measured with 4; the fused form over 4 slots does not fit beside the
+# tables, 244,816 bytes of shared memory on a 2-D NA k33). H100, B=2, H=12, S=16384, fwd+bwd
+# ms, 4 slots / 2 (interleaved, two rounds; docs/experiments/h100-2026-12-06-d96-backward.json):
+# dense 17.90-17.96 / 18.29-18.32 (cuDNN 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14);
+# the fused form ("own") gained nothing there (18.28-18.36, 9.44-9.56).
 STAGES_96 = 4
 
 
@@ -138,16 +136,14 @@ def separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> boo
   """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
   rather than reduce-added by the dK/dV kernel (`MosaicGPUConfig.backward_dq`). None: fused where KV
   blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`) unless the dK/dV
-  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`; on neighborhoods
-  `FUSED_MIN_ENTRIES_64_NA`); else the kernel."""
+  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`); else the kernel."""
   if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
     return False
   if cfg.backward_dq is not None:
     return cfg.backward_dq == "kernel"
   bmap = bmap or plan.block_map
   if head_dim == 64:
-    na = isinstance(plan.mask, (masks.Neighborhood, masks.PackedNeighborhood))
-    return mean_entries(bmap) < (FUSED_MIN_ENTRIES_64_NA if na else FUSED_MIN_ENTRIES_64)
+    return mean_entries(bmap) < FUSED_MIN_ENTRIES_64
   return not (head_dim == 128 and mean_entries(bmap) >= FUSED_MIN_ENTRIES
               and dead_quarters(cfg, plan, bmap) is None)
 
@@ -191,7 +187,7 @@ def dead_share(bmap, bits: np.ndarray) -> float:
 
 def slots(separate: bool, head_dim: int, mma) -> int:
   """Q/dO slots of the dK/dV kernel's ring: `FUSED_STAGES_64` / `FUSED_STAGES` with dQ fused,
-  else `STAGES_96` at head_dim 96 without MMA-bias tables (4 slots beside the tables were not
+  else `STAGES_96` at head_dim 96 without MMA-bias tables (4 slots beside them were not
   measured) and `STAGES` otherwise."""
   if not separate:
     return FUSED_STAGES_64 if head_dim == 64 else FUSED_STAGES
