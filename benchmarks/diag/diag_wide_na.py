@@ -30,6 +30,7 @@ CASES = {  # name: (batch, spatial, kernel, stride)
     "na3d_k3x7": (2, (8, 32, 32), (3, 7, 7), (1, 1, 1)),  # 147 keys
     "na3d_k4x9": (2, (8, 32, 32), (4, 9, 9), (1, 1, 1)),  # 324 keys
     "na1d_k257": (2, (16384,), (257,), (1,)),
+    "na2d_k17_96": (2, (96, 96), (17, 17), (1, 1)),  # 289 keys
 }
 VARIANTS = {  # name: (backend, config, columns at 129-192 native)
     "triton": ("triton", None, True),
