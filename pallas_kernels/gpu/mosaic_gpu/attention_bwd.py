@@ -1,19 +1,19 @@
 """Block-sparse flash attention backward for Hopper in Pallas Mosaic GPU: dK and dV.
 
-By default two kernels, as FlashAttention-2 splits the work: this one (dK/dV over the
-transposed block map) and `attention_bwd_dq` (dQ over the forward map, no reductions); on the
-H200 the pair runs 1.27x faster than this kernel also forming dQ (the fused form below,
-`MosaicGPUConfig.backward_dq="split" | "own"`), because each runs at the forward's
-tensor-core efficiency (docs/performance.md); the two run as one launch (`JOINT_DQ`: the
-dK/dV work items, then the dQ CTAs). This kernel: a CTA runs one work
-item: a KV block of 128 rows (of a KV head and batch element) and a chunk of its Q list
-(`work_items.static_items`: long lists, e.g. a sink's, are cut so that one CTA does not set the
-kernel's length), and keeps K and V in shared memory; two compute warpgroups own 64 of its
-rows each and hold their dK and dV accumulators in registers; the third, the memory
-warpgroup, walks the chunk's Q blocks (``q_ids``; each 128-row Q block as two 64-row steps,
-every query head of the GQA group in turn) and TMA-loads each step's Q, dO, log-sum-exp and
-delta (and the step's query intervals) into a ring of slots. Per step and warpgroup (all in
-the transposed domain, rows = keys):
+Two forms (`policy.separate_dq` picks one per map and head_dim): two kernels, as
+FlashAttention-2 splits the work, this one (dK/dV over the transposed block map) and
+`attention_bwd_dq` (dQ over the forward map, no reductions), run as one launch (`JOINT_DQ`:
+the dK/dV work items, then the dQ CTAs), where KV blocks visit few Q blocks; or this kernel
+also forming dQ (the fused form below, `MosaicGPUConfig.backward_dq="split" | "own"`: 5
+matmuls per block pair instead of 7, dQ reduce-added in float32) where they visit many. This
+kernel: a CTA runs one work item: a KV block of 128 rows (of a KV head and batch element) and
+a chunk of its Q list (`work_items.static_items`: long lists, e.g. a sink's, are cut so that
+one CTA does not set the kernel's length), and keeps K and V in shared memory; two compute
+warpgroups own 64 of its rows each and hold their dK and dV accumulators in registers; the
+third, the memory warpgroup, walks the chunk's Q blocks (``q_ids``; each 128-row Q block as
+two 64-row steps, every query head of the GQA group in turn) and TMA-loads each step's Q, dO,
+log-sum-exp and delta (and the step's query intervals) into a ring of slots. Per step and
+warpgroup (all in the transposed domain, rows = keys):
 
     Sᵀ = K Qᵀ, dPᵀ = V dOᵀ                 (two wgmmas, one wait)
     Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂)        (masked: 0 outside each query's intervals)
@@ -21,17 +21,16 @@ the transposed domain, rows = keys):
     dV += Pᵀ dO,  dK += dSᵀ Q               (Pᵀ, dSᵀ from registers)
     dQ[q, :] += dS K                        (fused form only) → fp32 TMA reduce-add
 
-In the fused form dSᵀ goes through shared memory, and dQ needs every key row of the step:
-with head_dim 128 the warpgroups meet once per step (after both wrote dSᵀ) and each computes
-64 of dQ's columns from both halves of dSᵀ (one 64×64 reduce-add per warpgroup); with
-head_dim 64 each adds its own rows' share. Full blocks
-run with no mask arithmetic; partial ones of neighborhoods add the forward's MMA bias (one
-wgmma of the KV block's one-hot coordinates [64, W] by the step's host-built test matrix [W,
-64 queries], `tables.backward_mma_inputs`), other partial ones test each key's coordinates
-against the query's interval per mask dimension (the forward's element test), a mask
-function (on kernel positions) and segment ids (these on every block). dK/dV of chunked lists (and the fused
-form's dQ) are float32 reduce-adds, so their rounding varies with the CTA schedule (as in
-FlashAttention-3 and cuDNN).
+In the fused form dSᵀ goes through shared memory, and dQ needs every key row of the step: with
+head_dim 128 the warpgroups meet once per step (after both wrote dSᵀ) and each computes 64 of
+dQ's columns from both halves of dSᵀ (one 64×64 reduce-add per warpgroup); with head_dim 64
+each adds its own rows' share. Full blocks run with no mask arithmetic; partial ones of
+neighborhoods add the forward's MMA bias (one wgmma of the KV block's one-hot coordinates [64,
+W] by the step's host-built test matrix [W, 64 queries], `tables.backward_mma_inputs`), other
+partial ones test each key's coordinates against the query's interval per mask dimension (the
+forward's element test), a mask function (on kernel positions) and segment ids (these on every
+block). dK/dV of chunked lists (and the fused form's dQ) are float32 reduce-adds, so their
+rounding varies with the CTA schedule (as in FlashAttention-3 and cuDNN).
 
 head_dim 129-256 (at 160, 192 or 256 columns) runs `attention_bwd_wide` instead: 64-row CTAs
 whose two compute warpgroups split a step by role (one Sᵀ/Pᵀ and dV, the other dPᵀ/dSᵀ and
@@ -119,17 +118,17 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             shared: bool = False, mma_width: int = 0, terms: int = 1, quarters: bool = False,
             cta=None, zero_empty: bool = False, softcap: float | None = None):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
-  "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block, first
-  entry of its Q list, entries: a KV block's list in chunks, `work_items.static_items`), ids
-  [kv blocks, max q blocks], counts [kv blocks, 2] (full, all). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no
-  key was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union,
-  `element.interval_test`); dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into
-  (zero-filled).
+  "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block,
+  first entry of its Q list, entries: a KV block's list in chunks,
+  `work_items.static_items`), ids [kv blocks, max q blocks], counts [kv blocks, 2] (full,
+  all). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no key was seen) and delta [b, h,
+  n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union, `element.interval_test`);
+  dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into (zero-filled).
 
   A runtime map (``chunk`` > 0: content-routed attention) has rows per (batch, query head):
   items [b, hkv, n, 2] (kv block, chunk of ``chunk`` entries; kv block = n_kv: no work,
-  `work_items.runtime_items`), ids [b, h, kv blocks, max q blocks], counts [b, h, kv blocks, 2]; each
-  query head of the GQA group walks its own list.
+  `work_items.runtime_items`), ids [b, h, kv blocks, max q blocks], counts [b, h, kv blocks,
+  2]; each query head of the GQA group walks its own list.
 
   MMA-bias masks (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot
   [128, W] of the KV block's coordinates, tables [n, W, 64] and table_ids [kv blocks, 2 * max
@@ -493,7 +492,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   cfg = _config(config)
   runtime = block_map is not None
   wide = policy.wide(plan, q.shape[-1])
-  # The Triton kernels where asked, where `picks_mosaic` prefers them, and for plans made
+  # The Triton kernels where asked, where `policy.picks_mosaic` prefers them, and for plans made
   # with other blocks (attention(..., block_kv=64) at head_dim <= 128).
   if not policy.runs_plan(plan, q.shape[-1]):
     raise ValueError(

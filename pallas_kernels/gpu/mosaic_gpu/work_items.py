@@ -31,10 +31,10 @@ def chunk_entries(mean_entries: float) -> int:
 # The dK/dV work items (lab knobs, `benchmarks/diag/diag_dkv_items.py`). ITEM_ORDER "natural":
 # KV-block order; "longest": longest first. SPLIT_OUTLIERS: cut Q lists only where the longest
 # is more than twice the mean (a sink's), else one item per KV block (dK/dV stored in the
-# input dtype, `attention_bwd.DIRECT_DKV`); False: every list longer than the mean. H200, backward ms
-# (docs/experiments/h200-2026-12-03-dkv-items.json): 2-D NA k33 3.78 -> 3.30 (Nsight Compute:
-# L2 hit rate 19% -> 35%, DRAM reads 4.65 -> 3.08 GB), 3-D NA 15.9 -> 15.0, causal 13.3 ->
-# 12.7 (direct dK/dV), window and the LM layer unchanged.
+# input dtype, `attention_bwd.DIRECT_DKV`); False: every list longer than the mean. H200,
+# backward ms (docs/experiments/h200-2026-12-03-dkv-items.json): 2-D NA k33 3.78 -> 3.30
+# (Nsight Compute: L2 hit rate 19% -> 35%, DRAM reads 4.65 -> 3.08 GB), 3-D NA 15.9 -> 15.0,
+# causal 13.3 -> 12.7 (direct dK/dV), window and the LM layer unchanged.
 ITEM_ORDER = "natural"
 SPLIT_OUTLIERS = True
 # The entries of an outlier's items: "mean", the mean list length (rounded up); "min8", the
