@@ -148,6 +148,11 @@ def test_narrow_head_dims(head_dim, cols):
   assert not mg_config.hopper_backward_neighborhood(masks.neighborhood((16, 16), 7), 80)
   k33 = masks.neighborhood((64, 64), 33, dilation=(1, 1), is_causal=(True, False))
   assert all(mg_config.hopper_backward_neighborhood(k33, d) for d in (64, 128))
+  # 3-D windows from 256 keys at 64 columns, from 1024 at 128 (measured on each side).
+  k4x9, k3x7 = (masks.neighborhood((8, 32, 32), k) for k in ((4, 9, 9), (3, 7, 7)))
+  assert mg_config.hopper_backward_neighborhood(k4x9, 64)
+  assert not mg_config.hopper_backward_neighborhood(k4x9, 128)
+  assert not mg_config.hopper_backward_neighborhood(k3x7, 64)
   p = dict(batch=1, sq=150, skv=150, heads=2, kv_heads=1, head_dim=head_dim,
            mask="causal_window", segments=False, dtype=jnp.bfloat16, seed=head_dim)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True)

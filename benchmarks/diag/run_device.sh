@@ -2,7 +2,7 @@
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending_96]
+#   [ours|peers|all|models|ours+models|pending]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -26,19 +26,10 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # Queued by the twenty-eighth session (docs/performance.md, 2026-12-06): which backward
-  # trains 2-D/3-D windows under 1024 keys at head_dim 64 (`config.NA2D_MIN_WINDOW`,
-  # `NA3D_MIN_WINDOW`: set from 128 columns; at 48 and 96 ours won on 147-324 keys), ours
-  # against Triton's after the Hopper forward.
-  timeout 300 python3 -m benchmarks.diag.diag_wide_na --head-dim 64 \
-    --variants hopper_fwd_triton_bwd,hopper_fwd_wide_bwd \
-    --cases na2d_k13_64,na2d_k17_96,na3d_k4x9,na3d_k3x7 --out $OUT/na64_pick.json \
-    2>&1 | grep '^{'
-fi
-if [ "$what" = pending_96 ]; then
-  # Neighborhoods at head_dim 96 over 4 Q/dO slots (the two kernels; `policy.STAGES_96`
-  # takes 1-D masks only, and the fused form over 4 slots does not fit beside the MMA-bias
-  # tables: recorded as the variant's error).
+  # Queued by the twenty-eighth session (docs/performance.md, 2026-12-06): neighborhoods at
+  # head_dim 96 over 4 Q/dO slots (the two kernels; `policy.STAGES_96` takes 1-D masks only,
+  # and the fused form over 4 slots does not fit beside the MMA-bias tables: recorded as
+  # the variant's error).
   timeout 420 python3 -m benchmarks.diag.diag_d64_backward --head-dim 96 --cases na2d,na3d \
     --out $OUT/d96_na.json 2>&1 | grep '^{'
 fi

@@ -140,8 +140,8 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
     0.64, 3-D 4×9² 0.80 / 0.94, 56² k7 6.90 / 6.27; at 80 64² k13 0.59 / 0.64, 56² k7 6.52 /
     5.92; 72 at 80, 2-D 128² k33 3.74 / 4.95.
   * 2-D/3-D at 64 and 128 (Triton's own widths): 3-D windows of at least `NA3D_MIN_WINDOW`
-    keys, unstrided 2-D ones (dilation and causal dims allowed) from `NA2D_MIN_WINDOW` keys;
-    other 2-D ones on Triton's (its 64-row query tiles). At 128
+    keys (at 64 `NA3D_MIN_WINDOW_64`), unstrided 2-D ones (dilation and causal dims allowed)
+    from `NA2D_MIN_WINDOW` keys; other 2-D ones on Triton's (its 64-row query tiles). At 128
     3-D 16×64² k8×16² 17.4 / 19.0 (-12-03-grid-order.json; strided on the shifted key grid
     12.00 / 12.25, -backward-forms.json), but 3×7² 0.82 / 0.77 and 4×9² 0.95 / 0.87; 2-D 128²
     k33 4.56 / 4.39 (before the quarters; 4.44-4.46 / 4.47-4.49 with them, an H100). At
@@ -173,7 +173,8 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
   if mask.num_dims == 2 and width in (64, 128) and all(st == 1 for st in mask.stride):
     return keys >= NA2D_MIN_WINDOW
   if width in (64, 128):
-    return mask.num_dims == 3 and keys >= NA3D_MIN_WINDOW
+    return mask.num_dims == 3 and keys >= (NA3D_MIN_WINDOW_64 if width == 64
+                                           else NA3D_MIN_WINDOW)
   return keys >= NA_MIN_WINDOW
 
 
@@ -183,6 +184,13 @@ NA1D_MIN_KERNEL = 256
 # 147 and 169), and in a 3-D window at 64 and 128 (loses at 324, wins at 2048).
 NA_MIN_WINDOW = 128
 NA3D_MIN_WINDOW = 1024
+# The same at 64 columns, where the backward fuses dQ on long lists
+# (`policy.FUSED_MIN_ENTRIES_64`) and the two kernels run short ones. H200, H=8, B=2, fwd+bwd ms, these / Triton's backward
+# after the Hopper forward, two runs in one call, the variants' order swapped
+# (docs/experiments/h200-2026-12-06-na64-pick.json): 3-D 8×32² k4×9² (324 keys) 0.582 /
+# 0.638 and 0.601 / 0.652, k3×7² (147) 0.544 / 0.527 and 0.570 / 0.610; 2-D stays on
+# Triton's below 1024 keys (64² k13 0.439 / 0.410 and 0.435 / 0.387, 96² k17 0.526 / 0.442).
+NA3D_MIN_WINDOW_64 = 256
 # Keys in an unstrided 2-D window from which it does at 64 and 128 columns, with its dead
 # quarters skipped (`policy.QUARTERS_MIN_DEAD`) on tiles chosen by them
 # (`cost.QUARTER_TILES`). H100, B=2, H=16, fwd+bwd ms, these / Triton's backward after the
