@@ -38,19 +38,28 @@ _2D = [((16, 24), (8, 8), (4, 4), (1, 1), (False, False)),
 @pytest.mark.parametrize("backend, problem", [
     *[(b, p) for b in ("triton", "mosaic_gpu") for p in _2D],
     ("triton", ((6, 10, 16), (4, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))),
-    ("mosaic_gpu", ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False)))])
+    ("mosaic_gpu", ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))),
+    ("mosaic_gpu_fused", ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False)))])
 def test_shifted_backward(monkeypatch, backend, problem):
   """Forward and gradients against the brute force (odd sizes, GQA, a causal dim) with the
-  backward on a shifted key grid: the plan it ran is checked to be one."""
+  backward on a shifted key grid: the plan it ran is checked to be one. ``mosaic_gpu_fused``:
+  dQ reduce-added by the dK/dV kernel ("own", the default at head_dim 64 where KV blocks
+  visit many Q blocks: the strided 3-D benchmark's 16)."""
   plans = backend_cases.spy_backward_plans(monkeypatch)
+  kernels = backend_cases.spy_backward_kernels(monkeypatch)
   monkeypatch.setattr(ops, "SHIFTED_KV", True)
-  config = MosaicGPUConfig(backward="mosaic_gpu") if backend == "mosaic_gpu" else None
+  fused = backend.endswith("_fused")
+  config = {"mosaic_gpu": MosaicGPUConfig(backward="mosaic_gpu"),
+            "mosaic_gpu_fused": MosaicGPUConfig(backward="mosaic_gpu", backward_dq="own")}
+  backend, config = backend.split("_fused")[0], config.get(backend)
   p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
            seed=3, tile_q=None, tile_kv=None)
   backend_cases.check_na(p, backend, interpret=True, config=config)
   assert plans and plans[0] is not None and ops._kv_pads(plans[0], plans[0]) is None
   assert any(o < 0 for o in plans[0].kv_layout.origin)
   assert plans[0].mask is not None  # routing reads it (`picks_mosaic`)
+  if backend == "mosaic_gpu":  # the dK/dV kernel ran, forming dQ where fused
+    assert kernels and all(k["with_dq"] == fused for k in kernels)
 
 
 def test_window_dq_tile():
