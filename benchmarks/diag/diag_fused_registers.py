@@ -31,7 +31,6 @@ CASES = ("dense", "causal", "lm")
 def child(name: str, out_path: str):
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   import jax_sparse_attn as jsa
   from jax_sparse_attn import masks
