@@ -160,48 +160,37 @@ def check_na(p, backend, **kwargs):
     assert err < tol * 2 or _small(flat(got), ref, tol), (name, err)
 
 
-def spy_run_plans(monkeypatch) -> list:
-  """(forward plan, backward plan or None) of every `ops.run_plan` call from now on, appended
-  to the returned list; the op cache is cleared so that the next call plans again."""
+def spy(monkeypatch, owner, name: str, record) -> list:
+  """``owner.name`` wrapped for the test: ``record(args, kwargs, result)`` of every call from
+  now on appended to the returned list; the op cache is cleared so that the next call plans
+  (and traces) again."""
   from jax_sparse_attn import ops
-  plans, real = [], ops.run_plan
+  calls, real = [], getattr(owner, name)
 
-  def spy(backend, plan, *args, bwd_plan=None, **kwargs):
-    plans.append((plan, bwd_plan))
-    return real(backend, plan, *args, bwd_plan=bwd_plan, **kwargs)
+  def wrapper(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls.append(record(args, kwargs, result))
+    return result
 
-  monkeypatch.setattr(ops, "run_plan", spy)
-  ops._make_core.cache_clear()
-  return plans
-
-
-def spy_backward_kernels(monkeypatch) -> list:
-  """The keyword arguments of every Hopper dK/dV kernel trace (`attention_bwd._kernel`:
-  stages, with_dq, split_dq, mma_width, ...) from now on, appended to the returned list; the
-  op cache is cleared so that the next call plans again."""
-  from jax_sparse_attn import ops
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  calls, real = [], attention_bwd._kernel
-
-  def spy(*args, **kwargs):
-    calls.append(kwargs)
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(attention_bwd, "_kernel", spy)
+  monkeypatch.setattr(owner, name, wrapper)
   ops._make_core.cache_clear()
   return calls
 
 
-def spy_backward_plans(monkeypatch) -> list:
-  """The plans `ops._backward_plan` returns from now on (the backward's own plan, or None),
-  appended to the returned list; the op cache is cleared so that the next call plans again."""
+def spy_run_plans(monkeypatch) -> list:
+  """(forward plan, backward plan or None) of every `ops.run_plan` call from now on."""
   from jax_sparse_attn import ops
-  plans, real = [], ops._backward_plan
+  return spy(monkeypatch, ops, "run_plan", lambda a, kw, _: (a[1], kw.get("bwd_plan")))
 
-  def spy(*args, **kwargs):
-    plans.append(real(*args, **kwargs))
-    return plans[-1]
 
-  monkeypatch.setattr(ops, "_backward_plan", spy)
-  ops._make_core.cache_clear()
-  return plans
+def spy_backward_kernels(monkeypatch) -> list:
+  """The keyword arguments of every Hopper dK/dV kernel trace (`attention_bwd._kernel`:
+  stages, with_dq, split_dq, mma_width, ...) from now on."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  return spy(monkeypatch, attention_bwd, "_kernel", lambda a, kw, _: kw)
+
+
+def spy_backward_plans(monkeypatch) -> list:
+  """The plans `ops._backward_plan` returns from now on (the backward's own plan, or None)."""
+  from jax_sparse_attn import ops
+  return spy(monkeypatch, ops, "_backward_plan", lambda a, kw, plan: plan)

@@ -149,14 +149,9 @@ def test_na_mma_bias(monkeypatch, problem, tile):
   tiles, so the tables apply; stride, a causal dim, 3-D, GQA, odd sizes, the default tiles)
   against the brute force, forward and gradients. (GQA at the default tiles deadlocked GPU
   interpret mode under XLA:CPU's concurrency-optimized scheduler: tests/conftest.py.)"""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, tables
-  built = []
-
-  def spy(plan, scale):
-    built.append(tables.backward_mma_inputs(plan, scale))
-    return built[-1]
-
-  monkeypatch.setattr(attention_bwd, "backward_mma_inputs", spy)
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  built = backend_cases.spy(monkeypatch, attention_bwd, "backward_mma_inputs",
+                            lambda a, kw, tables: tables)
   p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
            seed=1, tile_q=tile, tile_kv=tile)
   backend_cases.check_na(p, "mosaic_gpu", interpret=True, config=BWD)

@@ -35,23 +35,23 @@ _2D = [((16, 24), (8, 8), (4, 4), (1, 1), (False, False)),
 
 # 3-D: a key grid led on both backends' blocks (Triton's 64-row ones need the larger grid;
 # the Hopper one's interpret-mode cost grows with it, so it gets the smaller).
-@pytest.mark.parametrize("backend, problem", [
-    *[(b, p) for b in ("triton", "mosaic_gpu") for p in _2D],
-    ("triton", ((6, 10, 16), (4, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))),
-    ("mosaic_gpu", ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))),
-    ("mosaic_gpu_fused", ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False)))])
-def test_shifted_backward(monkeypatch, backend, problem):
+_3D_HOPPER = ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))
+
+
+@pytest.mark.parametrize("backend, problem, dq", [
+    *[(b, p, None) for b in ("triton", "mosaic_gpu") for p in _2D],
+    ("triton", ((6, 10, 16), (4, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False)), None),
+    ("mosaic_gpu", _3D_HOPPER, None), ("mosaic_gpu", _3D_HOPPER, "own")])
+def test_shifted_backward(monkeypatch, backend, problem, dq):
   """Forward and gradients against the brute force (odd sizes, GQA, a causal dim) with the
-  backward on a shifted key grid: the plan it ran is checked to be one. ``mosaic_gpu_fused``:
-  dQ reduce-added by the dK/dV kernel ("own", the default at head_dim 64 where KV blocks
-  visit many Q blocks: the strided 3-D benchmark's 16)."""
+  backward on a shifted key grid: the plan it ran is checked to be one. ``dq="own"``: dQ
+  reduce-added by the Hopper dK/dV kernel (the default at head_dim 64 where KV blocks visit
+  many Q blocks: the strided 3-D benchmark's 16)."""
   plans = backend_cases.spy_backward_plans(monkeypatch)
   kernels = backend_cases.spy_backward_kernels(monkeypatch)
   monkeypatch.setattr(ops, "SHIFTED_KV", True)
-  fused = backend.endswith("_fused")
-  config = {"mosaic_gpu": MosaicGPUConfig(backward="mosaic_gpu"),
-            "mosaic_gpu_fused": MosaicGPUConfig(backward="mosaic_gpu", backward_dq="own")}
-  backend, config = backend.split("_fused")[0], config.get(backend)
+  config = (MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq) if backend == "mosaic_gpu"
+            else None)
   p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
            seed=3, tile_q=None, tile_kv=None)
   backend_cases.check_na(p, backend, interpret=True, config=config)
@@ -59,7 +59,7 @@ def test_shifted_backward(monkeypatch, backend, problem):
   assert any(o < 0 for o in plans[0].kv_layout.origin)
   assert plans[0].mask is not None  # routing reads it (`picks_mosaic`)
   if backend == "mosaic_gpu":  # the dK/dV kernel ran, forming dQ where fused
-    assert kernels and all(k["with_dq"] == fused for k in kernels)
+    assert kernels and all(k["with_dq"] == (dq == "own") for k in kernels)
 
 
 def test_window_dq_tile():
@@ -103,14 +103,7 @@ def test_window_dq(monkeypatch, problem):
   (`attention_bwd.WINDOW_DQ`, forced with `kv_windows=True`; boxes past the shifted grid's
   lead, partial boxes with their MMA bias, GQA, a causal dim): the path is checked to run."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  ran = []
-  window = attention_bwd._dq_window
-
-  def spy(*args):
-    ran.append(window(*args))
-    return ran[-1]
-
-  monkeypatch.setattr(attention_bwd, "_dq_window", spy)
+  ran = backend_cases.spy(monkeypatch, attention_bwd, "_dq_window", lambda a, kw, win: win)
   monkeypatch.setattr(ops, "SHIFTED_KV", True)
   p = dict(problem=problem, batch=1, heads=2, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
            seed=5, tile_q=None, tile_kv=None)
