@@ -26,10 +26,6 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # Queued by the twenty-eighth session (docs/performance.md, 2026-12-06): neighborhoods at
-  # head_dim 96 over 4 Q/dO slots (the two kernels; `policy.STAGES_96` takes 1-D masks only,
-  # and the fused form over 4 slots does not fit beside the MMA-bias tables: recorded as
-  # the variant's error).
-  timeout 420 python3 -m benchmarks.diag.diag_d64_backward --head-dim 96 --cases na2d,na3d \
-    --out $OUT/d96_na.json 2>&1 | grep '^{'
+  # Nothing queued (the twenty-ninth session ran the head_dim 96 neighborhoods' slots).
+  echo "no pending diagnostics"
 fi

@@ -66,14 +66,19 @@ FUSED_MIN_ENTRIES = 24
 # their dead-quarter skips and window-anchored dQ boxes: 3-D NA 16×64² k8×16² (32.7, B=1)
 # 7.44-7.46 / 8.01-8.02 (-d64-na3d.json), 2-D NA 128² k33 (15, B=2) 2.016-2.034 /
 # 2.066-2.082, strided 3-D k8×16² stride 4×8×8 (16, B=1) 5.00 / 5.24-5.26 (-d64-na-short.json).
+# The same on an H200 (h200-2026-12-06-d64-na.json): 2-D 2.01-2.04 / 2.11-2.12, 3-D 7.36-7.41
+# / 8.06-8.11.
 FUSED_MIN_ENTRIES_64 = 12
 FUSED_STAGES_64 = 4
-# The two kernels' Q/dO slots at head_dim 96 where no MMA-bias tables are staged beside them
-# (neighborhoods: not measured with 4; the fused form over 4 slots does not fit beside the
-# tables, 244,816 bytes of shared memory on a 2-D NA k33). H100, B=2, H=12, S=16384, fwd+bwd
-# ms, 4 slots / 2 (interleaved, two rounds; docs/experiments/h100-2026-12-06-d96-backward.json):
-# dense 17.90-17.96 / 18.29-18.32 (cuDNN 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14);
-# the fused form ("own") gained nothing there (18.28-18.36, 9.44-9.56).
+# The two kernels' Q/dO slots at head_dim 96 where no MMA-bias tables are staged beside them.
+# H100, B=2, H=12, S=16384, fwd+bwd ms, 4 slots / 2 (interleaved, two rounds;
+# docs/experiments/h100-2026-12-06-d96-backward.json): dense 17.90-17.96 / 18.29-18.32 (cuDNN
+# 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14); the fused form ("own") gained nothing
+# there (18.28-18.36, 9.44-9.56). Neighborhoods keep 2 (H200, B=2 / 1, H=12; -h200-2026-12-06-
+# d96-na.json): 2-D NA 128² k33 4 slots 2.69-2.70 / 2 slots 2.66-2.68, 3-D k8×16² 10.72-10.76
+# / 10.75-10.79; the fused form over 2 slots 2.81 and 10.54 (a loss and a 1.7% win: no rule,
+# not taken), over 4 it does not fit beside the tables (244,816 and 235,600 bytes of shared
+# memory against 232,448).
 STAGES_96 = 4
 
 
@@ -187,8 +192,8 @@ def dead_share(bmap, bits: np.ndarray) -> float:
 
 def slots(separate: bool, head_dim: int, mma) -> int:
   """Q/dO slots of the dK/dV kernel's ring: `FUSED_STAGES_64` / `FUSED_STAGES` with dQ fused,
-  else `STAGES_96` at head_dim 96 without MMA-bias tables (4 slots beside them were not
-  measured) and `STAGES` otherwise."""
+  else `STAGES_96` at head_dim 96 without MMA-bias tables (4 slots beside them gained
+  nothing) and `STAGES` otherwise."""
   if not separate:
     return FUSED_STAGES_64 if head_dim == 64 else FUSED_STAGES
   return STAGES_96 if head_dim == 96 and mma is None else STAGES
