@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 # Python 3.12: explicit PYTHON=..., else pyenv's 3.12.x, else python3.12 on PATH.
 PYTHON ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null) $$(command -v python3.12 2>/dev/null); do $$p -c 'import sys; assert sys.version_info[:2]==(3,12)' 2>/dev/null && echo $$p && break; done)
 
-.PHONY: demo test venv clean simulate
+.PHONY: demo test test-all venv clean simulate
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -22,6 +22,11 @@ demo: $(STAMP)
 	$(PY) -m jax_sparse_attn.demo
 
 test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider --durations=25 -m "not extended" tests
+
+# Also the `extended` tests (lab switches' other settings, second configurations): before a
+# device call that A/Bs a switch, or a release.
+test-all: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider --durations=25 tests
 
 simulate: $(STAMP)

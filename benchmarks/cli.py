@@ -410,7 +410,8 @@ def _models(quick, backends, peers, log):
   """Training-step ms of the models/ with our attention (and dense attention as the peer)."""
   from benchmarks import bench_models
   rows = []
-  for be in backends + (["dense"] if peers else []):
+  # (quick: no dense-attention peer, a CPU smoke run compares nothing)
+  for be in backends + (["dense"] if peers and not quick else []):
     for name, make, loss_fn, batch in bench_models.cases(be, quick=quick):
       row = dict(suite="models", case=name, impl=("peer: dense attention" if be == "dense"
                                                   else f"ours: {be}"))

@@ -74,7 +74,7 @@ def _check(p, tol=2e-5, dtype=jnp.float32, **ours):
                                atol=tol * 10, rtol=tol * 10)
 
 
-@settings(max_examples=examples(8), deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(p=problems())
 def test_matches_jax_xla(p):
   _check(p, backend="xla")

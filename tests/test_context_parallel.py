@@ -564,7 +564,8 @@ def test_na_padding_mask_on_a_mesh():
 @pytest.mark.parametrize("spatial, kernel, causal, strategy, context, with_seg", [
     ((8, 7), 3, False, "halo", 4, True),
     ((8, 7), (5, 3), (True, False), "halo", 4, False),
-    ((16, 5), (7, 3), False, "halo", 8, True),  # a halo of 3 slices: two hops of 2
+    pytest.param((16, 5), (7, 3), False, "halo", 8, True,  # a halo of 3 slices: two hops
+                 marks=pytest.mark.extended),
     ((8, 4, 5), (3, 3, 3), (True, False, False), "allgather", 4, True),
 ])
 def test_na_padding_mask_context_parallel(spatial, kernel, causal, strategy, context,

@@ -9,7 +9,9 @@ from models import causal_lm, nat_classifier, text_to_image, video_dit
 from models.train import context_mesh, train
 
 
-@pytest.mark.parametrize("name", ["nat", "dit", "lm", "t2i", "moba", "lm_sinks", "lm_soft_cap"])
+@pytest.mark.parametrize("name", [  # extended: op-level features again (test_sinks, test_soft_cap)
+    "nat", "dit", "lm", "t2i", "moba", pytest.param("lm_sinks", marks=pytest.mark.extended),
+    pytest.param("lm_soft_cap", marks=pytest.mark.extended)])
 def test_model_trains(name):
   if name == "lm_sinks":  # learned sink logits (gpt-oss) beside the mask's sink tokens
     model = causal_lm.CausalLM(dim=32, backend="xla", learned_sinks=True, rngs=nnx.Rngs(0))
@@ -46,7 +48,7 @@ def test_model_trains(name):
     assert float(np.abs(model.blocks[0].attn.core.sinks[...]).max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["dit", "lm", "moba"])
+@pytest.mark.parametrize("name", ["dit", pytest.param("lm", marks=pytest.mark.extended), "moba"])  # ring: test_context_parallel
 def test_context_parallel_training_matches_single_device(name):
   def run(context_axis):
     if name == "dit":  # 4 frames, one per device: the causal-time halo takes two hops

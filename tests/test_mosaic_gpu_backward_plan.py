@@ -76,7 +76,7 @@ def test_quarter_tiles(monkeypatch):
   jax.clear_caches()
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared", [True, pytest.param(False, marks=pytest.mark.extended)])
 def test_forward_takes_backward_tiles(monkeypatch, shared):
   """Where the Hopper backward runs a 2-D window on tiles of its own and the forward's are no
   TMA boxes either (dilation), the forward runs on the backward's tiles: one plan for both
@@ -140,6 +140,7 @@ def test_work_items():
   assert static_items(np.zeros(4, int)).shape == (0, 3)
 
 
+@pytest.mark.extended  # lab knobs' other orders
 def test_grid_orders_agree(monkeypatch):
   """The lab knobs that put work items (dK/dV) and Q blocks (dQ) on the grid's fastest axis
   give the default's gradients, bit for bit (the same items, in another order)."""
@@ -159,8 +160,9 @@ def test_grid_orders_agree(monkeypatch):
   assert float(jnp.abs(want[1].astype(jnp.float32)).sum()) > 0
 
 
-@pytest.mark.parametrize("mixed, head_dim, dq", [(True, 64, None), (False, 64, None),
-                                                 (True, 128, "split")])
+@pytest.mark.parametrize("mixed, head_dim, dq", [
+    (True, 64, None), pytest.param(False, 64, None, marks=pytest.mark.extended),
+    (True, 128, "split")])
 def test_sink_list_in_chunks(monkeypatch, mixed, head_dim, dq):
   """A sink's KV block is visited by every query block: its list runs as several items whose
   dK/dV add up (640 tokens: 5 blocks, the first visited 5 times, the rest about twice; items
@@ -347,7 +349,7 @@ def test_direct_dkv(monkeypatch):
   assert text.count("@mosaic_gpu_v2(") == 2  # dQ in the dK/dV launch
 
 
-@pytest.mark.parametrize("written", [True, False])
+@pytest.mark.parametrize("written", [True, pytest.param(False, marks=pytest.mark.extended)])
 def test_written_dkv(monkeypatch, written):
   """`attention_bwd.WRITTEN_DKV`: where every KV block is one item's (causal self-attention,
   dQ as its own kernel), dK/dV are the kernel's outputs rather than zero-filled buffers:
@@ -410,6 +412,7 @@ def test_fused_dq_policy(monkeypatch):
   assert text.count("@mosaic_gpu_v2(") == 2
 
 
+@pytest.mark.extended  # JOINT_DQ=False: every other backward test runs the joint launch
 @pytest.mark.parametrize("case", ["sinks", "gqa_batch", "documents"])
 def test_joint_dq(monkeypatch, case):
   """`attention_bwd.JOINT_DQ`: dQ's CTAs after the dK/dV work items in one launch give the
@@ -492,7 +495,8 @@ def test_fused_at_head_dim_64(monkeypatch, mask, segments):
       masks.causal() & (masks.sliding_window(511) | masks.sink(4)))
 
 
-@pytest.mark.parametrize("head_dim, case", [(64, "na"), (96, "na"), (96, "seq")])
+@pytest.mark.parametrize("head_dim, case", [
+    (64, "na"), pytest.param(96, "na", marks=pytest.mark.extended), (96, "seq")])
 def test_slots_by_head_dim(monkeypatch, head_dim, case):
   """The default's forms and Q/dO slots by width, against the float64 brute force in
   interpret mode: at 64 a neighborhood with the MMA-bias tables fuses dQ ("own", thresholds

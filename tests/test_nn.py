@@ -134,7 +134,7 @@ def test_context_parallel_modules_match_single_device():
   assert brute_force.rel_err(got, jax.jit(lin.apply)(params, y)) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["causal", "moba"])
+@pytest.mark.parametrize("kind", ["causal", pytest.param("moba", marks=pytest.mark.extended)])
 def test_zigzag_layout_modules(kind):
   """context_layout="zigzag": inputs in `to_zigzag` order give the zigzag order of the
   single-device output (RoPE positions follow the tokens' order; MoBA's selection runs in

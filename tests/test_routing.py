@@ -124,8 +124,8 @@ def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
   check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))
 
 
-@pytest.mark.parametrize("kv_heads, dq, written", [(1, None, True), (2, "own", True),
-                                                   (2, "own", False)])
+@pytest.mark.parametrize("kv_heads, dq, written", [
+    (1, None, True), (2, "own", True), pytest.param(2, "own", False, marks=pytest.mark.extended)])
 def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq, written):
   """dK/dV items of whole lists (`RUNTIME_ITEMS="whole"`, stored in the input dtype): every
   query block selects every block before it but one (lists as long as the map allows, of
@@ -456,7 +456,8 @@ def test_routed_context_parallel(p, context, blocks):
   check_routed(p, "xla", mesh=_context_mesh(context), context_axis="context")
 
 
-@pytest.mark.parametrize("context, local_blocks, sink_blocks", [(2, 2, 1), (4, 1, 0)])
+@pytest.mark.parametrize("context, local_blocks, sink_blocks", [
+    (2, 2, 1), pytest.param(4, 1, 0, marks=pytest.mark.extended)])
 def test_routed_zigzag(context, local_blocks, sink_blocks):
   """Inputs in the zigzag order (a model whose causal layers want it): the selection made
   on zigzag-ordered q and k (`zigzag_shards`) is the sequence-order selection with its rows

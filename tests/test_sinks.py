@@ -63,7 +63,7 @@ def _check_sequence(p, backend, scalar=False, **kw):
          terms)
 
 
-@settings(max_examples=examples(15))
+@settings(max_examples=examples(10))
 @given(p=backend_cases.seq_problems(dtypes=(jnp.float32, jnp.bfloat16)),
        backend=st.sampled_from(["reference", "xla"]), scalar=st.booleans())
 def test_sinks_randomized(p, backend, scalar):
