@@ -173,17 +173,18 @@ def test_sequence_randomized(mask_name, strategy, zigzag, context, chunk, kv_hea
                   segments, seed, block_q=8, block_kv=8)
 
 
-def test_sequence_triton_interpret():
-  # Elementwise masks: the kernels evaluate them on positions of the shard (masks.Remapped).
-  _check_sequence("window_sink", "ring", "zigzag", context=2, chunk=16, heads=2, kv_heads=1,
-                  segments=False, seed=9, backend="triton", interpret=True, block_q=16,
-                  block_kv=16, tol=1e-4)
-  _check_sequence("causal", "ring", "contiguous", context=2, chunk=32, heads=2, kv_heads=1,
-                  segments=False, seed=4, backend="triton", interpret=True, block_q=16,
-                  block_kv=16, tol=1e-4)
-  _check_sequence("causal_window", "halo", "contiguous", context=4, chunk=16, heads=2,
-                  kv_heads=2, segments=True, seed=5, backend="triton", interpret=True,
-                  block_q=16, block_kv=16, tol=1e-4)
+@pytest.mark.parametrize("mask, strategy, layout, context, chunk, kv_heads, segments, seed", [
+    # Elementwise masks: the kernels evaluate them on positions of the shard (masks.Remapped).
+    ("window_sink", "ring", "zigzag", 2, 16, 1, False, 9),
+    # (the causal ring on kernels: test_sequence_tpu_interpret, test_emulated_shards)
+    pytest.param("causal", "ring", "contiguous", 2, 32, 1, False, 4,
+                 marks=pytest.mark.extended),
+    ("causal_window", "halo", "contiguous", 4, 16, 2, True, 5)])
+def test_sequence_triton_interpret(mask, strategy, layout, context, chunk, kv_heads, segments,
+                                   seed):
+  _check_sequence(mask, strategy, layout, context=context, chunk=chunk, heads=2,
+                  kv_heads=kv_heads, segments=segments, seed=seed, backend="triton",
+                  interpret=True, block_q=16, block_kv=16, tol=1e-4)
 
 
 @pytest.mark.parametrize("strategy, layout", [("ring", "zigzag")])
