@@ -48,7 +48,8 @@ def test_model_trains(name):
     assert float(np.abs(model.blocks[0].attn.core.sinks[...]).max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["dit", pytest.param("lm", marks=pytest.mark.extended), "moba"])  # ring: test_context_parallel
+# extended: the LM's ring (on kernels and meshes in test_context_parallel)
+@pytest.mark.parametrize("name", ["dit", pytest.param("lm", marks=pytest.mark.extended), "moba"])
 def test_context_parallel_training_matches_single_device(name):
   def run(context_axis):
     if name == "dit":  # 4 frames, one per device: the causal-time halo takes two hops

@@ -92,8 +92,7 @@ def test_attention(mask, sq, skv):
 
 @pytest.mark.parametrize("mask, head_dim, segments", [
     pytest.param("causal", 256, False, marks=pytest.mark.extended),  # 256 columns: the 200 case
-    ("window_sink", 200, True),
-                                                       ("causal_window", 160, False)])
+    ("window_sink", 200, True), ("causal_window", 160, False)])
 def test_head_dim_256(mask, head_dim, segments):
   """head_dim 129-256 (run at 160, 192 or 256 columns): the forward on 64-key blocks,
   the backward on the role-split Hopper kernels (`attention_bwd_wide`; no Triton call); `auto`
@@ -125,7 +124,8 @@ def test_head_dim_256(mask, head_dim, segments):
 
 
 @pytest.mark.parametrize("head_dim, cols", [  # extended: the same swizzle groups again
-    (90, 96), pytest.param(24, 32, marks=pytest.mark.extended), (72, 80), pytest.param(40, 48, marks=pytest.mark.extended)])
+    (90, 96), pytest.param(24, 32, marks=pytest.mark.extended), (72, 80),
+    pytest.param(40, 48, marks=pytest.mark.extended)])
 def test_narrow_head_dims(head_dim, cols):
   """head_dim 81-96 runs at 96 columns and up to 32 at 32 (64-byte swizzle groups of 32
   columns), 65-80 at 80 and 33-48 at 48 (32-byte groups of 16), forward and backward:
