@@ -21,13 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jax_sparse_attn.demo
 
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider --durations=25
+
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider --durations=25 -m "not extended" tests
+	$(PYTEST) -m "not extended" tests
 
 # Also the `extended` tests (lab switches' other settings, second configurations): before a
 # device call that A/Bs a switch, or a release.
 test-all: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider --durations=25 tests
+	$(PYTEST) tests
 
 simulate: $(STAMP)
 	$(PY) -m jax_sparse_attn.simulate --shape 128 128 --kernel 33 33

@@ -346,10 +346,7 @@ def test_emulated_shards_padding_mask():
 
 def test_na_triton_interpret_backward_tiles(monkeypatch):
   # Default tiles: the Triton backward runs on its own tiles on every shard plan too.
-  from jax_sparse_attn import ops
-  built, original = [], ops._backward_plan
-  monkeypatch.setattr(ops, "_backward_plan",
-                      lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+  built = backend_cases.spy_backward_plans(monkeypatch)
   _check_na((8, 8, 16), (3, 5, 5), 1, 1, False, "halo", 2, backend="triton", interpret=True,
             tol=1e-4)
   assert built and all(p is not None and p.q_layout.origin for p in built)

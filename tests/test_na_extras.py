@@ -350,9 +350,8 @@ def test_masked_na_mosaic_gpu_wide(monkeypatch):
   role-split Hopper backward, which `auto`'s rule keeps for padded neighborhoods above 128
   columns (`config.hopper_backward_neighborhood`); GQA, a causal dim, random padding."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  calls, wide = [], attention_bwd.bwd_wide.backward
-  monkeypatch.setattr(attention_bwd.bwd_wide, "backward",
-                      lambda *a, **k: calls.append(1) or wide(*a, **k))
+  calls = backend_cases.spy(monkeypatch, attention_bwd.bwd_wide, "backward",
+                            lambda a, kw, result: True)
   p = dict(problem=((12, 16), (5, 7), (1, 1), (1, 1), (False, True)), batch=1, heads=2,
            kv_heads=1, head_dim=160, dtype=jnp.bfloat16, seed=4, tile_q=None, tile_kv=None,
            valid="random", segments=False)

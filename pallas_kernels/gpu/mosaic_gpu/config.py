@@ -185,11 +185,12 @@ NA1D_MIN_KERNEL = 256
 NA_MIN_WINDOW = 128
 NA3D_MIN_WINDOW = 1024
 # The same at 64 columns, where the backward fuses dQ on long lists
-# (`policy.FUSED_MIN_ENTRIES_64`) and the two kernels run short ones. H200, H=8, B=2, fwd+bwd ms, these / Triton's backward
-# after the Hopper forward, two runs in one call, the variants' order swapped
-# (docs/experiments/h200-2026-12-06-na64-pick.json): 3-D 8×32² k4×9² (324 keys) 0.582 /
-# 0.638 and 0.601 / 0.652, k3×7² (147) 0.544 / 0.527 and 0.570 / 0.610; 2-D stays on
-# Triton's below 1024 keys (64² k13 0.439 / 0.410 and 0.435 / 0.387, 96² k17 0.526 / 0.442).
+# (`policy.FUSED_MIN_ENTRIES_64`) and the two kernels run short ones. H200, H=8, B=2, fwd+bwd
+# ms, these / Triton's backward after the Hopper forward, two runs in one call, the variants'
+# order swapped (docs/experiments/h200-2026-12-06-na64-pick.json): 3-D 8×32² k4×9² (324
+# keys) 0.582 / 0.638 and 0.601 / 0.652, k3×7² (147) 0.544 / 0.527 and 0.570 / 0.610; 2-D
+# stays on Triton's below 1024 keys (64² k13 0.439 / 0.410 and 0.435 / 0.387, 96² k17 0.526 /
+# 0.442).
 NA3D_MIN_WINDOW_64 = 256
 # Keys in an unstrided 2-D window from which it does at 64 and 128 columns, with its dead
 # quarters skipped (`policy.QUARTERS_MIN_DEAD`) on tiles chosen by them
