@@ -261,8 +261,11 @@ def _tflops(case: Case, row: dict) -> dict:
   """Useful TFLOP/s of a row's times: 4·B·H·pairs·D forward, 3.5x that forward+backward."""
   b, h, d = case.q_shape[0], case.q_shape[-2], case.q_shape[-1]
   flops = 4.0 * b * h * case.pairs * d
-  return dict(fwd_tflops=round(flops / row["fwd_ms"] / 1e9, 4),
-              fwd_bwd_tflops=round(3.5 * flops / row["fwd_bwd_ms"] / 1e9, 4))
+  # Four significant digits, not four decimals: a small case on a slow host is
+  # well under 1e-4 TFLOP/s and must not round to zero.
+  sig = lambda x: float(f"{x:.4g}")
+  return dict(fwd_tflops=sig(flops / row["fwd_ms"] / 1e9),
+              fwd_bwd_tflops=sig(3.5 * flops / row["fwd_bwd_ms"] / 1e9))
 
 
 def _peer_fns(case: Case, platform: str):
@@ -442,7 +445,7 @@ def markdown(rows) -> str:
              if "speedup_fwd" in r else "—")
     bound = f" ({r['bound']:.2f})" if r.get("bound") else ""
     out.append(f"| {r['suite']} | {cell(r['case'])} | {r['impl']} | {f('fwd_ms')} | {f('fwd_bwd_ms')} | "
-               f"{f('fwd_tflops', '{:.1f}')} | {speed}{bound} | {f('fwd_compile_s', '{:.1f}')} | "
+               f"{f('fwd_tflops', '{:.3g}')} | {speed}{bound} | {f('fwd_compile_s', '{:.1f}')} | "
                f"{f('fwd_bwd_peak_mb', '{:.0f}')} |" if "error" not in r else
                f"| {r['suite']} | {cell(r['case'])} | {r['impl']} | error: {cell(r['error'][:80])} | | | | | |")
   return "\n".join(out)

@@ -22,7 +22,7 @@ from pallas_kernels.gpu import mosaic_gpu as mgpu
 BWD = MosaicGPUConfig(backward="mosaic_gpu")
 
 
-@settings(max_examples=examples(4), deadline=None)
+@settings(max_examples=examples(3), deadline=None)
 @given(p=backend_cases.seq_problems(max_len=300, dtypes=(jnp.bfloat16, jnp.float16)),
        head_dim=st.sampled_from([32, 40, 64, 80, 96, 128]),
        dq=st.sampled_from([None, "kernel", "own", "split"]))
@@ -125,7 +125,7 @@ def test_union_terms():
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=BWD)
 
 
-@settings(max_examples=examples(4), deadline=None)
+@settings(max_examples=examples(3), deadline=None)
 @given(p=backend_cases.na_problems(dtypes=(jnp.bfloat16, jnp.float16)))
 def test_na(p):
   p = dict(p, head_dim=64, tile_q=None, tile_kv=None)

@@ -1,4 +1,4 @@
-"""The same context-parallel code across processes: 2 processes x 4 CPU devices on localhost
+"""The same context-parallel code across processes: 2 processes x 2 CPU devices on localhost
 (`jax.distributed.initialize`, CPU collectives through gloo), checked against each process's
 single-device result (tests/multiprocess_worker.py)."""
 import os
@@ -19,7 +19,7 @@ def test_ring_and_halo_across_two_processes():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-  # conftest's cheaper LLVM passes; the worker sets its own device count (4 a process)
+  # conftest's cheaper LLVM passes; the worker sets its own device count (2 a process)
   env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                               if "xla_force_host_platform_device_count" not in f)
   procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port)], env=env,
