@@ -213,7 +213,7 @@ def section_flex(iters):
         flex(q, k, v, block_mask=bm).backward(do)
       record(section="perf", case=name, impl="torch flex (mask_mod nbhd | text)", fwd_ms=fwd,
              fwd_bwd_ms=tt.do_bench(fb), block_sparsity_pct=bm.sparsity())
-      del q, k, v, do, bm
+      q = k = v = do = bm = None  # (the closures hold cells: free the tensors)
       torch.cuda.empty_cache()
     except Exception as e:
       record(section="perf", case=name, impl="torch flex", error=repr(e)[:600])

@@ -93,7 +93,6 @@ def main():
       rows.record(case=name, error=repr(e)[:400])
       continue
     dlse = jnp.zeros_like(lse)
-    no_dq = lambda q, *a, **kw: jnp.zeros((q.shape[0], lse.shape[-1], *q.shape[2:]), q.dtype)
     grads, row = {}, dict(case=name, blocks=int(plan.block_map.num_visited))
     for variant in args.variants.split(","):
       def both():

@@ -632,20 +632,6 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
           *([] if mma is None else [jnp.asarray(x) for x in mma_dkv]),
           *([] if quarters is None else [jnp.asarray(quarters[1])]))
 
-  def run(refs, out_type):
-    """The kernel over `args`, writing into the state `refs` (zero-filled buffers) and
-    returning `out_type`; it takes its outputs before the state (dK/dV, then cut buffers)."""
-    def ordered(*all_refs):
-      ins, rest = all_refs[:len(args)], all_refs[len(args):]
-      state, outputs = rest[:len(refs)], rest[len(refs):]
-      if not separate and outputs:  # the fused dQ's buffer comes before dK/dV
-        state, outputs = state[1:], (state[0], *outputs)
-      kernel(*ins, *outputs, *state)
-    return pl.kernel(ordered, out_type=out_type, mesh=bwd_dq.grid_mesh(grid),
-                     compiler_params=plgpu.CompilerParams(approx_math=True),
-                     interpret=interpret_params(interpret),
-                     name="sparse_attention_bwd")(*args, *refs)
-
   joint = JOINT_DQ and separate and dq_window is None  # window dQ reads other K/V arrays
   if joint:  # dQ's CTAs after the dK/dV items in one launch (`_joint`)
     dq_launch = bwd_dq.dq_launch(q, k, v, d_out, lse2, delta, lo, hi, c, extras, bmap=bmap,
@@ -653,6 +639,20 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                                  interpret=interpret, mma=mma_dq, quarters=dq_quarters,
                                  softcap=softcap)
     run = _joint(kernel, args, grid, dq_launch, interpret)
+  else:  # the dK/dV kernel alone
+    def run(refs, out_type):
+      """The kernel over `args`, writing into the state `refs` (zero-filled buffers) and
+      returning `out_type`; it takes its outputs before the state (dK/dV, then cut buffers)."""
+      def ordered(*all_refs):
+        ins, rest = all_refs[:len(args)], all_refs[len(args):]
+        state, outputs = rest[:len(refs)], rest[len(refs):]
+        if not separate and outputs:  # the fused dQ's buffer comes before dK/dV
+          state, outputs = state[1:], (state[0], *outputs)
+        kernel(*ins, *outputs, *state)
+      return pl.kernel(ordered, out_type=out_type, mesh=bwd_dq.grid_mesh(grid),
+                       compiler_params=plgpu.CompilerParams(approx_math=True),
+                       interpret=interpret_params(interpret),
+                       name="sparse_attention_bwd")(*args, *refs)
 
   # Every KV block stored by one item (``direct``, or ``mixed`` with the cut blocks' rows
   # scattered in below; static maps, every KV block visited): dK/dV are the kernel's outputs,
