@@ -26,6 +26,10 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # Nothing queued (the twenty-ninth session ran the head_dim 96 neighborhoods' slots).
-  echo "no pending diagnostics"
+  # Queued (thirtieth session, no machine came): the README head-dim table's 64/96/128 rows
+  # with cuDNN after this week's backward changes, causal and dense (S=8192, B=2, H=16).
+  timeout 280 python3 -m benchmarks.diag.diag_head_dim --head-dims 64,96,128 --no-triton \
+    --out $OUT/head-dim-causal.json 2>&1 | grep '^{'
+  timeout 200 python3 -m benchmarks.diag.diag_head_dim --head-dims 64,96 --no-triton --dense \
+    --out $OUT/head-dim-dense.json 2>&1 | grep '^{'
 fi
