@@ -12,7 +12,8 @@ from models.train import context_mesh, train
 # extended: op-level features again (test_sinks, test_soft_cap); the NAT classifier, which the
 # CI's run of colab/02_train_nat.ipynb trains (its loss must fall there)
 @pytest.mark.parametrize("name", [
-    pytest.param("nat", marks=pytest.mark.extended), "dit", "lm", "t2i", "moba", pytest.param("lm_sinks", marks=pytest.mark.extended),
+    pytest.param("nat", marks=pytest.mark.extended), "dit", "lm", "t2i", "moba",
+    pytest.param("lm_sinks", marks=pytest.mark.extended),
     pytest.param("lm_soft_cap", marks=pytest.mark.extended)])
 def test_model_trains(name):
   if name == "lm_sinks":  # learned sink logits (gpt-oss) beside the mask's sink tokens

@@ -38,8 +38,8 @@ _2D = [((16, 24), (8, 8), (4, 4), (1, 1), (False, False)),
 _3D_HOPPER = ((4, 10, 16), (2, 4, 8), (2, 2, 4), (1, 1, 1), (False, False, False))
 
 
-# extended: each backend's other 2-D problem (CI: Triton's unshifted-causal one, the Hopper
-# backward's with a causal dim)
+# extended: each backend's other 2-D problem (CI: Triton's backward on the first, the Hopper
+# backward on the second, which has a causal dim)
 @pytest.mark.parametrize("backend, problem, dq", [
     ("triton", _2D[0], None), pytest.param("triton", _2D[1], None, marks=pytest.mark.extended),
     pytest.param("mosaic_gpu", _2D[0], None, marks=pytest.mark.extended),
