@@ -401,11 +401,12 @@ def speedups(dense_fwd: float, dense_fwd_bwd: float, fwd: float, fwd_bwd: float,
   """Speedups over our dense kernel on the same shapes: forward, forward+backward, and the
   backward alone (fwd+bwd less fwd, where both differences are positive) with its share of
   the block bound (issue #21's measure for the neighborhood rows)."""
-  out = {"speedup_fwd": round(dense_fwd / fwd, 2),
-         "speedup_fwd_bwd": round(dense_fwd_bwd / fwd_bwd, 2)}
+  # Two decimals, or two significant digits below 0.1 (a CPU run's slow rows never read 0.0).
+  ratio = lambda x: round(x, 2) if x >= 0.1 else float(f"{x:.2g}")
+  out = {"speedup_fwd": ratio(dense_fwd / fwd), "speedup_fwd_bwd": ratio(dense_fwd_bwd / fwd_bwd)}
   if fwd_bwd > fwd and dense_fwd_bwd > dense_fwd:
     bwd = (dense_fwd_bwd - dense_fwd) / (fwd_bwd - fwd)
-    out.update(speedup_bwd=round(bwd, 2), bwd_share_of_bound=round(bwd / bound, 3))
+    out.update(speedup_bwd=ratio(bwd), bwd_share_of_bound=round(bwd / bound, 3))
   return out
 
 

@@ -62,6 +62,7 @@ def test_speedups():
   assert s["speedup_fwd"] == 7.92 and s["speedup_fwd_bwd"] == 6.59
   assert s["speedup_bwd"] == 6.26 and s["bwd_share_of_bound"] == 0.734
   assert "speedup_bwd" not in speedups(1.0, 2.0, 0.5, 0.5, 2.0)
+  assert speedups(0.1, 0.3, 25.0, 60.0, 2.0)["speedup_fwd"] == 0.004  # not rounded to 0.0
 
 
 def test_unknown_suite_is_an_error():
