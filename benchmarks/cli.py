@@ -257,15 +257,18 @@ def measure(fn, args, iters, repeats):
   return out
 
 
+def _round(x: float, decimals: int) -> float:
+  """`round(x, decimals)`, or two significant digits where that would keep fewer (a slow
+  CPU row of the quick run never reads 0.0)."""
+  return round(x, decimals) if x == 0 or abs(x) >= 10 ** (1 - decimals) else float(f"{x:.2g}")
+
+
 def _tflops(case: Case, row: dict) -> dict:
   """Useful TFLOP/s of a row's times: 4·B·H·pairs·D forward, 3.5x that forward+backward."""
   b, h, d = case.q_shape[0], case.q_shape[-2], case.q_shape[-1]
   flops = 4.0 * b * h * case.pairs * d
-  # Four significant digits, not four decimals: a small case on a slow host is
-  # well under 1e-4 TFLOP/s and must not round to zero.
-  sig = lambda x: float(f"{x:.4g}")
-  return dict(fwd_tflops=sig(flops / row["fwd_ms"] / 1e9),
-              fwd_bwd_tflops=sig(3.5 * flops / row["fwd_bwd_ms"] / 1e9))
+  return dict(fwd_tflops=_round(flops / row["fwd_ms"] / 1e9, 4),
+              fwd_bwd_tflops=_round(3.5 * flops / row["fwd_bwd_ms"] / 1e9, 4))
 
 
 def _peer_fns(case: Case, platform: str):
@@ -401,12 +404,11 @@ def speedups(dense_fwd: float, dense_fwd_bwd: float, fwd: float, fwd_bwd: float,
   """Speedups over our dense kernel on the same shapes: forward, forward+backward, and the
   backward alone (fwd+bwd less fwd, where both differences are positive) with its share of
   the block bound (issue #21's measure for the neighborhood rows)."""
-  # Two decimals, or two significant digits below 0.1 (a CPU run's slow rows never read 0.0).
-  ratio = lambda x: round(x, 2) if x >= 0.1 else float(f"{x:.2g}")
-  out = {"speedup_fwd": ratio(dense_fwd / fwd), "speedup_fwd_bwd": ratio(dense_fwd_bwd / fwd_bwd)}
+  out = {"speedup_fwd": _round(dense_fwd / fwd, 2),
+         "speedup_fwd_bwd": _round(dense_fwd_bwd / fwd_bwd, 2)}
   if fwd_bwd > fwd and dense_fwd_bwd > dense_fwd:
     bwd = (dense_fwd_bwd - dense_fwd) / (fwd_bwd - fwd)
-    out.update(speedup_bwd=ratio(bwd), bwd_share_of_bound=round(bwd / bound, 3))
+    out.update(speedup_bwd=_round(bwd, 2), bwd_share_of_bound=round(bwd / bound, 3))
   return out
 
 

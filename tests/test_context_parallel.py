@@ -176,7 +176,7 @@ def test_sequence_randomized(mask_name, strategy, zigzag, context, chunk, kv_hea
 @pytest.mark.parametrize("mask, strategy, layout, context, chunk, kv_heads, segments, seed", [
     # Elementwise masks: the kernels evaluate them on positions of the shard (masks.Remapped).
     ("window_sink", "ring", "zigzag", 2, 16, 1, False, 9),
-    # (the causal ring on kernels: test_sequence_tpu_interpret, test_emulated_shards)
+    # (the causal ring on kernels: test_sequence_tpu_interpret, test_emulated_ring)
     pytest.param("causal", "ring", "contiguous", 2, 32, 1, False, 4,
                  marks=pytest.mark.extended),
     ("causal_window", "halo", "contiguous", 4, 16, 2, True, 5)])
@@ -295,29 +295,32 @@ def test_emulated_tpu_halo():
 
 # extended: the Hopper forward's plain halo slab (test_emulated_shards_padding_mask runs the
 # same shard plans on it with segment ids)
-@pytest.mark.parametrize("backend, part", [
-    pytest.param("mosaic_gpu", "halo", marks=pytest.mark.extended), ("mosaic_gpu", "ring"),
-    ("xla", "halo"), ("xla", "ring")])
-def test_emulated_shards(backend, part):
+@pytest.mark.parametrize("backend", [pytest.param("mosaic_gpu", marks=pytest.mark.extended),
+                                     "xla"])
+def test_emulated_halo(backend):
   """Every shard's local kernels on one device (`context_parallel.emulate`): the Hopper
   forward (Mosaic GPU interpret mode; its interpreter does not run on 8 host devices at
-  once) and Triton backward on shard plans: a 4-frame slab against 1-frame halos (Q and
-  K/V grids differ) with 12-wide rows (not TMA boxes: the permuted path), and a zigzag ring
-  over a sequence."""
+  once) and Triton backward on a halo plan: a 4-frame slab against 1-frame halos (Q and K/V
+  grids differ) with 12-wide rows (not TMA boxes: the permuted path)."""
   kw = dict(interpret=True) if backend == "mosaic_gpu" else {}
-  if part == "halo":
-    spatial, kernel = (8, 8, 12), (3, 5, 5)
-    q, k, v, d_out, _ = _inputs(10, (1,) + spatial + (2, 64), (1,) + spatial + (1, 64),
-                                jnp.bfloat16)
-    mask = masks.neighborhood(spatial, kernel)
-    plan = cp.plan_context_nd(mask, 2, (2, 8, 8), (1, 8, 8), "halo")
-    assert plan.halo == (1, 1) and plan.steps == 3
-    got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, backend, **kw), q, k, v,
-                           d_out)
-    want = _value_and_grads(lambda q, k, v: jsa.na(q, k, v, kernel, backend="reference"),
-                            q, k, v, d_out)
-    _assert_close(got, want, 2e-2, f"{backend} halo")
-    return
+  spatial, kernel = (8, 8, 12), (3, 5, 5)
+  q, k, v, d_out, _ = _inputs(10, (1,) + spatial + (2, 64), (1,) + spatial + (1, 64),
+                              jnp.bfloat16)
+  mask = masks.neighborhood(spatial, kernel)
+  plan = cp.plan_context_nd(mask, 2, (2, 8, 8), (1, 8, 8), "halo")
+  assert plan.halo == (1, 1) and plan.steps == 3
+  got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, backend, **kw), q, k, v,
+                         d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.na(q, k, v, kernel, backend="reference"),
+                          q, k, v, d_out)
+  _assert_close(got, want, 2e-2, f"{backend} halo")
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "xla"])
+def test_emulated_ring(backend):
+  """A zigzag causal ring's local kernels on one device (`emulate`): the Hopper forward in
+  interpret mode and Triton's backward on each step's shard plan."""
+  kw = dict(interpret=True) if backend == "mosaic_gpu" else {}
   q, k, v, d_out, _ = _inputs(11, (1, 512, 2, 64), (1, 512, 1, 64), jnp.bfloat16)
   plan = cp.plan_context(masks.causal(), 512, 512, 2, 128, 64, "ring", "zigzag")
   got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, backend, layout="zigzag",

@@ -74,11 +74,11 @@ FUSED_STAGES_64 = 4
 # H100, B=2, H=12, S=16384, fwd+bwd ms, 4 slots / 2 (interleaved, two rounds;
 # docs/experiments/h100-2026-12-06-d96-backward.json): dense 17.90-17.96 / 18.29-18.32 (cuDNN
 # 19.24), causal 9.23-9.27 / 9.36-9.40 (cuDNN 10.14); the fused form ("own") gained nothing
-# there (18.28-18.36, 9.44-9.56). Neighborhoods keep 2 (H200, B=2 / 1, H=12; -h200-2026-12-06-
-# d96-na.json): 2-D NA 128² k33 4 slots 2.69-2.70 / 2 slots 2.66-2.68, 3-D k8×16² 10.72-10.76
-# / 10.75-10.79; the fused form over 2 slots 2.81 and 10.54 (a loss and a 1.7% win: no rule,
-# not taken), over 4 it does not fit beside the tables (244,816 and 235,600 bytes of shared
-# memory against 232,448).
+# there (18.28-18.36, 9.44-9.56). Neighborhoods keep 2 (H200, B=2 / 1, H=12;
+# docs/experiments/h200-2026-12-06-d96-na.json): 2-D NA 128² k33 4 slots 2.69-2.70 / 2
+# slots 2.66-2.68, 3-D k8×16² 10.72-10.76 / 10.75-10.79; the fused form over 2 slots 2.81 and
+# 10.54 (a loss and a 1.7% win: no rule, not taken), over 4 it does not fit beside the tables
+# (244,816 and 235,600 bytes of shared memory against 232,448).
 STAGES_96 = 4
 
 
