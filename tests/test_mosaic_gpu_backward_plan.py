@@ -351,6 +351,26 @@ def test_direct_dkv(monkeypatch):
   assert text.count("@mosaic_gpu_v2(") == 2  # dQ in the dK/dV launch
 
 
+@pytest.mark.parametrize("form", ["split", pytest.param("kernel", marks=pytest.mark.extended)])
+def test_lse_in_acc(monkeypatch, form):
+  """The lab knob `attention_bwd.LSE_IN_ACC`: Sᵀ and dPᵀ start from −lse₂ / (scale·log2 e) and
+  −delta instead of subtracting them after the wgmmas (the fused form at 128 columns; the
+  two kernels): gradients vs the brute force with fully masked rows (lse₂ = +inf: zero
+  gradients, not NaN) and GQA; the accumulators' initial values lower for CUDA."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "LSE_IN_ACC", True)
+  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=form)
+  p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=128 if form == "split" else 64,
+           mask="masked_rows", segments=False, dtype=jnp.bfloat16, seed=12)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=cfg)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal(), backend="mosaic_gpu", config=cfg).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
+                        S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
+  assert text.count("@mosaic_gpu_v2(") == 2  # the forward, the backward (one launch)
+
+
 @pytest.mark.parametrize("written", [True, pytest.param(False, marks=pytest.mark.extended)])
 def test_written_dkv(monkeypatch, written):
   """`attention_bwd.WRITTEN_DKV`: where every KV block is one item's (causal self-attention,

@@ -1,7 +1,8 @@
 """The Hopper backward's register plan: per variant of the register budgets in
 `attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one), the
 form (the fused form's Pᵀ through shared memory, `P_SMEM`, measured 2026-12-06 at commit
-a542e24: docs/experiments/h100-2026-12-06-fused-registers.json), ptxas' register and spill
+a542e24: docs/experiments/h100-2026-12-06-fused-registers.json; the accumulators' initial
+values, `LSE_IN_ACC`, 2026-12-07), ptxas' register and spill
 report, a gradient check against a float32 reference and the backward's ms on dense, causal
 and the LM layer's mask. (The variants of
 2026-12-03, coordinate vectors and the dQ accumulator's form, are at commit 69822f7,
@@ -19,11 +20,13 @@ import sys
 
 from . import child_done, variant_parser
 
-# name: (backward_dq, registers of the compute / memory warpgroups)
+# name: (backward_dq, registers of the compute / memory warpgroups[, attention_bwd switches])
 VARIANTS = {
     "two": ("kernel", (232, 40)),
     "fused": ("split", (240, 24)),
     "fused_232": ("split", (232, 40)),
+    "fused_lse": ("split", (240, 24), {"LSE_IN_ACC": True}),
+    "two_lse": ("kernel", (232, 40), {"LSE_IN_ACC": True}),
 }
 CASES = ("dense", "causal", "lm")
 
@@ -40,8 +43,10 @@ def child(name: str, out_path: str):
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd, attention_fwd
 
-  dq_form, regs = VARIANTS[name]
+  dq_form, regs, *switches = VARIANTS[name]
   setattr(attention_bwd, "FUSED_REGISTERS" if dq_form == "split" else "REGISTERS", regs)
+  for key, value in (switches[0] if switches else {}).items():
+    setattr(attention_bwd, key, value)
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq_form)
   row = {"variant": name}
   # Gradients against float32 XLA attention: causal & window with documents-free GQA.

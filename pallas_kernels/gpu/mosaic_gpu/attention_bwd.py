@@ -108,6 +108,12 @@ SHARED_STATIC_ITEMS = True
 # dK/dV kernel barely spills at 232/40 (24 bytes) and is 1% slower at 240/24.
 REGISTERS = (232, 40)
 FUSED_REGISTERS = (240, 24)
+# The step's log-sum-exp and delta enter Sᵀ and dPᵀ as their accumulators' initial values
+# (Sᵀ from −lse₂ / (scale·log2 e), dPᵀ from −delta) instead of column vectors subtracted after
+# the wgmmas: the two 16-register broadcasts are no longer live beside Sᵀ, dPᵀ, dK and dV,
+# where the fused form spills (not with soft-capping, which caps the bare score first). A lab
+# switch until measured.
+LSE_IN_ACC = False
 
 
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -165,6 +171,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   # at bases[j]): its entries' full blocks, then partial ones.
   n_full, n_all, bases, total = bwd_dq.item_steps(full, entries, sub, groups)
   qk_scale = scale * LOG2E
+  lse_in_acc = LSE_IN_ACC and softcap is None
 
   def step_q(j, t):
     """(first query row, query head) of step t, one of head j's."""
@@ -216,6 +223,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       own = pl.ds(wg * _ROWS, _ROWS)
       plgpu.barrier_wait(kv_bar)
       rows, cols = bwd_dq.tile_vectors((_ROWS, _ROWS))
+      col_vector = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(0))
+      cols_of = lambda vec: plgpu.layout_cast(
+          lax.broadcast_in_dim(vec, (_ROWS, _ROWS), [1]), plgpu.Layout.WGMMA)
       coords = [rows(c_smem.at[wg, d]) for d in range(dims)]
       keys_x = [rows(kx_smem.at[wg, i]) for i in range(extras)]
 
@@ -246,11 +256,22 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           plgpu.wgmma(s_ref, k_smem.at[own], q_smem.at[slot].transpose((1, 0)))
           plgpu.wgmma(dp_ref, v_smem.at[own], do_smem.at[slot].transpose((1, 0)))
           schedule()
-          return s_ref[...], dp_ref[...]
+          if not lse_in_acc or interpret:
+            return s_ref[...], dp_ref[...]
 
-        s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
-        s_t = capped2(s_t * qk_scale, softcap, floor=masked and mma)  # log2 units
-        p_t = jnp.exp2(s_t - cols(lse_smem.at[slot]))
+        if lse_in_acc:  # Sᵀ·scale·log2 e − lse₂ = scale·log2 e · (Sᵀ − lse₂ / (scale·log2 e))
+          s0 = cols_of(col_vector(lse_smem.at[slot]) * (-1.0 / qk_scale))
+          dp0 = cols_of(-col_vector(delta_smem.at[slot]))
+          if interpret:  # no accumulation into a live accumulator there
+            s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
+            s_t, dp_t = s_t + s0, dp_t + dp0
+          else:
+            s_t, dp_t = pl.run_state(sdp)((plgpu.ACC.init(s0), plgpu.ACC.init(dp0)))
+          p_t = jnp.exp2(s_t * qk_scale)
+        else:
+          s_t, dp_t = pl.run_scoped(sdp, (plgpu.ACC((_ROWS, _ROWS), jnp.float32),) * 2)
+          s_t = capped2(s_t * qk_scale, softcap, floor=masked and mma)  # log2 units
+          p_t = jnp.exp2(s_t - cols(lse_smem.at[slot]))
         def in_dim(d):  # rows are keys, columns queries
           return ((coords[d] >= cols(lo_smem.at[slot, d]))
                   & (coords[d] <= cols(hi_smem.at[slot, d])))
@@ -263,7 +284,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           p_t = jnp.where(mask_fn(q0 + iota(1), kv0 + wg * _ROWS + iota(0)), p_t, 0.0)
         if segments and (masked or not segments_full):
           p_t = jnp.where(cols(qx_smem.at[slot, 0]) == keys_x[0], p_t, 0.0)
-        ds_t = p_t * (dp_t - cols(delta_smem.at[slot]))
+        ds_t = p_t * (dp_t if lse_in_acc else dp_t - cols(delta_smem.at[slot]))
         if softcap is not None:  # through the cap
           ds_t = ds_t * slope2(s_t, softcap)
         # With split_dq the other warpgroup reads my dSᵀ: two buffers by step parity (I
