@@ -26,6 +26,7 @@ VARIANTS = {
     "fused": ("split", (240, 24)),
     "fused_232": ("split", (232, 40)),
     "fused_lse": ("split", (240, 24), {"LSE_IN_ACC": True}),
+    "fused_lse_232": ("split", (232, 40), {"LSE_IN_ACC": True}),
     "two_lse": ("kernel", (232, 40), {"LSE_IN_ACC": True}),
 }
 CASES = ("dense", "causal", "lm")
