@@ -371,6 +371,28 @@ def test_lse_in_acc(monkeypatch, form):
   assert text.count("@mosaic_gpu_v2(") == 2  # the forward, the backward (one launch)
 
 
+def test_deferred_dq(monkeypatch):
+  """The lab knob `attention_bwd.DEFERRED_DQ`: the fused form at 128 columns forms step t−1's
+  dQ at step t (a zero dQ at the first step, the last one after the loop), the warpgroups
+  meeting on per-buffer barriers: gradients vs the brute force with fully masked rows and
+  GQA (two query heads walk one list); it lowers for CUDA, also with the schedule barrier
+  ("pingpong")."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd
+  monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", True)
+  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
+  p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=128, mask="masked_rows",
+           segments=False, dtype=jnp.bfloat16, seed=13)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=cfg)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal(), backend="mosaic_gpu", config=cfg).astype(jnp.float32))
+  for form in (True, "pingpong"):
+    monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", form)
+    text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
+                          S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
+    assert text.count("@mosaic_gpu_v2(") == 2
+
+
 @pytest.mark.parametrize("written", [True, pytest.param(False, marks=pytest.mark.extended)])
 def test_written_dkv(monkeypatch, written):
   """`attention_bwd.WRITTEN_DKV`: where every KV block is one item's (causal self-attention,

@@ -2,7 +2,7 @@
 `attention_bwd` (REGISTERS for the two-kernel form, FUSED_REGISTERS for the fused one), the
 form (the fused form's Pᵀ through shared memory, `P_SMEM`, measured 2026-12-06 at commit
 a542e24: docs/experiments/h100-2026-12-06-fused-registers.json; the accumulators' initial
-values, `LSE_IN_ACC`, 2026-12-07), ptxas' register and spill
+values, `LSE_IN_ACC`, and dQ a step late, `DEFERRED_DQ`, 2026-12-07), ptxas' register and spill
 report, a gradient check against a float32 reference and the backward's ms on dense, causal
 and the LM layer's mask. (The variants of
 2026-12-03, coordinate vectors and the dQ accumulator's form, are at commit 69822f7,
@@ -28,6 +28,9 @@ VARIANTS = {
     "fused_lse": ("split", (240, 24), {"LSE_IN_ACC": True}),
     "fused_lse_232": ("split", (232, 40), {"LSE_IN_ACC": True}),
     "two_lse": ("kernel", (232, 40), {"LSE_IN_ACC": True}),
+    "fused_deferred": ("split", (240, 24), {"DEFERRED_DQ": True}),
+    "fused_deferred_lse": ("split", (240, 24), {"DEFERRED_DQ": True, "LSE_IN_ACC": True}),
+    "fused_deferred_pp": ("split", (240, 24), {"DEFERRED_DQ": "pingpong"}),
 }
 CASES = ("dense", "causal", "lm")
 

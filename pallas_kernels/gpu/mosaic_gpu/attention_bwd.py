@@ -114,6 +114,14 @@ FUSED_REGISTERS = (240, 24)
 # where the fused form spills (not with soft-capping, which caps the bare score first). A lab
 # switch until measured.
 LSE_IN_ACC = False
+# The fused form at head_dim 128 ("split") forms step t−1's dQ at step t, after issuing step
+# t's dV and dK, instead of meeting the other warpgroup after dSᵀ(t) each step: a warpgroup
+# waits only for the other's half of dSᵀ(t−1) (barriers ``written``/``consumed`` per dSᵀ
+# buffer), so the two need not run their softmax in lockstep while the tensor cores idle.
+# The first step forms a zero dQ from a zeroed buffer (no branch), the last dQ follows the
+# loop. "pingpong": also the schedule barrier (`MosaicGPUConfig.backward_pingpong`), one
+# warpgroup's softmax beside the other's matmuls. A lab switch until measured.
+DEFERRED_DQ: bool | str = False
 
 
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -122,7 +130,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
             mask_fn=None, segments: bool = False, chunk: int = 0, pingpong: bool = False,
             with_dq: bool = True, direct: bool | str = False, segments_full: bool = False,
             shared: bool = False, mma_width: int = 0, terms: int = 1, quarters: bool = False,
-            cta=None, zero_empty: bool = False, softcap: float | None = None):
+            cta=None, zero_empty: bool = False, softcap: float | None = None,
+            deferred: bool = False):
   """CTA (work item, kv head, batch) over the transposed map (the grid's axes "kv", "head" and
   "batch", or ``cta``: their indices in a joint launch, `JOINT_DQ`): items [n, 3] (kv block,
   first entry of its Q list, entries: a KV block's list in chunks,
@@ -147,7 +156,9 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   with no entries stores zeros as its block's dK/dV, so they need no zero fill.
 
   ``softcap``: scores soft-capped before the mask (`softcap.capped2`), dSᵀ times the cap's
-  slope."""
+  slope.
+
+  ``deferred`` (``split_dq``): step t forms step t−1's dQ (`DEFERRED_DQ`)."""
   # Segment ids as vectors of the element test (`attention_fwd._extras`): qx [b, 1, n_q] and
   # kx [b, 1, n_kv]; a mask function runs on kernel positions.
   extras = int(segments)
@@ -184,7 +195,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
   def body(k_smem, v_smem, c_smem, slots, lse_smem, delta_smem, lo_smem, hi_smem,
            ds_smem, dq_smem, p_smem, kx_smem, qx_smem, onehot_smem, table_smem, kv_bar, q_bar,
-           q_free, turn, sched):
+           q_free, turn, sched, written, consumed):
     wg = lax.axis_index("wg")
     (q_smem, do_smem), stage, *stage_cut = slots  # stage_cut: float32 (``mixed``)
 
@@ -246,7 +257,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
       def step_products(carry, t, j: int, masked: bool, slot, release: bool = True):
         """Step t's products (of query head j); ``release``: then its slot."""
-        dk, dv = carry
+        dk, dv, *prev = carry  # deferred: step t−1's (first query row / 64, head)
         q0, head = step_q(j, t)
 
         def sdp(refs):
@@ -292,6 +303,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         # Without dQ (`attention_bwd_dq` makes it) dSᵀ stays in registers on the GPU.
         ds_ref = ds_smem.at[lax.rem(t, 2)] if split_dq else ds_smem
         ds16 = ds_t.astype(dtype)
+        if deferred:  # the other warpgroup formed dQ(t−2) from this buffer
+          plgpu.barrier_wait(consumed.at[lax.rem(t, 2)])
         if with_dq or interpret:
           ds_ref.at[own][...] = ds16
           ds16 = ds_ref.at[own]
@@ -300,10 +313,15 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           p_smem.at[wg][...] = p16
           p16 = p_smem.at[wg]
         plgpu.commit_smem()
+        if deferred:
+          plgpu.barrier_arrive(written.at[lax.rem(t, 2)])
 
         def dq_operands():  # dS (a transposed view of dSᵀ) and the matching K columns
+          if deferred:  # step t−1's, once both its halves are written
+            plgpu.barrier_wait(written.at[lax.rem(t + 1, 2)])
+            return split_operands(ds_smem.at[lax.rem(t + 1, 2)])
           if split_dq:
-            return ds_ref.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)]
+            return split_operands(ds_ref)
           return ds_ref.at[own].transpose((1, 0)), k_smem.at[own]
 
         schedule()
@@ -312,7 +330,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           dv_ref, dk_ref, *dq_acc = refs
           plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
           plgpu.wgmma(dk_ref, ds16, q_smem.at[slot])
-          if split_dq:
+          if split_dq and not deferred:
             rendezvous()
           if with_dq:
             plgpu.wgmma(dq_acc[0], *dq_operands())
@@ -322,7 +340,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         if interpret:  # the same products through fresh accumulators
           dv = mma_add(dv, p16, do_smem.at[slot])
           dk = mma_add(dk, ds16, q_smem.at[slot])
-          if split_dq:
+          if split_dq and not deferred:
             rendezvous()
           dq = mma_add(dq0, *dq_operands()) if with_dq else None
         elif with_dq:
@@ -330,11 +348,25 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
               (plgpu.ACC.init(dv), plgpu.ACC.init(dk), plgpu.ACC.init(dq0)))
         else:
           dv, dk = pl.run_state(products)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+        if deferred:  # its wgmma is done: the other warpgroup may rewrite the buffer
+          plgpu.barrier_arrive(consumed.at[lax.rem(t + 1, 2)])
         if release:
           plgpu.barrier_arrive(q_free.at[slot])
         if not with_dq:
           return dk, dv
-        dst = dq_ref.at[batch, pl.ds(q0, _ROWS), head]
+        if deferred:
+          add_dq(dq, *prev)
+          return dk, dv, lax.div(q0, _ROWS), head
+        add_dq(dq, lax.div(q0, _ROWS), head)
+        return dk, dv
+
+      def split_operands(ds_buf):  # dS of both warpgroups' keys, my 64 columns of K
+        return ds_buf.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)]
+
+      def add_dq(dq, part, head):
+        """Reduce-adds my share of a step's dQ into the 64-row ``part`` of query head
+        ``head`` (the row's index / 64: a loop carry must show the rows' alignment)."""
+        dst = dq_ref.at[batch, pl.ds(part * _ROWS, _ROWS), head]
         if split_dq:
           dst = dst.at[:, pl.ds(wg * 64, 64)]
         if interpret:  # the warpgroups add in turn
@@ -348,10 +380,16 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
           dq_smem.at[wg][...] = dq
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst, reduction_op="add")
-        return dk, dv
 
       zeros = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros)
+      if deferred:  # "step −1": a zeroed dSᵀ buffer 1 (dQ adds 0 to rows 0..63 of head 0)
+        ds_smem.at[1].at[own][...] = plgpu.layout_cast(jnp.zeros((_ROWS, _ROWS), dtype),
+                                                       plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(written.at[1])
+        plgpu.barrier_arrive(consumed.at[0])
+        carry = (*carry, jnp.int32(0), kv_head * groups)
       if pingpong:
         pl.when(wg == 1)(schedule)
       for j in range(groups):  # full steps, then partial ones, for each query head
@@ -360,9 +398,24 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
                               functools.partial(step, j=j, masked=False), carry)
         carry = lax.fori_loop(base + n_full[j], bases[j + 1],
                               functools.partial(step, j=j, masked=True), carry)
-      dk, dv = carry
+      dk, dv, *prev = carry
       if pingpong:  # warpgroup 0's last phase pairs with warpgroup 1's first
         pl.when(wg == 0)(schedule)
+      if deferred:  # the last step's dQ
+        def last_dq(acc_ref):
+          plgpu.wgmma(acc_ref, *dq_operands_last())
+        def dq_operands_last():
+          plgpu.barrier_wait(written.at[lax.rem(total + 1, 2)])
+          return split_operands(ds_smem.at[lax.rem(total + 1, 2)])
+        if interpret:
+          dq = mma_add(plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32),
+                                         plgpu.Layout.WGMMA), *dq_operands_last())
+        else:
+          dq = pl.run_scoped(lambda r: (last_dq(r), r[...])[1],
+                             plgpu.ACC((_ROWS, dq_cols), jnp.float32))
+        add_dq(dq, *prev)
+        # Observe the last step's release of the other buffer (its phase is unobserved).
+        plgpu.barrier_wait(consumed.at[lax.rem(total, 2)])
       # Several items may share a KV block: dK and dV are reduce-added in float32, staged
       # in the step slots (free once both warpgroups are past their last step); with one
       # item per KV block (``direct``) they are stored in the input dtype. ``mixed``: items
@@ -464,6 +517,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),
       plgpu.Barrier(num_arrivals=_WGS),
       plgpu.Barrier(num_arrivals=_WGS) if pingpong else None,
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=2) if deferred else None,
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=2) if deferred else None,
       collective_axes="wg",
   )
 
@@ -639,11 +694,14 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # Quarters of partial blocks that no pair may pass, skipped (static maps, dQ its own kernel).
   quarters = policy.dead_quarters(cfg, plan, bmap) if separate and not runtime else None
   dq_quarters = quarters[0] if quarters is not None and QUARTERS_DQ else None
+  split = policy.split_dq(cfg, d) and not separate
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
-      split_dq=policy.split_dq(cfg, d) and not separate, mask_fn=mask_fn, terms=terms,
-      segments=q_seg is not None, chunk=chunk, pingpong=cfg.backward_pingpong and not interpret,
+      split_dq=split, mask_fn=mask_fn, terms=terms,
+      segments=q_seg is not None, chunk=chunk,
+      pingpong=(cfg.backward_pingpong or (DEFERRED_DQ == "pingpong" and split)) and not interpret,
+      deferred=bool(DEFERRED_DQ) and split,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
       quarters=quarters is not None, zero_empty=zero_empty, softcap=softcap)
