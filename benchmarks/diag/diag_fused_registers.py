@@ -112,6 +112,7 @@ def ptxas_report(text: str):
 def main():
   parser = variant_parser(VARIANTS)
   parser.add_argument("--sass", default="")
+  parser.add_argument("--child-timeout", type=float, default=400)
   args = parser.parse_args()
   if args.child:
     return child(args.child, os.path.join(args.out, f"{args.child}.json"))
@@ -123,9 +124,12 @@ def main():
       env["MOSAIC_GPU_DUMP_SASS"] = "1"
     log = os.path.join(args.out, f"{name}.log")
     with open(log, "w") as f:
-      rc = subprocess.run([sys.executable, "-m", "benchmarks.diag.diag_fused_registers",
-                           "--out", args.out, "--child", name], env=env, stdout=f,
-                          stderr=subprocess.STDOUT, timeout=400).returncode
+      try:
+        rc = subprocess.run([sys.executable, "-m", "benchmarks.diag.diag_fused_registers",
+                             "--out", args.out, "--child", name], env=env, stdout=f,
+                            stderr=subprocess.STDOUT, timeout=args.child_timeout).returncode
+      except subprocess.TimeoutExpired:
+        rc = "timeout"
     text = open(log).read()
     path = os.path.join(args.out, f"{name}.json")
     row = json.load(open(path)) if os.path.exists(path) else {"variant": name, "rc": rc,
