@@ -351,14 +351,18 @@ def test_direct_dkv(monkeypatch):
   assert text.count("@mosaic_gpu_v2(") == 2  # dQ in the dK/dV launch
 
 
-@pytest.mark.parametrize("form", ["split", pytest.param("kernel", marks=pytest.mark.extended)])
-def test_lse_in_acc(monkeypatch, form):
-  """The lab knob `attention_bwd.LSE_IN_ACC`: Sᵀ and dPᵀ start from −lse₂ / (scale·log2 e) and
-  −delta instead of subtracting them after the wgmmas (the fused form at 128 columns; the
-  two kernels): gradients vs the brute force with fully masked rows (lse₂ = +inf: zero
-  gradients, not NaN) and GQA; the accumulators' initial values lower for CUDA."""
+@pytest.mark.parametrize("form,on", [
+    ("split", True), pytest.param("kernel", True, marks=pytest.mark.extended),
+    pytest.param("split", False, marks=pytest.mark.extended),
+    pytest.param("kernel", False, marks=pytest.mark.extended)])
+def test_lse_in_acc(monkeypatch, form, on):
+  """`attention_bwd.LSE_IN_ACC` (on by default; off: the earlier form): Sᵀ and dPᵀ start from
+  −lse₂ / (scale·log2 e) and −delta instead of subtracting them after the wgmmas (the fused
+  form at 128 columns; the two kernels): gradients vs the brute force with fully masked rows
+  (lse₂ = +inf: zero gradients, not NaN) and GQA; the accumulators' initial values lower for
+  CUDA."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "LSE_IN_ACC", True)
+  monkeypatch.setattr(attention_bwd, "LSE_IN_ACC", on)
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq=form)
   p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=128 if form == "split" else 64,
            mask="masked_rows", segments=False, dtype=jnp.bfloat16, seed=12)
@@ -371,14 +375,15 @@ def test_lse_in_acc(monkeypatch, form):
   assert text.count("@mosaic_gpu_v2(") == 2  # the forward, the backward (one launch)
 
 
-def test_deferred_dq(monkeypatch):
-  """The lab knob `attention_bwd.DEFERRED_DQ`: the fused form at 128 columns forms step t−1's
-  dQ at step t (a zero dQ at the first step, the last one after the loop), the warpgroups
-  meeting on per-buffer barriers: gradients vs the brute force with fully masked rows and
-  GQA (two query heads walk one list); it lowers for CUDA, also with the schedule barrier
-  ("pingpong")."""
+@pytest.mark.parametrize("on", [True, pytest.param(False, marks=pytest.mark.extended)])
+def test_deferred_dq(monkeypatch, on):
+  """`attention_bwd.DEFERRED_DQ` (on by default; off: each step's rendezvous): the fused form
+  at 128 columns forms step t−1's dQ at step t (a zero dQ at the first step, the last one
+  after the loop), the warpgroups meeting on per-buffer barriers: gradients vs the brute
+  force with fully masked rows and GQA (two query heads walk one list); it lowers for CUDA,
+  also with the schedule barrier ("pingpong")."""
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd
-  monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", True)
+  monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", on)
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
   p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=128, mask="masked_rows",
            segments=False, dtype=jnp.bfloat16, seed=13)
@@ -386,7 +391,7 @@ def test_deferred_dq(monkeypatch):
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   loss = lambda q, k, v: jnp.sum(jsa.attention(
       q, k, v, masks.causal(), backend="mosaic_gpu", config=cfg).astype(jnp.float32))
-  for form in (True, "pingpong"):
+  for form in (on, "pingpong") if on else (on,):
     monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", form)
     text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
                           S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()

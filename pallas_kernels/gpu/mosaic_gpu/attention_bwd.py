@@ -110,18 +110,21 @@ REGISTERS = (232, 40)
 FUSED_REGISTERS = (240, 24)
 # The step's log-sum-exp and delta enter Sᵀ and dPᵀ as their accumulators' initial values
 # (Sᵀ from −lse₂ / (scale·log2 e), dPᵀ from −delta) instead of column vectors subtracted after
-# the wgmmas: the two 16-register broadcasts are no longer live beside Sᵀ, dPᵀ, dK and dV,
-# where the fused form spills (not with soft-capping, which caps the bare score first). A lab
-# switch until measured.
-LSE_IN_ACC = False
+# the wgmmas: the two 16-register broadcasts are no longer live beside Sᵀ, dPᵀ, dK and dV
+# (not with soft-capping, which caps the bare score first). H200, backward ms dense / causal
+# S=16384 / the LM mask: two kernels 22.6 / 11.6 / 0.65-0.66 against 23.5 / 12.0 / 0.67;
+# with DEFERRED_DQ below the fused form 19.9 / 10.1 against 22.3 / 11.3, each switch alone
+# ~2% / 0% (docs/experiments/h200-2026-12-07-deferred-dq.json).
+LSE_IN_ACC = True
 # The fused form at head_dim 128 ("split") forms step t−1's dQ at step t, after issuing step
 # t's dV and dK, instead of meeting the other warpgroup after dSᵀ(t) each step: a warpgroup
 # waits only for the other's half of dSᵀ(t−1) (barriers ``written``/``consumed`` per dSᵀ
 # buffer), so the two need not run their softmax in lockstep while the tensor cores idle.
 # The first step forms a zero dQ from a zeroed buffer (no branch), the last dQ follows the
 # loop. "pingpong": also the schedule barrier (`MosaicGPUConfig.backward_pingpong`), one
-# warpgroup's softmax beside the other's matmuls. A lab switch until measured.
-DEFERRED_DQ: bool | str = False
+# warpgroup's softmax beside the other's matmuls: 20.2 / 10.5 ms, slower than without it
+# (19.9 / 10.1 with LSE_IN_ACC; H200, the dense / causal backward above).
+DEFERRED_DQ: bool | str = True
 
 
 def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
