@@ -125,20 +125,23 @@ def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("kv_heads, dq, written", [
-    (1, None, True), (2, "own", True), pytest.param(2, "own", False, marks=pytest.mark.extended)])
+    (1, None, True), (2, "own", True), (1, "split", True),
+    pytest.param(2, "own", False, marks=pytest.mark.extended)])
 def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq, written):
   """dK/dV items of whole lists (`RUNTIME_ITEMS="whole"`, stored in the input dtype): every
   query block selects every block before it but one (lists as long as the map allows, of
   different lengths per GQA head), KV blocks no query selects (zero gradients: zero-filled,
   or stored by their items with dK/dV the kernel's outputs, `WRITTEN_RUNTIME`); dQ as its
-  own kernel and reduce-added by the dK/dV kernel; segment ids. The forms lower for CUDA."""
+  own kernel and reduce-added by the dK/dV kernel (each warpgroup its own keys' share, or
+  the 128 columns split, dQ a step late: `DEFERRED_DQ`, over a GQA head with an empty
+  list); segment ids. The forms lower for CUDA."""
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import attention_bwd, work_items
   monkeypatch.setattr(work_items, "RUNTIME_ITEMS", "whole")
   monkeypatch.setattr(attention_bwd, "WRITTEN_RUNTIME", written)
   b, h, s, bs = kv_heads, 2, 400, 128
-  p = dict(batch=b, sq=s, skv=s, heads=h, kv_heads=kv_heads, head_dim=32, dtype=jnp.bfloat16,
-           seed=7)
+  p = dict(batch=b, sq=s, skv=s, heads=h, kv_heads=kv_heads,
+           head_dim=128 if dq == "split" else 32, dtype=jnp.bfloat16, seed=7)
   q, k, v, d_out, rng = backend_cases.make_inputs(p)
   nq = -(-s // bs)
   ids = np.tile(np.arange(nq, dtype=np.int32), (b, h, nq, 1))
@@ -148,7 +151,7 @@ def test_routed_mosaic_gpu_whole_lists(monkeypatch, kv_heads, dq, written):
   seg = jnp.asarray(np.repeat([[0] * 250 + [1] * 150], b, axis=0), jnp.int32)
   m = (dense_selected(ids, s, s, bs) & np.tril(np.ones((s, s), bool))[None, None]
        & (np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :]))
-  scale = 1 / math.sqrt(32)
+  scale = 1 / math.sqrt(p["head_dim"])
   want, _ = brute_force.attention(q, k, v, m, scale)
   run = lambda q, k, v: jsa.attention(
       q, k, v, masks.causal(), segment_ids=seg, block_selection=sel, backend="mosaic_gpu",
