@@ -414,9 +414,11 @@ def test_written_dkv(monkeypatch, written):
 
 def test_fused_dq_policy(monkeypatch):
   """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
-  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5) and the
-  map has no dead quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else
-  dQ is its own kernel (causal S=4096: 16.5); at head_dim 64 from `FUSED_MIN_ENTRIES_64`
+  at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5), or
+  `FUSED_MIN_ENTRIES_SHORT` (causal S=4096: 16.5) where dQ's window-anchored boxes do not
+  pay (a strided 3-D neighborhood at ~16 keeps two kernels), and the map has no dead
+  quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else dQ is its own
+  kernel (the LM mask: 5.8); at head_dim 64 from `FUSED_MIN_ENTRIES_64`
   on every mask (causal S=4096 and a 2-D k33 at ~15 fused, the LM mask's 5.8 not; a 3-D
   neighborhood with dead quarters fused too), with `FUSED_STAGES_64` slots; explicit forms win. The fused dense backward lowers to one kernel
   beside the forward."""
@@ -436,7 +438,9 @@ def test_fused_dq_policy(monkeypatch):
   assert policy.separate_dq(cfg(), lm, 64)
   assert policy.separate_dq(cfg(), dense, 96)  # not measured there: two kernels
   assert not policy.separate_dq(cfg(), causal, 128)  # 32.5
-  assert policy.separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
+  assert not policy.separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
+  assert policy.mean_entries(lm.block_map) < policy.FUSED_MIN_ENTRIES_SHORT
+  assert policy.separate_dq(cfg(), lm, 128)
   assert policy.separate_dq(cfg("kernel"), dense, 128)
   assert not policy.separate_dq(cfg("split"), causal, 128)
   tile = TiledLayout((16, 32, 32), (1, 1, 1), (2, 4, 16))
@@ -449,9 +453,15 @@ def test_fused_dq_policy(monkeypatch):
   na2 = gathered(make_plan(masks.neighborhood((128, 128), (33, 33)), tile2, tile2))
   assert policy.FUSED_MIN_ENTRIES_64 <= policy.mean_entries(na2.block_map) < 16
   assert not policy.separate_dq(cfg(), na2, 64)
-  assert policy.separate_dq(cfg(), na2, 128)  # at 128: below `FUSED_MIN_ENTRIES`
+  assert policy.separate_dq(cfg(), na2, 128)  # at 128: dead quarters to skip
   monkeypatch.setattr(policy, "QUARTERS", False)  # no skips: fused
   assert not policy.separate_dq(cfg(), na3, 128)
+  assert not policy.separate_dq(cfg(), na2, 128)
+  tile_s = TiledLayout((8, 32, 32), (1, 1, 1), (2, 8, 8))
+  strided = gathered(make_plan(masks.neighborhood((8, 32, 32), (4, 16, 16), stride=(2, 8, 8)),
+                               tile_s, tile_s))
+  assert policy.FUSED_MIN_ENTRIES_SHORT <= policy.mean_entries(strided.block_map) < 24
+  assert policy.separate_dq(cfg(), strided, 128)  # dQ on window boxes
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   f = lambda q, k, v: jsa.attention(q, k, v, masks.full(), backend="mosaic_gpu",
                                     config=MosaicGPUConfig(backward="mosaic_gpu"))

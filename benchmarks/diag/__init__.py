@@ -75,8 +75,8 @@ def hopper_backward_forced(on: bool = True):
   saved = config.hopper_backward_neighborhood, policy.hopper_backward_neighborhood
   try:
     if on:
-      config.hopper_backward_neighborhood = lambda mask, d: True
-      policy.hopper_backward_neighborhood = lambda mask, d: True
+      config.hopper_backward_neighborhood = lambda *args, **kw: True
+      policy.hopper_backward_neighborhood = lambda *args, **kw: True
     yield
   finally:
     config.hopper_backward_neighborhood, policy.hopper_backward_neighborhood = saved

@@ -20,6 +20,7 @@ from . import attention_bwd_dq as bwd_dq
 from . import attention_bwd_wide as bwd_wide
 from .config import _COMPUTE_WGS, _MAX_BACKWARD_HEAD_DIM, _ROWS, _padded_head_dim
 from .config import hopper_backward_neighborhood
+from .cost import window_dq_tile
 from .tables import live_quarters
 
 _BLOCK_KV = _COMPUTE_WGS * _ROWS
@@ -53,6 +54,14 @@ QUARTERS_MIN_DEAD = 0.08  # 2-D k33 and 3-D k8×16² 10%, LM 16%; `window 2047 |
 # then win on what else they give: gradients without float32 reduce-adds (the same bits
 # every run) and no float32 dQ buffer (537 MB there).
 FUSED_MIN_ENTRIES = 24
+# Since dQ is formed a step late (`attention_bwd.DEFERRED_DQ`, 2026-12-07) the fused form also
+# wins on shorter lists. H100, fwd+bwd ms, fused / two kernels (one call,
+# docs/experiments/h100-2026-12-07-backward-forms.json): the causal window 2048 at S=32768
+# (16.5) 3.99 / 4.28, 1-D NA k2049 at S=32768 (17) 8.16 / 8.86; the LM mask (5.8) 0.90 / 0.88,
+# 2-D NA k33 (15, dead quarters) 4.23 / 4.13. So from this many Q blocks per KV block too,
+# except where dQ's window-anchored KV boxes pay (`cost.window_dq_tile`: strided
+# neighborhoods, not measured against the new fused form; before it, fused lost 2-10% there).
+FUSED_MIN_ENTRIES_SHORT = 12
 # At head_dim 64 the fused form ("own": each warpgroup reduce-adds its own keys' share; the
 # dK/dV accumulators take half the registers, so it does not spill) with 4 Q/dO slots wins
 # where KV blocks visit ~15 Q blocks or more and loses on short lists, on every mask. H100,
@@ -140,17 +149,22 @@ def wide(plan: AttentionPlan, head_dim: int) -> bool:
 def separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> bool:
   """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
   rather than reduce-added by the dK/dV kernel (`MosaicGPUConfig.backward_dq`). None: fused where KV
-  blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`) unless the dK/dV
-  kernel has dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`); else the kernel."""
+  blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`, or
+  `FUSED_MIN_ENTRIES_SHORT` where dQ's window boxes do not pay) unless the dK/dV kernel has
+  dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`); else the kernel."""
   if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
     return False
   if cfg.backward_dq is not None:
     return cfg.backward_dq == "kernel"
   bmap = bmap or plan.block_map
+  entries = mean_entries(bmap)
   if head_dim == 64:
-    return mean_entries(bmap) < FUSED_MIN_ENTRIES_64
-  return not (head_dim == 128 and mean_entries(bmap) >= FUSED_MIN_ENTRIES
-              and dead_quarters(cfg, plan, bmap) is None)
+    return entries < FUSED_MIN_ENTRIES_64
+  if head_dim != 128 or entries < FUSED_MIN_ENTRIES_SHORT or (
+      dead_quarters(cfg, plan, bmap) is not None):
+    return True
+  return (entries < FUSED_MIN_ENTRIES and isinstance(plan.mask, masks.Neighborhood)
+          and window_dq_tile(plan) is not None)
 
 
 def dead_quarters(cfg, plan: AttentionPlan, bmap):
