@@ -2,7 +2,7 @@
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending]
+#   [ours|peers|all|models|ours+models|pending|pending2]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -26,6 +26,13 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
+  # Queued (thirty-first session, the H200 did not come back): the README's H200 headline
+  # after the deferred dQ (`attention_bwd.DEFERRED_DQ`), with cuDNN and torch Flex.
+  timeout 560 python3 -m benchmarks run --suite \
+    dense,causal,routing,window,gna2d,gna3d,strided,gna1d,blocksparse --peers --plot \
+    --out $OUT/head 2>&1 | grep -E "^\|" | tail -40
+fi
+if [ "$what" = pending2 ]; then
   # Queued (thirtieth session, no machine came): the README head-dim table's 64/96/128 rows
   # with cuDNN after this week's backward changes, causal and dense (S=8192, B=2, H=16).
   timeout 280 python3 -m benchmarks.diag.diag_head_dim --head-dims 64,96,128 --no-triton \
