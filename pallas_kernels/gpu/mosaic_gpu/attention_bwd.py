@@ -15,16 +15,18 @@ two 64-row steps, every query head of the GQA group in turn) and TMA-loads each 
 log-sum-exp and delta (and the step's query intervals) into a ring of slots. Per step and
 warpgroup (all in the transposed domain, rows = keys):
 
-    Sᵀ = K Qᵀ, dPᵀ = V dOᵀ                 (two wgmmas, one wait)
+    Sᵀ = K Qᵀ, dPᵀ = V dOᵀ                 (two wgmmas, one wait; the accumulators start
+                                            from −lse₂/(scale·log2 e) and −delta, `LSE_IN_ACC`)
     Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂)        (masked: 0 outside each query's intervals)
     dSᵀ = Pᵀ ∘ (dPᵀ − delta)
     dV += Pᵀ dO,  dK += dSᵀ Q               (Pᵀ, dSᵀ from registers)
     dQ[q, :] += dS K                        (fused form only) → fp32 TMA reduce-add
 
 In the fused form dSᵀ goes through shared memory, and dQ needs every key row of the step: with
-head_dim 128 the warpgroups meet once per step (after both wrote dSᵀ) and each computes 64 of
-dQ's columns from both halves of dSᵀ (one 64×64 reduce-add per warpgroup); with head_dim 64
-each adds its own rows' share. Full blocks run with no mask arithmetic; partial ones of
+head_dim 128 each warpgroup computes 64 of dQ's columns from both halves of dSᵀ (one 64×64
+reduce-add per warpgroup), step t−1's at step t once the other warpgroup's half is written
+(`DEFERRED_DQ`; before, the warpgroups met after dSᵀ every step); with head_dim 64 each adds
+its own rows' share. Full blocks run with no mask arithmetic; partial ones of
 neighborhoods add the forward's MMA bias (one wgmma of the KV block's one-hot coordinates [64,
 W] by the step's host-built test matrix [W, 64 queries], `tables.backward_mma_inputs`), other
 partial ones test each key's coordinates against the query's interval per mask dimension (the
@@ -386,7 +388,8 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
       zeros = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       carry = (zeros, zeros)
-      if deferred:  # "step −1": a zeroed dSᵀ buffer 1 (dQ adds 0 to rows 0..63 of head 0)
+      if deferred:  # "step −1": a zeroed dSᵀ buffer 1 (its dQ adds 0 to rows 0..63 of the
+        # item's first query head)
         ds_smem.at[1].at[own][...] = plgpu.layout_cast(jnp.zeros((_ROWS, _ROWS), dtype),
                                                        plgpu.Layout.WGMMA)
         plgpu.commit_smem()
@@ -405,17 +408,19 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       if pingpong:  # warpgroup 0's last phase pairs with warpgroup 1's first
         pl.when(wg == 0)(schedule)
       if deferred:  # the last step's dQ
-        def last_dq(acc_ref):
-          plgpu.wgmma(acc_ref, *dq_operands_last())
-        def dq_operands_last():
+        def last_operands():
           plgpu.barrier_wait(written.at[lax.rem(total + 1, 2)])
           return split_operands(ds_smem.at[lax.rem(total + 1, 2)])
+
+        def last_dq(acc_ref):
+          plgpu.wgmma(acc_ref, *last_operands())
+          return acc_ref[...]
+
         if interpret:
           dq = mma_add(plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32),
-                                         plgpu.Layout.WGMMA), *dq_operands_last())
+                                         plgpu.Layout.WGMMA), *last_operands())
         else:
-          dq = pl.run_scoped(lambda r: (last_dq(r), r[...])[1],
-                             plgpu.ACC((_ROWS, dq_cols), jnp.float32))
+          dq = pl.run_scoped(last_dq, plgpu.ACC((_ROWS, dq_cols), jnp.float32))
         add_dq(dq, *prev)
         # Observe the last step's release of the other buffer (its phase is unobserved).
         plgpu.barrier_wait(consumed.at[lax.rem(total, 2)])
