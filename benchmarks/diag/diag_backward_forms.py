@@ -3,8 +3,9 @@
 kernel everywhere (the defaults before FUSED_MIN_ENTRIES), fused everywhere at head_dim 128
 (the defaults take one of the two by `policy.FUSED_MIN_ENTRIES`), cuDNN beside dense
 and causal; strided neighborhoods with and without the shifted key grid
-(`ops.SHIFTED_KV`) on the Triton and the Hopper backward; a gradient check of each variant
-against the first.
+(`ops.SHIFTED_KV`) on the Triton and the Hopper backward, and the fused form there instead
+of dQ on window boxes; a gradient check of each variant against the first. ("kernel" also
+lifts `FUSED_MIN_ENTRIES_SHORT`, added 2026-12-07 after the calls that set it.)
 
     python -m benchmarks.diag.diag_backward_forms --cases window,routing,strided --out x.json
 """
@@ -23,7 +24,8 @@ from ..cli import suites
 
 BIG = 10 ** 9
 VARIANTS = {
-    "kernel": {(policy, "FUSED_MIN_ENTRIES"): BIG, (ops, "SHIFTED_KV"): False},
+    "kernel": {(policy, "FUSED_MIN_ENTRIES"): BIG, (policy, "FUSED_MIN_ENTRIES_SHORT"): BIG,
+               (ops, "SHIFTED_KV"): False},
     "fused": {(policy, "FUSED_MIN_ENTRIES"): 0, (ops, "SHIFTED_KV"): False},
 }
 PEERS = ("dense", "causal")  # cuDNN beside them (jax.nn.dot_product_attention)
@@ -32,17 +34,22 @@ STRIDED = {
     "triton_shifted": {(ops, "SHIFTED_KV"): True},
     "hopper_grid": {(ops, "SHIFTED_KV"): False, "hopper": True},
     "hopper_shifted": {(ops, "SHIFTED_KV"): True, "hopper": True},
+    # the fused form instead of the two kernels with dQ on window boxes (the default)
+    "hopper_shifted_fused": {(ops, "SHIFTED_KV"): True, "hopper": True,
+                             (policy, "FUSED_MIN_ENTRIES"): 0},
 }
 
 
 def main():
   parser = case_parser("strided,gna3d,routing,dense,causal,window,blocksparse")
+  parser.add_argument("--all-sizes", action="store_true",
+                      help="dense and causal at every size (default: S=16384 only)")
   args = parser.parse_args()
   built = suites(quick=False)
   rows = []
   for suite in args.cases.split(","):
     for case in built[suite]():
-      if suite in ("dense", "causal") and "16384" not in case.name:
+      if suite in ("dense", "causal") and "16384" not in case.name and not args.all_sizes:
         continue
       q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
       variants = STRIDED if suite == "strided" else VARIANTS

@@ -33,7 +33,7 @@ if [ "$what" = pending ]; then
     --out $OUT/head 2>&1 | grep -E "^\|" | tail -40
   # The forms on the lists the new threshold moved without a measurement (causal S=4096 at
   # 16.5 Q blocks per KV block) or kept (strided 3-D, dQ on window boxes).
-  timeout 120 python3 -m benchmarks.diag.diag_backward_forms --cases causal,strided \
+  timeout 120 python3 -m benchmarks.diag.diag_backward_forms --cases causal,strided --all-sizes \
     --out $OUT/forms.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending2 ]; then
