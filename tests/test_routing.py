@@ -100,14 +100,17 @@ def test_routed_low_precision_triton():
 @pytest.mark.parametrize("mask, kv_heads, backward, dq", [
     ("causal", 1, "mosaic_gpu", None), ("function", 1, "mosaic_gpu", None),
     ("window", 2, "mosaic_gpu", None), ("causal", 1, "triton", None),
-    ("window", 2, "mosaic_gpu", "own")])
+    ("window", 2, "mosaic_gpu", "own"), ("causal", 2, "mosaic_gpu", "split")])
 def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward, dq):
   # The Hopper forward and the dQ kernel walk per-(batch, head) rows; with GQA each query head
   # of a group has its own Q list per KV block (the dK/dV kernel's device-built work items);
-  # "own": dQ reduce-added by the dK/dV kernel. Two batch rows with GQA (per-batch rows), one
-  # otherwise (interpret-mode time).
+  # "own": dQ reduce-added by the dK/dV kernel; "split" (128 columns): the same with dQ's
+  # columns split between the warpgroups, a step late (`attention_bwd.DEFERRED_DQ`), as MoBA
+  # runs on the GPU. Two batch rows with GQA (per-batch rows), one otherwise (interpret-mode
+  # time).
   from pallas_kernels.gpu import MosaicGPUConfig
-  p = dict(batch=kv_heads, sq=300, skv=300, bs=128, kv_heads=kv_heads, heads=2, head_dim=64,
+  p = dict(batch=kv_heads, sq=300, skv=300, bs=128, kv_heads=kv_heads, heads=2,
+           head_dim=128 if dq == "split" else 64,
            mask=mask, k=2, segments=mask == "causal", dtype=jnp.bfloat16, seed=4)
   check_routed(p, "mosaic_gpu", interpret=True,
                config=MosaicGPUConfig(backward=backward, backward_dq=dq))
