@@ -2,7 +2,7 @@
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -36,6 +36,13 @@ if [ "$what" = pending ]; then
   # 32.7, whose dead quarters keep two kernels: a tie with the fused form before it).
   timeout 170 python3 -m benchmarks.diag.diag_backward_forms --cases causal,gna3d,strided --all-sizes \
     --out $OUT/forms.json 2>&1 | grep '^{'
+fi
+if [ "$what" = pending3 ]; then
+  # Queued (thirty-first session): real-size gradient checks against float32 XLA after the
+  # accumulators' initial values (`attention_bwd.LSE_IN_ACC`), neighborhoods' MMA bias among
+  # them (checked on the GPU so far only on dense and a causal window).
+  timeout 420 python3 -m benchmarks.bench_gpu --suite check --out $OUT/check.json 2>&1 \
+    | grep '^{' | tail -40
 fi
 if [ "$what" = pending2 ]; then
   # Queued (thirtieth session, no machine came): the README head-dim table's 64/96/128 rows
