@@ -398,6 +398,39 @@ def test_deferred_dq(monkeypatch, on):
     assert text.count("@mosaic_gpu_v2(") == 2
 
 
+@pytest.mark.extended
+def test_fused_quarters(monkeypatch):
+  """The lab knob `policy.FUSED_QUARTERS`: the deferred fused form skips the partial steps
+  whose queries none of a warpgroup's keys may see (zeros as its half of dSᵀ, dQ(t−1) still
+  formed): gradients vs the brute force on a map with such quarters (GQA), and the policy
+  then fuses maps with dead quarters; it lowers for CUDA."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy, tables
+  monkeypatch.setattr(policy, "QUARTERS", True)
+  monkeypatch.setattr(policy, "FUSED_QUARTERS", True)
+  monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", True)
+  plan = make_plan(backend_cases.seq_mask("window_sink", 384, 384), SequenceLayout(384, 128),
+                   SequenceLayout(384, 128))
+  bits, _ = tables.live_quarters(plan)
+  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.kv_counts)[:, None]
+  assert np.any(visited & (bits != 15))
+  cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
+  p = dict(batch=1, sq=384, skv=384, heads=2, kv_heads=1, head_dim=128, mask="window_sink",
+           segments=False, dtype=jnp.bfloat16, seed=9)
+  backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=cfg)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
+      backend="mosaic_gpu", config=cfg).astype(jnp.float32))
+  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128), S(1, 1000, 2, 128),
+                 S(1, 1000, 2, 128))
+  lm = make_plan(masks.causal() & (masks.sliding_window(511) | masks.sink(4)),
+                 SequenceLayout(16384, 128), SequenceLayout(16384, 128))
+  cfg_auto = mgpu.config._config(MosaicGPUConfig(backward="mosaic_gpu"))
+  assert policy.dead_quarters(cfg_auto, lm, lm.block_map) is not None
+  monkeypatch.setattr(policy, "FUSED_MIN_ENTRIES_SHORT", 1)
+  assert not policy.separate_dq(cfg_auto, lm, 128)
+
+
 @pytest.mark.parametrize("written", [True, pytest.param(False, marks=pytest.mark.extended)])
 def test_written_dkv(monkeypatch, written):
   """`attention_bwd.WRITTEN_DKV`: where every KV block is one item's (causal self-attention,

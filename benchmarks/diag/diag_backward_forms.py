@@ -4,7 +4,8 @@ kernel everywhere (the defaults before FUSED_MIN_ENTRIES), fused everywhere at h
 (the defaults take one of the two by `policy.FUSED_MIN_ENTRIES`), cuDNN beside dense
 and causal; strided neighborhoods with and without the shifted key grid
 (`ops.SHIFTED_KV`) on the Triton and the Hopper backward, and the fused form there instead
-of dQ on window boxes; a gradient check of each variant against the first. ("kernel" also
+of dQ on window boxes; `--variants kernel,fused,fused_quarters` adds the fused form that skips
+dead quarters; a gradient check of each variant against the first. ("kernel" also
 lifts `FUSED_MIN_ENTRIES_SHORT`, added 2026-12-07 after the calls that set it.)
 
     python -m benchmarks.diag.diag_backward_forms --cases window,routing,strided --out x.json
@@ -27,6 +28,9 @@ VARIANTS = {
     "kernel": {(policy, "FUSED_MIN_ENTRIES"): BIG, (policy, "FUSED_MIN_ENTRIES_SHORT"): BIG,
                (ops, "SHIFTED_KV"): False},
     "fused": {(policy, "FUSED_MIN_ENTRIES"): 0, (ops, "SHIFTED_KV"): False},
+    # the fused form skipping dead quarters too (`policy.FUSED_QUARTERS`), where maps have them
+    "fused_quarters": {(policy, "FUSED_MIN_ENTRIES"): 0, (policy, "FUSED_QUARTERS"): True,
+                       (ops, "SHIFTED_KV"): False},
 }
 PEERS = ("dense", "causal")  # cuDNN beside them (jax.nn.dot_product_attention)
 STRIDED = {
@@ -44,6 +48,8 @@ def main():
   parser = case_parser("strided,gna3d,routing,dense,causal,window,blocksparse")
   parser.add_argument("--all-sizes", action="store_true",
                       help="dense and causal at every size (default: S=16384 only)")
+  parser.add_argument("--variants", default="kernel,fused",
+                      help=f"of {sorted(VARIANTS)} for the non-strided cases")
   args = parser.parse_args()
   built = suites(quick=False)
   rows = []
@@ -52,7 +58,8 @@ def main():
       if suite in ("dense", "causal") and "16384" not in case.name and not args.all_sizes:
         continue
       q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
-      variants = STRIDED if suite == "strided" else VARIANTS
+      variants = (STRIDED if suite == "strided"
+                  else {n: VARIANTS[n] for n in args.variants.split(",")})
       row = {"case": case.name}
       ref = None
       for name, patch in variants.items():

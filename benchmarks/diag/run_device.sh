@@ -2,7 +2,7 @@
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -43,6 +43,13 @@ if [ "$what" = pending3 ]; then
   # them (checked on the GPU so far only on dense and a causal window).
   timeout 420 python3 -m benchmarks.bench_gpu --suite check --out $OUT/check.json 2>&1 \
     | grep '^{' | tail -40
+fi
+if [ "$what" = pending4 ]; then
+  # Queued (thirty-first session): the deferred fused form skipping dead quarters
+  # (`policy.FUSED_QUARTERS`, off) on the neighborhoods that have them, against the two
+  # kernels with their skips (the default) and the fused form without.
+  timeout 300 python3 -m benchmarks.diag.diag_backward_forms --cases gna2d,gna3d,blocksparse \
+    --variants kernel,fused,fused_quarters --out $OUT/fused-quarters.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending2 ]; then
   # Queued (thirtieth session, no machine came): the README head-dim table's 64/96/128 rows

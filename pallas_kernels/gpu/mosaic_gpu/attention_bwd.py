@@ -250,13 +250,15 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         plgpu.barrier_wait(q_bar.at[slot])
         if not (quarters and masked):
           return step_products(carry, t, j, masked, slot)
-        # A step whose 64 queries none of my keys may see (`tables.live_quarters`): skipped.
+        # A step whose 64 queries none of my keys may see (`tables.live_quarters`): skipped
+        # (the deferred fused form still writes zeros as its half of dSᵀ and forms dQ(t−1)).
         r = t - bases[j]
         bits = quarters_ref[kv_block, first + lax.div(r, sub)]
         live = lax.shift_right_logical(bits, 2 * lax.rem(r, sub) + wg) & 1
         carry = lax.cond(live != 0, functools.partial(step_products, t=t, j=j, masked=True,
                                                       slot=slot, release=False),
-                         lambda c: c, carry)
+                         functools.partial(dead_step, t=t, j=j) if deferred else lambda c: c,
+                         carry)
         plgpu.barrier_arrive(q_free.at[slot])
         return carry
 
@@ -365,6 +367,36 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         add_dq(dq, lax.div(q0, _ROWS), head)
         return dk, dv
 
+      def dead_step(carry, t, j: int):
+        """A deferred fused step with none of my keys live (`policy.FUSED_QUARTERS`): zeros as
+        my half of dSᵀ(t), then dQ(t−1) as in `step_products`."""
+        dk, dv, *prev = carry
+        q0, head = step_q(j, t)
+        plgpu.barrier_wait(consumed.at[lax.rem(t, 2)])
+        ds_smem.at[lax.rem(t, 2)].at[own][...] = plgpu.layout_cast(
+            jnp.zeros((_ROWS, _ROWS), dtype), plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(written.at[lax.rem(t, 2)])
+        dq = deferred_dq(t)
+        plgpu.barrier_arrive(consumed.at[lax.rem(t + 1, 2)])
+        add_dq(dq, *prev)
+        return dk, dv, lax.div(q0, _ROWS), head
+
+      def deferred_dq(t):
+        """dQ(t−1), my 64 columns, in a fresh accumulator once dSᵀ(t−1) is written."""
+        def operands():
+          plgpu.barrier_wait(written.at[lax.rem(t + 1, 2)])
+          return split_operands(ds_smem.at[lax.rem(t + 1, 2)])
+
+        def run(acc_ref):
+          plgpu.wgmma(acc_ref, *operands())
+          return acc_ref[...]
+
+        if interpret:
+          return mma_add(plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32),
+                                           plgpu.Layout.WGMMA), *operands())
+        return pl.run_scoped(run, plgpu.ACC((_ROWS, dq_cols), jnp.float32))
+
       def split_operands(ds_buf):  # dS of both warpgroups' keys, my 64 columns of K
         return ds_buf.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)]
 
@@ -408,20 +440,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       if pingpong:  # warpgroup 0's last phase pairs with warpgroup 1's first
         pl.when(wg == 0)(schedule)
       if deferred:  # the last step's dQ
-        def last_operands():
-          plgpu.barrier_wait(written.at[lax.rem(total + 1, 2)])
-          return split_operands(ds_smem.at[lax.rem(total + 1, 2)])
-
-        def last_dq(acc_ref):
-          plgpu.wgmma(acc_ref, *last_operands())
-          return acc_ref[...]
-
-        if interpret:
-          dq = mma_add(plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32),
-                                         plgpu.Layout.WGMMA), *last_operands())
-        else:
-          dq = pl.run_scoped(last_dq, plgpu.ACC((_ROWS, dq_cols), jnp.float32))
-        add_dq(dq, *prev)
+        add_dq(deferred_dq(total), *prev)
         # Observe the last step's release of the other buffer (its phase is unobserved).
         plgpu.barrier_wait(consumed.at[lax.rem(total, 2)])
       # Several items may share a KV block: dK and dV are reduce-added in float32, staged
@@ -700,16 +719,18 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   # query visits as zeros: dK/dV are its outputs, with no zero fill (`WRITTEN_RUNTIME`).
   zero_empty = WRITTEN_RUNTIME and whole and direct is True
   # Quarters of partial blocks that no pair may pass, skipped (static maps, dQ its own kernel).
-  quarters = policy.dead_quarters(cfg, plan, bmap) if separate and not runtime else None
-  dq_quarters = quarters[0] if quarters is not None and QUARTERS_DQ else None
   split = policy.split_dq(cfg, d) and not separate
+  deferred = bool(DEFERRED_DQ) and split
+  quarters = (policy.dead_quarters(cfg, plan, bmap)
+              if (separate or (deferred and policy.FUSED_QUARTERS)) and not runtime else None)
+  dq_quarters = quarters[0] if quarters is not None and QUARTERS_DQ and separate else None
   kernel = functools.partial(
       _kernel, head_dim=d, groups=groups, dims=dims, sub=plan.block_q // _ROWS,
       block_q=plan.block_q, stages=stages, scale=scale, dtype=q.dtype, interpret=bool(interpret),
       split_dq=split, mask_fn=mask_fn, terms=terms,
       segments=q_seg is not None, chunk=chunk,
       pingpong=(cfg.backward_pingpong or (DEFERRED_DQ == "pingpong" and split)) and not interpret,
-      deferred=bool(DEFERRED_DQ) and split,
+      deferred=deferred,
       with_dq=not separate, direct=direct, segments_full=bmap.segments_full,
       shared=bmap.shares_heads, mma_width=0 if mma is None else mma_dkv[0].shape[1],
       quarters=quarters is not None, zero_empty=zero_empty, softcap=softcap)

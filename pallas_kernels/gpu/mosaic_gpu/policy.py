@@ -57,11 +57,20 @@ FUSED_MIN_ENTRIES = 24
 # Since dQ is formed a step late (`attention_bwd.DEFERRED_DQ`, 2026-12-07) the fused form also
 # wins on shorter lists. H100, fwd+bwd ms, fused / two kernels (one call,
 # docs/experiments/h100-2026-12-07-backward-forms.json): the causal window 2048 at S=32768
-# (16.5) 3.99 / 4.28, 1-D NA k2049 at S=32768 (17) 8.16 / 8.86; the LM mask (5.8) 0.90 / 0.88,
-# 2-D NA k33 (15, dead quarters) 4.23 / 4.13. So from this many Q blocks per KV block too,
+# (16.5) 3.99 / 4.28, 1-D NA k2049 at S=32768 (17) 8.16 / 8.86 (the LM mask at 5.8 and 2-D NA
+# k33 at 15 have dead quarters, so both variants ran the two kernels there: identical
+# gradients, 0.90 / 0.88 and 4.23 / 4.13 the call's noise; forced, the deferred fused
+# backward of the LM mask took 0.83-0.85 ms against the two kernels' 0.65-0.66 on the H200,
+# docs/experiments/h200-2026-12-07-deferred-dq.json). So from this many Q blocks per KV block too,
 # except where dQ's window-anchored KV boxes pay (`cost.window_dq_tile`: strided
 # neighborhoods, not measured against the new fused form; before it, fused lost 2-10% there).
 FUSED_MIN_ENTRIES_SHORT = 12
+# The deferred fused form (`attention_bwd.DEFERRED_DQ`) skips dead quarters too: a warpgroup
+# none of whose keys a partial step's queries may see writes zeros as its half of dSᵀ and
+# forms only dQ(t−1) (`attention_bwd`'s `dead_step`); then maps with dead quarters may fuse.
+# Before the deferred dQ, a skip there (with the warpgroups meeting inside the `lax.cond`)
+# ran 5% slower (docs/performance.md, 2026-12-05). A lab switch, off: not measured.
+FUSED_QUARTERS = False
 # At head_dim 64 the fused form ("own": each warpgroup reduce-adds its own keys' share; the
 # dK/dV accumulators take half the registers, so it does not spill) with 4 Q/dO slots wins
 # where KV blocks visit ~15 Q blocks or more and loses on short lists, on every mask. H100,
@@ -161,7 +170,7 @@ def separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> boo
   if head_dim == 64:
     return entries < FUSED_MIN_ENTRIES_64
   if head_dim != 128 or entries < FUSED_MIN_ENTRIES_SHORT or (
-      dead_quarters(cfg, plan, bmap) is not None):
+      not FUSED_QUARTERS and dead_quarters(cfg, plan, bmap) is not None):
     return True
   return (entries < FUSED_MIN_ENTRIES and isinstance(plan.mask, masks.Neighborhood)
           and window_dq_tile(plan) is not None)
