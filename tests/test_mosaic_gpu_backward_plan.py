@@ -312,20 +312,27 @@ def test_live_quarters_separable(problem):
   assert not np.any(fast & ~rows)
 
 
+def _assert_dead_quarters():
+  """The 384-token `window_sink` map of the quarter tests has visited blocks with dead 64x64
+  quarters (`tables.live_quarters`)."""
+  from pallas_kernels.gpu.mosaic_gpu import tables
+  plan = make_plan(backend_cases.seq_mask("window_sink", 384, 384), SequenceLayout(384, 128),
+                   SequenceLayout(384, 128))
+  bits, _ = tables.live_quarters(plan)
+  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.kv_counts)[:, None]
+  assert np.any(visited & (bits != 15))
+
+
 @pytest.mark.parametrize("joint", [True, pytest.param(False, marks=pytest.mark.extended)])
 def test_quarters_dq(monkeypatch, joint):
   """`attention_bwd.QUARTERS_DQ`: the dQ kernel's warpgroups skip the 64-key halves of
   partial blocks that none of their 64 queries may see (the joint launch, and dQ's own
   launch, `JOINT_DQ=False`): gradients vs the brute force, GQA; the map has such halves. (The
   kernels lower with these skips: test_quarters.)"""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy, tables
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy
   monkeypatch.setattr(policy, "QUARTERS", True)
   monkeypatch.setattr(attention_bwd, "QUARTERS_DQ", True)
-  plan = make_plan(backend_cases.seq_mask("window_sink", 384, 384), SequenceLayout(384, 128),
-                   SequenceLayout(384, 128))
-  bits, _ = tables.live_quarters(plan)
-  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.kv_counts)[:, None]
-  assert np.any(visited & (bits != 15))
+  _assert_dead_quarters()
   p = dict(batch=1, sq=384, skv=384, heads=2, kv_heads=1, head_dim=64, mask="window_sink",
            segments=False, dtype=jnp.bfloat16, seed=8)
   monkeypatch.setattr(attention_bwd, "JOINT_DQ", joint)
@@ -351,6 +358,17 @@ def test_direct_dkv(monkeypatch):
   assert text.count("@mosaic_gpu_v2(") == 2  # dQ in the dK/dV launch
 
 
+def _gpu_launches(mask, cfg) -> int:
+  """Mosaic GPU launches in fwd+bwd on `mask` (1000 tokens, GQA 4/2, head_dim 128, bf16)
+  exported for CUDA on the CPU."""
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsa.attention(
+      q, k, v, mask, backend="mosaic_gpu", config=cfg).astype(jnp.float32))
+  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
+                        S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
+  return text.count("@mosaic_gpu_v2(")
+
+
 @pytest.mark.parametrize("form,on", [
     ("split", True), pytest.param("kernel", True, marks=pytest.mark.extended),
     pytest.param("split", False, marks=pytest.mark.extended),
@@ -367,12 +385,7 @@ def test_lse_in_acc(monkeypatch, form, on):
   p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=128 if form == "split" else 64,
            mask="masked_rows", segments=False, dtype=jnp.bfloat16, seed=12)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=cfg)
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(jsa.attention(
-      q, k, v, masks.causal(), backend="mosaic_gpu", config=cfg).astype(jnp.float32))
-  text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
-                        S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
-  assert text.count("@mosaic_gpu_v2(") == 2  # the forward, the backward (one launch)
+  assert _gpu_launches(masks.causal(), cfg) == 2  # the forward, the backward (one launch)
 
 
 @pytest.mark.parametrize("on", [True, pytest.param(False, marks=pytest.mark.extended)])
@@ -388,14 +401,9 @@ def test_deferred_dq(monkeypatch, on):
   p = dict(batch=1, sq=200, skv=345, heads=4, kv_heads=2, head_dim=128, mask="masked_rows",
            segments=False, dtype=jnp.bfloat16, seed=13)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=cfg)
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(jsa.attention(
-      q, k, v, masks.causal(), backend="mosaic_gpu", config=cfg).astype(jnp.float32))
   for form in (on, "pingpong") if on else (on,):
     monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", form)
-    text = export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128),
-                          S(1, 1000, 2, 128), S(1, 1000, 2, 128)).mlir_module()
-    assert text.count("@mosaic_gpu_v2(") == 2
+    assert _gpu_launches(masks.causal(), cfg) == 2
 
 
 @pytest.mark.extended
@@ -404,25 +412,16 @@ def test_fused_quarters(monkeypatch):
   whose queries none of a warpgroup's keys may see (zeros as its half of dSᵀ, dQ(t−1) still
   formed): gradients vs the brute force on a map with such quarters (GQA), and the policy
   then fuses maps with dead quarters; it lowers for CUDA."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy, tables
+  from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy
   monkeypatch.setattr(policy, "QUARTERS", True)
   monkeypatch.setattr(policy, "FUSED_QUARTERS", True)
   monkeypatch.setattr(attention_bwd, "DEFERRED_DQ", True)
-  plan = make_plan(backend_cases.seq_mask("window_sink", 384, 384), SequenceLayout(384, 128),
-                   SequenceLayout(384, 128))
-  bits, _ = tables.live_quarters(plan)
-  visited = np.arange(bits.shape[1])[None] < np.asarray(plan.block_map.kv_counts)[:, None]
-  assert np.any(visited & (bits != 15))
+  _assert_dead_quarters()
   cfg = MosaicGPUConfig(backward="mosaic_gpu", backward_dq="split")
   p = dict(batch=1, sq=384, skv=384, heads=2, kv_heads=1, head_dim=128, mask="window_sink",
            segments=False, dtype=jnp.bfloat16, seed=9)
   backend_cases.check_attention(p, "mosaic_gpu", interpret=True, config=cfg)
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(jsa.attention(
-      q, k, v, masks.causal() & (masks.sliding_window(255) | masks.sink(4)),
-      backend="mosaic_gpu", config=cfg).astype(jnp.float32))
-  export_for_gpu(jax.grad(loss, argnums=(0, 1, 2)), S(1, 1000, 4, 128), S(1, 1000, 2, 128),
-                 S(1, 1000, 2, 128))
+  assert _gpu_launches(masks.causal() & (masks.sliding_window(255) | masks.sink(4)), cfg) == 2
   lm = make_plan(masks.causal() & (masks.sliding_window(511) | masks.sink(4)),
                  SequenceLayout(16384, 128), SequenceLayout(16384, 128))
   cfg_auto = mgpu.config._config(MosaicGPUConfig(backward="mosaic_gpu"))
