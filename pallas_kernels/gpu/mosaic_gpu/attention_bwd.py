@@ -325,8 +325,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
         def dq_operands():  # dS (a transposed view of dSᵀ) and the matching K columns
           if deferred:  # step t−1's, once both its halves are written
-            plgpu.barrier_wait(written.at[lax.rem(t + 1, 2)])
-            return split_operands(ds_smem.at[lax.rem(t + 1, 2)])
+            return deferred_operands(t)
           if split_dq:
             return split_operands(ds_ref)
           return ds_ref.at[own].transpose((1, 0)), k_smem.at[own]
@@ -373,8 +372,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         dk, dv, *prev = carry
         q0, head = step_q(j, t)
         plgpu.barrier_wait(consumed.at[lax.rem(t, 2)])
-        ds_smem.at[lax.rem(t, 2)].at[own][...] = plgpu.layout_cast(
-            jnp.zeros((_ROWS, _ROWS), dtype), plgpu.Layout.WGMMA)
+        ds_smem.at[lax.rem(t, 2)].at[own][...] = zero_half()
         plgpu.commit_smem()
         plgpu.barrier_arrive(written.at[lax.rem(t, 2)])
         dq = deferred_dq(t)
@@ -382,20 +380,24 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         add_dq(dq, *prev)
         return dk, dv, lax.div(q0, _ROWS), head
 
-      def deferred_dq(t):
-        """dQ(t−1), my 64 columns, in a fresh accumulator once dSᵀ(t−1) is written."""
-        def operands():
-          plgpu.barrier_wait(written.at[lax.rem(t + 1, 2)])
-          return split_operands(ds_smem.at[lax.rem(t + 1, 2)])
+      def deferred_operands(t):
+        """dQ(t−1)'s operands (`split_operands`), once both halves of dSᵀ(t−1) are written."""
+        plgpu.barrier_wait(written.at[lax.rem(t + 1, 2)])
+        return split_operands(ds_smem.at[lax.rem(t + 1, 2)])
 
+      def deferred_dq(t):
+        """dQ(t−1), my 64 columns, in a fresh accumulator."""
         def run(acc_ref):
-          plgpu.wgmma(acc_ref, *operands())
+          plgpu.wgmma(acc_ref, *deferred_operands(t))
           return acc_ref[...]
 
         if interpret:
           return mma_add(plgpu.layout_cast(jnp.zeros((_ROWS, dq_cols), jnp.float32),
-                                           plgpu.Layout.WGMMA), *operands())
+                                           plgpu.Layout.WGMMA), *deferred_operands(t))
         return pl.run_scoped(run, plgpu.ACC((_ROWS, dq_cols), jnp.float32))
+
+      def zero_half():  # zeros as my keys' half of a dSᵀ buffer
+        return plgpu.layout_cast(jnp.zeros((_ROWS, _ROWS), dtype), plgpu.Layout.WGMMA)
 
       def split_operands(ds_buf):  # dS of both warpgroups' keys, my 64 columns of K
         return ds_buf.transpose((1, 0)), k_smem.at[:, pl.ds(wg * 64, 64)]
@@ -422,8 +424,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
       carry = (zeros, zeros)
       if deferred:  # "step −1": a zeroed dSᵀ buffer 1 (its dQ adds 0 to rows 0..63 of the
         # item's first query head)
-        ds_smem.at[1].at[own][...] = plgpu.layout_cast(jnp.zeros((_ROWS, _ROWS), dtype),
-                                                       plgpu.Layout.WGMMA)
+        ds_smem.at[1].at[own][...] = zero_half()
         plgpu.commit_smem()
         plgpu.barrier_arrive(written.at[1])
         plgpu.barrier_arrive(consumed.at[0])

@@ -92,8 +92,11 @@ def window_dq_tile(plan: AttentionPlan, force: bool = False) -> tuple[int, ...] 
   (`ops._backward_plan`): 3-D k8×16² stride 4×8×8 visits 10368 blocks (6272 full) on that
   grid, 8192 (all full) as anchored boxes."""
   from jax_sparse_attn.simulate import candidate_tiles
-  mask, tq = plan.mask, plan.q_layout.tile_shape
-  if not isinstance(mask, masks.Neighborhood) or math.prod(tq) != 2 * _ROWS:
+  mask = plan.mask
+  if not isinstance(mask, masks.Neighborhood):  # (1-D plans' layouts have no tiles)
+    return None
+  tq = plan.q_layout.tile_shape
+  if math.prod(tq) != 2 * _ROWS:
     return None
   best = None
   for kt in candidate_tiles(mask, 2 * _ROWS, last_multiple=8):

@@ -172,8 +172,7 @@ def separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> boo
   if head_dim != 128 or entries < FUSED_MIN_ENTRIES_SHORT or (
       not FUSED_QUARTERS and dead_quarters(cfg, plan, bmap) is not None):
     return True
-  return (entries < FUSED_MIN_ENTRIES and isinstance(plan.mask, masks.Neighborhood)
-          and window_dq_tile(plan) is not None)
+  return entries < FUSED_MIN_ENTRIES and window_dq_tile(plan) is not None
 
 
 def dead_quarters(cfg, plan: AttentionPlan, bmap):
