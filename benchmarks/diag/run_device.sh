@@ -2,7 +2,7 @@
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -41,8 +41,12 @@ if [ "$what" = pending3 ]; then
   # Queued (thirty-first session): real-size gradient checks against float32 XLA after the
   # accumulators' initial values (`attention_bwd.LSE_IN_ACC`), neighborhoods' MMA bias among
   # them (checked on the GPU so far only on dense and a causal window).
-  timeout 420 python3 -m benchmarks.bench_gpu --suite check --out $OUT/check.json 2>&1 \
-    | grep '^{' | tail -40
+  # The Hopper backward by `policy` (the Hopper backward forced, its form by the map) and the
+  # fused form forced ("split" dQ: dead quarters skipped with FUSED_QUARTERS only).
+  timeout 260 python3 -m benchmarks.bench_hopper_backward --sections check \
+    --check-impl mosaic-bwd --out $OUT/check-hopper.json 2>&1 | grep '^{' | tail -40
+  timeout 200 python3 -m benchmarks.bench_hopper_backward --sections check \
+    --check-impl mosaic-split-dq --out $OUT/check-fused.json 2>&1 | grep '^{' | tail -40
 fi
 if [ "$what" = pending4 ]; then
   # Queued (thirty-first session): the deferred fused form skipping dead quarters
@@ -58,4 +62,10 @@ if [ "$what" = pending2 ]; then
     --out $OUT/head-dim-causal.json 2>&1 | grep '^{'
   timeout 200 python3 -m benchmarks.diag.diag_head_dim --head-dims 64,96 --no-triton --dense \
     --out $OUT/head-dim-dense.json 2>&1 | grep '^{'
+fi
+if [ "$what" = pending5 ]; then
+  # Queued (thirty-second session): MoBA's attention with its runtime map built outside the
+  # timing, as Flex's row is timed (the CLI's row includes selection and map: 0.40 ms).
+  timeout 150 python3 -m benchmarks.bench_routing --sections moba --out $OUT/moba.json 2>&1 \
+    | grep '^{' | tail -12
 fi
