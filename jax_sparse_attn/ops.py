@@ -825,8 +825,12 @@ def auto_tiles(impl: Backend, mask: masks_lib.Neighborhood, block_q: int, block_
 # instead of 20480 on the Triton backward's 128×64 blocks, 10368 instead of 12288 on the
 # Hopper one's 128×128), K/V padded by the lead. H200 fwd+bwd (docs/experiments/
 # h200-2026-12-03-backward-forms.json): Triton backward 12.93 -> 12.25 ms, Hopper 13.09 ->
-# 12.00; False: the forward's grid.
-SHIFTED_KV = True
+# 12.00; False: the forward's grid. Off since 2026-12-07: with dQ on the forward's window
+# boxes (`attention_bwd.WINDOW_DQ`, 2026-12-05) and the later dK/dV changes the forward's
+# grid won three rounds on an H100 (docs/experiments/h100-2026-12-07-forms-s4096.json), fwd+bwd
+# ms shifted / grid: Hopper backward 11.02, 11.29, 10.98 / 10.75, 10.79, 10.78; Triton's
+# 10.90, 11.18, 11.06 / 10.63, 10.59, 10.85.
+SHIFTED_KV = False
 
 
 def _backward_plan(impl: Backend, mask: masks_lib.Neighborhood, plan: AttentionPlan,

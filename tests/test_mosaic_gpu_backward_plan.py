@@ -447,8 +447,9 @@ def test_written_dkv(monkeypatch, written):
 def test_fused_dq_policy(monkeypatch):
   """backward_dq=None fuses dQ into the dK/dV kernel at head_dim 128 where KV blocks visit
   at least `FUSED_MIN_ENTRIES` Q blocks on average (dense S=8192: 64, causal: 32.5), or
-  `FUSED_MIN_ENTRIES_SHORT` (causal S=4096: 16.5) where dQ's window-anchored boxes do not
-  pay (a strided 3-D neighborhood at ~16 keeps two kernels), and the map has no dead
+  `FUSED_MIN_ENTRIES_SHORT` on even lists (the causal window 2048: 16.5, not causal S=4096's
+  triangle) where dQ's window-anchored boxes do not pay (a strided 3-D neighborhood at ~16
+  keeps two kernels), and the map has no dead
   quarters for the dK/dV kernel to skip (a 3-D neighborhood with 11%), else dQ is its own
   kernel (the LM mask: 5.8); at head_dim 64 from `FUSED_MIN_ENTRIES_64`
   on every mask (causal S=4096 and a 2-D k33 at ~15 fused, the LM mask's 5.8 not; a 3-D
@@ -470,7 +471,12 @@ def test_fused_dq_policy(monkeypatch):
   assert policy.separate_dq(cfg(), lm, 64)
   assert policy.separate_dq(cfg(), dense, 96)  # not measured there: two kernels
   assert not policy.separate_dq(cfg(), causal, 128)  # 32.5
-  assert not policy.separate_dq(cfg(), seq(masks.causal(), 4096), 128)  # 16.5
+  # causal S=4096: 16.5 on average but uneven lists (lower quartile 8.75): two kernels; the
+  # causal window's even lists (16.5, lower quartile 17) fuse
+  assert policy.short_entries(seq(masks.causal(), 4096).block_map) == 8.75
+  assert policy.separate_dq(cfg(), seq(masks.causal(), 4096), 128)
+  assert not policy.separate_dq(cfg(), seq(masks.causal() & masks.sliding_window(2047), 32768),
+                                128)
   assert policy.mean_entries(lm.block_map) < policy.FUSED_MIN_ENTRIES_SHORT
   assert policy.separate_dq(cfg(), lm, 128)
   assert policy.separate_dq(cfg("kernel"), dense, 128)
@@ -488,7 +494,8 @@ def test_fused_dq_policy(monkeypatch):
   assert policy.separate_dq(cfg(), na2, 128)  # at 128: dead quarters to skip
   monkeypatch.setattr(policy, "QUARTERS", False)  # no skips: fused
   assert not policy.separate_dq(cfg(), na3, 128)
-  assert not policy.separate_dq(cfg(), na2, 128)
+  assert policy.short_entries(na2.block_map) < policy.FUSED_MIN_ENTRIES_SHORT  # 11.5: edges
+  assert policy.separate_dq(cfg(), na2, 128)
   tile_s = TiledLayout((8, 32, 32), (1, 1, 1), (2, 8, 8))
   strided = gathered(make_plan(masks.neighborhood((8, 32, 32), (4, 16, 16), stride=(2, 8, 8)),
                                tile_s, tile_s))

@@ -66,11 +66,12 @@ def test_shifted_backward(monkeypatch, backend, problem, dq):
     assert kernels and all(k["with_dq"] == (dq == "own") for k in kernels)
 
 
-def test_window_dq_tile():
+def test_window_dq_tile(monkeypatch):
   """The strided benchmark's dQ over window-anchored KV boxes: 8192 blocks, all full, against
   the shifted grid's 10368 (6272 full); each step's test matrix cut into the kernel's two
-  64-key halves, box origins in the padded key grid (led by the shift). An unstrided
-  neighborhood keeps its map (the windows would not pay)."""
+  64-key halves, box origins in the padded key grid (led by the shift). On the forward's
+  grid (the default, `ops.SHIFTED_KV` off) the boxes pay too. An unstrided neighborhood
+  keeps its map (the windows would not pay)."""
   import numpy as np
   from jax_sparse_attn.backends import get_backend
   from jax_sparse_attn.layout import TiledLayout
@@ -79,6 +80,12 @@ def test_window_dq_tile():
 
   m = masks.neighborhood((16, 64, 64), (8, 16, 16), stride=(4, 8, 8))
   grid = TiledLayout((16, 64, 64), (1, 1, 1), (4, 4, 8))
+  assert not ops.SHIFTED_KV
+  default = ops._backward_plan(get_backend("mosaic_gpu"), m, gathered(make_plan(m, grid, grid)),
+                               128, jnp.bfloat16, MosaicGPUConfig(backward="mosaic_gpu"))
+  default = default or gathered(make_plan(m, grid, grid))
+  assert not any(default.kv_layout.origin) and cost.window_dq_tile(default) is not None
+  monkeypatch.setattr(ops, "SHIFTED_KV", True)
   # the backward's plan as `na` makes it: its key grid led by the shift
   plan = ops._backward_plan(get_backend("mosaic_gpu"), m, gathered(make_plan(m, grid, grid)),
                             128, jnp.bfloat16, MosaicGPUConfig(backward="mosaic_gpu"))

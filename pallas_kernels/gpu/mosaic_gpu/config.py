@@ -143,7 +143,8 @@ def hopper_backward_neighborhood(mask, head_dim: int, segments: bool = False) ->
     keys (at 64 `NA3D_MIN_WINDOW_64`), unstrided 2-D ones (dilation and causal dims allowed)
     from `NA2D_MIN_WINDOW` keys; other 2-D ones on Triton's (its 64-row query tiles). At 128
     3-D 16×64² k8×16² 17.4 / 19.0 (-12-03-grid-order.json; strided on the shifted key grid
-    12.00 / 12.25, -backward-forms.json), but 3×7² 0.82 / 0.77 and 4×9² 0.95 / 0.87; 2-D 128²
+    12.00 / 12.25, -backward-forms.json; on the forward's grid since 2026-12-07, an H100:
+    10.75-10.79 / 10.59-10.85, h100-2026-12-07-forms-s4096.json), but 3×7² 0.82 / 0.77 and 4×9² 0.95 / 0.87; 2-D 128²
     k33 4.56 / 4.39 (before the quarters; 4.44-4.46 / 4.47-4.49 with them, an H100). At
     64, 3-D k8×16² 1.38 / 1.55, 2-D 96² k33 0.97 / 0.99, 56² k7 5.47 / 3.60.
   * 32: Triton's (2-D 56² k7 1.44 vs 2.22 ms; k33 and 3-D within 3%, -na32.json).

@@ -64,6 +64,11 @@ FUSED_MIN_ENTRIES = 24
 # docs/experiments/h200-2026-12-07-deferred-dq.json). So from this many Q blocks per KV block too,
 # except where dQ's window-anchored KV boxes pay (`cost.window_dq_tile`: strided
 # neighborhoods, not measured against the new fused form; before it, fused lost 2-10% there).
+# The lists' lower quartile must reach it too (`short_entries`): causal S=4096 (16.5 on
+# average, lists of 1 to 32 blocks, lower quartile 8.75) lost 2 of 3 rounds fused, H100 1.09-1.17 ms
+# two kernels / 1.14-1.16 fused (cuDNN 1.20-1.28; docs/experiments/h100-2026-12-07-forms-s4096.json):
+# a fixed cost per call (the float32 dQ buffer's fill and cast) over a short triangle; the
+# window's and 1-D NA's lists are even (lower quartile 17).
 FUSED_MIN_ENTRIES_SHORT = 12
 # The deferred fused form (`attention_bwd.DEFERRED_DQ`) skips dead quarters too: a warpgroup
 # none of whose keys a partial step's queries may see writes zeros as its half of dSᵀ and
@@ -159,7 +164,7 @@ def separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> boo
   """Whether dQ is its own kernel over the forward map (`attention_bwd_dq`; 128-row Q blocks)
   rather than reduce-added by the dK/dV kernel (`MosaicGPUConfig.backward_dq`). None: fused where KV
   blocks have long Q lists: "split" at head_dim 128 (`FUSED_MIN_ENTRIES`, or
-  `FUSED_MIN_ENTRIES_SHORT` where dQ's window boxes do not pay) unless the dK/dV kernel has
+  `FUSED_MIN_ENTRIES_SHORT` on even lists where dQ's window boxes do not pay) unless the dK/dV kernel has
   dead quarters to skip, "own" at 64 (`FUSED_MIN_ENTRIES_64`); else the kernel."""
   if cfg.backward_pingpong or plan.block_q != bwd_dq._BLOCK_Q:
     return False
@@ -172,7 +177,8 @@ def separate_dq(cfg, plan: AttentionPlan, head_dim: int = 128, bmap=None) -> boo
   if head_dim != 128 or entries < FUSED_MIN_ENTRIES_SHORT or (
       not FUSED_QUARTERS and dead_quarters(cfg, plan, bmap) is not None):
     return True
-  return entries < FUSED_MIN_ENTRIES and window_dq_tile(plan) is not None
+  return entries < FUSED_MIN_ENTRIES and (
+      short_entries(bmap) < FUSED_MIN_ENTRIES_SHORT or window_dq_tile(plan) is not None)
 
 
 def dead_quarters(cfg, plan: AttentionPlan, bmap):
@@ -194,6 +200,15 @@ def mean_entries(bmap) -> float:
     counts = bmap.q_counts[bmap.q_counts > 0]
     return float(counts.mean()) if len(counts) else 0.0
   return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks
+
+
+def short_entries(bmap) -> float:
+  """The lower quartile of Q blocks per KV block that has any (a runtime map: its bound,
+  `mean_entries`)."""
+  if isinstance(bmap.q_counts, np.ndarray):
+    counts = bmap.q_counts[bmap.q_counts > 0]
+    return float(np.percentile(counts, 25)) if len(counts) else 0.0
+  return mean_entries(bmap)
 
 
 def quarter_counts(bmap, bits: np.ndarray) -> tuple[int, int]:
