@@ -74,7 +74,9 @@ FUSED_MIN_ENTRIES_SHORT = 12
 # none of whose keys a partial step's queries may see writes zeros as its half of dSᵀ and
 # forms only dQ(t−1) (`attention_bwd`'s `dead_step`); then maps with dead quarters may fuse.
 # Before the deferred dQ, a skip there (with the warpgroups meeting inside the `lax.cond`)
-# ran 5% slower (docs/performance.md, 2026-12-05). A lab switch, off: not measured.
+# ran 5% slower (docs/performance.md, 2026-12-05). A lab switch, off: H100, fwd+bwd ms,
+# the two kernels with their skips / this (docs/experiments/h100-2026-12-07-fused-quarters.json,
+# one round): 2-D NA 128² k33 4.24 / 4.42, 3-D NA k8×16² 16.50 / 16.52, the LM mask 0.943 / 0.920.
 FUSED_QUARTERS = False
 # At head_dim 64 the fused form ("own": each warpgroup reduce-adds its own keys' share; the
 # dK/dV accumulators take half the registers, so it does not spill) with 4 Q/dO slots wins
