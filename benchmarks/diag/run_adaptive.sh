@@ -7,7 +7,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
-if [[ "$name" == *H200* ]] && [ "${1:-}" != second ]; then
+if [[ "$name" == *H200* ]]; then
   timeout 400 python3 -m benchmarks run --suite \
     dense,causal,routing,window,gna2d,gna3d,strided,gna1d,blocksparse --peers --plot \
     --out $OUT/head 2>&1 | grep -E "^\|" | tail -40

@@ -63,7 +63,8 @@ FUSED_MIN_ENTRIES = 24
 # backward of the LM mask took 0.83-0.85 ms against the two kernels' 0.65-0.66 on the H200,
 # docs/experiments/h200-2026-12-07-deferred-dq.json). So from this many Q blocks per KV block too,
 # except where dQ's window-anchored KV boxes pay (`cost.window_dq_tile`: strided
-# neighborhoods, not measured against the new fused form; before it, fused lost 2-10% there).
+# neighborhoods: before it, fused lost 2-10% there; after it, on the shifted key grid, 10.98-11.12
+# ms fused against 10.98-11.29, a tie, docs/experiments/h100-2026-12-07-forms-s4096.json).
 # The lists' lower quartile must reach it too (`short_entries`): causal S=4096 (16.5 on
 # average, lists of 1 to 32 blocks, lower quartile 8.75) lost 2 of 3 rounds fused, H100 1.09-1.17 ms
 # two kernels / 1.14-1.16 fused (cuDNN 1.20-1.28; docs/experiments/h100-2026-12-07-forms-s4096.json):
