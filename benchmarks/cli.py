@@ -325,9 +325,17 @@ def _flex(specs, log):
 
 
 def _git_commit():
+  """`JSA_COMMIT` if set (a copy of a checkout whose git directory lags its files), else git's
+  short HEAD, "+modified" where tracked files differ from it."""
+  if os.environ.get("JSA_COMMIT"):
+    return os.environ["JSA_COMMIT"]
+  git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
+                                  cwd=os.path.dirname(__file__)).stdout.strip()
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__)).stdout.strip() or None
+    head = git("rev-parse", "--short", "HEAD")
+    if head and git("status", "--porcelain", "--untracked-files=no"):
+      head += "+modified"
+    return head or None
   except OSError:
     return None
 

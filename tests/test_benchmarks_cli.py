@@ -131,3 +131,14 @@ def test_shape_flags():
   res = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--quick", "--heads", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert res.returncode != 0 and "--heads: must be a positive integer" in res.stderr
+
+
+def test_commit_field(monkeypatch):
+  """The results' commit: `JSA_COMMIT` where set (a copied checkout whose git directory lags
+  its files), else git's short HEAD, marked "+modified" where tracked files differ."""
+  from benchmarks import cli
+  monkeypatch.setenv("JSA_COMMIT", "abc1234")
+  assert cli._git_commit() == "abc1234"
+  monkeypatch.delenv("JSA_COMMIT")
+  got = cli._git_commit()
+  assert got is None or got.split("+")[0].isalnum() and got.count("+") <= 1

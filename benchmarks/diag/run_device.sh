@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: our correctness + timings, then the peers in the same session.
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
+# Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
 #   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
 set -u
