@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -27,34 +27,21 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending ]; then
-  # Queued (thirty-first session, the H200 did not come back): the README's H200 headline
-  # after the deferred dQ (`attention_bwd.DEFERRED_DQ`), with cuDNN and torch Flex.
+  # Queued (no H200 came in the thirty-first and thirty-second sessions): the README's H200
+  # headline after the deferred dQ and the 2026-12-07 form rules, with cuDNN and torch Flex,
+  # then MoBA timed as Flex's row (its runtime map built outside the timing).
   timeout 400 python3 -m benchmarks run --suite \
     dense,causal,routing,window,gna2d,gna3d,strided,gna1d,blocksparse --peers --plot \
     --out $OUT/head 2>&1 | grep -E "^\|" | tail -40
-  # The forms on the lists the new threshold moved without a measurement (causal S=4096 at
-  # 16.5 Q blocks per KV block) or kept (strided 3-D, dQ on window boxes; 3-D NA k8×16² at
-  # 32.7, whose dead quarters keep two kernels: a tie with the fused form before it).
-  timeout 170 python3 -m benchmarks.diag.diag_backward_forms --cases causal,gna3d,strided --all-sizes \
-    --out $OUT/forms.json 2>&1 | grep '^{'
+  timeout 150 python3 -m benchmarks.bench_routing --sections moba --out $OUT/moba.json 2>&1 \
+    | grep '^{' | tail -12
 fi
 if [ "$what" = pending3 ]; then
-  # Queued (thirty-first session): real-size gradient checks against float32 XLA after the
-  # accumulators' initial values (`attention_bwd.LSE_IN_ACC`), neighborhoods' MMA bias among
-  # them (checked on the GPU so far only on dense and a causal window).
-  # The Hopper backward by `policy` (the Hopper backward forced, its form by the map) and the
-  # fused form forced ("split" dQ: dead quarters skipped with FUSED_QUARTERS only).
-  timeout 260 python3 -m benchmarks.bench_hopper_backward --sections check \
-    --check-impl mosaic-bwd --out $OUT/check-hopper.json 2>&1 | grep '^{' | tail -40
+  # Queued (thirty-first session): real-size gradient checks against float32 XLA of the fused
+  # form forced ("split" dQ) on every case, neighborhoods' MMA bias among them (the Hopper
+  # backward by `policy` ran on an H100 in the thirty-second session: within 2.5e-3).
   timeout 200 python3 -m benchmarks.bench_hopper_backward --sections check \
     --check-impl mosaic-split-dq --out $OUT/check-fused.json 2>&1 | grep '^{' | tail -40
-fi
-if [ "$what" = pending4 ]; then
-  # Queued (thirty-first session): the deferred fused form skipping dead quarters
-  # (`policy.FUSED_QUARTERS`, off) on the neighborhoods that have them, against the two
-  # kernels with their skips (the default) and the fused form without.
-  timeout 300 python3 -m benchmarks.diag.diag_backward_forms --cases gna2d,gna3d,blocksparse \
-    --variants kernel,fused,fused_quarters --out $OUT/fused-quarters.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending2 ]; then
   # Queued (thirtieth session, no machine came): the README head-dim table's 64/96/128 rows
@@ -63,10 +50,4 @@ if [ "$what" = pending2 ]; then
     --out $OUT/head-dim-causal.json 2>&1 | grep '^{'
   timeout 200 python3 -m benchmarks.diag.diag_head_dim --head-dims 64,96 --no-triton --dense \
     --out $OUT/head-dim-dense.json 2>&1 | grep '^{'
-fi
-if [ "$what" = pending5 ]; then
-  # Queued (thirty-second session): MoBA's attention with its runtime map built outside the
-  # timing, as Flex's row is timed (the CLI's row includes selection and map: 0.40 ms).
-  timeout 150 python3 -m benchmarks.bench_routing --sections moba --out $OUT/moba.json 2>&1 \
-    | grep '^{' | tail -12
 fi

@@ -197,21 +197,23 @@ def dead_quarters(cfg, plan: AttentionPlan, bmap):
   return quarters
 
 
-def mean_entries(bmap) -> float:
-  """Mean Q blocks per KV block that has any: the static map's, or a runtime map's bound."""
+def _entries(bmap, stat) -> float:
+  """`stat` of Q blocks per KV block over the KV blocks that have any (0 where none has), or a
+  runtime map's bound (its counts are traced)."""
   if isinstance(bmap.q_counts, np.ndarray):
     counts = bmap.q_counts[bmap.q_counts > 0]
-    return float(counts.mean()) if len(counts) else 0.0
+    return float(stat(counts)) if len(counts) else 0.0
   return bmap.num_q_blocks * bmap.max_kv / bmap.num_kv_blocks
 
 
+def mean_entries(bmap) -> float:
+  """Mean Q blocks per KV block that has any: the static map's, or a runtime map's bound."""
+  return _entries(bmap, np.mean)
+
+
 def short_entries(bmap) -> float:
-  """The lower quartile of Q blocks per KV block that has any (a runtime map: its bound,
-  `mean_entries`)."""
-  if isinstance(bmap.q_counts, np.ndarray):
-    counts = bmap.q_counts[bmap.q_counts > 0]
-    return float(np.percentile(counts, 25)) if len(counts) else 0.0
-  return mean_entries(bmap)
+  """The lower quartile of Q blocks per KV block that has any (a runtime map: its bound)."""
+  return _entries(bmap, lambda c: np.percentile(c, 25))
 
 
 def quarter_counts(bmap, bits: np.ndarray) -> tuple[int, int]:
