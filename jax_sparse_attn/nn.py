@@ -433,7 +433,8 @@ class MixtureOfBlockAttention(nnx.Module):
   each head attends to the ``top_k`` key blocks of ``block_size`` tokens whose mean key best
   matches its mean query (`routing.topk_blocks`), plus the ``local_blocks`` blocks ending at
   its own and the first ``sink_blocks``, within a causal mask if ``causal``. The selection
-  runs on device in the same jit (no gradient through it). Other arguments as
+  runs on device in the same jit (no gradient through it). ``shared_by_group``: one selection
+  per KV head (its query heads' mean score), shared by the GQA group (NSA). Other arguments as
   `SparseAttention` (GQA, RoPE, qk_norm, segment ids, ``context_axis``: with the sequence
   sharded each device runs its query blocks' selection against all-gathered K/V;
   ``context_layout``: the zigzag order of the causal layers beside it); backend
@@ -443,6 +444,7 @@ class MixtureOfBlockAttention(nnx.Module):
 
   def __init__(self, embed_dim: int, num_heads: int, block_size: int, top_k: int, *,
                causal: bool = True, local_blocks: int = 1, sink_blocks: int = 0,
+               shared_by_group: bool = False,
                num_kv_heads: int | None = None, head_dim: int | None = None,
                qkv_bias: bool = False, out_bias: bool = False, use_rope: bool = False,
                rope_base: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
@@ -460,6 +462,9 @@ class MixtureOfBlockAttention(nnx.Module):
                                learned_sinks=learned_sinks, logits_soft_cap=logits_soft_cap)
     self.block_size, self.top_k, self.causal = block_size, top_k, causal
     self.local_blocks, self.sink_blocks = local_blocks, sink_blocks
+    if not isinstance(shared_by_group, bool):
+      raise ValueError(f"shared_by_group must be a bool, got {shared_by_group!r}")
+    self.shared_by_group = shared_by_group
     self.context_layout = context_layout
 
   def __call__(self, x, segment_ids=None, positions=None):
@@ -469,7 +474,7 @@ class MixtureOfBlockAttention(nnx.Module):
       return self.core._output(_dense_baseline(q, k, v, causal=self.causal))
     sel = routing.topk_blocks(q, k, self.block_size, self.top_k, causal=self.causal,
                               local_blocks=self.local_blocks, sink_blocks=self.sink_blocks,
-                              zigzag_shards=shards)
+                              zigzag_shards=shards, shared_by_group=self.shared_by_group)
     o = attention(q, k, v, masks_lib.causal() if self.causal else None,
                   segment_ids=segment_ids, block_selection=sel, backend=self.core.backend,
                   interpret=self.core.interpret, context_axis=self.core.context_axis,

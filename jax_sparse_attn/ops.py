@@ -271,7 +271,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
       `context_parallel.to_zigzag` order, and so is the output).
     block_selection: a `routing.BlockSelection` (content-routed attention: MoBA, gates):
       per query block and head, the KV blocks to visit, chosen at run time; pairs attend
-      when ``mask`` allows them and their key block is selected. Blocks are
+      when ``mask`` allows them and their key block is selected. Its ids may also hold one
+      row per KV head, shared by that head's query heads (NSA's group-shared selection,
+      `routing.topk_blocks(..., shared_by_group=True)`). Blocks are
       ``block_selection.block_size`` tokens on both sides. Backends "xla", "triton",
       "mosaic_gpu" (128-token blocks, head_dim <= 128) and "mosaic" (TPU; blocks of 128k),
       "auto" as for other masks. On a mesh batch and heads shard with the selection's rows;
@@ -430,11 +432,16 @@ def _routed(query, key, value, mask, scale, q_seg, kv_seg, backend, interpret, r
   skv = key.shape[1]
   nq = -(-sq // bs)
   ids = selection.ids
-  if (not hasattr(ids, "shape") or ids.ndim != 4 or tuple(ids.shape[:3]) != (b, h, nq)
+  hkv = key.shape[2]
+  shapes = ((b, h, nq), (b, hkv, nq)) if hkv and h % hkv == 0 else ((b, h, nq),)
+  if (not hasattr(ids, "shape") or ids.ndim != 4 or tuple(ids.shape[:3]) not in shapes
       or not jnp.issubdtype(ids.dtype, jnp.integer)):
     raise ValueError(f"block_selection.ids must be an integer [batch, heads, num_q_blocks, k] "
-                     f"= [{b}, {h}, {nq}, k] array (block_size {bs}), got "
+                     f"= [{b}, {h}, {nq}, k] array (block_size {bs}; or [{b}, {hkv}, {nq}, k], "
+                     f"one row per KV head shared by its query heads), got "
                      f"{getattr(ids, 'shape', None)}")
+  if ids.shape[1] != h:  # one selection per KV head (NSA): each query head of the group takes it
+    ids = jnp.repeat(ids, h // hkv, axis=1)
   for name, given in (("block_q", block_q), ("block_kv", block_kv)):
     if given is not None and given != bs:
       raise ValueError(f"{name}={given} differs from block_selection.block_size={bs}")

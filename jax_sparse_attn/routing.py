@@ -155,11 +155,16 @@ def select_mass(scores, block_size: int, threshold: float, max_blocks: int, *,
   return BlockSelection(jax.lax.stop_gradient(ids), block_size)
 
 
-def pooled_scores(query, key, block_size: int):
+def pooled_scores(query, key, block_size: int, *, shared_by_group: bool = False):
   """MoBA's block scores: each query block's mean query against each key block's mean key,
   per head (keys of a GQA group shared): [batch, heads, num_q_blocks, num_kv_blocks] float32.
-  query [batch, seq_q, heads, d], key [batch, seq_kv, kv_heads, d]; padding is not averaged."""
+  query [batch, seq_q, heads, d], key [batch, seq_kv, kv_heads, d]; padding is not averaged.
+  ``shared_by_group``: one score per KV head, the mean over its query heads' scores
+  ([batch, kv_heads, ...]), so that a selection from them is shared by the GQA group (NSA's
+  group-centric selection: the group's heads visit the same blocks)."""
   _check_block_size(block_size)
+  if not isinstance(shared_by_group, bool):
+    raise ValueError(f"shared_by_group must be a bool, got {shared_by_group!r}")
 
   def pool(x):
     b, s, h, d = x.shape
@@ -170,20 +175,26 @@ def pooled_scores(query, key, block_size: int):
 
   qp, kp = pool(jax.lax.stop_gradient(query)), pool(jax.lax.stop_gradient(key))
   g = query.shape[2] // key.shape[2]
-  kp = jnp.repeat(kp, g, axis=2)
+  if shared_by_group:  # the mean of the group's scores is its mean query's score
+    b, n, h, d = qp.shape
+    qp = qp.reshape(b, n, h // g, g, d).mean(3)
+  else:
+    kp = jnp.repeat(kp, g, axis=2)
   return jnp.einsum("bqhd,bkhd->bhqk", qp, kp, precision=jax.lax.Precision.HIGHEST)
 
 
 def topk_blocks(query, key, block_size: int, top_k: int, *, causal: bool = False,
                 local_blocks: int = 0, sink_blocks: int = 0,
-                zigzag_shards: int | None = None) -> BlockSelection:
+                zigzag_shards: int | None = None,
+                shared_by_group: bool = False) -> BlockSelection:
   """MoBA: `select` on `pooled_scores` (e.g. ``topk_blocks(q, k, 128, 32, causal=True,
   local_blocks=2)``: the diagonal and previous block plus the 32 best earlier blocks).
   ``zigzag_shards=n``: q and k are in `context_parallel.to_zigzag` order over n devices
-  (see `select`)."""
-  return select(pooled_scores(query, key, block_size), block_size, top_k, causal=causal,
-                local_blocks=local_blocks, sink_blocks=sink_blocks,
-                zigzag_shards=zigzag_shards)
+  (see `select`). ``shared_by_group``: one selection per KV head from its query heads' mean
+  score, which `attention` gives every query head of the group (NSA)."""
+  return select(pooled_scores(query, key, block_size, shared_by_group=shared_by_group),
+                block_size, top_k, causal=causal, local_blocks=local_blocks,
+                sink_blocks=sink_blocks, zigzag_shards=zigzag_shards)
 
 
 def tile_order(spatial_shape, tile_shape):

@@ -230,6 +230,23 @@ def test_mixture_of_block_attention_matches_functional_ops():
 
   want = nnx.jit(reference)(m, x, seg)
   assert brute_force.rel_err(compiled.call(m, x, seg), want) < 1e-5
+  # One selection per KV head, shared by its query heads (NSA): the same weights, the
+  # group's mean score; not the per-head selection.
+  shared = nn.MixtureOfBlockAttention(32, 4, 16, 2, num_kv_heads=2, use_rope=True,
+                                      shared_by_group=True, backend="xla", rngs=nnx.Rngs(0))
+
+  def reference_shared(m, x, seg):
+    q, k, v = m.core._project(x, pos)
+    sel = routing.topk_blocks(q, k, 16, 2, causal=True, local_blocks=1, shared_by_group=True)
+    assert sel.ids.shape[1] == 2
+    return m.core._output(jsa.attention(q, k, v, masks.causal(), segment_ids=seg,
+                                        block_selection=sel, backend="xla"))
+
+  got = compiled.call(shared, x, seg)
+  assert brute_force.rel_err(got, nnx.jit(reference_shared)(shared, x, seg)) < 1e-5
+  assert brute_force.rel_err(got, want) > 1e-3
+  with pytest.raises(ValueError, match="shared_by_group must be a bool"):
+    nn.MixtureOfBlockAttention(32, 4, 16, 2, shared_by_group=1, rngs=nnx.Rngs(0))
   # A top_k covering every block is plain causal attention.
   full = nn.MixtureOfBlockAttention(32, 4, 16, 8, backend="xla", rngs=nnx.Rngs(0))
   dense = nn.SparseAttention(32, 4, masks.causal(), backend="xla", rngs=nnx.Rngs(0))

@@ -308,6 +308,34 @@ def test_topk_blocks_end_to_end_under_jit():
   np.testing.assert_allclose(scores, np.einsum("bqhd,bkhd->bhqk", qp, kp), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", sorted(KW))
+def test_selection_shared_by_group(backend):
+  """NSA's group-shared selection: ids with one row per KV head; query head j takes its KV
+  head's row (j // group), as its keys. Scores are the group's mean (`shared_by_group`)."""
+  rng = np.random.default_rng(5)
+  b, s, h, hkv, d, bs = 2, 90, 4, 2, 16, 16
+  q, k, v, do = (jnp.asarray(rng.standard_normal((b, s, n, d)), jnp.float32)
+                 for n in (h, hkv, hkv, h))
+  scores = np.asarray(routing.pooled_scores(q, k, bs, shared_by_group=True))
+  per_head = np.asarray(routing.pooled_scores(q, k, bs))
+  assert scores.shape == (b, hkv, 6, 6)
+  np.testing.assert_allclose(scores, per_head.reshape(b, hkv, 2, 6, 6).mean(2), rtol=1e-5,
+                             atol=1e-5)
+  sel = routing.topk_blocks(q, k, bs, 2, causal=True, local_blocks=1, shared_by_group=True)
+  ids = np.asarray(sel.ids)
+  assert ids.shape == (b, hkv, 6, 3) and not np.array_equal(ids[:, 0], ids[:, 1])
+  m = dense_selected(np.repeat(ids, 2, axis=1), s, s, bs) & np.tril(np.ones((s, s), bool))
+  want = brute_force.attention(q, k, v, m, 0.25)[0]
+  run = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                      backend=backend, **KW[backend])
+  out, grads = backend_cases.outputs_and_grads(run, do, q, k, v)
+  assert brute_force.rel_err(out, want) < 1e-5
+  for got, ref in zip(grads, brute_force.attention_grads(q, k, v, m, 0.25, do)):
+    assert brute_force.rel_err(got, ref) < 1e-4
+  with pytest.raises(ValueError, match="one row per KV head"):
+    jsa.attention(q, k, v, block_selection=routing.BlockSelection(sel.ids[:, :1], bs))
+
+
 @pytest.mark.parametrize("backend", ["triton", "mosaic_gpu"])
 def test_runtime_maps_lower_for_gpu(backend):
   from pallas_kernels.gpu import export_for_gpu
