@@ -473,6 +473,13 @@ def test_routed_attention_on_a_mesh():
   got = jax.jit(jax.grad(loss(mesh), argnums=(0, 1, 2)))(qs, ks, vs)
   for g, w in zip(got, compiled.run(jax.grad(loss(None), argnums=(0, 1, 2)), q, k, v)):
     assert brute_force.rel_err(g, w) < 1e-5
+  # A selection shared by each GQA group (one row per KV head) shards with the KV heads.
+  shared = ids[:, ::2]
+  shared_s = jax.device_put(shared, NamedSharding(mesh, P("data", "model")))
+  out = sharded(qs, ks, vs, shared_s)
+  want = compiled.run(lambda *a: run(*a, None), q, k, v, jnp.repeat(shared, 2, axis=1))
+  assert brute_force.rel_err(out, want) < 1e-6
+  assert "all-gather" not in sharded.lower(qs, ks, vs, shared_s).compile().as_text()
 
 
 def _context_mesh(context):
