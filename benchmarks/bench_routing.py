@@ -13,7 +13,8 @@ block mask is; the Triton backward; dQ as its own kernel; all-Triton), beside ou
 (Triton and Hopper) and the bound (visited fraction of the causal blocks). torch Flex runs
 in the probe (same selection rule), in the same device call. video: VMoBA-style routing on a
 16x64x64 latent in 2x8x8 blocks beside our static 3-D neighborhood (`--sections video`).
-moba: perf's selection timings and its first two rows only.
+moba: perf's selection timings and its first two rows only. shared: selections shared by
+each GQA group (NSA) beside per-head ones, GQA 16/4, with a gradient check.
 """
 from __future__ import annotations
 
@@ -157,6 +158,41 @@ def section_video(dtype, iters):
   _time_runs("video", name, runs, (q, k, v, do), iters)
 
 
+def section_shared(dtype, iters, sizes=(4096, 32768)):
+  """NSA-style selections shared by each GQA group (`topk_blocks(..., shared_by_group=True)`:
+  one row per KV head) against per-head selections, GQA 16/4: a gradient check at S=4096
+  against float32 XLA under the same selection, then MoBA's S=32768 row (top 32 + 2 local of
+  256 blocks, pooled scores) with the selection inside the timing."""
+  b, h, hkv, d, bs = 1, 16, 4, 128, 128
+  q, k, v, do = inputs((b, sizes[0], h, d), (b, sizes[0], hkv, d), dtype)
+  f32 = lambda x: x.astype(jnp.float32)
+  # The selection from the bf16 inputs for both (float32 pooled scores could pick others).
+  sel = routing.topk_blocks(q, k, bs, 8, causal=True, local_blocks=2, shared_by_group=True)
+  ref = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
+                                      backend="xla")
+  want = fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(do))
+  try:
+    got = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
+                                                block_selection=sel))(q, k, v, do)
+    record(section="shared", case=f"S={sizes[0]} GQA {h}/{hkv} top 8 + 2, shared by group",
+           backend="auto", **{n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got,
+                                                                 want)},
+           finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
+  except Exception as e:
+    record(section="shared", backend="auto", error=repr(e)[:600])
+    traceback.print_exc()
+  s, top_k = sizes[1], 32
+  q, k, v, do = inputs((b, s, h, d), (b, s, hkv, d), dtype)
+  name = f"MoBA S={s} causal top {top_k} + 2 local, GQA {h}/{hkv} D={d}, selection timed"
+  runs = []
+  for label, shared in (("per query head", False), ("shared by each GQA group", True)):
+    sel_of = lambda q, k, sh=shared: routing.topk_blocks(q, k, bs, top_k, causal=True,
+                                                         local_blocks=2, shared_by_group=sh)
+    runs.append((f"ours: selection {label}", lambda q, k, v, f=sel_of: jsa.attention(
+        q, k, v, masks.causal(), block_selection=f(q, k))))
+  _time_runs("shared", name, runs, (q, k, v, do), iters)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sections", default="check,perf")
@@ -173,6 +209,8 @@ def main(argv=None):
     section_perf(dtype, args.iters, short="perf" not in args.sections)
   if "video" in args.sections:
     section_video(dtype, args.iters)
+  if "shared" in args.sections:
+    section_shared(dtype, args.iters)
   write_results(args.out, head)
 
 
