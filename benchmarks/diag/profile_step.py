@@ -7,7 +7,8 @@ the previous one ended) and the host's time per event name (launches, thunks).
 
 Cases: the LM layer (`lm`, `lm_docs`, `lm_d64`), the causal window, causal, and the CLI's
 rows `moba` (S=32768 causal, top 32 + 2 local of 256 blocks, selection included), `na2d`,
-`na3d` and `strided`.
+`na3d` and `strided`; `moba_mha` / `moba_gqa`: MoBA's row with pooled-score selection at 16
+and 4 KV heads.
 """
 import collections
 import glob
@@ -35,9 +36,18 @@ CASES = {
 
 
 SUITES = {"moba": "routing", "na2d": "gna2d", "na3d": "gna3d", "strided": "strided"}
+# MoBA's row (S=32768, B=1, H=16, D=128, pooled-score top 32 + 2 local of 256 blocks) at these
+# KV heads.
+ROUTED = {"moba_mha": 16, "moba_gqa": 4}
 
 
 def _step(name):
+  if name in ROUTED:
+    from jax_sparse_attn import routing
+    big = inputs((1, 32768, 16, 128), (1, 32768, ROUTED[name], 128), jnp.bfloat16)
+    return fwd_bwd(lambda q, k, v: jsa.attention(
+        q, k, v, masks.causal(), block_selection=routing.topk_blocks(
+            q, k, 128, 32, causal=True, local_blocks=2))), big
   if name in SUITES:  # the benchmark CLI's case
     from ..cli import suites
     case = suites(quick=False)[SUITES[name]]()[0]
