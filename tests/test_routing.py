@@ -116,12 +116,15 @@ def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward, dq):
                config=MosaicGPUConfig(backward=backward, backward_dq=dq))
 
 
-def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch):
+@pytest.mark.parametrize("head_items", [False, True])
+def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch, head_items):
   """KV blocks whose Q lists are longer than a work item's chunk (1 here): several CTAs
-  reduce-add their dK/dV; GQA heads of a group with different list lengths."""
+  reduce-add their dK/dV; GQA heads of a group with different list lengths; items per query
+  head (`work_items.HEAD_ITEMS`) or per group."""
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import work_items
   monkeypatch.setattr(work_items, "chunk_entries", lambda mean: 1)
+  monkeypatch.setattr(work_items, "HEAD_ITEMS", head_items)
   p = dict(batch=1, sq=640, skv=640, bs=128, kv_heads=1, heads=2, head_dim=32, mask="causal",
            k=3, segments=False, dtype=jnp.bfloat16, seed=5)
   check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))
@@ -205,6 +208,19 @@ def test_runtime_work_items():
       want = [(j, i) for j in range(7) for i in range(-(-longest[j] // 8))]
       assert [tuple(x) for x in items[b, g].tolist() if x[0] < 7] == want
       assert (items[b, g, len(want):] == [7, 0]).all()
+  # Per query head: each head's own list in chunks, the group's heads one after another,
+  # each head's no-work items after its real ones.
+  items = np.asarray(runtime_items(jnp.asarray(counts), 2, 8, int(counts.sum(-1).max()),
+                                   per_head=True))
+  n = items.shape[2] // 2
+  for b in range(2):
+    for g in range(2):
+      for j in range(2):
+        own = counts[b, 2 * g + j]
+        want = [(blk, i, j) for blk in range(7) for i in range(-(-own[blk] // 8))]
+        part = items[b, g, j * n:(j + 1) * n]
+        assert [tuple(x) for x in part.tolist()[:len(want)]] == want
+        assert (part[len(want):, 0] == 7).all()
 
 
 @pytest.mark.parametrize("mask, kv_heads", [("causal", 1), ("window", 2)])

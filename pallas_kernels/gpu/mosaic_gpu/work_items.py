@@ -101,14 +101,32 @@ def whole_lists(bmap, batch: int, kv_heads: int, groups: int) -> bool:
   return longest <= WHOLE_LIST_SHARE * per_sm
 
 
-def runtime_items(q_counts, groups: int, chunk: int, max_entries: int):
+# Chunked items of a runtime map per query head (`runtime_items`' ``per_head``): an item walks
+# one query head's chunk of a KV block's list (the group's other heads none), and a KV head's
+# items run query head after query head, so that the CTAs running at once read one head's Q
+# and dO. False: an item walks the chunk of every query head of the group (with GQA the
+# group's Q and dO, 4 x 16 MiB at S=32768, outgrow the L2). Only with GQA.
+HEAD_ITEMS = False
+
+
+def runtime_items(q_counts, groups: int, chunk: int, max_entries: int,
+                  per_head: bool = False):
   """Work items of a runtime map, on device: [b, hkv, n, 2] (KV block, chunk index), each
   KV block of each KV head cut into chunks of `chunk` entries of its group's longest Q list,
   in KV-block order. n is static: every KV block's last chunk, plus at most
   groups·max_entries / chunk more (max_entries bounds a head's entries over all KV blocks:
   q blocks × the selection width); items past the real ones have KV block = n_kv (no work).
-  q_counts: [b, h, n_kv]."""
+  q_counts: [b, h, n_kv]. ``per_head`` (GQA): [b, hkv, n, 3] (KV block, chunk index, query
+  head of the group), each query head's own list in chunks, the group's heads one after
+  another (`HEAD_ITEMS`)."""
   b, h, nk = q_counts.shape
+  if per_head and groups > 1:
+    n = min(nk + -(-max_entries // chunk), nk * -(-max_entries // chunk))
+    per = runtime_items(q_counts.reshape(b * h, 1, nk), 1, chunk, max_entries)  # [b·h, 1, n, 2]
+    head = jnp.broadcast_to((jnp.arange(h, dtype=jnp.int32) % groups)[None, :, None, None],
+                            (b, h, n, 1))
+    items = jnp.concatenate([per.reshape(b, h, n, 2), head], axis=-1)
+    return items.reshape(b, h // groups, groups * n, 3)
   longest = jnp.max(q_counts.reshape(b, h // groups, groups, nk), axis=2)
   chunks = (longest + chunk - 1) // chunk
   n = min(nk + -(-groups * max_entries // chunk), nk * -(-max_entries // chunk))
@@ -143,7 +161,10 @@ def item_lists(items_ref, ids_ref, counts_ref, item, kv_head, batch, *, groups: 
     # Each query head's map row: its own, or (``shared``) its batch element's.
     heads = [0] * groups if shared else [kv_head * groups + j for j in range(groups)]
     count = lambda j, c: counts_ref[batch, heads[j], kv_block, c]
-    entries = [jnp.where(live, jnp.clip(count(j, 1) - first, 0, chunk), 0)
+    # Items of one query head (`runtime_items`' ``per_head``): the others walk nothing.
+    mine = ((lambda j: items_ref[batch, kv_head, item, 2] == j) if items_ref.shape[-1] == 3
+            else (lambda j: True))
+    entries = [jnp.where(live & mine(j), jnp.clip(count(j, 1) - first, 0, chunk), 0)
                for j in range(groups)]
     full = [jnp.clip(count(j, 0) - first, 0, entries[j]) for j in range(groups)]
     q_block = lambda j, e: ids_ref[batch, heads[j], kv_block, first + e]
