@@ -208,6 +208,12 @@ def test_runtime_work_items():
       want = [(j, i) for j in range(7) for i in range(-(-longest[j] // 8))]
       assert [tuple(x) for x in items[b, g].tolist() if x[0] < 7] == want
       assert (items[b, g, len(want):] == [7, 0]).all()
+  # `HEAD_ITEMS="auto"`: per query head where the group's Q and dO outgrow the L2 (MoBA's row
+  # at GQA 16/4, S=32768), not at 8192 nor without GQA.
+  from pallas_kernels.gpu.mosaic_gpu import work_items
+  assert work_items.HEAD_ITEMS == "auto"
+  assert work_items.head_items(4, 32768, 128, 2)
+  assert not work_items.head_items(4, 8192, 128, 2) and not work_items.head_items(1, 32768, 128, 2)
   # Per query head: each head's own list in chunks, the group's heads one after another,
   # each head's no-work items after its real ones.
   items = np.asarray(runtime_items(jnp.asarray(counts), 2, 8, int(counts.sum(-1).max()),

@@ -686,7 +686,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
       chunk = work_items.chunk_entries(policy.mean_entries(bmap))
       q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows
       items = work_items.runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv,
-                                       per_head=work_items.HEAD_ITEMS and not bmap.shares_heads)
+                                       per_head=not bmap.shares_heads and work_items.head_items(
+                                           groups, n_q, d, q.dtype.itemsize))
   else:
     counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
     host_items, chunk = work_items.static_items(counts[:, 1]), 0

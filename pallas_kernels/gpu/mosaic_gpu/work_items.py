@@ -104,9 +104,20 @@ def whole_lists(bmap, batch: int, kv_heads: int, groups: int) -> bool:
 # Chunked items of a runtime map per query head (`runtime_items`' ``per_head``): an item walks
 # one query head's chunk of a KV block's list (the group's other heads none), and a KV head's
 # items run query head after query head, so that the CTAs running at once read one head's Q
-# and dO. False: an item walks the chunk of every query head of the group (with GQA the
-# group's Q and dO, 4 x 16 MiB at S=32768, outgrow the L2). Only with GQA.
-HEAD_ITEMS = False
+# and dO. False: an item walks the chunk of every query head of the group; "auto": per head
+# where the group's Q and dO outgrow `L2_BYTES` (GQA 16/4 at S=32768: 4 x 16 MiB). H100,
+# MoBA S=32768 (top 32 + 2 of 256 blocks, pooled scores) at GQA 16/4, fwd+bwd ms, two
+# rounds: 8.40 / 8.42 per head against 8.72 / 8.54 per group (MHA 16/16: 7.58 / 7.77;
+# docs/experiments/h100-2026-12-07-gqa-head-items.json).
+HEAD_ITEMS: bool | str = "auto"
+L2_BYTES = 50 * 2**20  # the H100's L2 (the H200's: 60 MiB)
+
+
+def head_items(groups: int, seq_q: int, head_dim: int, itemsize: int) -> bool:
+  """Whether a runtime map's chunked dK/dV items run per query head (`HEAD_ITEMS`)."""
+  if HEAD_ITEMS != "auto":
+    return bool(HEAD_ITEMS)
+  return groups > 1 and 2 * groups * seq_q * head_dim * itemsize > L2_BYTES
 
 
 def runtime_items(q_counts, groups: int, chunk: int, max_entries: int,
