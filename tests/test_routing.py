@@ -116,8 +116,9 @@ def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward, dq):
                config=MosaicGPUConfig(backward=backward, backward_dq=dq))
 
 
-@pytest.mark.parametrize("head_items", [False, True])
-def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch, head_items):
+@pytest.mark.parametrize("head_items, head_chunk", [(False, "mean"), (True, "mean"),
+                                                    (True, "whole")])
+def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch, head_items, head_chunk):
   """KV blocks whose Q lists are longer than a work item's chunk (1 here): several CTAs
   reduce-add their dK/dV; GQA heads of a group with different list lengths; items per query
   head (`work_items.HEAD_ITEMS`) or per group."""
@@ -125,6 +126,7 @@ def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch, head_items):
   from pallas_kernels.gpu.mosaic_gpu import work_items
   monkeypatch.setattr(work_items, "chunk_entries", lambda mean: 1)
   monkeypatch.setattr(work_items, "HEAD_ITEMS", head_items)
+  monkeypatch.setattr(work_items, "HEAD_CHUNK", head_chunk)  # "whole": one item per head
   p = dict(batch=1, sq=640, skv=640, bs=128, kv_heads=1, heads=2, head_dim=32, mask="causal",
            k=3, segments=False, dtype=jnp.bfloat16, seed=5)
   check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))

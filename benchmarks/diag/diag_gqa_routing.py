@@ -1,7 +1,8 @@
 """MoBA's S=32768 row at GQA 16/4 (pooled-score top 32 + 2 local of 256 blocks, selection
 inside the timing) under the dK/dV work-item forms of runtime maps
 (`work_items.RUNTIME_ITEMS`: "whole" lists, "chunks" with float32 reduce-adds, "auto"; with
-`work_items.HEAD_ITEMS`: chunks per query head, "+head"), the per-head and the group-shared
+`work_items.HEAD_ITEMS`: chunks per query head, "+head", per group "+group"; whole per-head
+lists, "+headwhole"), the per-head and the group-shared
 selection, beside MHA 16/16; gradients of each form against the first at the same inputs.
 
     python -m benchmarks.diag.diag_gqa_routing --forms auto,whole,chunks,auto+head --out gqa.json
@@ -20,9 +21,12 @@ from ..bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel, write_re
 
 
 def _set(form: str):
+  """"auto", "whole", "chunks": `RUNTIME_ITEMS`; "+head": items per query head (`HEAD_ITEMS`),
+  "+headwhole": the same with whole lists (`HEAD_CHUNK`); "+group": per group."""
   items, _, head = form.partition("+")
   work_items.RUNTIME_ITEMS = items
-  work_items.HEAD_ITEMS = head == "head"
+  work_items.HEAD_ITEMS = {"head": True, "headwhole": True, "group": False}.get(head, "auto")
+  work_items.HEAD_CHUNK = "whole" if head == "headwhole" else "mean"
 
 
 def main(argv=None):

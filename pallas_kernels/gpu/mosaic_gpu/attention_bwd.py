@@ -683,11 +683,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
                      jnp.zeros(bmap.num_kv_blocks, jnp.int32)], axis=-1),
           (b, hkv, bmap.num_kv_blocks, 2))
     else:
-      chunk = work_items.chunk_entries(policy.mean_entries(bmap))
+      per_head = not bmap.shares_heads and work_items.head_items(groups, n_q, d,
+                                                                 q.dtype.itemsize)
+      chunk = (bmap.max_q if per_head and work_items.HEAD_CHUNK == "whole"
+               else work_items.chunk_entries(policy.mean_entries(bmap)))
       q_counts = jnp.broadcast_to(bmap.q_counts, (b, h, bmap.num_kv_blocks))  # shared rows
       items = work_items.runtime_items(q_counts, groups, chunk, bmap.num_q_blocks * bmap.max_kv,
-                                       per_head=not bmap.shares_heads and work_items.head_items(
-                                           groups, n_q, d, q.dtype.itemsize))
+                                       per_head=per_head)
   else:
     counts = np.stack([np.asarray(bmap.q_full_counts), np.asarray(bmap.q_counts)], axis=1)
     host_items, chunk = work_items.static_items(counts[:, 1]), 0

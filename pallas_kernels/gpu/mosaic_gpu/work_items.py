@@ -113,6 +113,12 @@ HEAD_ITEMS: bool | str = "auto"
 L2_BYTES = 50 * 2**20  # the H100's L2 (the H200's: 60 MiB)
 
 
+# Entries of a per-query-head item: "mean" (the map's mean list length, as per-group items);
+# "whole": a query head's whole list (MHA's items, their dK/dV reduce-added over the group).
+# A lab knob.
+HEAD_CHUNK = "mean"
+
+
 def head_items(groups: int, seq_q: int, head_dim: int, itemsize: int) -> bool:
   """Whether a runtime map's chunked dK/dV items run per query head (`HEAD_ITEMS`)."""
   if HEAD_ITEMS != "auto":
