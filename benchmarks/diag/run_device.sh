@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -26,10 +26,17 @@ fi
 if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
+if [ "$what" = pending4 ]; then
+  # Queued (thirty-third session, out of device time): MoBA at GQA 16/4 with the runtime
+  # map's dK/dV items per group, per query head (the default there since b7e2557) and per
+  # query head with whole lists (`work_items.HEAD_CHUNK="whole"`), two rounds, MHA beside.
+  timeout 300 python3 -m benchmarks.diag.diag_gqa_routing --forms auto+group,auto+head,auto+headwhole \
+    --rounds 2 --mha --out $OUT/gqa-forms.json 2>&1 | grep '^{' | tail -16
+fi
 if [ "$what" = pending ]; then
-  # Queued (no H200 came in the thirty-first and thirty-second sessions): the README's H200
-  # headline after the deferred dQ and the 2026-12-07 form rules, with cuDNN and torch Flex,
-  # then MoBA timed as Flex's row (its runtime map built outside the timing).
+  # Queued (no H200 came in the thirty-first to thirty-third sessions; the thirty-third ran it
+  # on an H100 at 2a193fa): the README's H200 headline with cuDNN and torch Flex, then MoBA
+  # timed as Flex's row (its runtime map built outside the timing).
   timeout 400 python3 -m benchmarks run --suite \
     dense,causal,routing,window,gna2d,gna3d,strided,gna1d,blocksparse --peers --plot \
     --out $OUT/head 2>&1 | grep -E "^\|" | tail -40
@@ -37,15 +44,15 @@ if [ "$what" = pending ]; then
     | grep '^{' | tail -12
 fi
 if [ "$what" = pending3 ]; then
-  # Queued (thirty-first session): real-size gradient checks against float32 XLA of the fused
-  # form forced ("split" dQ) on every case, neighborhoods' MMA bias among them (the Hopper
-  # backward by `policy` ran on an H100 in the thirty-second session: within 2.5e-3).
+  # Real-size gradient checks against float32 XLA of the fused form forced ("split" dQ) on
+  # every case, neighborhoods' MMA bias among them (ran on an H100 in the thirty-third
+  # session: within 2.5e-3, docs/experiments/h100-2026-12-07-check-fused.json).
   timeout 200 python3 -m benchmarks.bench_hopper_backward --sections check \
     --check-impl mosaic-split-dq --out $OUT/check-fused.json 2>&1 | grep '^{' | tail -40
 fi
 if [ "$what" = pending2 ]; then
-  # Queued (thirtieth session, no machine came): the README head-dim table's 64/96/128 rows
-  # with cuDNN after this week's backward changes, causal and dense (S=8192, B=2, H=16).
+  # The head-dim table's 64/96/128 rows with cuDNN, causal and dense (S=8192, B=2, H=16); ran
+  # on an H100 in the thirty-third session (docs/results.md), the H200 rows not re-run.
   timeout 280 python3 -m benchmarks.diag.diag_head_dim --head-dims 64,96,128 --no-triton \
     --out $OUT/head-dim-causal.json 2>&1 | grep '^{'
   timeout 200 python3 -m benchmarks.diag.diag_head_dim --head-dims 64,96 --no-triton --dense \
