@@ -116,12 +116,13 @@ def test_routed_mosaic_gpu_interpret(mask, kv_heads, backward, dq):
                config=MosaicGPUConfig(backward=backward, backward_dq=dq))
 
 
-@pytest.mark.parametrize("head_items, head_chunk", [(False, "mean"), (True, "mean"),
-                                                    (True, "whole")])
-def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch, head_items, head_chunk):
+@pytest.mark.parametrize("head_items, head_chunk, dq", [
+    (False, "mean", None), (True, "mean", None), (True, "whole", None), (True, "mean", "own")])
+def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch, head_items, head_chunk, dq):
   """KV blocks whose Q lists are longer than a work item's chunk (1 here): several CTAs
   reduce-add their dK/dV; GQA heads of a group with different list lengths; items per query
-  head (`work_items.HEAD_ITEMS`) or per group."""
+  head (`work_items.HEAD_ITEMS`) or per group; dQ its own kernel or reduce-added by the dK/dV
+  kernel ("own")."""
   from pallas_kernels.gpu import MosaicGPUConfig
   from pallas_kernels.gpu.mosaic_gpu import work_items
   monkeypatch.setattr(work_items, "chunk_entries", lambda mean: 1)
@@ -129,7 +130,8 @@ def test_routed_mosaic_gpu_lists_in_chunks(monkeypatch, head_items, head_chunk):
   monkeypatch.setattr(work_items, "HEAD_CHUNK", head_chunk)  # "whole": one item per head
   p = dict(batch=1, sq=640, skv=640, bs=128, kv_heads=1, heads=2, head_dim=32, mask="causal",
            k=3, segments=False, dtype=jnp.bfloat16, seed=5)
-  check_routed(p, "mosaic_gpu", interpret=True, config=MosaicGPUConfig(backward="mosaic_gpu"))
+  check_routed(p, "mosaic_gpu", interpret=True,
+               config=MosaicGPUConfig(backward="mosaic_gpu", backward_dq=dq))
 
 
 @pytest.mark.parametrize("kv_heads, dq, written", [
