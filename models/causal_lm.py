@@ -7,6 +7,7 @@ of repeated random motifs, so a model that attends within its window learns to c
     python -m models.causal_lm --steps 200 --batch 8 --size 128
     python -m models.causal_lm --context-parallel 4   # sequence sharded over 4 devices
     python -m models.causal_lm --moba 16 2            # MoBA: top-2 blocks of 16 per query block
+    python -m models.causal_lm --moba 16 2 --moba-shared  # one selection per GQA group (NSA)
     python -m models.causal_lm --learned-sinks        # gpt-oss sink logits, one per head
     python -m models.causal_lm --logits-soft-cap 50   # Gemma 2's capped attention scores
 """
@@ -24,10 +25,12 @@ from models.train import mlp, run_cli
 
 class Block(nnx.Module):
   def __init__(self, dim, heads, kv_heads, mask, backend, rngs, attn_dtype=None,
-               context_axis=None, moba=None, learned_sinks=False, logits_soft_cap=None):
+               context_axis=None, moba=None, learned_sinks=False, logits_soft_cap=None,
+               moba_shared=False):
     self.norm1 = nnx.RMSNorm(dim, rngs=rngs)
     if moba is not None:  # (block_size, top_k): content-routed blocks instead of the mask
       self.attn = MixtureOfBlockAttention(dim, heads, *moba, local_blocks=1,
+                                          shared_by_group=moba_shared,
                                           num_kv_heads=kv_heads, use_rope=True,
                                           backend=backend, dtype=attn_dtype,
                                           context_axis=context_axis,
@@ -49,15 +52,18 @@ class Block(nnx.Module):
 class CausalLM(nnx.Module):
   def __init__(self, vocab=64, dim=64, depth=2, heads=4, kv_heads=2, window=32, sinks=4,
                backend="auto", attn_dtype=None, context_axis=None, moba=None,
-               learned_sinks=False, logits_soft_cap=None, *, rngs: nnx.Rngs):
+               learned_sinks=False, logits_soft_cap=None, moba_shared=False, *,
+               rngs: nnx.Rngs):
     """moba: (block_size, top_k) to route each query block to its top-k key blocks (MoBA,
-    `nn.MixtureOfBlockAttention`) instead of the window | sink mask. learned_sinks: a learned
+    `nn.MixtureOfBlockAttention`) instead of the window | sink mask; moba_shared: one selection
+    per KV head, shared by its GQA group (NSA's group-centric selection). learned_sinks: a learned
     sink logit per head in every attention row (gpt-oss), beside the mask's sink tokens.
     logits_soft_cap: attention scores capped to c·tanh(s / c) (Gemma 2)."""
     mask = masks.causal() & (masks.sliding_window(window - 1) | masks.sink(sinks))
     self.embed = nnx.Embed(vocab, dim, rngs=rngs)
     self.blocks = nnx.List([Block(dim, heads, kv_heads, mask, backend, rngs, attn_dtype,
-                                  context_axis, moba, learned_sinks, logits_soft_cap)
+                                  context_axis, moba, learned_sinks, logits_soft_cap,
+                                  moba_shared)
                                   for _ in range(depth)])
     self.norm = nnx.RMSNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
@@ -93,10 +99,11 @@ def loss_fn(model, batch):
 
 
 def main():
-  run_cli(__doc__, dict(steps=200, batch=8, size=128, lr=3e-3, moba=None, learned_sinks=False,
-                        logits_soft_cap=None),
+  run_cli(__doc__, dict(steps=200, batch=8, size=128, lr=3e-3, moba=None, moba_shared=False,
+                        learned_sinks=False, logits_soft_cap=None),
           lambda a: CausalLM(backend=a.backend, context_axis=a.context_axis,
                              moba=tuple(a.moba) if a.moba else None,
+                             moba_shared=a.moba_shared,
                              learned_sinks=a.learned_sinks,
                              logits_soft_cap=a.logits_soft_cap,
                              rngs=nnx.Rngs(a.seed)), loss_fn,

@@ -86,6 +86,9 @@ def cli(description: str, defaults: dict) -> argparse.Namespace:
   if "moba" in defaults:
     parser.add_argument("--moba", type=int, nargs=2, default=defaults["moba"],
                         metavar=("BLOCK", "TOP_K"), help="MoBA routing instead of the mask")
+  if "moba_shared" in defaults:
+    parser.add_argument("--moba-shared", action="store_true",
+                        help="with --moba: one selection per KV head, shared by its GQA group")
   if "learned_sinks" in defaults:
     parser.add_argument("--learned-sinks", action="store_true",
                         help="a learned sink logit per head (gpt-oss attention sinks)")

@@ -13,6 +13,7 @@ from models.train import context_mesh, train
 # CI's run of colab/02_train_nat.ipynb trains (its loss must fall there)
 @pytest.mark.parametrize("name", [
     pytest.param("nat", marks=pytest.mark.extended), "dit", "lm", "t2i", "moba",
+    pytest.param("moba_shared", marks=pytest.mark.extended),
     pytest.param("lm_sinks", marks=pytest.mark.extended),
     pytest.param("lm_soft_cap", marks=pytest.mark.extended)])
 def test_model_trains(name):
@@ -24,8 +25,10 @@ def test_model_trains(name):
     model = causal_lm.CausalLM(dim=32, backend="xla", logits_soft_cap=5.0, rngs=nnx.Rngs(0))
     batches = causal_lm.synthetic_batches(4, 48)
     loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
-  elif name == "moba":  # the LM with content-routed blocks (MoBA): top 2 of 16-token blocks
-    model = causal_lm.CausalLM(dim=32, backend="xla", moba=(16, 2), rngs=nnx.Rngs(0))
+  elif name in ("moba", "moba_shared"):  # the LM with content-routed blocks (MoBA): top 2 of
+    # 16-token blocks, per query head or shared by each GQA group (NSA)
+    model = causal_lm.CausalLM(dim=32, backend="xla", moba=(16, 2),
+                               moba_shared=name == "moba_shared", rngs=nnx.Rngs(0))
     batches = causal_lm.synthetic_batches(4, 48)
     loss_fn, steps, lr = causal_lm.loss_fn, 100, 5e-3
   elif name == "t2i":  # joint attention: image NA + text as extra tokens, text -> all
