@@ -108,9 +108,12 @@ def _padded(b, spatial, h, d, kernel, pad):
               sim.window_speedup_bound or sim.block_speedup_bound)
 
 
-def _routing(b, s, h, d, top_k):
+def _routing(b, s, h, d, top_k, hkv=None):
+  """MoBA: pooled-score top-k + 2 local blocks per query block and head, the selection and
+  the runtime map's build inside the timing; ``hkv``: GQA with that many KV heads."""
   bs = 128
   nb = s // bs
+  hkv = hkv or h
 
   def run(q, k, v, be):
     sel = routing.topk_blocks(q, k, bs, top_k, causal=True, local_blocks=2)
@@ -120,8 +123,9 @@ def _routing(b, s, h, d, top_k):
   # counted as whole blocks (the diagonal's half is not subtracted).
   visible = np.minimum(np.arange(nb) + 1, top_k + 2)
   pairs = float(np.sum(visible)) * bs * bs
-  return Case("routing", f"MoBA causal S={s}, top {top_k} + 2 local of {nb} blocks",
-              (b, s, h, d), (b, s, h, d), run, pairs, nb * nb / float(np.sum(visible)))
+  gqa = f", GQA {h}/{hkv}" if hkv != h else ""
+  return Case("routing", f"MoBA causal S={s}, top {top_k} + 2 local of {nb} blocks{gqa}",
+              (b, s, h, d), (b, s, hkv, d), run, pairs, nb * nb / float(np.sum(visible)))
 
 
 def _documents(b, s, h, d, n=4, seed=0):
@@ -143,8 +147,8 @@ def suites(quick: bool, batch: int | None = None, heads: int | None = None,
            head_dim: int | None = None) -> dict[str, Callable[[], list[Case]]]:
   """Suite name -> a function building its cases (full size, or tiny with `quick`). `batch`,
   `heads`, `head_dim` replace the cases' own (``--batch``, ``--heads``, ``--head-dim``): the
-  GQA case keeps a quarter of the heads as KV heads where they divide by 4, and the names
-  say what was replaced."""
+  GQA cases (the LM mask's, MoBA's second) keep a quarter of the heads as KV heads where they
+  divide by 4, and the names say what was replaced."""
   if quick:
     b, h, d, s = batch or 1, heads or 2, head_dim or 32, 256
     return {name: _renamed(build, batch, heads, head_dim) for name, build in {
@@ -188,7 +192,8 @@ def suites(quick: bool, batch: int | None = None, heads: int | None = None,
                                    masks.causal() & (masks.sliding_window(511) | masks.sink(4)),
                                    None, hkv=hkv, flex=dict(kind="window_sink", window=511,
                                                             sinks=4))],
-      "routing": lambda: [_routing(b1, 32768, h, d, 32)],
+      "routing": lambda: [_routing(b1, 32768, h, d, 32)] + (
+          [_routing(b1, 32768, h, d, 32, hkv)] if hkv != h else []),
       "documents": lambda: [_documents(b, 16384, h, d)],
       "padded": lambda: [_padded(b, (128, 128), h, d, 33, 24),
                          _padded(b, (96, 96), h, d, 17, 16),
