@@ -52,6 +52,19 @@ def _time_runs(section, name, runs, args, iters):
     perf_row(section, name, impl, fn, args[:3], args[3], iters)
 
 
+def _record_check(section, case, backend, fn, args, want):
+  """Record fn's output and gradients at args (q, k, v, dO) against `want` (relative L2 per
+  array) and whether they are finite, or the error."""
+  try:
+    got = fwd_bwd(fn)(*args)
+    record(section=section, case=case, backend=backend,
+           **{n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, want)},
+           finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
+  except Exception as e:
+    record(section=section, backend=backend, error=repr(e)[:600])
+    traceback.print_exc()
+
+
 def section_check(dtype):
   b, s, h, hkv, d, bs = 1, 4096, 4, 2, 128, 128
   q, k, v, do = inputs((b, s, h, d), (b, s, hkv, d), dtype)
@@ -66,17 +79,10 @@ def section_check(dtype):
   for backend, config in variants:
     name = backend + ("" if config is None else " (Hopper backward)" if config.backward_dq is None
                       else f" (Hopper backward, dQ {config.backward_dq})")
-    try:
-      ours = lambda q, k, v, be=backend, c=config: jsa.attention(
-          q, k, v, masks.causal(), block_selection=sel, backend=be, config=c)
-      got = fwd_bwd(ours)(q, k, v, do)
-      errs = {n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, want)}
-      record(section="check", case=f"MoBA causal S={s} top 8 + 2, GQA {h}/{hkv}",
-             backend=name, **errs,
-             finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
-    except Exception as e:
-      record(section="check", backend=name, error=repr(e)[:600])
-      traceback.print_exc()
+    ours = lambda q, k, v, be=backend, c=config: jsa.attention(
+        q, k, v, masks.causal(), block_selection=sel, backend=be, config=c)
+    _record_check("check", f"MoBA causal S={s} top 8 + 2, GQA {h}/{hkv}", name, ours,
+                  (q, k, v, do), want)
 
 
 def section_perf(dtype, iters, short=False):
@@ -171,16 +177,9 @@ def section_shared(dtype, iters, sizes=(4096, 32768)):
   ref = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel,
                                       backend="xla")
   want = fwd_bwd(ref)(f32(q), f32(k), f32(v), f32(do))
-  try:
-    got = fwd_bwd(lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
-                                                block_selection=sel))(q, k, v, do)
-    record(section="shared", case=f"S={sizes[0]} GQA {h}/{hkv} top 8 + 2, shared by group",
-           backend="auto", **{n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got,
-                                                                 want)},
-           finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
-  except Exception as e:
-    record(section="shared", backend="auto", error=repr(e)[:600])
-    traceback.print_exc()
+  _record_check("shared", f"S={sizes[0]} GQA {h}/{hkv} top 8 + 2, shared by group", "auto",
+                lambda q, k, v: jsa.attention(q, k, v, masks.causal(), block_selection=sel),
+                (q, k, v, do), want)
   s, top_k = sizes[1], 32
   q, k, v, do = inputs((b, s, h, d), (b, s, hkv, d), dtype)
   name = f"MoBA S={s} causal top {top_k} + 2 local, GQA {h}/{hkv} D={d}, selection timed"

@@ -138,8 +138,8 @@ def runtime_items(q_counts, groups: int, chunk: int, max_entries: int,
   another (`HEAD_ITEMS`)."""
   b, h, nk = q_counts.shape
   if per_head and groups > 1:
-    n = min(nk + -(-max_entries // chunk), nk * -(-max_entries // chunk))
     per = runtime_items(q_counts.reshape(b * h, 1, nk), 1, chunk, max_entries)  # [b·h, 1, n, 2]
+    n = per.shape[2]
     head = jnp.broadcast_to((jnp.arange(h, dtype=jnp.int32) % groups)[None, :, None, None],
                             (b, h, n, 1))
     items = jnp.concatenate([per.reshape(b, h, n, 2), head], axis=-1)
