@@ -40,6 +40,13 @@ def rel(a, b):
   return float(jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(b.ravel()), 1e-30))
 
 
+def rel_errors(got, want, names=("out", "dq", "dk", "dv"), digits=None):
+  """`rel` per array of the matching tuples `got` and `want` (the output and the gradients
+  unless `names` says otherwise), keyed by name; rounded to `digits` places where given."""
+  errs = {n: rel(g, w) for n, g, w in zip(names, got, want, strict=True)}
+  return errs if digits is None else {n: round(e, digits) for n, e in errs.items()}
+
+
 def inputs(shape_q, shape_kv, dtype, seed=0):
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   q = jax.random.normal(ks[0], shape_q, dtype)

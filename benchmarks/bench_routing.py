@@ -32,7 +32,7 @@ from jax_sparse_attn.plan import make_plan
 
 from pallas_kernels.gpu import MosaicGPUConfig
 
-from .bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel, timeit, write_results
+from .bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel_errors, timeit, write_results
 
 
 def moba_selection(key, b, h, s, bs, top_k):
@@ -58,7 +58,7 @@ def _record_check(section, case, backend, fn, args, want):
   try:
     got = fwd_bwd(fn)(*args)
     record(section=section, case=case, backend=backend,
-           **{n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, want)},
+           **rel_errors(got, want),
            finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
   except Exception as e:
     record(section=section, backend=backend, error=repr(e)[:600])

@@ -114,6 +114,19 @@ def test_interleaved_vs_first():
   assert row["b_rel_diff"] > 0.1 and "a_rel_diff" not in row and "a_fwd_ms_0" in row
 
 
+def test_rel_errors():
+  """`bench_gpu.rel_errors`: relative L2 per named array, rounded where asked; tuples of
+  different lengths are an error, not a silently shorter check."""
+  import jax.numpy as jnp
+  from benchmarks.bench_gpu import rel_errors
+  want = (jnp.ones(4), jnp.full(4, 2.0), jnp.ones(4), jnp.ones(4))
+  got = (jnp.ones(4), jnp.full(4, 3.0), jnp.zeros(4), jnp.ones(4))
+  assert rel_errors(got, want) == {"out": 0.0, "dq": 0.5, "dk": 1.0, "dv": 0.0}
+  assert rel_errors(got[:2], want[:2], ("a", "b"), digits=1) == {"a": 0.0, "b": 0.5}
+  with pytest.raises(ValueError):
+    rel_errors(got[:3], want)
+
+
 def test_shape_flags():
   """``--batch``, ``--heads``, ``--head-dim`` replace every case's own (the GQA case keeps a
   quarter of the heads as KV heads where they divide by 4) and the names say so; a value

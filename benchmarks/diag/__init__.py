@@ -160,10 +160,9 @@ def check_and_time(row: dict, fn, small, ref, big, iters: int = 10, repeats: int
   """Into `row`: fn(q, k, v)'s output and gradients at the inputs `small` (q, k, v, dO)
   against `ref` (relative L2, float32), and its forward and fwd+bwd ms at `big`."""
   from jax_sparse_attn.demo import time_ms
-  from ..bench_gpu import fwd_bwd, rel
+  from ..bench_gpu import fwd_bwd, rel_errors
   got = fwd_bwd(fn)(*small)
-  row["rel_err_vs_xla_f32"] = {n: round(rel(g, r), 5) for n, g, r in
-                               zip(("out", "dq", "dk", "dv"), got, ref)}
+  row["rel_err_vs_xla_f32"] = rel_errors(got, ref, digits=5)
   row["fwd_ms"] = round(time_ms(jax.jit(fn), *big[:3], iters=iters, repeats=repeats), 3)
   row["fwd_bwd_ms"] = round(time_ms(fwd_bwd(fn), *big, iters=iters, repeats=repeats), 3)
 
@@ -176,7 +175,7 @@ def knob_rows(cases: dict, names: str, variants: dict, set_variant, run, rows: R
   ``set_variant(value)``) and each later variant's gradients against the first's.
   `variants` maps a name to its value; ``run(mask, segment_ids)`` is fn(q, k, v)."""
   from jax_sparse_attn import ops
-  from ..bench_gpu import documents, fwd_bwd, inputs, rel
+  from ..bench_gpu import documents, fwd_bwd, inputs, rel_errors
   first, *others = variants
   for name in names.split(","):
     mask, b, s, h, hkv, d, docs = cases[name]
@@ -190,8 +189,7 @@ def knob_rows(cases: dict, names: str, variants: dict, set_variant, run, rows: R
                                                  backend="xla"))(*f32)
     set_variant(variants[first])
     got = fwd_bwd(run(mask, seg_s))(*small)
-    row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
-                                 for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    row["rel_err_vs_xla_f32"] = rel_errors(got, want, digits=5)
     big = inputs((b, s, h, d), (b, s, hkv, d), jnp.bfloat16)
     seg = documents(b, s, docs) if docs else None
 

@@ -11,7 +11,7 @@ import jax_sparse_attn as jsa
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
 from . import Rows, case_parser
-from ..bench_gpu import fwd_bwd, rel
+from ..bench_gpu import fwd_bwd, rel_errors
 
 
 def main():
@@ -31,8 +31,7 @@ def main():
     want = fwd_bwd(f("xla"))(*(x.astype(jnp.float32) for x in (q, k, v, do)))
     rows.record(head_dim=d, dtype=jnp.dtype(dtype).name, kv_heads=hkv,
                 window_dq=bool(ran) and all(r is not None for r in ran),
-                rel_err_vs_xla_f32={n: round(rel(g, w), 5) for n, g, w in
-                                    zip(("out", "dq", "dk", "dv"), got, want)})
+                rel_err_vs_xla_f32=rel_errors(got, want, digits=5))
   rows.write(args.out)
 
 

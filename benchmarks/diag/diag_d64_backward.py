@@ -36,7 +36,7 @@ from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import policy
 
 from . import Rows, case_parser, interleaved_vs_first
-from ..bench_gpu import fwd_bwd, inputs, rel
+from ..bench_gpu import fwd_bwd, inputs, rel_errors
 
 SEQ = {"dense": masks.full(), "causal": masks.causal(),
        "window": masks.causal() & masks.sliding_window(2047),
@@ -88,8 +88,7 @@ def main():
     want = fwd_bwd(run(None, "xla"))(*(x.astype(jnp.float32) for x in small))
     _set_stages(*DEFAULTS)
     got = fwd_bwd(run("own"))(*small)
-    row["fused_rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5) for n, g, w in
-                                       zip(("out", "dq", "dk", "dv"), got, want)}
+    row["fused_rel_err_vs_xla_f32"] = rel_errors(got, want, digits=5)
     big = inputs(shape, shape, jnp.bfloat16)
     variants = {"kernel": lambda: (_set_stages(2, 2, 2, 2), run("kernel"))[1],
                 "fused": lambda: (_set_stages(2, 2, 2, 2), run("own"))[1],

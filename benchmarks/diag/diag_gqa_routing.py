@@ -17,7 +17,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks, routing
 from pallas_kernels.gpu.mosaic_gpu import work_items
 
-from ..bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel, write_results
+from ..bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel_errors, write_results
 
 
 def _set(form: str):
@@ -58,7 +58,7 @@ def main(argv=None):
             got = fwd_bwd(fn)(q, k, v, do)
             base = got if base is None else base
             record(section="check", case=name, form=form,
-                   **{n: rel(a, c) for n, a, c in zip(("out", "dq", "dk", "dv"), got, base)})
+                   **rel_errors(got, base))
           perf_row("perf", name, f"{form} (round {rnd})", fn, (q, k, v), do, args.iters)
   _set("auto")
   write_results(args.out, head)

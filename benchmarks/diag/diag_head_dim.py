@@ -17,7 +17,7 @@ from jax_sparse_attn import masks, ops
 from jax_sparse_attn.demo import time_ms
 
 from . import Rows, native_widths
-from ..bench_gpu import fwd_bwd, rel
+from ..bench_gpu import fwd_bwd, rel_errors
 from pallas_kernels.gpu import MosaicGPUConfig
 
 
@@ -59,8 +59,7 @@ def main():
       ops._make_core.cache_clear()
       try:
         got = fwd_bwd(fn)(*small)
-        row["rel_err"] = {n: round(rel(g, r), 5) for n, g, r in zip(("out", "dq", "dk", "dv"),
-                                                                     got, ref)}
+        row["rel_err"] = rel_errors(got, ref, digits=5)
         row["fwd_ms"] = time_ms(jax.jit(fn), *big[:3], iters=10, repeats=5)
         row["fwd_bwd_ms"] = time_ms(fwd_bwd(fn), *big, iters=10, repeats=5)
       except Exception as e:  # noqa: BLE001 (a path that fails is a result)

@@ -26,7 +26,7 @@ from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_fwd
 
 from . import Rows, case_parser, interleaved, max_rel_diff
-from ..bench_gpu import fwd_bwd, inputs, rel
+from ..bench_gpu import fwd_bwd, inputs, rel_errors
 
 # name: (spatial, kernel, batch, heads, padded keys along the last dim)
 CASES = {
@@ -80,8 +80,7 @@ def main():
     set_forms(True)
     got = fwd_bwd(run(kernel, small_valid,
                       "auto" if args.compare == "auto" else "mosaic_gpu"))(*small)
-    row["rel_err_vs_xla_f32"] = {n: round(rel(g, w), 5)
-                                 for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    row["rel_err_vs_xla_f32"] = rel_errors(got, want, digits=5)
     big = inputs((b, *spatial, h, d), (b, *spatial, h, d), jnp.bfloat16)
     valid = padding(b, spatial, pad)
     # name: (BOX_SEGMENTS, kv_valid, backend, backward); all-Triton and unpadded last.

@@ -21,7 +21,7 @@ from jax_sparse_attn import masks, ops, routing
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd, policy, work_items
 
 from . import interleaved, max_rel_diff
-from ..bench_gpu import fwd_bwd, inputs, rel
+from ..bench_gpu import fwd_bwd, inputs, rel_errors
 
 
 def moba(top_k, local=2, fraction=None):
@@ -67,8 +67,7 @@ def main():
   _set("whole")
   got = fwd_bwd(fn)(*small)
   row = {"check": "MoBA S=4096 top 8, GQA 8/4, whole lists vs xla f32",
-         "rel_err": {n: round(rel(g, w), 5) for n, g, w in zip(("out", "dq", "dk", "dv"),
-                                                              got, want)}}
+         "rel_err": rel_errors(got, want, digits=5)}
   print(json.dumps(row), flush=True)
   rows.append(row)
   names = (sys.argv[sys.argv.index("--cases") + 1].split(",") if "--cases" in sys.argv

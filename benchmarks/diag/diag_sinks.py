@@ -18,7 +18,7 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 
 from . import interleaved
-from ..bench_gpu import inputs, rel
+from ..bench_gpu import inputs, rel, rel_errors
 
 LM = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
 # name: (q shape, kv shape, fn(q, k, v, sinks, backend))
@@ -79,8 +79,7 @@ def main():
     row = {"check": f"LM layer S=2048 with sinks, {be} (bf16) vs xla (f32)",
            "rel_err": {"out": round(rel(got_out, lm_out), 5),
                        "lse_max_abs": round(float(jnp.max(jnp.abs(lse - lm_lse))), 5),
-                       **{n: round(rel(g, w), 5) for n, g, w in
-                          zip(("dq", "dk", "dv", "d_sinks"), got, want)}}}
+                       **rel_errors(got, want, ("dq", "dk", "dv", "d_sinks"), digits=5)}}
     print(json.dumps(row), flush=True)
     rows.append(row)
   for name, (qs, ks, fn) in CASES.items():

@@ -23,7 +23,7 @@ from pallas_kernels.gpu import MosaicGPUConfig
 from pallas_kernels.gpu.mosaic_gpu import attention_bwd
 
 from . import Rows, case_parser, interleaved, knob_setter, max_rel_diff
-from ..bench_gpu import fwd_bwd, inputs, rel
+from ..bench_gpu import fwd_bwd, inputs, rel_errors
 
 KERNEL, STRIDE = (8, 16, 16), (4, 8, 8)
 CASES = {"strided": 16, "strided_gqa": 4}  # name: kv heads (H=16)
@@ -97,8 +97,7 @@ def main():
     for on in (True, False):
       setter(on)
       got = fwd_bwd(run())(*small)
-      row[f"window_{on}_rel_err_vs_xla_f32"] = {
-          n: round(rel(g, w), 5) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+      row[f"window_{on}_rel_err_vs_xla_f32"] = rel_errors(got, want, digits=5)
     big = _inputs((16, 64, 64), 16, hkv, jnp.bfloat16)
     variants = {"window": lambda: (setter(True), run())[1],
                 "map": lambda: (setter(False), run())[1]}
