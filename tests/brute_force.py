@@ -104,11 +104,17 @@ def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None, cap=No
   return dq, dk, dv
 
 
-def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=None):
+def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=None,
+                         stored_dtype=None):
   """Float64 attention with a sink logit per head: one more column in every row's softmax
   (logit ``sinks[h]``, not scaled; value vector zero). Returns out, lse [b, sq, h], the
   gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h], and the magnitude of the
-  sinks' gradient terms per head (the sum cancels: judge its error against that)."""
+  sinks' gradient terms per head (the sum cancels: judge its error against that).
+
+  ``stored_dtype``: the gradients as a flash backward takes them, rowsum(dO ∘ O) from the
+  output rounded to that dtype (the output it stored) instead of the exact one. Where a row's
+  keys hold nearly all its weight (p ≈ 1 beside the sink), dS = P ∘ (dP − rowsum) cancels
+  and the rounding of O alone moves dQ and dK by ~2⁻⁸ / (1 − p) in bfloat16."""
   q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
   b, sq, h, d = q.shape
   hkv, skv = k.shape[2], k.shape[1]
@@ -128,7 +134,12 @@ def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=
   out = np.einsum("bhqk,bkhd->bqhd", p[..., :skv], vr)
   lse = (np.log(den) + mx)[..., 0].transpose(0, 2, 1)
   dp = np.concatenate([np.einsum("bqhd,bkhd->bhqk", d_out, vr), np.zeros((b, h, sq, 1))], -1)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  if stored_dtype is None:
+    delta = (dp * p).sum(-1, keepdims=True)
+  else:  # dP's sink column is zero: rowsum(dP ∘ P) = rowsum(dO ∘ O)
+    stored = np.asarray(out.astype(stored_dtype), np.float64)
+    delta = np.einsum("bqhd,bqhd->bhq", d_out, stored)[..., None]
+  ds = p * (dp - delta)
   dq = np.einsum("bhqk,bkhd->bqhd", ds[..., :skv], kr) * scale
   dk = np.einsum("bhqk,bqhd->bkhd", ds[..., :skv], q) * scale
   dv = np.einsum("bhqk,bqhd->bkhd", p[..., :skv], d_out)

@@ -28,14 +28,19 @@ def _sinks(rng, heads, scalar):
           jnp.asarray(rng.standard_normal(heads) * 2, jnp.float32))
 
 
-def _check(run, q, k, v, d_out, sinks, want, want_lse, want_grads, tol, sink_terms):
+def _check(run, q, k, v, d_out, sinks, want, want_lse, want_grads, tol, sink_terms,
+           stored_grads=None):
+  """``stored_grads``: the brute force's gradients with rowsum(dO ∘ O) from the output
+  rounded as stored (`brute_force.attention_with_sinks(stored_dtype=)`); dQ and dK may match
+  those instead where that rounding alone moves them past `tol`."""
   (out, lse), grads = backend_cases.outputs_and_grads(run, d_out, q, k, v, sinks)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert brute_force.rel_err(out, want) < tol
   np.testing.assert_allclose(np.asarray(lse), want_lse, atol=tol * 10, rtol=tol)
-  for name, got, ref in zip(("dq", "dk", "dv"), grads, want_grads):
+  stored_grads = want_grads if stored_grads is None else stored_grads
+  for name, got, ref, stored in zip(("dq", "dk", "dv"), grads, want_grads, stored_grads):
     assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-    err = brute_force.rel_err(got, ref)
+    err = min(brute_force.rel_err(got, ref), brute_force.rel_err(got, stored))
     assert err < tol * 2 or backend_cases._small(got, ref, tol), (name, err)
   # The sinks' gradient sums terms of both signs: its error against the terms' magnitude.
   scalar = np.ndim(grads[3]) == 0
@@ -57,10 +62,12 @@ def _check_sequence(p, backend, scalar=False, **kw):
   scale = 1.0 / math.sqrt(p["head_dim"])
   want, want_lse, want_grads, terms = brute_force.attention_with_sinks(
       q, k, v, dense, scale, sinks, d_out, seg, seg)
+  stored = brute_force.attention_with_sinks(q, k, v, dense, scale, sinks, d_out, seg, seg,
+                                            stored_dtype=q.dtype)[2]
   run = lambda q, k, v, s: jsa.attention(q, k, v, mask, segment_ids=seg, backend=backend,
                                          sinks=s, return_lse=True, **kw)
   _check(run, q, k, v, d_out, sinks, want, want_lse, want_grads, backend_cases.TOL[p["dtype"]],
-         terms)
+         terms, stored)
 
 
 @settings(max_examples=examples(10))
