@@ -108,8 +108,11 @@ def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=
                          stored_dtype=None):
   """Float64 attention with a sink logit per head: one more column in every row's softmax
   (logit ``sinks[h]``, not scaled; value vector zero). Returns out, lse [b, sq, h], the
-  gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h], and the magnitude of the
-  sinks' gradient terms per head (the sum cancels: judge its error against that).
+  gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h], and two error scales of
+  the sinks' gradient per head (it is a sum that cancels): the magnitude of its terms
+  p_sink · |rowsum(dO ∘ O)|, and of the products inside each rowsum,
+  p_sink · Σ_d |dO| · Σ_k p |v| (what rounding P or O to a narrow dtype moves it by, per
+  unit of that dtype's epsilon).
 
   ``stored_dtype``: the gradients as a flash backward takes them, rowsum(dO ∘ O) from the
   output rounded to that dtype (the output it stored) instead of the exact one. Where a row's
@@ -147,4 +150,6 @@ def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=
   dk = dk.reshape(b, skv, hkv, g, d).sum(3)
   dv = dv.reshape(b, skv, hkv, g, d).sum(3)
   d_sinks = ds[..., skv].sum(axis=(0, 2))
-  return out, lse, (dq, dk, dv, d_sinks), np.abs(ds[..., skv]).sum(axis=(0, 2))
+  products = np.einsum("bqhd,bhqk,bkhd->bhq", np.abs(d_out), p[..., :skv], np.abs(vr))
+  scales = (np.abs(ds[..., skv]).sum(axis=(0, 2)), (p[..., skv] * products).sum(axis=(0, 2)))
+  return out, lse, (dq, dk, dv, d_sinks), scales
