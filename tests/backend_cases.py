@@ -55,6 +55,24 @@ def seq_problems(draw, max_len=70, dtypes=(jnp.float32,)):
       seed=draw(st.integers(0, 2**16)))
 
 
+def assert_grads(grads, want, floors, tol, dtype, names="qkv", view=lambda x: x):
+  """Each gradient (``view`` of it) within ``2 tol`` relative L2 of the float64 brute force
+  `want`, plus two unit roundoffs of `dtype` (eps / 2) times its floor
+  (`brute_force.attention_grads(magnitudes=True)`). The floor is the rowsum's: every flash
+  backward takes rowsum(dO ∘ O) from the output it stored (rounded), and where a row's dS =
+  P ∘ (dP − rowsum) cancels (one key with nearly all the weight, or dP nearly equal across
+  the row's keys) that rounding alone moves bfloat16 dQ/dK by 5–30% on single-row problems
+  (random sweeps, 2026-12-07). Gradients that are zero in theory are judged absolutely
+  (`_small`)."""
+  unit = float(jnp.finfo(dtype).eps) / 2
+  for name, got, ref, floor in zip(names, grads, want, floors, strict=True):
+    got = np.asarray(view(got), np.float64)
+    assert not np.any(np.isnan(got)), (name, "NaN")
+    err, norm = float(np.linalg.norm(got - ref)), float(np.linalg.norm(ref))
+    assert err <= 2 * tol * norm + unit * floor or _small(got, ref, tol), (
+        name, err / max(norm, 1e-30))
+
+
 def _small(got, ref, tol):
   """Gradients that are exactly zero in theory (one visible key) are judged absolutely."""
   diff = np.asarray(got, np.float64) - ref
@@ -113,11 +131,10 @@ def check_attention(p, backend, **kwargs):
   np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)
   np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=tol * 10, rtol=tol)
   assert np.all(np.asarray(out, np.float32)[~finite.transpose(0, 1, 2)] == 0)
-  want_grads = brute_force.attention_grads(q, k, v, dense, scale, d_out, seg, seg, cap=cap)
-  for name, got, ref in zip("qkv", grads, want_grads):
-    assert got.dtype == q.dtype
-    err = brute_force.rel_err(got, ref)
-    assert err < tol * 2 or _small(got, ref, tol), (name, err)
+  want_grads, floors = brute_force.attention_grads(q, k, v, dense, scale, d_out, seg, seg,
+                                                   cap=cap, magnitudes=True)
+  assert all(g.dtype == q.dtype for g in grads)
+  assert_grads(grads, want_grads, floors, tol, q.dtype)
 
 
 @st.composite
@@ -153,11 +170,9 @@ def check_na(p, backend, **kwargs):
   assert brute_force.rel_err(flat(out), want) < tol
   np.testing.assert_allclose(np.asarray(lse).reshape(want_lse.shape), want_lse,
                              atol=tol * 10, rtol=tol)
-  want_grads = brute_force.attention_grads(flat(q), flat(k), flat(v), dense, scale, flat(d_out),
-                                           cap=cap)
-  for name, got, ref in zip("qkv", grads, want_grads):
-    err = brute_force.rel_err(flat(got), ref)
-    assert err < tol * 2 or _small(flat(got), ref, tol), (name, err)
+  want_grads, floors = brute_force.attention_grads(flat(q), flat(k), flat(v), dense, scale,
+                                                   flat(d_out), cap=cap, magnitudes=True)
+  assert_grads(grads, want_grads, floors, tol, q.dtype, view=flat)
 
 
 def spy(monkeypatch, owner, name: str, record) -> list:

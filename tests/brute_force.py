@@ -83,44 +83,58 @@ def rel_err(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None, cap=None):
+def attention_grads(q, k, v, mask, scale, d_out, q_seg=None, kv_seg=None, cap=None,
+                    magnitudes=False):
   """Float64 gradients of sum(out * d_out) w.r.t. q, k, v (GQA summed over the group);
-  ``cap``: soft-capped scores (dS times the cap's slope 1 - tanh²)."""
+  ``cap``: soft-capped scores (dS times the cap's slope 1 - tanh²). ``magnitudes``: also
+  their error floors (`_grads`), as ((dq, dk, dv), (floor of dq, of dk, of dv))."""
   q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
-  b, sq, h, d = q.shape
-  hkv = k.shape[2]
-  g = h // hkv
   kr, vr = _repeat_kv(q, k), _repeat_kv(q, v)
   p, _, _ = _probs(q, kr, mask, scale, q_seg, kv_seg, cap)
   dp = np.einsum("bqhd,bkhd->bhqk", d_out, vr)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  slope = None
   if cap is not None:
-    ds = ds * (1 - np.tanh(np.einsum("bqhd,bkhd->bhqk", q, kr) * scale / cap) ** 2)
+    slope = 1 - np.tanh(np.einsum("bqhd,bkhd->bhqk", q, kr) * scale / cap) ** 2
+  grads, floors, _, _ = _grads(p, dp, q, kr, vr, d_out, scale, k.shape[2], slope)
+  return (grads, floors) if magnitudes else grads
+
+
+def _grads(p, dp, q, kr, vr, d_out, scale, kv_heads, slope=None):
+  """dQ, dK, dV (GQA summed) from P and dP [b, h, sq, skv]; their error floors (L2 norms)
+  from the rowsum rowsum(dP ∘ P) = rowsum(dO ∘ O) per unit of a dtype's roundoff: a flash
+  backward takes the rowsum from its stored output (O and P rounded), which moves each row's
+  rowsum by up to that unit times its products Σ_d |dO| · Σ_k P |V|, and dS = P ∘ (dP −
+  rowsum) by P times that, coherently along the row (dQ's floor) and independently across
+  rows (dK's, summed in quadrature; dV does not read the rowsum); the rowsum [b, h, sq, 1]
+  and its products."""
+  b, sq, h, d = q.shape
+  delta = (dp * p).sum(-1, keepdims=True)
+  products = np.einsum("bqhd,bhqk,bkhd->bhq", np.abs(d_out), p, np.abs(vr))[..., None]
+  ds = p * (dp - delta)
+  ps = p if slope is None else p * slope  # dS's factor on a rowsum error
+  if slope is not None:
+    ds = ds * slope
+  g = h // kv_heads
+  group = lambda x: x.reshape(b, -1, kv_heads, g, d).sum(3)
   dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
-  dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
-  dv = np.einsum("bhqk,bqhd->bkhd", p, d_out)
-  dk = dk.reshape(b, -1, hkv, g, d).sum(3)
-  dv = dv.reshape(b, -1, hkv, g, d).sum(3)
-  return dq, dk, dv
+  dk = group(np.einsum("bhqk,bqhd->bkhd", ds, q) * scale)
+  dv = group(np.einsum("bhqk,bqhd->bkhd", p, d_out))
+  e = products[..., 0]
+  floor_dq = np.linalg.norm(np.einsum("bhq,bhqk,bkhd->bqhd", e, ps, kr)) * scale
+  floor_dk = np.sqrt(np.einsum("bhq,bhqk,bqh->", e ** 2, ps ** 2, (q ** 2).sum(-1))) * scale
+  return (dq, dk, dv), (floor_dq, floor_dk, 0.0), delta, products
 
 
-def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=None,
-                         stored_dtype=None):
+def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=None):
   """Float64 attention with a sink logit per head: one more column in every row's softmax
   (logit ``sinks[h]``, not scaled; value vector zero). Returns out, lse [b, sq, h], the
-  gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h], and two error scales of
-  the sinks' gradient per head (it is a sum that cancels): the magnitude of its terms
-  p_sink · |rowsum(dO ∘ O)|, and of the products inside each rowsum,
-  p_sink · Σ_d |dO| · Σ_k p |v| (what rounding P or O to a narrow dtype moves it by, per
-  unit of that dtype's epsilon).
-
-  ``stored_dtype``: the gradients as a flash backward takes them, rowsum(dO ∘ O) from the
-  output rounded to that dtype (the output it stored) instead of the exact one. Where a row's
-  keys hold nearly all its weight (p ≈ 1 beside the sink), dS = P ∘ (dP − rowsum) cancels
-  and the rounding of O alone moves dQ and dK by ~2⁻⁸ / (1 − p) in bfloat16."""
+  gradients of sum(out * d_out) w.r.t. q, k, v and the sinks [h], and error scales: the
+  floors of dq, dk, dv (`_grads`) and two of the sinks' gradient per head (a sum that cancels), the
+  magnitude of its terms p_sink · |rowsum(dO ∘ O)| and of the products inside each rowsum,
+  p_sink · Σ_d |dO| · Σ_k P |V|."""
   q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
   b, sq, h, d = q.shape
-  hkv, skv = k.shape[2], k.shape[1]
+  skv = k.shape[1]
   kr, vr = _repeat_kv(q, k), _repeat_kv(q, v)
   s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
   mask = np.asarray(mask)
@@ -136,20 +150,12 @@ def attention_with_sinks(q, k, v, mask, scale, sinks, d_out, q_seg=None, kv_seg=
   p = e / den
   out = np.einsum("bhqk,bkhd->bqhd", p[..., :skv], vr)
   lse = (np.log(den) + mx)[..., 0].transpose(0, 2, 1)
-  dp = np.concatenate([np.einsum("bqhd,bkhd->bhqk", d_out, vr), np.zeros((b, h, sq, 1))], -1)
-  if stored_dtype is None:
-    delta = (dp * p).sum(-1, keepdims=True)
-  else:  # dP's sink column is zero: rowsum(dP ∘ P) = rowsum(dO ∘ O)
-    stored = np.asarray(out.astype(stored_dtype), np.float64)
-    delta = np.einsum("bqhd,bqhd->bhq", d_out, stored)[..., None]
-  ds = p * (dp - delta)
-  dq = np.einsum("bhqk,bkhd->bqhd", ds[..., :skv], kr) * scale
-  dk = np.einsum("bhqk,bqhd->bkhd", ds[..., :skv], q) * scale
-  dv = np.einsum("bhqk,bqhd->bkhd", p[..., :skv], d_out)
-  g = h // hkv
-  dk = dk.reshape(b, skv, hkv, g, d).sum(3)
-  dv = dv.reshape(b, skv, hkv, g, d).sum(3)
-  d_sinks = ds[..., skv].sum(axis=(0, 2))
-  products = np.einsum("bqhd,bhqk,bkhd->bhq", np.abs(d_out), p[..., :skv], np.abs(vr))
-  scales = (np.abs(ds[..., skv]).sum(axis=(0, 2)), (p[..., skv] * products).sum(axis=(0, 2)))
+  dp = np.einsum("bqhd,bkhd->bhqk", d_out, vr)
+  # The sink's column has a zero value vector: dP there is zero, and its dS is -p_sink · delta.
+  (dq, dk, dv), floors, delta, products = _grads(p[..., :skv], dp, q, kr, vr, d_out, scale,
+                                               k.shape[2])
+  p_sink = p[..., skv:]
+  d_sinks = -(p_sink * delta).sum(axis=(0, 2, 3))
+  scales = dict(grads=floors, terms=np.abs(p_sink * delta).sum(axis=(0, 2, 3)),
+                products=(p_sink * products).sum(axis=(0, 2, 3)))
   return out, lse, (dq, dk, dv, d_sinks), scales
