@@ -38,8 +38,8 @@ def _check(run, q, k, v, d_out, sinks, want, want_lse, want_grads, tol, scales):
   backend_cases.assert_grads(grads[:3], want_grads[:3], scales["grads"], tol, q.dtype)
   # The sinks' gradient sums terms of both signs (-p_sink · rowsum(dO ∘ O) per row): its
   # error against the terms' magnitude, plus what rounding P and O to the inputs' dtype (a
-  # unit roundoff, eps / 4, each) moves a rowsum that cancels by (the brute force's second
-  # scale; 2026-12-07's sweeps saw up to 0.9e-3 of it in bfloat16, eps / 2 = 3.9e-3).
+  # unit roundoff, eps / 4, each) moves a rowsum that cancels by (the brute force's
+  # "products"; 2026-12-07's sweeps saw up to 0.9e-3 of it in bfloat16, eps / 2 = 3.9e-3).
   scalar = np.ndim(grads[3]) == 0
   terms, products = (np.sum(x) if scalar else x for x in (scales["terms"], scales["products"]))
   err = np.abs(np.asarray(grads[3], np.float64) - (np.sum(want_grads[3]) if scalar
