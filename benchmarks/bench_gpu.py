@@ -47,6 +47,11 @@ def rel_errors(got, want, names=("out", "dq", "dk", "dv"), digits=None):
   return errs if digits is None else {n: round(e, digits) for n, e in errs.items()}
 
 
+def all_finite(arrays) -> bool:
+  """Whether every element of every array is finite (no NaN, no inf)."""
+  return all(bool(jnp.isfinite(jnp.asarray(a, jnp.float32)).all()) for a in arrays)
+
+
 def inputs(shape_q, shape_kv, dtype, seed=0):
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   q = jax.random.normal(ks[0], shape_q, dtype)

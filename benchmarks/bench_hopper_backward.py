@@ -23,8 +23,8 @@ import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 from pallas_kernels.gpu import MosaicGPUConfig
 
-from .bench_gpu import (document_pairs, documents, fwd_bwd, header, inputs, record, rel_errors,
-                        timeit, write_results)
+from .bench_gpu import (all_finite, document_pairs, documents, fwd_bwd, header, inputs, record,
+                        rel_errors, timeit, write_results)
 
 LM_MASK = masks.causal() & (masks.sliding_window(511) | masks.sink(4))
 
@@ -68,7 +68,7 @@ def _grads_rel(fn, ref_fn, q, k, v, do):
   f32 = lambda x: x.astype(jnp.float32)
   want = fwd_bwd(ref_fn)(f32(q), f32(k), f32(v), f32(do))
   errs = rel_errors(got, want)
-  finite = all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
+  finite = all_finite(got)
   return errs, finite
 
 

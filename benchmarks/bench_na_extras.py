@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import jax_sparse_attn as jsa  # noqa: E402
 from jax_sparse_attn import masks  # noqa: E402
 
-from .bench_gpu import (fwd_bwd, header, inputs, perf_row, record, rel,  # noqa: E402
-                        write_results)
+from .bench_gpu import (all_finite, fwd_bwd, header, inputs, perf_row, record,  # noqa: E402
+                        rel_errors, write_results)
 
 # (name, image grid, kernel, text tokens, batch, heads)
 BLOCKS = [
@@ -63,9 +63,7 @@ def _check(name, fn, args, do):
     f32 = [x.astype(jnp.float32) for x in args]
     want = fwd_bwd(lambda *x: fn("xla", *x))(*f32, do.astype(jnp.float32))
     names = ["out", "dq", "dk", "dv", "d_extra_k", "d_extra_v"]
-    errs = {n: rel(a, b) for n, a, b in zip(names, got, want)}
-    finite = all(bool(jnp.isfinite(a.astype(jnp.float32)).all()) for a in got)
-    record(section="check", case=name, finite=finite, **errs)
+    record(section="check", case=name, finite=all_finite(got), **rel_errors(got, want, names))
   except Exception as e:
     record(section="check", case=name, error=repr(e)[:600])
     traceback.print_exc()

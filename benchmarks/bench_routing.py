@@ -32,7 +32,8 @@ from jax_sparse_attn.plan import make_plan
 
 from pallas_kernels.gpu import MosaicGPUConfig
 
-from .bench_gpu import fwd_bwd, header, inputs, perf_row, record, rel_errors, timeit, write_results
+from .bench_gpu import (all_finite, fwd_bwd, header, inputs, perf_row, record, rel_errors, timeit,
+                        write_results)
 
 
 def moba_selection(key, b, h, s, bs, top_k):
@@ -59,7 +60,7 @@ def _record_check(section, case, backend, fn, args, want):
     got = fwd_bwd(fn)(*args)
     record(section=section, case=case, backend=backend,
            **rel_errors(got, want),
-           finite=all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in got))
+           finite=all_finite(got))
   except Exception as e:
     record(section=section, backend=backend, error=repr(e)[:600])
     traceback.print_exc()

@@ -125,6 +125,9 @@ def test_rel_errors():
   assert rel_errors(got[:2], want[:2], ("a", "b"), digits=1) == {"a": 0.0, "b": 0.5}
   with pytest.raises(ValueError):
     rel_errors(got[:3], want)
+  from benchmarks.bench_gpu import all_finite
+  assert all_finite(got) and not all_finite((jnp.ones(2), jnp.array([1.0, jnp.nan])))
+  assert not all_finite((jnp.array([jnp.inf], jnp.bfloat16),))
 
 
 def test_shape_flags():

@@ -23,7 +23,7 @@ from jax_sparse_attn.simulate import best_tile_shapes, visited_blocks
 from pallas_kernels.gpu.mosaic_gpu import policy
 
 from . import Rows, case_parser
-from ..bench_gpu import fwd_bwd, inputs
+from ..bench_gpu import all_finite, fwd_bwd, inputs
 
 H, D = 16, 128
 
@@ -67,8 +67,7 @@ def _time(run, shape, iters):
   out = dict(fwd_ms=round(time_ms(fwd, q, k, v, iters=iters, repeats=5, warmup=2), 3),
              fwd_bwd_ms=round(time_ms(both, q, k, v, do, iters=iters, repeats=5, warmup=1), 3),
              first_call_s=round(compile_s, 1))
-  ok = bool(all(jnp.isfinite(g.astype(jnp.float32)).all() for g in both(q, k, v, do)))
-  out["finite"] = ok
+  out["finite"] = all_finite(both(q, k, v, do))
   return out
 
 
