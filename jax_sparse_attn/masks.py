@@ -364,8 +364,14 @@ class FromFunction(Mask):
 
   def __call__(self, q_idx, kv_idx):
     import jax.numpy as jnp
+    xp = _xp(q_idx, kv_idx)
     out = self.fn(q_idx, kv_idx)
-    return np.asarray(out) if _xp(q_idx, kv_idx) is np else jnp.asarray(out)
+    out = np.asarray(out) if xp is np else jnp.asarray(out)
+    if out.dtype != np.bool_:
+      raise ValueError(f"from_function's fn must return booleans (True: attend), got dtype "
+                       f"{out.dtype}; compare, e.g. `(q_idx - kv_idx) < 64`")
+    shape = np.broadcast_shapes(np.shape(q_idx), np.shape(kv_idx))
+    return out if out.shape == shape else xp.broadcast_to(out, shape)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -210,7 +210,10 @@ def _check_scale(scale, head_dim):
     return 1.0 / math.sqrt(head_dim)
   if isinstance(scale, jax.core.Tracer):
     raise ValueError("scale must be a Python float (it is compiled into the kernels)")
-  scale = float(scale)
+  try:
+    scale = float(scale)
+  except (TypeError, ValueError):
+    raise ValueError(f"scale must be a Python float or None, got {scale!r}") from None
   if not math.isfinite(scale):
     raise ValueError(f"scale must be finite, got {scale}")
   return scale

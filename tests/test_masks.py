@@ -1,10 +1,12 @@
 """Mask semantics against the float64/loop brute force, and argument validation."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 import brute_force
 from strategies import gna_problems
+import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
 
 
@@ -70,6 +72,23 @@ def test_combinators():
   np.testing.assert_array_equal(_dense(c | w, 40, 40), (kv <= q) | (abs(kv - q) <= 3))
   np.testing.assert_array_equal(_dense(c & f, 40, 40), (kv <= q) & ((q - kv) % 5 == 0))
   np.testing.assert_array_equal(_dense(a | c, 40, 40), arr | (kv <= q))
+
+
+def test_from_function_results():
+  """fn's result must be booleans (an int mask would otherwise read as nonzero = attend);
+  one that depends on one index, or a constant, broadcasts to every pair (host and jnp)."""
+  with pytest.raises(ValueError, match="fn must return booleans"):
+    _dense(masks.from_function(lambda q, k: q - k), 8, 8)
+  q = jnp.zeros((1, 16, 1, 8))
+  with pytest.raises(ValueError, match="fn must return booleans"):
+    jsa.attention(q, q, q, masks.from_function(lambda q, k: (q - k) % 2), backend="xla")
+  kv = np.arange(8)[None, :]
+  np.testing.assert_array_equal(_dense(masks.from_function(lambda q, k: k < 3), 8, 8),
+                                np.broadcast_to(kv < 3, (8, 8)))
+  np.testing.assert_array_equal(_dense(masks.from_function(lambda q, k: True), 8, 8),
+                                np.ones((8, 8), bool))
+  jq, jk = jnp.arange(4)[:, None], jnp.arange(4)[None, :]
+  assert masks.from_function(lambda q, k: True)(jq, jk).shape == (4, 4)
 
 
 @pytest.mark.parametrize("call, match", [

@@ -179,6 +179,8 @@ X = jnp.ones((1, 16, 4, 32))
                       jnp.ones((1, 6, 6, 2, 8)), 3, q_tile_shape=(3, 1)), "power-of-two product"),
     (lambda: jsa.attention(jnp.ones((1, 4096, 64, 64)), jnp.ones((1, 4096, 64, 64)),
                            jnp.ones((1, 4096, 64, 64)), backend="reference"), "materializes"),
+    (lambda: jsa.attention(X, X, X, scale="0.1x"), "scale must be a Python float"),
+    (lambda: jsa.attention(X, X, X, scale=float("nan")), "scale must be finite"),
     (lambda: jsa.attention(X, X, X, logits_soft_cap=0.0), "logits_soft_cap must be a positive"),
     (lambda: jsa.attention(X, X, X, logits_soft_cap=jnp.float32(2.0)), "logits_soft_cap must be"),
     (lambda: jsa.na2d(jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 6, 2, 8)),
