@@ -174,6 +174,9 @@ class _AttentionBase(nnx.Module):
     return None if self.sinks is None else self.sinks[...]
 
   def _project(self, x, positions):
+    if x.shape[-1] != self.query.in_features:
+      raise ValueError(f"x's last dim must be embed_dim = {self.query.in_features}, got shape "
+                       f"{x.shape}")
     lead = x.shape[:-1]
     q = self.query(x).reshape(lead + (self.num_heads, self.head_dim))
     k = self.key(x).reshape(lead + (self.num_kv_heads, self.head_dim))

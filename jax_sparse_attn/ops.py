@@ -224,11 +224,11 @@ def _block_sizes(backend: str, head_dim: int, dtype, block_q, block_kv, seq_q=No
     return 1, 1
   impl = _get_backend(backend)
   dq, dk = impl.default_blocks(head_dim, dtype)
-  bq = block_q or dq
-  bk = block_kv or dk
+  bq = dq if block_q is None else block_q
+  bk = dk if block_kv is None else block_kv
   for name, b in (("block_q", bq), ("block_kv", bk)):
-    if b <= 0 or b & (b - 1):
-      raise ValueError(f"{name} must be a positive power of two, got {b}")
+    if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or b & (b - 1):
+      raise ValueError(f"{name} must be a positive power of two, got {b!r}")
   # Small problems: don't pad a 40-token sequence to 128.
   if seq_q is not None and block_q is None:
     bq = min(bq, max(impl.min_block, 1 << max(0, (seq_q - 1).bit_length())))
@@ -638,8 +638,10 @@ def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, *,
                                    math.prod(masks_lib._as_tuple(tile, ndim, name)))
   backend = resolve_backend(backend, mask, dtype=query.dtype, head_dim=query.shape[-1],
                             segments=segments,
-                            block_q=block_q or tile_block(q_tile_shape, "q_tile_shape"),
-                            block_kv=block_kv or tile_block(kv_tile_shape, "kv_tile_shape"),
+                            block_q=(tile_block(q_tile_shape, "q_tile_shape")
+                                     if block_q is None else block_q),
+                            block_kv=(tile_block(kv_tile_shape, "kv_tile_shape")
+                                      if block_kv is None else block_kv),
                             config=config, scale=scale)
   b, h, d = query.shape[0], query.shape[-2], query.shape[-1]
   hkv = key.shape[-2]

@@ -102,6 +102,16 @@ def test_module_validation(kwargs, match):
     nn.SparseAttention(rngs=nnx.Rngs(0), **kwargs)
 
 
+def test_module_input_validation():
+  layer = nn.NeighborhoodAttention2D(32, 2, 3, backend="xla", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="last dim must be embed_dim = 32"):
+    layer(jnp.ones((1, 8, 8, 24)))
+  with pytest.raises(ValueError, match="x must be \\[batch, 2 spatial dims, embed_dim\\]"):
+    layer(jnp.ones((1, 8, 32)))
+  with pytest.raises(ValueError, match="last dim must be embed_dim = 32"):
+    nn.SparseAttention(32, 2, backend="xla", rngs=nnx.Rngs(0))(jnp.ones((1, 8, 16)))
+
+
 def test_context_parallel_modules_match_single_device():
   mesh = jax.make_mesh((2, 4), ("data", "context"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 6, 32))

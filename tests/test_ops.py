@@ -170,6 +170,8 @@ X = jnp.ones((1, 16, 4, 32))
     (lambda: jsa.attention(X, X, X, backend="cuda"), "backend must be one of"),
     (lambda: jsa.attention(X, X, X, segment_ids=jnp.zeros((1, 15), jnp.int32)), "segment_ids must be"),
     (lambda: jsa.attention(X, X, X, block_q=48, backend="xla"), "block_q must be a positive power of two"),
+    (lambda: jsa.attention(X, X, X, block_kv=0), "block_kv must be a positive power of two"),
+    (lambda: jsa.attention(X, X, X, block_q=64.0), "block_q must be a positive power of two"),
     (lambda: jsa.attention(X, X, X, masks.neighborhood((4, 5), 3)), "neighborhood mask covers 20"),
     (lambda: jsa.na2d(jnp.ones((1, 6, 6, 2, 8)), jnp.ones((1, 6, 6, 2, 8)),
                       jnp.ones((1, 6, 6, 2, 8)), 7), "kernel_size \\* dilation"),
