@@ -762,6 +762,9 @@ def emulate(plan: ContextPlan, query, key, value, backend: str, *, layout: str =
 def zigzag_permutation(seq: int, num_shards: int) -> np.ndarray:
   """Token order of the zigzag layout: shard i holds chunks i and 2N-1-i of 2N equal chunks.
   ``x[:, perm]`` is the zigzag order of x; the ``argsort`` undoes it."""
+  if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) \
+      or num_shards <= 0:
+    raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
   if seq % (2 * num_shards):
     raise ValueError(f"seq ({seq}) must be divisible by 2 * num_shards ({2 * num_shards})")
   c = seq // (2 * num_shards)

@@ -908,10 +908,17 @@ class NATiling:
 
   def tile(self, x):
     """[batch, *spatial, ...] -> [batch, num_tokens, ...]."""
+    spatial = self.mask.spatial_shape
+    if np.ndim(x) < len(spatial) + 1 or tuple(np.shape(x)[1:len(spatial) + 1]) != spatial:
+      raise ValueError(f"x must be [batch, {', '.join(map(str, spatial))}, ...] (the "
+                       f"tiling's spatial shape), got {np.shape(x)}")
     return self.layout.to_kernel(x)
 
   def untile(self, y):
     """[batch, num_tokens, ...] -> [batch, *spatial, ...]."""
+    if np.ndim(y) < 2 or np.shape(y)[1] != self.num_tokens:
+      raise ValueError(f"y must be [batch, {self.num_tokens} (num_tokens), ...], got "
+                       f"{np.shape(y)}")
     return self.layout.from_kernel(y)
 
 

@@ -169,10 +169,16 @@ def window_blocks(mask: masks_lib.Neighborhood, q_tile_shape, kv_tile_shape):
 
 def candidate_tiles(mask: masks_lib.Neighborhood, block: int, last_multiple: int = 1):
   """Power-of-two tile shapes of `block` tokens that fit the spatial shape (not far past
-  it), whose last dim is a multiple of `last_multiple`."""
+  it), whose last dim is a multiple of `last_multiple`. A grid smaller than a block (7×7
+  at 128 tokens) has no such tile: then the tiles that pad it least ((8, 16): 128 tokens,
+  one block; (1, 128) would pad each of its 7 rows to a block)."""
   limits = [max(l, 1) for l in _tile_limits(mask)]
-  return [t for t in _pow2_factorizations(block, mask.num_dims, limits)
-          if t[-1] % last_multiple == 0]
+  fits = list(_pow2_factorizations(block, mask.num_dims, limits))
+  if not fits:
+    every = list(_pow2_factorizations(block, mask.num_dims, [block] * mask.num_dims))
+    padded = {t: TiledLayout(mask.spatial_shape, mask.dilation, t).padded_len for t in every}
+    fits = [t for t in every if padded[t] == min(padded.values())]
+  return [t for t in fits if t[-1] % last_multiple == 0]
 
 
 @functools.lru_cache(maxsize=256)
@@ -190,9 +196,7 @@ def best_tile_shapes(mask: masks_lib.Neighborhood, block_q: int, block_kv: int,
                        f"powers of two, got {b!r}")
 
   def cands(block):
-    out = candidate_tiles(mask, block, last_multiple) or candidate_tiles(mask, block)
-    return out or [tuple(1 << int(math.log2(block)) if i == mask.num_dims - 1 else 1
-                         for i in range(mask.num_dims))]
+    return candidate_tiles(mask, block, last_multiple) or candidate_tiles(mask, block)
 
   kv_cands = cands(block_kv)
   best, best_key = None, None

@@ -154,6 +154,27 @@ def test_best_tiles_last_multiple():
   assert q[-1] <= 4
 
 
+def test_small_grids_pad_least():
+  """A grid smaller than a block (NAT's 7×7 last stage at 128-token tiles) takes the tiles
+  that pad it least: one block, not a block per row ((1, 128) made 7×7 blocks of 49 keys)."""
+  import jax_sparse_attn as jsa
+  from jax_sparse_attn.simulate import best_tile_shapes, candidate_tiles
+  from jax_sparse_attn.layout import TiledLayout
+  from pallas_kernels.gpu.mosaic_gpu import cost
+  mask = masks.neighborhood((8, 8), 3)
+  assert sorted(candidate_tiles(mask, 128)) == [(8, 16), (16, 8)]
+  assert candidate_tiles(mask, 128, last_multiple=32) == []  # best_tile_shapes drops it
+  assert candidate_tiles(mask, 64) == [(8, 8)]  # fits: unchanged
+  for mask in (masks.neighborhood((7, 7), 7), masks.neighborhood((2, 5, 5), (2, 3, 3))):
+    padded = lambda t: TiledLayout(mask.spatial_shape, mask.dilation, t).padded_len
+    for q, kv in (best_tile_shapes(mask, 128, 128), best_tile_shapes(mask, 128, 128, same=True),
+                  best_tile_shapes(mask, 128, 128, last_multiple=8)):
+      assert padded(q) == padded(kv) == 128, (q, kv)
+    q, kv = cost.auto_tiles(mask, 128, 128)  # KV tiles of 128 keys or 64
+    assert padded(q) == 128 and padded(kv) <= 128, (q, kv)
+  assert jsa.na_tiling((8, 8), 3).num_tokens == 128
+
+
 @given(gna_problems(max_len=10), st.data())
 def test_partial_groups_only_skip_dims_that_are_full(problem, data):
   """Every partial entry of group g is exactly masked by testing only partial_groups[g]."""

@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -32,6 +32,13 @@ if [ "$what" = pending4 ]; then
   # query head with whole lists (`work_items.HEAD_CHUNK="whole"`), two rounds, MHA beside.
   timeout 300 python3 -m benchmarks.diag.diag_gqa_routing --forms auto+group,auto+head,auto+headwhole \
     --rounds 2 --mha --out $OUT/gqa-forms.json 2>&1 | grep '^{' | tail -16
+fi
+if [ "$what" = pending5 ]; then
+  # Queued (thirty-fifth session): neighborhoods on grids smaller than a tile (7×7 k7, 8×8
+  # k3, 2×5×5), the least-padding tiles against the (1, 128) row tiles chosen before,
+  # gradients against float32 XLA.
+  timeout 200 python3 -m benchmarks.diag.diag_small_grids --out $OUT/small-grids.json 2>&1 \
+    | grep '^{' | tail -12
 fi
 if [ "$what" = pending ]; then
   # Queued (no H200 came in the thirty-first to thirty-third sessions; the thirty-third ran it
