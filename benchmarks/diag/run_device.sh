@@ -27,14 +27,16 @@ if [ "$what" = models ] || [ "$what" = all ] || [ "$what" = ours+models ]; then
   timeout 300 python3 -m benchmarks.bench_models --out $OUT/models.json 2>&1 | grep '^{'
 fi
 if [ "$what" = pending4 ]; then
-  # Queued (thirty-third session, out of device time): MoBA at GQA 16/4 with the runtime
+  # Ran on an H100 in the thirty-fifth session (docs/experiments/h100-2026-12-07-gqa-forms
+  # .json; queued in the thirty-third, out of device time): MoBA at GQA 16/4 with the runtime
   # map's dK/dV items per group, per query head (the default there since b7e2557) and per
   # query head with whole lists (`work_items.HEAD_CHUNK="whole"`), two rounds, MHA beside.
   timeout 300 python3 -m benchmarks.diag.diag_gqa_routing --forms auto+group,auto+head,auto+headwhole \
     --rounds 2 --mha --out $OUT/gqa-forms.json 2>&1 | grep '^{' | tail -16
 fi
 if [ "$what" = pending5 ]; then
-  # Queued (thirty-fifth session): neighborhoods on grids smaller than a tile (7×7 k7, 8×8
+  # Ran on an H100 in the thirty-fifth session (benchmarks/results/h100-2026-12-07-small-
+  # grids.json): neighborhoods on grids smaller than a tile (7×7 k7, 8×8
   # k3, 2×5×5), the least-padding tiles against the (1, 128) row tiles chosen before,
   # gradients against float32 XLA.
   timeout 200 python3 -m benchmarks.diag.diag_small_grids --out $OUT/small-grids.json 2>&1 \
