@@ -227,7 +227,7 @@ def _block_sizes(backend: str, head_dim: int, dtype, block_q, block_kv, seq_q=No
   bq = dq if block_q is None else block_q
   bk = dk if block_kv is None else block_kv
   for name, b in (("block_q", bq), ("block_kv", bk)):
-    if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or b & (b - 1):
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0 or b & (b - 1):
       raise ValueError(f"{name} must be a positive power of two, got {b!r}")
   # Small problems: don't pad a 40-token sequence to 128.
   if seq_q is not None and block_q is None:
