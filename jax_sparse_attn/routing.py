@@ -173,11 +173,8 @@ def pooled_scores(query, key, block_size: int, *, shared_by_group: bool = False)
     count = jnp.minimum(block_size, s - jnp.arange(n) * block_size).astype(jnp.float32)
     return x.reshape(b, n, block_size, h, d).sum(2) / count[None, :, None, None]
 
-  if query.ndim != 4 or key.ndim != 4 or query.shape[0] != key.shape[0] \
-      or query.shape[3] != key.shape[3] or query.shape[2] % key.shape[2]:
-    raise ValueError(f"query [batch, seq_q, heads, d] and key [batch, seq_kv, kv_heads, d] "
-                     f"need the same batch and d and heads a multiple of kv_heads, got "
-                     f"{query.shape} and {key.shape}")
+  from .ops import _check_qkv
+  _check_qkv(query, key, key, None)  # attention's rules: ranks, batch, head_dim, GQA groups
   qp, kp = pool(jax.lax.stop_gradient(query)), pool(jax.lax.stop_gradient(key))
   g = query.shape[2] // key.shape[2]
   if shared_by_group:  # the mean of the group's scores is its mean query's score

@@ -177,7 +177,8 @@ def candidate_tiles(mask: masks_lib.Neighborhood, block: int, last_multiple: int
   if not fits:
     every = list(_pow2_factorizations(block, mask.num_dims, [block] * mask.num_dims))
     padded = {t: TiledLayout(mask.spatial_shape, mask.dilation, t).padded_len for t in every}
-    fits = [t for t in every if padded[t] == min(padded.values())]
+    least = min(padded.values())
+    fits = [t for t in every if padded[t] == least]
   return [t for t in fits if t[-1] % last_multiple == 0]
 
 

@@ -408,9 +408,9 @@ SEL = routing.BlockSelection(jnp.zeros((1, 2, 4, 2), jnp.int32), 16)
      "temperature must be positive"),
     (lambda: routing.tile_order((4, 8), (2,)), "one positive entry per dim"),
     (lambda: routing.tile_order((4, 8), (2, 3)), "power of two"),
-    (lambda: routing.topk_blocks(Q, Q[:, :, :1, :8], 16, 1), "same batch and d"),
+    (lambda: routing.topk_blocks(Q, Q[:, :, :1, :8], 16, 1), "same head_dim"),
     (lambda: routing.topk_blocks(Q, jnp.concatenate([Q] * 3, axis=2), 16, 1),
-     "heads a multiple of kv_heads"),
+     r"heads \(2\) must be a multiple of kv_heads \(6\)"),
 ])
 def test_bad_input_raises_value_error(call, match):
   with pytest.raises(ValueError, match=match):

@@ -211,8 +211,8 @@ def test_routed_sinks():
   sel = routing.BlockSelection(jnp.asarray(ids), 8)
   m = dense_selected(ids, 40, 40, 8) & np.tril(np.ones((40, 40), bool))[None, None]
   sinks = _sinks(rng, 2, False)
-  want, want_lse, want_grads, scales = brute_force.attention_with_sinks(q, k, v, m, 0.25, sinks,
-                                                                      d_out)
+  want, want_lse, want_grads, scales = brute_force.attention_with_sinks(q, k, v, m, 0.25,
+                                                                       sinks, d_out)
   run = lambda q, k, v, s: jsa.attention(q, k, v, masks.causal(), block_selection=sel, sinks=s,
                                          backend="xla", return_lse=True)
   _check(run, q, k, v, d_out, sinks, want, want_lse, want_grads, 2e-4, scales)

@@ -8,7 +8,6 @@ a block per row, 7×7 block pairs of 49 real keys, on the Hopper kernels; Triton
 """
 import argparse
 
-import jax
 import jax.numpy as jnp
 
 import jax_sparse_attn as jsa
@@ -38,13 +37,13 @@ def main(argv=None):
     q, k, v, do = bench_gpu.inputs(shape, shape, jnp.bfloat16)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
     want = bench_gpu.fwd_bwd(lambda q, k, v: jsa.na(q, k, v, kern, backend="xla"))(*f32)
+    case = f"{'x'.join(map(str, spatial))} k{kern} B={b} H={h} D={d}"
     for backend in ("mosaic_gpu", "triton"):
       for name, kw in (("least padding (now)", {}),
                        ("row tiles (1, 128)", dict(q_tile_shape=_row_tiles(len(spatial)),
                                                    kv_tile_shape=_row_tiles(len(spatial))))):
         fn = lambda q, k, v, kw=kw, backend=backend: jsa.na(
             q, k, v, kern, backend=backend, interpret=args.interpret, **kw)
-        case = f"{'x'.join(map(str, spatial))} k{kern} B={b} H={h} D={d}"
         try:
           got = bench_gpu.fwd_bwd(fn)(q, k, v, do)
           errs = bench_gpu.rel_errors(got, want, digits=5)
