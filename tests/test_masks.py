@@ -1,4 +1,5 @@
 """Mask semantics against the float64/loop brute force, and argument validation."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,6 +90,16 @@ def test_from_function_results():
                                 np.ones((8, 8), bool))
   jq, jk = jnp.arange(4)[:, None], jnp.arange(4)[None, :]
   assert masks.from_function(lambda q, k: True)(jq, jk).shape == (4, 4)
+  # A one-index mask through an op, forward and gradients, against the float64 brute force.
+  rng = np.random.default_rng(0)
+  q, k, v, d_out = (rng.standard_normal((1, 40, 2, 8)).astype(np.float32) for _ in range(4))
+  dense = np.broadcast_to(np.arange(40)[None, :] < 21, (40, 40))
+  fn = lambda *x: jsa.attention(*x, masks.from_function(lambda q, k: k < 21), backend="xla")
+  out, vjp = jax.vjp(fn, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  assert brute_force.rel_err(out, brute_force.attention(q, k, v, dense, 8 ** -0.5)[0]) < 1e-5
+  want = brute_force.attention_grads(q, k, v, dense, 8 ** -0.5, d_out)
+  for got, ref in zip(vjp(jnp.asarray(d_out)), want, strict=True):
+    assert brute_force.rel_err(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("call, match", [
