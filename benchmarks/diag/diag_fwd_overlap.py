@@ -20,6 +20,8 @@ import numpy as np
 from . import Rows, child_done
 
 CASES = "dense,causal,window,gna1d,gna2d,gna3d,strided,blocksparse,d64"
+# name: `attention_fwd.OVERLAP`
+FORMS = {"base": False, "overlap": True, "smem": "smem"}
 
 
 def _cases(names):
@@ -34,7 +36,7 @@ def _cases(names):
   return out
 
 
-def _set_form(fwd_module, form: bool):
+def _set_form(fwd_module, form):
   """`attention_fwd.OVERLAP` for the kernels traced next: the op's cached custom_vjp and
   jax's tracing caches dropped, so that nothing traced under the other form is reused."""
   from jax_sparse_attn import ops
@@ -48,7 +50,7 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-30))
 
 
-def _small_checks(rows, fwd_module):
+def _small_checks(rows, fwd_module, forms):
   """Forward of both forms against float32 XLA at small sizes."""
   import jax_sparse_attn as jsa
   from jax_sparse_attn import masks
@@ -75,11 +77,11 @@ def _small_checks(rows, fwd_module):
     want = jax.jit(lambda q, k, v: fn(q, k, v, "xla"))(
         *(x.astype(jnp.float32) for x in (q, k, v)))
     errs = {}
-    for form in (False, True):
-      _set_form(fwd_module, form)
+    for tag in forms:
+      _set_form(fwd_module, FORMS[tag])
       got = jax.jit(lambda q, k, v: fn(q, k, v, "mosaic_gpu"))(q, k, v)
-      errs["overlap" if form else "base"] = _rel(got, want)
-      errs[("overlap" if form else "base") + "_finite"] = bool(jnp.isfinite(got).all())
+      errs[tag] = _rel(got, want)
+      errs[tag + "_finite"] = bool(jnp.isfinite(got).all())
     rows.record(check=name, **errs)
 
 
@@ -88,25 +90,27 @@ def timings(args):
   from jax_sparse_attn.demo import time_ms
   from pallas_kernels.gpu.mosaic_gpu import attention_fwd
   rows = Rows()
-  _small_checks(rows, attention_fwd)
+  forms = args.forms.split(",")
+  _small_checks(rows, attention_fwd, forms)
   with_bwd = set(args.fwd_bwd.split(","))
   for case in _cases(args.cases.split(",")):
     q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
     outs, fns = {}, {}
-    for form in (False, True):
-      _set_form(attention_fwd, form)  # read when the kernel is traced
-      tag = "overlap" if form else "base"
+    for tag in forms:
+      _set_form(attention_fwd, FORMS[tag])  # read when the kernel is traced
       fns[tag] = jax.jit(lambda q, k, v, case=case: case.run(q, k, v, "mosaic_gpu"))
       fns[tag] = fns[tag].lower(q, k, v).compile()
       outs[tag] = fns[tag](q, k, v)
       if case.suite in with_bwd:
         fns[tag + "_bwd"] = fwd_bwd(lambda q, k, v, case=case: case.run(
             q, k, v, "mosaic_gpu")).lower(q, k, v, do).compile()
-    row = dict(case=case.name, rel_diff=_rel(outs["overlap"], outs["base"]),
-               finite=bool(jnp.isfinite(outs["overlap"]).all()))
+    row = dict(case=case.name)
+    for tag in forms[1:]:
+      row[f"{tag}_rel_diff"] = _rel(outs[tag], outs[forms[0]])
+      row[f"{tag}_finite"] = bool(jnp.isfinite(outs[tag]).all())
     del outs
     for r in range(args.rounds):
-      for tag in ("base", "overlap"):
+      for tag in forms:
         row.setdefault(f"{tag}_fwd_ms", []).append(
             round(time_ms(fns[tag], q, k, v, iters=10, repeats=5, warmup=2), 4))
         if tag + "_bwd" in fns:
@@ -120,7 +124,7 @@ def timings(args):
 def ptxas_child(form: str, out: str):
   from benchmarks import cli
   from pallas_kernels.gpu.mosaic_gpu import attention_fwd
-  attention_fwd.OVERLAP = form == "overlap"
+  attention_fwd.OVERLAP = FORMS[form]
   built = cli.suites(quick=False)
   for name in ("dense", "window", "gna2d", "blocksparse"):
     case = [c for c in built[name]() if "4096" not in c.name][0]
@@ -139,7 +143,8 @@ def main():
   parser.add_argument("--cases", default=CASES)
   parser.add_argument("--fwd-bwd", default="dense,window,gna2d")
   parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--ptxas", default="base,overlap")
+  parser.add_argument("--forms", default="base,overlap,smem")
+  parser.add_argument("--ptxas", default="base,overlap,smem")
   parser.add_argument("--child", default=None)
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)

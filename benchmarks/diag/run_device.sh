@@ -45,8 +45,8 @@ fi
 if [ "$what" = overlap ]; then
   # The Hopper forward with the overlap within a warpgroup (`attention_fwd.OVERLAP`) against
   # the default at the headline's sizes, outputs compared, ptxas' spills of both forms.
-  timeout 560 python3 -m benchmarks.diag.diag_fwd_overlap --out $OUT/overlap 2>&1 \
-    | grep '^{' | tail -30
+  timeout 560 python3 -m benchmarks.diag.diag_fwd_overlap --out $OUT/overlap \
+    --forms ${FORMS:-base,smem} --ptxas ${PTXAS:-smem} 2>&1 | grep '^{' | tail -30
 fi
 if [ "$what" = pending ]; then
   # Queued (no H200 came in the thirty-first to thirty-third sessions; the thirty-third ran it

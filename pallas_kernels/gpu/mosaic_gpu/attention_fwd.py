@@ -76,6 +76,8 @@ BOX_SEGMENTS = True
 # runs (the score read waits for the QKᵀ only, `wgmma_accumulator_load(wait_n=...)`); the
 # output is rescaled after it. P of the previous step stays in registers across steps.
 # False: each step's P·V issued after its own softmax and waited before the next QKᵀ.
+# "smem": P through a shared-memory buffer per warpgroup (written once the previous P·V
+# has read it), so that no register of the P·V wgmma is defined while the QKᵀ is in flight.
 OVERLAP = False
 
 LOG2E = math.log2(math.e)
@@ -98,7 +100,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
             segments_full: bool = False, map_heads: int = 1, terms: int = 1,
-            sinks: bool = False, softcap: float | None = None, overlap: bool = False):
+            sinks: bool = False, softcap: float | None = None, overlap: bool | str = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -231,8 +233,11 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         return rescale(acc, alpha), m_new, l_i, p16
 
       def pv(acc, p16, slot, during=None):
-        """acc (its parts) + P·V of `slot`; `during()` runs while the wgmmas do."""
-        if p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
+        """acc (its parts) + P·V of `slot`; `during()` runs while the wgmmas do. `p16`:
+        registers, or None where P is in `p_smem` already (`OVERLAP="smem"`)."""
+        if p16 is None:
+          p16 = p_smem.at[wg]
+        elif p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
           p_smem.at[wg][...] = p16
           plgpu.commit_smem()
           p16 = p_smem.at[wg]
@@ -398,6 +403,16 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
           plgpu.barrier_wait(turn)
 
+        p_shared = overlap == "smem" and fused_pv
+
+        def keep_p(p16):
+          """P for the next step's P·V: registers, or (`p_shared`) its buffer."""
+          if not p_shared:
+            return p16
+          p_smem.at[wg][...] = p16
+          plgpu.commit_smem()
+          return None
+
         def first_step(t, carry, masked: bool):
           """Step 0: scores and P, no P·V yet (the output is still zero)."""
           acc, m_i, l_i, _ = carry
@@ -405,6 +420,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           s, elementwise = logits(qk(slot, masked), t, slot, masked)
           _, m_new, l_i, p16 = softmax_p(s, m_i, l_i, elementwise)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+          p16 = keep_p(p16)
           hand_over(t, slot)
           return acc, m_new, l_i, p16
 
@@ -419,7 +435,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                 wgmma_accumulator_store(o_ref, a)
               qk_issue(s_ref, slot, masked)
               for i, o_ref in enumerate(o_refs):
-                plgpu.wgmma(o_ref, p_prev, kv_part(v_smem, prev, i))
+                plgpu.wgmma(o_ref, p_smem.at[wg] if p_shared else p_prev,
+                            kv_part(v_smem, prev, i))
               rendezvous()
               # The scores were committed before the P·V's `parts` groups: wait for them only.
               s = plgpu.wgmma_accumulator_load(s_ref, wait_n=parts)
@@ -437,6 +454,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           plgpu.barrier_arrive(v_free.at[prev])
           acc = rescale(o, alpha)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+          p16 = keep_p(p16)
           hand_over(t, slot)
           return acc, m_new, l_i, p16
 
@@ -449,7 +467,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           return acc, m_i, l_i, p16
 
         if overlap:
-          p0 = plgpu.layout_cast(jnp.zeros((_ROWS, block_kv), dtype), plgpu.Layout.WGMMA)
+          p0 = (None if p_shared else
+                plgpu.layout_cast(jnp.zeros((_ROWS, block_kv), dtype), plgpu.Layout.WGMMA))
           carry = (*carry, p0)
           one_full, one = jnp.minimum(n_full, 1), jnp.minimum(n_all, 1)
           carry = lax.fori_loop(0, one_full, functools.partial(first_step, masked=False),
@@ -627,6 +646,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
   q_rows = math.prod(half[:-1])
   tiles = swizzled(head_dim)
+  p_in_regs = overlap != "smem" or split
   if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, width]
     kv_copies = parts
     kv_smem = box_slots(stages, parts, box, width, dtype, kb.tile if window else None)
@@ -653,7 +673,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       row_smem,
       step_smem,
       plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
-      None if fused_pv else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype, transforms=tiles),
+      None if fused_pv and p_in_regs else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype,
+                                                      transforms=tiles),
       plgpu.Barrier(num_arrivals=q_rows + (0 if mma else 2) + extras,
                     num_barriers=q_bufs * _COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_bufs),
@@ -714,13 +735,19 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   hkv = k.shape[2]
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
   itemsize = jnp.dtype(q.dtype).itemsize
-  stages = _stages(cfg, d, plan.block_kv, itemsize, fused_pv)
+  # `OVERLAP="smem"` keeps a P buffer as the unfused form does (`p_regs`: none), where it
+  # fits (else the default form).
+  p_regs = OVERLAP != "smem" or _smem_bytes(
+      d, plan.block_kv, _stages(cfg, d, plan.block_kv, itemsize, False), itemsize,
+      False) > _SMEM_LIMIT
+  overlap = False if OVERLAP == "smem" and p_regs else OVERLAP
+  stages = _stages(cfg, d, plan.block_kv, itemsize, fused_pv and p_regs)
   # The form the config asks for decides; interpret mode's default P buffer (the unfused
   # form it runs in place of the GPU's) does not count.
   smem = _smem_bytes(d, plan.block_kv, stages, itemsize,
-                     cfg.fused_pv if cfg.fused_pv is not None else True)
+                     (cfg.fused_pv if cfg.fused_pv is not None else True) and p_regs)
   # A second Q buffer, where it fits, lets the next item's Q load during this one.
-  two_q = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv, q_bufs=2)
+  two_q = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv and p_regs, q_bufs=2)
   q_bufs = 2 if two_q <= _SMEM_LIMIT else 1
   if smem > _SMEM_LIMIT:
     raise ValueError(f"MosaicGPUConfig.stages={stages} needs {smem} bytes of shared memory "
@@ -795,7 +822,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
-      sinks=sinks is not None, softcap=softcap, overlap=OVERLAP and split is None)
+      sinks=sinks is not None, softcap=softcap, overlap=overlap and split is None)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
