@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5|overlap]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -41,12 +41,6 @@ if [ "$what" = pending5 ]; then
   # gradients against float32 XLA.
   timeout 200 python3 -m benchmarks.diag.diag_small_grids --out $OUT/small-grids.json 2>&1 \
     | grep '^{' | tail -12
-fi
-if [ "$what" = overlap ]; then
-  # The Hopper forward with the overlap within a warpgroup (`attention_fwd.OVERLAP`) against
-  # the default at the headline's sizes, outputs compared, ptxas' spills of both forms.
-  timeout 560 python3 -m benchmarks.diag.diag_fwd_overlap --out $OUT/overlap \
-    --forms ${FORMS:-base,smem} --ptxas ${PTXAS:-smem} 2>&1 | grep '^{' | tail -30
 fi
 if [ "$what" = pending ]; then
   # Queued (no H200 came in the thirty-first to thirty-third sessions; the thirty-third ran it

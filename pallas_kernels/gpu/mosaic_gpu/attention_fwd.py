@@ -44,9 +44,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-# Not exported by jax 0.11 (its counterpart `plgpu.wgmma_accumulator_load` is): writes
-# register values into an accumulator (`OVERLAP`'s output, in the scope of its scores).
-from jax._src.pallas.mosaic_gpu.primitives import wgmma_accumulator_store
 
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.merge import join_sink
@@ -71,15 +68,6 @@ from .schedule import _SMEM_LIMIT, _order, _persistent_default, _programs, _smem
 # scheduler, tests/conftest.py).
 BOX_SEGMENTS = True
 
-# FlashAttention-3's overlap within a warpgroup on one-list rows (`_kernel`'s `work`): step
-# t issues its QKᵀ and step t-1's P·V as one burst and runs its softmax while that P·V
-# runs (the score read waits for the QKᵀ only, `wgmma_accumulator_load(wait_n=...)`); the
-# output is rescaled after it. P of the previous step stays in registers across steps.
-# False: each step's P·V issued after its own softmax and waited before the next QKᵀ.
-# "smem": P through a shared-memory buffer per warpgroup (written once the previous P·V
-# has read it), so that no register of the P·V wgmma is defined while the QKᵀ is in flight.
-OVERLAP = False
-
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # How partial blocks apply their element tests (interval dims, mask function, segment ids):
@@ -100,7 +88,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
             segments_full: bool = False, map_heads: int = 1, terms: int = 1,
-            sinks: bool = False, softcap: float | None = None, overlap: bool | str = False):
+            sinks: bool = False, softcap: float | None = None):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -213,31 +201,21 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                 row_bar.at[wg])
         plgpu.barrier_wait(row_bar.at[wg])
 
-      def softmax_p(s, m_i, l_i, elementwise):
+      def softmax(s, m_i, l_i, acc, elementwise):
         """Online softmax of scores `s` (with `softcap`: capped, in log2 units already): (the
-        output's rescale factor, new max, new sum, P)."""
+        rescaled acc, new max, new sum, P)."""
         to_log2 = (lambda x: x) if softcap is not None else (lambda x: x * qk_scale)
         m_new = jnp.maximum(m_i, to_log2(s.max(axis=1)))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
         alpha = jnp.exp2(m_i - m_use)
         p = jnp.exp2(to_log2(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
         l_i = l_i * alpha + p.sum(axis=1)
-        return alpha, m_new, l_i, p.astype(dtype)
-
-      def rescale(acc, alpha):
-        return tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
-
-      def softmax(s, m_i, l_i, acc, elementwise):
-        """`softmax_p`, the output rescaled: (acc, new max, new sum, P)."""
-        alpha, m_new, l_i, p16 = softmax_p(s, m_i, l_i, elementwise)
-        return rescale(acc, alpha), m_new, l_i, p16
+        return acc, m_new, l_i, p.astype(dtype)
 
       def pv(acc, p16, slot, during=None):
-        """acc (its parts) + P·V of `slot`; `during()` runs while the wgmmas do. `p16`:
-        registers, or None where P is in `p_smem` already (`OVERLAP="smem"`)."""
-        if p16 is None:
-          p16 = p_smem.at[wg]
-        elif p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
+        """acc (its parts) + P·V of `slot`; `during()` runs while the wgmmas do."""
+        if p_smem is not None:  # interpret mode: wgmma operand A from shared memory only
           p_smem.at[wg][...] = p16
           plgpu.commit_smem()
           p16 = p_smem.at[wg]
@@ -306,24 +284,18 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
         pl.when(wg == 1)(rendezvous)
 
-        def qk_issue(acc_ref, slot, masked: bool):
-          """Issue the step's QKᵀ (partial blocks with the MMA bias first: onehot [64, W] @
-          test [W, block_kv])."""
-          if masked and mma:
-            plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot])
-          scores(acc_ref, qo, slot)
+        def step(t, carry, masked: bool):
+          acc, m_i, l_i = carry
+          slot = lax.rem(g + t, stages)
 
-        def qk(slot, masked: bool):
-          """The step's scores, the turn handed over while the wgmmas run."""
-          def run(acc_ref):
-            qk_issue(acc_ref, slot, masked)
+          def qk(acc_ref):
+            if masked and mma:  # the bias first: onehot [64, W] @ test [W, block_kv]
+              plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot])
+            scores(acc_ref, qo, slot)
             rendezvous()
             return acc_ref[...]
-          return pl.run_scoped(run, plgpu.ACC((_ROWS, block_kv), jnp.float32))
 
-        def logits(s, t, slot, masked: bool):
-          """Scores `s` of step t capped and masked (-inf where a test fails), K's slot
-          released: (s, whether rows may be fully masked)."""
+          s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
           if softcap is not None:  # capped in log2 units, before any mask
             s = capped2(s * qk_scale, softcap, floor=masked and bool(mma))
           test_segments = segments and (masked or not segments_full)
@@ -365,12 +337,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           plgpu.barrier_arrive(k_free.at[slot])
           if tests:
             s = jnp.where(functools.reduce(lambda a, b: a & b, tests), s, -jnp.inf)
-          return s, elementwise
-
-        def step(t, carry, masked: bool):
-          acc, m_i, l_i = carry
-          slot = lax.rem(g + t, stages)
-          s, elementwise = logits(qk(slot, masked), t, slot, masked)
           acc, m_new, l_i, p16 = softmax(s, m_i, l_i, acc, elementwise)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
           plgpu.barrier_arrive(turn)
@@ -388,101 +354,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           plgpu.barrier_arrive(v_free.at[slot])
           return acc, m_new, l_i
 
-        # `OVERLAP`: the same steps software-pipelined. Each step hands the turn over twice,
-        # as `step` does (after issuing, after its softmax), so the warpgroups' bursts
-        # alternate; the last step's P·V runs after the loop, in the turn its softmax ends.
-        def hand_over(t, slot):
-          """After step t's softmax: the turn handed over, the next burst's V (this step's
-          slot) and K (step t + 1) awaited."""
-          plgpu.barrier_arrive(turn)
-          plgpu.barrier_wait(v_bar.at[slot])
-
-          @pl.when(t + 1 < n_all)
-          def _():
-            plgpu.barrier_wait(k_bar.at[lax.rem(g + t + 1, stages)])
-
-          plgpu.barrier_wait(turn)
-
-        p_shared = overlap == "smem" and fused_pv
-
-        def keep_p(p16):
-          """P for the next step's P·V: registers, or (`p_shared`) its buffer."""
-          if not p_shared:
-            return p16
-          p_smem.at[wg][...] = p16
-          plgpu.commit_smem()
-          return None
-
-        def first_step(t, carry, masked: bool):
-          """Step 0: scores and P, no P·V yet (the output is still zero)."""
-          acc, m_i, l_i, _ = carry
-          slot = lax.rem(g + t, stages)
-          s, elementwise = logits(qk(slot, masked), t, slot, masked)
-          _, m_new, l_i, p16 = softmax_p(s, m_i, l_i, elementwise)
-          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-          p16 = keep_p(p16)
-          hand_over(t, slot)
-          return acc, m_new, l_i, p16
-
-        def overlapped_step(t, carry, masked: bool):
-          """Step t's QKᵀ and step t-1's P·V issued together; the softmax of step t runs
-          while that P·V does, then the output is rescaled to step t's max."""
-          acc, m_i, l_i, p_prev = carry
-          slot, prev = lax.rem(g + t, stages), lax.rem(g + t - 1, stages)
-          if fused_pv:
-            def burst(s_ref, *o_refs):
-              for o_ref, a in zip(o_refs, acc):
-                wgmma_accumulator_store(o_ref, a)
-              qk_issue(s_ref, slot, masked)
-              for i, o_ref in enumerate(o_refs):
-                plgpu.wgmma(o_ref, p_smem.at[wg] if p_shared else p_prev,
-                            kv_part(v_smem, prev, i))
-              rendezvous()
-              # The scores were committed before the P·V's `parts` groups: wait for them only.
-              s = plgpu.wgmma_accumulator_load(s_ref, wait_n=parts)
-              s, elementwise = logits(s, t, slot, masked)
-              soft = softmax_p(s, m_i, l_i, elementwise)
-              return tuple(plgpu.wgmma_accumulator_load(o_ref) for o_ref in o_refs), soft
-
-            o, (alpha, m_new, l_i, p16) = pl.run_scoped(
-                burst, plgpu.ACC((_ROWS, block_kv), jnp.float32),
-                *(plgpu.ACC((_ROWS, width), jnp.float32) for _ in range(parts)))
-          else:  # interpret mode: the same order of arithmetic, the P·V after the softmax
-            s, elementwise = logits(qk(slot, masked), t, slot, masked)
-            alpha, m_new, l_i, p16 = softmax_p(s, m_i, l_i, elementwise)
-            o = pv(acc, p_prev, prev)
-          plgpu.barrier_arrive(v_free.at[prev])
-          acc = rescale(o, alpha)
-          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-          p16 = keep_p(p16)
-          hand_over(t, slot)
-          return acc, m_new, l_i, p16
-
-        def last_pv(t, carry):
-          """The P·V of the last step t."""
-          acc, m_i, l_i, p16 = carry
-          slot = lax.rem(g + t, stages)
-          acc = pv(acc, p16, slot)
-          plgpu.barrier_arrive(v_free.at[slot])
-          return acc, m_i, l_i, p16
-
-        if overlap:
-          p0 = (None if p_shared else
-                plgpu.layout_cast(jnp.zeros((_ROWS, block_kv), dtype), plgpu.Layout.WGMMA))
-          carry = (*carry, p0)
-          one_full, one = jnp.minimum(n_full, 1), jnp.minimum(n_all, 1)
-          carry = lax.fori_loop(0, one_full, functools.partial(first_step, masked=False),
-                                carry)
-          carry = lax.fori_loop(one_full, one, functools.partial(first_step, masked=True),
-                                carry)
-          carry = lax.fori_loop(1, n_full, functools.partial(overlapped_step, masked=False),
-                                carry)
-          carry = lax.fori_loop(jnp.maximum(n_full, 1), n_all,
-                                functools.partial(overlapped_step, masked=True), carry)
-          carry = lax.fori_loop(n_all - one, n_all, last_pv, carry)[:3]
-        else:
-          carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-          carry = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(n_full, n_all, functools.partial(step, masked=True), carry)
         finish(qi, head, batch, qo, buf, *carry)
         return g + n_all
 
@@ -646,7 +519,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
   q_rows = math.prod(half[:-1])
   tiles = swizzled(head_dim)
-  p_in_regs = overlap != "smem" or split
   if box is not None:  # unit tiling over the box dims: the slot folds to [block_kv, width]
     kv_copies = parts
     kv_smem = box_slots(stages, parts, box, width, dtype, kb.tile if window else None)
@@ -673,8 +545,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       row_smem,
       step_smem,
       plgpu.SMEM((_COMPUTE_WGS, _ROWS), jnp.float32),
-      None if fused_pv and p_in_regs else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype,
-                                                      transforms=tiles),
+      None if fused_pv else plgpu.SMEM((_COMPUTE_WGS, _ROWS, block_kv), dtype, transforms=tiles),
       plgpu.Barrier(num_arrivals=q_rows + (0 if mma else 2) + extras,
                     num_barriers=q_bufs * _COMPUTE_WGS),
       plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=q_bufs),
@@ -735,19 +606,13 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   hkv = k.shape[2]
   fused_pv = cfg.fused_pv if cfg.fused_pv is not None else not interpret
   itemsize = jnp.dtype(q.dtype).itemsize
-  # `OVERLAP="smem"` keeps a P buffer as the unfused form does (`p_regs`: none), where it
-  # fits (else the default form).
-  p_regs = OVERLAP != "smem" or _smem_bytes(
-      d, plan.block_kv, _stages(cfg, d, plan.block_kv, itemsize, False), itemsize,
-      False) > _SMEM_LIMIT
-  overlap = False if OVERLAP == "smem" and p_regs else OVERLAP
-  stages = _stages(cfg, d, plan.block_kv, itemsize, fused_pv and p_regs)
+  stages = _stages(cfg, d, plan.block_kv, itemsize, fused_pv)
   # The form the config asks for decides; interpret mode's default P buffer (the unfused
   # form it runs in place of the GPU's) does not count.
   smem = _smem_bytes(d, plan.block_kv, stages, itemsize,
-                     (cfg.fused_pv if cfg.fused_pv is not None else True) and p_regs)
+                     cfg.fused_pv if cfg.fused_pv is not None else True)
   # A second Q buffer, where it fits, lets the next item's Q load during this one.
-  two_q = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv and p_regs, q_bufs=2)
+  two_q = _smem_bytes(d, plan.block_kv, stages, itemsize, fused_pv, q_bufs=2)
   q_bufs = 2 if two_q <= _SMEM_LIMIT else 1
   if smem > _SMEM_LIMIT:
     raise ValueError(f"MosaicGPUConfig.stages={stages} needs {smem} bytes of shared memory "
@@ -822,7 +687,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
-      sinks=sinks is not None, softcap=softcap, overlap=overlap and split is None)
+      sinks=sinks is not None, softcap=softcap)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
