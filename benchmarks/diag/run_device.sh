@@ -43,9 +43,14 @@ if [ "$what" = pending5 ]; then
     | grep '^{' | tail -12
 fi
 if [ "$what" = pending ]; then
-  # Queued (no H200 came in the thirty-first to thirty-third sessions; the thirty-third ran it
-  # on an H100 at 2a193fa): the README's H200 headline with cuDNN and torch Flex, then MoBA
-  # timed as Flex's row (its runtime map built outside the timing).
+  # Queued (no H200 came in the thirty-first to thirty-sixth sessions; the thirty-third ran it
+  # on an H100 at 2a193fa): the README's H200 headline with cuDNN, torch Flex and (carry
+  # .peer-wheels) tokamax, then MoBA timed as Flex's row (its runtime map built outside the
+  # timing).
+  if ls .peer-wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/peers .peer-wheels/*.whl
+    export PYTHONPATH=$PYTHONPATH:/tmp/peers:$PWD/.peers/stubs
+  fi
   timeout 400 python3 -m benchmarks run --suite \
     dense,causal,routing,window,gna2d,gna3d,strided,gna1d,blocksparse --peers --plot \
     --out $OUT/head 2>&1 | grep -E "^\|" | tail -40
