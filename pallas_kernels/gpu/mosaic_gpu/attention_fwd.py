@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.merge import join_sink
@@ -68,6 +69,14 @@ from .schedule import _SMEM_LIMIT, _order, _persistent_default, _programs, _smem
 # scheduler, tests/conftest.py).
 BOX_SEGMENTS = True
 
+# The compute warpgroups' turns on the tensor cores as named hardware barriers (`bar.sync`
+# on its own, `bar.arrive` on the other's: one of each per step) instead of a shared
+# memory barrier both meet at twice per step. GPU only (interpret mode has no inline PTX).
+NAMED_TURN = False
+# Named barrier ids of the turns (warpgroup w waits on TURN_ID + w): Mosaic GPU uses 0 (the
+# CTA) and 1-3 (its warpgroups).
+TURN_ID = 4
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # How partial blocks apply their element tests (interval dims, mask function, segment ids):
@@ -88,7 +97,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
             segments_full: bool = False, map_heads: int = 1, terms: int = 1,
-            sinks: bool = False, softcap: float | None = None):
+            sinks: bool = False, softcap: float | None = None, named_turn: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -193,6 +202,43 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
+    def named(op: str, of_other: bool):
+      """`bar.<op>` on my turn's barrier, or the other warpgroup's (ids static per branch)."""
+      for w in range(_COMPUTE_WGS):
+        @pl.when(wg == w)
+        def _():
+          barrier = TURN_ID + ((1 - w) if of_other else w)
+
+          @plgpu.inline_mgpu()
+          def bar(_):
+            mgpu_utils.inline_ptx(f"bar.{op} {barrier}, {2 * 128};")
+
+          bar()
+
+    # The turn protocol. Per step a warpgroup hands the tensor cores over after issuing its
+    # QKᵀ (`issued`) and waits for them before its P·V (`before_pv`); warpgroup 1 waits once
+    # before its first step (`first_turn`), warpgroup 0 hands over once after its last
+    # (`last_turn`), so that the two alternate. Shared-memory form: every hand-over is a
+    # rendezvous; named form: an arrive on the other's barrier, a wait is a sync on one's own.
+    def issued():
+      if named_turn:
+        named("arrive", of_other=True)
+      else:
+        rendezvous()
+
+    def before_pv(wait_v):
+      """Wait for my turn; `wait_v()` (the step's V) runs in between."""
+      if named_turn:
+        wait_v()
+        named("sync", of_other=False)
+      else:
+        plgpu.barrier_arrive(turn)
+        wait_v()
+        plgpu.barrier_wait(turn)
+
+    first_turn = (lambda: named("sync", of_other=False)) if named_turn else rendezvous
+    last_turn = (lambda: named("arrive", of_other=True)) if named_turn else rendezvous
+
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
@@ -234,7 +280,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                        plgpu.ACC((_ROWS, head_dim), jnp.float32)),)
 
       def finish(qi, head, batch, qo, buf, acc, m_i, l_i):
-        pl.when(wg == 0)(rendezvous)
+        pl.when(wg == 0)(last_turn)
         # MMA bias: masked scores sit near -2**20 (log2 units), so a row that saw no key has
         # its max below half of that; element masks leave such a row at l == 0.
         seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
@@ -282,7 +328,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         def _():
           plgpu.barrier_wait(k_bar.at[lax.rem(g, stages)])
 
-        pl.when(wg == 1)(rendezvous)
+        pl.when(wg == 1)(first_turn)
 
         def step(t, carry, masked: bool):
           acc, m_i, l_i = carry
@@ -292,7 +338,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             if masked and mma:  # the bias first: onehot [64, W] @ test [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot])
             scores(acc_ref, qo, slot)
-            rendezvous()
+            issued()
             return acc_ref[...]
 
           s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
@@ -339,9 +385,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             s = jnp.where(functools.reduce(lambda a, b: a & b, tests), s, -jnp.inf)
           acc, m_new, l_i, p16 = softmax(s, m_i, l_i, acc, elementwise)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-          plgpu.barrier_arrive(turn)
-          plgpu.barrier_wait(v_bar.at[slot])
-          plgpu.barrier_wait(turn)
+          before_pv(lambda: plgpu.barrier_wait(v_bar.at[slot]))
 
           def next_k():  # wait for the next K while the P·V wgmma runs
             nxt = t + 1
@@ -386,7 +430,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           pl.when(t < n_steps)(lambda: each_load(t, lambda s: plgpu.barrier_wait(k_bar.at[s])))
 
         wait_k(0)
-        pl.when(wg == 1)(rendezvous)
+        pl.when(wg == 1)(first_turn)
 
         def step(t, carry, active: bool):
           acc, m_i, l_i = carry
@@ -397,21 +441,19 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             def qk(acc_ref):  # the bias first: onehot [64, W] @ my test matrix [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot, wg])
               scores(acc_ref, qo, slot)
-              rendezvous()
+              issued()
               return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
             if softcap is not None:  # every step has the bias: its masked scores stay
               s = capped2(s * qk_scale, softcap, floor=True)
           else:
-            rendezvous()
+            issued()
           each_load(t, lambda s: plgpu.barrier_arrive(k_free.at[s]))
           if active:
             acc, m_i, l_i, p16 = softmax(s, m_i, l_i, acc, False)
             acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
-          plgpu.barrier_arrive(turn)
-          each_load(t, lambda s: plgpu.barrier_wait(v_bar.at[s]))
-          plgpu.barrier_wait(turn)
+          before_pv(lambda: each_load(t, lambda s: plgpu.barrier_wait(v_bar.at[s])))
           if active:  # wait for the next step's K while the P·V wgmma runs
             acc = pv(acc, p16, slot, lambda: wait_k(t + 1))
           else:
@@ -687,7 +729,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
-      sinks=sinks is not None, softcap=softcap)
+      sinks=sinks is not None, softcap=softcap, named_turn=NAMED_TURN and not interpret)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
