@@ -454,6 +454,25 @@ def test_split_where_it_pays():
                           0.125) is None  # half (2, 32): 34 columns
 
 
+@pytest.mark.extended
+@pytest.mark.parametrize("split", [False, True])
+def test_named_turns_lower(monkeypatch, split):
+  """`attention_fwd.NAMED_TURN` (the turns as named barriers, GPU only: inline PTX, which
+  interpret mode cannot run) lowers for CUDA on one-list rows and per-warpgroup lists."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+  monkeypatch.setattr(attention_fwd, "NAMED_TURN", True)
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  if split:
+    f = lambda q, k, v: jsa.na2d(q, k, v, 16, stride=8, backend="mosaic_gpu",
+                                 q_tile_shape=(16, 8), kv_tile_shape=(4, 16),
+                                 config=MosaicGPUConfig(split=True))
+    args = (S(2, 128, 128, 16, 128),) * 3
+  else:
+    f = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu")
+    args = (S(2, 1000, 8, 128), S(2, 1000, 2, 128), S(2, 1000, 2, 128))
+  assert "@mosaic_gpu_v2(" in export_for_gpu(f, *args).mlir_module()
+
+
 @pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa", "na1d", "na2d_split",
                                   "na3d_rows", "na3d_window_3dims", "na3d_padded"])
 def test_lowers_for_gpu(case):
