@@ -91,7 +91,8 @@ def timings(args):
   from pallas_kernels.gpu.mosaic_gpu import attention_fwd
   rows = Rows()
   forms = args.forms.split(",")
-  _small_checks(rows, attention_fwd, forms)
+  if args.small_checks:
+    _small_checks(rows, attention_fwd, forms)
   with_bwd = set(args.fwd_bwd.split(","))
   for case in _cases(args.cases.split(",")):
     q, k, v, do = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
@@ -144,6 +145,7 @@ def main():
   parser.add_argument("--fwd-bwd", default="dense,window,gna2d")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--forms", default="mbarrier,named")
+  parser.add_argument("--small-checks", type=int, default=1)
   parser.add_argument("--ptxas", default="named")
   parser.add_argument("--child", default=None)
   args = parser.parse_args()
