@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5|named]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -41,6 +41,13 @@ if [ "$what" = pending5 ]; then
   # gradients against float32 XLA.
   timeout 200 python3 -m benchmarks.diag.diag_small_grids --out $OUT/small-grids.json 2>&1 \
     | grep '^{' | tail -12
+fi
+if [ "$what" = named ]; then
+  # Queued in the thirty-sixth session (no machine started): the forward's turns as named
+  # barriers (`attention_fwd.NAMED_TURN`) against the shared-memory barrier, both in one
+  # process at the headline's sizes, outputs compared (bitwise equal expected).
+  timeout 400 python3 -m benchmarks.diag.diag_named_turn --out $OUT/named --rounds 3 \
+    --fwd-bwd dense,window 2>&1 | grep '^{' | tail -20
 fi
 if [ "$what" = pending ]; then
   # Queued (no H200 came in the thirty-first to thirty-sixth sessions; the thirty-third ran it
