@@ -211,7 +211,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
           @plgpu.inline_mgpu()
           def bar(_):
-            mgpu_utils.inline_ptx(f"bar.{op} {barrier}, {2 * 128};")
+            mgpu_utils.inline_ptx(f"bar.{op} {barrier}, {_COMPUTE_WGS * 128};")
 
           bar()
 
