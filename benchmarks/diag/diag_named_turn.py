@@ -3,21 +3,19 @@
 shared-memory barrier both warpgroups meet at twice per step (the default), at the
 headline's sizes: forward ms (fwd+bwd on a few rows), both forms alternating in one process,
 the outputs compared with each other (the arithmetic is the same: bitwise equal) and with
-float32 XLA at small sizes; then ptxas' registers and spills of the named form's forward
-kernels (a child process: `MOSAIC_GPU_DUMP_PTXAS=1`).
+float32 XLA at small sizes.
 
     python -m benchmarks.diag.diag_named_turn --out DIR [--cases dense,causal,...]
 """
-import json
+import argparse
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import Rows, child_done
+from benchmarks.bench_gpu import rel as _rel
+
+from . import Rows
 
 CASES = "dense,causal,window,gna1d,gna2d,gna3d,strided,blocksparse,d64"
 # name: `attention_fwd.NAMED_TURN`
@@ -43,11 +41,6 @@ def _set_form(fwd_module, form):
   fwd_module.NAMED_TURN = form
   ops._make_core.cache_clear()
   jax.clear_caches()
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-30))
 
 
 def _small_checks(rows, fwd_module, forms):
@@ -122,23 +115,7 @@ def timings(args):
   rows.write(os.path.join(args.out, "timings.json"))
 
 
-def ptxas_child(form: str, out: str):
-  from benchmarks import cli
-  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
-  attention_fwd.NAMED_TURN = FORMS[form]
-  built = cli.suites(quick=False)
-  for name in ("dense", "window", "gna2d", "blocksparse"):
-    case = [c for c in built[name]() if "4096" not in c.name][0]
-    from benchmarks.bench_gpu import inputs
-    q, k, v, _ = inputs(case.q_shape, case.kv_shape, jnp.bfloat16)
-    print(f"=== case {name}", flush=True)
-    jax.jit(lambda q, k, v: case.run(q, k, v, "mosaic_gpu")).lower(q, k, v).compile()
-  child_done({"form": form}, os.path.join(out, f"ptxas-{form}.json"))
-
-
 def main():
-  from .diag_fused_registers import ptxas_report
-  import argparse
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", required=True)
   parser.add_argument("--cases", default=CASES)
@@ -146,29 +123,9 @@ def main():
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--forms", default="mbarrier,named")
   parser.add_argument("--small-checks", type=int, default=1)
-  parser.add_argument("--ptxas", default="named")
-  parser.add_argument("--child", default=None)
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  if args.child:
-    return ptxas_child(args.child, args.out)
-  for form in [f for f in args.ptxas.split(",") if f]:
-    log = os.path.join(args.out, f"ptxas-{form}.log")
-    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1")
-    with open(log, "w") as f:
-      try:
-        subprocess.run([sys.executable, "-m", "benchmarks.diag.diag_named_turn", "--out",
-                        args.out, "--child", form], env=env, stdout=f,
-                       stderr=subprocess.STDOUT, timeout=240)
-      except subprocess.TimeoutExpired:
-        pass
-    text = open(log).read()
-    report = [r for r in ptxas_report(text) if "spill" in r or "registers" in r]
-    print(json.dumps({"ptxas": form, "report": report,
-                      "serialized": [l for l in text.splitlines() if "serializ" in l][:6]}),
-          flush=True)
-  if args.cases:
-    timings(args)
+  timings(args)
 
 
 if __name__ == "__main__":
