@@ -77,6 +77,16 @@ NAMED_TURN = False
 # CTA) and 1-3 (its warpgroups).
 TURN_ID = 4
 
+# The share of each step's score columns whose exponentials run on the FMA units as a
+# polynomial (`exp2_poly`) instead of the MUFU's ex2 (FlashAttention-4's split of the
+# softmax between the two units), rounded to whole 8-column groups; 0: every column on the
+# MUFU. Steps with element tests keep the MUFU (their -inf scores must give exact zeros).
+EXP2_POLY = 0.0
+# 2**f on [-1/2, 1/2], degree 3, least squares on Chebyshev nodes: relative error 7.7e-5
+# (bf16 P rounds at 3.9e-3).
+_POLY = (0.99992895, 0.6932762, 0.24260405, 0.05508868)
+_ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND holds round(x) in its low mantissa bits
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # How partial blocks apply their element tests (interval dims, mask function, segment ids):
@@ -85,6 +95,30 @@ LN2 = math.log(2.0)
 # 4 sinks), S=8192 B=2 H=16/4; docs/experiments/h200-2026-11-29-lm-forward.json): with
 # documents 0.28 ms "each" vs 0.41 "and"; without 0.31 vs 0.26; a pure interval mask ties.
 TEST_FORM = None
+
+
+def exp2_poly(x, guard: bool = False):
+  """2**x in float32 on the FMA units: round(x) into the exponent field, 2**(x - round(x))
+  from `_POLY`. x below -125 counts as -125 (2**-125 for 0: the exponent stays in range).
+  ``guard``: an optimization barrier after the rounding add, for XLA (interpret mode), whose
+  simplifier folds ``(x + c) - c`` to ``x``."""
+  x = jnp.maximum(x, -125.0)
+  t = x + _ROUND
+  if guard:
+    t = lax.optimization_barrier(t)
+  f = x - (t - _ROUND)
+  c0, c1, c2, c3 = _POLY
+  p = ((c3 * f + c2) * f + c1) * f + c0
+  bits = (lax.bitcast_convert_type(p, jnp.int32)
+          + lax.shift_left(lax.bitcast_convert_type(t, jnp.int32), jnp.int32(23)))
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def poly_columns(share: float, block_kv: int) -> int:
+  """`EXP2_POLY`'s share of `block_kv` columns as whole 8-column groups (fewer than all)."""
+  if not 0.0 <= share < 1.0:
+    raise ValueError(f"EXP2_POLY must be in [0, 1), got {share}")
+  return min(int(round(share * block_kv / 8)) * 8, block_kv - 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +131,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
             segments_full: bool = False, map_heads: int = 1, terms: int = 1,
-            sinks: bool = False, softcap: float | None = None, named_turn: bool = False):
+            sinks: bool = False, softcap: float | None = None, named_turn: bool = False,
+            poly_cols: int = 0, interpret: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -254,7 +289,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         m_new = jnp.maximum(m_i, to_log2(s.max(axis=1)))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
         alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(to_log2(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        x = to_log2(s) - lax.broadcast_in_dim(m_use, s.shape, [0])
+        if poly_cols and not elementwise:  # the last columns on the FMA units
+          n = s.shape[1] - poly_cols
+          p = jnp.concatenate([jnp.exp2(x[:, :n]), exp2_poly(x[:, n:], interpret)], axis=1)
+        else:
+          p = jnp.exp2(x)
         acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
         l_i = l_i * alpha + p.sum(axis=1)
         return acc, m_new, l_i, p.astype(dtype)
@@ -729,7 +769,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
-      sinks=sinks is not None, softcap=softcap, named_turn=NAMED_TURN and not interpret)
+      sinks=sinks is not None, softcap=softcap, named_turn=NAMED_TURN and not interpret,
+      poly_cols=poly_columns(EXP2_POLY, math.prod(kb.tile)), interpret=bool(interpret))
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),

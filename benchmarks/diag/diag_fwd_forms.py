@@ -1,11 +1,15 @@
-"""The Hopper forward's turns on the tensor cores as named hardware barriers
-(`attention_fwd.NAMED_TURN`: `bar.sync` / `bar.arrive`, one of each per step) against the
-shared-memory barrier both warpgroups meet at twice per step (the default), at the
-headline's sizes: forward ms (fwd+bwd on a few rows), both forms alternating in one process,
-the outputs compared with each other (the arithmetic is the same: bitwise equal) and with
-float32 XLA at small sizes.
+"""Forms of the Hopper forward set by a module switch of `attention_fwd`, A/B at the
+headline's sizes: forward ms (fwd+bwd on a few rows), every form alternating in one process,
+the outputs compared with the first form's and with float32 XLA at small sizes.
 
-    python -m benchmarks.diag.diag_named_turn --out DIR [--cases dense,causal,...]
+  NAMED_TURN: the turns on the tensor cores as named hardware barriers (`bar.sync` /
+    `bar.arrive`, one of each per step) against the shared-memory barrier both warpgroups
+    meet at twice per step (the same arithmetic: bitwise equal outputs).
+  EXP2_POLY: the share of each unmasked step's exponentials computed on the FMA units as a
+    polynomial instead of the MUFU (outputs within bf16 rounding).
+
+    python -m benchmarks.diag.diag_fwd_forms --out DIR --switch EXP2_POLY \
+        --forms mufu=0,poly16=0.125,poly32=0.25 [--cases dense,causal,...]
 """
 import argparse
 import os
@@ -18,8 +22,11 @@ from benchmarks.bench_gpu import rel as _rel
 from . import Rows
 
 CASES = "dense,causal,window,gna1d,gna2d,gna3d,strided,blocksparse,d64"
-# name: `attention_fwd.NAMED_TURN`
-FORMS = {"mbarrier": False, "named": True}
+# --switch: (default forms, how a form's value parses)
+SWITCHES = {"NAMED_TURN": ("mbarrier=0,named=1", lambda v: bool(int(v))),
+            "EXP2_POLY": ("mufu=0,poly16=0.125,poly32=0.25", float)}
+FORMS = {}  # tag: the switch's value (`main`)
+SWITCH = ["NAMED_TURN"]
 
 
 def _cases(names):
@@ -27,18 +34,19 @@ def _cases(names):
   built = cli.suites(quick=False)
   out = []
   for name in names:
-    if name == "d64":  # head_dim 64: dense S=16384 at B=2, H=16
-      out += [c for c in cli.suites(quick=False, head_dim=64)["dense"]() if "16384" in c.name]
+    if name in ("d64", "c64"):  # head_dim 64: dense / causal S=16384 at B=2, H=16
+      suite = "dense" if name == "d64" else "causal"
+      out += [c for c in cli.suites(quick=False, head_dim=64)[suite]() if "16384" in c.name]
     else:
       out += [c for c in built[name]() if "4096" not in c.name]
   return out
 
 
 def _set_form(fwd_module, form):
-  """`attention_fwd.NAMED_TURN` for the kernels traced next: the op's cached custom_vjp and
-  jax's tracing caches dropped, so that nothing traced under the other form is reused."""
+  """The switch's value for the kernels traced next: the op's cached custom_vjp and jax's
+  tracing caches dropped, so that nothing traced under another form is reused."""
   from jax_sparse_attn import ops
-  fwd_module.NAMED_TURN = form
+  setattr(fwd_module, SWITCH[0], form)
   ops._make_core.cache_clear()
   jax.clear_caches()
 
@@ -84,6 +92,7 @@ def timings(args):
   from pallas_kernels.gpu.mosaic_gpu import attention_fwd
   rows = Rows()
   forms = args.forms.split(",")
+  rows.record(switch=SWITCH[0], forms=dict(FORMS))
   if args.small_checks:
     _small_checks(rows, attention_fwd, forms)
   with_bwd = set(args.fwd_bwd.split(","))
@@ -121,9 +130,15 @@ def main():
   parser.add_argument("--cases", default=CASES)
   parser.add_argument("--fwd-bwd", default="dense,window,gna2d")
   parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--forms", default="mbarrier,named")
+  parser.add_argument("--switch", default="NAMED_TURN", choices=sorted(SWITCHES))
+  parser.add_argument("--forms", default=None, help="tag=value,... (the first: the baseline)")
   parser.add_argument("--small-checks", type=int, default=1)
   args = parser.parse_args()
+  default, parse = SWITCHES[args.switch]
+  SWITCH[0] = args.switch
+  pairs = [f.split("=") for f in (args.forms or default).split(",")]
+  FORMS.update({tag: parse(value) for tag, value in pairs})
+  args.forms = ",".join(tag for tag, _ in pairs)
   os.makedirs(args.out, exist_ok=True)
   timings(args)
 
