@@ -454,63 +454,6 @@ def test_split_where_it_pays():
                           0.125) is None  # half (2, 32): 34 columns
 
 
-def test_exp2_poly():
-  """The FMA-unit exponential (`attention_fwd.exp2_poly`) within 8e-5 of 2**x down to -125,
-  2**-125 below (never a wrapped exponent), with the interpret-mode guard against XLA's
-  folding of ``(x + c) - c``; its column share in whole 8-column groups."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
-  x = np.concatenate([np.linspace(-125, 0, 100_001), np.arange(-125, 1) + 0.5,
-                      [-126.5, -1e6, -2.0 ** 20, -np.inf]]).astype(np.float32)
-  got = np.asarray(jax.jit(lambda x: attention_fwd.exp2_poly(x, guard=True))(x), np.float64)
-  inside = x >= -125
-  rel = np.abs(got[inside] / np.exp2(x[inside].astype(np.float64)) - 1)
-  assert rel.max() < 8e-5, rel.max()
-  assert np.all((got[~inside] > 0) & (got[~inside] <= 2.0 ** -124))
-  assert [attention_fwd.poly_columns(s, 128) for s in (0.0, 0.1, 0.25, 0.99)] == [0, 16, 32, 120]
-  assert attention_fwd.poly_columns(0.25, 64) == 16
-  with pytest.raises(ValueError, match="EXP2_POLY"):
-    attention_fwd.poly_columns(1.0, 128)
-
-
-@pytest.mark.parametrize("case", ["full", "causal", "na_mma", "na_split"])
-def test_exp2_poly_forward(monkeypatch, case):
-  """The forward with a quarter of each unmasked step's exponentials on the FMA units
-  (`attention_fwd.EXP2_POLY`) vs the brute force: full steps, element-tested steps beside
-  them, MMA-bias steps and per-warpgroup lists."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
-  monkeypatch.setattr(attention_fwd, "EXP2_POLY", 0.25)
-  if case in ("full", "causal"):
-    sq, skv = (100, 260) if case == "full" else (300, 300)
-    p = dict(batch=1, sq=sq, skv=skv, heads=4, kv_heads=2, head_dim=64, mask=case,
-             segments=False, dtype=jnp.bfloat16, seed=7)
-    backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
-  else:
-    p = dict(problem=((37, 21), (9, 5), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
-             kv_heads=1, head_dim=64, dtype=jnp.bfloat16, seed=3, tile_q=(16, 8),
-             tile_kv=(8, 8))
-    backend_cases.check_na(p, "mosaic_gpu", interpret=True,
-                           config=MosaicGPUConfig(split=case == "na_split", mask_mma=True))
-
-
-@pytest.mark.extended
-@pytest.mark.parametrize("split", [False, True])
-def test_named_turns_lower(monkeypatch, split):
-  """`attention_fwd.NAMED_TURN` (the turns as named barriers, GPU only: inline PTX, which
-  interpret mode cannot run) lowers for CUDA on one-list rows and per-warpgroup lists."""
-  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
-  monkeypatch.setattr(attention_fwd, "NAMED_TURN", True)
-  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  if split:
-    f = lambda q, k, v: jsa.na2d(q, k, v, 16, stride=8, backend="mosaic_gpu",
-                                 q_tile_shape=(16, 8), kv_tile_shape=(4, 16),
-                                 config=MosaicGPUConfig(split=True))
-    args = (S(2, 128, 128, 16, 128),) * 3
-  else:
-    f = lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu")
-    args = (S(2, 1000, 8, 128), S(2, 1000, 2, 128), S(2, 1000, 2, 128))
-  assert "@mosaic_gpu_v2(" in export_for_gpu(f, *args).mlir_module()
-
-
 @pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa", "na1d", "na2d_split",
                                   "na3d_rows", "na3d_window_3dims", "na3d_padded"])
 def test_lowers_for_gpu(case):

@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5|named|poly]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -41,20 +41,6 @@ if [ "$what" = pending5 ]; then
   # gradients against float32 XLA.
   timeout 200 python3 -m benchmarks.diag.diag_small_grids --out $OUT/small-grids.json 2>&1 \
     | grep '^{' | tail -12
-fi
-if [ "$what" = named ]; then
-  # Ran on an H100 in the thirty-seventh session (docs/experiments/h100-2026-12-07-named-
-  # turns.json): the forward's turns as named barriers (`attention_fwd.NAMED_TURN`) against
-  # the shared-memory barrier, both in one process at the headline's sizes.
-  timeout 400 python3 -m benchmarks.diag.diag_fwd_forms --out $OUT/named --rounds 3 \
-    --fwd-bwd dense,window 2>&1 | grep '^{' | tail -20
-fi
-if [ "$what" = poly ]; then
-  # The share of the forward's exponentials on the FMA units (`attention_fwd.EXP2_POLY`),
-  # head_dim 128 and 64 (where the MUFU has half the matmul time to hide in).
-  timeout 500 python3 -m benchmarks.diag.diag_fwd_forms --out $OUT/poly --switch EXP2_POLY \
-    --forms mufu=0,poly16=0.125,poly32=0.25,poly48=0.375 --rounds 3 --fwd-bwd none \
-    --cases d64,c64,dense,causal,window,gna2d,gna3d,blocksparse 2>&1 | grep '^{' | tail -20
 fi
 if [ "$what" = pending ]; then
   # Queued (no H200 came in the thirty-first to thirty-sixth sessions; the thirty-third ran it

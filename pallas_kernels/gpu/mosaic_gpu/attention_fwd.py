@@ -44,7 +44,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
 from jax_sparse_attn.layout import SequenceLayout
 from jax_sparse_attn.merge import join_sink
@@ -69,24 +68,6 @@ from .schedule import _SMEM_LIMIT, _order, _persistent_default, _programs, _smem
 # scheduler, tests/conftest.py).
 BOX_SEGMENTS = True
 
-# The compute warpgroups' turns on the tensor cores as named hardware barriers (`bar.sync`
-# on its own, `bar.arrive` on the other's: one of each per step) instead of a shared
-# memory barrier both meet at twice per step. GPU only (interpret mode has no inline PTX).
-NAMED_TURN = False
-# Named barrier ids of the turns (warpgroup w waits on TURN_ID + w): Mosaic GPU uses 0 (the
-# CTA) and 1-3 (its warpgroups).
-TURN_ID = 4
-
-# The share of each step's score columns whose exponentials run on the FMA units as a
-# polynomial (`exp2_poly`) instead of the MUFU's ex2 (FlashAttention-4's split of the
-# softmax between the two units), rounded to whole 8-column groups; 0: every column on the
-# MUFU. Steps with element tests keep the MUFU (their -inf scores must give exact zeros).
-EXP2_POLY = 0.0
-# 2**f on [-1/2, 1/2], degree 3, least squares on Chebyshev nodes: relative error 7.7e-5
-# (bf16 P rounds at 3.9e-3).
-_POLY = (0.99992895, 0.6932762, 0.24260405, 0.05508868)
-_ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND holds round(x) in its low mantissa bits
-
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # How partial blocks apply their element tests (interval dims, mask function, segment ids):
@@ -95,30 +76,6 @@ LN2 = math.log(2.0)
 # 4 sinks), S=8192 B=2 H=16/4; docs/experiments/h200-2026-11-29-lm-forward.json): with
 # documents 0.28 ms "each" vs 0.41 "and"; without 0.31 vs 0.26; a pure interval mask ties.
 TEST_FORM = None
-
-
-def exp2_poly(x, guard: bool = False):
-  """2**x in float32 on the FMA units: round(x) into the exponent field, 2**(x - round(x))
-  from `_POLY`. x below -125 counts as -125 (2**-125 for 0: the exponent stays in range).
-  ``guard``: an optimization barrier after the rounding add, for XLA (interpret mode), whose
-  simplifier folds ``(x + c) - c`` to ``x``."""
-  x = jnp.maximum(x, -125.0)
-  t = x + _ROUND
-  if guard:
-    t = lax.optimization_barrier(t)
-  f = x - (t - _ROUND)
-  c0, c1, c2, c3 = _POLY
-  p = ((c3 * f + c2) * f + c1) * f + c0
-  bits = (lax.bitcast_convert_type(p, jnp.int32)
-          + lax.shift_left(lax.bitcast_convert_type(t, jnp.int32), jnp.int32(23)))
-  return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def poly_columns(share: float, block_kv: int) -> int:
-  """`EXP2_POLY`'s share of `block_kv` columns as whole 8-column groups (fewer than all)."""
-  if not 0.0 <= share < 1.0:
-    raise ValueError(f"EXP2_POLY must be in [0, 1), got {share}")
-  return min(int(round(share * block_kv / 8)) * 8, block_kv - 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +88,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
             segments_full: bool = False, map_heads: int = 1, terms: int = 1,
-            sinks: bool = False, softcap: float | None = None, named_turn: bool = False,
-            poly_cols: int = 0, interpret: bool = False):
+            sinks: bool = False, softcap: float | None = None):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -237,43 +193,6 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-    def named(op: str, of_other: bool):
-      """`bar.<op>` on my turn's barrier, or the other warpgroup's (ids static per branch)."""
-      for w in range(_COMPUTE_WGS):
-        @pl.when(wg == w)
-        def _():
-          barrier = TURN_ID + ((1 - w) if of_other else w)
-
-          @plgpu.inline_mgpu()
-          def bar(_):
-            mgpu_utils.inline_ptx(f"bar.{op} {barrier}, {_COMPUTE_WGS * 128};")
-
-          bar()
-
-    # The turn protocol. Per step a warpgroup hands the tensor cores over after issuing its
-    # QKᵀ (`issued`) and waits for them before its P·V (`before_pv`); warpgroup 1 waits once
-    # before its first step (`first_turn`), warpgroup 0 hands over once after its last
-    # (`last_turn`), so that the two alternate. Shared-memory form: every hand-over is a
-    # rendezvous; named form: an arrive on the other's barrier, a wait is a sync on one's own.
-    def issued():
-      if named_turn:
-        named("arrive", of_other=True)
-      else:
-        rendezvous()
-
-    def before_pv(wait_v):
-      """Wait for my turn; `wait_v()` (the step's V) runs in between."""
-      if named_turn:
-        wait_v()
-        named("sync", of_other=False)
-      else:
-        plgpu.barrier_arrive(turn)
-        wait_v()
-        plgpu.barrier_wait(turn)
-
-    first_turn = (lambda: named("sync", of_other=False)) if named_turn else rendezvous
-    last_turn = (lambda: named("arrive", of_other=True)) if named_turn else rendezvous
-
     @pl.when(wg < _COMPUTE_WGS)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
@@ -289,12 +208,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         m_new = jnp.maximum(m_i, to_log2(s.max(axis=1)))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
         alpha = jnp.exp2(m_i - m_use)
-        x = to_log2(s) - lax.broadcast_in_dim(m_use, s.shape, [0])
-        if poly_cols and not elementwise:  # the last columns on the FMA units
-          n = s.shape[1] - poly_cols
-          p = jnp.concatenate([jnp.exp2(x[:, :n]), exp2_poly(x[:, n:], interpret)], axis=1)
-        else:
-          p = jnp.exp2(x)
+        p = jnp.exp2(to_log2(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
         acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
         l_i = l_i * alpha + p.sum(axis=1)
         return acc, m_new, l_i, p.astype(dtype)
@@ -320,7 +234,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
                                        plgpu.ACC((_ROWS, head_dim), jnp.float32)),)
 
       def finish(qi, head, batch, qo, buf, acc, m_i, l_i):
-        pl.when(wg == 0)(last_turn)
+        pl.when(wg == 0)(rendezvous)
         # MMA bias: masked scores sit near -2**20 (log2 units), so a row that saw no key has
         # its max below half of that; element masks leave such a row at l == 0.
         seen = m_i > 0.5 * mma_masks.MASKED if mma else l_i > 0.0
@@ -368,7 +282,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         def _():
           plgpu.barrier_wait(k_bar.at[lax.rem(g, stages)])
 
-        pl.when(wg == 1)(first_turn)
+        pl.when(wg == 1)(rendezvous)
 
         def step(t, carry, masked: bool):
           acc, m_i, l_i = carry
@@ -378,7 +292,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             if masked and mma:  # the bias first: onehot [64, W] @ test [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot])
             scores(acc_ref, qo, slot)
-            issued()
+            rendezvous()
             return acc_ref[...]
 
           s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
@@ -425,7 +339,9 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             s = jnp.where(functools.reduce(lambda a, b: a & b, tests), s, -jnp.inf)
           acc, m_new, l_i, p16 = softmax(s, m_i, l_i, acc, elementwise)
           acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-          before_pv(lambda: plgpu.barrier_wait(v_bar.at[slot]))
+          plgpu.barrier_arrive(turn)
+          plgpu.barrier_wait(v_bar.at[slot])
+          plgpu.barrier_wait(turn)
 
           def next_k():  # wait for the next K while the P·V wgmma runs
             nxt = t + 1
@@ -470,7 +386,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
           pl.when(t < n_steps)(lambda: each_load(t, lambda s: plgpu.barrier_wait(k_bar.at[s])))
 
         wait_k(0)
-        pl.when(wg == 1)(first_turn)
+        pl.when(wg == 1)(rendezvous)
 
         def step(t, carry, active: bool):
           acc, m_i, l_i = carry
@@ -481,19 +397,21 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             def qk(acc_ref):  # the bias first: onehot [64, W] @ my test matrix [W, block_kv]
               plgpu.wgmma(acc_ref, row_smem.at[wg], step_smem.at[slot, wg])
               scores(acc_ref, qo, slot)
-              issued()
+              rendezvous()
               return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
             if softcap is not None:  # every step has the bias: its masked scores stay
               s = capped2(s * qk_scale, softcap, floor=True)
           else:
-            issued()
+            rendezvous()
           each_load(t, lambda s: plgpu.barrier_arrive(k_free.at[s]))
           if active:
             acc, m_i, l_i, p16 = softmax(s, m_i, l_i, acc, False)
             acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
-          before_pv(lambda: each_load(t, lambda s: plgpu.barrier_wait(v_bar.at[s])))
+          plgpu.barrier_arrive(turn)
+          each_load(t, lambda s: plgpu.barrier_wait(v_bar.at[s]))
+          plgpu.barrier_wait(turn)
           if active:  # wait for the next step's K while the P·V wgmma runs
             acc = pv(acc, p16, slot, lambda: wait_k(t + 1))
           else:
@@ -769,8 +687,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
-      sinks=sinks is not None, softcap=softcap, named_turn=NAMED_TURN and not interpret,
-      poly_cols=poly_columns(EXP2_POLY, math.prod(kb.tile)), interpret=bool(interpret))
+      sinks=sinks is not None, softcap=softcap)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
