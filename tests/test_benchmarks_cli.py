@@ -158,3 +158,30 @@ def test_commit_field(monkeypatch):
   monkeypatch.delenv("JSA_COMMIT")
   got = cli._git_commit()
   assert got is None or got.split("+")[0].isalnum() and got.count("+") <= 1
+
+
+_FAKE_VARIANT = '''
+import time
+from benchmarks.diag import child_done, variant_parser
+args = variant_parser(["done", "hangs"]).parse_args()
+print("ptxas info    : Compiling entry function 'attention_kernel' for 'sm_90a'")
+print("ptxas info    : Used 168 registers, 8 bytes spill stores, 4 bytes spill loads")
+if args.child == "done":
+  child_done({"variant": "done", "ms": 1.5}, args.out + "/done.json")
+print('{"variant": "hangs", "step": 1}', flush=True)
+time.sleep(120)
+'''
+
+
+def test_run_variant(tmp_path):
+  """The lab's child-process runner (`benchmarks.diag.run_variant`): a child's own row with
+  ptxas' registers and spills, and the last line a hung child printed before its timeout."""
+  from benchmarks.diag import run_variant
+  (tmp_path / "fake_variant.py").write_text(_FAKE_VARIANT)
+  env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]), "JAX_PLATFORMS": "cpu"}
+  row = run_variant("fake_variant", "done", str(tmp_path), env=env, timeout=120)
+  assert row == {"variant": "done", "ms": 1.5, "ptxas": [
+      {"kernel": "attention_kernel", "registers": 168},
+      {"kernel": "attention_kernel", "spill_stores": 8, "spill_loads": 4}]}
+  row = run_variant("fake_variant", "hangs", str(tmp_path), env=env, timeout=20)
+  assert row["rc"] == "timeout" and row["step"] == 1 and row["ptxas"][0]["registers"] == 168

@@ -4,6 +4,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -58,6 +60,52 @@ def child_done(row: dict, path: str):
   print(json.dumps(row), flush=True)
   sys.stdout.flush()
   os._exit(0)
+
+
+def ptxas_report(text: str):
+  """(registers, spill store bytes, spill load bytes) per kernel in ptxas' report
+  (`MOSAIC_GPU_DUMP_PTXAS=1`)."""
+  rows, name = [], None
+  for line in text.splitlines():
+    m = re.search(r"Compiling entry function '([^']+)'", line)
+    if m:
+      name = m.group(1)
+    m = re.search(r"Used (\d+) registers", line)
+    if m and name:
+      rows.append({"kernel": name, "registers": int(m.group(1))})
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name:
+      rows.append({"kernel": name, "spill_stores": int(m.group(1)),
+                   "spill_loads": int(m.group(2))})
+  return rows
+
+
+def run_variant(module: str, name: str, out: str, args=(), env=None, timeout: float = 400):
+  """Variant `name` of the diagnostic `module` in a child process of its own (`variant_parser`:
+  ``--out out --child name``, then `args`), with ptxas' report on; its output goes to
+  ``out/name.log``. Returns the row the child wrote (`child_done` to ``out/name.json``), else
+  the last JSON line it printed before a timeout, else its return code and the output's tail;
+  with ``ptxas`` (`ptxas_report`) added."""
+  env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", **(env or {}))
+  log = os.path.join(out, f"{name}.log")
+  with open(log, "w") as f:
+    try:
+      rc = subprocess.run([sys.executable, "-m", module, "--out", out, "--child", name, *args],
+                          env=env, stdout=f, stderr=subprocess.STDOUT,
+                          timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+      rc = "timeout"
+  text = open(log).read()
+  path = os.path.join(out, f"{name}.json")
+  lines = [l for l in text.splitlines() if l.startswith("{")]
+  if os.path.exists(path):
+    row = json.load(open(path))
+  elif rc == "timeout" and lines:
+    row = dict(json.loads(lines[-1]), rc=rc)
+  else:
+    row = {"variant": name, "rc": rc, "tail": text[-1500:]}
+  row["ptxas"] = ptxas_report(text)
+  return row
 
 
 def max_rel_diff(grads, ref) -> float:

@@ -14,11 +14,8 @@ docs/experiments/h200-2026-12-03-fused-registers.json.) Each variant runs in its
 import json
 import math
 import os
-import re
-import subprocess
-import sys
 
-from . import child_done, variant_parser
+from . import child_done, run_variant, variant_parser
 
 # name: (backward_dq, registers of the compute / memory warpgroups[, attention_bwd switches])
 VARIANTS = {
@@ -92,23 +89,6 @@ def child(name: str, out_path: str):
   child_done(row, out_path)
 
 
-def ptxas_report(text: str):
-  """(registers, spill store bytes, spill load bytes) per sparse_attention kernel."""
-  rows, name = [], None
-  for line in text.splitlines():
-    m = re.search(r"Compiling entry function '([^']+)'", line)
-    if m:
-      name = m.group(1)
-    m = re.search(r"Used (\d+) registers", line)
-    if m and name:
-      rows.append({"kernel": name, "registers": int(m.group(1))})
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m and name:
-      rows.append({"kernel": name, "spill_stores": int(m.group(1)),
-                   "spill_loads": int(m.group(2))})
-  return rows
-
-
 def main():
   parser = variant_parser(VARIANTS)
   parser.add_argument("--sass", default="")
@@ -119,24 +99,10 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.variants.split(","):
-    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1")
-    if name in args.sass.split(","):
-      env["MOSAIC_GPU_DUMP_SASS"] = "1"
-    log = os.path.join(args.out, f"{name}.log")
-    with open(log, "w") as f:
-      try:
-        rc = subprocess.run([sys.executable, "-m", "benchmarks.diag.diag_fused_registers",
-                             "--out", args.out, "--child", name], env=env, stdout=f,
-                            stderr=subprocess.STDOUT, timeout=args.child_timeout).returncode
-      except subprocess.TimeoutExpired:
-        rc = "timeout"
-    text = open(log).read()
-    path = os.path.join(args.out, f"{name}.json")
-    row = json.load(open(path)) if os.path.exists(path) else {"variant": name, "rc": rc,
-                                                              "tail": text[-1500:]}
-    row["ptxas"] = ptxas_report(text)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    sass = {"MOSAIC_GPU_DUMP_SASS": "1"} if name in args.sass.split(",") else None
+    rows.append(run_variant("benchmarks.diag.diag_fused_registers", name, args.out, env=sass,
+                            timeout=args.child_timeout))
+    print(json.dumps(rows[-1]), flush=True)
   json.dump({"variants": VARIANTS, "rows": rows}, open(os.path.join(args.out, "summary.json"),
                                                        "w"), indent=1)
 

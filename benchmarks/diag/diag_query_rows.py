@@ -13,11 +13,8 @@ the `_q` variants run as their `_t` base.
 import json
 import math
 import os
-import subprocess
-import sys
 
-from . import child_done, variant_parser
-from .diag_fused_registers import ptxas_report
+from . import child_done, run_variant, variant_parser
 
 # name: (backward_dq, QUERY_ROWS, registers of the compute / memory warpgroups or None)
 VARIANTS = {
@@ -127,26 +124,9 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.variants.split(","):
-    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1")
-    log = os.path.join(args.out, f"{name}.log")
-    with open(log, "w") as f:
-      try:
-        rc = subprocess.run([sys.executable, "-m", "benchmarks.diag.diag_query_rows",
-                             "--out", args.out, "--child", name, "--cases", args.cases],
-                            env=env, stdout=f, stderr=subprocess.STDOUT,
-                            timeout=args.timeout).returncode
-      except subprocess.TimeoutExpired:
-        rc = "timeout"
-    text = open(log).read()
-    path = os.path.join(args.out, f"{name}.json")
-    row = json.load(open(path)) if os.path.exists(path) else {"variant": name, "rc": rc,
-                                                              "tail": text[-1500:]}
-    if rc == "timeout":  # the last JSON line it printed
-      lines = [l for l in text.splitlines() if l.startswith("{")]
-      row = dict(json.loads(lines[-1]) if lines else row, rc=rc)
-    row["ptxas"] = ptxas_report(text)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    rows.append(run_variant("benchmarks.diag.diag_query_rows", name, args.out,
+                            args=("--cases", args.cases), timeout=args.timeout))
+    print(json.dumps(rows[-1]), flush=True)
     json.dump({"variants": {k: v for k, v in VARIANTS.items()}, "rows": rows},
               open(os.path.join(args.out, "summary.json"), "w"), indent=1)
 

@@ -6,14 +6,12 @@ theirs (`plgpu.set_max_registers`, as the backward kernels do). Per variant: ptx
 count (`MOSAIC_GPU_DUMP_PTXAS`, in a child process) and the kernel's ms at 1, 2 and 4 CTAs per
 SM of the card: where two CTAs are resident at once, 2 per SM takes about the time of 1.
 
-    python -m benchmarks.diag.probe_two_ctas --out x.json
+    python -m benchmarks.diag.probe_two_ctas --out DIR
 """
 import json
 import os
-import subprocess
-import sys
 
-from . import child_done, variant_parser
+from . import child_done, run_variant, variant_parser
 
 # name: (warpgroups, (compute, memory) registers or None: no set_max_registers)
 VARIANTS = {"wg3_setmaxnreg": (3, (232, 40)),
@@ -73,24 +71,17 @@ def child(name: str, out: str):
 
 
 def main():
-  from .diag_fused_registers import ptxas_report
   args = variant_parser(VARIANTS).parse_args()
   if args.child:
-    return child(args.child, args.out)
+    return child(args.child, os.path.join(args.out, f"{args.child}.json"))
+  os.makedirs(args.out, exist_ok=True)
   rows = []
   for name in args.variants.split(","):
-    env = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1")
-    path = f"{args.out}.{name}.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.diag.probe_two_ctas", "--out",
-                           path, "--child", name], env=env, capture_output=True, text=True,
-                          timeout=300)
-    text = proc.stdout + proc.stderr
-    row = json.load(open(path)) if os.path.exists(path) else {"variant": name,
-                                                              "tail": text[-1500:]}
-    row["ptxas"] = [r for r in ptxas_report(text) if "registers" in r][:1]
+    row = run_variant("benchmarks.diag.probe_two_ctas", name, args.out, timeout=300)
+    row["ptxas"] = [r for r in row["ptxas"] if "registers" in r][:1]
     rows.append(row)
     print(json.dumps(row), flush=True)
-  json.dump(rows, open(args.out, "w"), indent=1)
+  json.dump(rows, open(os.path.join(args.out, "summary.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
