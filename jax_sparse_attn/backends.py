@@ -212,10 +212,16 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
   return "xla"
 
 
-def has_array_mask(mask) -> bool:
-  """Whether `mask` holds a `masks.from_array` term (those run on `xla` only)."""
+def has_array_mask(mask, elementwise: bool = False) -> bool:
+  """Whether `mask` holds an explicit array that only `xla` evaluates: a `masks.from_array`
+  array whose rows are not one run each, or row bounds (`masks.RowBounds`) inside ``|`` or
+  beside a mask function, where kernels would evaluate them element by element."""
   if isinstance(mask, masks_lib.FromArray):
     return True
+  if isinstance(mask, masks_lib.RowBounds):
+    return elementwise
+  if isinstance(mask, masks_lib.IntervalAnd):
+    return any(has_array_mask(p, elementwise) for p in mask.parts)
   if isinstance(mask, (masks_lib.And, masks_lib.Or)):
-    return has_array_mask(mask.a) or has_array_mask(mask.b)
+    return has_array_mask(mask.a, True) or has_array_mask(mask.b, True)
   return False

@@ -76,7 +76,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   `masks.sliding_window`, so the kernels skip the blocks they exclude. ``query_seq_lengths``
   / ``key_value_seq_lengths`` ([B] int) become segment ids: keys past a row's length are not
   seen, queries past it output zeros (as jax's). ``mask``: a concrete boolean [T, S] (or
-  [1, 1, T, S]) pattern, `masks.from_array` (small problems; a per-row or traced mask is a
+  [1, 1, T, S]) pattern, `masks.from_array` (rows of one run of keys each run on every
+  kernel backend as row bounds, other patterns on `xla`; a per-row or traced mask is a
   ValueError). ``bias`` is not supported (a dense [B, N, T, S] addend defeats the block
   sparsity): use jax's function for it. ``implementation``: None (this package's ``backend``,
   "auto" by default) or "xla" (``backend="xla"``); "cudnn" is a ValueError (call jax's

@@ -9,14 +9,16 @@ when ``lo <= c <= hi`` in every dimension. Causal, sliding-window, block-local a
 generalized-neighborhood (GNA) mask have this form, and so does their intersection. Kernels
 evaluate interval masks from three small per-token int32 vectors (no integer division in
 the kernel, no N x N tensor anywhere), and block maps are derived from per-block minima and
-maxima of those vectors. Masks that are not interval masks (``from_function``,
-``from_array``, ``|``) are evaluated elementwise.
+maxima of those vectors. An explicit array whose rows are each one run of keys is one too
+(``from_array`` gives `RowBounds`). Masks that are not interval masks (``from_function``,
+other arrays, ``|``) are evaluated elementwise.
 
 Nothing in this file knows about Pallas; kernels consume the arrays these objects produce.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -393,6 +395,86 @@ class FromArray(Mask):
     return inside & arr[xp.minimum(q_idx, sq - 1), xp.minimum(kv_idx, skv - 1)]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowBounds(IntervalMask):
+  """Query ``q`` sees keys ``lo[q] .. hi[q]`` (inclusive; ``lo[q] > hi[q]``: none) of
+  ``seq_kv``: one run of keys per query, from two int vectors of length seq_q (O(N) memory).
+  `from_array` gives this form for an array whose rows are each one run of keys (or empty),
+  so such arrays run on every kernel backend as interval masks. Equal (and hashed) by value."""
+  lo: Any
+  hi: Any
+  seq_kv: int
+
+  num_dims = 1
+
+  def __post_init__(self):
+    lo, hi = np.asarray(self.lo), np.asarray(self.hi)
+    if (lo.ndim != 1 or lo.shape != hi.shape or not np.issubdtype(lo.dtype, np.integer)
+        or not np.issubdtype(hi.dtype, np.integer) or lo.size == 0):
+      raise ValueError(f"row bounds lo and hi must be non-empty 1-D integer arrays of one "
+                       f"length (seq_q), got {lo.shape} {lo.dtype} and {hi.shape} {hi.dtype}")
+    if not isinstance(self.seq_kv, (int, np.integer)) or self.seq_kv < 1:
+      raise ValueError(f"seq_kv must be a positive int, got {self.seq_kv!r}")
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, int(self.seq_kv) - 1)
+    empty = lo > hi
+    lo = np.where(empty, EMPTY_LO, lo).astype(np.int32)
+    hi = np.where(empty, EMPTY_HI, hi).astype(np.int32)
+    object.__setattr__(self, "lo", lo)
+    object.__setattr__(self, "hi", hi)
+    object.__setattr__(self, "seq_kv", int(self.seq_kv))
+    digest = hashlib.sha1(lo.tobytes() + hi.tobytes()).hexdigest()
+    object.__setattr__(self, "_key", (digest, lo.size, self.seq_kv))
+
+  def __eq__(self, other):
+    return isinstance(other, RowBounds) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __repr__(self):
+    return f"RowBounds(seq_q={self.lo.size}, seq_kv={self.seq_kv})"
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.lo.size, self.seq_kv)
+
+  def q_bounds(self, q_idx):
+    xp = _xp(q_idx)
+    n = self.lo.size
+    row = xp.clip(q_idx, 0, n - 1)
+    inside = (q_idx >= 0) & (q_idx < n)
+    return ([xp.where(inside, xp.asarray(self.lo)[row], EMPTY_LO)],
+            [xp.where(inside, xp.asarray(self.hi)[row], EMPTY_HI)])
+
+  def kv_coords(self, kv_idx):
+    return [kv_idx]
+
+
+def one_run_bounds(array: np.ndarray):
+  """``(lo, hi)`` of a boolean [seq_q, seq_kv] array whose rows are each one run of True
+  (or none: lo > hi), or None if some row has two runs or more."""
+  seen = array.any(axis=1)
+  lo = np.argmax(array, axis=1)
+  hi = array.shape[1] - 1 - np.argmax(array[:, ::-1], axis=1)
+  if not np.array_equal(array.sum(axis=1), np.where(seen, hi - lo + 1, 0)):
+    return None
+  return np.where(seen, lo, EMPTY_LO), np.where(seen, hi, EMPTY_HI)
+
+
+def array_shapes(mask: Mask) -> list[tuple[int, int]]:
+  """The [seq_q, seq_kv] shapes the explicit arrays in `mask` were given for (`from_array`,
+  `from_row_bounds` terms)."""
+  if isinstance(mask, FromArray):
+    return [mask.array.shape]
+  if isinstance(mask, RowBounds):
+    return [mask.shape]
+  if isinstance(mask, (And, Or)):
+    return array_shapes(mask.a) + array_shapes(mask.b)
+  if isinstance(mask, IntervalAnd):
+    return [s for p in mask.parts for s in array_shapes(p)]
+  return []
+
+
 def _run_map(x, runs):
   """Global index of local position x for runs ((global_start, length), ...) in order
   (positions in a run with global_start -1, or past the runs, map to 0: padding)."""
@@ -532,7 +614,20 @@ def from_function(fn: Callable[[Array, Array], Array]) -> Mask:
 
 
 def from_array(array) -> Mask:
-  return FromArray(array)
+  """An explicit boolean ``[seq_q, seq_kv]`` mask. Where every row is one run of keys (or
+  none: causal, windows, prefix-LM, block-diagonal documents, chunked attention) it becomes
+  `RowBounds` (an interval mask: O(N) vectors, every backend, blocks skipped); otherwise it
+  stays an array evaluated elementwise on the `xla` backend."""
+  mask = FromArray(array)
+  bounds = one_run_bounds(mask.array)
+  return mask if bounds is None else RowBounds(*bounds, mask.array.shape[1])
+
+
+def from_row_bounds(lo, hi, seq_kv: int) -> Mask:
+  """Query ``q`` sees keys ``lo[q] .. hi[q]`` (inclusive; ``lo[q] > hi[q]``: none):
+  ``lo``, ``hi`` integer vectors of length seq_q (NumPy, host values), ``seq_kv`` the key
+  length. An interval mask: every backend."""
+  return RowBounds(lo, hi, seq_kv)
 
 
 # A union of at most this many interval terms runs as intervals on the Hopper kernels

@@ -302,9 +302,10 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   if mask is None:
     mask = masks_lib.Full()
   masks_lib._check_mask(mask, "mask")
-  if isinstance(mask, masks_lib.FromArray) and mask.array.shape != (query.shape[1], key.shape[1]):
-    raise ValueError(f"mask array shape {mask.array.shape} must be (seq_q, seq_kv) = "
-                     f"{(query.shape[1], key.shape[1])}")
+  for shape in masks_lib.array_shapes(mask):
+    if shape != (query.shape[1], key.shape[1]):
+      raise ValueError(f"mask array shape {shape} must be (seq_q, seq_kv) = "
+                       f"{(query.shape[1], key.shape[1])}")
   _check_grid_tokens(mask, query.shape[1], key.shape[1])
   scale = _check_scale(scale, query.shape[-1])
   cap = softcap_lib.check(logits_soft_cap)
@@ -362,7 +363,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
                                        q_segment_ids=q_seg, kv_segment_ids=kv_seg, softcap=cap)
     return _finish(out, lse, return_lse, sinks)
   if backend != "xla" and _has_array_mask(mask):
-    raise ValueError(f"from_array masks run on backend='xla' or 'reference', not {backend!r}")
+    raise ValueError(f"from_array masks whose rows are not one run of keys each (and row "
+                     f"bounds inside `|` or beside a mask function) run on backend='xla' or "
+                     f"'reference', not {backend!r}")
 
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))

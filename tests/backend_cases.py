@@ -29,7 +29,19 @@ SEQ_MASKS = {
     "window_sink": lambda sq, skv: masks.causal() & (masks.sliding_window(5) | masks.sink(2)),
     "union3": lambda sq, skv: ((masks.sliding_window(6) | masks.sink(2) | masks.block_local(16))
                                & masks.causal(offset=1)),
+    # An explicit array whose rows are one run each (some empty): `masks.RowBounds`.
+    "array_rows": lambda sq, skv: masks.from_array(one_run_rows(sq, skv)),
 }
+
+
+def one_run_rows(sq, skv, seed=0):
+  """A boolean [sq, skv] array: row q is True on one random run of keys (empty for about
+  one row in six), deterministic per shape."""
+  rng = np.random.default_rng(seed + 1000 * sq + skv)
+  lo = rng.integers(0, skv, sq)
+  length = np.where(rng.random(sq) < 1 / 6, 0, rng.integers(1, max(2, skv // 2), sq))
+  kv = np.arange(skv)[None]
+  return (kv >= lo[:, None]) & (kv < (lo + length)[:, None])
 # A stable function object, so block maps are cached across examples.
 SEQ_MASKS_CACHE: dict = {}
 

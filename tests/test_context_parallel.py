@@ -154,6 +154,17 @@ def test_sequence_strategies(mask_name, strategy, layout):
                   segments=mask_name in ("causal", "window"), seed=3)
 
 
+@pytest.mark.parametrize("strategy, layout", [("ring", "contiguous"), ("allgather", "zigzag")])
+def test_sequence_row_bounds(monkeypatch, strategy, layout):
+  """An explicit array of one run per row (`masks.RowBounds`) sharded like any interval mask:
+  each shard's rows and keys looked up at their global positions."""
+  from backend_cases import one_run_rows
+  seq = 16 * 4 * (2 if layout == "zigzag" else 1)
+  monkeypatch.setitem(SEQ_CASES, "array_rows", masks.from_array(one_run_rows(seq, seq)))
+  _check_sequence("array_rows", strategy, layout, context=4, chunk=16, heads=4, kv_heads=2,
+                  segments=True, seed=5)
+
+
 @settings(max_examples=examples(3))
 @given(mask_name=st.sampled_from(sorted(SEQ_CASES)),
        strategy=st.sampled_from(["auto", "ring", "halo", "allgather"]),

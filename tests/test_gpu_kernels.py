@@ -45,6 +45,13 @@ def test_kernel_tiles_smaller_than_map_blocks():
   backend_cases.check_attention(p, "triton", config=cfg, **KW)
 
 
+def test_array_rows():
+  """`from_array` with rows of one run each (some empty) as row bounds, cross-attention."""
+  p = dict(batch=1, sq=50, skv=70, heads=2, kv_heads=1, head_dim=16, mask="array_rows",
+           segments=False, dtype=jnp.float32, seed=9)
+  backend_cases.check_attention(p, "triton", **KW)
+
+
 def test_head_dim_padding_and_masked_rows():
   p = dict(batch=1, sq=40, skv=40, heads=2, kv_heads=2, head_dim=24, mask="masked_rows",
            segments=False, dtype=jnp.float32, seed=7)

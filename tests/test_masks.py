@@ -75,6 +75,47 @@ def test_combinators():
   np.testing.assert_array_equal(_dense(a | c, 40, 40), arr | (kv <= q))
 
 
+def test_from_array_rows_of_one_run():
+  """An array whose rows are one run of keys each (or none) becomes row bounds (an interval
+  mask, equal and hashed by value) that evaluate to the array exactly, on the host and in
+  jnp; rows of two runs keep the array. Row bounds inside `|` run on `xla` only."""
+  from backend_cases import one_run_rows
+  from jax_sparse_attn.backends import has_array_mask
+  for sq, skv in ((1, 1), (37, 90), (90, 37), (128, 128)):
+    arr = one_run_rows(sq, skv)
+    arr[0] = False
+    m = masks.from_array(arr)
+    assert isinstance(m, masks.RowBounds) and m.is_interval and m.shape == (sq, skv)
+    q, kv = np.arange(sq)[:, None], np.arange(skv)[None, :]
+    np.testing.assert_array_equal(m(q, kv), arr)
+    np.testing.assert_array_equal(np.asarray(m(jnp.asarray(q), jnp.asarray(kv))), arr)
+    assert m == masks.from_array(arr.copy()) and hash(m) == hash(masks.from_array(arr.copy()))
+    if arr.any():
+      flipped = arr.copy()
+      flipped[np.argmax(arr.any(1))] ^= True  # that row's complement: not one run, or other
+      assert masks.from_array(flipped) != m
+  two = np.zeros((4, 10), bool)
+  two[:, [1, 2, 5]] = True
+  assert isinstance(masks.from_array(two), masks.FromArray)
+  rows = masks.from_array(np.tril(np.ones((8, 8), bool)))
+  assert not has_array_mask(rows) and not has_array_mask(rows & masks.sliding_window(3))
+  assert has_array_mask(rows | masks.sink(1)) and has_array_mask(masks.from_array(two))
+  m = masks.from_row_bounds(np.array([0, 5, 3]), np.array([2, 4, 99]), 10)
+  np.testing.assert_array_equal(m(np.arange(3)[:, None], np.arange(10)[None]),
+                                [[k <= 2 for k in range(10)], [False] * 10,
+                                 [k >= 3 for k in range(10)]])
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: masks.from_row_bounds(np.zeros(3), np.zeros(3, int), 4), "integer arrays"),
+    (lambda: masks.from_row_bounds(np.zeros(3, int), np.zeros(2, int), 4), "one length"),
+    (lambda: masks.from_row_bounds(np.zeros(3, int), np.zeros(3, int), 0), "seq_kv"),
+])
+def test_row_bounds_rejects(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
 def test_from_function_results():
   """fn's result must be booleans (an int mask would otherwise read as nonzero = attend);
   one that depends on one index, or a constant, broadcasts to every pair (host and jnp)."""

@@ -81,7 +81,7 @@ def test_mma_masks_where_narrow():
 
 @pytest.mark.parametrize("mask, sq, skv", [("causal", 200, 200), ("masked_rows", 150, 150),
                                            ("causal_window", 131, 131), ("full", 100, 260),
-                                           ("block_local", 70, 70)])
+                                           ("block_local", 70, 70), ("array_rows", 170, 300)])
 def test_attention(mask, sq, skv):
   """The default path (Hopper forward, the backward `picks_mosaic` chooses) on fixed 1-D
   masks, GQA 4/2; batch rows and every dQ form: `test_mosaic_gpu_backward`."""
@@ -246,7 +246,8 @@ def test_persistent_where_rows_are_even_or_short():
     (True, dict(block_kv=128), "mosaic_gpu"),
     (True, dict(config=MosaicGPUConfig(stages=3)), "mosaic_gpu"),
     (True, dict(config="triton-config"), "triton"),
-    (True, dict(mask=masks.from_array(np.ones((4, 4), bool))), "xla"),
+    (True, dict(mask=masks.from_array(np.array([[1, 0, 1, 1]] * 4, bool))), "xla"),
+    (True, dict(mask=masks.from_array(np.tril(np.ones((4, 4), bool)))), "mosaic_gpu"),
 ])
 def test_auto_backend_on_gpus(monkeypatch, hopper, kwargs, want):
   """backend="auto" on a GPU: mosaic_gpu on Hopper where it supports the call, else triton."""

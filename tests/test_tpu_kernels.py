@@ -33,6 +33,13 @@ def test_gqa_segments_bf16_interpret():
   backend_cases.check_attention(p, "mosaic", interpret=True)
 
 
+def test_array_rows_interpret():
+  """`from_array` with rows of one run each (some empty) as row bounds, with segment ids."""
+  p = dict(batch=1, sq=200, skv=200, heads=2, kv_heads=1, head_dim=32, mask="array_rows",
+           segments=True, dtype=jnp.float32, seed=12)
+  backend_cases.check_attention(p, "mosaic", interpret=True)
+
+
 def _custom_calls(fn, *shapes):
   args = [jax.ShapeDtypeStruct(s, dt) for s, dt in shapes]
   return export_for_tpu(fn, *args).mlir_module().count("tpu_custom_call")
