@@ -100,6 +100,19 @@ def test_array_mask_and_rows_that_see_nothing():
   assert np.all(np.asarray(got[:, 0]) == 0) and np.any(np.asarray(want[:, 0]) != 0)
 
 
+def test_array_mask_of_one_run_per_row_on_kernels():
+  """A boolean mask whose rows are one run each (a band with a prefix) runs on the kernel
+  backends as row bounds, against jax's own function."""
+  q = k = v = jax.random.normal(jax.random.PRNGKey(1), (1, 70, 2, 16))
+  i, j = np.arange(70)[:, None], np.arange(70)[None]
+  mask = (j <= np.maximum(i, 9)) & (j >= i - 20)
+  assert isinstance(jsa.masks.from_array(mask), jsa.masks.RowBounds)
+  want = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
+  got = jsa.dot_product_attention(q, k, v, mask=mask[None, None], backend="triton",
+                                  interpret=True)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_without_batch_dim():
   """jax's [T, N, H] form (no batch dim): the same outputs, log-sum-exp and gradients."""
   q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (30, 2, 16)) for i in range(3))
