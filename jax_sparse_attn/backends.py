@@ -200,11 +200,14 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
     return backend
   platform = jax.default_backend()
   has_array = mask is not None and has_array_mask(mask)
-  if platform == "gpu" and not has_array:
+  if platform == "gpu":
     from pallas_kernels.gpu import mosaic_gpu as mg
     if (dtype is not None and head_dim is not None and mg.is_hopper()
+        and not (mask is not None and has_array_mask(mask, "mosaic_gpu"))
         and mg.supports(mask, dtype, head_dim, segments, block_q, block_kv, config, scale)):
       return "mosaic_gpu"
+    if has_array:
+      return "xla"
     from pallas_kernels.gpu import triton_attention
     return "triton" if triton_attention.available() else "xla"
   if platform == "tpu" and not has_array:
@@ -212,16 +215,28 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
   return "xla"
 
 
-def has_array_mask(mask, elementwise: bool = False) -> bool:
-  """Whether `mask` holds an explicit array that only `xla` evaluates: a `masks.from_array`
-  array whose rows are not one run each, or row bounds (`masks.RowBounds`) inside ``|`` or
-  beside a mask function, where kernels would evaluate them element by element."""
+def has_array_mask(mask, backend: str | None = None) -> bool:
+  """Whether `mask` holds an explicit array that `backend` (None: any kernel backend, and
+  context parallelism) cannot take, so it runs on `xla`: a `masks.from_array` array with
+  rows of more than `masks.MAX_TERMS` runs, or row bounds (`masks.RowBounds`) inside ``|``
+  or beside a mask function, where a kernel would trace them as a mask function (which cannot
+  hold the array). "mosaic_gpu" takes row bounds in a union of at most `masks.MAX_TERMS`
+  interval terms: its kernels test unions as intervals per term, forward and backward."""
+  if not _holds_array(mask, False):
+    return False
+  return not (backend == "mosaic_gpu" and not _holds_array(mask, False, full_arrays=True)
+              and masks_lib.interval_terms(mask) is not None)
+
+
+def _holds_array(mask, elementwise: bool, full_arrays: bool = False) -> bool:
+  """Whether `mask` holds a `FromArray` (``full_arrays``: only those) or, evaluated
+  elementwise (inside ``|`` / ``&`` with a non-interval mask), `RowBounds`."""
   if isinstance(mask, masks_lib.FromArray):
     return True
   if isinstance(mask, masks_lib.RowBounds):
-    return elementwise
+    return elementwise and not full_arrays
   if isinstance(mask, masks_lib.IntervalAnd):
-    return any(has_array_mask(p, elementwise) for p in mask.parts)
+    return any(_holds_array(p, elementwise, full_arrays) for p in mask.parts)
   if isinstance(mask, (masks_lib.And, masks_lib.Or)):
-    return has_array_mask(mask.a, True) or has_array_mask(mask.b, True)
+    return _holds_array(mask.a, True, full_arrays) or _holds_array(mask.b, True, full_arrays)
   return False

@@ -18,8 +18,10 @@ Nothing in this file knows about Pallas; kernels consume the arrays these object
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
+import operator
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -450,15 +452,26 @@ class RowBounds(IntervalMask):
     return [kv_idx]
 
 
-def one_run_bounds(array: np.ndarray):
-  """``(lo, hi)`` of a boolean [seq_q, seq_kv] array whose rows are each one run of True
-  (or none: lo > hi), or None if some row has two runs or more."""
-  seen = array.any(axis=1)
-  lo = np.argmax(array, axis=1)
-  hi = array.shape[1] - 1 - np.argmax(array[:, ::-1], axis=1)
-  if not np.array_equal(array.sum(axis=1), np.where(seen, hi - lo + 1, 0)):
+def run_bounds(array: np.ndarray, max_runs: int):
+  """Per run index r < the most runs of True in any row of a boolean [seq_q, seq_kv] array,
+  ``(lo, hi)``: each row's r-th run (rows with fewer runs: lo > hi); None where some row
+  has more than `max_runs` runs."""
+  edges = np.diff(array.astype(np.int8), axis=1, prepend=0, append=0)
+  rows_s, starts = np.nonzero(edges == 1)  # row-major: each row's runs in order
+  ends = np.nonzero(edges == -1)[1] - 1
+  counts = np.bincount(rows_s, minlength=array.shape[0])
+  runs = int(counts.max(initial=0))
+  if runs > max_runs:
     return None
-  return np.where(seen, lo, EMPTY_LO), np.where(seen, hi, EMPTY_HI)
+  rank = np.arange(rows_s.size) - np.repeat(np.cumsum(counts) - counts, counts)
+  out = []
+  for r in range(max(runs, 1)):
+    lo = np.full(array.shape[0], EMPTY_LO, np.int64)
+    hi = np.full(array.shape[0], EMPTY_HI, np.int64)
+    pick = rank == r
+    lo[rows_s[pick]], hi[rows_s[pick]] = starts[pick], ends[pick]
+    out.append((lo, hi))
+  return out
 
 
 def array_shapes(mask: Mask) -> list[tuple[int, int]]:
@@ -616,11 +629,16 @@ def from_function(fn: Callable[[Array, Array], Array]) -> Mask:
 def from_array(array) -> Mask:
   """An explicit boolean ``[seq_q, seq_kv]`` mask. Where every row is one run of keys (or
   none: causal, windows, prefix-LM, block-diagonal documents, chunked attention) it becomes
-  `RowBounds` (an interval mask: O(N) vectors, every backend, blocks skipped); otherwise it
-  stays an array evaluated elementwise on the `xla` backend."""
+  `RowBounds` (an interval mask: O(N) vectors, every backend, blocks skipped); where rows
+  have up to `MAX_TERMS` runs (a window with sinks or global tokens), the union of one
+  `RowBounds` per run (the Hopper kernels test it as intervals per term; other kernel
+  backends cannot take it); otherwise it stays an array evaluated elementwise on `xla`."""
   mask = FromArray(array)
-  bounds = one_run_bounds(mask.array)
-  return mask if bounds is None else RowBounds(*bounds, mask.array.shape[1])
+  runs = run_bounds(mask.array, MAX_TERMS)
+  if runs is None:
+    return mask
+  terms = [RowBounds(lo, hi, mask.array.shape[1]) for lo, hi in runs]
+  return functools.reduce(operator.or_, terms)
 
 
 def from_row_bounds(lo, hi, seq_kv: int) -> Mask:

@@ -362,10 +362,11 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     out, lse = reference_lib.attention(query, key, value, mask, scale=scale,
                                        q_segment_ids=q_seg, kv_segment_ids=kv_seg, softcap=cap)
     return _finish(out, lse, return_lse, sinks)
-  if backend != "xla" and _has_array_mask(mask):
-    raise ValueError(f"from_array masks whose rows are not one run of keys each (and row "
-                     f"bounds inside `|` or beside a mask function) run on backend='xla' or "
-                     f"'reference', not {backend!r}")
+  if backend != "xla" and _has_array_mask(mask, backend):
+    raise ValueError(f"this from_array mask runs on backend='xla' or 'reference', not "
+                     f"{backend!r}: rows of one run of keys each run on every backend, rows "
+                     f"of up to {masks_lib.MAX_TERMS} runs (and row bounds inside `|`) on "
+                     f"'mosaic_gpu' too, others on 'xla' only")
 
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))

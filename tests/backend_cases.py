@@ -34,6 +34,17 @@ SEQ_MASKS = {
 }
 
 
+def several_run_rows(sq, skv, seed=0):
+  """A boolean [sq, skv] array of a causal window of 24 keys, the first 3 keys (sinks) and a
+  random run of 10 keys per row below the diagonal, so rows of 1-3 runs (the first rows see
+  at least one key)."""
+  rng = np.random.default_rng(seed + 1000 * sq + skv)
+  q, kv = np.arange(sq)[:, None], np.arange(skv)[None]
+  start = rng.integers(0, skv, sq)[:, None]
+  return (((kv <= q) & (kv > q - 24)) | (kv < 3)
+          | ((kv >= start) & (kv < start + 10) & (kv <= q)))
+
+
 def one_run_rows(sq, skv, seed=0):
   """A boolean [sq, skv] array: row q is True on one random run of keys (empty for about
   one row in six), deterministic per shape."""

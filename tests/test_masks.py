@@ -94,12 +94,41 @@ def test_from_array_rows_of_one_run():
       flipped = arr.copy()
       flipped[np.argmax(arr.any(1))] ^= True  # that row's complement: not one run, or other
       assert masks.from_array(flipped) != m
-  two = np.zeros((4, 10), bool)
-  two[:, [1, 2, 5]] = True
-  assert isinstance(masks.from_array(two), masks.FromArray)
   rows = masks.from_array(np.tril(np.ones((8, 8), bool)))
   assert not has_array_mask(rows) and not has_array_mask(rows & masks.sliding_window(3))
-  assert has_array_mask(rows | masks.sink(1)) and has_array_mask(masks.from_array(two))
+  assert has_array_mask(rows | masks.sink(1)) and not has_array_mask(rows | masks.sink(1),
+                                                                      "mosaic_gpu")
+  f = masks.from_function(lambda q, k: q >= k)
+  assert has_array_mask(rows & f, "mosaic_gpu") and not has_array_mask(f)
+
+
+def test_from_array_rows_of_several_runs():
+  """Rows of up to 4 runs: the union of one row-bounds mask per run (each row's r-th run in
+  term r), equal to the array; the Hopper kernels take it, the others not; 5 runs: the
+  array."""
+  from jax_sparse_attn.backends import has_array_mask
+  rng = np.random.default_rng(3)
+  for sq, skv, runs in ((40, 70, 2), (33, 90, 4), (8, 8, 1)):
+    arr = np.zeros((sq, skv), bool)
+    for q in range(sq):
+      cuts = np.sort(rng.choice(skv + 1, 2 * rng.integers(0, runs + 1), replace=False))
+      for a, b in cuts.reshape(-1, 2):
+        arr[q, a:b] = True
+    m = masks.from_array(arr)
+    want = masks.RowBounds if runs == 1 or arr.any(1).sum() == 0 else (masks.Or, masks.RowBounds)
+    assert isinstance(m, want), type(m)
+    np.testing.assert_array_equal(m(np.arange(sq)[:, None], np.arange(skv)[None]), arr)
+    terms = masks.interval_terms(m)
+    assert terms is not None and all(isinstance(t, masks.RowBounds) for t in terms)
+    assert not has_array_mask(m, "mosaic_gpu")
+    assert has_array_mask(m) == (len(terms) > 1)
+  five = np.tile([True, False], (3, 5))
+  assert isinstance(masks.from_array(five), masks.FromArray)
+  assert has_array_mask(masks.from_array(five), "mosaic_gpu")
+  (lo0, hi0), (lo1, hi1) = masks.run_bounds(np.array([[0, 1, 1, 0, 1], [0, 0, 1, 0, 0],
+                                                      [0, 0, 0, 0, 0]], bool), 4)
+  assert lo0.tolist() == [1, 2, 1] and hi0.tolist() == [2, 2, 0]
+  assert lo1.tolist() == [4, 1, 1] and hi1.tolist() == [4, 0, 0]
   m = masks.from_row_bounds(np.array([0, 5, 3]), np.array([2, 4, 99]), 10)
   np.testing.assert_array_equal(m(np.arange(3)[:, None], np.arange(10)[None]),
                                 [[k <= 2 for k in range(10)], [False] * 10,

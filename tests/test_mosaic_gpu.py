@@ -246,8 +246,11 @@ def test_persistent_where_rows_are_even_or_short():
     (True, dict(block_kv=128), "mosaic_gpu"),
     (True, dict(config=MosaicGPUConfig(stages=3)), "mosaic_gpu"),
     (True, dict(config="triton-config"), "triton"),
-    (True, dict(mask=masks.from_array(np.array([[1, 0, 1, 1]] * 4, bool))), "xla"),
+    (True, dict(mask=masks.from_array(np.tile([1, 0], (4, 5)).astype(bool))), "xla"),  # 5 runs
+    (True, dict(mask=masks.from_array(np.array([[1, 0, 1, 1]] * 4, bool))), "mosaic_gpu"),
+    (False, dict(mask=masks.from_array(np.array([[1, 0, 1, 1]] * 4, bool))), "xla"),
     (True, dict(mask=masks.from_array(np.tril(np.ones((4, 4), bool)))), "mosaic_gpu"),
+    (False, dict(mask=masks.from_array(np.tril(np.ones((4, 4), bool)))), "triton"),
 ])
 def test_auto_backend_on_gpus(monkeypatch, hopper, kwargs, want):
   """backend="auto" on a GPU: mosaic_gpu on Hopper where it supports the call, else triton."""
