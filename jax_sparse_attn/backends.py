@@ -191,9 +191,10 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
                     block_kv=None, config=None, scale=None) -> str:
   """The backend `backend="auto"` runs: on Hopper GPUs "mosaic_gpu" where it supports the
   call (`pallas_kernels.gpu.mosaic_gpu.supports`: bf16/f16, head_dim <= 256, its
-  block sizes and config; any mask but array masks, segment ids too), other GPUs and the rest
-  "triton" (where jax has the Triton lowering, `triton_attention.available`; else "xla");
-  "mosaic" on TPU; "xla" elsewhere and for array masks."""
+  block sizes and config; any mask but arrays with rows of more than 4 runs, segment ids
+  too), other GPUs and the rest "triton" (where jax has the Triton lowering,
+  `triton_attention.available`; else "xla"); "mosaic" on TPU; "xla" elsewhere and for the
+  array masks a backend cannot take (`has_array_mask`)."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend != "auto":
