@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5|routing]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -41,6 +41,15 @@ if [ "$what" = pending5 ]; then
   # gradients against float32 XLA.
   timeout 200 python3 -m benchmarks.diag.diag_small_grids --out $OUT/small-grids.json 2>&1 \
     | grep '^{' | tail -12
+fi
+if [ "$what" = routing ]; then
+  # Queued in the thirty-seventh session (no machine started; carry .peers): issue #23 in one
+  # call, our MoBA rows with their GPU gradient checks, then torch Flex's MoBA, 3-D NA and
+  # cuDNN's window (`anchor_probe_sparse.py`) on the same machine.
+  timeout 330 python3 -m benchmarks.bench_routing --sections check,perf,video \
+    --out $OUT/routing.json 2>&1 | grep '^{' | cut -c1-400
+  (cd $OUT && timeout 170 python3 $OLDPWD/.peers/anchor_probe_sparse.py > $OUT/anchor_sparse.log 2>&1)
+  grep -v "^$" $OUT/anchor_sparse.log | tail -15
 fi
 if [ "$what" = pending ]; then
   # Queued (no H200 came in the thirty-first to thirty-sixth sessions; the thirty-third ran it
