@@ -53,6 +53,8 @@ def one_run_rows(sq, skv, seed=0):
   length = np.where(rng.random(sq) < 1 / 6, 0, rng.integers(1, max(2, skv // 2), sq))
   kv = np.arange(skv)[None]
   return (kv >= lo[:, None]) & (kv < (lo + length)[:, None])
+
+
 # A stable function object, so block maps are cached across examples.
 SEQ_MASKS_CACHE: dict = {}
 
