@@ -378,13 +378,25 @@ class FromFunction(Mask):
     return out if out.shape == shape else xp.broadcast_to(out, shape)
 
 
+def _host_array(x, name: str) -> np.ndarray:
+  """`x` as a NumPy array; a traced value (inside `jit`) is a ValueError naming `name`:
+  block maps and kernel vectors are built from it at trace time."""
+  try:
+    return np.asarray(x)
+  except Exception as e:  # jax.errors.TracerArrayConversionError and kin
+    raise ValueError(f"{name} must be a concrete host array (NumPy, or a jax array outside "
+                     f"jit): the block map is built from it at trace time; for masks that "
+                     f"depend on traced values use `from_function`, segment ids or "
+                     f"`block_selection`") from e
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FromArray(Mask):
   """An explicit boolean ``[seq_q, seq_kv]`` mask (small problems, tests, odd patterns)."""
   array: Any
 
   def __post_init__(self):
-    arr = np.asarray(self.array)
+    arr = _host_array(self.array, "from_array's array")
     if arr.ndim != 2 or arr.dtype != np.bool_:
       raise ValueError(f"from_array expects a 2-D boolean array, got shape {arr.shape} dtype {arr.dtype}")
     object.__setattr__(self, "array", arr)
@@ -410,7 +422,7 @@ class RowBounds(IntervalMask):
   num_dims = 1
 
   def __post_init__(self):
-    lo, hi = np.asarray(self.lo), np.asarray(self.hi)
+    lo, hi = _host_array(self.lo, "row bounds lo"), _host_array(self.hi, "row bounds hi")
     if (lo.ndim != 1 or lo.shape != hi.shape or not np.issubdtype(lo.dtype, np.integer)
         or not np.issubdtype(hi.dtype, np.integer) or lo.size == 0):
       raise ValueError(f"row bounds lo and hi must be non-empty 1-D integer arrays of one "

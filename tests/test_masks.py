@@ -146,6 +146,14 @@ def test_row_bounds_rejects(call, match):
     call()
 
 
+def test_traced_arrays_are_named():
+  """An array mask built inside jit (a traced value) is a ValueError naming the argument."""
+  with pytest.raises(ValueError, match="from_array's array must be a concrete host array"):
+    jax.jit(lambda a: jnp.sum(masks.from_array(a).array))(np.ones((4, 4), bool))
+  with pytest.raises(ValueError, match="row bounds lo must be a concrete host array"):
+    jax.jit(lambda lo: masks.from_row_bounds(lo, np.zeros(4, int), 4).lo)(np.zeros(4, int))
+
+
 def test_from_function_results():
   """fn's result must be booleans (an int mask would otherwise read as nonzero = attend);
   one that depends on one index, or a constant, broadcasts to every pair (host and jnp)."""
