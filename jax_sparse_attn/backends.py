@@ -223,21 +223,9 @@ def has_array_mask(mask, backend: str | None = None) -> bool:
   or beside a mask function, where a kernel would trace them as a mask function (which cannot
   hold the array). "mosaic_gpu" takes row bounds in a union of at most `masks.MAX_TERMS`
   interval terms: its kernels test unions as intervals per term, forward and backward."""
-  if not _holds_array(mask, False):
-    return False
-  return not (backend == "mosaic_gpu" and not _holds_array(mask, False, full_arrays=True)
-              and masks_lib.interval_terms(mask) is not None)
-
-
-def _holds_array(mask, elementwise: bool, full_arrays: bool = False) -> bool:
-  """Whether `mask` holds a `FromArray` (``full_arrays``: only those) or, evaluated
-  elementwise (inside ``|`` / ``&`` with a non-interval mask), `RowBounds`."""
-  if isinstance(mask, masks_lib.FromArray):
+  terms = list(masks_lib.array_terms(mask))
+  if any(isinstance(term, masks_lib.FromArray) for term, _ in terms):
     return True
-  if isinstance(mask, masks_lib.RowBounds):
-    return elementwise and not full_arrays
-  if isinstance(mask, masks_lib.IntervalAnd):
-    return any(_holds_array(p, elementwise, full_arrays) for p in mask.parts)
-  if isinstance(mask, (masks_lib.And, masks_lib.Or)):
-    return _holds_array(mask.a, True, full_arrays) or _holds_array(mask.b, True, full_arrays)
-  return False
+  if not any(elementwise for _, elementwise in terms):
+    return False
+  return not (backend == "mosaic_gpu" and masks_lib.interval_terms(mask) is not None)

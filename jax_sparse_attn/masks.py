@@ -401,6 +401,10 @@ class FromArray(Mask):
       raise ValueError(f"from_array expects a 2-D boolean array, got shape {arr.shape} dtype {arr.dtype}")
     object.__setattr__(self, "array", arr)
 
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.array.shape
+
   def __call__(self, q_idx, kv_idx):
     xp = _xp(q_idx, kv_idx)
     sq, skv = self.array.shape
@@ -486,18 +490,18 @@ def run_bounds(array: np.ndarray, max_runs: int):
   return out
 
 
-def array_shapes(mask: Mask) -> list[tuple[int, int]]:
-  """The [seq_q, seq_kv] shapes the explicit arrays in `mask` were given for (`from_array`,
-  `from_row_bounds` terms)."""
-  if isinstance(mask, FromArray):
-    return [mask.array.shape]
-  if isinstance(mask, RowBounds):
-    return [mask.shape]
-  if isinstance(mask, (And, Or)):
-    return array_shapes(mask.a) + array_shapes(mask.b)
-  if isinstance(mask, IntervalAnd):
-    return [s for p in mask.parts for s in array_shapes(p)]
-  return []
+def array_terms(mask: Mask, elementwise: bool = False):
+  """``(term, elementwise)`` for each explicit array term of `mask` (`FromArray`,
+  `RowBounds`: `from_array`, `from_row_bounds`); ``elementwise``: the term sits inside
+  ``|`` or beside a non-interval mask, where it is evaluated element by element."""
+  if isinstance(mask, (FromArray, RowBounds)):
+    yield mask, elementwise
+  elif isinstance(mask, IntervalAnd):
+    for part in mask.parts:
+      yield from array_terms(part, elementwise)
+  elif isinstance(mask, (And, Or)):
+    yield from array_terms(mask.a, True)
+    yield from array_terms(mask.b, True)
 
 
 def _run_map(x, runs):

@@ -302,9 +302,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   if mask is None:
     mask = masks_lib.Full()
   masks_lib._check_mask(mask, "mask")
-  for shape in masks_lib.array_shapes(mask):
-    if shape != (query.shape[1], key.shape[1]):
-      raise ValueError(f"mask array shape {shape} must be (seq_q, seq_kv) = "
+  for term, _ in masks_lib.array_terms(mask):
+    if term.shape != (query.shape[1], key.shape[1]):
+      raise ValueError(f"mask array shape {term.shape} must be (seq_q, seq_kv) = "
                        f"{(query.shape[1], key.shape[1])}")
   _check_grid_tokens(mask, query.shape[1], key.shape[1])
   scale = _check_scale(scale, query.shape[-1])
