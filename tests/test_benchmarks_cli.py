@@ -185,3 +185,21 @@ def test_run_variant(tmp_path):
       {"kernel": "attention_kernel", "spill_stores": 8, "spill_loads": 4}]}
   row = run_variant("fake_variant", "hangs", str(tmp_path), env=env, timeout=20)
   assert row["rc"] == "timeout" and row["step"] == 1 and row["ptxas"][0]["registers"] == 168
+
+
+def test_read_sass_samples(tmp_path):
+  """Nsight Compute's source page: notes before the header, thousands separators, predicated
+  opcodes; spills (LDL/STL) counted by their share of the samples."""
+  from benchmarks.diag import read_sass_samples
+  path = tmp_path / "x-sass.csv"
+  path.write_text(
+      '"Kernel Name","k"\n'
+      '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"\n'
+      '"0x10","LDL.64 R2, [R1+0x8]","1,200","5,000"\n'
+      '"0x20","@!P0 HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24","2,400","1,000"\n'
+      '"0x30","@P1 STL [R1+0x10], R7","400","5,000"\n')
+  s = read_sass_samples.summarize(read_sass_samples.read(path), top=2)
+  assert s["samples"] == 4000 and s["instructions"] == 3
+  assert s["by_opcode"] == {"HGMMA": 0.6, "LDL": 0.3, "STL": 0.1}
+  assert s["local_memory_share"] == 0.4 and s["local_memory_instructions"] == 2
+  assert [r["address"] for r in s["top"]] == ["0x20", "0x10"]
