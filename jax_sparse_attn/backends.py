@@ -200,11 +200,10 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
   if backend != "auto":
     return backend
   platform = jax.default_backend()
-  has_array = mask is not None and has_array_mask(mask)
+  has_array = mask is not None and has_array_mask(mask, "auto")
   if platform == "gpu":
     from pallas_kernels.gpu import mosaic_gpu as mg
-    if (dtype is not None and head_dim is not None and mg.is_hopper()
-        and not (mask is not None and has_array_mask(mask, "mosaic_gpu"))
+    if (dtype is not None and head_dim is not None and mg.is_hopper() and not has_array
         and mg.supports(mask, dtype, head_dim, segments, block_q, block_kv, config, scale)):
       return "mosaic_gpu"
     if has_array:
@@ -217,15 +216,17 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
 
 
 def has_array_mask(mask, backend: str | None = None) -> bool:
-  """Whether `mask` holds an explicit array that `backend` (None: any kernel backend, and
-  context parallelism) cannot take, so it runs on `xla`: a `masks.from_array` array with
-  rows of more than `masks.MAX_TERMS` runs, or row bounds (`masks.RowBounds`) inside ``|``
-  or beside a mask function, where a kernel would trace them as a mask function (which cannot
-  hold the array). "mosaic_gpu" takes row bounds in a union of at most `masks.MAX_TERMS`
-  interval terms: its kernels test unions as intervals per term, forward and backward."""
+  """Whether `mask` holds an explicit array that `backend` cannot take, so it runs on `xla`:
+  a `masks.from_array` array with rows of more than `masks.MAX_TERMS` runs, or row bounds
+  (`masks.RowBounds`) inside ``|`` or beside a mask function, which a kernel would trace as a
+  mask function (which cannot hold the array), unless the mask is a union of at most
+  `masks.MAX_TERMS` interval terms: every kernel backend tests those as intervals per term
+  (the Hopper kernels' own union test; Triton and TPU through `plan.intervals_per_term`),
+  forward and backward. `backend=None`: context parallelism and content-routed maps, which
+  do not take such unions (they run unsharded; `block_selection` raises)."""
   terms = list(masks_lib.array_terms(mask))
   if any(isinstance(term, masks_lib.FromArray) for term, _ in terms):
     return True
   if not any(elementwise for _, elementwise in terms):
     return False
-  return not (backend == "mosaic_gpu" and masks_lib.interval_terms(mask) is not None)
+  return backend is None or masks_lib.interval_terms(mask) is None

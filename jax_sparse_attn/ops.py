@@ -364,9 +364,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     return _finish(out, lse, return_lse, sinks)
   if backend != "xla" and _has_array_mask(mask, backend):
     raise ValueError(f"this from_array mask runs on backend='xla' or 'reference', not "
-                     f"{backend!r}: rows of one run of keys each run on every backend, rows "
-                     f"of up to {masks_lib.MAX_TERMS} runs (and row bounds inside `|`) on "
-                     f"'mosaic_gpu' too, others on 'xla' only")
+                     f"{backend!r}: rows of up to {masks_lib.MAX_TERMS} runs of keys (and "
+                     f"row bounds in a union of at most {masks_lib.MAX_TERMS} interval "
+                     f"terms) run on every backend, others on 'xla' only")
 
   bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq, skv)
   plan = make_plan(mask, SequenceLayout(sq, bq), SequenceLayout(skv, bk))

@@ -49,6 +49,9 @@ class AttentionPlan:
   # rows of the Mosaic GPU forward, build block maps of their own from it).
   mask: masks_lib.Mask | None = None
   union: tuple | None = None
+  # The interval vectors hold `terms` terms of num_mask_dims // terms dims each, a pair
+  # attending where every dim of some term holds (`intervals_per_term`); 1: one term.
+  terms: int = 1
 
   @property
   def num_mask_dims(self) -> int:
@@ -140,6 +143,19 @@ def _union(mask, q_layout, kv_layout, q_index, q_valid, kv_index, kv_valid):
 
 
 @functools.lru_cache(maxsize=256)
+def intervals_per_term(plan: AttentionPlan) -> AttentionPlan:
+  """For kernels that test a mask function element by element (Triton, TPU): a plan whose
+  mask function holds explicit arrays (`masks.RowBounds` inside ``|``: a `from_array` mask
+  with rows of several runs), which a kernel cannot trace, becomes its union's per-term
+  interval vectors (``terms`` > 1, no mask function). Other plans are returned as they are."""
+  if (plan.union is None or plan.mask_fn is None or plan.mask is None
+      or not any(True for _ in masks_lib.array_terms(plan.mask))):
+    return plan
+  terms, lo, hi, c = plan.union
+  return dataclasses.replace(plan, q_lo=lo, q_hi=hi, kv_c=c, mask_fn=None, terms=terms)
+
+
+@functools.lru_cache(maxsize=256)
 def gathered(plan: AttentionPlan, value: bool = True) -> AttentionPlan:
   """The same plan, with q/k/v/outputs in the caller's flat order (see the module doc), or
   back in kernel order (``value=False``). Cached: kernels cache host work per plan."""
@@ -156,17 +172,31 @@ def walked_map(plan: AttentionPlan, block_map=None):
   return block_map
 
 
+def any_term(test, dims, terms: int = 1):
+  """OR over `terms` equal runs of `dims` of AND over each run's ``test(d)`` (an interval
+  mask is one term; `intervals_per_term` plans hold several); None where `dims` is empty."""
+  dims = list(dims)
+  per, out = len(dims) // max(terms, 1), None
+  for t in range(terms if dims else 0):
+    term = None
+    for d in dims[t * per:(t + 1) * per]:
+      term = test(d) if term is None else term & test(d)
+    out = term if out is None else out | term
+  return out
+
+
 def element_mask(plan: AttentionPlan, q_pos, kv_pos, xp):
   """Element mask for kernel positions ``q_pos`` x ``kv_pos`` (broadcastable int arrays).
 
   Used by the XLA backend; Pallas kernels do the same on loaded slices.
   """
   lo, hi, c = xp.asarray(plan.q_lo), xp.asarray(plan.q_hi), xp.asarray(plan.kv_c)
-  out = None
-  for d in range(plan.num_mask_dims):
+
+  def test(d):
     cd = c[d][kv_pos]
-    term = (lo[d][q_pos] <= cd) & (cd <= hi[d][q_pos])
-    out = term if out is None else out & term
+    return (lo[d][q_pos] <= cd) & (cd <= hi[d][q_pos])
+
+  out = any_term(test, range(plan.num_mask_dims), plan.terms)
   if plan.mask_fn is not None:
     out = out & plan.mask_fn(xp.asarray(plan.q_index)[q_pos], xp.asarray(plan.kv_index)[kv_pos])
   return out

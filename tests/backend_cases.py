@@ -31,6 +31,8 @@ SEQ_MASKS = {
                                & masks.causal(offset=1)),
     # An explicit array whose rows are one run each (some empty): `masks.RowBounds`.
     "array_rows": lambda sq, skv: masks.from_array(one_run_rows(sq, skv)),
+    # Rows of 1-3 runs: a union of row bounds, tested as intervals per term by every kernel.
+    "array_runs": lambda sq, skv: masks.from_array(several_run_rows(sq, skv)),
 }
 
 

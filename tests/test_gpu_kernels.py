@@ -1,6 +1,7 @@
 """Pallas Triton kernels in interpret mode (CPU) vs the float64 brute force."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given, settings
 
@@ -8,8 +9,8 @@ import backend_cases
 from strategies import examples
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
-from jax_sparse_attn.layout import TiledLayout
-from jax_sparse_attn.plan import make_plan
+from jax_sparse_attn.layout import SequenceLayout, TiledLayout
+from jax_sparse_attn.plan import element_mask, intervals_per_term, make_plan
 from pallas_kernels.gpu import TritonConfig, export_for_gpu, mma_masks, triton_attention
 
 KW = dict(interpret=True, block_q=32, block_kv=32)
@@ -50,6 +51,22 @@ def test_array_rows():
   p = dict(batch=1, sq=50, skv=70, heads=2, kv_heads=1, head_dim=16, mask="array_rows",
            segments=False, dtype=jnp.float32, seed=9)
   backend_cases.check_attention(p, "triton", **KW)
+
+
+def test_array_runs():
+  """`from_array` with rows of 1-3 runs: a union of row bounds, tested as intervals per term
+  (`plan.intervals_per_term`), GQA, segment ids."""
+  p = dict(batch=1, sq=90, skv=90, heads=4, kv_heads=2, head_dim=16, mask="array_runs",
+           segments=True, dtype=jnp.float32, seed=10)
+  backend_cases.check_attention(p, "triton", **KW)
+  mask = backend_cases.seq_mask("array_runs", 90, 90)
+  plan = make_plan(mask, SequenceLayout(90, 32), SequenceLayout(90, 32))
+  per_term = intervals_per_term(plan)
+  assert plan.mask_fn is not None and per_term.mask_fn is None and per_term.terms == 3
+  pos = np.arange(plan.q_lo.shape[1])
+  np.testing.assert_array_equal(  # the kernels' test equals the array on every position
+      element_mask(per_term, pos[:, None], pos[None], np), element_mask(plan, pos[:, None],
+                                                                         pos[None], np))
 
 
 def test_head_dim_padding_and_masked_rows():

@@ -79,7 +79,8 @@ def test_from_array_rows_of_one_run():
   """An array whose rows are one run of keys each (or none) becomes row bounds (an interval
   mask, equal and hashed by value) that evaluate to the array exactly, on the host and in
   jnp; inside `|` (or beside a mask function) row bounds are evaluated elementwise, which
-  only `xla` (and, for unions of interval terms, the Hopper kernels) can take."""
+  only `xla` can take, except unions of interval terms, which every kernel backend tests as
+  intervals per term (not sharded)."""
   from backend_cases import one_run_rows
   from jax_sparse_attn.backends import has_array_mask
   for sq, skv in ((1, 1), (37, 90), (90, 37), (128, 128)):
@@ -97,15 +98,16 @@ def test_from_array_rows_of_one_run():
       assert masks.from_array(other) != m
   rows = masks.from_array(np.tril(np.ones((8, 8), bool)))
   assert not has_array_mask(rows) and not has_array_mask(rows & masks.sliding_window(3))
-  assert has_array_mask(rows | masks.sink(1)) and not has_array_mask(rows | masks.sink(1),
-                                                                      "mosaic_gpu")
+  assert has_array_mask(rows | masks.sink(1))  # sharded
+  for backend in ("mosaic_gpu", "triton", "mosaic", "auto"):
+    assert not has_array_mask(rows | masks.sink(1), backend)
   f = masks.from_function(lambda q, k: q >= k)
-  assert has_array_mask(rows & f, "mosaic_gpu") and not has_array_mask(f)
+  assert has_array_mask(rows & f, "triton") and not has_array_mask(f)
 
 
 def test_from_array_rows_of_several_runs():
   """Rows of up to 4 runs: the union of one row-bounds mask per run (each row's r-th run in
-  term r), equal to the array; the Hopper kernels take it, the others not; 5 runs: the
+  term r), equal to the array; every kernel backend takes it (not sharded); 5 runs: the
   array."""
   from jax_sparse_attn.backends import has_array_mask
   rng = np.random.default_rng(3)
@@ -121,11 +123,12 @@ def test_from_array_rows_of_several_runs():
     np.testing.assert_array_equal(m(np.arange(sq)[:, None], np.arange(skv)[None]), arr)
     terms = masks.interval_terms(m)
     assert terms is not None and all(isinstance(t, masks.RowBounds) for t in terms)
-    assert not has_array_mask(m, "mosaic_gpu")
+    assert not has_array_mask(m, "mosaic_gpu") and not has_array_mask(m, "triton")
     assert has_array_mask(m) == (len(terms) > 1)
   five = np.tile([True, False], (3, 5))
   assert isinstance(masks.from_array(five), masks.FromArray)
   assert has_array_mask(masks.from_array(five), "mosaic_gpu")
+  assert has_array_mask(masks.from_array(five), "triton")
   (lo0, hi0), (lo1, hi1) = masks.run_bounds(np.array([[0, 1, 1, 0, 1], [0, 0, 1, 0, 0],
                                                       [0, 0, 0, 0, 0]], bool), 4)
   assert lo0.tolist() == [1, 2, 1] and hi0.tolist() == [2, 2, 0]

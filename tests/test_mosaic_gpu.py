@@ -248,7 +248,7 @@ def test_persistent_where_rows_are_even_or_short():
     (True, dict(config="triton-config"), "triton"),
     (True, dict(mask=masks.from_array(np.tile([1, 0], (4, 5)).astype(bool))), "xla"),  # 5 runs
     (True, dict(mask=masks.from_array(np.array([[1, 0, 1, 1]] * 4, bool))), "mosaic_gpu"),
-    (False, dict(mask=masks.from_array(np.array([[1, 0, 1, 1]] * 4, bool))), "xla"),
+    (False, dict(mask=masks.from_array(np.array([[1, 0, 1, 1]] * 4, bool))), "triton"),
     (True, dict(mask=masks.from_array(np.tril(np.ones((4, 4), bool)))), "mosaic_gpu"),
     (False, dict(mask=masks.from_array(np.tril(np.ones((4, 4), bool)))), "triton"),
 ])

@@ -166,6 +166,8 @@ X = jnp.ones((1, 16, 4, 32))
     (lambda: jsa.attention(X.astype(jnp.int32), X, X), "query dtype must be"),
     (lambda: jsa.attention(X, X.astype(jnp.bfloat16), X.astype(jnp.bfloat16)), "share a dtype"),
     (lambda: jsa.attention(X, X, X, masks.from_array(np.ones((3, 3), bool))), "mask array shape"),
+    (lambda: jsa.attention(X, X, X, masks.from_array(np.tile([True, False], (16, 8))),
+                           backend="triton", interpret=True), "rows of up to 4 runs"),
     (lambda: jsa.attention(X, X, X, "causal"), "mask must be a jax_sparse_attn.masks.Mask"),
     (lambda: jsa.attention(X, X, X, backend="cuda"), "backend must be one of"),
     (lambda: jsa.attention(X, X, X, segment_ids=jnp.zeros((1, 15), jnp.int32)), "segment_ids must be"),

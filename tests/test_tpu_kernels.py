@@ -40,6 +40,14 @@ def test_array_rows_interpret():
   backend_cases.check_attention(p, "mosaic", interpret=True)
 
 
+def test_array_runs_interpret():
+  """`from_array` with rows of 1-3 runs: a union of row bounds, tested as intervals per term
+  (`plan.intervals_per_term`), GQA."""
+  p = dict(batch=1, sq=256, skv=256, heads=2, kv_heads=1, head_dim=32, mask="array_runs",
+           segments=False, dtype=jnp.float32, seed=14)
+  backend_cases.check_attention(p, "mosaic", interpret=True)
+
+
 def _custom_calls(fn, *shapes):
   args = [jax.ShapeDtypeStruct(s, dt) for s, dt in shapes]
   return export_for_tpu(fn, *args).mlir_module().count("tpu_custom_call")

@@ -1,9 +1,13 @@
 """Reads Nsight Compute's source page (`ncu -i x.ncu-rep --page source --csv --print-source
 sass`, as `profile_sources.sh` writes it): the warps' stall samples summed per column (stall
 reason), per opcode, and the instructions that drew the most, with local-memory traffic
-(LDL/STL: register spills) and barrier waits called out.
+(LDL/STL: register spills) called out. `--bins STEP` maps the samples over the code (hex
+offsets from the kernel's first instruction, with the matrix, TMA and MUFU instructions of
+each bin: which code is the producer's loop and which the compute warpgroups'), `--region
+LO-HI` (hex offsets) restricts the summary to one such range.
 
-    python -m benchmarks.diag.read_sass_samples OUT/fused-sass.csv [--top 25] [--json x.json]
+    python -m benchmarks.diag.read_sass_samples OUT/fused-sass.csv [--top 25] [--bins 400]
+        [--region 1c00-4000] [--json x.json]
 """
 import argparse
 import collections
@@ -32,6 +36,42 @@ def opcode(source):
   """`@!P0 LDL.64 R2, [R1+0x8]` → `LDL`."""
   text = re.sub(r"^@!?U?P\w+\s+", "", (source or "").strip())
   return text.split(" ")[0].split(".")[0] if text else ""
+
+
+def offset(row, base):
+  return int(row["Address"], 16) - base
+
+
+def region(rows, span):
+  """The rows whose offset from the first instruction lies in ``"LO-HI"`` (hex, HI
+  excluded)."""
+  lo, hi = (int(x, 16) for x in span.split("-"))
+  base = min(int(r["Address"], 16) for r in rows)
+  return [r for r in rows if lo <= offset(r, base) < hi]
+
+
+def bins(rows, step):
+  """Per `step` bytes of code: (offset, share of the samples, instructions executed, the
+  matrix / TMA / MUFU / spill opcodes in it, the top stall reasons)."""
+  base = min(int(r["Address"], 16) for r in rows)
+  total = sum(_number(r.get(SAMPLES)) or 0 for r in rows) or 1
+  reasons = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
+  out = {}
+  for r in rows:
+    b = out.setdefault(offset(r, base) // step, [0.0, 0.0, collections.Counter(),
+                                                collections.Counter()])
+    b[0] += _number(r.get(SAMPLES)) or 0
+    b[1] += _number(r.get("Instructions Executed")) or 0
+    b[2][opcode(r.get("Source"))] += 1
+    for c in reasons:
+      b[3][c[6:]] += _number(r.get(c)) or 0
+  keep = ("HGMMA", "UTMALDG", "UTMASTG", "UTMAREDG", "MUFU", "LDL", "STL", "NANOSLEEP")
+  return [(k * step, n / total, ex, {o: c for o, c in ops.items() if o in keep},
+           [(x, round(v / total, 3)) for x, v in rs.most_common(3) if v])
+          for k, (n, ex, ops, rs) in sorted(out.items())]
+
+
+SAMPLES = "Warp Stall Sampling (All Samples)"
 
 
 def summarize(rows, top=25):
@@ -67,13 +107,29 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("csv")
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--bins", type=lambda x: int(x, 16))
+  parser.add_argument("--region")
   parser.add_argument("--json")
   args = parser.parse_args()
-  s = summarize(read(args.csv), args.top)
+  rows = read(args.csv)
+  if args.bins:
+    for off, share, ex, ops, reasons in bins(rows, args.bins):
+      if share >= 0.001:
+        print(f"{off:05x} {share:6.1%} {ex / 1e6:7.2f}M executed {ops} {reasons}")
+  if args.region:
+    total = sum(_number(r.get(SAMPLES)) or 0 for r in rows) or 1
+    rows = region(rows, args.region)
+    print(f"region {args.region}: {sum(_number(r.get(SAMPLES)) or 0 for r in rows) / total:.1%}"
+          f" of the samples")
+  s = summarize(rows, args.top)
   print(f"{s['instructions']} instructions, {s['samples']} samples ({s['samples_column']})")
   print("local memory (LDL/STL) share of samples:", s["local_memory_share"],
         f"({s['local_memory_instructions']} instructions)")
   print("by opcode:", json.dumps(s["by_opcode"]))
+  reasons = {c[6:]: v for c, v in s["columns"].items() if c.startswith("stall_")
+             and "Not Issued" not in c and v}
+  print("stall reasons:", ", ".join(f"{k} {v / (s['samples'] or 1):.1%}" for k, v in
+                                    sorted(reasons.items(), key=lambda x: -x[1])))
   for r in s["top"]:
     print(f"{r['share']:7.2%}  {r['address']}  {r['source'][:70]}")
   if args.json:

@@ -48,6 +48,9 @@ class MaskSpec:
   # Full blocks hold one segment id on both sides (a runtime map from segment ids,
   # `BlockMap.segments_full`): no segment test there.
   segments_full: bool = False
+  # The interval dims are `terms` terms of num_dims // terms dims, OR'ed
+  # (`plan.intervals_per_term`).
+  terms: int = 1
 
 
 def onehot_columns(tile_shape, rows: int):
@@ -117,7 +120,7 @@ def mask_spec(plan: AttentionPlan, has_segments: bool, cfg, rows: int, loop_rows
     single_loop = forward and tables and rows >= 128
   return MaskSpec(plan.num_mask_dims, plan.mask_fn, has_segments, groups, single_loop,
                   cfg.unsigned_intervals, plan.gathered, cols, width, value, onehot_rows,
-                  tables, segments_full and has_segments)
+                  tables, segments_full and has_segments, plan.terms)
 
 
 # Distinct pairs x bias columns x loop elements evaluated on the host for one set of tables;

@@ -33,7 +33,7 @@ except ImportError:
 
 from jax_sparse_attn import backends
 from jax_sparse_attn.merge import join_sink
-from jax_sparse_attn.plan import AttentionPlan, walked_map
+from jax_sparse_attn.plan import AttentionPlan, any_term, intervals_per_term, walked_map
 from jax_sparse_attn.softcap import capped2, slope2
 
 from . import mma_masks
@@ -236,16 +236,18 @@ def _tile_mask(spec: mma_masks.MaskSpec, refs, q_start, kv_start, tq: int, tk: i
   # Broadcast a per-query vector along rows (or columns when transposed), same for keys.
   qv = (lambda x: x[None, :]) if transposed else (lambda x: x[:, None])
   kv = (lambda x: x[:, None]) if transposed else (lambda x: x[None, :])
-  out = None
-  for d in (range(spec.num_dims) if dims is None else dims):
+
+  def test(d):
     lo = qv(q_lo[d][pl.ds(q_start, tq)])
     hi = qv(q_hi[d][pl.ds(q_start, tq)])
     c = kv(kv_c[d][pl.ds(kv_start, tk)])
     if spec.unsigned:  # `hi` holds the width; empty intervals have lo = 2**30, width 0
-      term = (c - lo).astype(jnp.uint32) <= hi.astype(jnp.uint32)
-    else:
-      term = (lo <= c) & (c <= hi)
-    out = term if out is None else out & term
+      return (c - lo).astype(jnp.uint32) <= hi.astype(jnp.uint32)
+    return (lo <= c) & (c <= hi)
+
+  # A union's terms (`plan.intervals_per_term`) are tested whole; else `dims`, if given.
+  out = any_term(test, range(spec.num_dims) if dims is None or spec.terms > 1 else dims,
+                 spec.terms)
   if out is None:
     out = jnp.ones((tk, tq) if transposed else (tq, tk), jnp.bool_)
   if spec.mask_fn is not None:
@@ -649,6 +651,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   row's softmax in the epilogue (`merge.join_sink`). `softcap`: logit soft-capping
   (`softcap.capped`)."""
   check_available()
+  plan = intervals_per_term(plan)
   b, sq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
@@ -805,6 +808,7 @@ def _dkv_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
              config, interpret, block_map=None, softcap=None):
   check_available()
+  plan = intervals_per_term(plan)
   b, sq, h, d = q.shape
   skv, hkv = k.shape[1], k.shape[2]
   g = h // hkv

@@ -29,7 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jax_sparse_attn import backends
 from jax_sparse_attn.merge import join_sink
-from jax_sparse_attn.plan import AttentionPlan, walked_map
+from jax_sparse_attn.plan import AttentionPlan, any_term, intervals_per_term, walked_map
 from jax_sparse_attn.softcap import capped, slope
 
 NUM_LANES = 128
@@ -59,6 +59,9 @@ class _MaskSpec:
   # Full blocks hold one segment id on both sides (a runtime map from segment ids,
   # `BlockMap.segments_full`): no segment test there.
   segments_full: bool = False
+  # The interval dims are `terms` terms of num_dims // terms dims, OR'ed
+  # (`plan.intervals_per_term`).
+  terms: int = 1
 
   @property
   def full_masked(self) -> bool:
@@ -68,13 +71,14 @@ class _MaskSpec:
 
 def _tile_mask(spec: _MaskSpec, q_lo_ref, q_hi_ref, kv_c_ref, q_seg_ref, kv_seg_ref, q_start,
                kv_start, bq, bk):
-  out = None
-  for d in range(spec.num_dims):
+
+  def test(d):
     lo = q_lo_ref[:, d:d + 1]  # [bq, 1]
     hi = q_hi_ref[:, d:d + 1]
     c = kv_c_ref[d:d + 1, :]  # [1, bk]
-    term = (lo <= c) & (c <= hi)
-    out = term if out is None else out & term
+    return (lo <= c) & (c <= hi)
+
+  out = any_term(test, range(spec.num_dims), spec.terms)
   if spec.mask_fn is not None:
     qi = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     ki = kv_start + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -277,6 +281,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   scalar-prefetched like the static map's. `sinks`: learned sink logits [heads] float32 (in
   scalar memory), joined to every row's softmax when it is done."""
   del config
+  plan = intervals_per_term(plan)
   _check_blocks(plan)
   b, sq, h, d = q.shape
   g = h // k.shape[2]
@@ -284,7 +289,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
   bmap, rows, _ = _runtime_map(plan, block_map)
   max_kv = bmap.max_kv
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
-                   bmap.segments_full)
+                   bmap.segments_full, plan.terms)
   qt, kt, vt = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v)
   sink_arrays, sink_specs = [], []
   if sinks is not None:
@@ -406,6 +411,7 @@ def _dkv_kernel(ids_ref, counts_ref, full_ref, q_ref, k_ref, v_ref, do_ref, lse_
 def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan, scale: float,
              config, interpret, block_map=None, softcap=None):
   del config
+  plan = intervals_per_term(plan)
   _check_blocks(plan)
   b, sq, h, d = q.shape
   hkv = k.shape[2]
@@ -413,7 +419,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   bq, bk = plan.block_q, plan.block_kv
   bmap, rows, t_rows = _runtime_map(plan, block_map)
   spec = _MaskSpec(plan.num_mask_dims, plan.mask_fn, q_seg is not None,
-                   bmap.segments_full)
+                   bmap.segments_full, plan.terms)
   delta = backends.backward_delta(out, d_out, d_lse)[..., None]  # [b, h, sq, 1]
   lse4 = lse[..., None]
   qt, kt, vt, dot_ = _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), _to_bhsd(d_out)

@@ -607,12 +607,6 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan: AttentionPlan
   if (cfg.backward == "triton"
       or (cfg.backward is None and not policy.picks_mosaic(plan, q.shape[-1], q_seg is not None))
       or not policy.own_blocks(plan, q.shape[-1])):
-    from jax_sparse_attn.backends import has_array_mask
-    if plan.mask is not None and has_array_mask(plan.mask):  # traced as a mask function
-      raise ValueError(
-          "backend='mosaic_gpu' trains a from_array mask with rows of several runs on its "
-          "own backward only (the Triton kernels it would take here cannot hold the array): "
-          "leave MosaicGPUConfig.backward and block_kv unset")
     return triton_attention.backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, plan,
                                      scale, cfg.triton, interpret,
                                      **({"block_map": block_map} if runtime else {}),
