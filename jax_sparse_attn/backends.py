@@ -222,8 +222,8 @@ def has_array_mask(mask, backend: str | None = None) -> bool:
   mask function (which cannot hold the array), unless the mask is a union of at most
   `masks.MAX_TERMS` interval terms: every kernel backend tests those as intervals per term
   (the Hopper kernels' own union test; Triton and TPU through `plan.intervals_per_term`),
-  forward and backward. `backend=None`: context parallelism and content-routed maps, which
-  do not take such unions (they run unsharded; `block_selection` raises)."""
+  forward and backward, sharded too. `backend=None`: content-routed maps (`block_selection`),
+  which take no such unions."""
   terms = list(masks_lib.array_terms(mask))
   if any(isinstance(term, masks_lib.FromArray) for term, _ in terms):
     return True

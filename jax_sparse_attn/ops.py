@@ -335,8 +335,9 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
                             config=config, scale=scale)
   context_parallel.check_options(strategy, context_layout)
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
-  # The dense reference and explicit arrays run unsharded (XLA partitions them as it can).
-  if mesh is not None and backend != "reference" and not _has_array_mask(mask):
+  # The dense reference and explicit arrays of more than 4 runs per row run unsharded (XLA
+  # partitions them as it can).
+  if mesh is not None and backend != "reference" and not _has_array_mask(mask, "auto"):
     n = mesh.shape[context_axis] if context_axis is not None else 1
     bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq // n,
                           skv // n)

@@ -147,9 +147,11 @@ def intervals_per_term(plan: AttentionPlan) -> AttentionPlan:
   """For kernels that test a mask function element by element (Triton, TPU): a plan whose
   mask function holds explicit arrays (`masks.RowBounds` inside ``|``: a `from_array` mask
   with rows of several runs), which a kernel cannot trace, becomes its union's per-term
-  interval vectors (``terms`` > 1, no mask function). Other plans are returned as they are."""
-  if (plan.union is None or plan.mask_fn is None or plan.mask is None
-      or not any(True for _ in masks_lib.array_terms(plan.mask))):
+  interval vectors (``terms`` > 1, no mask function; on a context-parallel shard the
+  vectors hold global positions, as the mask function would). Other plans are returned as
+  they are."""
+  fn = plan.mask_fn.mask if isinstance(plan.mask_fn, masks_lib.Remapped) else plan.mask_fn
+  if plan.union is None or fn is None or not any(True for _ in masks_lib.array_terms(fn)):
     return plan
   terms, lo, hi, c = plan.union
   return dataclasses.replace(plan, q_lo=lo, q_hi=hi, kv_c=c, mask_fn=None, terms=terms)

@@ -165,6 +165,28 @@ def test_sequence_row_bounds(monkeypatch, strategy, layout):
                   segments=True, seed=5)
 
 
+@pytest.mark.parametrize("strategy, layout, backend", [("ring", "contiguous", "xla"),
+                                                      ("allgather", "zigzag", "xla"),
+                                                      ("ring", "contiguous", "triton")])
+def test_sequence_array_runs(monkeypatch, strategy, layout, backend):
+  """An explicit array of 1-3 runs per row (a union of row bounds) sharded: the kernels test
+  each shard's union vectors, which hold global positions (Triton through
+  `plan.intervals_per_term`); the call really runs sharded."""
+  from backend_cases import several_run_rows
+  seq = 16 * 4 * (2 if layout == "zigzag" else 1)
+  mask = masks.from_array(several_run_rows(seq, seq))
+  assert isinstance(mask, masks.Or)
+  monkeypatch.setitem(SEQ_CASES, "array_runs", mask)
+  kw = dict(interpret=True, tol=2e-3) if backend == "triton" else {}
+  _check_sequence("array_runs", strategy, layout, context=4, chunk=16, heads=4, kv_heads=2,
+                  segments=True, seed=6, backend=backend, **kw)
+  x = jnp.ones((2, seq, 4, 16))
+  jaxpr = str(jax.make_jaxpr(lambda q: jsa.attention(
+      q, x, x, mask, backend="xla", mesh=_mesh(4), context_axis="context",
+      strategy=strategy, context_layout=layout))(x))
+  assert "shard_map" in jaxpr and ("ppermute" if strategy == "ring" else "all_gather") in jaxpr
+
+
 @settings(max_examples=examples(3))
 @given(mask_name=st.sampled_from(sorted(SEQ_CASES)),
        strategy=st.sampled_from(["auto", "ring", "halo", "allgather"]),
@@ -339,6 +361,21 @@ def test_emulated_ring(backend):
   want = _value_and_grads(lambda q, k, v: jsa.attention(q, k, v, masks.causal(),
                                                         backend="reference"), q, k, v, d_out)
   _assert_close(got, want, 2e-2, f"{backend} ring")
+
+
+def test_emulated_ring_array_runs():
+  """A zigzag ring over an array of 1-3 runs per row on the Hopper kernels (interpret mode,
+  `emulate`): each shard's union test on global positions, forward and backward."""
+  from backend_cases import several_run_rows
+  mask = masks.from_array(several_run_rows(512, 512))
+  q, k, v, d_out, _ = _inputs(11, (1, 512, 2, 64), (1, 512, 1, 64), jnp.bfloat16)
+  plan = cp.plan_context(mask, 512, 512, 2, 128, 64, "ring", "zigzag")
+  got = _value_and_grads(lambda q, k, v: cp.emulate(plan, q, k, v, "mosaic_gpu",
+                                                    layout="zigzag", interpret=True),
+                         q, k, v, d_out)
+  want = _value_and_grads(lambda q, k, v: jsa.attention(q, k, v, mask, backend="reference"),
+                          q, k, v, d_out)
+  _assert_close(got, want, 2e-2, "mosaic_gpu ring, array runs")
 
 
 def test_emulated_shards_padding_mask():

@@ -80,7 +80,7 @@ def test_from_array_rows_of_one_run():
   mask, equal and hashed by value) that evaluate to the array exactly, on the host and in
   jnp; inside `|` (or beside a mask function) row bounds are evaluated elementwise, which
   only `xla` can take, except unions of interval terms, which every kernel backend tests as
-  intervals per term (not sharded)."""
+  intervals per term."""
   from backend_cases import one_run_rows
   from jax_sparse_attn.backends import has_array_mask
   for sq, skv in ((1, 1), (37, 90), (90, 37), (128, 128)):
@@ -98,7 +98,7 @@ def test_from_array_rows_of_one_run():
       assert masks.from_array(other) != m
   rows = masks.from_array(np.tril(np.ones((8, 8), bool)))
   assert not has_array_mask(rows) and not has_array_mask(rows & masks.sliding_window(3))
-  assert has_array_mask(rows | masks.sink(1))  # sharded
+  assert has_array_mask(rows | masks.sink(1))  # with block_selection
   for backend in ("mosaic_gpu", "triton", "mosaic", "auto"):
     assert not has_array_mask(rows | masks.sink(1), backend)
   f = masks.from_function(lambda q, k: q >= k)
@@ -107,7 +107,7 @@ def test_from_array_rows_of_one_run():
 
 def test_from_array_rows_of_several_runs():
   """Rows of up to 4 runs: the union of one row-bounds mask per run (each row's r-th run in
-  term r), equal to the array; every kernel backend takes it (not sharded); 5 runs: the
+  term r), equal to the array; every kernel backend takes it; 5 runs: the
   array."""
   from jax_sparse_attn.backends import has_array_mask
   rng = np.random.default_rng(3)
