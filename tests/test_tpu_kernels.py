@@ -46,6 +46,10 @@ def test_array_runs_interpret():
   p = dict(batch=1, sq=256, skv=256, heads=2, kv_heads=1, head_dim=32, mask="array_runs",
            segments=False, dtype=jnp.float32, seed=14)
   backend_cases.check_attention(p, "mosaic", interpret=True)
+  mask = backend_cases.seq_mask("array_runs", 512, 512)  # and it lowers for the TPU
+  shape = ((1, 512, 4, 128), jnp.bfloat16)
+  f = lambda q, k, v: jsa.attention(q, k, v, mask, backend="mosaic")
+  assert _custom_calls(_fwd_bwd(f), shape, shape, shape) == 3
 
 
 def _custom_calls(fn, *shapes):
