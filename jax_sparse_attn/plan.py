@@ -143,15 +143,16 @@ def _union(mask, q_layout, kv_layout, q_index, q_valid, kv_index, kv_valid):
 
 
 @functools.lru_cache(maxsize=256)
-def intervals_per_term(plan: AttentionPlan) -> AttentionPlan:
+def intervals_per_term(plan: AttentionPlan, every_union: bool = False) -> AttentionPlan:
   """For kernels that test a mask function element by element (Triton, TPU): a plan whose
   mask function holds explicit arrays (`masks.RowBounds` inside ``|``: a `from_array` mask
-  with rows of several runs), which a kernel cannot trace, becomes its union's per-term
-  interval vectors (``terms`` > 1, no mask function; on a context-parallel shard the
-  vectors hold global positions, as the mask function would). Other plans are returned as
-  they are."""
+  with rows of several runs), which a kernel cannot trace, or with `every_union` any union
+  of interval masks (``causal & (window | sink)``), becomes its union's per-term interval
+  vectors (``terms`` > 1, no mask function; on a context-parallel shard the vectors hold
+  global positions, as the mask function would). Other plans are returned as they are."""
   fn = plan.mask_fn.mask if isinstance(plan.mask_fn, masks_lib.Remapped) else plan.mask_fn
-  if plan.union is None or fn is None or not any(True for _ in masks_lib.array_terms(fn)):
+  if plan.union is None or fn is None or not (
+      every_union or any(True for _ in masks_lib.array_terms(fn))):
     return plan
   terms, lo, hi, c = plan.union
   return dataclasses.replace(plan, q_lo=lo, q_hi=hi, kv_c=c, mask_fn=None, terms=terms)

@@ -69,6 +69,20 @@ def test_array_runs():
                                                                          pos[None], np))
 
 
+@pytest.mark.parametrize("union_terms", [True, pytest.param(False, marks=pytest.mark.extended)])
+def test_union_forms(monkeypatch, union_terms):
+  """Unions of interval masks tested as intervals per term (`UNION_TERMS`, the default) or
+  through the mask function on kernel positions."""
+  monkeypatch.setattr(triton_attention, "UNION_TERMS", union_terms)
+  p = dict(batch=1, sq=90, skv=90, heads=4, kv_heads=2, head_dim=16, mask="union3",
+           segments=True, dtype=jnp.float32, seed=21)
+  backend_cases.check_attention(p, "triton", **KW)
+  plan = make_plan(backend_cases.seq_mask("union3", 90, 90), SequenceLayout(90, 32),
+                   SequenceLayout(90, 32))
+  per_term = intervals_per_term(plan, union_terms)
+  assert (per_term.terms, per_term.mask_fn is None) == ((3, True) if union_terms else (1, False))
+
+
 def test_head_dim_padding_and_masked_rows():
   p = dict(batch=1, sq=40, skv=40, heads=2, kv_heads=2, head_dim=24, mask="masked_rows",
            segments=False, dtype=jnp.float32, seed=7)
