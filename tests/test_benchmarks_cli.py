@@ -203,3 +203,8 @@ def test_read_sass_samples(tmp_path):
   assert s["by_opcode"] == {"HGMMA": 0.6, "LDL": 0.3, "STL": 0.1}
   assert s["local_memory_share"] == 0.4 and s["local_memory_instructions"] == 2
   assert [r["address"] for r in s["top"]] == ["0x20", "0x10"]
+  rows = read_sass_samples.read(path)
+  assert [r["Address"] for r in read_sass_samples.region(rows, "10-20")] == ["0x20"]
+  mapped = read_sass_samples.bins(rows, 0x20)  # offsets 0x00-0x1f, then 0x20
+  assert [(off, round(share, 2)) for off, share, *_ in mapped] == [(0, 0.9), (0x20, 0.1)]
+  assert mapped[0][3] == {"LDL": 1, "HGMMA": 1} and mapped[1][3] == {"STL": 1}

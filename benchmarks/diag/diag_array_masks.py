@@ -2,7 +2,9 @@
 of row bounds, tested as intervals per term: the Hopper kernels' union test, Triton's through
 `plan.intervals_per_term`) against the same mask written as a structured spec. Gradients at
 S=2048 against float32 XLA on the structured mask; fwd and fwd+bwd ms at S=8192, B=2, H=16,
-D=128 bf16 (GQA 16/4), array and spec interleaved over two rounds.
+D=128 bf16 (GQA 16/4), array and spec interleaved over two rounds. Triton's spec runs with
+`triton_attention.UNION_TERMS` off (the mask function on kernel positions; where the spec
+holds row bounds, per term all the same), so its two columns compare the two union forms.
 
     python -m benchmarks.diag.diag_array_masks --out x.json
 """
@@ -14,6 +16,7 @@ import numpy as np
 
 import jax_sparse_attn as jsa
 from jax_sparse_attn import masks
+from pallas_kernels.gpu import triton_attention
 
 from ..bench_gpu import (fwd_bwd, header, inputs, record, rel_errors, timeit,
                          write_results)
@@ -59,10 +62,12 @@ def main():
       for r in range(2):
         for backend in ("mosaic_gpu", "triton"):
           for form, m in (("array", arr), ("spec", spec)):
+            triton_attention.UNION_TERMS = form == "array"  # read when each jit traces
             record(case=name, seq=s, backend=backend, form=form, round=r,
                    fwd_ms=timeit(jax.jit(fn(m, backend)), q, k, v, iters=args.iters),
                    fwd_bwd_ms=timeit(fwd_bwd(fn(m, backend)), q, k, v, do,
                                      iters=args.iters))
+            triton_attention.UNION_TERMS = True
   write_results(args.out, head)
 
 

@@ -15,6 +15,8 @@ import csv
 import json
 import re
 
+SAMPLES = "Warp Stall Sampling (All Samples)"  # every warp-state sample of an instruction
+
 
 def _number(text):
   text = (text or "").replace(",", "").strip()
@@ -39,6 +41,7 @@ def opcode(source):
 
 
 def offset(row, base):
+  """An instruction's byte offset from the kernel's first (`base`)."""
   return int(row["Address"], 16) - base
 
 
@@ -71,15 +74,13 @@ def bins(rows, step):
           for k, (n, ex, ops, rs) in sorted(out.items())]
 
 
-SAMPLES = "Warp Stall Sampling (All Samples)"
-
-
 def summarize(rows, top=25):
+  """Samples per column, per opcode, the spills' share and the `top` instructions (their
+  share of the samples and their nonzero sample columns)."""
   numeric = [c for c in rows[0] if c not in ("Address", "Source", "# Address") and
              any(_number(r.get(c)) is not None for r in rows[:50])]
   sample_cols = [c for c in numeric if "ampl" in c or "stall" in c.lower()]
-  total_col = next((c for c in sample_cols if "All Samples" in c), sample_cols[0] if
-                   sample_cols else None)
+  total_col = SAMPLES if SAMPLES in sample_cols else (sample_cols[0] if sample_cols else None)
   sums = {c: sum(_number(r.get(c)) or 0 for r in rows) for c in numeric}
   by_op = collections.Counter()
   for r in rows:
