@@ -200,7 +200,7 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
   if backend != "auto":
     return backend
   platform = jax.default_backend()
-  has_array = mask is not None and has_array_mask(mask, "auto")
+  has_array = mask is not None and has_array_mask(mask)
   if platform == "gpu":
     from pallas_kernels.gpu import mosaic_gpu as mg
     if (dtype is not None and head_dim is not None and mg.is_hopper() and not has_array
@@ -215,18 +215,18 @@ def resolve_backend(backend: str, mask: masks_lib.Mask | None = None, *, dtype=N
   return "xla"
 
 
-def has_array_mask(mask, backend: str | None = None) -> bool:
-  """Whether `mask` holds an explicit array that `backend` cannot take, so it runs on `xla`:
-  a `masks.from_array` array with rows of more than `masks.MAX_TERMS` runs, or row bounds
-  (`masks.RowBounds`) inside ``|`` or beside a mask function, which a kernel would trace as a
-  mask function (which cannot hold the array), unless the mask is a union of at most
-  `masks.MAX_TERMS` interval terms: every kernel backend tests those as intervals per term
-  (the Hopper kernels' own union test; Triton and TPU through `plan.intervals_per_term`),
-  forward and backward, sharded too. `backend=None`: content-routed maps (`block_selection`),
-  which take no such unions."""
+def has_array_mask(mask, routed: bool = False) -> bool:
+  """Whether `mask` holds an explicit array that the kernel backends cannot take, so it runs
+  on `xla` (unsharded): a `masks.from_array` array with rows of more than `masks.MAX_TERMS`
+  runs, or row bounds (`masks.RowBounds`) inside ``|`` or beside a mask function, which a
+  kernel would trace as a mask function (which cannot hold the array), unless the mask is a
+  union of at most `masks.MAX_TERMS` interval terms: every kernel backend tests those as
+  intervals per term (the Hopper kernels' own union test; Triton and TPU through
+  `plan.intervals_per_term`), forward, backward and sharded. `routed`: for content-routed
+  maps (`block_selection`), which take no such unions either."""
   terms = list(masks_lib.array_terms(mask))
   if any(isinstance(term, masks_lib.FromArray) for term, _ in terms):
     return True
   if not any(elementwise for _, elementwise in terms):
     return False
-  return backend is None or masks_lib.interval_terms(mask) is None
+  return routed or masks_lib.interval_terms(mask) is None

@@ -647,8 +647,8 @@ def from_array(array) -> Mask:
   none: causal, windows, prefix-LM, block-diagonal documents, chunked attention) it becomes
   `RowBounds` (an interval mask: O(N) vectors, every backend, blocks skipped); where rows
   have up to `MAX_TERMS` runs (a window with sinks or global tokens), the union of one
-  `RowBounds` per run (the Hopper kernels test it as intervals per term; other kernel
-  backends cannot take it); otherwise it stays an array evaluated elementwise on `xla`."""
+  `RowBounds` per run (every kernel backend tests it as intervals per term, sharded too);
+  otherwise it stays an array evaluated elementwise on `xla`."""
   mask = FromArray(array)
   runs = run_bounds(mask.array, MAX_TERMS)
   if runs is None:

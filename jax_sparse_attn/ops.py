@@ -337,7 +337,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
   mesh = context_parallel.resolve_mesh(mesh, context_axis)
   # The dense reference and explicit arrays of more than 4 runs per row run unsharded (XLA
   # partitions them as it can).
-  if mesh is not None and backend != "reference" and not _has_array_mask(mask, "auto"):
+  if mesh is not None and backend != "reference" and not _has_array_mask(mask):
     n = mesh.shape[context_axis] if context_axis is not None else 1
     bq, bk = _block_sizes(backend, query.shape[-1], query.dtype, block_q, block_kv, sq // n,
                           skv // n)
@@ -363,7 +363,7 @@ def attention(query, key, value, mask: masks_lib.Mask | None = None, *, scale: f
     out, lse = reference_lib.attention(query, key, value, mask, scale=scale,
                                        q_segment_ids=q_seg, kv_segment_ids=kv_seg, softcap=cap)
     return _finish(out, lse, return_lse, sinks)
-  if backend != "xla" and _has_array_mask(mask, backend):
+  if backend != "xla" and _has_array_mask(mask):
     raise ValueError(f"this from_array mask runs on backend='xla' or 'reference', not "
                      f"{backend!r}: rows of up to {masks_lib.MAX_TERMS} runs of keys (and "
                      f"row bounds in a union of at most {masks_lib.MAX_TERMS} interval "
@@ -496,7 +496,7 @@ def _routed_backend(backend, mask, query, q_seg, bs, config, scale) -> str:
   if backend == "reference" or not _get_backend(backend).runtime_maps:
     raise ValueError(f"block_selection runs on backends 'xla', 'triton', 'mosaic_gpu' and "
                      f"'mosaic', not {backend!r}")
-  if _has_array_mask(mask):
+  if _has_array_mask(mask, routed=True):
     raise ValueError("block_selection takes structured or function masks, not from_array")
   return backend
 

@@ -142,7 +142,7 @@ def _kernel(items_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   first entry of its Q list, entries: a KV block's list in chunks,
   `work_items.static_items`), ids [kv blocks, max q blocks], counts [kv blocks, 2] (full,
   all). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no key was seen) and delta [b, h,
-  n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union, `element.interval_test`);
+  n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union, `plan.any_term`);
   dq [b, n_q, h, d], dk/dv [b, n_kv, hkv, d] float32, accumulated into (zero-filled).
 
   A runtime map (``chunk`` > 0: content-routed attention) has rows per (batch, query head):

@@ -205,7 +205,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
   blocks, max kv], counts [n_q blocks, 2] (full, all): the forward map (a runtime map: [b, h, ...]
   rows per batch element and query head). q/do [b, n_q, h, d]; lse₂ (log2 units, +inf where no key
   was seen) and delta [b, h, n_q]; lo/hi [dims, n_q], c [dims, n_kv] (``terms`` > 1: a union,
-  `element.interval_test`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias masks
+  `plan.any_term`); dq [b, n_q, h, d] (written, not accumulated). MMA-bias masks
   (``mma_width`` > 0, neighborhoods: `tables.backward_mma_inputs`): onehot [128, W] of the Q block's
   coordinates, tables [n, W, 64] and table_ids [n_q blocks, 2 * max kv] (entry e's halves at 2e, 2e
   + 1) come before dq, and replace the interval test of partial blocks (``kv_sub`` 64).

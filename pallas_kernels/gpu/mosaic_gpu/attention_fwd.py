@@ -94,7 +94,7 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
 
   One KV list per q block (``split=False``): ids [q blocks, steps], counts [q blocks, 2]
   (full, all). Element masks (``mma_width == 0``): refs are q_lo, q_hi [dims, n_q], kv_c
-  [dims, n_kv] (kernel positions; ``terms`` > 1: a union, `element.interval_test`).
+  [dims, n_kv] (kernel positions; ``terms`` > 1: a union, `plan.any_term`).
   MMA-bias masks: onehot [128, W], tables [n, W, block_kv]
   and table_ids [q blocks, steps] (`_mma_inputs`).
 

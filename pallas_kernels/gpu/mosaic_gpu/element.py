@@ -1,13 +1,10 @@
 """The element test of partial blocks in the Hopper kernels: which per-token vectors they read
-(`mask_vectors`) and how per-dim interval tests combine (`interval_test`)."""
+(`mask_vectors`) and how per-dim interval tests combine (`mask_intervals`)."""
 from __future__ import annotations
-
-import functools
-import operator
 
 import jax.numpy as jnp
 
-from jax_sparse_attn.plan import AttentionPlan
+from jax_sparse_attn.plan import AttentionPlan, any_term
 
 # Unions of interval masks (`AttentionPlan.union`, e.g. ``causal & (window | sink)``) tested
 # as intervals per term, an OR of ANDs, instead of running the mask function on the kernel
@@ -25,27 +22,17 @@ def mask_vectors(plan: AttentionPlan):
   return plan.q_lo, plan.q_hi, plan.kv_c, 1, plan.mask_fn
 
 
-def interval_test(test, dims: int, terms: int):
-  """OR over the terms of the AND of their dims' tests: ``test(d)`` is row d's boolean tile
-  (``lo[d] <= c[d] <= hi[d]``), term t owns rows ``t * dims // terms ...``."""
-  per = dims // terms
-  out = None
-  for t in range(terms):
-    term = functools.reduce(operator.and_, (test(t * per + d) for d in range(per)))
-    out = term if out is None else out | term
-  return out
-
-
 def _zero_out(ok, x):
   return jnp.where(ok, x, 0.0)
 
 
 def mask_intervals(x, test, dims: int, terms: int, where=_zero_out):
   """``x`` masked by the element test, ``where(ok, x)``: once per dim (one term), or once
-  with the union's `interval_test`. The default zeroes P where the test fails (the backward
+  with the union's OR of ANDs (`plan.any_term`; ``test(d)`` is row d's boolean tile,
+  ``lo[d] <= c[d] <= hi[d]``). The default zeroes P where the test fails (the backward
   kernels); the forward passes its own (-inf, or the tests' running AND)."""
   if terms > 1:
-    return where(interval_test(test, dims, terms), x)
+    return where(any_term(test, range(dims), terms), x)
   for d in range(dims):
     x = where(test(d), x)
   return x
