@@ -458,6 +458,54 @@ def test_split_where_it_pays():
                           0.125) is None  # half (2, 32): 34 columns
 
 
+@pytest.mark.parametrize("lazy,case", [(2.0, "full"), (0.25, "causal_segments"), (2.0, "na_mma"),
+                                       (0.25, "na_split")])
+def test_lazy_rescale_forward(monkeypatch, lazy, case):
+  """The forward keeping each row's running max until it grows by more than `lazy` log2
+  units (`attention_fwd.LAZY_RESCALE`, FlashAttention-4's conditional rescale) vs the brute
+  force: with a small threshold (or queries 4x the keys' scale) rows both keep and move their
+  max within a row; full steps,
+  element-tested steps with segment ids (rows that see no key: zeros), MMA-bias steps and
+  per-warpgroup lists. Interpret mode multiplies by the factor (exactly 1 where kept); the
+  GPU's per-thread branch is checked by the lowering test below and on the device."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+  monkeypatch.setattr(attention_fwd, "LAZY_RESCALE", lazy)
+  if case in ("full", "causal_segments"):
+    sq, skv = (100, 390) if case == "full" else (300, 300)
+    p = dict(batch=1, sq=sq, skv=skv, heads=4, kv_heads=2, head_dim=64,
+             mask=case.split("_")[0], segments=case == "causal_segments",
+             dtype=jnp.bfloat16, seed=7, q_std=4.0)
+    backend_cases.check_attention(p, "mosaic_gpu", interpret=True)
+  else:
+    p = dict(problem=((37, 21), (9, 5), (1, 1), (1, 1), (False, False)), batch=1, heads=2,
+             kv_heads=1, head_dim=64, dtype=jnp.float16, seed=3, tile_q=(16, 8),
+             tile_kv=(8, 8))
+    backend_cases.check_na(p, "mosaic_gpu", interpret=True,
+                           config=MosaicGPUConfig(split=case == "na_split", mask_mma=True))
+
+
+def test_lazy_rescale_lowers(monkeypatch):
+  """With `LAZY_RESCALE` the CUDA forward builds its per-thread branch (`_rescaled`, Mosaic
+  GPU's IR through `plgpu.inline_mgpu`) on one-list rows, MMA-bias steps and element tests."""
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+  monkeypatch.setattr(attention_fwd, "LAZY_RESCALE", 8.0)
+  branches = []
+  rescaled = attention_fwd._rescaled
+  monkeypatch.setattr(attention_fwd, "_rescaled",
+                      lambda acc, alpha, branch: branches.append(branch) or rescaled(acc, alpha, branch))
+  S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  for f, args in (
+      (lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"),
+       (S(1, 1000, 4, 128),) * 3),
+      (lambda q, k, v: jsa.na2d(q, k, v, 33, backend="mosaic_gpu"), (S(1, 64, 64, 4, 128),) * 3),
+      (lambda q, k, v: jsa.attention(q, k, v, masks.causal() & (masks.sliding_window(300)
+                                                                | masks.sink(4)),
+                                     backend="mosaic_gpu"), (S(1, 1000, 4, 64),) * 3)):
+    branches.clear()
+    text = export_for_gpu(f, *args).mlir_module()
+    assert text.count("@mosaic_gpu_v2(") == 1 and branches and all(branches)
+
+
 @pytest.mark.parametrize("case", ["na2d", "na3d_strided", "causal_gqa", "na1d", "na2d_split",
                                   "na3d_rows", "na3d_window_3dims", "na3d_padded"])
 def test_lowers_for_gpu(case):

@@ -41,6 +41,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -76,10 +77,60 @@ LN2 = math.log(2.0)
 # 4 sinks), S=8192 B=2 H=16/4; docs/experiments/h200-2026-11-29-lm-forward.json): with
 # documents 0.28 ms "each" vs 0.41 "and"; without 0.31 vs 0.26; a pure interval mask ties.
 TEST_FORM = None
+# FlashAttention-4's conditional rescale: a row keeps its running max until a block raises it
+# by more than this many log2 units (P then reaches at most 2**LAZY_RESCALE, exact in
+# float32 sums and bf16/fp16 P), so most steps' correction factor is exactly 1, and on the
+# GPU a thread skips the output's rescale (64 FMULs a step at head_dim 128) with a branch
+# unless one of its rows moved (`_rescaled`). None: the running max every step.
+LAZY_RESCALE = None
 
 
 # --------------------------------------------------------------------------------------------
 # The kernel.
+
+
+def _rescaled(acc: tuple, alpha, branch: bool) -> tuple:
+  """The output's parts times each row's correction `alpha` ([64], WGMMA rows). `branch`
+  (the GPU): each thread multiplies only where one of its rows' alpha differs from 1, a
+  per-thread branch (a warp runs it where any of its threads does), which Pallas cannot write
+  (its conditions are warpgroup-uniform scalars), so it is built in Mosaic GPU's IR."""
+  if not branch:
+    return tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, scf, vector
+  from jax.experimental.mosaic import gpu as mgpu
+
+  part = plgpu.ShapeDtypeStruct(acc[0].shape, jnp.float32, layout=plgpu.Layout.WGMMA)
+
+  @plgpu.inline_mgpu(arg_types=((plgpu.Layout.WGMMA,) * len(acc),
+                                plgpu.Layout.WGMMA.reduce(1)),
+                     return_type=(part,) * len(acc))
+  def scale_if_moved(ctx, parts, alpha):
+    del ctx
+    one = arith.constant(ir.F32Type.get(), 1.0)
+    moved = None
+    for reg in alpha.registers.flat:
+      for i in range(ir.VectorType(reg.type).shape[0]):
+        x = vector.extract(reg, dynamic_position=[], static_position=[i])
+        ne = arith.cmpf(arith.CmpFPredicate.UNE, x, one)
+        moved = ne if moved is None else arith.ori(moved, ne)
+    flat = [r for p in parts for r in p.registers.flat]
+    branch_op = scf.IfOp(moved, [r.type for r in flat], has_else=True)
+    with ir.InsertionPoint(branch_op.then_block):
+      scaled = [p * alpha.broadcast_in_dim(p.shape, (0,), p.layout) for p in parts]
+      scf.yield_([r for p in scaled for r in p.registers.flat])
+    with ir.InsertionPoint(branch_op.else_block):
+      scf.yield_(flat)
+    results, out = list(branch_op.results), []
+    for p in parts:
+      regs = np.empty(p.registers.shape, dtype=object)
+      for j, idx in enumerate(np.ndindex(p.registers.shape)):
+        regs[idx] = results[j]
+      results = results[p.registers.size:]
+      out.append(mgpu.FragmentedArray(_registers=regs, _layout=p.layout, _is_signed=None))
+    return tuple(out)
+
+  return scale_if_moved(tuple(acc), alpha)
 
 
 def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Boxes, kb: _Boxes,
@@ -88,7 +139,8 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
             fused_pv: bool, mma_width: int, split: bool, box: tuple | None,
             window: bool = False, mask_fn=None, segments: bool = False, per_head: bool = False,
             segments_full: bool = False, map_heads: int = 1, terms: int = 1,
-            sinks: bool = False, softcap: float | None = None):
+            sinks: bool = False, softcap: float | None = None, lazy: float | None = None,
+            branch: bool = False):
   """Program `p` of `programs` runs work items p, p + programs, ... of `items` (q blocks
   fastest, then heads, then batch; the q blocks in the order `order_ref`).
 
@@ -206,10 +258,12 @@ def _kernel(order_ref, ids_ref, counts_ref, q_ref, k_ref, v_ref, *refs, qb: _Box
         rescaled acc, new max, new sum, P)."""
         to_log2 = (lambda x: x) if softcap is not None else (lambda x: x * qk_scale)
         m_new = jnp.maximum(m_i, to_log2(s.max(axis=1)))
+        if lazy is not None:  # keep the running max unless it grew by more than `lazy`
+          m_new = jnp.where((m_new > m_i + lazy) | (m_i == -jnp.inf), m_new, m_i)
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if elementwise else m_new
         alpha = jnp.exp2(m_i - m_use)
         p = jnp.exp2(to_log2(s) - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [0]) for a in acc)
+        acc = _rescaled(acc, alpha, branch and lazy is not None)
         l_i = l_i * alpha + p.sum(axis=1)
         return acc, m_new, l_i, p.astype(dtype)
 
@@ -687,7 +741,8 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       mask_fn=mask_fn, segments=q_seg is not None, per_head=runtime,
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
-      sinks=sinks is not None, softcap=softcap)
+      sinks=sinks is not None, softcap=softcap, lazy=LAZY_RESCALE,
+      branch=not interpret)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
