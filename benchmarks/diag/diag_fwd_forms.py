@@ -4,7 +4,8 @@ the outputs compared with the first form's and with float32 XLA at small sizes.
 
   LAZY_RESCALE: FlashAttention-4's conditional rescale (a row's running max kept until it
     grows by more than the value, in log2 units; the output's rescale skipped by a
-    per-thread branch) against the running max every step ("none").
+    per-thread branch) against the running max every step ("none"); "8/plain" keeps the max
+    but multiplies every step (`LAZY_BRANCH` off).
 
 Two switches of the thirty-seventh session (NAMED_TURN, EXP2_POLY) were measured with it and
 removed (docs/performance.md); a new switch is one entry of SWITCHES.
@@ -24,8 +25,11 @@ from . import Rows
 
 CASES = "dense,causal,window,gna1d,gna2d,gna3d,strided,blocksparse,d64"
 # --switch: (default forms, how a form's value parses)
-SWITCHES = {"LAZY_RESCALE": ("every=none,lazy8=8",
-                             lambda v: None if v == "none" else float(v))}
+SWITCHES = {"LAZY_RESCALE": ("every=none,lazy8=8,plain8=8/plain",
+                             lambda v: None if v == "none" else float(v.split("/")[0])),
+            }
+# Switches a form sets beside its own: (switch, form value) -> {other switch: value}.
+ALSO = {"LAZY_RESCALE": lambda v: {"LAZY_BRANCH": not v.endswith("/plain")}}
 FORMS = {}  # tag: the switch's value (`main`)
 SWITCH = ["LAZY_RESCALE"]
 
@@ -47,7 +51,10 @@ def _set_form(fwd_module, form):
   """The switch's value for the kernels traced next: the op's cached custom_vjp and jax's
   tracing caches dropped, so that nothing traced under another form is reused."""
   from jax_sparse_attn import ops
-  setattr(fwd_module, SWITCH[0], form)
+  value, raw = form
+  setattr(fwd_module, SWITCH[0], value)
+  for name, other in ALSO.get(SWITCH[0], lambda v: {})(raw).items():
+    setattr(fwd_module, name, other)
   ops._make_core.cache_clear()
   jax.clear_caches()
 
@@ -138,7 +145,7 @@ def main():
   default, parse = SWITCHES[args.switch]
   SWITCH[0] = args.switch
   pairs = [f.split("=") for f in (args.forms or default).split(",")]
-  FORMS.update({tag: parse(value) for tag, value in pairs})
+  FORMS.update({tag: (parse(value), value) for tag, value in pairs})
   args.forms = ",".join(tag for tag, _ in pairs)
   os.makedirs(args.out, exist_ok=True)
   timings(args)

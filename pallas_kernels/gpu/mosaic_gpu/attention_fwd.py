@@ -83,6 +83,9 @@ TEST_FORM = None
 # GPU a thread skips the output's rescale (64 FMULs a step at head_dim 128) with a branch
 # unless one of its rows moved (`_rescaled`). None: the running max every step.
 LAZY_RESCALE = None
+# The per-thread branch around the rescale (False: the multiply by the factor, 1 or not; a
+# lab form that separates the branch's effect from the kept max's).
+LAZY_BRANCH = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,7 +745,7 @@ def forward(q, k, v, q_seg, kv_seg, plan: AttentionPlan, scale: float, config, i
       segments_full=walked.segments_full,
       map_heads=walked.kv_ids.shape[1] if runtime else 1, terms=terms,
       sinks=sinks is not None, softcap=softcap, lazy=LAZY_RESCALE,
-      branch=not interpret)
+      branch=LAZY_BRANCH and not interpret)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, *qb.spatial, h, d), q.dtype),
