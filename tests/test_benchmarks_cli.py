@@ -208,3 +208,18 @@ def test_read_sass_samples(tmp_path):
   mapped = read_sass_samples.bins(rows, 0x20)  # offsets 0x00-0x1f, then 0x20
   assert [(off, round(share, 2)) for off, share, *_ in mapped] == [(0, 0.9), (0x20, 0.1)]
   assert mapped[0][3] == {"LDL": 1, "HGMMA": 1} and mapped[1][3] == {"STL": 1}
+
+
+def test_fwd_forms_switches(monkeypatch):
+  """`diag_fwd_forms`' forms set the switch and the switches that go with it: "8/plain"
+  keeps the max without the branch, "none" the running max every step."""
+  from benchmarks.diag import diag_fwd_forms
+  from pallas_kernels.gpu.mosaic_gpu import attention_fwd
+  monkeypatch.setattr(attention_fwd, "LAZY_RESCALE", attention_fwd.LAZY_RESCALE)
+  monkeypatch.setattr(attention_fwd, "LAZY_BRANCH", attention_fwd.LAZY_BRANCH)
+  parse = diag_fwd_forms.SWITCHES["LAZY_RESCALE"][1]
+  got = []
+  for raw in ("none", "8", "8/plain"):
+    diag_fwd_forms._set_form(attention_fwd, (parse(raw), raw))
+    got.append((attention_fwd.LAZY_RESCALE, attention_fwd.LAZY_BRANCH))
+  assert got == [(None, True), (8.0, True), (8.0, False)]
