@@ -223,3 +223,16 @@ def test_fwd_forms_switches(monkeypatch):
     diag_fwd_forms._set_form(attention_fwd, (parse(raw), raw))
     got.append((attention_fwd.LAZY_RESCALE, attention_fwd.LAZY_BRANCH))
   assert got == [(None, True), (8.0, True), (8.0, False)]
+
+
+def test_decide_lazy():
+  """The conditional rescale's decision rule: on where half the cases gain 2% and none loses
+  2%, off where one case loses or a small check fails."""
+  from benchmarks.diag.decide_lazy import decide
+  check = {"check": "dense", "lazy8": 2e-3, "lazy8_finite": True}
+  row = lambda case, a, b: {"case": case, "every_fwd_ms": [a, a], "lazy8_fwd_ms": [b, b]}
+  on, table = decide([check, row("a", 1.0, 0.95), row("b", 1.0, 1.0)])
+  assert on and [round(t[-1], 2) for t in table] == [0.95, 1.0]
+  assert not decide([check, row("a", 1.0, 0.95), row("b", 1.0, 1.03)])[0]
+  assert not decide([check, row("a", 1.0, 0.95), row("b", 1.0, 0.99), row("c", 1.0, 0.99)])[0]
+  assert not decide([dict(check, lazy8=1e-2), row("a", 1.0, 0.9)])[0]

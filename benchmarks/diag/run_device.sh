@@ -3,7 +3,7 @@
 #   carry: .peers (copies of ../shared/tools), .peer-wheels (from .peers/peer_wheels.sh)
 # Pass JSA_COMMIT=<the checkout's commit> (the device's copy has a stale git directory).
 # Writes everything under $OUT. Usage: bash benchmarks/diag/run_device.sh
-#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5|routing]
+#   [ours|peers|all|models|ours+models|pending|pending2|pending3|pending4|pending5|routing|lazy]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 what=${1:-all}
@@ -51,6 +51,20 @@ if [ "$what" = routing ]; then
   (cd $OUT && timeout 170 python3 $OLDPWD/.peers/anchor_probe_sparse.py > $OUT/anchor_sparse.log 2>&1)
   grep -v "^$" $OUT/anchor_sparse.log | tail -15
 fi
+if [ "$what" = lazy ]; then
+  # Queued in the thirty-ninth session (no machine started: four failed starts, then no more
+  # loans): FlashAttention-4's conditional rescale in the Hopper forward
+  # (`attention_fwd.LAZY_RESCALE`, off), with and without its per-thread branch, against the
+  # running max every step; the small checks against float32 XLA first.
+  # `benchmarks.diag.decide_lazy` prints the median ratios and leaves bench-out/lazy_on where
+  # the form wins; a `pending` call on the same (warm) machine then runs with it switched on.
+  mkdir -p bench-out; rm -f bench-out/lazy_on
+  timeout 520 python3 -m benchmarks.diag.diag_fwd_forms --out $OUT --switch LAZY_RESCALE \
+    --forms every=none,lazy8=8,plain8=8/plain \
+    --cases dense,causal,window,gna2d,gna3d,blocksparse,d64 --fwd-bwd dense,window \
+    --rounds 2 2>&1 | grep -E '^\{|Error' | cut -c1-1500 | tee $OUT/lines.jsonl
+  python3 -m benchmarks.diag.decide_lazy $OUT/lines.jsonl && touch bench-out/lazy_on
+fi
 if [ "$what" = pending ]; then
   # Queued (no H200 came in the thirty-first to thirty-sixth sessions; the thirty-third ran it
   # on an H100 at 2a193fa): the README's H200 headline with cuDNN, torch Flex and (carry
@@ -59,6 +73,10 @@ if [ "$what" = pending ]; then
   if ls .peer-wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps --no-index --target /tmp/peers .peer-wheels/*.whl
     export PYTHONPATH=$PYTHONPATH:/tmp/peers:$PWD/.peers/stubs
+  fi
+  if [ -f bench-out/lazy_on ]; then  # left by a `lazy` call that found the form faster
+    sed -i 's/^LAZY_RESCALE = None$/LAZY_RESCALE = 8.0/' pallas_kernels/gpu/mosaic_gpu/attention_fwd.py
+    grep -n '^LAZY_RESCALE' pallas_kernels/gpu/mosaic_gpu/attention_fwd.py | tee $OUT/lazy.txt
   fi
   timeout 400 python3 -m benchmarks run --suite \
     dense,causal,routing,window,gna2d,gna3d,strided,gna1d,blocksparse --peers --plot \
