@@ -464,10 +464,10 @@ def test_lazy_rescale_forward(monkeypatch, lazy, case):
   """The forward keeping each row's running max until it grows by more than `lazy` log2
   units (`attention_fwd.LAZY_RESCALE`, FlashAttention-4's conditional rescale) vs the brute
   force: with a small threshold (or queries 4x the keys' scale) rows both keep and move their
-  max within a row; full steps,
-  element-tested steps with segment ids (rows that see no key: zeros), MMA-bias steps and
-  per-warpgroup lists. Interpret mode multiplies by the factor (exactly 1 where kept); the
-  GPU's per-thread branch is checked by the lowering test below and on the device."""
+  max within a row; full steps, element-tested steps with segment ids (rows that see no key:
+  zeros), MMA-bias steps and per-warpgroup lists. Interpret mode multiplies by the factor
+  (exactly 1 where kept); the GPU's per-thread branch is checked by the lowering test below
+  and on the device."""
   from pallas_kernels.gpu.mosaic_gpu import attention_fwd
   monkeypatch.setattr(attention_fwd, "LAZY_RESCALE", lazy)
   if case in ("full", "causal_segments"):
@@ -489,10 +489,13 @@ def test_lazy_rescale_lowers(monkeypatch):
   GPU's IR through `plgpu.inline_mgpu`) on one-list rows, MMA-bias steps and element tests."""
   from pallas_kernels.gpu.mosaic_gpu import attention_fwd
   monkeypatch.setattr(attention_fwd, "LAZY_RESCALE", 8.0)
-  branches = []
-  rescaled = attention_fwd._rescaled
-  monkeypatch.setattr(attention_fwd, "_rescaled",
-                      lambda acc, alpha, branch: branches.append(branch) or rescaled(acc, alpha, branch))
+  branches, rescaled = [], attention_fwd._rescaled
+
+  def recorded(acc, alpha, branch):
+    branches.append(branch)
+    return rescaled(acc, alpha, branch)
+
+  monkeypatch.setattr(attention_fwd, "_rescaled", recorded)
   S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   for f, args in (
       (lambda q, k, v: jsa.attention(q, k, v, masks.causal(), backend="mosaic_gpu"),
