@@ -57,7 +57,8 @@ if [ "$what" = lazy ]; then
   # (`attention_fwd.LAZY_RESCALE`, off), with and without its per-thread branch, against the
   # running max every step; the small checks against float32 XLA first.
   # `benchmarks.diag.decide_lazy` prints the median ratios and leaves bench-out/lazy_on where
-  # the form wins; a `pending` call on the same (warm) machine then runs with it switched on.
+  # the form wins; a `pending` call on the same machine, while it is still held (30 s idle),
+  # then runs with it switched on (on a fresh machine: set LAZY_RESCALE = 8.0 in the checkout).
   mkdir -p bench-out; rm -f bench-out/lazy_on
   timeout 520 python3 -m benchmarks.diag.diag_fwd_forms --out $OUT --switch LAZY_RESCALE \
     --forms every=none,lazy8=8,plain8=8/plain \
