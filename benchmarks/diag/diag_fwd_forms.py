@@ -26,11 +26,10 @@ from . import Rows
 CASES = "dense,causal,window,gna1d,gna2d,gna3d,strided,blocksparse,d64"
 # --switch: (default forms, how a form's value parses)
 SWITCHES = {"LAZY_RESCALE": ("every=none,lazy8=8,plain8=8/plain",
-                             lambda v: None if v == "none" else float(v.split("/")[0])),
-            }
+                             lambda v: None if v == "none" else float(v.split("/")[0]))}
 # Switches a form sets beside its own: (switch, form value) -> {other switch: value}.
 ALSO = {"LAZY_RESCALE": lambda v: {"LAZY_BRANCH": not v.endswith("/plain")}}
-FORMS = {}  # tag: the switch's value (`main`)
+FORMS = {}  # tag: (the switch's value, the form as written) (`main`)
 SWITCH = ["LAZY_RESCALE"]
 
 
