@@ -199,6 +199,7 @@ def _padded_head_dim(d: int) -> int:
 # .json). False: the mask function, except where it holds arrays (which it cannot trace).
 UNION_TERMS = True
 
+
 def _table_inputs(plan: AttentionPlan, spec: mma_masks.MaskSpec, rows: int, loop_size: int,
                   loop_is_kv: bool):
   """(spec, arrays, BlockSpecs) of the MMA test tables; the spec loses `mma_tables` when

@@ -124,12 +124,10 @@ def _rescaled(acc: tuple, alpha, branch: bool) -> tuple:
       scf.yield_([r for p in scaled for r in p.registers.flat])
     with ir.InsertionPoint(branch_op.else_block):
       scf.yield_(flat)
-    results, out = list(branch_op.results), []
-    for p in parts:
-      regs = np.empty(p.registers.shape, dtype=object)
-      for j, idx in enumerate(np.ndindex(p.registers.shape)):
-        regs[idx] = results[j]
-      results = results[p.registers.size:]
+    results, out, start = list(branch_op.results), [], 0
+    for p in parts:  # the yielded registers, back in each part's register shape
+      regs = np.array(results[start:start + p.registers.size]).reshape(p.registers.shape)
+      start += p.registers.size
       out.append(mgpu.FragmentedArray(_registers=regs, _layout=p.layout, _is_signed=None))
     return tuple(out)
 
